@@ -1,0 +1,22 @@
+/* Shared pieces of the command-line front end. */
+#ifndef MPS_CLI_H
+#define MPS_CLI_H
+
+#include <stdint.h>
+
+#include "err.h"
+
+int cmd_shard(int argc, char **argv);
+int cmd_export(int argc, char **argv);
+int cmd_verify(int argc, char **argv);
+int cmd_synth(int argc, char **argv);
+int cmd_compare(int argc, char **argv);
+
+/* Prints "mpshard CMD: message" and returns the error's exit code. */
+int cli_fail(const char *cmd, const mps_err *err);
+/* Prints a usage error naming the option and returns MPS_EUSAGE. */
+int cli_usage(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Parses a positive integer option value; returns -1 on error (after printing). */
+int cli_int(const char *cmd, const char *opt, const char *value, int64_t lo, int64_t hi, int64_t *out);
+
+#endif

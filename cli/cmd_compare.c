@@ -1,0 +1,89 @@
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "modelfile.h"
+
+static const char *const help =
+    "usage: mpshard compare A B [--config FILE]\n"
+    "\n"
+    "Reads every canonical tensor of model files A and B (safetensors or llm.c, any dtype, widened\n"
+    "to f32) and compares them bit for bit (the padded vocabulary rows of llm.c files included when\n"
+    "both have them). Exit 0 when identical, 1 when they differ.\n";
+
+int cmd_compare(int argc, char **argv)
+{
+    static const struct option opts[] = { { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 } };
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        if (c == 'h') { fputs(help, stdout); return 0; }
+        return MPS_EUSAGE;
+    }
+    if (optind != argc - 2)
+        return cli_usage("compare", "expected two model files");
+    mps_err err;
+    mps_err_clear(&err);
+    mps_model_file *a = NULL, *b = NULL;
+    mps_model_file_opts fo = { 0 };
+    if (mps_model_file_open(argv[optind], &fo, &a, &err) != 0 || mps_model_file_open(argv[optind + 1], &fo, &b, &err) != 0) {
+        mps_model_file_close(a);
+        return cli_fail("compare", &err);
+    }
+    const mps_config *ca = mps_model_file_config(a), *cb = mps_model_file_config(b);
+    if (ca->n_layer != cb->n_layer || ca->n_embd != cb->n_embd || ca->n_head != cb->n_head ||
+        ca->n_positions != cb->n_positions || ca->vocab != cb->vocab) {
+        printf("models differ in shape\n");
+        mps_model_file_close(a);
+        mps_model_file_close(b);
+        return 1;
+    }
+    int differ = 0, rc = 0;
+    int64_t elements = 0;
+    for (int t = 0; t < mps_tensor_count(ca) && rc == 0; t++) {
+        mps_tensor_spec sa, sb;
+        mps_tensor_spec_get(ca, t, &sa);
+        mps_tensor_spec_get(cb, t, &sb);
+        int64_t na = mps_tensor_numel(&sa), nb = mps_tensor_numel(&sb);
+        float *x = malloc((size_t)na * sizeof(float)), *y = malloc((size_t)nb * sizeof(float));
+        if (!x || !y) {
+            mps_fail(&err, MPS_ENOMEM, "out of memory");
+            rc = -1;
+        } else if (mps_model_file_read_tensor(a, t, x, &err) != 0 || mps_model_file_read_tensor(b, t, y, &err) != 0) {
+            rc = -1;
+        } else {
+            /* compare the real rows (padded vocab rows only when both files have the same padding) */
+            int64_t n = na < nb ? na : nb;
+            if (t == MPS_TENSOR_WTE && na != nb)
+                n = ca->vocab * ca->n_embd;
+            double maxdiff = 0;
+            int64_t ndiff = 0;
+            for (int64_t i = 0; i < n; i++)
+                if (memcmp(&x[i], &y[i], sizeof(float)) != 0) {
+                    ndiff++;
+                    double d = fabs((double)x[i] - (double)y[i]);
+                    if (d > maxdiff) maxdiff = d;
+                }
+            elements += n;
+            if (ndiff) {
+                differ++;
+                printf("%s: %lld of %lld elements differ (max abs diff %g)\n", sa.name, (long long)ndiff, (long long)n, maxdiff);
+            }
+        }
+        free(x);
+        free(y);
+    }
+    mps_model_file_close(a);
+    mps_model_file_close(b);
+    if (rc != 0)
+        return cli_fail("compare", &err);
+    if (differ) {
+        printf("%d tensors differ\n", differ);
+        return 1;
+    }
+    printf("identical: %d tensors, %lld elements, bit for bit\n", mps_tensor_count(ca), (long long)elements);
+    return 0;
+}

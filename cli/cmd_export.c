@@ -1,0 +1,68 @@
+#include <getopt.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+#include "export.h"
+
+static const char *const help =
+    "usage: mpshard export DIR --format safetensors|llmc -o OUTDIR [options]\n"
+    "\n"
+    "Writes the parameters of checkpoint DIR (any layout) as one full model file, streaming in\n"
+    "bounded memory: OUTDIR/model.safetensors + OUTDIR/config.json (loads with\n"
+    "transformers.GPT2LMHeadModel.from_pretrained), or OUTDIR/model_%08d.bin (llm.c; step from\n"
+    "the checkpoint). The original vocabulary size and config.json are restored.\n"
+    "\n"
+    "  --format F       safetensors or llmc (required)\n"
+    "  -o, --out DIR    output directory\n"
+    "  --dtype D        f32 or bf16 (default: the dtype of the model the checkpoint came from)\n"
+    "  --memory-mb N    tensor data held in memory at once (default 256)\n"
+    "  --threads N      reader threads (default: all cores)\n"
+    "  -q, --quiet      no progress on stderr\n";
+
+int cmd_export(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "format", required_argument, 0, 'f' }, { "out", required_argument, 0, 'o' },
+        { "dtype", required_argument, 0, 'd' }, { "memory-mb", required_argument, 0, 'm' },
+        { "threads", required_argument, 0, 't' }, { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' },
+        { 0, 0, 0, 0 },
+    };
+    mps_export_opts o = { .format = MPS_FILE_AUTO, .dtype = -1 };
+    int64_t v;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'f': {
+            int f = mps_file_format_from_name(optarg);
+            if (f < 0)
+                return cli_usage("export", "--format '%s': expected safetensors or llmc", optarg);
+            o.format = (mps_file_format)f;
+            break;
+        }
+        case 'o': o.out_dir = optarg; break;
+        case 'd':
+            o.dtype = mps_dtype_from_name(optarg);
+            if (o.dtype < 0)
+                return cli_usage("export", "--dtype '%s': expected f32 or bf16", optarg);
+            break;
+        case 'm': if (cli_int("export", "--memory-mb", optarg, 1, 1 << 20, &v)) return MPS_EUSAGE; o.memory_budget = v << 20; break;
+        case 't': if (cli_int("export", "--threads", optarg, 1, 1024, &v)) return MPS_EUSAGE; o.threads = (int)v; break;
+        case 'q': o.quiet = 1; break;
+        case 'h': fputs(help, stdout); return 0;
+        default: return MPS_EUSAGE;
+        }
+    }
+    if (optind != argc - 1)
+        return cli_usage("export", "expected one checkpoint DIR");
+    if (o.format == MPS_FILE_AUTO)
+        return cli_usage("export", "--format is required (safetensors or llmc)");
+    if (!o.out_dir)
+        return cli_usage("export", "-o OUTDIR is required");
+    mps_err err;
+    mps_err_clear(&err);
+    if (mps_export(argv[optind], &o, &err) != 0)
+        return cli_fail("export", &err);
+    return 0;
+}

@@ -1,0 +1,66 @@
+#include <getopt.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+#include "modelfile.h"
+
+static const char *const help =
+    "usage: mpshard synth (--model NAME | --config K=V,..) --format safetensors|llmc -o DIR [options]\n"
+    "\n"
+    "Writes a model file with deterministic synthetic weights (a pure function of the seed), for\n"
+    "demos, tests and benchmarks: DIR/model.safetensors + config.json, or DIR/model_00000000.bin.\n"
+    "\n"
+    "  --model NAME     gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-7b, gpt3-175b\n"
+    "  --config K=V,..  n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]\n"
+    "  --format F       safetensors or llmc (required)\n"
+    "  --dtype D        f32 (default) or bf16\n"
+    "  --seed S         default 1\n";
+
+int cmd_synth(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "model", required_argument, 0, 'M' }, { "config", required_argument, 0, 'c' },
+        { "format", required_argument, 0, 'f' }, { "dtype", required_argument, 0, 'd' },
+        { "seed", required_argument, 0, 's' }, { "out", required_argument, 0, 'o' },
+        { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
+    };
+    const char *model = NULL, *config = NULL, *out = NULL;
+    int format = -1, dtype = MPS_DTYPE_F32;
+    int64_t seed = 1;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'M': model = optarg; break;
+        case 'c': config = optarg; break;
+        case 'f':
+            format = mps_file_format_from_name(optarg);
+            if (format < 0)
+                return cli_usage("synth", "--format '%s': expected safetensors or llmc", optarg);
+            break;
+        case 'd':
+            dtype = mps_dtype_from_name(optarg);
+            if (dtype < 0)
+                return cli_usage("synth", "--dtype '%s': expected f32 or bf16", optarg);
+            break;
+        case 's': if (cli_int("synth", "--seed", optarg, 0, INT64_MAX, &seed)) return MPS_EUSAGE; break;
+        case 'o': out = optarg; break;
+        case 'h': fputs(help, stdout); return 0;
+        default: return MPS_EUSAGE;
+        }
+    }
+    if (optind != argc)
+        return cli_usage("synth", "unexpected argument '%s'", argv[optind]);
+    if (!model == !config)
+        return cli_usage("synth", "give exactly one of --model and --config");
+    if (format < 0 || !out)
+        return cli_usage("synth", "--format and -o are required");
+    mps_err err;
+    mps_err_clear(&err);
+    mps_config cfg;
+    if ((model ? mps_config_preset(model, &cfg, &err) : mps_config_parse(config, &cfg, &err)) != 0 ||
+        mps_synth_write(out, &cfg, (mps_file_format)format, (mps_dtype)dtype, (uint64_t)seed, &err) != 0)
+        return cli_fail("synth", &err);
+    return 0;
+}

@@ -1,0 +1,78 @@
+/* mpshard: the command-line front end. Only this layer prints and exits. */
+#include <hdf5.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+static const char *const usage_text =
+    "usage: mpshard COMMAND [options]\n"
+    "\n"
+    "Checkpoints of GPT-2 models, sharded for any DP x PP x TP x ZeRO layout.\n"
+    "\n"
+    "commands:\n"
+    "  shard INPUT --layout L -o DIR   full model file (safetensors, llm.c .bin) -> shards for layout L\n"
+    "  export DIR --format F -o OUT    shards (any layout) -> one full model file (safetensors, llmc)\n"
+    "  verify DIR                      check completeness and every checksum\n"
+    "  synth --model NAME -o OUT       write a synthetic model file (demo, tests, benchmarks)\n"
+    "  compare A B                     compare the tensors of two model files bit for bit\n"
+    "\n"
+    "Layouts: --layout dp=2,pp=2,tp=2,zero=1 (any order; missing keys mean 1, zero 0;\n"
+    "stages=5:7 gives the number of layers per pipeline stage).\n"
+    "Run 'mpshard COMMAND --help' for the options of a command.\n"
+    "Exit codes: 0 ok, 1 failure, 2 usage, 3 corrupt input, 4 I/O error, 5 out of memory, 6 unsupported.\n";
+
+int cli_fail(const char *cmd, const mps_err *err)
+{
+    fprintf(stderr, "mpshard %s: %s\n", cmd, err->msg[0] ? err->msg : "failed");
+    return err->code ? err->code : MPS_EFAIL;
+}
+
+int cli_usage(const char *cmd, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "mpshard %s: ", cmd);
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, " (see mpshard %s --help)\n", cmd);
+    va_end(ap);
+    return MPS_EUSAGE;
+}
+
+int cli_int(const char *cmd, const char *opt, const char *value, int64_t lo, int64_t hi, int64_t *out)
+{
+    char *end;
+    long long v = strtoll(value, &end, 10);
+    if (end == value || *end != '\0' || v < lo || v > hi) {
+        cli_usage(cmd, "%s '%s': expected an integer from %lld to %lld", opt, value, (long long)lo, (long long)hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL); /* errors are reported as one line by the library */
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+        fputs(usage_text, argc < 2 ? stderr : stdout);
+        return argc < 2 ? MPS_EUSAGE : 0;
+    }
+    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0) {
+        unsigned maj, min, rel;
+        H5get_libversion(&maj, &min, &rel);
+        printf("mpshard %s (format version 1, HDF5 %u.%u.%u)\n", MPS_VERSION, maj, min, rel);
+        return 0;
+    }
+    static const struct { const char *name; int (*fn)(int, char **); } cmds[] = {
+        { "shard", cmd_shard }, { "export", cmd_export }, { "verify", cmd_verify },
+        { "synth", cmd_synth }, { "compare", cmd_compare },
+    };
+    for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
+        if (strcmp(argv[1], cmds[i].name) == 0)
+            return cmds[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "mpshard: unknown command '%s'\n%s", argv[1], usage_text);
+    return MPS_EUSAGE;
+}

@@ -1,0 +1,188 @@
+#include "chunk.h"
+
+#include <string.h>
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
+uint64_t mps_xxh3(const void *data, size_t nbytes) { return XXH3_64bits(data, nbytes); }
+
+static void grid_derive(mps_chunk_grid *g)
+{
+    g->numel = 1;
+    for (int i = 0; i < g->ndim; i++)
+        g->numel *= g->dims[i];
+    g->D = g->dims[g->split];
+    g->T = 1;
+    for (int i = g->split + 1; i < g->ndim; i++)
+        g->T *= g->dims[i];
+    g->k = g->chunk[g->split];
+    g->per_outer = g->D == 0 ? 0 : (g->D + g->k - 1) / g->k;
+    int64_t outer = 1;
+    for (int i = 0; i < g->split; i++)
+        outer *= g->dims[i];
+    g->nchunks = outer * g->per_outer;
+    g->chunk_elems = g->k * g->T;
+}
+
+void mps_chunk_grid_plan(mps_chunk_grid *g, int ndim, const int64_t *dims, int64_t target_elems)
+{
+    memset(g, 0, sizeof *g);
+    g->ndim = ndim;
+    if (target_elems < 1)
+        target_elems = 1;
+    for (int i = 0; i < ndim; i++)
+        g->dims[i] = dims[i];
+    /* j = the first dimension whose trailing product fits the target */
+    int j = ndim - 1;
+    int64_t trailing = 1;
+    for (int i = ndim - 1; i >= 0; i--) {
+        if (trailing > target_elems)
+            break;
+        j = i;
+        trailing *= dims[i] > 0 ? dims[i] : 1;
+    }
+    int64_t T = 1;
+    for (int i = j + 1; i < ndim; i++)
+        T *= dims[i] > 0 ? dims[i] : 1;
+    int64_t k = target_elems / T;
+    if (k < 1) k = 1;
+    if (k > dims[j]) k = dims[j] > 0 ? dims[j] : 1;
+    for (int i = 0; i < ndim; i++)
+        g->chunk[i] = i < j ? 1 : (i == j ? k : (dims[i] > 0 ? dims[i] : 1));
+    g->split = j;
+    grid_derive(g);
+}
+
+int mps_chunk_grid_load(mps_chunk_grid *g, int ndim, const int64_t *dims, const int64_t *chunk, mps_err *err)
+{
+    memset(g, 0, sizeof *g);
+    if (ndim < 1 || ndim > MPS_MAX_DIMS)
+        return mps_fail(err, MPS_ECORRUPT, "dataset rank %d not supported", ndim);
+    g->ndim = ndim;
+    int j = -1;
+    for (int i = 0; i < ndim; i++) {
+        g->dims[i] = dims[i];
+        g->chunk[i] = chunk[i];
+        if (chunk[i] < 1)
+            return mps_fail(err, MPS_ECORRUPT, "chunk extent %lld in dimension %d", (long long)chunk[i], i);
+    }
+    /* the split dimension: the first one whose chunk extent is not 1 (or the last) */
+    for (int i = 0; i < ndim && j < 0; i++)
+        if (chunk[i] != 1 || i == ndim - 1)
+            j = i;
+    for (int i = j + 1; i < ndim; i++)
+        if (chunk[i] != dims[i])
+            return mps_fail(err, MPS_ECORRUPT, "chunk shape is not of the form (1,..,k,whole..) (dimension %d)", i);
+    if (chunk[j] > dims[j] && dims[j] > 0)
+        return mps_fail(err, MPS_ECORRUPT, "chunk extent %lld exceeds dimension %lld", (long long)chunk[j], (long long)dims[j]);
+    int64_t elems = 1;
+    for (int i = 0; i < ndim; i++)
+        elems *= chunk[i];
+    if (elems * 4 > MPS_MAX_CHUNK_BYTES)
+        return mps_fail(err, MPS_ECORRUPT, "chunk of %lld elements exceeds the limit", (long long)elems);
+    g->split = j;
+    grid_derive(g);
+    return 0;
+}
+
+void mps_chunk_range(const mps_chunk_grid *g, int64_t id, int64_t *begin, int64_t *end, int64_t *offset)
+{
+    int64_t o = id / g->per_outer, c = id % g->per_outer;
+    int64_t row_hi = (c + 1) * g->k < g->D ? (c + 1) * g->k : g->D;
+    *begin = o * g->D * g->T + c * g->k * g->T;
+    *end = o * g->D * g->T + row_hi * g->T;
+    if (offset) {
+        for (int i = g->split - 1; i >= 0; i--) {
+            offset[i] = o % g->dims[i];
+            o /= g->dims[i];
+        }
+        offset[g->split] = c * g->k;
+        for (int i = g->split + 1; i < g->ndim; i++)
+            offset[i] = 0;
+    }
+}
+
+int64_t mps_chunk_of(const mps_chunk_grid *g, int64_t flat)
+{
+    int64_t o = flat / (g->D * g->T), c = (flat % (g->D * g->T)) / (g->k * g->T);
+    return o * g->per_outer + c;
+}
+
+void mps_shuffle(const uint8_t *in, uint8_t *out, size_t nbytes, size_t elem_size)
+{
+    size_t n = nbytes / elem_size;
+    if (elem_size == 4) {
+        uint8_t *o0 = out, *o1 = out + n, *o2 = out + 2 * n, *o3 = out + 3 * n;
+        for (size_t i = 0; i < n; i++) {
+            o0[i] = in[4 * i];
+            o1[i] = in[4 * i + 1];
+            o2[i] = in[4 * i + 2];
+            o3[i] = in[4 * i + 3];
+        }
+    } else {
+        for (size_t b = 0; b < elem_size; b++)
+            for (size_t i = 0; i < n; i++)
+                out[b * n + i] = in[i * elem_size + b];
+    }
+    /* HDF5 copies trailing bytes that do not form a whole element unchanged */
+    memcpy(out + n * elem_size, in + n * elem_size, nbytes - n * elem_size);
+}
+
+void mps_unshuffle(const uint8_t *in, uint8_t *out, size_t nbytes, size_t elem_size)
+{
+    size_t n = nbytes / elem_size;
+    if (elem_size == 4) {
+        const uint8_t *i0 = in, *i1 = in + n, *i2 = in + 2 * n, *i3 = in + 3 * n;
+        for (size_t i = 0; i < n; i++) {
+            out[4 * i] = i0[i];
+            out[4 * i + 1] = i1[i];
+            out[4 * i + 2] = i2[i];
+            out[4 * i + 3] = i3[i];
+        }
+    } else {
+        for (size_t b = 0; b < elem_size; b++)
+            for (size_t i = 0; i < n; i++)
+                out[i * elem_size + b] = in[b * n + i];
+    }
+    memcpy(out + n * elem_size, in + n * elem_size, nbytes - n * elem_size);
+}
+
+int mps_chunk_encode(ZSTD_CCtx *cctx, int level, const void *raw, size_t nbytes, size_t elem_size,
+                     void *scratch, void *out, size_t out_cap, size_t *out_size, mps_err *err)
+{
+    const void *src = raw;
+    if (elem_size > 1 && nbytes / elem_size > 1) { /* HDF5 leaves single-element chunks unshuffled */
+        mps_shuffle(raw, scratch, nbytes, elem_size);
+        src = scratch;
+    }
+    size_t n = ZSTD_compressCCtx(cctx, out, out_cap, src, nbytes, level);
+    if (ZSTD_isError(n))
+        return mps_fail(err, MPS_EFAIL, "zstd compression failed: %s", ZSTD_getErrorName(n));
+    *out_size = n;
+    return 0;
+}
+
+int mps_chunk_decode(ZSTD_DCtx *dctx, unsigned filter_mask, const void *in, size_t in_size, size_t elem_size,
+                     void *scratch, void *raw, size_t nbytes, mps_err *err)
+{
+    int shuffled = !(filter_mask & 1u) && elem_size > 1 && nbytes / elem_size > 1;
+    void *dst = shuffled ? scratch : raw;
+    if (filter_mask & 2u) { /* zstd skipped: the bytes are stored as they are */
+        if (in_size != nbytes)
+            return mps_fail(err, MPS_ECORRUPT, "uncompressed chunk has %zu bytes, expected %zu", in_size, nbytes);
+        memcpy(dst, in, nbytes);
+    } else {
+        unsigned long long content = ZSTD_getFrameContentSize(in, in_size);
+        if (content != nbytes)
+            return mps_fail(err, MPS_ECORRUPT, "zstd frame declares %llu bytes, expected %zu",
+                            content == ZSTD_CONTENTSIZE_UNKNOWN || content == ZSTD_CONTENTSIZE_ERROR ? 0ull : content, nbytes);
+        size_t n = ZSTD_decompressDCtx(dctx, dst, nbytes, in, in_size);
+        if (ZSTD_isError(n) || n != nbytes)
+            return mps_fail(err, MPS_ECORRUPT, "zstd frame does not decode: %s",
+                            ZSTD_isError(n) ? ZSTD_getErrorName(n) : "short output");
+    }
+    if (shuffled)
+        mps_unshuffle(scratch, raw, nbytes, elem_size);
+    return 0;
+}

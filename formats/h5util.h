@@ -1,0 +1,21 @@
+/* Small HDF5 helpers: attributes, file creation/opening with the project's settings. */
+#ifndef MPS_H5UTIL_H
+#define MPS_H5UTIL_H
+#include <hdf5.h>
+#include <stdint.h>
+
+#include "err.h"
+
+/* Registers the zstd filter in this process. */
+int mps_h5_init(mps_err *err);
+hid_t mps_h5_create_file(const char *path, mps_err *err);
+hid_t mps_h5_open_file(const char *path, mps_err *err);
+int mps_h5_attr_str(hid_t obj, const char *name, const char *value);
+int mps_h5_attr_i64(hid_t obj, const char *name, const int64_t *values, int n);
+int mps_h5_attr_u64(hid_t obj, const char *name, const uint64_t *values, int64_t n);
+/* Reads a string attribute into buf (fails if missing, not a string or too long). */
+int mps_h5_read_attr_str(hid_t obj, const char *name, char *buf, size_t size);
+/* Reads an integer array attribute of exactly n elements (fails otherwise). */
+int mps_h5_read_attr_i64(hid_t obj, const char *name, int64_t *values, int64_t n);
+int mps_h5_read_attr_u64(hid_t obj, const char *name, uint64_t *values, int64_t n);
+#endif

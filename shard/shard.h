@@ -1,0 +1,21 @@
+/* shard: a full model file -> a checkpoint of shards for a layout. */
+#ifndef MPS_SHARD_H
+#define MPS_SHARD_H
+
+#include "ckpt.h"
+#include "modelfile.h"
+
+typedef struct {
+    const char *layout;        /* layout string */
+    const char *out_dir;
+    mps_model_file_opts file;  /* input format, config.json path, padded vocab */
+    int64_t chunk_bytes;       /* 0: default */
+    int zstd_level;            /* used when level_set */
+    int level_set;
+    int threads;               /* 0: all cores */
+    int force, quiet;
+} mps_shard_opts;
+
+int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err);
+
+#endif
