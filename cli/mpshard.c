@@ -73,6 +73,6 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (strcmp(argv[1], cmds[i].name) == 0)
             return cmds[i].fn(argc - 1, argv + 1);
-    fprintf(stderr, "mpshard: unknown command '%s'\n%s", argv[1], usage_text);
+    fprintf(stderr, "mpshard: unknown command '%s' (see mpshard --help)\n", argv[1]);
     return MPS_EUSAGE;
 }

@@ -50,7 +50,13 @@ void mps_chunk_grid_plan(mps_chunk_grid *g, int ndim, const int64_t *dims, int64
     if (k > dims[j]) k = dims[j] > 0 ? dims[j] : 1;
     for (int i = 0; i < ndim; i++)
         g->chunk[i] = i < j ? 1 : (i == j ? k : (dims[i] > 0 ? dims[i] : 1));
-    g->split = j;
+    /* the split is the first dimension whose chunk extent is not 1 (as mps_chunk_grid_load finds it) */
+    g->split = ndim - 1;
+    for (int i = 0; i < ndim; i++)
+        if (g->chunk[i] != 1) {
+            g->split = i;
+            break;
+        }
     grid_derive(g);
 }
 

@@ -5,7 +5,8 @@ foreach(src ${MPS_UNIT_TESTS})
   add_executable(${name} ${src})
   target_link_libraries(${name} PRIVATE mpscore)
   add_test(NAME unit.${name} COMMAND ${name})
-  set_tests_properties(unit.${name} PROPERTIES ENVIRONMENT "MPS_TEST_TMP=${CMAKE_BINARY_DIR}/tmp")
+  set_tests_properties(unit.${name} PROPERTIES ENVIRONMENT
+    "MPS_TEST_TMP=${CMAKE_BINARY_DIR}/tmp;MPSHARD=$<TARGET_FILE:mpshard>;MPS_PLUGIN_DIR=${CMAKE_BINARY_DIR}/plugins")
 endforeach()
 
 # Integration tests: every tests/cli/*.sh runs against the built CLI.

@@ -19,12 +19,35 @@ static mps_config small_cfg(void)
 
 enum { EXACT, ROUND_BF16, ROUND_F16 };
 
+/* IEEE half precision, round to nearest even (finite values below 65504 only: enough here). */
+static uint16_t f32_to_f16(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    float a = fabsf(f);
+    if (a < ldexpf(1.0f, -14)) /* subnormal (or rounds up to the smallest normal, also right) */
+        return (uint16_t)(sign | (uint16_t)nearbyintf(a * 16777216.0f));
+    uint32_t ax = x & 0x7fffffffu, mant = ax & 0x7fffffu;
+    uint32_t h = ((((ax >> 23) - 127 + 15) << 10) | (mant >> 13)), rem = mant & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u)))
+        h++;
+    return (uint16_t)(sign | h);
+}
+
+static float f16_to_f32(uint16_t h)
+{
+    int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    float v = e == 0 ? ldexpf((float)m, -24) : ldexpf((float)(1024 + m), e - 25);
+    return (h & 0x8000) ? -v : v;
+}
+
 static float round_as(int how, float x)
 {
     if (how == ROUND_BF16)
         return mps_bf16_to_f32(mps_f32_to_bf16(x));
     if (how == ROUND_F16)
-        return (float)(_Float16)x;
+        return f16_to_f32(f32_to_f16(x));
     return x;
 }
 
@@ -254,7 +277,7 @@ static void add_tensor(sbuf *hdr, sbuf *data, const char *key, const char *dtype
             uint16_t h = mps_f32_to_bf16(vals[i]);
             sb_add(data, &h, 2);
         } else {
-            _Float16 h = (_Float16)vals[i];
+            uint16_t h = f32_to_f16(vals[i]);
             sb_add(data, &h, 2);
         }
     }
