@@ -11,6 +11,7 @@ int cmd_export(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
 int cmd_synth(int argc, char **argv);
 int cmd_compare(int argc, char **argv);
+int cmd_inspect(int argc, char **argv);
 
 /* Prints "mpshard CMD: message" and returns the error's exit code. */
 int cli_fail(const char *cmd, const mps_err *err);

@@ -17,7 +17,7 @@ static const char *const help =
     "  --format F         input format: auto (default), safetensors, llmc\n"
     "  --config FILE      Hugging Face config.json (default: beside INPUT)\n"
     "  --padded-vocab N   rows of the embedding (default: vocab rounded up to 128; llm.c: the file's)\n"
-    "  --chunk-mb N       chunk size in MiB (default 4)\n"
+    "  --chunk-mb N       chunk size in MiB (default 1)\n"
     "  --level N          zstd level (default 1)\n"
     "  --threads N        compression threads (default: all cores)\n"
     "  --force            replace an existing committed checkpoint at DIR\n"

@@ -18,6 +18,7 @@ static const char *const usage_text =
     "  verify DIR                      check completeness and every checksum\n"
     "  synth --model NAME -o OUT       write a synthetic model file (demo, tests, benchmarks)\n"
     "  compare A B                     compare the tensors of two model files bit for bit\n"
+    "  inspect DIR | --model M --layout L  bytes per rank by kind; --suggest layouts that fit N GPUs\n"
     "\n"
     "Layouts: --layout dp=2,pp=2,tp=2,zero=1 (any order; missing keys mean 1, zero 0;\n"
     "stages=5:7 gives the number of layers per pipeline stage).\n"
@@ -69,6 +70,7 @@ int main(int argc, char **argv)
     static const struct { const char *name; int (*fn)(int, char **); } cmds[] = {
         { "shard", cmd_shard }, { "export", cmd_export }, { "verify", cmd_verify },
         { "synth", cmd_synth }, { "compare", cmd_compare },
+        { "inspect", cmd_inspect },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (strcmp(argv[1], cmds[i].name) == 0)

@@ -12,7 +12,7 @@
 
 #define MPS_FORMAT_VERSION 1
 #define MPS_MANIFEST_NAME "manifest.json"
-#define MPS_DEFAULT_CHUNK_BYTES ((int64_t)4 << 20)
+#define MPS_DEFAULT_CHUNK_BYTES ((int64_t)1 << 20)
 #define MPS_DEFAULT_ZSTD_LEVEL 1
 
 typedef struct {

@@ -11,6 +11,7 @@ typedef struct {
     mps_model_file *file;
     const mps_config *cfg;
     float *slot[2];
+    size_t capacity[2]; /* floats; buffers only grow, so pages are not faulted in again per tensor */
     int tensor[2];
 } file_source;
 
@@ -20,11 +21,15 @@ static int begin_tensor(void *ctx, int t, mps_err *err)
     mps_tensor_spec spec;
     mps_tensor_spec_get(fs->cfg, t, &spec);
     int s = t % 2;
-    free(fs->slot[s]);
-    fs->slot[s] = malloc((size_t)mps_tensor_numel(&spec) * sizeof(float));
+    size_t n = (size_t)mps_tensor_numel(&spec);
     fs->tensor[s] = -1;
-    if (!fs->slot[s])
-        return mps_fail(err, MPS_ENOMEM, "out of memory loading tensor %s", spec.name);
+    if (n > fs->capacity[s]) {
+        free(fs->slot[s]);
+        fs->slot[s] = malloc(n * sizeof(float));
+        fs->capacity[s] = fs->slot[s] ? n : 0;
+        if (!fs->slot[s])
+            return mps_fail(err, MPS_ENOMEM, "out of memory loading tensor %s", spec.name);
+    }
     if (mps_model_file_read_tensor(fs->file, t, fs->slot[s], err) != 0)
         return -1;
     fs->tensor[s] = t;
@@ -34,10 +39,7 @@ static int begin_tensor(void *ctx, int t, mps_err *err)
 static void end_tensor(void *ctx, int t)
 {
     file_source *fs = ctx;
-    int s = t % 2;
-    free(fs->slot[s]);
-    fs->slot[s] = NULL;
-    fs->tensor[s] = -1;
+    fs->tensor[t % 2] = -1;
 }
 
 static int gather(void *ctx, int worker, mps_kind kind, int t, const mps_box *box, int64_t fb, int64_t fe, float *dst,

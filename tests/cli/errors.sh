@@ -1,6 +1,6 @@
 #!/bin/bash
 # Bad input and bad options: one clear line naming the thing, the documented exit code, nothing committed.
-. "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/common.bash"
 expect 0 "$MPSHARD" synth --config "$SMALL" --format safetensors -o "$T/m"
 M="$T/m/model.safetensors"
 expect 2 "$MPSHARD" shard "$M" --layout tp=4 -o "$T/c1";           expect_err "tp=4 must divide the model's n_head=6"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Stock HDF5 tools read the shards through the project's filter plugin: h5dump's raw output of
 # a tensor equals that tensor's bytes in the llm.c source file (same (out, in) layout, f32).
-. "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/common.bash"
 command -v h5dump >/dev/null || { echo "h5dump not installed (hdf5-tools)"; exit 1; }
 expect 0 "$MPSHARD" synth --config "$SMALL" --format llmc -o "$T/m"
 expect 0 "$MPSHARD" shard "$T/m/model_00000000.bin" --layout dp=1 -o "$T/ck" -q

@@ -1,7 +1,7 @@
 #!/bin/bash
 # shard -> verify -> export is bit-exact, for both input formats, both dtypes, many layouts
 # (odd sizes: n_embd 96, n_head 6, vocab 1000 padded to 1024, 3 layers), into both output formats.
-. "$(dirname "$0")/lib.sh"
+. "$(dirname "$0")/common.bash"
 LAYOUTS="dp=1 dp=2,tp=3,pp=3,zero=3 dp=3,pp=2,tp=2,zero=1 tp=6,dp=2,zero=2 dp=4,zero=3 pp=2,stages=1:2,tp=2"
 for fmt in safetensors llmc; do
   for dtype in f32 bf16; do

@@ -1,0 +1,43 @@
+#!/bin/bash
+# Bench: `mpshard shard` of a GPT-2 XL-sized f32 checkpoint (1.56B parameters, synthetic values)
+# against the disk floor measured in the same run by ../shared/bench/disk_bw.py:
+#   floor = input bytes / read bandwidth + output bytes / write bandwidth.
+# Caches are dropped before the timed step (needs root; otherwise the read is warm: said so).
+# usage: bench/shard_bench.sh [WORKDIR]   env: MPSHARD, MODEL (gpt2-xl), LAYOUT, FORMAT (safetensors|llmc)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+MPSHARD=${MPSHARD:-$here/../build/mpshard}
+SHARED=${SHARED:-$here/../../shared}
+W=${1:-/tmp/mpshard-bench}
+MODEL=${MODEL:-gpt2-xl}
+LAYOUT=${LAYOUT:-dp=2,pp=2,tp=5,zero=1}  # GPT-2 XL has 25 heads
+FORMAT=${FORMAT:-safetensors}
+PY=${PY:-python3}
+mkdir -p "$W"
+drop() { sync; if echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then echo yes; else echo no; fi; }
+
+echo "== disk floor (../shared/bench/disk_bw.py)"
+(cd "$W" && $PY "$SHARED/bench/disk_bw.py") | tee "$W/disk.txt"
+wbw=$(awk '/write\+fsync/ {print $3}' "$W/disk.txt")
+rbw=$(awk '/disk read/ {print $(NF-1)}' "$W/disk.txt")
+
+echo "== input: $MODEL, $FORMAT, f32"
+rm -rf "$W/in" "$W/ck"
+"$MPSHARD" synth --model "$MODEL" --format "$FORMAT" -o "$W/in"
+input=$(ls "$W"/in/model*.* | head -1)
+in_bytes=$(stat -c %s "$input")
+
+dropped=$(drop)
+echo "== mpshard shard --layout $LAYOUT (caches dropped: $dropped)"
+/usr/bin/time -f "%e %M" -o "$W/time.txt" "$MPSHARD" shard "$input" --layout "$LAYOUT" -o "$W/ck" -q
+read secs rss_kb <"$W/time.txt"
+out_bytes=$(du -sb "$W/ck" | cut -f1)
+$PY - "$in_bytes" "$out_bytes" "$rbw" "$wbw" "$secs" "$rss_kb" <<'PY'
+import sys
+inb, outb, rbw, wbw, secs, rss = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+floor = inb / 1e9 / rbw + outb / 1e9 / wbw
+print(f"input {inb/1e9:.2f} GB, output {outb/1e9:.2f} GB (ratio {inb/outb:.2f}x incl. zero Adam state)")
+print(f"disk floor {floor:.1f} s (read {rbw} GB/s, write {wbw} GB/s)")
+print(f"mpshard shard: {secs:.1f} s = {secs/floor:.2f}x the disk floor (target <= 1.25x); peak RSS {rss/1024:.0f} MiB (target <= 1024)")
+PY
+rm -rf "$W/in" "$W/ck"

@@ -1,0 +1,462 @@
+/* inspect: the planner against (1) mps_geometry called for every tensor and kind with no shortcut,
+ * (2) what real checkpoints hold per rank, summed from their datasets, over a sweep of layouts,
+ * (3) the lesson's 7B figures, (4) the activation formula and communication volumes by hand,
+ * (5) --suggest for gpt3-175b on 64 GPUs, (6) the planning time over 1024 ranks, (7) the SVG. */
+#include <math.h>
+#include <time.h>
+
+#include "inspect/plan.h"
+#include "inspect/svg.h"
+#include "modelfile.h"
+#include "shard/shard.h"
+#include "testutil.h"
+
+static const mps_config small = { 3, 96, 6, 64, 1000, 1024 };
+static const mps_config five = { 5, 48, 6, 32, 333, 384 };
+
+static mps_layout layout_of(const mps_config *cfg, const char *text)
+{
+    mps_layout L;
+    mps_err err;
+    mps_err_clear(&err);
+    if (mps_layout_parse(text, cfg, &L, &err) != 0) {
+        fprintf(stderr, "layout %s: %s\n", text, err.msg);
+        exit(2);
+    }
+    return L;
+}
+
+static mps_plan *plan_of(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o)
+{
+    mps_plan *p;
+    mps_err err;
+    mps_err_clear(&err);
+    if (mps_plan_build(cfg, L, o, &p, &err) != 0) {
+        fprintf(stderr, "plan: %s\n", err.msg);
+        exit(2);
+    }
+    return p;
+}
+
+/* The shortcuts of mps_plan_build (rank classes, tensor classes, sharding groups) give exactly
+ * what mps_geometry gives tensor by tensor and kind by kind. */
+static void test_fast_equals_direct(void)
+{
+    static const struct { const mps_config *cfg; const char *layout; } cases[] = {
+        { &small, "dp=1" }, { &small, "dp=2,zero=1" }, { &small, "dp=3,tp=2,pp=3,zero=2" }, { &small, "dp=4,zero=3" },
+        { &small, "dp=7,tp=3,zero=3" }, { &small, "pp=2,stages=1:2,tp=6,dp=2,zero=1" }, { &five, "dp=5,pp=3,stages=1:3:1,tp=2,zero=3" },
+        { &five, "dp=9,pp=5,tp=3,zero=2" }, { &five, "dp=2,pp=2,tp=6,zero=0" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        for (int prec = 0; prec < 2; prec++) {
+            mps_layout L = layout_of(cases[i].cfg, cases[i].layout);
+            mps_plan_opts o;
+            mps_plan_opts_default(cases[i].cfg, &o);
+            o.precision = (mps_precision)prec;
+            o.micro_batch = 3;
+            mps_plan *p = plan_of(cases[i].cfg, &L, &o);
+            int same = 1;
+            for (int r = 0; r < mps_layout_world(&L); r++) {
+                mps_rank_usage fast, direct;
+                mps_plan_rank(p, r, &fast);
+                mps_plan_rank_direct(cases[i].cfg, &L, &o, r, &direct);
+                same &= memcmp(fast.elems, direct.elems, sizeof fast.elems) == 0 &&
+                        memcmp(fast.bytes, direct.bytes, sizeof fast.bytes) == 0 &&
+                        fast.activations == direct.activations && fast.total == direct.total;
+            }
+            CHECK_MSG(same, "%s %s: planner differs from mps_geometry tensor by tensor", cases[i].layout,
+                      mps_precision_name((mps_precision)prec));
+            mps_plan_free(p);
+        }
+    /* the same for sample ranks of gpt3-175b over 1024 GPUs (uneven stages: 96 layers / 64 stages) */
+    mps_config big;
+    mps_err err;
+    mps_err_clear(&err);
+    CHECK(mps_config_preset("gpt3-175b", &big, &err) == 0);
+    static const char *const big_layouts[] = { "dp=8,pp=64,tp=2,zero=3", "dp=16,pp=8,tp=8,zero=1", "dp=1024,zero=2" };
+    for (size_t i = 0; i < sizeof big_layouts / sizeof big_layouts[0]; i++) {
+        mps_layout L = layout_of(&big, big_layouts[i]);
+        mps_plan_opts o;
+        mps_plan_opts_default(&big, &o);
+        o.precision = MPS_PRECISION_MIXED;
+        mps_plan *p = plan_of(&big, &L, &o);
+        static const int ranks[] = { 0, 1, 17, 511, 512, 1000, 1023 };
+        for (size_t k = 0; k < sizeof ranks / sizeof ranks[0]; k++) {
+            mps_rank_usage fast, direct;
+            mps_plan_rank(p, ranks[k], &fast);
+            mps_plan_rank_direct(&big, &L, &o, ranks[k], &direct);
+            CHECK_MSG(memcmp(fast.elems, direct.elems, sizeof fast.elems) == 0 && fast.total == direct.total,
+                      "gpt3-175b %s rank %d", big_layouts[i], ranks[k]);
+        }
+        mps_plan_free(p);
+    }
+}
+
+/* Another zero stage that changes how a stored kind (param, adam_m, adam_v) is split over DP. */
+static int other_zero(int zero)
+{
+    static const int swap[4] = { 1, 3, 0, 2 };
+    return swap[zero];
+}
+
+/* A checkpoint's datasets, mapped to the ranks that hold them, hold per rank and kind exactly the
+ * elements the planner gives for the same model and layout, and 4 bytes each in the fp32 plan. */
+static void test_checkpoint_holdings(const char *model, const char *dir)
+{
+    static const char *const layouts[] = {
+        "dp=1", "dp=2,zero=1", "dp=2,tp=3,pp=3,zero=3", "dp=3,pp=2,tp=2,zero=1", "tp=6,dp=2,zero=2",
+        "dp=4,zero=3", "dp=5,tp=2,zero=1", "pp=2,stages=1:2,tp=2,dp=2", "dp=7,tp=6,pp=3,zero=3",
+    };
+    for (size_t i = 0; i < sizeof layouts / sizeof layouts[0]; i++) {
+        char ck[1100];
+        snprintf(ck, sizeof ck, "%s/ck%zu", dir, i);
+        mps_shard_opts so = { .layout = layouts[i], .out_dir = ck, .quiet = 1, .chunk_bytes = 4096, .threads = 2 };
+        mps_err err;
+        mps_err_clear(&err);
+        CHECK_MSG(mps_shard(model, &so, &err) == 0, "shard %s: %s", layouts[i], err.msg);
+        char path[1200];
+        snprintf(path, sizeof path, "%s/manifest.json", ck);
+        mps_manifest m;
+        if (mps_manifest_read(path, &m, &err) != 0) {
+            CHECK_MSG(0, "%s: %s", path, err.msg);
+            continue;
+        }
+        mps_ckpt_usage *u;
+        CHECK_MSG(mps_ckpt_usage_scan(ck, &m, &u, &err) == 0, "scan %s: %s", layouts[i], err.msg);
+        mps_plan_opts o;
+        mps_plan_opts_default(&m.cfg, &o);
+        mps_plan *plan = plan_of(&m.cfg, &m.layout, &o);
+        int world = mps_layout_world(&m.layout), equal = 1, bytes_equal = 1;
+        int64_t raw = 0, param_held = 0;
+        for (int r = 0; r < world; r++) {
+            mps_rank_usage pu;
+            mps_plan_rank(plan, r, &pu);
+            for (int k = 0; k < MPS_KIND_COUNT; k++) {
+                if (!(m.kinds & (1u << k)))
+                    continue;
+                int64_t held = u->held[(size_t)r * MPS_KIND_COUNT + k];
+                if (held != pu.elems[k]) {
+                    equal = 0;
+                    fprintf(stderr, "  %s rank %d %s: datasets %lld, plan %lld\n", layouts[i], r, mps_kind_name((mps_kind)k),
+                            (long long)held, (long long)pu.elems[k]);
+                }
+                bytes_equal &= pu.bytes[k] == 4 * held;
+            }
+            param_held += u->held[(size_t)r * MPS_KIND_COUNT + MPS_KIND_PARAM];
+            raw += u->file_raw[r];
+        }
+        CHECK_MSG(equal, "%s: per-rank holdings of the checkpoint differ from the plan", layouts[i]);
+        CHECK_MSG(bytes_equal, "%s: fp32 plan bytes are not 4 per element held", layouts[i]);
+        /* every element is stored once: the files hold param + adam_m + adam_v of the whole model */
+        CHECK_MSG(raw == 3 * 4 * mps_param_count(&m.cfg), "%s: %lld raw bytes stored", layouts[i], (long long)raw);
+        CHECK(param_held >= mps_param_count(&m.cfg));
+        CHECK(u->datasets > 0);
+        /* the comparison can fail: a plan with another ZeRO rule does not match these datasets */
+        if (m.layout.dp > 1) {
+            mps_layout wrong = m.layout;
+            wrong.zero = other_zero(m.layout.zero);
+            mps_plan *wp = plan_of(&m.cfg, &wrong, &o);
+            int differs = 0;
+            for (int r = 0; r < world; r++) {
+                mps_rank_usage pu;
+                mps_plan_rank(wp, r, &pu);
+                for (int k = 0; k < MPS_KIND_COUNT; k++)
+                    if ((m.kinds & (1u << k)) && u->held[(size_t)r * MPS_KIND_COUNT + k] != pu.elems[k])
+                        differs = 1;
+            }
+            CHECK_MSG(differs, "%s: a plan with zero=%d matches the checkpoint too", layouts[i], wrong.zero);
+            mps_plan_free(wp);
+        }
+        mps_plan_free(plan);
+        mps_ckpt_usage_free(u);
+        mps_manifest_free(&m);
+    }
+}
+
+/* Rounded to 0.1 GB (10^9 bytes), as the lesson writes its figures. */
+static double gb1(int64_t bytes) { return round((double)bytes / 1e8) / 10; }
+
+/* The lesson: a 7B model in fp32 holds weights 28 GB, gradients 28 GB, Adam 56 GB, ~10 GB of
+ * activations; over 8 GPUs ZeRO-1 leaves 7 GB of optimizer state, ZeRO-2 10.5 GB of optimizer
+ * state and gradients, ZeRO-3 14 GB of model state per GPU. */
+static void test_lesson_7b(void)
+{
+    mps_config cfg;
+    mps_err err;
+    mps_err_clear(&err);
+    /* 32 x 4096 with a 128000-token vocabulary and 8192 positions: 7.002e9 parameters */
+    CHECK(mps_config_parse("n_layer=32,n_embd=4096,n_head=32,vocab=128000,n_positions=8192", &cfg, &err) == 0);
+    CHECK(fabs((double)mps_param_count(&cfg) - 7e9) < 0.005e9);
+    mps_plan_opts o;
+    mps_plan_opts_default(&cfg, &o);
+    o.seq = 1024;
+    mps_layout L = layout_of(&cfg, "dp=1");
+    mps_plan *p = plan_of(&cfg, &L, &o);
+    mps_rank_usage u;
+    mps_plan_rank(p, 0, &u);
+    CHECK_MSG(gb1(u.bytes[MPS_KIND_PARAM]) == 28.0, "weights %.3f GB", u.bytes[MPS_KIND_PARAM] / 1e9);
+    CHECK_MSG(gb1(u.bytes[MPS_KIND_GRAD]) == 28.0, "gradients %.3f GB", u.bytes[MPS_KIND_GRAD] / 1e9);
+    CHECK_MSG(gb1(u.bytes[MPS_KIND_ADAM_M] + u.bytes[MPS_KIND_ADAM_V]) == 56.0, "Adam %.3f GB",
+              (u.bytes[MPS_KIND_ADAM_M] + u.bytes[MPS_KIND_ADAM_V]) / 1e9);
+    CHECK(u.bytes[MPS_KIND_MASTER] == 0);
+    CHECK_MSG(round(u.activations / 1e9) == 10, "activations %.3f GB", u.activations / 1e9); /* b=1, s=1024 */
+    mps_plan_free(p);
+    const double want[4] = { 0, 7.0, 10.5, 14.0 };
+    for (int zero = 1; zero <= 3; zero++) {
+        char text[64];
+        snprintf(text, sizeof text, "dp=8,zero=%d", zero);
+        L = layout_of(&cfg, text);
+        p = plan_of(&cfg, &L, &o);
+        int all = 1;
+        for (int r = 0; r < 8; r++) {
+            mps_plan_rank(p, r, &u);
+            int64_t sharded = u.bytes[MPS_KIND_ADAM_M] + u.bytes[MPS_KIND_ADAM_V];
+            if (zero >= 2) sharded += u.bytes[MPS_KIND_GRAD];
+            if (zero >= 3) sharded += u.bytes[MPS_KIND_PARAM];
+            all &= gb1(sharded) == want[zero];
+            if (r == 0)
+                printf("ZeRO-%d over 8 GPUs: %.3f GB sharded state per GPU (+ %.2f GB activations, not sharded)\n", zero,
+                       sharded / 1e9, u.activations / 1e9);
+            /* ZeRO does not shard activations: the lesson's 15 GB would need them divided by 8 too */
+            if (zero == 3)
+                CHECK(gb1(u.total) > 23.0);
+        }
+        CHECK_MSG(all, "ZeRO-%d: per-GPU figure is not %.1f GB", zero, want[zero]);
+        mps_plan_free(p);
+    }
+}
+
+static void test_activations_and_comm(void)
+{
+    mps_config gpt2;
+    mps_err err;
+    mps_err_clear(&err);
+    CHECK(mps_config_preset("gpt2", &gpt2, &err) == 0);
+    mps_plan_opts o;
+    mps_plan_opts_default(&gpt2, &o);
+    o.micro_batch = 2;
+    o.seq = 1024;
+    o.global_batch = 64;
+    mps_layout L = layout_of(&gpt2, "pp=2,tp=2");
+    const double s = 1024, b = 2, h = 768, a = 12, t = 2;
+    const double none = (34 * s * b * h + 5 * a * s * s * b) / t, selective = 34 * s * b * h / t, full = 2 * s * b * h / t;
+    /* stage 0 holds 2 micro-batches of its 6 layers, stage 1 one */
+    CHECK(mps_activation_bytes(&gpt2, &L, &o, 0) == (int64_t)llround(2 * 6 * none));
+    CHECK(mps_activation_bytes(&gpt2, &L, &o, 1) == (int64_t)llround(6 * none));
+    o.recompute = MPS_RECOMPUTE_SELECTIVE;
+    CHECK(mps_activation_bytes(&gpt2, &L, &o, 0) == (int64_t)llround(2 * 6 * selective));
+    o.recompute = MPS_RECOMPUTE_FULL;
+    CHECK(mps_activation_bytes(&gpt2, &L, &o, 0) == (int64_t)llround(2 * 6 * full));
+    o.global_batch = 2; /* one micro-batch per step: nothing else in flight */
+    CHECK(mps_activation_bytes(&gpt2, &L, &o, 0) == (int64_t)llround(6 * full));
+
+    /* communication: DP all-reduce of the whole model for dp=4, ZeRO 0 in fp32 = 2 * 3/4 * N * 4 bytes;
+     * ZeRO 1 and 2 the same (reduce-scatter + all-gather), ZeRO 3 1.5 times (ZeRO paper) */
+    mps_plan_opts_default(&gpt2, &o);
+    int64_t dp_bytes[4];
+    for (int zero = 0; zero <= 3; zero++) {
+        char text[32];
+        snprintf(text, sizeof text, "dp=4,zero=%d", zero);
+        L = layout_of(&gpt2, text);
+        mps_plan *p = plan_of(&gpt2, &L, &o);
+        mps_comm c;
+        mps_plan_comm(p, 0, &c);
+        dp_bytes[zero] = c.dp;
+        CHECK(c.tp == 0 && c.pp == 0 && c.total == c.dp);
+        mps_plan_free(p);
+    }
+    CHECK(dp_bytes[0] == (int64_t)llround(2 * 0.75 * (double)mps_param_count(&gpt2) * 4));
+    CHECK(dp_bytes[1] == dp_bytes[0] && dp_bytes[2] == dp_bytes[0]);
+    CHECK(llabs(dp_bytes[3] - dp_bytes[0] * 3 / 2) <= 2);
+    L = layout_of(&gpt2, "dp=1");
+    mps_plan *p = plan_of(&gpt2, &L, &o);
+    mps_comm c;
+    mps_plan_comm(p, 0, &c);
+    CHECK(c.total == 0);
+    mps_plan_free(p);
+    /* TP: m micro-batches * layers * 4 all-reduces * 2(t-1)/t * s*b*h * 4 bytes; PP: activations both ways */
+    o.global_batch = 8;
+    L = layout_of(&gpt2, "tp=4,pp=2,dp=2");
+    p = plan_of(&gpt2, &L, &o);
+    CHECK(mps_plan_microbatches(p) == 4);
+    mps_plan_comm(p, mps_layout_rank(&L, 1, 0, 0), &c);
+    double sbh = 1024.0 * 768;
+    CHECK(c.tp == (int64_t)llround(4.0 * 6 * 4 * 2 * 3 / 4.0 * sbh * 4));
+    mps_tensor_spec wte;
+    mps_tensor_spec_get(&gpt2, MPS_TENSOR_WTE, &wte);
+    CHECK(c.pp == (int64_t)llround(4 * sbh / 4 * 4 + mps_tensor_numel(&wte) / 4.0 * 4));
+    CHECK(fabs(mps_plan_bubble(p) - 1.0 / 5) < 1e-12);
+    mps_plan_free(p);
+}
+
+/* --suggest for gpt3-175b on 64 GPUs of 80 GiB: only layouts whose every rank fits, the same
+ * verdict as the plain plan for dp=8,pp=4,tp=2,zero=2, best first. */
+static void test_suggest(void)
+{
+    mps_config big;
+    mps_err err;
+    mps_err_clear(&err);
+    CHECK(mps_config_preset("gpt3-175b", &big, &err) == 0);
+    const int64_t budget = (int64_t)80 << 30;
+    for (int rec = 0; rec < 3; rec += 2) { /* no recompute: the lesson layout does not fit; full: it does */
+        mps_plan_opts o;
+        mps_plan_opts_default(&big, &o);
+        o.precision = MPS_PRECISION_MIXED;
+        o.recompute = (mps_recompute)rec;
+        mps_suggestion *list;
+        int n, considered;
+        CHECK(mps_plan_suggest(&big, 64, budget, &o, &list, &n, &considered, &err) == 0);
+        /* tp in {1,2,4,8,16,32} (divides 96 heads), pp any divisor of 64/tp, zero 0..3 when dp > 1 */
+        int expect = 0;
+        for (int tp = 1; tp <= 64; tp *= 2)
+            for (int pp = 1; tp <= 32 && pp <= 64 / tp; pp *= 2)
+                expect += 64 / tp / pp > 1 ? 4 : 1;
+        CHECK_MSG(considered == expect, "considered %d layouts, expected %d", considered, expect);
+        int lesson_listed = 0, every_fits = 1, sorted = 1;
+        for (int i = 0; i < n; i++) {
+            mps_plan_opts po = o;
+            po.global_batch = 64; /* what suggest uses: 64 GPUs x micro-batch 1 */
+            mps_plan *p = plan_of(&big, &list[i].layout, &po);
+            every_fits &= mps_plan_over_budget(p, budget) == 0 && list[i].peak == mps_plan_peak(p, NULL);
+            mps_plan_free(p);
+            const mps_layout *l = &list[i].layout;
+            lesson_listed |= l->dp == 8 && l->pp == 4 && l->tp == 2 && l->zero == 2;
+            if (i > 0)
+                sorted &= list[i - 1].comm.total <= list[i].comm.total;
+        }
+        CHECK(every_fits && sorted);
+        mps_layout L = layout_of(&big, "dp=8,pp=4,tp=2,zero=2");
+        mps_plan *p = plan_of(&big, &L, &o);
+        int fits = mps_plan_over_budget(p, budget) == 0;
+        CHECK_MSG(fits == lesson_listed, "recompute %s: plain plan says %s, suggest %s", mps_recompute_name(o.recompute),
+                  fits ? "fits" : "over", lesson_listed ? "lists it" : "does not");
+        CHECK(fits == (rec == MPS_RECOMPUTE_FULL));
+        printf("gpt3-175b on 64 x 80 GiB, recompute %s: %d of %d layouts fit; dp=8,pp=4,tp=2,zero=2 peak %.2f GB\n",
+               mps_recompute_name(o.recompute), n, considered, mps_plan_peak(p, NULL) / 1e9);
+        mps_plan_free(p);
+        free(list);
+    }
+    mps_suggestion *list;
+    int n, considered;
+    mps_plan_opts o;
+    mps_plan_opts_default(&big, &o);
+    CHECK(mps_plan_suggest(&big, 64, (int64_t)1 << 30, &o, &list, &n, &considered, &err) == 0 && n == 0);
+    free(list);
+}
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static void test_time_1024(void)
+{
+    mps_config big;
+    mps_err err;
+    mps_err_clear(&err);
+    CHECK(mps_config_preset("gpt3-175b", &big, &err) == 0);
+    mps_layout L = layout_of(&big, "dp=16,pp=8,tp=8,zero=3");
+    mps_plan_opts o;
+    mps_plan_opts_default(&big, &o);
+    double best = 1e9;
+    for (int i = 0; i < 3; i++) {
+        double t0 = now_ms();
+        mps_plan *p = plan_of(&big, &L, &o);
+        mps_plan_peak(p, NULL);
+        mps_comm c;
+        mps_plan_comm_max(p, &c, NULL);
+        mps_plan_free(p);
+        double ms = now_ms() - t0;
+        best = ms < best ? ms : best;
+    }
+    printf("gpt3-175b over 1024 ranks planned in %.2f ms\n", best);
+    CHECK_MSG(best < 100, "%.1f ms", best);
+}
+
+static void test_svg(const char *dir)
+{
+    mps_layout L = layout_of(&small, "dp=2,pp=3,tp=2,zero=1");
+    mps_plan_opts o;
+    mps_plan_opts_default(&small, &o);
+    o.precision = MPS_PRECISION_MIXED;
+    mps_plan *p = plan_of(&small, &L, &o);
+    char path[1100];
+    snprintf(path, sizeof path, "%s/chart.svg", dir);
+    mps_svg_opts so = { .title = "small <model> & layout", .gpu_mem = 2000000 };
+    mps_err err;
+    mps_err_clear(&err);
+    CHECK(mps_svg_write_plan(path, p, &so, &err) == 0);
+    FILE *f = fopen(path, "r");
+    static char text[1 << 20];
+    size_t n = f ? fread(text, 1, sizeof text - 1, f) : 0;
+    text[n] = '\0';
+    if (f)
+        fclose(f);
+    CHECK(strstr(text, "<svg") && strstr(text, "</svg>"));
+    CHECK(strstr(text, "small &lt;model&gt; &amp; layout")); /* escaped */
+    static const char *const labels[] = { "parameters", "gradients", "fp32 master", "Adam m", "Adam v", "activations",
+                                          "memory per GPU", "rank (12 ranks", "GPU memory" };
+    for (size_t i = 0; i < sizeof labels / sizeof labels[0]; i++)
+        CHECK_MSG(strstr(text, labels[i]) != NULL, "chart lacks '%s'", labels[i]);
+    int bars = 0;
+    for (const char *s = text; (s = strstr(s, "<title>rank ")); s++)
+        bars++;
+    CHECK(bars == 12);
+    int rects = 0;
+    for (const char *s = text; (s = strstr(s, "<rect")); s++)
+        rects++;
+    CHECK(rects == 1 + 12 * 6 + 6); /* background, 6 segments per bar (mixed: master too), legend */
+    so.gpu_mem = 0;
+    snprintf(path, sizeof path, "%s/no-such-dir/chart.svg", dir);
+    mps_err_clear(&err);
+    CHECK(mps_svg_write_plan(path, p, &so, &err) != 0 && err.code == MPS_EIO && strstr(err.msg, "--svg"));
+    mps_plan_free(p);
+}
+
+static void test_errors(void)
+{
+    mps_layout L = layout_of(&small, "dp=2");
+    mps_plan_opts o;
+    mps_plan_opts_default(&small, &o);
+    o.micro_batch = 0;
+    mps_plan *p;
+    mps_err err;
+    mps_err_clear(&err);
+    CHECK(mps_plan_build(&small, &L, &o, &p, &err) != 0 && err.code == MPS_EUSAGE && strstr(err.msg, "--micro-batch"));
+    mps_plan_opts_default(&small, &o);
+    o.seq = (int64_t)1 << 24;
+    o.micro_batch = 1 << 20; /* 5*a*s^2*b overflows int64 */
+    mps_err_clear(&err);
+    CHECK(mps_plan_build(&small, &L, &o, &p, &err) != 0 && strstr(err.msg, "overflows"));
+    CHECK(mps_precision_from_name("bf16") < 0 && mps_precision_from_name("mixed") == MPS_PRECISION_MIXED);
+    CHECK(mps_recompute_from_name("full") == MPS_RECOMPUTE_FULL && mps_recompute_from_name("all") < 0);
+    CHECK(mps_kind_bytes(MPS_PRECISION_FP32, MPS_KIND_MASTER) == 0 && mps_kind_bytes(MPS_PRECISION_MIXED, MPS_KIND_PARAM) == 2);
+}
+
+int main(void)
+{
+    const char *dir = test_tmpdir("inspect");
+    char model_dir[1100], model[1200];
+    snprintf(model_dir, sizeof model_dir, "%s/model", dir);
+    snprintf(model, sizeof model, "%s/model.safetensors", model_dir);
+    mps_err err;
+    mps_err_clear(&err);
+    CHECK_MSG(mps_synth_write(model_dir, &small, MPS_FILE_SAFETENSORS, MPS_DTYPE_F32, 5, &err) == 0, "%s", err.msg);
+    test_fast_equals_direct();
+    test_checkpoint_holdings(model, dir);
+    test_lesson_7b();
+    test_activations_and_comm();
+    test_suggest();
+    test_time_1024();
+    test_svg(dir);
+    test_errors();
+    if (!test_failures) {
+        char cmd[1200];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+        if (system(cmd) != 0)
+            fprintf(stderr, "could not remove %s\n", dir);
+    }
+    TEST_DONE();
+}
