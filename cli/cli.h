@@ -5,12 +5,19 @@
 #include <stdint.h>
 
 #include "err.h"
+#include "reshard/reshard.h"
 
 int cmd_shard(int argc, char **argv);
 int cmd_export(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
 int cmd_synth(int argc, char **argv);
 int cmd_compare(int argc, char **argv);
+int cmd_reshard(int argc, char **argv);
+int cmd_load(int argc, char **argv);
+
+/* Under mpirun: initialises MPI and fills procs (returns 1); otherwise returns 0; -1 on error. */
+int cli_procs_init(int *argc, char ***argv, mps_procs *procs);
+void cli_procs_finish(int multi);
 int cmd_inspect(int argc, char **argv);
 
 /* Prints "mpshard CMD: message" and returns the error's exit code. */

@@ -3,13 +3,30 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "ckpt.h"
 #include "cli.h"
 #include "modelfile.h"
 
+static void print_line(void *ctx, const char *line)
+{
+    (void)ctx;
+    printf("%s\n", line);
+}
+
+static int is_checkpoint(const char *path)
+{
+    char manifest[4200];
+    snprintf(manifest, sizeof manifest, "%s/" MPS_MANIFEST_NAME, path);
+    return access(manifest, F_OK) == 0;
+}
+
 static const char *const help =
-    "usage: mpshard compare A B [--config FILE]\n"
+    "usage: mpshard compare A B\n"
     "\n"
+    "A and B are two checkpoint directories (any layouts): every stored state kind of every tensor\n"
+    "and the scalar state are compared bit for bit. Or:\n"
     "Reads every canonical tensor of model files A and B (safetensors or llm.c, any dtype, widened\n"
     "to f32) and compares them bit for bit (the padded vocabulary rows of llm.c files included when\n"
     "both have them). Exit 0 when identical, 1 when they differ.\n";
@@ -27,6 +44,14 @@ int cmd_compare(int argc, char **argv)
         return cli_usage("compare", "expected two model files");
     mps_err err;
     mps_err_clear(&err);
+    if (is_checkpoint(argv[optind]) && is_checkpoint(argv[optind + 1])) {
+        int rc = mps_ckpt_compare(argv[optind], argv[optind + 1], (int64_t)256 << 20, print_line, NULL, &err);
+        if (rc < 0)
+            return cli_fail("compare", &err);
+        if (rc == 0)
+            printf("identical: every stored state kind of every tensor, bit for bit\n");
+        return rc;
+    }
     mps_model_file *a = NULL, *b = NULL;
     mps_model_file_opts fo = { 0 };
     if (mps_model_file_open(argv[optind], &fo, &a, &err) != 0 || mps_model_file_open(argv[optind + 1], &fo, &b, &err) != 0) {

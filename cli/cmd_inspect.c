@@ -155,12 +155,12 @@ static void print_training(const inspect_args *a, const mps_plan *plan)
 {
     const mps_plan_opts *o = mps_plan_options(plan);
     printf("training   %s (%s), micro-batch %lld x %lld tokens, recompute %s, global batch %lld sequences "
-           "(%lld micro-batches per pipeline per step)\n",
+           "(%lld micro-batch%s per pipeline per step)\n",
            mps_precision_name(o->precision),
            o->precision == MPS_PRECISION_MIXED ? "bf16 weights and gradients, fp32 master, m, v"
                                                : "fp32 weights, gradients, m, v; no master copy",
            (long long)o->micro_batch, (long long)o->seq, mps_recompute_name(o->recompute), (long long)o->global_batch,
-           (long long)mps_plan_microbatches(plan));
+           (long long)mps_plan_microbatches(plan), mps_plan_microbatches(plan) == 1 ? "" : "es");
     (void)a;
 }
 
@@ -395,7 +395,7 @@ static int run_suggest(const inspect_args *a, const mps_config *cfg, mps_err *er
         printf("layouts of %lld GPUs with every rank within %s: %d of %d fit%s%s\n", (long long)a->gpus, FMT(a->gpu_mem),
                n, considered, n ? "; first: " : "", n ? order[a->sort] : "");
         if (n)
-            printf("\n%4s  %-30s %11s %6s %11s %11s %11s %11s %7s\n", "#", "layout", "peak", "(rank)", "DP/step",
+            printf("\n%4s  %-24s %11s %6s %11s %11s %11s %11s %7s\n", "#", "layout", "peak", "rank", "DP/step",
                    "TP/step", "PP/step", "comm total", "bubble");
         for (int i = 0; i < shown; i++) {
             const mps_suggestion *s = &list[i];
@@ -404,7 +404,7 @@ static int run_suggest(const inspect_args *a, const mps_config *cfg, mps_err *er
             char *stages = strstr(layout, ",stages="); /* even stages: the default, not worth a column */
             if (stages && !s->layout.explicit_stages)
                 *stages = '\0';
-            printf("%4d  %-30s %11s %6d %11s %11s %11s %11s %6.0f%%\n", i + 1, layout, FMT(s->peak), s->peak_rank,
+            printf("%4d  %-24s %11s %6d %11s %11s %11s %11s %6.0f%%\n", i + 1, layout, FMT(s->peak), s->peak_rank,
                    FMT(s->comm.dp), FMT(s->comm.tp), FMT(s->comm.pp), FMT(s->comm.total), 100 * s->bubble);
         }
         if (shown < n)

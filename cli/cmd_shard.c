@@ -21,7 +21,9 @@ static const char *const help =
     "  --level N          zstd level (default 1)\n"
     "  --threads N        compression threads (default: all cores)\n"
     "  --force            replace an existing committed checkpoint at DIR\n"
-    "  -q, --quiet        no progress on stderr\n";
+    "  -q, --quiet        no progress on stderr\n"
+    "  --synthetic-optimizer SEED  fill the Adam moments with deterministic non-zero values\n"
+    "                     instead of zeros (tests and benchmarks of reshard)\n";
 
 int cmd_shard(int argc, char **argv)
 {
@@ -31,6 +33,7 @@ int cmd_shard(int argc, char **argv)
         { "padded-vocab", required_argument, 0, 'V' }, { "chunk-mb", required_argument, 0, 'C' },
         { "level", required_argument, 0, 'l' }, { "threads", required_argument, 0, 't' },
         { "force", no_argument, 0, 'F' }, { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' },
+        { "synthetic-optimizer", required_argument, 0, 'S' },
         { 0, 0, 0, 0 },
     };
     mps_shard_opts o = { 0 };
@@ -54,6 +57,8 @@ int cmd_shard(int argc, char **argv)
         case 'l': if (cli_int("shard", "--level", optarg, -50, 22, &v)) return MPS_EUSAGE; o.zstd_level = (int)v; o.level_set = 1; break;
         case 't': if (cli_int("shard", "--threads", optarg, 1, 1024, &v)) return MPS_EUSAGE; o.threads = (int)v; break;
         case 'F': o.force = 1; break;
+        case 'S': if (cli_int("shard", "--synthetic-optimizer", optarg, 0, INT64_MAX, &v)) return MPS_EUSAGE;
+            o.synthetic_optimizer = 1; o.synthetic_seed = (uint64_t)v; break;
         case 'q': o.quiet = 1; break;
         case 'h': fputs(help, stdout); return 0;
         default: return MPS_EUSAGE;

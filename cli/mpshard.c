@@ -14,8 +14,10 @@ static const char *const usage_text =
     "\n"
     "commands:\n"
     "  shard INPUT --layout L -o DIR   full model file (safetensors, llm.c .bin) -> shards for layout L\n"
+    "  reshard SRC --layout L -o DST   shards of one layout -> another (weights and optimizer state)\n"
     "  export DIR --format F -o OUT    shards (any layout) -> one full model file (safetensors, llmc)\n"
     "  verify DIR                      check completeness and every checksum\n"
+    "  load DIR --layout L --rank R    read what rank R of layout L holds (the resume path; timing)\n"
     "  synth --model NAME -o OUT       write a synthetic model file (demo, tests, benchmarks)\n"
     "  compare A B                     compare the tensors of two model files bit for bit\n"
     "  inspect DIR | --model M --layout L  bytes per rank by kind; --suggest layouts that fit N GPUs\n"
@@ -69,7 +71,8 @@ int main(int argc, char **argv)
     }
     static const struct { const char *name; int (*fn)(int, char **); } cmds[] = {
         { "shard", cmd_shard }, { "export", cmd_export }, { "verify", cmd_verify },
-        { "synth", cmd_synth }, { "compare", cmd_compare },
+        { "synth", cmd_synth }, { "compare", cmd_compare }, { "reshard", cmd_reshard },
+        { "load", cmd_load },
         { "inspect", cmd_inspect },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)

@@ -71,6 +71,8 @@ int mps_stage_begin(const char *dir, int force, mps_stage *st, mps_err *err);
 int mps_stage_commit(mps_stage *st, mps_manifest *m, mps_err *err);
 /* Removes the staging directory and releases the lock. */
 void mps_stage_abort(mps_stage *st);
+/* The staging directory a writer of DIR uses ("DIR.partial"). */
+int mps_stage_dir_name(const char *dir, char *out, size_t size, mps_err *err);
 /* rm -r */
 int mps_remove_tree(const char *path);
 int mps_fsync_path(const char *path, mps_err *err);
@@ -116,6 +118,13 @@ int mps_ckpt_gather(mps_ckpt *c, mps_read_scratch *s, mps_kind kind, int tensor,
                     int64_t fb, int64_t fe, float *dst, mps_err *err);
 /* Bytes read from shard files so far (compressed, as stored). */
 int64_t mps_ckpt_bytes_read(const mps_ckpt *c);
+
+/* Compares two checkpoints (any layouts) bit for bit: every kind both store, every tensor, and
+ * the scalar state. Each difference is reported as a line. Returns 0 when identical, 1 when they
+ * differ, -1 on error. budget: bytes of tensor data held at once. */
+typedef void (*mps_ckpt_diff_fn)(void *ctx, const char *line);
+int mps_ckpt_compare(const char *dir_a, const char *dir_b, int64_t budget, mps_ckpt_diff_fn report, void *ctx,
+                     mps_err *err);
 
 /* verify: every file present with its recorded size, every expected piece present with the
  * right attributes, every chunk decodes and matches its checksum. Problems are reported through

@@ -66,18 +66,35 @@ static int dir_is_empty(const char *path)
     return empty;
 }
 
+static int final_name(const char *dir, char *out, size_t size, mps_err *err)
+{
+    size_t n = strlen(dir);
+    while (n > 1 && dir[n - 1] == '/')
+        n--;
+    if (n == 0 || n >= size)
+        return mps_fail(err, MPS_EUSAGE, "output directory name is empty or too long");
+    memcpy(out, dir, n);
+    out[n] = '\0';
+    return 0;
+}
+
+int mps_stage_dir_name(const char *dir, char *out, size_t size, mps_err *err)
+{
+    char final[4096];
+    if (final_name(dir, final, sizeof final, err) != 0)
+        return -1;
+    if ((size_t)snprintf(out, size, "%s.partial", final) >= size)
+        return mps_fail(err, MPS_EUSAGE, "output directory name too long");
+    return 0;
+}
+
 int mps_stage_begin(const char *dir, int force, mps_stage *st, mps_err *err)
 {
     memset(st, 0, sizeof *st);
     st->lock_fd = -1;
-    size_t n = strlen(dir);
-    while (n > 1 && dir[n - 1] == '/')
-        n--;
-    if (n == 0 || n >= sizeof st->final_dir - 16)
-        return mps_fail(err, MPS_EUSAGE, "output directory name is empty or too long");
-    memcpy(st->final_dir, dir, n);
-    st->final_dir[n] = '\0';
-    snprintf(st->stage_dir, sizeof st->stage_dir, "%s.partial", st->final_dir);
+    if (final_name(dir, st->final_dir, sizeof st->final_dir - 16, err) != 0 ||
+        mps_stage_dir_name(dir, st->stage_dir, sizeof st->stage_dir, err) != 0)
+        return -1;
     snprintf(st->lock_path, sizeof st->lock_path, "%s.lock", st->final_dir);
     /* the lock: flock on DIR.lock; retry if the file we locked was unlinked by a finishing writer */
     for (int attempt = 0; attempt < 100; attempt++) {

@@ -13,7 +13,37 @@ typedef struct {
     float *slot[2];
     size_t capacity[2]; /* floats; buffers only grow, so pages are not faulted in again per tensor */
     int tensor[2];
+    int synthetic_optimizer; /* fill Adam moments with deterministic values instead of zeros */
+    uint64_t seed;
 } file_source;
+
+/* Deterministic non-zero optimizer state (tests and benchmarks of reshard): the synthetic-model
+ * values of another seed (v made non-negative), a pure function of the canonical element. */
+static void fill_synthetic(const file_source *fs, mps_kind kind, int t, const mps_box *box, int64_t fb, int64_t fe,
+                           float *dst)
+{
+    mps_tensor_spec spec;
+    mps_tensor_spec_get(fs->cfg, t, &spec);
+    uint64_t seed = fs->seed * 2 + (kind == MPS_KIND_ADAM_V);
+    int n = box->ndim;
+    int64_t L = box->cnt[n - 1];
+    for (int64_t row = fb / L; row * L < fe; row++) {
+        int64_t rem = row, base = 0, stride = 1, coord[MPS_MAX_DIMS];
+        for (int d = n - 2; d >= 0; d--) {
+            coord[d] = rem % box->cnt[d];
+            rem /= box->cnt[d];
+        }
+        for (int d = n - 1; d >= 0; d--) {
+            base += (box->off[d] + (d == n - 1 ? 0 : coord[d])) * stride;
+            stride *= spec.shape[d];
+        }
+        int64_t s0 = row * L > fb ? row * L : fb, s1 = (row + 1) * L < fe ? (row + 1) * L : fe;
+        for (int64_t i = s0; i < s1; i++) {
+            float v = mps_synth_value(fs->cfg, seed, t, base + i - row * L);
+            dst[i - fb] = kind == MPS_KIND_ADAM_V ? (v < 0 ? -v : v) : v;
+        }
+    }
+}
 
 static int begin_tensor(void *ctx, int t, mps_err *err)
 {
@@ -48,7 +78,10 @@ static int gather(void *ctx, int worker, mps_kind kind, int t, const mps_box *bo
     (void)worker;
     file_source *fs = ctx;
     if (kind == MPS_KIND_ADAM_M || kind == MPS_KIND_ADAM_V) {
-        memset(dst, 0, (size_t)(fe - fb) * sizeof(float));
+        if (fs->synthetic_optimizer)
+            fill_synthetic(fs, kind, t, box, fb, fe, dst);
+        else
+            memset(dst, 0, (size_t)(fe - fb) * sizeof(float));
         return 0;
     }
     int s = t % 2;
@@ -93,7 +126,8 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
     }
     if (mps_stage_begin(o->out_dir, o->force, &st, err) != 0)
         goto out;
-    file_source fs = { .file = file, .cfg = cfg, .tensor = { -1, -1 } };
+    file_source fs = { .file = file, .cfg = cfg, .tensor = { -1, -1 }, .synthetic_optimizer = o->synthetic_optimizer,
+                       .seed = o->synthetic_seed };
     mps_source src = { &fs, begin_tensor, end_tensor, gather };
     mps_write_opts wo = { .threads = o->threads, .quiet = o->quiet, .label = "shard" };
     int wrc = mps_write_shards(st.stage_dir, &m, NULL, 0, &src, &wo, err);

@@ -14,6 +14,8 @@ typedef struct {
     int level_set;
     int threads;               /* 0: all cores */
     int force, quiet;
+    int synthetic_optimizer;   /* tests/benchmarks: non-zero deterministic Adam moments */
+    uint64_t synthetic_seed;
 } mps_shard_opts;
 
 int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err);
