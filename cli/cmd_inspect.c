@@ -134,7 +134,7 @@ static json_t *model_json(const mps_config *cfg)
                      cfg->n_positions, "params", (json_int_t)mps_param_count(cfg));
 }
 
-static void print_model(const inspect_args *a, const mps_config *cfg)
+static void print_model(const mps_config *cfg)
 {
     const char *name = preset_name_of(cfg);
     int64_t params = mps_param_count(cfg);
@@ -148,10 +148,9 @@ static void print_model(const inspect_args *a, const mps_config *cfg)
     printf("model      %s%s%d layers, n_embd %d, %d heads, vocab %lld (padded %lld), %d positions: %s parameters\n",
            name ? name : "", name ? ": " : "", cfg->n_layer, cfg->n_embd, cfg->n_head, (long long)cfg->vocab,
            (long long)cfg->padded_vocab, cfg->n_positions, count);
-    (void)a;
 }
 
-static void print_training(const inspect_args *a, const mps_plan *plan)
+static void print_training(const mps_plan *plan)
 {
     const mps_plan_opts *o = mps_plan_options(plan);
     printf("training   %s (%s), micro-batch %lld x %lld tokens, recompute %s, global batch %lld sequences "
@@ -161,7 +160,6 @@ static void print_training(const inspect_args *a, const mps_plan *plan)
                                                : "fp32 weights, gradients, m, v; no master copy",
            (long long)o->micro_batch, (long long)o->seq, mps_recompute_name(o->recompute), (long long)o->global_batch,
            (long long)mps_plan_microbatches(plan), mps_plan_microbatches(plan) == 1 ? "" : "es");
-    (void)a;
 }
 
 /* The per-rank table, the peak, the budget and the communication line. */
@@ -386,7 +384,7 @@ static int run_suggest(const inspect_args *a, const mps_config *cfg, mps_err *er
                               (json_int_t)global, "considered", considered, "fit", n, "layouts", arr);
         emit_json(j);
     } else {
-        print_model(a, cfg);
+        print_model(cfg);
         printf("training   %s, micro-batch %lld x %lld tokens, recompute %s, global batch %lld sequences\n",
                mps_precision_name(a->po.precision), (long long)a->po.micro_batch, (long long)a->po.seq,
                mps_recompute_name(a->po.recompute), (long long)global);
@@ -663,14 +661,14 @@ int cmd_inspect(int argc, char **argv)
     if (a.json) {
         j = plan_json(&a, plan);
     } else {
-        print_model(&a, &cfg);
+        print_model(&cfg);
         char layout[4096];
         mps_layout_format(&L, layout, sizeof layout);
         printf("layout     %s (%d ranks)\n", layout, mps_layout_world(&L));
         if (have_manifest)
             printf("checkpoint %s: format version %d, step %lld, id %s, from %s\n", a.dir, m.format_version,
                    (long long)m.step, m.checkpoint_id, m.source_format[0] ? m.source_format : "?");
-        print_training(&a, plan);
+        print_training(plan);
         print_ranks(&a, plan);
     }
     if (have_manifest && j)

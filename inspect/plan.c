@@ -193,18 +193,19 @@ int mps_plan_build(const mps_config *cfg, const mps_layout *L, const mps_plan_op
         if (!p->sharded[k] && kind_unsharded < 0)
             kind_unsharded = k;
     }
+    /* scratch: the tensor classes, and per stage how many tensors of each class it holds */
     tensor_class *classes = malloc(sizeof *classes * (size_t)nt);
     int *class_of = malloc(sizeof *class_of * (size_t)nt);
+    mps_tensor_spec *specs = malloc(sizeof *specs * (size_t)nt);
+    int *count = NULL, *rep = NULL, nclasses = 0, rc = -1;
     p->unsharded_elems = calloc((size_t)pp * tp, sizeof(int64_t));
     p->full_params = calloc((size_t)pp * tp, sizeof(int64_t));
     p->tied_head = calloc((size_t)tp, sizeof(int64_t));
     p->activations = calloc((size_t)pp, sizeof(int64_t));
     if (any_sharded)
         p->sharded_elems = calloc((size_t)p->world, sizeof(int64_t));
-    int *count = NULL, *rep = NULL, nclasses = 0;
-    mps_tensor_spec *specs = malloc(sizeof *specs * (size_t)nt);
-    if (!classes || !class_of || !p->unsharded_elems || !p->full_params || !p->tied_head || !p->activations ||
-        (any_sharded && !p->sharded_elems) || !specs)
+    if (!classes || !class_of || !specs || !p->unsharded_elems || !p->full_params || !p->tied_head || !p->activations ||
+        (any_sharded && !p->sharded_elems))
         goto oom;
     for (int t = 0; t < nt; t++) {
         mps_tensor_spec_get(cfg, t, &specs[t]);
@@ -220,7 +221,7 @@ int mps_plan_build(const mps_config *cfg, const mps_layout *L, const mps_plan_op
         class_of[t] = c;
     }
     count = calloc((size_t)pp * nclasses, sizeof *count);
-    rep = malloc(sizeof *rep * (size_t)pp * nclasses);
+    rep = malloc(sizeof *rep * (size_t)pp * nclasses); /* a tensor of the class that the stage holds */
     if (!count || !rep)
         goto oom;
     for (int t = 0; t < nt; t++)
@@ -245,10 +246,9 @@ int mps_plan_build(const mps_config *cfg, const mps_layout *L, const mps_plan_op
         }
         p->activations[s] = activation_bytes_m(cfg, &p->L, o, s, p->microbatches);
         if (p->activations[s] < 0) {
-            free(classes), free(class_of), free(count), free(rep), free(specs);
-            mps_plan_free(p);
-            return mps_fail(err, MPS_EUSAGE, "the activation estimate for --micro-batch %lld --seq %lld overflows",
-                            (long long)o->micro_batch, (long long)o->seq);
+            mps_fail(err, MPS_EUSAGE, "the activation estimate for --micro-batch %lld --seq %lld overflows",
+                     (long long)o->micro_batch, (long long)o->seq);
+            goto done;
         }
     }
     for (int x = 0; x < tp; x++) {
@@ -256,13 +256,21 @@ int mps_plan_build(const mps_config *cfg, const mps_layout *L, const mps_plan_op
         mps_geometry(cfg, &p->L, mps_layout_rank(&p->L, 0, 0, x), MPS_KIND_GRAD, MPS_TENSOR_WTE, &wte);
         p->tied_head[x] = wte.held ? mps_box_numel(&wte.box) : 0;
     }
-    free(classes), free(class_of), free(count), free(rep), free(specs);
-    *out = p;
-    return 0;
+    rc = 0;
+    goto done;
 oom:
-    free(classes), free(class_of), free(count), free(rep), free(specs);
-    mps_plan_free(p);
-    return mps_fail(err, MPS_ENOMEM, "out of memory planning %d ranks", mps_layout_world(L));
+    mps_fail(err, MPS_ENOMEM, "out of memory planning %d ranks", p->world);
+done:
+    free(classes);
+    free(class_of);
+    free(specs);
+    free(count);
+    free(rep);
+    if (rc == 0)
+        *out = p;
+    else
+        mps_plan_free(p);
+    return rc;
 }
 
 const mps_config *mps_plan_config(const mps_plan *p) { return &p->cfg; }

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Installs the Debian packages mpshard needs when one is missing (as root), or prints the apt line.
 set -e
-PKGS="cmake make gcc libhdf5-dev libzstd-dev libopenmpi-dev openmpi-bin libjansson-dev libxxhash-dev hdf5-tools"
+PKGS="cmake make gcc libhdf5-dev libzstd-dev libopenmpi-dev openmpi-bin libjansson-dev libxxhash-dev hdf5-tools jq"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

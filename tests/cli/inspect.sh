@@ -62,6 +62,13 @@ for layout in dp=1 dp=2,zero=1 dp=3,tp=2,pp=3,zero=2 dp=4,zero=3 tp=6,dp=2,zero=
   jq -e '[.files[] | (.raw_bytes / .bytes - .ratio) | fabs < 1e-4] | all' "$T/ck.json" >/dev/null && ok || bad "$layout: ratio"
   [ "$(jq '.disk.raw_bytes' "$T/ck.json")" = $((3 * model_bytes)) ] && ok || bad "$layout: raw bytes stored"
 done
+# --check fails when the datasets do not hold what the layout says: rank 1's file of a ZeRO-0
+# checkpoint (whole Adam tensors) in a ZeRO-1 checkpoint of the same world size
+expect 0 "$MPSHARD" shard "$T/m/model.safetensors" --layout dp=2,zero=0 -o "$T/z0" -q
+expect 0 "$MPSHARD" shard "$T/m/model.safetensors" --layout dp=2,zero=1 -o "$T/z1" -q
+cp "$T/z0/rank-00001.h5" "$T/z1/rank-00001.h5"
+expect 3 I "$T/z1" --check
+grep -q "rank 1 adam_m: the datasets hold" "$T/err" && grep -q "check      FAILED" "$T/out" && ok || bad "--check missed a wrong file"
 # the text form names the checkpoint, and --tensors lists bytes per tensor
 expect 0 I "$T/ck" --tensors --rank 0 --check
 grep -q "format version 1, step 0" "$T/out" && ok || bad "no format version/step line"

@@ -1,0 +1,17 @@
+#!/bin/bash
+# One device call: build on the GPU host (deps/ carried: scripts/fetch-host-deps.sh), run the
+# suite, then the benches. Output goes to $OUT when set. usage: bench/gpu_host_run.sh [tests|shard|reshard]...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nproc; nvidia-smi --query-gpu=name --format=csv,noheader; df -h /tmp | tail -1
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; exit 1; }
+cmake --build build -j "$(nproc)" >"$OUT/build.log" 2>&1 || { grep -E "error" "$OUT/build.log" | head -20; exit 1; }
+for what in "$@"; do
+  case $what in
+    tests) (cd build && ctest -j 8 --output-on-failure 2>&1 | tail -15) ;;
+    shard) bash bench/shard_bench.sh /tmp/sbench 2>&1 | tee "$OUT/shard_bench.txt" ;;
+    reshard) bash bench/reshard_bench.sh /tmp/rbench 2>&1 | tee "$OUT/reshard_bench.txt" ;;
+  esac
+done
