@@ -11,6 +11,8 @@
 #include "h5util.h"
 
 struct mps_read_scratch {
+    const void *cached_piece; /* the chunk now in `chunk`: consecutive gathers often need it again */
+    int64_t cached_chunk;
     uint8_t *packed;
     size_t packed_cap;
     uint8_t *shuffled;
@@ -284,6 +286,9 @@ int mps_ckpt_piece(mps_ckpt *c, mps_kind kind, int tensor, int id, stored_piece 
 
 int mps_ckpt_read_chunk(mps_ckpt *c, stored_piece *sp, int64_t id, mps_read_scratch *s, mps_err *err)
 {
+    if (s->cached_piece == sp && s->cached_chunk == id)
+        return 0;
+    s->cached_piece = NULL;
     int64_t begin, end, offset[MPS_MAX_DIMS];
     mps_chunk_range(&sp->grid, id, &begin, &end, offset);
     size_t raw_bytes = (size_t)sp->grid.chunk_elems * sizeof(float);
@@ -336,6 +341,8 @@ int mps_ckpt_read_chunk(mps_ckpt *c, stored_piece *sp, int64_t id, mps_read_scra
     if (mps_xxh3(s->chunk, (size_t)(end - begin) * sizeof(float)) != sp->sums[id])
         return mps_fail(err, MPS_ECORRUPT, "%s: tensor %s (%s): chunk %lld fails its checksum (data damaged)", path, spec.name,
                         mps_kind_name(sp->kind), (long long)id);
+    s->cached_piece = sp;
+    s->cached_chunk = id;
     return 0;
 }
 

@@ -31,10 +31,13 @@ typedef struct {
 } worker_scratch;
 
 typedef struct writer writer;
+/* A job writes a run of consecutive chunks of one dataset: a source chunk that straddles two of
+ * them is then read once (the reader keeps its last decoded chunk). */
+#define CHUNKS_PER_JOB 8
 typedef struct {
     writer *w;
     out_dataset *d;
-    int64_t chunk;
+    int64_t chunk, count;
 } chunk_job;
 
 struct writer {
@@ -52,21 +55,18 @@ struct writer {
     mps_progress *progress;
 };
 
-static int write_chunk(void *arg, int worker, mps_err *err)
+static int write_one_chunk(writer *w, out_dataset *d, int64_t chunk, int worker, mps_err *err)
 {
-    chunk_job *j = arg;
-    writer *w = j->w;
-    out_dataset *d = j->d;
     worker_scratch *s = &w->scratch[worker];
     int64_t begin, end, offset[MPS_MAX_DIMS];
-    mps_chunk_range(&d->grid, j->chunk, &begin, &end, offset);
+    mps_chunk_range(&d->grid, chunk, &begin, &end, offset);
     int64_t n = end - begin;
     if (w->src->gather(w->src->ctx, worker, d->kind, d->tensor, &d->piece.box, d->piece.flat_begin + begin,
                        d->piece.flat_begin + end, s->raw, err) != 0)
         return -1;
     /* edge chunks are stored full size: zero the tail */
     memset(s->raw + n, 0, (size_t)(d->grid.chunk_elems - n) * sizeof(float));
-    d->sums[j->chunk] = mps_xxh3(s->raw, (size_t)n * sizeof(float));
+    d->sums[chunk] = mps_xxh3(s->raw, (size_t)n * sizeof(float));
     size_t packed;
     if (mps_chunk_encode(s->cctx, w->m->zstd_level, s->raw, (size_t)d->grid.chunk_elems * sizeof(float), sizeof(float),
                          s->shuffled, s->packed, s->packed_cap, &packed, err) != 0)
@@ -78,7 +78,7 @@ static int write_chunk(void *arg, int worker, mps_err *err)
         mps_tensor_spec spec;
         mps_tensor_spec_get(&w->m->cfg, d->tensor, &spec);
         return mps_fail(err, MPS_EIO, "%s: writing chunk %lld of /%s/%s failed (disk full?)", w->paths[d->file],
-                        (long long)j->chunk, mps_kind_name(d->kind), spec.name);
+                        (long long)chunk, mps_kind_name(d->kind), spec.name);
     }
     mps_progress_add(w->progress, n * (int64_t)sizeof(float));
     /* Start writeback of what this file has so far every 64 MiB: the disk then writes while we
@@ -88,6 +88,15 @@ static int write_chunk(void *arg, int worker, mps_err *err)
         if (w->flush_fd[d->file] >= 0)
             sync_file_range(w->flush_fd[d->file], 0, 0, SYNC_FILE_RANGE_WRITE);
     }
+    return 0;
+}
+
+static int write_chunks(void *arg, int worker, mps_err *err)
+{
+    chunk_job *j = arg;
+    for (int64_t c = j->chunk; c < j->chunk + j->count; c++)
+        if (write_one_chunk(j->w, j->d, c, worker, err) != 0)
+            return -1;
     return 0;
 }
 
@@ -309,9 +318,10 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
         while (next < w.nds && w.ds[next].tensor == t)
             next++;
         for (int i = first; i < next; i++)
-            for (int64_t c = 0; c < w.ds[i].grid.nchunks; c++) {
-                jobs[j] = (chunk_job){ &w, &w.ds[i], c };
-                if (mps_pool_submit(pool, write_chunk, &jobs[j++], err) != 0)
+            for (int64_t c = 0; c < w.ds[i].grid.nchunks; c += CHUNKS_PER_JOB) {
+                int64_t left = w.ds[i].grid.nchunks - c;
+                jobs[j] = (chunk_job){ &w, &w.ds[i], c, left < CHUNKS_PER_JOB ? left : CHUNKS_PER_JOB };
+                if (mps_pool_submit(pool, write_chunks, &jobs[j++], err) != 0)
                     goto out_pool;
             }
         if (t + 1 < nt && src->begin_tensor) { /* load the next tensor while this one compresses */

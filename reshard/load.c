@@ -39,8 +39,9 @@ int mps_load_rank(mps_ckpt *c, const mps_layout *layout, int rank, unsigned kind
     out->pieces = calloc((size_t)nt * MPS_KIND_COUNT, sizeof *out->pieces);
     if (!out->pieces)
         return mps_fail(err, MPS_ENOMEM, "out of memory");
-    /* jobs of at most 1 MiB of elements, so every worker stays busy on big and small tensors */
-    const int64_t part = (int64_t)1 << 18;
+    /* jobs of at most 16 MiB: each job reads its source chunks once (the reader keeps the last
+     * decoded chunk), so only chunks straddling two jobs are decoded twice */
+    const int64_t part = (int64_t)1 << 22;
     int64_t njobs = 0;
     for (int k = 0; k < MPS_KIND_COUNT; k++)
         for (int t = 0; (kinds & (1u << k)) && t < nt; t++) {

@@ -1,21 +1,162 @@
 #include "shard.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "progress.h"
 
-/* The model file as a write source: tensor t is loaded into slot t % 2, so the next tensor can be
- * read while the workers compress the current one. Optimizer moments of a fresh state are zero. */
+/* The model file as a write source. Reader threads load tensors in catalogue order into slots
+ * ahead of the compression workers, within a memory budget, so that reading the input, compressing
+ * and writing the output overlap instead of taking turns. Optimizer moments of a fresh state are
+ * zero (or synthetic, for tests and benchmarks). */
+#define SLOTS 4
+#define READERS 2
+#define PREFETCH_BUDGET ((size_t)640 << 20)
+#define KEEP_BUFFER ((size_t)64 << 20) /* larger buffers are freed after use, not kept */
+
+typedef struct {
+    float *data;
+    size_t capacity; /* floats */
+    size_t bytes;    /* of the tensor it holds */
+    int tensor;      /* -1: free */
+    int ready;
+} slot;
+
 typedef struct {
     mps_model_file *file;
     const mps_config *cfg;
-    float *slot[2];
-    size_t capacity[2]; /* floats; buffers only grow, so pages are not faulted in again per tensor */
-    int tensor[2];
+    int ntensors;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    slot slots[SLOTS];
+    int *slot_of;          /* tensor -> slot, set by begin_tensor before the tensor's jobs run */
+    int next_to_read;
+    size_t bytes_in_use;
+    int stop, failed;
+    mps_err read_err;
+    pthread_t readers[READERS];
+    int nreaders;
     int synthetic_optimizer; /* fill Adam moments with deterministic values instead of zeros */
     uint64_t seed;
 } file_source;
+
+static void *reader_main(void *arg)
+{
+    file_source *fs = arg;
+    pthread_mutex_lock(&fs->lock);
+    for (;;) {
+        int t = fs->next_to_read, free_slot = -1;
+        if (fs->stop || fs->failed || t >= fs->ntensors)
+            break;
+        mps_tensor_spec spec;
+        mps_tensor_spec_get(fs->cfg, t, &spec);
+        size_t bytes = (size_t)mps_tensor_numel(&spec) * sizeof(float);
+        for (int i = 0; i < SLOTS && free_slot < 0; i++)
+            if (fs->slots[i].tensor < 0)
+                free_slot = i;
+        if (free_slot < 0 || (fs->bytes_in_use > 0 && fs->bytes_in_use + bytes > PREFETCH_BUDGET)) {
+            pthread_cond_wait(&fs->changed, &fs->lock);
+            continue;
+        }
+        slot *sl = &fs->slots[free_slot];
+        sl->tensor = t;
+        sl->ready = 0;
+        sl->bytes = bytes;
+        fs->bytes_in_use += bytes;
+        fs->next_to_read++;
+        pthread_mutex_unlock(&fs->lock);
+        mps_err err;
+        mps_err_clear(&err);
+        int rc = 0;
+        if (bytes / sizeof(float) > sl->capacity) {
+            free(sl->data);
+            sl->data = malloc(bytes);
+            sl->capacity = sl->data ? bytes / sizeof(float) : 0;
+            if (!sl->data)
+                rc = mps_fail(&err, MPS_ENOMEM, "out of memory loading tensor %s", spec.name);
+        }
+        if (rc == 0)
+            rc = mps_model_file_read_tensor(fs->file, t, sl->data, &err);
+        pthread_mutex_lock(&fs->lock);
+        if (rc != 0 && !fs->failed) {
+            fs->failed = 1;
+            fs->read_err = err;
+        }
+        sl->ready = 1;
+        pthread_cond_broadcast(&fs->changed);
+    }
+    pthread_mutex_unlock(&fs->lock);
+    return NULL;
+}
+
+static int begin_tensor(void *ctx, int t, mps_err *err)
+{
+    file_source *fs = ctx;
+    pthread_mutex_lock(&fs->lock);
+    for (;;) {
+        if (fs->failed) {
+            *err = fs->read_err;
+            pthread_mutex_unlock(&fs->lock);
+            return -1;
+        }
+        for (int i = 0; i < SLOTS; i++)
+            if (fs->slots[i].tensor == t && fs->slots[i].ready) {
+                fs->slot_of[t] = i;
+                pthread_mutex_unlock(&fs->lock);
+                return 0;
+            }
+        pthread_cond_wait(&fs->changed, &fs->lock);
+    }
+}
+
+static void end_tensor(void *ctx, int t)
+{
+    file_source *fs = ctx;
+    pthread_mutex_lock(&fs->lock);
+    slot *sl = &fs->slots[fs->slot_of[t]];
+    fs->bytes_in_use -= sl->bytes;
+    sl->tensor = -1;
+    if (sl->capacity * sizeof(float) > KEEP_BUFFER) {
+        free(sl->data);
+        sl->data = NULL;
+        sl->capacity = 0;
+    }
+    pthread_cond_broadcast(&fs->changed);
+    pthread_mutex_unlock(&fs->lock);
+}
+
+static int source_start(file_source *fs, mps_err *err)
+{
+    pthread_mutex_init(&fs->lock, NULL);
+    pthread_cond_init(&fs->changed, NULL);
+    for (int i = 0; i < SLOTS; i++)
+        fs->slots[i].tensor = -1;
+    fs->slot_of = calloc((size_t)fs->ntensors, sizeof *fs->slot_of);
+    if (!fs->slot_of)
+        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    for (int i = 0; i < READERS; i++) {
+        if (pthread_create(&fs->readers[i], NULL, reader_main, fs) != 0)
+            return mps_fail(err, MPS_EFAIL, "cannot start a reader thread");
+        fs->nreaders++;
+    }
+    return 0;
+}
+
+static void source_stop(file_source *fs)
+{
+    pthread_mutex_lock(&fs->lock);
+    fs->stop = 1;
+    pthread_cond_broadcast(&fs->changed);
+    pthread_mutex_unlock(&fs->lock);
+    for (int i = 0; i < fs->nreaders; i++)
+        pthread_join(fs->readers[i], NULL);
+    for (int i = 0; i < SLOTS; i++)
+        free(fs->slots[i].data);
+    free(fs->slot_of);
+    pthread_mutex_destroy(&fs->lock);
+    pthread_cond_destroy(&fs->changed);
+}
 
 /* Deterministic non-zero optimizer state (tests and benchmarks of reshard): the synthetic-model
  * values of another seed (v made non-negative), a pure function of the canonical element. */
@@ -45,33 +186,6 @@ static void fill_synthetic(const file_source *fs, mps_kind kind, int t, const mp
     }
 }
 
-static int begin_tensor(void *ctx, int t, mps_err *err)
-{
-    file_source *fs = ctx;
-    mps_tensor_spec spec;
-    mps_tensor_spec_get(fs->cfg, t, &spec);
-    int s = t % 2;
-    size_t n = (size_t)mps_tensor_numel(&spec);
-    fs->tensor[s] = -1;
-    if (n > fs->capacity[s]) {
-        free(fs->slot[s]);
-        fs->slot[s] = malloc(n * sizeof(float));
-        fs->capacity[s] = fs->slot[s] ? n : 0;
-        if (!fs->slot[s])
-            return mps_fail(err, MPS_ENOMEM, "out of memory loading tensor %s", spec.name);
-    }
-    if (mps_model_file_read_tensor(fs->file, t, fs->slot[s], err) != 0)
-        return -1;
-    fs->tensor[s] = t;
-    return 0;
-}
-
-static void end_tensor(void *ctx, int t)
-{
-    file_source *fs = ctx;
-    fs->tensor[t % 2] = -1;
-}
-
 static int gather(void *ctx, int worker, mps_kind kind, int t, const mps_box *box, int64_t fb, int64_t fe, float *dst,
                   mps_err *err)
 {
@@ -84,12 +198,10 @@ static int gather(void *ctx, int worker, mps_kind kind, int t, const mps_box *bo
             memset(dst, 0, (size_t)(fe - fb) * sizeof(float));
         return 0;
     }
-    int s = t % 2;
-    if (fs->tensor[s] != t)
-        return mps_fail(err, MPS_EFAIL, "internal: tensor %d not loaded", t);
+    (void)err;
     mps_tensor_spec spec;
     mps_tensor_spec_get(fs->cfg, t, &spec);
-    mps_box_extract(fs->slot[s], &spec, box, fb, fe, dst);
+    mps_box_extract(fs->slots[fs->slot_of[t]].data, &spec, box, fb, fe, dst);
     return 0;
 }
 
@@ -126,13 +238,12 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
     }
     if (mps_stage_begin(o->out_dir, o->force, &st, err) != 0)
         goto out;
-    file_source fs = { .file = file, .cfg = cfg, .tensor = { -1, -1 }, .synthetic_optimizer = o->synthetic_optimizer,
-                       .seed = o->synthetic_seed };
+    file_source fs = { .file = file, .cfg = cfg, .ntensors = mps_tensor_count(cfg),
+                       .synthetic_optimizer = o->synthetic_optimizer, .seed = o->synthetic_seed };
     mps_source src = { &fs, begin_tensor, end_tensor, gather };
     mps_write_opts wo = { .threads = o->threads, .quiet = o->quiet, .label = "shard" };
-    int wrc = mps_write_shards(st.stage_dir, &m, NULL, 0, &src, &wo, err);
-    free(fs.slot[0]);
-    free(fs.slot[1]);
+    int wrc = source_start(&fs, err) == 0 ? mps_write_shards(st.stage_dir, &m, NULL, 0, &src, &wo, err) : -1;
+    source_stop(&fs);
     if (wrc != 0 || mps_stage_commit(&st, &m, err) != 0) {
         mps_stage_abort(&st);
         goto out;
