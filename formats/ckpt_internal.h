@@ -27,6 +27,7 @@ struct mps_ckpt {
     int world;
     pthread_mutex_t lock;     /* guards files, pieces and every HDF5 call */
     hid_t *files;             /* per rank: -2 not opened yet */
+    int *fds;                 /* per rank: a plain descriptor, so chunk bytes are read outside HDF5's lock */
     int64_t *file_bytes;      /* per rank: size recorded in the manifest, -1 if not listed */
     stored_piece **pieces[MPS_KIND_COUNT]; /* [kind][tensor] -> array over piece ids, lazily */
     _Atomic int64_t bytes_read;

@@ -1,6 +1,9 @@
 /* Reading a checkpoint written under any layout: a region of a canonical tensor is assembled
  * from the chunks of the stored pieces that intersect it, and nothing else is read. */
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,17 +68,19 @@ int mps_ckpt_open(const char *dir, mps_ckpt **out, mps_err *err)
     int world = mps_layout_world(&c->m.layout), nt = mps_tensor_count(&c->m.cfg);
     c->world = world;
     c->files = malloc(sizeof *c->files * (size_t)world);
+    c->fds = malloc(sizeof *c->fds * (size_t)world);
     c->file_bytes = malloc(sizeof *c->file_bytes * (size_t)world);
     for (int k = 0; k < MPS_KIND_COUNT && c->files; k++)
         if (c->m.kinds & (1u << k))
             c->pieces[k] = calloc((size_t)nt, sizeof *c->pieces[k]);
-    if (!c->files || !c->file_bytes) {
+    if (!c->files || !c->file_bytes || !c->fds) {
         mps_ckpt_close(c);
         return mps_fail(err, MPS_ENOMEM, "out of memory");
     }
     for (int r = 0; r < world; r++) {
         c->files[r] = -2;
         c->file_bytes[r] = -1;
+        c->fds[r] = -1;
     }
     for (int i = 0; i < c->m.nfiles; i++)
         c->file_bytes[c->m.files[i].rank] = c->m.files[i].bytes;
@@ -113,7 +118,12 @@ void mps_ckpt_close(mps_ckpt *c)
         for (int r = 0; r < c->world; r++)
             if (c->files[r] >= 0)
                 H5Fclose(c->files[r]);
+    if (c->fds)
+        for (int r = 0; r < c->world; r++)
+            if (c->fds[r] >= 0)
+                close(c->fds[r]);
     free(c->files);
+    free(c->fds);
     free(c->file_bytes);
     mps_owners_free(c->owners);
     mps_manifest_free(&c->m);
@@ -160,6 +170,11 @@ static hid_t open_rank_file(mps_ckpt *c, int rank, mps_err *err)
     if (mps_h5_read_attr_i64(f, "rank", &rank_attr, 1) != 0 || rank_attr != rank) {
         H5Fclose(f);
         return mps_fail(err, MPS_ECORRUPT, "%s: records rank %lld, expected %d", path, (long long)rank_attr, rank);
+    }
+    c->fds[rank] = open(path, O_RDONLY | O_CLOEXEC);
+    if (c->fds[rank] < 0) {
+        H5Fclose(f);
+        return mps_fail(err, MPS_EIO, "%s: cannot open: %s", path, strerror(errno));
     }
     c->files[rank] = f;
     return f;
@@ -308,22 +323,27 @@ int mps_ckpt_read_chunk(mps_ckpt *c, stored_piece *sp, int64_t id, mps_read_scra
     char path[4400];
     mps_tensor_spec spec;
     mps_tensor_spec_get(&c->m.cfg, sp->tensor_index, &spec);
+    /* Only the chunk index lookup goes through HDF5 (under its global lock); the bytes are read
+     * with pread, so several threads read the disk at once. */
     pthread_mutex_lock(&c->lock);
     hsize_t stored = 0;
-    uint32_t mask = 0;
+    haddr_t addr = HADDR_UNDEF;
+    unsigned mask = 0;
     int rc = 0;
-    if (H5Dget_chunk_storage_size(sp->dset, hoff, &stored) < 0 || stored == 0 || stored > bound) {
+    if (H5Dget_chunk_info_by_coord(sp->dset, hoff, &mask, &addr, &stored) < 0 || addr == HADDR_UNDEF || stored == 0 ||
+        stored > bound || addr + stored > (haddr_t)c->file_bytes[sp->owner])
         rc = -1;
-    } else {
-        if (s->packed_cap < stored) {
-            free(s->packed);
-            s->packed = malloc((size_t)stored);
-            s->packed_cap = s->packed ? (size_t)stored : 0;
-        }
-        if (!s->packed || H5Dread_chunk(sp->dset, H5P_DEFAULT, hoff, &mask, s->packed) < 0)
-            rc = -2;
-    }
+    int fd = c->fds[sp->owner];
     pthread_mutex_unlock(&c->lock);
+    if (rc == 0 && s->packed_cap < stored) {
+        free(s->packed);
+        s->packed = malloc((size_t)stored);
+        s->packed_cap = s->packed ? (size_t)stored : 0;
+        if (!s->packed)
+            return mps_fail(err, MPS_ENOMEM, "out of memory");
+    }
+    if (rc == 0 && pread(fd, s->packed, (size_t)stored, (off_t)addr) != (ssize_t)stored)
+        rc = -2;
     mps_ckpt_file_path(c, sp->owner, path, sizeof path);
     if (rc == -1)
         return mps_fail(err, MPS_ECORRUPT, "%s: tensor %s (%s): chunk %lld is missing or has an impossible size (%llu bytes)",
