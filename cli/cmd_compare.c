@@ -59,6 +59,7 @@ int cmd_compare(int argc, char **argv)
         return cli_fail("compare", &err);
     }
     const mps_config *ca = mps_model_file_config(a), *cb = mps_model_file_config(b);
+    const int ntensors = mps_tensor_count(ca); /* a and b are closed before the summary */
     if (ca->n_layer != cb->n_layer || ca->n_embd != cb->n_embd || ca->n_head != cb->n_head ||
         ca->n_positions != cb->n_positions || ca->vocab != cb->vocab) {
         printf("models differ in shape\n");
@@ -109,6 +110,6 @@ int cmd_compare(int argc, char **argv)
         printf("%d tensors differ\n", differ);
         return 1;
     }
-    printf("identical: %d tensors, %lld elements, bit for bit\n", mps_tensor_count(ca), (long long)elements);
+    printf("identical: %d tensors, %lld elements, bit for bit\n", ntensors, (long long)elements);
     return 0;
 }
