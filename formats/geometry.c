@@ -202,23 +202,27 @@ int mps_owner_of(const mps_owners *o, mps_kind kind, int tensor, int piece_id)
 
 int64_t mps_owner_bytes(const mps_owners *o, int rank) { return o->bytes[rank]; }
 
+int64_t mps_box_row_origin(const mps_tensor_spec *spec, const mps_box *box, int64_t row)
+{
+    int n = box->ndim;
+    int64_t rem = row, origin = 0, stride = 1, coord[MPS_MAX_DIMS];
+    for (int d = n - 2; d >= 0; d--) {
+        coord[d] = rem % box->cnt[d];
+        rem /= box->cnt[d];
+    }
+    for (int d = n - 1; d >= 0; d--) {
+        origin += (box->off[d] + (d == n - 1 ? 0 : coord[d])) * stride;
+        stride *= spec->shape[d];
+    }
+    return origin;
+}
+
 void mps_box_extract(const float *tensor, const mps_tensor_spec *spec, const mps_box *box, int64_t fb, int64_t fe,
                      float *dst)
 {
-    int n = box->ndim;
-    int64_t L = box->cnt[n - 1];
+    int64_t L = box->cnt[box->ndim - 1];
     for (int64_t row = fb / L; row * L < fe; row++) {
-        /* canonical flat index of the row's first element */
-        int64_t rem = row, src = 0, stride = 1, coord[MPS_MAX_DIMS];
-        for (int d = n - 2; d >= 0; d--) {
-            coord[d] = rem % box->cnt[d];
-            rem /= box->cnt[d];
-        }
-        for (int d = n - 1; d >= 0; d--) {
-            int64_t c = box->off[d] + (d == n - 1 ? 0 : coord[d]);
-            src += c * stride;
-            stride *= spec->shape[d];
-        }
+        int64_t src = mps_box_row_origin(spec, box, row);
         int64_t s0 = row * L > fb ? row * L : fb, s1 = (row + 1) * L < fe ? (row + 1) * L : fe;
         memcpy(dst + (s0 - fb), tensor + src + (s0 - row * L), (size_t)(s1 - s0) * sizeof(float));
     }

@@ -68,6 +68,8 @@ int mps_owner_of(const mps_owners *o, mps_kind kind, int tensor, int piece_id);
 int64_t mps_owner_bytes(const mps_owners *o, int rank);
 void mps_owners_free(mps_owners *o);
 
+/* Canonical flat index of the first element of row `row` of box (rows run along the last dimension). */
+int64_t mps_box_row_origin(const mps_tensor_spec *spec, const mps_box *box, int64_t row);
 /* Copies elements [fb, fe) (row-major within box) of a dense canonical tensor into dst. */
 void mps_box_extract(const float *tensor, const mps_tensor_spec *spec, const mps_box *box, int64_t fb, int64_t fe,
                      float *dst);

@@ -166,18 +166,9 @@ static void fill_synthetic(const file_source *fs, mps_kind kind, int t, const mp
     mps_tensor_spec spec;
     mps_tensor_spec_get(fs->cfg, t, &spec);
     uint64_t seed = fs->seed * 2 + (kind == MPS_KIND_ADAM_V);
-    int n = box->ndim;
-    int64_t L = box->cnt[n - 1];
+    int64_t L = box->cnt[box->ndim - 1];
     for (int64_t row = fb / L; row * L < fe; row++) {
-        int64_t rem = row, base = 0, stride = 1, coord[MPS_MAX_DIMS];
-        for (int d = n - 2; d >= 0; d--) {
-            coord[d] = rem % box->cnt[d];
-            rem /= box->cnt[d];
-        }
-        for (int d = n - 1; d >= 0; d--) {
-            base += (box->off[d] + (d == n - 1 ? 0 : coord[d])) * stride;
-            stride *= spec.shape[d];
-        }
+        int64_t base = mps_box_row_origin(&spec, box, row);
         int64_t s0 = row * L > fb ? row * L : fb, s1 = (row + 1) * L < fe ? (row + 1) * L : fe;
         for (int64_t i = s0; i < s1; i++) {
             float v = mps_synth_value(fs->cfg, seed, t, base + i - row * L);
