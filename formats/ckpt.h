@@ -45,6 +45,8 @@ typedef struct {
     mps_file_entry *files;
 } mps_manifest;
 
+/* A fresh random checkpoint id: 32 hex digits. */
+void mps_checkpoint_id_new(char out[33]);
 void mps_manifest_init(mps_manifest *m, const mps_config *cfg, const mps_layout *L);
 void mps_manifest_free(mps_manifest *m);
 /* Copies everything but the file list. */
@@ -111,6 +113,9 @@ const char *mps_ckpt_dir(const mps_ckpt *c);
 void mps_ckpt_close(mps_ckpt *c);
 mps_read_scratch *mps_read_scratch_new(void);
 void mps_read_scratch_free(mps_read_scratch *s);
+/* One scratch per worker thread: an array of n, or NULL when out of memory. */
+mps_read_scratch **mps_read_scratches_new(int n);
+void mps_read_scratches_free(mps_read_scratch **s, int n);
 /* Fills dst with elements [fb, fe) (row-major within box) of tensor/kind, whatever layout wrote the
  * checkpoint; reads only the chunks that intersect, verifies their checksums. Thread-safe with one
  * scratch per thread. */

@@ -48,9 +48,8 @@ int mps_ckpt_compare(const char *dir_a, const char *dir_b, int64_t budget, mps_c
         for (int t = 0; t < mps_tensor_count(ca); t++) {
             mps_tensor_spec spec;
             mps_tensor_spec_get(ca, t, &spec);
-            mps_box box = { .ndim = spec.ndim };
-            for (int d = 0; d < spec.ndim; d++)
-                box.cnt[d] = spec.shape[d];
+            mps_box box;
+            mps_box_whole(&spec, &box);
             int64_t n = mps_tensor_numel(&spec), ndiff = 0;
             for (int64_t f = 0; f < n; f += band) {
                 int64_t e = f + band < n ? f + band : n;

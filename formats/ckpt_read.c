@@ -45,6 +45,26 @@ void mps_read_scratch_free(mps_read_scratch *s)
     free(s);
 }
 
+mps_read_scratch **mps_read_scratches_new(int n)
+{
+    mps_read_scratch **s = calloc((size_t)n, sizeof *s);
+    for (int i = 0; s && i < n; i++)
+        if (!(s[i] = mps_read_scratch_new())) {
+            mps_read_scratches_free(s, i);
+            return NULL;
+        }
+    return s;
+}
+
+void mps_read_scratches_free(mps_read_scratch **s, int n)
+{
+    if (!s)
+        return;
+    for (int i = 0; i < n; i++)
+        mps_read_scratch_free(s[i]);
+    free(s);
+}
+
 const mps_manifest *mps_ckpt_manifest(const mps_ckpt *c) { return &c->m; }
 const char *mps_ckpt_dir(const mps_ckpt *c) { return c->dir; }
 int64_t mps_ckpt_bytes_read(const mps_ckpt *c) { return atomic_load(&c->bytes_read); }

@@ -80,7 +80,7 @@ int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err)
     mps_out_file *out = NULL;
     mps_pool *pool = NULL;
     mps_progress *progress = NULL;
-    mps_read_scratch **scratch = calloc((size_t)threads, sizeof *scratch);
+    mps_read_scratch **scratch = mps_read_scratches_new(threads);
     gather_job *jobs = calloc((size_t)njobs, sizeof *jobs);
     /* the band buffer, its transpose and the bf16 conversion share the budget */
     int64_t band_elems = budget / 3 / (int64_t)sizeof(float);
@@ -91,11 +91,6 @@ int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err)
         mps_fail(err, MPS_ENOMEM, "out of memory for export buffers (--memory %lld MiB)", (long long)(budget >> 20));
         goto out;
     }
-    for (int i = 0; i < threads; i++)
-        if (!(scratch[i] = mps_read_scratch_new())) {
-            mps_fail(err, MPS_ENOMEM, "out of memory");
-            goto out;
-        }
     if (mps_pool_create(threads, njobs, &pool, err) != 0)
         goto out;
     if (o->format == MPS_FILE_SAFETENSORS) {
@@ -122,9 +117,8 @@ int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err)
         const mps_out_item *it = &items[i];
         mps_tensor_spec spec;
         mps_tensor_spec_get(cfg, it->tensor, &spec);
-        mps_box box = { .ndim = spec.ndim };
-        for (int d = 0; d < spec.ndim; d++)
-            box.cnt[d] = spec.shape[d];
+        mps_box box;
+        mps_box_whole(&spec, &box);
         band b = { c, scratch, MPS_KIND_PARAM, it->tensor, &box };
         if (!it->transpose) {
             /* rows [0, it->rows) of dim 0, in bands of whole rows */
@@ -173,10 +167,7 @@ out:
         mps_out_file_abort(out);
     mps_progress_done(progress);
     mps_pool_destroy(pool);
-    if (scratch)
-        for (int i = 0; i < threads; i++)
-            mps_read_scratch_free(scratch[i]);
-    free(scratch);
+    mps_read_scratches_free(scratch, threads);
     free(jobs);
     free(buf);
     free(tbuf);

@@ -11,6 +11,14 @@ int64_t mps_box_numel(const mps_box *box)
     return n;
 }
 
+void mps_box_whole(const mps_tensor_spec *spec, mps_box *out)
+{
+    memset(out, 0, sizeof *out);
+    out->ndim = spec->ndim;
+    for (int i = 0; i < spec->ndim; i++)
+        out->cnt[i] = spec->shape[i];
+}
+
 int mps_box_intersect(const mps_box *a, const mps_box *b, mps_box *out)
 {
     out->ndim = a->ndim;
@@ -52,11 +60,7 @@ static void make_piece(const mps_layout *L, mps_kind kind, const mps_tensor_spec
 {
     memset(out, 0, sizeof *out);
     out->held = 1;
-    out->box.ndim = s->ndim;
-    for (int i = 0; i < s->ndim; i++) {
-        out->box.off[i] = 0;
-        out->box.cnt[i] = s->shape[i];
-    }
+    mps_box_whole(s, &out->box);
     if (s->tp_dim >= 0 && L->tp > 1) {
         mps_split(s->shape[s->tp_dim], L->tp, tp_part, &out->box.off[s->tp_dim], &out->box.cnt[s->tp_dim]);
         out->tp_part = tp_part;

@@ -35,6 +35,8 @@ static inline void mps_split(int64_t n, int64_t parts, int64_t index, int64_t *b
 }
 
 int64_t mps_box_numel(const mps_box *box);
+/* The box covering the whole canonical tensor. */
+void mps_box_whole(const mps_tensor_spec *spec, mps_box *out);
 /* Intersection of two boxes of the same tensor; returns 0 if empty. */
 int mps_box_intersect(const mps_box *a, const mps_box *b, mps_box *out);
 

@@ -17,7 +17,7 @@
 
 void mps_shard_file_name(int rank, char *buf, size_t size) { snprintf(buf, size, "rank-%05d.h5", rank); }
 
-static void random_id(char out[33])
+void mps_checkpoint_id_new(char out[33])
 {
     unsigned char bytes[16];
     int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
@@ -38,7 +38,7 @@ void mps_manifest_init(mps_manifest *m, const mps_config *cfg, const mps_layout 
 {
     memset(m, 0, sizeof *m);
     m->format_version = MPS_FORMAT_VERSION;
-    random_id(m->checkpoint_id);
+    mps_checkpoint_id_new(m->checkpoint_id);
     m->cfg = *cfg;
     m->layout = *L;
     m->kinds = (1u << MPS_KIND_PARAM) | (1u << MPS_KIND_ADAM_M) | (1u << MPS_KIND_ADAM_V);

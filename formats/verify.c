@@ -92,62 +92,50 @@ int mps_verify(const char *dir, mps_verify_opts *opts, mps_err *err)
             problem(&v, "%s: size %lld bytes, the manifest records %lld (truncated or replaced)", path,
                     (long long)st.st_size, (long long)c->file_bytes[r]);
     }
+    /* every stored (non-empty) piece is one job */
     int threads = opts->threads > 0 ? opts->threads : mps_cpu_count();
-    int64_t njobs = 0, total = 0;
-    for (int k = 0; k < MPS_KIND_COUNT; k++)
-        if (m->kinds & (1u << k))
-            for (int t = 0; t < nt; t++) {
-                int np = mps_piece_count(&m->cfg, &m->layout, (mps_kind)k, t);
-                for (int id = 0; id < np; id++) {
-                    mps_piece p;
-                    mps_piece_by_id(&m->cfg, &m->layout, (mps_kind)k, t, id, &p);
-                    if (p.flat_end > p.flat_begin) {
-                        njobs++;
-                        total += (p.flat_end - p.flat_begin) * (int64_t)sizeof(float);
-                    }
-                }
-            }
-    piece_job *jobs = malloc(sizeof *jobs * (size_t)(njobs ? njobs : 1));
-    v.scratch = calloc((size_t)threads, sizeof *v.scratch);
+    int64_t njobs = 0, cap = 0, total = 0;
+    piece_job *jobs = NULL;
     mps_pool *pool = NULL;
     int rc = -1;
-    if (!jobs || !v.scratch) {
+    for (int k = 0; k < MPS_KIND_COUNT; k++)
+        for (int t = 0; (m->kinds & (1u << k)) && t < nt; t++) {
+            int np = mps_piece_count(&m->cfg, &m->layout, (mps_kind)k, t);
+            for (int id = 0; id < np; id++) {
+                mps_piece p;
+                mps_piece_by_id(&m->cfg, &m->layout, (mps_kind)k, t, id, &p);
+                if (p.flat_end <= p.flat_begin)
+                    continue;
+                if (njobs == cap) {
+                    cap = cap ? cap * 2 : 1024;
+                    piece_job *grown = realloc(jobs, sizeof *jobs * (size_t)cap);
+                    if (!grown) {
+                        mps_fail(err, MPS_ENOMEM, "out of memory");
+                        goto out;
+                    }
+                    jobs = grown;
+                }
+                jobs[njobs++] = (piece_job){ &v, (mps_kind)k, t, id };
+                total += (p.flat_end - p.flat_begin) * (int64_t)sizeof(float);
+            }
+        }
+    if (!(v.scratch = mps_read_scratches_new(threads))) {
         mps_fail(err, MPS_ENOMEM, "out of memory");
         goto out;
     }
-    for (int i = 0; i < threads; i++)
-        if (!(v.scratch[i] = mps_read_scratch_new())) {
-            mps_fail(err, MPS_ENOMEM, "out of memory");
-            goto out;
-        }
     v.progress = mps_progress_new("verify", total, opts->quiet ? 0 : -1);
     if (mps_pool_create(threads, 4096, &pool, err) != 0)
         goto out;
-    int64_t j = 0;
-    for (int k = 0; k < MPS_KIND_COUNT; k++)
-        if (m->kinds & (1u << k))
-            for (int t = 0; t < nt; t++) {
-                int np = mps_piece_count(&m->cfg, &m->layout, (mps_kind)k, t);
-                for (int id = 0; id < np; id++) {
-                    mps_piece p;
-                    mps_piece_by_id(&m->cfg, &m->layout, (mps_kind)k, t, id, &p);
-                    if (p.flat_end <= p.flat_begin)
-                        continue;
-                    jobs[j] = (piece_job){ &v, (mps_kind)k, t, id };
-                    if (mps_pool_submit(pool, check_piece, &jobs[j++], err) != 0)
-                        goto out;
-                }
-            }
+    for (int64_t j = 0; j < njobs; j++)
+        if (mps_pool_submit(pool, check_piece, &jobs[j], err) != 0)
+            goto out;
     if (mps_pool_wait(pool, err) != 0)
         goto out;
     rc = v.problems;
 out:
     mps_pool_destroy(pool);
     mps_progress_done(v.progress);
-    if (v.scratch)
-        for (int i = 0; i < threads; i++)
-            mps_read_scratch_free(v.scratch[i]);
-    free(v.scratch);
+    mps_read_scratches_free(v.scratch, threads);
     free(jobs);
     pthread_mutex_destroy(&v.lock);
     mps_ckpt_close(c);

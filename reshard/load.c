@@ -64,18 +64,13 @@ int mps_load_rank(mps_ckpt *c, const mps_layout *layout, int rank, unsigned kind
     if (threads <= 0)
         threads = mps_cpu_count();
     load_job *jobs = malloc(sizeof *jobs * (size_t)(njobs ? njobs : 1));
-    mps_read_scratch **scratch = calloc((size_t)threads, sizeof *scratch);
+    mps_read_scratch **scratch = mps_read_scratches_new(threads);
     mps_pool *pool = NULL;
     int rc = -1;
     if (!jobs || !scratch) {
         mps_fail(err, MPS_ENOMEM, "out of memory");
         goto out;
     }
-    for (int i = 0; i < threads; i++)
-        if (!(scratch[i] = mps_read_scratch_new())) {
-            mps_fail(err, MPS_ENOMEM, "out of memory");
-            goto out;
-        }
     if (mps_pool_create(threads, 4096, &pool, err) != 0)
         goto out;
     int64_t j = 0;
@@ -90,10 +85,7 @@ int mps_load_rank(mps_ckpt *c, const mps_layout *layout, int rank, unsigned kind
     rc = mps_pool_wait(pool, err);
 out:
     mps_pool_destroy(pool);
-    if (scratch)
-        for (int i = 0; i < threads; i++)
-            mps_read_scratch_free(scratch[i]);
-    free(scratch);
+    mps_read_scratches_free(scratch, threads);
     free(jobs);
     if (rc != 0)
         mps_rank_state_free(out);

@@ -1,6 +1,7 @@
 #include "reshard.h"
 
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -17,22 +18,16 @@ int mps_ckpt_source_init(mps_ckpt_source *cs, mps_ckpt *c, int threads, mps_sour
 {
     cs->ckpt = c;
     cs->nthreads = threads;
-    cs->scratch = calloc((size_t)threads, sizeof *cs->scratch);
+    cs->scratch = mps_read_scratches_new(threads);
     if (!cs->scratch)
         return mps_fail(err, MPS_ENOMEM, "out of memory");
-    for (int i = 0; i < threads; i++)
-        if (!(cs->scratch[i] = mps_read_scratch_new()))
-            return mps_fail(err, MPS_ENOMEM, "out of memory");
     *src = (mps_source){ cs, NULL, NULL, gather_from_ckpt };
     return 0;
 }
 
 void mps_ckpt_source_free(mps_ckpt_source *cs)
 {
-    if (cs->scratch)
-        for (int i = 0; i < cs->nthreads; i++)
-            mps_read_scratch_free(cs->scratch[i]);
-    free(cs->scratch);
+    mps_read_scratches_free(cs->scratch, cs->nthreads);
     cs->scratch = NULL;
 }
 
@@ -74,12 +69,10 @@ int mps_reshard(const char *src_dir, const mps_reshard_opts *o, mps_err *err)
         mps_ckpt_close(c);
         return -1;
     }
-    mps_manifest fresh;
-    mps_manifest_init(&fresh, &sm->cfg, &sm->layout);
-    memcpy(m.checkpoint_id, fresh.checkpoint_id, sizeof m.checkpoint_id);
+    mps_checkpoint_id_new(m.checkpoint_id);
     if (procs) /* every process's files must carry process 0's id */
         procs->bcast(procs->ctx, m.checkpoint_id, (int)sizeof m.checkpoint_id);
-    memcpy(m.created_by, fresh.created_by, sizeof m.created_by);
+    snprintf(m.created_by, sizeof m.created_by, "mpshard %s", MPS_VERSION);
     if (o->layout && mps_layout_parse(o->layout, &sm->cfg, &m.layout, err) != 0)
         goto out;
     if (o->zero >= 0)
