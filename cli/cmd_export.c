@@ -12,10 +12,18 @@ static const char *const help =
     "bounded memory: OUTDIR/model.safetensors + OUTDIR/config.json (loads with\n"
     "transformers.GPT2LMHeadModel.from_pretrained), or OUTDIR/model_%08d.bin (llm.c; step from\n"
     "the checkpoint). The original vocabulary size and config.json are restored.\n"
+    "With --processes N (llm.c), also the optimizer state of N llm.c processes,\n"
+    "OUTDIR/state_%08d_%05d.bin for ranks 0..N-1, then OUTDIR/DONE_%08d: a checkpoint that\n"
+    "`train_gpt2cu -y 1` resumes with N processes.\n"
     "\n"
     "  --format F       safetensors or llmc (required)\n"
     "  -o, --out DIR    output directory\n"
     "  --dtype D        f32 or bf16 (default: the dtype of the model the checkpoint came from)\n"
+    "  --processes N    llmc: write the optimizer-state files of N processes and DONE\n"
+    "  --zero 0|1       with --processes: 1 (default) each file holds its rank's ZeRO-1 slice of\n"
+    "                   m, v and master (llm.c -z 1); 0 every file holds all of them (-z 0)\n"
+    "  --master-weights 0|1  with --processes: 1 (default, llm.c -w 1) the files carry fp32 master\n"
+    "                   weights (the checkpoint's master, else its f32 param); 0 they do not (-w 0)\n"
     "  --memory-mb N    tensor data held in memory at once (default 256)\n"
     "  --threads N      reader threads (default: all cores)\n"
     "  -q, --quiet      no progress on stderr\n";
@@ -26,9 +34,11 @@ int cmd_export(int argc, char **argv)
         { "format", required_argument, 0, 'f' }, { "out", required_argument, 0, 'o' },
         { "dtype", required_argument, 0, 'd' }, { "memory-mb", required_argument, 0, 'm' },
         { "threads", required_argument, 0, 't' }, { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' },
-        { 0, 0, 0, 0 },
+        { "processes", required_argument, 0, 'P' }, { "zero", required_argument, 0, 'Z' },
+        { "master-weights", required_argument, 0, 'W' }, { 0, 0, 0, 0 },
     };
-    mps_export_opts o = { .format = MPS_FILE_AUTO, .dtype = -1 };
+    mps_export_opts o = { .format = MPS_FILE_AUTO, .dtype = -1, .zero = 1, .master_weights = 1 };
+    int state_opt = 0;
     int64_t v;
     int c;
     optind = 1;
@@ -49,6 +59,9 @@ int cmd_export(int argc, char **argv)
             break;
         case 'm': if (cli_int("export", "--memory-mb", optarg, 1, 1 << 20, &v)) return MPS_EUSAGE; o.memory_budget = v << 20; break;
         case 't': if (cli_int("export", "--threads", optarg, 1, 1024, &v)) return MPS_EUSAGE; o.threads = (int)v; break;
+        case 'P': if (cli_int("export", "--processes", optarg, 1, 65536, &v)) return MPS_EUSAGE; o.processes = (int)v; break;
+        case 'Z': if (cli_int("export", "--zero", optarg, 0, 1, &v)) return MPS_EUSAGE; o.zero = (int)v; state_opt = 1; break;
+        case 'W': if (cli_int("export", "--master-weights", optarg, 0, 1, &v)) return MPS_EUSAGE; o.master_weights = (int)v; state_opt = 1; break;
         case 'q': o.quiet = 1; break;
         case 'h': fputs(help, stdout); return 0;
         default: return MPS_EUSAGE;
@@ -60,6 +73,10 @@ int cmd_export(int argc, char **argv)
         return cli_usage("export", "--format is required (safetensors or llmc)");
     if (!o.out_dir)
         return cli_usage("export", "-o OUTDIR is required");
+    if (o.processes && o.format != MPS_FILE_LLMC)
+        return cli_usage("export", "--processes: optimizer-state files are written for --format llmc only");
+    if (state_opt && !o.processes)
+        return cli_usage("export", "--zero and --master-weights go with --processes N");
     mps_err err;
     mps_err_clear(&err);
     if (mps_export(argv[optind], &o, &err) != 0)

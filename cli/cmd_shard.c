@@ -1,5 +1,7 @@
 #include <getopt.h>
+#include <glob.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cli.h"
@@ -10,7 +12,8 @@ static const char *const help =
     "\n"
     "Shards a full GPT-2 checkpoint (Hugging Face safetensors with config.json beside it, or an\n"
     "llm.c model .bin) into HDF5 shard files for layout L. Weights are stored in f32 (bf16 inputs\n"
-    "are widened exactly) with a fresh optimizer state (Adam moments zero, step 0).\n"
+    "are widened exactly) with a fresh optimizer state (Adam moments zero, step 0), or with the\n"
+    "optimizer state of llm.c's state files (--state).\n"
     "\n"
     "  --layout L         dp=..,pp=..,tp=..,zero=0..3[,stages=a:b:..] (required)\n"
     "  -o, --out DIR      output checkpoint directory (committed atomically)\n"
@@ -23,7 +26,63 @@ static const char *const help =
     "  --force            replace an existing committed checkpoint at DIR\n"
     "  -q, --quiet        no progress on stderr\n"
     "  --synthetic-optimizer SEED  fill the Adam moments with deterministic non-zero values\n"
-    "                     instead of zeros (tests and benchmarks of reshard)\n";
+    "                     instead of zeros (tests and benchmarks of reshard)\n"
+    "  --state FILE       an llm.c optimizer-state file state_%08d_%05d.bin of INPUT's checkpoint\n"
+    "                     (INPUT: its model_%08d.bin); give it once per rank, or once with a quoted\n"
+    "                     pattern: --state 'DIR/state_00000010_*.bin'. The checkpoint then stores\n"
+    "                     llm.c's Adam m and v, fp32 master weights (when the files carry them),\n"
+    "                     step, RNG state and data position\n";
+
+/* A growing list of --state paths (a value with * ? [ is expanded here, sorted). */
+typedef struct {
+    char **v;
+    int n, cap;
+} path_list;
+
+static int path_add(path_list *l, const char *p)
+{
+    if (l->n == l->cap) {
+        int cap = l->cap ? 2 * l->cap : 8;
+        char **v = realloc(l->v, (size_t)cap * sizeof *v);
+        if (!v)
+            return -1;
+        l->v = v;
+        l->cap = cap;
+    }
+    if (!(l->v[l->n] = strdup(p)))
+        return -1;
+    l->n++;
+    return 0;
+}
+
+static void path_free(path_list *l)
+{
+    for (int i = 0; i < l->n; i++)
+        free(l->v[i]);
+    free(l->v);
+}
+
+static int add_state(path_list *l, const char *value)
+{
+    if (!strpbrk(value, "*?[")) {
+        if (path_add(l, value) != 0)
+            return cli_usage("shard", "out of memory");
+        return 0;
+    }
+    glob_t g;
+    int r = glob(value, 0, NULL, &g);
+    if (r == GLOB_NOMATCH)
+        return cli_usage("shard", "--state '%s' matches no file", value);
+    if (r != 0)
+        return cli_usage("shard", "--state '%s': cannot expand the pattern", value);
+    for (size_t i = 0; i < g.gl_pathc; i++)
+        if (path_add(l, g.gl_pathv[i]) != 0) {
+            globfree(&g);
+            return cli_usage("shard", "out of memory");
+        }
+    globfree(&g);
+    return 0;
+}
 
 int cmd_shard(int argc, char **argv)
 {
@@ -33,12 +92,13 @@ int cmd_shard(int argc, char **argv)
         { "padded-vocab", required_argument, 0, 'V' }, { "chunk-mb", required_argument, 0, 'C' },
         { "level", required_argument, 0, 'l' }, { "threads", required_argument, 0, 't' },
         { "force", no_argument, 0, 'F' }, { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' },
-        { "synthetic-optimizer", required_argument, 0, 'S' },
+        { "synthetic-optimizer", required_argument, 0, 'S' }, { "state", required_argument, 0, 's' },
         { 0, 0, 0, 0 },
     };
     mps_shard_opts o = { 0 };
+    path_list states = { 0 };
     int64_t v;
-    int c;
+    int c, rc;
     optind = 1;
     while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
         switch (c) {
@@ -46,33 +106,41 @@ int cmd_shard(int argc, char **argv)
         case 'o': o.out_dir = optarg; break;
         case 'f': {
             int f = strcmp(optarg, "auto") == 0 ? MPS_FILE_AUTO : mps_file_format_from_name(optarg);
-            if (f < 0)
+            if (f < 0) {
+                path_free(&states);
                 return cli_usage("shard", "--format '%s': expected auto, safetensors or llmc", optarg);
+            }
             o.file.format = (mps_file_format)f;
             break;
         }
         case 'c': o.file.config_path = optarg; break;
-        case 'V': if (cli_int("shard", "--padded-vocab", optarg, 1, (int64_t)1 << 31, &v)) return MPS_EUSAGE; o.file.padded_vocab = v; break;
-        case 'C': if (cli_int("shard", "--chunk-mb", optarg, 1, 1024, &v)) return MPS_EUSAGE; o.chunk_bytes = v << 20; break;
-        case 'l': if (cli_int("shard", "--level", optarg, -50, 22, &v)) return MPS_EUSAGE; o.zstd_level = (int)v; o.level_set = 1; break;
-        case 't': if (cli_int("shard", "--threads", optarg, 1, 1024, &v)) return MPS_EUSAGE; o.threads = (int)v; break;
+        case 'V': if (cli_int("shard", "--padded-vocab", optarg, 1, (int64_t)1 << 31, &v)) { path_free(&states); return MPS_EUSAGE; } o.file.padded_vocab = v; break;
+        case 'C': if (cli_int("shard", "--chunk-mb", optarg, 1, 1024, &v)) { path_free(&states); return MPS_EUSAGE; } o.chunk_bytes = v << 20; break;
+        case 'l': if (cli_int("shard", "--level", optarg, -50, 22, &v)) { path_free(&states); return MPS_EUSAGE; } o.zstd_level = (int)v; o.level_set = 1; break;
+        case 't': if (cli_int("shard", "--threads", optarg, 1, 1024, &v)) { path_free(&states); return MPS_EUSAGE; } o.threads = (int)v; break;
         case 'F': o.force = 1; break;
-        case 'S': if (cli_int("shard", "--synthetic-optimizer", optarg, 0, INT64_MAX, &v)) return MPS_EUSAGE;
+        case 'S': if (cli_int("shard", "--synthetic-optimizer", optarg, 0, INT64_MAX, &v)) { path_free(&states); return MPS_EUSAGE; }
             o.synthetic_optimizer = 1; o.synthetic_seed = (uint64_t)v; break;
+        case 's': if ((rc = add_state(&states, optarg)) != 0) { path_free(&states); return rc; } break;
         case 'q': o.quiet = 1; break;
-        case 'h': fputs(help, stdout); return 0;
-        default: return MPS_EUSAGE;
+        case 'h': path_free(&states); fputs(help, stdout); return 0;
+        default: path_free(&states); return MPS_EUSAGE;
         }
     }
     if (optind != argc - 1)
-        return cli_usage("shard", "expected one INPUT file");
-    if (!o.layout)
-        return cli_usage("shard", "--layout is required");
-    if (!o.out_dir)
-        return cli_usage("shard", "-o DIR is required");
-    mps_err err;
-    mps_err_clear(&err);
-    if (mps_shard(argv[optind], &o, &err) != 0)
-        return cli_fail("shard", &err);
-    return 0;
+        rc = cli_usage("shard", "expected one INPUT file%s", states.n ? " (quote a --state pattern: the shell "
+                       "expands it into several arguments)" : "");
+    else if (!o.layout)
+        rc = cli_usage("shard", "--layout is required");
+    else if (!o.out_dir)
+        rc = cli_usage("shard", "-o DIR is required");
+    else {
+        mps_err err;
+        mps_err_clear(&err);
+        o.state_paths = (const char *const *)states.v;
+        o.nstate = states.n;
+        rc = mps_shard(argv[optind], &o, &err) != 0 ? cli_fail("shard", &err) : 0;
+    }
+    path_free(&states);
+    return rc;
 }

@@ -26,8 +26,9 @@ int mps_ckpt_compare(const char *dir_a, const char *dir_b, int64_t budget, mps_c
         goto out;
     }
     if (ma->step != mb->step || ma->rng_seed != mb->rng_seed || ma->data_position != mb->data_position) {
-        snprintf(line, sizeof line, "scalar state differs: step %lld/%lld, data_position %lld/%lld", (long long)ma->step,
-                 (long long)mb->step, (long long)ma->data_position, (long long)mb->data_position);
+        snprintf(line, sizeof line, "scalar state differs: step %lld/%lld, rng_seed %llu/%llu, data_position %lld/%lld",
+                 (long long)ma->step, (long long)mb->step, (unsigned long long)ma->rng_seed,
+                 (unsigned long long)mb->rng_seed, (long long)ma->data_position, (long long)mb->data_position);
         report(ctx, line);
         differences++;
     }

@@ -1,11 +1,14 @@
 /* Export streams each tensor in bands that fit the memory budget: row bands for tensors stored
  * in canonical order, column bands (gathered, then transposed) for Hugging Face Conv1D matrices.
- * Bands are gathered in parallel (one flat sub-range per job) and written in file order. */
+ * Bands are gathered in parallel (one flat sub-range per job) and written in file order.
+ * llm.c state files are flat ranges of canonical tensors (llmc_state.h), streamed the same way;
+ * the model file comes first, the state files next, DONE last, each committed by rename. */
 #include "export.h"
 
 #include <stdlib.h>
 #include <string.h>
 
+#include "llmc_state.h"
 #include "pool.h"
 #include "progress.h"
 
@@ -29,18 +32,27 @@ static int gather_part(void *arg, int worker, mps_err *err)
     return mps_ckpt_gather(j->b->c, j->b->scratch[worker], j->b->kind, j->b->tensor, j->b->box, j->fb, j->fe, j->dst, err);
 }
 
-/* Gathers the whole box into dst using every worker. */
-static int gather_box(mps_pool *pool, band *b, float *dst, gather_job *jobs, int njobs, mps_err *err)
+/* Gathers elements [fb, fe) of the box into dst using every worker (small ranges in fewer jobs). */
+static int gather_range(mps_pool *pool, band *b, int64_t fb, int64_t fe, float *dst, gather_job *jobs, int njobs,
+                        mps_err *err)
 {
-    int64_t n = mps_box_numel(b->box);
-    for (int i = 0; i < njobs; i++) {
+    int64_t n = fe - fb, parts = n / 16384 < njobs ? n / 16384 : njobs;
+    if (parts < 1)
+        parts = 1;
+    for (int64_t i = 0; i < parts; i++) {
         int64_t begin, count;
-        mps_split(n, njobs, i, &begin, &count);
-        jobs[i] = (gather_job){ b, begin, begin + count, dst + begin };
+        mps_split(n, parts, i, &begin, &count);
+        jobs[i] = (gather_job){ b, fb + begin, fb + begin + count, dst + begin };
         if (count > 0 && mps_pool_submit(pool, gather_part, &jobs[i], err) != 0)
             return -1;
     }
     return mps_pool_wait(pool, err);
+}
+
+/* Gathers the whole box into dst using every worker. */
+static int gather_box(mps_pool *pool, band *b, float *dst, gather_job *jobs, int njobs, mps_err *err)
+{
+    return gather_range(pool, b, 0, mps_box_numel(b->box), dst, jobs, njobs, err);
 }
 
 /* src (R, W) -> dst (W, R), in tiles that stay in cache */
@@ -66,6 +78,93 @@ static int emit(mps_out_file *out, const float *src, int64_t n, void *conv, mps_
     return mps_out_file_write(out, h, (size_t)n * sizeof(uint16_t), err);
 }
 
+/* What an llm.c state export needs, checked before anything is written. */
+typedef struct {
+    int processes;
+    int64_t shard_numel;           /* floats per array in each file */
+    mps_kind kinds[3];             /* m, v, then master (or param when the checkpoint has no master) */
+    int nkinds;
+    mps_llmc_state_header *hdr;    /* per rank */
+} state_plan;
+
+static int plan_states(const mps_manifest *m, const mps_export_opts *o, state_plan *p, mps_err *err)
+{
+    const mps_config *cfg = &m->cfg;
+    p->processes = o->processes;
+    if (o->format != MPS_FILE_LLMC)
+        return mps_fail(err, MPS_EUSAGE, "--processes: optimizer-state files are written for --format llmc only");
+    if (o->processes < 1 || o->processes > MPS_LLMC_MAX_PROCESSES)
+        return mps_fail(err, MPS_EUSAGE, "--processes %d: expected 1 to %d", o->processes, MPS_LLMC_MAX_PROCESSES);
+    for (int k = MPS_KIND_ADAM_M; k <= MPS_KIND_ADAM_V; k++)
+        if (!(m->kinds & (1u << k)))
+            return mps_fail(err, MPS_EUSAGE, "--processes: the checkpoint stores no %s (Adam moments), which llm.c "
+                            "state files need; export without --processes writes the model alone",
+                            mps_kind_name((mps_kind)k));
+    if (o->zero && mps_llmc_zero_check(cfg, o->processes, err) != 0)
+        return -1;
+    int64_t total = mps_param_count(cfg);
+    p->shard_numel = o->zero ? total / o->processes : total;
+    p->nkinds = 0;
+    p->kinds[p->nkinds++] = MPS_KIND_ADAM_M;
+    p->kinds[p->nkinds++] = MPS_KIND_ADAM_V;
+    /* without a stored master copy the f32 param is the master copy (FORMAT.md section 3): what
+     * llm.c itself starts from when it first allocates master weights */
+    if (o->master_weights)
+        p->kinds[p->nkinds++] = (m->kinds & (1u << MPS_KIND_MASTER)) ? MPS_KIND_MASTER : MPS_KIND_PARAM;
+    p->hdr = calloc((size_t)o->processes, sizeof *p->hdr);
+    if (!p->hdr)
+        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    return mps_llmc_state_headers(m->train_state_json, m->step, o->processes, o->master_weights != 0, p->hdr, err);
+}
+
+/* Writes state_<step>_<rank>.bin for every rank: per kind, per canonical tensor in llm.c order, the
+ * rank's flat range of the tensor (ZeRO-1) or the whole tensor, in bands of band_elems. */
+static int write_states(mps_ckpt *c, const state_plan *p, const mps_export_opts *o, mps_pool *pool,
+                        mps_read_scratch **scratch, gather_job *jobs, int njobs, float *buf, int64_t band_elems,
+                        mps_progress *progress, mps_err *err)
+{
+    const mps_config *cfg = &mps_ckpt_manifest(c)->cfg;
+    int nt = mps_tensor_count(cfg);
+    int *order = malloc((size_t)nt * sizeof *order);
+    if (!order)
+        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    mps_llmc_tensor_order(cfg, order);
+    int rc = -1;
+    for (int r = 0; r < p->processes; r++) {
+        mps_out_file *f;
+        if (mps_llmc_state_create(o->out_dir, &p->hdr[r], p->shard_numel, &f, err) != 0)
+            goto out;
+        for (int k = 0; k < p->nkinds; k++)
+            for (int i = 0; i < nt; i++) {
+                mps_tensor_spec spec;
+                mps_tensor_spec_get(cfg, order[i], &spec);
+                mps_box box;
+                mps_box_whole(&spec, &box);
+                band b = { c, scratch, p->kinds[k], order[i], &box };
+                int64_t S = mps_tensor_numel(&spec), fb = 0, fe = S;
+                if (o->zero) { /* rank r's ZeRO-1 slice of every layer's tensor */
+                    fb = r * (S / p->processes);
+                    fe = fb + S / p->processes;
+                }
+                for (int64_t b0 = fb; b0 < fe; b0 += band_elems) {
+                    int64_t b1 = b0 + band_elems < fe ? b0 + band_elems : fe;
+                    if (gather_range(pool, &b, b0, b1, buf, jobs, njobs, err) != 0 ||
+                        mps_out_file_write(f, buf, (size_t)(b1 - b0) * sizeof(float), err) != 0) {
+                        mps_out_file_abort(f);
+                        goto out;
+                    }
+                    mps_progress_add(progress, (b1 - b0) * (int64_t)sizeof(float));
+                }
+            }
+        if (mps_out_file_finish(f, err) != 0)
+            goto out;
+    }
+    rc = 0;
+out:
+    free(order);
+    return rc;
+}
+
 int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err)
 {
     mps_ckpt *c;
@@ -87,6 +186,12 @@ int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err)
     float *buf = malloc((size_t)band_elems * sizeof(float)), *tbuf = malloc((size_t)band_elems * sizeof(float));
     void *conv = malloc((size_t)band_elems * sizeof(float));
     int rc = -1;
+    state_plan plan = { 0 };
+    if (o->processes && plan_states(m, o, &plan, err) != 0)
+        goto out;
+    /* DONE vouches for the files of its step: it goes before any of them is replaced */
+    if (o->processes && mps_llmc_done_remove(o->out_dir, m->step, err) != 0)
+        goto out;
     if (!scratch || !jobs || !buf || !tbuf || !conv) {
         mps_fail(err, MPS_ENOMEM, "out of memory for export buffers (--memory %lld MiB)", (long long)(budget >> 20));
         goto out;
@@ -112,6 +217,7 @@ int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err)
         mps_tensor_spec_get(cfg, items[i].tensor, &spec);
         total += mps_tensor_numel(&spec) / spec.shape[0] * items[i].rows * (int64_t)sizeof(float);
     }
+    total += (int64_t)plan.processes * plan.nkinds * plan.shard_numel * (int64_t)sizeof(float);
     progress = mps_progress_new("export", total, o->quiet ? 0 : -1);
     for (int i = 0; i < nitems; i++) {
         const mps_out_item *it = &items[i];
@@ -162,6 +268,10 @@ int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err)
     }
     rc = mps_out_file_finish(out, err);
     out = NULL;
+    if (rc == 0 && o->processes)
+        rc = write_states(c, &plan, o, pool, scratch, jobs, njobs, buf, band_elems, progress, err) != 0 ||
+             mps_llmc_state_remove_extra(o->out_dir, m->step, o->processes, err) != 0 ||
+             mps_llmc_done_write(o->out_dir, m->step, err) != 0 ? -1 : 0;
 out:
     if (out)
         mps_out_file_abort(out);
@@ -172,6 +282,7 @@ out:
     free(buf);
     free(tbuf);
     free(conv);
+    free(plan.hdr);
     mps_ckpt_close(c);
     return rc;
 }

@@ -4,12 +4,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "llmc_state.h"
 #include "progress.h"
 
 /* The model file as a write source. Reader threads load tensors in catalogue order into slots
  * ahead of the compression workers, within a memory budget, so that reading the input, compressing
  * and writing the output overlap instead of taking turns. Optimizer moments of a fresh state are
- * zero (or synthetic, for tests and benchmarks). */
+ * zero (or synthetic, for tests and benchmarks); imported llm.c state is read by the workers
+ * straight from the state files, piece by piece (nothing of it is held in memory). */
 #define SLOTS 4
 #define READERS 2
 #define PREFETCH_BUDGET ((size_t)640 << 20)
@@ -39,6 +41,7 @@ typedef struct {
     int nreaders;
     int synthetic_optimizer; /* fill Adam moments with deterministic values instead of zeros */
     uint64_t seed;
+    mps_llmc_state *state;   /* llm.c optimizer state, or NULL */
 } file_source;
 
 static void *reader_main(void *arg)
@@ -182,6 +185,8 @@ static int gather(void *ctx, int worker, mps_kind kind, int t, const mps_box *bo
 {
     (void)worker;
     file_source *fs = ctx;
+    if (fs->state && kind != MPS_KIND_PARAM)
+        return mps_llmc_state_gather(fs->state, kind, t, box, fb, fe, dst, err);
     if (kind == MPS_KIND_ADAM_M || kind == MPS_KIND_ADAM_V) {
         if (fs->synthetic_optimizer)
             fill_synthetic(fs, kind, t, box, fb, fe, dst);
@@ -196,6 +201,47 @@ static int gather(void *ctx, int worker, mps_kind kind, int t, const mps_box *bo
     return 0;
 }
 
+/* The step in an llm.c model file name model_%08d.bin, or -1 when the name carries none. */
+static int64_t llmc_name_step(const char *path)
+{
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    size_t n = strlen(base);
+    if (n < 11 || n > 28 || strncmp(base, "model_", 6) != 0 || strcmp(base + n - 4, ".bin") != 0)
+        return -1;
+    int64_t step = 0;
+    for (const char *p = base + 6; p < base + n - 4; p++) {
+        if (*p < '0' || *p > '9')
+            return -1;
+        step = step * 10 + (*p - '0');
+    }
+    return step;
+}
+
+/* Opens the llm.c state files of the model and takes the checkpoint's optimizer kinds and scalars from them. */
+static int import_state(const char *input, const mps_model_file *file, const mps_shard_opts *o, mps_manifest *m,
+                        mps_llmc_state **out, mps_err *err)
+{
+    if (o->synthetic_optimizer)
+        return mps_fail(err, MPS_EUSAGE, "--state and --synthetic-optimizer exclude each other");
+    if (mps_model_file_format(file) != MPS_FILE_LLMC)
+        return mps_fail(err, MPS_EUSAGE, "--state: llm.c state files go with an llm.c model file, and %s is %s", input,
+                        mps_file_format_name(mps_model_file_format(file)));
+    if (mps_llmc_state_open(o->state_paths, o->nstate, mps_model_file_config(file), llmc_name_step(input), out,
+                            err) != 0)
+        return -1;
+    const mps_llmc_state_header *h0 = mps_llmc_state_rank(*out, 0);
+    m->step = h0->step;
+    m->rng_seed = h0->rng_state;
+    if (mps_llmc_state_has_master(*out)) {
+        m->kinds |= 1u << MPS_KIND_MASTER;
+        m->dtype[MPS_KIND_MASTER] = MPS_DTYPE_F32;
+    }
+    if (!(m->train_state_json = mps_llmc_state_json(*out)))
+        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    return 0;
+}
+
 int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
 {
     mps_model_file *file;
@@ -205,6 +251,7 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
     mps_layout layout;
     mps_manifest m;
     mps_stage st;
+    mps_llmc_state *state = NULL;
     int rc = -1;
     if (mps_layout_parse(o->layout, cfg, &layout, err) != 0) {
         mps_model_file_close(file);
@@ -213,8 +260,8 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
     mps_manifest_init(&m, cfg, &layout);
     if (o->chunk_bytes > 0) {
         if (o->chunk_bytes < 4096 || o->chunk_bytes > MPS_MAX_CHUNK_BYTES) {
-            mps_model_file_close(file);
-            return mps_fail(err, MPS_EUSAGE, "--chunk-mb: chunk size must be between 4 KiB and 1 GiB");
+            mps_fail(err, MPS_EUSAGE, "--chunk-mb: chunk size must be between 4 KiB and 1 GiB");
+            goto out;
         }
         m.chunk_bytes = o->chunk_bytes / 4 * 4;
     }
@@ -224,13 +271,15 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
     m.source_dtype = mps_model_file_dtype(file);
     const char *hf = mps_model_file_hf_config(file);
     if (hf && !(m.hf_config_json = strdup(hf))) {
-        mps_model_file_close(file);
-        return mps_fail(err, MPS_ENOMEM, "out of memory");
+        mps_fail(err, MPS_ENOMEM, "out of memory");
+        goto out;
     }
+    if (o->nstate > 0 && import_state(input, file, o, &m, &state, err) != 0)
+        goto out;
     if (mps_stage_begin(o->out_dir, o->force, &st, err) != 0)
         goto out;
     file_source fs = { .file = file, .cfg = cfg, .ntensors = mps_tensor_count(cfg),
-                       .synthetic_optimizer = o->synthetic_optimizer, .seed = o->synthetic_seed };
+                       .synthetic_optimizer = o->synthetic_optimizer, .seed = o->synthetic_seed, .state = state };
     mps_source src = { &fs, begin_tensor, end_tensor, gather };
     mps_write_opts wo = { .threads = o->threads, .quiet = o->quiet, .label = "shard" };
     int wrc = source_start(&fs, err) == 0 ? mps_write_shards(st.stage_dir, &m, NULL, 0, &src, &wo, err) : -1;
@@ -241,6 +290,7 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
     }
     rc = 0;
 out:
+    mps_llmc_state_close(state);
     mps_manifest_free(&m);
     mps_model_file_close(file);
     return rc;

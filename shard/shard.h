@@ -1,4 +1,5 @@
-/* shard: a full model file -> a checkpoint of shards for a layout. */
+/* shard: a full model file (plus, for llm.c, its optimizer-state files) -> a checkpoint of shards
+ * for a layout. */
 #ifndef MPS_SHARD_H
 #define MPS_SHARD_H
 
@@ -16,6 +17,11 @@ typedef struct {
     int force, quiet;
     int synthetic_optimizer;   /* tests/benchmarks: non-zero deterministic Adam moments */
     uint64_t synthetic_seed;
+    /* llm.c optimizer state: the N files state_%08d_%05d.bin of the model file's checkpoint (any
+     * order); the checkpoint then stores their Adam moments, master weights (when present), step,
+     * RNG state and data position instead of a fresh state */
+    const char *const *state_paths;
+    int nstate;
 } mps_shard_opts;
 
 int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err);
