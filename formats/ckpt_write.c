@@ -1,8 +1,10 @@
 /* Writing shard files: datasets are created up front, then every chunk is gathered, checksummed,
  * shuffled and compressed on the worker pool and stored with H5Dwrite_chunk (HDF5's own filter
- * pipeline is bypassed: it runs under the library's global lock and would serialise compression). */
+ * pipeline is bypassed: it runs under the library's global lock and would serialise compression).
+ * The chunk bytes themselves are written by the worker with pwrite, outside that lock (below). */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +14,184 @@
 #include "h5util.h"
 #include "pool.h"
 #include "progress.h"
+
+/* ---- Deferred chunk writes ----
+ * H5Dwrite_chunk holds HDF5's global lock for the whole call, the pwrite of the chunk bytes
+ * included, so every worker waited on every other worker's write syscall. The shard files are
+ * therefore opened through a thin file driver over sec2 (HDF5's default) that forwards every
+ * call but one: while a worker's H5Dwrite_chunk runs, the raw-data write of exactly that worker's
+ * buffer is not performed but its address recorded; the worker pwrites the bytes there once
+ * H5Dwrite_chunk has returned, outside the lock.
+ * Why that is safe: HDF5 has allocated the chunk's space (raw data, H5MF) and recorded it in the
+ * chunk index exactly as for an ordinary direct write, so the file's structure is unchanged and
+ * the space belongs to the chunk until the file is closed (nothing is rewritten or deleted here,
+ * so it is never freed for reuse). HDF5 keeps no copy of a directly written chunk (no chunk-cache
+ * entry; the metadata accumulator trims itself around any raw write before the driver is called),
+ * so no cache flush and no file close ever writes those bytes. HDF5 never reads them while
+ * writing, and every pwrite has completed before the first dataset is closed.
+ * The driver keeps sec2's feature flags and free-list map, writes no driver-info block (sb_size
+ * is NULL), so the file is an ordinary HDF5 file that any reader opens with the default driver. */
+#if H5_VERS_MAJOR == 1 && H5_VERS_MINOR == 10 /* the H5FD_class_t of the 1.10 series */
+#define MPS_DEFER_WRITES 1
+#else
+#define MPS_DEFER_WRITES 0 /* other versions: HDF5 writes the bytes itself, under its lock */
+#endif
+
+typedef struct {
+    const void *buf; /* the buffer whose raw-data write is taken out, or NULL */
+    size_t size;
+    haddr_t addr;    /* out: where HDF5 placed it */
+    int taken;       /* out: the driver saw and skipped that write */
+} defer_slot;
+
+typedef struct {
+    defer_slot slot; /* shared by the writer's files: their H5Dwrite_chunk calls are serialised */
+    int discard;     /* the write failed and the files are abandoned: the driver drops every write,
+                      * so that closing them cannot fail (HDF5 1.10 leaves a file whose close failed
+                      * half-destroyed, and crashes on it at exit) */
+} defer_ctl;
+
+#if MPS_DEFER_WRITES
+typedef struct {
+    defer_ctl *ctl;
+} defer_fapl;
+
+typedef struct {
+    H5FD_t pub;       /* first: HDF5 owns it */
+    H5FD_t *inner;    /* the sec2 file that does all the I/O HDF5 does */
+    defer_ctl *ctl;
+    haddr_t deferred_end; /* end of the highest deferred write, so that get_eof stays truthful */
+} defer_file;
+
+static H5FD_t *defer_open(const char *name, unsigned flags, hid_t fapl, haddr_t maxaddr)
+{
+    const defer_fapl *fa = H5Pget_driver_info(fapl);
+    if (!fa)
+        return NULL;
+    defer_file *f = calloc(1, sizeof *f);
+    if (!f)
+        return NULL;
+    hid_t inner_fapl = H5Pcreate(H5P_FILE_ACCESS);
+    if (inner_fapl >= 0 && H5Pset_fapl_sec2(inner_fapl) >= 0)
+        f->inner = H5FDopen(name, flags, inner_fapl, maxaddr);
+    if (inner_fapl >= 0)
+        H5Pclose(inner_fapl);
+    if (!f->inner) {
+        free(f);
+        return NULL;
+    }
+    f->ctl = fa->ctl;
+    return &f->pub;
+}
+
+static herr_t defer_close(H5FD_t *file)
+{
+    defer_file *f = (defer_file *)file;
+    herr_t rc = H5FDclose(f->inner);
+    free(f);
+    return rc;
+}
+
+static int defer_cmp(const H5FD_t *a, const H5FD_t *b)
+{
+    return H5FDcmp(((const defer_file *)a)->inner, ((const defer_file *)b)->inner);
+}
+
+static herr_t defer_query(const H5FD_t *file, unsigned long *flags)
+{
+    (void)file;
+    if (flags) /* sec2's behaviour: aggregated metadata and small raw data, the metadata accumulator */
+        *flags = H5FD_FEAT_AGGREGATE_METADATA | H5FD_FEAT_ACCUMULATE_METADATA | H5FD_FEAT_DATA_SIEVE |
+                 H5FD_FEAT_AGGREGATE_SMALLDATA;
+    return 0;
+}
+
+static haddr_t defer_get_eoa(const H5FD_t *file, H5FD_mem_t type)
+{
+    return H5FDget_eoa(((const defer_file *)file)->inner, type);
+}
+
+static herr_t defer_set_eoa(H5FD_t *file, H5FD_mem_t type, haddr_t addr)
+{
+    return H5FDset_eoa(((defer_file *)file)->inner, type, addr);
+}
+
+static haddr_t defer_get_eof(const H5FD_t *file, H5FD_mem_t type)
+{
+    const defer_file *f = (const defer_file *)file;
+    haddr_t eof = H5FDget_eof(f->inner, type);
+    return eof != HADDR_UNDEF && eof < f->deferred_end ? f->deferred_end : eof;
+}
+
+static herr_t defer_get_handle(H5FD_t *file, hid_t fapl, void **handle)
+{
+    return H5FDget_vfd_handle(((defer_file *)file)->inner, fapl, handle);
+}
+
+static herr_t defer_read(H5FD_t *file, H5FD_mem_t type, hid_t dxpl, haddr_t addr, size_t size, void *buf)
+{
+    return H5FDread(((defer_file *)file)->inner, type, dxpl, addr, size, buf);
+}
+
+static herr_t defer_write(H5FD_t *file, H5FD_mem_t type, hid_t dxpl, haddr_t addr, size_t size, const void *buf)
+{
+    defer_file *f = (defer_file *)file;
+    defer_slot *s = &f->ctl->slot;
+    if (f->ctl->discard)
+        return 0;
+    if (type == H5FD_MEM_DRAW && s->buf == buf && s->size == size && !s->taken) {
+        s->addr = addr;
+        s->taken = 1;
+        if (addr + size > f->deferred_end)
+            f->deferred_end = addr + size;
+        return 0;
+    }
+    return H5FDwrite(f->inner, type, dxpl, addr, size, buf);
+}
+
+static herr_t defer_flush(H5FD_t *file, hid_t dxpl, hbool_t closing)
+{
+    return H5FDflush(((defer_file *)file)->inner, dxpl, closing);
+}
+
+static herr_t defer_truncate(H5FD_t *file, hid_t dxpl, hbool_t closing)
+{
+    defer_file *f = (defer_file *)file;
+    return f->ctl->discard ? 0 : H5FDtruncate(f->inner, dxpl, closing);
+}
+
+static herr_t defer_lock(H5FD_t *file, hbool_t rw)
+{
+    return H5FDlock(((defer_file *)file)->inner, rw);
+}
+
+static herr_t defer_unlock(H5FD_t *file)
+{
+    return H5FDunlock(((defer_file *)file)->inner);
+}
+
+static const H5FD_class_t defer_class = {
+    .name = "mpshard_defer",
+    .maxaddr = ((haddr_t)1 << 63) - 1, /* sec2's: what an off_t addresses */
+    .fc_degree = H5F_CLOSE_WEAK,
+    .fapl_size = sizeof(defer_fapl),
+    .open = defer_open,
+    .close = defer_close,
+    .cmp = defer_cmp,
+    .query = defer_query,
+    .get_eoa = defer_get_eoa,
+    .set_eoa = defer_set_eoa,
+    .get_eof = defer_get_eof,
+    .get_handle = defer_get_handle,
+    .read = defer_read,
+    .write = defer_write,
+    .flush = defer_flush,
+    .truncate = defer_truncate,
+    .lock = defer_lock,
+    .unlock = defer_unlock,
+    .fl_map = H5FD_FLMAP_DICHOTOMY,
+};
+#endif
 
 typedef struct {
     hid_t dset;
@@ -28,6 +208,13 @@ typedef struct {
     uint8_t *shuffled, *packed;
     size_t packed_cap;
     ZSTD_CCtx *cctx;
+    /* All-zero chunks (fresh optimizer state: two thirds of what `shard` writes) encode to the same
+     * frame every time: the last one made is kept, with the checksum of the last zero run. */
+    uint8_t *zero_frame;
+    size_t zero_frame_size;
+    int64_t zero_frame_elems; /* chunk_elems it was made for, 0 = none */
+    uint64_t zero_sum;
+    int64_t zero_sum_elems;   /* element count it was made for, 0 = none */
 } worker_scratch;
 
 typedef struct writer writer;
@@ -41,8 +228,16 @@ typedef struct {
 } chunk_job;
 
 struct writer {
-    int *flush_fd;              /* per file: a descriptor used only to start writeback early */
+    int *fd;                    /* per file: a plain descriptor, for the chunk bytes and early writeback */
     _Atomic int64_t *unflushed; /* per file: bytes written since writeback was last started */
+    /* The writeback thread: starts the disk writing a file's new bytes every FLUSH_BYTES, so that
+     * the disk writes while we compress instead of the final fsync writing everything at the end;
+     * sync_file_range can block while the device queue is full, which would stall a worker. */
+    pthread_t flusher;
+    int flusher_running, flush_stop;
+    int *flush_pending;         /* per file, guarded by flush_lock */
+    pthread_mutex_t flush_lock;
+    pthread_cond_t flush_cond;
     const mps_manifest *m;
     mps_source *src;
     out_dataset *ds;
@@ -50,10 +245,96 @@ struct writer {
     hid_t *files;
     char (*paths)[4400];
     int nfiles;
+    hid_t driver, fapl;         /* the deferring driver (registered per writer) and the files' access list */
+    pthread_mutex_t h5_lock;    /* held around H5Dwrite_chunk, which HDF5 serialises anyway: guards ctl.slot */
+    defer_ctl ctl;
+    pthread_mutex_t sched_lock; /* guards left and failed */
+    pthread_cond_t sched_cond;
+    int64_t *left;              /* per tensor: jobs not finished yet */
+    int failed;
     worker_scratch *scratch;
     int nthreads;
     mps_progress *progress;
 };
+
+#define FLUSH_BYTES ((int64_t)64 << 20)
+
+static void *flusher_main(void *arg)
+{
+    writer *w = arg;
+    int next = 0;
+    pthread_mutex_lock(&w->flush_lock);
+    for (;;) {
+        int f = -1;
+        for (int k = 0; k < w->nfiles && f < 0; k++) /* round robin: no file waits behind a busy one */
+            if (w->flush_pending[(next + k) % w->nfiles])
+                f = (next + k) % w->nfiles;
+        if (f < 0) {
+            if (w->flush_stop)
+                break;
+            pthread_cond_wait(&w->flush_cond, &w->flush_lock);
+            continue;
+        }
+        w->flush_pending[f] = 0;
+        next = f + 1;
+        pthread_mutex_unlock(&w->flush_lock);
+        sync_file_range(w->fd[f], 0, 0, SYNC_FILE_RANGE_WRITE); /* a hint: its failure changes nothing */
+        pthread_mutex_lock(&w->flush_lock);
+    }
+    pthread_mutex_unlock(&w->flush_lock);
+    return NULL;
+}
+
+static void flusher_stop(writer *w)
+{
+    if (!w->flusher_running)
+        return;
+    pthread_mutex_lock(&w->flush_lock);
+    w->flush_stop = 1;
+    pthread_cond_signal(&w->flush_cond);
+    pthread_mutex_unlock(&w->flush_lock);
+    pthread_join(w->flusher, NULL);
+    w->flusher_running = 0;
+}
+
+/* 1 when the n bytes at p are all zero bits (-0.0f is not zero here: its frame differs). */
+static int all_zero(const void *p, size_t n)
+{
+    const uint64_t *q = p;
+    size_t words = n / 8;
+    for (size_t i = 0; i < words; i += 512) { /* 4 KiB at a time: stops early on real data */
+        uint64_t acc = 0;
+        size_t e = i + 512 < words ? i + 512 : words;
+        for (size_t k = i; k < e; k++)
+            acc |= q[k];
+        if (acc)
+            return 0;
+    }
+    const uint8_t *b = p;
+    for (size_t i = words * 8; i < n; i++)
+        if (b[i])
+            return 0;
+    return 1;
+}
+
+static int pwrite_all(int fd, const void *buf, size_t n, off_t off)
+{
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t k = pwrite(fd, p, n, off);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0) {
+            if (k == 0)
+                errno = ENOSPC;
+            return -1;
+        }
+        p += k;
+        n -= (size_t)k;
+        off += k;
+    }
+    return 0;
+}
 
 static int write_one_chunk(writer *w, out_dataset *d, int64_t chunk, int worker, mps_err *err)
 {
@@ -65,28 +346,57 @@ static int write_one_chunk(writer *w, out_dataset *d, int64_t chunk, int worker,
                        d->piece.flat_begin + end, s->raw, err) != 0)
         return -1;
     /* edge chunks are stored full size: zero the tail */
-    memset(s->raw + n, 0, (size_t)(d->grid.chunk_elems - n) * sizeof(float));
-    d->sums[chunk] = mps_xxh3(s->raw, (size_t)n * sizeof(float));
+    size_t raw_bytes = (size_t)d->grid.chunk_elems * sizeof(float);
+    memset(s->raw + n, 0, raw_bytes - (size_t)n * sizeof(float));
+    const uint8_t *frame = s->packed;
     size_t packed;
-    if (mps_chunk_encode(s->cctx, w->m->zstd_level, s->raw, (size_t)d->grid.chunk_elems * sizeof(float), sizeof(float),
-                         s->shuffled, s->packed, s->packed_cap, &packed, err) != 0)
-        return -1;
+    if (all_zero(s->raw, (size_t)n * sizeof(float))) {
+        if (s->zero_frame_elems != d->grid.chunk_elems) {
+            if (mps_chunk_encode(s->cctx, w->m->zstd_level, s->raw, raw_bytes, sizeof(float), s->shuffled, s->zero_frame,
+                                 s->packed_cap, &s->zero_frame_size, err) != 0)
+                return -1;
+            s->zero_frame_elems = d->grid.chunk_elems;
+        }
+        if (s->zero_sum_elems != n) {
+            s->zero_sum = mps_xxh3(s->raw, (size_t)n * sizeof(float));
+            s->zero_sum_elems = n;
+        }
+        d->sums[chunk] = s->zero_sum;
+        frame = s->zero_frame;
+        packed = s->zero_frame_size;
+    } else {
+        d->sums[chunk] = mps_xxh3(s->raw, (size_t)n * sizeof(float));
+        if (mps_chunk_encode(s->cctx, w->m->zstd_level, s->raw, raw_bytes, sizeof(float), s->shuffled, s->packed,
+                             s->packed_cap, &packed, err) != 0)
+            return -1;
+    }
     hsize_t hoff[MPS_MAX_DIMS];
     for (int i = 0; i < d->grid.ndim; i++)
         hoff[i] = (hsize_t)offset[i];
-    if (H5Dwrite_chunk(d->dset, H5P_DEFAULT, 0, hoff, packed, s->packed) < 0) {
+    /* Under the lock HDF5 only allocates and indexes the chunk; the driver hands its address back
+     * in the slot (taken stays 0 where HDF5 wrote the bytes itself: another HDF5 version). */
+    pthread_mutex_lock(&w->h5_lock);
+    w->ctl.slot = (defer_slot){ .buf = frame, .size = packed, .addr = HADDR_UNDEF };
+    herr_t hrc = H5Dwrite_chunk(d->dset, H5P_DEFAULT, 0, hoff, packed, frame);
+    defer_slot got = w->ctl.slot;
+    w->ctl.slot.buf = NULL;
+    pthread_mutex_unlock(&w->h5_lock);
+    int io_errno = 0;
+    if (hrc >= 0 && got.taken && pwrite_all(w->fd[d->file], frame, packed, (off_t)got.addr) != 0)
+        io_errno = errno;
+    if (hrc < 0 || io_errno) {
         mps_tensor_spec spec;
         mps_tensor_spec_get(&w->m->cfg, d->tensor, &spec);
-        return mps_fail(err, MPS_EIO, "%s: writing chunk %lld of /%s/%s failed (disk full?)", w->paths[d->file],
-                        (long long)chunk, mps_kind_name(d->kind), spec.name);
+        return mps_fail(err, MPS_EIO, "%s: writing chunk %lld of /%s/%s failed: %s", w->paths[d->file], (long long)chunk,
+                        mps_kind_name(d->kind), spec.name, io_errno ? strerror(io_errno) : "HDF5 error (disk full?)");
     }
     mps_progress_add(w->progress, n * (int64_t)sizeof(float));
-    /* Start writeback of what this file has so far every 64 MiB: the disk then writes while we
-     * compress, instead of the final fsync writing everything at the end. */
-    if (atomic_fetch_add(&w->unflushed[d->file], (int64_t)packed) + (int64_t)packed > ((int64_t)64 << 20)) {
+    if (w->flusher_running && atomic_fetch_add(&w->unflushed[d->file], (int64_t)packed) + (int64_t)packed > FLUSH_BYTES) {
         atomic_store(&w->unflushed[d->file], 0);
-        if (w->flush_fd[d->file] >= 0)
-            sync_file_range(w->flush_fd[d->file], 0, 0, SYNC_FILE_RANGE_WRITE);
+        pthread_mutex_lock(&w->flush_lock);
+        w->flush_pending[d->file] = 1;
+        pthread_cond_signal(&w->flush_cond);
+        pthread_mutex_unlock(&w->flush_lock);
     }
     return 0;
 }
@@ -94,9 +404,31 @@ static int write_one_chunk(writer *w, out_dataset *d, int64_t chunk, int worker,
 static int write_chunks(void *arg, int worker, mps_err *err)
 {
     chunk_job *j = arg;
-    for (int64_t c = j->chunk; c < j->chunk + j->count; c++)
-        if (write_one_chunk(j->w, j->d, c, worker, err) != 0)
-            return -1;
+    writer *w = j->w;
+    int rc = 0;
+    for (int64_t c = j->chunk; c < j->chunk + j->count && rc == 0; c++)
+        rc = write_one_chunk(w, j->d, c, worker, err);
+    pthread_mutex_lock(&w->sched_lock);
+    if (rc != 0)
+        w->failed = 1;
+    if (--w->left[j->d->tensor] == 0 || rc != 0)
+        pthread_cond_broadcast(&w->sched_cond);
+    pthread_mutex_unlock(&w->sched_lock);
+    return rc;
+}
+
+/* Waits until every job of tensor t has finished; on a failed job, for the pool's first error. */
+static int wait_tensor(writer *w, mps_pool *pool, int t, mps_err *err)
+{
+    pthread_mutex_lock(&w->sched_lock);
+    while (w->left[t] > 0 && !w->failed)
+        pthread_cond_wait(&w->sched_cond, &w->sched_lock);
+    int failed = w->failed;
+    pthread_mutex_unlock(&w->sched_lock);
+    if (failed) {
+        mps_pool_wait(pool, err);
+        return -1;
+    }
     return 0;
 }
 
@@ -170,10 +502,12 @@ static int create_file(writer *w, const char *dir, int index, int rank, const mp
     char name[32];
     mps_shard_file_name(rank, name, sizeof name);
     snprintf(w->paths[index], sizeof w->paths[index], "%s/%s", dir, name);
-    w->files[index] = mps_h5_create_file(w->paths[index], err);
+    w->files[index] = mps_h5_create_file(w->paths[index], w->fapl, err);
     if (w->files[index] < 0)
         return -1;
-    w->flush_fd[index] = open(w->paths[index], O_RDONLY | O_CLOEXEC);
+    w->fd[index] = open(w->paths[index], O_WRONLY | O_CLOEXEC);
+    if (w->fd[index] < 0)
+        return mps_fail(err, MPS_EIO, "%s: cannot open for writing: %s", w->paths[index], strerror(errno));
     char layout[256];
     mps_layout_format(&m->layout, layout, sizeof layout);
     int64_t nums[3] = { m->format_version, rank, mps_layout_world(&m->layout) };
@@ -212,6 +546,8 @@ static int cmp_by_tensor(const void *a, const void *b)
 
 static void writer_free(writer *w)
 {
+    flusher_stop(w);
+    w->ctl.discard = 1; /* files still open here are abandoned (an error): nothing more reaches them */
     for (int i = 0; i < w->nds; i++) {
         if (w->ds[i].dset >= 0)
             H5Dclose(w->ds[i].dset);
@@ -223,21 +559,49 @@ static void writer_free(writer *w)
             H5Fclose(w->files[i]);
     free(w->files);
     free(w->paths);
-    if (w->flush_fd)
+    if (w->fd)
         for (int i = 0; i < w->nfiles; i++)
-            if (w->flush_fd[i] >= 0)
-                close(w->flush_fd[i]);
-    free(w->flush_fd);
+            if (w->fd[i] >= 0)
+                close(w->fd[i]);
+    free(w->fd);
     free((void *)w->unflushed);
+    free(w->flush_pending);
+    free(w->left);
+    if (w->fapl >= 0 && w->fapl != H5P_DEFAULT)
+        H5Pclose(w->fapl);
+    if (w->driver >= 0)
+        H5FDunregister(w->driver);
     if (w->scratch) {
         for (int i = 0; i < w->nthreads; i++) {
             free(w->scratch[i].raw);
             free(w->scratch[i].shuffled);
             free(w->scratch[i].packed);
+            free(w->scratch[i].zero_frame);
             ZSTD_freeCCtx(w->scratch[i].cctx);
         }
         free(w->scratch);
     }
+    pthread_mutex_destroy(&w->h5_lock);
+    pthread_mutex_destroy(&w->sched_lock);
+    pthread_cond_destroy(&w->sched_cond);
+    pthread_mutex_destroy(&w->flush_lock);
+    pthread_cond_destroy(&w->flush_cond);
+}
+
+/* The files' access list: the deferring driver where this HDF5 has it. */
+static int writer_fapl(writer *w, mps_err *err)
+{
+#if MPS_DEFER_WRITES
+    defer_fapl fa = { &w->ctl };
+    w->driver = H5FDregister(&defer_class);
+    w->fapl = w->driver >= 0 ? H5Pcreate(H5P_FILE_ACCESS) : -1;
+    if (w->fapl < 0 || H5Pset_driver(w->fapl, w->driver, &fa) < 0)
+        return mps_fail(err, MPS_EFAIL, "cannot set up the HDF5 file driver for writing shards");
+#else
+    (void)err;
+    w->fapl = H5P_DEFAULT;
+#endif
+    return 0;
 }
 
 int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, int nranks, mps_source *src,
@@ -245,8 +609,13 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
 {
     if (mps_h5_init(err) != 0)
         return -1;
-    writer w = { .m = m, .src = src };
-    int world = mps_layout_world(&m->layout);
+    writer w = { .m = m, .src = src, .driver = -1, .fapl = -1 };
+    pthread_mutex_init(&w.h5_lock, NULL);
+    pthread_mutex_init(&w.sched_lock, NULL);
+    pthread_cond_init(&w.sched_cond, NULL);
+    pthread_mutex_init(&w.flush_lock, NULL);
+    pthread_cond_init(&w.flush_cond, NULL);
+    int world = mps_layout_world(&m->layout), nt = mps_tensor_count(&m->cfg);
     if (!ranks)
         nranks = world;
     mps_owners *owners = NULL;
@@ -254,20 +623,24 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
     chunk_job *jobs = NULL;
     int rc = -1;
     if (mps_owners_build(&m->cfg, &m->layout, m->kinds, &owners, err) != 0)
-        return -1;
+        goto out;
     w.files = malloc(sizeof *w.files * (size_t)nranks);
     w.paths = malloc(sizeof *w.paths * (size_t)nranks);
-    w.flush_fd = malloc(sizeof *w.flush_fd * (size_t)nranks);
+    w.fd = malloc(sizeof *w.fd * (size_t)nranks);
     w.unflushed = calloc((size_t)nranks, sizeof *w.unflushed);
-    if (!w.files || !w.paths || !w.flush_fd || !w.unflushed) {
+    w.flush_pending = calloc((size_t)nranks, sizeof *w.flush_pending);
+    w.left = calloc((size_t)(nt > 0 ? nt : 1), sizeof *w.left);
+    if (!w.files || !w.paths || !w.fd || !w.unflushed || !w.flush_pending || !w.left) {
         mps_fail(err, MPS_ENOMEM, "out of memory");
         goto out;
     }
     for (int i = 0; i < nranks; i++) {
         w.files[i] = -1;
-        w.flush_fd[i] = -1;
+        w.fd[i] = -1;
     }
     w.nfiles = nranks;
+    if (writer_fapl(&w, err) != 0)
+        goto out;
     for (int i = 0; i < nranks; i++) {
         int rank = ranks ? ranks[i] : i;
         if (rank < 0 || rank >= world) {
@@ -280,7 +653,7 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
     qsort(w.ds, (size_t)w.nds, sizeof *w.ds, cmp_by_tensor);
     int64_t njobs = 0, total_bytes = 0;
     for (int i = 0; i < w.nds; i++) {
-        njobs += w.ds[i].grid.nchunks;
+        njobs += (w.ds[i].grid.nchunks + CHUNKS_PER_JOB - 1) / CHUNKS_PER_JOB;
         total_bytes += (w.ds[i].piece.flat_end - w.ds[i].piece.flat_begin) * (int64_t)sizeof(float);
     }
     jobs = malloc(sizeof *jobs * (size_t)(njobs ? njobs : 1));
@@ -297,8 +670,9 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
         s->raw = malloc(chunk_max);
         s->shuffled = malloc(chunk_max);
         s->packed = malloc(s->packed_cap);
+        s->zero_frame = malloc(s->packed_cap);
         s->cctx = ZSTD_createCCtx();
-        if (!s->raw || !s->shuffled || !s->packed || !s->cctx) {
+        if (!s->raw || !s->shuffled || !s->packed || !s->zero_frame || !s->cctx) {
             mps_fail(err, MPS_ENOMEM, "out of memory for worker buffers");
             goto out;
         }
@@ -307,16 +681,25 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
                                 : mps_progress_new(opts->label ? opts->label : "write", total_bytes, opts->quiet ? 0 : -1);
     if (mps_pool_create(w.nthreads, (int)(njobs < 65536 ? njobs + 1 : 65536), &pool, err) != 0)
         goto out;
-    /* Tensor by tensor, so that a source can hold one tensor (and prefetch the next) in memory. */
-    int next = 0, nt = mps_tensor_count(&m->cfg), begun = -1;
+    /* without the writeback thread, the final fsync writes everything: slower, still correct */
+    w.flusher_running = pthread_create(&w.flusher, NULL, flusher_main, &w) == 0;
+    /* Tensor by tensor, so that a source holds few tensors in memory: tensor t is begun (loaded)
+     * while t-1 compresses, and t's jobs are queued before waiting for t-1's, so that workers go on
+     * with t while the last jobs of t-1 finish instead of idling at a per-tensor barrier. */
+    int next = 0;
     int64_t j = 0;
     for (int t = 0; t < nt; t++) {
-        if (begun < t && src->begin_tensor && src->begin_tensor(src->ctx, t, err) != 0)
+        if (src->begin_tensor && src->begin_tensor(src->ctx, t, err) != 0)
             goto out_pool;
-        begun = t;
         int first = next;
         while (next < w.nds && w.ds[next].tensor == t)
             next++;
+        int64_t tjobs = 0;
+        for (int i = first; i < next; i++)
+            tjobs += (w.ds[i].grid.nchunks + CHUNKS_PER_JOB - 1) / CHUNKS_PER_JOB;
+        pthread_mutex_lock(&w.sched_lock);
+        w.left[t] = tjobs;
+        pthread_mutex_unlock(&w.sched_lock);
         for (int i = first; i < next; i++)
             for (int64_t c = 0; c < w.ds[i].grid.nchunks; c += CHUNKS_PER_JOB) {
                 int64_t left = w.ds[i].grid.nchunks - c;
@@ -324,16 +707,22 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
                 if (mps_pool_submit(pool, write_chunks, &jobs[j++], err) != 0)
                     goto out_pool;
             }
-        if (t + 1 < nt && src->begin_tensor) { /* load the next tensor while this one compresses */
-            if (src->begin_tensor(src->ctx, t + 1, err) != 0)
+        if (t > 0) {
+            if (wait_tensor(&w, pool, t - 1, err) != 0)
                 goto out_pool;
-            begun = t + 1;
+            if (src->end_tensor)
+                src->end_tensor(src->ctx, t - 1);
         }
-        if (mps_pool_wait(pool, err) != 0)
+    }
+    if (nt > 0) {
+        if (wait_tensor(&w, pool, nt - 1, err) != 0)
             goto out_pool;
         if (src->end_tensor)
-            src->end_tensor(src->ctx, t);
+            src->end_tensor(src->ctx, nt - 1);
     }
+    if (mps_pool_wait(pool, err) != 0)
+        goto out_pool;
+    flusher_stop(&w);
     for (int i = 0; i < w.nds; i++) {
         out_dataset *d = &w.ds[i];
         if (mps_h5_attr_u64(d->dset, "chunk_xxh3", d->sums, d->grid.nchunks) != 0) {
@@ -344,14 +733,22 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
         d->dset = -1;
     }
     for (int i = 0; i < w.nfiles; i++) {
+        /* Flush first: a flush that fails (disk full) leaves the file open and whole, and the
+         * error path then closes it without writing; a failed H5Fclose could not be undone. */
+        if (H5Fflush(w.files[i], H5F_SCOPE_LOCAL) < 0) {
+            mps_fail(err, MPS_EIO, "%s: writing metadata failed (disk full?)", w.paths[i]);
+            goto out_pool;
+        }
         herr_t closed = H5Fclose(w.files[i]);
         w.files[i] = -1;
         if (closed < 0) {
             mps_fail(err, MPS_EIO, "%s: closing failed (disk full?)", w.paths[i]);
             goto out_pool;
         }
-        if (mps_fsync_path(w.paths[i], err) != 0)
+        if (fsync(w.fd[i]) != 0) {
+            mps_fail(err, MPS_EIO, "%s: fsync failed: %s", w.paths[i], strerror(errno));
             goto out_pool;
+        }
     }
     rc = 0;
 out_pool:

@@ -1,6 +1,7 @@
 #include "h5util.h"
 
 #include <string.h>
+#include <sys/stat.h>
 
 #include "zstd_filter.h"
 
@@ -11,9 +12,9 @@ int mps_h5_init(mps_err *err)
     return 0;
 }
 
-hid_t mps_h5_create_file(const char *path, mps_err *err)
+hid_t mps_h5_create_file(const char *path, hid_t base_fapl, mps_err *err)
 {
-    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    hid_t fapl = base_fapl == H5P_DEFAULT ? H5Pcreate(H5P_FILE_ACCESS) : H5Pcopy(base_fapl);
     /* v1.8 object headers: attributes larger than 64 KiB (per-chunk checksums) go to dense storage */
     H5Pset_libver_bounds(fapl, H5F_LIBVER_V18, H5F_LIBVER_V18);
     hid_t f = H5Fcreate(path, H5F_ACC_EXCL, H5P_DEFAULT, fapl);
@@ -25,6 +26,12 @@ hid_t mps_h5_create_file(const char *path, mps_err *err)
 
 hid_t mps_h5_open_file(const char *path, mps_err *err)
 {
+    /* HDF5 opens without O_NONBLOCK: a FIFO in place of a shard would block it forever */
+    struct stat st;
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+        mps_fail(err, MPS_ECORRUPT, "%s: not a regular file", path);
+        return -1;
+    }
     htri_t is = H5Fis_hdf5(path);
     if (is <= 0) {
         mps_fail(err, MPS_ECORRUPT, "%s: missing, unreadable or not an HDF5 file", path);

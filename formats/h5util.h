@@ -8,7 +8,9 @@
 
 /* Registers the zstd filter in this process. */
 int mps_h5_init(mps_err *err);
-hid_t mps_h5_create_file(const char *path, mps_err *err);
+/* Creates path (it must not exist) with the project's settings on top of base_fapl (H5P_DEFAULT,
+ * or a file-access list that chooses a driver; it is copied, not changed). */
+hid_t mps_h5_create_file(const char *path, hid_t base_fapl, mps_err *err);
 hid_t mps_h5_open_file(const char *path, mps_err *err);
 int mps_h5_attr_str(hid_t obj, const char *name, const char *value);
 int mps_h5_attr_i64(hid_t obj, const char *name, const int64_t *values, int n);
