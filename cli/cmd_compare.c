@@ -44,7 +44,9 @@ int cmd_compare(int argc, char **argv)
         return cli_usage("compare", "expected two model files");
     mps_err err;
     mps_err_clear(&err);
-    if (is_checkpoint(argv[optind]) && is_checkpoint(argv[optind + 1])) {
+    /* one checkpoint makes it a checkpoint comparison: the other one, if not a committed checkpoint
+     * (a crashed run's staging directory, a damaged manifest), is then reported as such */
+    if (is_checkpoint(argv[optind]) || is_checkpoint(argv[optind + 1])) {
         int rc = mps_ckpt_compare(argv[optind], argv[optind + 1], (int64_t)256 << 20, print_line, NULL, &err);
         if (rc < 0)
             return cli_fail("compare", &err);

@@ -412,7 +412,9 @@ static int run_suggest(const inspect_args *a, const mps_config *cfg, mps_err *er
     return 0;
 }
 
-/* Files of a checkpoint: bytes on disk (stat) and the raw f32 bytes the layout stores in each. */
+/* Files of a checkpoint: bytes on disk (stat) and the raw f32 bytes the layout stores in each.
+ * Each file is also checked against the manifest (size, checkpoint id, rank; no chunk data is
+ * read): the table is still printed, then the first bad file is the error. */
 static int files_report(const inspect_args *a, const char *dir, const mps_manifest *m, json_t *out, mps_err *err)
 {
     mps_owners *owners;
@@ -422,26 +424,31 @@ static int files_report(const inspect_args *a, const char *dir, const mps_manife
     if (!out)
         printf("\n%-18s %14s %14s %8s\n", "file", "on disk", "raw f32", "ratio");
     int64_t disk_total = 0, raw_total = 0;
-    int missing = 0;
+    int bad = 0;
+    mps_err first;
+    mps_err_clear(&first);
     for (int i = 0; i < m->nfiles; i++) {
         char path[4400];
         snprintf(path, sizeof path, "%s/%s", dir, m->files[i].name);
         struct stat st;
         int64_t raw = mps_owner_bytes(owners, m->files[i].rank), disk = stat(path, &st) == 0 ? (int64_t)st.st_size : -1;
         double ratio = disk > 0 ? (double)raw / (double)disk : 0;
-        if (disk < 0)
-            missing++;
-        else
+        mps_err ferr;
+        mps_err_clear(&ferr);
+        int ok = mps_shard_file_check(dir, m, m->files[i].rank, &ferr) == 0;
+        if (!ok && bad++ == 0)
+            first = ferr;
+        if (disk >= 0)
             disk_total += disk;
         raw_total += raw;
         if (out)
-            json_array_append_new(list, json_pack("{s:s, s:i, s:I, s:I, s:f}", "name", m->files[i].name, "rank",
+            json_array_append_new(list, json_pack("{s:s, s:i, s:I, s:I, s:f, s:b}", "name", m->files[i].name, "rank",
                                                   m->files[i].rank, "bytes", (json_int_t)disk, "raw_bytes", (json_int_t)raw,
-                                                  "ratio", ratio));
+                                                  "ratio", ratio, "ok", ok));
         else if (disk < 0)
             printf("%-18s %14s %14s %8s\n", m->files[i].name, "MISSING", FMT(raw), "-");
         else
-            printf("%-18s %14s %14s %7.3fx\n", m->files[i].name, FMT(disk), FMT(raw), ratio);
+            printf("%-18s %14s %14s %7.3fx%s\n", m->files[i].name, FMT(disk), FMT(raw), ratio, ok ? "" : "  BAD");
     }
     double ratio = disk_total > 0 ? (double)raw_total / (double)disk_total : 0;
     if (out) {
@@ -452,8 +459,13 @@ static int files_report(const inspect_args *a, const char *dir, const mps_manife
         printf("%-18s %14s %14s %7.3fx\n", "total", FMT(disk_total), FMT(raw_total), ratio);
     }
     mps_owners_free(owners);
-    if (missing)
-        return mps_fail(err, MPS_ECORRUPT, "%s: %d file%s listed in the manifest missing", dir, missing, missing > 1 ? "s" : "");
+    int world = mps_layout_world(&m->layout);
+    if (bad == 0 && m->nfiles != world)
+        return mps_fail(err, MPS_ECORRUPT, "%s/" MPS_MANIFEST_NAME ": lists %d files for %d ranks", dir, m->nfiles, world);
+    if (bad > 1)
+        return mps_fail(err, first.code, "%s (and %d more bad file%s)", first.msg, bad - 1, bad > 2 ? "s" : "");
+    if (bad)
+        return mps_fail(err, first.code, "%s", first.msg);
     return 0;
 }
 
@@ -678,10 +690,11 @@ int cmd_inspect(int argc, char **argv)
     if (a.tensors && tensors_report(&a, plan, j, &err) != 0)
         goto fail;
     if (have_manifest) {
-        /* a missing file is reported, and the command still shows what it can */
+        /* a bad file is reported (the first one is the error), and the command still shows what it
+         * can: --check then says what the datasets that can be read hold */
         if (files_report(&a, a.dir, &m, j, &err) != 0)
             status = err.code;
-        if ((a.check || a.tensors) && status == 0 && scan_report(&a, a.dir, &m, plan, j, &mismatches, &err) != 0)
+        if ((a.check || a.tensors) && scan_report(&a, a.dir, &m, plan, j, &mismatches, &err) != 0 && status == 0)
             status = err.code;
     }
     if (a.svg && run_svg(&a, plan, have_manifest ? a.dir : (a.model ? a.model : a.config), &err) != 0)

@@ -67,11 +67,18 @@ int mps_chunk_grid_load(mps_chunk_grid *g, int ndim, const int64_t *dims, const 
         return mps_fail(err, MPS_ECORRUPT, "dataset rank %d not supported", ndim);
     g->ndim = ndim;
     int j = -1;
+    /* the chunk shape comes from the file: every product is checked before it is formed */
+    int64_t numel = 1, elems = 1;
     for (int i = 0; i < ndim; i++) {
         g->dims[i] = dims[i];
         g->chunk[i] = chunk[i];
         if (chunk[i] < 1)
             return mps_fail(err, MPS_ECORRUPT, "chunk extent %lld in dimension %d", (long long)chunk[i], i);
+        if (dims[i] < 0 || __builtin_mul_overflow(numel, dims[i], &numel))
+            return mps_fail(err, MPS_ECORRUPT, "dataset extent %lld in dimension %d", (long long)dims[i], i);
+        if (__builtin_mul_overflow(elems, chunk[i], &elems) || elems > MPS_MAX_CHUNK_BYTES / 4)
+            return mps_fail(err, MPS_ECORRUPT, "chunk extent %lld in dimension %d exceeds the %lld-byte chunk limit",
+                            (long long)chunk[i], i, (long long)MPS_MAX_CHUNK_BYTES);
     }
     /* the split dimension: the first one whose chunk extent is not 1 (or the last) */
     for (int i = 0; i < ndim && j < 0; i++)
@@ -82,11 +89,6 @@ int mps_chunk_grid_load(mps_chunk_grid *g, int ndim, const int64_t *dims, const 
             return mps_fail(err, MPS_ECORRUPT, "chunk shape is not of the form (1,..,k,whole..) (dimension %d)", i);
     if (chunk[j] > dims[j] && dims[j] > 0)
         return mps_fail(err, MPS_ECORRUPT, "chunk extent %lld exceeds dimension %lld", (long long)chunk[j], (long long)dims[j]);
-    int64_t elems = 1;
-    for (int i = 0; i < ndim; i++)
-        elems *= chunk[i];
-    if (elems * 4 > MPS_MAX_CHUNK_BYTES)
-        return mps_fail(err, MPS_ECORRUPT, "chunk of %lld elements exceeds the limit", (long long)elems);
     g->split = j;
     grid_derive(g);
     return 0;

@@ -108,6 +108,9 @@ typedef struct mps_ckpt mps_ckpt;
 typedef struct mps_read_scratch mps_read_scratch;
 
 int mps_ckpt_open(const char *dir, mps_ckpt **out, mps_err *err);
+/* Checks that DIR's file of `rank` is the one manifest m lists: present, of the recorded size, an
+ * mpshard shard file carrying m's checkpoint id and that rank. Reads no chunk data. */
+int mps_shard_file_check(const char *dir, const mps_manifest *m, int rank, mps_err *err);
 const mps_manifest *mps_ckpt_manifest(const mps_ckpt *c);
 const char *mps_ckpt_dir(const mps_ckpt *c);
 void mps_ckpt_close(mps_ckpt *c);

@@ -34,6 +34,8 @@ struct mps_ckpt {
 };
 
 void mps_ckpt_file_path(const mps_ckpt *c, int rank, char *buf, size_t size);
+/* Opens rank's file if not yet open, checking size, format, checkpoint id and rank. */
+int mps_ckpt_check_rank_file(mps_ckpt *c, int rank, mps_err *err);
 int mps_ckpt_piece(mps_ckpt *c, mps_kind kind, int tensor, int id, stored_piece **out, mps_err *err);
 /* Reads, decodes and checks chunk `id` of the piece into the scratch's chunk buffer. */
 int mps_ckpt_read_chunk(mps_ckpt *c, stored_piece *sp, int64_t id, mps_read_scratch *s, mps_err *err);

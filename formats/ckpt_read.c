@@ -158,6 +158,82 @@ void mps_ckpt_file_path(const mps_ckpt *c, int rank, char *buf, size_t size)
     snprintf(buf, size, "%s/%s", c->dir, name);
 }
 
+/* Opens a shard file and checks that it is the file the manifest lists for `rank`: its size, the
+ * format, the checkpoint id and the rank it records. bytes < 0: the manifest does not list it.
+ * Chunk bytes are read through *fd (pread), the index through the HDF5 handle: both must be the
+ * same file, also when a writer replaces the checkpoint meanwhile (--force), so the file is opened
+ * first and its inode checked again once HDF5 has it. fd == NULL: the descriptor is closed. */
+static hid_t open_checked(const mps_manifest *m, const char *path, int rank, int64_t bytes, int *fd_out, mps_err *err)
+{
+    if (bytes < 0)
+        return mps_fail(err, MPS_ECORRUPT, "%s: the manifest does not list this file", path);
+    /* O_NONBLOCK: a FIFO in place of a shard must not block the open */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: %s", path,
+                        errno == ENOENT ? "missing" : strerror(errno));
+    struct stat st, now;
+    hid_t f = -1;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        mps_fail(err, MPS_ECORRUPT, "%s: not a regular file", path);
+        goto fail;
+    }
+    if (st.st_size != bytes) {
+        mps_fail(err, MPS_ECORRUPT, "%s: size %lld bytes, the manifest records %lld (truncated or replaced)", path,
+                 (long long)st.st_size, (long long)bytes);
+        goto fail;
+    }
+    if ((f = mps_h5_open_file(path, err)) < 0)
+        goto fail;
+    char text[64];
+    int64_t rank_attr = -1, version = -1;
+    if (mps_h5_read_attr_str(f, "format", text, sizeof text) != 0 || strcmp(text, "mpshard") != 0 ||
+        mps_h5_read_attr_i64(f, "format_version", &version, 1) != 0 || version != m->format_version) {
+        mps_fail(err, MPS_ECORRUPT, "%s: not an mpshard shard file of format version %d", path, m->format_version);
+        goto fail;
+    }
+    if (mps_h5_read_attr_str(f, "checkpoint_id", text, sizeof text) != 0 || strcmp(text, m->checkpoint_id) != 0) {
+        mps_fail(err, MPS_ECORRUPT, "%s: belongs to another checkpoint (checkpoint_id differs from the manifest)", path);
+        goto fail;
+    }
+    if (mps_h5_read_attr_i64(f, "rank", &rank_attr, 1) != 0 || rank_attr != rank) {
+        mps_fail(err, MPS_ECORRUPT, "%s: records rank %lld, expected %d", path, (long long)rank_attr, rank);
+        goto fail;
+    }
+    if (stat(path, &now) != 0 || now.st_ino != st.st_ino || now.st_dev != st.st_dev) {
+        mps_fail(err, MPS_ECORRUPT, "%s: replaced while being opened (another process rewrote the checkpoint)", path);
+        goto fail;
+    }
+    if (fd_out)
+        *fd_out = fd;
+    else
+        close(fd);
+    return f;
+fail:
+    if (f >= 0)
+        H5Fclose(f);
+    close(fd);
+    return -1;
+}
+
+int mps_shard_file_check(const char *dir, const mps_manifest *m, int rank, mps_err *err)
+{
+    if (mps_h5_init(err) != 0)
+        return -1;
+    char name[32], path[4400];
+    mps_shard_file_name(rank, name, sizeof name);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    int64_t bytes = -1;
+    for (int i = 0; i < m->nfiles; i++)
+        if (m->files[i].rank == rank)
+            bytes = m->files[i].bytes;
+    hid_t f = open_checked(m, path, rank, bytes, NULL, err);
+    if (f < 0)
+        return -1;
+    H5Fclose(f);
+    return 0;
+}
+
 /* Opens rank's file (caller holds the lock) and checks it belongs to this checkpoint. */
 static hid_t open_rank_file(mps_ckpt *c, int rank, mps_err *err)
 {
@@ -165,39 +241,19 @@ static hid_t open_rank_file(mps_ckpt *c, int rank, mps_err *err)
         return c->files[rank];
     char path[4400];
     mps_ckpt_file_path(c, rank, path, sizeof path);
-    if (c->file_bytes[rank] < 0)
-        return mps_fail(err, MPS_ECORRUPT, "%s: the manifest does not list this file", path);
-    struct stat st;
-    if (stat(path, &st) != 0)
-        return mps_fail(err, MPS_ECORRUPT, "%s: missing", path);
-    if (st.st_size != c->file_bytes[rank])
-        return mps_fail(err, MPS_ECORRUPT, "%s: size %lld bytes, the manifest records %lld (truncated or replaced)", path,
-                        (long long)st.st_size, (long long)c->file_bytes[rank]);
-    hid_t f = mps_h5_open_file(path, err);
+    hid_t f = open_checked(&c->m, path, rank, c->file_bytes[rank], &c->fds[rank], err);
     if (f < 0)
         return -1;
-    char text[64];
-    int64_t rank_attr = -1, version = -1;
-    if (mps_h5_read_attr_str(f, "format", text, sizeof text) != 0 || strcmp(text, "mpshard") != 0 ||
-        mps_h5_read_attr_i64(f, "format_version", &version, 1) != 0 || version != c->m.format_version) {
-        H5Fclose(f);
-        return mps_fail(err, MPS_ECORRUPT, "%s: not an mpshard shard file of format version %d", path, c->m.format_version);
-    }
-    if (mps_h5_read_attr_str(f, "checkpoint_id", text, sizeof text) != 0 || strcmp(text, c->m.checkpoint_id) != 0) {
-        H5Fclose(f);
-        return mps_fail(err, MPS_ECORRUPT, "%s: belongs to another checkpoint (checkpoint_id differs from the manifest)", path);
-    }
-    if (mps_h5_read_attr_i64(f, "rank", &rank_attr, 1) != 0 || rank_attr != rank) {
-        H5Fclose(f);
-        return mps_fail(err, MPS_ECORRUPT, "%s: records rank %lld, expected %d", path, (long long)rank_attr, rank);
-    }
-    c->fds[rank] = open(path, O_RDONLY | O_CLOEXEC);
-    if (c->fds[rank] < 0) {
-        H5Fclose(f);
-        return mps_fail(err, MPS_EIO, "%s: cannot open: %s", path, strerror(errno));
-    }
     c->files[rank] = f;
     return f;
+}
+
+int mps_ckpt_check_rank_file(mps_ckpt *c, int rank, mps_err *err)
+{
+    pthread_mutex_lock(&c->lock);
+    hid_t f = open_rank_file(c, rank, err);
+    pthread_mutex_unlock(&c->lock);
+    return f < 0 ? -1 : 0;
 }
 
 static int boxes_equal(const int64_t *a, const int64_t *b, int n)

@@ -4,6 +4,16 @@
 #include <stdio.h>
 #include <string.h>
 
+/* Messages quote names taken from input files and options (tensor keys, layout strings): a
+ * control character there would split the one-line report or drive the terminal, so each
+ * becomes '?'. */
+static void one_line(char *msg)
+{
+    for (unsigned char *p = (unsigned char *)msg; *p; p++)
+        if (*p < 0x20 || *p == 0x7f)
+            *p = '?';
+}
+
 int mps_fail(mps_err *err, int code, const char *fmt, ...)
 {
     if (err == NULL || err->code != MPS_OK)
@@ -13,6 +23,7 @@ int mps_fail(mps_err *err, int code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(err->msg, sizeof err->msg, fmt, ap);
     va_end(ap);
+    one_line(err->msg);
     return -1;
 }
 
@@ -36,6 +47,7 @@ int mps_wrap(mps_err *err, const char *fmt, ...)
     size_t rest = sizeof err->msg - n - 3;
     strncpy(err->msg + n + 2, old, rest);
     err->msg[sizeof err->msg - 1] = '\0';
+    one_line(err->msg);
     return -1;
 }
 

@@ -168,16 +168,48 @@ static int get_int(json_t *obj, const char *key, int64_t lo, int64_t hi, int64_t
     return 0;
 }
 
+/* Copies a JSON string into a fixed field, cut at a character boundary (a cut UTF-8 sequence
+ * would make the manifest unwritable). */
+static void copy_text(char *dst, size_t size, json_t *v)
+{
+    const char *s = json_is_string(v) ? json_string_value(v) : "";
+    size_t n = strlen(s);
+    if (n >= size) {
+        n = size - 1;
+        while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80) /* s[n] continues a sequence */
+            n--;
+    }
+    memcpy(dst, s, n);
+    dst[n] = '\0';
+}
+
+static int is_hex_id(const char *s)
+{
+    if (strlen(s) != 32)
+        return 0;
+    for (int i = 0; i < 32; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return 0;
+    return 1;
+}
+
+static int cmp_int(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
 static int read_file_text(const char *path, char **out, size_t *len, mps_err *err)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block: refused below */
     if (fd < 0)
         return mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s%s", path, strerror(errno),
                         errno == ENOENT ? " (not a committed mpshard checkpoint)" : "");
     struct stat st;
-    if (fstat(fd, &st) != 0 || st.st_size > MAX_MANIFEST_BYTES) {
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > MAX_MANIFEST_BYTES) {
         close(fd);
-        return mps_fail(err, MPS_ECORRUPT, "%s: unreadable or larger than %d bytes", path, MAX_MANIFEST_BYTES);
+        return mps_fail(err, MPS_ECORRUPT, "%s: not a regular file, unreadable or larger than %d bytes", path,
+                        MAX_MANIFEST_BYTES);
     }
     char *buf = malloc((size_t)st.st_size + 1);
     if (!buf) {
@@ -225,12 +257,13 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
                         path, stored, hex);
     }
     json_error_t jerr;
-    json_t *root = json_loads(text, 0, &jerr);
+    json_t *root = json_loads(text, JSON_REJECT_DUPLICATES, &jerr);
     free(text);
     if (!root)
         return mps_fail(err, MPS_ECORRUPT, "%s: invalid JSON at line %d: %s", path, jerr.line, jerr.text);
     int rc = -1;
     int64_t v;
+    int *ranks = NULL;
     json_t *fmt = json_object_get(root, "format");
     if (!json_is_string(fmt) || strcmp(json_string_value(fmt), "mpshard") != 0) {
         mps_fail(err, MPS_ECORRUPT, "%s: not an mpshard manifest", path);
@@ -245,13 +278,12 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     }
     m->format_version = (int)v;
     json_t *id = json_object_get(root, "checkpoint_id");
-    if (!json_is_string(id) || strlen(json_string_value(id)) != 32) {
-        mps_fail(err, MPS_ECORRUPT, "%s: bad checkpoint_id", path);
+    if (!json_is_string(id) || !is_hex_id(json_string_value(id))) {
+        mps_fail(err, MPS_ECORRUPT, "%s: checkpoint_id is not 32 hexadecimal digits", path);
         goto out;
     }
     strcpy(m->checkpoint_id, json_string_value(id));
-    json_t *cb = json_object_get(root, "created_by");
-    snprintf(m->created_by, sizeof m->created_by, "%s", json_is_string(cb) ? json_string_value(cb) : "");
+    copy_text(m->created_by, sizeof m->created_by, json_object_get(root, "created_by"));
     json_t *model = json_object_get(root, "model");
     int64_t nl, ne, nh, np, vv, pv;
     if (!json_is_object(model) || get_int(model, "n_layer", 1, 1 << 20, &nl, path, err) ||
@@ -270,7 +302,11 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     }
     json_t *lay = json_object_get(root, "layout");
     int64_t dp, pp, tp, zero;
-    if (!json_is_object(lay) || get_int(lay, "dp", 1, MPS_MAX_PAR, &dp, path, err) ||
+    if (!json_is_object(lay)) {
+        mps_fail(err, MPS_ECORRUPT, "%s: 'layout' missing or not an object", path);
+        goto out;
+    }
+    if (get_int(lay, "dp", 1, MPS_MAX_PAR, &dp, path, err) ||
         get_int(lay, "pp", 1, MPS_MAX_PP, &pp, path, err) || get_int(lay, "tp", 1, MPS_MAX_PAR, &tp, path, err) ||
         get_int(lay, "zero", 0, 3, &zero, path, err))
         goto out;
@@ -319,23 +355,40 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     }
     json_t *storage = json_object_get(root, "storage");
     int64_t level;
-    if (!json_is_object(storage) || get_int(storage, "chunk_bytes", 4, MPS_MAX_CHUNK_BYTES, &m->chunk_bytes, path, err) ||
+    if (!json_is_object(storage)) {
+        mps_fail(err, MPS_ECORRUPT, "%s: 'storage' missing or not an object", path);
+        goto out;
+    }
+    if (get_int(storage, "chunk_bytes", 4, MPS_MAX_CHUNK_BYTES, &m->chunk_bytes, path, err) ||
         get_int(storage, "zstd_level", -131072, 22, &level, path, err))
         goto out;
     m->zstd_level = (int)level;
     json_t *state = json_object_get(root, "state");
-    if (!json_is_object(state) || get_int(state, "step", 0, INT64_MAX, &m->step, path, err) ||
+    if (!json_is_object(state)) {
+        mps_fail(err, MPS_ECORRUPT, "%s: 'state' missing or not an object", path);
+        goto out;
+    }
+    if (get_int(state, "step", 0, INT64_MAX, &m->step, path, err) ||
         get_int(state, "data_position", 0, INT64_MAX, &m->data_position, path, err))
         goto out;
     json_t *seed = json_object_get(state, "rng_seed");
-    m->rng_seed = json_is_string(seed) ? strtoull(json_string_value(seed), NULL, 10) : 0;
+    if (seed) { /* a string of decimal digits (a JSON number loses 64-bit precision) */
+        const char *d = json_is_string(seed) ? json_string_value(seed) : "";
+        char *end;
+        errno = 0;
+        m->rng_seed = strtoull(d, &end, 10);
+        if (*d < '0' || *d > '9' || *end != '\0' || errno == ERANGE) {
+            mps_fail(err, MPS_ECORRUPT, "%s: state.rng_seed is not a 64-bit unsigned integer in a string", path);
+            goto out;
+        }
+    }
     json_t *train = json_object_get(state, "train");
     if (train)
         m->train_state_json = json_dumps(train, JSON_COMPACT);
     json_t *source = json_object_get(root, "source");
     if (json_is_object(source)) {
         json_t *sf = json_object_get(source, "format"), *sd = json_object_get(source, "dtype");
-        snprintf(m->source_format, sizeof m->source_format, "%s", json_is_string(sf) ? json_string_value(sf) : "");
+        copy_text(m->source_format, sizeof m->source_format, sf);
         int d = json_is_string(sd) ? mps_dtype_from_name(json_string_value(sd)) : 0;
         m->source_dtype = d < 0 ? MPS_DTYPE_F32 : (mps_dtype)d;
         json_t *hf = json_object_get(source, "hf_config");
@@ -349,10 +402,19 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     }
     m->nfiles = (int)json_array_size(files);
     m->files = calloc((size_t)m->nfiles + 1, sizeof *m->files);
+    ranks = malloc(sizeof *ranks * ((size_t)m->nfiles + 1));
+    if (!m->files || !ranks) {
+        mps_fail(err, MPS_ENOMEM, "%s: out of memory for %d file entries", path, m->nfiles);
+        goto out;
+    }
     for (int i = 0; i < m->nfiles; i++) {
         json_t *f = json_array_get(files, (size_t)i);
         int64_t r;
-        if (!json_is_object(f) || get_int(f, "rank", 0, mps_layout_world(&m->layout) - 1, &r, path, err) ||
+        if (!json_is_object(f)) {
+            mps_fail(err, MPS_ECORRUPT, "%s: files[%d] is not an object", path, i);
+            goto out;
+        }
+        if (get_int(f, "rank", 0, mps_layout_world(&m->layout) - 1, &r, path, err) ||
             get_int(f, "bytes", 0, INT64_MAX, &m->files[i].bytes, path, err))
             goto out;
         m->files[i].rank = (int)r;
@@ -362,9 +424,17 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
             mps_fail(err, MPS_ECORRUPT, "%s: files[%d].name must be %s", path, i, m->files[i].name);
             goto out;
         }
+        ranks[i] = (int)r;
     }
+    qsort(ranks, (size_t)m->nfiles, sizeof *ranks, cmp_int);
+    for (int i = 1; i < m->nfiles; i++)
+        if (ranks[i] == ranks[i - 1]) {
+            mps_fail(err, MPS_ECORRUPT, "%s: 'files' lists rank %d twice", path, ranks[i]);
+            goto out;
+        }
     rc = 0;
 out:
+    free(ranks);
     json_decref(root);
     if (rc != 0)
         mps_manifest_free(m);

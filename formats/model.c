@@ -106,28 +106,43 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
     if (strlen(text) >= sizeof buf)
         return mps_fail(err, MPS_EUSAGE, "--config: string too long");
     strcpy(buf, text);
-    int have_padded = 0;
+    /* keys, and the largest value each can hold (the int fields must fit an int exactly) */
+    static const struct { const char *name; int64_t max; } keys[] = {
+        { "n_layer", INT32_MAX }, { "n_embd", INT32_MAX }, { "n_head", INT32_MAX }, { "vocab", MAX_VOCAB },
+        { "n_positions", INT32_MAX }, { "padded_vocab", MAX_VOCAB },
+    };
+    int64_t vals[6] = { 0 };
+    int seen[6] = { 0 };
     for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
         char *eq = strchr(tok, '=');
-        int64_t v;
         if (eq == NULL)
             return mps_fail(err, MPS_EUSAGE, "--config: '%s' is not key=value", tok);
         *eq = '\0';
-        if (parse_i64(eq + 1, &v) != 0 || v < 0 || v > MAX_VOCAB)
-            return mps_fail(err, MPS_EUSAGE, "--config: %s='%s' is not a valid number", tok, eq + 1);
-        if (strcmp(tok, "n_layer") == 0) out->n_layer = (int)v;
-        else if (strcmp(tok, "n_embd") == 0) out->n_embd = (int)v;
-        else if (strcmp(tok, "n_head") == 0) out->n_head = (int)v;
-        else if (strcmp(tok, "n_positions") == 0) out->n_positions = (int)v;
-        else if (strcmp(tok, "vocab") == 0) out->vocab = v;
-        else if (strcmp(tok, "padded_vocab") == 0) { out->padded_vocab = v; have_padded = 1; }
-        else
+        int k = -1;
+        for (int i = 0; i < 6; i++)
+            if (strcmp(tok, keys[i].name) == 0)
+                k = i;
+        if (k < 0)
             return mps_fail(err, MPS_EUSAGE,
                             "--config: unknown key '%s' (known: n_layer, n_embd, n_head, vocab, padded_vocab, n_positions)", tok);
+        if (seen[k]++)
+            return mps_fail(err, MPS_EUSAGE, "--config: key '%s' given twice", tok);
+        if (parse_i64(eq + 1, &vals[k]) != 0 || vals[k] < 0 || vals[k] > keys[k].max)
+            return mps_fail(err, MPS_EUSAGE, "--config: %s='%s' is not a valid number", tok, eq + 1);
     }
-    if (!have_padded)
-        out->padded_vocab = mps_default_padded_vocab(out->vocab);
-    return mps_config_validate(out, err);
+    for (int i = 0; i < 5; i++)
+        if (!seen[i])
+            return mps_fail(err, MPS_EUSAGE, "--config: missing %s (give n_layer, n_embd, n_head, vocab, n_positions)",
+                            keys[i].name);
+    out->n_layer = (int)vals[0];
+    out->n_embd = (int)vals[1];
+    out->n_head = (int)vals[2];
+    out->vocab = vals[3];
+    out->n_positions = (int)vals[4];
+    out->padded_vocab = seen[5] ? vals[5] : mps_default_padded_vocab(out->vocab);
+    if (mps_config_validate(out, err) != 0)
+        return mps_wrap(err, "--config %s", text);
+    return 0;
 }
 
 int mps_tensor_count(const mps_config *cfg) { return 4 + cfg->n_layer * MPS_TENSORS_PER_LAYER; }

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -218,7 +219,9 @@ int mps_model_file_open(const char *path, const mps_model_file_opts *opts, mps_m
         free(f);
         return mps_fail(err, MPS_ENOMEM, "%s: out of memory", path);
     }
-    f->fd = open(f->path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO in place of the model would block open() forever; it is refused below
+     * (not a regular file), and reads of a regular file ignore the flag */
+    f->fd = open(f->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (f->fd < 0) {
         mps_fail(err, MPS_EIO, "%s: cannot open: %s", f->path, strerror(errno));
         goto fail;
@@ -489,9 +492,32 @@ int mps_out_file_begin(const char *dir, const char *name, mps_dtype dtype, mps_o
         out_free(f);
         return -1;
     }
-    f->fd = open(f->tmp_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (f->fd < 0) {
-        mps_fail(err, MPS_EIO, "%s: cannot create: %s", f->tmp_path, strerror(errno));
+    /* The temporary file is also the lock of its writer (flock, held until it is renamed into
+     * place): a second writer of the same file fails at once instead of truncating the first
+     * one's data. It is truncated only once locked; if the file we locked was renamed by a
+     * finishing writer meanwhile, we try again with a fresh one. */
+    for (int attempt = 0; attempt < 100 && f->fd < 0; attempt++) {
+        int fd = open(f->tmp_path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+        if (fd < 0) {
+            mps_fail(err, MPS_EIO, "%s: cannot create: %s", f->tmp_path, strerror(errno));
+            out_free(f);
+            return -1;
+        }
+        if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+            close(fd);
+            mps_fail(err, MPS_EIO, "%s: another mpshard process is writing this file (%s is locked)", f->path,
+                     f->tmp_path);
+            out_free(f);
+            return -1;
+        }
+        struct stat a, b;
+        if (fstat(fd, &a) == 0 && stat(f->tmp_path, &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev)
+            f->fd = fd;
+        else
+            close(fd);
+    }
+    if (f->fd < 0 || ftruncate(f->fd, 0) != 0) {
+        mps_fail(err, MPS_EIO, "%s: cannot take or truncate: %s", f->tmp_path, f->fd < 0 ? "lock retries" : strerror(errno));
         out_free(f);
         return -1;
     }
@@ -551,12 +577,6 @@ int mps_out_file_finish(mps_out_file *f, mps_err *err)
         mps_fail(err, MPS_EIO, "%s: fsync failed: %s", f->tmp_path, strerror(errno));
         goto fail;
     }
-    int fd = f->fd;
-    f->fd = -1;
-    if (close(fd) != 0) {
-        mps_fail(err, MPS_EIO, "%s: close failed: %s", f->tmp_path, strerror(errno));
-        goto fail;
-    }
     if (f->extra_name) {
         char *p = path_join(f->dir, f->extra_name);
         if (p == NULL) {
@@ -573,6 +593,10 @@ int mps_out_file_finish(mps_out_file *f, mps_err *err)
         goto fail;
     }
     rc = fsync_dir(f->dir, err);
+    int fd = f->fd; /* closed last: it holds the writer's lock until the file is in place */
+    f->fd = -1;
+    if (close(fd) != 0 && rc == 0)
+        rc = mps_fail(err, MPS_EIO, "%s: close failed: %s", f->path, strerror(errno));
     out_free(f);
     return rc;
 fail:

@@ -1,5 +1,6 @@
 #include "pool.h"
 
+#include <hdf5.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -19,6 +20,9 @@ typedef struct { mps_pool *pool; int index; } worker_arg;
 
 static void *worker_main(void *p)
 {
+    /* HDF5 prints its error stack by default, per thread (main() turns it off only for its own):
+     * library errors are reported as one line through mps_err instead */
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     worker_arg *wa = p;
     mps_pool *pool = wa->pool;
     int index = wa->index;
@@ -51,6 +55,9 @@ static void *worker_main(void *p)
             pthread_cond_broadcast(&pool->idle);
     }
     pthread_mutex_unlock(&pool->lock);
+    /* the messages of a failed HDF5 call stay on this thread's error stack, which HDF5 frees
+     * without them when the thread ends: clear it while they can still be freed */
+    H5Eclear2(H5E_DEFAULT);
     return NULL;
 }
 

@@ -190,7 +190,7 @@ static int load_config(const char *input, const mps_model_file_opts *opts, mps_m
     }
     int rc = -1;
     char *text = NULL;
-    int fd = open(cpath, O_RDONLY | O_CLOEXEC);
+    int fd = open(cpath, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block: refused below */
     struct stat st;
     if (fd < 0) {
         if (errno == ENOENT && opts->config_path == NULL)
@@ -381,6 +381,40 @@ static int match_layer_key(const mps_config *cfg, const char *k, int *layer)
     return -1;
 }
 
+#define KEY_LM_HEAD (-4)
+/* The canonical index of a header key ("transformer." prefix optional): >= 0, KEY_LM_HEAD (the
+ * tied output head, never prefixed), -3 for the attention mask buffers, -2 for a layer beyond
+ * n_layer (*layer set), -1 for anything else. */
+static int key_index(const mps_config *cfg, const char *key, int *has_prefix, int *layer)
+{
+    const char *k = key;
+    *has_prefix = strncmp(k, PREFIX, strlen(PREFIX)) == 0;
+    if (*has_prefix)
+        k += strlen(PREFIX);
+    else if (strcmp(k, "lm_head.weight") == 0)
+        return KEY_LM_HEAD;
+    if (strcmp(k, "wte.weight") == 0)
+        return MPS_TENSOR_WTE;
+    if (strcmp(k, "wpe.weight") == 0)
+        return MPS_TENSOR_WPE;
+    if (strcmp(k, "ln_f.weight") == 0)
+        return mps_tensor_lnfw(cfg);
+    if (strcmp(k, "ln_f.bias") == 0)
+        return mps_tensor_lnfb(cfg);
+    return match_layer_key(cfg, k, layer);
+}
+
+/* The error for a key that key_index() did not map to a parameter (0 for the others). */
+static int key_error(const char *path, const mps_config *cfg, const char *key, int idx, int layer, mps_err *err)
+{
+    if (idx == -2)
+        return mps_fail(err, MPS_ECORRUPT, "%s: tensor '%s': layer %d but config.json has n_layer=%d", path, key, layer,
+                        cfg->n_layer);
+    if (idx == -1)
+        return mps_fail(err, MPS_EUNSUPPORTED, "%s: tensor '%s' is not a GPT-2 parameter this tool knows", path, key);
+    return 0;
+}
+
 int mps_safetensors_open(mps_model_file *f, const mps_model_file_opts *opts, mps_err *err)
 {
     const char *path = f->path;
@@ -464,6 +498,36 @@ int mps_safetensors_open(mps_model_file *f, const mps_model_file_opts *opts, mps
         }
     }
 
+    /* A config that needs more tensors than the header lists (n_layer=100000 beside a small
+     * file): one of them is missing, and one of the first n + 1 already (n entries cannot cover
+     * n + 1 tensors). It is named without tables sized by the config. */
+    int prefixed = 0, lm_head = -1;
+    if (mps_tensor_count(cfg) > n) {
+        seen = calloc((size_t)n + 1, sizeof *seen);
+        if (seen == NULL) {
+            mps_fail(err, MPS_ENOMEM, "%s: out of memory", path);
+            goto out;
+        }
+        for (int i = 0; i < n; i++) {
+            int has_prefix, layer = -1, idx = key_index(cfg, ents[i].key, &has_prefix, &layer);
+            prefixed |= has_prefix;
+            if (key_error(path, cfg, ents[i].key, idx, layer, err) != 0)
+                goto out;
+            if (idx >= 0 && idx <= n)
+                seen[idx] = 1;
+        }
+        int missing = 0;
+        while (seen[missing])
+            missing++;
+        char hkey[96];
+        int ndim, transpose;
+        int64_t shape[2];
+        hf_tensor(cfg, missing, hkey, sizeof hkey, &ndim, shape, &transpose);
+        mps_fail(err, MPS_ECORRUPT, "%s: tensor '%s%s' is missing (config.json: n_layer=%d needs %d tensors, the header "
+                 "lists %d)", path, prefixed ? PREFIX : "", hkey, cfg->n_layer, mps_tensor_count(cfg), n);
+        goto out;
+    }
+
     /* Map keys to canonical tensors and check their shapes against the config. */
     f->nsrc = mps_tensor_count(cfg);
     f->src = calloc((size_t)f->nsrc, sizeof *f->src);
@@ -474,42 +538,18 @@ int mps_safetensors_open(mps_model_file *f, const mps_model_file_opts *opts, mps
     }
     for (int i = 0; i < f->nsrc; i++)
         seen[i] = -1;
-    int prefixed = 0, lm_head = -1;
     for (int i = 0; i < n; i++) {
-        const char *k = ents[i].key;
-        int has_prefix = strncmp(k, PREFIX, strlen(PREFIX)) == 0;
-        if (has_prefix) {
-            k += strlen(PREFIX);
-            prefixed = 1;
-        }
-        int idx = -1, layer = -1;
-        if (!has_prefix && strcmp(k, "lm_head.weight") == 0) {
+        int has_prefix, layer = -1, idx = key_index(cfg, ents[i].key, &has_prefix, &layer);
+        prefixed |= has_prefix;
+        if (idx == KEY_LM_HEAD) {
             lm_head = i;
             ents[i].role = 2;
             continue;
         }
-        if (strcmp(k, "wte.weight") == 0)
-            idx = MPS_TENSOR_WTE;
-        else if (strcmp(k, "wpe.weight") == 0)
-            idx = MPS_TENSOR_WPE;
-        else if (strcmp(k, "ln_f.weight") == 0)
-            idx = mps_tensor_lnfw(cfg);
-        else if (strcmp(k, "ln_f.bias") == 0)
-            idx = mps_tensor_lnfb(cfg);
-        else
-            idx = match_layer_key(cfg, k, &layer);
         if (idx == -3)
             continue; /* attention mask buffers: not parameters */
-        if (idx == -2) {
-            mps_fail(err, MPS_ECORRUPT, "%s: tensor '%s': layer %d but config.json has n_layer=%d", path, ents[i].key,
-                     layer, cfg->n_layer);
+        if (key_error(path, cfg, ents[i].key, idx, layer, err) != 0)
             goto out;
-        }
-        if (idx < 0) {
-            mps_fail(err, MPS_EUNSUPPORTED, "%s: tensor '%s' is not a GPT-2 parameter this tool knows", path,
-                     ents[i].key);
-            goto out;
-        }
         if (seen[idx] >= 0) {
             mps_fail(err, MPS_ECORRUPT, "%s: tensors '%s' and '%s' are the same parameter", path,
                      ents[seen[idx]].key, ents[i].key);

@@ -1,5 +1,4 @@
 /* Staging directory, lock and atomic commit of a checkpoint directory. */
-#define _XOPEN_SOURCE 700
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -218,19 +217,43 @@ int mps_stage_commit(mps_stage *st, mps_manifest *m, mps_err *err)
         return -1;
     char old[4300] = "";
     if (st->replace) {
-        snprintf(old, sizeof old, "%s.old-%d", st->final_dir, (int)getpid());
-        if (rename(st->final_dir, old) != 0)
-            return mps_fail(err, MPS_EIO, "%s: cannot move the old checkpoint aside: %s", st->final_dir, strerror(errno));
+        /* One atomic exchange: at every instant DIR is a whole checkpoint, the old one or the new
+         * one; the old one is then in DIR.partial, removed below or by the next writer. */
+        if (renameat2(AT_FDCWD, st->stage_dir, AT_FDCWD, st->final_dir, RENAME_EXCHANGE) == 0) {
+            snprintf(old, sizeof old, "%s", st->stage_dir);
+        } else if (errno == EINVAL || errno == ENOSYS || errno == ENOTSUP) {
+            /* a file system without RENAME_EXCHANGE: two renames; a crash between them leaves the
+             * old checkpoint in DIR.old-PID and the new one, complete, in DIR.partial */
+            snprintf(old, sizeof old, "%s.old-%d", st->final_dir, (int)getpid());
+            if (rename(st->final_dir, old) != 0)
+                return mps_fail(err, MPS_EIO, "%s: cannot move the old checkpoint aside: %s", st->final_dir,
+                                strerror(errno));
+            if (rename(st->stage_dir, st->final_dir) != 0) {
+                int e = errno;
+                rename(old, st->final_dir); /* put the old one back */
+                return mps_fail(err, MPS_EIO, "%s: cannot rename %s into place: %s", st->final_dir, st->stage_dir,
+                                strerror(e));
+            }
+        } else {
+            return mps_fail(err, MPS_EIO, "%s: cannot exchange it with %s: %s", st->final_dir, st->stage_dir,
+                            strerror(errno));
+        }
     } else {
         rmdir(st->final_dir); /* an empty directory given as output */
+        if (rename(st->stage_dir, st->final_dir) != 0)
+            return mps_fail(err, MPS_EIO, "%s: cannot rename %s into place: %s", st->final_dir, st->stage_dir,
+                            strerror(errno));
     }
-    if (rename(st->stage_dir, st->final_dir) != 0)
-        return mps_fail(err, MPS_EIO, "%s: cannot rename %s into place: %s", st->final_dir, st->stage_dir, strerror(errno));
     parent_of(st->final_dir, parent, sizeof parent);
     if (mps_fsync_path(parent, err) != 0)
         return -1;
-    if (old[0])
+    if (old[0]) {
+        /* the manifest first: a half-removed old checkpoint is never mistaken for a whole one */
+        char old_manifest[4400];
+        snprintf(old_manifest, sizeof old_manifest, "%s/" MPS_MANIFEST_NAME, old);
+        unlink(old_manifest);
         mps_remove_tree(old);
+    }
     st->stage_dir[0] = '\0';
     release_lock(st);
     return 0;

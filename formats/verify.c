@@ -4,7 +4,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "ckpt.h"
 #include "ckpt_internal.h"
@@ -79,18 +78,24 @@ int mps_verify(const char *dir, mps_verify_opts *opts, mps_err *err)
     const mps_manifest *m = &c->m;
     int world = mps_layout_world(&m->layout), nt = mps_tensor_count(&m->cfg);
     opts->chunks_checked = opts->bytes_checked = 0;
-    /* every rank's file must be listed and have its recorded size */
+    /* every rank's file must be listed, have its recorded size and carry this checkpoint's id and
+     * its rank; a bad file is one problem (not one per piece it holds) and its pieces are skipped */
+    char *bad_rank = calloc((size_t)world, 1);
+    if (!bad_rank) {
+        pthread_mutex_destroy(&v.lock);
+        mps_ckpt_close(c);
+        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    }
     for (int r = 0; r < world; r++) {
-        char path[4400];
-        mps_ckpt_file_path(c, r, path, sizeof path);
-        struct stat st;
-        if (c->file_bytes[r] < 0)
+        mps_err ferr;
+        mps_err_clear(&ferr);
+        if (c->file_bytes[r] < 0) {
             problem(&v, "%s: rank %d has no file in the manifest", dir, r);
-        else if (stat(path, &st) != 0)
-            problem(&v, "%s: missing (rank %d)", path, r);
-        else if (st.st_size != c->file_bytes[r])
-            problem(&v, "%s: size %lld bytes, the manifest records %lld (truncated or replaced)", path,
-                    (long long)st.st_size, (long long)c->file_bytes[r]);
+            bad_rank[r] = 1;
+        } else if (mps_ckpt_check_rank_file(c, r, &ferr) != 0) {
+            problem(&v, "%s", ferr.msg);
+            bad_rank[r] = 1;
+        }
     }
     /* every stored (non-empty) piece is one job */
     int threads = opts->threads > 0 ? opts->threads : mps_cpu_count();
@@ -104,7 +109,7 @@ int mps_verify(const char *dir, mps_verify_opts *opts, mps_err *err)
             for (int id = 0; id < np; id++) {
                 mps_piece p;
                 mps_piece_by_id(&m->cfg, &m->layout, (mps_kind)k, t, id, &p);
-                if (p.flat_end <= p.flat_begin)
+                if (p.flat_end <= p.flat_begin || bad_rank[mps_owner_of(c->owners, (mps_kind)k, t, id)])
                     continue;
                 if (njobs == cap) {
                     cap = cap ? cap * 2 : 1024;
@@ -137,6 +142,7 @@ out:
     mps_progress_done(v.progress);
     mps_read_scratches_free(v.scratch, threads);
     free(jobs);
+    free(bad_rank);
     pthread_mutex_destroy(&v.lock);
     mps_ckpt_close(c);
     return rc;

@@ -4,13 +4,19 @@
 
 /* Decoded chunks are capped: HDF5 chunks are < 4 GiB, and a frame that claims more is hostile. */
 #define MAX_DECODED ((unsigned long long)4 << 30)
+/* The filter cannot know the chunk's size, so the output buffer is sized by the frame's claim;
+ * the claim is first bounded by what the stored bytes can decode to at all: a zstd block yields
+ * at most 128 KiB and costs at least 4 bytes (3-byte header, 1 byte of an RLE block). A frame
+ * claiming more is refused before anything is allocated. */
+#define MAX_RATIO 32768ull
 
 static size_t zstd_filter(unsigned flags, size_t cd_nelmts, const unsigned cd_values[], size_t nbytes,
                           size_t *buf_size, void **buf)
 {
     if (flags & H5Z_FLAG_REVERSE) {
         unsigned long long n = ZSTD_getFrameContentSize(*buf, nbytes);
-        if (n == ZSTD_CONTENTSIZE_ERROR || n == ZSTD_CONTENTSIZE_UNKNOWN || n > MAX_DECODED)
+        if (n == ZSTD_CONTENTSIZE_ERROR || n == ZSTD_CONTENTSIZE_UNKNOWN || n == 0 || n > MAX_DECODED ||
+            n / MAX_RATIO > (unsigned long long)nbytes)
             return 0;
         void *out = H5allocate_memory((size_t)n, 0);
         if (!out)

@@ -1,7 +1,10 @@
 #!/bin/sh
 # Installs the Debian packages mpshard needs when one is missing (as root), or prints the apt line.
 set -e
+# clang + libclang-rt-14-dev (the libFuzzer runtime, only recommended by clang) + libomp-dev (OpenMP
+# for a clang configure): the fuzz targets of tests/fuzz, run briefly by the suite (fuzz.short).
 PKGS="cmake make gcc libhdf5-dev libzstd-dev libopenmpi-dev openmpi-bin libjansson-dev libxxhash-dev hdf5-tools jq"
+PKGS="$PKGS clang libclang-rt-14-dev libomp-dev"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
