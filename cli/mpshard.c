@@ -1,5 +1,6 @@
 /* mpshard: the command-line front end. Only this layer prints and exits. */
 #include <hdf5.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +22,9 @@ static const char *const usage_text =
     "  synth --model NAME -o OUT       write a synthetic model file (demo, tests, benchmarks)\n"
     "  compare A B                     compare the tensors of two model files bit for bit\n"
     "  inspect DIR | --model M --layout L  bytes per rank by kind; --suggest layouts that fit N GPUs\n"
+    "  init --model M --layout L -o DIR    a fresh training state (GPT-2 initialisation)\n"
+    "  train --ckpt DIR --layout L ...     train GPT-2 (mpirun -np dp*pp*tp), resuming from any layout\n"
+    "  tokens --count N --vocab V -o FILE  a synthetic llm.c token file (demo, tests)\n"
     "\n"
     "Layouts: --layout dp=2,pp=2,tp=2,zero=1 (any order; missing keys mean 1, zero 0;\n"
     "stages=5:7 gives the number of layers per pipeline stage).\n"
@@ -58,7 +62,16 @@ int cli_int(const char *cmd, const char *opt, const char *value, int64_t lo, int
 
 int main(int argc, char **argv)
 {
+    /* HDF5's exit handler closes what is still open; after a failed write (disk full) a file whose
+     * close failed makes it crash (HDF5 1.10: SIGSEGV in H5F__close_cb). So the library is shut
+     * down here, after a command that succeeded, and left to the OS after one that failed (its
+     * staging directory or temporary files are already removed by then). */
+    H5dont_atexit(); /* before any other HDF5 call */
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL); /* errors are reported as one line by the library */
+    /* Over a file size limit (ulimit -f), write() then fails with EFBIG, reported as an I/O error
+     * (exit 4) after the staging directory or temporary file is removed, instead of the process
+     * dying by SIGXFSZ and leaving them behind. */
+    signal(SIGXFSZ, SIG_IGN);
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
         fputs(usage_text, argc < 2 ? stderr : stdout);
         return argc < 2 ? MPS_EUSAGE : 0;
@@ -73,11 +86,15 @@ int main(int argc, char **argv)
         { "shard", cmd_shard }, { "export", cmd_export }, { "verify", cmd_verify },
         { "synth", cmd_synth }, { "compare", cmd_compare }, { "reshard", cmd_reshard },
         { "load", cmd_load },
-        { "inspect", cmd_inspect },
+        { "inspect", cmd_inspect }, { "init", cmd_init }, { "tokens", cmd_tokens }, { "train", cmd_train },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
-        if (strcmp(argv[1], cmds[i].name) == 0)
-            return cmds[i].fn(argc - 1, argv + 1);
+        if (strcmp(argv[1], cmds[i].name) == 0) {
+            int rc = cmds[i].fn(argc - 1, argv + 1);
+            if (rc == 0)
+                H5close();
+            return rc;
+        }
     fprintf(stderr, "mpshard: unknown command '%s' (see mpshard --help)\n", argv[1]);
     return MPS_EUSAGE;
 }

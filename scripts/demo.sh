@@ -30,4 +30,15 @@ say "5. export the shards back to safetensors and to llm.c, and compare with the
 "$M" compare "$D/hf/model.safetensors" "$D/out-hf/model.safetensors"
 "$M" export "$D/ck" --format llmc -o "$D/out-llmc" -q
 "$M" compare "$D/hf/model.safetensors" "$D/out-llmc/model_00000000.bin"
-printf '\ndemo done: shard -> reshard -> reshard -> export is exact, bit for bit.\n'
+
+say "6. train it: 6 steps on 4 processes (dp=2 x tp=2), starting straight from the dp=2,pp=2,tp=2 shards of step 2"
+export OMP_NUM_THREADS=1 OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
+[ "$(id -u)" = 0 ] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+"$M" tokens --count 200000 --vocab 1000 -o "$D/tokens.bin"
+TR=(--data "$D/tokens.bin" --global-batch 8 --micro-batch 2 --seq 64 --lr 1e-3 --lr-min 1e-4 --decay-steps 10)
+mpirun -np 4 "$M" train --ckpt "$D/ck" --layout dp=2,tp=2 --steps 6 --out "$D/run" "${TR[@]}" 2>/dev/null
+echo "saved: $D/run/$(cat "$D/run/latest")"
+
+say "7. resume that run on 2 processes with another layout (pp=2, ZeRO-3): the loss curve goes on"
+mpirun -np 2 "$M" train --ckpt "$D/run" --layout pp=2,zero=3 --steps 10 --out "$D/run" "${TR[@]}" 2>/dev/null
+printf '\ndemo done: shard -> reshard -> export is exact, bit for bit; training resumed on another layout.\n'

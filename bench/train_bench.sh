@@ -1,0 +1,57 @@
+#!/bin/bash
+# Trainer throughput on one GPU against PyTorch (../shared/bench/torch_gpt.py: torch.compile, bf16
+# autocast, SDPA, fused AdamW) in the same run: GPT-2 124M (B=32, T=1024) and 350M (B=16, T=1024),
+# tokens/s and the ratio. Also: the time to the first step when resuming 350M from shards written
+# under another layout (dp=4, ZeRO-3), and the training stall of a save.
+# usage: bench/train_bench.sh WORKDIR   (SHARED: the shared bench directory)
+set -uo pipefail
+W=${1:-/tmp/tbench}; rm -rf "$W"; mkdir -p "$W"
+M=${MPSHARD:-build/mpshard}
+SHARED=${SHARED:-../shared/bench}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+"$M" tokens --count 4000000 --vocab 50257 -o "$W/tok.bin" || exit 1
+median_tps() { # median tokens/s of the steps after the first two
+  sed -E 's/.*"tokens_per_s": ([0-9.]+).*/\1/' "$1" | tail -n +3 | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'
+}
+declare -A OURS
+for spec in "gpt2 32" "gpt2-medium 16"; do
+  set -- $spec; model=$1; B=$2
+  "$M" init --model "$model" --layout dp=1 -o "$W/$model" -q || exit 1
+  /usr/bin/time -v "$M" train --ckpt "$W/$model" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch "$B" \
+    --micro-batch "$B" --seq 1024 --backend cuda --out "$W/run-$model" --log "$W/$model.jsonl" -q \
+    2>"$W/$model.time" || { tail -5 "$W/$model.time"; exit 1; }
+  OURS[$model]=$(median_tps "$W/$model.jsonl")
+  echo "mpshard $model B=$B T=1024: $(printf '%.0f' "${OURS[$model]}") tok/s (median of steps 3-12), peak host RSS $(awk '/Maximum resident/ { print $6 }' "$W/$model.time") KiB"
+done
+python3 "$SHARED/torch_gpt.py" 2>&1 | tee "$W/torch.txt"
+t124=$(grep "L=12 " "$W/torch.txt" | sed -E 's/.* ([0-9,]+) tok\/s.*/\1/' | tr -d ,)
+t350=$(grep "L=24 " "$W/torch.txt" | sed -E 's/.* ([0-9,]+) tok\/s.*/\1/' | tr -d ,)
+awk -v a="${OURS[gpt2]}" -v b="$t124" 'BEGIN { printf "124M: mpshard %.0f tok/s / PyTorch %.0f tok/s = %.2fx (target >= 1.1x)\n", a, b, a / b }'
+awk -v a="${OURS[gpt2-medium]}" -v b="$t350" 'BEGIN { printf "350M: mpshard %.0f tok/s / PyTorch %.0f tok/s = %.2fx (target >= 1.1x)\n", a, b, a / b }'
+# resume 350M from another layout's shards: time from launch to the end of the first step
+"$M" init --model gpt2-medium --layout dp=4,zero=3 -o "$W/m-dp4" -q || exit 1
+sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || echo "(page cache not dropped: not root)"
+"$M" train --ckpt "$W/m-dp4" --layout dp=1 --data "$W/tok.bin" --steps 2 --global-batch 16 --micro-batch 16 \
+  --seq 1024 --backend cuda --out "$W/run-resume" --log "$W/resume.jsonl" 2>"$W/resume.err" >/dev/null || tail -3 "$W/resume.err"
+grep -E "loaded in|saved" "$W/resume.err"
+echo "time to first step (350M, shards of dp=4 zero=3 -> dp=1, caches dropped): $(head -1 "$W/resume.jsonl" | sed -E 's/.*"elapsed_s": ([0-9.]+).*/\1/') s"
+# DP weak scaling on the GPUs of this host (NCCL): 124M, B=32 per GPU
+ngpu=$(nvidia-smi -L | wc -l)
+if [ "$ngpu" -ge 2 ]; then
+  mpirun -np "$ngpu" "$M" train --ckpt "$W/gpt2" --layout dp="$ngpu" --data "$W/tok.bin" --steps 12 \
+    --global-batch $((32 * ngpu)) --micro-batch 32 --seq 1024 --backend cuda --out "$W/run-dp" --log "$W/dp.jsonl" -q \
+    2>"$W/dp.err" || tail -5 "$W/dp.err"
+  awk -v a="$(median_tps "$W/dp.jsonl")" -v b="${OURS[gpt2]}" -v n="$ngpu" \
+    'BEGIN { printf "DP weak scaling 124M on %d GPUs (NCCL): %.0f tok/s vs %.0f on one = %.1f%% efficiency\n", n, a, b, 100 * a / (n * b) }'
+  # TP and PP throughput on 2 GPUs (global batch 32 as on one GPU), and the save with all ranks writing
+  for lay in tp=2 pp=2; do
+    mpirun -np 2 "$M" train --ckpt "$W/gpt2" --layout $lay --data "$W/tok.bin" --steps 12 --global-batch 32 \
+      --micro-batch 8 --seq 1024 --backend cuda --out "$W/run-$lay" --log "$W/$lay.jsonl" 2>"$W/$lay.err" >/dev/null || tail -3 "$W/$lay.err"
+    echo "124M $lay on 2 GPUs (B=8 x 4 micro-batches): $(median_tps "$W/$lay.jsonl") tok/s; $(grep saved "$W/$lay.err")"
+  done
+  du -sb "$W/run-tp=2/step-00000012" | awk '{ printf "checkpoint of 124M (param + Adam m, v): %.2f GB\n", $1 / 1e9 }'
+  sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null
+  mpirun -np 2 "$M" train --ckpt "$W/run-tp=2" --layout dp=2,zero=1 --data "$W/tok.bin" --steps 13 --global-batch 64 \
+    --micro-batch 32 --seq 1024 --backend cuda --out "$W/run-load" --log "$W/load.jsonl" 2>"$W/load.err" >/dev/null
+  grep "loaded in" "$W/load.err"
+fi

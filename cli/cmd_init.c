@@ -1,0 +1,105 @@
+/* mpshard init: a fresh training state; mpshard tokens: a synthetic llm.c token file. */
+#include <getopt.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+#include "data.h"
+#include "init.h"
+
+static const char *const init_help =
+    "usage: mpshard init (--model NAME | --config K=V,..) --layout L -o DIR [options]\n"
+    "\n"
+    "Writes a fresh training state for layout L: GPT-2 initialisation (weights N(0, 0.02), residual\n"
+    "projections N(0, 0.02/sqrt(2 n_layer)), zero biases, unit layernorm weights), zero Adam moments,\n"
+    "step 0. The values are a pure function of the seed: every layout gets the same model.\n"
+    "\n"
+    "  --model NAME     gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-7b, gpt3-175b\n"
+    "  --config K=V,..  n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]\n"
+    "  --layout L       dp=..,pp=..,tp=..,zero=..[,stages=a:b]\n"
+    "  --seed S         default 1\n"
+    "  --threads N      compression threads (default: all cores)\n"
+    "  --force          replace an existing checkpoint at DIR\n"
+    "  -q, --quiet      no progress\n";
+
+int cmd_init(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "model", required_argument, 0, 'M' }, { "config", required_argument, 0, 'c' },
+        { "layout", required_argument, 0, 'l' }, { "seed", required_argument, 0, 's' },
+        { "threads", required_argument, 0, 't' }, { "force", no_argument, 0, 'f' },
+        { "quiet", no_argument, 0, 'q' }, { "out", required_argument, 0, 'o' },
+        { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
+    };
+    const char *model = NULL, *config = NULL, *layout = NULL, *out = NULL;
+    int64_t seed = 1, threads = 0;
+    int force = 0, quiet = 0, c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'M': model = optarg; break;
+        case 'c': config = optarg; break;
+        case 'l': layout = optarg; break;
+        case 's': if (cli_int("init", "--seed", optarg, 0, INT64_MAX, &seed)) return MPS_EUSAGE; break;
+        case 't': if (cli_int("init", "--threads", optarg, 0, 1024, &threads)) return MPS_EUSAGE; break;
+        case 'f': force = 1; break;
+        case 'q': quiet = 1; break;
+        case 'o': out = optarg; break;
+        case 'h': fputs(init_help, stdout); return 0;
+        default: return MPS_EUSAGE;
+        }
+    }
+    if (optind != argc)
+        return cli_usage("init", "unexpected argument '%s'", argv[optind]);
+    if (!model == !config)
+        return cli_usage("init", "give exactly one of --model and --config");
+    if (!layout || !out)
+        return cli_usage("init", "--layout and -o are required");
+    mps_err err;
+    mps_err_clear(&err);
+    mps_config cfg;
+    mps_layout L;
+    if ((model ? mps_config_preset(model, &cfg, &err) : mps_config_parse(config, &cfg, &err)) != 0 ||
+        mps_layout_parse(layout, &cfg, &L, &err) != 0 ||
+        mps_init_write(out, &cfg, &L, (uint64_t)seed, force, (int)threads, quiet, &err) != 0)
+        return cli_fail("init", &err);
+    return 0;
+}
+
+static const char *const tokens_help =
+    "usage: mpshard tokens --count N --vocab V -o FILE [--seed S]\n"
+    "\n"
+    "Writes an llm.c token file (magic 20240520, version 1, uint16 tokens) of N tokens of a\n"
+    "deterministic synthetic text that a model can learn (demo and tests).\n";
+
+int cmd_tokens(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "count", required_argument, 0, 'n' }, { "vocab", required_argument, 0, 'v' },
+        { "seed", required_argument, 0, 's' }, { "out", required_argument, 0, 'o' },
+        { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
+    };
+    const char *out = NULL;
+    int64_t count = 0, vocab = 0, seed = 1;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'n': if (cli_int("tokens", "--count", optarg, 2, INT32_MAX, &count)) return MPS_EUSAGE; break;
+        case 'v': if (cli_int("tokens", "--vocab", optarg, 2, 65536, &vocab)) return MPS_EUSAGE; break;
+        case 's': if (cli_int("tokens", "--seed", optarg, 0, INT64_MAX, &seed)) return MPS_EUSAGE; break;
+        case 'o': out = optarg; break;
+        case 'h': fputs(tokens_help, stdout); return 0;
+        default: return MPS_EUSAGE;
+        }
+    }
+    if (optind != argc)
+        return cli_usage("tokens", "unexpected argument '%s'", argv[optind]);
+    if (!out || !count || !vocab)
+        return cli_usage("tokens", "--count, --vocab and -o are required");
+    mps_err err;
+    mps_err_clear(&err);
+    if (mps_tokens_write_synthetic(out, count, vocab, (uint64_t)seed, &err) != 0)
+        return cli_fail("tokens", &err);
+    return 0;
+}

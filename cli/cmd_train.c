@@ -1,0 +1,432 @@
+/* mpshard train: the GPT-2 trainer. One process per rank of the layout (mpirun -np dp*pp*tp);
+ * resumes from a checkpoint of any layout, saves RUNDIR/step-%08d and RUNDIR/latest. */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "cli.h"
+#include "comm_mpi.h"
+#include "comm_nccl.h"
+#include "comm_staged.h"
+#include "data.h"
+#include "engine.h"
+#include "init.h"
+
+static const char *const help =
+    "usage: [mpirun -np WORLD] mpshard train --ckpt DIR --layout L --data TOKENS.bin --steps N --out RUNDIR [options]\n"
+    "\n"
+    "Trains GPT-2 from the checkpoint DIR (any layout: each rank reads only the pieces it needs; DIR may\n"
+    "also be a run directory, whose 'latest' names the checkpoint) until the step counter reaches N.\n"
+    "WORLD must equal dp*pp*tp; without mpirun the run is one process (WORLD 1).\n"
+    "\n"
+    "  --global-batch G   sequences per optimizer step, over all replicas (default B * dp)\n"
+    "  --micro-batch B    sequences per micro-batch (default 4); accumulation = G / (B * dp)\n"
+    "  --seq T            tokens per sequence (default 64)\n"
+    "  --lr X             peak learning rate (default 3e-4)\n"
+    "  --warmup K         linear warmup steps (default 0)\n"
+    "  --lr-min X         final learning rate of the cosine decay (default: --lr, no decay)\n"
+    "  --decay-steps S    step counter at which the decay reaches --lr-min (default: --steps)\n"
+    "  --weight-decay X   AdamW decoupled decay of matrices and embeddings (default 0.1)\n"
+    "  --grad-clip X      clip the global gradient norm (default 1.0; 0: off)\n"
+    "  --schedule S       1f1b (default) or gpipe\n"
+    "  --save-every K     also save every K steps (default: only at the end)\n"
+    "  --log FILE.jsonl   append one JSON object per step\n"
+    "  --backend B        cpu or cuda (default: cuda when built with it and a GPU is present)\n"
+    "  --model NAME | --config K=V,..  refuse a checkpoint of another model\n"
+    "  --comm C           nccl (default with the CUDA backend when every rank has its own GPU) or mpi\n"
+    "                     (device buffers staged through host memory: several ranks may share a GPU)\n"
+    "  --comm-staged      stage collectives through host memory as for GPU buffers over MPI (tests)\n"
+    "  -q, --quiet        no per-step lines\n";
+
+typedef struct {
+    const char *ckpt, *layout, *data, *out, *log, *model, *config;
+    int64_t steps, save_every;
+    int quiet;
+    mps_train_opts o;
+    int decay_set, lr_min_set;
+    int backend_cuda; /* -1: the default (cuda when this build has it and a GPU is there) */
+    int comm_staged;  /* route collectives through the host-staging layer even for host buffers */
+    int comm_mpi;     /* --comm mpi: no NCCL even when every rank has a GPU */
+    double t_start;   /* process start, for the log's elapsed_s (time to first step) */
+} train_args;
+
+static int parse_float(const char *opt, const char *v, double lo, double hi, float *out)
+{
+    char *end;
+    double x = strtod(v, &end);
+    if (end == v || *end || !(x >= lo && x <= hi)) {
+        cli_usage("train", "%s '%s': expected a number from %g to %g", opt, v, lo, hi);
+        return -1;
+    }
+    *out = (float)x;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, train_args *a)
+{
+    static const struct option opts[] = {
+        { "ckpt", required_argument, 0, 'C' }, { "layout", required_argument, 0, 'l' },
+        { "data", required_argument, 0, 'd' }, { "steps", required_argument, 0, 'n' },
+        { "global-batch", required_argument, 0, 'G' }, { "micro-batch", required_argument, 0, 'B' },
+        { "seq", required_argument, 0, 'T' }, { "lr", required_argument, 0, 'r' },
+        { "warmup", required_argument, 0, 'w' }, { "lr-min", required_argument, 0, 'm' },
+        { "decay-steps", required_argument, 0, 'D' }, { "weight-decay", required_argument, 0, 'W' },
+        { "grad-clip", required_argument, 0, 'c' }, { "schedule", required_argument, 0, 'S' },
+        { "save-every", required_argument, 0, 'k' }, { "out", required_argument, 0, 'o' },
+        { "log", required_argument, 0, 'L' }, { "backend", required_argument, 0, 'b' },
+        { "model", required_argument, 0, 'M' }, { "config", required_argument, 0, 'K' },
+        { "comm-staged", no_argument, 0, 'X' }, { "comm", required_argument, 0, 'Y' },
+        { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
+    };
+    memset(a, 0, sizeof *a);
+    a->backend_cuda = -1;
+    a->o = (mps_train_opts){ .micro_batch = 4, .seq = 64, .lr = 3e-4f, .weight_decay = 0.1f, .grad_clip = 1.0f,
+                             .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .schedule = MPS_SCHED_1F1B };
+    int64_t v;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'C': a->ckpt = optarg; break;
+        case 'l': a->layout = optarg; break;
+        case 'd': a->data = optarg; break;
+        case 'n': if (cli_int("train", "--steps", optarg, 0, 99999999, &a->steps)) return -1; break;
+        case 'G': if (cli_int("train", "--global-batch", optarg, 1, 1 << 20, &v)) return -1; a->o.global_batch = (int)v; break;
+        case 'B': if (cli_int("train", "--micro-batch", optarg, 1, 1 << 16, &v)) return -1; a->o.micro_batch = (int)v; break;
+        case 'T': if (cli_int("train", "--seq", optarg, 1, 1 << 20, &v)) return -1; a->o.seq = (int)v; break;
+        case 'r': if (parse_float("--lr", optarg, 0, 10, &a->o.lr)) return -1; break;
+        case 'w': if (cli_int("train", "--warmup", optarg, 0, 99999999, &a->o.warmup)) return -1; break;
+        case 'm': if (parse_float("--lr-min", optarg, 0, 10, &a->o.lr_min)) return -1; a->lr_min_set = 1; break;
+        case 'D': if (cli_int("train", "--decay-steps", optarg, 0, 99999999, &a->o.decay_steps)) return -1; a->decay_set = 1; break;
+        case 'W': if (parse_float("--weight-decay", optarg, 0, 10, &a->o.weight_decay)) return -1; break;
+        case 'c': if (parse_float("--grad-clip", optarg, 0, 1e9, &a->o.grad_clip)) return -1; break;
+        case 'S':
+            if (strcmp(optarg, "1f1b") == 0) a->o.schedule = MPS_SCHED_1F1B;
+            else if (strcmp(optarg, "gpipe") == 0) a->o.schedule = MPS_SCHED_GPIPE;
+            else { cli_usage("train", "--schedule '%s': expected 1f1b or gpipe", optarg); return -1; }
+            break;
+        case 'k': if (cli_int("train", "--save-every", optarg, 0, 99999999, &a->save_every)) return -1; break;
+        case 'o': a->out = optarg; break;
+        case 'L': a->log = optarg; break;
+        case 'b':
+            if (strcmp(optarg, "cpu") == 0) a->backend_cuda = 0;
+            else if (strcmp(optarg, "cuda") == 0) a->backend_cuda = 1;
+            else { cli_usage("train", "--backend '%s': expected cpu or cuda", optarg); return -1; }
+            break;
+        case 'M': a->model = optarg; break;
+        case 'K': a->config = optarg; break;
+        case 'X': a->comm_staged = 1; break;
+        case 'Y':
+            if (strcmp(optarg, "mpi") == 0) a->comm_mpi = 1;
+            else if (strcmp(optarg, "nccl") == 0) a->comm_mpi = 0;
+            else { cli_usage("train", "--comm '%s': expected nccl or mpi", optarg); return -1; }
+            break;
+        case 'q': a->quiet = 1; break;
+        case 'h': fputs(help, stdout); return 1;
+        default: return -1;
+        }
+    }
+    if (optind != argc) {
+        cli_usage("train", "unexpected argument '%s'", argv[optind]);
+        return -1;
+    }
+    if (!a->ckpt || !a->layout || !a->data || !a->out || !a->steps) {
+        cli_usage("train", "--ckpt, --layout, --data, --steps and --out are required");
+        return -1;
+    }
+    if (!a->lr_min_set)
+        a->o.lr_min = a->o.lr;
+    if (!a->decay_set)
+        a->o.decay_steps = a->steps;
+    return 0;
+}
+
+/* DIR itself when it holds a manifest, else the checkpoint named by DIR/latest. */
+static int resolve_ckpt(const char *dir, char *out, size_t size, mps_err *err)
+{
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s", dir, MPS_MANIFEST_NAME);
+    if (access(path, F_OK) == 0) {
+        snprintf(out, size, "%s", dir);
+        return 0;
+    }
+    snprintf(path, sizeof path, "%s/latest", dir);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return mps_fail(err, MPS_EUSAGE, "--ckpt %s: neither a checkpoint (no %s) nor a run directory (no latest)", dir,
+                        MPS_MANIFEST_NAME);
+    char name[256] = "";
+    int ok = fgets(name, sizeof name, f) != NULL;
+    fclose(f);
+    name[strcspn(name, "\n")] = 0;
+    if (!ok || !name[0] || strchr(name, '/'))
+        return mps_fail(err, MPS_ECORRUPT, "%s: expected the name of a checkpoint directory", path);
+    snprintf(out, size, "%s/%s", dir, name);
+    return 0;
+}
+
+/* RUNDIR/latest names the newest committed checkpoint; replaced atomically. */
+static int write_latest(const char *rundir, const char *name, mps_err *err)
+{
+    char tmp[4200], final[4200];
+    snprintf(tmp, sizeof tmp, "%s/latest.tmp", rundir);
+    snprintf(final, sizeof final, "%s/latest", rundir);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return mps_fail(err, MPS_EIO, "%s: %s", tmp, strerror(errno));
+    char line[300];
+    int n = snprintf(line, sizeof line, "%s\n", name);
+    int ok = write(fd, line, (size_t)n) == n && fsync(fd) == 0;
+    ok &= close(fd) == 0;
+    if (!ok || rename(tmp, final) != 0) {
+        unlink(tmp);
+        return mps_fail(err, MPS_EIO, "%s: %s", final, strerror(errno));
+    }
+    return mps_fsync_path(rundir, err);
+}
+
+static int save(mps_engine *e, const train_args *a, int rank, int64_t step, uint64_t seed, int64_t position,
+                mps_err *err)
+{
+    char name[64], dir[4200], state[1024];
+    snprintf(name, sizeof name, "step-%08lld", (long long)step);
+    snprintf(dir, sizeof dir, "%s/%s", a->out, name);
+    snprintf(state, sizeof state,
+             "{\"lr\": %.7g, \"lr_min\": %.7g, \"warmup\": %lld, \"decay_steps\": %lld, \"weight_decay\": %.7g, "
+             "\"grad_clip\": %.7g, \"beta1\": %.7g, \"beta2\": %.7g, \"eps\": %.7g, \"global_batch\": %d, "
+             "\"micro_batch\": %d, \"seq\": %d, \"schedule\": \"%s\"}",
+             a->o.lr, a->o.lr_min, (long long)a->o.warmup, (long long)a->o.decay_steps, a->o.weight_decay,
+             a->o.grad_clip, a->o.beta1, a->o.beta2, a->o.eps, a->o.global_batch, a->o.micro_batch, a->o.seq,
+             a->o.schedule == MPS_SCHED_GPIPE ? "gpipe" : "1f1b");
+    /* RUNDIR appears with the first save: a run that fails before leaves nothing behind */
+    if (rank == 0 && mkdir(a->out, 0755) != 0 && errno != EEXIST)
+        return mps_fail(err, MPS_EIO, "--out %s: %s", a->out, strerror(errno));
+    if (mps_train_save(e, dir, step, seed, position, state, err) != 0)
+        return -1;
+    if (rank == 0 && write_latest(a->out, name, err) != 0)
+        return -1;
+    return 0;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int train(train_args *a, mps_comm *comm, const mps_backend *be, int comm_on_device, mps_err *err)
+{
+    char ckdir[4200];
+    if (resolve_ckpt(a->ckpt, ckdir, sizeof ckdir, err) != 0)
+        return -1;
+    mps_ckpt *ck;
+    if (mps_ckpt_open(ckdir, &ck, err) != 0)
+        return -1;
+    const mps_manifest *m = mps_ckpt_manifest(ck);
+    mps_config cfg = m->cfg;
+    int64_t step = m->step, position = m->data_position;
+    uint64_t seed = m->rng_seed;
+    if (a->model || a->config) {
+        mps_config want;
+        if ((a->model ? mps_config_preset(a->model, &want, err) : mps_config_parse(a->config, &want, err)) != 0) {
+            mps_ckpt_close(ck);
+            return -1;
+        }
+        if (want.n_layer != cfg.n_layer || want.n_embd != cfg.n_embd || want.n_head != cfg.n_head ||
+            want.vocab != cfg.vocab || want.n_positions != cfg.n_positions) {
+            mps_ckpt_close(ck);
+            return mps_fail(err, MPS_EUSAGE, "--ckpt %s holds another model (n_layer=%d n_embd=%d n_head=%d vocab=%lld "
+                            "n_positions=%d) than %s", ckdir, cfg.n_layer, cfg.n_embd, cfg.n_head,
+                            (long long)cfg.vocab, cfg.n_positions, a->model ? a->model : "--config");
+        }
+    }
+    mps_layout L;
+    if (mps_layout_parse(a->layout, &cfg, &L, err) != 0) {
+        mps_ckpt_close(ck);
+        return -1;
+    }
+    if (!a->o.global_batch)
+        a->o.global_batch = a->o.micro_batch * L.dp;
+    mps_tokens *data = NULL;
+    mps_engine *e = NULL;
+    int rc = -1;
+    /* device buffers travel through host memory when the communication backend is MPI */
+    mps_comm staged = { 0 };
+    if ((be->device_memory && !comm_on_device) || a->comm_staged) {
+        mps_coords me = mps_layout_coords(&L, comm->rank);
+        int gsize[MPS_GROUP_COUNT] = { comm->size, L.dp, L.tp }, gme[MPS_GROUP_COUNT] = { comm->rank, me.dp, me.tp };
+        if (mps_comm_staged_new(comm, be, gsize, gme, &staged, err) != 0)
+            goto out;
+        comm = &staged;
+    }
+    if (mps_engine_new(&cfg, &L, comm, be, &a->o, &e, err) != 0 || mps_tokens_open(a->data, a->o.seq, cfg.vocab, &data, err) != 0)
+        goto out;
+    if (mps_tokens_sequences(data) < a->o.global_batch) {
+        mps_fail(err, MPS_EUSAGE, "%s: %lld sequences of --seq %d are too few for one batch of --global-batch %d",
+                 a->data, (long long)mps_tokens_sequences(data), a->o.seq, a->o.global_batch);
+        goto out;
+    }
+    double t0 = now_s();
+    if (mps_engine_load(e, ck, 2, err) != 0)
+        goto out;
+    mps_ckpt_close(ck);
+    ck = NULL;
+    if (comm->rank == 0 && !a->quiet)
+        fprintf(stderr, "train: %s at step %lld, layout %s, %d micro-batches of %dx%d per replica; loaded in %.2f s\n",
+                ckdir, (long long)step, a->layout, a->o.global_batch / (a->o.micro_batch * L.dp), a->o.micro_batch,
+                a->o.seq, now_s() - t0);
+    if (step >= a->steps) {
+        if (comm->rank == 0 && !a->quiet)
+            fprintf(stderr, "train: the checkpoint is already at step %lld (--steps %lld): nothing to do\n",
+                    (long long)step, (long long)a->steps);
+        rc = 0;
+        goto out;
+    }
+    FILE *log = NULL;
+    if (comm->rank == 0 && a->log && !(log = fopen(a->log, "a"))) {
+        mps_fail(err, MPS_EIO, "--log %s: %s", a->log, strerror(errno));
+        goto out;
+    }
+    rc = 0;
+    while (step < a->steps && rc == 0) {
+        double ts = now_s();
+        mps_step_stats st;
+        if ((rc = mps_engine_step(e, data, position, step, &st, err)) != 0)
+            break;
+        step++;
+        position += a->o.global_batch;
+        double tps = (double)a->o.global_batch * a->o.seq / (now_s() - ts);
+        if (comm->rank == 0) {
+            if (!a->quiet)
+                printf("step %lld/%lld  loss %.6f  lr %.3e  norm %.4f  %.0f tok/s\n", (long long)step,
+                       (long long)a->steps, st.loss, st.lr, st.grad_norm, tps);
+            if (log) {
+                fprintf(log, "{\"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"tokens_per_s\": %.1f, "
+                        "\"elapsed_s\": %.3f}\n", (long long)step, st.loss, st.lr, st.grad_norm, tps, now_s() - a->t_start);
+                fflush(log);
+            }
+            fflush(stdout);
+        }
+        if ((a->save_every && step % a->save_every == 0) || step == a->steps) {
+            double t_save = now_s();
+            rc = save(e, a, comm->rank, step, seed, position, err);
+            if (rc == 0 && comm->rank == 0 && !a->quiet)
+                fprintf(stderr, "train: saved %s/step-%08lld in %.2f s (training stalls for the save)\n", a->out,
+                        (long long)step, now_s() - t_save);
+        }
+    }
+    if (log)
+        fclose(log);
+out:
+    mps_tokens_close(data);
+    mps_engine_free(e);
+    mps_comm_staged_free(&staged);
+    if (ck)
+        mps_ckpt_close(ck);
+    return rc;
+}
+
+/* The model and layout of the run, from the checkpoint's manifest (read by every rank first, so
+ * that WORLD is checked against the layout before anything else). */
+static int read_layout(const train_args *a, mps_layout *L, mps_err *err)
+{
+    char ckdir[4200], mpath[4300];
+    if (resolve_ckpt(a->ckpt, ckdir, sizeof ckdir, err) != 0)
+        return -1;
+    snprintf(mpath, sizeof mpath, "%s/%s", ckdir, MPS_MANIFEST_NAME);
+    mps_manifest m;
+    if (mps_manifest_read(mpath, &m, err) != 0)
+        return -1;
+    int rc = mps_layout_parse(a->layout, &m.cfg, L, err);
+    mps_manifest_free(&m);
+    return rc;
+}
+
+/* The compute backend: CUDA on this rank's GPU when asked (or by default when there is one). */
+static int make_backend(const train_args *a, mps_backend *be, int *own_gpu, mps_err *err)
+{
+    mps_backend_cpu(be);
+    *own_gpu = 0;
+    if (a->backend_cuda == 0)
+        return 0;
+    mps_err e2;
+    mps_err_clear(&e2);
+    /* one GPU per local rank when there are enough (NCCL needs that), else ranks share them */
+    const char *local = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+    if (cli_cuda_local_device(local ? atoi(local) : 0, own_gpu, &e2) == 0 && mps_backend_cuda(be, &e2) == 0)
+        return 0;
+    mps_backend_cpu(be);
+    if (a->backend_cuda == 1) {
+        *err = e2;
+        return -1;
+    }
+    return 0; /* the default falls back to the CPU */
+}
+
+int cmd_train(int argc, char **argv)
+{
+    mps_procs procs;
+    int multi = cli_procs_init(&argc, &argv, &procs);
+    if (multi < 0)
+        return MPS_EFAIL;
+    double t_start = now_s();
+    train_args a;
+    int prc = parse_args(argc, argv, &a);
+    a.t_start = t_start;
+    if (prc != 0) {
+        cli_procs_finish(multi);
+        return prc == 1 ? 0 : MPS_EUSAGE;
+    }
+    mps_err err;
+    mps_err_clear(&err);
+    mps_comm comm;
+    mps_layout L;
+    int rc = read_layout(&a, &L, &err);
+    if (multi && rc == 0)
+        rc = cli_comm_mpi_new(&L, &comm, &err);
+    if (rc != 0) {
+        /* every rank fails the same way here: one message */
+        if (!multi || procs.rank == 0)
+            cli_fail("train", &err);
+        cli_procs_finish(multi);
+        return err.code ? err.code : MPS_EFAIL;
+    }
+    if (!multi)
+        mps_comm_self(&comm);
+    mps_backend be;
+    int own_gpu = 0;
+    int ok = make_backend(&a, &be, &own_gpu, &err) == 0;
+    /* all ranks agree on the backend and on NCCL (every rank must have its own GPU) */
+    if (!comm.all_ok(comm.ctx, ok))
+        rc = ok ? mps_fail(&err, MPS_EUNSUPPORTED, "--backend cuda failed on another rank") : -1;
+    mps_comm nccl = { 0 };
+    int use_nccl = 0;
+    if (rc == 0 && multi && be.device_memory && comm.all_ok(comm.ctx, own_gpu && !a.comm_mpi)) {
+        rc = cli_comm_nccl_new(&L, &comm, &be, &nccl, &err);
+        use_nccl = rc == 0;
+    }
+    if (rc == 0)
+        rc = train(&a, use_nccl ? &nccl : &comm, &be, use_nccl, &err);
+    if (use_nccl)
+        cli_comm_nccl_free(&nccl);
+    be.destroy(be.ctx);
+    if (rc != 0) {
+        int code = cli_fail("train", &err);
+        if (multi)
+            cli_comm_abort(code); /* peers may be inside a collective */
+        return code;
+    }
+    if (multi)
+        cli_comm_mpi_free(&comm);
+    cli_procs_finish(multi);
+    return 0;
+}

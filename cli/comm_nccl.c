@@ -1,0 +1,255 @@
+/* The trainer's NCCL communication backend: DP and TP collectives run on the GPUs through NCCL
+ * (one communicator per group, split from a world communicator whose id rank 0 broadcasts over
+ * MPI); pipeline sends, host scalars and agreement go through the MPI backend (device buffers
+ * staged through host memory). NCCL needs one GPU per rank: with fewer GPUs than ranks on a node
+ * the trainer uses the staged MPI backend alone. Collectives are synchronous with respect to the
+ * compute stream (the backend is synced before, the NCCL stream after): simple and correct, not
+ * yet overlapped with the backward pass. */
+#include "comm_nccl.h"
+
+#if defined(MPS_HAVE_NCCL) && defined(MPS_HAVE_MPI)
+#include <cuda_runtime.h>
+#include <mpi.h>
+#include <nccl.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "comm_staged.h"
+
+typedef struct {
+    mps_comm host;          /* staged MPI: p2p, f64, bcast, barrier, all_ok */
+    const mps_backend *be;
+    ncclComm_t group[MPS_GROUP_COUNT];
+    int gsize[MPS_GROUP_COUNT], gme[MPS_GROUP_COUNT];
+    cudaStream_t stream;
+    float *pad_in, *pad_out; /* (members * max part) for uneven ZeRO parts */
+    size_t pad_cap;          /* elements of each */
+} nccl_ctx;
+
+static int nccl_check(ncclResult_t r, const char *what, mps_err *err)
+{
+    if (r == ncclSuccess)
+        return 0;
+    return mps_fail(err, MPS_EIO, "NCCL %s failed: %s", what, ncclGetErrorString(r));
+}
+
+static int cuda_check(cudaError_t r, const char *what, mps_err *err)
+{
+    if (r == cudaSuccess)
+        return 0;
+    return mps_fail(err, MPS_EIO, "CUDA %s failed: %s", what, cudaGetErrorString(r));
+}
+
+/* inputs ready on the compute stream before NCCL reads them; NCCL done before compute goes on */
+static int before(nccl_ctx *x, mps_err *err)
+{
+    return x->be->sync(x->be->ctx, err);
+}
+
+static int after(nccl_ctx *x, const char *what, mps_err *err)
+{
+    return cuda_check(cudaStreamSynchronize(x->stream), what, err);
+}
+
+static int ar(void *c, mps_group g, float *buf, int64_t n, ncclRedOp_t op, mps_err *err)
+{
+    nccl_ctx *x = c;
+    if (before(x, err) != 0 ||
+        nccl_check(ncclAllReduce(buf, buf, (size_t)n, ncclFloat, op, x->group[g], x->stream), "all-reduce", err))
+        return -1;
+    return after(x, "all-reduce", err);
+}
+
+static int ar_sum(void *c, mps_group g, float *buf, int64_t n, mps_err *err) { return ar(c, g, buf, n, ncclSum, err); }
+static int ar_max(void *c, mps_group g, float *buf, int64_t n, mps_err *err) { return ar(c, g, buf, n, ncclMax, err); }
+
+static int64_t max_part(const int64_t *counts, int n)
+{
+    int64_t m = 1;
+    for (int i = 0; i < n; i++)
+        if (counts[i] > m)
+            m = counts[i];
+    return m;
+}
+
+static int pad_reserve(nccl_ctx *x, size_t elems, mps_err *err)
+{
+    if (elems <= x->pad_cap)
+        return 0;
+    cudaFree(x->pad_in);
+    cudaFree(x->pad_out);
+    x->pad_in = x->pad_out = NULL;
+    x->pad_cap = 0;
+    if (cuda_check(cudaMalloc((void **)&x->pad_in, elems * sizeof(float)), "allocation", err) ||
+        cuda_check(cudaMalloc((void **)&x->pad_out, elems * sizeof(float)), "allocation", err))
+        return -1;
+    x->pad_cap = elems;
+    return 0;
+}
+
+/* NCCL's reduce-scatter and all-gather take equal parts: ZeRO's balanced parts differ by one
+ * element at most, so each part is padded to the largest. */
+static int reduce_scatter(void *c, mps_group g, const float *in, float *out, const int64_t *counts,
+                          const int64_t *displs, mps_err *err)
+{
+    nccl_ctx *x = c;
+    int n = x->gsize[g];
+    int64_t mp = max_part(counts, n);
+    if (before(x, err) != 0 || pad_reserve(x, (size_t)(mp * n), err) != 0)
+        return -1;
+    cudaMemsetAsync(x->pad_in, 0, (size_t)(mp * n) * sizeof(float), x->stream);
+    for (int i = 0; i < n; i++)
+        cudaMemcpyAsync(x->pad_in + i * mp, in + displs[i], (size_t)counts[i] * sizeof(float),
+                        cudaMemcpyDeviceToDevice, x->stream);
+    if (nccl_check(ncclReduceScatter(x->pad_in, x->pad_out, (size_t)mp, ncclFloat, ncclSum, x->group[g], x->stream),
+                   "reduce-scatter", err))
+        return -1;
+    cudaMemcpyAsync(out, x->pad_out, (size_t)counts[x->gme[g]] * sizeof(float), cudaMemcpyDeviceToDevice, x->stream);
+    return after(x, "reduce-scatter", err);
+}
+
+static int allgather(void *c, mps_group g, const float *in, float *out, const int64_t *counts, const int64_t *displs,
+                     mps_err *err)
+{
+    nccl_ctx *x = c;
+    int n = x->gsize[g];
+    int64_t mp = max_part(counts, n);
+    if (before(x, err) != 0 || pad_reserve(x, (size_t)(mp * n), err) != 0)
+        return -1;
+    cudaMemcpyAsync(x->pad_in, in, (size_t)counts[x->gme[g]] * sizeof(float), cudaMemcpyDeviceToDevice, x->stream);
+    if (nccl_check(ncclAllGather(x->pad_in, x->pad_out, (size_t)mp, ncclFloat, x->group[g], x->stream), "all-gather",
+                   err))
+        return -1;
+    for (int i = 0; i < n; i++)
+        cudaMemcpyAsync(out + displs[i], x->pad_out + i * mp, (size_t)counts[i] * sizeof(float),
+                        cudaMemcpyDeviceToDevice, x->stream);
+    return after(x, "all-gather", err);
+}
+
+/* the rest: the staged MPI backend */
+static int ar64(void *c, mps_group g, double *b, int64_t n, mps_err *err)
+{
+    nccl_ctx *x = c;
+    return x->host.allreduce_sum_f64(x->host.ctx, g, b, n, err);
+}
+static int p2p_send(void *c, int peer, const float *b, int64_t n, int tag, mps_err *err)
+{
+    nccl_ctx *x = c;
+    return x->host.send(x->host.ctx, peer, b, n, tag, err);
+}
+static int p2p_recv(void *c, int peer, float *b, int64_t n, int tag, mps_err *err)
+{
+    nccl_ctx *x = c;
+    return x->host.recv(x->host.ctx, peer, b, n, tag, err);
+}
+static int flush(void *c, mps_err *err)
+{
+    nccl_ctx *x = c;
+    return x->host.flush(x->host.ctx, err);
+}
+static int barrier(void *c, mps_err *err)
+{
+    nccl_ctx *x = c;
+    return x->host.barrier(x->host.ctx, err);
+}
+static int bcast(void *c, void *b, int64_t n, int root, mps_err *err)
+{
+    nccl_ctx *x = c;
+    return x->host.bcast_bytes(x->host.ctx, b, n, root, err);
+}
+static int all_ok(void *c, int ok)
+{
+    nccl_ctx *x = c;
+    return x->host.all_ok(x->host.ctx, ok);
+}
+
+int cli_comm_nccl_new(const mps_layout *L, const mps_comm *mpi, const mps_backend *be, mps_comm *out, mps_err *err)
+{
+    nccl_ctx *x = calloc(1, sizeof *x);
+    if (!x)
+        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    mps_coords me = mps_layout_coords(L, mpi->rank);
+    x->be = be;
+    x->gsize[MPS_GROUP_WORLD] = mpi->size;
+    x->gme[MPS_GROUP_WORLD] = mpi->rank;
+    x->gsize[MPS_GROUP_DP] = L->dp;
+    x->gme[MPS_GROUP_DP] = me.dp;
+    x->gsize[MPS_GROUP_TP] = L->tp;
+    x->gme[MPS_GROUP_TP] = me.tp;
+    if (mps_comm_staged_new(mpi, be, x->gsize, x->gme, &x->host, err) != 0) {
+        free(x);
+        return -1;
+    }
+    ncclUniqueId id;
+    if (mpi->rank == 0 && nccl_check(ncclGetUniqueId(&id), "id", err) != 0)
+        memset(&id, 0, sizeof id); /* the broadcast still happens; init then fails everywhere */
+    int rc = MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD) == MPI_SUCCESS ? 0 : -1;
+    if (rc == 0)
+        rc = cuda_check(cudaStreamCreateWithFlags(&x->stream, cudaStreamNonBlocking), "stream", err);
+    if (rc == 0)
+        rc = nccl_check(ncclCommInitRank(&x->group[MPS_GROUP_WORLD], mpi->size, id, mpi->rank), "init", err);
+    /* DP group: same stage and TP part; TP group: same stage and replica (the MPI backend's colours) */
+    if (rc == 0)
+        rc = nccl_check(ncclCommSplit(x->group[MPS_GROUP_WORLD], me.pp * L->tp + me.tp, me.dp, &x->group[MPS_GROUP_DP],
+                                      NULL), "split", err);
+    if (rc == 0)
+        rc = nccl_check(ncclCommSplit(x->group[MPS_GROUP_WORLD], me.pp * L->dp + me.dp, me.tp, &x->group[MPS_GROUP_TP],
+                                      NULL), "split", err);
+    if (rc != 0) {
+        out->ctx = x;
+        cli_comm_nccl_free(out);
+        return -1;
+    }
+    *out = (mps_comm){ .ctx = x, .rank = mpi->rank, .size = mpi->size, .allreduce_sum = ar_sum,
+                       .allreduce_max = ar_max, .allreduce_sum_f64 = ar64, .reduce_scatter = reduce_scatter,
+                       .allgather = allgather, .send = p2p_send, .recv = p2p_recv, .flush = flush,
+                       .barrier = barrier, .bcast_bytes = bcast, .all_ok = all_ok };
+    return 0;
+}
+
+void cli_comm_nccl_free(mps_comm *c)
+{
+    nccl_ctx *x = c->ctx;
+    if (!x)
+        return;
+    for (int g = MPS_GROUP_COUNT - 1; g >= 0; g--)
+        if (x->group[g])
+            ncclCommDestroy(x->group[g]);
+    cudaFree(x->pad_in);
+    cudaFree(x->pad_out);
+    if (x->stream)
+        cudaStreamDestroy(x->stream);
+    mps_comm_staged_free(&x->host);
+    free(x);
+    c->ctx = NULL;
+}
+
+int cli_cuda_local_device(int local_rank, int *ranks_per_gpu_ok, mps_err *err)
+{
+    int n = 0;
+    if (cuda_check(cudaGetDeviceCount(&n), "device count", err) != 0)
+        return -1;
+    if (n <= 0)
+        return mps_fail(err, MPS_EUNSUPPORTED, "no CUDA device");
+    *ranks_per_gpu_ok = local_rank < n;
+    return cuda_check(cudaSetDevice(local_rank % n), "set device", err);
+}
+#else
+int cli_comm_nccl_new(const mps_layout *L, const mps_comm *mpi, const mps_backend *be, mps_comm *out, mps_err *err)
+{
+    (void)L; (void)mpi; (void)be; (void)out;
+    return mps_fail(err, MPS_EUNSUPPORTED, "this build has no NCCL");
+}
+
+void cli_comm_nccl_free(mps_comm *c)
+{
+    (void)c;
+}
+
+int cli_cuda_local_device(int local_rank, int *ranks_per_gpu_ok, mps_err *err)
+{
+    (void)local_rank;
+    *ranks_per_gpu_ok = 0;
+    return mps_fail(err, MPS_EUNSUPPORTED, "this build has no CUDA");
+}
+#endif

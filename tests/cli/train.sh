@@ -1,0 +1,74 @@
+#!/bin/bash
+# The trainer: the same loss per step under every layout (same global batch), 3 steps in one
+# layout + a resume in another == 6 steps straight, resumes from shard (Hugging Face file), reshard
+# and the trainer's own checkpoints, and the clear errors.
+. "$(dirname "$0")/common.bash"
+export OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+  OMPI_MCA_btl_vader_single_copy_mechanism=none OMPI_MCA_rmaps_base_oversubscribe=1
+# (leak checking off under mpirun: OpenMPI's components leak by design)
+export ASAN_OPTIONS="${ASAN_OPTIONS:-}:detect_leaks=0"
+command -v mpirun >/dev/null || { bad "mpirun not installed"; finish; exit 1; }
+# 6 heads (tp=2, tp=3 divide them), 2 layers (pp=2), vocab 250 padded to 256 (uneven over tp=3)
+TINY="n_layer=2,n_embd=48,n_head=6,vocab=250,n_positions=32"
+TR="--data $T/tok.bin --global-batch 8 --micro-batch 2 --seq 16 --lr 1e-3 --lr-min 1e-4 --warmup 2 --decay-steps 6 -q"
+expect 0 "$MPSHARD" tokens --count 20000 --vocab 250 -o "$T/tok.bin"
+expect 0 "$MPSHARD" init --config "$TINY" --layout dp=1 -o "$T/init" -q
+train() { local np=$1; shift; mpirun -np "$np" "$MPSHARD" train $TR "$@" >"$T/out" 2>"$T/err"; }
+losses() { sed -E 's/.*"loss": ([^,]*),.*/\1/' "$1"; }
+# same_losses A B: every step's loss within 1e-5 relative
+same_losses() {
+  if paste <(losses "$1") <(losses "$2") | awk '{ d = $1 - $2; if (d < 0) d = -d; if (d > 1e-5 * $2 || NF != 2) bad = 1 }
+      END { exit bad || NR != 6 }'; then ok; else bad "losses differ: $1 vs $2: $(paste <(losses "$1") <(losses "$2") | tr '\t\n' ' ;')"; fi
+}
+train 1 --ckpt "$T/init" --layout dp=1 --steps 6 --out "$T/ref" --log "$T/ref.jsonl" && ok || bad "dp=1: $(cat "$T/err")"
+[ "$(wc -l <"$T/ref.jsonl")" = 6 ] && ok || bad "log lines: $(cat "$T/ref.jsonl")"
+# the loss falls on this learnable text, and every field is there
+awk -F'"loss": ' 'NR == 1 { split($2, a, ","); first = a[1] } NR == 6 { split($2, a, ","); last = a[1] }
+  END { exit !(first > 5.4 && last < first - 0.3) }' "$T/ref.jsonl" && ok || bad "loss did not fall: $(losses "$T/ref.jsonl" | tr '\n' ' ')"
+grep -q '"step": 6, "loss": [0-9.]*, "lr": [0-9.e-]*, "grad_norm": [0-9.]*, "tokens_per_s": [0-9.]*, "elapsed_s": [0-9.]*}' "$T/ref.jsonl" && ok \
+  || bad "log format: $(tail -1 "$T/ref.jsonl")"
+[ "$(cat "$T/ref/latest")" = step-00000006 ] && ok || bad "latest: $(cat "$T/ref/latest")"
+expect 0 "$MPSHARD" verify "$T/ref/step-00000006" -q
+i=0
+for spec in "2 dp=2" "2 tp=2" "2 pp=2" "2 dp=2,zero=3" "8 dp=2,pp=2,tp=2,zero=1" "3 tp=3" \
+            "4 dp=2,pp=2,zero=2 --schedule gpipe" "4 pp=2,tp=2,zero=3" "4 dp=2,tp=2,zero=3 --comm-staged"; do
+  set -- $spec; np=$1; lay=$2; shift 2
+  i=$((i + 1)); rm -rf "$T/r$i"
+  train "$np" --ckpt "$T/init" --layout "$lay" --steps 6 --out "$T/r$i" --log "$T/r$i.jsonl" "$@" && ok \
+    || bad "$lay: $(tail -3 "$T/err")"
+  same_losses "$T/r$i.jsonl" "$T/ref.jsonl"
+done
+# the checkpoint a layout saves holds what every other layout's checkpoint holds, to rounding
+expect 0 "$MPSHARD" verify "$T/r5/step-00000006" -q
+# 3 steps in one layout, then resume in another for the remaining 3 == 6 steps straight
+train 4 --ckpt "$T/init" --layout dp=2,pp=2,zero=1 --steps 3 --out "$T/half" --log "$T/ab.jsonl" && ok || bad "half: $(cat "$T/err")"
+train 3 --ckpt "$T/half" --layout tp=3,zero=0 --steps 6 --out "$T/half2" --log "$T/ab.jsonl" && ok || bad "resume: $(cat "$T/err")"
+same_losses "$T/ab.jsonl" "$T/ref.jsonl"
+# from a checkpoint resharded offline (step 3 -> tp=2 zero=3): the same continuation
+expect 0 "$MPSHARD" reshard "$T/half/step-00000003" --layout dp=2,tp=2,zero=3 -o "$T/resh" -q
+head -3 "$T/ab.jsonl" >"$T/rs.jsonl"
+train 2 --ckpt "$T/resh" --layout pp=2 --steps 6 --out "$T/rs" --log "$T/rs.jsonl" && ok || bad "from reshard: $(cat "$T/err")"
+same_losses "$T/rs.jsonl" "$T/ref.jsonl"
+# running to a step the checkpoint already reached does nothing
+train 1 --ckpt "$T/rs" --layout dp=1 --steps 6 --out "$T/rs" && ok || bad "no-op resume: $(cat "$T/err")"
+# from a Hugging Face file through mpshard shard: two layouts see the same model and losses
+expect 0 "$MPSHARD" synth --config "$TINY" --format safetensors -o "$T/hf" --seed 4
+expect 0 "$MPSHARD" shard "$T/hf/model.safetensors" --layout dp=2,tp=2 -o "$T/hfs" -q
+train 1 --ckpt "$T/hfs" --layout dp=1 --steps 6 --out "$T/hf1" --log "$T/hf1.jsonl" && ok || bad "from shard: $(cat "$T/err")"
+train 4 --ckpt "$T/hfs" --layout pp=2,tp=2,zero=2 --steps 6 --out "$T/hf2" --log "$T/hf2.jsonl" && ok || bad "from shard: $(cat "$T/err")"
+same_losses "$T/hf2.jsonl" "$T/hf1.jsonl"
+# errors: a layout that does not match WORLD, another model, too little data, a token beyond the vocabulary
+expect 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=2 --steps 1 --out "$T/x"
+expect_err "dp\*pp\*tp = 2 processes but 1 are running"
+mpirun -np 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=3 --steps 1 --out "$T/x" >"$T/out" 2>"$T/err"; rc=$?
+[ "$rc" = 2 ] && grep -q "needs dp\*pp\*tp = 3 processes but mpirun started 2" "$T/err" && ok || bad "mpirun world: $rc $(cat "$T/err")"
+expect 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --model gpt2
+expect_err "holds another model"
+expect 0 "$MPSHARD" tokens --count 100 --vocab 250 -o "$T/small.bin"
+expect 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --data "$T/small.bin"
+expect_err "small.bin: 6 sequences of --seq 16 are too few for one batch of --global-batch 8"
+expect 0 "$MPSHARD" tokens --count 5000 --vocab 300 -o "$T/big.bin"
+expect 3 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --data "$T/big.bin"
+expect_err "big.bin: token [0-9]+ is id [0-9]+, beyond the model's vocabulary of 250"
+[ ! -e "$T/x" ] && ok || bad "a failed run left $T/x"
+finish

@@ -1,0 +1,1076 @@
+/* The CUDA backend (train/cuda) against the CPU backend, entry by entry of the backend table:
+ * random inputs of small and odd sizes (and a few larger ones that take the multi-pass and
+ * multi-tile paths), the same inputs to both backends, the outputs compared as
+ *   rel = max |gpu - cpu| / max |cpu|   over each output tensor,
+ * against a tolerance per class of kernel (TOL_*). Gradient outputs start from random values, so
+ * that the accumulate (+=) contract is checked too. Every GPU call runs twice from the same state
+ * and the two results must be bit-identical (determinism).
+ *
+ * Also: the memory entries (zeroed alloc, copies, to_host from several threads at once), an
+ * error report through sync, the attention paths against the CPU (the default backend runs head
+ * size 64 on the bf16 kernels of attention_fast.cu; MPS_CUDA_ATTENTION=fp32 and =bf16 select the
+ * fp32 and the WMMA kernels), and timings at GPT-2 124M sizes (informational; MPS_TEST_BENCH=0
+ * skips them).
+ *
+ * The tests come in groups (memory, embed, layernorm, matmul, attention, attention_bf16,
+ * elementwise, xent, optim, bench), each run in a child process with fresh backends, so that a
+ * kernel fault or hang shows as that group's failure and the other groups still report.
+ * `test_backend_cuda <group>` runs one group in-process (e.g. under compute-sanitizer).
+ * Every line starts with "ok" or "FAIL"; bench lines are informational.
+ *
+ * Without a GPU: prints "no GPU: skipped" and exits 77 (CTest: skipped). */
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "backend.h"
+
+/* Tolerances on rel (see above). bf16 GEMM operands carry 8 significant bits: 2e-2 leaves room
+ * over the ~1e-3 expected, a wrong index or transpose gives ~1. The fp32 kernels differ from the
+ * CPU only by summation order, FMA contraction and libm ulps: 1e-5 for element-wise and
+ * short-row kernels, 1e-4 where sums run over thousands of terms (the CPU sums in float in row
+ * order, which is itself off by ~1e-5 there). */
+#define TOL_EW 1e-5
+#define TOL_RED 1e-4
+#define TOL_GEMM 2e-2
+#define TOL_ATTN 1e-4
+#define TOL_ATTN_BF16 3e-2
+#define TOL_DOUBLE 1e-9
+
+static mps_backend cpu, gpu;
+static int failures, checks;
+
+/* ---------------------------------------------------------------- helpers */
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t rnext(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+static float urand(void) { return (float)((rnext() >> 40) * (2.0 / 16777216.0) - 1.0); } /* [-1, 1) */
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p) {
+        fprintf(stderr, "out of host memory\n");
+        exit(1);
+    }
+    return p;
+}
+static float *hrand(int64_t n, float scale)
+{
+    float *p = xmalloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++)
+        p[i] = scale * urand();
+    return p;
+}
+static float *hdup(const float *x, int64_t n)
+{
+    float *p = xmalloc(sizeof(float) * (size_t)n);
+    memcpy(p, x, sizeof(float) * (size_t)n);
+    return p;
+}
+static int32_t *hints(int64_t n, int32_t lo, int32_t hi) /* uniform in [lo, hi) */
+{
+    int32_t *p = xmalloc(sizeof(int32_t) * (size_t)n);
+    for (int64_t i = 0; i < n; i++)
+        p[i] = lo + (int32_t)(rnext() % (uint64_t)(hi - lo));
+    return p;
+}
+
+static void *dalloc(size_t bytes)
+{
+    void *d = gpu.alloc(gpu.ctx, bytes);
+    if (!d) {
+        fprintf(stderr, "FAIL: device alloc of %zu bytes\n", bytes);
+        exit(1);
+    }
+    return d;
+}
+static void *dput(const void *h, size_t bytes)
+{
+    void *d = dalloc(bytes);
+    gpu.from_host(gpu.ctx, d, h, bytes);
+    return d;
+}
+static float *dputf(const float *h, int64_t n) { return dput(h, sizeof(float) * (size_t)n); }
+static float *dgetf(const float *d, int64_t n)
+{
+    float *h = xmalloc(sizeof(float) * (size_t)n);
+    gpu.to_host(gpu.ctx, h, d, sizeof(float) * (size_t)n);
+    return h;
+}
+static void dfree(void *d) { gpu.release(gpu.ctx, d); }
+
+static int sync_ok(const char *what)
+{
+    mps_err e;
+    memset(&e, 0, sizeof e);
+    if (gpu.sync(gpu.ctx, &e) != 0) {
+        printf("FAIL  %s: sync: %s\n", what, e.msg);
+        failures++;
+        return 0;
+    }
+    return 1;
+}
+
+/* accuracy of one output tensor */
+static void cmp(const char *op, const char *what, const float *g, const float *c, int64_t n, double tol)
+{
+    double maxabs = 0, maxref = 0;
+    int64_t worst = 0, bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(g[i]) != !isfinite(c[i]) || (!isfinite(c[i]) && g[i] != c[i])) {
+            if (!bad)
+                worst = i;
+            bad++;
+            continue;
+        }
+        if (!isfinite(c[i]))
+            continue;
+        double d = fabs((double)g[i] - (double)c[i]);
+        if (d > maxabs && !bad) {
+            maxabs = d;
+            worst = i;
+        }
+        if (fabs(c[i]) > maxref)
+            maxref = fabs(c[i]);
+    }
+    /* an output that is exactly zero on the CPU (attention with T=1: the softmax of a single score
+     * has zero gradient; the GPU's differently rounded D_t leaves ~1 ulp) is compared in absolute
+     * terms, the inputs being of unit scale */
+    double rel = maxref > 0 ? maxabs / maxref : maxabs;
+    int ok = !bad && rel <= tol;
+    checks++;
+    printf("%-5s %-34s %-7s max|diff| %.3e  max|cpu| %.3e  rel %.3e  (tol %.0e)%s\n", ok ? "ok" : "FAIL", op, what,
+           maxabs, maxref, rel, tol, bad ? "  non-finite mismatch" : "");
+    if (!ok) {
+        failures++;
+        printf("      worst element %lld of %lld: gpu %.9g cpu %.9g\n", (long long)worst, (long long)n, g[worst], c[worst]);
+    }
+}
+
+/* the two GPU runs of one output must be bit-identical */
+static void same(const char *op, const char *what, const float *a, const float *b, int64_t n)
+{
+    int64_t diff = 0, first = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (memcmp(&a[i], &b[i], sizeof(float)) != 0) {
+            if (first < 0)
+                first = i;
+            diff++;
+        }
+    checks++;
+    if (diff) {
+        failures++;
+        printf("FAIL  %-34s %-7s NOT DETERMINISTIC: %lld of %lld elements differ between two runs (first %lld: %.9g vs %.9g)\n",
+               op, what, (long long)diff, (long long)n, (long long)first, a[first], b[first]);
+    }
+}
+
+/* Outputs of one test: the initial contents (random for += outputs), the CPU result, the device
+ * buffer and the results of the two GPU runs. */
+#define MAXO 4
+typedef struct {
+    const char *name;
+    int64_t n;
+    float *init, *cpu, *dev, *res[2];
+} obuf;
+typedef struct {
+    obuf o[MAXO];
+    int no;
+    const char *op;
+} oset;
+
+/* adds an output; init NULL: zeros; returns the CPU buffer */
+static float *o_add(oset *s, const char *name, int64_t n, const float *init)
+{
+    obuf *b = &s->o[s->no++];
+    b->name = name;
+    b->n = n;
+    b->init = xmalloc(sizeof(float) * (size_t)n);
+    if (init)
+        memcpy(b->init, init, sizeof(float) * (size_t)n);
+    else
+        memset(b->init, 0, sizeof(float) * (size_t)n);
+    b->cpu = hdup(b->init, n);
+    b->dev = dputf(b->init, n);
+    b->res[0] = b->res[1] = NULL;
+    return b->cpu;
+}
+static float *o_dev(oset *s, int i) { return s->o[i].dev; }
+static void o_reset(oset *s)
+{
+    for (int i = 0; i < s->no; i++)
+        gpu.from_host(gpu.ctx, s->o[i].dev, s->o[i].init, sizeof(float) * (size_t)s->o[i].n);
+}
+static void o_fetch(oset *s, int run)
+{
+    sync_ok(s->op);
+    for (int i = 0; i < s->no; i++)
+        s->o[i].res[run] = dgetf(s->o[i].dev, s->o[i].n);
+}
+/* compares and frees */
+static void o_done(oset *s, double tol)
+{
+    for (int i = 0; i < s->no; i++) {
+        obuf *b = &s->o[i];
+        cmp(s->op, b->name, b->res[0], b->cpu, b->n, tol);
+        same(s->op, b->name, b->res[0], b->res[1], b->n);
+        free(b->init);
+        free(b->cpu);
+        free(b->res[0]);
+        free(b->res[1]);
+        dfree(b->dev);
+    }
+    s->no = 0;
+}
+/* runs the GPU call twice, each from the initial outputs */
+#define GPU_TWICE(s, call)                                                                                 \
+    do {                                                                                                   \
+        for (int run_ = 0; run_ < 2; run_++) {                                                             \
+            o_reset(&(s));                                                                                 \
+            call;                                                                                          \
+            o_fetch(&(s), run_);                                                                           \
+        }                                                                                                  \
+    } while (0)
+
+typedef struct {
+    float *h, *d;
+    int64_t n;
+} tin;
+static tin in_rand(int64_t n, float scale)
+{
+    tin t = {hrand(n, scale), NULL, n};
+    t.d = dputf(t.h, n);
+    return t;
+}
+static tin in_copy(const float *h, int64_t n)
+{
+    tin t = {hdup(h, n), NULL, n};
+    t.d = dputf(t.h, n);
+    return t;
+}
+static void in_free(tin *t)
+{
+    free(t->h);
+    dfree(t->d);
+}
+
+/* ---------------------------------------------------------------- memory */
+
+typedef struct {
+    const float *dev;
+    const float *want;
+    int64_t n;
+    int bad;
+} th_arg;
+
+static void *to_host_thread(void *p)
+{
+    th_arg *a = p;
+    float *h = xmalloc(sizeof(float) * (size_t)a->n);
+    for (int round = 0; round < 16; round++) {
+        memset(h, 0, sizeof(float) * (size_t)a->n);
+        gpu.to_host(gpu.ctx, h, a->dev, sizeof(float) * (size_t)a->n);
+        if (memcmp(h, a->want, sizeof(float) * (size_t)a->n) != 0)
+            a->bad = 1;
+    }
+    free(h);
+    return NULL;
+}
+
+static void test_memory(void)
+{
+    const int64_t n = 100003;
+    checks++;
+    /* alloc is zeroed (fill a buffer, free it, allocate again: the pool may hand back the same memory) */
+    float *ones = hrand(n, 1.0f);
+    float *d = dputf(ones, n);
+    dfree(d);
+    d = dalloc(sizeof(float) * (size_t)n);
+    float *h = dgetf(d, n);
+    int64_t nz = 0;
+    for (int64_t i = 0; i < n; i++)
+        nz += h[i] != 0.0f;
+    printf("%-5s %-34s %lld non-zero floats after alloc\n", nz ? "FAIL" : "ok", "alloc (zeroed)", (long long)nz);
+    failures += nz != 0;
+    free(h);
+    /* from_host / to_host / copy / zero */
+    gpu.from_host(gpu.ctx, d, ones, sizeof(float) * (size_t)n);
+    float *d2 = dalloc(sizeof(float) * (size_t)n);
+    gpu.copy(gpu.ctx, d2, d, sizeof(float) * (size_t)n);
+    gpu.zero(gpu.ctx, d, sizeof(float) * 1000);
+    float *h1 = dgetf(d, n), *h2 = dgetf(d2, n);
+    int ok = memcmp(h2, ones, sizeof(float) * (size_t)n) == 0 && memcmp(h1 + 1000, ones + 1000, sizeof(float) * (size_t)(n - 1000)) == 0;
+    for (int i = 0; i < 1000; i++)
+        ok &= h1[i] == 0.0f;
+    checks++;
+    printf("%-5s %-34s\n", ok ? "ok" : "FAIL", "from_host, copy, zero, to_host");
+    failures += !ok;
+    /* to_host from 4 threads at once, while the buffers are distinct slices of one allocation */
+    pthread_t th[4];
+    th_arg args[4];
+    for (int t = 0; t < 4; t++) {
+        args[t].dev = d2 + t * (n / 4);
+        args[t].want = ones + t * (n / 4);
+        args[t].n = n / 4;
+        args[t].bad = 0;
+        pthread_create(&th[t], NULL, to_host_thread, &args[t]);
+    }
+    int bad = 0;
+    for (int t = 0; t < 4; t++) {
+        pthread_join(th[t], NULL);
+        bad |= args[t].bad;
+    }
+    checks++;
+    printf("%-5s %-34s\n", bad ? "FAIL" : "ok", "to_host from 4 threads at once");
+    failures += bad;
+    sync_ok("memory");
+    free(h1);
+    free(h2);
+    free(ones);
+    dfree(d);
+    dfree(d2);
+}
+
+/* ---------------------------------------------------------------- embeddings */
+
+static void test_embed(int64_t N, int C, int64_t v0, int64_t Vl, int32_t tok_lo, int32_t tok_hi)
+{
+    char op[64];
+    int32_t *tok = hints(N, tok_lo, tok_hi);
+    int32_t *tok_d = dput(tok, sizeof(int32_t) * (size_t)N);
+    tin wte = in_rand(Vl * C, 1.0f), dout = in_rand(N * C, 1.0f);
+    oset s = {.op = op};
+
+    snprintf(op, sizeof op, "embed_fwd N%lld C%d v0 %lld", (long long)N, C, (long long)v0);
+    float *junk = hrand(N * C, 1.0f);
+    float *out = o_add(&s, "out", N * C, junk); /* overwritten */
+    free(junk);
+    cpu.embed_fwd(cpu.ctx, out, tok, N, wte.h, v0, Vl, C);
+    GPU_TWICE(s, gpu.embed_fwd(gpu.ctx, o_dev(&s, 0), tok_d, N, wte.d, v0, Vl, C));
+    o_done(&s, 0.0);
+
+    snprintf(op, sizeof op, "embed_bwd N%lld C%d v0 %lld", (long long)N, C, (long long)v0);
+    float *init = hrand(Vl * C, 1.0f);
+    float *dwte = o_add(&s, "dwte", Vl * C, init);
+    free(init);
+    cpu.embed_bwd(cpu.ctx, dwte, dout.h, tok, N, v0, Vl, C);
+    GPU_TWICE(s, gpu.embed_bwd(gpu.ctx, o_dev(&s, 0), dout.d, tok_d, N, v0, Vl, C));
+    o_done(&s, N > 1000 ? TOL_RED : TOL_EW);
+    in_free(&wte);
+    in_free(&dout);
+    free(tok);
+    dfree(tok_d);
+}
+
+static void test_pos(int B, int T, int C)
+{
+    char op[64];
+    tin wpe = in_rand((int64_t)(T + 5) * C, 1.0f), dx = in_rand((int64_t)B * T * C, 1.0f);
+    float *x0 = hrand((int64_t)B * T * C, 1.0f);
+    oset s = {.op = op};
+    snprintf(op, sizeof op, "pos_fwd B%d T%d C%d", B, T, C);
+    float *x = o_add(&s, "x", (int64_t)B * T * C, x0);
+    cpu.pos_fwd(cpu.ctx, x, wpe.h, B, T, C);
+    GPU_TWICE(s, gpu.pos_fwd(gpu.ctx, o_dev(&s, 0), wpe.d, B, T, C));
+    o_done(&s, TOL_EW);
+    snprintf(op, sizeof op, "pos_bwd B%d T%d C%d", B, T, C);
+    float *dwpe = o_add(&s, "dwpe", (int64_t)(T + 5) * C, wpe.h);
+    cpu.pos_bwd(cpu.ctx, dwpe, dx.h, B, T, C);
+    GPU_TWICE(s, gpu.pos_bwd(gpu.ctx, o_dev(&s, 0), dx.d, B, T, C));
+    o_done(&s, TOL_EW);
+    free(x0);
+    in_free(&wpe);
+    in_free(&dx);
+}
+
+/* ---------------------------------------------------------------- layernorm */
+
+static void test_layernorm(int64_t N, int C, int with_stats, int with_dinp)
+{
+    char op[80];
+    tin inp = in_rand(N * C, 2.0f), w = in_rand(C, 1.0f), b = in_rand(C, 0.5f), dout = in_rand(N * C, 1.0f);
+    for (int64_t i = 0; i < N * C; i++) /* rows with an offset: the mean matters */
+        inp.h[i] += (float)(i / C % 7) - 3.0f;
+    gpu.from_host(gpu.ctx, inp.d, inp.h, sizeof(float) * (size_t)(N * C));
+    oset s = {.op = op};
+    snprintf(op, sizeof op, "layernorm_fwd N%lld C%d%s", (long long)N, C, with_stats ? "" : " no stats");
+    float *out = o_add(&s, "out", N * C, NULL);
+    float *mean = with_stats ? o_add(&s, "mean", N, NULL) : NULL;
+    float *rstd = with_stats ? o_add(&s, "rstd", N, NULL) : NULL;
+    cpu.layernorm_fwd(cpu.ctx, out, mean, rstd, inp.h, w.h, b.h, N, C);
+    GPU_TWICE(s, gpu.layernorm_fwd(gpu.ctx, o_dev(&s, 0), with_stats ? o_dev(&s, 1) : NULL,
+                                   with_stats ? o_dev(&s, 2) : NULL, inp.d, w.d, b.d, N, C));
+    /* the backward takes the CPU's statistics */
+    tin m = {NULL, NULL, 0}, r = {NULL, NULL, 0};
+    if (with_stats) {
+        m = in_copy(mean, N);
+        r = in_copy(rstd, N);
+    }
+    o_done(&s, TOL_EW);
+    if (with_stats) {
+        snprintf(op, sizeof op, "layernorm_bwd N%lld C%d%s", (long long)N, C, with_dinp ? "" : " no dinp");
+        float *i0 = hrand(N * C, 1.0f), *i1 = hrand(C, 1.0f), *i2 = hrand(C, 1.0f);
+        float *dinp = with_dinp ? o_add(&s, "dinp", N * C, i0) : NULL;
+        float *dw = o_add(&s, "dw", C, i1), *db = o_add(&s, "db", C, i2);
+        cpu.layernorm_bwd(cpu.ctx, dinp, dw, db, dout.h, inp.h, w.h, m.h, r.h, N, C);
+        int k = with_dinp;
+        GPU_TWICE(s, gpu.layernorm_bwd(gpu.ctx, with_dinp ? o_dev(&s, 0) : NULL, o_dev(&s, k), o_dev(&s, k + 1),
+                                       dout.d, inp.d, w.d, m.d, r.d, N, C));
+        o_done(&s, N > 1000 ? TOL_RED : TOL_EW);
+        free(i0);
+        free(i1);
+        free(i2);
+        in_free(&m);
+        in_free(&r);
+    }
+    in_free(&inp);
+    in_free(&w);
+    in_free(&b);
+    in_free(&dout);
+}
+
+/* ---------------------------------------------------------------- matmul */
+
+/* off_out, off_bias: the output and bias pointers shifted by that many floats (unaligned paths) */
+static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off_bias)
+{
+    char op[96];
+    tin inp = in_rand(N * C, 1.0f), w = in_rand((int64_t)OC * C, 1.0f), bb = in_rand(OC + off_bias, 1.0f);
+    tin dout = in_rand(N * OC, 1.0f);
+    const float *bh = bias ? bb.h + off_bias : NULL, *bd = bias ? bb.d + off_bias : NULL;
+    oset s = {.op = op};
+    snprintf(op, sizeof op, "matmul_fwd N%lld C%d OC%d%s%s%s", (long long)N, C, OC, bias ? " bias" : "",
+             off_out ? " out+1" : "", off_bias ? " bias+1" : "");
+    float *init = hrand(N * OC + off_out, 1.0f);
+    float *out = o_add(&s, "out", N * OC + off_out, init); /* overwritten, prefix untouched */
+    cpu.matmul_fwd(cpu.ctx, out + off_out, inp.h, w.h, bh, N, C, OC);
+    GPU_TWICE(s, gpu.matmul_fwd(gpu.ctx, o_dev(&s, 0) + off_out, inp.d, w.d, bd, N, C, OC));
+    o_done(&s, TOL_GEMM);
+    free(init);
+
+    for (int variant = 0; variant < 2; variant++) { /* 0: dinp, dw, dbias; 1: dw only */
+        snprintf(op, sizeof op, "matmul_bwd N%lld C%d OC%d%s%s", (long long)N, C, OC, variant ? " dw only" : "",
+                 off_out ? " grads+1" : "");
+        float *i0 = hrand(N * C + off_out, 1.0f), *i1 = hrand((int64_t)OC * C + off_out, 1.0f), *i2 = hrand(OC, 1.0f);
+        float *dinp = variant ? NULL : o_add(&s, "dinp", N * C + off_out, i0);
+        float *dw = o_add(&s, "dw", (int64_t)OC * C + off_out, i1);
+        float *db = variant ? NULL : o_add(&s, "dbias", OC, i2);
+        cpu.matmul_bwd(cpu.ctx, dinp ? dinp + off_out : NULL, dw + off_out, db, dout.h, inp.h, w.h, N, C, OC);
+        if (variant)
+            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, NULL, o_dev(&s, 0) + off_out, NULL, dout.d, inp.d, w.d, N, C, OC));
+        else
+            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, o_dev(&s, 0) + off_out, o_dev(&s, 1) + off_out, o_dev(&s, 2), dout.d,
+                                        inp.d, w.d, N, C, OC));
+        /* dbias is an fp32 column sum: it must meet the fp32 tolerance, not the GEMM one */
+        for (int i = 0; i < s.no; i++) {
+            obuf *b = &s.o[i];
+            int fp32 = strcmp(b->name, "dbias") == 0;
+            cmp(s.op, b->name, b->res[0], b->cpu, b->n, fp32 ? (N > 1000 ? TOL_RED : TOL_EW) : TOL_GEMM);
+            same(s.op, b->name, b->res[0], b->res[1], b->n);
+            free(b->init);
+            free(b->cpu);
+            free(b->res[0]);
+            free(b->res[1]);
+            dfree(b->dev);
+        }
+        s.no = 0;
+        free(i0);
+        free(i1);
+        free(i2);
+    }
+    in_free(&inp);
+    in_free(&w);
+    in_free(&bb);
+    in_free(&dout);
+}
+
+/* ---------------------------------------------------------------- attention */
+
+static void test_attention(mps_backend *be, const char *tag, int B, int T, int H, int hs, double tol)
+{
+    mps_backend saved = gpu;
+    gpu = *be;
+    char op[96];
+    const int64_t Cl = (int64_t)H * hs, nqkv = (int64_t)B * T * 3 * Cl, nout = (int64_t)B * T * Cl;
+    const int64_t nlse = (int64_t)B * H * T;
+    tin qkv = in_rand(nqkv, 1.5f), dout = in_rand(nout, 1.0f);
+    oset s = {.op = op};
+    snprintf(op, sizeof op, "attention_fwd%s B%d T%d H%d hs%d", tag, B, T, H, hs);
+    float *out = o_add(&s, "out", nout, NULL), *lse = o_add(&s, "lse", nlse, NULL);
+    cpu.attention_fwd(cpu.ctx, out, lse, qkv.h, B, T, H, hs);
+    GPU_TWICE(s, gpu.attention_fwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), qkv.d, B, T, H, hs));
+    tin o = in_copy(out, nout), l = in_copy(lse, nlse); /* the backward takes the CPU's forward */
+    o_done(&s, tol);
+
+    snprintf(op, sizeof op, "attention_bwd%s B%d T%d H%d hs%d", tag, B, T, H, hs);
+    float *init = hrand(nqkv, 1.0f);
+    float *dqkv = o_add(&s, "dqkv", nqkv, init);
+    cpu.attention_bwd(cpu.ctx, dqkv, dout.h, qkv.h, o.h, l.h, B, T, H, hs);
+    GPU_TWICE(s, gpu.attention_bwd(gpu.ctx, o_dev(&s, 0), dout.d, qkv.d, o.d, l.d, B, T, H, hs));
+    /* the gradient without its random start, so that the tolerance applies to the += part */
+    float *g0 = s.o[0].res[0], *c0 = s.o[0].cpu;
+    float *gd = xmalloc(sizeof(float) * (size_t)nqkv), *cd = xmalloc(sizeof(float) * (size_t)nqkv);
+    for (int64_t i = 0; i < nqkv; i++) {
+        gd[i] = g0[i] - init[i];
+        cd[i] = c0[i] - init[i];
+    }
+    /* q, k and v parts separately: a bug in one of the two backward kernels shows by name */
+    float *gp = xmalloc(sizeof(float) * (size_t)nout), *cp = xmalloc(sizeof(float) * (size_t)nout);
+    static const char *part_name[3] = {"dq", "dk", "dv"};
+    for (int part = 0; part < 3; part++) {
+        for (int64_t r = 0; r < (int64_t)B * T; r++) {
+            memcpy(gp + r * Cl, gd + r * 3 * Cl + part * Cl, sizeof(float) * (size_t)Cl);
+            memcpy(cp + r * Cl, cd + r * 3 * Cl + part * Cl, sizeof(float) * (size_t)Cl);
+        }
+        cmp(op, part_name[part], gp, cp, nout, tol);
+    }
+    same(op, "dqkv", s.o[0].res[0], s.o[0].res[1], nqkv);
+    free(gp);
+    free(cp);
+    free(gd);
+    free(cd);
+    free(init);
+    free(s.o[0].init);
+    free(s.o[0].cpu);
+    free(s.o[0].res[0]);
+    free(s.o[0].res[1]);
+    dfree(s.o[0].dev);
+    in_free(&o);
+    in_free(&l);
+    in_free(&qkv);
+    in_free(&dout);
+    gpu = saved;
+}
+
+/* ---------------------------------------------------------------- element-wise */
+
+static void test_elementwise(int64_t n, int off)
+{
+    char op[64];
+    tin a = in_rand(n + off, 3.0f), b = in_rand(n + off, 1.0f), g = in_rand(n + off, 1.0f);
+    float *x0 = hrand(n + off, 1.0f);
+    oset s = {.op = op};
+    const char *sfx = off ? " +1" : "";
+
+    snprintf(op, sizeof op, "gelu_fwd n%lld%s", (long long)n, sfx);
+    float *out = o_add(&s, "out", n + off, x0);
+    cpu.gelu_fwd(cpu.ctx, out + off, a.h + off, n);
+    GPU_TWICE(s, gpu.gelu_fwd(gpu.ctx, o_dev(&s, 0) + off, a.d + off, n));
+    o_done(&s, TOL_EW);
+
+    snprintf(op, sizeof op, "gelu_bwd n%lld%s", (long long)n, sfx);
+    float *dinp = o_add(&s, "dinp", n + off, x0);
+    cpu.gelu_bwd(cpu.ctx, dinp + off, a.h + off, g.h + off, n);
+    GPU_TWICE(s, gpu.gelu_bwd(gpu.ctx, o_dev(&s, 0) + off, a.d + off, g.d + off, n));
+    o_done(&s, TOL_EW);
+
+    snprintf(op, sizeof op, "add n%lld%s (out = a)", (long long)n, sfx);
+    float *oa = o_add(&s, "out", n + off, a.h);
+    cpu.add(cpu.ctx, oa + off, oa + off, b.h + off, n);
+    GPU_TWICE(s, gpu.add(gpu.ctx, o_dev(&s, 0) + off, o_dev(&s, 0) + off, b.d + off, n));
+    o_done(&s, TOL_EW);
+
+    snprintf(op, sizeof op, "add n%lld%s", (long long)n, sfx);
+    out = o_add(&s, "out", n + off, x0);
+    cpu.add(cpu.ctx, out + off, a.h + off, b.h + off, n);
+    GPU_TWICE(s, gpu.add(gpu.ctx, o_dev(&s, 0) + off, a.d + off, b.d + off, n));
+    o_done(&s, TOL_EW);
+
+    snprintf(op, sizeof op, "accumulate n%lld%s", (long long)n, sfx);
+    out = o_add(&s, "dst", n + off, x0);
+    cpu.accumulate(cpu.ctx, out + off, a.h + off, n);
+    GPU_TWICE(s, gpu.accumulate(gpu.ctx, o_dev(&s, 0) + off, a.d + off, n));
+    o_done(&s, TOL_EW);
+
+    snprintf(op, sizeof op, "scale n%lld%s", (long long)n, sfx);
+    out = o_add(&s, "x", n + off, x0);
+    cpu.scale(cpu.ctx, out + off, 0.37f, n);
+    GPU_TWICE(s, gpu.scale(gpu.ctx, o_dev(&s, 0) + off, 0.37f, n));
+    o_done(&s, TOL_EW);
+
+    free(x0);
+    in_free(&a);
+    in_free(&b);
+    in_free(&g);
+}
+
+static void test_rows(int64_t N, int C)
+{
+    char op[64];
+    tin a = in_rand(N * C, 1.0f), b = in_rand(N * C, 1.0f), bias = in_rand(C, 1.0f);
+    oset s = {.op = op};
+    snprintf(op, sizeof op, "residual_bias N%lld C%d", (long long)N, C);
+    o_add(&s, "out", N * C, NULL);
+    float *out = s.o[0].cpu;
+    cpu.residual_bias(cpu.ctx, out, a.h, b.h, bias.h, N, C);
+    GPU_TWICE(s, gpu.residual_bias(gpu.ctx, o_dev(&s, 0), a.d, b.d, bias.d, N, C));
+    o_done(&s, TOL_EW);
+
+    snprintf(op, sizeof op, "bias_grad N%lld C%d", (long long)N, C);
+    float *db = o_add(&s, "db", C, bias.h);
+    cpu.bias_grad(cpu.ctx, db, a.h, N, C);
+    GPU_TWICE(s, gpu.bias_grad(gpu.ctx, o_dev(&s, 0), a.d, N, C));
+    o_done(&s, N > 1000 ? TOL_RED : TOL_EW);
+    in_free(&a);
+    in_free(&b);
+    in_free(&bias);
+}
+
+/* ---------------------------------------------------------------- cross-entropy */
+
+static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
+{
+    char op[96];
+    tin logits = in_rand(N * Vl, 4.0f);
+    int32_t *tg = hints(N, 0, (int32_t)V);
+    int32_t *tg_d = dput(tg, sizeof(int32_t) * (size_t)N);
+    oset s = {.op = op};
+    const char *fmt = "%s N%lld Vl%lld v0 %lld V%lld";
+#define XOP(name) snprintf(op, sizeof op, fmt, name, (long long)N, (long long)Vl, (long long)v0, (long long)V)
+
+    XOP("xent_rowmax");
+    float *rowmax = o_add(&s, "rowmax", N, NULL);
+    cpu.xent_rowmax(cpu.ctx, rowmax, logits.h, N, Vl, v0, V);
+    GPU_TWICE(s, gpu.xent_rowmax(gpu.ctx, o_dev(&s, 0), logits.d, N, Vl, v0, V));
+    /* the later pieces take gmax = rowmax + 0.5 as if another TP rank had a larger one (any
+     * real number >= the row max works; here every row has real ids) */
+    float *gm = hdup(rowmax, N);
+    for (int64_t i = 0; i < N; i++)
+        gm[i] = isfinite(gm[i]) ? gm[i] + 0.5f : 0.0f;
+    tin gmax = in_copy(gm, N);
+    free(gm);
+    o_done(&s, 0.0);
+
+    XOP("xent_sumexp");
+    float *sumexp = o_add(&s, "sumexp", N, NULL);
+    cpu.xent_sumexp(cpu.ctx, sumexp, logits.h, gmax.h, N, Vl, v0, V);
+    GPU_TWICE(s, gpu.xent_sumexp(gpu.ctx, o_dev(&s, 0), logits.d, gmax.d, N, Vl, v0, V));
+    float *se = hdup(sumexp, N);
+    for (int64_t i = 0; i < N; i++)
+        se[i] = se[i] > 0 ? se[i] * 1.25f : 1.0f; /* "the sum over TP ranks" */
+    tin gsum = in_copy(se, N);
+    free(se);
+    o_done(&s, TOL_EW);
+
+    XOP("xent_target");
+    float *tl = o_add(&s, "tlogit", N, NULL);
+    cpu.xent_target(cpu.ctx, tl, logits.h, tg, N, Vl, v0);
+    GPU_TWICE(s, gpu.xent_target(gpu.ctx, o_dev(&s, 0), logits.d, tg_d, N, Vl, v0));
+    tin tlog = in_copy(tl, N);
+    o_done(&s, 0.0);
+
+    const float scale = 1.0f / (float)(N * 3);
+    XOP("xent_bwd");
+    float *dl = o_add(&s, "dlogits", N * Vl, NULL);
+    cpu.xent_bwd(cpu.ctx, dl, logits.h, tg, gmax.h, gsum.h, scale, N, Vl, v0, V);
+    GPU_TWICE(s, gpu.xent_bwd(gpu.ctx, o_dev(&s, 0), logits.d, tg_d, gmax.d, gsum.d, scale, N, Vl, v0, V));
+    o_done(&s, TOL_EW);
+
+    XOP("xent_bwd in place");
+    dl = o_add(&s, "dlogits", N * Vl, logits.h);
+    cpu.xent_bwd(cpu.ctx, dl, dl, tg, gmax.h, gsum.h, scale, N, Vl, v0, V);
+    GPU_TWICE(s, gpu.xent_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 0), tg_d, gmax.d, gsum.d, scale, N, Vl, v0, V));
+    o_done(&s, TOL_EW);
+
+    XOP("xent_loss_sum");
+    double lc = cpu.xent_loss_sum(cpu.ctx, gmax.h, gsum.h, tlog.h, N);
+    double lg1 = gpu.xent_loss_sum(gpu.ctx, gmax.d, gsum.d, tlog.d, N);
+    double lg2 = gpu.xent_loss_sum(gpu.ctx, gmax.d, gsum.d, tlog.d, N);
+    sync_ok(op);
+    double rel = fabs(lg1 - lc) / fmax(fabs(lc), 1e-30);
+    int ok = rel <= 1e-6 && memcmp(&lg1, &lg2, sizeof lg1) == 0;
+    checks++;
+    failures += !ok;
+    printf("%-5s %-34s gpu %.12g cpu %.12g rel %.3e (tol 1e-06)%s\n", ok ? "ok" : "FAIL", op, lg1, lc, rel,
+           memcmp(&lg1, &lg2, sizeof lg1) ? " NOT DETERMINISTIC" : "");
+#undef XOP
+    in_free(&logits);
+    in_free(&gmax);
+    in_free(&gsum);
+    in_free(&tlog);
+    free(tg);
+    dfree(tg_d);
+}
+
+/* ---------------------------------------------------------------- optimizer, norms */
+
+static void test_adamw(int64_t n, int off)
+{
+    char op[64];
+    snprintf(op, sizeof op, "adamw n%lld 3 steps%s", (long long)n, off ? " +1" : "");
+    float *p0 = hrand(n + off, 1.0f);
+    tin g[3] = {in_rand(n + off, 1e-2f), in_rand(n + off, 1e-3f), in_rand(n + off, 1e-1f)};
+    oset s = {.op = op};
+    float *p = o_add(&s, "param", n + off, p0), *m = o_add(&s, "m", n + off, NULL), *v = o_add(&s, "v", n + off, NULL);
+    for (int t = 1; t <= 3; t++)
+        cpu.adamw(cpu.ctx, p + off, g[t - 1].h + off, m + off, v + off, n, 6e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, t);
+    GPU_TWICE(s, for (int t = 1; t <= 3; t++) gpu.adamw(gpu.ctx, o_dev(&s, 0) + off, g[t - 1].d + off,
+                                                       o_dev(&s, 1) + off, o_dev(&s, 2) + off, n, 6e-4f, 0.9f, 0.95f,
+                                                       1e-8f, 0.1f, t));
+    o_done(&s, TOL_EW);
+    free(p0);
+    for (int i = 0; i < 3; i++)
+        in_free(&g[i]);
+}
+
+static void test_sumsq(int64_t n, int off)
+{
+    char op[64];
+    snprintf(op, sizeof op, "sumsq n%lld%s", (long long)n, off ? " +1" : "");
+    tin x = in_rand(n + off, 2.0f);
+    double c = cpu.sumsq(cpu.ctx, x.h + off, n);
+    double g1 = gpu.sumsq(gpu.ctx, x.d + off, n), g2 = gpu.sumsq(gpu.ctx, x.d + off, n);
+    sync_ok(op);
+    double rel = fabs(g1 - c) / fmax(fabs(c), 1e-300);
+    int ok = rel <= TOL_DOUBLE && memcmp(&g1, &g2, sizeof g1) == 0;
+    checks++;
+    failures += !ok;
+    printf("%-5s %-34s gpu %.15g cpu %.15g rel %.3e (tol %.0e)%s\n", ok ? "ok" : "FAIL", op, g1, c, rel, TOL_DOUBLE,
+           memcmp(&g1, &g2, sizeof g1) ? " NOT DETERMINISTIC" : "");
+    in_free(&x);
+}
+
+/* an error inside a table call comes back through sync, once */
+static void test_error_report(void)
+{
+    float *d = dalloc(1024);
+    gpu.attention_fwd(gpu.ctx, d, d, d, 1, 1, 1, 200); /* head size 200: unsupported */
+    mps_err e;
+    memset(&e, 0, sizeof e);
+    int rc1 = gpu.sync(gpu.ctx, &e);
+    mps_err e2;
+    memset(&e2, 0, sizeof e2);
+    int rc2 = gpu.sync(gpu.ctx, &e2);
+    int ok = rc1 == -1 && strncmp(e.msg, "CUDA: ", 6) == 0 && rc2 == 0;
+    checks++;
+    failures += !ok;
+    printf("%-5s %-34s sync -> %d \"%s\", then %d\n", ok ? "ok" : "FAIL", "error report through sync", rc1, e.msg, rc2);
+    dfree(d);
+}
+
+/* ---------------------------------------------------------------- timings */
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* sync of a backend other than gpu */
+static void sync_be(mps_backend *be, const char *what)
+{
+    mps_err e;
+    memset(&e, 0, sizeof e);
+    if (be->sync(be->ctx, &e) != 0) {
+        printf("FAIL  %s: sync: %s\n", what, e.msg);
+        failures++;
+    }
+}
+
+#define BENCH(be, label, flops, reps, call)                                                                \
+    do {                                                                                                   \
+        call;                                                                                              \
+        sync_be(be, label);                                                                                \
+        double t0_ = now();                                                                                \
+        for (int r_ = 0; r_ < (reps); r_++)                                                                \
+            call;                                                                                          \
+        sync_be(be, label);                                                                                \
+        double ms_ = (now() - t0_) * 1e3 / (reps);                                                         \
+        if ((flops) > 0)                                                                                   \
+            printf("bench %-44s %8.3f ms  %6.1f TFLOP/s\n", label, ms_, (flops) / (ms_ * 1e-3) / 1e12);      \
+        else                                                                                               \
+            printf("bench %-44s %8.3f ms\n", label, ms_);                                                  \
+    } while (0)
+
+/* one GPT-2 124M layer's pieces at B=8, T=1024 (the engine's micro-batch of the benchmark is B=32:
+ * multiply by 4), and the head at V=50304 */
+static void bench(mps_backend *bf16)
+{
+    const int B = 8, T = 1024, C = 768, H = 12, hs = 64, F = 4 * C;
+    const int64_t N = (int64_t)B * T, Vl = 50304;
+    float *x = dalloc(sizeof(float) * (size_t)(N * F)), *y = dalloc(sizeof(float) * (size_t)(N * F));
+    float *qkv = dalloc(sizeof(float) * (size_t)(N * 3 * C)), *dqkv = dalloc(sizeof(float) * (size_t)(N * 3 * C));
+    float *w = dalloc(sizeof(float) * (size_t)F * C), *dw = dalloc(sizeof(float) * (size_t)F * C);
+    float *bias = dalloc(sizeof(float) * (size_t)F), *lse = dalloc(sizeof(float) * (size_t)(B * H * T));
+    float *mean = dalloc(sizeof(float) * (size_t)N), *rstd = dalloc(sizeof(float) * (size_t)N);
+    float *logits = dalloc(sizeof(float) * (size_t)(N * Vl)), *wte = dalloc(sizeof(float) * (size_t)(Vl * C));
+    int32_t *tok = dalloc(sizeof(int32_t) * (size_t)N);
+    /* small random values so that exp and the softmax do real work */
+    float *hq = hrand(N * 3 * C, 1.0f);
+    gpu.from_host(gpu.ctx, qkv, hq, sizeof(float) * (size_t)(N * 3 * C));
+    free(hq);
+    const double mm = 2.0 * (double)N * C * 3 * C, att = 4.0 * B * H * (double)T * T / 2 * hs;
+    printf("timings (informational), B=%d T=%d C=%d H=%d: one layer's pieces\n", B, T, C, H);
+    BENCH(&gpu, "matmul_fwd qkv (N, 768) -> (N, 2304) +bias", mm, 10,
+          gpu.matmul_fwd(gpu.ctx, qkv, x, w, bias, N, C, 3 * C));
+    BENCH(&gpu, "matmul_bwd qkv dinp+dw+dbias", 2 * mm, 10,
+          gpu.matmul_bwd(gpu.ctx, y, dw, bias, qkv, x, w, N, C, 3 * C));
+    BENCH(&gpu, "matmul_fwd fc (N, 768) -> (N, 3072) +bias", 2.0 * N * C * F, 10,
+          gpu.matmul_fwd(gpu.ctx, y, x, w, bias, N, C, F));
+    /* the default backend: hs = 64 runs attention_fast.cu (bf16 mma.sync); the forward first, so
+     * that the backward sees a real lse */
+    BENCH(&gpu, "attention_fwd (default: fast, bf16 mma)", att, 20, gpu.attention_fwd(gpu.ctx, x, lse, qkv, B, T, H, hs));
+    BENCH(&gpu, "attention_bwd (default: fast, bf16 mma)", 2.5 * att, 20,
+          gpu.attention_bwd(gpu.ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
+    mps_backend f32;
+    mps_err err;
+    memset(&err, 0, sizeof err);
+    setenv("MPS_CUDA_ATTENTION", "fp32", 1); /* the fp32 kernels for comparison */
+    int f32_ok = mps_backend_cuda(&f32, &err) == 0;
+    unsetenv("MPS_CUDA_ATTENTION");
+    if (f32_ok) {
+        BENCH(&f32, "attention_fwd fp32", att, 5, f32.attention_fwd(f32.ctx, x, lse, qkv, B, T, H, hs));
+        BENCH(&f32, "attention_bwd fp32", 2.5 * att, 5, f32.attention_bwd(f32.ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
+        f32.destroy(f32.ctx);
+    }
+    if (bf16) {
+        BENCH(bf16, "attention_fwd bf16 (tensor cores)", att, 5, bf16->attention_fwd(bf16->ctx, x, lse, qkv, B, T, H, hs));
+        BENCH(bf16, "attention_bwd bf16 (tensor cores)", 2.5 * att, 5,
+              bf16->attention_bwd(bf16->ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
+    }
+    BENCH(&gpu, "layernorm_fwd (N, 768)", 0, 10, gpu.layernorm_fwd(gpu.ctx, y, mean, rstd, x, w, bias, N, C));
+    BENCH(&gpu, "layernorm_bwd (N, 768)", 0, 10, gpu.layernorm_bwd(gpu.ctx, y, dw, bias, x, qkv, w, mean, rstd, N, C));
+    BENCH(&gpu, "gelu_fwd (N, 3072)", 0, 10, gpu.gelu_fwd(gpu.ctx, y, x, N * F));
+    BENCH(&gpu, "gelu_bwd (N, 3072)", 0, 10, gpu.gelu_bwd(gpu.ctx, y, x, qkv, N * F));
+    BENCH(&gpu, "residual_bias (N, 768)", 0, 10, gpu.residual_bias(gpu.ctx, y, x, qkv, bias, N, C));
+    BENCH(&gpu, "bias_grad (N, 3072)", 0, 10, gpu.bias_grad(gpu.ctx, bias, x, N, F));
+    BENCH(&gpu, "embed_fwd", 0, 10, gpu.embed_fwd(gpu.ctx, y, tok, N, wte, 0, Vl, C));
+    BENCH(&gpu, "embed_bwd (all tokens 0: one run of N rows)", 0, 5, gpu.embed_bwd(gpu.ctx, wte, x, tok, N, 0, Vl, C));
+    BENCH(&gpu, "matmul_fwd head (N, 768) -> (N, 50304)", 2.0 * N * C * Vl, 3,
+          gpu.matmul_fwd(gpu.ctx, logits, x, wte, NULL, N, C, (int)Vl));
+    BENCH(&gpu, "xent_rowmax (N, 50304)", 0, 5, gpu.xent_rowmax(gpu.ctx, mean, logits, N, Vl, 0, 50257));
+    BENCH(&gpu, "xent_sumexp (N, 50304)", 0, 5, gpu.xent_sumexp(gpu.ctx, rstd, logits, mean, N, Vl, 0, 50257));
+    BENCH(&gpu, "xent_bwd in place (N, 50304)", 0, 5,
+          gpu.xent_bwd(gpu.ctx, logits, logits, tok, mean, rstd, 1e-5f, N, Vl, 0, 50257));
+    BENCH(&gpu, "matmul_bwd head dinp+dw", 4.0 * N * C * Vl, 3,
+          gpu.matmul_bwd(gpu.ctx, y, wte, NULL, logits, x, wte, N, C, (int)Vl));
+    BENCH(&gpu, "adamw 124M parameters (as 3 x 41M)", 0, 3,
+          gpu.adamw(gpu.ctx, logits, logits + 41000000, logits + 82000000, logits + 123000000, 41000000, 1e-4f, 0.9f,
+                    0.95f, 1e-8f, 0.1f, 1));
+    BENCH(&gpu, "sumsq 124M", 0, 5, (void)gpu.sumsq(gpu.ctx, logits, 124000000));
+    float *bufs[] = {x, y, qkv, dqkv, w, dw, bias, lse, mean, rstd, logits, wte};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        dfree(bufs[i]);
+    dfree(tok);
+    sync_ok("bench");
+}
+
+/* ---------------------------------------------------------------- main */
+
+/* ---------------------------------------------------------------- groups */
+
+static mps_backend gpu_bf16;
+static int have_bf16;
+
+static void g_memory(void)
+{
+    test_memory();
+    test_error_report();
+}
+static void g_embed(void)
+{
+    test_embed(37, 48, 500, 1000, 0, 1600); /* a third of the tokens not owned */
+    test_embed(37, 33, 0, 1000, 0, 1000);   /* all owned, odd C */
+    test_embed(5000, 72, 2, 8, 0, 12);      /* runs of ~600 rows per token */
+    test_pos(3, 70, 48);
+    test_pos(2, 33, 37);
+}
+static void g_layernorm(void)
+{
+    test_layernorm(37, 48, 1, 1);
+    test_layernorm(37, 48, 0, 1);
+    test_layernorm(37, 33, 1, 0);
+    test_layernorm(9000, 100, 1, 1); /* 282 row blocks: two-pass column sums */
+    test_layernorm(5, 1600, 1, 1);   /* GPT-2 XL width */
+}
+static void g_matmul(void)
+{
+    test_matmul(37, 48, 100, 1, 0, 0);
+    test_matmul(37, 48, 100, 0, 0, 0);
+    test_matmul(37, 33, 37, 1, 1, 1); /* odd leading dimensions, unaligned output and bias */
+    test_matmul(300, 128, 384, 1, 0, 0);
+    test_matmul(2000, 64, 96, 1, 0, 0); /* long k for dw */
+}
+/* hs = 64 has extra cases for the default tensor-core kernels (attention_fast.cu: CTAs of 128
+ * rows, tiles of 64): T below, at and past a tile (1, 64, 70, 129, 256), T = 1000 (many tiles, the
+ * last partial), several heads and batches (B * H > 1: the head and batch offsets; 150 heads) */
+static const struct {
+    int B, T, H, hs;
+} att_cases[] = {
+    {2, 70, 3, 16},  {2, 70, 3, 64},  {1, 130, 2, 40}, {1, 200, 2, 128}, {2, 64, 1, 64},  {1, 1, 2, 32},
+    {1, 257, 1, 100}, {1, 1, 1, 64},  {3, 129, 2, 64}, {2, 256, 3, 64},  {1, 1000, 2, 64}, {3, 256, 50, 64},
+};
+static void g_attention(void)
+{
+    /* the default backend runs hs = 64 on the bf16 tensor-core kernels (attention_fast.cu): those
+     * cases take the bf16 tolerance; the other head sizes run the fp32 kernels */
+    for (size_t i = 0; i < sizeof att_cases / sizeof att_cases[0]; i++)
+        test_attention(&gpu, "", att_cases[i].B, att_cases[i].T, att_cases[i].H, att_cases[i].hs,
+                       att_cases[i].hs == 64 ? TOL_ATTN_BF16 : TOL_ATTN);
+    /* hs = 64 on the fp32 kernels too (MPS_CUDA_ATTENTION=fp32), at the fp32 tolerance */
+    mps_backend f32;
+    mps_err err;
+    memset(&err, 0, sizeof err);
+    setenv("MPS_CUDA_ATTENTION", "fp32", 1);
+    int rc = mps_backend_cuda(&f32, &err);
+    unsetenv("MPS_CUDA_ATTENTION");
+    if (rc != 0) {
+        printf("FAIL  mps_backend_cuda (fp32 attention): %s\n", err.msg);
+        failures++;
+        return;
+    }
+    for (size_t i = 0; i < sizeof att_cases / sizeof att_cases[0]; i++)
+        if (att_cases[i].hs == 64)
+            test_attention(&f32, " fp32", att_cases[i].B, att_cases[i].T, att_cases[i].H, att_cases[i].hs, TOL_ATTN);
+    f32.destroy(f32.ctx);
+}
+static void g_attention_bf16(void)
+{
+    if (!have_bf16)
+        return;
+    for (size_t i = 0; i < sizeof att_cases / sizeof att_cases[0]; i++)
+        test_attention(&gpu_bf16, " bf16", att_cases[i].B, att_cases[i].T, att_cases[i].H, att_cases[i].hs,
+                       TOL_ATTN_BF16);
+}
+static void g_elementwise(void)
+{
+    test_elementwise(10007, 0);
+    test_elementwise(10007, 1);
+    test_elementwise(3, 0);
+    test_rows(37, 48);
+    test_rows(37, 33);
+    test_rows(5000, 100);
+}
+static void g_xent(void)
+{
+    test_xent(37, 1000, 0, 990);  /* 10 padded ids */
+    test_xent(37, 500, 500, 990); /* second TP half: 490 real ids */
+    test_xent(37, 998, 0, 998);   /* Vl % 4 != 0: scalar path */
+    test_xent(5, 500, 1000, 990); /* no real id on this rank: rowmax -inf, sumexp 0 */
+}
+static void g_optim(void)
+{
+    test_adamw(10007, 0);
+    test_adamw(10007, 1);
+    test_sumsq(100003, 0);
+    test_sumsq(100003, 1);
+    test_sumsq(7, 0);
+}
+static void g_bench(void)
+{
+    const char *b = getenv("MPS_TEST_BENCH");
+    if (!b || strcmp(b, "0") != 0)
+        bench(have_bf16 ? &gpu_bf16 : NULL);
+}
+
+static const struct {
+    const char *name;
+    void (*fn)(void);
+} groups[] = {
+    {"memory", g_memory}, {"embed", g_embed}, {"layernorm", g_layernorm}, {"matmul", g_matmul},
+    {"attention", g_attention}, {"attention_bf16", g_attention_bf16}, {"elementwise", g_elementwise},
+    {"xent", g_xent}, {"optim", g_optim}, {"bench", g_bench},
+};
+#define NGROUPS ((int)(sizeof groups / sizeof groups[0]))
+
+/* one group with fresh backends; returns its failure count */
+static int run_group(int g)
+{
+    mps_err err;
+    memset(&err, 0, sizeof err);
+    mps_backend_cpu(&cpu);
+    unsetenv("MPS_CUDA_ATTENTION");
+    if (mps_backend_cuda(&gpu, &err) != 0) {
+        printf("FAIL  [%s] mps_backend_cuda: %s\n", groups[g].name, err.msg);
+        return 1;
+    }
+    setenv("MPS_CUDA_ATTENTION", "bf16", 1); /* a second backend with the tensor-core attention */
+    memset(&err, 0, sizeof err);
+    have_bf16 = mps_backend_cuda(&gpu_bf16, &err) == 0;
+    unsetenv("MPS_CUDA_ATTENTION");
+    if (!have_bf16) {
+        printf("FAIL  [%s] mps_backend_cuda (bf16 attention): %s\n", groups[g].name, err.msg);
+        failures++;
+    }
+    groups[g].fn();
+    if (have_bf16)
+        gpu_bf16.destroy(gpu_bf16.ctx);
+    gpu.destroy(gpu.ctx);
+    printf("[%s] %d checks, %d failed\n", groups[g].name, checks, failures);
+    return failures;
+}
+
+/* Usage: test_backend_cuda [group] (one group in this process, e.g. under compute-sanitizer).
+ * Without an argument every group runs in a child process of its own: a kernel fault (a sticky
+ * CUDA error) or a hang then costs that group only. The parent never initialises CUDA, which a
+ * process that forks must not do; the device check runs in a child too. */
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc > 1) {
+        for (int g = 0; g < NGROUPS; g++)
+            if (strcmp(argv[1], groups[g].name) == 0)
+                return run_group(g) ? 1 : 0;
+        fprintf(stderr, "unknown group %s\n", argv[1]);
+        return 2;
+    }
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int ndev = 0;
+        cudaError_t rc = cudaGetDeviceCount(&ndev);
+        if (rc != cudaSuccess || ndev == 0) {
+            printf("no GPU: skipped (%s)\n", rc != cudaSuccess ? cudaGetErrorString(rc) : "0 devices");
+            _exit(77);
+        }
+        struct cudaDeviceProp prop;
+        if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess)
+            printf("device 0: %s, sm_%d%d, %d SMs, %.1f GiB\n", prop.name, prop.major, prop.minor,
+                   prop.multiProcessorCount, (double)prop.totalGlobalMem / (1 << 30));
+        _exit(0);
+    }
+    int st = 0;
+    if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st)) {
+        printf("FAIL  device check did not complete\n");
+        return 1;
+    }
+    if (WEXITSTATUS(st) == 77)
+        return 77;
+    int bad_groups = 0;
+    for (int g = 0; g < NGROUPS; g++) {
+        fflush(stdout);
+        pid = fork();
+        if (pid == 0) {
+            alarm(600); /* a hung kernel ends the group, not the suite */
+            _exit(run_group(g) ? 1 : 0);
+        }
+        if (pid < 0 || waitpid(pid, &st, 0) != pid) {
+            printf("FAIL  [%s] could not run\n", groups[g].name);
+            bad_groups++;
+        } else if (WIFSIGNALED(st)) {
+            printf("FAIL  [%s] killed by signal %d%s\n", groups[g].name, WTERMSIG(st),
+                   WTERMSIG(st) == SIGALRM ? " (timeout: a kernel hangs?)" : "");
+            bad_groups++;
+        } else if (WEXITSTATUS(st) != 0) {
+            bad_groups++;
+        }
+    }
+    printf("%d of %d groups failed\n", bad_groups, NGROUPS);
+    return bad_groups ? 1 : 0;
+}

@@ -1,0 +1,156 @@
+/* The CPU backend: host memory and the OpenMP kernels of ops_cpu.h behind the backend table. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "ops_cpu.h"
+
+static void *cpu_alloc(void *ctx, size_t bytes) { (void)ctx; return calloc(1, bytes ? bytes : 1); }
+static void cpu_release(void *ctx, void *p) { (void)ctx; free(p); }
+static void cpu_zero(void *ctx, void *p, size_t n) { (void)ctx; memset(p, 0, n); }
+static void cpu_copy(void *ctx, void *d, const void *s, size_t n) { (void)ctx; memmove(d, s, n); }
+static int cpu_sync(void *ctx, mps_err *err) { (void)ctx; (void)err; return 0; }
+static void cpu_destroy(void *ctx) { (void)ctx; }
+
+static void embed_fwd(void *c, float *out, const int32_t *tok, int64_t N, const float *wte, int64_t v0, int64_t Vl,
+                      int C)
+{
+    (void)c;
+    op_embed_fwd(out, tok, N, wte, v0, Vl, C);
+}
+static void embed_bwd(void *c, float *dwte, const float *dout, const int32_t *tok, int64_t N, int64_t v0, int64_t Vl,
+                      int C)
+{
+    (void)c;
+    op_embed_bwd(dwte, dout, tok, N, v0, Vl, C);
+}
+static void pos_fwd(void *c, float *x, const float *wpe, int B, int T, int C) { (void)c; op_pos_fwd(x, wpe, B, T, C); }
+static void pos_bwd(void *c, float *d, const float *dx, int B, int T, int C) { (void)c; op_pos_bwd(d, dx, B, T, C); }
+static void ln_fwd(void *c, float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+                   int64_t N, int C)
+{
+    (void)c;
+    op_layernorm_fwd(out, mean, rstd, inp, w, b, N, C);
+}
+static void ln_bwd(void *c, float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
+                   const float *mean, const float *rstd, int64_t N, int C)
+{
+    (void)c;
+    op_layernorm_bwd(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+}
+static void mm_fwd(void *c, float *out, const float *inp, const float *w, const float *bias, int64_t N, int C, int OC)
+{
+    (void)c;
+    op_matmul_fwd(out, inp, w, bias, N, C, OC);
+}
+static void mm_bwd(void *c, float *dinp, float *dw, float *dbias, const float *dout, const float *inp, const float *w,
+                   int64_t N, int C, int OC)
+{
+    (void)c;
+    op_matmul_bwd(dinp, dw, dbias, dout, inp, w, N, C, OC);
+}
+static void att_fwd(void *c, float *out, float *lse, const float *qkv, int B, int T, int H, int hs)
+{
+    (void)c;
+    op_attention_fwd(out, lse, qkv, B, T, H, hs);
+}
+static void att_bwd(void *c, float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                    int B, int T, int H, int hs)
+{
+    (void)c;
+    op_attention_bwd(dqkv, dout, qkv, out, lse, B, T, H, hs);
+}
+static void gelu_fwd(void *c, float *out, const float *inp, int64_t n) { (void)c; op_gelu_fwd(out, inp, n); }
+static void gelu_bwd(void *c, float *d, const float *inp, const float *dout, int64_t n)
+{
+    (void)c;
+    op_gelu_bwd(d, inp, dout, n);
+}
+
+static void residual_bias(void *c, float *out, const float *a, const float *b, const float *bias, int64_t N, int C)
+{
+    (void)c;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++)
+        for (int j = 0; j < C; j++)
+            out[i * C + j] = a[i * C + j] + b[i * C + j] + bias[j];
+}
+
+static void bias_grad(void *c, float *db, const float *dout, int64_t N, int C)
+{
+    (void)c;
+    /* each thread owns columns: the row order of the sum is fixed */
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < C; j++) {
+        float s = 0;
+        for (int64_t i = 0; i < N; i++)
+            s += dout[i * C + j];
+        db[j] += s;
+    }
+}
+
+static void add(void *c, float *out, const float *a, const float *b, int64_t n) { (void)c; op_add(out, a, b, n); }
+static void accumulate(void *c, float *d, const float *s, int64_t n) { (void)c; op_accumulate(d, s, n); }
+static void scale(void *c, float *x, float s, int64_t n) { (void)c; op_scale(x, s, n); }
+static void xent_rowmax(void *c, float *rowmax, const float *logits, int64_t N, int64_t Vl, int64_t v0, int64_t V)
+{
+    (void)c;
+    op_xent_rowmax(rowmax, logits, N, Vl, v0, V);
+}
+static void xent_sumexp(void *c, float *sumexp, const float *logits, const float *gmax, int64_t N, int64_t Vl,
+                        int64_t v0, int64_t V)
+{
+    (void)c;
+    op_xent_sumexp(sumexp, logits, gmax, N, Vl, v0, V);
+}
+static void xent_target(void *c, float *tlogit, const float *logits, const int32_t *targets, int64_t N, int64_t Vl,
+                        int64_t v0)
+{
+    (void)c;
+    op_xent_target(tlogit, logits, targets, N, Vl, v0);
+}
+static void xent_bwd(void *c, float *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+                     const float *gsumexp, float s, int64_t N, int64_t Vl, int64_t v0, int64_t V)
+{
+    (void)c;
+    op_xent_bwd(dlogits, logits, targets, gmax, gsumexp, s, N, Vl, v0, V);
+}
+static double xent_loss_sum(void *c, const float *gmax, const float *sumexp, const float *tlogit, int64_t N)
+{
+    (void)c;
+    double sum = 0;
+    for (int64_t i = 0; i < N; i++)
+        sum += (double)logf(sumexp[i]) + gmax[i] - tlogit[i];
+    return sum;
+}
+static void adamw(void *c, float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1, float b2,
+                  float eps, float wd, int64_t t)
+{
+    (void)c;
+    op_adamw(p, g, m, v, n, lr, b1, b2, eps, wd, t);
+}
+static double sumsq(void *c, const float *x, int64_t n) { (void)c; return op_sumsq(x, n); }
+
+void mps_backend_cpu(mps_backend *out)
+{
+    *out = (mps_backend){
+        .name = "cpu", .ctx = NULL, .device_memory = 0, .alloc = cpu_alloc, .release = cpu_release,
+        .zero = cpu_zero, .copy = cpu_copy, .to_host = cpu_copy, .from_host = cpu_copy, .sync = cpu_sync,
+        .embed_fwd = embed_fwd, .embed_bwd = embed_bwd, .pos_fwd = pos_fwd, .pos_bwd = pos_bwd,
+        .layernorm_fwd = ln_fwd, .layernorm_bwd = ln_bwd, .matmul_fwd = mm_fwd, .matmul_bwd = mm_bwd,
+        .attention_fwd = att_fwd, .attention_bwd = att_bwd, .gelu_fwd = gelu_fwd, .gelu_bwd = gelu_bwd,
+        .residual_bias = residual_bias, .bias_grad = bias_grad, .add = add, .accumulate = accumulate,
+        .scale = scale, .xent_rowmax = xent_rowmax, .xent_sumexp = xent_sumexp, .xent_target = xent_target,
+        .xent_bwd = xent_bwd, .xent_loss_sum = xent_loss_sum, .adamw = adamw, .sumsq = sumsq,
+        .destroy = cpu_destroy,
+    };
+}
+
+#ifndef MPS_HAVE_CUDA
+int mps_backend_cuda(mps_backend *out, mps_err *err)
+{
+    (void)out;
+    return mps_fail(err, MPS_EUNSUPPORTED, "--backend cuda: this build has no CUDA backend (nvcc was not found)");
+}
+#endif

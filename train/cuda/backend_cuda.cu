@@ -1,0 +1,293 @@
+/* The CUDA backend: device memory from a stream-ordered pool, one stream for every copy and
+ * kernel, errors kept in the context until sync reports them (the table's functions return
+ * nothing), and the table itself. The kernels are in kernels.cu, gemm.cu, attention.cu,
+ * attention_tc.cu and attention_fast.cu. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_internal.h"
+
+/* ---------------------------------------------------------------- errors */
+
+void cu_fail(mps_cuda *c, const char *fmt, ...)
+{
+    pthread_mutex_lock(&c->err_mu);
+    if (!c->failed) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(c->msg, sizeof c->msg, fmt, ap);
+        va_end(ap);
+        c->failed = 1;
+    }
+    pthread_mutex_unlock(&c->err_mu);
+}
+
+int cu_check(mps_cuda *c, cudaError_t rc, const char *what)
+{
+    if (rc == cudaSuccess)
+        return 0;
+    cu_fail(c, "%s: %s", what, cudaGetErrorString(rc));
+    return -1;
+}
+
+int cu_launched(mps_cuda *c, const char *what) { return cu_check(c, cudaGetLastError(), what); }
+
+unsigned cu_grid(const mps_cuda *c, int64_t n, int bs)
+{
+    /* enough blocks to fill the device a few times over; the loops stride over the rest */
+    int64_t want = (n + bs - 1) / bs, cap = (int64_t)c->nsm * 16;
+    if (want > cap)
+        want = cap;
+    return (unsigned)(want < 1 ? 1 : want);
+}
+
+void *cu_scratch(mps_cuda *c, int slot, size_t bytes)
+{
+    if (bytes == 0)
+        bytes = 1;
+    if (c->scr_cap[slot] >= bytes)
+        return c->scr[slot];
+    /* stream-ordered: work queued before still sees the old buffer until it is done */
+    if (c->scr[slot] && cu_check(c, cudaFreeAsync(c->scr[slot], c->stream), "scratch free") != 0)
+        return NULL;
+    c->scr[slot] = NULL;
+    c->scr_cap[slot] = 0;
+    size_t cap = (bytes + (2u << 20) - 1) & ~(size_t)((2u << 20) - 1); /* 2 MiB steps */
+    void *p = NULL;
+    cudaError_t rc = cudaMallocFromPoolAsync(&p, cap, c->pool, c->stream);
+    if (rc != cudaSuccess) {
+        (void)cudaGetLastError(); /* not sticky: do not let a later check report it twice */
+        cu_fail(c, "scratch of %zu bytes: %s", cap, cudaGetErrorString(rc));
+        return NULL;
+    }
+    c->scr[slot] = p;
+    c->scr_cap[slot] = cap;
+    return p;
+}
+
+/* ---------------------------------------------------------------- memory */
+
+/* The memory entries may run on host threads other than the one that created the backend (the
+ * checkpoint writer's threads call to_host): a new thread's current device is 0, so select ours. */
+static int use_device(mps_cuda *c, const char *what) { return cu_check(c, cudaSetDevice(c->device), what); }
+
+static void *cuda_alloc(void *ctx, size_t bytes)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    void *p = NULL;
+    if (bytes == 0)
+        bytes = 1;
+    if (use_device(c, "alloc") != 0)
+        return NULL;
+    cudaError_t rc = cudaMallocFromPoolAsync(&p, bytes, c->pool, c->stream);
+    if (rc != cudaSuccess) {
+        (void)cudaGetLastError(); /* out of memory is the caller's error to report (NULL), not sticky */
+        return NULL;
+    }
+    if (cu_check(c, cudaMemsetAsync(p, 0, bytes, c->stream), "alloc: memset") != 0) {
+        (void)cudaFreeAsync(p, c->stream);
+        return NULL;
+    }
+    return p;
+}
+
+static void cuda_release(void *ctx, void *p)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (p && use_device(c, "release") == 0)
+        cu_check(c, cudaFreeAsync(p, c->stream), "release");
+}
+
+static void cuda_zero(void *ctx, void *p, size_t bytes)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (bytes && use_device(c, "zero") == 0)
+        cu_check(c, cudaMemsetAsync(p, 0, bytes, c->stream), "zero");
+}
+
+static void cuda_copy(void *ctx, void *dst, const void *src, size_t bytes)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (bytes && dst != src && use_device(c, "copy") == 0)
+        cu_check(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->stream), "copy");
+}
+
+/* Host copies are ordered after the queued kernels (same stream) and complete before returning.
+ * Several host threads may call to_host at once: each one queues its copy and waits for the
+ * stream; the runtime is thread-safe and nothing in the context is written but the error. */
+static void cuda_to_host(void *ctx, void *host, const void *src, size_t bytes)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (!bytes || use_device(c, "to_host") != 0)
+        return;
+    if (cu_check(c, cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, c->stream), "to_host") == 0)
+        cu_check(c, cudaStreamSynchronize(c->stream), "to_host: synchronize");
+}
+
+static void cuda_from_host(void *ctx, void *dst, const void *host, size_t bytes)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (!bytes || use_device(c, "from_host") != 0)
+        return;
+    /* the synchronisation makes the host buffer free for reuse even if it is pinned memory */
+    if (cu_check(c, cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, c->stream), "from_host") == 0)
+        cu_check(c, cudaStreamSynchronize(c->stream), "from_host: synchronize");
+}
+
+static int cuda_sync(void *ctx, mps_err *err)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (use_device(c, "synchronize") == 0)
+        cu_check(c, cudaStreamSynchronize(c->stream), "synchronize");
+    cu_check(c, cudaGetLastError(), "asynchronous error");
+    pthread_mutex_lock(&c->err_mu);
+    int failed = c->failed;
+    if (failed) {
+        mps_fail(err, MPS_EFAIL, "CUDA: %s", c->msg);
+        c->failed = 0;
+        c->msg[0] = '\0';
+    }
+    pthread_mutex_unlock(&c->err_mu);
+    return failed ? -1 : 0;
+}
+
+static void cuda_destroy(void *ctx)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (!c)
+        return;
+    if (c->stream)
+        (void)cudaStreamSynchronize(c->stream);
+    cu_gemm_plans_free(c);
+    for (int i = 0; i < SCR_COUNT; i++)
+        if (c->scr[i])
+            (void)cudaFreeAsync(c->scr[i], c->stream);
+    if (c->dres)
+        (void)cudaFreeAsync(c->dres, c->stream);
+    if (c->stream)
+        (void)cudaStreamSynchronize(c->stream);
+    if (c->lt)
+        (void)cublasLtDestroy(c->lt);
+    if (c->blas)
+        (void)cublasDestroy(c->blas);
+    if (c->workspace)
+        (void)cudaFree(c->workspace);
+    if (c->pool)
+        (void)cudaMemPoolDestroy(c->pool);
+    if (c->stream)
+        (void)cudaStreamDestroy(c->stream);
+    (void)cudaGetLastError();
+    pthread_mutex_destroy(&c->res_mu);
+    pthread_mutex_destroy(&c->err_mu);
+    free(c);
+}
+
+/* ---------------------------------------------------------------- creation */
+
+static int setup(mps_cuda *c, mps_err *err)
+{
+#define TRY(call)                                                                                          \
+    do {                                                                                                   \
+        cudaError_t rc_ = (call);                                                                          \
+        if (rc_ != cudaSuccess)                                                                            \
+            return mps_fail(err, MPS_EFAIL, "CUDA: %s: %s", #call, cudaGetErrorString(rc_));               \
+    } while (0)
+#define TRY_BLAS(call)                                                                                     \
+    do {                                                                                                   \
+        cublasStatus_t st_ = (call);                                                                       \
+        if (st_ != CUBLAS_STATUS_SUCCESS)                                                                  \
+            return mps_fail(err, MPS_EFAIL, "CUDA: %s: %s", #call, cublasGetStatusString(st_));            \
+    } while (0)
+    TRY(cudaGetDevice(&c->device));
+    TRY(cudaDeviceGetAttribute(&c->nsm, cudaDevAttrMultiProcessorCount, c->device));
+    TRY(cudaDeviceGetAttribute(&c->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device));
+    TRY(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    cudaMemPoolProps props;
+    memset(&props, 0, sizeof props);
+    props.allocType = cudaMemAllocationTypePinned;
+    props.handleTypes = cudaMemHandleTypeNone;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = c->device;
+    TRY(cudaMemPoolCreate(&c->pool, &props));
+    /* keep freed memory in the pool (the default would return it to the driver at each sync) */
+    uint64_t keep = UINT64_MAX;
+    TRY(cudaMemPoolSetAttribute(c->pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    TRY(cudaMalloc(&c->workspace, MPS_CUDA_WORKSPACE));
+    TRY(cudaMallocFromPoolAsync((void **)&c->dres, 1040 * sizeof(double), c->pool, c->stream));
+    TRY_BLAS(cublasCreate(&c->blas));
+    TRY_BLAS(cublasSetStream(c->blas, c->stream));
+    TRY_BLAS(cublasSetWorkspace(c->blas, c->workspace, MPS_CUDA_WORKSPACE));
+    TRY_BLAS(cublasLtCreate(&c->lt));
+    TRY(cudaStreamSynchronize(c->stream));
+#undef TRY
+#undef TRY_BLAS
+    return 0;
+}
+
+extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
+{
+    int n = 0;
+    cudaError_t rc = cudaGetDeviceCount(&n);
+    if (rc != cudaSuccess || n == 0) {
+        (void)cudaGetLastError();
+        return mps_fail(err, MPS_EUNSUPPORTED, "--backend cuda: no CUDA device (%s)",
+                        rc != cudaSuccess ? cudaGetErrorString(rc) : "none found");
+    }
+    mps_cuda *c = (mps_cuda *)calloc(1, sizeof *c);
+    if (!c)
+        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    pthread_mutex_init(&c->err_mu, NULL);
+    pthread_mutex_init(&c->res_mu, NULL);
+    /* MPS_CUDA_ATTENTION: unset (or anything else) = the fast bf16 mma kernels for head size 64
+     * (attention_fast.cu); "fp32" = the fp32 kernels for every head size; "bf16" = the WMMA
+     * tensor-core kernels of attention_tc.cu */
+    const char *am = getenv("MPS_CUDA_ATTENTION");
+    c->attn_mode = (am && strcmp(am, "bf16") == 0)   ? MPS_ATTN_BF16
+                   : (am && strcmp(am, "fp32") == 0) ? MPS_ATTN_FP32
+                                                     : MPS_ATTN_FAST;
+    if (setup(c, err) != 0) {
+        cuda_destroy(c);
+        return -1;
+    }
+    mps_backend b;
+    memset(&b, 0, sizeof b);
+    b.name = "cuda";
+    b.ctx = c;
+    b.device_memory = 1;
+    b.alloc = cuda_alloc;
+    b.release = cuda_release;
+    b.zero = cuda_zero;
+    b.copy = cuda_copy;
+    b.to_host = cuda_to_host;
+    b.from_host = cuda_from_host;
+    b.sync = cuda_sync;
+    b.embed_fwd = cu_embed_fwd;
+    b.embed_bwd = cu_embed_bwd;
+    b.pos_fwd = cu_pos_fwd;
+    b.pos_bwd = cu_pos_bwd;
+    b.layernorm_fwd = cu_layernorm_fwd;
+    b.layernorm_bwd = cu_layernorm_bwd;
+    b.matmul_fwd = cu_matmul_fwd;
+    b.matmul_bwd = cu_matmul_bwd;
+    b.attention_fwd = cu_attention_fwd;
+    b.attention_bwd = cu_attention_bwd;
+    b.gelu_fwd = cu_gelu_fwd;
+    b.gelu_bwd = cu_gelu_bwd;
+    b.residual_bias = cu_residual_bias;
+    b.bias_grad = cu_bias_grad;
+    b.add = cu_add;
+    b.accumulate = cu_accumulate;
+    b.scale = cu_scale;
+    b.xent_rowmax = cu_xent_rowmax;
+    b.xent_sumexp = cu_xent_sumexp;
+    b.xent_target = cu_xent_target;
+    b.xent_bwd = cu_xent_bwd;
+    b.xent_loss_sum = cu_xent_loss_sum;
+    b.adamw = cu_adamw;
+    b.sumsq = cu_sumsq;
+    b.destroy = cuda_destroy;
+    *out = b;
+    return 0;
+}

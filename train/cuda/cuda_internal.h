@@ -1,0 +1,139 @@
+/* Internals of the CUDA backend (the .cu files of train/cuda, compiled by nvcc as C++): the context behind
+ * mps_backend.ctx, error recording, scratch buffers, and the entries of the backend table that
+ * each .cu file implements. Everything runs on the context's one stream, in issue order, so a
+ * scratch buffer may be reused by the next call without any synchronisation. */
+#ifndef MPS_CUDA_INTERNAL_H
+#define MPS_CUDA_INTERNAL_H
+
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+extern "C" {
+#include "backend.h"
+}
+
+/* Scratch buffers, grown on demand and kept until destroy. */
+enum {
+    SCR_BF_A,   /* bf16 copy of a GEMM operand (the activations / inp) */
+    SCR_BF_B,   /* bf16 copy of a GEMM operand (the weights) */
+    SCR_BF_C,   /* bf16 copy of a GEMM operand (dout in matmul_bwd) */
+    SCR_PART,   /* fp32 partial sums of the column reductions (layernorm dw, db; bias_grad) */
+    SCR_PART2,  /* second set of partial sums (layernorm db next to dw) */
+    SCR_COLSUM, /* chunk partials of cu_colsum_acc's first pass */
+    SCR_ATTN,   /* fp32 (B, H, T) row terms D = dout . out of the attention backward */
+    SCR_SORT,   /* int32 keys and values of the embedding backward's sort (4 x N) */
+    SCR_CUB,    /* temporary storage of the CUB radix sort */
+    SCR_EMB,    /* fp32 (N, C) piece sums of the embedding backward */
+    SCR_COUNT
+};
+
+/* A cached cuBLASLt plan: descriptors and the heuristic's algorithm for one GEMM shape. */
+typedef struct {
+    int ta, tb, m, n, k, lda, ldb, ldd, bias;
+    unsigned align_a, align_b, align_d; /* bytes (power of two, at most 256) */
+    int ok; /* 0: no Lt algorithm for this shape, use cublasGemmEx */
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t la, lb, ld;
+    cublasLtMatmulAlgo_t algo;
+} mps_gemm_plan;
+
+#define MPS_CUDA_MAX_PLANS 64
+#define MPS_CUDA_WORKSPACE (32u << 20) /* cuBLAS(Lt) workspace: 32 MiB, as NVIDIA advises for Hopper */
+
+/* attention kernels (MPS_CUDA_ATTENTION): FAST (default) = attention_fast.cu for head size 64, the
+ * fp32 kernels otherwise; FP32 ("fp32") = the fp32 kernels always; BF16 ("bf16") = attention_tc.cu
+ * up to head size 64 */
+enum { MPS_ATTN_FP32 = 0, MPS_ATTN_BF16 = 1, MPS_ATTN_FAST = 2 };
+
+typedef struct {
+    int device, nsm;
+    int smem_optin;  /* most dynamic shared memory a block may opt into (bytes) */
+    int attn_mode;   /* MPS_ATTN_*: from MPS_CUDA_ATTENTION at creation */
+    cudaStream_t stream;
+    cudaMemPool_t pool;  /* every alloc/release is stream-ordered from this pool: no device-wide sync */
+    cublasHandle_t blas;
+    cublasLtHandle_t lt;
+    void *workspace;
+    void *scr[SCR_COUNT];
+    size_t scr_cap[SCR_COUNT];
+    double *dres;        /* device: 1024 block partials + 1 result of the host-result reductions */
+    pthread_mutex_t res_mu; /* the host-result reductions share dres */
+    mps_gemm_plan plans[MPS_CUDA_MAX_PLANS];
+    int nplans;
+    pthread_mutex_t err_mu; /* errors may come from several host threads (to_host) */
+    int failed;
+    char msg[800];
+} mps_cuda;
+
+/* Records the first error (later ones are dropped until sync reports it). */
+void cu_fail(mps_cuda *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* 0, or -1 after recording "what: <CUDA message>" */
+int cu_check(mps_cuda *c, cudaError_t rc, const char *what);
+/* after a kernel launch: the launch error, if any */
+int cu_launched(mps_cuda *c, const char *what);
+/* a scratch buffer of at least bytes (stream-ordered), NULL after recording an error */
+void *cu_scratch(mps_cuda *c, int slot, size_t bytes);
+/* grid size of a grid-stride loop over n items, blocks of bs threads */
+unsigned cu_grid(const mps_cuda *c, int64_t n, int bs);
+
+static inline int cu_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* ---- kernels.cu: the table entries other than matmul and attention */
+void cu_embed_fwd(void *ctx, float *out, const int32_t *tokens, int64_t N, const float *wte, int64_t v0, int64_t Vl,
+                  int C);
+void cu_embed_bwd(void *ctx, float *dwte, const float *dout, const int32_t *tokens, int64_t N, int64_t v0, int64_t Vl,
+                  int C);
+void cu_pos_fwd(void *ctx, float *x, const float *wpe, int B, int T, int C);
+void cu_pos_bwd(void *ctx, float *dwpe, const float *dx, int B, int T, int C);
+void cu_layernorm_fwd(void *ctx, float *out, float *mean, float *rstd, const float *inp, const float *w,
+                      const float *b, int64_t N, int C);
+void cu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                      const float *w, const float *mean, const float *rstd, int64_t N, int C);
+void cu_gelu_fwd(void *ctx, float *out, const float *inp, int64_t n);
+void cu_gelu_bwd(void *ctx, float *dinp, const float *inp, const float *dout, int64_t n);
+void cu_residual_bias(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
+void cu_bias_grad(void *ctx, float *db, const float *dout, int64_t N, int C);
+void cu_add(void *ctx, float *out, const float *a, const float *b, int64_t n);
+void cu_accumulate(void *ctx, float *dst, const float *src, int64_t n);
+void cu_scale(void *ctx, float *x, float s, int64_t n);
+void cu_xent_rowmax(void *ctx, float *rowmax, const float *logits, int64_t N, int64_t Vl, int64_t v0, int64_t V);
+void cu_xent_sumexp(void *ctx, float *sumexp, const float *logits, const float *gmax, int64_t N, int64_t Vl,
+                    int64_t v0, int64_t V);
+void cu_xent_target(void *ctx, float *tlogit, const float *logits, const int32_t *targets, int64_t N, int64_t Vl,
+                    int64_t v0);
+void cu_xent_bwd(void *ctx, float *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+                 const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
+double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
+void cu_adamw(void *ctx, float *param, const float *grad, float *m, float *v, int64_t n, float lr, float beta1,
+              float beta2, float eps, float weight_decay, int64_t t);
+double cu_sumsq(void *ctx, const float *x, int64_t n);
+/* db (C) += column sums of x (rows, C), deterministic (used by bias_grad and matmul_bwd) */
+void cu_colsum_acc(mps_cuda *c, float *db, const float *x, int64_t rows, int C, const char *what);
+/* out (N, C) += bias (C) broadcast over rows */
+void cu_add_bias_rows(mps_cuda *c, float *out, const float *bias, int64_t N, int C);
+
+/* ---- gemm.cu */
+void cu_matmul_fwd(void *ctx, float *out, const float *inp, const float *w, const float *bias, int64_t N, int C,
+                   int OC);
+void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
+                   const float *w, int64_t N, int C, int OC);
+void cu_gemm_plans_free(mps_cuda *c);
+
+/* ---- attention.cu */
+void cu_attention_fwd(void *ctx, float *out, float *lse, const float *qkv, int B, int T, int H, int hs);
+void cu_attention_bwd(void *ctx, float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+                      int B, int T, int H, int hs);
+
+/* ---- attention_fast.cu: head size 64 on tensor cores; 0 when they took the call (errors are
+ * recorded), -1 when the shape or alignment does not apply (the caller runs another path).
+ * Dv: (B, H, T) scratch that the backward fills with the rows dout . out. */
+int cu_attention_fwd_fast(mps_cuda *c, float *out, float *lse, const float *qkv, int B, int T, int H, int hs);
+int cu_attention_bwd_fast(mps_cuda *c, float *dqkv, const float *dout, const float *qkv, const float *out,
+                          const float *lse, float *Dv, int B, int T, int H, int hs);
+
+#endif

@@ -1,0 +1,262 @@
+/* matmul_fwd / matmul_bwd of the CUDA backend: bf16 operands, fp32 accumulation and fp32 outputs.
+ * The engine keeps weights and activations in fp32; each call rounds its operands to bf16 into
+ * scratch buffers (a memory-bound kernel, small next to the product) and runs cuBLASLt with
+ * compute type 32F. The forward bias is a cuBLASLt epilogue (D = A B + bias) when the bias is
+ * 16-byte aligned, else a kernel. The backward accumulates (beta = 1) into dinp and dw, as the
+ * table's += convention asks; dbias is a deterministic column sum of the fp32 dout (kernels.cu).
+ *
+ * cuBLAS is column-major; a row-major (R, C) matrix is a column-major (C, R) one with the same
+ * leading dimension, so with X^T meaning "the same bytes":
+ *   out (N, OC) = inp (N, C) @ w^T        ->  out^T (OC x N) = op_T(w^T (C x OC)) @ inp^T (C x N)
+ *   dinp (N, C) += dout (N, OC) @ w       ->  dinp^T (C x N) += w^T (C x OC) @ dout^T (OC x N)
+ *   dw (OC, C) += dout^T @ inp (N, C)     ->  dw^T (C x OC) += inp^T (C x N) @ op_T(dout^T (OC x N))
+ *
+ * Plans (descriptors + the heuristic's algorithm) are cached per shape and alignment; when
+ * cuBLASLt offers no algorithm, cublasGemmEx runs the same product. Both are deterministic for a
+ * given shape (no atomics; split-K reductions run in a fixed order). */
+#include <limits.h>
+#include <string.h>
+
+#include "cuda_internal.h"
+
+/* ---------------------------------------------------------------- fp32 -> bf16 */
+
+__global__ void k_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n, int vec)
+{
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x, i0 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t done = 0;
+    if (vec) {
+        const int64_t n4 = n >> 2;
+        __nv_bfloat162 *d2 = reinterpret_cast<__nv_bfloat162 *>(dst);
+        for (int64_t i = i0; i < n4; i += stride) {
+            float4 v = reinterpret_cast<const float4 *>(src)[i];
+            d2[2 * i] = __floats2bfloat162_rn(v.x, v.y);
+            d2[2 * i + 1] = __floats2bfloat162_rn(v.z, v.w);
+        }
+        done = n4 << 2;
+    }
+    for (int64_t i = done + i0; i < n; i += stride)
+        dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+/* bf16 copy of src (n) in a scratch slot (256-byte aligned) */
+static const __nv_bfloat16 *to_bf16(mps_cuda *c, int slot, const float *src, int64_t n, const char *what)
+{
+    __nv_bfloat16 *dst = (__nv_bfloat16 *)cu_scratch(c, slot, (size_t)n * sizeof(__nv_bfloat16));
+    if (!dst)
+        return NULL;
+    const int vec = cu_aligned16(src);
+    k_to_bf16<<<cu_grid(c, vec ? n / 4 + 1 : n, 256), 256, 0, c->stream>>>(dst, src, n, vec);
+    return cu_launched(c, what) == 0 ? dst : NULL;
+}
+
+/* ---------------------------------------------------------------- plans */
+
+static unsigned ptr_align(const void *p)
+{
+    unsigned a = 256;
+    while (a > 1 && ((uintptr_t)p & (a - 1)))
+        a >>= 1;
+    return a;
+}
+
+static void plan_release(mps_gemm_plan *p)
+{
+    if (p->la)
+        cublasLtMatrixLayoutDestroy(p->la);
+    if (p->lb)
+        cublasLtMatrixLayoutDestroy(p->lb);
+    if (p->ld)
+        cublasLtMatrixLayoutDestroy(p->ld);
+    if (p->desc)
+        cublasLtMatmulDescDestroy(p->desc);
+    memset(p, 0, sizeof *p);
+}
+
+void cu_gemm_plans_free(mps_cuda *c)
+{
+    for (int i = 0; i < c->nplans && i < MPS_CUDA_MAX_PLANS; i++)
+        plan_release(&c->plans[i]);
+    c->nplans = 0;
+}
+
+/* builds p (key fields set); p->ok = 0 when cuBLASLt has no algorithm: not an error */
+static int plan_build(mps_cuda *c, mps_gemm_plan *p, const char *what)
+{
+    cublasStatus_t st;
+#define LT(call)                                                                                          \
+    do {                                                                                                  \
+        st = (call);                                                                                      \
+        if (st != CUBLAS_STATUS_SUCCESS) {                                                                \
+            cu_fail(c, "%s: %s: %s", what, #call, cublasGetStatusString(st));                             \
+            return -1;                                                                                    \
+        }                                                                                                 \
+    } while (0)
+    LT(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    int32_t opa = p->ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = p->tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
+    LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
+    if (p->bias) {
+        uint32_t epi = CUBLASLT_EPILOGUE_BIAS;
+        int32_t bt = CUDA_R_32F;
+        LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+        LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
+    }
+    /* stored shapes, column-major: A is (k x m) when transposed, B is (n x k) when transposed */
+    LT(cublasLtMatrixLayoutCreate(&p->la, CUDA_R_16BF, p->ta ? p->k : p->m, p->ta ? p->m : p->k, p->lda));
+    LT(cublasLtMatrixLayoutCreate(&p->lb, CUDA_R_16BF, p->tb ? p->n : p->k, p->tb ? p->k : p->n, p->ldb));
+    LT(cublasLtMatrixLayoutCreate(&p->ld, CUDA_R_32F, p->m, p->n, p->ldd));
+    cublasLtMatmulPreference_t pref;
+    LT(cublasLtMatmulPreferenceCreate(&pref));
+    uint64_t ws = MPS_CUDA_WORKSPACE;
+    uint32_t a_a = p->align_a, a_b = p->align_b, a_d = p->align_d;
+    cublasLtMatmulHeuristicResult_t res;
+    memset(&res, 0, sizeof res);
+    int count = 0;
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a_a, sizeof a_a);
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &a_b, sizeof a_b);
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &a_d, sizeof a_d);
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &a_d, sizeof a_d);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        cublasLtMatmulPreferenceDestroy(pref);
+        cu_fail(c, "%s: cublasLtMatmulPreferenceSetAttribute: %s", what, cublasGetStatusString(st));
+        return -1;
+    }
+    st = cublasLtMatmulAlgoGetHeuristic(c->lt, p->desc, p->la, p->lb, p->ld, p->ld, pref, 1, &res, &count);
+    cublasLtMatmulPreferenceDestroy(pref);
+    p->ok = st == CUBLAS_STATUS_SUCCESS && count > 0 && res.state == CUBLAS_STATUS_SUCCESS;
+    if (p->ok)
+        p->algo = res.algo;
+#undef LT
+    return 0;
+}
+
+/* the cached plan of this shape, built on first use (the oldest is replaced when the cache is full) */
+static mps_gemm_plan *plan_get(mps_cuda *c, const mps_gemm_plan *key, const char *what)
+{
+    int used = c->nplans < MPS_CUDA_MAX_PLANS ? c->nplans : MPS_CUDA_MAX_PLANS;
+    for (int i = 0; i < used; i++) {
+        mps_gemm_plan *p = &c->plans[i];
+        if (p->ta == key->ta && p->tb == key->tb && p->m == key->m && p->n == key->n && p->k == key->k &&
+            p->lda == key->lda && p->ldb == key->ldb && p->ldd == key->ldd && p->bias == key->bias &&
+            p->align_a == key->align_a && p->align_b == key->align_b && p->align_d == key->align_d)
+            return p;
+    }
+    mps_gemm_plan *p = &c->plans[c->nplans % MPS_CUDA_MAX_PLANS];
+    if (c->nplans >= MPS_CUDA_MAX_PLANS)
+        plan_release(p);
+    *p = *key;
+    p->desc = NULL;
+    p->la = p->lb = p->ld = NULL;
+    if (plan_build(c, p, what) != 0) {
+        plan_release(p);
+        return NULL;
+    }
+    c->nplans++;
+    if (c->nplans >= 2 * MPS_CUDA_MAX_PLANS)  // keep the counter bounded, same slot sequence
+        c->nplans -= MPS_CUDA_MAX_PLANS;
+    return p;
+}
+
+/* D (m x n, column-major, ldd) = op(A) op(B) + beta D (+ bias (m) broadcast over columns).
+ * A, B bf16 scratch; D, bias fp32. */
+static void gemm(mps_cuda *c, const char *what, int ta, int tb, int m, int n, int k, const __nv_bfloat16 *A, int lda,
+                 const __nv_bfloat16 *B, int ldb, float beta, float *D, int ldd, const float *bias)
+{
+    const float alpha = 1.0f;
+    mps_gemm_plan key;
+    memset(&key, 0, sizeof key);
+    key.ta = ta, key.tb = tb, key.m = m, key.n = n, key.k = k;
+    key.lda = lda, key.ldb = ldb, key.ldd = ldd, key.bias = bias != NULL;
+    key.align_a = ptr_align(A);
+    key.align_b = ptr_align(B);
+    key.align_d = ptr_align(D);
+    mps_gemm_plan *p = plan_get(c, &key, what);
+    if (!p)
+        return;
+    if (p->ok) {
+        cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+        if (bias)
+            st = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+        if (st == CUBLAS_STATUS_SUCCESS)
+            st = cublasLtMatmul(c->lt, p->desc, &alpha, A, p->la, B, p->lb, &beta, D, p->ld, D, p->ld, &p->algo,
+                                c->workspace, MPS_CUDA_WORKSPACE, c->stream);
+        if (st == CUBLAS_STATUS_SUCCESS)
+            return;
+        if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) {
+            cu_fail(c, "%s: cublasLtMatmul (m %d n %d k %d): %s", what, m, n, k, cublasGetStatusString(st));
+            return;
+        }
+        p->ok = 0;  // this shape goes to cublasGemmEx from now on
+    }
+    cublasStatus_t st = cublasGemmEx(c->blas, ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N, m, n, k,
+                                     &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta, D, CUDA_R_32F, ldd,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+        cu_fail(c, "%s: cublasGemmEx (m %d n %d k %d): %s", what, m, n, k, cublasGetStatusString(st));
+        return;
+    }
+    if (bias)  // D^T is the row-major (n, m) output
+        cu_add_bias_rows(c, D, bias, n, m);
+}
+
+static int dims_ok(mps_cuda *c, const char *what, int64_t N, int C, int OC)
+{
+    if (N > INT_MAX || (int64_t)N * C > ((int64_t)1 << 40) || (int64_t)N * OC > ((int64_t)1 << 40)) {
+        cu_fail(c, "%s: N = %lld too large", what, (long long)N);
+        return 0;
+    }
+    return 1;
+}
+
+void cu_matmul_fwd(void *ctx, float *out, const float *inp, const float *w, const float *bias, int64_t N, int C,
+                   int OC)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0 || OC <= 0 || !dims_ok(c, "matmul_fwd", N, C, OC))
+        return;
+    if (C <= 0) {  // empty product: out = bias or 0
+        cu_check(c, cudaMemsetAsync(out, 0, (size_t)N * OC * sizeof(float), c->stream), "matmul_fwd");
+        if (bias)
+            cu_add_bias_rows(c, out, bias, N, OC);
+        return;
+    }
+    const __nv_bfloat16 *wb = to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_fwd (w to bf16)");
+    const __nv_bfloat16 *ib = wb ? to_bf16(c, SCR_BF_A, inp, N * C, "matmul_fwd (inp to bf16)") : NULL;
+    if (!ib)
+        return;
+    const int epi = bias && cu_aligned16(bias);
+    gemm(c, "matmul_fwd", 1, 0, OC, (int)N, C, wb, C, ib, C, 0.0f, out, OC, epi ? bias : NULL);
+    if (bias && !epi)
+        cu_add_bias_rows(c, out, bias, N, OC);
+}
+
+void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
+                   const float *w, int64_t N, int C, int OC)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0 || OC <= 0 || C <= 0 || !dims_ok(c, "matmul_bwd", N, C, OC))
+        return;
+    if (dbias)
+        cu_colsum_acc(c, dbias, dout, N, OC, "matmul_bwd (dbias)");
+    if (!dinp && !dw)
+        return;
+    const __nv_bfloat16 *gb = to_bf16(c, SCR_BF_C, dout, N * OC, "matmul_bwd (dout to bf16)");
+    if (!gb)
+        return;
+    if (dinp) {
+        const __nv_bfloat16 *wb = to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_bwd (w to bf16)");
+        if (wb)
+            gemm(c, "matmul_bwd (dinp)", 0, 0, C, (int)N, OC, wb, C, gb, OC, 1.0f, dinp, C, NULL);
+    }
+    if (dw) {
+        const __nv_bfloat16 *ib = to_bf16(c, SCR_BF_A, inp, N * C, "matmul_bwd (inp to bf16)");
+        if (ib)
+            gemm(c, "matmul_bwd (dw)", 0, 1, C, OC, (int)N, ib, C, gb, OC, 1.0f, dw, C, NULL);
+    }
+}

@@ -1,0 +1,912 @@
+/* Kernels of the CUDA backend other than GEMM and attention: fp32 math throughout, shapes and the
+ * accumulate (+=) convention of ops_cpu.h.
+ *
+ * Determinism: no float atomics anywhere. Every output element is written by one thread, and
+ * every reduction has a fixed shape that depends on the sizes only (not on timing or the SM
+ * count): warp butterflies, block trees, fixed row chunks then a second pass over the chunk
+ * partials (column sums of bias_grad, layernorm dw/db), fixed grids for sumsq. The embedding
+ * backward sorts (token, row) pairs with a stable radix sort (CUB): the rows of a token then lie in
+ * ascending row order in one run of the sorted array; fixed 64-position segments of that array
+ * are summed piece by piece (many blocks share a long run, e.g. a padding token), then one block
+ * per run adds the run's pieces in order to its row of dwte, which no other block touches. */
+#include <cub/device/device_radix_sort.cuh>
+#include <math.h>
+
+#include "cuda_internal.h"
+
+#define EW_THREADS 256
+
+/* ---------------------------------------------------------------- helpers */
+
+__device__ __forceinline__ float4 ld4(const float *p, int64_t i4) { return reinterpret_cast<const float4 *>(p)[i4]; }
+__device__ __forceinline__ void st4(float *p, int64_t i4, float4 v) { reinterpret_cast<float4 *>(p)[i4] = v; }
+
+struct SumOp {
+    template <class T>
+    __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <class T, class Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op)
+{
+    for (int o = 16; o > 0; o >>= 1)
+        v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* every thread gets the block's reduction; a fixed tree (warp butterflies, then the warp results
+ * in warp order), so the bits do not depend on scheduling. Call from all threads. */
+template <class T, class Op>
+__device__ T block_reduce(T v, Op op, T ident)
+{
+    __shared__ T sh[32];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_reduce(v, op);
+    __syncthreads();  // an earlier call's readers are done with sh
+    if (lane == 0)
+        sh[w] = v;
+    __syncthreads();
+    return warp_reduce(lane < nw ? sh[lane] : ident, op);
+}
+
+/* grid-stride loop over n elements, float4 at a time when every pointer is 16-byte aligned */
+template <class F>
+__global__ void k_ew(F f, int64_t n, int vec)
+{
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x, i0 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t done = 0;
+    if (vec) {
+        const int64_t n4 = n >> 2;
+        for (int64_t i = i0; i < n4; i += stride)
+            f.four(i);
+        done = n4 << 2;
+    }
+    for (int64_t i = done + i0; i < n; i += stride)
+        f.one(i);
+}
+
+template <class F>
+static void launch_ew(mps_cuda *c, F f, int64_t n, int vec, const char *what)
+{
+    if (n <= 0)
+        return;
+    k_ew<F><<<cu_grid(c, vec ? n / 4 + 1 : n, EW_THREADS), EW_THREADS, 0, c->stream>>>(f, n, vec);
+    cu_launched(c, what);
+}
+
+/* block size for kernels with one block per row of `cols` elements */
+static int row_threads(int64_t cols) { return cols >= 256 ? 256 : cols > 64 ? 128 : 64; }
+static unsigned row_grid(const mps_cuda *c, int64_t rows)
+{
+    int64_t cap = (int64_t)c->nsm * 32;
+    return (unsigned)(rows < 1 ? 1 : rows < cap ? rows : cap);
+}
+
+/* ---------------------------------------------------------------- elementwise */
+
+#define GELU_K 0.7978845608028654f  // sqrt(2 / pi)
+#define GELU_A 0.044715f
+
+__device__ __forceinline__ float gelu_f(float x) { return 0.5f * x * (1.0f + tanhf(GELU_K * (x + GELU_A * x * x * x))); }
+__device__ __forceinline__ float gelu_g(float x)
+{
+    const float th = tanhf(GELU_K * (x + GELU_A * x * x * x));
+    const float du = GELU_K * (1.0f + 3.0f * GELU_A * x * x);  // d(tanh argument)/dx
+    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du;
+}
+
+struct AddF {
+    float *o;
+    const float *a, *b;
+    __device__ void one(int64_t i) const { o[i] = a[i] + b[i]; }
+    __device__ void four(int64_t i) const
+    {
+        float4 x = ld4(a, i), y = ld4(b, i);
+        st4(o, i, make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w));
+    }
+};
+struct AccF {
+    float *d;
+    const float *s;
+    __device__ void one(int64_t i) const { d[i] += s[i]; }
+    __device__ void four(int64_t i) const
+    {
+        float4 x = ld4(d, i), y = ld4(s, i);
+        st4(d, i, make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w));
+    }
+};
+struct ScaleF {
+    float *x;
+    float s;
+    __device__ void one(int64_t i) const { x[i] *= s; }
+    __device__ void four(int64_t i) const
+    {
+        float4 v = ld4(x, i);
+        st4(x, i, make_float4(v.x * s, v.y * s, v.z * s, v.w * s));
+    }
+};
+struct GeluF {
+    float *o;
+    const float *x;
+    __device__ void one(int64_t i) const { o[i] = gelu_f(x[i]); }
+    __device__ void four(int64_t i) const
+    {
+        float4 v = ld4(x, i);
+        st4(o, i, make_float4(gelu_f(v.x), gelu_f(v.y), gelu_f(v.z), gelu_f(v.w)));
+    }
+};
+struct GeluBwdF {
+    float *d;
+    const float *x, *g;
+    __device__ void one(int64_t i) const { d[i] += gelu_g(x[i]) * g[i]; }
+    __device__ void four(int64_t i) const
+    {
+        float4 v = ld4(x, i), gv = ld4(g, i), dv = ld4(d, i);
+        dv.x += gelu_g(v.x) * gv.x;
+        dv.y += gelu_g(v.y) * gv.y;
+        dv.z += gelu_g(v.z) * gv.z;
+        dv.w += gelu_g(v.w) * gv.w;
+        st4(d, i, dv);
+    }
+};
+/* torch.optim.AdamW (single-tensor path), the formula of op_adamw */
+struct AdamF {
+    float *p, *m, *v;
+    const float *g;
+    float b1, b2, ob1, ob2, step, bc2_sqrt, eps, decay;
+    __device__ __forceinline__ float upd(float pi, float gi, float &mi, float &vi) const
+    {
+        mi = b1 * mi + ob1 * gi;
+        vi = b2 * vi + ob2 * gi * gi;
+        return pi * decay - step * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+    __device__ void one(int64_t i) const
+    {
+        float mi = m[i], vi = v[i];
+        p[i] = upd(p[i], g[i], mi, vi);
+        m[i] = mi;
+        v[i] = vi;
+    }
+    __device__ void four(int64_t i) const
+    {
+        float4 pv = ld4(p, i), gv = ld4(g, i), mv = ld4(m, i), vv = ld4(v, i);
+        pv.x = upd(pv.x, gv.x, mv.x, vv.x);
+        pv.y = upd(pv.y, gv.y, mv.y, vv.y);
+        pv.z = upd(pv.z, gv.z, mv.z, vv.z);
+        pv.w = upd(pv.w, gv.w, mv.w, vv.w);
+        st4(p, i, pv);
+        st4(m, i, mv);
+        st4(v, i, vv);
+    }
+};
+
+void cu_add(void *ctx, float *out, const float *a, const float *b, int64_t n)
+{
+    int vec = cu_aligned16(out) && cu_aligned16(a) && cu_aligned16(b);
+    launch_ew((mps_cuda *)ctx, AddF{out, a, b}, n, vec, "add");
+}
+void cu_accumulate(void *ctx, float *dst, const float *src, int64_t n)
+{
+    launch_ew((mps_cuda *)ctx, AccF{dst, src}, n, cu_aligned16(dst) && cu_aligned16(src), "accumulate");
+}
+void cu_scale(void *ctx, float *x, float s, int64_t n) { launch_ew((mps_cuda *)ctx, ScaleF{x, s}, n, cu_aligned16(x), "scale"); }
+void cu_gelu_fwd(void *ctx, float *out, const float *inp, int64_t n)
+{
+    launch_ew((mps_cuda *)ctx, GeluF{out, inp}, n, cu_aligned16(out) && cu_aligned16(inp), "gelu_fwd");
+}
+void cu_gelu_bwd(void *ctx, float *dinp, const float *inp, const float *dout, int64_t n)
+{
+    if (!dinp)
+        return;
+    int vec = cu_aligned16(dinp) && cu_aligned16(inp) && cu_aligned16(dout);
+    launch_ew((mps_cuda *)ctx, GeluBwdF{dinp, inp, dout}, n, vec, "gelu_bwd");
+}
+
+void cu_adamw(void *ctx, float *param, const float *grad, float *m, float *v, int64_t n, float lr, float beta1,
+              float beta2, float eps, float weight_decay, int64_t t)
+{
+    /* the step constants in double on the host, as op_adamw */
+    double bc1 = 1.0 - pow(beta1, (double)t), bc2 = 1.0 - pow(beta2, (double)t);
+    AdamF f;
+    f.p = param;
+    f.m = m;
+    f.v = v;
+    f.g = grad;
+    f.b1 = beta1;
+    f.b2 = beta2;
+    f.ob1 = 1.0f - beta1;
+    f.ob2 = 1.0f - beta2;
+    f.step = (float)(lr / bc1);
+    f.bc2_sqrt = (float)sqrt(bc2);
+    f.eps = eps;
+    f.decay = 1.0f - lr * weight_decay;
+    int vec = cu_aligned16(param) && cu_aligned16(grad) && cu_aligned16(m) && cu_aligned16(v);
+    launch_ew((mps_cuda *)ctx, f, n, vec, "adamw");
+}
+
+/* ---------------------------------------------------------------- row kernels */
+
+/* out (N, C) = a + b + bias (C) */
+__global__ void k_residual_bias(float *out, const float *a, const float *b, const float *bias, int64_t N, int C,
+                                int vec)
+{
+    for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+        const int64_t o = r * C;
+        if (vec) {
+            const int64_t o4 = o >> 2;
+            for (int j = threadIdx.x; j < C / 4; j += blockDim.x) {
+                float4 x = ld4(a, o4 + j), y = ld4(b, o4 + j), z = ld4(bias, j);
+                st4(out, o4 + j, make_float4(x.x + y.x + z.x, x.y + y.y + z.y, x.z + y.z + z.z, x.w + y.w + z.w));
+            }
+        } else {
+            for (int j = threadIdx.x; j < C; j += blockDim.x)
+                out[o + j] = a[o + j] + b[o + j] + bias[j];
+        }
+    }
+}
+
+void cu_residual_bias(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0 || C <= 0)
+        return;
+    int vec = C % 4 == 0 && cu_aligned16(out) && cu_aligned16(a) && cu_aligned16(b) && cu_aligned16(bias);
+    k_residual_bias<<<row_grid(c, N), row_threads(vec ? C / 4 : C), 0, c->stream>>>(out, a, b, bias, N, C, vec);
+    cu_launched(c, "residual_bias");
+}
+
+/* out (N, C) += bias (C) */
+__global__ void k_add_bias_rows(float *out, const float *bias, int64_t N, int C)
+{
+    for (int64_t r = blockIdx.x; r < N; r += gridDim.x)
+        for (int j = threadIdx.x; j < C; j += blockDim.x)
+            out[r * C + j] += bias[j];
+}
+
+void cu_add_bias_rows(mps_cuda *c, float *out, const float *bias, int64_t N, int C)
+{
+    if (N <= 0 || C <= 0)
+        return;
+    k_add_bias_rows<<<row_grid(c, N), row_threads(C), 0, c->stream>>>(out, bias, N, C);
+    cu_launched(c, "bias add");
+}
+
+/* out (N, C) = wte[tok - v0] for owned tokens, else 0 */
+__global__ void k_embed_fwd(float *out, const int32_t *tokens, int64_t N, const float *wte, int64_t v0, int64_t Vl,
+                            int C)
+{
+    for (int64_t r = blockIdx.x; r < N; r += gridDim.x) {
+        const int64_t tok = tokens[r];
+        float *o = out + r * C;
+        if (tok >= v0 && tok < v0 + Vl) {
+            const float *w = wte + (tok - v0) * C;
+            for (int j = threadIdx.x; j < C; j += blockDim.x)
+                o[j] = w[j];
+        } else {
+            for (int j = threadIdx.x; j < C; j += blockDim.x)
+                o[j] = 0.0f;
+        }
+    }
+}
+
+void cu_embed_fwd(void *ctx, float *out, const int32_t *tokens, int64_t N, const float *wte, int64_t v0, int64_t Vl,
+                  int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0 || C <= 0)
+        return;
+    k_embed_fwd<<<row_grid(c, N), row_threads(C), 0, c->stream>>>(out, tokens, N, wte, v0, Vl, C);
+    cu_launched(c, "embed_fwd");
+}
+
+/* x (B*T, C) += wpe[t] */
+__global__ void k_pos_fwd(float *x, const float *wpe, int64_t rows, int T, int C)
+{
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float *p = wpe + (r % T) * C;
+        float *xr = x + r * C;
+        for (int j = threadIdx.x; j < C; j += blockDim.x)
+            xr[j] += p[j];
+    }
+}
+
+void cu_pos_fwd(void *ctx, float *x, const float *wpe, int B, int T, int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    int64_t rows = (int64_t)B * T;
+    if (rows <= 0 || C <= 0)
+        return;
+    k_pos_fwd<<<row_grid(c, rows), row_threads(C), 0, c->stream>>>(x, wpe, rows, T, C);
+    cu_launched(c, "pos_fwd");
+}
+
+/* dwpe (T, C) += sum over b of dx (B, T, C): one thread per element of dwpe, b in order */
+__global__ void k_pos_bwd(float *dwpe, const float *dx, int B, int T, int C)
+{
+    const int64_t n = (int64_t)T * C, stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float acc = dwpe[i];
+        for (int b = 0; b < B; b++)
+            acc += dx[(int64_t)b * n + i];
+        dwpe[i] = acc;
+    }
+}
+
+void cu_pos_bwd(void *ctx, float *dwpe, const float *dx, int B, int T, int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (!dwpe || (int64_t)T * C <= 0)
+        return;
+    k_pos_bwd<<<cu_grid(c, (int64_t)T * C, EW_THREADS), EW_THREADS, 0, c->stream>>>(dwpe, dx, B, T, C);
+    cu_launched(c, "pos_bwd");
+}
+
+/* ---------------------------------------------------------------- embedding backward */
+
+/* sort keys: the local row of owned tokens, Vl (sorted last, then skipped) for the others */
+__global__ void k_embed_keys(uint32_t *keys, uint32_t *vals, const int32_t *tokens, int64_t N, int64_t v0, int64_t Vl)
+{
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += stride) {
+        const int64_t tok = tokens[i];
+        keys[i] = (uint32_t)((tok >= v0 && tok < v0 + Vl) ? tok - v0 : Vl);
+        vals[i] = (uint32_t)i;
+    }
+}
+
+#define EMB_SEG 64 /* sorted positions per block of the first pass */
+
+/* Pass 1, one block per segment of EMB_SEG sorted positions: a run of equal keys is cut into
+ * pieces at the segment boundaries; pbuf[p] (C floats) = the sum, in position order, of the dout
+ * rows of the piece that starts at position p (pieces of owned tokens only). */
+__global__ void k_embed_pieces(float *pbuf, const float *dout, const uint32_t *keys, const uint32_t *vals, int64_t N,
+                               int64_t Vl, int C)
+{
+    __shared__ uint32_t sk[EMB_SEG], sv[EMB_SEG];
+    for (int64_t s = blockIdx.x; s * EMB_SEG < N; s += gridDim.x) {
+        const int64_t p0 = s * EMB_SEG;
+        const int n = (int)(N - p0 < EMB_SEG ? N - p0 : EMB_SEG);
+        __syncthreads();  // the previous segment's readers are done
+        for (int q = threadIdx.x; q < n; q += blockDim.x) {
+            sk[q] = keys[p0 + q];
+            sv[q] = vals[p0 + q];
+        }
+        __syncthreads();
+        for (int col = threadIdx.x; col < C; col += blockDim.x) {
+            float acc = 0.0f;
+            int start = 0;
+            for (int q0 = 0; q0 < n; q0 += 8) {
+                float x[8];  // eight loads in flight, then added in position order
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    const int q = q0 + u;
+                    x[u] = (q < n && sk[q] < Vl) ? dout[(int64_t)sv[q] * C + col] : 0.0f;
+                }
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    const int q = q0 + u;
+                    if (q >= n)
+                        break;
+                    if (q > 0 && sk[q] != sk[q - 1]) {  // a new piece: store the finished one
+                        if (sk[start] < Vl)
+                            pbuf[(p0 + start) * C + col] = acc;
+                        acc = 0.0f;
+                        start = q;
+                    }
+                    acc += x[u];
+                }
+            }
+            if (sk[start] < Vl)
+                pbuf[(p0 + start) * C + col] = acc;
+        }
+    }
+}
+
+/* Pass 2, one block per run (found at its first position i): dwte[key] += its pieces, i.e.
+ * pbuf[i] then pbuf at each segment boundary inside the run, in order. A row of dwte belongs to
+ * exactly one run. */
+__global__ void k_embed_runs(float *dwte, const float *pbuf, const uint32_t *keys, int64_t N, int64_t Vl, int C)
+{
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        const uint32_t key = keys[i];
+        if (key >= Vl || (i > 0 && keys[i - 1] == key))
+            continue;  // uniform over the block
+        /* the run is a prefix of what follows (keys are sorted): count its members blockDim at a time */
+        int64_t end = i + 1;
+        for (;;) {
+            const int64_t j = end + threadIdx.x;
+            const int cnt = __syncthreads_count(j < N && keys[j] == key);
+            end += cnt;
+            if (cnt < (int)blockDim.x)
+                break;
+        }
+        const int64_t b0 = (i / EMB_SEG + 1) * EMB_SEG;  // first segment boundary after i
+        float *d = dwte + (int64_t)key * C;
+        for (int col = threadIdx.x; col < C; col += blockDim.x) {
+            float acc = pbuf[i * C + col];
+            for (int64_t b = b0; b < end; b += EMB_SEG)
+                acc += pbuf[b * C + col];
+            d[col] += acc;
+        }
+    }
+}
+
+void cu_embed_bwd(void *ctx, float *dwte, const float *dout, const int32_t *tokens, int64_t N, int64_t v0, int64_t Vl,
+                  int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (!dwte || N <= 0 || C <= 0 || Vl <= 0)
+        return;
+    if (N > INT32_MAX || Vl >= (int64_t)UINT32_MAX) {
+        cu_fail(c, "embed_bwd: N = %lld or Vl = %lld too large", (long long)N, (long long)Vl);
+        return;
+    }
+    uint32_t *kv = (uint32_t *)cu_scratch(c, SCR_SORT, (size_t)N * 4 * sizeof(uint32_t));
+    if (!kv)
+        return;
+    uint32_t *kin = kv, *vin = kv + N, *kout = kv + 2 * N, *vout = kv + 3 * N;
+    k_embed_keys<<<cu_grid(c, N, EW_THREADS), EW_THREADS, 0, c->stream>>>(kin, vin, tokens, N, v0, Vl);
+    if (cu_launched(c, "embed_bwd (keys)") != 0)
+        return;
+    int bits = 1;
+    while (bits < 32 && ((int64_t)1 << bits) <= Vl)  // Vl itself must fit
+        bits++;
+    size_t tmp_bytes = 0;
+    if (cu_check(c, cub::DeviceRadixSort::SortPairs(nullptr, tmp_bytes, kin, kout, vin, vout, (int)N, 0, bits, c->stream),
+                 "embed_bwd (sort size)") != 0)
+        return;
+    void *tmp = cu_scratch(c, SCR_CUB, tmp_bytes);
+    if (!tmp)
+        return;
+    if (cu_check(c, cub::DeviceRadixSort::SortPairs(tmp, tmp_bytes, kin, kout, vin, vout, (int)N, 0, bits, c->stream),
+                 "embed_bwd (sort)") != 0)
+        return;
+    float *pbuf = (float *)cu_scratch(c, SCR_EMB, (size_t)N * C * sizeof(float));  // (N, C), piece starts only
+    if (!pbuf)
+        return;
+    const int64_t nseg = (N + EMB_SEG - 1) / EMB_SEG;
+    k_embed_pieces<<<row_grid(c, nseg), row_threads(C), 0, c->stream>>>(pbuf, dout, kout, vout, N, Vl, C);
+    if (cu_launched(c, "embed_bwd (pieces)") != 0)
+        return;
+    k_embed_runs<<<row_grid(c, N), row_threads(C), 0, c->stream>>>(dwte, pbuf, kout, N, Vl, C);
+    cu_launched(c, "embed_bwd (runs)");
+}
+
+/* ---------------------------------------------------------------- column sums */
+
+#define CS_TX 32
+#define CS_TY 8
+#define CS_CHUNKS 256 /* at most this many row chunks: the second pass is one chunk */
+
+/* rows [y*R, (y+1)*R) of x (rows, C): thread (tx, ty) sums rows ty, ty + 8, ... of its column in
+ * order, the 8 partial sums are added in ty order. acc: dst[c] += sum, else dst[y * C + c] = sum. */
+__global__ void k_colsum(float *dst, int acc, const float *x, int64_t rows, int C, int64_t R)
+{
+    __shared__ float sh[CS_TY][CS_TX + 1];
+    const int col = blockIdx.x * CS_TX + threadIdx.x;
+    const int64_t r0 = (int64_t)blockIdx.y * R, r1 = r0 + R < rows ? r0 + R : rows;
+    float s = 0.0f;
+    if (col < C)
+        for (int64_t r = r0 + threadIdx.y; r < r1; r += CS_TY)
+            s += x[r * C + col];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < C) {
+        float t = 0.0f;
+        for (int k = 0; k < CS_TY; k++)
+            t += sh[k][threadIdx.x];
+        if (acc)
+            dst[col] += t;
+        else
+            dst[(int64_t)blockIdx.y * C + col] = t;
+    }
+}
+
+void cu_colsum_acc(mps_cuda *c, float *dst, const float *x, int64_t rows, int C, const char *what)
+{
+    if (rows <= 0 || C <= 0)
+        return;
+    /* chunk size from the row count only: the order of the sums is a function of (rows, C) */
+    int64_t R = (rows + CS_CHUNKS - 1) / CS_CHUNKS;
+    if (R < 256)
+        R = 256;
+    const int64_t nch = (rows + R - 1) / R;
+    const dim3 blk(CS_TX, CS_TY);
+    const unsigned gx = (unsigned)((C + CS_TX - 1) / CS_TX);
+    if (nch == 1) {
+        k_colsum<<<dim3(gx, 1), blk, 0, c->stream>>>(dst, 1, x, rows, C, R);
+        cu_launched(c, what);
+        return;
+    }
+    float *part = (float *)cu_scratch(c, SCR_COLSUM, (size_t)nch * C * sizeof(float));
+    if (!part)
+        return;
+    k_colsum<<<dim3(gx, (unsigned)nch), blk, 0, c->stream>>>(part, 0, x, rows, C, R);
+    if (cu_launched(c, what) != 0)
+        return;
+    k_colsum<<<dim3(gx, 1), blk, 0, c->stream>>>(dst, 1, part, nch, C, CS_CHUNKS);
+    cu_launched(c, what);
+}
+
+void cu_bias_grad(void *ctx, float *db, const float *dout, int64_t N, int C)
+{
+    if (db)
+        cu_colsum_acc((mps_cuda *)ctx, db, dout, N, C, "bias_grad");
+}
+
+/* ---------------------------------------------------------------- layernorm */
+
+/* one warp per row, eps 1e-5, biased variance (two passes: mean, then squared deviations) */
+__global__ void k_ln_fwd(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+                         int64_t N, int C)
+{
+    const int lane = threadIdx.x & 31;
+    const int64_t nw = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < N; r += nw) {
+        const float *x = inp + r * C;  // (C)
+        float s = 0.0f;
+        for (int j = lane; j < C; j += 32)
+            s += x[j];
+        const float m = warp_reduce(s, SumOp()) / C;
+        float ss = 0.0f;
+        for (int j = lane; j < C; j += 32) {
+            const float d = x[j] - m;
+            ss += d * d;
+        }
+        const float rs = 1.0f / sqrtf(warp_reduce(ss, SumOp()) / C + 1e-5f);
+        float *o = out + r * C;
+        for (int j = lane; j < C; j += 32)
+            o[j] = (x[j] - m) * rs * w[j] + b[j];
+        if (lane == 0) {
+            if (mean)
+                mean[r] = m;
+            if (rstd)
+                rstd[r] = rs;
+        }
+    }
+}
+
+void cu_layernorm_fwd(void *ctx, float *out, float *mean, float *rstd, const float *inp, const float *w,
+                      const float *b, int64_t N, int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0 || C <= 0)
+        return;
+    k_ln_fwd<<<cu_grid(c, N * 32, 256), 256, 0, c->stream>>>(out, mean, rstd, inp, w, b, N, C);
+    cu_launched(c, "layernorm_fwd");
+}
+
+#define LNB_WARPS 4
+#define LNB_ROWS 32 /* rows per block: one partial sum of dw and db per 32 rows */
+
+/* Block = 4 warps over 32 rows, a warp per row. dinp (N, C) += rstd * (g - mean(g) - xhat *
+ * mean(g * xhat)), g = dout * w. With pdw: the block's column sums of dout * xhat and dout go to
+ * pdw, pdb [blockIdx] (C each), summed per warp in shared memory, then over the warps in order. */
+__global__ void k_ln_bwd(float *dinp, float *pdw, float *pdb, const float *dout, const float *inp, const float *w,
+                         const float *mean, const float *rstd, int64_t N, int C)
+{
+    extern __shared__ float4 ln_sm4[];
+    float *sh = reinterpret_cast<float *>(ln_sm4);  // [2][LNB_WARPS][C]
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    float *aw = sh + (int64_t)wid * C, *ab = sh + (int64_t)(LNB_WARPS + wid) * C;
+    const int part = pdw != NULL;
+    if (part)
+        for (int j = lane; j < C; j += 32)
+            aw[j] = ab[j] = 0.0f;
+    const int64_t r0 = (int64_t)blockIdx.x * LNB_ROWS;
+    for (int k = wid; k < LNB_ROWS && r0 + k < N; k += LNB_WARPS) {
+        const int64_t r = r0 + k;
+        const float *x = inp + r * C, *g = dout + r * C;  // (C)
+        const float m = mean[r], rs = rstd[r];
+        if (dinp) {
+            float sg = 0.0f, sgx = 0.0f;
+            for (int j = lane; j < C; j += 32) {
+                const float gw = g[j] * w[j];
+                sg += gw;
+                sgx += gw * ((x[j] - m) * rs);
+            }
+            const float mg = warp_reduce(sg, SumOp()) / C, mgx = warp_reduce(sgx, SumOp()) / C;
+            float *dx = dinp + r * C;
+            for (int j = lane; j < C; j += 32) {
+                const float xh = (x[j] - m) * rs;
+                dx[j] += rs * (g[j] * w[j] - mg - xh * mgx);
+            }
+        }
+        if (part)
+            for (int j = lane; j < C; j += 32) {
+                aw[j] += g[j] * ((x[j] - m) * rs);
+                ab[j] += g[j];
+            }
+    }
+    if (!part)
+        return;
+    __syncthreads();
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        float sw = 0.0f, sb = 0.0f;
+        for (int k = 0; k < LNB_WARPS; k++) {
+            sw += sh[(int64_t)k * C + j];
+            sb += sh[(int64_t)(LNB_WARPS + k) * C + j];
+        }
+        pdw[(int64_t)blockIdx.x * C + j] = sw;
+        pdb[(int64_t)blockIdx.x * C + j] = sb;
+    }
+}
+
+void cu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
+                      const float *w, const float *mean, const float *rstd, int64_t N, int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0 || C <= 0 || (!dinp && !dw && !db))
+        return;
+    const int64_t nblk = (N + LNB_ROWS - 1) / LNB_ROWS;
+    float *pdw = NULL, *pdb = NULL;
+    size_t smem = 0;
+    if (dw || db) {
+        pdw = (float *)cu_scratch(c, SCR_PART, (size_t)nblk * C * sizeof(float));
+        pdb = (float *)cu_scratch(c, SCR_PART2, (size_t)nblk * C * sizeof(float));
+        if (!pdw || !pdb)
+            return;
+        smem = (size_t)2 * LNB_WARPS * C * sizeof(float);
+        if ((int64_t)smem > c->smem_optin) {
+            cu_fail(c, "layernorm_bwd: C = %d needs %zu bytes of shared memory", C, smem);
+            return;
+        }
+        if (smem > 48 * 1024 &&
+            cu_check(c, cudaFuncSetAttribute(k_ln_bwd, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                     "layernorm_bwd") != 0)
+            return;
+    }
+    if (nblk > INT32_MAX) {
+        cu_fail(c, "layernorm_bwd: N = %lld too large", (long long)N);
+        return;
+    }
+    k_ln_bwd<<<(unsigned)nblk, LNB_WARPS * 32, smem, c->stream>>>(dinp, pdw, pdb, dout, inp, w, mean, rstd, N, C);
+    if (cu_launched(c, "layernorm_bwd") != 0)
+        return;
+    if (dw)
+        cu_colsum_acc(c, dw, pdw, nblk, C, "layernorm_bwd (dw)");
+    if (db)
+        cu_colsum_acc(c, db, pdb, nblk, C, "layernorm_bwd (db)");
+}
+
+/* ---------------------------------------------------------------- cross-entropy */
+
+/* how many of the Vl local ids are real (< V) */
+static int64_t xent_nreal(int64_t Vl, int64_t v0, int64_t V)
+{
+    int64_t r = V - v0;
+    return r < 0 ? 0 : (r > Vl ? Vl : r);
+}
+
+#define XE_THREADS 256
+
+/* one block per row; vec: rows are 16-byte aligned (aligned base, Vl % 4 == 0) */
+__global__ void k_xent_rowmax(float *rowmax, const float *logits, int64_t N, int64_t Vl, int64_t nr, int vec)
+{
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        const float *l = logits + i * Vl;  // (Vl)
+        float m = -INFINITY;
+        int64_t j0 = 0;
+        if (vec) {
+            const int64_t n4 = nr >> 2;
+            for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
+                float4 v = ld4(l, j);
+                m = fmaxf(m, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)));
+            }
+            j0 = n4 << 2;
+        }
+        for (int64_t j = j0 + threadIdx.x; j < nr; j += blockDim.x)
+            m = fmaxf(m, l[j]);
+        m = block_reduce(m, MaxOp(), -INFINITY);
+        if (threadIdx.x == 0)
+            rowmax[i] = m;
+    }
+}
+
+__global__ void k_xent_sumexp(float *sumexp, const float *logits, const float *gmax, int64_t N, int64_t Vl, int64_t nr,
+                              int vec)
+{
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        const float *l = logits + i * Vl;
+        const float m = gmax[i];
+        float s = 0.0f;
+        int64_t j0 = 0;
+        if (vec) {
+            const int64_t n4 = nr >> 2;
+            for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
+                float4 v = ld4(l, j);
+                s += expf(v.x - m);
+                s += expf(v.y - m);
+                s += expf(v.z - m);
+                s += expf(v.w - m);
+            }
+            j0 = n4 << 2;
+        }
+        for (int64_t j = j0 + threadIdx.x; j < nr; j += blockDim.x)
+            s += expf(l[j] - m);
+        s = block_reduce(s, SumOp(), 0.0f);
+        if (threadIdx.x == 0)
+            sumexp[i] = s;
+    }
+}
+
+__global__ void k_xent_target(float *tlogit, const float *logits, const int32_t *targets, int64_t N, int64_t Vl,
+                              int64_t v0)
+{
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += stride) {
+        const int64_t j = (int64_t)targets[i] - v0;
+        tlogit[i] = (j >= 0 && j < Vl) ? logits[i * Vl + j] : 0.0f;
+    }
+}
+
+__device__ __forceinline__ float xent_d(float l, int64_t j, int64_t nr, int64_t tj, float m, float inv, float scale)
+{
+    if (j >= nr)
+        return 0.0f;
+    const float p = expf(l - m) * inv;
+    return scale * (j == tj ? p - 1.0f : p);
+}
+
+/* element-wise in place: each element is read, then written, by the same thread */
+__global__ void k_xent_bwd(float *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+                           const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t nr, int vec)
+{
+    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+        const float *l = logits + i * Vl;
+        float *d = dlogits + i * Vl;
+        const float m = gmax[i], inv = 1.0f / gsumexp[i];
+        const int64_t tj = (int64_t)targets[i] - v0;
+        int64_t j0 = 0;
+        if (vec) {
+            const int64_t n4 = Vl >> 2;
+            for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
+                float4 v = ld4(l, j);
+                const int64_t e = j << 2;
+                st4(d, j, make_float4(xent_d(v.x, e, nr, tj, m, inv, scale), xent_d(v.y, e + 1, nr, tj, m, inv, scale),
+                                      xent_d(v.z, e + 2, nr, tj, m, inv, scale),
+                                      xent_d(v.w, e + 3, nr, tj, m, inv, scale)));
+            }
+            j0 = n4 << 2;
+        }
+        for (int64_t j = j0 + threadIdx.x; j < Vl; j += blockDim.x)
+            d[j] = xent_d(l[j], j, nr, tj, m, inv, scale);
+    }
+}
+
+static int xent_vec(const void *a, const void *b, int64_t Vl) { return Vl % 4 == 0 && cu_aligned16(a) && cu_aligned16(b); }
+
+void cu_xent_rowmax(void *ctx, float *rowmax, const float *logits, int64_t N, int64_t Vl, int64_t v0, int64_t V)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0)
+        return;
+    k_xent_rowmax<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>(rowmax, logits, N, Vl, xent_nreal(Vl, v0, V),
+                                                                xent_vec(logits, logits, Vl));
+    cu_launched(c, "xent_rowmax");
+}
+
+void cu_xent_sumexp(void *ctx, float *sumexp, const float *logits, const float *gmax, int64_t N, int64_t Vl,
+                    int64_t v0, int64_t V)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0)
+        return;
+    k_xent_sumexp<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>(sumexp, logits, gmax, N, Vl, xent_nreal(Vl, v0, V),
+                                                                xent_vec(logits, logits, Vl));
+    cu_launched(c, "xent_sumexp");
+}
+
+void cu_xent_target(void *ctx, float *tlogit, const float *logits, const int32_t *targets, int64_t N, int64_t Vl,
+                    int64_t v0)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0)
+        return;
+    k_xent_target<<<cu_grid(c, N, EW_THREADS), EW_THREADS, 0, c->stream>>>(tlogit, logits, targets, N, Vl, v0);
+    cu_launched(c, "xent_target");
+}
+
+void cu_xent_bwd(void *ctx, float *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+                 const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0 || Vl <= 0)
+        return;
+    k_xent_bwd<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>(dlogits, logits, targets, gmax, gsumexp, scale, N, Vl, v0,
+                                                             xent_nreal(Vl, v0, V), xent_vec(dlogits, logits, Vl));
+    cu_launched(c, "xent_bwd");
+}
+
+/* ---------------------------------------------------------------- host results */
+
+/* one block of 1024: out = sum of log(sumexp) + gmax - tlogit, in double, fixed tree */
+__global__ void k_loss_sum(double *out, const float *gmax, const float *sumexp, const float *tlogit, int64_t N)
+{
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < N; i += blockDim.x)
+        s += (double)logf(sumexp[i]) + (double)gmax[i] - (double)tlogit[i];
+    s = block_reduce(s, SumOp(), 0.0);
+    if (threadIdx.x == 0)
+        *out = s;
+}
+
+#define SQ_THREADS 256
+#define SQ_MAX_BLOCKS 1024
+
+/* part[blockIdx] = the block's sum of squares in double; the grid is a function of n only */
+__global__ void k_sumsq_part(double *part, const float *x, int64_t n, int vec)
+{
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x, i0 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    double s = 0.0;
+    int64_t done = 0;
+    if (vec) {
+        const int64_t n4 = n >> 2;
+        for (int64_t i = i0; i < n4; i += stride) {
+            float4 v = ld4(x, i);
+            s += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+        }
+        done = n4 << 2;
+    }
+    for (int64_t i = done + i0; i < n; i += stride)
+        s += (double)x[i] * x[i];
+    s = block_reduce(s, SumOp(), 0.0);
+    if (threadIdx.x == 0)
+        part[blockIdx.x] = s;
+}
+
+__global__ void k_sum_parts(double *out, const double *part, int nparts)
+{
+    double s = 0.0;
+    for (int i = threadIdx.x; i < nparts; i += blockDim.x)
+        s += part[i];
+    s = block_reduce(s, SumOp(), 0.0);
+    if (threadIdx.x == 0)
+        *out = s;
+}
+
+/* copies dres[1024] back; call with res_mu held */
+static double fetch_result(mps_cuda *c, const char *what)
+{
+    double h = NAN;
+    if (cu_launched(c, what) != 0)
+        return NAN;
+    if (cu_check(c, cudaMemcpyAsync(&h, c->dres + SQ_MAX_BLOCKS, sizeof h, cudaMemcpyDeviceToHost, c->stream), what) != 0 ||
+        cu_check(c, cudaStreamSynchronize(c->stream), what) != 0)
+        return NAN;
+    return h;
+}
+
+double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0)
+        return 0.0;
+    pthread_mutex_lock(&c->res_mu);
+    k_loss_sum<<<1, 1024, 0, c->stream>>>(c->dres + SQ_MAX_BLOCKS, gmax, sumexp, tlogit, N);
+    double r = fetch_result(c, "xent_loss_sum");
+    pthread_mutex_unlock(&c->res_mu);
+    return r;
+}
+
+double cu_sumsq(void *ctx, const float *x, int64_t n)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (n <= 0)
+        return 0.0;
+    int64_t nb = (n + 4095) / 4096;  // a function of n only: the order of the sums is fixed by n
+    if (nb > SQ_MAX_BLOCKS)
+        nb = SQ_MAX_BLOCKS;
+    pthread_mutex_lock(&c->res_mu);
+    k_sumsq_part<<<(unsigned)nb, SQ_THREADS, 0, c->stream>>>(c->dres, x, n, cu_aligned16(x));
+    double r = NAN;
+    if (cu_launched(c, "sumsq") == 0) {
+        k_sum_parts<<<1, 1024, 0, c->stream>>>(c->dres + SQ_MAX_BLOCKS, c->dres, (int)nb);
+        r = fetch_result(c, "sumsq");
+    }
+    pthread_mutex_unlock(&c->res_mu);
+    return r;
+}

@@ -1,0 +1,568 @@
+/* The engine's state and schedule: parameters and optimizer state per ZeRO stage, micro-batches
+ * through the pipeline (GPipe or 1F1B), gradient reduction over DP, the tied head between the
+ * first and last stage, global-norm clipping and AdamW. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_internal.h"
+
+#define TAG_FWD(mb) (2 * (mb))
+#define TAG_BWD(mb) (2 * (mb) + 1)
+#define TAG_TIED (1 << 20)
+
+static void *zalloc(int64_t n, size_t size)
+{
+    return calloc((size_t)(n > 0 ? n : 1), size);
+}
+
+static int tensor_decays(const mps_config *cfg, int t)
+{
+    if (t == MPS_TENSOR_WTE || t == MPS_TENSOR_WPE)
+        return 1;
+    if (t >= mps_tensor_lnfw(cfg))
+        return 0;
+    int slot = (t - 2) % MPS_TENSORS_PER_LAYER;
+    return slot == MPS_SLOT_QKVW || slot == MPS_SLOT_ATTPROJW || slot == MPS_SLOT_FCW || slot == MPS_SLOT_FCPROJW;
+}
+
+static int setup_tensor(mps_engine *e, int t, mps_err *err)
+{
+    mps_tparam *p = &e->t[t];
+    mps_tensor_spec_get(&e->cfg, t, &p->spec);
+    mps_geometry(&e->cfg, &e->L, e->rank, MPS_KIND_PARAM, t, &p->param);
+    if (!p->param.held)
+        return 0;
+    p->held = 1;
+    mps_geometry(&e->cfg, &e->L, e->rank, MPS_KIND_ADAM_M, t, &p->opt);
+    p->box_n = mps_box_numel(&p->param.box);
+    p->decay = tensor_decays(&e->cfg, t);
+    int64_t on = p->opt.flat_end - p->opt.flat_begin;
+    p->m = buf_new(e, on);
+    p->v = buf_new(e, on);
+    p->dp_counts = zalloc(e->L.dp, sizeof(int64_t));
+    p->dp_displs = zalloc(e->L.dp, sizeof(int64_t));
+    if (!p->m || !p->v || !p->dp_counts || !p->dp_displs)
+        return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for %s", e->rank, p->spec.name);
+    for (int d = 0; d < e->L.dp; d++) {
+        mps_piece q;
+        mps_geometry(&e->cfg, &e->L, mps_layout_rank(&e->L, e->me.pp, d, e->me.tp), MPS_KIND_ADAM_M, t, &q);
+        p->dp_displs[d] = q.flat_begin;
+        p->dp_counts[d] = q.flat_end - q.flat_begin;
+    }
+    if (e->L.zero >= 3) {
+        p->w_shard = buf_new(e, p->param.flat_end - p->param.flat_begin);
+        if (!p->w_shard)
+            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for %s", e->rank, p->spec.name);
+    } else if ((p->w = buf_new(e, p->box_n)) == NULL) {
+        return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for %s", e->rank, p->spec.name);
+    }
+    if (e->L.zero >= 1 && (p->g_shard = buf_new(e, on)) == NULL)
+        return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for %s", e->rank, p->spec.name);
+    return 0;
+}
+
+static int alloc_slot(mps_engine *e, mps_mb_slot *s)
+{
+    int64_t N = e->N, C = e->C;
+    s->inputs = e->be->alloc(e->be->ctx, (size_t)N * sizeof(int32_t));
+    s->targets = e->be->alloc(e->be->ctx, (size_t)N * sizeof(int32_t));
+    s->layers = zalloc(e->nlayers, sizeof *s->layers);
+    s->x_out = buf_new(e, N * C);
+    s->dx = buf_new(e, N * C);
+    if (!s->inputs || !s->targets || !s->layers || !s->x_out || !s->dx)
+        return -1;
+    for (int l = 0; l < e->nlayers; l++) {
+        mps_layer_acts *a = &s->layers[l];
+        float **bufs[] = { &a->x_in, &a->ln1, &a->ln1_mean, &a->ln1_rstd, &a->qkv, &a->atty, &a->lse,
+                           &a->x2, &a->ln2, &a->ln2_mean, &a->ln2_rstd, &a->fch, &a->gel };
+        int64_t sizes[] = { N * C, N * C, N, N, N * 3 * e->Cl, N * e->Cl, (int64_t)e->B * e->Hl * e->T,
+                            N * C, N * C, N, N, N * e->F, N * e->F };
+        for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+            if ((*bufs[i] = buf_new(e, sizes[i])) == NULL)
+                return -1;
+    }
+    return 0;
+}
+
+static void free_slot(mps_engine *e, mps_mb_slot *s)
+{
+    if (s->layers)
+        for (int l = 0; l < e->nlayers; l++) {
+            mps_layer_acts *a = &s->layers[l];
+            float *bufs[] = { a->x_in, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->lse,
+                              a->x2, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->gel };
+            for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+                buf_free(e, bufs[i]);
+        }
+    free(s->layers);
+    buf_free(e, s->inputs);
+    buf_free(e, s->targets);
+    buf_free(e, s->x_out);
+    buf_free(e, s->dx);
+}
+
+int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, const mps_backend *be,
+                   const mps_train_opts *o, mps_engine **out, mps_err *err)
+{
+    *out = NULL;
+    if (comm->size != mps_layout_world(L))
+        return mps_fail(err, MPS_EUSAGE, "--layout needs dp*pp*tp = %d processes but %d are running%s",
+                        mps_layout_world(L), comm->size, comm->size == 1 ? " (launch with mpirun -np N)" : "");
+    if (o->micro_batch < 1 || o->seq < 1 || o->global_batch < 1)
+        return mps_fail(err, MPS_EUSAGE, "--micro-batch, --seq and --global-batch must be positive");
+    if (o->seq > cfg->n_positions)
+        return mps_fail(err, MPS_EUSAGE, "--seq %d exceeds the model's n_positions %d", o->seq, cfg->n_positions);
+    if (o->global_batch % (o->micro_batch * L->dp) != 0)
+        return mps_fail(err, MPS_EUSAGE, "--global-batch %d must be a multiple of --micro-batch %d x dp %d",
+                        o->global_batch, o->micro_batch, L->dp);
+    if ((int64_t)o->micro_batch * o->seq * (int64_t)cfg->n_embd * 4 > INT32_MAX)
+        return mps_fail(err, MPS_EUSAGE, "--micro-batch %d x --seq %d is too large for the CPU backend",
+                        o->micro_batch, o->seq);
+    mps_engine *e = calloc(1, sizeof *e);
+    if (!e)
+        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    e->cfg = *cfg;
+    e->L = *L;
+    e->comm = comm;
+    e->be = be;
+    e->o = *o;
+    e->rank = comm->rank;
+    e->me = mps_layout_coords(L, e->rank);
+    e->first_layer = L->stage_first[e->me.pp];
+    e->nlayers = L->stage_first[e->me.pp + 1] - e->first_layer;
+    e->is_first = e->me.pp == 0;
+    e->is_last = e->me.pp == L->pp - 1;
+    e->B = o->micro_batch;
+    e->T = o->seq;
+    e->N = e->B * e->T;
+    e->C = cfg->n_embd;
+    e->hs = cfg->n_embd / cfg->n_head;
+    e->Hl = cfg->n_head / L->tp;
+    e->Cl = e->Hl * e->hs;
+    e->accum = o->global_batch / (o->micro_batch * L->dp);
+    e->ntensors = mps_tensor_count(cfg);
+    e->t = calloc((size_t)e->ntensors, sizeof *e->t);
+    if (!e->t) {
+        free(e);
+        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    }
+    *out = e;
+    for (int t = 0; t < e->ntensors; t++)
+        if (setup_tensor(e, t, err) != 0)
+            return -1;
+    /* the local sizes come from the geometry of this rank's pieces */
+    mps_piece p;
+    mps_geometry(cfg, L, e->rank, MPS_KIND_PARAM, mps_layer_tensor(e->first_layer, MPS_SLOT_FCW), &p);
+    e->F = (int)p.box.cnt[0];
+    mps_geometry(cfg, L, e->rank, MPS_KIND_PARAM, MPS_TENSOR_WTE, &p);
+    e->v0 = p.box.off[0];
+    e->Vl = p.box.cnt[0];
+    int64_t wide = e->C > e->F ? e->C : e->F;
+    if (3 * e->Cl > wide)
+        wide = 3 * e->Cl;
+    e->scratch_a = buf_new(e, (int64_t)e->N * wide);
+    e->scratch_b = buf_new(e, (int64_t)e->N * (e->C + 8));
+    e->logits = e->is_last ? buf_new(e, (int64_t)e->N * e->Vl) : NULL;
+    /* 1F1B keeps at most (stages after this one + 1) micro-batches in flight; GPipe all of them */
+    int inflight = L->pp - e->me.pp;
+    e->nslots = o->schedule == MPS_SCHED_GPIPE || inflight > e->accum ? e->accum : inflight;
+    e->slots = calloc((size_t)e->nslots, sizeof *e->slots);
+    e->send_x = calloc((size_t)e->accum, sizeof(float *));
+    e->send_dx = calloc((size_t)e->accum, sizeof(float *));
+    e->step_inputs = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
+    e->step_targets = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
+    if (!e->step_inputs || !e->step_targets || !e->scratch_a || !e->scratch_b || (e->is_last && !e->logits) ||
+        !e->slots || !e->send_x || !e->send_dx)
+        return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
+    for (int i = 0; i < e->nslots; i++)
+        if (alloc_slot(e, &e->slots[i]) != 0)
+            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
+    for (int i = 0; i < e->accum; i++) {
+        if (!e->is_last && (e->send_x[i] = buf_new(e, (int64_t)e->N * e->C)) == NULL)
+            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for pipeline buffers", e->rank);
+        if (!e->is_first && (e->send_dx[i] = buf_new(e, (int64_t)e->N * e->C)) == NULL)
+            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for pipeline buffers", e->rank);
+    }
+    return 0;
+}
+
+void mps_engine_free(mps_engine *e)
+{
+    if (!e)
+        return;
+    for (int t = 0; t < e->ntensors; t++) {
+        mps_tparam *p = &e->t[t];
+        buf_free(e, p->w);
+        buf_free(e, p->w_shard);
+        buf_free(e, p->g);
+        buf_free(e, p->g_shard);
+        buf_free(e, p->m);
+        buf_free(e, p->v);
+        free(p->dp_counts);
+        free(p->dp_displs);
+    }
+    free(e->t);
+    if (e->slots)
+        for (int i = 0; i < e->nslots; i++)
+            free_slot(e, &e->slots[i]);
+    free(e->slots);
+    for (int i = 0; e->send_x && i < e->accum; i++) {
+        buf_free(e, e->send_x[i]);
+        buf_free(e, e->send_dx[i]);
+    }
+    free(e->send_x);
+    free(e->send_dx);
+    buf_free(e, e->scratch_a);
+    buf_free(e, e->scratch_b);
+    buf_free(e, e->logits);
+    free(e->step_inputs);
+    free(e->step_targets);
+    free(e);
+}
+
+/* ---- weights and gradients ---- */
+
+int mps_weights_acquire(mps_engine *e, int tensor, float **w, mps_err *err)
+{
+    mps_tparam *p = &e->t[tensor];
+    if (e->L.zero < 3) {
+        *w = p->w;
+        return 0;
+    }
+    if (p->w_users++ == 0) {
+        /* ZeRO-3: gather the box from the DP group for the duration of the use */
+        if ((p->w = buf_new(e, p->box_n)) == NULL) {
+            p->w_users = 0;
+            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory gathering %s", e->rank, p->spec.name);
+        }
+        if (e->comm->allgather(e->comm->ctx, MPS_GROUP_DP, p->w_shard, p->w, p->dp_counts, p->dp_displs, err) != 0)
+            return mps_wrap(err, "gathering %s", p->spec.name);
+    }
+    *w = p->w;
+    return 0;
+}
+
+void mps_weights_release(mps_engine *e, int tensor)
+{
+    mps_tparam *p = &e->t[tensor];
+    if (e->L.zero < 3 || p->w_users == 0)
+        return;
+    if (--p->w_users == 0) {
+        buf_free(e, p->w);
+        p->w = NULL;
+    }
+}
+
+float *mps_grad(mps_engine *e, int tensor, mps_err *err)
+{
+    mps_tparam *p = &e->t[tensor];
+    if (!p->g && (p->g = buf_new(e, p->box_n)) == NULL)
+        mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for the gradient of %s", e->rank, p->spec.name);
+    return p->g;
+}
+
+/* ZeRO-2/3: after each micro-batch, the full gradients are reduce-scattered into the owned
+ * partitions and freed (ZeRO-1 does this once per step, ZeRO-0 all-reduces instead). */
+static int reduce_scatter_grads(mps_engine *e, int free_full, mps_err *err)
+{
+    for (int t = 0; t < e->ntensors; t++) {
+        mps_tparam *p = &e->t[t];
+        if (!p->held || !p->g)
+            continue;
+        int64_t on = p->opt.flat_end - p->opt.flat_begin;
+        float *tmp = buf_new(e, on);
+        if (!tmp)
+            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory reducing %s", e->rank, p->spec.name);
+        int rc = e->comm->reduce_scatter(e->comm->ctx, MPS_GROUP_DP, p->g, tmp, p->dp_counts, p->dp_displs, err);
+        if (rc == 0)
+            e->be->accumulate(e->be->ctx, p->g_shard, tmp, on);
+        buf_free(e, tmp);
+        if (rc != 0)
+            return mps_wrap(err, "reducing the gradient of %s", p->spec.name);
+        if (free_full) {
+            buf_free(e, p->g);
+            p->g = NULL;
+        } else {
+            buf_zero(e, p->g, p->box_n);
+        }
+    }
+    return 0;
+}
+
+/* ---- the schedule ---- */
+
+/* Replica d takes sequences [d * G/dp, (d + 1) * G/dp) of the step, in micro-batches of B: the
+ * step's batch is the same whatever the layout. Read before the schedule starts, so that a bad
+ * token stops every rank at the same point (all_ok) rather than leaving peers in a collective. */
+static int read_step_tokens(mps_engine *e, const mps_tokens *data, int64_t first_seq, mps_err *err)
+{
+    int per_replica = e->o.global_batch / e->L.dp;
+    int64_t first = first_seq + (int64_t)e->me.dp * per_replica;
+    for (int i = 0; i < per_replica; i++)
+        if (mps_tokens_read(data, first + i, e->step_inputs + (int64_t)i * e->T, e->step_targets + (int64_t)i * e->T,
+                            err) != 0)
+            return -1;
+    return 0;
+}
+
+static int load_batch(mps_engine *e, mps_mb_slot *s, int mb, mps_err *err)
+{
+    e->be->from_host(e->be->ctx, s->inputs, e->step_inputs + (int64_t)mb * e->N, (size_t)e->N * sizeof(int32_t));
+    e->be->from_host(e->be->ctx, s->targets, e->step_targets + (int64_t)mb * e->N, (size_t)e->N * sizeof(int32_t));
+    return e->be->sync(e->be->ctx, err);
+}
+
+static int stage_rank(const mps_engine *e, int stage)
+{
+    return mps_layout_rank(&e->L, stage, e->me.dp, e->me.tp);
+}
+
+static int forward_mb(mps_engine *e, int mb, mps_err *err)
+{
+    mps_mb_slot *s = &e->slots[mb % e->nslots];
+    if (load_batch(e, s, mb, err) != 0)
+        return -1;
+    int64_t n = (int64_t)e->N * e->C;
+    if (!e->is_first && e->comm->recv(e->comm->ctx, stage_rank(e, e->me.pp - 1), s->layers[0].x_in, n, TAG_FWD(mb),
+                                      err) != 0)
+        return -1;
+    if (mps_model_forward(e, s, err) != 0)
+        return -1;
+    if (!e->is_last) {
+        buf_copy(e, e->send_x[mb], s->x_out, n);
+        return e->comm->send(e->comm->ctx, stage_rank(e, e->me.pp + 1), e->send_x[mb], n, TAG_FWD(mb), err);
+    }
+    return 0;
+}
+
+static int backward_mb(mps_engine *e, int mb, mps_err *err)
+{
+    mps_mb_slot *s = &e->slots[mb % e->nslots];
+    int64_t n = (int64_t)e->N * e->C;
+    if (!e->is_last && e->comm->recv(e->comm->ctx, stage_rank(e, e->me.pp + 1), s->dx, n, TAG_BWD(mb), err) != 0)
+        return -1;
+    if (mps_model_backward(e, s, err) != 0)
+        return -1;
+    if (!e->is_first) {
+        buf_copy(e, e->send_dx[mb], s->dx, n);
+        if (e->comm->send(e->comm->ctx, stage_rank(e, e->me.pp - 1), e->send_dx[mb], n, TAG_BWD(mb), err) != 0)
+            return -1;
+    }
+    if (e->L.zero >= 2 && e->L.dp > 1)
+        return reduce_scatter_grads(e, 1, err);
+    return 0;
+}
+
+static int run_schedule(mps_engine *e, mps_err *err)
+{
+    int M = e->accum;
+    if (e->o.schedule == MPS_SCHED_GPIPE) {
+        for (int mb = 0; mb < M; mb++)
+            if (forward_mb(e, mb, err) != 0)
+                return -1;
+        for (int mb = 0; mb < M; mb++)
+            if (backward_mb(e, mb, err) != 0)
+                return -1;
+        return 0;
+    }
+    /* 1F1B: warm up with the forwards the later stages need, then alternate, then drain */
+    int warm = e->L.pp - e->me.pp - 1;
+    if (warm > M)
+        warm = M;
+    int fwd = 0, bwd = 0;
+    for (; fwd < warm; fwd++)
+        if (forward_mb(e, fwd, err) != 0)
+            return -1;
+    for (; fwd < M; fwd++, bwd++)
+        if (forward_mb(e, fwd, err) != 0 || backward_mb(e, bwd, err) != 0)
+            return -1;
+    for (; bwd < M; bwd++)
+        if (backward_mb(e, bwd, err) != 0)
+            return -1;
+    return 0;
+}
+
+/* The reduced gradient of tensor t over the optimizer's flat range. */
+static float *reduced_grad(mps_engine *e, mps_tparam *p)
+{
+    (void)e;
+    return e->L.zero == 0 ? p->g : p->g_shard;
+}
+
+static int reduce_grads(mps_engine *e, mps_err *err)
+{
+    /* every held tensor has a gradient buffer, even one no token touched */
+    for (int t = 0; t < e->ntensors; t++)
+        if (e->t[t].held && e->L.zero == 0 && !mps_grad(e, t, err))
+            return -1;
+    if (e->L.zero == 0 && e->L.dp > 1) {
+        for (int t = 0; t < e->ntensors; t++) {
+            mps_tparam *p = &e->t[t];
+            if (p->held && e->comm->allreduce_sum(e->comm->ctx, MPS_GROUP_DP, p->g, p->box_n, err) != 0)
+                return mps_wrap(err, "reducing the gradient of %s", p->spec.name);
+        }
+    } else if (e->L.zero >= 1) {
+        if (e->L.dp == 1) {
+            /* one replica: the partition is the whole box */
+            for (int t = 0; t < e->ntensors; t++) {
+                mps_tparam *p = &e->t[t];
+                if (p->held && p->g) {
+                    e->be->accumulate(e->be->ctx, p->g_shard, p->g, p->box_n);
+                    if (e->L.zero >= 2) {
+                        buf_free(e, p->g);
+                        p->g = NULL;
+                    } else {
+                        buf_zero(e, p->g, p->box_n);
+                    }
+                }
+            }
+        } else if (e->L.zero == 1 && reduce_scatter_grads(e, 0, err) != 0) {
+            return -1;
+        }
+    }
+    /* the tied head: the first and the last stage each hold wte; their gradients are summed */
+    if (e->L.pp > 1 && (e->is_first || e->is_last)) {
+        mps_tparam *p = &e->t[MPS_TENSOR_WTE];
+        int64_t n = e->L.zero == 0 ? p->box_n : p->opt.flat_end - p->opt.flat_begin;
+        float *mine = reduced_grad(e, p);
+        float *theirs = buf_new(e, n), *copy = buf_new(e, n);
+        if (!theirs || !copy) {
+            buf_free(e, theirs);
+            buf_free(e, copy);
+            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for the tied head", e->rank);
+        }
+        buf_copy(e, copy, mine, n);
+        int peer = stage_rank(e, e->is_first ? e->L.pp - 1 : 0);
+        int rc = e->comm->send(e->comm->ctx, peer, copy, n, TAG_TIED, err);
+        if (rc == 0)
+            rc = e->comm->recv(e->comm->ctx, peer, theirs, n, TAG_TIED, err);
+        if (rc == 0)
+            rc = e->comm->flush(e->comm->ctx, err);
+        /* the same order on both stages (first + last) keeps the two copies bit-identical */
+        if (rc == 0)
+            e->be->add(e->be->ctx, mine, e->is_first ? copy : theirs, e->is_first ? theirs : copy, n);
+        buf_free(e, theirs);
+        buf_free(e, copy);
+        if (rc != 0)
+            return mps_wrap(err, "summing the tied head's gradient");
+    }
+    return 0;
+}
+
+/* Global gradient norm: every distinct element counted once over the world. */
+static int grad_norm(mps_engine *e, double *out, mps_err *err)
+{
+    double sumsq = 0;
+    for (int t = 0; t < e->ntensors; t++) {
+        mps_tparam *p = &e->t[t];
+        if (!p->held)
+            continue;
+        if (t == MPS_TENSOR_WTE && e->L.pp > 1 && !e->is_first)
+            continue; /* the tied head's copy */
+        if (p->spec.tp_dim < 0 && e->me.tp != 0)
+            continue; /* replicated over TP */
+        if (e->L.zero == 0 && e->me.dp != 0)
+            continue; /* replicated over DP */
+        int64_t n = e->L.zero == 0 ? p->box_n : p->opt.flat_end - p->opt.flat_begin;
+        sumsq += e->be->sumsq(e->be->ctx, reduced_grad(e, p), n);
+    }
+    if (e->comm->allreduce_sum_f64(e->comm->ctx, MPS_GROUP_WORLD, &sumsq, 1, err) != 0)
+        return -1;
+    *out = sqrt(sumsq);
+    return 0;
+}
+
+float mps_engine_lr(const mps_train_opts *o, int64_t step)
+{
+    if (step < o->warmup)
+        return o->lr * (float)(step + 1) / (float)o->warmup;
+    if (o->decay_steps <= o->warmup || o->lr_min == o->lr)
+        return o->lr;
+    double progress = (double)(step - o->warmup) / (double)(o->decay_steps - o->warmup);
+    if (progress > 1)
+        progress = 1;
+    return (float)(o->lr_min + 0.5 * (1.0 + cos(M_PI * progress)) * (o->lr - o->lr_min));
+}
+
+static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scale, mps_err *err)
+{
+    for (int t = 0; t < e->ntensors; t++) {
+        mps_tparam *p = &e->t[t];
+        if (!p->held)
+            continue;
+        int64_t ob = p->opt.flat_begin, on = p->opt.flat_end - ob;
+        float *g = e->L.zero == 0 ? p->g : p->g_shard;
+        float *w = e->L.zero >= 3 ? p->w_shard : p->w + ob;
+        if (clip_scale != 1.0f)
+            e->be->scale(e->be->ctx, g, clip_scale, on);
+        e->be->adamw(e->be->ctx, w, g, p->m, p->v, on, lr, e->o.beta1, e->o.beta2, e->o.eps,
+                     p->decay ? e->o.weight_decay : 0.0f, step + 1);
+        buf_zero(e, g, on);
+        if (e->L.zero >= 1 && e->L.zero < 3 && e->L.dp > 1) {
+            /* ZeRO-1/2: every replica needs the whole updated box again */
+            float *mine = buf_new(e, on);
+            if (!mine)
+                return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory", e->rank);
+            buf_copy(e, mine, w, on);
+            int rc = e->comm->allgather(e->comm->ctx, MPS_GROUP_DP, mine, p->w, p->dp_counts, p->dp_displs, err);
+            buf_free(e, mine);
+            if (rc != 0)
+                return mps_wrap(err, "gathering the updated %s", p->spec.name);
+        }
+    }
+    return 0;
+}
+
+int mps_engine_grads(mps_engine *e, const mps_tokens *data, int64_t first_seq, double *loss, double *norm,
+                     mps_err *err)
+{
+    e->loss_sum = 0;
+    int ok = read_step_tokens(e, data, first_seq, err) == 0;
+    if (!e->comm->all_ok(e->comm->ctx, ok))
+        return ok ? mps_fail(err, MPS_ECORRUPT, "reading the step's tokens failed on another rank") : -1;
+    int rc = run_schedule(e, err);
+    if (rc == 0)
+        rc = e->comm->flush(e->comm->ctx, err);
+    if (rc == 0)
+        rc = reduce_grads(e, err);
+    if (rc == 0)
+        rc = grad_norm(e, norm, err);
+    double sum = e->is_last ? e->loss_sum : 0;
+    if (rc == 0)
+        rc = e->comm->allreduce_sum_f64(e->comm->ctx, MPS_GROUP_WORLD, &sum, 1, err);
+    *loss = sum / ((double)e->o.global_batch * e->T);
+    return rc;
+}
+
+int mps_engine_step(mps_engine *e, const mps_tokens *data, int64_t first_seq, int64_t step, mps_step_stats *stats,
+                    mps_err *err)
+{
+    double loss, norm;
+    if (mps_engine_grads(e, data, first_seq, &loss, &norm, err) != 0)
+        return -1;
+    float lr = mps_engine_lr(&e->o, step);
+    float clip = 1.0f;
+    if (e->o.grad_clip > 0 && norm > e->o.grad_clip)
+        clip = (float)(e->o.grad_clip / (norm + 1e-6));
+    if (optimizer_step(e, step, lr, clip, err) != 0 || e->be->sync(e->be->ctx, err) != 0)
+        return -1;
+    stats->loss = loss;
+    stats->grad_norm = norm;
+    stats->lr = lr;
+    return 0;
+}
+
+int64_t mps_engine_state_bytes(const mps_engine *e)
+{
+    int64_t n = 0;
+    for (int t = 0; t < e->ntensors; t++) {
+        const mps_tparam *p = &e->t[t];
+        if (!p->held)
+            continue;
+        int64_t on = p->opt.flat_end - p->opt.flat_begin;
+        n += (e->L.zero >= 3 ? p->param.flat_end - p->param.flat_begin : p->box_n) + 2 * on;
+        n += e->L.zero >= 1 ? on : p->box_n;
+    }
+    return n * 4;
+}

@@ -1,0 +1,104 @@
+/* Internals shared by engine.c (state, optimizer, schedule) and model.c (layer arithmetic). */
+#ifndef MPS_ENGINE_INTERNAL_H
+#define MPS_ENGINE_INTERNAL_H
+
+#include "backend.h"
+#include "engine.h"
+#include "geometry.h"
+
+/* One canonical tensor as this rank holds it. */
+typedef struct {
+    int held;
+    mps_tensor_spec spec;
+    mps_piece param;   /* PARAM piece: the TP/PP box, flat-sharded over DP at ZeRO-3 */
+    mps_piece opt;     /* ADAM_M piece: the optimizer's flat range of the box */
+    int64_t box_n;     /* elements of the box */
+    float *w;          /* (box_n) weights; at ZeRO-3 only while gathered for use */
+    float *w_shard;    /* ZeRO-3: param.flat_begin..flat_end */
+    int w_users;       /* ZeRO-3: acquire/release count of the gathered copy */
+    float *g;          /* (box_n) gradient accumulator; ZeRO-2/3: only while a micro-batch runs */
+    float *g_shard;    /* ZeRO >= 1: reduced gradient of opt's flat range */
+    float *m, *v;      /* Adam moments over opt's flat range */
+    int64_t *dp_counts, *dp_displs; /* the DP group's flat ranges of the box (ZeRO partition) */
+    int decay;         /* weight decay applies (matrices and embeddings, not biases or norms) */
+} mps_tparam;
+
+/* Activations one micro-batch keeps for its backward pass, per layer of the stage. */
+typedef struct {
+    float *x_in;             /* (N, C) layer input */
+    float *ln1, *ln1_mean, *ln1_rstd; /* (N, C), (N), (N) */
+    float *qkv;              /* (N, 3 * Cl) */
+    float *atty;             /* (N, Cl) */
+    float *lse;              /* (B, Hl, T) */
+    float *x2;               /* (N, C) after the attention residual */
+    float *ln2, *ln2_mean, *ln2_rstd;
+    float *fch;              /* (N, F) F = 4C / tp */
+    float *gel;              /* (N, F) */
+} mps_layer_acts;
+
+typedef struct {
+    int32_t *inputs, *targets; /* (N) */
+    mps_layer_acts *layers;    /* one per layer of the stage */
+    float *x_out;              /* (N, C) stage output (sent to the next stage) */
+    float *dx;                 /* (N, C) gradient flowing backward through the stage */
+} mps_mb_slot;
+
+struct mps_engine {
+    mps_config cfg;
+    mps_layout L;
+    mps_comm *comm;
+    const mps_backend *be;   /* where every tensor buffer below lives and which kernels run */
+    mps_train_opts o;
+    int rank;
+    mps_coords me;
+    int first_layer, nlayers, is_first, is_last;
+    int ntensors;
+    mps_tparam *t;           /* indexed by canonical tensor */
+    int B, T, N, C, Cl, Hl, hs, F; /* N = B*T rows; Cl = C/tp; Hl heads; F = 4C/tp */
+    int64_t v0, Vl;          /* this rank's vocab rows of wte */
+    int accum;               /* micro-batches per step on this replica */
+    int nslots;
+    mps_mb_slot *slots;
+    float **send_x, **send_dx; /* per micro-batch send buffers, valid until the step's flush */
+    float *scratch_a, *scratch_b; /* (N, max(C, F, 3Cl)) temporaries */
+    float *logits;           /* (N, Vl) last stage */
+    double loss_sum;         /* this step's summed token losses (last stage, TP part 0) */
+    int32_t *step_inputs, *step_targets; /* (accum, N): this replica's tokens of the step */
+};
+
+/* Buffers of the backend (device memory for CUDA): zeroed on allocation. */
+static inline float *buf_new(const mps_engine *e, int64_t n)
+{
+    return e->be->alloc(e->be->ctx, (size_t)(n > 0 ? n : 1) * sizeof(float));
+}
+static inline void buf_free(const mps_engine *e, void *p)
+{
+    if (p)
+        e->be->release(e->be->ctx, p);
+}
+static inline void buf_zero(const mps_engine *e, float *p, int64_t n)
+{
+    e->be->zero(e->be->ctx, p, (size_t)n * sizeof(float));
+}
+static inline void buf_copy(const mps_engine *e, float *dst, const float *src, int64_t n)
+{
+    e->be->copy(e->be->ctx, dst, src, (size_t)n * sizeof(float));
+}
+
+/* The first half of a step: forward and backward over the step's micro-batches, gradients reduced
+ * (zero 0: p->g over the box; ZeRO >= 1: p->g_shard over opt's range), the global norm and the mean
+ * loss; no update. mps_engine_step follows it with clipping and AdamW (tests call it alone). */
+int mps_engine_grads(mps_engine *e, const mps_tokens *data, int64_t first_seq, double *loss, double *norm,
+                     mps_err *err);
+
+/* model.c: one micro-batch through the stage. Forward stores activations in the slot (and, on the
+ * last stage, runs the head and its backward right away so that logits are never kept); backward
+ * takes slot->dx and accumulates parameter gradients. */
+int mps_model_forward(mps_engine *e, mps_mb_slot *s, mps_err *err);
+int mps_model_backward(mps_engine *e, mps_mb_slot *s, mps_err *err);
+/* engine.c: weights for use (ZeRO-3 gathers them over DP) and the gradient accumulator. */
+int mps_weights_acquire(mps_engine *e, int tensor, float **w, mps_err *err);
+void mps_weights_release(mps_engine *e, int tensor);
+float *mps_grad(mps_engine *e, int tensor, mps_err *err);
+
+#endif

@@ -1,0 +1,101 @@
+/* The engine's state to and from checkpoints: a rank loads its pieces from a checkpoint of any
+ * layout (the reader intersects boxes, so no offline reshard is needed) and writes the pieces it
+ * owns under its own layout. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_internal.h"
+#include "init.h"
+#include "reshard/load.h"
+
+int mps_engine_load(mps_engine *e, mps_ckpt *c, int threads, mps_err *err)
+{
+    const mps_manifest *m = mps_ckpt_manifest(c);
+    if (memcmp(&m->cfg, &e->cfg, sizeof e->cfg) != 0)
+        return mps_fail(err, MPS_EUSAGE, "%s: the checkpoint's model differs from the engine's", mps_ckpt_dir(c));
+    unsigned want = 1u << MPS_KIND_PARAM | 1u << MPS_KIND_MASTER | 1u << MPS_KIND_ADAM_M | 1u << MPS_KIND_ADAM_V;
+    mps_rank_state st;
+    if (mps_load_rank(c, &e->L, e->rank, want, threads, &st, err) != 0)
+        return -1;
+    int have_master = 0;
+    for (int pass = 0; pass < 2; pass++) /* param first, then master over it */
+        for (int i = 0; i < st.count; i++) {
+            mps_loaded_piece *lp = &st.pieces[i];
+            mps_tparam *p = &e->t[lp->tensor];
+            if ((pass == 0) != (lp->kind != MPS_KIND_MASTER) || !p->held)
+                continue;
+            int64_t fb = lp->piece.flat_begin, n = lp->piece.flat_end - fb;
+            float *dst = NULL;
+            switch (lp->kind) {
+            case MPS_KIND_PARAM:
+            case MPS_KIND_MASTER:
+                /* master (fp32) is partitioned like the optimizer state; where it exists it is
+                 * the exact value of the weights, param may be a bf16 rounding of it */
+                dst = e->L.zero >= 3 ? p->w_shard + (fb - p->param.flat_begin) : p->w + fb;
+                have_master |= lp->kind == MPS_KIND_MASTER;
+                break;
+            case MPS_KIND_ADAM_M: dst = p->m + (fb - p->opt.flat_begin); break;
+            case MPS_KIND_ADAM_V: dst = p->v + (fb - p->opt.flat_begin); break;
+            default: continue;
+            }
+            e->be->from_host(e->be->ctx, dst, lp->data, (size_t)n * sizeof(float));
+        }
+    mps_rank_state_free(&st);
+    if (e->be->sync(e->be->ctx, err) != 0)
+        return -1;
+    /* ZeRO-1/2 with master weights: each replica set only its partition from master; gather the rest */
+    if (have_master && e->L.zero >= 1 && e->L.zero < 3 && e->L.dp > 1)
+        for (int t = 0; t < e->ntensors; t++) {
+            mps_tparam *p = &e->t[t];
+            if (!p->held)
+                continue;
+            int64_t on = p->opt.flat_end - p->opt.flat_begin;
+            float *mine = buf_new(e, on);
+            if (!mine)
+                return mps_fail(err, MPS_ENOMEM, "out of memory");
+            buf_copy(e, mine, p->w + p->opt.flat_begin, on);
+            int rc = e->comm->allgather(e->comm->ctx, MPS_GROUP_DP, mine, p->w, p->dp_counts, p->dp_displs, err);
+            buf_free(e, mine);
+            if (rc != 0)
+                return -1;
+        }
+    return 0;
+}
+
+static int gather_state(void *ctx, int worker, mps_kind kind, int tensor, const mps_box *box, int64_t fb, int64_t fe,
+                        float *dst, mps_err *err)
+{
+    (void)worker; (void)box;
+    mps_engine *e = ctx;
+    mps_tparam *p = &e->t[tensor];
+    const float *src = NULL;
+    int64_t base = 0, end = 0;
+    switch (kind) {
+    case MPS_KIND_PARAM:
+        src = e->L.zero >= 3 ? p->w_shard : p->w;
+        base = e->L.zero >= 3 ? p->param.flat_begin : 0;
+        end = e->L.zero >= 3 ? p->param.flat_end : p->box_n;
+        break;
+    case MPS_KIND_ADAM_M:
+    case MPS_KIND_ADAM_V:
+        src = kind == MPS_KIND_ADAM_M ? p->m : p->v;
+        base = p->opt.flat_begin;
+        end = p->opt.flat_end;
+        break;
+    default: break;
+    }
+    if (!src || fb < base || fe > end)
+        return mps_fail(err, MPS_EFAIL, "rank %d does not hold %s %s [%lld, %lld)", e->rank, mps_kind_name(kind),
+                        p->spec.name, (long long)fb, (long long)fe);
+    e->be->to_host(e->be->ctx, dst, src + (fb - base), (size_t)(fe - fb) * sizeof(float));
+    return 0;
+}
+
+int mps_engine_write_shard(mps_engine *e, const char *dir, const mps_manifest *m, mps_err *err)
+{
+    mps_source src = { .ctx = e, .begin_tensor = mps_source_no_begin, .end_tensor = mps_source_no_end,
+                       .gather = gather_state };
+    mps_write_opts wo = { .threads = 2, .quiet = 1, .label = "save" };
+    int rank = e->rank;
+    return mps_write_shards(dir, m, &rank, 1, &src, &wo, err);
+}

@@ -1,0 +1,26 @@
+/* A fresh training state (`mpshard init`) and the trainer's saves. */
+#ifndef MPS_INIT_H
+#define MPS_INIT_H
+
+#include "ckpt.h"
+#include "engine.h"
+
+/* GPT-2 initialisation of canonical element `flat` of tensor `index`: N(0, 0.02) for weights and
+ * embeddings, N(0, 0.02 / sqrt(2 n_layer)) for the residual projections (attprojw, fcprojw), zero
+ * biases, unit layernorm weights, zero padded vocab rows. A pure function of (seed, tensor,
+ * element), so every layout initialises the same model. */
+float mps_init_value(const mps_config *cfg, const mps_tensor_spec *spec, uint64_t seed, int index, int64_t flat);
+/* Writes DIR: parameters initialised for seed, Adam moments zero, step 0. */
+int mps_init_write(const char *dir, const mps_config *cfg, const mps_layout *L, uint64_t seed, int force, int threads,
+                   int quiet, mps_err *err);
+
+/* mps_source callbacks for sources that need no per-tensor preparation (init, the trainer's saves). */
+int mps_source_no_begin(void *ctx, int tensor, mps_err *err);
+void mps_source_no_end(void *ctx, int tensor);
+
+/* Saves the engine's state as a checkpoint DIR of its layout: rank 0 stages and commits, every
+ * rank writes its own shard file. All ranks call it; all return the same status. */
+int mps_train_save(mps_engine *e, const char *dir, int64_t step, uint64_t rng_seed, int64_t data_position,
+                   const char *train_state_json, mps_err *err);
+
+#endif

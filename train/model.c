@@ -1,0 +1,226 @@
+/* GPT-2 arithmetic of one pipeline stage for one micro-batch, with Megatron-style tensor
+ * parallelism: the attention and MLP input projections are column-parallel (each TP rank computes
+ * its heads / its quarter of the MLP), the output projections row-parallel (partial sums, reduced
+ * over TP); the embedding and the tied head are vocab-parallel. Activations between blocks are
+ * replicated over the TP group. */
+#include <math.h>
+#include <string.h>
+
+#include "engine_internal.h"
+
+static int tp_sum(mps_engine *e, float *buf, int64_t n, mps_err *err)
+{
+    if (e->L.tp == 1)
+        return 0;
+    return e->comm->allreduce_sum(e->comm->ctx, MPS_GROUP_TP, buf, n, err);
+}
+
+static int tp_max(mps_engine *e, float *buf, int64_t n, mps_err *err)
+{
+    if (e->L.tp == 1)
+        return 0;
+    return e->comm->allreduce_max(e->comm->ctx, MPS_GROUP_TP, buf, n, err);
+}
+
+/* The layer's weights, gathered (ZeRO-3) for the duration of a forward or backward pass. */
+typedef struct {
+    float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
+} layer_weights;
+
+static int layer_acquire(mps_engine *e, int layer, layer_weights *lw, mps_err *err)
+{
+    float **dst[MPS_TENSORS_PER_LAYER] = { &lw->ln1w, &lw->ln1b, &lw->qkvw, &lw->qkvb, &lw->attprojw, &lw->attprojb,
+                                           &lw->ln2w, &lw->ln2b, &lw->fcw, &lw->fcb, &lw->fcprojw, &lw->fcprojb };
+    for (int s = 0; s < MPS_TENSORS_PER_LAYER; s++)
+        if (mps_weights_acquire(e, mps_layer_tensor(layer, s), dst[s], err) != 0) {
+            for (int r = 0; r < s; r++)
+                mps_weights_release(e, mps_layer_tensor(layer, r));
+            return -1;
+        }
+    return 0;
+}
+
+static void layer_release(mps_engine *e, int layer)
+{
+    for (int s = 0; s < MPS_TENSORS_PER_LAYER; s++)
+        mps_weights_release(e, mps_layer_tensor(layer, s));
+}
+
+static int layer_forward(mps_engine *e, int layer, mps_layer_acts *a, float *x_out, mps_err *err)
+{
+    layer_weights w;
+    if (layer_acquire(e, layer, &w, err) != 0)
+        return -1;
+    const int64_t N = e->N;
+    const int C = e->C, Cl = e->Cl, F = e->F;
+    float *proj = e->scratch_a; /* (N, C) partial sums of the row-parallel projections */
+    e->be->layernorm_fwd(e->be->ctx, a->ln1, a->ln1_mean, a->ln1_rstd, a->x_in, w.ln1w, w.ln1b, N, C);
+    e->be->matmul_fwd(e->be->ctx, a->qkv, a->ln1, w.qkvw, w.qkvb, N, C, 3 * Cl);
+    e->be->attention_fwd(e->be->ctx, a->atty, a->lse, a->qkv, e->B, e->T, e->Hl, e->hs);
+    e->be->matmul_fwd(e->be->ctx, proj, a->atty, w.attprojw, NULL, N, Cl, C);
+    int rc = tp_sum(e, proj, N * C, err);
+    if (rc == 0) {
+        /* the row-parallel bias is added once, after the reduction */
+        e->be->residual_bias(e->be->ctx, a->x2, a->x_in, proj, w.attprojb, N, C);
+        e->be->layernorm_fwd(e->be->ctx, a->ln2, a->ln2_mean, a->ln2_rstd, a->x2, w.ln2w, w.ln2b, N, C);
+        e->be->matmul_fwd(e->be->ctx, a->fch, a->ln2, w.fcw, w.fcb, N, C, F);
+        e->be->gelu_fwd(e->be->ctx, a->gel, a->fch, N * F);
+        e->be->matmul_fwd(e->be->ctx, proj, a->gel, w.fcprojw, NULL, N, F, C);
+        rc = tp_sum(e, proj, N * C, err);
+    }
+    if (rc == 0)
+        e->be->residual_bias(e->be->ctx, x_out, a->x2, proj, w.fcprojb, N, C);
+    layer_release(e, layer);
+    return rc;
+}
+
+/* dx (N, C): in: gradient at the layer output; out: gradient at the layer input. */
+static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, float *dx, mps_err *err)
+{
+    layer_weights w;
+    if (layer_acquire(e, layer, &w, err) != 0)
+        return -1;
+    const int64_t N = e->N;
+    const int C = e->C, Cl = e->Cl, F = e->F;
+    float *g[MPS_TENSORS_PER_LAYER];
+    for (int s = 0; s < MPS_TENSORS_PER_LAYER; s++)
+        if ((g[s] = mps_grad(e, mps_layer_tensor(layer, s), err)) == NULL) {
+            layer_release(e, layer);
+            return -1;
+        }
+    float *dbig = e->scratch_a;  /* (N, max(F, 3Cl)) */
+    float *dsmall = e->scratch_b; /* (N, C) */
+    int rc = 0;
+    /* MLP: x3 = x2 + gelu(ln2 @ fcw^T + fcb) @ fcprojw^T + fcprojb; dx is dx3 here and becomes dx2 */
+    e->be->bias_grad(e->be->ctx, g[MPS_SLOT_FCPROJB], dx, N, C);
+    buf_zero(e, dbig, N * F);
+    e->be->matmul_bwd(e->be->ctx, dbig, g[MPS_SLOT_FCPROJW], NULL, dx, a->gel, w.fcprojw, N, F, C);
+    /* dfch goes where gel was: gel is no longer needed, and no other (N, F) buffer is free */
+    float *dfch = a->gel;
+    buf_zero(e, dfch, N * F);
+    e->be->gelu_bwd(e->be->ctx, dfch, a->fch, dbig, N * F);
+    buf_zero(e, dsmall, N * C);
+    e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_FCW], g[MPS_SLOT_FCB], dfch, a->ln2, w.fcw, N, C, F);
+    rc = tp_sum(e, dsmall, N * C, err); /* ln2 feeds every TP part: its gradient is the sum */
+    if (rc == 0) {
+        e->be->layernorm_bwd(e->be->ctx, dx, g[MPS_SLOT_LN2W], g[MPS_SLOT_LN2B], dsmall, a->x2, w.ln2w, a->ln2_mean,
+                             a->ln2_rstd, N, C);
+        /* attention: x2 = x + (attention(ln1 @ qkvw^T + qkvb) @ attprojw^T) + attprojb */
+        e->be->bias_grad(e->be->ctx, g[MPS_SLOT_ATTPROJB], dx, N, C);
+        buf_zero(e, dsmall, N * Cl);
+        e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_ATTPROJW], NULL, dx, a->atty, w.attprojw, N, Cl, C);
+        buf_zero(e, dbig, N * 3 * Cl);
+        e->be->attention_bwd(e->be->ctx, dbig, dsmall, a->qkv, a->atty, a->lse, e->B, e->T, e->Hl, e->hs);
+        buf_zero(e, dsmall, N * C);
+        e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_QKVW], g[MPS_SLOT_QKVB], dbig, a->ln1, w.qkvw, N, C, 3 * Cl);
+        rc = tp_sum(e, dsmall, N * C, err);
+    }
+    if (rc == 0)
+        e->be->layernorm_bwd(e->be->ctx, dx, g[MPS_SLOT_LN1W], g[MPS_SLOT_LN1B], dsmall, a->x_in, w.ln1w, a->ln1_mean,
+                             a->ln1_rstd, N, C);
+    layer_release(e, layer);
+    return rc;
+}
+
+/* First stage: x (N, C) = wte[inputs] + wpe[positions]; wte is vocab-parallel. */
+static int embed_forward(mps_engine *e, mps_mb_slot *s, float *x, mps_err *err)
+{
+    float *wte, *wpe;
+    if (mps_weights_acquire(e, MPS_TENSOR_WTE, &wte, err) != 0)
+        return -1;
+    if (mps_weights_acquire(e, MPS_TENSOR_WPE, &wpe, err) != 0) {
+        mps_weights_release(e, MPS_TENSOR_WTE);
+        return -1;
+    }
+    e->be->embed_fwd(e->be->ctx, x, s->inputs, e->N, wte, e->v0, e->Vl, e->C);
+    int rc = tp_sum(e, x, (int64_t)e->N * e->C, err);
+    if (rc == 0)
+        e->be->pos_fwd(e->be->ctx, x, wpe, e->B, e->T, e->C);
+    mps_weights_release(e, MPS_TENSOR_WPE);
+    mps_weights_release(e, MPS_TENSOR_WTE);
+    return rc;
+}
+
+static int embed_backward(mps_engine *e, mps_mb_slot *s, const float *dx, mps_err *err)
+{
+    float *gwte = mps_grad(e, MPS_TENSOR_WTE, err), *gwpe = gwte ? mps_grad(e, MPS_TENSOR_WPE, err) : NULL;
+    if (!gwpe)
+        return -1;
+    e->be->embed_bwd(e->be->ctx, gwte, dx, s->inputs, e->N, e->v0, e->Vl, e->C);
+    e->be->pos_bwd(e->be->ctx, gwpe, dx, e->B, e->T, e->C);
+    return 0;
+}
+
+/* Last stage: ln_f, the tied head (vocab-parallel logits), cross-entropy, and right away the
+ * head's backward: dx (N, C) receives the gradient at the last layer's output. */
+static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, float *dx, mps_err *err)
+{
+    const int64_t N = e->N;
+    const int C = e->C;
+    int lnfw_t = mps_tensor_lnfw(&e->cfg), lnfb_t = mps_tensor_lnfb(&e->cfg);
+    float *wte, *lnfw, *lnfb;
+    if (mps_weights_acquire(e, MPS_TENSOR_WTE, &wte, err) != 0)
+        return -1;
+    if (mps_weights_acquire(e, lnfw_t, &lnfw, err) != 0 || mps_weights_acquire(e, lnfb_t, &lnfb, err) != 0) {
+        mps_weights_release(e, MPS_TENSOR_WTE);
+        return -1; /* (at ZeRO-3 a failed gather aborts the run; the partial acquire is not undone) */
+    }
+    float *gwte = mps_grad(e, MPS_TENSOR_WTE, err), *glnfw = mps_grad(e, lnfw_t, err), *glnfb = mps_grad(e, lnfb_t, err);
+    int rc = (gwte && glnfw && glnfb) ? 0 : -1;
+    float *xf = e->scratch_a, *mean = e->scratch_b, *rstd = e->scratch_b + N;
+    float *rowmax = e->scratch_b + 2 * N, *sumexp = e->scratch_b + 3 * N, *tlogit = e->scratch_b + 4 * N;
+    float *dxf = e->scratch_b + 5 * N; /* (N, C) */
+    if (rc == 0) {
+        e->be->layernorm_fwd(e->be->ctx, xf, mean, rstd, x, lnfw, lnfb, N, C);
+        e->be->matmul_fwd(e->be->ctx, e->logits, xf, wte, NULL, N, C, (int)e->Vl);
+        e->be->xent_rowmax(e->be->ctx, rowmax, e->logits, N, e->Vl, e->v0, e->cfg.vocab);
+        rc = tp_max(e, rowmax, N, err);
+    }
+    if (rc == 0) {
+        e->be->xent_sumexp(e->be->ctx, sumexp, e->logits, rowmax, N, e->Vl, e->v0, e->cfg.vocab);
+        e->be->xent_target(e->be->ctx, tlogit, e->logits, s->targets, N, e->Vl, e->v0);
+        /* one reduction for both: sumexp and tlogit lie next to each other */
+        rc = tp_sum(e, sumexp, 2 * N, err);
+    }
+    if (rc == 0) {
+        if (e->me.tp == 0)
+            e->loss_sum += e->be->xent_loss_sum(e->be->ctx, rowmax, sumexp, tlogit, N);
+        float scale = 1.0f / ((float)e->o.global_batch * (float)e->T);
+        e->be->xent_bwd(e->be->ctx, e->logits, e->logits, s->targets, rowmax, sumexp, scale, N, e->Vl, e->v0, e->cfg.vocab);
+        buf_zero(e, dxf, N * C);
+        e->be->matmul_bwd(e->be->ctx, dxf, gwte, NULL, e->logits, xf, wte, N, C, (int)e->Vl);
+        rc = tp_sum(e, dxf, N * C, err);
+    }
+    if (rc == 0) {
+        buf_zero(e, dx, N * C);
+        e->be->layernorm_bwd(e->be->ctx, dx, glnfw, glnfb, dxf, x, lnfw, mean, rstd, N, C);
+    }
+    mps_weights_release(e, lnfb_t);
+    mps_weights_release(e, lnfw_t);
+    mps_weights_release(e, MPS_TENSOR_WTE);
+    return rc;
+}
+
+int mps_model_forward(mps_engine *e, mps_mb_slot *s, mps_err *err)
+{
+    if (e->is_first && embed_forward(e, s, s->layers[0].x_in, err) != 0)
+        return -1;
+    for (int l = 0; l < e->nlayers; l++) {
+        float *out = l + 1 < e->nlayers ? s->layers[l + 1].x_in : s->x_out;
+        if (layer_forward(e, e->first_layer + l, &s->layers[l], out, err) != 0)
+            return -1;
+    }
+    if (e->is_last)
+        return head_forward_backward(e, s, s->x_out, s->dx, err);
+    return 0;
+}
+
+int mps_model_backward(mps_engine *e, mps_mb_slot *s, mps_err *err)
+{
+    for (int l = e->nlayers - 1; l >= 0; l--)
+        if (layer_backward(e, e->first_layer + l, &s->layers[l], s->dx, err) != 0)
+            return -1;
+    if (e->is_first)
+        return embed_backward(e, s, s->dx, err);
+    return 0;
+}
