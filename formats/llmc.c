@@ -55,9 +55,18 @@ int mps_llmc_open(mps_model_file *f, const mps_model_file_opts *opts, mps_err *e
                         (long long)opts->padded_vocab, path, h[7]);
     f->dtype = dtype;
 
-    /* Validated limits keep every product below 2^62 elements. */
+    /* Validated limits keep every product below 2^62 elements. The size the header implies is
+     * checked against the file's before the tensor table is allocated: a header claiming a huge L
+     * costs nothing. Per layer: 12 C^2 (qkvw 3, attprojw 1, fcw 4, fcprojw 4) + 13 C (biases, norms). */
     size_t es = mps_dtype_size(dtype);
-    int64_t L = cfg->n_layer;
+    int64_t L = cfg->n_layer, C = cfg->n_embd;
+    int64_t implied = LLMC_HEADER_BYTES + (int64_t)es * (cfg->padded_vocab * C + (int64_t)cfg->n_positions * C +
+                                                         L * (12 * C * C + 13 * C) + 2 * C);
+    if (implied != f->file_size)
+        return mps_fail(err, MPS_ECORRUPT, "%s: file is %lld bytes but its header (L=%d, C=%d, Vp=%d, maxT=%d, %s) "
+                        "implies %lld (%s)", path, (long long)f->file_size, h[4], h[6], h[7], h[2],
+                        mps_dtype_name(dtype), (long long)implied,
+                        f->file_size < implied ? "truncated" : "trailing bytes");
     f->nsrc = mps_tensor_count(cfg);
     f->src = calloc((size_t)f->nsrc, sizeof *f->src);
     if (f->src == NULL)
@@ -94,10 +103,9 @@ int mps_llmc_open(mps_model_file *f, const mps_model_file_opts *opts, mps_err *e
         s->numel = mps_tensor_numel(&spec);
         off += s->numel * (int64_t)es;
     }
-    if (off != f->file_size)
-        return mps_fail(err, MPS_ECORRUPT, "%s: file is %lld bytes but its header (L=%d, C=%d, Vp=%d, maxT=%d, %s) "
-                        "implies %lld (%s)", path, (long long)f->file_size, h[4], h[6], h[7], h[2],
-                        mps_dtype_name(dtype), (long long)off, f->file_size < off ? "truncated" : "trailing bytes");
+    if (off != implied) /* the closed form above and the walk must agree */
+        return mps_fail(err, MPS_EFAIL, "%s: internal: tensor table ends at %lld, expected %lld", path, (long long)off,
+                        (long long)implied);
     return 0;
 }
 
