@@ -5,6 +5,8 @@ set -e
 # for a clang configure): the fuzz targets of tests/fuzz, run briefly by the suite (fuzz.short).
 PKGS="cmake make gcc libhdf5-dev libzstd-dev libopenmpi-dev openmpi-bin libjansson-dev libxxhash-dev hdf5-tools jq"
 PKGS="$PKGS clang libclang-rt-14-dev libomp-dev"
+# strace: the crash test kills on entry to each commit system call (tests/cli/crash.sh; SKIP without it)
+PKGS="$PKGS strace"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
