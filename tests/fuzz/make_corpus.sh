@@ -67,9 +67,8 @@ w("safetensors/empty_config", st_input(b"", model))
 
 # llm.c: a header claiming huge sizes
 ll = bytearray(open(f"{T}/ll/model_00000000.bin", "rb").read())
-# (not L=100000: mps_llmc_open sizes its tables from L before it checks the file size, which
-# takes a second per input; the suite's hostile test covers it)
-for name, field, value in (("huge_V", 3, 1 << 30), ("huge_Vp", 7, 1 << 30), ("negative_C", 6, -4)):
+for name, field, value in (("huge_L", 4, 100000), ("huge_V", 3, 1 << 30), ("huge_Vp", 7, 1 << 30),
+                           ("negative_C", 6, -4)):
     b = bytearray(ll); struct.pack_into("<i", b, 4 * field, value); w(f"llmc/{name}", bytes(b))
 w("llmc/header_only", bytes(ll[:1024]))
 
