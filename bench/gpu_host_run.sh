@@ -13,5 +13,9 @@ for what in "$@"; do
     tests) (cd build && ctest -j 8 --output-on-failure 2>&1 | tail -15) ;;
     shard) bash bench/shard_bench.sh /tmp/sbench 2>&1 | tee "$OUT/shard_bench.txt" ;;
     reshard) bash bench/reshard_bench.sh /tmp/rbench 2>&1 | tee "$OUT/reshard_bench.txt" ;;
+    gpuunit) MPS_TEST_BENCH=1 build/test_backend_cuda 2>&1 | tee "$OUT/gpuunit.txt" | grep -vE "^ *ok" | tail -60 ;;
+    gputrain) MPSHARD=build/mpshard bash tests/gpu/train_gpu.sh /tmp/gputest 2>&1 | tee "$OUT/gputrain.txt" | tail -40 ;;
+    trainbench) MPSHARD=build/mpshard SHARED="${SHARED:-../shared}/bench" bash bench/train_bench.sh /tmp/tbench 2>&1 \
+      | tee "$OUT/trainbench.txt" | tail -20 ;;
   esac
 done
