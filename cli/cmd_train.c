@@ -223,7 +223,9 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int train(train_args *a, mps_comm *comm, const mps_backend *be, int comm_on_device, mps_err *err)
+/* L: the run's layout, parsed by read_layout() against the checkpoint's model */
+static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const mps_backend *be, int comm_on_device,
+                 mps_err *err)
 {
     char ckdir[4200];
     if (resolve_ckpt(a->ckpt, ckdir, sizeof ckdir, err) != 0)
@@ -249,11 +251,7 @@ static int train(train_args *a, mps_comm *comm, const mps_backend *be, int comm_
                             (long long)cfg.vocab, cfg.n_positions, a->model ? a->model : "--config");
         }
     }
-    mps_layout L;
-    if (mps_layout_parse(a->layout, &cfg, &L, err) != 0) {
-        mps_ckpt_close(ck);
-        return -1;
-    }
+    mps_layout L = *layout;
     if (!a->o.global_batch)
         a->o.global_batch = a->o.micro_batch * L.dp;
     mps_tokens *data = NULL;
@@ -415,7 +413,7 @@ int cmd_train(int argc, char **argv)
         use_nccl = rc == 0;
     }
     if (rc == 0)
-        rc = train(&a, use_nccl ? &nccl : &comm, &be, use_nccl, &err);
+        rc = train(&a, &L, use_nccl ? &nccl : &comm, &be, use_nccl, &err);
     if (use_nccl)
         cli_comm_nccl_free(&nccl);
     be.destroy(be.ctx);

@@ -290,6 +290,20 @@ static int reduce_scatter_grads(mps_engine *e, int free_full, mps_err *err)
     return 0;
 }
 
+/* ZeRO-1/2: each replica holds the whole box but owns (updates, or loads from master) only its
+ * partition; the box is rebuilt from every replica's partition. */
+int mps_gather_box(mps_engine *e, mps_tparam *p, mps_err *err)
+{
+    int64_t on = p->opt.flat_end - p->opt.flat_begin;
+    float *mine = buf_new(e, on);
+    if (!mine)
+        return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory gathering %s", e->rank, p->spec.name);
+    buf_copy(e, mine, p->w + p->opt.flat_begin, on);
+    int rc = e->comm->allgather(e->comm->ctx, MPS_GROUP_DP, mine, p->w, p->dp_counts, p->dp_displs, err);
+    buf_free(e, mine);
+    return rc != 0 ? mps_wrap(err, "gathering %s over DP", p->spec.name) : 0;
+}
+
 /* ---- the schedule ---- */
 
 /* Replica d takes sequences [d * G/dp, (d + 1) * G/dp) of the step, in micro-batches of B: the
@@ -499,17 +513,8 @@ static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scal
         e->be->adamw(e->be->ctx, w, g, p->m, p->v, on, lr, e->o.beta1, e->o.beta2, e->o.eps,
                      p->decay ? e->o.weight_decay : 0.0f, step + 1);
         buf_zero(e, g, on);
-        if (e->L.zero >= 1 && e->L.zero < 3 && e->L.dp > 1) {
-            /* ZeRO-1/2: every replica needs the whole updated box again */
-            float *mine = buf_new(e, on);
-            if (!mine)
-                return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory", e->rank);
-            buf_copy(e, mine, w, on);
-            int rc = e->comm->allgather(e->comm->ctx, MPS_GROUP_DP, mine, p->w, p->dp_counts, p->dp_displs, err);
-            buf_free(e, mine);
-            if (rc != 0)
-                return mps_wrap(err, "gathering the updated %s", p->spec.name);
-        }
+        if (e->L.zero >= 1 && e->L.zero < 3 && e->L.dp > 1 && mps_gather_box(e, p, err) != 0)
+            return -1;
     }
     return 0;
 }

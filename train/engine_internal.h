@@ -100,5 +100,7 @@ int mps_model_backward(mps_engine *e, mps_mb_slot *s, mps_err *err);
 int mps_weights_acquire(mps_engine *e, int tensor, float **w, mps_err *err);
 void mps_weights_release(mps_engine *e, int tensor);
 float *mps_grad(mps_engine *e, int tensor, mps_err *err);
+/* ZeRO-1/2: rebuilds p->w from every DP replica's partition (opt's flat range) of it. */
+int mps_gather_box(mps_engine *e, mps_tparam *p, mps_err *err);
 
 #endif

@@ -45,20 +45,9 @@ int mps_engine_load(mps_engine *e, mps_ckpt *c, int threads, mps_err *err)
         return -1;
     /* ZeRO-1/2 with master weights: each replica set only its partition from master; gather the rest */
     if (have_master && e->L.zero >= 1 && e->L.zero < 3 && e->L.dp > 1)
-        for (int t = 0; t < e->ntensors; t++) {
-            mps_tparam *p = &e->t[t];
-            if (!p->held)
-                continue;
-            int64_t on = p->opt.flat_end - p->opt.flat_begin;
-            float *mine = buf_new(e, on);
-            if (!mine)
-                return mps_fail(err, MPS_ENOMEM, "out of memory");
-            buf_copy(e, mine, p->w + p->opt.flat_begin, on);
-            int rc = e->comm->allgather(e->comm->ctx, MPS_GROUP_DP, mine, p->w, p->dp_counts, p->dp_displs, err);
-            buf_free(e, mine);
-            if (rc != 0)
+        for (int t = 0; t < e->ntensors; t++)
+            if (e->t[t].held && mps_gather_box(e, &e->t[t], err) != 0)
                 return -1;
-        }
     return 0;
 }
 
