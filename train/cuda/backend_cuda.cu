@@ -136,6 +136,28 @@ static void cuda_from_host(void *ctx, void *dst, const void *host, size_t bytes)
         cu_check(c, cudaStreamSynchronize(c->stream), "from_host: synchronize");
 }
 
+static void *cuda_alloc_host(void *ctx, size_t bytes)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    void *p = NULL;
+    if (use_device(c, "alloc_host") != 0)
+        return NULL;
+    /* pinned: device-to-host copies run at the link's rate and need no staging copy */
+    if (cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocDefault) != cudaSuccess) {
+        cudaGetLastError(); /* an allocation failure is the caller's to report, not a sticky error */
+        return NULL;
+    }
+    memset(p, 0, bytes);
+    return p;
+}
+
+static void cuda_release_host(void *ctx, void *p)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (p)
+        cu_check(c, cudaFreeHost(p), "release_host");
+}
+
 static int cuda_sync(void *ctx, mps_err *err)
 {
     mps_cuda *c = (mps_cuda *)ctx;
@@ -262,6 +284,8 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     b.copy = cuda_copy;
     b.to_host = cuda_to_host;
     b.from_host = cuda_from_host;
+    b.alloc_host = cuda_alloc_host;
+    b.release_host = cuda_release_host;
     b.sync = cuda_sync;
     b.embed_fwd = cu_embed_fwd;
     b.embed_bwd = cu_embed_bwd;
