@@ -36,32 +36,42 @@ typedef struct mps_backend {
                       int64_t Vl, int C);
     void (*pos_fwd)(void *ctx, float *x, const float *wpe, int B, int T, int C);
     void (*pos_bwd)(void *ctx, float *dwpe, const float *dx, int B, int T, int C);
-    void (*layernorm_fwd)(void *ctx, float *out, float *mean, float *rstd, const float *inp, const float *w,
+    /* Activations that only matrix products read ("GEMM operands": the layernorm outputs, the attention
+     * output, the GELU output, and the gradients dqkv, dfch and dlogits that only the backward
+     * products read) are kept in the backend's operand format: act_bytes per element, fp32 on the
+     * CPU (4), bf16 on CUDA (2), so that the GPU rounds each once where it is made instead of at
+     * every product. The engine sizes them with act_bytes and passes them as void *; it never reads
+     * them. A kernel that writes such a buffer OVERWRITES it (no += there). */
+    int act_bytes;
+    void (*layernorm_fwd)(void *ctx, void *out_act, float *mean, float *rstd, const float *inp, const float *w,
                           const float *b, int64_t N, int C);
     void (*layernorm_bwd)(void *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
                           const float *w, const float *mean, const float *rstd, int64_t N, int C);
-    void (*matmul_fwd)(void *ctx, float *out, const float *inp, const float *w, const float *bias, int64_t N, int C,
+    void (*matmul_fwd)(void *ctx, float *out, const void *inp_act, const float *w, const float *bias, int64_t N, int C,
                        int OC);
-    void (*matmul_bwd)(void *ctx, float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
-                       const float *w, int64_t N, int C, int OC);
-    void (*attention_fwd)(void *ctx, float *out, float *lse, const float *qkv, int B, int T, int H, int hs);
-    void (*attention_bwd)(void *ctx, float *dqkv, const float *dout, const float *qkv, const float *out,
+    /* dout is an operand buffer when dout_act, else fp32 */
+    void (*matmul_bwd)(void *ctx, float *dinp, float *dw, float *dbias, const void *dout, int dout_act,
+                       const void *inp_act, const float *w, int64_t N, int C, int OC);
+    void (*attention_fwd)(void *ctx, void *out_act, float *lse, const float *qkv, int B, int T, int H, int hs);
+    void (*attention_bwd)(void *ctx, void *dqkv_act, const float *dout, const float *qkv, const void *out_act,
                           const float *lse, int B, int T, int H, int hs);
-    void (*gelu_fwd)(void *ctx, float *out, const float *inp, int64_t n);
-    void (*gelu_bwd)(void *ctx, float *dinp, const float *inp, const float *dout, int64_t n);
-    /* out (N, C) = a + b + bias (C) broadcast over rows (the residual after a row-parallel projection) */
+    void (*gelu_fwd)(void *ctx, void *out_act, const float *inp, int64_t n);
+    void (*gelu_bwd)(void *ctx, void *dinp_act, const float *inp, const float *dout, int64_t n);
     void (*residual_bias)(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
     /* db (C) += column sums of dout (N, C) */
     void (*bias_grad)(void *ctx, float *db, const float *dout, int64_t N, int C);
     void (*add)(void *ctx, float *out, const float *a, const float *b, int64_t n);
     void (*accumulate)(void *ctx, float *dst, const float *src, int64_t n);
     void (*scale)(void *ctx, float *x, float s, int64_t n);
-    void (*xent_rowmax)(void *ctx, float *rowmax, const float *logits, int64_t N, int64_t Vl, int64_t v0, int64_t V);
-    void (*xent_sumexp)(void *ctx, float *sumexp, const float *logits, const float *gmax, int64_t N, int64_t Vl,
-                        int64_t v0, int64_t V);
-    void (*xent_target)(void *ctx, float *tlogit, const float *logits, const int32_t *targets, int64_t N, int64_t Vl,
-                        int64_t v0);
-    void (*xent_bwd)(void *ctx, float *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+    /* Cross-entropy over this rank's vocab slice in one pass over the logits (N, Vl): per row the
+     * local max over real ids (-INFINITY if none), the sum of exp(logit - local max), and the target's
+     * logit (0 when another rank owns it). Under TP the engine takes the group's max and calls
+     * xent_rescale (sumexp *= exp(rowmax - gmax)) before summing sumexp and tlogit over the group. */
+    void (*xent_stats)(void *ctx, float *rowmax, float *sumexp, float *tlogit, const float *logits,
+                       const int32_t *targets, int64_t N, int64_t Vl, int64_t v0, int64_t V);
+    void (*xent_rescale)(void *ctx, float *sumexp, const float *rowmax, const float *gmax, int64_t N);
+    /* dlogits (operand buffer) = scale * (softmax - onehot(target)), 0 on padded ids */
+    void (*xent_bwd)(void *ctx, void *dlogits_act, const float *logits, const int32_t *targets, const float *gmax,
                      const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
     /* host result: sum over rows of log(sumexp) + gmax - tlogit */
     double (*xent_loss_sum)(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);

@@ -27,7 +27,7 @@ static void embed_bwd(void *c, float *dwte, const float *dout, const int32_t *to
 }
 static void pos_fwd(void *c, float *x, const float *wpe, int B, int T, int C) { (void)c; op_pos_fwd(x, wpe, B, T, C); }
 static void pos_bwd(void *c, float *d, const float *dx, int B, int T, int C) { (void)c; op_pos_bwd(d, dx, B, T, C); }
-static void ln_fwd(void *c, float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+static void ln_fwd(void *c, void *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
                    int64_t N, int C)
 {
     (void)c;
@@ -39,32 +39,34 @@ static void ln_bwd(void *c, float *dinp, float *dw, float *db, const float *dout
     (void)c;
     op_layernorm_bwd(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
 }
-static void mm_fwd(void *c, float *out, const float *inp, const float *w, const float *bias, int64_t N, int C, int OC)
+static void mm_fwd(void *c, float *out, const void *inp, const float *w, const float *bias, int64_t N, int C, int OC)
 {
     (void)c;
     op_matmul_fwd(out, inp, w, bias, N, C, OC);
 }
-static void mm_bwd(void *c, float *dinp, float *dw, float *dbias, const float *dout, const float *inp, const float *w,
-                   int64_t N, int C, int OC)
+static void mm_bwd(void *c, float *dinp, float *dw, float *dbias, const void *dout, int dout_act, const void *inp,
+                   const float *w, int64_t N, int C, int OC)
 {
-    (void)c;
+    (void)c; (void)dout_act; /* operand buffers are fp32 here */
     op_matmul_bwd(dinp, dw, dbias, dout, inp, w, N, C, OC);
 }
-static void att_fwd(void *c, float *out, float *lse, const float *qkv, int B, int T, int H, int hs)
+static void att_fwd(void *c, void *out, float *lse, const float *qkv, int B, int T, int H, int hs)
 {
     (void)c;
     op_attention_fwd(out, lse, qkv, B, T, H, hs);
 }
-static void att_bwd(void *c, float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+static void att_bwd(void *c, void *dqkv, const float *dout, const float *qkv, const void *out, const float *lse,
                     int B, int T, int H, int hs)
 {
     (void)c;
+    memset(dqkv, 0, sizeof(float) * (size_t)B * T * 3 * H * hs); /* the op accumulates; the table overwrites */
     op_attention_bwd(dqkv, dout, qkv, out, lse, B, T, H, hs);
 }
-static void gelu_fwd(void *c, float *out, const float *inp, int64_t n) { (void)c; op_gelu_fwd(out, inp, n); }
-static void gelu_bwd(void *c, float *d, const float *inp, const float *dout, int64_t n)
+static void gelu_fwd(void *c, void *out, const float *inp, int64_t n) { (void)c; op_gelu_fwd(out, inp, n); }
+static void gelu_bwd(void *c, void *d, const float *inp, const float *dout, int64_t n)
 {
     (void)c;
+    memset(d, 0, sizeof(float) * (size_t)n); /* the op accumulates; the table overwrites */
     op_gelu_bwd(d, inp, dout, n);
 }
 
@@ -93,24 +95,21 @@ static void bias_grad(void *c, float *db, const float *dout, int64_t N, int C)
 static void add(void *c, float *out, const float *a, const float *b, int64_t n) { (void)c; op_add(out, a, b, n); }
 static void accumulate(void *c, float *d, const float *s, int64_t n) { (void)c; op_accumulate(d, s, n); }
 static void scale(void *c, float *x, float s, int64_t n) { (void)c; op_scale(x, s, n); }
-static void xent_rowmax(void *c, float *rowmax, const float *logits, int64_t N, int64_t Vl, int64_t v0, int64_t V)
+static void xent_stats(void *c, float *rowmax, float *sumexp, float *tlogit, const float *logits,
+                       const int32_t *targets, int64_t N, int64_t Vl, int64_t v0, int64_t V)
 {
     (void)c;
     op_xent_rowmax(rowmax, logits, N, Vl, v0, V);
-}
-static void xent_sumexp(void *c, float *sumexp, const float *logits, const float *gmax, int64_t N, int64_t Vl,
-                        int64_t v0, int64_t V)
-{
-    (void)c;
-    op_xent_sumexp(sumexp, logits, gmax, N, Vl, v0, V);
-}
-static void xent_target(void *c, float *tlogit, const float *logits, const int32_t *targets, int64_t N, int64_t Vl,
-                        int64_t v0)
-{
-    (void)c;
+    op_xent_sumexp(sumexp, logits, rowmax, N, Vl, v0, V);
     op_xent_target(tlogit, logits, targets, N, Vl, v0);
 }
-static void xent_bwd(void *c, float *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+static void xent_rescale(void *c, float *sumexp, const float *rowmax, const float *gmax, int64_t N)
+{
+    (void)c;
+    for (int64_t i = 0; i < N; i++)
+        sumexp[i] = rowmax[i] == -INFINITY ? 0.0f : sumexp[i] * expf(rowmax[i] - gmax[i]);
+}
+static void xent_bwd(void *c, void *dlogits, const float *logits, const int32_t *targets, const float *gmax,
                      const float *gsumexp, float s, int64_t N, int64_t Vl, int64_t v0, int64_t V)
 {
     (void)c;
@@ -142,7 +141,7 @@ void mps_backend_cpu(mps_backend *out)
         .layernorm_fwd = ln_fwd, .layernorm_bwd = ln_bwd, .matmul_fwd = mm_fwd, .matmul_bwd = mm_bwd,
         .attention_fwd = att_fwd, .attention_bwd = att_bwd, .gelu_fwd = gelu_fwd, .gelu_bwd = gelu_bwd,
         .residual_bias = residual_bias, .bias_grad = bias_grad, .add = add, .accumulate = accumulate,
-        .scale = scale, .xent_rowmax = xent_rowmax, .xent_sumexp = xent_sumexp, .xent_target = xent_target,
+        .scale = scale, .xent_stats = xent_stats, .xent_rescale = xent_rescale, .act_bytes = sizeof(float),
         .xent_bwd = xent_bwd, .xent_loss_sum = xent_loss_sum, .adamw = adamw, .sumsq = sumsq,
         .destroy = cpu_destroy,
     };

@@ -74,12 +74,16 @@ static int alloc_slot(mps_engine *e, mps_mb_slot *s)
         return -1;
     for (int l = 0; l < e->nlayers; l++) {
         mps_layer_acts *a = &s->layers[l];
-        float **bufs[] = { &a->x_in, &a->ln1, &a->ln1_mean, &a->ln1_rstd, &a->qkv, &a->atty, &a->lse,
-                           &a->x2, &a->ln2, &a->ln2_mean, &a->ln2_rstd, &a->fch, &a->gel };
-        int64_t sizes[] = { N * C, N * C, N, N, N * 3 * e->Cl, N * e->Cl, (int64_t)e->B * e->Hl * e->T,
-                            N * C, N * C, N, N, N * e->F, N * e->F };
+        float **bufs[] = { &a->x_in, &a->ln1_mean, &a->ln1_rstd, &a->qkv, &a->lse, &a->x2, &a->ln2_mean,
+                           &a->ln2_rstd, &a->fch };
+        int64_t sizes[] = { N * C, N, N, N * 3 * e->Cl, (int64_t)e->B * e->Hl * e->T, N * C, N, N, N * e->F };
         for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
             if ((*bufs[i] = buf_new(e, sizes[i])) == NULL)
+                return -1;
+        void **acts[] = { &a->ln1, &a->atty, &a->ln2, &a->gel };
+        int64_t act_sizes[] = { N * C, N * e->Cl, N * C, N * e->F };
+        for (size_t i = 0; i < sizeof act_sizes / sizeof act_sizes[0]; i++)
+            if ((*acts[i] = act_new(e, act_sizes[i])) == NULL)
                 return -1;
     }
     return 0;
@@ -90,8 +94,8 @@ static void free_slot(mps_engine *e, mps_mb_slot *s)
     if (s->layers)
         for (int l = 0; l < e->nlayers; l++) {
             mps_layer_acts *a = &s->layers[l];
-            float *bufs[] = { a->x_in, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->lse,
-                              a->x2, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->gel };
+            void *bufs[] = { a->x_in, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->lse,
+                             a->x2, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->gel };
             for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
                 buf_free(e, bufs[i]);
         }
@@ -164,6 +168,7 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     e->scratch_a = buf_new(e, (int64_t)e->N * wide);
     e->scratch_b = buf_new(e, (int64_t)e->N * (e->C + 8));
     e->logits = e->is_last ? buf_new(e, (int64_t)e->N * e->Vl) : NULL;
+    e->dlogits = e->is_last ? act_new(e, (int64_t)e->N * e->Vl) : NULL;
     /* 1F1B keeps at most (stages after this one + 1) micro-batches in flight; GPipe all of them */
     int inflight = L->pp - e->me.pp;
     e->nslots = o->schedule == MPS_SCHED_GPIPE || inflight > e->accum ? e->accum : inflight;
@@ -172,7 +177,7 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     e->send_dx = calloc((size_t)e->accum, sizeof(float *));
     e->step_inputs = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
     e->step_targets = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
-    if (!e->step_inputs || !e->step_targets || !e->scratch_a || !e->scratch_b || (e->is_last && !e->logits) ||
+    if (!e->step_inputs || !e->step_targets || !e->scratch_a || !e->scratch_b || (e->is_last && (!e->logits || !e->dlogits)) ||
         !e->slots || !e->send_x || !e->send_dx)
         return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
     for (int i = 0; i < e->nslots; i++)
@@ -216,6 +221,7 @@ void mps_engine_free(mps_engine *e)
     buf_free(e, e->scratch_a);
     buf_free(e, e->scratch_b);
     buf_free(e, e->logits);
+    buf_free(e, e->dlogits);
     free(e->step_inputs);
     free(e->step_targets);
     free(e);

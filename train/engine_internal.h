@@ -26,14 +26,16 @@ typedef struct {
 /* Activations one micro-batch keeps for its backward pass, per layer of the stage. */
 typedef struct {
     float *x_in;             /* (N, C) layer input */
-    float *ln1, *ln1_mean, *ln1_rstd; /* (N, C), (N), (N) */
+    void *ln1;               /* (N, C) operand buffer (backend.h: act_bytes per element) */
+    float *ln1_mean, *ln1_rstd; /* (N), (N) */
     float *qkv;              /* (N, 3 * Cl) */
-    float *atty;             /* (N, Cl) */
+    void *atty;              /* (N, Cl) operand buffer */
     float *lse;              /* (B, Hl, T) */
     float *x2;               /* (N, C) after the attention residual */
-    float *ln2, *ln2_mean, *ln2_rstd;
+    void *ln2;               /* (N, C) operand buffer */
+    float *ln2_mean, *ln2_rstd;
     float *fch;              /* (N, F) F = 4C / tp */
-    float *gel;              /* (N, F) */
+    void *gel;               /* (N, F) operand buffer; in the backward, dfch */
 } mps_layer_acts;
 
 typedef struct {
@@ -60,8 +62,10 @@ struct mps_engine {
     int nslots;
     mps_mb_slot *slots;
     float **send_x, **send_dx; /* per micro-batch send buffers, valid until the step's flush */
-    float *scratch_a, *scratch_b; /* (N, max(C, F, 3Cl)) temporaries */
+    float *scratch_a;        /* (N, max(C, F, 3Cl)) fp32 temporaries, or operand buffers of that size */
+    float *scratch_b;        /* (N, C + 8) fp32 temporaries */
     float *logits;           /* (N, Vl) last stage */
+    void *dlogits;           /* (N, Vl) operand buffer, last stage */
     double loss_sum;         /* this step's summed token losses (last stage, TP part 0) */
     int32_t *step_inputs, *step_targets; /* (accum, N): this replica's tokens of the step */
 };
@@ -70,6 +74,11 @@ struct mps_engine {
 static inline float *buf_new(const mps_engine *e, int64_t n)
 {
     return e->be->alloc(e->be->ctx, (size_t)(n > 0 ? n : 1) * sizeof(float));
+}
+/* An operand buffer of n elements (backend.h: act_bytes each), zeroed. */
+static inline void *act_new(const mps_engine *e, int64_t n)
+{
+    return e->be->alloc(e->be->ctx, (size_t)(n > 0 ? n : 1) * (size_t)e->be->act_bytes);
 }
 static inline void buf_free(const mps_engine *e, void *p)
 {

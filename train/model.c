@@ -88,19 +88,19 @@ static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, float *dx
             layer_release(e, layer);
             return -1;
         }
-    float *dbig = e->scratch_a;  /* (N, max(F, 3Cl)) */
+    float *dbig = e->scratch_a;  /* (N, max(F, 3Cl)): fp32 dgel, then the operand buffer dqkv */
     float *dsmall = e->scratch_b; /* (N, C) */
     int rc = 0;
     /* MLP: x3 = x2 + gelu(ln2 @ fcw^T + fcb) @ fcprojw^T + fcprojb; dx is dx3 here and becomes dx2 */
     e->be->bias_grad(e->be->ctx, g[MPS_SLOT_FCPROJB], dx, N, C);
     buf_zero(e, dbig, N * F);
-    e->be->matmul_bwd(e->be->ctx, dbig, g[MPS_SLOT_FCPROJW], NULL, dx, a->gel, w.fcprojw, N, F, C);
-    /* dfch goes where gel was: gel is no longer needed, and no other (N, F) buffer is free */
-    float *dfch = a->gel;
-    buf_zero(e, dfch, N * F);
+    e->be->matmul_bwd(e->be->ctx, dbig, g[MPS_SLOT_FCPROJW], NULL, dx, 0, a->gel, w.fcprojw, N, F, C);
+    /* dfch (an operand buffer, overwritten) goes where gel was: gel is no longer needed, and no
+     * other (N, F) operand buffer is free */
+    void *dfch = a->gel;
     e->be->gelu_bwd(e->be->ctx, dfch, a->fch, dbig, N * F);
     buf_zero(e, dsmall, N * C);
-    e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_FCW], g[MPS_SLOT_FCB], dfch, a->ln2, w.fcw, N, C, F);
+    e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_FCW], g[MPS_SLOT_FCB], dfch, 1, a->ln2, w.fcw, N, C, F);
     rc = tp_sum(e, dsmall, N * C, err); /* ln2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
         e->be->layernorm_bwd(e->be->ctx, dx, g[MPS_SLOT_LN2W], g[MPS_SLOT_LN2B], dsmall, a->x2, w.ln2w, a->ln2_mean,
@@ -108,11 +108,12 @@ static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, float *dx
         /* attention: x2 = x + (attention(ln1 @ qkvw^T + qkvb) @ attprojw^T) + attprojb */
         e->be->bias_grad(e->be->ctx, g[MPS_SLOT_ATTPROJB], dx, N, C);
         buf_zero(e, dsmall, N * Cl);
-        e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_ATTPROJW], NULL, dx, a->atty, w.attprojw, N, Cl, C);
-        buf_zero(e, dbig, N * 3 * Cl);
-        e->be->attention_bwd(e->be->ctx, dbig, dsmall, a->qkv, a->atty, a->lse, e->B, e->T, e->Hl, e->hs);
+        e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_ATTPROJW], NULL, dx, 0, a->atty, w.attprojw, N, Cl, C);
+        void *dqkv = dbig; /* (N, 3 Cl) operand buffer, overwritten */
+        e->be->attention_bwd(e->be->ctx, dqkv, dsmall, a->qkv, a->atty, a->lse, e->B, e->T, e->Hl, e->hs);
         buf_zero(e, dsmall, N * C);
-        e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_QKVW], g[MPS_SLOT_QKVB], dbig, a->ln1, w.qkvw, N, C, 3 * Cl);
+        e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_QKVW], g[MPS_SLOT_QKVB], dqkv, 1, a->ln1, w.qkvw, N, C,
+                          3 * Cl);
         rc = tp_sum(e, dsmall, N * C, err);
     }
     if (rc == 0)
@@ -167,28 +168,35 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     }
     float *gwte = mps_grad(e, MPS_TENSOR_WTE, err), *glnfw = mps_grad(e, lnfw_t, err), *glnfb = mps_grad(e, lnfb_t, err);
     int rc = (gwte && glnfw && glnfb) ? 0 : -1;
-    float *xf = e->scratch_a, *mean = e->scratch_b, *rstd = e->scratch_b + N;
+    void *xf = e->scratch_a; /* (N, C) operand buffer */
+    float *mean = e->scratch_b, *rstd = e->scratch_b + N;
     float *rowmax = e->scratch_b + 2 * N, *sumexp = e->scratch_b + 3 * N, *tlogit = e->scratch_b + 4 * N;
-    float *dxf = e->scratch_b + 5 * N; /* (N, C) */
+    float *gmax = e->scratch_b + 5 * N;
+    float *dxf = e->scratch_b + 6 * N; /* (N, C) */
     if (rc == 0) {
         e->be->layernorm_fwd(e->be->ctx, xf, mean, rstd, x, lnfw, lnfb, N, C);
         e->be->matmul_fwd(e->be->ctx, e->logits, xf, wte, NULL, N, C, (int)e->Vl);
-        e->be->xent_rowmax(e->be->ctx, rowmax, e->logits, N, e->Vl, e->v0, e->cfg.vocab);
-        rc = tp_max(e, rowmax, N, err);
+        /* one pass over the logits: local max, sumexp relative to it, target logit */
+        e->be->xent_stats(e->be->ctx, rowmax, sumexp, tlogit, e->logits, s->targets, N, e->Vl, e->v0, e->cfg.vocab);
+        if (e->L.tp == 1) {
+            gmax = rowmax;
+        } else {
+            buf_copy(e, gmax, rowmax, N);
+            rc = tp_max(e, gmax, N, err);
+            if (rc == 0)
+                e->be->xent_rescale(e->be->ctx, sumexp, rowmax, gmax, N);
+        }
     }
-    if (rc == 0) {
-        e->be->xent_sumexp(e->be->ctx, sumexp, e->logits, rowmax, N, e->Vl, e->v0, e->cfg.vocab);
-        e->be->xent_target(e->be->ctx, tlogit, e->logits, s->targets, N, e->Vl, e->v0);
-        /* one reduction for both: sumexp and tlogit lie next to each other */
+    if (rc == 0) /* one reduction for both: sumexp and tlogit lie next to each other */
         rc = tp_sum(e, sumexp, 2 * N, err);
-    }
     if (rc == 0) {
         if (e->me.tp == 0)
-            e->loss_sum += e->be->xent_loss_sum(e->be->ctx, rowmax, sumexp, tlogit, N);
+            e->loss_sum += e->be->xent_loss_sum(e->be->ctx, gmax, sumexp, tlogit, N);
         float scale = 1.0f / ((float)e->o.global_batch * (float)e->T);
-        e->be->xent_bwd(e->be->ctx, e->logits, e->logits, s->targets, rowmax, sumexp, scale, N, e->Vl, e->v0, e->cfg.vocab);
+        e->be->xent_bwd(e->be->ctx, e->dlogits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
+                        e->cfg.vocab);
         buf_zero(e, dxf, N * C);
-        e->be->matmul_bwd(e->be->ctx, dxf, gwte, NULL, e->logits, xf, wte, N, C, (int)e->Vl);
+        e->be->matmul_bwd(e->be->ctx, dxf, gwte, NULL, e->dlogits, 1, xf, wte, N, C, (int)e->Vl);
         rc = tp_sum(e, dxf, N * C, err);
     }
     if (rc == 0) {

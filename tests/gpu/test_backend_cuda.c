@@ -3,7 +3,9 @@
  * multi-tile paths), the same inputs to both backends, the outputs compared as
  *   rel = max |gpu - cpu| / max |cpu|   over each output tensor,
  * against a tolerance per class of kernel (TOL_*). Gradient outputs start from random values, so
- * that the accumulate (+=) contract is checked too. Every GPU call runs twice from the same state
+ * that the accumulate (+=) contract is checked too. Operand buffers (backend.h: bf16 on the GPU)
+ * are given to both backends with the same bf16-rounded values; as outputs they start from random
+ * values (every element must be overwritten) and take at least TOL_ACT (one bf16 rounding). Every GPU call runs twice from the same state
  * and the two results must be bit-identical (determinism).
  *
  * Also: the memory entries (zeroed alloc, copies, to_host from several threads at once), an
@@ -44,6 +46,7 @@
 #define TOL_ATTN 1e-4
 #define TOL_ATTN_BF16 3e-2
 #define TOL_DOUBLE 1e-9
+#define TOL_ACT 8e-3 /* an output rounded to bf16: 2^-8 of its magnitude at most, relative to the max */
 
 static mps_backend cpu, gpu;
 static int failures, checks;
@@ -114,6 +117,56 @@ static float *dgetf(const float *d, int64_t n)
 }
 static void dfree(void *d) { gpu.release(gpu.ctx, d); }
 
+/* operand buffers: host floats <-> the GPU backend's format (act_bytes 2: bf16, 4: fp32) */
+static uint16_t f2bf(float f) /* round to nearest even (finite values) */
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static float bf2f(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static void round_act(float *h, int64_t n) /* the values an operand buffer can hold */
+{
+    if (gpu.act_bytes == 2)
+        for (int64_t i = 0; i < n; i++)
+            h[i] = bf2f(f2bf(h[i]));
+}
+static void act_put(void *d, const float *h, int64_t n)
+{
+    if (gpu.act_bytes == 4) {
+        gpu.from_host(gpu.ctx, d, h, sizeof(float) * (size_t)n);
+        return;
+    }
+    uint16_t *b = xmalloc(2 * (size_t)(n > 0 ? n : 1));
+    for (int64_t i = 0; i < n; i++)
+        b[i] = f2bf(h[i]);
+    gpu.from_host(gpu.ctx, d, b, 2 * (size_t)n);
+    free(b);
+}
+static float *act_get(const void *d, int64_t n)
+{
+    float *h = xmalloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    if (gpu.act_bytes == 4) {
+        gpu.to_host(gpu.ctx, h, d, sizeof(float) * (size_t)n);
+        return h;
+    }
+    uint16_t *b = xmalloc(2 * (size_t)(n > 0 ? n : 1));
+    gpu.to_host(gpu.ctx, b, d, 2 * (size_t)n);
+    for (int64_t i = 0; i < n; i++)
+        h[i] = bf2f(b[i]);
+    free(b);
+    return h;
+}
+/* byte offset of element k of an operand buffer */
+static void *act_at(void *d, int64_t k) { return (char *)d + k * gpu.act_bytes; }
+
 static int sync_ok(const char *what)
 {
     mps_err e;
@@ -126,8 +179,9 @@ static int sync_ok(const char *what)
     return 1;
 }
 
-/* accuracy of one output tensor */
-static void cmp(const char *op, const char *what, const float *g, const float *c, int64_t n, double tol)
+/* accuracy of one output tensor; the reference scale is max |cpu|, at least floor */
+static void cmp_floor(const char *op, const char *what, const float *g, const float *c, int64_t n, double tol,
+                      double floor)
 {
     double maxabs = 0, maxref = 0;
     int64_t worst = 0, bad = 0;
@@ -151,6 +205,8 @@ static void cmp(const char *op, const char *what, const float *g, const float *c
     /* an output that is exactly zero on the CPU (attention with T=1: the softmax of a single score
      * has zero gradient; the GPU's differently rounded D_t leaves ~1 ulp) is compared in absolute
      * terms, the inputs being of unit scale */
+    if (floor > maxref)
+        maxref = floor;
     double rel = maxref > 0 ? maxabs / maxref : maxabs;
     int ok = !bad && rel <= tol;
     checks++;
@@ -160,6 +216,11 @@ static void cmp(const char *op, const char *what, const float *g, const float *c
         failures++;
         printf("      worst element %lld of %lld: gpu %.9g cpu %.9g\n", (long long)worst, (long long)n, g[worst], c[worst]);
     }
+}
+
+static void cmp(const char *op, const char *what, const float *g, const float *c, int64_t n, double tol)
+{
+    cmp_floor(op, what, g, c, n, tol, 0.0);
 }
 
 /* the two GPU runs of one output must be bit-identical */
@@ -186,6 +247,7 @@ static void same(const char *op, const char *what, const float *a, const float *
 typedef struct {
     const char *name;
     int64_t n;
+    int act; /* an operand buffer on the GPU */
     float *init, *cpu, *dev, *res[2];
 } obuf;
 typedef struct {
@@ -207,6 +269,22 @@ static float *o_add(oset *s, const char *name, int64_t n, const float *init)
         memset(b->init, 0, sizeof(float) * (size_t)n);
     b->cpu = hdup(b->init, n);
     b->dev = dputf(b->init, n);
+    b->act = 0;
+    b->res[0] = b->res[1] = NULL;
+    return b->cpu;
+}
+/* adds an operand-buffer output: overwritten, so it starts from random values on the GPU */
+static float *o_add_act(oset *s, const char *name, int64_t n)
+{
+    obuf *b = &s->o[s->no++];
+    b->name = name;
+    b->n = n;
+    b->act = 1;
+    b->init = hrand(n, 100.0f);
+    round_act(b->init, n);
+    b->cpu = xmalloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    memset(b->cpu, 0, sizeof(float) * (size_t)n);
+    b->dev = dalloc((size_t)(n > 0 ? n : 1) * (size_t)gpu.act_bytes);
     b->res[0] = b->res[1] = NULL;
     return b->cpu;
 }
@@ -214,20 +292,23 @@ static float *o_dev(oset *s, int i) { return s->o[i].dev; }
 static void o_reset(oset *s)
 {
     for (int i = 0; i < s->no; i++)
-        gpu.from_host(gpu.ctx, s->o[i].dev, s->o[i].init, sizeof(float) * (size_t)s->o[i].n);
+        if (s->o[i].act)
+            act_put(s->o[i].dev, s->o[i].init, s->o[i].n);
+        else
+            gpu.from_host(gpu.ctx, s->o[i].dev, s->o[i].init, sizeof(float) * (size_t)s->o[i].n);
 }
 static void o_fetch(oset *s, int run)
 {
     sync_ok(s->op);
     for (int i = 0; i < s->no; i++)
-        s->o[i].res[run] = dgetf(s->o[i].dev, s->o[i].n);
+        s->o[i].res[run] = s->o[i].act ? act_get(s->o[i].dev, s->o[i].n) : dgetf(s->o[i].dev, s->o[i].n);
 }
 /* compares and frees */
 static void o_done(oset *s, double tol)
 {
     for (int i = 0; i < s->no; i++) {
         obuf *b = &s->o[i];
-        cmp(s->op, b->name, b->res[0], b->cpu, b->n, tol);
+        cmp(s->op, b->name, b->res[0], b->cpu, b->n, b->act && tol < TOL_ACT ? TOL_ACT : tol);
         same(s->op, b->name, b->res[0], b->res[1], b->n);
         free(b->init);
         free(b->cpu);
@@ -261,6 +342,23 @@ static tin in_copy(const float *h, int64_t n)
 {
     tin t = {hdup(h, n), NULL, n};
     t.d = dputf(t.h, n);
+    return t;
+}
+/* an operand-buffer input: random values rounded to what the buffer holds, the same on both sides */
+static tin in_rand_act(int64_t n, float scale)
+{
+    tin t = {hrand(n, scale), NULL, n};
+    round_act(t.h, n);
+    t.d = dalloc((size_t)(n > 0 ? n : 1) * (size_t)gpu.act_bytes);
+    act_put(t.d, t.h, n);
+    return t;
+}
+static tin in_copy_act(const float *h, int64_t n)
+{
+    tin t = {hdup(h, n), NULL, n};
+    round_act(t.h, n);
+    t.d = dalloc((size_t)(n > 0 ? n : 1) * (size_t)gpu.act_bytes);
+    act_put(t.d, t.h, n);
     return t;
 }
 static void in_free(tin *t)
@@ -409,7 +507,7 @@ static void test_layernorm(int64_t N, int C, int with_stats, int with_dinp)
     gpu.from_host(gpu.ctx, inp.d, inp.h, sizeof(float) * (size_t)(N * C));
     oset s = {.op = op};
     snprintf(op, sizeof op, "layernorm_fwd N%lld C%d%s", (long long)N, C, with_stats ? "" : " no stats");
-    float *out = o_add(&s, "out", N * C, NULL);
+    float *out = o_add_act(&s, "out", N * C);
     float *mean = with_stats ? o_add(&s, "mean", N, NULL) : NULL;
     float *rstd = with_stats ? o_add(&s, "rstd", N, NULL) : NULL;
     cpu.layernorm_fwd(cpu.ctx, out, mean, rstd, inp.h, w.h, b.h, N, C);
@@ -450,8 +548,8 @@ static void test_layernorm(int64_t N, int C, int with_stats, int with_dinp)
 static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off_bias)
 {
     char op[96];
-    tin inp = in_rand(N * C, 1.0f), w = in_rand((int64_t)OC * C, 1.0f), bb = in_rand(OC + off_bias, 1.0f);
-    tin dout = in_rand(N * OC, 1.0f);
+    tin inp = in_rand_act(N * C, 1.0f), w = in_rand((int64_t)OC * C, 1.0f), bb = in_rand(OC + off_bias, 1.0f);
+    tin dout = in_rand(N * OC, 1.0f), dout_act = in_copy_act(dout.h, N * OC);
     const float *bh = bias ? bb.h + off_bias : NULL, *bd = bias ? bb.d + off_bias : NULL;
     oset s = {.op = op};
     snprintf(op, sizeof op, "matmul_fwd N%lld C%d OC%d%s%s%s", (long long)N, C, OC, bias ? " bias" : "",
@@ -463,19 +561,21 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
     o_done(&s, TOL_GEMM);
     free(init);
 
-    for (int variant = 0; variant < 2; variant++) { /* 0: dinp, dw, dbias; 1: dw only */
-        snprintf(op, sizeof op, "matmul_bwd N%lld C%d OC%d%s%s", (long long)N, C, OC, variant ? " dw only" : "",
-                 off_out ? " grads+1" : "");
+    for (int variant = 0; variant < 4; variant++) { /* bit 0: dw only (else dinp, dw, dbias); bit 1: dout an operand */
+        const int da = variant >> 1;
+        const tin *g = da ? &dout_act : &dout;
+        snprintf(op, sizeof op, "matmul_bwd N%lld C%d OC%d%s%s%s", (long long)N, C, OC, variant & 1 ? " dw only" : "",
+                 off_out ? " grads+1" : "", da ? " dout act" : "");
         float *i0 = hrand(N * C + off_out, 1.0f), *i1 = hrand((int64_t)OC * C + off_out, 1.0f), *i2 = hrand(OC, 1.0f);
-        float *dinp = variant ? NULL : o_add(&s, "dinp", N * C + off_out, i0);
+        float *dinp = variant & 1 ? NULL : o_add(&s, "dinp", N * C + off_out, i0);
         float *dw = o_add(&s, "dw", (int64_t)OC * C + off_out, i1);
-        float *db = variant ? NULL : o_add(&s, "dbias", OC, i2);
-        cpu.matmul_bwd(cpu.ctx, dinp ? dinp + off_out : NULL, dw + off_out, db, dout.h, inp.h, w.h, N, C, OC);
-        if (variant)
-            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, NULL, o_dev(&s, 0) + off_out, NULL, dout.d, inp.d, w.d, N, C, OC));
+        float *db = variant & 1 ? NULL : o_add(&s, "dbias", OC, i2);
+        cpu.matmul_bwd(cpu.ctx, dinp ? dinp + off_out : NULL, dw + off_out, db, g->h, 0, inp.h, w.h, N, C, OC);
+        if (variant & 1)
+            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, NULL, o_dev(&s, 0) + off_out, NULL, g->d, da, inp.d, w.d, N, C, OC));
         else
-            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, o_dev(&s, 0) + off_out, o_dev(&s, 1) + off_out, o_dev(&s, 2), dout.d,
-                                        inp.d, w.d, N, C, OC));
+            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, o_dev(&s, 0) + off_out, o_dev(&s, 1) + off_out, o_dev(&s, 2), g->d,
+                                        da, inp.d, w.d, N, C, OC));
         /* dbias is an fp32 column sum: it must meet the fp32 tolerance, not the GEMM one */
         for (int i = 0; i < s.no; i++) {
             obuf *b = &s.o[i];
@@ -497,6 +597,7 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
     in_free(&w);
     in_free(&bb);
     in_free(&dout);
+    in_free(&dout_act);
 }
 
 /* ---------------------------------------------------------------- attention */
@@ -511,40 +612,38 @@ static void test_attention(mps_backend *be, const char *tag, int B, int T, int H
     tin qkv = in_rand(nqkv, 1.5f), dout = in_rand(nout, 1.0f);
     oset s = {.op = op};
     snprintf(op, sizeof op, "attention_fwd%s B%d T%d H%d hs%d", tag, B, T, H, hs);
-    float *out = o_add(&s, "out", nout, NULL), *lse = o_add(&s, "lse", nlse, NULL);
+    float *out = o_add_act(&s, "out", nout), *lse = o_add(&s, "lse", nlse, NULL);
     cpu.attention_fwd(cpu.ctx, out, lse, qkv.h, B, T, H, hs);
     GPU_TWICE(s, gpu.attention_fwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), qkv.d, B, T, H, hs));
-    tin o = in_copy(out, nout), l = in_copy(lse, nlse); /* the backward takes the CPU's forward */
+    tin o = in_copy_act(out, nout), l = in_copy(lse, nlse); /* the backward takes the CPU's forward */
     o_done(&s, tol);
+    if (tol < TOL_ACT) /* dqkv is an operand buffer: one bf16 rounding */
+        tol = TOL_ACT;
 
     snprintf(op, sizeof op, "attention_bwd%s B%d T%d H%d hs%d", tag, B, T, H, hs);
-    float *init = hrand(nqkv, 1.0f);
-    float *dqkv = o_add(&s, "dqkv", nqkv, init);
+    float *dqkv = o_add_act(&s, "dqkv", nqkv); /* overwritten: starts from random values */
     cpu.attention_bwd(cpu.ctx, dqkv, dout.h, qkv.h, o.h, l.h, B, T, H, hs);
     GPU_TWICE(s, gpu.attention_bwd(gpu.ctx, o_dev(&s, 0), dout.d, qkv.d, o.d, l.d, B, T, H, hs));
-    /* the gradient without its random start, so that the tolerance applies to the += part */
-    float *g0 = s.o[0].res[0], *c0 = s.o[0].cpu;
-    float *gd = xmalloc(sizeof(float) * (size_t)nqkv), *cd = xmalloc(sizeof(float) * (size_t)nqkv);
-    for (int64_t i = 0; i < nqkv; i++) {
-        gd[i] = g0[i] - init[i];
-        cd[i] = c0[i] - init[i];
-    }
+    float *gd = s.o[0].res[0], *cd = s.o[0].cpu;
     /* q, k and v parts separately: a bug in one of the two backward kernels shows by name */
     float *gp = xmalloc(sizeof(float) * (size_t)nout), *cp = xmalloc(sizeof(float) * (size_t)nout);
     static const char *part_name[3] = {"dq", "dk", "dv"};
+    /* with T = 1 the softmax of one score has no gradient: dq and dk are 0 up to the rounding of
+     * out (bf16) against v in D - dP, on both sides; they are compared against the scale of dv */
+    double dv_scale = 0;
+    for (int64_t r = 0; r < (int64_t)B * T; r++)
+        for (int64_t j = 0; j < Cl; j++)
+            dv_scale = fmax(dv_scale, fabs(cd[r * 3 * Cl + 2 * Cl + j]));
     for (int part = 0; part < 3; part++) {
         for (int64_t r = 0; r < (int64_t)B * T; r++) {
             memcpy(gp + r * Cl, gd + r * 3 * Cl + part * Cl, sizeof(float) * (size_t)Cl);
             memcpy(cp + r * Cl, cd + r * 3 * Cl + part * Cl, sizeof(float) * (size_t)Cl);
         }
-        cmp(op, part_name[part], gp, cp, nout, tol);
+        cmp_floor(op, part_name[part], gp, cp, nout, tol, T == 1 && part < 2 ? dv_scale : 0.0);
     }
     same(op, "dqkv", s.o[0].res[0], s.o[0].res[1], nqkv);
     free(gp);
     free(cp);
-    free(gd);
-    free(cd);
-    free(init);
     free(s.o[0].init);
     free(s.o[0].cpu);
     free(s.o[0].res[0]);
@@ -568,15 +667,19 @@ static void test_elementwise(int64_t n, int off)
     const char *sfx = off ? " +1" : "";
 
     snprintf(op, sizeof op, "gelu_fwd n%lld%s", (long long)n, sfx);
-    float *out = o_add(&s, "out", n + off, x0);
+    float *out = o_add_act(&s, "out", n + off);
     cpu.gelu_fwd(cpu.ctx, out + off, a.h + off, n);
-    GPU_TWICE(s, gpu.gelu_fwd(gpu.ctx, o_dev(&s, 0) + off, a.d + off, n));
+    GPU_TWICE(s, gpu.gelu_fwd(gpu.ctx, act_at(o_dev(&s, 0), off), a.d + off, n));
+    if (off) /* the element before the range keeps its start value */
+        s.o[0].cpu[0] = s.o[0].init[0];
     o_done(&s, TOL_EW);
 
     snprintf(op, sizeof op, "gelu_bwd n%lld%s", (long long)n, sfx);
-    float *dinp = o_add(&s, "dinp", n + off, x0);
+    float *dinp = o_add_act(&s, "dinp", n + off);
     cpu.gelu_bwd(cpu.ctx, dinp + off, a.h + off, g.h + off, n);
-    GPU_TWICE(s, gpu.gelu_bwd(gpu.ctx, o_dev(&s, 0) + off, a.d + off, g.d + off, n));
+    GPU_TWICE(s, gpu.gelu_bwd(gpu.ctx, act_at(o_dev(&s, 0), off), a.d + off, g.d + off, n));
+    if (off)
+        s.o[0].cpu[0] = s.o[0].init[0];
     o_done(&s, TOL_EW);
 
     snprintf(op, sizeof op, "add n%lld%s (out = a)", (long long)n, sfx);
@@ -643,48 +746,48 @@ static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
     const char *fmt = "%s N%lld Vl%lld v0 %lld V%lld";
 #define XOP(name) snprintf(op, sizeof op, fmt, name, (long long)N, (long long)Vl, (long long)v0, (long long)V)
 
-    XOP("xent_rowmax");
-    float *rowmax = o_add(&s, "rowmax", N, NULL);
-    cpu.xent_rowmax(cpu.ctx, rowmax, logits.h, N, Vl, v0, V);
-    GPU_TWICE(s, gpu.xent_rowmax(gpu.ctx, o_dev(&s, 0), logits.d, N, Vl, v0, V));
+    XOP("xent_stats");
+    float *rowmax = o_add(&s, "rowmax", N, NULL), *sumexp = o_add(&s, "sumexp", N, NULL);
+    float *tl = o_add(&s, "tlogit", N, NULL);
+    cpu.xent_stats(cpu.ctx, rowmax, sumexp, tl, logits.h, tg, N, Vl, v0, V);
+    GPU_TWICE(s, gpu.xent_stats(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), o_dev(&s, 2), logits.d, tg_d, N, Vl, v0, V));
     /* the later pieces take gmax = rowmax + 0.5 as if another TP rank had a larger one (any
      * real number >= the row max works; here every row has real ids) */
     float *gm = hdup(rowmax, N);
     for (int64_t i = 0; i < N; i++)
         gm[i] = isfinite(gm[i]) ? gm[i] + 0.5f : 0.0f;
-    tin gmax = in_copy(gm, N);
+    tin gmax = in_copy(gm, N), rmax = in_copy(rowmax, N), lsum = in_copy(sumexp, N);
     free(gm);
-    o_done(&s, 0.0);
-
-    XOP("xent_sumexp");
-    float *sumexp = o_add(&s, "sumexp", N, NULL);
-    cpu.xent_sumexp(cpu.ctx, sumexp, logits.h, gmax.h, N, Vl, v0, V);
-    GPU_TWICE(s, gpu.xent_sumexp(gpu.ctx, o_dev(&s, 0), logits.d, gmax.d, N, Vl, v0, V));
-    float *se = hdup(sumexp, N);
-    for (int64_t i = 0; i < N; i++)
-        se[i] = se[i] > 0 ? se[i] * 1.25f : 1.0f; /* "the sum over TP ranks" */
-    tin gsum = in_copy(se, N);
-    free(se);
-    o_done(&s, TOL_EW);
-
-    XOP("xent_target");
-    float *tl = o_add(&s, "tlogit", N, NULL);
-    cpu.xent_target(cpu.ctx, tl, logits.h, tg, N, Vl, v0);
-    GPU_TWICE(s, gpu.xent_target(gpu.ctx, o_dev(&s, 0), logits.d, tg_d, N, Vl, v0));
     tin tlog = in_copy(tl, N);
-    o_done(&s, 0.0);
+    /* rowmax and tlogit are exact; sumexp is summed in another order (online, per thread) */
+    for (int i = 0; i < s.no; i++) {
+        obuf *b = &s.o[i];
+        cmp(s.op, b->name, b->res[0], b->cpu, b->n, i == 1 ? TOL_RED : 0.0);
+        same(s.op, b->name, b->res[0], b->res[1], b->n);
+        free(b->init);
+        free(b->cpu);
+        free(b->res[0]);
+        free(b->res[1]);
+        dfree(b->dev);
+    }
+    s.no = 0;
+
+    XOP("xent_rescale");
+    float *se = o_add(&s, "sumexp", N, lsum.h);
+    cpu.xent_rescale(cpu.ctx, se, rmax.h, gmax.h, N);
+    GPU_TWICE(s, gpu.xent_rescale(gpu.ctx, o_dev(&s, 0), rmax.d, gmax.d, N));
+    float *gs = hdup(se, N);
+    for (int64_t i = 0; i < N; i++)
+        gs[i] = gs[i] > 0 ? gs[i] * 1.25f : 1.0f; /* "the sum over TP ranks" */
+    tin gsum = in_copy(gs, N);
+    free(gs);
+    o_done(&s, TOL_EW);
 
     const float scale = 1.0f / (float)(N * 3);
     XOP("xent_bwd");
-    float *dl = o_add(&s, "dlogits", N * Vl, NULL);
+    float *dl = o_add_act(&s, "dlogits", N * Vl);
     cpu.xent_bwd(cpu.ctx, dl, logits.h, tg, gmax.h, gsum.h, scale, N, Vl, v0, V);
     GPU_TWICE(s, gpu.xent_bwd(gpu.ctx, o_dev(&s, 0), logits.d, tg_d, gmax.d, gsum.d, scale, N, Vl, v0, V));
-    o_done(&s, TOL_EW);
-
-    XOP("xent_bwd in place");
-    dl = o_add(&s, "dlogits", N * Vl, logits.h);
-    cpu.xent_bwd(cpu.ctx, dl, dl, tg, gmax.h, gsum.h, scale, N, Vl, v0, V);
-    GPU_TWICE(s, gpu.xent_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 0), tg_d, gmax.d, gsum.d, scale, N, Vl, v0, V));
     o_done(&s, TOL_EW);
 
     XOP("xent_loss_sum");
@@ -703,6 +806,8 @@ static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
     in_free(&gmax);
     in_free(&gsum);
     in_free(&tlog);
+    in_free(&rmax);
+    in_free(&lsum);
     free(tg);
     dfree(tg_d);
 }
@@ -819,8 +924,10 @@ static void bench(mps_backend *bf16)
     printf("timings (informational), B=%d T=%d C=%d H=%d: one layer's pieces\n", B, T, C, H);
     BENCH(&gpu, "matmul_fwd qkv (N, 768) -> (N, 2304) +bias", mm, 10,
           gpu.matmul_fwd(gpu.ctx, qkv, x, w, bias, N, C, 3 * C));
-    BENCH(&gpu, "matmul_bwd qkv dinp+dw+dbias", 2 * mm, 10,
-          gpu.matmul_bwd(gpu.ctx, y, dw, bias, qkv, x, w, N, C, 3 * C));
+    BENCH(&gpu, "matmul_bwd qkv dinp+dw+dbias (dout operand)", 2 * mm, 10,
+          gpu.matmul_bwd(gpu.ctx, y, dw, bias, qkv, 1, x, w, N, C, 3 * C));
+    BENCH(&gpu, "matmul_bwd qkv dinp+dw+dbias (dout fp32)", 2 * mm, 10,
+          gpu.matmul_bwd(gpu.ctx, y, dw, bias, qkv, 0, x, w, N, C, 3 * C));
     BENCH(&gpu, "matmul_fwd fc (N, 768) -> (N, 3072) +bias", 2.0 * N * C * F, 10,
           gpu.matmul_fwd(gpu.ctx, y, x, w, bias, N, C, F));
     /* the default backend: hs = 64 runs attention_fast.cu (bf16 mma.sync); the forward first, so
@@ -854,12 +961,14 @@ static void bench(mps_backend *bf16)
     BENCH(&gpu, "embed_bwd (all tokens 0: one run of N rows)", 0, 5, gpu.embed_bwd(gpu.ctx, wte, x, tok, N, 0, Vl, C));
     BENCH(&gpu, "matmul_fwd head (N, 768) -> (N, 50304)", 2.0 * N * C * Vl, 3,
           gpu.matmul_fwd(gpu.ctx, logits, x, wte, NULL, N, C, (int)Vl));
-    BENCH(&gpu, "xent_rowmax (N, 50304)", 0, 5, gpu.xent_rowmax(gpu.ctx, mean, logits, N, Vl, 0, 50257));
-    BENCH(&gpu, "xent_sumexp (N, 50304)", 0, 5, gpu.xent_sumexp(gpu.ctx, rstd, logits, mean, N, Vl, 0, 50257));
-    BENCH(&gpu, "xent_bwd in place (N, 50304)", 0, 5,
-          gpu.xent_bwd(gpu.ctx, logits, logits, tok, mean, rstd, 1e-5f, N, Vl, 0, 50257));
+    float *dlogits = dalloc((size_t)(N * Vl) * (size_t)gpu.act_bytes);
+    BENCH(&gpu, "xent_stats (N, 50304)", 0, 5,
+          gpu.xent_stats(gpu.ctx, mean, rstd, y, logits, tok, N, Vl, 0, 50257));
+    BENCH(&gpu, "xent_bwd (N, 50304)", 0, 5,
+          gpu.xent_bwd(gpu.ctx, dlogits, logits, tok, mean, rstd, 1e-5f, N, Vl, 0, 50257));
     BENCH(&gpu, "matmul_bwd head dinp+dw", 4.0 * N * C * Vl, 3,
-          gpu.matmul_bwd(gpu.ctx, y, wte, NULL, logits, x, wte, N, C, (int)Vl));
+          gpu.matmul_bwd(gpu.ctx, y, wte, NULL, dlogits, 1, x, wte, N, C, (int)Vl));
+    dfree(dlogits);
     BENCH(&gpu, "adamw 124M parameters (as 3 x 41M)", 0, 3,
           gpu.adamw(gpu.ctx, logits, logits + 41000000, logits + 82000000, logits + 123000000, 41000000, 1e-4f, 0.9f,
                     0.95f, 1e-8f, 0.1f, 1));

@@ -446,45 +446,59 @@ int cu_attention_fwd_tc(mps_cuda *c, float *out, float *lse, const float *qkv, i
 int cu_attention_bwd_tc(mps_cuda *c, float *dqkv, const float *dout, const float *qkv, const float *lse,
                         const float *Dv, int B, int T, int H, int hs);
 
-void cu_attention_fwd(void *ctx, float *out, float *lse, const float *qkv, int B, int T, int H, int hs)
+/* The fp32 kernels (and attention_tc.cu) read and write fp32: their output goes through a scratch
+ * buffer and is rounded into the operand buffer after. */
+void cu_attention_fwd(void *ctx, void *out_act, float *lse, const float *qkv, int B, int T, int H, int hs)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (!attn_args_ok(c, "attention_fwd", B, T, H, hs))
         return;
-    if (c->attn_mode == MPS_ATTN_FAST && cu_attention_fwd_fast(c, out, lse, qkv, B, T, H, hs) == 0)
+    if (c->attn_mode == MPS_ATTN_FAST && cu_attention_fwd_fast(c, (act_t *)out_act, lse, qkv, B, T, H, hs) == 0)
         return;
-    if (c->attn_mode == MPS_ATTN_BF16 && cu_attention_fwd_tc(c, out, lse, qkv, B, T, H, hs) == 0)
+    const int64_t n = (int64_t)B * T * H * hs;
+    float *out = (float *)cu_scratch(c, SCR_ATT_OUT, (size_t)n * sizeof(float)); // (B, T, Cl)
+    if (!out)
         return;
-    switch (attn_hp(hs)) {
-    case 16: attn_fwd_hp<16>(c, out, lse, qkv, B, T, H, hs); break;
-    case 32: attn_fwd_hp<32>(c, out, lse, qkv, B, T, H, hs); break;
-    case 64: attn_fwd_hp<64>(c, out, lse, qkv, B, T, H, hs); break;
-    default: attn_fwd_hp<128>(c, out, lse, qkv, B, T, H, hs); break;
+    if (!(c->attn_mode == MPS_ATTN_BF16 && cu_attention_fwd_tc(c, out, lse, qkv, B, T, H, hs) == 0)) {
+        switch (attn_hp(hs)) {
+        case 16: attn_fwd_hp<16>(c, out, lse, qkv, B, T, H, hs); break;
+        case 32: attn_fwd_hp<32>(c, out, lse, qkv, B, T, H, hs); break;
+        case 64: attn_fwd_hp<64>(c, out, lse, qkv, B, T, H, hs); break;
+        default: attn_fwd_hp<128>(c, out, lse, qkv, B, T, H, hs); break;
+        }
     }
+    cu_to_act(c, (act_t *)out_act, out, n, "attention_fwd (to operand)");
 }
 
-void cu_attention_bwd(void *ctx, float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
-                      int B, int T, int H, int hs)
+void cu_attention_bwd(void *ctx, void *dqkv_act, const float *dout, const float *qkv, const void *out_act,
+                      const float *lse, int B, int T, int H, int hs)
 {
     mps_cuda *c = (mps_cuda *)ctx;
-    if (!dqkv || !attn_args_ok(c, "attention_bwd", B, T, H, hs))
+    if (!dqkv_act || !attn_args_ok(c, "attention_bwd", B, T, H, hs))
         return;
-    const int64_t rows = (int64_t)B * T * H;
+    const int64_t rows = (int64_t)B * T * H, n = rows * hs;
     float *Dv = (float *)cu_scratch(c, SCR_ATTN, (size_t)rows * sizeof(float));  // (B, H, T)
     if (!Dv)
         return;
     /* the fast kernels compute D themselves */
-    if (c->attn_mode == MPS_ATTN_FAST && cu_attention_bwd_fast(c, dqkv, dout, qkv, out, lse, Dv, B, T, H, hs) == 0)
+    if (c->attn_mode == MPS_ATTN_FAST &&
+        cu_attention_bwd_fast(c, (act_t *)dqkv_act, dout, qkv, (const act_t *)out_act, lse, Dv, B, T, H, hs) == 0)
+        return;
+    float *out = (float *)cu_scratch(c, SCR_ATT_OUT, (size_t)n * sizeof(float));        // (B, T, Cl)
+    float *dqkv = (float *)cu_scratch(c, SCR_ATT_DQKV, (size_t)3 * n * sizeof(float));  // (B, T, 3 Cl)
+    if (!out || !dqkv || cu_from_act(c, out, (const act_t *)out_act, n, "attention_bwd (out to fp32)") != 0 ||
+        cu_check(c, cudaMemsetAsync(dqkv, 0, (size_t)3 * n * sizeof(float), c->stream), "attention_bwd") != 0)
         return;
     k_attn_D<<<cu_grid(c, rows * 32, 256), 256, 0, c->stream>>>(Dv, dout, out, rows, T, H, hs);
     if (cu_launched(c, "attention_bwd (D)") != 0)
         return;
-    if (c->attn_mode == MPS_ATTN_BF16 && cu_attention_bwd_tc(c, dqkv, dout, qkv, lse, Dv, B, T, H, hs) == 0)
-        return;
-    switch (attn_hp(hs)) {
-    case 16: attn_bwd_hp<16>(c, dqkv, dout, qkv, lse, Dv, B, T, H, hs); break;
-    case 32: attn_bwd_hp<32>(c, dqkv, dout, qkv, lse, Dv, B, T, H, hs); break;
-    case 64: attn_bwd_hp<64>(c, dqkv, dout, qkv, lse, Dv, B, T, H, hs); break;
-    default: attn_bwd_hp<128>(c, dqkv, dout, qkv, lse, Dv, B, T, H, hs); break;
+    if (!(c->attn_mode == MPS_ATTN_BF16 && cu_attention_bwd_tc(c, dqkv, dout, qkv, lse, Dv, B, T, H, hs) == 0)) {
+        switch (attn_hp(hs)) {
+        case 16: attn_bwd_hp<16>(c, dqkv, dout, qkv, lse, Dv, B, T, H, hs); break;
+        case 32: attn_bwd_hp<32>(c, dqkv, dout, qkv, lse, Dv, B, T, H, hs); break;
+        case 64: attn_bwd_hp<64>(c, dqkv, dout, qkv, lse, Dv, B, T, H, hs); break;
+        default: attn_bwd_hp<128>(c, dqkv, dout, qkv, lse, Dv, B, T, H, hs); break;
+        }
     }
+    cu_to_act(c, (act_t *)dqkv_act, dqkv, 3 * n, "attention_bwd (to operand)");
 }

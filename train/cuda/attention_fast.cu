@@ -5,7 +5,9 @@
  *
  * Precision: q, k, v, dout and the probabilities P / dS enter the products as bf16 (converted
  * from fp32 while a tile is copied into shared memory), every product accumulates in fp32
- * (mma.sync m16n8k16 bf16 -> f32), and the softmax, lse, D and all sums stay fp32.
+ * (mma.sync m16n8k16 bf16 -> f32), and the softmax, lse, D and all sums stay fp32. out and dqkv
+ * are operand buffers (bf16, backend.h): the forward rounds out once, D reads it back, and the
+ * backward writes (overwrites) dqkv rounded to bf16.
  *
  * Tiling (all three kernels): a CTA of 8 warps owns 128 rows (16 per warp: queries in the forward
  * and the dQ kernel, keys in the dK/dV kernel) and streams tiles of 64 rows of the other side
@@ -172,6 +174,25 @@ __device__ __forceinline__ void tile_ldg(float4 (&v)[R / 16], const float *base,
     }
 }
 
+/* the same rows of a bf16 tensor (row stride ld elements), widened: 4 bf16 (8 bytes) per float4 */
+template <int R>
+__device__ __forceinline__ void tile_ldg_bf(float4 (&v)[R / 16], const bf16 *base, int64_t ld, int t0, int T)
+{
+    const int c4 = threadIdx.x & 15, r = threadIdx.x >> 4;
+#pragma unroll
+    for (int i = 0; i < R / 16; i++) {
+        const int t = t0 + r + 16 * i;
+        if (t < T) {
+            const uint2 u = __ldg(reinterpret_cast<const uint2 *>(base + (int64_t)t * ld) + c4);
+            const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+            const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+            v[i] = make_float4(lo.x, lo.y, hi.x, hi.y);
+        } else {
+            v[i] = make_float4(0, 0, 0, 0);
+        }
+    }
+}
+
 /* ... and from registers to the bf16 tile dst (rows FLD apart) */
 template <int R>
 __device__ __forceinline__ void tile_sts(bf16 *dst, const float4 (&v)[R / 16])
@@ -246,7 +267,7 @@ __device__ __forceinline__ float quad_sum(float v)
  * rows q0 + 16 w + l/4 (+ 8), columns 8 n + 2 (l % 4) (+ 1) of each n8 tile n. Scores are kept in
  * log2 units: s * scale * log2(e), so that exp is one ex2. */
 __global__ void __launch_bounds__(FTHREADS, 2)
-    k_fa_fwd(float *out, float *lse, const float *qkv, int T, int H, float sl2)
+    k_fa_fwd(bf16 *out, float *lse, const float *qkv, int T, int H, float sl2)
 {
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16 *Qs = reinterpret_cast<bf16 *>(fa_smem); /* [128][FLD] */
@@ -358,10 +379,11 @@ __global__ void __launch_bounds__(FTHREADS, 2)
         if (t >= T)
             continue;
         const float ls = hf ? l1 : l0, inv = 1.0f / ls;
-        float *orow = out + ((int64_t)b * T + t) * Cl + (int64_t)h * FD + 2 * tg;
+        bf16 *orow = out + ((int64_t)b * T + t) * Cl + (int64_t)h * FD + 2 * tg;
 #pragma unroll
         for (int n = 0; n < 8; n++)
-            *reinterpret_cast<float2 *>(orow + 8 * n) = make_float2(o[n][2 * hf] * inv, o[n][2 * hf + 1] * inv);
+            *reinterpret_cast<__nv_bfloat162 *>(orow + 8 * n) =
+                __floats2bfloat162_rn(o[n][2 * hf] * inv, o[n][2 * hf + 1] * inv);
         if (tg == 0)
             lse[(int64_t)bh * T + t] = ((hf ? m1 : m0) + log2f(ls)) * LN2;
     }
@@ -374,7 +396,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
  * S = Q K^T, P = exp(S - lse), dP = dO V^T, dS = P (dP - D), dQ += dS K; at the end
  * dq += scale * dQ */
 __global__ void __launch_bounds__(FTHREADS, 2)
-    k_fa_dq(float *dqkv, float *Dv, const float *dout, const float *out, const float *qkv, const float *lse, int T,
+    k_fa_dq(bf16 *dqkv, float *Dv, const float *dout, const bf16 *out, const float *qkv, const float *lse, int T,
             int H, float scale, float sl2)
 {
     extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -389,7 +411,8 @@ __global__ void __launch_bounds__(FTHREADS, 2)
     const int q0 = (gridDim.y - 1 - blockIdx.y) * FROWS;
     const int64_t Cl = (int64_t)H * FD, ld = 3 * Cl;
     const float *qb = qkv + (int64_t)b * T * ld + (int64_t)h * FD, *kb = qb + Cl, *vb = qb + 2 * Cl;
-    const float *gb = dout + (int64_t)b * T * Cl + (int64_t)h * FD, *ob = out + (int64_t)b * T * Cl + (int64_t)h * FD;
+    const float *gb = dout + (int64_t)b * T * Cl + (int64_t)h * FD;
+    const bf16 *ob = out + (int64_t)b * T * Cl + (int64_t)h * FD;
     const int nkt = (min(q0 + FROWS, T) + FTILE - 1) / FTILE;
     const int wr0 = q0 + 16 * w;
     const int wkt = wr0 < T ? min(wr0 + 15, T - 1) / FTILE + 1 : 0;
@@ -406,7 +429,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
     for (int half = 0; half < 2; half++) {
         float4 v[FTILE / 16], o[FTILE / 16];
         tile_ldg<FTILE>(v, gb, Cl, q0 + FTILE * half, T);
-        tile_ldg<FTILE>(o, ob, Cl, q0 + FTILE * half, T);
+        tile_ldg_bf<FTILE>(o, ob, Cl, q0 + FTILE * half, T);
         tile_sts<FTILE>(Gs + FTILE * half * FLD, v);
 #pragma unroll
         for (int i = 0; i < FTILE / 16; i++) {
@@ -519,15 +542,11 @@ __global__ void __launch_bounds__(FTHREADS, 2)
         const int t = wr0 + g + 8 * hf;
         if (t >= T)
             continue;
-        float *row = dqkv + ((int64_t)b * T + t) * ld + (int64_t)h * FD + 2 * tg;
+        bf16 *row = dqkv + ((int64_t)b * T + t) * ld + (int64_t)h * FD + 2 * tg;
 #pragma unroll
-        for (int n = 0; n < 8; n++) {
-            float2 *p2 = reinterpret_cast<float2 *>(row + 8 * n);
-            float2 v = *p2;
-            v.x += scale * dq[n][2 * hf];
-            v.y += scale * dq[n][2 * hf + 1];
-            *p2 = v;
-        }
+        for (int n = 0; n < 8; n++)
+            *reinterpret_cast<__nv_bfloat162 *>(row + 8 * n) =
+                __floats2bfloat162_rn(scale * dq[n][2 * hf], scale * dq[n][2 * hf + 1]);
     }
 }
 
@@ -540,7 +559,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
  * dk += scale * dK, dv += dV. The lse (log2 units; +inf past T, which
  * makes P^T zero there) and D of each query tile are staged in shared memory with its rows. */
 __global__ void __launch_bounds__(FTHREADS, 2)
-    k_fa_dkv(float *dqkv, const float *dout, const float *qkv, const float *lse, const float *Dv, int T, int H,
+    k_fa_dkv(bf16 *dqkv, const float *dout, const float *qkv, const float *lse, const float *Dv, int T, int H,
              float scale, float sl2)
 {
     extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -694,17 +713,13 @@ __global__ void __launch_bounds__(FTHREADS, 2)
         const int key = kw0 + g + 8 * hf;
         if (key >= T)
             continue;
-        float *row = dqkv + ((int64_t)b * T + key) * ld + (int64_t)h * FD + Cl + 2 * tg;
+        bf16 *row = dqkv + ((int64_t)b * T + key) * ld + (int64_t)h * FD + Cl + 2 * tg;
 #pragma unroll
         for (int n = 0; n < 8; n++) {
-            float2 *pk = reinterpret_cast<float2 *>(row + 8 * n), *pv = reinterpret_cast<float2 *>(row + Cl + 8 * n);
-            float2 a = *pk, c = *pv;
-            a.x += scale * dk[n][2 * hf];
-            a.y += scale * dk[n][2 * hf + 1];
-            c.x += dv[n][2 * hf];
-            c.y += dv[n][2 * hf + 1];
-            *pk = a;
-            *pv = c;
+            *reinterpret_cast<__nv_bfloat162 *>(row + 8 * n) =
+                __floats2bfloat162_rn(scale * dk[n][2 * hf], scale * dk[n][2 * hf + 1]);
+            *reinterpret_cast<__nv_bfloat162 *>(row + Cl + 8 * n) =
+                __floats2bfloat162_rn(dv[n][2 * hf], dv[n][2 * hf + 1]);
         }
     }
 }
@@ -722,7 +737,7 @@ int fa_smem(mps_cuda *c, K kernel, size_t smem, const char *what)
 }
 
 /* the fast path applies: head size 64 and 16-byte aligned tensors (float4 loads of qkv / dout,
- * float2 stores of out / dqkv); otherwise the caller takes the fp32 kernels */
+ * bf16x2 stores of out / dqkv); otherwise the caller takes the fp32 kernels */
 bool fa_applies(int hs, const void *a, const void *b, const void *c3)
 {
     return hs == FD && cu_aligned16(a) && cu_aligned16(b) && (!c3 || cu_aligned16(c3));
@@ -730,7 +745,7 @@ bool fa_applies(int hs, const void *a, const void *b, const void *c3)
 
 } // namespace
 
-int cu_attention_fwd_fast(mps_cuda *c, float *out, float *lse, const float *qkv, int B, int T, int H, int hs)
+int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const float *qkv, int B, int T, int H, int hs)
 {
     if (!fa_applies(hs, out, qkv, NULL))
         return -1;
@@ -746,7 +761,7 @@ int cu_attention_fwd_fast(mps_cuda *c, float *out, float *lse, const float *qkv,
     return 0;
 }
 
-int cu_attention_bwd_fast(mps_cuda *c, float *dqkv, const float *dout, const float *qkv, const float *out,
+int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const float *dout, const float *qkv, const act_t *out,
                           const float *lse, float *Dv, int B, int T, int H, int hs)
 {
     if (!fa_applies(hs, dqkv, dout, qkv) || !cu_aligned16(out))

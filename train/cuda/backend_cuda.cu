@@ -304,9 +304,9 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     b.add = cu_add;
     b.accumulate = cu_accumulate;
     b.scale = cu_scale;
-    b.xent_rowmax = cu_xent_rowmax;
-    b.xent_sumexp = cu_xent_sumexp;
-    b.xent_target = cu_xent_target;
+    b.act_bytes = (int)sizeof(act_t);
+    b.xent_stats = cu_xent_stats;
+    b.xent_rescale = cu_xent_rescale;
     b.xent_bwd = cu_xent_bwd;
     b.xent_loss_sum = cu_xent_loss_sum;
     b.adamw = cu_adamw;

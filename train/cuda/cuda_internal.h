@@ -17,11 +17,14 @@ extern "C" {
 #include "backend.h"
 }
 
+/* The operand format of this backend (backend.h: act_bytes): activations that only GEMMs read are
+ * bf16, rounded once by the kernel that makes them. */
+typedef __nv_bfloat16 act_t;
+
 /* Scratch buffers, grown on demand and kept until destroy. */
 enum {
-    SCR_BF_A,   /* bf16 copy of a GEMM operand (the activations / inp) */
     SCR_BF_B,   /* bf16 copy of a GEMM operand (the weights) */
-    SCR_BF_C,   /* bf16 copy of a GEMM operand (dout in matmul_bwd) */
+    SCR_BF_C,   /* bf16 copy of a GEMM operand (an fp32 dout in matmul_bwd) */
     SCR_PART,   /* fp32 partial sums of the column reductions (layernorm dw, db; bias_grad) */
     SCR_PART2,  /* second set of partial sums (layernorm db next to dw) */
     SCR_COLSUM, /* chunk partials of cu_colsum_acc's first pass */
@@ -29,6 +32,8 @@ enum {
     SCR_SORT,   /* int32 keys and values of the embedding backward's sort (4 x N) */
     SCR_CUB,    /* temporary storage of the CUB radix sort */
     SCR_EMB,    /* fp32 (N, C) piece sums of the embedding backward */
+    SCR_ATT_OUT, /* fp32 attention output / its copy, for the attention kernels other than the fast path */
+    SCR_ATT_DQKV, /* fp32 dqkv of those kernels, converted to the operand buffer after */
     SCR_COUNT
 };
 
@@ -90,23 +95,21 @@ void cu_embed_bwd(void *ctx, float *dwte, const float *dout, const int32_t *toke
                   int C);
 void cu_pos_fwd(void *ctx, float *x, const float *wpe, int B, int T, int C);
 void cu_pos_bwd(void *ctx, float *dwpe, const float *dx, int B, int T, int C);
-void cu_layernorm_fwd(void *ctx, float *out, float *mean, float *rstd, const float *inp, const float *w,
+void cu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const float *inp, const float *w,
                       const float *b, int64_t N, int C);
 void cu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
                       const float *w, const float *mean, const float *rstd, int64_t N, int C);
-void cu_gelu_fwd(void *ctx, float *out, const float *inp, int64_t n);
-void cu_gelu_bwd(void *ctx, float *dinp, const float *inp, const float *dout, int64_t n);
+void cu_gelu_fwd(void *ctx, void *out, const float *inp, int64_t n);
+void cu_gelu_bwd(void *ctx, void *dinp, const float *inp, const float *dout, int64_t n);
 void cu_residual_bias(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
 void cu_bias_grad(void *ctx, float *db, const float *dout, int64_t N, int C);
 void cu_add(void *ctx, float *out, const float *a, const float *b, int64_t n);
 void cu_accumulate(void *ctx, float *dst, const float *src, int64_t n);
 void cu_scale(void *ctx, float *x, float s, int64_t n);
-void cu_xent_rowmax(void *ctx, float *rowmax, const float *logits, int64_t N, int64_t Vl, int64_t v0, int64_t V);
-void cu_xent_sumexp(void *ctx, float *sumexp, const float *logits, const float *gmax, int64_t N, int64_t Vl,
-                    int64_t v0, int64_t V);
-void cu_xent_target(void *ctx, float *tlogit, const float *logits, const int32_t *targets, int64_t N, int64_t Vl,
-                    int64_t v0);
-void cu_xent_bwd(void *ctx, float *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+void cu_xent_stats(void *ctx, float *rowmax, float *sumexp, float *tlogit, const float *logits, const int32_t *targets,
+                   int64_t N, int64_t Vl, int64_t v0, int64_t V);
+void cu_xent_rescale(void *ctx, float *sumexp, const float *rowmax, const float *gmax, int64_t N);
+void cu_xent_bwd(void *ctx, void *dlogits, const float *logits, const int32_t *targets, const float *gmax,
                  const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
 double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
 void cu_adamw(void *ctx, float *param, const float *grad, float *m, float *v, int64_t n, float lr, float beta1,
@@ -114,26 +117,31 @@ void cu_adamw(void *ctx, float *param, const float *grad, float *m, float *v, in
 double cu_sumsq(void *ctx, const float *x, int64_t n);
 /* db (C) += column sums of x (rows, C), deterministic (used by bias_grad and matmul_bwd) */
 void cu_colsum_acc(mps_cuda *c, float *db, const float *x, int64_t rows, int C, const char *what);
+void cu_colsum_acc_act(mps_cuda *c, float *db, const act_t *x, int64_t rows, int C, const char *what);
+/* operand format <-> fp32 (n elements; 0 or -1 after recording an error) */
+int cu_to_act(mps_cuda *c, act_t *dst, const float *src, int64_t n, const char *what);
+int cu_from_act(mps_cuda *c, float *dst, const act_t *src, int64_t n, const char *what);
 /* out (N, C) += bias (C) broadcast over rows */
 void cu_add_bias_rows(mps_cuda *c, float *out, const float *bias, int64_t N, int C);
 
 /* ---- gemm.cu */
-void cu_matmul_fwd(void *ctx, float *out, const float *inp, const float *w, const float *bias, int64_t N, int C,
+void cu_matmul_fwd(void *ctx, float *out, const void *inp, const float *w, const float *bias, int64_t N, int C,
                    int OC);
-void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
+void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const void *dout, int dout_act, const void *inp,
                    const float *w, int64_t N, int C, int OC);
 void cu_gemm_plans_free(mps_cuda *c);
 
 /* ---- attention.cu */
-void cu_attention_fwd(void *ctx, float *out, float *lse, const float *qkv, int B, int T, int H, int hs);
-void cu_attention_bwd(void *ctx, float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
+void cu_attention_fwd(void *ctx, void *out, float *lse, const float *qkv, int B, int T, int H, int hs);
+void cu_attention_bwd(void *ctx, void *dqkv, const float *dout, const float *qkv, const void *out, const float *lse,
                       int B, int T, int H, int hs);
 
 /* ---- attention_fast.cu: head size 64 on tensor cores; 0 when they took the call (errors are
  * recorded), -1 when the shape or alignment does not apply (the caller runs another path).
- * Dv: (B, H, T) scratch that the backward fills with the rows dout . out. */
-int cu_attention_fwd_fast(mps_cuda *c, float *out, float *lse, const float *qkv, int B, int T, int H, int hs);
-int cu_attention_bwd_fast(mps_cuda *c, float *dqkv, const float *dout, const float *qkv, const float *out,
+ * Dv: (B, H, T) scratch that the backward fills with the rows dout . out. out and dqkv are
+ * operand buffers (bf16); the backward overwrites dqkv. */
+int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const float *qkv, int B, int T, int H, int hs);
+int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const float *dout, const float *qkv, const act_t *out,
                           const float *lse, float *Dv, int B, int T, int H, int hs);
 
 #endif

@@ -1,7 +1,8 @@
 /* matmul_fwd / matmul_bwd of the CUDA backend: bf16 operands, fp32 accumulation and fp32 outputs.
- * The engine keeps weights and activations in fp32; each call rounds its operands to bf16 into
- * scratch buffers (a memory-bound kernel, small next to the product) and runs cuBLASLt with
- * compute type 32F. The forward bias is a cuBLASLt epilogue (D = A B + bias) when the bias is
+ * The activations a product reads are operand buffers, already bf16 (backend.h: the kernel that
+ * makes one rounds it once); the fp32 weights, and a dout that is the fp32 residual gradient, are
+ * rounded to bf16 into scratch buffers per call (memory-bound, small next to the product).
+ * cuBLASLt runs with compute type 32F. The forward bias is a cuBLASLt epilogue (D = A B + bias) when the bias is
  * 16-byte aligned, else a kernel. The backward accumulates (beta = 1) into dinp and dw, as the
  * table's += convention asks; dbias is a deterministic column sum of the fp32 dout (kernels.cu).
  *
@@ -214,7 +215,7 @@ static int dims_ok(mps_cuda *c, const char *what, int64_t N, int C, int OC)
     return 1;
 }
 
-void cu_matmul_fwd(void *ctx, float *out, const float *inp, const float *w, const float *bias, int64_t N, int C,
+void cu_matmul_fwd(void *ctx, float *out, const void *inp, const float *w, const float *bias, int64_t N, int C,
                    int OC)
 {
     mps_cuda *c = (mps_cuda *)ctx;
@@ -227,8 +228,8 @@ void cu_matmul_fwd(void *ctx, float *out, const float *inp, const float *w, cons
         return;
     }
     const __nv_bfloat16 *wb = to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_fwd (w to bf16)");
-    const __nv_bfloat16 *ib = wb ? to_bf16(c, SCR_BF_A, inp, N * C, "matmul_fwd (inp to bf16)") : NULL;
-    if (!ib)
+    const act_t *ib = (const act_t *)inp;
+    if (!wb)
         return;
     const int epi = bias && cu_aligned16(bias);
     gemm(c, "matmul_fwd", 1, 0, OC, (int)N, C, wb, C, ib, C, 0.0f, out, OC, epi ? bias : NULL);
@@ -236,17 +237,22 @@ void cu_matmul_fwd(void *ctx, float *out, const float *inp, const float *w, cons
         cu_add_bias_rows(c, out, bias, N, OC);
 }
 
-void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
+void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const void *dout, int dout_act, const void *inp,
                    const float *w, int64_t N, int C, int OC)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0 || OC <= 0 || C <= 0 || !dims_ok(c, "matmul_bwd", N, C, OC))
         return;
-    if (dbias)
-        cu_colsum_acc(c, dbias, dout, N, OC, "matmul_bwd (dbias)");
+    if (dbias) {
+        if (dout_act)
+            cu_colsum_acc_act(c, dbias, (const act_t *)dout, N, OC, "matmul_bwd (dbias)");
+        else
+            cu_colsum_acc(c, dbias, (const float *)dout, N, OC, "matmul_bwd (dbias)");
+    }
     if (!dinp && !dw)
         return;
-    const __nv_bfloat16 *gb = to_bf16(c, SCR_BF_C, dout, N * OC, "matmul_bwd (dout to bf16)");
+    const __nv_bfloat16 *gb = dout_act ? (const act_t *)dout
+                                       : to_bf16(c, SCR_BF_C, (const float *)dout, N * OC, "matmul_bwd (dout to bf16)");
     if (!gb)
         return;
     if (dinp) {
@@ -255,8 +261,7 @@ void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const float 
             gemm(c, "matmul_bwd (dinp)", 0, 0, C, (int)N, OC, wb, C, gb, OC, 1.0f, dinp, C, NULL);
     }
     if (dw) {
-        const __nv_bfloat16 *ib = to_bf16(c, SCR_BF_A, inp, N * C, "matmul_bwd (inp to bf16)");
-        if (ib)
-            gemm(c, "matmul_bwd (dw)", 0, 1, C, OC, (int)N, ib, C, gb, OC, 1.0f, dw, C, NULL);
+        const act_t *ib = (const act_t *)inp;
+        gemm(c, "matmul_bwd (dw)", 0, 1, C, OC, (int)N, ib, C, gb, OC, 1.0f, dw, C, NULL);
     }
 }

@@ -1,5 +1,6 @@
 /* Kernels of the CUDA backend other than GEMM and attention: fp32 math throughout, shapes and the
- * accumulate (+=) convention of ops_cpu.h.
+ * accumulate (+=) convention of ops_cpu.h; outputs that are operand buffers (backend.h) are bf16 and
+ * overwritten.
  *
  * Determinism: no float atomics anywhere. Every output element is written by one thread, and
  * every reduction has a fixed shape that depends on the sizes only (not on timing or the SM
@@ -128,29 +129,59 @@ struct ScaleF {
         st4(x, i, make_float4(v.x * s, v.y * s, v.z * s, v.w * s));
     }
 };
-struct GeluF {
-    float *o;
+/* four bf16 (8 bytes) at element 4 i4 */
+__device__ __forceinline__ void st4_act(act_t *p, int64_t i4, float a, float b, float c, float d)
+{
+    __nv_bfloat162 lo = __floats2bfloat162_rn(a, b), hi = __floats2bfloat162_rn(c, d);
+    uint2 u;
+    u.x = *reinterpret_cast<uint32_t *>(&lo);
+    u.y = *reinterpret_cast<uint32_t *>(&hi);
+    reinterpret_cast<uint2 *>(p)[i4] = u;
+}
+__device__ __forceinline__ float4 ld4_act(const act_t *p, int64_t i4)
+{
+    const uint2 u = reinterpret_cast<const uint2 *>(p)[i4];
+    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+static int aligned8(const void *p) { return ((uintptr_t)p & 7u) == 0; }
+
+struct GeluF { /* out (operand) = gelu(x) */
+    act_t *o;
     const float *x;
-    __device__ void one(int64_t i) const { o[i] = gelu_f(x[i]); }
+    __device__ void one(int64_t i) const { o[i] = __float2bfloat16_rn(gelu_f(x[i])); }
     __device__ void four(int64_t i) const
     {
         float4 v = ld4(x, i);
-        st4(o, i, make_float4(gelu_f(v.x), gelu_f(v.y), gelu_f(v.z), gelu_f(v.w)));
+        st4_act(o, i, gelu_f(v.x), gelu_f(v.y), gelu_f(v.z), gelu_f(v.w));
     }
 };
-struct GeluBwdF {
-    float *d;
+struct GeluBwdF { /* d (operand) = gelu'(x) g */
+    act_t *d;
     const float *x, *g;
-    __device__ void one(int64_t i) const { d[i] += gelu_g(x[i]) * g[i]; }
+    __device__ void one(int64_t i) const { d[i] = __float2bfloat16_rn(gelu_g(x[i]) * g[i]); }
     __device__ void four(int64_t i) const
     {
-        float4 v = ld4(x, i), gv = ld4(g, i), dv = ld4(d, i);
-        dv.x += gelu_g(v.x) * gv.x;
-        dv.y += gelu_g(v.y) * gv.y;
-        dv.z += gelu_g(v.z) * gv.z;
-        dv.w += gelu_g(v.w) * gv.w;
-        st4(d, i, dv);
+        float4 v = ld4(x, i), gv = ld4(g, i);
+        st4_act(d, i, gelu_g(v.x) * gv.x, gelu_g(v.y) * gv.y, gelu_g(v.z) * gv.z, gelu_g(v.w) * gv.w);
     }
+};
+struct ToActF {
+    act_t *d;
+    const float *s;
+    __device__ void one(int64_t i) const { d[i] = __float2bfloat16_rn(s[i]); }
+    __device__ void four(int64_t i) const
+    {
+        float4 v = ld4(s, i);
+        st4_act(d, i, v.x, v.y, v.z, v.w);
+    }
+};
+struct FromActF {
+    float *d;
+    const act_t *s;
+    __device__ void one(int64_t i) const { d[i] = __bfloat162float(s[i]); }
+    __device__ void four(int64_t i) const { st4(d, i, ld4_act(s, i)); }
 };
 /* torch.optim.AdamW (single-tensor path), the formula of op_adamw */
 struct AdamF {
@@ -193,16 +224,26 @@ void cu_accumulate(void *ctx, float *dst, const float *src, int64_t n)
     launch_ew((mps_cuda *)ctx, AccF{dst, src}, n, cu_aligned16(dst) && cu_aligned16(src), "accumulate");
 }
 void cu_scale(void *ctx, float *x, float s, int64_t n) { launch_ew((mps_cuda *)ctx, ScaleF{x, s}, n, cu_aligned16(x), "scale"); }
-void cu_gelu_fwd(void *ctx, float *out, const float *inp, int64_t n)
+void cu_gelu_fwd(void *ctx, void *out, const float *inp, int64_t n)
 {
-    launch_ew((mps_cuda *)ctx, GeluF{out, inp}, n, cu_aligned16(out) && cu_aligned16(inp), "gelu_fwd");
+    launch_ew((mps_cuda *)ctx, GeluF{(act_t *)out, inp}, n, aligned8(out) && cu_aligned16(inp), "gelu_fwd");
 }
-void cu_gelu_bwd(void *ctx, float *dinp, const float *inp, const float *dout, int64_t n)
+void cu_gelu_bwd(void *ctx, void *dinp, const float *inp, const float *dout, int64_t n)
 {
     if (!dinp)
         return;
-    int vec = cu_aligned16(dinp) && cu_aligned16(inp) && cu_aligned16(dout);
-    launch_ew((mps_cuda *)ctx, GeluBwdF{dinp, inp, dout}, n, vec, "gelu_bwd");
+    int vec = aligned8(dinp) && cu_aligned16(inp) && cu_aligned16(dout);
+    launch_ew((mps_cuda *)ctx, GeluBwdF{(act_t *)dinp, inp, dout}, n, vec, "gelu_bwd");
+}
+int cu_to_act(mps_cuda *c, act_t *dst, const float *src, int64_t n, const char *what)
+{
+    launch_ew(c, ToActF{dst, src}, n, aligned8(dst) && cu_aligned16(src), what);
+    return c->failed ? -1 : 0;
+}
+int cu_from_act(mps_cuda *c, float *dst, const act_t *src, int64_t n, const char *what)
+{
+    launch_ew(c, FromActF{dst, src}, n, cu_aligned16(dst) && aligned8(src), what);
+    return c->failed ? -1 : 0;
 }
 
 void cu_adamw(void *ctx, float *param, const float *grad, float *m, float *v, int64_t n, float lr, float beta1,
@@ -483,7 +524,11 @@ void cu_embed_bwd(void *ctx, float *dwte, const float *dout, const int32_t *toke
 
 /* rows [y*R, (y+1)*R) of x (rows, C): thread (tx, ty) sums rows ty, ty + 8, ... of its column in
  * order, the 8 partial sums are added in ty order. acc: dst[c] += sum, else dst[y * C + c] = sum. */
-__global__ void k_colsum(float *dst, int acc, const float *x, int64_t rows, int C, int64_t R)
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(act_t v) { return __bfloat162float(v); }
+
+template <class T>
+__global__ void k_colsum(float *dst, int acc, const T *x, int64_t rows, int C, int64_t R)
 {
     __shared__ float sh[CS_TY][CS_TX + 1];
     const int col = blockIdx.x * CS_TX + threadIdx.x;
@@ -491,7 +536,7 @@ __global__ void k_colsum(float *dst, int acc, const float *x, int64_t rows, int 
     float s = 0.0f;
     if (col < C)
         for (int64_t r = r0 + threadIdx.y; r < r1; r += CS_TY)
-            s += x[r * C + col];
+            s += to_f(x[r * C + col]);
     sh[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
     if (threadIdx.y == 0 && col < C) {
@@ -505,7 +550,8 @@ __global__ void k_colsum(float *dst, int acc, const float *x, int64_t rows, int 
     }
 }
 
-void cu_colsum_acc(mps_cuda *c, float *dst, const float *x, int64_t rows, int C, const char *what)
+template <class T>
+static void colsum_acc(mps_cuda *c, float *dst, const T *x, int64_t rows, int C, const char *what)
 {
     if (rows <= 0 || C <= 0)
         return;
@@ -531,6 +577,15 @@ void cu_colsum_acc(mps_cuda *c, float *dst, const float *x, int64_t rows, int C,
     cu_launched(c, what);
 }
 
+void cu_colsum_acc(mps_cuda *c, float *dst, const float *x, int64_t rows, int C, const char *what)
+{
+    colsum_acc(c, dst, x, rows, C, what);
+}
+void cu_colsum_acc_act(mps_cuda *c, float *dst, const act_t *x, int64_t rows, int C, const char *what)
+{
+    colsum_acc(c, dst, x, rows, C, what);
+}
+
 void cu_bias_grad(void *ctx, float *db, const float *dout, int64_t N, int C)
 {
     if (db)
@@ -540,7 +595,7 @@ void cu_bias_grad(void *ctx, float *db, const float *dout, int64_t N, int C)
 /* ---------------------------------------------------------------- layernorm */
 
 /* one warp per row, eps 1e-5, biased variance (two passes: mean, then squared deviations) */
-__global__ void k_ln_fwd(float *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+__global__ void k_ln_fwd(act_t *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
                          int64_t N, int C)
 {
     const int lane = threadIdx.x & 31;
@@ -557,9 +612,9 @@ __global__ void k_ln_fwd(float *out, float *mean, float *rstd, const float *inp,
             ss += d * d;
         }
         const float rs = 1.0f / sqrtf(warp_reduce(ss, SumOp()) / C + 1e-5f);
-        float *o = out + r * C;
+        act_t *o = out + r * C;
         for (int j = lane; j < C; j += 32)
-            o[j] = (x[j] - m) * rs * w[j] + b[j];
+            o[j] = __float2bfloat16_rn((x[j] - m) * rs * w[j] + b[j]);
         if (lane == 0) {
             if (mean)
                 mean[r] = m;
@@ -569,13 +624,13 @@ __global__ void k_ln_fwd(float *out, float *mean, float *rstd, const float *inp,
     }
 }
 
-void cu_layernorm_fwd(void *ctx, float *out, float *mean, float *rstd, const float *inp, const float *w,
+void cu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const float *inp, const float *w,
                       const float *b, int64_t N, int C)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0 || C <= 0)
         return;
-    k_ln_fwd<<<cu_grid(c, N * 32, 256), 256, 0, c->stream>>>(out, mean, rstd, inp, w, b, N, C);
+    k_ln_fwd<<<cu_grid(c, N * 32, 256), 256, 0, c->stream>>>((act_t *)out, mean, rstd, inp, w, b, N, C);
     cu_launched(c, "layernorm_fwd");
 }
 
@@ -683,63 +738,69 @@ static int64_t xent_nreal(int64_t Vl, int64_t v0, int64_t V)
 
 #define XE_THREADS 256
 
-/* one block per row; vec: rows are 16-byte aligned (aligned base, Vl % 4 == 0) */
-__global__ void k_xent_rowmax(float *rowmax, const float *logits, int64_t N, int64_t Vl, int64_t nr, int vec)
+/* online softmax statistics: (max, sum of exp(x - max)) pairs combine exactly in any fixed order */
+struct MaxSum {
+    float m, s;
+};
+__device__ __forceinline__ MaxSum ms_add(MaxSum a, float x)
 {
+    if (x > a.m) {
+        a.s = a.s * expf(a.m - x) + 1.0f; /* exp(-inf) = 0 for the first element */
+        a.m = x;
+    } else {
+        a.s += expf(x - a.m);
+    }
+    return a;
+}
+__device__ __forceinline__ MaxSum ms_join(MaxSum a, MaxSum b)
+{
+    const float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY)
+        return a;
+    return MaxSum{m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+}
+__device__ __forceinline__ MaxSum ms_shfl(MaxSum v, int o)
+{
+    return MaxSum{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
+}
+
+/* One block per row, one pass over the logits: local max, sum of exp relative to it, target
+ * logit. A thread folds its elements in order, then a fixed tree (warp butterflies, warps in
+ * order) joins the pairs: deterministic. vec: rows are 16-byte aligned (aligned base, Vl % 4 == 0). */
+__global__ void k_xent_stats(float *rowmax, float *sumexp, float *tlogit, const float *logits, const int32_t *targets,
+                             int64_t N, int64_t Vl, int64_t v0, int64_t nr, int vec)
+{
+    __shared__ MaxSum sh[32];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
-        const float *l = logits + i * Vl;  // (Vl)
-        float m = -INFINITY;
+        const float *l = logits + i * Vl; // (Vl)
+        MaxSum a = {-INFINITY, 0.0f};
         int64_t j0 = 0;
         if (vec) {
             const int64_t n4 = nr >> 2;
             for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
-                float4 v = ld4(l, j);
-                m = fmaxf(m, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)));
+                const float4 v = ld4(l, j);
+                a = ms_add(ms_add(ms_add(ms_add(a, v.x), v.y), v.z), v.w);
             }
             j0 = n4 << 2;
         }
         for (int64_t j = j0 + threadIdx.x; j < nr; j += blockDim.x)
-            m = fmaxf(m, l[j]);
-        m = block_reduce(m, MaxOp(), -INFINITY);
-        if (threadIdx.x == 0)
-            rowmax[i] = m;
-    }
-}
-
-__global__ void k_xent_sumexp(float *sumexp, const float *logits, const float *gmax, int64_t N, int64_t Vl, int64_t nr,
-                              int vec)
-{
-    for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
-        const float *l = logits + i * Vl;
-        const float m = gmax[i];
-        float s = 0.0f;
-        int64_t j0 = 0;
-        if (vec) {
-            const int64_t n4 = nr >> 2;
-            for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
-                float4 v = ld4(l, j);
-                s += expf(v.x - m);
-                s += expf(v.y - m);
-                s += expf(v.z - m);
-                s += expf(v.w - m);
-            }
-            j0 = n4 << 2;
+            a = ms_add(a, l[j]);
+        for (int o = 16; o > 0; o >>= 1)
+            a = ms_join(a, ms_shfl(a, o));
+        __syncthreads(); /* the previous row's readers of sh are done */
+        if (lane == 0)
+            sh[w] = a;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            MaxSum t = sh[0];
+            for (int k = 1; k < nw; k++)
+                t = ms_join(t, sh[k]);
+            rowmax[i] = t.m;
+            sumexp[i] = t.s;
+            const int64_t tj = (int64_t)targets[i] - v0;
+            tlogit[i] = (tj >= 0 && tj < Vl) ? l[tj] : 0.0f;
         }
-        for (int64_t j = j0 + threadIdx.x; j < nr; j += blockDim.x)
-            s += expf(l[j] - m);
-        s = block_reduce(s, SumOp(), 0.0f);
-        if (threadIdx.x == 0)
-            sumexp[i] = s;
-    }
-}
-
-__global__ void k_xent_target(float *tlogit, const float *logits, const int32_t *targets, int64_t N, int64_t Vl,
-                              int64_t v0)
-{
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += stride) {
-        const int64_t j = (int64_t)targets[i] - v0;
-        tlogit[i] = (j >= 0 && j < Vl) ? logits[i * Vl + j] : 0.0f;
     }
 }
 
@@ -751,13 +812,13 @@ __device__ __forceinline__ float xent_d(float l, int64_t j, int64_t nr, int64_t 
     return scale * (j == tj ? p - 1.0f : p);
 }
 
-/* element-wise in place: each element is read, then written, by the same thread */
-__global__ void k_xent_bwd(float *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+/* dlogits (operand buffer, bf16) from the fp32 logits; vec: Vl % 4 == 0 and aligned rows */
+__global__ void k_xent_bwd(act_t *dlogits, const float *logits, const int32_t *targets, const float *gmax,
                            const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t nr, int vec)
 {
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
         const float *l = logits + i * Vl;
-        float *d = dlogits + i * Vl;
+        act_t *d = dlogits + i * Vl;
         const float m = gmax[i], inv = 1.0f / gsumexp[i];
         const int64_t tj = (int64_t)targets[i] - v0;
         int64_t j0 = 0;
@@ -766,58 +827,53 @@ __global__ void k_xent_bwd(float *dlogits, const float *logits, const int32_t *t
             for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
                 float4 v = ld4(l, j);
                 const int64_t e = j << 2;
-                st4(d, j, make_float4(xent_d(v.x, e, nr, tj, m, inv, scale), xent_d(v.y, e + 1, nr, tj, m, inv, scale),
-                                      xent_d(v.z, e + 2, nr, tj, m, inv, scale),
-                                      xent_d(v.w, e + 3, nr, tj, m, inv, scale)));
+                st4_act(d, j, xent_d(v.x, e, nr, tj, m, inv, scale), xent_d(v.y, e + 1, nr, tj, m, inv, scale),
+                        xent_d(v.z, e + 2, nr, tj, m, inv, scale), xent_d(v.w, e + 3, nr, tj, m, inv, scale));
             }
             j0 = n4 << 2;
         }
         for (int64_t j = j0 + threadIdx.x; j < Vl; j += blockDim.x)
-            d[j] = xent_d(l[j], j, nr, tj, m, inv, scale);
+            d[j] = __float2bfloat16_rn(xent_d(l[j], j, nr, tj, m, inv, scale));
     }
 }
 
-static int xent_vec(const void *a, const void *b, int64_t Vl) { return Vl % 4 == 0 && cu_aligned16(a) && cu_aligned16(b); }
+__global__ void k_xent_rescale(float *sumexp, const float *rowmax, const float *gmax, int64_t N)
+{
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < N; i += stride)
+        sumexp[i] = rowmax[i] == -INFINITY ? 0.0f : sumexp[i] * expf(rowmax[i] - gmax[i]);
+}
 
-void cu_xent_rowmax(void *ctx, float *rowmax, const float *logits, int64_t N, int64_t Vl, int64_t v0, int64_t V)
+void cu_xent_stats(void *ctx, float *rowmax, float *sumexp, float *tlogit, const float *logits, const int32_t *targets,
+                   int64_t N, int64_t Vl, int64_t v0, int64_t V)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0)
         return;
-    k_xent_rowmax<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>(rowmax, logits, N, Vl, xent_nreal(Vl, v0, V),
-                                                                xent_vec(logits, logits, Vl));
-    cu_launched(c, "xent_rowmax");
+    const int vec = Vl % 4 == 0 && cu_aligned16(logits);
+    k_xent_stats<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>(rowmax, sumexp, tlogit, logits, targets, N, Vl, v0,
+                                                               xent_nreal(Vl, v0, V), vec);
+    cu_launched(c, "xent_stats");
 }
 
-void cu_xent_sumexp(void *ctx, float *sumexp, const float *logits, const float *gmax, int64_t N, int64_t Vl,
-                    int64_t v0, int64_t V)
+void cu_xent_rescale(void *ctx, float *sumexp, const float *rowmax, const float *gmax, int64_t N)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0)
         return;
-    k_xent_sumexp<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>(sumexp, logits, gmax, N, Vl, xent_nreal(Vl, v0, V),
-                                                                xent_vec(logits, logits, Vl));
-    cu_launched(c, "xent_sumexp");
+    k_xent_rescale<<<cu_grid(c, N, EW_THREADS), EW_THREADS, 0, c->stream>>>(sumexp, rowmax, gmax, N);
+    cu_launched(c, "xent_rescale");
 }
 
-void cu_xent_target(void *ctx, float *tlogit, const float *logits, const int32_t *targets, int64_t N, int64_t Vl,
-                    int64_t v0)
-{
-    mps_cuda *c = (mps_cuda *)ctx;
-    if (N <= 0)
-        return;
-    k_xent_target<<<cu_grid(c, N, EW_THREADS), EW_THREADS, 0, c->stream>>>(tlogit, logits, targets, N, Vl, v0);
-    cu_launched(c, "xent_target");
-}
-
-void cu_xent_bwd(void *ctx, float *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+void cu_xent_bwd(void *ctx, void *dlogits, const float *logits, const int32_t *targets, const float *gmax,
                  const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0 || Vl <= 0)
         return;
-    k_xent_bwd<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>(dlogits, logits, targets, gmax, gsumexp, scale, N, Vl, v0,
-                                                             xent_nreal(Vl, v0, V), xent_vec(dlogits, logits, Vl));
+    const int vec = Vl % 4 == 0 && cu_aligned16(logits) && aligned8(dlogits);
+    k_xent_bwd<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>((act_t *)dlogits, logits, targets, gmax, gsumexp, scale,
+                                                             N, Vl, v0, xent_nreal(Vl, v0, V), vec);
     cu_launched(c, "xent_bwd");
 }
 
