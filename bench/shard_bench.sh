@@ -3,7 +3,9 @@
 # against the disk floor measured in the same run by ../shared/bench/disk_bw.py:
 #   floor = input bytes / read bandwidth + output bytes / write bandwidth.
 # Caches are dropped before the timed step (needs root; otherwise the read is warm: said so).
-# usage: bench/shard_bench.sh [WORKDIR]   env: MPSHARD, MODEL (gpt2-xl), LAYOUT, FORMAT (safetensors|llmc)
+# The timed run also prints its phase timeline (MPS_TRACE=1, formats/trace.h) after the ratio.
+# usage: bench/shard_bench.sh [WORKDIR]   env: MPSHARD, MODEL (gpt2-xl), LAYOUT, FORMAT (safetensors|llmc),
+#        MPS_TRACE (1; 0: no timeline), THREADS (--threads; default: all cores)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 MPSHARD=${MPSHARD:-$here/../build/mpshard}
@@ -13,6 +15,8 @@ MODEL=${MODEL:-gpt2-xl}
 LAYOUT=${LAYOUT:-dp=2,pp=2,tp=5,zero=1}  # GPT-2 XL has 25 heads
 FORMAT=${FORMAT:-safetensors}
 PY=${PY:-python3}
+MPS_TRACE=${MPS_TRACE:-1}
+THREADS=${THREADS:-}
 mkdir -p "$W"
 drop() { sync; if echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then echo yes; else echo no; fi; }
 
@@ -29,7 +33,10 @@ in_bytes=$(stat -c %s "$input")
 
 dropped=$(drop)
 echo "== mpshard shard --layout $LAYOUT (caches dropped: $dropped)"
-/usr/bin/time -f "%e %M" -o "$W/time.txt" "$MPSHARD" shard "$input" --layout "$LAYOUT" -o "$W/ck" -q
+# The timing stays the bench of record with the trace on: tracing adds only clock reads (a few
+# vDSO clock_gettime per chunk and per tensor, one thread-CPU-time call per job of 8 chunks).
+MPS_TRACE=$MPS_TRACE /usr/bin/time -f "%e %M" -o "$W/time.txt" "$MPSHARD" shard "$input" --layout "$LAYOUT" \
+    -o "$W/ck" -q ${THREADS:+--threads "$THREADS"} 2>"$W/trace.txt" || { cat "$W/trace.txt" >&2; exit 1; }
 read secs rss_kb <"$W/time.txt"
 out_bytes=$(du -sb "$W/ck" | cut -f1)
 $PY - "$in_bytes" "$out_bytes" "$rbw" "$wbw" "$secs" "$rss_kb" <<'PY'
@@ -40,4 +47,8 @@ print(f"input {inb/1e9:.2f} GB, output {outb/1e9:.2f} GB (ratio {inb/outb:.2f}x 
 print(f"disk floor {floor:.1f} s (read {rbw} GB/s, write {wbw} GB/s)")
 print(f"mpshard shard: {secs:.1f} s = {secs/floor:.2f}x the disk floor (target <= 1.25x); peak RSS {rss/1024:.0f} MiB (target <= 1024)")
 PY
+if [ -s "$W/trace.txt" ]; then
+    echo "== phase timeline of that run (MPS_TRACE=1; times in s from the start of the command)"
+    cat "$W/trace.txt"
+fi
 rm -rf "$W/in" "$W/ck"

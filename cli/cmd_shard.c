@@ -6,6 +6,7 @@
 
 #include "cli.h"
 #include "shard/shard.h"
+#include "trace.h"
 
 static const char *const help =
     "usage: mpshard shard INPUT --layout L -o DIR [options]\n"
@@ -31,7 +32,11 @@ static const char *const help =
     "                     (INPUT: its model_%08d.bin); give it once per rank, or once with a quoted\n"
     "                     pattern: --state 'DIR/state_00000010_*.bin'. The checkpoint then stores\n"
     "                     llm.c's Adam m and v, fp32 master weights (when the files carry them),\n"
-    "                     step, RNG state and data position\n";
+    "                     step, RNG state and data position\n"
+    "\n"
+    "Environment: MPS_TRACE=1 prints a timeline of the phases (reads, compression, writes, fsync,\n"
+    "commit) and where each thread spent its time on stderr at the end; MPS_TRACE_TENSORS=FILE\n"
+    "also writes when each tensor was read, queued, written and released, one line each.\n";
 
 /* A growing list of --state paths (a value with * ? [ is expanded here, sorted). */
 typedef struct {
@@ -139,7 +144,13 @@ int cmd_shard(int argc, char **argv)
         mps_err_clear(&err);
         o.state_paths = (const char *const *)states.v;
         o.nstate = states.n;
+        o.trace = mps_trace_enabled_by_env() ? mps_trace_new() : NULL; /* out of memory: no trace */
         rc = mps_shard(argv[optind], &o, &err) != 0 ? cli_fail("shard", &err) : 0;
+        mps_trace_print(o.trace, stderr);
+        const char *tensors = getenv("MPS_TRACE_TENSORS");
+        if (o.trace && tensors && tensors[0] && mps_trace_write_tensors(o.trace, tensors) != 0)
+            fprintf(stderr, "mpshard shard: MPS_TRACE_TENSORS: cannot write %s\n", tensors);
+        mps_trace_free(o.trace);
     }
     path_free(&states);
     return rc;

@@ -63,6 +63,7 @@ typedef struct {
     char lock_path[4200]; /* final_dir + ".lock" */
     int lock_fd;
     int replace;          /* a committed checkpoint is at final_dir and --force was given */
+    struct mps_trace *trace; /* optional (trace.h): set after mps_stage_begin, which clears it */
 } mps_stage;
 
 /* Takes the lock DIR.lock (fails if another process holds it), refuses a committed DIR unless
@@ -96,6 +97,7 @@ typedef struct {
     int quiet;
     const char *label;  /* progress label */
     struct mps_progress *progress; /* optional shared progress meter */
+    struct mps_trace *trace;       /* optional phase timeline (trace.h); NULL: no clock is read */
 } mps_write_opts;
 
 /* Writes the shard files of `ranks` (all ranks when ranks == NULL) into dir for the layout and kinds

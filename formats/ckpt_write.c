@@ -14,6 +14,7 @@
 #include "h5util.h"
 #include "pool.h"
 #include "progress.h"
+#include "trace.h"
 
 /* ---- Deferred chunk writes ----
  * H5Dwrite_chunk holds HDF5's global lock for the whole call, the pwrite of the chunk bytes
@@ -255,6 +256,9 @@ struct writer {
     worker_scratch *scratch;
     int nthreads;
     mps_progress *progress;
+    mps_trace *tr;              /* phase timeline, or NULL (then no clock is read) */
+    mps_trace_worker *tw;       /* its per-worker records, or NULL */
+    mps_trace_file *tf;         /* its per-file records, or NULL */
 };
 
 #define FLUSH_BYTES ((int64_t)64 << 20)
@@ -278,7 +282,10 @@ static void *flusher_main(void *arg)
         w->flush_pending[f] = 0;
         next = f + 1;
         pthread_mutex_unlock(&w->flush_lock);
+        int64_t t0 = w->tr ? mps_now_ns() : 0;
         sync_file_range(w->fd[f], 0, 0, SYNC_FILE_RANGE_WRITE); /* a hint: its failure changes nothing */
+        if (w->tr)
+            mps_tacc_add(&w->tr->sync_range, mps_now_ns() - t0, 0);
         pthread_mutex_lock(&w->flush_lock);
     }
     pthread_mutex_unlock(&w->flush_lock);
@@ -336,21 +343,36 @@ static int pwrite_all(int fd, const void *buf, size_t n, off_t off)
     return 0;
 }
 
+/* The largest value stored at *p: v or what was there (a file's last pwrite, from any worker). */
+static void atomic_max(_Atomic int64_t *p, int64_t v)
+{
+    int64_t cur = atomic_load_explicit(p, memory_order_relaxed);
+    while (cur < v && !atomic_compare_exchange_weak_explicit(p, &cur, v, memory_order_relaxed, memory_order_relaxed))
+        ;
+}
+
 static int write_one_chunk(writer *w, out_dataset *d, int64_t chunk, int worker, mps_err *err)
 {
     worker_scratch *s = &w->scratch[worker];
+    mps_trace_worker *tw = w->tw ? &w->tw[worker] : NULL;
+    int64_t ta = tw ? mps_now_ns() : 0, tb = 0;
     int64_t begin, end, offset[MPS_MAX_DIMS];
     mps_chunk_range(&d->grid, chunk, &begin, &end, offset);
     int64_t n = end - begin;
     if (w->src->gather(w->src->ctx, worker, d->kind, d->tensor, &d->piece.box, d->piece.flat_begin + begin,
                        d->piece.flat_begin + end, s->raw, err) != 0)
         return -1;
+    if (tw) {
+        tb = mps_now_ns();
+        mps_tacc_add(&tw->gather, tb - ta, n * (int64_t)sizeof(float));
+    }
     /* edge chunks are stored full size: zero the tail */
     size_t raw_bytes = (size_t)d->grid.chunk_elems * sizeof(float);
     memset(s->raw + n, 0, raw_bytes - (size_t)n * sizeof(float));
     const uint8_t *frame = s->packed;
     size_t packed;
-    if (all_zero(s->raw, (size_t)n * sizeof(float))) {
+    int zero = all_zero(s->raw, (size_t)n * sizeof(float));
+    if (zero) {
         if (s->zero_frame_elems != d->grid.chunk_elems) {
             if (mps_chunk_encode(s->cctx, w->m->zstd_level, s->raw, raw_bytes, sizeof(float), s->shuffled, s->zero_frame,
                                  s->packed_cap, &s->zero_frame_size, err) != 0)
@@ -370,20 +392,47 @@ static int write_one_chunk(writer *w, out_dataset *d, int64_t chunk, int worker,
                              s->packed_cap, &packed, err) != 0)
             return -1;
     }
+    if (tw) {
+        ta = mps_now_ns();
+        mps_tacc_add(&tw->compress, ta - tb, n * (int64_t)sizeof(float));
+        tw->bytes_out += (int64_t)packed;
+        tw->chunks++;
+        tw->zero_chunks += zero;
+        if (!tw->first_chunk)
+            tw->first_chunk = ta;
+        tw->last_chunk = ta;
+    }
     hsize_t hoff[MPS_MAX_DIMS];
     for (int i = 0; i < d->grid.ndim; i++)
         hoff[i] = (hsize_t)offset[i];
     /* Under the lock HDF5 only allocates and indexes the chunk; the driver hands its address back
      * in the slot (taken stays 0 where HDF5 wrote the bytes itself: another HDF5 version). */
     pthread_mutex_lock(&w->h5_lock);
+    if (tw) {
+        tb = mps_now_ns();
+        mps_tacc_add(&tw->lock_wait, tb - ta, 0);
+    }
     w->ctl.slot = (defer_slot){ .buf = frame, .size = packed, .addr = HADDR_UNDEF };
     herr_t hrc = H5Dwrite_chunk(d->dset, H5P_DEFAULT, 0, hoff, packed, frame);
     defer_slot got = w->ctl.slot;
     w->ctl.slot.buf = NULL;
     pthread_mutex_unlock(&w->h5_lock);
+    if (tw) {
+        ta = mps_now_ns();
+        mps_tacc_add(&tw->h5write, ta - tb, (int64_t)packed);
+    }
     int io_errno = 0;
     if (hrc >= 0 && got.taken && pwrite_all(w->fd[d->file], frame, packed, (off_t)got.addr) != 0)
         io_errno = errno;
+    if (tw) {
+        tb = mps_now_ns();
+        mps_tacc_add(&tw->pwrite, tb - ta, (int64_t)packed);
+        tw->last_pwrite_end = tb;
+        if (w->tf) {
+            atomic_max(&w->tf[d->file].last_pwrite, tb);
+            atomic_fetch_add_explicit(&w->tf[d->file].bytes, (int64_t)packed, memory_order_relaxed);
+        }
+    }
     if (hrc < 0 || io_errno) {
         mps_tensor_spec spec;
         mps_tensor_spec_get(&w->m->cfg, d->tensor, &spec);
@@ -398,6 +447,8 @@ static int write_one_chunk(writer *w, out_dataset *d, int64_t chunk, int worker,
         pthread_cond_signal(&w->flush_cond);
         pthread_mutex_unlock(&w->flush_lock);
     }
+    if (tw)
+        mps_tacc_add(&tw->notify, mps_now_ns() - tb, 0);
     return 0;
 }
 
@@ -405,14 +456,25 @@ static int write_chunks(void *arg, int worker, mps_err *err)
 {
     chunk_job *j = arg;
     writer *w = j->w;
+    mps_trace_worker *tw = w->tw ? &w->tw[worker] : NULL;
+    if (tw)
+        tw->idle_ns += mps_now_ns() - (tw->last_job_end ? tw->last_job_end : tw->start);
     int rc = 0;
     for (int64_t c = j->chunk; c < j->chunk + j->count && rc == 0; c++)
         rc = write_one_chunk(w, j->d, c, worker, err);
+    if (tw) {
+        tw->jobs++;
+        tw->cpu_ns = mps_thread_cpu_ns();
+        tw->last_job_end = mps_now_ns();
+    }
     pthread_mutex_lock(&w->sched_lock);
     if (rc != 0)
         w->failed = 1;
-    if (--w->left[j->d->tensor] == 0 || rc != 0)
+    if (--w->left[j->d->tensor] == 0 || rc != 0) {
+        if (tw && w->tr->tensors && j->d->tensor < w->tr->ntensors)
+            w->tr->tensors[j->d->tensor].done = mps_now_ns();
         pthread_cond_broadcast(&w->sched_cond);
+    }
     pthread_mutex_unlock(&w->sched_lock);
     return rc;
 }
@@ -420,11 +482,14 @@ static int write_chunks(void *arg, int worker, mps_err *err)
 /* Waits until every job of tensor t has finished; on a failed job, for the pool's first error. */
 static int wait_tensor(writer *w, mps_pool *pool, int t, mps_err *err)
 {
+    int64_t t0 = w->tr ? mps_now_ns() : 0;
     pthread_mutex_lock(&w->sched_lock);
     while (w->left[t] > 0 && !w->failed)
         pthread_cond_wait(&w->sched_cond, &w->sched_lock);
     int failed = w->failed;
     pthread_mutex_unlock(&w->sched_lock);
+    if (w->tr)
+        mps_tacc_add(&w->tr->wait_jobs, mps_now_ns() - t0, 0);
     if (failed) {
         mps_pool_wait(pool, err);
         return -1;
@@ -639,6 +704,12 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
         w.fd[i] = -1;
     }
     w.nfiles = nranks;
+    w.nthreads = opts->threads > 0 ? opts->threads : mps_cpu_count();
+    w.tr = opts->trace;
+    if (w.tr && mps_trace_setup_writer(w.tr, w.nthreads, nranks) == 0) {
+        w.tw = w.tr->workers;
+        w.tf = w.tr->files;
+    }
     if (writer_fapl(&w, err) != 0)
         goto out;
     for (int i = 0; i < nranks; i++) {
@@ -647,9 +718,13 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
             mps_fail(err, MPS_EUSAGE, "rank %d outside the layout's world of %d", rank, world);
             goto out;
         }
+        int64_t t0 = w.tr ? mps_now_ns() : 0;
         if (create_file(&w, dir, i, rank, owners, err) != 0)
             goto out;
+        if (w.tr)
+            mps_tacc_add(&w.tr->h5create, mps_now_ns() - t0, 0);
     }
+    mps_trace_event(w.tr, MPS_EV_FILES_CREATED);
     qsort(w.ds, (size_t)w.nds, sizeof *w.ds, cmp_by_tensor);
     int64_t njobs = 0, total_bytes = 0;
     for (int i = 0; i < w.nds; i++) {
@@ -657,7 +732,6 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
         total_bytes += (w.ds[i].piece.flat_end - w.ds[i].piece.flat_begin) * (int64_t)sizeof(float);
     }
     jobs = malloc(sizeof *jobs * (size_t)(njobs ? njobs : 1));
-    w.nthreads = opts->threads > 0 ? opts->threads : mps_cpu_count();
     w.scratch = calloc((size_t)w.nthreads, sizeof *w.scratch);
     if (!jobs || !w.scratch) {
         mps_fail(err, MPS_ENOMEM, "out of memory");
@@ -679,6 +753,12 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
     }
     w.progress = opts->progress ? opts->progress
                                 : mps_progress_new(opts->label ? opts->label : "write", total_bytes, opts->quiet ? 0 : -1);
+    if (w.tw) {
+        int64_t now = mps_now_ns();
+        for (int i = 0; i < w.nthreads; i++)
+            w.tw[i].start = now;
+        mps_trace_event(w.tr, MPS_EV_POOL_STARTED);
+    }
     if (mps_pool_create(w.nthreads, (int)(njobs < 65536 ? njobs + 1 : 65536), &pool, err) != 0)
         goto out;
     /* without the writeback thread, the final fsync writes everything: slower, still correct */
@@ -707,22 +787,36 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
                 if (mps_pool_submit(pool, write_chunks, &jobs[j++], err) != 0)
                     goto out_pool;
             }
+        mps_trace_tensor *te = w.tr && w.tr->tensors && t < w.tr->ntensors ? w.tr->tensors : NULL;
+        if (te) {
+            te[t].queued = mps_now_ns();
+            if (tjobs == 0)
+                te[t].done = te[t].queued;
+        }
         if (t > 0) {
             if (wait_tensor(&w, pool, t - 1, err) != 0)
                 goto out_pool;
             if (src->end_tensor)
                 src->end_tensor(src->ctx, t - 1);
+            if (te)
+                te[t - 1].released = mps_now_ns();
         }
     }
+    mps_trace_event(w.tr, MPS_EV_LAST_SUBMIT);
     if (nt > 0) {
         if (wait_tensor(&w, pool, nt - 1, err) != 0)
             goto out_pool;
         if (src->end_tensor)
             src->end_tensor(src->ctx, nt - 1);
+        if (w.tr && w.tr->tensors && nt - 1 < w.tr->ntensors)
+            w.tr->tensors[nt - 1].released = mps_now_ns();
     }
     if (mps_pool_wait(pool, err) != 0)
         goto out_pool;
+    mps_trace_event(w.tr, MPS_EV_JOBS_DONE);
     flusher_stop(&w);
+    mps_trace_event(w.tr, MPS_EV_FLUSHER_STOPPED);
+    int64_t t0 = w.tr ? mps_now_ns() : 0;
     for (int i = 0; i < w.nds; i++) {
         out_dataset *d = &w.ds[i];
         if (mps_h5_attr_u64(d->dset, "chunk_xxh3", d->sums, d->grid.nchunks) != 0) {
@@ -732,7 +826,15 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
         H5Dclose(d->dset);
         d->dset = -1;
     }
+    if (w.tr) {
+        mps_tacc_add(&w.tr->h5dclose, mps_now_ns() - t0, 0);
+        mps_trace_event(w.tr, MPS_EV_DSETS_CLOSED);
+    }
     for (int i = 0; i < w.nfiles; i++) {
+        if (w.tr)
+            t0 = mps_now_ns();
+        if (w.tf)
+            w.tf[i].flush_begin = t0;
         /* Flush first: a flush that fails (disk full) leaves the file open and whole, and the
          * error path then closes it without writing; a failed H5Fclose could not be undone. */
         if (H5Fflush(w.files[i], H5F_SCOPE_LOCAL) < 0) {
@@ -745,11 +847,23 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
             mps_fail(err, MPS_EIO, "%s: closing failed (disk full?)", w.paths[i]);
             goto out_pool;
         }
+        int64_t t1 = w.tr ? mps_now_ns() : 0;
+        if (w.tr)
+            mps_tacc_add(&w.tr->h5fclose, t1 - t0, 0);
+        if (w.tf)
+            w.tf[i].close_end = w.tf[i].fsync_begin = t1;
         if (fsync(w.fd[i]) != 0) {
             mps_fail(err, MPS_EIO, "%s: fsync failed: %s", w.paths[i], strerror(errno));
             goto out_pool;
         }
+        if (w.tr) {
+            int64_t t2 = mps_now_ns();
+            mps_tacc_add(&w.tr->fsync, t2 - t1, 0);
+            if (w.tf)
+                w.tf[i].fsync_end = t2;
+        }
     }
+    mps_trace_event(w.tr, MPS_EV_FILES_SYNCED);
     rc = 0;
 out_pool:
     if (pool) {

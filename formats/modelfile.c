@@ -325,9 +325,20 @@ static void convert(int dtype, const void *src, float *dst, size_t n)
     }
 }
 
+/* mps_pread_full, timed into io when it is not NULL (MPS_TRACE) */
+static int pread_io(mps_model_file *f, mps_tacc *io, void *buf, size_t n, int64_t off, mps_err *err)
+{
+    int64_t t0 = io ? mps_now_ns() : 0;
+    int rc = mps_pread_full(f->fd, f->path, buf, n, off, err);
+    if (io)
+        mps_tacc_add(io, mps_now_ns() - t0, (int64_t)n);
+    return rc;
+}
+
 /* Reads s->numel elements stored in order into dst; if tied, also checks that the tied tensor
  * holds the same bytes. */
-static int read_plain(mps_model_file *f, const mps_src *s, const mps_src *tied, float *dst, mps_err *err)
+static int read_plain(mps_model_file *f, const mps_src *s, const mps_src *tied, float *dst, mps_tacc *io,
+                      mps_err *err)
 {
     size_t es = mps_src_dtype_size(s->dtype);
     int64_t total = s->numel * (int64_t)es;
@@ -345,10 +356,10 @@ static int read_plain(mps_model_file *f, const mps_src *s, const mps_src *tied, 
     for (int64_t pos = 0; pos < total; pos += (int64_t)READ_CHUNK) {
         size_t n = (size_t)(total - pos < (int64_t)READ_CHUNK ? total - pos : (int64_t)READ_CHUNK);
         unsigned char *raw = s->dtype == MPS_SRC_F32 ? (unsigned char *)dst + pos : tmp;
-        if ((rc = mps_pread_full(f->fd, f->path, raw, n, s->offset + pos, err)) != 0)
+        if ((rc = pread_io(f, io, raw, n, s->offset + pos, err)) != 0)
             break;
         if (tied) {
-            if ((rc = mps_pread_full(f->fd, f->path, tmp2, n, tied->offset + pos, err)) != 0)
+            if ((rc = pread_io(f, io, tmp2, n, tied->offset + pos, err)) != 0)
                 break;
             if (memcmp(raw, tmp2, n) != 0) {
                 rc = mps_fail(err, MPS_EUNSUPPORTED,
@@ -380,7 +391,7 @@ static int read_plain(mps_model_file *f, const mps_src *s, const mps_src *tied, 
 #define CONV_F32(x) (x)
 
 /* Reads a (tk, tr) stored matrix whole and writes its transpose (tr, tk) into dst. */
-static int read_transposed(mps_model_file *f, const mps_src *s, float *dst, mps_err *err)
+static int read_transposed(mps_model_file *f, const mps_src *s, float *dst, mps_tacc *io, mps_err *err)
 {
     size_t es = mps_src_dtype_size(s->dtype);
     int64_t tk = s->tk, tr = s->tr;
@@ -388,7 +399,7 @@ static int read_transposed(mps_model_file *f, const mps_src *s, float *dst, mps_
     void *buf = malloc(nbytes ? nbytes : 1);
     if (buf == NULL)
         return mps_fail(err, MPS_ENOMEM, "%s: out of memory reading '%s' (%zu bytes)", f->path, s->key, nbytes);
-    if (mps_pread_full(f->fd, f->path, buf, nbytes, s->offset, err) != 0) {
+    if (pread_io(f, io, buf, nbytes, s->offset, err) != 0) {
         free(buf);
         return -1;
     }
@@ -404,6 +415,11 @@ static int read_transposed(mps_model_file *f, const mps_src *s, float *dst, mps_
 
 int mps_model_file_read_tensor(mps_model_file *f, int index, float *dst, mps_err *err)
 {
+    return mps_model_file_read_tensor_io(f, index, dst, NULL, err);
+}
+
+int mps_model_file_read_tensor_io(mps_model_file *f, int index, float *dst, mps_tacc *io, mps_err *err)
+{
     if (index < 0 || index >= f->nsrc)
         return mps_fail(err, MPS_EUSAGE, "%s: tensor index %d out of range 0..%d", f->path, index, f->nsrc - 1);
     mps_tensor_spec spec;
@@ -412,9 +428,9 @@ int mps_model_file_read_tensor(mps_model_file *f, int index, float *dst, mps_err
     const mps_src *s = &f->src[index];
     int rc;
     if (s->transpose)
-        rc = read_transposed(f, s, dst, err);
+        rc = read_transposed(f, s, dst, io, err);
     else
-        rc = read_plain(f, s, (index == MPS_TENSOR_WTE && f->has_tied) ? &f->tied : NULL, dst, err);
+        rc = read_plain(f, s, (index == MPS_TENSOR_WTE && f->has_tied) ? &f->tied : NULL, dst, io, err);
     if (rc != 0)
         return mps_wrap(err, "reading %s", spec.name);
     if (s->numel < numel)

@@ -8,6 +8,7 @@
 
 #include "err.h"
 #include "model.h"
+#include "trace.h"
 
 typedef enum { MPS_FILE_AUTO = 0, MPS_FILE_SAFETENSORS, MPS_FILE_LLMC } mps_file_format;
 const char *mps_file_format_name(mps_file_format f); /* "safetensors", "llmc" */
@@ -34,6 +35,8 @@ const char *mps_model_file_hf_config(const mps_model_file *f);
 /* Reads canonical tensor `index` (shape from mps_tensor_spec_get; wte rows vocab..padded_vocab-1
  * are zero unless the file stores them) as f32 into dst (numel floats). */
 int mps_model_file_read_tensor(mps_model_file *f, int index, float *dst, mps_err *err);
+/* The same; adds the time spent in pread(2) and the bytes read to *io when io is not NULL (MPS_TRACE). */
+int mps_model_file_read_tensor_io(mps_model_file *f, int index, float *dst, mps_tacc *io, mps_err *err);
 void mps_model_file_close(mps_model_file *f);
 
 /* ---- writing ---- */

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "ckpt.h"
+#include "trace.h"
 
 static int unlink_cb(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
 {
@@ -213,8 +214,13 @@ int mps_stage_commit(mps_stage *st, mps_manifest *m, mps_err *err)
     m->nfiles = count;
     char manifest[4400], parent[4200];
     snprintf(manifest, sizeof manifest, "%s/" MPS_MANIFEST_NAME, st->stage_dir);
-    if (mps_manifest_write(manifest, m, err) != 0 || mps_fsync_path(st->stage_dir, err) != 0)
+    if (mps_manifest_write(manifest, m, err) != 0)
         return -1;
+    mps_trace_event(st->trace, MPS_EV_MANIFEST_WRITTEN);
+    mps_trace_event(st->trace, MPS_EV_DIR_FSYNC_BEGIN);
+    if (mps_fsync_path(st->stage_dir, err) != 0)
+        return -1;
+    mps_trace_event(st->trace, MPS_EV_DIR_FSYNC_END);
     char old[4300] = "";
     if (st->replace) {
         /* One atomic exchange: at every instant DIR is a whole checkpoint, the old one or the new
@@ -244,6 +250,7 @@ int mps_stage_commit(mps_stage *st, mps_manifest *m, mps_err *err)
             return mps_fail(err, MPS_EIO, "%s: cannot rename %s into place: %s", st->final_dir, st->stage_dir,
                             strerror(errno));
     }
+    mps_trace_event(st->trace, MPS_EV_RENAMED);
     parent_of(st->final_dir, parent, sizeof parent);
     if (mps_fsync_path(parent, err) != 0)
         return -1;
@@ -256,5 +263,6 @@ int mps_stage_commit(mps_stage *st, mps_manifest *m, mps_err *err)
     }
     st->stage_dir[0] = '\0';
     release_lock(st);
+    mps_trace_event(st->trace, MPS_EV_COMMITTED);
     return 0;
 }

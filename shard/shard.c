@@ -6,6 +6,7 @@
 
 #include "llmc_state.h"
 #include "progress.h"
+#include "trace.h"
 
 /* The model file as a write source. Reader threads load tensors in catalogue order into slots
  * ahead of the compression workers, within a memory budget, so that reading the input, compressing
@@ -25,7 +26,13 @@ typedef struct {
     int ready;
 } slot;
 
+typedef struct file_source file_source;
 typedef struct {
+    file_source *fs;
+    int index;
+} reader_arg;
+
+struct file_source {
     mps_model_file *file;
     const mps_config *cfg;
     int ntensors;
@@ -38,15 +45,19 @@ typedef struct {
     int stop, failed;
     mps_err read_err;
     pthread_t readers[READERS];
+    reader_arg reader_args[READERS];
     int nreaders;
     int synthetic_optimizer; /* fill Adam moments with deterministic values instead of zeros */
     uint64_t seed;
     mps_llmc_state *state;   /* llm.c optimizer state, or NULL */
-} file_source;
+    mps_trace *tr;           /* phase timeline, or NULL */
+};
 
 static void *reader_main(void *arg)
 {
-    file_source *fs = arg;
+    const reader_arg *ra = arg;
+    file_source *fs = ra->fs;
+    mps_trace_reader *tr = fs->tr && ra->index < MPS_TRACE_MAX_READERS ? &fs->tr->readers[ra->index] : NULL;
     pthread_mutex_lock(&fs->lock);
     for (;;) {
         int t = fs->next_to_read, free_slot = -1;
@@ -59,7 +70,10 @@ static void *reader_main(void *arg)
             if (fs->slots[i].tensor < 0)
                 free_slot = i;
         if (free_slot < 0 || (fs->bytes_in_use > 0 && fs->bytes_in_use + bytes > PREFETCH_BUDGET)) {
+            int64_t t0 = tr ? mps_now_ns() : 0;
             pthread_cond_wait(&fs->changed, &fs->lock);
+            if (tr)
+                mps_tacc_add(free_slot < 0 ? &tr->blocked_slot : &tr->blocked_budget, mps_now_ns() - t0, 0);
             continue;
         }
         slot *sl = &fs->slots[free_slot];
@@ -72,15 +86,38 @@ static void *reader_main(void *arg)
         mps_err err;
         mps_err_clear(&err);
         int rc = 0;
+        int64_t t0 = tr ? mps_now_ns() : 0, t1 = t0;
         if (bytes / sizeof(float) > sl->capacity) {
             free(sl->data);
             sl->data = malloc(bytes);
             sl->capacity = sl->data ? bytes / sizeof(float) : 0;
             if (!sl->data)
                 rc = mps_fail(&err, MPS_ENOMEM, "out of memory loading tensor %s", spec.name);
+            if (tr) {
+                t1 = mps_now_ns();
+                mps_tacc_add(&tr->alloc, t1 - t0, (int64_t)bytes);
+            }
         }
         if (rc == 0)
-            rc = mps_model_file_read_tensor(fs->file, t, sl->data, &err);
+            rc = mps_model_file_read_tensor_io(fs->file, t, sl->data, tr ? &tr->pread : NULL, &err);
+        if (tr) {
+            int64_t t2 = mps_now_ns();
+            if (fs->tr->tensors) {
+                mps_trace_tensor *e = &fs->tr->tensors[t];
+                e->read_start = t0;
+                e->read_end = t2;
+                e->bytes = (int64_t)bytes;
+                e->reader = ra->index;
+            }
+            mps_tacc_add(&tr->read, t2 - t1, (int64_t)bytes);
+            if (!tr->first_start) {
+                tr->first_start = t0;
+                tr->first_end = t2;
+            }
+            tr->last_start = t0;
+            tr->last_end = t2;
+            tr->tensors++;
+        }
         pthread_mutex_lock(&fs->lock);
         if (rc != 0 && !fs->failed) {
             fs->failed = 1;
@@ -90,27 +127,38 @@ static void *reader_main(void *arg)
         pthread_cond_broadcast(&fs->changed);
     }
     pthread_mutex_unlock(&fs->lock);
+    if (tr)
+        tr->cpu_ns = mps_thread_cpu_ns();
     return NULL;
 }
 
 static int begin_tensor(void *ctx, int t, mps_err *err)
 {
     file_source *fs = ctx;
+    int64_t t0 = fs->tr ? mps_now_ns() : 0;
+    int waited = 0, rc = -1;
     pthread_mutex_lock(&fs->lock);
     for (;;) {
         if (fs->failed) {
             *err = fs->read_err;
-            pthread_mutex_unlock(&fs->lock);
-            return -1;
+            break;
         }
-        for (int i = 0; i < SLOTS; i++)
-            if (fs->slots[i].tensor == t && fs->slots[i].ready) {
-                fs->slot_of[t] = i;
-                pthread_mutex_unlock(&fs->lock);
-                return 0;
-            }
+        int found = -1;
+        for (int i = 0; i < SLOTS && found < 0; i++)
+            if (fs->slots[i].tensor == t && fs->slots[i].ready)
+                found = i;
+        if (found >= 0) {
+            fs->slot_of[t] = found;
+            rc = 0;
+            break;
+        }
+        waited = 1;
         pthread_cond_wait(&fs->changed, &fs->lock);
     }
+    pthread_mutex_unlock(&fs->lock);
+    if (fs->tr && waited)
+        mps_tacc_add(&fs->tr->wait_source, mps_now_ns() - t0, 0);
+    return rc;
 }
 
 static void end_tensor(void *ctx, int t)
@@ -138,8 +186,13 @@ static int source_start(file_source *fs, mps_err *err)
     fs->slot_of = calloc((size_t)fs->ntensors, sizeof *fs->slot_of);
     if (!fs->slot_of)
         return mps_fail(err, MPS_ENOMEM, "out of memory");
+    if (fs->tr) {
+        fs->tr->nreaders = READERS < MPS_TRACE_MAX_READERS ? READERS : MPS_TRACE_MAX_READERS;
+        mps_trace_setup_tensors(fs->tr, fs->cfg); /* out of memory: no per-tensor records */
+    }
     for (int i = 0; i < READERS; i++) {
-        if (pthread_create(&fs->readers[i], NULL, reader_main, fs) != 0)
+        fs->reader_args[i] = (reader_arg){ fs, i };
+        if (pthread_create(&fs->readers[i], NULL, reader_main, &fs->reader_args[i]) != 0)
             return mps_fail(err, MPS_EFAIL, "cannot start a reader thread");
         fs->nreaders++;
     }
@@ -247,6 +300,7 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
     mps_model_file *file;
     if (mps_model_file_open(input, &o->file, &file, err) != 0)
         return -1;
+    mps_trace_event(o->trace, MPS_EV_INPUT_OPENED);
     const mps_config *cfg = mps_model_file_config(file);
     mps_layout layout;
     mps_manifest m;
@@ -278,12 +332,17 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
         goto out;
     if (mps_stage_begin(o->out_dir, o->force, &st, err) != 0)
         goto out;
+    st.trace = o->trace;
+    mps_trace_event(o->trace, MPS_EV_STAGE_BEGUN);
     file_source fs = { .file = file, .cfg = cfg, .ntensors = mps_tensor_count(cfg),
-                       .synthetic_optimizer = o->synthetic_optimizer, .seed = o->synthetic_seed, .state = state };
+                       .synthetic_optimizer = o->synthetic_optimizer, .seed = o->synthetic_seed, .state = state,
+                       .tr = o->trace };
     mps_source src = { &fs, begin_tensor, end_tensor, gather };
-    mps_write_opts wo = { .threads = o->threads, .quiet = o->quiet, .label = "shard" };
+    mps_write_opts wo = { .threads = o->threads, .quiet = o->quiet, .label = "shard", .trace = o->trace };
     int wrc = source_start(&fs, err) == 0 ? mps_write_shards(st.stage_dir, &m, NULL, 0, &src, &wo, err) : -1;
+    mps_trace_event(o->trace, MPS_EV_WRITER_DONE);
     source_stop(&fs);
+    mps_trace_event(o->trace, MPS_EV_SOURCE_STOPPED);
     if (wrc != 0 || mps_stage_commit(&st, &m, err) != 0) {
         mps_stage_abort(&st);
         goto out;

@@ -22,6 +22,7 @@ typedef struct {
      * RNG state and data position instead of a fresh state */
     const char *const *state_paths;
     int nstate;
+    struct mps_trace *trace;   /* optional phase timeline (trace.h, MPS_TRACE=1); NULL: none */
 } mps_shard_opts;
 
 int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err);
