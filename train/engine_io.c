@@ -51,31 +51,36 @@ int mps_engine_load(mps_engine *e, mps_ckpt *c, int threads, mps_err *err)
     return 0;
 }
 
+const float *mps_engine_state_buf(const mps_engine *e, mps_kind kind, int tensor, int64_t *begin, int64_t *end)
+{
+    const mps_tparam *p = &e->t[tensor];
+    *begin = *end = 0;
+    if (!p->held)
+        return NULL;
+    switch (kind) {
+    case MPS_KIND_PARAM:
+        *begin = e->L.zero >= 3 ? p->param.flat_begin : 0;
+        *end = e->L.zero >= 3 ? p->param.flat_end : p->box_n;
+        return e->L.zero >= 3 ? p->w_shard : p->w;
+    case MPS_KIND_ADAM_M:
+    case MPS_KIND_ADAM_V:
+        *begin = p->opt.flat_begin;
+        *end = p->opt.flat_end;
+        return kind == MPS_KIND_ADAM_M ? p->m : p->v;
+    default: return NULL;
+    }
+}
+
 static int gather_state(void *ctx, int worker, mps_kind kind, int tensor, const mps_box *box, int64_t fb, int64_t fe,
                         float *dst, mps_err *err)
 {
     (void)worker; (void)box;
     mps_engine *e = ctx;
-    mps_tparam *p = &e->t[tensor];
-    const float *src = NULL;
-    int64_t base = 0, end = 0;
-    switch (kind) {
-    case MPS_KIND_PARAM:
-        src = e->L.zero >= 3 ? p->w_shard : p->w;
-        base = e->L.zero >= 3 ? p->param.flat_begin : 0;
-        end = e->L.zero >= 3 ? p->param.flat_end : p->box_n;
-        break;
-    case MPS_KIND_ADAM_M:
-    case MPS_KIND_ADAM_V:
-        src = kind == MPS_KIND_ADAM_M ? p->m : p->v;
-        base = p->opt.flat_begin;
-        end = p->opt.flat_end;
-        break;
-    default: break;
-    }
+    int64_t base, end;
+    const float *src = mps_engine_state_buf(e, kind, tensor, &base, &end);
     if (!src || fb < base || fe > end)
         return mps_fail(err, MPS_EFAIL, "rank %d does not hold %s %s [%lld, %lld)", e->rank, mps_kind_name(kind),
-                        p->spec.name, (long long)fb, (long long)fe);
+                        e->t[tensor].spec.name, (long long)fb, (long long)fe);
     e->be->to_host(e->be->ctx, dst, src + (fb - base), (size_t)(fe - fb) * sizeof(float));
     return 0;
 }
