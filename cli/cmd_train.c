@@ -1,13 +1,12 @@
 /* mpshard train: the GPT-2 trainer. One process per rank of the layout (mpirun -np dp*pp*tp);
- * resumes from a checkpoint of any layout, saves RUNDIR/step-%08d and RUNDIR/latest. */
+ * resumes from a checkpoint of any layout, saves RUNDIR/step-%08d and RUNDIR/latest
+ * (train/save_async.c: in the background by default). */
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -18,7 +17,7 @@
 #include "comm_staged.h"
 #include "data.h"
 #include "engine.h"
-#include "init.h"
+#include "save_async.h"
 
 static const char *const help =
     "usage: [mpirun -np WORLD] mpshard train --ckpt DIR --layout L --data TOKENS.bin --steps N --out RUNDIR [options]\n"
@@ -38,6 +37,11 @@ static const char *const help =
     "  --grad-clip X      clip the global gradient norm (default 1.0; 0: off)\n"
     "  --schedule S       1f1b (default) or gpipe\n"
     "  --save-every K     also save every K steps (default: only at the end)\n"
+    "                     Saves run in the background: training stalls only while the state is copied\n"
+    "                     to host memory, a thread writes the checkpoint while training goes on, and it\n"
+    "                     is committed (then 'latest') at the first step boundary after every rank's\n"
+    "                     write has finished. The save at the end of the run is written directly.\n"
+    "  --save-sync        write every save before training goes on (no snapshot memory)\n"
     "  --log FILE.jsonl   append one JSON object per step\n"
     "  --backend B        cpu or cuda (default: cuda when built with it and a GPU is present)\n"
     "  --model NAME | --config K=V,..  refuse a checkpoint of another model\n"
@@ -55,6 +59,7 @@ typedef struct {
     int backend_cuda; /* -1: the default (cuda when this build has it and a GPU is there) */
     int comm_staged;  /* route collectives through the host-staging layer even for host buffers */
     int comm_mpi;     /* --comm mpi: no NCCL even when every rank has a GPU */
+    int save_sync;    /* --save-sync: no background saves */
     double t_start;   /* process start, for the log's elapsed_s (time to first step) */
 } train_args;
 
@@ -84,6 +89,7 @@ static int parse_args(int argc, char **argv, train_args *a)
         { "log", required_argument, 0, 'L' }, { "backend", required_argument, 0, 'b' },
         { "model", required_argument, 0, 'M' }, { "config", required_argument, 0, 'K' },
         { "comm-staged", no_argument, 0, 'X' }, { "comm", required_argument, 0, 'Y' },
+        { "save-sync", no_argument, 0, 'Z' },
         { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     memset(a, 0, sizeof *a);
@@ -124,6 +130,7 @@ static int parse_args(int argc, char **argv, train_args *a)
         case 'M': a->model = optarg; break;
         case 'K': a->config = optarg; break;
         case 'X': a->comm_staged = 1; break;
+        case 'Z': a->save_sync = 1; break;
         case 'Y':
             if (strcmp(optarg, "mpi") == 0) a->comm_mpi = 1;
             else if (strcmp(optarg, "nccl") == 0) a->comm_mpi = 0;
@@ -173,32 +180,11 @@ static int resolve_ckpt(const char *dir, char *out, size_t size, mps_err *err)
     return 0;
 }
 
-/* RUNDIR/latest names the newest committed checkpoint; replaced atomically. */
-static int write_latest(const char *rundir, const char *name, mps_err *err)
-{
-    char tmp[4200], final[4200];
-    snprintf(tmp, sizeof tmp, "%s/latest.tmp", rundir);
-    snprintf(final, sizeof final, "%s/latest", rundir);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return mps_fail(err, MPS_EIO, "%s: %s", tmp, strerror(errno));
-    char line[300];
-    int n = snprintf(line, sizeof line, "%s\n", name);
-    int ok = write(fd, line, (size_t)n) == n && fsync(fd) == 0;
-    ok &= close(fd) == 0;
-    if (!ok || rename(tmp, final) != 0) {
-        unlink(tmp);
-        return mps_fail(err, MPS_EIO, "%s: %s", final, strerror(errno));
-    }
-    return mps_fsync_path(rundir, err);
-}
-
-static int save(mps_engine *e, const train_args *a, int rank, int64_t step, uint64_t seed, int64_t position,
+/* Saves RUNDIR/step-%08d with the run's schedule in the manifest (mps_saver_save). */
+static int save(mps_saver *sv, const train_args *a, int64_t step, uint64_t seed, int64_t position, double *stall_s,
                 mps_err *err)
 {
-    char name[64], dir[4200], state[1024];
-    snprintf(name, sizeof name, "step-%08lld", (long long)step);
-    snprintf(dir, sizeof dir, "%s/%s", a->out, name);
+    char state[1024];
     snprintf(state, sizeof state,
              "{\"lr\": %.7g, \"lr_min\": %.7g, \"warmup\": %lld, \"decay_steps\": %lld, \"weight_decay\": %.7g, "
              "\"grad_clip\": %.7g, \"beta1\": %.7g, \"beta2\": %.7g, \"eps\": %.7g, \"global_batch\": %d, "
@@ -206,14 +192,29 @@ static int save(mps_engine *e, const train_args *a, int rank, int64_t step, uint
              a->o.lr, a->o.lr_min, (long long)a->o.warmup, (long long)a->o.decay_steps, a->o.weight_decay,
              a->o.grad_clip, a->o.beta1, a->o.beta2, a->o.eps, a->o.global_batch, a->o.micro_batch, a->o.seq,
              a->o.schedule == MPS_SCHED_GPIPE ? "gpipe" : "1f1b");
-    /* RUNDIR appears with the first save: a run that fails before leaves nothing behind */
-    if (rank == 0 && mkdir(a->out, 0755) != 0 && errno != EEXIST)
-        return mps_fail(err, MPS_EIO, "--out %s: %s", a->out, strerror(errno));
-    if (mps_train_save(e, dir, step, seed, position, state, err) != 0)
-        return -1;
-    if (rank == 0 && write_latest(a->out, name, err) != 0)
-        return -1;
-    return 0;
+    /* the last save has no training left to overlap: written directly, without a snapshot */
+    return mps_saver_save(sv, step, seed, position, state, step == a->steps, stall_s, err);
+}
+
+/* One stderr line per committed save: how long training stalled for it and, in the background,
+ * how long the write and the commit took. */
+static void report_saves(mps_saver *sv, const train_args *a, int rank)
+{
+    mps_save_report r;
+    while (mps_saver_next_report(sv, &r)) {
+        if (rank != 0 || a->quiet)
+            continue;
+        char wait[64] = "";
+        if (r.wait_s >= 0.0005)
+            snprintf(wait, sizeof wait, ", %.3f s of it waiting for the previous save", r.wait_s);
+        if (r.background)
+            fprintf(stderr, "train: saved %s/step-%08lld in %.3f s of stall (snapshot copy%s); written in the "
+                    "background in %.2f s, committed in %.3f s\n", a->out, (long long)r.step, r.stall_s, wait,
+                    r.write_s, r.commit_s);
+        else
+            fprintf(stderr, "train: saved %s/step-%08lld in %.2f s (training stalls for the save%s)\n", a->out,
+                    (long long)r.step, r.stall_s, wait);
+    }
 }
 
 static double now_s(void)
@@ -256,6 +257,7 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         a->o.global_batch = a->o.micro_batch * L.dp;
     mps_tokens *data = NULL;
     mps_engine *e = NULL;
+    mps_saver *sv = NULL;
     int rc = -1;
     /* device buffers travel through host memory when the communication backend is MPI */
     mps_comm staged = { 0 };
@@ -289,6 +291,8 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         rc = 0;
         goto out;
     }
+    if (mps_saver_new(e, a->out, !a->save_sync, &sv, err) != 0)
+        goto out;
     FILE *log = NULL;
     if (comm->rank == 0 && a->log && !(log = fopen(a->log, "a"))) {
         mps_fail(err, MPS_EIO, "--log %s: %s", a->log, strerror(errno));
@@ -302,29 +306,36 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
             break;
         step++;
         position += a->o.global_batch;
-        double tps = (double)a->o.global_batch * a->o.seq / (now_s() - ts);
-        if (comm->rank == 0) {
-            if (!a->quiet)
-                printf("step %lld/%lld  loss %.6f  lr %.3e  norm %.4f  %.0f tok/s\n", (long long)step,
-                       (long long)a->steps, st.loss, st.lr, st.grad_norm, tps);
-            if (log) {
-                fprintf(log, "{\"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"tokens_per_s\": %.1f, "
-                        "\"elapsed_s\": %.3f}\n", (long long)step, st.loss, st.lr, st.grad_norm, tps, now_s() - a->t_start);
-                fflush(log);
-            }
+        double t_done = now_s(), tps = (double)a->o.global_batch * a->o.seq / (t_done - ts);
+        if (comm->rank == 0 && !a->quiet) {
+            printf("step %lld/%lld  loss %.6f  lr %.3e  norm %.4f  %.0f tok/s\n", (long long)step,
+                   (long long)a->steps, st.loss, st.lr, st.grad_norm, tps);
             fflush(stdout);
         }
-        if ((a->save_every && step % a->save_every == 0) || step == a->steps) {
-            double t_save = now_s();
-            rc = save(e, a, comm->rank, step, seed, position, err);
-            if (rc == 0 && comm->rank == 0 && !a->quiet)
-                fprintf(stderr, "train: saved %s/step-%08lld in %.2f s (training stalls for the save)\n", a->out,
-                        (long long)step, now_s() - t_save);
+        /* a step boundary: commit the background save if every rank's writer is done */
+        rc = mps_saver_poll(sv, 0, err);
+        double stall = -1;
+        if (rc == 0 && ((a->save_every && step % a->save_every == 0) || step == a->steps))
+            rc = save(sv, a, step, seed, position, &stall, err);
+        report_saves(sv, a, comm->rank);
+        if (log) {
+            char extra[64] = "";
+            if (rc == 0 && stall >= 0)
+                snprintf(extra, sizeof extra, ", \"save_stall_s\": %.3f", stall);
+            fprintf(log, "{\"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"tokens_per_s\": %.1f, "
+                    "\"elapsed_s\": %.3f%s}\n", (long long)step, st.loss, st.lr, st.grad_norm, tps, t_done - a->t_start,
+                    extra);
+            fflush(log);
         }
     }
+    /* nothing may be left in flight: the last save is committed before the run ends */
+    if (rc == 0)
+        rc = mps_saver_poll(sv, 1, err);
+    report_saves(sv, a, comm->rank);
     if (log)
         fclose(log);
 out:
+    mps_saver_free(sv); /* on an error exit: stops and joins a pending writer, removes its staging */
     mps_tokens_close(data);
     mps_engine_free(e);
     mps_comm_staged_free(&staged);

@@ -35,7 +35,10 @@ int cli_procs_init(int *argc, char ***argv, mps_procs *out)
     if (!size || atoi(size) <= 1)
         return 0;
 #ifdef MPS_HAVE_MPI
-    if (MPI_Init(argc, argv) != MPI_SUCCESS) {
+    /* FUNNELED: other threads exist (OpenMP, writer pools, the trainer's background save writer),
+     * but only the main thread ever calls MPI */
+    int provided;
+    if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
         fprintf(stderr, "mpshard: MPI_Init failed\n");
         return -1;
     }

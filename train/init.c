@@ -3,7 +3,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine_internal.h"
 #include "init.h"
 
 static uint64_t mix64(uint64_t x)
@@ -108,61 +107,4 @@ int mps_init_write(const char *dir, const mps_config *cfg, const mps_layout *L, 
         mps_stage_abort(&st);
     mps_manifest_free(&m);
     return rc;
-}
-
-int mps_train_save(mps_engine *e, const char *dir, int64_t step, uint64_t rng_seed, int64_t data_position,
-                   const char *train_state_json, mps_err *err)
-{
-    mps_comm *c = e->comm;
-    mps_manifest m;
-    mps_manifest_init(&m, &e->cfg, &e->L);
-    m.step = step;
-    m.rng_seed = rng_seed;
-    m.data_position = data_position;
-    snprintf(m.source_format, sizeof m.source_format, "mpshard");
-    if (train_state_json && !(m.train_state_json = strdup(train_state_json))) {
-        mps_manifest_free(&m);
-        return mps_fail(err, MPS_ENOMEM, "out of memory");
-    }
-    /* every shard file carries the checkpoint id: rank 0 draws it */
-    mps_err local;
-    mps_err_clear(&local);
-    int rc = c->bcast_bytes(c->ctx, m.checkpoint_id, sizeof m.checkpoint_id, 0, &local);
-    mps_stage st;
-    memset(&st, 0, sizeof st);
-    st.lock_fd = -1;
-    int ok = rc == 0;
-    if (e->rank == 0 && ok)
-        ok = mps_stage_begin(dir, 1, &st, &local) == 0;
-    if (!c->all_ok(c->ctx, ok)) {
-        if (e->rank == 0 && ok)
-            mps_stage_abort(&st);
-        mps_manifest_free(&m);
-        if (local.msg[0])
-            *err = local;
-        return mps_fail(err, MPS_EIO, "%s: saving failed on another rank", dir);
-    }
-    char stage_dir[4200];
-    ok = mps_stage_dir_name(dir, stage_dir, sizeof stage_dir, &local) == 0 &&
-         mps_engine_write_shard(e, stage_dir, &m, &local) == 0;
-    if (!c->all_ok(c->ctx, ok)) {
-        if (e->rank == 0)
-            mps_stage_abort(&st);
-        mps_manifest_free(&m);
-        if (local.msg[0])
-            *err = local;
-        return mps_fail(err, MPS_EIO, "%s: saving failed on another rank", dir);
-    }
-    ok = 1;
-    if (e->rank == 0 && mps_stage_commit(&st, &m, &local) != 0) {
-        mps_stage_abort(&st);
-        ok = 0;
-    }
-    mps_manifest_free(&m);
-    if (!c->all_ok(c->ctx, ok)) {
-        if (local.msg[0])
-            *err = local;
-        return mps_fail(err, MPS_EIO, "%s: commit failed on rank 0", dir);
-    }
-    return 0;
 }

@@ -1,4 +1,4 @@
-/* A fresh training state (`mpshard init`) and the trainer's saves. */
+/* A fresh training state (`mpshard init`); the trainer's saves are in save_async.h. */
 #ifndef MPS_INIT_H
 #define MPS_INIT_H
 
@@ -17,10 +17,5 @@ int mps_init_write(const char *dir, const mps_config *cfg, const mps_layout *L, 
 /* mps_source callbacks for sources that need no per-tensor preparation (init, the trainer's saves). */
 int mps_source_no_begin(void *ctx, int tensor, mps_err *err);
 void mps_source_no_end(void *ctx, int tensor);
-
-/* Saves the engine's state as a checkpoint DIR of its layout: rank 0 stages and commits, every
- * rank writes its own shard file. All ranks call it; all return the same status. */
-int mps_train_save(mps_engine *e, const char *dir, int64_t step, uint64_t rng_seed, int64_t data_position,
-                   const char *train_state_json, mps_err *err);
 
 #endif
