@@ -1,11 +1,14 @@
 #!/bin/bash
 # Resources: a file size limit (RLIMIT_FSIZE), a full disk (a small tmpfs) and an unwritable output,
-# for shard, reshard and export: a clean I/O error (exit 4, one line naming the file), nothing
-# committed, temporary files removed, a checkpoint or model file being replaced left intact.
+# for shard, reshard and export (and a full disk under the trainer's background save): a clean I/O
+# error (exit 4, one line naming the file), nothing committed, temporary files removed, a
+# checkpoint or model file being replaced (the trainer's latest) left intact.
 # mpshard ignores SIGXFSZ itself (cli/mpshard.c), so over the size limit write() fails with EFBIG.
 # The tmpfs and read-only cases run in a user + mount namespace (unshare -rm), where an
 # unprivileged user may mount; they are skipped, saying so, where namespaces are not allowed.
 . "$(dirname "$0")/common.bash"
+export OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+  OMPI_MCA_btl_vader_single_copy_mechanism=none OMPI_MCA_rmaps_base_oversubscribe=1
 
 # nothing_left DIR NAME: no NAME, NAME.partial, NAME.lock, NAME.old-* and no *.tmp in DIR
 nothing_left() {
@@ -68,6 +71,29 @@ in_namespace() {
   fails_io "export, read-only" "$mnt/e" "$MPSHARD" export "$S/ref" --format llmc -o "$mnt/e" -q
   grep -q "Read-only file system" "$T/err" && ok || bad "read-only: message lacks the cause: $(cat "$T/err")"
   umount "$mnt"
+  # the trainer: room for one checkpoint and a half, a save every step. The save of step 2 runs in
+  # the background and its writer hits the full disk: the run fails with the writer's line, its
+  # staging and lock are removed, latest still names step 1, which verifies
+  local tr=(--data "$S/tok.bin" --global-batch 8 --micro-batch 2 --seq 16 --steps 4 --save-every 1 -q)
+  need_c=$(du -sk "$S/tr1/step-00000001" | cut -f1)
+  for np in 1 2; do
+    [ "$np" = 1 ] || command -v mpirun >/dev/null || continue
+    mount -t tmpfs -o size=$(( need_c * 3 / 2 + 8 ))k tmpfs "$mnt"
+    if [ "$np" = 1 ]; then
+      fails_io "train, disk full" "step-00000002.partial/rank-00000.h5: writing .*No space left on device" \
+        "$MPSHARD" train --ckpt "$S/trinit" --layout dp=1 "${tr[@]}" --out "$mnt/run"
+    else # (each rank prints the writer's line, mpirun adds its own)
+      # (leak checking off under mpirun: OpenMPI's components leak by design)
+      ASAN_OPTIONS="${ASAN_OPTIONS:-}:detect_leaks=0" mpirun -np 2 "$MPSHARD" train --ckpt "$S/trinit" --layout dp=2 "${tr[@]}" --out "$mnt/run" >"$T/out" 2>"$T/err"
+      [ "$?" = 4 ] && grep -q "^mpshard train: .*step-00000002.partial/rank-0000[01].h5: .*No space left on device" "$T/err" \
+        && ok || bad "train np 2, disk full: $(head -c 300 "$T/err")"
+    fi
+    [ "$(cat "$mnt/run/latest" 2>/dev/null)" = step-00000001 ] && ok || bad "train np $np, disk full: latest $(cat "$mnt/run/latest")"
+    nothing_left "$mnt/run" step-00000002 "train np $np, disk full"
+    no_tmp "$mnt/run" "train np $np, disk full"
+    expect 0 "$MPSHARD" verify "$mnt/run/step-00000001" -q
+    umount "$mnt"
+  done
 }
 # (two statements: an error that aborts in_namespace must not fall through to the outer part)
 if [ "${1:-}" = --in-namespace ]; then in_namespace "$2"; fi
@@ -123,6 +149,10 @@ mkdir -p "$T/probe"
 if [ -z "${MPS_RESOURCES_INNER:-}" ] && unshare -rm sh -c "mount -t tmpfs -o size=1m tmpfs '$T/probe'" 2>/dev/null; then
   expect 0 "$MPSHARD" shard "$T/m/model.safetensors" --layout dp=2,tp=2 -o "$T/sized-c" -q
   expect 0 "$MPSHARD" reshard "$T/ref" --layout tp=3,dp=2 -o "$T/sized-r" -q
+  expect 0 "$MPSHARD" tokens --count 20000 --vocab 250 -o "$T/tok.bin"
+  expect 0 "$MPSHARD" init --config "n_layer=2,n_embd=48,n_head=6,vocab=250,n_positions=32" --layout dp=1 -o "$T/trinit" -q
+  expect 0 "$MPSHARD" train --ckpt "$T/trinit" --layout dp=1 --data "$T/tok.bin" --global-batch 8 \
+    --micro-batch 2 --seq 16 --steps 1 --out "$T/tr1" -q
   MPS_RESOURCES_INNER=1 unshare -rm bash "$0" --in-namespace "$T" >"$T/ns.out" 2>&1; rc=$?
   [ "$rc" = 0 ] && ok || bad "namespace part: $(cat "$T/ns.out")"
   tail -1 "$T/ns.out"
