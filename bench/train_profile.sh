@@ -11,7 +11,8 @@ M=${MPSHARD:-build/mpshard}; MODEL=${MODEL:-gpt2}; B=${B:-32}
 "$M" init --model "$MODEL" --layout dp=1 -o "$W/ck" -q || exit 1
 run() { "$M" train --ckpt "$W/ck" --layout dp=1 --data "$W/tok.bin" --steps "$1" --global-batch "$B" --micro-batch "$B" \
   --seq 1024 --backend cuda --out "$W/run" --log "$2" -q; }
-run 6 "$W/plain.jsonl" || exit 1
+MPS_CUDA_VERBOSE=1 run 6 "$W/plain.jsonl" 2>"$W/plain.err" || { tail -5 "$W/plain.err"; exit 1; }
+echo "GEMM plans (MPS_CUDA_VERBOSE=1):"; grep "gemm plan" "$W/plain.err" | sort -u
 echo "tokens/s without the profiler:"; sed -E 's/.*"tokens_per_s": ([0-9.]+).*/\1/' "$W/plain.jsonl" | tr '\n' ' '; echo
 # count the launches of one step: steps 1 and 2 under ncu with nothing collected would cost as much; instead
 # profile everything of a 3-step run and keep the last third of the launches (steps are identical)

@@ -49,12 +49,23 @@ typedef struct mps_backend {
                           const float *w, const float *mean, const float *rstd, int64_t N, int C);
     void (*matmul_fwd)(void *ctx, float *out, const void *inp_act, const float *w, const float *bias, int64_t N, int C,
                        int OC);
+    /* the head's logits: out (N, OC) = inp @ w^T as an operand buffer */
+    void (*matmul_fwd_act)(void *ctx, void *out_act, const void *inp_act, const float *w, int64_t N, int C, int OC);
     /* dout is an operand buffer when dout_act, else fp32 */
     void (*matmul_bwd)(void *ctx, float *dinp, float *dw, float *dbias, const void *dout, int dout_act,
                        const void *inp_act, const float *w, int64_t N, int C, int OC);
     void (*attention_fwd)(void *ctx, void *out_act, float *lse, const float *qkv, int B, int T, int H, int hs);
     void (*attention_bwd)(void *ctx, void *dqkv_act, const float *dout, const float *qkv, const void *out_act,
                           const float *lse, int B, int T, int H, int hs);
+    /* The MLP's first product with its GELU, so that a GPU can do both in one pass:
+     * pre (N, OC) = inp (N, C) @ w^T + bias, out = gelu(pre); pre and out are operand buffers. */
+    void (*matmul_gelu_fwd)(void *ctx, void *out_act, void *pre_act, const void *inp_act, const float *w,
+                            const float *bias, int64_t N, int C, int OC);
+    /* ... and the matching backward through the second product and the GELU: dpre (N, C) (operand
+     * buffer, overwritten) = (dout (N, OC) @ w (OC, C)) * gelu'(pre); dbias (C) += column sums of dpre
+     * (the first product's bias gradient), skipped when NULL. */
+    void (*matmul_dgelu_bwd)(void *ctx, void *dpre_act, float *dbias, const float *dout, const float *w,
+                             const void *pre_act, int64_t N, int C, int OC);
     void (*gelu_fwd)(void *ctx, void *out_act, const float *inp, int64_t n);
     void (*gelu_bwd)(void *ctx, void *dinp_act, const float *inp, const float *dout, int64_t n);
     void (*residual_bias)(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
@@ -63,21 +74,28 @@ typedef struct mps_backend {
     void (*add)(void *ctx, float *out, const float *a, const float *b, int64_t n);
     void (*accumulate)(void *ctx, float *dst, const float *src, int64_t n);
     void (*scale)(void *ctx, float *x, float s, int64_t n);
-    /* Cross-entropy over this rank's vocab slice in one pass over the logits (N, Vl): per row the
+    /* Cross-entropy over this rank's vocab slice in one pass over the logits (N, Vl, an operand
+     * buffer, as the head's product writes them): per row the
      * local max over real ids (-INFINITY if none), the sum of exp(logit - local max), and the target's
      * logit (0 when another rank owns it). Under TP the engine takes the group's max and calls
      * xent_rescale (sumexp *= exp(rowmax - gmax)) before summing sumexp and tlogit over the group. */
-    void (*xent_stats)(void *ctx, float *rowmax, float *sumexp, float *tlogit, const float *logits,
+    void (*xent_stats)(void *ctx, float *rowmax, float *sumexp, float *tlogit, const void *logits_act,
                        const int32_t *targets, int64_t N, int64_t Vl, int64_t v0, int64_t V);
     void (*xent_rescale)(void *ctx, float *sumexp, const float *rowmax, const float *gmax, int64_t N);
-    /* dlogits (operand buffer) = scale * (softmax - onehot(target)), 0 on padded ids */
-    void (*xent_bwd)(void *ctx, void *dlogits_act, const float *logits, const int32_t *targets, const float *gmax,
+    /* dlogits (operand buffer) = scale * (softmax - onehot(target)), 0 on padded ids; dlogits may be
+     * the logits buffer itself (element-wise in place) */
+    void (*xent_bwd)(void *ctx, void *dlogits_act, const void *logits_act, const int32_t *targets, const float *gmax,
                      const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
     /* host result: sum over rows of log(sumexp) + gmax - tlogit */
     double (*xent_loss_sum)(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
-    void (*adamw)(void *ctx, float *param, const float *grad, float *m, float *v, int64_t n, float lr, float beta1,
-                  float beta2, float eps, float weight_decay, int64_t t);
+    /* AdamW on grad * grad_scale (the clipping factor, applied in the same pass); grad's contents
+     * are unspecified afterwards (the CPU scales it in place) */
+    void (*adamw)(void *ctx, float *param, float *grad, float *m, float *v, int64_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int64_t t, float grad_scale);
     double (*sumsq)(void *ctx, const float *x, int64_t n); /* host result */
+    /* host result: the sums of squares of count buffers added in order, in double; one wait for the
+     * device instead of one per buffer */
+    double (*sumsq_many)(void *ctx, const float *const *xs, const int64_t *ns, int count);
     void (*destroy)(void *ctx);
 } mps_backend;
 

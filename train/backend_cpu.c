@@ -44,6 +44,11 @@ static void mm_fwd(void *c, float *out, const void *inp, const float *w, const f
     (void)c;
     op_matmul_fwd(out, inp, w, bias, N, C, OC);
 }
+static void mm_fwd_act(void *c, void *out, const void *inp, const float *w, int64_t N, int C, int OC)
+{
+    (void)c;
+    op_matmul_fwd(out, inp, w, NULL, N, C, OC);
+}
 static void mm_bwd(void *c, float *dinp, float *dw, float *dbias, const void *dout, int dout_act, const void *inp,
                    const float *w, int64_t N, int C, int OC)
 {
@@ -61,6 +66,31 @@ static void att_bwd(void *c, void *dqkv, const float *dout, const float *qkv, co
     (void)c;
     memset(dqkv, 0, sizeof(float) * (size_t)B * T * 3 * H * hs); /* the op accumulates; the table overwrites */
     op_attention_bwd(dqkv, dout, qkv, out, lse, B, T, H, hs);
+}
+static void mm_gelu_fwd(void *c, void *out, void *pre, const void *inp, const float *w, const float *bias, int64_t N,
+                        int C, int OC)
+{
+    (void)c;
+    op_matmul_fwd(pre, inp, w, bias, N, C, OC);
+    op_gelu_fwd(out, pre, N * OC);
+}
+static void mm_dgelu_bwd(void *c, void *dpre, float *dbias, const float *dout, const float *w, const void *pre,
+                         int64_t N, int C, int OC)
+{
+    (void)c;
+    /* dpre is overwritten: the product first, then through gelu' in place */
+    memset(dpre, 0, sizeof(float) * (size_t)(N * C));
+    op_matmul_bwd(dpre, NULL, NULL, dout, NULL, w, N, C, OC);
+    op_gelu_bwd_inplace(dpre, pre, N * C);
+    if (dbias) {
+        const float *d = dpre;
+        for (int j = 0; j < C; j++) {
+            float s = 0;
+            for (int64_t i = 0; i < N; i++)
+                s += d[i * C + j];
+            dbias[j] += s;
+        }
+    }
 }
 static void gelu_fwd(void *c, void *out, const float *inp, int64_t n) { (void)c; op_gelu_fwd(out, inp, n); }
 static void gelu_bwd(void *c, void *d, const float *inp, const float *dout, int64_t n)
@@ -95,7 +125,7 @@ static void bias_grad(void *c, float *db, const float *dout, int64_t N, int C)
 static void add(void *c, float *out, const float *a, const float *b, int64_t n) { (void)c; op_add(out, a, b, n); }
 static void accumulate(void *c, float *d, const float *s, int64_t n) { (void)c; op_accumulate(d, s, n); }
 static void scale(void *c, float *x, float s, int64_t n) { (void)c; op_scale(x, s, n); }
-static void xent_stats(void *c, float *rowmax, float *sumexp, float *tlogit, const float *logits,
+static void xent_stats(void *c, float *rowmax, float *sumexp, float *tlogit, const void *logits,
                        const int32_t *targets, int64_t N, int64_t Vl, int64_t v0, int64_t V)
 {
     (void)c;
@@ -109,7 +139,7 @@ static void xent_rescale(void *c, float *sumexp, const float *rowmax, const floa
     for (int64_t i = 0; i < N; i++)
         sumexp[i] = rowmax[i] == -INFINITY ? 0.0f : sumexp[i] * expf(rowmax[i] - gmax[i]);
 }
-static void xent_bwd(void *c, void *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+static void xent_bwd(void *c, void *dlogits, const void *logits, const int32_t *targets, const float *gmax,
                      const float *gsumexp, float s, int64_t N, int64_t Vl, int64_t v0, int64_t V)
 {
     (void)c;
@@ -123,13 +153,23 @@ static double xent_loss_sum(void *c, const float *gmax, const float *sumexp, con
         sum += (double)logf(sumexp[i]) + gmax[i] - tlogit[i];
     return sum;
 }
-static void adamw(void *c, float *p, const float *g, float *m, float *v, int64_t n, float lr, float b1, float b2,
-                  float eps, float wd, int64_t t)
+static void adamw(void *c, float *p, float *g, float *m, float *v, int64_t n, float lr, float b1, float b2,
+                  float eps, float wd, int64_t t, float grad_scale)
 {
     (void)c;
+    if (grad_scale != 1.0f) /* the same rounding as scaling inside the update */
+        op_scale(g, grad_scale, n);
     op_adamw(p, g, m, v, n, lr, b1, b2, eps, wd, t);
 }
 static double sumsq(void *c, const float *x, int64_t n) { (void)c; return op_sumsq(x, n); }
+static double sumsq_many(void *c, const float *const *xs, const int64_t *ns, int count)
+{
+    (void)c;
+    double s = 0;
+    for (int i = 0; i < count; i++)
+        s += op_sumsq(xs[i], ns[i]);
+    return s;
+}
 
 void mps_backend_cpu(mps_backend *out)
 {
@@ -139,10 +179,12 @@ void mps_backend_cpu(mps_backend *out)
         .zero = cpu_zero, .copy = cpu_copy, .to_host = cpu_copy, .from_host = cpu_copy, .sync = cpu_sync,
         .embed_fwd = embed_fwd, .embed_bwd = embed_bwd, .pos_fwd = pos_fwd, .pos_bwd = pos_bwd,
         .layernorm_fwd = ln_fwd, .layernorm_bwd = ln_bwd, .matmul_fwd = mm_fwd, .matmul_bwd = mm_bwd,
-        .attention_fwd = att_fwd, .attention_bwd = att_bwd, .gelu_fwd = gelu_fwd, .gelu_bwd = gelu_bwd,
+        .matmul_fwd_act = mm_fwd_act,
+        .attention_fwd = att_fwd, .attention_bwd = att_bwd, .matmul_gelu_fwd = mm_gelu_fwd,
+        .matmul_dgelu_bwd = mm_dgelu_bwd, .gelu_fwd = gelu_fwd, .gelu_bwd = gelu_bwd,
         .residual_bias = residual_bias, .bias_grad = bias_grad, .add = add, .accumulate = accumulate,
         .scale = scale, .xent_stats = xent_stats, .xent_rescale = xent_rescale, .act_bytes = sizeof(float),
-        .xent_bwd = xent_bwd, .xent_loss_sum = xent_loss_sum, .adamw = adamw, .sumsq = sumsq,
+        .xent_bwd = xent_bwd, .xent_loss_sum = xent_loss_sum, .adamw = adamw, .sumsq = sumsq, .sumsq_many = sumsq_many,
         .destroy = cpu_destroy,
     };
 }

@@ -75,13 +75,13 @@ static int alloc_slot(mps_engine *e, mps_mb_slot *s)
     for (int l = 0; l < e->nlayers; l++) {
         mps_layer_acts *a = &s->layers[l];
         float **bufs[] = { &a->x_in, &a->ln1_mean, &a->ln1_rstd, &a->qkv, &a->lse, &a->x2, &a->ln2_mean,
-                           &a->ln2_rstd, &a->fch };
-        int64_t sizes[] = { N * C, N, N, N * 3 * e->Cl, (int64_t)e->B * e->Hl * e->T, N * C, N, N, N * e->F };
+                           &a->ln2_rstd };
+        int64_t sizes[] = { N * C, N, N, N * 3 * e->Cl, (int64_t)e->B * e->Hl * e->T, N * C, N, N };
         for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
             if ((*bufs[i] = buf_new(e, sizes[i])) == NULL)
                 return -1;
-        void **acts[] = { &a->ln1, &a->atty, &a->ln2, &a->gel };
-        int64_t act_sizes[] = { N * C, N * e->Cl, N * C, N * e->F };
+        void **acts[] = { &a->ln1, &a->atty, &a->ln2, &a->fch, &a->gel };
+        int64_t act_sizes[] = { N * C, N * e->Cl, N * C, N * e->F, N * e->F };
         for (size_t i = 0; i < sizeof act_sizes / sizeof act_sizes[0]; i++)
             if ((*acts[i] = act_new(e, act_sizes[i])) == NULL)
                 return -1;
@@ -167,8 +167,7 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
         wide = 3 * e->Cl;
     e->scratch_a = buf_new(e, (int64_t)e->N * wide);
     e->scratch_b = buf_new(e, (int64_t)e->N * (e->C + 8));
-    e->logits = e->is_last ? buf_new(e, (int64_t)e->N * e->Vl) : NULL;
-    e->dlogits = e->is_last ? act_new(e, (int64_t)e->N * e->Vl) : NULL;
+    e->logits = e->is_last ? act_new(e, (int64_t)e->N * e->Vl) : NULL;
     /* 1F1B keeps at most (stages after this one + 1) micro-batches in flight; GPipe all of them */
     int inflight = L->pp - e->me.pp;
     e->nslots = o->schedule == MPS_SCHED_GPIPE || inflight > e->accum ? e->accum : inflight;
@@ -177,7 +176,7 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     e->send_dx = calloc((size_t)e->accum, sizeof(float *));
     e->step_inputs = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
     e->step_targets = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
-    if (!e->step_inputs || !e->step_targets || !e->scratch_a || !e->scratch_b || (e->is_last && (!e->logits || !e->dlogits)) ||
+    if (!e->step_inputs || !e->step_targets || !e->scratch_a || !e->scratch_b || (e->is_last && !e->logits) ||
         !e->slots || !e->send_x || !e->send_dx)
         return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
     for (int i = 0; i < e->nslots; i++)
@@ -221,7 +220,6 @@ void mps_engine_free(mps_engine *e)
     buf_free(e, e->scratch_a);
     buf_free(e, e->scratch_b);
     buf_free(e, e->logits);
-    buf_free(e, e->dlogits);
     free(e->step_inputs);
     free(e->step_targets);
     free(e);
@@ -473,7 +471,15 @@ static int reduce_grads(mps_engine *e, mps_err *err)
 /* Global gradient norm: every distinct element counted once over the world. */
 static int grad_norm(mps_engine *e, double *out, mps_err *err)
 {
-    double sumsq = 0;
+    /* (one wait for the device for all of them) */
+    const float **xs = malloc(sizeof *xs * (size_t)e->ntensors);
+    int64_t *ns = malloc(sizeof *ns * (size_t)e->ntensors);
+    int count = 0;
+    if (!xs || !ns) {
+        free(xs);
+        free(ns);
+        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    }
     for (int t = 0; t < e->ntensors; t++) {
         mps_tparam *p = &e->t[t];
         if (!p->held)
@@ -484,9 +490,12 @@ static int grad_norm(mps_engine *e, double *out, mps_err *err)
             continue; /* replicated over TP */
         if (e->L.zero == 0 && e->me.dp != 0)
             continue; /* replicated over DP */
-        int64_t n = e->L.zero == 0 ? p->box_n : p->opt.flat_end - p->opt.flat_begin;
-        sumsq += e->be->sumsq(e->be->ctx, reduced_grad(e, p), n);
+        ns[count] = e->L.zero == 0 ? p->box_n : p->opt.flat_end - p->opt.flat_begin;
+        xs[count++] = reduced_grad(e, p);
     }
+    double sumsq = e->be->sumsq_many(e->be->ctx, xs, ns, count);
+    free(xs);
+    free(ns);
     if (e->comm->allreduce_sum_f64(e->comm->ctx, MPS_GROUP_WORLD, &sumsq, 1, err) != 0)
         return -1;
     *out = sqrt(sumsq);
@@ -514,10 +523,8 @@ static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scal
         int64_t ob = p->opt.flat_begin, on = p->opt.flat_end - ob;
         float *g = e->L.zero == 0 ? p->g : p->g_shard;
         float *w = e->L.zero >= 3 ? p->w_shard : p->w + ob;
-        if (clip_scale != 1.0f)
-            e->be->scale(e->be->ctx, g, clip_scale, on);
         e->be->adamw(e->be->ctx, w, g, p->m, p->v, on, lr, e->o.beta1, e->o.beta2, e->o.eps,
-                     p->decay ? e->o.weight_decay : 0.0f, step + 1);
+                     p->decay ? e->o.weight_decay : 0.0f, step + 1, clip_scale);
         buf_zero(e, g, on);
         if (e->L.zero >= 1 && e->L.zero < 3 && e->L.dp > 1 && mps_gather_box(e, p, err) != 0)
             return -1;

@@ -34,7 +34,7 @@ typedef struct {
     float *x2;               /* (N, C) after the attention residual */
     void *ln2;               /* (N, C) operand buffer */
     float *ln2_mean, *ln2_rstd;
-    float *fch;              /* (N, F) F = 4C / tp */
+    void *fch;               /* (N, F) F = 4C / tp, operand buffer: the GELU's input */
     void *gel;               /* (N, F) operand buffer; in the backward, dfch */
 } mps_layer_acts;
 
@@ -64,8 +64,7 @@ struct mps_engine {
     float **send_x, **send_dx; /* per micro-batch send buffers, valid until the step's flush */
     float *scratch_a;        /* (N, max(C, F, 3Cl)) fp32 temporaries, or operand buffers of that size */
     float *scratch_b;        /* (N, C + 8) fp32 temporaries */
-    float *logits;           /* (N, Vl) last stage */
-    void *dlogits;           /* (N, Vl) operand buffer, last stage */
+    void *logits;            /* (N, Vl) operand buffer, last stage; dlogits in place in the backward */
     double loss_sum;         /* this step's summed token losses (last stage, TP part 0) */
     int32_t *step_inputs, *step_targets; /* (accum, N): this replica's tokens of the step */
 };

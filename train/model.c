@@ -63,8 +63,7 @@ static int layer_forward(mps_engine *e, int layer, mps_layer_acts *a, float *x_o
         /* the row-parallel bias is added once, after the reduction */
         e->be->residual_bias(e->be->ctx, a->x2, a->x_in, proj, w.attprojb, N, C);
         e->be->layernorm_fwd(e->be->ctx, a->ln2, a->ln2_mean, a->ln2_rstd, a->x2, w.ln2w, w.ln2b, N, C);
-        e->be->matmul_fwd(e->be->ctx, a->fch, a->ln2, w.fcw, w.fcb, N, C, F);
-        e->be->gelu_fwd(e->be->ctx, a->gel, a->fch, N * F);
+        e->be->matmul_gelu_fwd(e->be->ctx, a->gel, a->fch, a->ln2, w.fcw, w.fcb, N, C, F);
         e->be->matmul_fwd(e->be->ctx, proj, a->gel, w.fcprojw, NULL, N, F, C);
         rc = tp_sum(e, proj, N * C, err);
     }
@@ -88,19 +87,18 @@ static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, float *dx
             layer_release(e, layer);
             return -1;
         }
-    float *dbig = e->scratch_a;  /* (N, max(F, 3Cl)): fp32 dgel, then the operand buffer dqkv */
+    float *dbig = e->scratch_a;  /* (N, max(F, 3Cl)): the operand buffer dqkv */
     float *dsmall = e->scratch_b; /* (N, C) */
     int rc = 0;
     /* MLP: x3 = x2 + gelu(ln2 @ fcw^T + fcb) @ fcprojw^T + fcprojb; dx is dx3 here and becomes dx2 */
     e->be->bias_grad(e->be->ctx, g[MPS_SLOT_FCPROJB], dx, N, C);
-    buf_zero(e, dbig, N * F);
-    e->be->matmul_bwd(e->be->ctx, dbig, g[MPS_SLOT_FCPROJW], NULL, dx, 0, a->gel, w.fcprojw, N, F, C);
-    /* dfch (an operand buffer, overwritten) goes where gel was: gel is no longer needed, and no
-     * other (N, F) operand buffer is free */
+    e->be->matmul_bwd(e->be->ctx, NULL, g[MPS_SLOT_FCPROJW], NULL, dx, 0, a->gel, w.fcprojw, N, F, C);
+    /* dfch (an operand buffer, overwritten) goes where gel was: gel is no longer needed (the
+     * product above, issued first, has read it), and no other (N, F) operand buffer is free */
     void *dfch = a->gel;
-    e->be->gelu_bwd(e->be->ctx, dfch, a->fch, dbig, N * F);
+    e->be->matmul_dgelu_bwd(e->be->ctx, dfch, g[MPS_SLOT_FCB], dx, w.fcprojw, a->fch, N, F, C);
     buf_zero(e, dsmall, N * C);
-    e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_FCW], g[MPS_SLOT_FCB], dfch, 1, a->ln2, w.fcw, N, C, F);
+    e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_FCW], NULL, dfch, 1, a->ln2, w.fcw, N, C, F);
     rc = tp_sum(e, dsmall, N * C, err); /* ln2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
         e->be->layernorm_bwd(e->be->ctx, dx, g[MPS_SLOT_LN2W], g[MPS_SLOT_LN2B], dsmall, a->x2, w.ln2w, a->ln2_mean,
@@ -175,7 +173,7 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     float *dxf = e->scratch_b + 6 * N; /* (N, C) */
     if (rc == 0) {
         e->be->layernorm_fwd(e->be->ctx, xf, mean, rstd, x, lnfw, lnfb, N, C);
-        e->be->matmul_fwd(e->be->ctx, e->logits, xf, wte, NULL, N, C, (int)e->Vl);
+        e->be->matmul_fwd_act(e->be->ctx, e->logits, xf, wte, N, C, (int)e->Vl);
         /* one pass over the logits: local max, sumexp relative to it, target logit */
         e->be->xent_stats(e->be->ctx, rowmax, sumexp, tlogit, e->logits, s->targets, N, e->Vl, e->v0, e->cfg.vocab);
         if (e->L.tp == 1) {
@@ -193,10 +191,11 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
         if (e->me.tp == 0)
             e->loss_sum += e->be->xent_loss_sum(e->be->ctx, gmax, sumexp, tlogit, N);
         float scale = 1.0f / ((float)e->o.global_batch * (float)e->T);
-        e->be->xent_bwd(e->be->ctx, e->dlogits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
+        void *dlogits = e->logits; /* in place */
+        e->be->xent_bwd(e->be->ctx, dlogits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
                         e->cfg.vocab);
         buf_zero(e, dxf, N * C);
-        e->be->matmul_bwd(e->be->ctx, dxf, gwte, NULL, e->dlogits, 1, xf, wte, N, C, (int)e->Vl);
+        e->be->matmul_bwd(e->be->ctx, dxf, gwte, NULL, dlogits, 1, xf, wte, N, C, (int)e->Vl);
         rc = tp_sum(e, dxf, N * C, err);
     }
     if (rc == 0) {

@@ -311,16 +311,23 @@ void op_gelu_fwd(float *out, const float *inp, int64_t n)
     }
 }
 
+static inline float gelu_grad(float x)
+{
+    float th = tanhf(GELU_K * (x + GELU_A * x * x * x));
+    float du = GELU_K * (1.0f + 3.0f * GELU_A * x * x);  // d(tanh argument)/dx
+    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du;
+}
+
 void op_gelu_bwd(float *dinp, const float *inp, const float *dout, int64_t n)
 {
 #pragma omp parallel for schedule(static) if (n >= OPS_PAR_MIN)
-    for (int64_t i = 0; i < n; i++) {
-        float x = inp[i];
-        float th = tanhf(GELU_K * (x + GELU_A * x * x * x));
-        float du = GELU_K * (1.0f + 3.0f * GELU_A * x * x);  // d(tanh argument)/dx
-        float grad = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du;
-        dinp[i] += grad * dout[i];
-    }
+    for (int64_t i = 0; i < n; i++) dinp[i] += gelu_grad(inp[i]) * dout[i];
+}
+
+void op_gelu_bwd_inplace(float *d, const float *inp, int64_t n)
+{
+#pragma omp parallel for schedule(static) if (n >= OPS_PAR_MIN)
+    for (int64_t i = 0; i < n; i++) d[i] = gelu_grad(inp[i]) * d[i];
 }
 
 void op_add(float *out, const float *a, const float *b, int64_t n)

@@ -41,6 +41,8 @@ void op_attention_bwd(float *dqkv, const float *dout, const float *qkv, const fl
 /* GELU, tanh approximation (GPT-2's gelu_new). */
 void op_gelu_fwd(float *out, const float *inp, int64_t n);
 void op_gelu_bwd(float *dinp, const float *inp, const float *dout, int64_t n);
+/* d = gelu'(inp) * d (the product's gradient turned into the GELU input's, in place) */
+void op_gelu_bwd_inplace(float *d, const float *inp, int64_t n);
 
 /* out = a + b (out may alias a or b). */
 void op_add(float *out, const float *a, const float *b, int64_t n);

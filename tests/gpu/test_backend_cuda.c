@@ -560,6 +560,13 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
     GPU_TWICE(s, gpu.matmul_fwd(gpu.ctx, o_dev(&s, 0) + off_out, inp.d, w.d, bd, N, C, OC));
     o_done(&s, TOL_GEMM);
     free(init);
+    if (!off_out) {
+        snprintf(op, sizeof op, "matmul_fwd_act N%lld C%d OC%d", (long long)N, C, OC);
+        out = o_add_act(&s, "out", N * OC);
+        cpu.matmul_fwd_act(cpu.ctx, out, inp.h, w.h, N, C, OC);
+        GPU_TWICE(s, gpu.matmul_fwd_act(gpu.ctx, o_dev(&s, 0), inp.d, w.d, N, C, OC));
+        o_done(&s, TOL_GEMM);
+    }
 
     for (int variant = 0; variant < 4; variant++) { /* bit 0: dw only (else dinp, dw, dbias); bit 1: dout an operand */
         const int da = variant >> 1;
@@ -598,6 +605,38 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
     in_free(&bb);
     in_free(&dout);
     in_free(&dout_act);
+}
+
+/* the MLP's fused entries: pre = inp @ w^T + bias, out = gelu(pre); dpre = (dout @ w2) gelu'(pre),
+ * dbias += column sums of dpre (OC % 8 == 0 takes cuBLASLt's GELU epilogues, else the steps) */
+static void test_matmul_gelu(int64_t N, int C, int OC)
+{
+    char op[96];
+    tin inp = in_rand_act(N * C, 1.0f), w = in_rand((int64_t)OC * C, 0.5f), bias = in_rand(OC, 0.5f);
+    oset s = {.op = op};
+    snprintf(op, sizeof op, "matmul_gelu_fwd N%lld C%d OC%d", (long long)N, C, OC);
+    float *out = o_add_act(&s, "out", N * OC), *pre = o_add_act(&s, "pre", N * OC);
+    cpu.matmul_gelu_fwd(cpu.ctx, out, pre, inp.h, w.h, bias.h, N, C, OC);
+    GPU_TWICE(s, gpu.matmul_gelu_fwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), inp.d, w.d, bias.d, N, C, OC));
+    tin p = in_copy_act(pre, N * OC); /* the backward takes the CPU's pre */
+    o_done(&s, TOL_GEMM);
+
+    /* backward through the second product (w2 (C2, OC), dout (N, C2)) and the GELU */
+    const int C2 = C + 8;
+    tin w2 = in_rand((int64_t)C2 * OC, 0.5f), dout = in_rand(N * C2, 1.0f);
+    snprintf(op, sizeof op, "matmul_dgelu_bwd N%lld C%d OC%d", (long long)N, OC, C2);
+    float *i0 = hrand(OC, 1.0f);
+    float *dpre = o_add_act(&s, "dpre", N * OC), *db = o_add(&s, "dbias", OC, i0);
+    cpu.matmul_dgelu_bwd(cpu.ctx, dpre, db, dout.h, w2.h, p.h, N, OC, C2);
+    GPU_TWICE(s, gpu.matmul_dgelu_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout.d, w2.d, p.d, N, OC, C2));
+    o_done(&s, TOL_GEMM);
+    free(i0);
+    in_free(&inp);
+    in_free(&w);
+    in_free(&bias);
+    in_free(&p);
+    in_free(&w2);
+    in_free(&dout);
 }
 
 /* ---------------------------------------------------------------- attention */
@@ -739,7 +778,7 @@ static void test_rows(int64_t N, int C)
 static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
 {
     char op[96];
-    tin logits = in_rand(N * Vl, 4.0f);
+    tin logits = in_rand_act(N * Vl, 4.0f);
     int32_t *tg = hints(N, 0, (int32_t)V);
     int32_t *tg_d = dput(tg, sizeof(int32_t) * (size_t)N);
     oset s = {.op = op};
@@ -790,6 +829,13 @@ static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
     GPU_TWICE(s, gpu.xent_bwd(gpu.ctx, o_dev(&s, 0), logits.d, tg_d, gmax.d, gsum.d, scale, N, Vl, v0, V));
     o_done(&s, TOL_EW);
 
+    XOP("xent_bwd in place");
+    dl = o_add_act(&s, "dlogits", N * Vl);
+    memcpy(s.o[0].init, logits.h, sizeof(float) * (size_t)(N * Vl)); /* the GPU starts from the logits */
+    cpu.xent_bwd(cpu.ctx, dl, logits.h, tg, gmax.h, gsum.h, scale, N, Vl, v0, V);
+    GPU_TWICE(s, gpu.xent_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 0), tg_d, gmax.d, gsum.d, scale, N, Vl, v0, V));
+    o_done(&s, TOL_EW);
+
     XOP("xent_loss_sum");
     double lc = cpu.xent_loss_sum(cpu.ctx, gmax.h, gsum.h, tlog.h, N);
     double lg1 = gpu.xent_loss_sum(gpu.ctx, gmax.d, gsum.d, tlog.d, N);
@@ -817,16 +863,17 @@ static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
 static void test_adamw(int64_t n, int off)
 {
     char op[64];
-    snprintf(op, sizeof op, "adamw n%lld 3 steps%s", (long long)n, off ? " +1" : "");
+    snprintf(op, sizeof op, "adamw n%lld 3 steps%s, grad scale", (long long)n, off ? " +1" : "");
     float *p0 = hrand(n + off, 1.0f);
     tin g[3] = {in_rand(n + off, 1e-2f), in_rand(n + off, 1e-3f), in_rand(n + off, 1e-1f)};
     oset s = {.op = op};
     float *p = o_add(&s, "param", n + off, p0), *m = o_add(&s, "m", n + off, NULL), *v = o_add(&s, "v", n + off, NULL);
     for (int t = 1; t <= 3; t++)
-        cpu.adamw(cpu.ctx, p + off, g[t - 1].h + off, m + off, v + off, n, 6e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, t);
+        cpu.adamw(cpu.ctx, p + off, g[t - 1].h + off, m + off, v + off, n, 6e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, t,
+                  t == 2 ? 0.3f : 1.0f);
     GPU_TWICE(s, for (int t = 1; t <= 3; t++) gpu.adamw(gpu.ctx, o_dev(&s, 0) + off, g[t - 1].d + off,
                                                        o_dev(&s, 1) + off, o_dev(&s, 2) + off, n, 6e-4f, 0.9f, 0.95f,
-                                                       1e-8f, 0.1f, t));
+                                                       1e-8f, 0.1f, t, t == 2 ? 0.3f : 1.0f));
     o_done(&s, TOL_EW);
     free(p0);
     for (int i = 0; i < 3; i++)
@@ -848,6 +895,33 @@ static void test_sumsq(int64_t n, int off)
     printf("%-5s %-34s gpu %.15g cpu %.15g rel %.3e (tol %.0e)%s\n", ok ? "ok" : "FAIL", op, g1, c, rel, TOL_DOUBLE,
            memcmp(&g1, &g2, sizeof g1) ? " NOT DETERMINISTIC" : "");
     in_free(&x);
+}
+
+/* several buffers in one call: the same as the sum of the single calls */
+static void test_sumsq_many(void)
+{
+    const int64_t ns[4] = {100003, 7, 0, 5000};
+    tin x[4];
+    const float *hx[4], *dx[4];
+    double c = 0, g1 = 0;
+    for (int i = 0; i < 4; i++) {
+        x[i] = in_rand(ns[i] > 0 ? ns[i] : 1, 1.0f + (float)i);
+        hx[i] = x[i].h;
+        dx[i] = x[i].d;
+        c += cpu.sumsq(cpu.ctx, hx[i], ns[i]);
+        g1 += gpu.sumsq(gpu.ctx, dx[i], ns[i]);
+    }
+    double cm = cpu.sumsq_many(cpu.ctx, hx, ns, 4), gm = gpu.sumsq_many(gpu.ctx, dx, ns, 4);
+    double gm2 = gpu.sumsq_many(gpu.ctx, dx, ns, 4);
+    sync_ok("sumsq_many");
+    int ok = cm == c && memcmp(&gm, &g1, sizeof gm) == 0 && memcmp(&gm, &gm2, sizeof gm) == 0 &&
+             fabs(gm - c) <= TOL_DOUBLE * c;
+    checks++;
+    failures += !ok;
+    printf("%-5s %-34s gpu %.15g (single calls %.15g) cpu %.15g (single %.15g)\n", ok ? "ok" : "FAIL",
+           "sumsq_many 4 buffers", gm, g1, cm, c);
+    for (int i = 0; i < 4; i++)
+        in_free(&x[i]);
 }
 
 /* an error inside a table call comes back through sync, once */
@@ -930,6 +1004,10 @@ static void bench(mps_backend *bf16)
           gpu.matmul_bwd(gpu.ctx, y, dw, bias, qkv, 0, x, w, N, C, 3 * C));
     BENCH(&gpu, "matmul_fwd fc (N, 768) -> (N, 3072) +bias", 2.0 * N * C * F, 10,
           gpu.matmul_fwd(gpu.ctx, y, x, w, bias, N, C, F));
+    BENCH(&gpu, "matmul_gelu_fwd fc (N, 768) -> (N, 3072)", 2.0 * N * C * F, 10,
+          gpu.matmul_gelu_fwd(gpu.ctx, y, dqkv, x, w, bias, N, C, F));
+    BENCH(&gpu, "matmul_dgelu_bwd fcproj (N, 768) -> (N, 3072)", 2.0 * N * C * F, 10,
+          gpu.matmul_dgelu_bwd(gpu.ctx, y, bias, qkv, w, dqkv, N, F, C));
     /* the default backend: hs = 64 runs attention_fast.cu (bf16 mma.sync); the forward first, so
      * that the backward sees a real lse */
     BENCH(&gpu, "attention_fwd (default: fast, bf16 mma)", att, 20, gpu.attention_fwd(gpu.ctx, x, lse, qkv, B, T, H, hs));
@@ -959,8 +1037,8 @@ static void bench(mps_backend *bf16)
     BENCH(&gpu, "bias_grad (N, 3072)", 0, 10, gpu.bias_grad(gpu.ctx, bias, x, N, F));
     BENCH(&gpu, "embed_fwd", 0, 10, gpu.embed_fwd(gpu.ctx, y, tok, N, wte, 0, Vl, C));
     BENCH(&gpu, "embed_bwd (all tokens 0: one run of N rows)", 0, 5, gpu.embed_bwd(gpu.ctx, wte, x, tok, N, 0, Vl, C));
-    BENCH(&gpu, "matmul_fwd head (N, 768) -> (N, 50304)", 2.0 * N * C * Vl, 3,
-          gpu.matmul_fwd(gpu.ctx, logits, x, wte, NULL, N, C, (int)Vl));
+    BENCH(&gpu, "matmul_fwd_act head (N, 768) -> (N, 50304)", 2.0 * N * C * Vl, 3,
+          gpu.matmul_fwd_act(gpu.ctx, logits, x, wte, N, C, (int)Vl));
     float *dlogits = dalloc((size_t)(N * Vl) * (size_t)gpu.act_bytes);
     BENCH(&gpu, "xent_stats (N, 50304)", 0, 5,
           gpu.xent_stats(gpu.ctx, mean, rstd, y, logits, tok, N, Vl, 0, 50257));
@@ -971,7 +1049,7 @@ static void bench(mps_backend *bf16)
     dfree(dlogits);
     BENCH(&gpu, "adamw 124M parameters (as 3 x 41M)", 0, 3,
           gpu.adamw(gpu.ctx, logits, logits + 41000000, logits + 82000000, logits + 123000000, 41000000, 1e-4f, 0.9f,
-                    0.95f, 1e-8f, 0.1f, 1));
+                    0.95f, 1e-8f, 0.1f, 1, 0.5f));
     BENCH(&gpu, "sumsq 124M", 0, 5, (void)gpu.sumsq(gpu.ctx, logits, 124000000));
     float *bufs[] = {x, y, qkv, dqkv, w, dw, bias, lse, mean, rstd, logits, wte};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -1015,6 +1093,9 @@ static void g_matmul(void)
     test_matmul(37, 33, 37, 1, 1, 1); /* odd leading dimensions, unaligned output and bias */
     test_matmul(300, 128, 384, 1, 0, 0);
     test_matmul(2000, 64, 96, 1, 0, 0); /* long k for dw */
+    test_matmul_gelu(300, 64, 256);     /* cuBLASLt epilogues */
+    test_matmul_gelu(37, 48, 100);      /* OC % 8 != 0: the steps */
+    test_matmul_gelu(4096, 128, 512);
 }
 /* hs = 64 has extra cases for the default tensor-core kernels (attention_fast.cu: CTAs of 128
  * rows, tiles of 64): T below, at and past a tile (1, 64, 70, 129, 256), T = 1000 (many tiles, the
@@ -1080,6 +1161,7 @@ static void g_optim(void)
     test_sumsq(100003, 0);
     test_sumsq(100003, 1);
     test_sumsq(7, 0);
+    test_sumsq_many();
 }
 static void g_bench(void)
 {

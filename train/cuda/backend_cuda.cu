@@ -265,6 +265,8 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     /* MPS_CUDA_ATTENTION: unset (or anything else) = the fast bf16 mma kernels for head size 64
      * (attention_fast.cu); "fp32" = the fp32 kernels for every head size; "bf16" = the WMMA
      * tensor-core kernels of attention_tc.cu */
+    const char *vb = getenv("MPS_CUDA_VERBOSE");
+    c->verbose = vb && strcmp(vb, "1") == 0;
     const char *am = getenv("MPS_CUDA_ATTENTION");
     c->attn_mode = (am && strcmp(am, "bf16") == 0)   ? MPS_ATTN_BF16
                    : (am && strcmp(am, "fp32") == 0) ? MPS_ATTN_FP32
@@ -297,6 +299,9 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     b.matmul_bwd = cu_matmul_bwd;
     b.attention_fwd = cu_attention_fwd;
     b.attention_bwd = cu_attention_bwd;
+    b.matmul_fwd_act = cu_matmul_fwd_act;
+    b.matmul_gelu_fwd = cu_matmul_gelu_fwd;
+    b.matmul_dgelu_bwd = cu_matmul_dgelu_bwd;
     b.gelu_fwd = cu_gelu_fwd;
     b.gelu_bwd = cu_gelu_bwd;
     b.residual_bias = cu_residual_bias;
@@ -311,6 +316,7 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     b.xent_loss_sum = cu_xent_loss_sum;
     b.adamw = cu_adamw;
     b.sumsq = cu_sumsq;
+    b.sumsq_many = cu_sumsq_many;
     b.destroy = cuda_destroy;
     *out = b;
     return 0;

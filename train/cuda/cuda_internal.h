@@ -34,12 +34,18 @@ enum {
     SCR_EMB,    /* fp32 (N, C) piece sums of the embedding backward */
     SCR_ATT_OUT, /* fp32 attention output / its copy, for the attention kernels other than the fast path */
     SCR_ATT_DQKV, /* fp32 dqkv of those kernels, converted to the operand buffer after */
+    SCR_MLP,    /* fp32 product of the GELU paths when cuBLASLt has no fused epilogue for them */
+    SCR_BGRAD,  /* fp32 bias gradient written by the DGELU epilogue, added to dbias after */
     SCR_COUNT
 };
 
 /* A cached cuBLASLt plan: descriptors and the heuristic's algorithm for one GEMM shape. */
 typedef struct {
     int ta, tb, m, n, k, lda, ldb, ldd, bias;
+    int epi;     /* 0: none or bias (as bias says); MPS_EPI_GELU_AUX: D = gelu(AB + bias), aux = AB + bias;
+                  * MPS_EPI_DGELU: D = AB * gelu'(aux), bias = row sums of D (when bias) */
+    int d_bf16;  /* D (and aux) bf16, else fp32 */
+    int ldaux;
     unsigned align_a, align_b, align_d; /* bytes (power of two, at most 256) */
     int ok; /* 0: no Lt algorithm for this shape, use cublasGemmEx */
     cublasLtMatmulDesc_t desc;
@@ -47,6 +53,7 @@ typedef struct {
     cublasLtMatmulAlgo_t algo;
 } mps_gemm_plan;
 
+enum { MPS_EPI_GELU_AUX = 1, MPS_EPI_DGELU = 2, MPS_EPI_PLAIN = 3 /* bf16 D, bias epilogue if bias */ };
 #define MPS_CUDA_MAX_PLANS 64
 #define MPS_CUDA_WORKSPACE (32u << 20) /* cuBLAS(Lt) workspace: 32 MiB, as NVIDIA advises for Hopper */
 
@@ -59,6 +66,7 @@ typedef struct {
     int device, nsm;
     int smem_optin;  /* most dynamic shared memory a block may opt into (bytes) */
     int attn_mode;   /* MPS_ATTN_*: from MPS_CUDA_ATTENTION at creation */
+    int verbose;     /* MPS_CUDA_VERBOSE=1: each GEMM plan is reported on stderr when built */
     cudaStream_t stream;
     cudaMemPool_t pool;  /* every alloc/release is stream-ordered from this pool: no device-wide sync */
     cublasHandle_t blas;
@@ -106,15 +114,16 @@ void cu_bias_grad(void *ctx, float *db, const float *dout, int64_t N, int C);
 void cu_add(void *ctx, float *out, const float *a, const float *b, int64_t n);
 void cu_accumulate(void *ctx, float *dst, const float *src, int64_t n);
 void cu_scale(void *ctx, float *x, float s, int64_t n);
-void cu_xent_stats(void *ctx, float *rowmax, float *sumexp, float *tlogit, const float *logits, const int32_t *targets,
+void cu_xent_stats(void *ctx, float *rowmax, float *sumexp, float *tlogit, const void *logits, const int32_t *targets,
                    int64_t N, int64_t Vl, int64_t v0, int64_t V);
 void cu_xent_rescale(void *ctx, float *sumexp, const float *rowmax, const float *gmax, int64_t N);
-void cu_xent_bwd(void *ctx, void *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+void cu_xent_bwd(void *ctx, void *dlogits, const void *logits, const int32_t *targets, const float *gmax,
                  const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
 double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
-void cu_adamw(void *ctx, float *param, const float *grad, float *m, float *v, int64_t n, float lr, float beta1,
-              float beta2, float eps, float weight_decay, int64_t t);
+void cu_adamw(void *ctx, float *param, float *grad, float *m, float *v, int64_t n, float lr, float beta1,
+              float beta2, float eps, float weight_decay, int64_t t, float grad_scale);
 double cu_sumsq(void *ctx, const float *x, int64_t n);
+double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int count);
 /* db (C) += column sums of x (rows, C), deterministic (used by bias_grad and matmul_bwd) */
 void cu_colsum_acc(mps_cuda *c, float *db, const float *x, int64_t rows, int C, const char *what);
 void cu_colsum_acc_act(mps_cuda *c, float *db, const act_t *x, int64_t rows, int C, const char *what);
@@ -129,6 +138,19 @@ void cu_matmul_fwd(void *ctx, float *out, const void *inp, const float *w, const
                    int OC);
 void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const void *dout, int dout_act, const void *inp,
                    const float *w, int64_t N, int C, int OC);
+void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, int64_t N, int C, int OC);
+void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const float *w, const float *bias, int64_t N,
+                        int C, int OC);
+void cu_matmul_dgelu_bwd(void *ctx, void *dpre, float *dbias, const float *dout, const float *w, const void *pre,
+                         int64_t N, int C, int OC);
+/* kernels.cu: the unfused GELU steps of those (x fp32 (n)): pre = x, out = gelu(x); dpre = gelu'(pre) x */
+void cu_gelu_split(mps_cuda *c, act_t *out, act_t *pre, const float *x, int64_t n);
+void cu_dgelu_apply(mps_cuda *c, act_t *dpre, const float *x, const act_t *pre, int64_t n);
+/* the same when the product is already bf16: out = gelu(pre); d = gelu'(pre) d in place */
+void cu_gelu_act(mps_cuda *c, act_t *out, const act_t *pre, int64_t n);
+/* pre (N, C) += bias (C) in place, then out = gelu(pre) */
+void cu_gelu_bias_act(mps_cuda *c, act_t *out, act_t *pre, const float *bias, int64_t N, int C);
+void cu_dgelu_inplace(mps_cuda *c, act_t *d, const act_t *pre, int64_t n);
 void cu_gemm_plans_free(mps_cuda *c);
 
 /* ---- attention.cu */

@@ -16,6 +16,7 @@
  * cuBLASLt offers no algorithm, cublasGemmEx runs the same product. Both are deterministic for a
  * given shape (no atomics; split-K reductions run in a fixed order). */
 #include <limits.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "cuda_internal.h"
@@ -97,16 +98,25 @@ static int plan_build(mps_cuda *c, mps_gemm_plan *p, const char *what)
     int32_t opa = p->ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = p->tb ? CUBLAS_OP_T : CUBLAS_OP_N;
     LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
     LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
-    if (p->bias) {
-        uint32_t epi = CUBLASLT_EPILOGUE_BIAS;
-        int32_t bt = CUDA_R_32F;
+    uint32_t epi = p->bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT; /* also MPS_EPI_PLAIN */
+    if (p->epi == MPS_EPI_GELU_AUX)
+        epi = p->bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+    else if (p->epi == MPS_EPI_DGELU)
+        epi = p->bias ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
+    if (epi != CUBLASLT_EPILOGUE_DEFAULT)
         LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+    if (p->bias) { /* the bias (or the bias gradient of DGELU_BGRAD) stays fp32 */
+        int32_t bt = CUDA_R_32F;
         LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
+    }
+    if (p->epi == MPS_EPI_GELU_AUX || p->epi == MPS_EPI_DGELU) { /* aux: the GELU input, bf16 like D, (m x n) */
+        int64_t ldaux = p->ldaux;
+        LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ldaux, sizeof ldaux));
     }
     /* stored shapes, column-major: A is (k x m) when transposed, B is (n x k) when transposed */
     LT(cublasLtMatrixLayoutCreate(&p->la, CUDA_R_16BF, p->ta ? p->k : p->m, p->ta ? p->m : p->k, p->lda));
     LT(cublasLtMatrixLayoutCreate(&p->lb, CUDA_R_16BF, p->tb ? p->n : p->k, p->tb ? p->k : p->n, p->ldb));
-    LT(cublasLtMatrixLayoutCreate(&p->ld, CUDA_R_32F, p->m, p->n, p->ldd));
+    LT(cublasLtMatrixLayoutCreate(&p->ld, p->d_bf16 ? CUDA_R_16BF : CUDA_R_32F, p->m, p->n, p->ldd));
     cublasLtMatmulPreference_t pref;
     LT(cublasLtMatmulPreferenceCreate(&pref));
     uint64_t ws = MPS_CUDA_WORKSPACE;
@@ -133,6 +143,11 @@ static int plan_build(mps_cuda *c, mps_gemm_plan *p, const char *what)
     p->ok = st == CUBLAS_STATUS_SUCCESS && count > 0 && res.state == CUBLAS_STATUS_SUCCESS;
     if (p->ok)
         p->algo = res.algo;
+    if (c->verbose)
+        fprintf(stderr, "cuda: gemm plan %s: m %d n %d k %d %s%s%s D %s: %s\n", what, p->m, p->n, p->k,
+                p->ta ? "T" : "N", p->tb ? "T" : "N",
+                p->epi == MPS_EPI_GELU_AUX ? " gelu_aux" : p->epi == MPS_EPI_DGELU ? " dgelu" : "",
+                p->d_bf16 ? "bf16" : "fp32", p->ok ? "cuBLASLt" : "no cuBLASLt algorithm");
 #undef LT
     return 0;
 }
@@ -145,6 +160,7 @@ static mps_gemm_plan *plan_get(mps_cuda *c, const mps_gemm_plan *key, const char
         mps_gemm_plan *p = &c->plans[i];
         if (p->ta == key->ta && p->tb == key->tb && p->m == key->m && p->n == key->n && p->k == key->k &&
             p->lda == key->lda && p->ldb == key->ldb && p->ldd == key->ldd && p->bias == key->bias &&
+            p->epi == key->epi && p->d_bf16 == key->d_bf16 && p->ldaux == key->ldaux &&
             p->align_a == key->align_a && p->align_b == key->align_b && p->align_d == key->align_d)
             return p;
     }
@@ -162,6 +178,46 @@ static mps_gemm_plan *plan_get(mps_cuda *c, const mps_gemm_plan *key, const char
     if (c->nplans >= 2 * MPS_CUDA_MAX_PLANS)  // keep the counter bounded, same slot sequence
         c->nplans -= MPS_CUDA_MAX_PLANS;
     return p;
+}
+
+/* A product with a bf16 D (MPS_EPI_PLAIN: D = AB (+ bias); MPS_EPI_GELU_AUX: D = gelu(AB + bias),
+ * aux = AB + bias; MPS_EPI_DGELU: D = AB * gelu'(aux), bias (fp32) = its row sums), through
+ * cuBLASLt only: 1 when it ran, 0 when cuBLASLt has no algorithm for it (the caller takes another
+ * way), -1 on an error (recorded). */
+static int gemm_bf16(mps_cuda *c, const char *what, int epi, int ta, int tb, int m, int n, int k,
+                     const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb, act_t *D, int ldd,
+                     const float *bias, const act_t *aux, int ldaux)
+{
+    const float alpha = 1.0f, beta = 0.0f;
+    mps_gemm_plan key;
+    memset(&key, 0, sizeof key);
+    key.ta = ta, key.tb = tb, key.m = m, key.n = n, key.k = k;
+    key.lda = lda, key.ldb = ldb, key.ldd = ldd, key.bias = bias != NULL;
+    key.epi = epi, key.d_bf16 = 1, key.ldaux = ldaux;
+    key.align_a = ptr_align(A);
+    key.align_b = ptr_align(B);
+    key.align_d = aux && ptr_align(aux) < ptr_align(D) ? ptr_align(aux) : ptr_align(D);
+    mps_gemm_plan *p = plan_get(c, &key, what);
+    if (!p)
+        return -1;
+    if (!p->ok)
+        return 0;
+    cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+    if (bias)
+        st = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    if (st == CUBLAS_STATUS_SUCCESS && aux)
+        st = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux);
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmul(c->lt, p->desc, &alpha, A, p->la, B, p->lb, &beta, D, p->ld, D, p->ld, &p->algo,
+                            c->workspace, MPS_CUDA_WORKSPACE, c->stream);
+    if (st == CUBLAS_STATUS_SUCCESS)
+        return 1;
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
+        p->ok = 0; /* in steps from now on */
+        return 0;
+    }
+    cu_fail(c, "%s: cublasLtMatmul (m %d n %d k %d): %s", what, m, n, k, cublasGetStatusString(st));
+    return -1;
 }
 
 /* D (m x n, column-major, ldd) = op(A) op(B) + beta D (+ bias (m) broadcast over columns).
@@ -264,4 +320,107 @@ void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const void *
         const act_t *ib = (const act_t *)inp;
         gemm(c, "matmul_bwd (dw)", 0, 1, C, OC, (int)N, ib, C, gb, OC, 1.0f, dw, C, NULL);
     }
+}
+
+/* out (N, OC) = inp @ w^T as bf16 (the head's logits): cuBLASLt writing bf16, or the product into
+ * fp32 scratch and a conversion */
+void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, int64_t N, int C, int OC)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0 || OC <= 0 || !dims_ok(c, "matmul_fwd_act", N, C, OC))
+        return;
+    if (C > 0 && OC % 8 == 0) {
+        const __nv_bfloat16 *wb = to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_fwd_act (w to bf16)");
+        if (!wb)
+            return;
+        int r = gemm_bf16(c, "matmul_fwd_act", MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, (const act_t *)inp, C,
+                          (act_t *)out, OC, NULL, NULL, 0);
+        if (r != 0)
+            return;
+    }
+    float *x = (float *)cu_scratch(c, SCR_MLP, (size_t)N * OC * sizeof(float)); // (N, OC)
+    if (!x)
+        return;
+    cu_matmul_fwd(ctx, x, inp, w, NULL, N, C, OC);
+    cu_to_act(c, (act_t *)out, x, N * OC, "matmul_fwd_act (to operand)");
+}
+
+/* pre (N, OC) = inp @ w^T + bias, out = gelu(pre), the first way that cuBLASLt offers: (1) one
+ * product with the GELU_AUX_BIAS epilogue (out is D, pre the aux output); (2) the product written
+ * as bf16 pre (no epilogue), then a kernel adds the bias and writes out = gelu(pre); (3) the product
+ * into fp32 scratch, then a kernel writes pre and out. On an H100 with CUDA 13.0 (2026-11-25)
+ * cuBLASLt offered no algorithm for (1), as llm.c found for bf16 GELU epilogues
+ * (karpathy/llm.c#338), nor for a bf16 D with an fp32 bias epilogue; (2) runs. */
+void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const float *w, const float *bias, int64_t N,
+                        int C, int OC)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0 || OC <= 0 || !dims_ok(c, "matmul_gelu_fwd", N, C, OC))
+        return;
+    const __nv_bfloat16 *wb = C > 0 ? to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_gelu_fwd (w to bf16)") : NULL;
+    if (C > 0 && !wb)
+        return;
+    /* the epilogues want a 16-byte aligned bias and leading dimensions that are multiples of 8 */
+    if (C > 0 && OC % 8 == 0 && (!bias || cu_aligned16(bias))) {
+        int r = gemm_bf16(c, "matmul_gelu_fwd", MPS_EPI_GELU_AUX, 1, 0, OC, (int)N, C, wb, C, (const act_t *)inp, C,
+                          (act_t *)out, OC, bias, (const act_t *)pre, OC);
+        if (r == 0)
+            r = gemm_bf16(c, "matmul_gelu_fwd (pre)", MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, (const act_t *)inp,
+                          C, (act_t *)pre, OC, NULL, NULL, 0) == 1 ? 2 : 0;
+        if (r == 2)
+            cu_gelu_bias_act(c, (act_t *)out, (act_t *)pre, bias, N, OC);
+        if (r != 0)
+            return;
+    }
+    float *x = (float *)cu_scratch(c, SCR_MLP, (size_t)N * OC * sizeof(float)); // (N, OC)
+    if (!x)
+        return;
+    cu_matmul_fwd(ctx, x, inp, w, bias, N, C, OC);
+    cu_gelu_split(c, (act_t *)out, (act_t *)pre, x, N * OC);
+}
+
+/* dpre (N, C) = (dout (N, OC) @ w (OC, C)) * gelu'(pre), dbias += its column sums, the first way
+ * that cuBLASLt offers: (1) one product with the DGELU_BGRAD epilogue (the bias gradient lands in
+ * scratch, then is added); (2) the product written as bf16 into dpre, a kernel applies gelu' in
+ * place, a column sum; (3) the product into fp32 scratch, a kernel, a column sum. */
+void cu_matmul_dgelu_bwd(void *ctx, void *dpre, float *dbias, const float *dout, const float *w, const void *pre,
+                         int64_t N, int C, int OC)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0 || C <= 0 || OC <= 0 || !dims_ok(c, "matmul_dgelu_bwd", N, C, OC))
+        return;
+    const __nv_bfloat16 *gb = to_bf16(c, SCR_BF_C, dout, N * OC, "matmul_dgelu_bwd (dout to bf16)");
+    const __nv_bfloat16 *wb = gb ? to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_dgelu_bwd (w to bf16)") : NULL;
+    if (!wb)
+        return;
+    float *bg = dbias ? (float *)cu_scratch(c, SCR_BGRAD, (size_t)C * sizeof(float)) : NULL;
+    if (dbias && !bg)
+        return;
+    if (C % 8 == 0) {
+        /* dpre^T (C x N) = w^T (C x OC) @ dout^T (OC x N), as the dinp product of cu_matmul_bwd */
+        int r = gemm_bf16(c, "matmul_dgelu_bwd", MPS_EPI_DGELU, 0, 0, C, (int)N, OC, wb, C, gb, OC, (act_t *)dpre, C,
+                          bg, (const act_t *)pre, C);
+        if (r == 1) {
+            if (dbias)
+                cu_accumulate(ctx, dbias, bg, C);
+            return;
+        }
+        if (r == 0)
+            r = gemm_bf16(c, "matmul_dgelu_bwd (product)", MPS_EPI_PLAIN, 0, 0, C, (int)N, OC, wb, C, gb, OC,
+                          (act_t *)dpre, C, NULL, NULL, 0) == 1 ? 2 : 0;
+        if (r == 2) {
+            cu_dgelu_inplace(c, (act_t *)dpre, (const act_t *)pre, N * C);
+            if (dbias)
+                cu_colsum_acc_act(c, dbias, (const act_t *)dpre, N, C, "matmul_dgelu_bwd (dbias)");
+        }
+        if (r != 0)
+            return;
+    }
+    float *x = (float *)cu_scratch(c, SCR_MLP, (size_t)N * C * sizeof(float)); // (N, C)
+    if (!x || cu_check(c, cudaMemsetAsync(x, 0, (size_t)N * C * sizeof(float), c->stream), "matmul_dgelu_bwd") != 0)
+        return;
+    gemm(c, "matmul_dgelu_bwd", 0, 0, C, (int)N, OC, wb, C, gb, OC, 1.0f, x, C, NULL);
+    cu_dgelu_apply(c, (act_t *)dpre, x, (const act_t *)pre, N * C);
+    if (dbias)
+        cu_colsum_acc_act(c, dbias, (const act_t *)dpre, N, C, "matmul_dgelu_bwd (dbias)");
 }

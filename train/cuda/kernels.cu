@@ -187,9 +187,10 @@ struct FromActF {
 struct AdamF {
     float *p, *m, *v;
     const float *g;
-    float b1, b2, ob1, ob2, step, bc2_sqrt, eps, decay;
+    float b1, b2, ob1, ob2, step, bc2_sqrt, eps, decay, gs;
     __device__ __forceinline__ float upd(float pi, float gi, float &mi, float &vi) const
     {
+        gi *= gs; /* the clipping factor: the same float product as a separate scale pass */
         mi = b1 * mi + ob1 * gi;
         vi = b2 * vi + ob2 * gi * gi;
         return pi * decay - step * mi / (sqrtf(vi) / bc2_sqrt + eps);
@@ -235,6 +236,99 @@ void cu_gelu_bwd(void *ctx, void *dinp, const float *inp, const float *dout, int
     int vec = aligned8(dinp) && cu_aligned16(inp) && cu_aligned16(dout);
     launch_ew((mps_cuda *)ctx, GeluBwdF{(act_t *)dinp, inp, dout}, n, vec, "gelu_bwd");
 }
+struct GeluSplitF { /* pre = x, out = gelu(x), both rounded once */
+    act_t *o, *pre;
+    const float *x;
+    __device__ void one(int64_t i) const
+    {
+        pre[i] = __float2bfloat16_rn(x[i]);
+        o[i] = __float2bfloat16_rn(gelu_f(x[i]));
+    }
+    __device__ void four(int64_t i) const
+    {
+        float4 v = ld4(x, i);
+        st4_act(pre, i, v.x, v.y, v.z, v.w);
+        st4_act(o, i, gelu_f(v.x), gelu_f(v.y), gelu_f(v.z), gelu_f(v.w));
+    }
+};
+struct DgeluF { /* d = gelu'(pre) x, pre as stored (bf16), as the fused epilogue sees it */
+    act_t *d;
+    const float *x;
+    const act_t *pre;
+    __device__ void one(int64_t i) const { d[i] = __float2bfloat16_rn(gelu_g(__bfloat162float(pre[i])) * x[i]); }
+    __device__ void four(int64_t i) const
+    {
+        float4 v = ld4(x, i), p = ld4_act(pre, i);
+        st4_act(d, i, gelu_g(p.x) * v.x, gelu_g(p.y) * v.y, gelu_g(p.z) * v.z, gelu_g(p.w) * v.w);
+    }
+};
+struct GeluActF { /* out = gelu(pre), both bf16 */
+    act_t *o;
+    const act_t *pre;
+    __device__ void one(int64_t i) const { o[i] = __float2bfloat16_rn(gelu_f(__bfloat162float(pre[i]))); }
+    __device__ void four(int64_t i) const
+    {
+        float4 p = ld4_act(pre, i);
+        st4_act(o, i, gelu_f(p.x), gelu_f(p.y), gelu_f(p.z), gelu_f(p.w));
+    }
+};
+struct DgeluInF { /* d = gelu'(pre) d, bf16 in place */
+    act_t *d;
+    const act_t *pre;
+    __device__ void one(int64_t i) const
+    {
+        d[i] = __float2bfloat16_rn(gelu_g(__bfloat162float(pre[i])) * __bfloat162float(d[i]));
+    }
+    __device__ void four(int64_t i) const
+    {
+        float4 p = ld4_act(pre, i), v = ld4_act(d, i);
+        st4_act(d, i, gelu_g(p.x) * v.x, gelu_g(p.y) * v.y, gelu_g(p.z) * v.z, gelu_g(p.w) * v.w);
+    }
+};
+struct GeluBiasF { /* pre (rows of C, bf16) += bias in place, out = gelu(pre); C % 4 == 0 for four() */
+    act_t *o, *pre;
+    const float *bias;
+    int C;
+    __device__ void one(int64_t i) const
+    {
+        const float p = __bfloat162float(__float2bfloat16_rn(__bfloat162float(pre[i]) + bias[i % C]));
+        pre[i] = __float2bfloat16_rn(p);
+        o[i] = __float2bfloat16_rn(gelu_f(p));
+    }
+    __device__ void four(int64_t i) const
+    {
+        float4 p = ld4_act(pre, i);
+        const float4 b = ld4(bias, (i << 2) % C >> 2);
+        st4_act(pre, i, p.x + b.x, p.y + b.y, p.z + b.z, p.w + b.w);
+        p = ld4_act(pre, i); /* the stored (rounded) values, as the backward will see them */
+        st4_act(o, i, gelu_f(p.x), gelu_f(p.y), gelu_f(p.z), gelu_f(p.w));
+    }
+};
+void cu_gelu_bias_act(mps_cuda *c, act_t *out, act_t *pre, const float *bias, int64_t N, int C)
+{
+    if (!bias) {
+        cu_gelu_act(c, out, pre, N * C);
+        return;
+    }
+    const int vec = C % 4 == 0 && aligned8(out) && aligned8(pre) && cu_aligned16(bias);
+    launch_ew(c, GeluBiasF{out, pre, bias, C}, N * C, vec, "gelu (bias, bf16)");
+}
+void cu_gelu_act(mps_cuda *c, act_t *out, const act_t *pre, int64_t n)
+{
+    launch_ew(c, GeluActF{out, pre}, n, aligned8(out) && aligned8(pre), "gelu (bf16)");
+}
+void cu_dgelu_inplace(mps_cuda *c, act_t *d, const act_t *pre, int64_t n)
+{
+    launch_ew(c, DgeluInF{d, pre}, n, aligned8(d) && aligned8(pre), "dgelu (bf16)");
+}
+void cu_gelu_split(mps_cuda *c, act_t *out, act_t *pre, const float *x, int64_t n)
+{
+    launch_ew(c, GeluSplitF{out, pre, x}, n, aligned8(out) && aligned8(pre) && cu_aligned16(x), "gelu (split)");
+}
+void cu_dgelu_apply(mps_cuda *c, act_t *dpre, const float *x, const act_t *pre, int64_t n)
+{
+    launch_ew(c, DgeluF{dpre, x, pre}, n, aligned8(dpre) && aligned8(pre) && cu_aligned16(x), "dgelu (split)");
+}
 int cu_to_act(mps_cuda *c, act_t *dst, const float *src, int64_t n, const char *what)
 {
     launch_ew(c, ToActF{dst, src}, n, aligned8(dst) && cu_aligned16(src), what);
@@ -246,8 +340,8 @@ int cu_from_act(mps_cuda *c, float *dst, const act_t *src, int64_t n, const char
     return c->failed ? -1 : 0;
 }
 
-void cu_adamw(void *ctx, float *param, const float *grad, float *m, float *v, int64_t n, float lr, float beta1,
-              float beta2, float eps, float weight_decay, int64_t t)
+void cu_adamw(void *ctx, float *param, float *grad, float *m, float *v, int64_t n, float lr, float beta1,
+              float beta2, float eps, float weight_decay, int64_t t, float grad_scale)
 {
     /* the step constants in double on the host, as op_adamw */
     double bc1 = 1.0 - pow(beta1, (double)t), bc2 = 1.0 - pow(beta2, (double)t);
@@ -264,6 +358,7 @@ void cu_adamw(void *ctx, float *param, const float *grad, float *m, float *v, in
     f.bc2_sqrt = (float)sqrt(bc2);
     f.eps = eps;
     f.decay = 1.0f - lr * weight_decay;
+    f.gs = grad_scale;
     int vec = cu_aligned16(param) && cu_aligned16(grad) && cu_aligned16(m) && cu_aligned16(v);
     launch_ew((mps_cuda *)ctx, f, n, vec, "adamw");
 }
@@ -690,6 +785,121 @@ __global__ void k_ln_bwd(float *dinp, float *pdw, float *pdb, const float *dout,
     }
 }
 
+/* The same for C % 4 == 0 and C <= 128 K, with 16-byte accesses: a lane keeps float4 j = lane + 32 i
+ * (i < K) of its row in registers (one read of x and dout per row), and its columns' dw and db
+ * sums across the block's rows in registers; the 4 warps' sums meet in shared memory at the end. */
+template <int K>
+__global__ void __launch_bounds__(LNB_WARPS * 32)
+    k_ln_bwd4(float *dinp, float *pdw, float *pdb, const float *dout, const float *inp, const float *w,
+              const float *mean, const float *rstd, int64_t N, int C)
+{
+    extern __shared__ float4 ln_sm4[];
+    float *sh = reinterpret_cast<float *>(ln_sm4); // [2][LNB_WARPS][C]
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, C4 = C >> 2;
+    const int part = pdw != NULL;
+    float4 wv[K], adw[K], adb[K];
+#pragma unroll
+    for (int i = 0; i < K; i++) {
+        const int j = lane + 32 * i;
+        wv[i] = j < C4 ? ld4(w, j) : make_float4(0, 0, 0, 0);
+        adw[i] = adb[i] = make_float4(0, 0, 0, 0);
+    }
+    const int64_t r0 = (int64_t)blockIdx.x * LNB_ROWS;
+    for (int k = wid; k < LNB_ROWS && r0 + k < N; k += LNB_WARPS) {
+        const int64_t r = r0 + k;
+        const float m = mean[r], rs = rstd[r];
+        float4 xh[K], gv[K];
+        float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const int j = lane + 32 * i;
+            float4 x = make_float4(0, 0, 0, 0), g = x;
+            if (j < C4) {
+                x = ld4(inp + r * C, j);
+                g = ld4(dout + r * C, j);
+            }
+            xh[i] = make_float4((x.x - m) * rs, (x.y - m) * rs, (x.z - m) * rs, (x.w - m) * rs);
+            gv[i] = g;
+            if (j < C4) {
+                const float a = g.x * wv[i].x, b = g.y * wv[i].y, c = g.z * wv[i].z, d = g.w * wv[i].w;
+                sg += a + b + c + d;
+                sgx += a * xh[i].x + b * xh[i].y + c * xh[i].z + d * xh[i].w;
+            }
+        }
+        if (dinp) {
+            const float mg = warp_reduce(sg, SumOp()) / C, mgx = warp_reduce(sgx, SumOp()) / C;
+#pragma unroll
+            for (int i = 0; i < K; i++) {
+                const int j = lane + 32 * i;
+                if (j < C4) {
+                    float4 dx = ld4(dinp + r * C, j);
+                    dx.x += rs * (gv[i].x * wv[i].x - mg - xh[i].x * mgx);
+                    dx.y += rs * (gv[i].y * wv[i].y - mg - xh[i].y * mgx);
+                    dx.z += rs * (gv[i].z * wv[i].z - mg - xh[i].z * mgx);
+                    dx.w += rs * (gv[i].w * wv[i].w - mg - xh[i].w * mgx);
+                    st4(dinp + r * C, j, dx);
+                }
+            }
+        }
+        if (part)
+#pragma unroll
+            for (int i = 0; i < K; i++) {
+                adw[i].x += gv[i].x * xh[i].x;
+                adw[i].y += gv[i].y * xh[i].y;
+                adw[i].z += gv[i].z * xh[i].z;
+                adw[i].w += gv[i].w * xh[i].w;
+                adb[i].x += gv[i].x;
+                adb[i].y += gv[i].y;
+                adb[i].z += gv[i].z;
+                adb[i].w += gv[i].w;
+            }
+    }
+    if (!part)
+        return;
+#pragma unroll
+    for (int i = 0; i < K; i++) {
+        const int j = lane + 32 * i;
+        if (j < C4) {
+            reinterpret_cast<float4 *>(sh + (int64_t)wid * C)[j] = adw[i];
+            reinterpret_cast<float4 *>(sh + (int64_t)(LNB_WARPS + wid) * C)[j] = adb[i];
+        }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        float sw = 0.0f, sb = 0.0f;
+        for (int k = 0; k < LNB_WARPS; k++) {
+            sw += sh[(int64_t)k * C + j];
+            sb += sh[(int64_t)(LNB_WARPS + k) * C + j];
+        }
+        pdw[(int64_t)blockIdx.x * C + j] = sw;
+        pdb[(int64_t)blockIdx.x * C + j] = sb;
+    }
+}
+
+/* launches k_ln_bwd4<K> for the smallest K that holds C (up to C = 1024), or returns 0 (the scalar
+ * kernel runs) */
+template <class... A>
+static int ln_bwd_vec(mps_cuda *c, unsigned nblk, size_t smem, int C, A... args)
+{
+    if (C % 4 != 0)
+        return 0;
+    const int k = (C / 4 + 31) / 32;
+    switch (k) {
+#define LNB_CASE(KK)                                                                                        \
+    case KK:                                                                                                \
+        if (smem > 48 * 1024 &&                                                                             \
+            cu_check(c, cudaFuncSetAttribute(k_ln_bwd4<KK>, cudaFuncAttributeMaxDynamicSharedMemorySize,     \
+                                             (int)smem), "layernorm_bwd") != 0)                             \
+            return 1;                                                                                       \
+        k_ln_bwd4<KK><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(args...);                                 \
+        return 1;
+        LNB_CASE(1) LNB_CASE(2) LNB_CASE(3) LNB_CASE(4) LNB_CASE(5) LNB_CASE(6) LNB_CASE(7) LNB_CASE(8)
+#undef LNB_CASE
+    /* wider rows would not fit in registers (5 K float4 per lane) */
+    default: return 0;
+    }
+}
+
 void cu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
                       const float *w, const float *mean, const float *rstd, int64_t N, int C)
 {
@@ -718,7 +928,9 @@ void cu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float 
         cu_fail(c, "layernorm_bwd: N = %lld too large", (long long)N);
         return;
     }
-    k_ln_bwd<<<(unsigned)nblk, LNB_WARPS * 32, smem, c->stream>>>(dinp, pdw, pdb, dout, inp, w, mean, rstd, N, C);
+    const int vec = cu_aligned16(dinp) && cu_aligned16(dout) && cu_aligned16(inp) && cu_aligned16(w);
+    if (!(vec && ln_bwd_vec(c, (unsigned)nblk, smem, C, dinp, pdw, pdb, dout, inp, w, mean, rstd, N, C)))
+        k_ln_bwd<<<(unsigned)nblk, LNB_WARPS * 32, smem, c->stream>>>(dinp, pdw, pdb, dout, inp, w, mean, rstd, N, C);
     if (cu_launched(c, "layernorm_bwd") != 0)
         return;
     if (dw)
@@ -767,25 +979,25 @@ __device__ __forceinline__ MaxSum ms_shfl(MaxSum v, int o)
 /* One block per row, one pass over the logits: local max, sum of exp relative to it, target
  * logit. A thread folds its elements in order, then a fixed tree (warp butterflies, warps in
  * order) joins the pairs: deterministic. vec: rows are 16-byte aligned (aligned base, Vl % 4 == 0). */
-__global__ void k_xent_stats(float *rowmax, float *sumexp, float *tlogit, const float *logits, const int32_t *targets,
+__global__ void k_xent_stats(float *rowmax, float *sumexp, float *tlogit, const act_t *logits, const int32_t *targets,
                              int64_t N, int64_t Vl, int64_t v0, int64_t nr, int vec)
 {
     __shared__ MaxSum sh[32];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
-        const float *l = logits + i * Vl; // (Vl)
+        const act_t *l = logits + i * Vl; // (Vl)
         MaxSum a = {-INFINITY, 0.0f};
         int64_t j0 = 0;
         if (vec) {
             const int64_t n4 = nr >> 2;
             for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
-                const float4 v = ld4(l, j);
+                const float4 v = ld4_act(l, j);
                 a = ms_add(ms_add(ms_add(ms_add(a, v.x), v.y), v.z), v.w);
             }
             j0 = n4 << 2;
         }
         for (int64_t j = j0 + threadIdx.x; j < nr; j += blockDim.x)
-            a = ms_add(a, l[j]);
+            a = ms_add(a, __bfloat162float(l[j]));
         for (int o = 16; o > 0; o >>= 1)
             a = ms_join(a, ms_shfl(a, o));
         __syncthreads(); /* the previous row's readers of sh are done */
@@ -799,7 +1011,7 @@ __global__ void k_xent_stats(float *rowmax, float *sumexp, float *tlogit, const 
             rowmax[i] = t.m;
             sumexp[i] = t.s;
             const int64_t tj = (int64_t)targets[i] - v0;
-            tlogit[i] = (tj >= 0 && tj < Vl) ? l[tj] : 0.0f;
+            tlogit[i] = (tj >= 0 && tj < Vl) ? __bfloat162float(l[tj]) : 0.0f;
         }
     }
 }
@@ -812,12 +1024,13 @@ __device__ __forceinline__ float xent_d(float l, int64_t j, int64_t nr, int64_t 
     return scale * (j == tj ? p - 1.0f : p);
 }
 
-/* dlogits (operand buffer, bf16) from the fp32 logits; vec: Vl % 4 == 0 and aligned rows */
-__global__ void k_xent_bwd(act_t *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+/* dlogits from the logits (both bf16; the same buffer is fine: each element is read, then written, by
+ * one thread); vec: Vl % 4 == 0 and 8-byte aligned rows */
+__global__ void k_xent_bwd(act_t *dlogits, const act_t *logits, const int32_t *targets, const float *gmax,
                            const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t nr, int vec)
 {
     for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
-        const float *l = logits + i * Vl;
+        const act_t *l = logits + i * Vl;
         act_t *d = dlogits + i * Vl;
         const float m = gmax[i], inv = 1.0f / gsumexp[i];
         const int64_t tj = (int64_t)targets[i] - v0;
@@ -825,7 +1038,7 @@ __global__ void k_xent_bwd(act_t *dlogits, const float *logits, const int32_t *t
         if (vec) {
             const int64_t n4 = Vl >> 2;
             for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
-                float4 v = ld4(l, j);
+                float4 v = ld4_act(l, j);
                 const int64_t e = j << 2;
                 st4_act(d, j, xent_d(v.x, e, nr, tj, m, inv, scale), xent_d(v.y, e + 1, nr, tj, m, inv, scale),
                         xent_d(v.z, e + 2, nr, tj, m, inv, scale), xent_d(v.w, e + 3, nr, tj, m, inv, scale));
@@ -833,7 +1046,7 @@ __global__ void k_xent_bwd(act_t *dlogits, const float *logits, const int32_t *t
             j0 = n4 << 2;
         }
         for (int64_t j = j0 + threadIdx.x; j < Vl; j += blockDim.x)
-            d[j] = __float2bfloat16_rn(xent_d(l[j], j, nr, tj, m, inv, scale));
+            d[j] = __float2bfloat16_rn(xent_d(__bfloat162float(l[j]), j, nr, tj, m, inv, scale));
     }
 }
 
@@ -844,14 +1057,14 @@ __global__ void k_xent_rescale(float *sumexp, const float *rowmax, const float *
         sumexp[i] = rowmax[i] == -INFINITY ? 0.0f : sumexp[i] * expf(rowmax[i] - gmax[i]);
 }
 
-void cu_xent_stats(void *ctx, float *rowmax, float *sumexp, float *tlogit, const float *logits, const int32_t *targets,
+void cu_xent_stats(void *ctx, float *rowmax, float *sumexp, float *tlogit, const void *logits, const int32_t *targets,
                    int64_t N, int64_t Vl, int64_t v0, int64_t V)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0)
         return;
-    const int vec = Vl % 4 == 0 && cu_aligned16(logits);
-    k_xent_stats<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>(rowmax, sumexp, tlogit, logits, targets, N, Vl, v0,
+    const int vec = Vl % 4 == 0 && aligned8(logits);
+    k_xent_stats<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>(rowmax, sumexp, tlogit, (const act_t *)logits, targets, N, Vl, v0,
                                                                xent_nreal(Vl, v0, V), vec);
     cu_launched(c, "xent_stats");
 }
@@ -865,14 +1078,14 @@ void cu_xent_rescale(void *ctx, float *sumexp, const float *rowmax, const float 
     cu_launched(c, "xent_rescale");
 }
 
-void cu_xent_bwd(void *ctx, void *dlogits, const float *logits, const int32_t *targets, const float *gmax,
+void cu_xent_bwd(void *ctx, void *dlogits, const void *logits, const int32_t *targets, const float *gmax,
                  const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0 || Vl <= 0)
         return;
-    const int vec = Vl % 4 == 0 && cu_aligned16(logits) && aligned8(dlogits);
-    k_xent_bwd<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>((act_t *)dlogits, logits, targets, gmax, gsumexp, scale,
+    const int vec = Vl % 4 == 0 && aligned8(logits) && aligned8(dlogits);
+    k_xent_bwd<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>((act_t *)dlogits, (const act_t *)logits, targets, gmax, gsumexp, scale,
                                                              N, Vl, v0, xent_nreal(Vl, v0, V), vec);
     cu_launched(c, "xent_bwd");
 }
@@ -914,23 +1127,24 @@ __global__ void k_sumsq_part(double *part, const float *x, int64_t n, int vec)
         part[blockIdx.x] = s;
 }
 
-__global__ void k_sum_parts(double *out, const double *part, int nparts)
+/* *out = (acc ? *out : 0) + the sum of the parts */
+__global__ void k_sum_parts(double *out, const double *part, int nparts, int acc)
 {
     double s = 0.0;
     for (int i = threadIdx.x; i < nparts; i += blockDim.x)
         s += part[i];
     s = block_reduce(s, SumOp(), 0.0);
     if (threadIdx.x == 0)
-        *out = s;
+        *out = acc ? *out + s : s;
 }
 
-/* copies dres[1024] back; call with res_mu held */
-static double fetch_result(mps_cuda *c, const char *what)
+/* copies dres[1024 + slot] back; call with res_mu held */
+static double fetch_result(mps_cuda *c, const char *what, int slot = 0)
 {
     double h = NAN;
     if (cu_launched(c, what) != 0)
         return NAN;
-    if (cu_check(c, cudaMemcpyAsync(&h, c->dres + SQ_MAX_BLOCKS, sizeof h, cudaMemcpyDeviceToHost, c->stream), what) != 0 ||
+    if (cu_check(c, cudaMemcpyAsync(&h, c->dres + SQ_MAX_BLOCKS + slot, sizeof h, cudaMemcpyDeviceToHost, c->stream), what) != 0 ||
         cu_check(c, cudaStreamSynchronize(c->stream), what) != 0)
         return NAN;
     return h;
@@ -960,9 +1174,32 @@ double cu_sumsq(void *ctx, const float *x, int64_t n)
     k_sumsq_part<<<(unsigned)nb, SQ_THREADS, 0, c->stream>>>(c->dres, x, n, cu_aligned16(x));
     double r = NAN;
     if (cu_launched(c, "sumsq") == 0) {
-        k_sum_parts<<<1, 1024, 0, c->stream>>>(c->dres + SQ_MAX_BLOCKS, c->dres, (int)nb);
+        k_sum_parts<<<1, 1024, 0, c->stream>>>(c->dres + SQ_MAX_BLOCKS, c->dres, (int)nb, 0);
         r = fetch_result(c, "sumsq");
     }
+    pthread_mutex_unlock(&c->res_mu);
+    return r;
+}
+
+/* each buffer's blocks as in cu_sumsq, its sum added to the accumulator dres[1025] in order */
+double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int count)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    pthread_mutex_lock(&c->res_mu);
+    double *acc = c->dres + SQ_MAX_BLOCKS + 1;
+    int ok = cu_check(c, cudaMemsetAsync(acc, 0, sizeof *acc, c->stream), "sumsq_many") == 0;
+    for (int i = 0; i < count && ok; i++) {
+        if (ns[i] <= 0)
+            continue;
+        int64_t nb = (ns[i] + 4095) / 4096;
+        if (nb > SQ_MAX_BLOCKS)
+            nb = SQ_MAX_BLOCKS;
+        k_sumsq_part<<<(unsigned)nb, SQ_THREADS, 0, c->stream>>>(c->dres, xs[i], ns[i], cu_aligned16(xs[i]));
+        ok = cu_launched(c, "sumsq_many") == 0;
+        if (ok)
+            k_sum_parts<<<1, 1024, 0, c->stream>>>(acc, c->dres, (int)nb, 1);
+    }
+    double r = ok ? fetch_result(c, "sumsq_many", 1) : NAN;
     pthread_mutex_unlock(&c->res_mu);
     return r;
 }
