@@ -23,6 +23,10 @@ for spec in "gpt2 32" "gpt2-medium 16"; do
   OURS[$model]=$(median_tps "$W/$model.jsonl")
   echo "mpshard $model B=$B T=1024: $(printf '%.0f' "${OURS[$model]}") tok/s (median of steps 3-12), peak host RSS $(awk '/Maximum resident/ { print $6 }' "$W/$model.time") KiB"
 done
+# activation recompute (the layer forward replayed in the backward): the throughput it costs
+"$M" train --ckpt "$W/gpt2-medium" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch 16 --micro-batch 16 \
+  --seq 1024 --backend cuda --recompute --out "$W/run-rc" --log "$W/rc.jsonl" -q 2>"$W/rc.err" || tail -3 "$W/rc.err"
+echo "mpshard gpt2-medium B=16 T=1024 --recompute: $(printf '%.0f' "$(median_tps "$W/rc.jsonl")") tok/s"
 python3 "$SHARED/torch_gpt.py" 2>&1 | tee "$W/torch.txt"
 t124=$(grep "L=12 " "$W/torch.txt" | sed -E 's/.* ([0-9,]+) tok\/s.*/\1/' | tr -d ,)
 t350=$(grep "L=24 " "$W/torch.txt" | sed -E 's/.* ([0-9,]+) tok\/s.*/\1/' | tr -d ,)

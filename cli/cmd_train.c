@@ -36,6 +36,9 @@ static const char *const help =
     "  --weight-decay X   AdamW decoupled decay of matrices and embeddings (default 0.1)\n"
     "  --grad-clip X      clip the global gradient norm (default 1.0; 0: off)\n"
     "  --schedule S       1f1b (default) or gpipe\n"
+    "  --recompute        keep only each layer's input per micro-batch and recompute the layer's\n"
+    "                     activations in the backward (about a third more compute, a fraction of the\n"
+    "                     activation memory; the same losses)\n"
     "  --save-every K     also save every K steps (default: only at the end)\n"
     "                     Saves run in the background: training stalls only while the state is copied\n"
     "                     to host memory, a thread writes the checkpoint while training goes on, and it\n"
@@ -89,7 +92,7 @@ static int parse_args(int argc, char **argv, train_args *a)
         { "log", required_argument, 0, 'L' }, { "backend", required_argument, 0, 'b' },
         { "model", required_argument, 0, 'M' }, { "config", required_argument, 0, 'K' },
         { "comm-staged", no_argument, 0, 'X' }, { "comm", required_argument, 0, 'Y' },
-        { "save-sync", no_argument, 0, 'Z' },
+        { "save-sync", no_argument, 0, 'Z' }, { "recompute", no_argument, 0, 'R' },
         { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     memset(a, 0, sizeof *a);
@@ -131,6 +134,7 @@ static int parse_args(int argc, char **argv, train_args *a)
         case 'K': a->config = optarg; break;
         case 'X': a->comm_staged = 1; break;
         case 'Z': a->save_sync = 1; break;
+        case 'R': a->o.recompute = 1; break;
         case 'Y':
             if (strcmp(optarg, "mpi") == 0) a->comm_mpi = 1;
             else if (strcmp(optarg, "nccl") == 0) a->comm_mpi = 0;

@@ -62,6 +62,35 @@ static int setup_tensor(mps_engine *e, int t, mps_err *err)
     return 0;
 }
 
+/* One layer's activation buffers; with x_in_only, just the input (activation recompute). */
+static int alloc_acts(mps_engine *e, mps_layer_acts *a, int x_in_only)
+{
+    int64_t N = e->N, C = e->C;
+    if ((a->x_in = buf_new(e, N * C)) == NULL)
+        return -1;
+    if (x_in_only)
+        return 0;
+    float **bufs[] = { &a->ln1_mean, &a->ln1_rstd, &a->qkv, &a->lse, &a->x2, &a->ln2_mean, &a->ln2_rstd };
+    int64_t sizes[] = { N, N, N * 3 * e->Cl, (int64_t)e->B * e->Hl * e->T, N * C, N, N };
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        if ((*bufs[i] = buf_new(e, sizes[i])) == NULL)
+            return -1;
+    void **acts[] = { &a->ln1, &a->atty, &a->ln2, &a->fch, &a->gel };
+    int64_t act_sizes[] = { N * C, N * e->Cl, N * C, N * e->F, N * e->F };
+    for (size_t i = 0; i < sizeof act_sizes / sizeof act_sizes[0]; i++)
+        if ((*acts[i] = act_new(e, act_sizes[i])) == NULL)
+            return -1;
+    return 0;
+}
+
+static void free_acts(mps_engine *e, mps_layer_acts *a)
+{
+    void *bufs[] = { a->x_in, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->lse,
+                     a->x2, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->gel };
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        buf_free(e, bufs[i]);
+}
+
 static int alloc_slot(mps_engine *e, mps_mb_slot *s)
 {
     int64_t N = e->N, C = e->C;
@@ -72,33 +101,17 @@ static int alloc_slot(mps_engine *e, mps_mb_slot *s)
     s->dx = buf_new(e, N * C);
     if (!s->inputs || !s->targets || !s->layers || !s->x_out || !s->dx)
         return -1;
-    for (int l = 0; l < e->nlayers; l++) {
-        mps_layer_acts *a = &s->layers[l];
-        float **bufs[] = { &a->x_in, &a->ln1_mean, &a->ln1_rstd, &a->qkv, &a->lse, &a->x2, &a->ln2_mean,
-                           &a->ln2_rstd };
-        int64_t sizes[] = { N * C, N, N, N * 3 * e->Cl, (int64_t)e->B * e->Hl * e->T, N * C, N, N };
-        for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
-            if ((*bufs[i] = buf_new(e, sizes[i])) == NULL)
-                return -1;
-        void **acts[] = { &a->ln1, &a->atty, &a->ln2, &a->fch, &a->gel };
-        int64_t act_sizes[] = { N * C, N * e->Cl, N * C, N * e->F, N * e->F };
-        for (size_t i = 0; i < sizeof act_sizes / sizeof act_sizes[0]; i++)
-            if ((*acts[i] = act_new(e, act_sizes[i])) == NULL)
-                return -1;
-    }
+    for (int l = 0; l < e->nlayers; l++)
+        if (alloc_acts(e, &s->layers[l], e->o.recompute) != 0)
+            return -1;
     return 0;
 }
 
 static void free_slot(mps_engine *e, mps_mb_slot *s)
 {
     if (s->layers)
-        for (int l = 0; l < e->nlayers; l++) {
-            mps_layer_acts *a = &s->layers[l];
-            void *bufs[] = { a->x_in, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->lse,
-                             a->x2, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->gel };
-            for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
-                buf_free(e, bufs[i]);
-        }
+        for (int l = 0; l < e->nlayers; l++)
+            free_acts(e, &s->layers[l]);
     free(s->layers);
     buf_free(e, s->inputs);
     buf_free(e, s->targets);
@@ -182,6 +195,8 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     for (int i = 0; i < e->nslots; i++)
         if (alloc_slot(e, &e->slots[i]) != 0)
             return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
+    if (o->recompute && (alloc_acts(e, &e->work, 0) != 0 || (e->work_out = buf_new(e, (int64_t)e->N * e->C)) == NULL))
+        return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
     for (int i = 0; i < e->accum; i++) {
         if (!e->is_last && (e->send_x[i] = buf_new(e, (int64_t)e->N * e->C)) == NULL)
             return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for pipeline buffers", e->rank);
@@ -211,6 +226,8 @@ void mps_engine_free(mps_engine *e)
         for (int i = 0; i < e->nslots; i++)
             free_slot(e, &e->slots[i]);
     free(e->slots);
+    free_acts(e, &e->work);
+    buf_free(e, e->work_out);
     for (int i = 0; e->send_x && i < e->accum; i++) {
         buf_free(e, e->send_x[i]);
         buf_free(e, e->send_dx[i]);

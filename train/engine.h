@@ -24,6 +24,7 @@ typedef struct {
     int64_t warmup;   /* linear warmup steps */
     int64_t decay_steps; /* the step counter at which the cosine decay reaches lr_min */
     float weight_decay, grad_clip, beta1, beta2, eps;
+    int recompute;    /* keep only each layer's input per micro-batch; the backward recomputes the rest */
 } mps_train_opts;
 
 typedef struct {

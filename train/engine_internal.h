@@ -61,6 +61,11 @@ struct mps_engine {
     int accum;               /* micro-batches per step on this replica */
     int nslots;
     mps_mb_slot *slots;
+    /* activation recompute (o.recompute): the slots keep only x_in per layer; every layer's forward
+     * (and its replay before the layer's backward) works in this one set, the replay's output going
+     * to work_out (N, C) */
+    mps_layer_acts work;
+    float *work_out;
     float **send_x, **send_dx; /* per micro-batch send buffers, valid until the step's flush */
     float *scratch_a;        /* (N, max(C, F, 3Cl)) fp32 temporaries, or operand buffers of that size */
     float *scratch_b;        /* (N, C + 8) fp32 temporaries */

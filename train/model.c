@@ -208,13 +208,25 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     return rc;
 }
 
+/* The buffers layer l of the slot works in: its own, or with activation recompute the shared set
+ * around the slot's stored input. */
+static mps_layer_acts layer_acts(mps_engine *e, mps_mb_slot *s, int l)
+{
+    if (!e->o.recompute)
+        return s->layers[l];
+    mps_layer_acts a = e->work;
+    a.x_in = s->layers[l].x_in;
+    return a;
+}
+
 int mps_model_forward(mps_engine *e, mps_mb_slot *s, mps_err *err)
 {
     if (e->is_first && embed_forward(e, s, s->layers[0].x_in, err) != 0)
         return -1;
     for (int l = 0; l < e->nlayers; l++) {
         float *out = l + 1 < e->nlayers ? s->layers[l + 1].x_in : s->x_out;
-        if (layer_forward(e, e->first_layer + l, &s->layers[l], out, err) != 0)
+        mps_layer_acts a = layer_acts(e, s, l);
+        if (layer_forward(e, e->first_layer + l, &a, out, err) != 0)
             return -1;
     }
     if (e->is_last)
@@ -224,9 +236,15 @@ int mps_model_forward(mps_engine *e, mps_mb_slot *s, mps_err *err)
 
 int mps_model_backward(mps_engine *e, mps_mb_slot *s, mps_err *err)
 {
-    for (int l = e->nlayers - 1; l >= 0; l--)
-        if (layer_backward(e, e->first_layer + l, &s->layers[l], s->dx, err) != 0)
+    for (int l = e->nlayers - 1; l >= 0; l--) {
+        mps_layer_acts a = layer_acts(e, s, l);
+        /* recompute: replay the layer's forward from its stored input (the same kernels on the same
+         * values: the activations, and so the gradients, are those of a run that kept them) */
+        if (e->o.recompute && layer_forward(e, e->first_layer + l, &a, e->work_out, err) != 0)
             return -1;
+        if (layer_backward(e, e->first_layer + l, &a, s->dx, err) != 0)
+            return -1;
+    }
     if (e->is_first)
         return embed_backward(e, s, s->dx, err);
     return 0;

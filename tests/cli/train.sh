@@ -34,13 +34,18 @@ grep -qE '"step": 5, "loss": [0-9.]*, "lr": [0-9.e-]*, "grad_norm": [0-9.]*, "to
 expect 0 "$MPSHARD" verify "$T/ref/step-00000006" -q
 i=0
 for spec in "2 dp=2" "2 tp=2" "2 pp=2" "2 dp=2,zero=3" "8 dp=2,pp=2,tp=2,zero=1" "3 tp=3" \
-            "4 dp=2,pp=2,zero=2 --schedule gpipe" "4 pp=2,tp=2,zero=3" "4 dp=2,tp=2,zero=3 --comm-staged"; do
+            "4 dp=2,pp=2,zero=2 --schedule gpipe" "4 pp=2,tp=2,zero=3" "4 dp=2,tp=2,zero=3 --comm-staged" \
+            "4 pp=2,tp=2,zero=3 --recompute" "1 dp=1 --recompute"; do
   set -- $spec; np=$1; lay=$2; shift 2
   i=$((i + 1)); rm -rf "$T/r$i"
   train "$np" --ckpt "$T/init" --layout "$lay" --steps 6 --out "$T/r$i" --log "$T/r$i.jsonl" "$@" && ok \
     || bad "$lay: $(tail -3 "$T/err")"
   same_losses "$T/r$i.jsonl" "$T/ref.jsonl"
 done
+# activation recompute replays the same kernels on the same values: the very same losses
+[ "$(losses "$T/r11.jsonl")" = "$(losses "$T/ref.jsonl")" ] && ok \
+  || bad "--recompute changed the losses: $(losses "$T/r11.jsonl" | tr '\n' ' ') vs $(losses "$T/ref.jsonl" | tr '\n' ' ')"
+[ "$(losses "$T/r10.jsonl")" = "$(losses "$T/r8.jsonl")" ] && ok || bad "--recompute (pp=2 tp=2 zero=3) changed the losses"
 # the checkpoint a layout saves holds what every other layout's checkpoint holds, to rounding
 expect 0 "$MPSHARD" verify "$T/r5/step-00000006" -q
 # 3 steps in one layout, then resume in another for the remaining 3 == 6 steps straight

@@ -28,6 +28,10 @@ run 1 --ckpt "$T/init" --layout dp=1 --steps 4 --out "$T/cpu" --log "$T/cpu.json
 run 1 --ckpt "$T/init" --layout dp=1 --steps 4 --out "$T/gpu" --log "$T/gpu.jsonl" --backend cuda
 cat "$T/cpu.jsonl" "$T/gpu.jsonl"
 close "$T/gpu.jsonl" "$T/cpu.jsonl" 1e-2
+# activation recompute on the GPU: the kernels are deterministic, so the very same losses
+run 1 --ckpt "$T/init" --layout dp=1 --steps 4 --out "$T/gpur" --log "$T/gpur.jsonl" --backend cuda --recompute
+if [ "$(sed -E 's/.*"loss": ([^,]*),.*/\1/' "$T/gpur.jsonl")" = "$(sed -E 's/.*"loss": ([^,]*),.*/\1/' "$T/gpu.jsonl")" ]; then
+  ok; else bad "--recompute changed the GPU losses"; fi
 run 2 --ckpt "$T/init" --layout tp=2 --steps 4 --out "$T/gpu2" --log "$T/gpu2.jsonl" --backend cuda --comm mpi
 close "$T/gpu2.jsonl" "$T/cpu.jsonl" 1e-2
 run 2 --ckpt "$T/init" --layout dp=2,zero=3 --steps 4 --out "$T/gpu3" --log "$T/gpu3.jsonl" --backend cuda
