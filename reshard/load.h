@@ -24,4 +24,15 @@ int mps_load_rank(mps_ckpt *c, const mps_layout *layout, int rank, unsigned kind
                   mps_err *err);
 void mps_rank_state_free(mps_rank_state *s);
 
+/* The same, streamed: nothing of the rank's state is held at once. Reader w gathers parts of at
+ * most MPS_LOAD_PART elements of a piece into worker_bufs[w] (threads buffers of MPS_LOAD_PART
+ * floats: pinned memory lets a GPU copy them without staging) and calls sink with them; the readers
+ * run concurrently, so sink must be thread-safe, and it may block (a device copy) while the other
+ * readers go on reading and decompressing. p->data is NULL in the sink. */
+#define MPS_LOAD_PART ((int64_t)1 << 22) /* 16 MiB of fp32: each part reads its chunks once */
+typedef int (*mps_piece_sink)(void *ctx, int worker, const mps_loaded_piece *p, int64_t fb, int64_t fe,
+                              const float *data, mps_err *err);
+int mps_load_rank_stream(mps_ckpt *c, const mps_layout *layout, int rank, unsigned kinds, int threads,
+                         float *const *worker_bufs, mps_piece_sink sink, void *ctx, mps_err *err);
+
 #endif

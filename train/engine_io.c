@@ -8,40 +8,53 @@
 #include "init.h"
 #include "reshard/load.h"
 
+/* A part of a loaded piece goes straight to the engine's buffer (a device copy from the reader's
+ * pinned buffer on CUDA, while the other readers go on reading and decompressing). */
+static int load_sink(void *ctx, int worker, const mps_loaded_piece *lp, int64_t fb, int64_t fe, const float *data,
+                     mps_err *err)
+{
+    (void)worker; (void)err;
+    mps_engine *e = ctx;
+    mps_tparam *p = &e->t[lp->tensor];
+    if (!p->held)
+        return 0;
+    float *dst = NULL;
+    switch (lp->kind) {
+    case MPS_KIND_PARAM:
+    case MPS_KIND_MASTER:
+        /* master (fp32) is partitioned like the optimizer state; where it exists it is the exact
+         * value of the weights (param may be a bf16 rounding of it), and only it is loaded */
+        dst = e->L.zero >= 3 ? p->w_shard + (fb - p->param.flat_begin) : p->w + fb;
+        break;
+    case MPS_KIND_ADAM_M: dst = p->m + (fb - p->opt.flat_begin); break;
+    case MPS_KIND_ADAM_V: dst = p->v + (fb - p->opt.flat_begin); break;
+    default: return 0;
+    }
+    e->be->from_host(e->be->ctx, dst, data, (size_t)(fe - fb) * sizeof(float));
+    return 0;
+}
+
 int mps_engine_load(mps_engine *e, mps_ckpt *c, int threads, mps_err *err)
 {
     const mps_manifest *m = mps_ckpt_manifest(c);
     if (memcmp(&m->cfg, &e->cfg, sizeof e->cfg) != 0)
         return mps_fail(err, MPS_EUSAGE, "%s: the checkpoint's model differs from the engine's", mps_ckpt_dir(c));
-    unsigned want = 1u << MPS_KIND_PARAM | 1u << MPS_KIND_MASTER | 1u << MPS_KIND_ADAM_M | 1u << MPS_KIND_ADAM_V;
-    mps_rank_state st;
-    if (mps_load_rank(c, &e->L, e->rank, want, threads, &st, err) != 0)
-        return -1;
-    int have_master = 0;
-    for (int pass = 0; pass < 2; pass++) /* param first, then master over it */
-        for (int i = 0; i < st.count; i++) {
-            mps_loaded_piece *lp = &st.pieces[i];
-            mps_tparam *p = &e->t[lp->tensor];
-            if ((pass == 0) != (lp->kind != MPS_KIND_MASTER) || !p->held)
-                continue;
-            int64_t fb = lp->piece.flat_begin, n = lp->piece.flat_end - fb;
-            float *dst = NULL;
-            switch (lp->kind) {
-            case MPS_KIND_PARAM:
-            case MPS_KIND_MASTER:
-                /* master (fp32) is partitioned like the optimizer state; where it exists it is
-                 * the exact value of the weights, param may be a bf16 rounding of it */
-                dst = e->L.zero >= 3 ? p->w_shard + (fb - p->param.flat_begin) : p->w + fb;
-                have_master |= lp->kind == MPS_KIND_MASTER;
-                break;
-            case MPS_KIND_ADAM_M: dst = p->m + (fb - p->opt.flat_begin); break;
-            case MPS_KIND_ADAM_V: dst = p->v + (fb - p->opt.flat_begin); break;
-            default: continue;
-            }
-            e->be->from_host(e->be->ctx, dst, lp->data, (size_t)n * sizeof(float));
-        }
-    mps_rank_state_free(&st);
-    if (e->be->sync(e->be->ctx, err) != 0)
+    const int have_master = (m->kinds >> MPS_KIND_MASTER) & 1;
+    unsigned want = 1u << (have_master ? MPS_KIND_MASTER : MPS_KIND_PARAM) | 1u << MPS_KIND_ADAM_M |
+                    1u << MPS_KIND_ADAM_V;
+    /* streamed through one pinned buffer per reader: host memory does not grow with the model */
+    float **bufs = calloc((size_t)threads, sizeof *bufs);
+    int rc = bufs ? 0 : mps_fail(err, MPS_ENOMEM, "out of memory");
+    for (int i = 0; rc == 0 && i < threads; i++)
+        if (!(bufs[i] = e->be->alloc_host(e->be->ctx, (size_t)MPS_LOAD_PART * sizeof(float))))
+            rc = mps_fail(err, MPS_ENOMEM, "rank %d: out of host memory for the load buffers", e->rank);
+    if (rc == 0)
+        rc = mps_load_rank_stream(c, &e->L, e->rank, want, threads, bufs, load_sink, e, err);
+    for (int i = 0; bufs && i < threads; i++)
+        if (bufs[i])
+            e->be->release_host(e->be->ctx, bufs[i]);
+    free(bufs);
+    if (rc != 0 || e->be->sync(e->be->ctx, err) != 0)
         return -1;
     /* ZeRO-1/2 with master weights: each replica set only its partition from master; gather the rest */
     if (have_master && e->L.zero >= 1 && e->L.zero < 3 && e->L.dp > 1)
