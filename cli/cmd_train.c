@@ -17,6 +17,7 @@
 #include "comm_staged.h"
 #include "data.h"
 #include "engine.h"
+#include "pool.h"
 #include "save_async.h"
 
 static const char *const help =
@@ -280,7 +281,10 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         goto out;
     }
     double t0 = now_s();
-    if (mps_engine_load(e, ck, 2, err) != 0)
+    /* readers per rank: the cores shared among the ranks (which may all be on this host), 2 to 8 */
+    int readers = mps_cpu_count() / comm->size;
+    readers = readers < 2 ? 2 : readers > 8 ? 8 : readers;
+    if (mps_engine_load(e, ck, readers, err) != 0)
         goto out;
     mps_ckpt_close(ck);
     ck = NULL;
