@@ -49,13 +49,14 @@ typedef struct mps_backend {
                           const float *w, const float *mean, const float *rstd, int64_t N, int C);
     void (*matmul_fwd)(void *ctx, float *out, const void *inp_act, const float *w, const float *bias, int64_t N, int C,
                        int OC);
-    /* the head's logits: out (N, OC) = inp @ w^T as an operand buffer */
-    void (*matmul_fwd_act)(void *ctx, void *out_act, const void *inp_act, const float *w, int64_t N, int C, int OC);
+    /* out (N, OC) = inp @ w^T + bias (bias may be NULL) as an operand buffer: the head's logits, qkv */
+    void (*matmul_fwd_act)(void *ctx, void *out_act, const void *inp_act, const float *w, const float *bias,
+                           int64_t N, int C, int OC);
     /* dout is an operand buffer when dout_act, else fp32 */
     void (*matmul_bwd)(void *ctx, float *dinp, float *dw, float *dbias, const void *dout, int dout_act,
                        const void *inp_act, const float *w, int64_t N, int C, int OC);
-    void (*attention_fwd)(void *ctx, void *out_act, float *lse, const float *qkv, int B, int T, int H, int hs);
-    void (*attention_bwd)(void *ctx, void *dqkv_act, const float *dout, const float *qkv, const void *out_act,
+    void (*attention_fwd)(void *ctx, void *out_act, float *lse, const void *qkv_act, int B, int T, int H, int hs);
+    void (*attention_bwd)(void *ctx, void *dqkv_act, const float *dout, const void *qkv_act, const void *out_act,
                           const float *lse, int B, int T, int H, int hs);
     /* The MLP's first product with its GELU, so that a GPU can do both in one pass:
      * pre (N, OC) = inp (N, C) @ w^T + bias, out = gelu(pre); pre and out are operand buffers. */

@@ -44,10 +44,11 @@ static void mm_fwd(void *c, float *out, const void *inp, const float *w, const f
     (void)c;
     op_matmul_fwd(out, inp, w, bias, N, C, OC);
 }
-static void mm_fwd_act(void *c, void *out, const void *inp, const float *w, int64_t N, int C, int OC)
+static void mm_fwd_act(void *c, void *out, const void *inp, const float *w, const float *bias, int64_t N, int C,
+                       int OC)
 {
     (void)c;
-    op_matmul_fwd(out, inp, w, NULL, N, C, OC);
+    op_matmul_fwd(out, inp, w, bias, N, C, OC);
 }
 static void mm_bwd(void *c, float *dinp, float *dw, float *dbias, const void *dout, int dout_act, const void *inp,
                    const float *w, int64_t N, int C, int OC)
@@ -55,12 +56,12 @@ static void mm_bwd(void *c, float *dinp, float *dw, float *dbias, const void *do
     (void)c; (void)dout_act; /* operand buffers are fp32 here */
     op_matmul_bwd(dinp, dw, dbias, dout, inp, w, N, C, OC);
 }
-static void att_fwd(void *c, void *out, float *lse, const float *qkv, int B, int T, int H, int hs)
+static void att_fwd(void *c, void *out, float *lse, const void *qkv, int B, int T, int H, int hs)
 {
     (void)c;
     op_attention_fwd(out, lse, qkv, B, T, H, hs);
 }
-static void att_bwd(void *c, void *dqkv, const float *dout, const float *qkv, const void *out, const float *lse,
+static void att_bwd(void *c, void *dqkv, const float *dout, const void *qkv, const void *out, const float *lse,
                     int B, int T, int H, int hs)
 {
     (void)c;

@@ -70,13 +70,13 @@ static int alloc_acts(mps_engine *e, mps_layer_acts *a, int x_in_only)
         return -1;
     if (x_in_only)
         return 0;
-    float **bufs[] = { &a->ln1_mean, &a->ln1_rstd, &a->qkv, &a->lse, &a->x2, &a->ln2_mean, &a->ln2_rstd };
-    int64_t sizes[] = { N, N, N * 3 * e->Cl, (int64_t)e->B * e->Hl * e->T, N * C, N, N };
+    float **bufs[] = { &a->ln1_mean, &a->ln1_rstd, &a->lse, &a->x2, &a->ln2_mean, &a->ln2_rstd };
+    int64_t sizes[] = { N, N, (int64_t)e->B * e->Hl * e->T, N * C, N, N };
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
         if ((*bufs[i] = buf_new(e, sizes[i])) == NULL)
             return -1;
-    void **acts[] = { &a->ln1, &a->atty, &a->ln2, &a->fch, &a->gel };
-    int64_t act_sizes[] = { N * C, N * e->Cl, N * C, N * e->F, N * e->F };
+    void **acts[] = { &a->ln1, &a->qkv, &a->atty, &a->ln2, &a->fch, &a->gel };
+    int64_t act_sizes[] = { N * C, N * 3 * e->Cl, N * e->Cl, N * C, N * e->F, N * e->F };
     for (size_t i = 0; i < sizeof act_sizes / sizeof act_sizes[0]; i++)
         if ((*acts[i] = act_new(e, act_sizes[i])) == NULL)
             return -1;

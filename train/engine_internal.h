@@ -28,7 +28,7 @@ typedef struct {
     float *x_in;             /* (N, C) layer input */
     void *ln1;               /* (N, C) operand buffer (backend.h: act_bytes per element) */
     float *ln1_mean, *ln1_rstd; /* (N), (N) */
-    float *qkv;              /* (N, 3 * Cl) */
+    void *qkv;               /* (N, 3 * Cl) operand buffer */
     void *atty;              /* (N, Cl) operand buffer */
     float *lse;              /* (B, Hl, T) */
     float *x2;               /* (N, C) after the attention residual */

@@ -55,7 +55,7 @@ static int layer_forward(mps_engine *e, int layer, mps_layer_acts *a, float *x_o
     const int C = e->C, Cl = e->Cl, F = e->F;
     float *proj = e->scratch_a; /* (N, C) partial sums of the row-parallel projections */
     e->be->layernorm_fwd(e->be->ctx, a->ln1, a->ln1_mean, a->ln1_rstd, a->x_in, w.ln1w, w.ln1b, N, C);
-    e->be->matmul_fwd(e->be->ctx, a->qkv, a->ln1, w.qkvw, w.qkvb, N, C, 3 * Cl);
+    e->be->matmul_fwd_act(e->be->ctx, a->qkv, a->ln1, w.qkvw, w.qkvb, N, C, 3 * Cl);
     e->be->attention_fwd(e->be->ctx, a->atty, a->lse, a->qkv, e->B, e->T, e->Hl, e->hs);
     e->be->matmul_fwd(e->be->ctx, proj, a->atty, w.attprojw, NULL, N, Cl, C);
     int rc = tp_sum(e, proj, N * C, err);
@@ -173,7 +173,7 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     float *dxf = e->scratch_b + 6 * N; /* (N, C) */
     if (rc == 0) {
         e->be->layernorm_fwd(e->be->ctx, xf, mean, rstd, x, lnfw, lnfb, N, C);
-        e->be->matmul_fwd_act(e->be->ctx, e->logits, xf, wte, N, C, (int)e->Vl);
+        e->be->matmul_fwd_act(e->be->ctx, e->logits, xf, wte, NULL, N, C, (int)e->Vl);
         /* one pass over the logits: local max, sumexp relative to it, target logit */
         e->be->xent_stats(e->be->ctx, rowmax, sumexp, tlogit, e->logits, s->targets, N, e->Vl, e->v0, e->cfg.vocab);
         if (e->L.tp == 1) {

@@ -560,11 +560,11 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
     GPU_TWICE(s, gpu.matmul_fwd(gpu.ctx, o_dev(&s, 0) + off_out, inp.d, w.d, bd, N, C, OC));
     o_done(&s, TOL_GEMM);
     free(init);
-    if (!off_out) {
-        snprintf(op, sizeof op, "matmul_fwd_act N%lld C%d OC%d", (long long)N, C, OC);
+    if (!off_out) { /* the product as an operand buffer (the head's logits, qkv) */
+        snprintf(op, sizeof op, "matmul_fwd_act N%lld C%d OC%d%s", (long long)N, C, OC, bias ? " bias" : "");
         out = o_add_act(&s, "out", N * OC);
-        cpu.matmul_fwd_act(cpu.ctx, out, inp.h, w.h, N, C, OC);
-        GPU_TWICE(s, gpu.matmul_fwd_act(gpu.ctx, o_dev(&s, 0), inp.d, w.d, N, C, OC));
+        cpu.matmul_fwd_act(cpu.ctx, out, inp.h, w.h, bh, N, C, OC);
+        GPU_TWICE(s, gpu.matmul_fwd_act(gpu.ctx, o_dev(&s, 0), inp.d, w.d, bd, N, C, OC));
         o_done(&s, TOL_GEMM);
     }
 
@@ -648,7 +648,7 @@ static void test_attention(mps_backend *be, const char *tag, int B, int T, int H
     char op[96];
     const int64_t Cl = (int64_t)H * hs, nqkv = (int64_t)B * T * 3 * Cl, nout = (int64_t)B * T * Cl;
     const int64_t nlse = (int64_t)B * H * T;
-    tin qkv = in_rand(nqkv, 1.5f), dout = in_rand(nout, 1.0f);
+    tin qkv = in_rand_act(nqkv, 1.5f), dout = in_rand(nout, 1.0f); /* qkv: an operand buffer */
     oset s = {.op = op};
     snprintf(op, sizeof op, "attention_fwd%s B%d T%d H%d hs%d", tag, B, T, H, hs);
     float *out = o_add_act(&s, "out", nout), *lse = o_add(&s, "lse", nlse, NULL);
@@ -993,11 +993,12 @@ static void bench(mps_backend *bf16)
     /* small random values so that exp and the softmax do real work */
     float *hq = hrand(N * 3 * C, 1.0f);
     gpu.from_host(gpu.ctx, qkv, hq, sizeof(float) * (size_t)(N * 3 * C));
-    free(hq);
     const double mm = 2.0 * (double)N * C * 3 * C, att = 4.0 * B * H * (double)T * T / 2 * hs;
     printf("timings (informational), B=%d T=%d C=%d H=%d: one layer's pieces\n", B, T, C, H);
     BENCH(&gpu, "matmul_fwd qkv (N, 768) -> (N, 2304) +bias", mm, 10,
           gpu.matmul_fwd(gpu.ctx, qkv, x, w, bias, N, C, 3 * C));
+    BENCH(&gpu, "matmul_fwd_act qkv (N, 768) -> (N, 2304) +bias, bf16", mm, 10,
+          gpu.matmul_fwd_act(gpu.ctx, dqkv, x, w, bias, N, C, 3 * C));
     BENCH(&gpu, "matmul_bwd qkv dinp+dw+dbias (dout operand)", 2 * mm, 10,
           gpu.matmul_bwd(gpu.ctx, y, dw, bias, qkv, 1, x, w, N, C, 3 * C));
     BENCH(&gpu, "matmul_bwd qkv dinp+dw+dbias (dout fp32)", 2 * mm, 10,
@@ -1008,6 +1009,8 @@ static void bench(mps_backend *bf16)
           gpu.matmul_gelu_fwd(gpu.ctx, y, dqkv, x, w, bias, N, C, F));
     BENCH(&gpu, "matmul_dgelu_bwd fcproj (N, 768) -> (N, 3072)", 2.0 * N * C * F, 10,
           gpu.matmul_dgelu_bwd(gpu.ctx, y, bias, qkv, w, dqkv, N, F, C));
+    act_put(qkv, hq, N * 3 * C); /* qkv as the operand buffer attention reads (the products wrote over it) */
+    free(hq);
     /* the default backend: hs = 64 runs attention_fast.cu (bf16 mma.sync); the forward first, so
      * that the backward sees a real lse */
     BENCH(&gpu, "attention_fwd (default: fast, bf16 mma)", att, 20, gpu.attention_fwd(gpu.ctx, x, lse, qkv, B, T, H, hs));
@@ -1038,7 +1041,7 @@ static void bench(mps_backend *bf16)
     BENCH(&gpu, "embed_fwd", 0, 10, gpu.embed_fwd(gpu.ctx, y, tok, N, wte, 0, Vl, C));
     BENCH(&gpu, "embed_bwd (all tokens 0: one run of N rows)", 0, 5, gpu.embed_bwd(gpu.ctx, wte, x, tok, N, 0, Vl, C));
     BENCH(&gpu, "matmul_fwd_act head (N, 768) -> (N, 50304)", 2.0 * N * C * Vl, 3,
-          gpu.matmul_fwd_act(gpu.ctx, logits, x, wte, N, C, (int)Vl));
+          gpu.matmul_fwd_act(gpu.ctx, logits, x, wte, NULL, N, C, (int)Vl));
     float *dlogits = dalloc((size_t)(N * Vl) * (size_t)gpu.act_bytes);
     BENCH(&gpu, "xent_stats (N, 50304)", 0, 5,
           gpu.xent_stats(gpu.ctx, mean, rstd, y, logits, tok, N, Vl, 0, 50257));

@@ -57,9 +57,9 @@ constexpr float LN2 = 0.6931471805599453f;
 /* shared memory of each kernel (bytes) */
 constexpr size_t FSM_TILE = sizeof(bf16) * FTILE * FLD;  /* one 64-row tile */
 constexpr size_t FSM_ROWS = sizeof(bf16) * FROWS * FLD;  /* the 128 owned rows */
-constexpr size_t FSM_STAGE = 2 * sizeof(float) * FTILE * FD; /* fp32 staging of the next tile (2 tensors) */
-constexpr size_t FSM_FWD = FSM_ROWS + 4 * FSM_TILE + FSM_STAGE; /* Q; K, V double-buffered; staging */
-constexpr size_t FSM_DQ = 2 * FSM_ROWS + 4 * FSM_TILE + FSM_STAGE + sizeof(float) * FROWS; /* Q, dO; K, V; D */
+constexpr size_t FSM_STAGE = sizeof(float) * FTILE * FD; /* fp32 staging of the next dO tile (dK/dV) */
+constexpr size_t FSM_FWD = FSM_ROWS + 4 * FSM_TILE; /* Q; K, V double-buffered */
+constexpr size_t FSM_DQ = 2 * FSM_ROWS + 4 * FSM_TILE + sizeof(float) * FROWS; /* Q, dO; K, V; D */
 constexpr size_t FSM_DKV = 2 * FSM_ROWS + 4 * FSM_TILE + FSM_STAGE + 6 * sizeof(float) * FTILE; /* + lse, D */
 
 /* ---------------------------------------------------------------- warp-level primitives */
@@ -208,7 +208,7 @@ __device__ __forceinline__ void tile_sts(bf16 *dst, const float4 (&v)[R / 16])
  * they need no registers and cannot be moved next to their use by the compiler, so the loads have
  * a whole tile's work to arrive. Thread x copies (and later converts) float4 x % 16 of rows
  * x / 16 + 16 i; rows at or past T are zero-filled (source size 0, nothing read). */
-__device__ __forceinline__ void cp_async16(float *dst, const float *src, bool valid)
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid)
 {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(valid ? 16 : 0)
@@ -246,6 +246,21 @@ __device__ __forceinline__ void tile_cvt(bf16 *dst, const float *st)
     }
 }
 
+/* qkv is an operand buffer (bf16): its tiles go to shared memory as they are. Rows t0 .. t0 + R - 1
+ * of one head's part (base: its row 0, row stride ld elements, 64 bf16 = 8 x 16 bytes per row) by
+ * cp.async into the bf16 tile dst (rows FLD apart): thread x copies 16-byte piece x % 8 of rows
+ * x / 8 + 32 i; rows at or past T are zero-filled. The caller commits, waits and synchronises. */
+template <int R>
+__device__ __forceinline__ void tile_cp_bf(bf16 *dst, const bf16 *base, int64_t ld, int t0, int T)
+{
+    const int c8 = threadIdx.x & 7, r = threadIdx.x >> 3;
+#pragma unroll
+    for (int i = 0; i < R / 32; i++) {
+        const int row = r + 32 * i, t = t0 + row;
+        cp_async16(dst + row * FLD + 8 * c8, t < T ? base + (int64_t)t * ld + 8 * c8 : base, t < T);
+    }
+}
+
 /* row max / sum over the 4 lanes of a quad (the lanes that share an accumulator row); xor
  * butterflies leave the same bits in every lane */
 __device__ __forceinline__ float quad_max(float v)
@@ -267,34 +282,26 @@ __device__ __forceinline__ float quad_sum(float v)
  * rows q0 + 16 w + l/4 (+ 8), columns 8 n + 2 (l % 4) (+ 1) of each n8 tile n. Scores are kept in
  * log2 units: s * scale * log2(e), so that exp is one ex2. */
 __global__ void __launch_bounds__(FTHREADS, 2)
-    k_fa_fwd(bf16 *out, float *lse, const float *qkv, int T, int H, float sl2)
+    k_fa_fwd(bf16 *out, float *lse, const bf16 *qkv, int T, int H, float sl2)
 {
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16 *Qs = reinterpret_cast<bf16 *>(fa_smem); /* [128][FLD] */
     bf16 *Ks = Qs + FROWS * FLD;                  /* [2][64][FLD] */
     bf16 *Vs = Ks + 2 * FTILE * FLD;              /* [2][64][FLD] */
-    float *Sk = reinterpret_cast<float *>(Vs + 2 * FTILE * FLD), *Sv = Sk + FST; /* staging [64][64] */
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * FROWS;
     const int64_t Cl = (int64_t)H * FD, ld = 3 * Cl;
-    const float *qb = qkv + (int64_t)b * T * ld + (int64_t)h * FD, *kb = qb + Cl, *vb = qb + 2 * Cl;
+    const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * FD, *kb = qb + Cl, *vb = qb + 2 * Cl;
     const int nkt = (min(q0 + FROWS, T) + FTILE - 1) / FTILE; /* key tiles of the CTA */
     const int wr0 = q0 + 16 * w;                                /* the warp's first row */
     const int wkt = wr0 < T ? min(wr0 + 15, T - 1) / FTILE + 1 : 0; /* key tiles of the warp */
 
-    {
-        float4 v[FROWS / 16];
-        tile_ldg<FROWS>(v, qb, ld, q0, T);
-        tile_sts<FROWS>(Qs, v);
-    }
-    {
-        float4 v[FTILE / 16];
-        tile_ldg<FTILE>(v, kb, ld, 0, T);
-        tile_sts<FTILE>(Ks, v);
-        tile_ldg<FTILE>(v, vb, ld, 0, T);
-        tile_sts<FTILE>(Vs, v);
-    }
+    tile_cp_bf<FROWS>(Qs, qb, ld, q0, T);
+    tile_cp_bf<FTILE>(Ks, kb, ld, 0, T);
+    tile_cp_bf<FTILE>(Vs, vb, ld, 0, T);
+    cp_async_commit();
+    cp_async_wait_all();
     __syncthreads();
     uint32_t qf[4][4];
     load_a(qf, Qs, 16 * w, l);
@@ -310,10 +317,11 @@ __global__ void __launch_bounds__(FTHREADS, 2)
         const bool act = j < wkt;
         const bf16 *K = Ks + buf * FTILE * FLD, *V = Vs + buf * FTILE * FLD;
         const int k0 = j * FTILE;
-        /* the next K and V tiles are copied to the staging tiles while this one is used */
+        /* the next K and V tiles are copied into the other buffers while this one is used (their
+         * last readers were tile j - 1, before the barrier that ended it) */
         if (more) {
-            tile_cp(Sk, kb, ld, k0 + FTILE, T);
-            tile_cp(Sv, vb, ld, k0 + FTILE, T);
+            tile_cp_bf<FTILE>(Ks + (buf ^ 1) * FTILE * FLD, kb, ld, k0 + FTILE, T);
+            tile_cp_bf<FTILE>(Vs + (buf ^ 1) * FTILE * FLD, vb, ld, k0 + FTILE, T);
             cp_async_commit();
         }
         if (act) {
@@ -363,11 +371,8 @@ __global__ void __launch_bounds__(FTHREADS, 2)
             }
             mm_px(o, pf, V, l);
         }
-        if (more) { /* the other buffers' last readers were tile j - 1, before the barrier that ended it */
+        if (more)
             cp_async_wait_all();
-            tile_cvt(Ks + (buf ^ 1) * FTILE * FLD, Sk);
-            tile_cvt(Vs + (buf ^ 1) * FTILE * FLD, Sv);
-        }
         __syncthreads();
     }
 
@@ -396,7 +401,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
  * S = Q K^T, P = exp(S - lse), dP = dO V^T, dS = P (dP - D), dQ += dS K; at the end
  * dq += scale * dQ */
 __global__ void __launch_bounds__(FTHREADS, 2)
-    k_fa_dq(bf16 *dqkv, float *Dv, const float *dout, const bf16 *out, const float *qkv, const float *lse, int T,
+    k_fa_dq(bf16 *dqkv, float *Dv, const float *dout, const bf16 *out, const bf16 *qkv, const float *lse, int T,
             int H, float scale, float sl2)
 {
     extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -404,24 +409,23 @@ __global__ void __launch_bounds__(FTHREADS, 2)
     bf16 *Gs = Qs + FROWS * FLD;                  /* dO [128][FLD] */
     bf16 *Ks = Gs + FROWS * FLD;                  /* [2][64][FLD] */
     bf16 *Vs = Ks + 2 * FTILE * FLD;              /* [2][64][FLD] */
-    float *Sk = reinterpret_cast<float *>(Vs + 2 * FTILE * FLD), *Sv = Sk + FST; /* staging [64][64] */
-    float *Dsm = Sv + FST;                                                        /* D of the 128 rows */
+    float *Dsm = reinterpret_cast<float *>(Vs + 2 * FTILE * FLD); /* D of the 128 rows */
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * FROWS;
     const int64_t Cl = (int64_t)H * FD, ld = 3 * Cl;
-    const float *qb = qkv + (int64_t)b * T * ld + (int64_t)h * FD, *kb = qb + Cl, *vb = qb + 2 * Cl;
+    const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * FD, *kb = qb + Cl, *vb = qb + 2 * Cl;
     const float *gb = dout + (int64_t)b * T * Cl + (int64_t)h * FD;
     const bf16 *ob = out + (int64_t)b * T * Cl + (int64_t)h * FD;
     const int nkt = (min(q0 + FROWS, T) + FTILE - 1) / FTILE;
     const int wr0 = q0 + 16 * w;
     const int wkt = wr0 < T ? min(wr0 + 15, T - 1) / FTILE + 1 : 0;
 
-    {
-        float4 v[FROWS / 16];
-        tile_ldg<FROWS>(v, qb, ld, q0, T);
-        tile_sts<FROWS>(Qs, v);
-    }
+    /* Q and the first K, V tiles arrive while dO and D are made */
+    tile_cp_bf<FROWS>(Qs, qb, ld, q0, T);
+    tile_cp_bf<FTILE>(Ks, kb, ld, 0, T);
+    tile_cp_bf<FTILE>(Vs, vb, ld, 0, T);
+    cp_async_commit();
     /* dO rows, and D = dout . out of each row in fp32 (a half-warp holds one row: 4 products per
      * lane, then a fixed butterfly), kept for this kernel and written to Dv (B, H, T) for k_fa_dkv;
      * 64 rows at a time */
@@ -446,13 +450,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
             }
         }
     }
-    {
-        float4 v[FTILE / 16];
-        tile_ldg<FTILE>(v, kb, ld, 0, T);
-        tile_sts<FTILE>(Ks, v);
-        tile_ldg<FTILE>(v, vb, ld, 0, T);
-        tile_sts<FTILE>(Vs, v);
-    }
+    cp_async_wait_all();
     /* lse (in log2 units) and D of rows g, g + 8; rows past T get 0 (their q and dO are zero,
      * so dS = P (0 - 0) = 0 there and nothing is stored) */
     const int t0 = wr0 + g, t1 = t0 + 8;
@@ -471,10 +469,10 @@ __global__ void __launch_bounds__(FTHREADS, 2)
         const bf16 *K = Ks + buf * FTILE * FLD, *V = Vs + buf * FTILE * FLD;
         const int k0 = j * FTILE;
         const bool diag = k0 + FTILE - 1 > wr0; /* the tile crosses the warp's rows: mask keys > row */
-        /* the next K and V tiles are copied to the staging tiles while this one is used */
+        /* the next K and V tiles are copied into the other buffers while this one is used */
         if (more) {
-            tile_cp(Sk, kb, ld, k0 + FTILE, T);
-            tile_cp(Sv, vb, ld, k0 + FTILE, T);
+            tile_cp_bf<FTILE>(Ks + (buf ^ 1) * FTILE * FLD, kb, ld, k0 + FTILE, T);
+            tile_cp_bf<FTILE>(Vs + (buf ^ 1) * FTILE * FLD, vb, ld, k0 + FTILE, T);
             cp_async_commit();
         }
         uint32_t dsf[4][4]; /* dS as A fragments, k16 step np = keys 16 np .. 16 np + 15 */
@@ -529,11 +527,8 @@ __global__ void __launch_bounds__(FTHREADS, 2)
         }
         if (act)
             mm_px(dq, dsf, K, l); /* dQ += dS K */
-        if (more) {
+        if (more)
             cp_async_wait_all();
-            tile_cvt(Ks + (buf ^ 1) * FTILE * FLD, Sk);
-            tile_cvt(Vs + (buf ^ 1) * FTILE * FLD, Sv);
-        }
         __syncthreads();
     }
 
@@ -559,7 +554,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
  * dk += scale * dK, dv += dV. The lse (log2 units; +inf past T, which
  * makes P^T zero there) and D of each query tile are staged in shared memory with its rows. */
 __global__ void __launch_bounds__(FTHREADS, 2)
-    k_fa_dkv(bf16 *dqkv, const float *dout, const float *qkv, const float *lse, const float *Dv, int T, int H,
+    k_fa_dkv(bf16 *dqkv, const float *dout, const bf16 *qkv, const float *lse, const float *Dv, int T, int H,
              float scale, float sl2)
 {
     extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -569,29 +564,24 @@ __global__ void __launch_bounds__(FTHREADS, 2)
     bf16 *Gs = Qs + 2 * FTILE * FLD;                          /* dO [2][64][FLD] */
     float *Ls = reinterpret_cast<float *>(Gs + 2 * FTILE * FLD); /* [2][64] */
     float *Ds = Ls + 2 * FTILE;                               /* [2][64] */
-    float *Sq = Ds + 2 * FTILE, *Sg = Sq + FST;               /* staging of Q, dO [64][64] */
+    float *Sg = Ds + 2 * FTILE;                               /* staging of dO [64][64] */
     float *Sl = Sg + FST, *Sd = Sl + FTILE;                   /* staging of lse, D [64] */
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
     const int k0 = blockIdx.y * FROWS; /* the first key blocks (the most queries) first */
     const int64_t Cl = (int64_t)H * FD, ld = 3 * Cl;
-    const float *qb = qkv + (int64_t)b * T * ld + (int64_t)h * FD, *kb = qb + Cl, *vb = qb + 2 * Cl;
+    const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * FD, *kb = qb + Cl, *vb = qb + 2 * Cl;
     const float *gb = dout + (int64_t)b * T * Cl + (int64_t)h * FD;
     const float *lb = lse + (int64_t)bh * T, *db = Dv + (int64_t)bh * T;
     const int jq0 = k0 / FTILE, nqt = (T + FTILE - 1) / FTILE; /* query tiles jq0 .. nqt - 1 */
     const int kw0 = k0 + 16 * w;                                /* the warp's first key */
 
-    {
-        float4 v[FROWS / 16];
-        tile_ldg<FROWS>(v, kb, ld, k0, T);
-        tile_sts<FROWS>(Ks, v);
-        tile_ldg<FROWS>(v, vb, ld, k0, T);
-        tile_sts<FROWS>(Vs, v);
-    }
+    tile_cp_bf<FROWS>(Ks, kb, ld, k0, T);
+    tile_cp_bf<FROWS>(Vs, vb, ld, k0, T);
+    tile_cp_bf<FTILE>(Qs, qb, ld, jq0 * FTILE, T);
+    cp_async_commit();
     {
         float4 v[FTILE / 16];
-        tile_ldg<FTILE>(v, qb, ld, jq0 * FTILE, T);
-        tile_sts<FTILE>(Qs, v);
         tile_ldg<FTILE>(v, gb, Cl, jq0 * FTILE, T);
         tile_sts<FTILE>(Gs, v);
         if (threadIdx.x < FTILE) {
@@ -600,6 +590,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
             Ds[threadIdx.x] = t < T ? db[t] : 0.0f;
         }
     }
+    cp_async_wait_all();
     __syncthreads();
 
     float dk[8][4], dv[8][4];
@@ -619,7 +610,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
         const float *L = Ls + buf * FTILE, *Dq = Ds + buf * FTILE;
         /* the next tile's Q and dO rows, lse and D are copied to the staging tiles meanwhile */
         if (more) {
-            tile_cp(Sq, qb, ld, qt0 + FTILE, T);
+            tile_cp_bf<FTILE>(Qs + (buf ^ 1) * FTILE * FLD, qb, ld, qt0 + FTILE, T);
             tile_cp(Sg, gb, Cl, qt0 + FTILE, T);
             const int t = qt0 + FTILE + threadIdx.x;
             if (threadIdx.x < FTILE && t < T) {
@@ -697,7 +688,6 @@ __global__ void __launch_bounds__(FTHREADS, 2)
         }
         if (more) {
             cp_async_wait_all();
-            tile_cvt(Qs + (buf ^ 1) * FTILE * FLD, Sq);
             tile_cvt(Gs + (buf ^ 1) * FTILE * FLD, Sg);
             const int t = qt0 + FTILE + threadIdx.x;
             if (threadIdx.x < FTILE) {
@@ -745,7 +735,7 @@ bool fa_applies(int hs, const void *a, const void *b, const void *c3)
 
 } // namespace
 
-int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const float *qkv, int B, int T, int H, int hs)
+int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H, int hs)
 {
     if (!fa_applies(hs, out, qkv, NULL))
         return -1;
@@ -761,7 +751,7 @@ int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const float *qkv,
     return 0;
 }
 
-int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const float *dout, const float *qkv, const act_t *out,
+int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const float *dout, const act_t *qkv, const act_t *out,
                           const float *lse, float *Dv, int B, int T, int H, int hs)
 {
     if (!fa_applies(hs, dqkv, dout, qkv) || !cu_aligned16(out))

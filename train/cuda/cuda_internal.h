@@ -35,6 +35,8 @@ enum {
     SCR_ATT_OUT, /* fp32 attention output / its copy, for the attention kernels other than the fast path */
     SCR_ATT_DQKV, /* fp32 dqkv of those kernels, converted to the operand buffer after */
     SCR_MLP,    /* fp32 product of the GELU paths when cuBLASLt has no fused epilogue for them */
+    SCR_ATT_QKV, /* fp32 copy of qkv for the attention kernels other than the fast path */
+    SCR_BIAS16, /* bf16 copy of a bias for a bf16-output product */
     SCR_BGRAD,  /* fp32 bias gradient written by the DGELU epilogue, added to dbias after */
     SCR_COUNT
 };
@@ -45,6 +47,7 @@ typedef struct {
     int epi;     /* 0: none or bias (as bias says); MPS_EPI_GELU_AUX: D = gelu(AB + bias), aux = AB + bias;
                   * MPS_EPI_DGELU: D = AB * gelu'(aux), bias = row sums of D (when bias) */
     int d_bf16;  /* D (and aux) bf16, else fp32 */
+    int bias_bf16; /* the bias epilogue's vector is bf16 (else fp32) */
     int ldaux;
     unsigned align_a, align_b, align_d; /* bytes (power of two, at most 256) */
     int ok; /* 0: no Lt algorithm for this shape, use cublasGemmEx */
@@ -138,7 +141,10 @@ void cu_matmul_fwd(void *ctx, float *out, const void *inp, const float *w, const
                    int OC);
 void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const void *dout, int dout_act, const void *inp,
                    const float *w, int64_t N, int C, int OC);
-void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, int64_t N, int C, int OC);
+void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, const float *bias, int64_t N, int C,
+                       int OC);
+/* out (N, C) bf16 += bias (C) */
+void cu_add_bias_act(mps_cuda *c, act_t *out, const float *bias, int64_t N, int C);
 void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const float *w, const float *bias, int64_t N,
                         int C, int OC);
 void cu_matmul_dgelu_bwd(void *ctx, void *dpre, float *dbias, const float *dout, const float *w, const void *pre,
@@ -154,16 +160,16 @@ void cu_dgelu_inplace(mps_cuda *c, act_t *d, const act_t *pre, int64_t n);
 void cu_gemm_plans_free(mps_cuda *c);
 
 /* ---- attention.cu */
-void cu_attention_fwd(void *ctx, void *out, float *lse, const float *qkv, int B, int T, int H, int hs);
-void cu_attention_bwd(void *ctx, void *dqkv, const float *dout, const float *qkv, const void *out, const float *lse,
+void cu_attention_fwd(void *ctx, void *out, float *lse, const void *qkv, int B, int T, int H, int hs);
+void cu_attention_bwd(void *ctx, void *dqkv, const float *dout, const void *qkv, const void *out, const float *lse,
                       int B, int T, int H, int hs);
 
 /* ---- attention_fast.cu: head size 64 on tensor cores; 0 when they took the call (errors are
  * recorded), -1 when the shape or alignment does not apply (the caller runs another path).
  * Dv: (B, H, T) scratch that the backward fills with the rows dout . out. out and dqkv are
  * operand buffers (bf16); the backward overwrites dqkv. */
-int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const float *qkv, int B, int T, int H, int hs);
-int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const float *dout, const float *qkv, const act_t *out,
+int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H, int hs);
+int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const float *dout, const act_t *qkv, const act_t *out,
                           const float *lse, float *Dv, int B, int T, int H, int hs);
 
 #endif

@@ -105,8 +105,8 @@ static int plan_build(mps_cuda *c, mps_gemm_plan *p, const char *what)
         epi = p->bias ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
     if (epi != CUBLASLT_EPILOGUE_DEFAULT)
         LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
-    if (p->bias) { /* the bias (or the bias gradient of DGELU_BGRAD) stays fp32 */
-        int32_t bt = CUDA_R_32F;
+    if (p->bias) { /* the bias (or the bias gradient of DGELU_BGRAD): fp32, or bf16 where asked */
+        int32_t bt = p->bias_bf16 ? CUDA_R_16BF : CUDA_R_32F;
         LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
     }
     if (p->epi == MPS_EPI_GELU_AUX || p->epi == MPS_EPI_DGELU) { /* aux: the GELU input, bf16 like D, (m x n) */
@@ -144,10 +144,11 @@ static int plan_build(mps_cuda *c, mps_gemm_plan *p, const char *what)
     if (p->ok)
         p->algo = res.algo;
     if (c->verbose)
-        fprintf(stderr, "cuda: gemm plan %s: m %d n %d k %d %s%s%s D %s: %s\n", what, p->m, p->n, p->k,
+        fprintf(stderr, "cuda: gemm plan %s: m %d n %d k %d %s%s%s D %s%s: %s\n", what, p->m, p->n, p->k,
                 p->ta ? "T" : "N", p->tb ? "T" : "N",
                 p->epi == MPS_EPI_GELU_AUX ? " gelu_aux" : p->epi == MPS_EPI_DGELU ? " dgelu" : "",
-                p->d_bf16 ? "bf16" : "fp32", p->ok ? "cuBLASLt" : "no cuBLASLt algorithm");
+                p->d_bf16 ? "bf16" : "fp32", !p->bias ? "" : p->bias_bf16 ? ", bf16 bias" : ", fp32 bias",
+                p->ok ? "cuBLASLt" : "no cuBLASLt algorithm");
 #undef LT
     return 0;
 }
@@ -160,7 +161,7 @@ static mps_gemm_plan *plan_get(mps_cuda *c, const mps_gemm_plan *key, const char
         mps_gemm_plan *p = &c->plans[i];
         if (p->ta == key->ta && p->tb == key->tb && p->m == key->m && p->n == key->n && p->k == key->k &&
             p->lda == key->lda && p->ldb == key->ldb && p->ldd == key->ldd && p->bias == key->bias &&
-            p->epi == key->epi && p->d_bf16 == key->d_bf16 && p->ldaux == key->ldaux &&
+            p->epi == key->epi && p->d_bf16 == key->d_bf16 && p->ldaux == key->ldaux && p->bias_bf16 == key->bias_bf16 &&
             p->align_a == key->align_a && p->align_b == key->align_b && p->align_d == key->align_d)
             return p;
     }
@@ -186,14 +187,14 @@ static mps_gemm_plan *plan_get(mps_cuda *c, const mps_gemm_plan *key, const char
  * way), -1 on an error (recorded). */
 static int gemm_bf16(mps_cuda *c, const char *what, int epi, int ta, int tb, int m, int n, int k,
                      const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb, act_t *D, int ldd,
-                     const float *bias, const act_t *aux, int ldaux)
+                     const void *bias, const act_t *aux, int ldaux, int bias_bf16 = 0)
 {
     const float alpha = 1.0f, beta = 0.0f;
     mps_gemm_plan key;
     memset(&key, 0, sizeof key);
     key.ta = ta, key.tb = tb, key.m = m, key.n = n, key.k = k;
     key.lda = lda, key.ldb = ldb, key.ldd = ldd, key.bias = bias != NULL;
-    key.epi = epi, key.d_bf16 = 1, key.ldaux = ldaux;
+    key.epi = epi, key.d_bf16 = 1, key.ldaux = ldaux, key.bias_bf16 = bias_bf16;
     key.align_a = ptr_align(A);
     key.align_b = ptr_align(B);
     key.align_d = aux && ptr_align(aux) < ptr_align(D) ? ptr_align(aux) : ptr_align(D);
@@ -322,26 +323,37 @@ void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const void *
     }
 }
 
-/* out (N, OC) = inp @ w^T as bf16 (the head's logits): cuBLASLt writing bf16, or the product into
- * fp32 scratch and a conversion */
-void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, int64_t N, int C, int OC)
+/* out (N, OC) = inp @ w^T + bias as bf16 (the head's logits, qkv), the first way cuBLASLt offers:
+ * a bf16 product with the bias epilogue on a bf16 copy of the bias (cuBLASLt takes no fp32 bias
+ * with a bf16 D on an H100); the bf16 product, then a kernel adds the bias; the product into fp32
+ * scratch and a conversion. */
+void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, const float *bias, int64_t N, int C,
+                       int OC)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0 || OC <= 0 || !dims_ok(c, "matmul_fwd_act", N, C, OC))
         return;
-    if (C > 0 && OC % 8 == 0) {
+    if (C > 0 && OC % 8 == 0 && (!bias || cu_aligned16(bias))) {
         const __nv_bfloat16 *wb = to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_fwd_act (w to bf16)");
-        if (!wb)
+        const __nv_bfloat16 *bb = bias && wb ? to_bf16(c, SCR_BIAS16, bias, OC, "matmul_fwd_act (bias to bf16)") : NULL;
+        if (!wb || (bias && !bb))
             return;
-        int r = gemm_bf16(c, "matmul_fwd_act", MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, (const act_t *)inp, C,
+        int r = bias ? gemm_bf16(c, "matmul_fwd_act", MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, (const act_t *)inp, C,
+                                 (act_t *)out, OC, bb, NULL, 0, 1)
+                     : 0;
+        if (r == 0) {
+            r = gemm_bf16(c, "matmul_fwd_act", MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, (const act_t *)inp, C,
                           (act_t *)out, OC, NULL, NULL, 0);
+            if (r == 1 && bias)
+                cu_add_bias_act(c, (act_t *)out, bias, N, OC);
+        }
         if (r != 0)
             return;
     }
     float *x = (float *)cu_scratch(c, SCR_MLP, (size_t)N * OC * sizeof(float)); // (N, OC)
     if (!x)
         return;
-    cu_matmul_fwd(ctx, x, inp, w, NULL, N, C, OC);
+    cu_matmul_fwd(ctx, x, inp, w, bias, N, C, OC);
     cu_to_act(c, (act_t *)out, x, N * OC, "matmul_fwd_act (to operand)");
 }
 

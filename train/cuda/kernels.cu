@@ -313,6 +313,21 @@ void cu_gelu_bias_act(mps_cuda *c, act_t *out, act_t *pre, const float *bias, in
     const int vec = C % 4 == 0 && aligned8(out) && aligned8(pre) && cu_aligned16(bias);
     launch_ew(c, GeluBiasF{out, pre, bias, C}, N * C, vec, "gelu (bias, bf16)");
 }
+struct BiasActF { /* rows of C, bf16, += bias; C % 4 == 0 for four() */
+    act_t *o;
+    const float *bias;
+    int C;
+    __device__ void one(int64_t i) const { o[i] = __float2bfloat16_rn(__bfloat162float(o[i]) + bias[i % C]); }
+    __device__ void four(int64_t i) const
+    {
+        const float4 p = ld4_act(o, i), b = ld4(bias, (i << 2) % C >> 2);
+        st4_act(o, i, p.x + b.x, p.y + b.y, p.z + b.z, p.w + b.w);
+    }
+};
+void cu_add_bias_act(mps_cuda *c, act_t *out, const float *bias, int64_t N, int C)
+{
+    launch_ew(c, BiasActF{out, bias, C}, N * C, C % 4 == 0 && aligned8(out) && cu_aligned16(bias), "bias (bf16)");
+}
 void cu_gelu_act(mps_cuda *c, act_t *out, const act_t *pre, int64_t n)
 {
     launch_ew(c, GeluActF{out, pre}, n, aligned8(out) && aligned8(pre), "gelu (bf16)");
