@@ -359,10 +359,11 @@ void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, co
 
 /* pre (N, OC) = inp @ w^T + bias, out = gelu(pre), the first way that cuBLASLt offers: (1) one
  * product with the GELU_AUX_BIAS epilogue (out is D, pre the aux output); (2) the product written
- * as bf16 pre (no epilogue), then a kernel adds the bias and writes out = gelu(pre); (3) the product
- * into fp32 scratch, then a kernel writes pre and out. On an H100 with CUDA 13.0 (2026-11-25)
- * cuBLASLt offered no algorithm for (1), as llm.c found for bf16 GELU epilogues
- * (karpathy/llm.c#338), nor for a bf16 D with an fp32 bias epilogue; (2) runs. */
+ * as bf16 pre with the bias epilogue, then a kernel writes out = gelu(pre); (2b) the same without
+ * the epilogue, the kernel adding the bias; (3) the product into fp32 scratch, then a kernel writes
+ * pre and out. cuBLASLt (CUDA 13.0, H100/H200, 2026-11-25) takes a bf16 D only with a bf16 bias, and
+ * offered no GELU_AUX algorithm with an fp32 one (llm.c found bf16 GELU epilogues slow:
+ * karpathy/llm.c#338). */
 void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const float *w, const float *bias, int64_t N,
                         int C, int OC)
 {
@@ -374,13 +375,23 @@ void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const 
         return;
     /* the epilogues want a 16-byte aligned bias and leading dimensions that are multiples of 8 */
     if (C > 0 && OC % 8 == 0 && (!bias || cu_aligned16(bias))) {
-        int r = gemm_bf16(c, "matmul_gelu_fwd", MPS_EPI_GELU_AUX, 1, 0, OC, (int)N, C, wb, C, (const act_t *)inp, C,
-                          (act_t *)out, OC, bias, (const act_t *)pre, OC);
-        if (r == 0)
-            r = gemm_bf16(c, "matmul_gelu_fwd (pre)", MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, (const act_t *)inp,
-                          C, (act_t *)pre, OC, NULL, NULL, 0) == 1 ? 2 : 0;
-        if (r == 2)
+        /* cuBLASLt takes a bf16 D only with a bf16 bias (a copy of ours) */
+        const __nv_bfloat16 *bb = bias ? to_bf16(c, SCR_BIAS16, bias, OC, "matmul_gelu_fwd (bias to bf16)") : NULL;
+        if (bias && !bb)
+            return;
+        const act_t *a = (const act_t *)inp;
+        int r = gemm_bf16(c, "matmul_gelu_fwd", MPS_EPI_GELU_AUX, 1, 0, OC, (int)N, C, wb, C, a, C, (act_t *)out, OC,
+                          bb, (const act_t *)pre, OC, 1);
+        if (r == 0 && gemm_bf16(c, "matmul_gelu_fwd (pre)", MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, a, C,
+                                (act_t *)pre, OC, bb, NULL, 0, 1) == 1) {
+            cu_gelu_act(c, (act_t *)out, (const act_t *)pre, N * OC);
+            return;
+        }
+        if (r == 0 && gemm_bf16(c, "matmul_gelu_fwd (pre, no bias)", MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, a, C,
+                                (act_t *)pre, OC, NULL, NULL, 0) == 1) {
             cu_gelu_bias_act(c, (act_t *)out, (act_t *)pre, bias, N, OC);
+            return;
+        }
         if (r != 0)
             return;
     }
@@ -416,6 +427,14 @@ void cu_matmul_dgelu_bwd(void *ctx, void *dpre, float *dbias, const float *dout,
             if (dbias)
                 cu_accumulate(ctx, dbias, bg, C);
             return;
+        }
+        if (r == 0 && dbias) { /* the epilogue without the bias gradient, then a column sum */
+            r = gemm_bf16(c, "matmul_dgelu_bwd (no bgrad)", MPS_EPI_DGELU, 0, 0, C, (int)N, OC, wb, C, gb, OC,
+                          (act_t *)dpre, C, NULL, (const act_t *)pre, C);
+            if (r == 1) {
+                cu_colsum_acc_act(c, dbias, (const act_t *)dpre, N, C, "matmul_dgelu_bwd (dbias)");
+                return;
+            }
         }
         if (r == 0)
             r = gemm_bf16(c, "matmul_dgelu_bwd (product)", MPS_EPI_PLAIN, 0, 0, C, (int)N, OC, wb, C, gb, OC,
