@@ -2,7 +2,8 @@
 # Trainer throughput on one GPU against PyTorch (../shared/bench/torch_gpt.py: torch.compile, bf16
 # autocast, SDPA, fused AdamW) in the same run: GPT-2 124M (B=32, T=1024) and 350M (B=16, T=1024),
 # tokens/s and the ratio. Also: the time to the first step when resuming 350M from shards written
-# under another layout (dp=4, ZeRO-3), and the training stall of a save.
+# under another layout (dp=4, ZeRO-3), the training stall of a background save, and the
+# throughput of --recompute.
 # usage: bench/train_bench.sh WORKDIR   (SHARED: the shared bench directory)
 set -uo pipefail
 W=${1:-/tmp/tbench}; rm -rf "$W"; mkdir -p "$W"
@@ -27,6 +28,13 @@ done
 "$M" train --ckpt "$W/gpt2-medium" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch 16 --micro-batch 16 \
   --seq 1024 --backend cuda --recompute --out "$W/run-rc" --log "$W/rc.jsonl" -q 2>"$W/rc.err" || tail -3 "$W/rc.err"
 echo "mpshard gpt2-medium B=16 T=1024 --recompute: $(printf '%.0f' "$(median_tps "$W/rc.jsonl")") tok/s"
+# the training stall of a background save (350M: param + Adam m, v, 4.3 GB): saves at steps 3 and
+# 6 of 8 (the last save of a run is written directly: nothing is left to overlap)
+"$M" train --ckpt "$W/gpt2-medium" --layout dp=1 --data "$W/tok.bin" --steps 8 --global-batch 16 --micro-batch 16 \
+  --seq 1024 --backend cuda --save-every 3 --out "$W/run-save" --log "$W/save.jsonl" 2>"$W/save.err" >/dev/null \
+  || tail -3 "$W/save.err"
+grep "saved" "$W/save.err"
+echo "save stall (350M, background): $(grep -o '"save_stall_s": [0-9.]*' "$W/save.jsonl" | head -2 | tr '\n' ' ')"
 python3 "$SHARED/torch_gpt.py" 2>&1 | tee "$W/torch.txt"
 t124=$(grep "L=12 " "$W/torch.txt" | sed -E 's/.* ([0-9,]+) tok\/s.*/\1/' | tr -d ,)
 t350=$(grep "L=24 " "$W/torch.txt" | sed -E 's/.* ([0-9,]+) tok\/s.*/\1/' | tr -d ,)
