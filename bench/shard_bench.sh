@@ -5,7 +5,7 @@
 # Caches are dropped before the timed step (needs root; otherwise the read is warm: said so).
 # The timed run also prints its phase timeline (MPS_TRACE=1, formats/trace.h) after the ratio.
 # usage: bench/shard_bench.sh [WORKDIR]   env: MPSHARD, MODEL (gpt2-xl), LAYOUT, FORMAT (safetensors|llmc),
-#        MPS_TRACE (1; 0: no timeline), THREADS (--threads; default: all cores)
+#        MPS_TRACE (1; 0: no timeline), THREADS (--threads; default: all cores), READERS (--readers; default 2)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 MPSHARD=${MPSHARD:-$here/../build/mpshard}
@@ -17,6 +17,7 @@ FORMAT=${FORMAT:-safetensors}
 PY=${PY:-python3}
 MPS_TRACE=${MPS_TRACE:-1}
 THREADS=${THREADS:-}
+READERS=${READERS:-}
 mkdir -p "$W"
 drop() { sync; if echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then echo yes; else echo no; fi; }
 
@@ -34,9 +35,10 @@ in_bytes=$(stat -c %s "$input")
 dropped=$(drop)
 echo "== mpshard shard --layout $LAYOUT (caches dropped: $dropped)"
 # The timing stays the bench of record with the trace on: tracing adds only clock reads (a few
-# vDSO clock_gettime per chunk and per tensor, one thread-CPU-time call per job of 8 chunks).
+# vDSO clock_gettime per chunk and per tensor, one thread-CPU-time call per job of 8 chunks, one
+# read of /proc/self/statm per tensor).
 MPS_TRACE=$MPS_TRACE /usr/bin/time -f "%e %M" -o "$W/time.txt" "$MPSHARD" shard "$input" --layout "$LAYOUT" \
-    -o "$W/ck" -q ${THREADS:+--threads "$THREADS"} 2>"$W/trace.txt" || { cat "$W/trace.txt" >&2; exit 1; }
+    -o "$W/ck" -q ${THREADS:+--threads "$THREADS"} ${READERS:+--readers "$READERS"} 2>"$W/trace.txt" || { cat "$W/trace.txt" >&2; exit 1; }
 read secs rss_kb <"$W/time.txt"
 out_bytes=$(du -sb "$W/ck" | cut -f1)
 $PY - "$in_bytes" "$out_bytes" "$rbw" "$wbw" "$secs" "$rss_kb" <<'PY'

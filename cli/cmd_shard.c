@@ -24,6 +24,7 @@ static const char *const help =
     "  --chunk-mb N       chunk size in MiB (default 1)\n"
     "  --level N          zstd level (default 1)\n"
     "  --threads N        compression threads (default: all cores)\n"
+    "  --readers N        threads reading INPUT, 1..8 (default 2)\n"
     "  --force            replace an existing committed checkpoint at DIR\n"
     "  -q, --quiet        no progress on stderr\n"
     "  --synthetic-optimizer SEED  fill the Adam moments with deterministic non-zero values\n"
@@ -98,6 +99,7 @@ int cmd_shard(int argc, char **argv)
         { "level", required_argument, 0, 'l' }, { "threads", required_argument, 0, 't' },
         { "force", no_argument, 0, 'F' }, { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' },
         { "synthetic-optimizer", required_argument, 0, 'S' }, { "state", required_argument, 0, 's' },
+        { "readers", required_argument, 0, 'R' },
         { 0, 0, 0, 0 },
     };
     mps_shard_opts o = { 0 };
@@ -123,6 +125,7 @@ int cmd_shard(int argc, char **argv)
         case 'C': if (cli_int("shard", "--chunk-mb", optarg, 1, 1024, &v)) { path_free(&states); return MPS_EUSAGE; } o.chunk_bytes = v << 20; break;
         case 'l': if (cli_int("shard", "--level", optarg, -50, 22, &v)) { path_free(&states); return MPS_EUSAGE; } o.zstd_level = (int)v; o.level_set = 1; break;
         case 't': if (cli_int("shard", "--threads", optarg, 1, 1024, &v)) { path_free(&states); return MPS_EUSAGE; } o.threads = (int)v; break;
+        case 'R': if (cli_int("shard", "--readers", optarg, 1, 8, &v)) { path_free(&states); return MPS_EUSAGE; } o.readers = (int)v; break;
         case 'F': o.force = 1; break;
         case 'S': if (cli_int("shard", "--synthetic-optimizer", optarg, 0, INT64_MAX, &v)) { path_free(&states); return MPS_EUSAGE; }
             o.synthetic_optimizer = 1; o.synthetic_seed = (uint64_t)v; break;

@@ -377,38 +377,53 @@ static int read_plain(mps_model_file *f, const mps_src *s, const mps_src *tied, 
 }
 
 #define TILE 32
+/* stored rows k0 .. k0+kb-1 (in buf) -> elements k0 .. k0+kb-1 of every row of dst */
 #define TRANSPOSE_LOOP(TYPE, CONV)                                                                   \
     do {                                                                                             \
         const TYPE *src = (const TYPE *)buf;                                                         \
-        for (int64_t k0 = 0; k0 < tk; k0 += TILE)                                                    \
+        for (int64_t a0 = 0; a0 < kb; a0 += TILE)                                                    \
             for (int64_t r0 = 0; r0 < tr; r0 += TILE) {                                              \
-                int64_t k1 = k0 + TILE < tk ? k0 + TILE : tk, r1 = r0 + TILE < tr ? r0 + TILE : tr;  \
-                for (int64_t k = k0; k < k1; k++)                                                    \
+                int64_t a1 = a0 + TILE < kb ? a0 + TILE : kb, r1 = r0 + TILE < tr ? r0 + TILE : tr;  \
+                for (int64_t a = a0; a < a1; a++)                                                    \
                     for (int64_t r = r0; r < r1; r++)                                                \
-                        dst[r * tk + k] = CONV(src[k * tr + r]);                                     \
+                        dst[r * tk + k0 + a] = CONV(src[a * tr + r]);                                \
             }                                                                                        \
     } while (0)
 #define CONV_F32(x) (x)
+#define TRANSPOSE_BAND ((size_t)4 << 20) /* bytes of stored rows read and transposed at a time */
 
-/* Reads a (tk, tr) stored matrix whole and writes its transpose (tr, tk) into dst. */
+/* Reads a (tk, tr) stored matrix and writes its transpose (tr, tk) into dst, a band of stored rows
+ * at a time: a 4 MiB buffer instead of one of the whole matrix (up to 40 MiB per reader thread,
+ * a fresh mapping and its page faults for every tensor). */
 static int read_transposed(mps_model_file *f, const mps_src *s, float *dst, mps_tacc *io, mps_err *err)
 {
     size_t es = mps_src_dtype_size(s->dtype);
     int64_t tk = s->tk, tr = s->tr;
-    size_t nbytes = (size_t)(tk * tr) * es;
-    void *buf = malloc(nbytes ? nbytes : 1);
+    if (tk <= 0 || tr <= 0)
+        return 0;
+    size_t row = (size_t)tr * es;
+    int64_t band = (int64_t)(TRANSPOSE_BAND / row);
+    if (band < 1)
+        band = 1;
+    if (band > tk)
+        band = tk;
+    size_t nbytes = (size_t)band * row;
+    void *buf = malloc(nbytes);
     if (buf == NULL)
         return mps_fail(err, MPS_ENOMEM, "%s: out of memory reading '%s' (%zu bytes)", f->path, s->key, nbytes);
-    if (pread_io(f, io, buf, nbytes, s->offset, err) != 0) {
-        free(buf);
-        return -1;
+    for (int64_t k0 = 0; k0 < tk; k0 += band) {
+        int64_t kb = tk - k0 < band ? tk - k0 : band;
+        if (pread_io(f, io, buf, (size_t)kb * row, s->offset + k0 * (int64_t)row, err) != 0) {
+            free(buf);
+            return -1;
+        }
+        if (s->dtype == MPS_SRC_F32)
+            TRANSPOSE_LOOP(float, CONV_F32);
+        else if (s->dtype == MPS_SRC_BF16)
+            TRANSPOSE_LOOP(uint16_t, mps_bf16_to_f32);
+        else
+            TRANSPOSE_LOOP(uint16_t, f16_to_f32);
     }
-    if (s->dtype == MPS_SRC_F32)
-        TRANSPOSE_LOOP(float, CONV_F32);
-    else if (s->dtype == MPS_SRC_BF16)
-        TRANSPOSE_LOOP(uint16_t, mps_bf16_to_f32);
-    else
-        TRANSPOSE_LOOP(uint16_t, f16_to_f32);
     free(buf);
     return 0;
 }

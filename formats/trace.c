@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 mps_trace *mps_trace_new(void)
 {
@@ -22,6 +23,17 @@ void mps_trace_free(mps_trace *t)
     free(t->workers);
     free(t->files);
     free(t);
+}
+
+int64_t mps_trace_rss(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (!f)
+        return 0;
+    long long size = 0, resident = 0;
+    int n = fscanf(f, "%lld %lld", &size, &resident);
+    fclose(f);
+    return n == 2 ? resident * (int64_t)sysconf(_SC_PAGESIZE) : 0;
 }
 
 int mps_trace_enabled_by_env(void)
@@ -75,11 +87,12 @@ int mps_trace_write_tensors(const mps_trace *t, const char *path)
         return -1;
     fprintf(f, "# times in s from the start (-1: never); queued = the scheduling thread had the tensor and "
                "queued its jobs, done = its last job finished, released = its read slot freed\n");
-    fprintf(f, "tensor\tname\tMB\treader\tread_start\tread_end\tqueued\tdone\treleased\n");
+    fprintf(f, "tensor\tname\tMB\treader\tread_start\tread_end\tqueued\tdone\treleased\trss_MiB\n");
     for (int i = 0; i < t->ntensors; i++) {
         const mps_trace_tensor *e = &t->tensors[i];
-        fprintf(f, "%d\t%s\t%.2f\t%d\t%.4f\t%.4f\t%.4f\t%.4f\t%.4f\n", i, e->name, (double)e->bytes / 1e6, e->reader,
-                rel(t, e->read_start), rel(t, e->read_end), rel(t, e->queued), rel(t, e->done), rel(t, e->released));
+        fprintf(f, "%d\t%s\t%.2f\t%d\t%.4f\t%.4f\t%.4f\t%.4f\t%.4f\t%lld\n", i, e->name, (double)e->bytes / 1e6,
+                e->reader, rel(t, e->read_start), rel(t, e->read_end), rel(t, e->queued), rel(t, e->done),
+                rel(t, e->released), (long long)(e->rss >> 20));
     }
     return fclose(f) == 0 ? 0 : -1;
 }
@@ -87,7 +100,7 @@ int mps_trace_write_tensors(const mps_trace *t, const char *path)
 /* ---- printing ---- */
 
 typedef struct {
-    int64_t at;
+    int64_t at, rss;
     char text[200];
 } line;
 
@@ -111,6 +124,7 @@ static void add(lines *l, int64_t at, const char *fmt, ...)
     }
     line *e = &l->v[l->n++];
     e->at = at;
+    e->rss = 0;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(e->text, sizeof e->text, fmt, ap);
@@ -218,10 +232,31 @@ void mps_trace_print(const mps_trace *t, FILE *out)
     add(&l, ev[MPS_EV_RENAMED], "renamed into place");
     add(&l, ev[MPS_EV_COMMITTED], "committed (parent directory fsynced)");
     add(&l, end, "end");
-    qsort(l.v, (size_t)l.n, sizeof *l.v, cmp_line);
-    fprintf(out, "trace: --- timeline (s from start) ---\n");
+    /* the resident size where an event recorded it: match by time */
     for (int i = 0; i < l.n; i++)
-        fprintf(out, "trace: %8.3f  %s\n", sec(l.v[i].at - t->t0), l.v[i].text);
+        for (int k = 0; k < MPS_EV_COUNT; k++)
+            if (ev[k] && ev[k] == l.v[i].at)
+                l.v[i].rss = t->ev_rss[k];
+    /* the largest resident size seen when a tensor was queued */
+    int peak = -1;
+    for (int i = 0; i < t->ntensors; i++)
+        if (t->tensors[i].rss && (peak < 0 || t->tensors[i].rss > t->tensors[peak].rss))
+            peak = i;
+    if (peak >= 0) {
+        add(&l, t->tensors[peak].queued, "largest resident size when a tensor was queued: at %s",
+            t->tensors[peak].name);
+        if (l.n > 0 && l.v[l.n - 1].at == t->tensors[peak].queued)
+            l.v[l.n - 1].rss = t->tensors[peak].rss;
+    }
+    qsort(l.v, (size_t)l.n, sizeof *l.v, cmp_line);
+    fprintf(out, "trace: --- timeline (s from start; rss: resident MiB where sampled) ---\n");
+    for (int i = 0; i < l.n; i++) {
+        if (l.v[i].rss)
+            fprintf(out, "trace: %8.3f  %s [rss %lld]\n", sec(l.v[i].at - t->t0), l.v[i].text,
+                    (long long)(l.v[i].rss >> 20));
+        else
+            fprintf(out, "trace: %8.3f  %s\n", sec(l.v[i].at - t->t0), l.v[i].text);
+    }
     free(l.v);
 
     fprintf(out, "trace: --- per thread (busy = wall time inside the call) ---\n");
@@ -229,11 +264,12 @@ void mps_trace_print(const mps_trace *t, FILE *out)
         const mps_trace_reader *r = &t->readers[i];
         fprintf(out,
                 "trace: reader %d: %lld tensors; pread %.3f s for %s (%.2f GB/s while in it, %lld calls); "
-                "whole reads %.3f s (transpose/convert %.3f s); alloc %.3f s; blocked: all slots taken %.3f s, "
+                "whole reads %.3f s (transpose/convert %.3f s); alloc %.3f s (%lld buffers); blocked: all slots taken %.3f s, "
                 "read-ahead budget full %.3f s; cpu %.3f s\n",
                 i, (long long)r->tensors, sec(r->pread.ns), bytes_str(b1, sizeof b1, r->pread.bytes),
                 gbps(r->pread.bytes, r->pread.ns), (long long)r->pread.calls, sec(r->read.ns),
-                sec(r->read.ns - r->pread.ns), sec(r->alloc.ns), sec(r->blocked_slot.ns), sec(r->blocked_budget.ns),
+                sec(r->read.ns - r->pread.ns), sec(r->alloc.ns), (long long)r->alloc.calls, sec(r->blocked_slot.ns),
+                sec(r->blocked_budget.ns),
                 sec(r->cpu_ns));
     }
     mps_trace_worker sum = { 0 };
@@ -278,7 +314,7 @@ void mps_trace_print(const mps_trace *t, FILE *out)
                 sec(sum.cpu_ns));
     fprintf(out,
             "trace: main: waiting for a tensor's read %.3f s (%lld times); waiting for a tensor's jobs %.3f s; "
-            "HDF5 create %.3f s, checksums+H5Dclose %.3f s, H5Fflush+H5Fclose %.3f s; fsync %.3f s (%lld files)\n",
+            "HDF5 create %.3f s, checksums+H5Dclose %.3f s, H5Fflush+H5Fclose+writeback start %.3f s; fsync %.3f s (%lld files)\n",
             sec(t->wait_source.ns), (long long)t->wait_source.calls, sec(t->wait_jobs.ns), sec(t->h5create.ns),
             sec(t->h5dclose.ns), sec(t->h5fclose.ns), sec(t->fsync.ns), (long long)t->fsync.calls);
     fprintf(out, "trace: writeback thread: sync_file_range %.3f s, %lld calls\n", sec(t->sync_range.ns),

@@ -80,12 +80,13 @@ typedef struct { /* one tensor of the source, in catalogue order */
     int64_t done;                 /* its last job finished */
     int64_t released;             /* end_tensor: its read slot freed */
     int64_t bytes;                /* f32 bytes read */
+    int64_t rss;                  /* resident bytes of the process when it was queued */
     int reader;
     char name[MPS_NAME_MAX];
 } mps_trace_tensor;
 
 typedef struct { /* one shard file */
-    int64_t flush_begin, close_end;  /* H5Fflush + H5Fclose */
+    int64_t flush_begin, close_end;  /* H5Fflush + H5Fclose + starting its writeback */
     int64_t fsync_begin, fsync_end;
     _Atomic int64_t last_pwrite;     /* its last chunk's pwrite ended (any worker) */
     _Atomic int64_t bytes;           /* chunk bytes pwritten */
@@ -114,6 +115,7 @@ enum {
 typedef struct mps_trace {
     int64_t t0;
     int64_t ev[MPS_EV_COUNT];
+    int64_t ev_rss[MPS_EV_COUNT]; /* resident bytes at the event */
     int nreaders;
     mps_trace_reader readers[MPS_TRACE_MAX_READERS];
     int nworkers;
@@ -127,7 +129,7 @@ typedef struct mps_trace {
     mps_tacc wait_jobs;    /* waiting for the jobs of tensor t-1 before releasing its slot */
     mps_tacc h5create;     /* file + dataset creation with attributes (HDF5 lock) */
     mps_tacc h5dclose;     /* checksum attributes + H5Dclose */
-    mps_tacc h5fclose;     /* H5Fflush + H5Fclose, all files */
+    mps_tacc h5fclose;     /* H5Fflush + H5Fclose + sync_file_range(WRITE), all files */
     mps_tacc fsync;        /* fsync of shard files */
     /* the writeback thread */
     mps_tacc sync_range;   /* sync_file_range(WRITE) calls */
@@ -138,11 +140,15 @@ mps_trace *mps_trace_new(void);
 void mps_trace_free(mps_trace *t);
 /* The CLI's switch: MPS_TRACE set and not "0" or "". */
 int mps_trace_enabled_by_env(void);
-/* Records event ev now (a later call for the same event overwrites it). */
+/* Resident bytes of the process now (/proc/self/statm), 0 when unknown. */
+int64_t mps_trace_rss(void);
+/* Records event ev now, with the resident size (a later call for the same event overwrites it). */
 static inline void mps_trace_event(mps_trace *t, int ev)
 {
-    if (t)
+    if (t) {
         t->ev[ev] = mps_now_ns();
+        t->ev_rss[ev] = mps_trace_rss();
+    }
 }
 /* Allocates the per-worker and per-file records (a second writer replaces the first's); -1 when
  * out of memory, in which case the writer traces nothing per worker. */

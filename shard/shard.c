@@ -12,15 +12,25 @@
  * ahead of the compression workers, within a memory budget, so that reading the input, compressing
  * and writing the output overlap instead of taking turns. Optimizer moments of a fresh state are
  * zero (or synthetic, for tests and benchmarks); imported llm.c state is read by the workers
- * straight from the state files, piece by piece (nothing of it is held in memory). */
-#define SLOTS 4
-#define READERS 2
-#define PREFETCH_BUDGET ((size_t)640 << 20)
+ * straight from the state files, piece by piece (nothing of it is held in memory).
+ * The read-ahead is bounded by bytes (PREFETCH_BUDGET), not by a handful of tensors: 8 of the 12
+ * tensors of a GPT-2 layer are layernorm weights and biases of a few KiB, and with 4 slots they
+ * held the window, so that the next large matrix was read only once the previous one had been
+ * compressed (reading and compressing took turns; MPS_TRACE showed the readers waiting for a slot
+ * most of the run while the byte budget was never reached). */
+#define SLOTS 32
+#define READERS 2     /* default; --readers */
+#define MAX_READERS 8
+/* Tensors read ahead and held, and slot buffers kept, in bytes (the tensor the scheduling thread
+ * waits for is read whatever the budget). 192 MiB: several of GPT-2 XL's 30-40 MiB matrices ahead,
+ * and about the peak RSS of the 4 slots of 640 MiB before (GPT-2 XL on the dev VM: 761-838 MiB
+ * against 789-818; 320 MiB gave 937-1020 MiB, over the 1 GiB target). */
+#define PREFETCH_BUDGET ((size_t)192 << 20)
 #define KEEP_BUFFER ((size_t)64 << 20) /* larger buffers are freed after use, not kept */
 
 typedef struct {
     float *data;
-    size_t capacity; /* floats */
+    size_t capacity; /* floats; reserved, with data NULL, while the reader that took the slot allocates */
     size_t bytes;    /* of the tensor it holds */
     int tensor;      /* -1: free */
     int ready;
@@ -41,17 +51,68 @@ struct file_source {
     slot slots[SLOTS];
     int *slot_of;          /* tensor -> slot, set by begin_tensor before the tensor's jobs run */
     int next_to_read;
+    int wanted;            /* the tensor the scheduling thread waits for or asks for next */
     size_t bytes_in_use;
+    size_t buffer_bytes;   /* capacity of every slot's buffer, kept ones and those being allocated */
     int stop, failed;
     mps_err read_err;
-    pthread_t readers[READERS];
-    reader_arg reader_args[READERS];
-    int nreaders;
+    pthread_t readers[MAX_READERS];
+    reader_arg reader_args[MAX_READERS];
+    int want_readers;        /* threads to start */
+    int nreaders;            /* started */
     int synthetic_optimizer; /* fill Adam moments with deterministic values instead of zeros */
     uint64_t seed;
     mps_llmc_state *state;   /* llm.c optimizer state, or NULL */
     mps_trace *tr;           /* phase timeline, or NULL */
 };
+
+/* Under the lock: the free slot for a tensor of `bytes`, or -1 when none is free. A kept buffer
+ * that fits without wasting much, else an empty slot, else the smallest kept buffer that fits,
+ * else the largest one (reallocated). */
+static int pick_slot(const file_source *fs, size_t bytes)
+{
+    size_t need = (bytes + sizeof(float) - 1) / sizeof(float);
+    int good = -1, empty = -1, fits = -1, largest = -1;
+    for (int i = 0; i < SLOTS; i++) {
+        const slot *s = &fs->slots[i];
+        if (s->tensor >= 0)
+            continue;
+        if (s->capacity == 0) {
+            if (empty < 0)
+                empty = i;
+        } else if (s->capacity >= need) {
+            if (fits < 0 || s->capacity < fs->slots[fits].capacity)
+                fits = i;
+        } else if (largest < 0 || s->capacity > fs->slots[largest].capacity) {
+            largest = i;
+        }
+    }
+    if (fits >= 0 && fs->slots[fits].capacity <= 2 * need + ((size_t)1 << 18))
+        good = fits;
+    return good >= 0 ? good : empty >= 0 ? empty : fits >= 0 ? fits : largest;
+}
+
+/* Under the lock: detaches kept buffers of free slots, largest first, while all buffers together
+ * exceed the budget; returns them in out (freed by the caller outside the lock). */
+static int trim_buffers(file_source *fs, float **out)
+{
+    int n = 0;
+    while (fs->buffer_bytes > PREFETCH_BUDGET) {
+        int big = -1;
+        for (int i = 0; i < SLOTS; i++)
+            if (fs->slots[i].tensor < 0 && fs->slots[i].capacity > 0 &&
+                (big < 0 || fs->slots[i].capacity > fs->slots[big].capacity))
+                big = i;
+        if (big < 0)
+            break;
+        slot *s = &fs->slots[big];
+        fs->buffer_bytes -= s->capacity * sizeof(float);
+        out[n++] = s->data;
+        s->data = NULL;
+        s->capacity = 0;
+    }
+    return n;
+}
 
 static void *reader_main(void *arg)
 {
@@ -66,10 +127,12 @@ static void *reader_main(void *arg)
         mps_tensor_spec spec;
         mps_tensor_spec_get(fs->cfg, t, &spec);
         size_t bytes = (size_t)mps_tensor_numel(&spec) * sizeof(float);
-        for (int i = 0; i < SLOTS && free_slot < 0; i++)
-            if (fs->slots[i].tensor < 0)
-                free_slot = i;
-        if (free_slot < 0 || (fs->bytes_in_use > 0 && fs->bytes_in_use + bytes > PREFETCH_BUDGET)) {
+        free_slot = pick_slot(fs, bytes);
+        /* The tensor the scheduling thread waits for is read whatever the budget: it holds the
+         * previous one until it has it (a first tensor larger than the budget, wte of a wide
+         * model, waited for the second one forever). */
+        if (free_slot < 0 ||
+            (t > fs->wanted && fs->bytes_in_use > 0 && fs->bytes_in_use + bytes > PREFETCH_BUDGET)) {
             int64_t t0 = tr ? mps_now_ns() : 0;
             pthread_cond_wait(&fs->changed, &fs->lock);
             if (tr)
@@ -82,15 +145,27 @@ static void *reader_main(void *arg)
         sl->bytes = bytes;
         fs->bytes_in_use += bytes;
         fs->next_to_read++;
+        /* a new buffer: the slot's old one and, beyond the budget, kept ones of free slots go */
+        float *drop[SLOTS + 1];
+        int ndrop = 0;
+        size_t need = bytes / sizeof(float);
+        int alloc = need > sl->capacity;
+        if (alloc) {
+            fs->buffer_bytes += (need - sl->capacity) * sizeof(float);
+            drop[ndrop++] = sl->data;
+            sl->data = NULL;
+            sl->capacity = need; /* reserved; set to 0 below if the allocation fails */
+            ndrop += trim_buffers(fs, drop + ndrop);
+        }
         pthread_mutex_unlock(&fs->lock);
         mps_err err;
         mps_err_clear(&err);
         int rc = 0;
         int64_t t0 = tr ? mps_now_ns() : 0, t1 = t0;
-        if (bytes / sizeof(float) > sl->capacity) {
-            free(sl->data);
-            sl->data = malloc(bytes);
-            sl->capacity = sl->data ? bytes / sizeof(float) : 0;
+        if (alloc) {
+            for (int i = 0; i < ndrop; i++)
+                free(drop[i]);
+            sl->data = malloc(bytes ? bytes : 1);
             if (!sl->data)
                 rc = mps_fail(&err, MPS_ENOMEM, "out of memory loading tensor %s", spec.name);
             if (tr) {
@@ -119,6 +194,10 @@ static void *reader_main(void *arg)
             tr->tensors++;
         }
         pthread_mutex_lock(&fs->lock);
+        if (!sl->data) {
+            fs->buffer_bytes -= sl->capacity * sizeof(float);
+            sl->capacity = 0;
+        }
         if (rc != 0 && !fs->failed) {
             fs->failed = 1;
             fs->read_err = err;
@@ -138,6 +217,10 @@ static int begin_tensor(void *ctx, int t, mps_err *err)
     int64_t t0 = fs->tr ? mps_now_ns() : 0;
     int waited = 0, rc = -1;
     pthread_mutex_lock(&fs->lock);
+    if (fs->wanted != t) {
+        fs->wanted = t;
+        pthread_cond_broadcast(&fs->changed);
+    }
     for (;;) {
         if (fs->failed) {
             *err = fs->read_err;
@@ -149,6 +232,8 @@ static int begin_tensor(void *ctx, int t, mps_err *err)
                 found = i;
         if (found >= 0) {
             fs->slot_of[t] = found;
+            fs->wanted = t + 1;
+            pthread_cond_broadcast(&fs->changed);
             rc = 0;
             break;
         }
@@ -168,7 +253,9 @@ static void end_tensor(void *ctx, int t)
     slot *sl = &fs->slots[fs->slot_of[t]];
     fs->bytes_in_use -= sl->bytes;
     sl->tensor = -1;
-    if (sl->capacity * sizeof(float) > KEEP_BUFFER) {
+    /* kept for the next tensor unless large or beyond the budget with the others */
+    if (sl->capacity * sizeof(float) > KEEP_BUFFER || fs->buffer_bytes > PREFETCH_BUDGET) {
+        fs->buffer_bytes -= sl->capacity * sizeof(float);
         free(sl->data);
         sl->data = NULL;
         sl->capacity = 0;
@@ -187,10 +274,10 @@ static int source_start(file_source *fs, mps_err *err)
     if (!fs->slot_of)
         return mps_fail(err, MPS_ENOMEM, "out of memory");
     if (fs->tr) {
-        fs->tr->nreaders = READERS < MPS_TRACE_MAX_READERS ? READERS : MPS_TRACE_MAX_READERS;
+        fs->tr->nreaders = fs->want_readers < MPS_TRACE_MAX_READERS ? fs->want_readers : MPS_TRACE_MAX_READERS;
         mps_trace_setup_tensors(fs->tr, fs->cfg); /* out of memory: no per-tensor records */
     }
-    for (int i = 0; i < READERS; i++) {
+    for (int i = 0; i < fs->want_readers; i++) {
         fs->reader_args[i] = (reader_arg){ fs, i };
         if (pthread_create(&fs->readers[i], NULL, reader_main, &fs->reader_args[i]) != 0)
             return mps_fail(err, MPS_EFAIL, "cannot start a reader thread");
@@ -336,7 +423,8 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
     mps_trace_event(o->trace, MPS_EV_STAGE_BEGUN);
     file_source fs = { .file = file, .cfg = cfg, .ntensors = mps_tensor_count(cfg),
                        .synthetic_optimizer = o->synthetic_optimizer, .seed = o->synthetic_seed, .state = state,
-                       .tr = o->trace };
+                       .tr = o->trace,
+                       .want_readers = o->readers > 0 ? (o->readers < MAX_READERS ? o->readers : MAX_READERS) : READERS };
     mps_source src = { &fs, begin_tensor, end_tensor, gather };
     mps_write_opts wo = { .threads = o->threads, .quiet = o->quiet, .label = "shard", .trace = o->trace };
     int wrc = source_start(&fs, err) == 0 ? mps_write_shards(st.stage_dir, &m, NULL, 0, &src, &wo, err) : -1;

@@ -14,6 +14,7 @@ typedef struct {
     int zstd_level;            /* used when level_set */
     int level_set;
     int threads;               /* 0: all cores */
+    int readers;               /* threads reading the input file, 1..8; 0: default (2) */
     int force, quiet;
     int synthetic_optimizer;   /* tests/benchmarks: non-zero deterministic Adam moments */
     uint64_t synthetic_seed;

@@ -40,4 +40,19 @@ expect 0 "$MPSHARD" shard "$T/src-safetensors-f32/model.safetensors" --layout dp
 expect 0 "$MPSHARD" export "$T/ck" --format safetensors -o "$T/ex" -q
 expect 0 "$MPSHARD" export "$T/ck" --format safetensors -o "$T/ex2" -q --memory-mb 1 --threads 3
 cmp -s "$T/ex/model.safetensors" "$T/ex2/model.safetensors" && ok || bad "banded export differs"
+# Conv1D matrices larger than the 4 MiB read band of a transposed read (fc: 768 x 3072 f32 = 9.4 MB),
+# any number of reader threads, with the phase timeline on: the same checkpoint, bit for bit
+rm -rf "$T/ck" "$T/ck2" "$T/ex" "$T/wide"
+expect 0 "$MPSHARD" synth --config n_layer=1,n_embd=768,n_head=12,vocab=300,n_positions=32 --format safetensors \
+  --seed 5 -o "$T/wide"
+expect 0 "$MPSHARD" shard "$T/wide/model.safetensors" --layout dp=2,tp=2,zero=1 -o "$T/ck" -q --readers 1
+expect 0 "$MPSHARD" export "$T/ck" --format safetensors -o "$T/ex" -q
+expect 0 "$MPSHARD" compare "$T/wide/model.safetensors" "$T/ex/model.safetensors"
+MPS_TRACE=1 MPS_TRACE_TENSORS="$T/tensors.tsv" "$MPSHARD" shard "$T/wide/model.safetensors" --layout dp=2,tp=2,zero=1 \
+  -o "$T/ck2" -q --readers 5 --threads 3 2>"$T/trace" && ok || bad "shard with MPS_TRACE=1 failed: $(tail -3 "$T/trace")"
+expect 0 "$MPSHARD" compare "$T/ck" "$T/ck2"
+grep -q "committed" "$T/trace" && grep -q "^trace: reader 4:" "$T/trace" && grep -q "^trace: worker 2:" "$T/trace" \
+  && ok || bad "MPS_TRACE=1 printed no timeline: $(head -3 "$T/trace")"
+[ "$(grep -c 'h.0.fcw' "$T/tensors.tsv")" = 1 ] && ok || bad "MPS_TRACE_TENSORS wrote no line per tensor"
+expect 2 "$MPSHARD" shard "$T/wide/model.safetensors" --layout dp=2 -o "$T/ck3" -q --readers 9
 finish
