@@ -37,7 +37,7 @@ echo "== mpshard shard --layout $LAYOUT (caches dropped: $dropped)"
 # The timing stays the bench of record with the trace on: tracing adds only clock reads (a few
 # vDSO clock_gettime per chunk and per tensor, one thread-CPU-time call per job of 8 chunks, one
 # read of /proc/self/statm per tensor).
-MPS_TRACE=$MPS_TRACE /usr/bin/time -f "%e %M" -o "$W/time.txt" "$MPSHARD" shard "$input" --layout "$LAYOUT" \
+MPS_TRACE=$MPS_TRACE MPS_TRACE_TENSORS="$W/tensors.tsv" /usr/bin/time -f "%e %M" -o "$W/time.txt" "$MPSHARD" shard "$input" --layout "$LAYOUT" \
     -o "$W/ck" -q ${THREADS:+--threads "$THREADS"} ${READERS:+--readers "$READERS"} 2>"$W/trace.txt" || { cat "$W/trace.txt" >&2; exit 1; }
 read secs rss_kb <"$W/time.txt"
 out_bytes=$(du -sb "$W/ck" | cut -f1)
@@ -52,5 +52,9 @@ PY
 if [ -s "$W/trace.txt" ]; then
     echo "== phase timeline of that run (MPS_TRACE=1; times in s from the start of the command)"
     cat "$W/trace.txt"
+fi
+# one line per tensor (read, queued, written, released): into $OUT when set (bench/gpu_host_run.sh)
+if [ -s "$W/tensors.tsv" ] && [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+    cp "$W/tensors.tsv" "$OUT/shard_tensors.tsv" && echo "per-tensor timeline: $OUT/shard_tensors.tsv"
 fi
 rm -rf "$W/in" "$W/ck"
