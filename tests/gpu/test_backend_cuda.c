@@ -303,12 +303,13 @@ static void o_fetch(oset *s, int run)
     for (int i = 0; i < s->no; i++)
         s->o[i].res[run] = s->o[i].act ? act_get(s->o[i].dev, s->o[i].n) : dgetf(s->o[i].dev, s->o[i].n);
 }
-/* compares and frees */
-static void o_done(oset *s, double tol)
+/* compares (output i against tols[i], or tol when tols is NULL) and frees */
+static void o_done_each(oset *s, double tol, const double *tols)
 {
     for (int i = 0; i < s->no; i++) {
         obuf *b = &s->o[i];
-        cmp(s->op, b->name, b->res[0], b->cpu, b->n, b->act && tol < TOL_ACT ? TOL_ACT : tol);
+        double t = tols ? tols[i] : tol;
+        cmp(s->op, b->name, b->res[0], b->cpu, b->n, b->act && t < TOL_ACT ? TOL_ACT : t);
         same(s->op, b->name, b->res[0], b->res[1], b->n);
         free(b->init);
         free(b->cpu);
@@ -318,6 +319,7 @@ static void o_done(oset *s, double tol)
     }
     s->no = 0;
 }
+static void o_done(oset *s, double tol) { o_done_each(s, tol, NULL); }
 /* runs the GPU call twice, each from the initial outputs */
 #define GPU_TWICE(s, call)                                                                                 \
     do {                                                                                                   \
@@ -584,18 +586,10 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
             GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, o_dev(&s, 0) + off_out, o_dev(&s, 1) + off_out, o_dev(&s, 2), g->d,
                                         da, inp.d, w.d, N, C, OC));
         /* dbias is an fp32 column sum: it must meet the fp32 tolerance, not the GEMM one */
-        for (int i = 0; i < s.no; i++) {
-            obuf *b = &s.o[i];
-            int fp32 = strcmp(b->name, "dbias") == 0;
-            cmp(s.op, b->name, b->res[0], b->cpu, b->n, fp32 ? (N > 1000 ? TOL_RED : TOL_EW) : TOL_GEMM);
-            same(s.op, b->name, b->res[0], b->res[1], b->n);
-            free(b->init);
-            free(b->cpu);
-            free(b->res[0]);
-            free(b->res[1]);
-            dfree(b->dev);
-        }
-        s.no = 0;
+        double tols[MAXO];
+        for (int i = 0; i < s.no; i++)
+            tols[i] = strcmp(s.o[i].name, "dbias") == 0 ? (N > 1000 ? TOL_RED : TOL_EW) : TOL_GEMM;
+        o_done_each(&s, 0, tols);
         free(i0);
         free(i1);
         free(i2);
@@ -799,17 +793,8 @@ static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
     free(gm);
     tin tlog = in_copy(tl, N);
     /* rowmax and tlogit are exact; sumexp is summed in another order (online, per thread) */
-    for (int i = 0; i < s.no; i++) {
-        obuf *b = &s.o[i];
-        cmp(s.op, b->name, b->res[0], b->cpu, b->n, i == 1 ? TOL_RED : 0.0);
-        same(s.op, b->name, b->res[0], b->res[1], b->n);
-        free(b->init);
-        free(b->cpu);
-        free(b->res[0]);
-        free(b->res[1]);
-        dfree(b->dev);
-    }
-    s.no = 0;
+    const double stat_tols[3] = {0.0, TOL_RED, 0.0};
+    o_done_each(&s, 0, stat_tols);
 
     XOP("xent_rescale");
     float *se = o_add(&s, "sumexp", N, lsum.h);

@@ -160,36 +160,27 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4][4], const bf16 *t, int r
 
 /* ---------------------------------------------------------------- global -> shared (fp32 -> bf16) */
 
-/* Rows t0 .. t0 + R - 1 of one head's part (base: its row 0, row stride ld floats), 64 floats each,
- * into registers: thread x takes float4 x % 16 of rows x / 16 + 16 i (a half-warp reads one
- * 256-byte row); rows at or past T read as zeros. */
-template <int R>
-__device__ __forceinline__ void tile_ldg(float4 (&v)[R / 16], const float *base, int64_t ld, int t0, int T)
+/* four consecutive elements (fp32, or bf16 widened) at p */
+__device__ __forceinline__ float4 ld4g(const float *p) { return __ldg(reinterpret_cast<const float4 *>(p)); }
+__device__ __forceinline__ float4 ld4g(const bf16 *p)
 {
-    const int c4 = threadIdx.x & 15, r = threadIdx.x >> 4;
-#pragma unroll
-    for (int i = 0; i < R / 16; i++) {
-        const int t = t0 + r + 16 * i;
-        v[i] = t < T ? __ldg(reinterpret_cast<const float4 *>(base + (int64_t)t * ld) + c4) : make_float4(0, 0, 0, 0);
-    }
+    const uint2 u = __ldg(reinterpret_cast<const uint2 *>(p));
+    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
 }
 
-/* the same rows of a bf16 tensor (row stride ld elements), widened: 4 bf16 (8 bytes) per float4 */
-template <int R>
-__device__ __forceinline__ void tile_ldg_bf(float4 (&v)[R / 16], const bf16 *base, int64_t ld, int t0, int T)
+/* Rows t0 .. t0 + R - 1 of one head's part (base: its row 0, row stride ld elements, fp32 or
+ * bf16), 64 elements each, into fp32 registers: thread x takes elements 4 (x % 16) .. + 3 of rows
+ * x / 16 + 16 i (a half-warp reads one row); rows at or past T read as zeros. */
+template <int R, class E>
+__device__ __forceinline__ void tile_ldg(float4 (&v)[R / 16], const E *base, int64_t ld, int t0, int T)
 {
     const int c4 = threadIdx.x & 15, r = threadIdx.x >> 4;
 #pragma unroll
     for (int i = 0; i < R / 16; i++) {
         const int t = t0 + r + 16 * i;
-        if (t < T) {
-            const uint2 u = __ldg(reinterpret_cast<const uint2 *>(base + (int64_t)t * ld) + c4);
-            const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
-            const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
-            v[i] = make_float4(lo.x, lo.y, hi.x, hi.y);
-        } else {
-            v[i] = make_float4(0, 0, 0, 0);
-        }
+        v[i] = t < T ? ld4g(base + (int64_t)t * ld + 4 * c4) : make_float4(0, 0, 0, 0);
     }
 }
 
@@ -433,7 +424,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
     for (int half = 0; half < 2; half++) {
         float4 v[FTILE / 16], o[FTILE / 16];
         tile_ldg<FTILE>(v, gb, Cl, q0 + FTILE * half, T);
-        tile_ldg_bf<FTILE>(o, ob, Cl, q0 + FTILE * half, T);
+        tile_ldg<FTILE>(o, ob, Cl, q0 + FTILE * half, T);
         tile_sts<FTILE>(Gs + FTILE * half * FLD, v);
 #pragma unroll
         for (int i = 0; i < FTILE / 16; i++) {

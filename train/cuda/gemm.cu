@@ -323,6 +323,16 @@ void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const void *
     }
 }
 
+/* the fp32 product inp @ w^T + bias (N, OC) in scratch: the last way of the bf16-output entries */
+static const float *product_fp32(mps_cuda *c, const void *inp, const float *w, const float *bias, int64_t N, int C,
+                                 int OC)
+{
+    float *x = (float *)cu_scratch(c, SCR_MLP, (size_t)N * OC * sizeof(float)); // (N, OC)
+    if (x)
+        cu_matmul_fwd(c, x, inp, w, bias, N, C, OC);
+    return x;
+}
+
 /* out (N, OC) = inp @ w^T + bias as bf16 (the head's logits, qkv), the first way cuBLASLt offers:
  * a bf16 product with the bias epilogue on a bf16 copy of the bias (cuBLASLt takes no fp32 bias
  * with a bf16 D on an H100); the bf16 product, then a kernel adds the bias; the product into fp32
@@ -350,11 +360,9 @@ void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, co
         if (r != 0)
             return;
     }
-    float *x = (float *)cu_scratch(c, SCR_MLP, (size_t)N * OC * sizeof(float)); // (N, OC)
-    if (!x)
-        return;
-    cu_matmul_fwd(ctx, x, inp, w, bias, N, C, OC);
-    cu_to_act(c, (act_t *)out, x, N * OC, "matmul_fwd_act (to operand)");
+    const float *x = product_fp32(c, inp, w, bias, N, C, OC);
+    if (x)
+        cu_to_act(c, (act_t *)out, x, N * OC, "matmul_fwd_act (to operand)");
 }
 
 /* pre (N, OC) = inp @ w^T + bias, out = gelu(pre), the first way that cuBLASLt offers: (1) one
@@ -395,11 +403,9 @@ void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const 
         if (r != 0)
             return;
     }
-    float *x = (float *)cu_scratch(c, SCR_MLP, (size_t)N * OC * sizeof(float)); // (N, OC)
-    if (!x)
-        return;
-    cu_matmul_fwd(ctx, x, inp, w, bias, N, C, OC);
-    cu_gelu_split(c, (act_t *)out, (act_t *)pre, x, N * OC);
+    const float *x = product_fp32(c, inp, w, bias, N, C, OC);
+    if (x)
+        cu_gelu_split(c, (act_t *)out, (act_t *)pre, x, N * OC);
 }
 
 /* dpre (N, C) = (dout (N, OC) @ w (OC, C)) * gelu'(pre), dbias += its column sums, the first way

@@ -747,6 +747,20 @@ void cu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const floa
 #define LNB_WARPS 4
 #define LNB_ROWS 32 /* rows per block: one partial sum of dw and db per 32 rows */
 
+/* The block's dw, db partial sums: the per-warp sums in sh [2][LNB_WARPS][C] added in warp order. */
+__device__ __forceinline__ void ln_block_sums(float *pdw, float *pdb, const float *sh, int C)
+{
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        float sw = 0.0f, sb = 0.0f;
+        for (int k = 0; k < LNB_WARPS; k++) {
+            sw += sh[(int64_t)k * C + j];
+            sb += sh[(int64_t)(LNB_WARPS + k) * C + j];
+        }
+        pdw[(int64_t)blockIdx.x * C + j] = sw;
+        pdb[(int64_t)blockIdx.x * C + j] = sb;
+    }
+}
+
 /* Block = 4 warps over 32 rows, a warp per row. dinp (N, C) += rstd * (g - mean(g) - xhat *
  * mean(g * xhat)), g = dout * w. With pdw: the block's column sums of dout * xhat and dout go to
  * pdw, pdb [blockIdx] (C each), summed per warp in shared memory, then over the warps in order. */
@@ -789,15 +803,7 @@ __global__ void k_ln_bwd(float *dinp, float *pdw, float *pdb, const float *dout,
     if (!part)
         return;
     __syncthreads();
-    for (int j = threadIdx.x; j < C; j += blockDim.x) {
-        float sw = 0.0f, sb = 0.0f;
-        for (int k = 0; k < LNB_WARPS; k++) {
-            sw += sh[(int64_t)k * C + j];
-            sb += sh[(int64_t)(LNB_WARPS + k) * C + j];
-        }
-        pdw[(int64_t)blockIdx.x * C + j] = sw;
-        pdb[(int64_t)blockIdx.x * C + j] = sb;
-    }
+    ln_block_sums(pdw, pdb, sh, C);
 }
 
 /* The same for C % 4 == 0 and C <= 128 K, with 16-byte accesses: a lane keeps float4 j = lane + 32 i
@@ -880,15 +886,7 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
         }
     }
     __syncthreads();
-    for (int j = threadIdx.x; j < C; j += blockDim.x) {
-        float sw = 0.0f, sb = 0.0f;
-        for (int k = 0; k < LNB_WARPS; k++) {
-            sw += sh[(int64_t)k * C + j];
-            sb += sh[(int64_t)(LNB_WARPS + k) * C + j];
-        }
-        pdw[(int64_t)blockIdx.x * C + j] = sw;
-        pdb[(int64_t)blockIdx.x * C + j] = sb;
-    }
+    ln_block_sums(pdw, pdb, sh, C);
 }
 
 /* launches k_ln_bwd4<K> for the smallest K that holds C (up to C = 1024), or returns 0 (the scalar
