@@ -301,6 +301,19 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
     }
     if (mps_saver_new(e, a->out, !a->save_sync, &sv, err) != 0)
         goto out;
+    /* a run that will save in the background pins its snapshot before the first step, not in the
+     * first save's stall (the last save of a run is written directly) */
+    if (!a->save_sync && a->save_every > 0 && step + a->save_every < a->steps) {
+        double tp = now_s();
+        int ok = mps_saver_prepare(sv, err) == 0;
+        if (!comm->all_ok(comm->ctx, ok)) {
+            if (ok)
+                mps_fail(err, MPS_ENOMEM, "the save snapshot could not be allocated on another rank");
+            goto out;
+        }
+        if (comm->rank == 0 && !a->quiet)
+            fprintf(stderr, "train: host snapshot for background saves allocated in %.2f s\n", now_s() - tp);
+    }
     FILE *log = NULL;
     if (comm->rank == 0 && a->log && !(log = fopen(a->log, "a"))) {
         mps_fail(err, MPS_EIO, "--log %s: %s", a->log, strerror(errno));

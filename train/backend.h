@@ -24,7 +24,7 @@ typedef struct mps_backend {
     void (*copy)(void *ctx, void *dst, const void *src, size_t bytes);      /* buffer -> buffer */
     void (*to_host)(void *ctx, void *host, const void *src, size_t bytes);  /* buffer -> host */
     void (*from_host)(void *ctx, void *dst, const void *host, size_t bytes); /* host -> buffer */
-    /* host memory that to_host / from_host move fastest (CUDA: pinned), zeroed, or NULL */
+    /* host memory that to_host / from_host move fastest (CUDA: pinned), NOT zeroed, or NULL */
     void *(*alloc_host)(void *ctx, size_t bytes);
     void (*release_host)(void *ctx, void *p);
     /* 0, or -1 with the first asynchronous error the device reported since the last call */

@@ -242,6 +242,20 @@ static int snapshot_plan(mps_saver *s, const mps_manifest *m, mps_err *err)
     return 0;
 }
 
+int mps_saver_prepare(mps_saver *s, mps_err *err)
+{
+    if (s->snap)
+        return 0;
+    mps_manifest m; /* the kinds a save stores: those of mps_train_save's manifest */
+    mps_manifest_init(&m, &s->e->cfg, &s->e->L);
+    int rc = s->pieces ? 0 : snapshot_plan(s, &m, err);
+    mps_manifest_free(&m);
+    size_t bytes = (size_t)s->snap_n * sizeof(float);
+    if (rc == 0 && !(s->snap = s->be->alloc_host(s->be->ctx, bytes)))
+        rc = mps_fail(err, MPS_ENOMEM, "out of host memory for the save's snapshot (%.1f MiB)", (double)bytes / (1 << 20));
+    return rc;
+}
+
 /* The stall of a background save: the pieces this rank writes, device (or engine) -> snapshot. */
 static int snapshot_take(mps_saver *s, const mps_manifest *m, mps_err *err)
 {

@@ -29,6 +29,9 @@ typedef struct {
 /* background: saves are written by a thread from a snapshot (mps_saver_save may still be told to
  * write one directly). Nothing is allocated on the device or pinned until the first background save. */
 int mps_saver_new(mps_engine *e, const char *rundir, int background, mps_saver **out, mps_err *err);
+/* Allocates the background saves' snapshot now (pinned host memory on CUDA: pinning gigabytes takes
+ * seconds, which would otherwise stall the first save). Local to the rank. */
+int mps_saver_prepare(mps_saver *s, mps_err *err);
 /* Saves the engine's state as RUNDIR/step-%08d (step: the counter after the update) with the
  * checkpoint's scalars. A pending background save is committed first (waiting for it). direct (or
  * a synchronous saver): written and committed before returning; otherwise the state is copied into
