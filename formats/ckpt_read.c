@@ -86,6 +86,25 @@ int mps_ckpt_open(const char *dir, mps_ckpt **out, mps_err *err)
         return -1;
     }
     int world = mps_layout_world(&c->m.layout), nt = mps_tensor_count(&c->m.cfg);
+    /* every non-empty piece was written by its own rank into a listed file: a manifest whose layout
+     * claims more (a huge dp with a short file list) is refused before the owner table, which is
+     * sized by the layout, is built */
+    for (int k = 0; k < MPS_KIND_COUNT; k++)
+        for (int t = 0; (c->m.kinds & (1u << k)) && t < nt; t++) {
+            int64_t np = mps_nonempty_piece_count(&c->m.cfg, &c->m.layout, (mps_kind)k, t);
+            if (np > c->m.nfiles) {
+                mps_tensor_spec spec;
+                mps_tensor_spec_get(&c->m.cfg, t, &spec);
+                mps_fail(err, MPS_ECORRUPT,
+                         "%s: the layout gives %s of %s %lld non-empty pieces, each stored by its own rank, "
+                         "but 'files' lists %d files", path, mps_kind_name((mps_kind)k), spec.name, (long long)np,
+                         c->m.nfiles);
+                mps_manifest_free(&c->m);
+                pthread_mutex_destroy(&c->lock);
+                free(c);
+                return -1;
+            }
+        }
     c->world = world;
     c->files = malloc(sizeof *c->files * (size_t)world);
     c->fds = malloc(sizeof *c->fds * (size_t)world);

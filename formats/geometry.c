@@ -101,6 +101,21 @@ int mps_piece_count(const mps_config *cfg, const mps_layout *L, mps_kind kind, i
     return tp_parts(L, &s) * dp_parts(L, kind);
 }
 
+int64_t mps_nonempty_piece_count(const mps_config *cfg, const mps_layout *L, mps_kind kind, int tensor)
+{
+    mps_tensor_spec s;
+    mps_tensor_spec_get(cfg, tensor, &s);
+    int64_t count = 0;
+    for (int x = 0; x < tp_parts(L, &s); x++) {
+        mps_piece p;
+        make_piece(L, kind, &s, x, 0, &p);
+        int64_t n = mps_box_numel(&p.box);
+        /* a balanced split of n over dp leaves min(n, dp) parts non-empty */
+        count += mps_kind_dp_sharded(L->zero, kind) && L->dp > 1 ? (n < L->dp ? n : L->dp) : (n > 0);
+    }
+    return count;
+}
+
 int mps_piece_by_id(const mps_config *cfg, const mps_layout *L, mps_kind kind, int tensor, int id, mps_piece *out)
 {
     mps_tensor_spec s;

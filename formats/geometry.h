@@ -52,6 +52,11 @@ void mps_geometry(const mps_config *cfg, const mps_layout *L, int rank, mps_kind
 /* Number of distinct pieces of a tensor for a kind (TP parts x ZeRO parts), and piece `id`
  * (id = tp_part * dp_parts + dp_part) with a representative rank that holds it. */
 int mps_piece_count(const mps_config *cfg, const mps_layout *L, mps_kind kind, int tensor);
+/* How many of those hold at least one element. A rank holds at most one piece of a (kind, tensor),
+ * so a checkpoint's non-empty pieces of one (kind, tensor) have as many distinct owners, each with
+ * a file: a reader checks this against the manifest's file list before sizing anything by the
+ * layout. */
+int64_t mps_nonempty_piece_count(const mps_config *cfg, const mps_layout *L, mps_kind kind, int tensor);
 int mps_piece_by_id(const mps_config *cfg, const mps_layout *L, mps_kind kind, int tensor, int id, mps_piece *out);
 static inline int mps_piece_id(const mps_config *cfg, const mps_layout *L, mps_kind kind, int tensor, const mps_piece *p)
 {

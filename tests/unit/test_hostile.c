@@ -301,6 +301,12 @@ static void e_world(json_t *r)
     json_object_set_new(json_object_get(r, "layout"), "dp", json_integer(65536));
     json_object_set_new(json_object_get(r, "layout"), "tp", json_integer(65536));
 }
+/* 65536 ZeRO-1 replicas, and still the 2 files: the owner table would be sized by the layout */
+static void e_big_dp(json_t *r)
+{
+    json_object_set_new(json_object_get(r, "layout"), "dp", json_integer(65536));
+    json_object_set_new(json_object_get(r, "layout"), "zero", json_integer(1));
+}
 static void e_chunk(json_t *r) { json_object_set_new(json_object_get(r, "storage"), "chunk_bytes", json_integer((json_int_t)1 << 40)); }
 static void e_id(json_t *r) { json_object_set_new(r, "checkpoint_id", json_string("../../../../etc/passwd0123456789")); }
 static void e_seed(json_t *r) { json_object_set_new(json_object_get(r, "state"), "rng_seed", json_string("12abc")); }
@@ -345,6 +351,18 @@ static void test_manifest(void)
         snprintf(what, sizeof what, "manifest case %zu (%s)", c, cases[c].needle);
         expect_err(&err, MPS_ECORRUPT, what, dst, cases[c].needle, NULL);
     }
+    /* a manifest that is well-formed but claims more non-empty pieces than it lists files is refused
+     * by the reader before anything is sized by its layout */
+    edit_manifest(src, dst, e_big_dp);
+    mps_err_clear(&err);
+    CHECK_MSG(mps_manifest_read(dst, &back, &err) == 0, "%s", err.msg);
+    mps_manifest_free(&back);
+    mps_ckpt *ck = NULL;
+    mps_err_clear(&err);
+    if (mps_ckpt_open(dir, &ck, &err) == 0)
+        mps_ckpt_close(ck);
+    expect_err(&err, MPS_ECORRUPT, "manifest with dp=65536 and 2 files", dst, "non-empty pieces", "'files' lists 2",
+               NULL);
     /* the CLI: verify of a checkpoint whose manifest lacks its layout */
     edit_manifest(src, dst, e_no_layout);
     char args[1200];
