@@ -53,8 +53,8 @@ int mps_engine_write_shard(mps_engine *e, const char *dir, const mps_manifest *m
 /* Where this rank keeps state `kind` (param, adam_m, adam_v) of a tensor: a buffer of the backend
  * holding elements [*begin, *end) of the tensor's box in row-major order (the weights, or their
  * ZeRO-3 shard; the moments over the optimizer's range). NULL when the rank keeps none. Saves read
- * their pieces from it, directly or through a host snapshot. */
-const float *mps_engine_state_buf(const mps_engine *e, mps_kind kind, int tensor, int64_t *begin, int64_t *end);
+ * their pieces from it, directly or through a host snapshot; the load writes into it. */
+float *mps_engine_state_buf(const mps_engine *e, mps_kind kind, int tensor, int64_t *begin, int64_t *end);
 /* Bytes of parameters, gradients and optimizer state this rank holds now. */
 int64_t mps_engine_state_bytes(const mps_engine *e);
 

@@ -15,22 +15,12 @@ static int load_sink(void *ctx, int worker, const mps_loaded_piece *lp, int64_t 
 {
     (void)worker; (void)err;
     mps_engine *e = ctx;
-    mps_tparam *p = &e->t[lp->tensor];
-    if (!p->held)
-        return 0;
-    float *dst = NULL;
-    switch (lp->kind) {
-    case MPS_KIND_PARAM:
-    case MPS_KIND_MASTER:
-        /* master (fp32) is partitioned like the optimizer state; where it exists it is the exact
-         * value of the weights (param may be a bf16 rounding of it), and only it is loaded */
-        dst = e->L.zero >= 3 ? p->w_shard + (fb - p->param.flat_begin) : p->w + fb;
-        break;
-    case MPS_KIND_ADAM_M: dst = p->m + (fb - p->opt.flat_begin); break;
-    case MPS_KIND_ADAM_V: dst = p->v + (fb - p->opt.flat_begin); break;
-    default: return 0;
-    }
-    e->be->from_host(e->be->ctx, dst, data, (size_t)(fe - fb) * sizeof(float));
+    /* master (fp32) is partitioned like the optimizer state; where it exists it is the exact value
+     * of the weights (param may be a bf16 rounding of it), and only it is loaded: into the weights */
+    int64_t base, end;
+    float *dst = mps_engine_state_buf(e, lp->kind == MPS_KIND_MASTER ? MPS_KIND_PARAM : lp->kind, lp->tensor, &base, &end);
+    if (dst)
+        e->be->from_host(e->be->ctx, dst + (fb - base), data, (size_t)(fe - fb) * sizeof(float));
     return 0;
 }
 
@@ -64,7 +54,7 @@ int mps_engine_load(mps_engine *e, mps_ckpt *c, int threads, mps_err *err)
     return 0;
 }
 
-const float *mps_engine_state_buf(const mps_engine *e, mps_kind kind, int tensor, int64_t *begin, int64_t *end)
+float *mps_engine_state_buf(const mps_engine *e, mps_kind kind, int tensor, int64_t *begin, int64_t *end)
 {
     const mps_tparam *p = &e->t[tensor];
     *begin = *end = 0;
