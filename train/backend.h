@@ -67,14 +67,11 @@ typedef struct mps_backend {
      * (the first product's bias gradient), skipped when NULL. */
     void (*matmul_dgelu_bwd)(void *ctx, void *dpre_act, float *dbias, const float *dout, const float *w,
                              const void *pre_act, int64_t N, int C, int OC);
-    void (*gelu_fwd)(void *ctx, void *out_act, const float *inp, int64_t n);
-    void (*gelu_bwd)(void *ctx, void *dinp_act, const float *inp, const float *dout, int64_t n);
     void (*residual_bias)(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
     /* db (C) += column sums of dout (N, C) */
     void (*bias_grad)(void *ctx, float *db, const float *dout, int64_t N, int C);
     void (*add)(void *ctx, float *out, const float *a, const float *b, int64_t n);
     void (*accumulate)(void *ctx, float *dst, const float *src, int64_t n);
-    void (*scale)(void *ctx, float *x, float s, int64_t n);
     /* Cross-entropy over this rank's vocab slice in one pass over the logits (N, Vl, an operand
      * buffer, as the head's product writes them): per row the
      * local max over real ids (-INFINITY if none), the sum of exp(logit - local max), and the target's
@@ -93,7 +90,6 @@ typedef struct mps_backend {
      * are unspecified afterwards (the CPU scales it in place) */
     void (*adamw)(void *ctx, float *param, float *grad, float *m, float *v, int64_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, int64_t t, float grad_scale);
-    double (*sumsq)(void *ctx, const float *x, int64_t n); /* host result */
     /* host result: the sums of squares of count buffers added in order, in double; one wait for the
      * device instead of one per buffer */
     double (*sumsq_many)(void *ctx, const float *const *xs, const int64_t *ns, int count);

@@ -93,13 +93,6 @@ static void mm_dgelu_bwd(void *c, void *dpre, float *dbias, const float *dout, c
         }
     }
 }
-static void gelu_fwd(void *c, void *out, const float *inp, int64_t n) { (void)c; op_gelu_fwd(out, inp, n); }
-static void gelu_bwd(void *c, void *d, const float *inp, const float *dout, int64_t n)
-{
-    (void)c;
-    memset(d, 0, sizeof(float) * (size_t)n); /* the op accumulates; the table overwrites */
-    op_gelu_bwd(d, inp, dout, n);
-}
 
 static void residual_bias(void *c, float *out, const float *a, const float *b, const float *bias, int64_t N, int C)
 {
@@ -125,7 +118,6 @@ static void bias_grad(void *c, float *db, const float *dout, int64_t N, int C)
 
 static void add(void *c, float *out, const float *a, const float *b, int64_t n) { (void)c; op_add(out, a, b, n); }
 static void accumulate(void *c, float *d, const float *s, int64_t n) { (void)c; op_accumulate(d, s, n); }
-static void scale(void *c, float *x, float s, int64_t n) { (void)c; op_scale(x, s, n); }
 static void xent_stats(void *c, float *rowmax, float *sumexp, float *tlogit, const void *logits,
                        const int32_t *targets, int64_t N, int64_t Vl, int64_t v0, int64_t V)
 {
@@ -162,7 +154,6 @@ static void adamw(void *c, float *p, float *g, float *m, float *v, int64_t n, fl
         op_scale(g, grad_scale, n);
     op_adamw(p, g, m, v, n, lr, b1, b2, eps, wd, t);
 }
-static double sumsq(void *c, const float *x, int64_t n) { (void)c; return op_sumsq(x, n); }
 static double sumsq_many(void *c, const float *const *xs, const int64_t *ns, int count)
 {
     (void)c;
@@ -182,10 +173,10 @@ void mps_backend_cpu(mps_backend *out)
         .layernorm_fwd = ln_fwd, .layernorm_bwd = ln_bwd, .matmul_fwd = mm_fwd, .matmul_bwd = mm_bwd,
         .matmul_fwd_act = mm_fwd_act,
         .attention_fwd = att_fwd, .attention_bwd = att_bwd, .matmul_gelu_fwd = mm_gelu_fwd,
-        .matmul_dgelu_bwd = mm_dgelu_bwd, .gelu_fwd = gelu_fwd, .gelu_bwd = gelu_bwd,
+        .matmul_dgelu_bwd = mm_dgelu_bwd,
         .residual_bias = residual_bias, .bias_grad = bias_grad, .add = add, .accumulate = accumulate,
-        .scale = scale, .xent_stats = xent_stats, .xent_rescale = xent_rescale, .act_bytes = sizeof(float),
-        .xent_bwd = xent_bwd, .xent_loss_sum = xent_loss_sum, .adamw = adamw, .sumsq = sumsq, .sumsq_many = sumsq_many,
+        .xent_stats = xent_stats, .xent_rescale = xent_rescale, .act_bytes = sizeof(float),
+        .xent_bwd = xent_bwd, .xent_loss_sum = xent_loss_sum, .adamw = adamw, .sumsq_many = sumsq_many,
         .destroy = cpu_destroy,
     };
 }

@@ -110,13 +110,10 @@ void cu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const floa
                       const float *b, int64_t N, int C);
 void cu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
                       const float *w, const float *mean, const float *rstd, int64_t N, int C);
-void cu_gelu_fwd(void *ctx, void *out, const float *inp, int64_t n);
-void cu_gelu_bwd(void *ctx, void *dinp, const float *inp, const float *dout, int64_t n);
 void cu_residual_bias(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
 void cu_bias_grad(void *ctx, float *db, const float *dout, int64_t N, int C);
 void cu_add(void *ctx, float *out, const float *a, const float *b, int64_t n);
 void cu_accumulate(void *ctx, float *dst, const float *src, int64_t n);
-void cu_scale(void *ctx, float *x, float s, int64_t n);
 void cu_xent_stats(void *ctx, float *rowmax, float *sumexp, float *tlogit, const void *logits, const int32_t *targets,
                    int64_t N, int64_t Vl, int64_t v0, int64_t V);
 void cu_xent_rescale(void *ctx, float *sumexp, const float *rowmax, const float *gmax, int64_t N);
@@ -125,7 +122,6 @@ void cu_xent_bwd(void *ctx, void *dlogits, const void *logits, const int32_t *ta
 double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
 void cu_adamw(void *ctx, float *param, float *grad, float *m, float *v, int64_t n, float lr, float beta1,
               float beta2, float eps, float weight_decay, int64_t t, float grad_scale);
-double cu_sumsq(void *ctx, const float *x, int64_t n);
 double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int count);
 /* db (C) += column sums of x (rows, C), deterministic (used by bias_grad and matmul_bwd) */
 void cu_colsum_acc(mps_cuda *c, float *db, const float *x, int64_t rows, int C, const char *what);

@@ -119,16 +119,6 @@ struct AccF {
         st4(d, i, make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w));
     }
 };
-struct ScaleF {
-    float *x;
-    float s;
-    __device__ void one(int64_t i) const { x[i] *= s; }
-    __device__ void four(int64_t i) const
-    {
-        float4 v = ld4(x, i);
-        st4(x, i, make_float4(v.x * s, v.y * s, v.z * s, v.w * s));
-    }
-};
 /* four bf16 (8 bytes) at element 4 i4 */
 __device__ __forceinline__ void st4_act(act_t *p, int64_t i4, float a, float b, float c, float d)
 {
@@ -147,26 +137,6 @@ __device__ __forceinline__ float4 ld4_act(const act_t *p, int64_t i4)
 }
 static int aligned8(const void *p) { return ((uintptr_t)p & 7u) == 0; }
 
-struct GeluF { /* out (operand) = gelu(x) */
-    act_t *o;
-    const float *x;
-    __device__ void one(int64_t i) const { o[i] = __float2bfloat16_rn(gelu_f(x[i])); }
-    __device__ void four(int64_t i) const
-    {
-        float4 v = ld4(x, i);
-        st4_act(o, i, gelu_f(v.x), gelu_f(v.y), gelu_f(v.z), gelu_f(v.w));
-    }
-};
-struct GeluBwdF { /* d (operand) = gelu'(x) g */
-    act_t *d;
-    const float *x, *g;
-    __device__ void one(int64_t i) const { d[i] = __float2bfloat16_rn(gelu_g(x[i]) * g[i]); }
-    __device__ void four(int64_t i) const
-    {
-        float4 v = ld4(x, i), gv = ld4(g, i);
-        st4_act(d, i, gelu_g(v.x) * gv.x, gelu_g(v.y) * gv.y, gelu_g(v.z) * gv.z, gelu_g(v.w) * gv.w);
-    }
-};
 struct ToActF {
     act_t *d;
     const float *s;
@@ -223,18 +193,6 @@ void cu_add(void *ctx, float *out, const float *a, const float *b, int64_t n)
 void cu_accumulate(void *ctx, float *dst, const float *src, int64_t n)
 {
     launch_ew((mps_cuda *)ctx, AccF{dst, src}, n, cu_aligned16(dst) && cu_aligned16(src), "accumulate");
-}
-void cu_scale(void *ctx, float *x, float s, int64_t n) { launch_ew((mps_cuda *)ctx, ScaleF{x, s}, n, cu_aligned16(x), "scale"); }
-void cu_gelu_fwd(void *ctx, void *out, const float *inp, int64_t n)
-{
-    launch_ew((mps_cuda *)ctx, GeluF{(act_t *)out, inp}, n, aligned8(out) && cu_aligned16(inp), "gelu_fwd");
-}
-void cu_gelu_bwd(void *ctx, void *dinp, const float *inp, const float *dout, int64_t n)
-{
-    if (!dinp)
-        return;
-    int vec = aligned8(dinp) && cu_aligned16(inp) && cu_aligned16(dout);
-    launch_ew((mps_cuda *)ctx, GeluBwdF{(act_t *)dinp, inp, dout}, n, vec, "gelu_bwd");
 }
 struct GeluSplitF { /* pre = x, out = gelu(x), both rounded once */
     act_t *o, *pre;
@@ -1140,15 +1098,15 @@ __global__ void k_sumsq_part(double *part, const float *x, int64_t n, int vec)
         part[blockIdx.x] = s;
 }
 
-/* *out = (acc ? *out : 0) + the sum of the parts */
-__global__ void k_sum_parts(double *out, const double *part, int nparts, int acc)
+/* *out += the sum of the parts */
+__global__ void k_sum_parts(double *out, const double *part, int nparts)
 {
     double s = 0.0;
     for (int i = threadIdx.x; i < nparts; i += blockDim.x)
         s += part[i];
     s = block_reduce(s, SumOp(), 0.0);
     if (threadIdx.x == 0)
-        *out = acc ? *out + s : s;
+        *out += s;
 }
 
 /* copies dres[1024 + slot] back; call with res_mu held */
@@ -1175,26 +1133,8 @@ double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const
     return r;
 }
 
-double cu_sumsq(void *ctx, const float *x, int64_t n)
-{
-    mps_cuda *c = (mps_cuda *)ctx;
-    if (n <= 0)
-        return 0.0;
-    int64_t nb = (n + 4095) / 4096;  // a function of n only: the order of the sums is fixed by n
-    if (nb > SQ_MAX_BLOCKS)
-        nb = SQ_MAX_BLOCKS;
-    pthread_mutex_lock(&c->res_mu);
-    k_sumsq_part<<<(unsigned)nb, SQ_THREADS, 0, c->stream>>>(c->dres, x, n, cu_aligned16(x));
-    double r = NAN;
-    if (cu_launched(c, "sumsq") == 0) {
-        k_sum_parts<<<1, 1024, 0, c->stream>>>(c->dres + SQ_MAX_BLOCKS, c->dres, (int)nb, 0);
-        r = fetch_result(c, "sumsq");
-    }
-    pthread_mutex_unlock(&c->res_mu);
-    return r;
-}
-
-/* each buffer's blocks as in cu_sumsq, its sum added to the accumulator dres[1025] in order */
+/* Per buffer: a grid that is a function of its size only (so the order of the sums is fixed by it)
+ * writes block partials, then one block adds them to the accumulator dres[1025]; buffers in order. */
 double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int count)
 {
     mps_cuda *c = (mps_cuda *)ctx;
@@ -1210,7 +1150,7 @@ double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int c
         k_sumsq_part<<<(unsigned)nb, SQ_THREADS, 0, c->stream>>>(c->dres, xs[i], ns[i], cu_aligned16(xs[i]));
         ok = cu_launched(c, "sumsq_many") == 0;
         if (ok)
-            k_sum_parts<<<1, 1024, 0, c->stream>>>(acc, c->dres, (int)nb, 1);
+            k_sum_parts<<<1, 1024, 0, c->stream>>>(acc, c->dres, (int)nb);
     }
     double r = ok ? fetch_result(c, "sumsq_many", 1) : NAN;
     pthread_mutex_unlock(&c->res_mu);
