@@ -181,24 +181,18 @@ static mps_gemm_plan *plan_get(mps_cuda *c, const mps_gemm_plan *key, const char
     return p;
 }
 
-/* A product with a bf16 D (MPS_EPI_PLAIN: D = AB (+ bias); MPS_EPI_GELU_AUX: D = gelu(AB + bias),
- * aux = AB + bias; MPS_EPI_DGELU: D = AB * gelu'(aux), bias (fp32) = its row sums), through
- * cuBLASLt only: 1 when it ran, 0 when cuBLASLt has no algorithm for it (the caller takes another
- * way), -1 on an error (recorded). */
-static int gemm_bf16(mps_cuda *c, const char *what, int epi, int ta, int tb, int m, int n, int k,
-                     const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb, act_t *D, int ldd,
-                     const void *bias, const act_t *aux, int ldaux, int bias_bf16 = 0)
+/* The product of the plan `key` (shape, types, epilogue; alignments filled in here) through
+ * cuBLASLt: 1 when it ran, 0 when cuBLASLt has no algorithm for it (the plan remembers that; the
+ * caller takes another way), -1 on an error (recorded). */
+static int lt_matmul(mps_cuda *c, const char *what, mps_gemm_plan *key, const __nv_bfloat16 *A,
+                     const __nv_bfloat16 *B, float beta, void *D, const void *bias, const void *aux)
 {
-    const float alpha = 1.0f, beta = 0.0f;
-    mps_gemm_plan key;
-    memset(&key, 0, sizeof key);
-    key.ta = ta, key.tb = tb, key.m = m, key.n = n, key.k = k;
-    key.lda = lda, key.ldb = ldb, key.ldd = ldd, key.bias = bias != NULL;
-    key.epi = epi, key.d_bf16 = 1, key.ldaux = ldaux, key.bias_bf16 = bias_bf16;
-    key.align_a = ptr_align(A);
-    key.align_b = ptr_align(B);
-    key.align_d = aux && ptr_align(aux) < ptr_align(D) ? ptr_align(aux) : ptr_align(D);
-    mps_gemm_plan *p = plan_get(c, &key, what);
+    const float alpha = 1.0f;
+    key->bias = bias != NULL;
+    key->align_a = ptr_align(A);
+    key->align_b = ptr_align(B);
+    key->align_d = aux && ptr_align(aux) < ptr_align(D) ? ptr_align(aux) : ptr_align(D);
+    mps_gemm_plan *p = plan_get(c, key, what);
     if (!p)
         return -1;
     if (!p->ok)
@@ -214,44 +208,44 @@ static int gemm_bf16(mps_cuda *c, const char *what, int epi, int ta, int tb, int
     if (st == CUBLAS_STATUS_SUCCESS)
         return 1;
     if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
-        p->ok = 0; /* in steps from now on */
+        p->ok = 0; /* another way from now on */
         return 0;
     }
-    cu_fail(c, "%s: cublasLtMatmul (m %d n %d k %d): %s", what, m, n, k, cublasGetStatusString(st));
+    cu_fail(c, "%s: cublasLtMatmul (m %d n %d k %d): %s", what, key->m, key->n, key->k, cublasGetStatusString(st));
     return -1;
 }
 
-/* D (m x n, column-major, ldd) = op(A) op(B) + beta D (+ bias (m) broadcast over columns).
- * A, B bf16 scratch; D, bias fp32. */
-static void gemm(mps_cuda *c, const char *what, int ta, int tb, int m, int n, int k, const __nv_bfloat16 *A, int lda,
-                 const __nv_bfloat16 *B, int ldb, float beta, float *D, int ldd, const float *bias)
+static mps_gemm_plan plan_key(int ta, int tb, int m, int n, int k, int lda, int ldb, int ldd)
 {
-    const float alpha = 1.0f;
     mps_gemm_plan key;
     memset(&key, 0, sizeof key);
     key.ta = ta, key.tb = tb, key.m = m, key.n = n, key.k = k;
-    key.lda = lda, key.ldb = ldb, key.ldd = ldd, key.bias = bias != NULL;
-    key.align_a = ptr_align(A);
-    key.align_b = ptr_align(B);
-    key.align_d = ptr_align(D);
-    mps_gemm_plan *p = plan_get(c, &key, what);
-    if (!p)
+    key.lda = lda, key.ldb = ldb, key.ldd = ldd;
+    return key;
+}
+
+/* A product with a bf16 D (MPS_EPI_PLAIN: D = AB (+ bias); MPS_EPI_GELU_AUX: D = gelu(AB + bias),
+ * aux = AB + bias; MPS_EPI_DGELU: D = AB * gelu'(aux), bias (fp32) = its row sums), through
+ * cuBLASLt only: as lt_matmul. */
+static int gemm_bf16(mps_cuda *c, const char *what, int epi, int ta, int tb, int m, int n, int k,
+                     const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, int ldb, act_t *D, int ldd,
+                     const void *bias, const act_t *aux, int ldaux, int bias_bf16 = 0)
+{
+    mps_gemm_plan key = plan_key(ta, tb, m, n, k, lda, ldb, ldd);
+    key.epi = epi, key.d_bf16 = 1, key.ldaux = ldaux, key.bias_bf16 = bias_bf16;
+    return lt_matmul(c, what, &key, A, B, 0.0f, D, bias, aux);
+}
+
+/* D (m x n, column-major, ldd) = op(A) op(B) + beta D (+ bias (m) broadcast over columns).
+ * A, B bf16 scratch; D, bias fp32. cublasGemmEx where cuBLASLt has no algorithm. */
+static void gemm(mps_cuda *c, const char *what, int ta, int tb, int m, int n, int k, const __nv_bfloat16 *A, int lda,
+                 const __nv_bfloat16 *B, int ldb, float beta, float *D, int ldd, const float *bias)
+{
+    mps_gemm_plan key = plan_key(ta, tb, m, n, k, lda, ldb, ldd);
+    int r = lt_matmul(c, what, &key, A, B, beta, D, bias, NULL);
+    if (r != 0)
         return;
-    if (p->ok) {
-        cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
-        if (bias)
-            st = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
-        if (st == CUBLAS_STATUS_SUCCESS)
-            st = cublasLtMatmul(c->lt, p->desc, &alpha, A, p->la, B, p->lb, &beta, D, p->ld, D, p->ld, &p->algo,
-                                c->workspace, MPS_CUDA_WORKSPACE, c->stream);
-        if (st == CUBLAS_STATUS_SUCCESS)
-            return;
-        if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) {
-            cu_fail(c, "%s: cublasLtMatmul (m %d n %d k %d): %s", what, m, n, k, cublasGetStatusString(st));
-            return;
-        }
-        p->ok = 0;  // this shape goes to cublasGemmEx from now on
-    }
+    const float alpha = 1.0f;
     cublasStatus_t st = cublasGemmEx(c->blas, ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb ? CUBLAS_OP_T : CUBLAS_OP_N, m, n, k,
                                      &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb, &beta, D, CUDA_R_32F, ldd,
                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
