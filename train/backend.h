@@ -13,6 +13,19 @@
 
 #include "err.h"
 
+/* One tensor's AdamW update (adamw_many): param, grad, m, v hold n elements each. */
+typedef struct {
+    float *param, *grad, *m, *v;
+    int64_t n;
+    float weight_decay; /* 0 for biases and norms */
+} mps_adamw_job;
+/* The step's AdamW constants, shared by every tensor. */
+typedef struct {
+    float lr, beta1, beta2, eps;
+    int64_t t;        /* 1-based step, for the bias corrections */
+    float grad_scale; /* the clipping factor */
+} mps_adamw_step;
+
 typedef struct mps_backend {
     const char *name; /* "cpu", "cuda" */
     void *ctx;
@@ -45,18 +58,30 @@ typedef struct mps_backend {
     int act_bytes;
     void (*layernorm_fwd)(void *ctx, void *out_act, float *mean, float *rstd, const float *inp, const float *w,
                           const float *b, int64_t N, int C);
-    void (*layernorm_bwd)(void *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
-                          const float *w, const float *mean, const float *rstd, int64_t N, int C);
-    void (*matmul_fwd)(void *ctx, float *out, const void *inp_act, const float *w, const float *bias, int64_t N, int C,
-                       int OC);
+    /* dinp (N, C) += the layernorm's input gradient; dw, db (C) +=. The next consumers of dinp (a
+     * residual gradient) are products and a bias gradient, so the same pass can hand them what they
+     * read: dinp_act (operand buffer, overwritten) = the updated dinp, dinp_colsum (C, overwritten) =
+     * its column sums (the CPU adds rows in order, as bias_grad). Each may be NULL. */
+    void (*layernorm_bwd)(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db,
+                          const float *dout, const float *inp, const float *w, const float *mean, const float *rstd,
+                          int64_t N, int C);
+    /* out (N, OC) = inp @ w^T + bias + resid (bias, resid may be NULL; resid does not alias out):
+     * the residual add rides in the product's epilogue. The CPU adds them as residual_bias does,
+     * (resid + product) + bias, so the fused and the unfused forms give the same bits there. */
+    void (*matmul_fwd)(void *ctx, float *out, const void *inp_act, const float *w, const float *bias,
+                       const float *resid, int64_t N, int C, int OC);
     /* out (N, OC) = inp @ w^T + bias (bias may be NULL) as an operand buffer: the head's logits, qkv */
     void (*matmul_fwd_act)(void *ctx, void *out_act, const void *inp_act, const float *w, const float *bias,
                            int64_t N, int C, int OC);
-    /* dout is an operand buffer when dout_act, else fp32 */
-    void (*matmul_bwd)(void *ctx, float *dinp, float *dw, float *dbias, const void *dout, int dout_act,
+    /* dinp (N, C) = dout @ w is OVERWRITTEN (no caller accumulates into it: a zero pass and a read
+     * of the old values saved), an operand buffer when dinp_act (the attention output's gradient,
+     * which only the attention backward reads), else fp32; dw (OC, C) and dbias (OC) +=. dout is
+     * an operand buffer when dout_act, else fp32. */
+    void (*matmul_bwd)(void *ctx, void *dinp, int dinp_act, float *dw, float *dbias, const void *dout, int dout_act,
                        const void *inp_act, const float *w, int64_t N, int C, int OC);
     void (*attention_fwd)(void *ctx, void *out_act, float *lse, const void *qkv_act, int B, int T, int H, int hs);
-    void (*attention_bwd)(void *ctx, void *dqkv_act, const float *dout, const void *qkv_act, const void *out_act,
+    /* dout is an operand buffer (matmul_bwd's dinp_act) */
+    void (*attention_bwd)(void *ctx, void *dqkv_act, const void *dout_act, const void *qkv_act, const void *out_act,
                           const float *lse, int B, int T, int H, int hs);
     /* The MLP's first product with its GELU, so that a GPU can do both in one pass:
      * pre (N, OC) = inp (N, C) @ w^T + bias, out = gelu(pre); pre and out are operand buffers. */
@@ -64,8 +89,9 @@ typedef struct mps_backend {
                             const float *bias, int64_t N, int C, int OC);
     /* ... and the matching backward through the second product and the GELU: dpre (N, C) (operand
      * buffer, overwritten) = (dout (N, OC) @ w (OC, C)) * gelu'(pre); dbias (C) += column sums of dpre
-     * (the first product's bias gradient), skipped when NULL. */
-    void (*matmul_dgelu_bwd)(void *ctx, void *dpre_act, float *dbias, const float *dout, const float *w,
+     * (the first product's bias gradient), skipped when NULL. dout is an operand buffer when
+     * dout_act, else fp32. */
+    void (*matmul_dgelu_bwd)(void *ctx, void *dpre_act, float *dbias, const void *dout, int dout_act, const float *w,
                              const void *pre_act, int64_t N, int C, int OC);
     void (*residual_bias)(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
     /* db (C) += column sums of dout (N, C) */
@@ -86,12 +112,12 @@ typedef struct mps_backend {
                      const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
     /* host result: sum over rows of log(sumexp) + gmax - tlogit */
     double (*xent_loss_sum)(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
-    /* AdamW on grad * grad_scale (the clipping factor, applied in the same pass); grad's contents
-     * are unspecified afterwards (the CPU scales it in place) */
-    void (*adamw)(void *ctx, float *param, float *grad, float *m, float *v, int64_t n, float lr, float beta1,
-                  float beta2, float eps, float weight_decay, int64_t t, float grad_scale);
-    /* host result: the sums of squares of count buffers added in order, in double; one wait for the
-     * device instead of one per buffer */
+    /* AdamW over count tensors at once (one launch on a GPU instead of one per tensor) on grad *
+     * step->grad_scale (the clipping factor, applied in the same pass); every grad is zeroed
+     * afterwards, ready for the next step's accumulation. */
+    void (*adamw_many)(void *ctx, const mps_adamw_job *jobs, int count, const mps_adamw_step *step);
+    /* host result: the sum of squares of count buffers in double (a fixed order that depends on the
+     * sizes only); one wait for the device, one pass on a GPU */
     double (*sumsq_many)(void *ctx, const float *const *xs, const int64_t *ns, int count);
     void (*destroy)(void *ctx);
 } mps_backend;

@@ -33,16 +33,45 @@ static void ln_fwd(void *c, void *out, float *mean, float *rstd, const float *in
     (void)c;
     op_layernorm_fwd(out, mean, rstd, inp, w, b, N, C);
 }
-static void ln_bwd(void *c, float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
-                   const float *mean, const float *rstd, int64_t N, int C)
+/* db (C) += column sums of x (N, C); each thread owns columns, rows added in order */
+static void colsum_acc(float *db, const float *x, int64_t N, int C)
+{
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < C; j++) {
+        float s = 0;
+        for (int64_t i = 0; i < N; i++)
+            s += x[i * C + j];
+        db[j] += s;
+    }
+}
+static void ln_bwd(void *c, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db, const float *dout,
+                   const float *inp, const float *w, const float *mean, const float *rstd, int64_t N, int C)
 {
     (void)c;
     op_layernorm_bwd(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+    if (dinp && dinp_act) /* operand buffers are fp32 here */
+        memcpy(dinp_act, dinp, sizeof(float) * (size_t)(N * C));
+    if (dinp && dinp_colsum) {
+        memset(dinp_colsum, 0, sizeof(float) * (size_t)C);
+        colsum_acc(dinp_colsum, dinp, N, C);
+    }
 }
-static void mm_fwd(void *c, float *out, const void *inp, const float *w, const float *bias, int64_t N, int C, int OC)
+static void mm_fwd(void *c, float *out, const void *inp, const float *w, const float *bias, const float *resid,
+                   int64_t N, int C, int OC)
 {
     (void)c;
-    op_matmul_fwd(out, inp, w, bias, N, C, OC);
+    if (!resid) {
+        op_matmul_fwd(out, inp, w, bias, N, C, OC);
+        return;
+    }
+    /* (resid + product) + bias: the rounding of the unfused product + residual_bias */
+    op_matmul_fwd(out, inp, w, NULL, N, C, OC);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; i++)
+        for (int j = 0; j < OC; j++) {
+            float v = resid[i * OC + j] + out[i * OC + j];
+            out[i * OC + j] = bias ? v + bias[j] : v;
+        }
 }
 static void mm_fwd_act(void *c, void *out, const void *inp, const float *w, const float *bias, int64_t N, int C,
                        int OC)
@@ -50,10 +79,12 @@ static void mm_fwd_act(void *c, void *out, const void *inp, const float *w, cons
     (void)c;
     op_matmul_fwd(out, inp, w, bias, N, C, OC);
 }
-static void mm_bwd(void *c, float *dinp, float *dw, float *dbias, const void *dout, int dout_act, const void *inp,
-                   const float *w, int64_t N, int C, int OC)
+static void mm_bwd(void *c, void *dinp, int dinp_act, float *dw, float *dbias, const void *dout, int dout_act,
+                   const void *inp, const float *w, int64_t N, int C, int OC)
 {
-    (void)c; (void)dout_act; /* operand buffers are fp32 here */
+    (void)c; (void)dinp_act; (void)dout_act; /* operand buffers are fp32 here */
+    if (dinp) /* overwritten: the op accumulates */
+        memset(dinp, 0, sizeof(float) * (size_t)(N * C));
     op_matmul_bwd(dinp, dw, dbias, dout, inp, w, N, C, OC);
 }
 static void att_fwd(void *c, void *out, float *lse, const void *qkv, int B, int T, int H, int hs)
@@ -61,7 +92,7 @@ static void att_fwd(void *c, void *out, float *lse, const void *qkv, int B, int 
     (void)c;
     op_attention_fwd(out, lse, qkv, B, T, H, hs);
 }
-static void att_bwd(void *c, void *dqkv, const float *dout, const void *qkv, const void *out, const float *lse,
+static void att_bwd(void *c, void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
                     int B, int T, int H, int hs)
 {
     (void)c;
@@ -75,10 +106,10 @@ static void mm_gelu_fwd(void *c, void *out, void *pre, const void *inp, const fl
     op_matmul_fwd(pre, inp, w, bias, N, C, OC);
     op_gelu_fwd(out, pre, N * OC);
 }
-static void mm_dgelu_bwd(void *c, void *dpre, float *dbias, const float *dout, const float *w, const void *pre,
-                         int64_t N, int C, int OC)
+static void mm_dgelu_bwd(void *c, void *dpre, float *dbias, const void *dout, int dout_act, const float *w,
+                         const void *pre, int64_t N, int C, int OC)
 {
-    (void)c;
+    (void)c; (void)dout_act; /* operand buffers are fp32 here */
     /* dpre is overwritten: the product first, then through gelu' in place */
     memset(dpre, 0, sizeof(float) * (size_t)(N * C));
     op_matmul_bwd(dpre, NULL, NULL, dout, NULL, w, N, C, OC);
@@ -106,14 +137,7 @@ static void residual_bias(void *c, float *out, const float *a, const float *b, c
 static void bias_grad(void *c, float *db, const float *dout, int64_t N, int C)
 {
     (void)c;
-    /* each thread owns columns: the row order of the sum is fixed */
-#pragma omp parallel for schedule(static)
-    for (int j = 0; j < C; j++) {
-        float s = 0;
-        for (int64_t i = 0; i < N; i++)
-            s += dout[i * C + j];
-        db[j] += s;
-    }
+    colsum_acc(db, dout, N, C);
 }
 
 static void add(void *c, float *out, const float *a, const float *b, int64_t n) { (void)c; op_add(out, a, b, n); }
@@ -146,13 +170,16 @@ static double xent_loss_sum(void *c, const float *gmax, const float *sumexp, con
         sum += (double)logf(sumexp[i]) + gmax[i] - tlogit[i];
     return sum;
 }
-static void adamw(void *c, float *p, float *g, float *m, float *v, int64_t n, float lr, float b1, float b2,
-                  float eps, float wd, int64_t t, float grad_scale)
+static void adamw_many(void *c, const mps_adamw_job *jobs, int count, const mps_adamw_step *st)
 {
     (void)c;
-    if (grad_scale != 1.0f) /* the same rounding as scaling inside the update */
-        op_scale(g, grad_scale, n);
-    op_adamw(p, g, m, v, n, lr, b1, b2, eps, wd, t);
+    for (int i = 0; i < count; i++) {
+        const mps_adamw_job *j = &jobs[i];
+        if (st->grad_scale != 1.0f) /* the same rounding as scaling inside the update */
+            op_scale(j->grad, st->grad_scale, j->n);
+        op_adamw(j->param, j->grad, j->m, j->v, j->n, st->lr, st->beta1, st->beta2, st->eps, j->weight_decay, st->t);
+        memset(j->grad, 0, sizeof(float) * (size_t)j->n);
+    }
 }
 static double sumsq_many(void *c, const float *const *xs, const int64_t *ns, int count)
 {
@@ -176,7 +203,7 @@ void mps_backend_cpu(mps_backend *out)
         .matmul_dgelu_bwd = mm_dgelu_bwd,
         .residual_bias = residual_bias, .bias_grad = bias_grad, .add = add, .accumulate = accumulate,
         .xent_stats = xent_stats, .xent_rescale = xent_rescale, .act_bytes = sizeof(float),
-        .xent_bwd = xent_bwd, .xent_loss_sum = xent_loss_sum, .adamw = adamw, .sumsq_many = sumsq_many,
+        .xent_bwd = xent_bwd, .xent_loss_sum = xent_loss_sum, .adamw_many = adamw_many, .sumsq_many = sumsq_many,
         .destroy = cpu_destroy,
     };
 }

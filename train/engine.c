@@ -99,7 +99,9 @@ static int alloc_slot(mps_engine *e, mps_mb_slot *s)
     s->layers = zalloc(e->nlayers, sizeof *s->layers);
     s->x_out = buf_new(e, N * C);
     s->dx = buf_new(e, N * C);
-    if (!s->inputs || !s->targets || !s->layers || !s->x_out || !s->dx)
+    s->dx_act = act_new(e, N * C);
+    s->dx_colsum = buf_new(e, C);
+    if (!s->inputs || !s->targets || !s->layers || !s->x_out || !s->dx || !s->dx_act || !s->dx_colsum)
         return -1;
     for (int l = 0; l < e->nlayers; l++)
         if (alloc_acts(e, &s->layers[l], e->o.recompute) != 0)
@@ -117,6 +119,8 @@ static void free_slot(mps_engine *e, mps_mb_slot *s)
     buf_free(e, s->targets);
     buf_free(e, s->x_out);
     buf_free(e, s->dx);
+    buf_free(e, s->dx_act);
+    buf_free(e, s->dx_colsum);
 }
 
 int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, const mps_backend *be,
@@ -375,8 +379,11 @@ static int backward_mb(mps_engine *e, int mb, mps_err *err)
 {
     mps_mb_slot *s = &e->slots[mb % e->nslots];
     int64_t n = (int64_t)e->N * e->C;
-    if (!e->is_last && e->comm->recv(e->comm->ctx, stage_rank(e, e->me.pp + 1), s->dx, n, TAG_BWD(mb), err) != 0)
-        return -1;
+    if (!e->is_last) {
+        s->dx_ready = 0;
+        if (e->comm->recv(e->comm->ctx, stage_rank(e, e->me.pp + 1), s->dx, n, TAG_BWD(mb), err) != 0)
+            return -1;
+    }
     if (mps_model_backward(e, s, err) != 0)
         return -1;
     if (!e->is_first) {
@@ -531,21 +538,34 @@ float mps_engine_lr(const mps_train_opts *o, int64_t step)
     return (float)(o->lr_min + 0.5 * (1.0 + cos(M_PI * progress)) * (o->lr - o->lr_min));
 }
 
+/* AdamW over every held tensor in one backend call (which zeroes the gradients), then at ZeRO-1/2
+ * the updated partitions are gathered back into each replica's full copy. */
 static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scale, mps_err *err)
 {
+    mps_adamw_job *jobs = malloc(sizeof *jobs * (size_t)(e->ntensors > 0 ? e->ntensors : 1));
+    if (!jobs)
+        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    int count = 0;
     for (int t = 0; t < e->ntensors; t++) {
         mps_tparam *p = &e->t[t];
         if (!p->held)
             continue;
         int64_t ob = p->opt.flat_begin, on = p->opt.flat_end - ob;
-        float *g = e->L.zero == 0 ? p->g : p->g_shard;
-        float *w = e->L.zero >= 3 ? p->w_shard : p->w + ob;
-        e->be->adamw(e->be->ctx, w, g, p->m, p->v, on, lr, e->o.beta1, e->o.beta2, e->o.eps,
-                     p->decay ? e->o.weight_decay : 0.0f, step + 1, clip_scale);
-        buf_zero(e, g, on);
-        if (e->L.zero >= 1 && e->L.zero < 3 && e->L.dp > 1 && mps_gather_box(e, p, err) != 0)
-            return -1;
+        jobs[count++] = (mps_adamw_job){
+            .param = e->L.zero >= 3 ? p->w_shard : p->w + ob,
+            .grad = e->L.zero == 0 ? p->g : p->g_shard,
+            .m = p->m, .v = p->v, .n = on,
+            .weight_decay = p->decay ? e->o.weight_decay : 0.0f,
+        };
     }
+    const mps_adamw_step st = {.lr = lr, .beta1 = e->o.beta1, .beta2 = e->o.beta2, .eps = e->o.eps, .t = step + 1,
+                               .grad_scale = clip_scale};
+    e->be->adamw_many(e->be->ctx, jobs, count, &st);
+    free(jobs);
+    if (e->L.zero >= 1 && e->L.zero < 3 && e->L.dp > 1)
+        for (int t = 0; t < e->ntensors; t++)
+            if (e->t[t].held && mps_gather_box(e, &e->t[t], err) != 0)
+                return -1;
     return 0;
 }
 

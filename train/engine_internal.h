@@ -43,6 +43,13 @@ typedef struct {
     mps_layer_acts *layers;    /* one per layer of the stage */
     float *x_out;              /* (N, C) stage output (sent to the next stage) */
     float *dx;                 /* (N, C) gradient flowing backward through the stage */
+    /* What the layernorm backward that last updated dx handed on for dx's next readers, the
+     * products and bias gradient of the layer below (backend.h layernorm_bwd): dx as an operand
+     * buffer and its column sums. dx_ready: they match dx (not so for a dx received from the next
+     * stage). Per slot, since the head's backward runs with the forward, ahead of the slot's own. */
+    void *dx_act;              /* (N, C) operand buffer */
+    float *dx_colsum;          /* (C) */
+    int dx_ready;
 } mps_mb_slot;
 
 struct mps_engine {

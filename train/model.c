@@ -46,6 +46,26 @@ static void layer_release(mps_engine *e, int layer)
         mps_weights_release(e, mps_layer_tensor(layer, s));
 }
 
+/* A row-parallel output projection and the residual around it: out (N, C) = resid + inp (N, K) @
+ * w^T + bias. Alone, the residual and the bias ride in the product's epilogue; under TP the
+ * partial products are summed over the group first and the bias is added once, after. */
+static int row_parallel_fwd(mps_engine *e, float *out, const float *resid, const void *inp, const float *w,
+                            const float *bias, int K, mps_err *err)
+{
+    const int64_t N = e->N;
+    const int C = e->C;
+    if (e->L.tp == 1) {
+        e->be->matmul_fwd(e->be->ctx, out, inp, w, bias, resid, N, K, C);
+        return 0;
+    }
+    float *proj = e->scratch_a; /* (N, C) partial sums */
+    e->be->matmul_fwd(e->be->ctx, proj, inp, w, NULL, NULL, N, K, C);
+    if (tp_sum(e, proj, N * C, err) != 0)
+        return -1;
+    e->be->residual_bias(e->be->ctx, out, resid, proj, bias, N, C);
+    return 0;
+}
+
 static int layer_forward(mps_engine *e, int layer, mps_layer_acts *a, float *x_out, mps_err *err)
 {
     layer_weights w;
@@ -53,29 +73,26 @@ static int layer_forward(mps_engine *e, int layer, mps_layer_acts *a, float *x_o
         return -1;
     const int64_t N = e->N;
     const int C = e->C, Cl = e->Cl, F = e->F;
-    float *proj = e->scratch_a; /* (N, C) partial sums of the row-parallel projections */
     e->be->layernorm_fwd(e->be->ctx, a->ln1, a->ln1_mean, a->ln1_rstd, a->x_in, w.ln1w, w.ln1b, N, C);
     e->be->matmul_fwd_act(e->be->ctx, a->qkv, a->ln1, w.qkvw, w.qkvb, N, C, 3 * Cl);
     e->be->attention_fwd(e->be->ctx, a->atty, a->lse, a->qkv, e->B, e->T, e->Hl, e->hs);
-    e->be->matmul_fwd(e->be->ctx, proj, a->atty, w.attprojw, NULL, N, Cl, C);
-    int rc = tp_sum(e, proj, N * C, err);
+    int rc = row_parallel_fwd(e, a->x2, a->x_in, a->atty, w.attprojw, w.attprojb, Cl, err);
     if (rc == 0) {
-        /* the row-parallel bias is added once, after the reduction */
-        e->be->residual_bias(e->be->ctx, a->x2, a->x_in, proj, w.attprojb, N, C);
         e->be->layernorm_fwd(e->be->ctx, a->ln2, a->ln2_mean, a->ln2_rstd, a->x2, w.ln2w, w.ln2b, N, C);
         e->be->matmul_gelu_fwd(e->be->ctx, a->gel, a->fch, a->ln2, w.fcw, w.fcb, N, C, F);
-        e->be->matmul_fwd(e->be->ctx, proj, a->gel, w.fcprojw, NULL, N, F, C);
-        rc = tp_sum(e, proj, N * C, err);
+        rc = row_parallel_fwd(e, x_out, a->x2, a->gel, w.fcprojw, w.fcprojb, F, err);
     }
-    if (rc == 0)
-        e->be->residual_bias(e->be->ctx, x_out, a->x2, proj, w.fcprojb, N, C);
     layer_release(e, layer);
     return rc;
 }
 
-/* dx (N, C): in: gradient at the layer output; out: gradient at the layer input. */
-static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, float *dx, mps_err *err)
+/* s->dx (N, C): in: gradient at the layer output; out: gradient at the layer input. Where the
+ * layernorm backward that wrote dx also left its operand copy and column sums (s->dx_ready), the
+ * products read the copy and the output biases' gradients take the sums; otherwise (dx received
+ * from the next stage) the products round dx themselves and bias_grad sums it. */
+static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, mps_mb_slot *s, mps_err *err)
 {
+    float *dx = s->dx;
     layer_weights w;
     if (layer_acquire(e, layer, &w, err) != 0)
         return -1;
@@ -91,32 +108,42 @@ static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, float *dx
     float *dsmall = e->scratch_b; /* (N, C) */
     int rc = 0;
     /* MLP: x3 = x2 + gelu(ln2 @ fcw^T + fcb) @ fcprojw^T + fcprojb; dx is dx3 here and becomes dx2 */
-    e->be->bias_grad(e->be->ctx, g[MPS_SLOT_FCPROJB], dx, N, C);
-    e->be->matmul_bwd(e->be->ctx, NULL, g[MPS_SLOT_FCPROJW], NULL, dx, 0, a->gel, w.fcprojw, N, F, C);
+    const void *dres = dx; /* the residual gradient as the products read it */
+    int dres_act = 0;
+    if (s->dx_ready) {
+        e->be->accumulate(e->be->ctx, g[MPS_SLOT_FCPROJB], s->dx_colsum, C);
+        dres = s->dx_act, dres_act = 1;
+    } else {
+        e->be->bias_grad(e->be->ctx, g[MPS_SLOT_FCPROJB], dx, N, C);
+    }
+    e->be->matmul_bwd(e->be->ctx, NULL, 0, g[MPS_SLOT_FCPROJW], NULL, dres, dres_act, a->gel, w.fcprojw, N, F, C);
     /* dfch (an operand buffer, overwritten) goes where gel was: gel is no longer needed (the
      * product above, issued first, has read it), and no other (N, F) operand buffer is free */
     void *dfch = a->gel;
-    e->be->matmul_dgelu_bwd(e->be->ctx, dfch, g[MPS_SLOT_FCB], dx, w.fcprojw, a->fch, N, F, C);
-    buf_zero(e, dsmall, N * C);
-    e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_FCW], NULL, dfch, 1, a->ln2, w.fcw, N, C, F);
+    e->be->matmul_dgelu_bwd(e->be->ctx, dfch, g[MPS_SLOT_FCB], dres, dres_act, w.fcprojw, a->fch, N, F, C);
+    e->be->matmul_bwd(e->be->ctx, dsmall, 0, g[MPS_SLOT_FCW], NULL, dfch, 1, a->ln2, w.fcw, N, C, F);
     rc = tp_sum(e, dsmall, N * C, err); /* ln2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
-        e->be->layernorm_bwd(e->be->ctx, dx, g[MPS_SLOT_LN2W], g[MPS_SLOT_LN2B], dsmall, a->x2, w.ln2w, a->ln2_mean,
-                             a->ln2_rstd, N, C);
+        e->be->layernorm_bwd(e->be->ctx, dx, s->dx_act, s->dx_colsum, g[MPS_SLOT_LN2W], g[MPS_SLOT_LN2B], dsmall,
+                             a->x2, w.ln2w, a->ln2_mean, a->ln2_rstd, N, C);
+        s->dx_ready = 1;
         /* attention: x2 = x + (attention(ln1 @ qkvw^T + qkvb) @ attprojw^T) + attprojb */
-        e->be->bias_grad(e->be->ctx, g[MPS_SLOT_ATTPROJB], dx, N, C);
-        buf_zero(e, dsmall, N * Cl);
-        e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_ATTPROJW], NULL, dx, 0, a->atty, w.attprojw, N, Cl, C);
+        e->be->accumulate(e->be->ctx, g[MPS_SLOT_ATTPROJB], s->dx_colsum, C);
+        void *datty = dsmall; /* (N, Cl) operand buffer: only the attention backward reads it */
+        e->be->matmul_bwd(e->be->ctx, datty, 1, g[MPS_SLOT_ATTPROJW], NULL, s->dx_act, 1, a->atty, w.attprojw, N,
+                          Cl, C);
         void *dqkv = dbig; /* (N, 3 Cl) operand buffer, overwritten */
-        e->be->attention_bwd(e->be->ctx, dqkv, dsmall, a->qkv, a->atty, a->lse, e->B, e->T, e->Hl, e->hs);
-        buf_zero(e, dsmall, N * C);
-        e->be->matmul_bwd(e->be->ctx, dsmall, g[MPS_SLOT_QKVW], g[MPS_SLOT_QKVB], dqkv, 1, a->ln1, w.qkvw, N, C,
+        e->be->attention_bwd(e->be->ctx, dqkv, datty, a->qkv, a->atty, a->lse, e->B, e->T, e->Hl, e->hs);
+        e->be->matmul_bwd(e->be->ctx, dsmall, 0, g[MPS_SLOT_QKVW], g[MPS_SLOT_QKVB], dqkv, 1, a->ln1, w.qkvw, N, C,
                           3 * Cl);
         rc = tp_sum(e, dsmall, N * C, err);
     }
+    /* below the stage's first layer dx goes to the embedding or to the previous stage: no products */
+    const int below = layer > e->first_layer;
     if (rc == 0)
-        e->be->layernorm_bwd(e->be->ctx, dx, g[MPS_SLOT_LN1W], g[MPS_SLOT_LN1B], dsmall, a->x_in, w.ln1w, a->ln1_mean,
-                             a->ln1_rstd, N, C);
+        e->be->layernorm_bwd(e->be->ctx, dx, below ? s->dx_act : NULL, below ? s->dx_colsum : NULL, g[MPS_SLOT_LN1W],
+                             g[MPS_SLOT_LN1B], dsmall, a->x_in, w.ln1w, a->ln1_mean, a->ln1_rstd, N, C);
+    s->dx_ready = below;
     layer_release(e, layer);
     return rc;
 }
@@ -152,7 +179,7 @@ static int embed_backward(mps_engine *e, mps_mb_slot *s, const float *dx, mps_er
 
 /* Last stage: ln_f, the tied head (vocab-parallel logits), cross-entropy, and right away the
  * head's backward: dx (N, C) receives the gradient at the last layer's output. */
-static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, float *dx, mps_err *err)
+static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, mps_err *err)
 {
     const int64_t N = e->N;
     const int C = e->C;
@@ -194,13 +221,13 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
         void *dlogits = e->logits; /* in place */
         e->be->xent_bwd(e->be->ctx, dlogits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
                         e->cfg.vocab);
-        buf_zero(e, dxf, N * C);
-        e->be->matmul_bwd(e->be->ctx, dxf, gwte, NULL, dlogits, 1, xf, wte, N, C, (int)e->Vl);
+        e->be->matmul_bwd(e->be->ctx, dxf, 0, gwte, NULL, dlogits, 1, xf, wte, N, C, (int)e->Vl);
         rc = tp_sum(e, dxf, N * C, err);
     }
     if (rc == 0) {
-        buf_zero(e, dx, N * C);
-        e->be->layernorm_bwd(e->be->ctx, dx, glnfw, glnfb, dxf, x, lnfw, mean, rstd, N, C);
+        buf_zero(e, s->dx, N * C);
+        e->be->layernorm_bwd(e->be->ctx, s->dx, s->dx_act, s->dx_colsum, glnfw, glnfb, dxf, x, lnfw, mean, rstd, N, C);
+        s->dx_ready = 1;
     }
     mps_weights_release(e, lnfb_t);
     mps_weights_release(e, lnfw_t);
@@ -230,7 +257,7 @@ int mps_model_forward(mps_engine *e, mps_mb_slot *s, mps_err *err)
             return -1;
     }
     if (e->is_last)
-        return head_forward_backward(e, s, s->x_out, s->dx, err);
+        return head_forward_backward(e, s, s->x_out, err);
     return 0;
 }
 
@@ -242,7 +269,7 @@ int mps_model_backward(mps_engine *e, mps_mb_slot *s, mps_err *err)
          * values: the activations, and so the gradients, are those of a run that kept them) */
         if (e->o.recompute && layer_forward(e, e->first_layer + l, &a, e->work_out, err) != 0)
             return -1;
-        if (layer_backward(e, e->first_layer + l, &a, s->dx, err) != 0)
+        if (layer_backward(e, e->first_layer + l, &a, s, err) != 0)
             return -1;
     }
     if (e->is_first)

@@ -241,7 +241,7 @@ static void same(const char *op, const char *what, const float *a, const float *
 
 /* Outputs of one test: the initial contents (random for += outputs), the CPU result, the device
  * buffer and the results of the two GPU runs. */
-#define MAXO 4
+#define MAXO 6
 typedef struct {
     const char *name;
     int64_t n;
@@ -522,14 +522,19 @@ static void test_layernorm(int64_t N, int C, int with_stats, int with_dinp)
     o_done(&s, TOL_EW);
     if (with_stats) {
         snprintf(op, sizeof op, "layernorm_bwd N%lld C%d%s", (long long)N, C, with_dinp ? "" : " no dinp");
-        float *i0 = hrand(N * C, 1.0f), *i1 = hrand(C, 1.0f), *i2 = hrand(C, 1.0f);
+        /* with dinp also its operand copy and column sums (both overwritten: start from poison) */
+        float *i0 = hrand(N * C, 1.0f), *i1 = hrand(C, 1.0f), *i2 = hrand(C, 1.0f), *i3 = hrand(C, 1e3f);
         float *dinp = with_dinp ? o_add(&s, "dinp", N * C, i0) : NULL;
+        float *dact = with_dinp ? o_add_act(&s, "dinp_act", N * C) : NULL;
+        float *dsum = with_dinp ? o_add(&s, "dinp_colsum", C, i3) : NULL;
         float *dw = o_add(&s, "dw", C, i1), *db = o_add(&s, "db", C, i2);
-        cpu.layernorm_bwd(cpu.ctx, dinp, dw, db, dout.h, inp.h, w.h, m.h, r.h, N, C);
-        int k = with_dinp;
-        GPU_TWICE(s, gpu.layernorm_bwd(gpu.ctx, with_dinp ? o_dev(&s, 0) : NULL, o_dev(&s, k), o_dev(&s, k + 1),
-                                       dout.d, inp.d, w.d, m.d, r.d, N, C));
+        cpu.layernorm_bwd(cpu.ctx, dinp, dact, dsum, dw, db, dout.h, inp.h, w.h, m.h, r.h, N, C);
+        int k = with_dinp ? 3 : 0;
+        GPU_TWICE(s, gpu.layernorm_bwd(gpu.ctx, with_dinp ? o_dev(&s, 0) : NULL, with_dinp ? o_dev(&s, 1) : NULL,
+                                       with_dinp ? o_dev(&s, 2) : NULL, o_dev(&s, k), o_dev(&s, k + 1), dout.d, inp.d,
+                                       w.d, m.d, r.d, N, C));
         o_done(&s, N > 1000 ? TOL_RED : TOL_EW);
+        free(i3);
         free(i0);
         free(i1);
         free(i2);
@@ -556,9 +561,18 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
              off_out ? " out+1" : "", off_bias ? " bias+1" : "");
     float *init = hrand(N * OC + off_out, 1.0f);
     float *out = o_add(&s, "out", N * OC + off_out, init); /* overwritten, prefix untouched */
-    cpu.matmul_fwd(cpu.ctx, out + off_out, inp.h, w.h, bh, N, C, OC);
-    GPU_TWICE(s, gpu.matmul_fwd(gpu.ctx, o_dev(&s, 0) + off_out, inp.d, w.d, bd, N, C, OC));
+    cpu.matmul_fwd(cpu.ctx, out + off_out, inp.h, w.h, bh, NULL, N, C, OC);
+    GPU_TWICE(s, gpu.matmul_fwd(gpu.ctx, o_dev(&s, 0) + off_out, inp.d, w.d, bd, NULL, N, C, OC));
     o_done(&s, TOL_GEMM);
+    /* the residual in the epilogue: out = inp @ w^T + bias + resid */
+    snprintf(op, sizeof op, "matmul_fwd+resid N%lld C%d OC%d%s%s%s", (long long)N, C, OC, bias ? " bias" : "",
+             off_out ? " out+1" : "", off_bias ? " bias+1" : "");
+    tin resid = in_rand(N * OC + off_out, 4.0f);
+    out = o_add(&s, "out", N * OC + off_out, init);
+    cpu.matmul_fwd(cpu.ctx, out + off_out, inp.h, w.h, bh, resid.h + off_out, N, C, OC);
+    GPU_TWICE(s, gpu.matmul_fwd(gpu.ctx, o_dev(&s, 0) + off_out, inp.d, w.d, bd, resid.d + off_out, N, C, OC));
+    o_done(&s, TOL_GEMM);
+    in_free(&resid);
     free(init);
     if (!off_out) { /* the product as an operand buffer (the head's logits, qkv) */
         snprintf(op, sizeof op, "matmul_fwd_act N%lld C%d OC%d%s", (long long)N, C, OC, bias ? " bias" : "");
@@ -577,11 +591,12 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
         float *dinp = variant & 1 ? NULL : o_add(&s, "dinp", N * C + off_out, i0);
         float *dw = o_add(&s, "dw", (int64_t)OC * C + off_out, i1);
         float *db = variant & 1 ? NULL : o_add(&s, "dbias", OC, i2);
-        cpu.matmul_bwd(cpu.ctx, dinp ? dinp + off_out : NULL, dw + off_out, db, g->h, 0, inp.h, w.h, N, C, OC);
+        cpu.matmul_bwd(cpu.ctx, dinp ? dinp + off_out : NULL, 0, dw + off_out, db, g->h, 0, inp.h, w.h, N, C, OC);
         if (variant & 1)
-            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, NULL, o_dev(&s, 0) + off_out, NULL, g->d, da, inp.d, w.d, N, C, OC));
+            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, NULL, 0, o_dev(&s, 0) + off_out, NULL, g->d, da, inp.d, w.d, N, C,
+                                        OC));
         else
-            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, o_dev(&s, 0) + off_out, o_dev(&s, 1) + off_out, o_dev(&s, 2), g->d,
+            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, o_dev(&s, 0) + off_out, 0, o_dev(&s, 1) + off_out, o_dev(&s, 2), g->d,
                                         da, inp.d, w.d, N, C, OC));
         /* dbias is an fp32 column sum: it must meet the fp32 tolerance, not the GEMM one */
         double tols[MAXO];
@@ -592,6 +607,15 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
         free(i1);
         free(i2);
     }
+    /* dinp as an operand buffer (the attention output's gradient), from an operand dout */
+    snprintf(op, sizeof op, "matmul_bwd N%lld C%d OC%d dinp act", (long long)N, C, OC);
+    float *dinp = o_add_act(&s, "dinp", N * C);
+    float *i1 = hrand((int64_t)OC * C, 1.0f);
+    float *dw = o_add(&s, "dw", (int64_t)OC * C, i1);
+    cpu.matmul_bwd(cpu.ctx, dinp, 1, dw, NULL, dout_act.h, 1, inp.h, w.h, N, C, OC);
+    GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, o_dev(&s, 0), 1, o_dev(&s, 1), NULL, dout_act.d, 1, inp.d, w.d, N, C, OC));
+    o_done(&s, TOL_GEMM);
+    free(i1);
     in_free(&inp);
     in_free(&w);
     in_free(&bb);
@@ -619,9 +643,17 @@ static void test_matmul_gelu(int64_t N, int C, int OC)
     snprintf(op, sizeof op, "matmul_dgelu_bwd N%lld C%d OC%d", (long long)N, OC, C2);
     float *i0 = hrand(OC, 1.0f);
     float *dpre = o_add_act(&s, "dpre", N * OC), *db = o_add(&s, "dbias", OC, i0);
-    cpu.matmul_dgelu_bwd(cpu.ctx, dpre, db, dout.h, w2.h, p.h, N, OC, C2);
-    GPU_TWICE(s, gpu.matmul_dgelu_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout.d, w2.d, p.d, N, OC, C2));
+    cpu.matmul_dgelu_bwd(cpu.ctx, dpre, db, dout.h, 0, w2.h, p.h, N, OC, C2);
+    GPU_TWICE(s, gpu.matmul_dgelu_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout.d, 0, w2.d, p.d, N, OC, C2));
     o_done(&s, TOL_GEMM);
+    /* the same with dout an operand buffer (the layernorm backward's copy of the residual gradient) */
+    snprintf(op, sizeof op, "matmul_dgelu_bwd N%lld C%d OC%d dout act", (long long)N, OC, C2);
+    tin dout_act = in_copy_act(dout.h, N * C2);
+    dpre = o_add_act(&s, "dpre", N * OC), db = o_add(&s, "dbias", OC, i0);
+    cpu.matmul_dgelu_bwd(cpu.ctx, dpre, db, dout_act.h, 1, w2.h, p.h, N, OC, C2);
+    GPU_TWICE(s, gpu.matmul_dgelu_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout_act.d, 1, w2.d, p.d, N, OC, C2));
+    o_done(&s, TOL_GEMM);
+    in_free(&dout_act);
     free(i0);
     in_free(&inp);
     in_free(&w);
@@ -640,7 +672,7 @@ static void test_attention(mps_backend *be, const char *tag, int B, int T, int H
     char op[96];
     const int64_t Cl = (int64_t)H * hs, nqkv = (int64_t)B * T * 3 * Cl, nout = (int64_t)B * T * Cl;
     const int64_t nlse = (int64_t)B * H * T;
-    tin qkv = in_rand_act(nqkv, 1.5f), dout = in_rand(nout, 1.0f); /* qkv: an operand buffer */
+    tin qkv = in_rand_act(nqkv, 1.5f), dout = in_rand_act(nout, 1.0f); /* operand buffers */
     oset s = {.op = op};
     snprintf(op, sizeof op, "attention_fwd%s B%d T%d H%d hs%d", tag, B, T, H, hs);
     float *out = o_add_act(&s, "out", nout), *lse = o_add(&s, "lse", nlse, NULL);
@@ -820,21 +852,55 @@ static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
 
 /* ---------------------------------------------------------------- optimizer, norms */
 
-static void test_adamw(int64_t n, int off)
+/* AdamW over several tensors in one call (sizes around the multi-tensor chunk and launch limits,
+ * offsets that break 16-byte alignment, with and without weight decay), 3 steps with a clipping
+ * factor on the second; every grad must come back zeroed */
+static void test_adamw_many(int count, int64_t n0, int off)
 {
-    char op[64];
-    snprintf(op, sizeof op, "adamw n%lld 3 steps%s, grad scale", (long long)n, off ? " +1" : "");
-    float *p0 = hrand(n + off, 1.0f);
-    tin g[3] = {in_rand(n + off, 1e-2f), in_rand(n + off, 1e-3f), in_rand(n + off, 1e-1f)};
+    char op[80];
+    snprintf(op, sizeof op, "adamw_many %d tensors from n%lld%s", count, (long long)n0, off ? " +1" : "");
+    int64_t *ns = xmalloc(sizeof *ns * (size_t)count), total = 0;
+    for (int i = 0; i < count; i++) {
+        ns[i] = i == 1 ? 0 : n0 + (int64_t)i * 4099 % 40000; /* one empty tensor */
+        total += ns[i] + off;
+    }
+    float *p0 = hrand(total, 1.0f);
+    tin g[3] = {in_rand(total, 1e-2f), in_rand(total, 1e-3f), in_rand(total, 1e-1f)};
     oset s = {.op = op};
-    float *p = o_add(&s, "param", n + off, p0), *m = o_add(&s, "m", n + off, NULL), *v = o_add(&s, "v", n + off, NULL);
-    for (int t = 1; t <= 3; t++)
-        cpu.adamw(cpu.ctx, p + off, g[t - 1].h + off, m + off, v + off, n, 6e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, t,
-                  t == 2 ? 0.3f : 1.0f);
-    GPU_TWICE(s, for (int t = 1; t <= 3; t++) gpu.adamw(gpu.ctx, o_dev(&s, 0) + off, g[t - 1].d + off,
-                                                       o_dev(&s, 1) + off, o_dev(&s, 2) + off, n, 6e-4f, 0.9f, 0.95f,
-                                                       1e-8f, 0.1f, t, t == 2 ? 0.3f : 1.0f));
+    float *p = o_add(&s, "param", total, p0), *m = o_add(&s, "m", total, NULL), *v = o_add(&s, "v", total, NULL);
+    float *gz = o_add(&s, "grad (zeroed)", total, NULL);
+    mps_adamw_job *jc = xmalloc(sizeof *jc * (size_t)count), *jg = xmalloc(sizeof *jg * (size_t)count);
+    for (int t = 1; t <= 3; t++) {
+        mps_adamw_step st = {6e-4f, 0.9f, 0.95f, 1e-8f, t, t == 2 ? 0.3f : 1.0f};
+        float *gh = hdup(g[t - 1].h, total);
+        for (int i = 0, at = 0; i < count; at += (int)(ns[i] + off), i++)
+            jc[i] = (mps_adamw_job){p + at + off, gh + at + off, m + at + off, v + at + off, ns[i], i % 3 ? 0.1f : 0.0f};
+        cpu.adamw_many(cpu.ctx, jc, count, &st);
+        for (int64_t i = 0, at = 0; i < count; at += ns[i] + off, i++)
+            memcpy(gz + at + off, gh + at + off, sizeof(float) * (size_t)ns[i]); /* zeros, where the jobs were */
+        free(gh);
+    }
+    for (int run_ = 0; run_ < 2; run_++) {
+        o_reset(&s);
+        for (int t = 1; t <= 3; t++) {
+            mps_adamw_step st = {6e-4f, 0.9f, 0.95f, 1e-8f, t, t == 2 ? 0.3f : 1.0f};
+            /* the grads: step t's values, in the buffer that must come back zeroed */
+            gpu.from_host(gpu.ctx, o_dev(&s, 3), g[t - 1].h, sizeof(float) * (size_t)total);
+            for (int i = 0, at = 0; i < count; at += (int)(ns[i] + off), i++)
+                jg[i] = (mps_adamw_job){o_dev(&s, 0) + at + off, o_dev(&s, 3) + at + off, o_dev(&s, 1) + at + off,
+                                        o_dev(&s, 2) + at + off, ns[i], i % 3 ? 0.1f : 0.0f};
+            gpu.adamw_many(gpu.ctx, jg, count, &st);
+        }
+        o_fetch(&s, run_);
+    }
+    /* outside the jobs (the offsets) the grad buffer keeps step 3's values on both sides */
+    for (int64_t i = 0, at = 0; i < count; at += ns[i] + off, i++)
+        for (int k = 0; k < off; k++)
+            gz[at + k] = g[2].h[at + k];
     o_done(&s, TOL_EW);
+    free(jc);
+    free(jg);
+    free(ns);
     free(p0);
     for (int i = 0; i < 3; i++)
         in_free(&g[i]);
@@ -877,8 +943,9 @@ static void test_sumsq_many(void)
     double cm = cpu.sumsq_many(cpu.ctx, hx, ns, 4), gm = gpu.sumsq_many(gpu.ctx, dx, ns, 4);
     double gm2 = gpu.sumsq_many(gpu.ctx, dx, ns, 4);
     sync_ok("sumsq_many");
-    int ok = cm == c && memcmp(&gm, &g1, sizeof gm) == 0 && memcmp(&gm, &gm2, sizeof gm) == 0 &&
-             fabs(gm - c) <= TOL_DOUBLE * c;
+    /* the GPU chunks the buffers together: its sum need not have the bits of the single calls' */
+    int ok = cm == c && memcmp(&gm, &gm2, sizeof gm) == 0 && fabs(gm - c) <= TOL_DOUBLE * c &&
+             fabs(g1 - c) <= TOL_DOUBLE * c;
     checks++;
     failures += !ok;
     printf("%-5s %-34s gpu %.15g (single calls %.15g) cpu %.15g (single %.15g)\n", ok ? "ok" : "FAIL",
@@ -959,20 +1026,21 @@ static void bench(mps_backend *bf16)
     const double mm = 2.0 * (double)N * C * 3 * C, att = 4.0 * B * H * (double)T * T / 2 * hs;
     printf("timings (informational), B=%d T=%d C=%d H=%d: one layer's pieces\n", B, T, C, H);
     BENCH(&gpu, "matmul_fwd qkv (N, 768) -> (N, 2304) +bias", mm, 10,
-          gpu.matmul_fwd(gpu.ctx, qkv, x, w, bias, N, C, 3 * C));
+          gpu.matmul_fwd(gpu.ctx, qkv, x, w, bias, NULL, N, C, 3 * C));
     BENCH(&gpu, "matmul_fwd_act qkv (N, 768) -> (N, 2304) +bias, bf16", mm, 10,
           gpu.matmul_fwd_act(gpu.ctx, dqkv, x, w, bias, N, C, 3 * C));
     BENCH(&gpu, "matmul_bwd qkv dinp+dw+dbias (dout operand)", 2 * mm, 10,
-          gpu.matmul_bwd(gpu.ctx, y, dw, bias, qkv, 1, x, w, N, C, 3 * C));
+          gpu.matmul_bwd(gpu.ctx, y, 0, dw, bias, qkv, 1, x, w, N, C, 3 * C));
     BENCH(&gpu, "matmul_bwd qkv dinp+dw+dbias (dout fp32)", 2 * mm, 10,
-          gpu.matmul_bwd(gpu.ctx, y, dw, bias, qkv, 0, x, w, N, C, 3 * C));
+          gpu.matmul_bwd(gpu.ctx, y, 0, dw, bias, qkv, 0, x, w, N, C, 3 * C));
     BENCH(&gpu, "matmul_fwd fc (N, 768) -> (N, 3072) +bias", 2.0 * N * C * F, 10,
-          gpu.matmul_fwd(gpu.ctx, y, x, w, bias, N, C, F));
+          gpu.matmul_fwd(gpu.ctx, y, x, w, bias, NULL, N, C, F));
     BENCH(&gpu, "matmul_gelu_fwd fc (N, 768) -> (N, 3072)", 2.0 * N * C * F, 10,
           gpu.matmul_gelu_fwd(gpu.ctx, y, dqkv, x, w, bias, N, C, F));
     BENCH(&gpu, "matmul_dgelu_bwd fcproj (N, 768) -> (N, 3072)", 2.0 * N * C * F, 10,
-          gpu.matmul_dgelu_bwd(gpu.ctx, y, bias, qkv, w, dqkv, N, F, C));
+          gpu.matmul_dgelu_bwd(gpu.ctx, y, bias, qkv, 0, w, dqkv, N, F, C));
     act_put(qkv, hq, N * 3 * C); /* qkv as the operand buffer attention reads (the products wrote over it) */
+    act_put(y, hq, N * C);         /* dout, an operand buffer too */
     free(hq);
     /* the default backend: hs = 64 runs attention_fast.cu (bf16 mma.sync); the forward first, so
      * that the backward sees a real lse */
@@ -996,7 +1064,7 @@ static void bench(mps_backend *bf16)
               bf16->attention_bwd(bf16->ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
     }
     BENCH(&gpu, "layernorm_fwd (N, 768)", 0, 10, gpu.layernorm_fwd(gpu.ctx, y, mean, rstd, x, w, bias, N, C));
-    BENCH(&gpu, "layernorm_bwd (N, 768)", 0, 10, gpu.layernorm_bwd(gpu.ctx, y, dw, bias, x, qkv, w, mean, rstd, N, C));
+    BENCH(&gpu, "layernorm_bwd (N, 768)", 0, 10, gpu.layernorm_bwd(gpu.ctx, y, NULL, NULL, dw, bias, x, qkv, w, mean, rstd, N, C));
     BENCH(&gpu, "residual_bias (N, 768)", 0, 10, gpu.residual_bias(gpu.ctx, y, x, qkv, bias, N, C));
     BENCH(&gpu, "bias_grad (N, 3072)", 0, 10, gpu.bias_grad(gpu.ctx, bias, x, N, F));
     BENCH(&gpu, "embed_fwd", 0, 10, gpu.embed_fwd(gpu.ctx, y, tok, N, wte, 0, Vl, C));
@@ -1009,11 +1077,11 @@ static void bench(mps_backend *bf16)
     BENCH(&gpu, "xent_bwd (N, 50304)", 0, 5,
           gpu.xent_bwd(gpu.ctx, dlogits, logits, tok, mean, rstd, 1e-5f, N, Vl, 0, 50257));
     BENCH(&gpu, "matmul_bwd head dinp+dw", 4.0 * N * C * Vl, 3,
-          gpu.matmul_bwd(gpu.ctx, y, wte, NULL, dlogits, 1, x, wte, N, C, (int)Vl));
+          gpu.matmul_bwd(gpu.ctx, y, 0, wte, NULL, dlogits, 1, x, wte, N, C, (int)Vl));
     dfree(dlogits);
-    BENCH(&gpu, "adamw 124M parameters (as 3 x 41M)", 0, 3,
-          gpu.adamw(gpu.ctx, logits, logits + 41000000, logits + 82000000, logits + 123000000, 41000000, 1e-4f, 0.9f,
-                    0.95f, 1e-8f, 0.1f, 1, 0.5f));
+    mps_adamw_job aj = {logits, logits + 41000000, logits + 82000000, logits + 123000000, 41000000, 0.1f};
+    mps_adamw_step as = {1e-4f, 0.9f, 0.95f, 1e-8f, 1, 0.5f};
+    BENCH(&gpu, "adamw_many 41M parameters (one tensor)", 0, 3, gpu.adamw_many(gpu.ctx, &aj, 1, &as));
     BENCH(&gpu, "sumsq 124M", 0, 5, (void)sumsq1(&gpu, logits, 124000000));
     float *bufs[] = {x, y, qkv, dqkv, w, dw, bias, lse, mean, rstd, logits, wte};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -1120,8 +1188,10 @@ static void g_xent(void)
 }
 static void g_optim(void)
 {
-    test_adamw(10007, 0);
-    test_adamw(10007, 1);
+    test_adamw_many(3, 10007, 0);
+    test_adamw_many(3, 10007, 1);
+    test_adamw_many(70, 33000, 0); /* two launches (64 tensors each at most), chunk tails */
+    test_adamw_many(5, 100003, 1);
     test_sumsq(100003, 0);
     test_sumsq(100003, 1);
     test_sumsq(7, 0);

@@ -446,8 +446,9 @@ int cu_attention_fwd_tc(mps_cuda *c, float *out, float *lse, const float *qkv, i
 int cu_attention_bwd_tc(mps_cuda *c, float *dqkv, const float *dout, const float *qkv, const float *lse,
                         const float *Dv, int B, int T, int H, int hs);
 
-/* The fp32 kernels (and attention_tc.cu) read and write fp32: qkv is widened into a scratch buffer,
- * their output goes through another and is rounded into the operand buffer after. */
+/* The fp32 kernels (and attention_tc.cu) read and write fp32: qkv (and the backward's out and
+ * dout) are widened into scratch buffers, their output goes through another and is rounded into
+ * the operand buffer after. */
 static const float *qkv_fp32(mps_cuda *c, const void *qkv_act, int64_t n, const char *what)
 {
     float *q = (float *)cu_scratch(c, SCR_ATT_QKV, (size_t)n * sizeof(float)); // (B, T, 3 Cl)
@@ -480,7 +481,7 @@ void cu_attention_fwd(void *ctx, void *out_act, float *lse, const void *qkv_act,
     cu_to_act(c, (act_t *)out_act, out, n, "attention_fwd (to operand)");
 }
 
-void cu_attention_bwd(void *ctx, void *dqkv_act, const float *dout, const void *qkv_act, const void *out_act,
+void cu_attention_bwd(void *ctx, void *dqkv_act, const void *dout_act, const void *qkv_act, const void *out_act,
                       const float *lse, int B, int T, int H, int hs)
 {
     mps_cuda *c = (mps_cuda *)ctx;
@@ -492,13 +493,15 @@ void cu_attention_bwd(void *ctx, void *dqkv_act, const float *dout, const void *
         return;
     /* the fast kernels compute D themselves */
     if (c->attn_mode == MPS_ATTN_FAST &&
-        cu_attention_bwd_fast(c, (act_t *)dqkv_act, dout, (const act_t *)qkv_act, (const act_t *)out_act, lse, Dv, B,
-                              T, H, hs) == 0)
+        cu_attention_bwd_fast(c, (act_t *)dqkv_act, (const act_t *)dout_act, (const act_t *)qkv_act,
+                              (const act_t *)out_act, lse, Dv, B, T, H, hs) == 0)
         return;
     float *out = (float *)cu_scratch(c, SCR_ATT_OUT, (size_t)n * sizeof(float));        // (B, T, Cl)
+    float *dout = (float *)cu_scratch(c, SCR_ATT_DOUT, (size_t)n * sizeof(float));      // (B, T, Cl)
     float *dqkv = (float *)cu_scratch(c, SCR_ATT_DQKV, (size_t)3 * n * sizeof(float));  // (B, T, 3 Cl)
-    const float *qkv = out && dqkv ? qkv_fp32(c, qkv_act, 3 * n, "attention_bwd (qkv to fp32)") : NULL;
+    const float *qkv = out && dout && dqkv ? qkv_fp32(c, qkv_act, 3 * n, "attention_bwd (qkv to fp32)") : NULL;
     if (!qkv || cu_from_act(c, out, (const act_t *)out_act, n, "attention_bwd (out to fp32)") != 0 ||
+        cu_from_act(c, dout, (const act_t *)dout_act, n, "attention_bwd (dout to fp32)") != 0 ||
         cu_check(c, cudaMemsetAsync(dqkv, 0, (size_t)3 * n * sizeof(float), c->stream), "attention_bwd") != 0)
         return;
     k_attn_D<<<cu_grid(c, rows * 32, 256), 256, 0, c->stream>>>(Dv, dout, out, rows, T, H, hs);

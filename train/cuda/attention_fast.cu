@@ -3,18 +3,16 @@
  * attention.cu / attention_tc.cu instead). Layout as in ops_cpu.h: qkv (B, T, 3 * Cl) with rows
  * [q | k | v], head h at h * 64 of each part; out (B, T, Cl); lse (B, H, T); Cl = H * 64.
  *
- * Precision: q, k, v, dout and the probabilities P / dS enter the products as bf16 (converted
- * from fp32 while a tile is copied into shared memory), every product accumulates in fp32
- * (mma.sync m16n8k16 bf16 -> f32), and the softmax, lse, D and all sums stay fp32. out and dqkv
- * are operand buffers (bf16, backend.h): the forward rounds out once, D reads it back, and the
- * backward writes (overwrites) dqkv rounded to bf16.
+ * Precision: q, k, v, dout and the probabilities P / dS enter the products as bf16 (qkv, out,
+ * dout and dqkv are operand buffers, backend.h: bf16 in memory, copied into shared memory as they
+ * are), every product accumulates in fp32 (mma.sync m16n8k16 bf16 -> f32), and the softmax, lse,
+ * D and all sums stay fp32. The forward rounds out once, D reads it back, and the backward writes
+ * (overwrites) dqkv rounded to bf16.
  *
  * Tiling (all three kernels): a CTA of 8 warps owns 128 rows (16 per warp: queries in the forward
  * and the dQ kernel, keys in the dK/dV kernel) and streams tiles of 64 rows of the other side
- * through shared memory, double-buffered: while tile j is computed from one bf16 buffer, tile
- * j + 1 arrives by cp.async in an fp32 staging tile; after tile j each thread converts the parts
- * it copied itself into the other bf16 buffer, so one __syncthreads per tile suffices. The
- * owned rows' A fragments (and the streamed tile's B fragments) are read with ldmatrix
+ * through shared memory, double-buffered: while tile j is computed from one buffer, tile j + 1
+ * arrives by cp.async in the other, so one __syncthreads per tile suffices. The owned rows' A fragments (and the streamed tile's B fragments) are read with ldmatrix
  * (non-transposed for Q K^T-like products, transposed for P V-like ones); the forward keeps Q's
  * fragments in registers, the backward kernels re-read theirs to stay at 128 registers (two CTAs,
  * 16 warps, per SM). Score tiles stay in registers: the accumulator layout of two adjacent n8
@@ -57,10 +55,9 @@ constexpr float LN2 = 0.6931471805599453f;
 /* shared memory of each kernel (bytes) */
 constexpr size_t FSM_TILE = sizeof(bf16) * FTILE * FLD;  /* one 64-row tile */
 constexpr size_t FSM_ROWS = sizeof(bf16) * FROWS * FLD;  /* the 128 owned rows */
-constexpr size_t FSM_STAGE = sizeof(float) * FTILE * FD; /* fp32 staging of the next dO tile (dK/dV) */
 constexpr size_t FSM_FWD = FSM_ROWS + 4 * FSM_TILE; /* Q; K, V double-buffered */
 constexpr size_t FSM_DQ = 2 * FSM_ROWS + 4 * FSM_TILE + sizeof(float) * FROWS; /* Q, dO; K, V; D */
-constexpr size_t FSM_DKV = 2 * FSM_ROWS + 4 * FSM_TILE + FSM_STAGE + 6 * sizeof(float) * FTILE; /* + lse, D */
+constexpr size_t FSM_DKV = 2 * FSM_ROWS + 4 * FSM_TILE + 6 * sizeof(float) * FTILE; /* + lse, D */
 
 /* ---------------------------------------------------------------- warp-level primitives */
 
@@ -161,7 +158,6 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4][4], const bf16 *t, int r
 /* ---------------------------------------------------------------- global -> shared (fp32 -> bf16) */
 
 /* four consecutive elements (fp32, or bf16 widened) at p */
-__device__ __forceinline__ float4 ld4g(const float *p) { return __ldg(reinterpret_cast<const float4 *>(p)); }
 __device__ __forceinline__ float4 ld4g(const bf16 *p)
 {
     const uint2 u = __ldg(reinterpret_cast<const uint2 *>(p));
@@ -195,10 +191,9 @@ __device__ __forceinline__ void tile_sts(bf16 *dst, const float4 (&v)[R / 16])
             make_uint2(pack2(v[i].x, v[i].y), pack2(v[i].z, v[i].w));
 }
 
-/* Asynchronous copies (cp.async) of the next streamed tile into an fp32 staging tile st[64][64]:
- * they need no registers and cannot be moved next to their use by the compiler, so the loads have
- * a whole tile's work to arrive. Thread x copies (and later converts) float4 x % 16 of rows
- * x / 16 + 16 i; rows at or past T are zero-filled (source size 0, nothing read). */
+/* Asynchronous copies (cp.async) of the next streamed tile: they need no registers and cannot be
+ * moved next to their use by the compiler, so the loads have a whole tile's work to arrive; rows
+ * at or past T are zero-filled (source size 0, nothing read). */
 __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid)
 {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
@@ -211,31 +206,6 @@ __device__ __forceinline__ void cp_async4(float *dst, const float *src)
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-constexpr int FST = FTILE * FD; /* floats of a staging tile */
-
-__device__ __forceinline__ void tile_cp(float *st, const float *base, int64_t ld, int t0, int T)
-{
-    const int c4 = threadIdx.x & 15, r = threadIdx.x >> 4;
-#pragma unroll
-    for (int i = 0; i < FTILE / 16; i++) {
-        const int row = r + 16 * i, t = t0 + row;
-        cp_async16(st + row * FD + 4 * c4, t < T ? base + (int64_t)t * ld + 4 * c4 : base, t < T);
-    }
-}
-
-/* this thread's staged float4s (after cp_async_wait_all: its own copies are complete and
- * visible to it, no barrier needed) to the bf16 tile dst */
-__device__ __forceinline__ void tile_cvt(bf16 *dst, const float *st)
-{
-    const int c4 = threadIdx.x & 15, r = threadIdx.x >> 4;
-#pragma unroll
-    for (int i = 0; i < FTILE / 16; i++) {
-        const int row = r + 16 * i;
-        const float4 v = *reinterpret_cast<const float4 *>(st + row * FD + 4 * c4);
-        *reinterpret_cast<uint2 *>(dst + row * FLD + 4 * c4) = make_uint2(pack2(v.x, v.y), pack2(v.z, v.w));
-    }
-}
 
 /* qkv is an operand buffer (bf16): its tiles go to shared memory as they are. Rows t0 .. t0 + R - 1
  * of one head's part (base: its row 0, row stride ld elements, 64 bf16 = 8 x 16 bytes per row) by
@@ -392,7 +362,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
  * S = Q K^T, P = exp(S - lse), dP = dO V^T, dS = P (dP - D), dQ += dS K; at the end
  * dq += scale * dQ */
 __global__ void __launch_bounds__(FTHREADS, 2)
-    k_fa_dq(bf16 *dqkv, float *Dv, const float *dout, const bf16 *out, const bf16 *qkv, const float *lse, int T,
+    k_fa_dq(bf16 *dqkv, float *Dv, const bf16 *dout, const bf16 *out, const bf16 *qkv, const float *lse, int T,
             int H, float scale, float sl2)
 {
     extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -406,7 +376,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
     const int q0 = (gridDim.y - 1 - blockIdx.y) * FROWS;
     const int64_t Cl = (int64_t)H * FD, ld = 3 * Cl;
     const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * FD, *kb = qb + Cl, *vb = qb + 2 * Cl;
-    const float *gb = dout + (int64_t)b * T * Cl + (int64_t)h * FD;
+    const bf16 *gb = dout + (int64_t)b * T * Cl + (int64_t)h * FD;
     const bf16 *ob = out + (int64_t)b * T * Cl + (int64_t)h * FD;
     const int nkt = (min(q0 + FROWS, T) + FTILE - 1) / FTILE;
     const int wr0 = q0 + 16 * w;
@@ -545,7 +515,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
  * dk += scale * dK, dv += dV. The lse (log2 units; +inf past T, which
  * makes P^T zero there) and D of each query tile are staged in shared memory with its rows. */
 __global__ void __launch_bounds__(FTHREADS, 2)
-    k_fa_dkv(bf16 *dqkv, const float *dout, const bf16 *qkv, const float *lse, const float *Dv, int T, int H,
+    k_fa_dkv(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *Dv, int T, int H,
              float scale, float sl2)
 {
     extern __shared__ __align__(16) unsigned char fa_smem[];
@@ -555,14 +525,13 @@ __global__ void __launch_bounds__(FTHREADS, 2)
     bf16 *Gs = Qs + 2 * FTILE * FLD;                          /* dO [2][64][FLD] */
     float *Ls = reinterpret_cast<float *>(Gs + 2 * FTILE * FLD); /* [2][64] */
     float *Ds = Ls + 2 * FTILE;                               /* [2][64] */
-    float *Sg = Ds + 2 * FTILE;                               /* staging of dO [64][64] */
-    float *Sl = Sg + FST, *Sd = Sl + FTILE;                   /* staging of lse, D [64] */
+    float *Sl = Ds + 2 * FTILE, *Sd = Sl + FTILE;             /* staging of lse, D [64] */
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
     const int k0 = blockIdx.y * FROWS; /* the first key blocks (the most queries) first */
     const int64_t Cl = (int64_t)H * FD, ld = 3 * Cl;
     const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * FD, *kb = qb + Cl, *vb = qb + 2 * Cl;
-    const float *gb = dout + (int64_t)b * T * Cl + (int64_t)h * FD;
+    const bf16 *gb = dout + (int64_t)b * T * Cl + (int64_t)h * FD;
     const float *lb = lse + (int64_t)bh * T, *db = Dv + (int64_t)bh * T;
     const int jq0 = k0 / FTILE, nqt = (T + FTILE - 1) / FTILE; /* query tiles jq0 .. nqt - 1 */
     const int kw0 = k0 + 16 * w;                                /* the warp's first key */
@@ -570,11 +539,9 @@ __global__ void __launch_bounds__(FTHREADS, 2)
     tile_cp_bf<FROWS>(Ks, kb, ld, k0, T);
     tile_cp_bf<FROWS>(Vs, vb, ld, k0, T);
     tile_cp_bf<FTILE>(Qs, qb, ld, jq0 * FTILE, T);
+    tile_cp_bf<FTILE>(Gs, gb, Cl, jq0 * FTILE, T);
     cp_async_commit();
     {
-        float4 v[FTILE / 16];
-        tile_ldg<FTILE>(v, gb, Cl, jq0 * FTILE, T);
-        tile_sts<FTILE>(Gs, v);
         if (threadIdx.x < FTILE) {
             const int t = jq0 * FTILE + threadIdx.x;
             Ls[threadIdx.x] = t < T ? lb[t] * LOG2E : INFINITY;
@@ -599,10 +566,10 @@ __global__ void __launch_bounds__(FTHREADS, 2)
         const bool diag = qt0 < kw0 + 15; /* some query of the tile precedes some key of the warp */
         const bf16 *Q = Qs + buf * FTILE * FLD, *G = Gs + buf * FTILE * FLD;
         const float *L = Ls + buf * FTILE, *Dq = Ds + buf * FTILE;
-        /* the next tile's Q and dO rows, lse and D are copied to the staging tiles meanwhile */
+        /* the next tile's Q and dO rows go to the other buffers, its lse and D to staging, meanwhile */
         if (more) {
             tile_cp_bf<FTILE>(Qs + (buf ^ 1) * FTILE * FLD, qb, ld, qt0 + FTILE, T);
-            tile_cp(Sg, gb, Cl, qt0 + FTILE, T);
+            tile_cp_bf<FTILE>(Gs + (buf ^ 1) * FTILE * FLD, gb, Cl, qt0 + FTILE, T);
             const int t = qt0 + FTILE + threadIdx.x;
             if (threadIdx.x < FTILE && t < T) {
                 cp_async4(Sl + threadIdx.x, lb + t);
@@ -679,7 +646,6 @@ __global__ void __launch_bounds__(FTHREADS, 2)
         }
         if (more) {
             cp_async_wait_all();
-            tile_cvt(Gs + (buf ^ 1) * FTILE * FLD, Sg);
             const int t = qt0 + FTILE + threadIdx.x;
             if (threadIdx.x < FTILE) {
                 Ls[(buf ^ 1) * FTILE + threadIdx.x] = t < T ? Sl[threadIdx.x] * LOG2E : INFINITY;
@@ -742,7 +708,7 @@ int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const act_t *qkv,
     return 0;
 }
 
-int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const float *dout, const act_t *qkv, const act_t *out,
+int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
                           const float *lse, float *Dv, int B, int T, int H, int hs)
 {
     if (!fa_applies(hs, dqkv, dout, qkv) || !cu_aligned16(out))

@@ -266,6 +266,10 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
      * tensor-core kernels of attention_tc.cu */
     const char *vb = getenv("MPS_CUDA_VERBOSE");
     c->verbose = vb && strcmp(vb, "1") == 0;
+    /* MPS_CUDA_GEMM_TUNE=1: each GEMM shape times cuBLASLt's first candidates on its first call and
+     * keeps the fastest (gemm.cu); off by default, since the choice then depends on timing */
+    const char *tn = getenv("MPS_CUDA_GEMM_TUNE");
+    c->gemm_tune = tn && strcmp(tn, "1") == 0;
     const char *am = getenv("MPS_CUDA_ATTENTION");
     c->attn_mode = (am && strcmp(am, "bf16") == 0)   ? MPS_ATTN_BF16
                    : (am && strcmp(am, "fp32") == 0) ? MPS_ATTN_FP32
@@ -310,7 +314,7 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     b.xent_rescale = cu_xent_rescale;
     b.xent_bwd = cu_xent_bwd;
     b.xent_loss_sum = cu_xent_loss_sum;
-    b.adamw = cu_adamw;
+    b.adamw_many = cu_adamw_many;
     b.sumsq_many = cu_sumsq_many;
     b.destroy = cuda_destroy;
     *out = b;

@@ -27,6 +27,7 @@ enum {
     SCR_BF_C,   /* bf16 copy of a GEMM operand (an fp32 dout in matmul_bwd) */
     SCR_PART,   /* fp32 partial sums of the column reductions (layernorm dw, db; bias_grad) */
     SCR_PART2,  /* second set of partial sums (layernorm db next to dw) */
+    SCR_PART3,  /* third set (layernorm: column sums of the updated dinp) */
     SCR_COLSUM, /* chunk partials of cu_colsum_acc's first pass */
     SCR_ATTN,   /* fp32 (B, H, T) row terms D = dout . out of the attention backward */
     SCR_SORT,   /* int32 keys and values of the embedding backward's sort (4 x N) */
@@ -36,11 +37,15 @@ enum {
     SCR_ATT_DQKV, /* fp32 dqkv of those kernels, converted to the operand buffer after */
     SCR_MLP,    /* fp32 product of the GELU paths when cuBLASLt has no fused epilogue for them */
     SCR_ATT_QKV, /* fp32 copy of qkv for the attention kernels other than the fast path */
+    SCR_ATT_DOUT, /* fp32 copy of dout for them */
     SCR_BIAS16, /* bf16 copy of a bias for a bf16-output product */
     SCR_BGRAD,  /* fp32 bias gradient written by the DGELU epilogue, added to dbias after */
+    SCR_SUMSQ,  /* double chunk sums of sumsq_many */
+    SCR_TUNE,   /* outputs of the GEMM candidates timed under MPS_CUDA_GEMM_TUNE */
     SCR_COUNT
 };
 
+#define MPS_GEMM_CANDIDATES 8
 /* A cached cuBLASLt plan: descriptors and the heuristic's algorithm for one GEMM shape. */
 typedef struct {
     int ta, tb, m, n, k, lda, ldb, ldd, bias;
@@ -54,6 +59,9 @@ typedef struct {
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t la, lb, ld;
     cublasLtMatmulAlgo_t algo;
+    /* gemm_tune: the heuristic's first candidates, timed on the plan's first call */
+    cublasLtMatmulAlgo_t cand[MPS_GEMM_CANDIDATES];
+    int ncand, tuned;
 } mps_gemm_plan;
 
 enum { MPS_EPI_GELU_AUX = 1, MPS_EPI_DGELU = 2, MPS_EPI_PLAIN = 3 /* bf16 D, bias epilogue if bias */ };
@@ -70,6 +78,7 @@ typedef struct {
     int smem_optin;  /* most dynamic shared memory a block may opt into (bytes) */
     int attn_mode;   /* MPS_ATTN_*: from MPS_CUDA_ATTENTION at creation */
     int verbose;     /* MPS_CUDA_VERBOSE=1: each GEMM plan is reported on stderr when built */
+    int gemm_tune;   /* MPS_CUDA_GEMM_TUNE=1: plans time their candidate algorithms (gemm.cu) */
     cudaStream_t stream;
     cudaMemPool_t pool;  /* every alloc/release is stream-ordered from this pool: no device-wide sync */
     cublasHandle_t blas;
@@ -108,8 +117,9 @@ void cu_pos_fwd(void *ctx, float *x, const float *wpe, int B, int T, int C);
 void cu_pos_bwd(void *ctx, float *dwpe, const float *dx, int B, int T, int C);
 void cu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const float *inp, const float *w,
                       const float *b, int64_t N, int C);
-void cu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
-                      const float *w, const float *mean, const float *rstd, int64_t N, int C);
+void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db,
+                      const float *dout, const float *inp, const float *w, const float *mean, const float *rstd,
+                      int64_t N, int C);
 void cu_residual_bias(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
 void cu_bias_grad(void *ctx, float *db, const float *dout, int64_t N, int C);
 void cu_add(void *ctx, float *out, const float *a, const float *b, int64_t n);
@@ -120,8 +130,7 @@ void cu_xent_rescale(void *ctx, float *sumexp, const float *rowmax, const float 
 void cu_xent_bwd(void *ctx, void *dlogits, const void *logits, const int32_t *targets, const float *gmax,
                  const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
 double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
-void cu_adamw(void *ctx, float *param, float *grad, float *m, float *v, int64_t n, float lr, float beta1,
-              float beta2, float eps, float weight_decay, int64_t t, float grad_scale);
+void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_adamw_step *step);
 double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int count);
 /* db (C) += column sums of x (rows, C), deterministic (used by bias_grad and matmul_bwd) */
 void cu_colsum_acc(mps_cuda *c, float *db, const float *x, int64_t rows, int C, const char *what);
@@ -133,18 +142,18 @@ int cu_from_act(mps_cuda *c, float *dst, const act_t *src, int64_t n, const char
 void cu_add_bias_rows(mps_cuda *c, float *out, const float *bias, int64_t N, int C);
 
 /* ---- gemm.cu */
-void cu_matmul_fwd(void *ctx, float *out, const void *inp, const float *w, const float *bias, int64_t N, int C,
-                   int OC);
-void cu_matmul_bwd(void *ctx, float *dinp, float *dw, float *dbias, const void *dout, int dout_act, const void *inp,
-                   const float *w, int64_t N, int C, int OC);
+void cu_matmul_fwd(void *ctx, float *out, const void *inp, const float *w, const float *bias, const float *resid,
+                   int64_t N, int C, int OC);
+void cu_matmul_bwd(void *ctx, void *dinp, int dinp_act, float *dw, float *dbias, const void *dout, int dout_act,
+                   const void *inp, const float *w, int64_t N, int C, int OC);
 void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, const float *bias, int64_t N, int C,
                        int OC);
 /* out (N, C) bf16 += bias (C) */
 void cu_add_bias_act(mps_cuda *c, act_t *out, const float *bias, int64_t N, int C);
 void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const float *w, const float *bias, int64_t N,
                         int C, int OC);
-void cu_matmul_dgelu_bwd(void *ctx, void *dpre, float *dbias, const float *dout, const float *w, const void *pre,
-                         int64_t N, int C, int OC);
+void cu_matmul_dgelu_bwd(void *ctx, void *dpre, float *dbias, const void *dout, int dout_act, const float *w,
+                         const void *pre, int64_t N, int C, int OC);
 /* kernels.cu: the unfused GELU steps of those (x fp32 (n)): pre = x, out = gelu(x); dpre = gelu'(pre) x */
 void cu_gelu_split(mps_cuda *c, act_t *out, act_t *pre, const float *x, int64_t n);
 void cu_dgelu_apply(mps_cuda *c, act_t *dpre, const float *x, const act_t *pre, int64_t n);
@@ -157,7 +166,7 @@ void cu_gemm_plans_free(mps_cuda *c);
 
 /* ---- attention.cu */
 void cu_attention_fwd(void *ctx, void *out, float *lse, const void *qkv, int B, int T, int H, int hs);
-void cu_attention_bwd(void *ctx, void *dqkv, const float *dout, const void *qkv, const void *out, const float *lse,
+void cu_attention_bwd(void *ctx, void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
                       int B, int T, int H, int hs);
 
 /* ---- attention_fast.cu: head size 64 on tensor cores; 0 when they took the call (errors are
@@ -165,7 +174,7 @@ void cu_attention_bwd(void *ctx, void *dqkv, const float *dout, const void *qkv,
  * Dv: (B, H, T) scratch that the backward fills with the rows dout . out. out and dqkv are
  * operand buffers (bf16); the backward overwrites dqkv. */
 int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H, int hs);
-int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const float *dout, const act_t *qkv, const act_t *out,
+int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
                           const float *lse, float *Dv, int B, int T, int H, int hs);
 
 #endif

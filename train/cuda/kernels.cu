@@ -313,27 +313,107 @@ int cu_from_act(mps_cuda *c, float *dst, const act_t *src, int64_t n, const char
     return c->failed ? -1 : 0;
 }
 
-void cu_adamw(void *ctx, float *param, float *grad, float *m, float *v, int64_t n, float lr, float beta1,
-              float beta2, float eps, float weight_decay, int64_t t, float grad_scale)
+/* ---------------------------------------------------------------- multi-tensor passes */
+
+/* A launch over up to MT_MAX tensors, passed by value as the kernel's parameter (no table to copy
+ * to the device; 3.4 KB, under the 4 KB limit): tensor i is cut into chunks of MT_CHUNK elements,
+ * chunks first[i] .. first[i + 1] - 1 of the launch, one block per chunk. The chunking depends on
+ * the sizes only, so every sum over chunks has a fixed order. */
+#define MT_MAX 64
+#define MT_CHUNK 32768 /* a multiple of 4: chunk starts keep a tensor's 16-byte alignment */
+#define MT_THREADS 256
+struct MtArgs {
+    float *p[MT_MAX], *g[MT_MAX], *m[MT_MAX], *v[MT_MAX];
+    int64_t n[MT_MAX];
+    int64_t first[MT_MAX + 1];
+    float decay[MT_MAX];
+    int count;
+};
+
+__device__ __forceinline__ int dev_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* the tensor of the block's chunk, and the chunk's element range [*b, *e) in it */
+__device__ __forceinline__ int mt_find(const MtArgs &a, int64_t *b, int64_t *e)
 {
+    const int64_t chunk = blockIdx.x;
+    int lo = 0, hi = a.count - 1;
+    while (lo < hi) { /* the last tensor whose first chunk is <= chunk */
+        const int mid = (lo + hi + 1) >> 1;
+        if (a.first[mid] <= chunk)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    *b = (chunk - a.first[lo]) * MT_CHUNK;
+    *e = *b + MT_CHUNK < a.n[lo] ? *b + MT_CHUNK : a.n[lo];
+    return lo;
+}
+
+/* AdamW over the launch's tensors (AdamF's arithmetic), each grad zeroed as it is read */
+__global__ void __launch_bounds__(MT_THREADS) k_adamw_many(MtArgs a, AdamF f)
+{
+    int64_t b, e;
+    const int t = mt_find(a, &b, &e);
+    f.p = a.p[t], f.g = a.g[t], f.m = a.m[t], f.v = a.v[t];
+    f.decay = a.decay[t];
+    float *g = a.g[t];
+    const int vec = dev_aligned16(f.p) && dev_aligned16(g) && dev_aligned16(f.m) && dev_aligned16(f.v);
+    int64_t i = b + threadIdx.x;
+    if (vec) { /* b is a multiple of 4: float4 q of the chunk is float4 b / 4 + q of the tensor */
+        const int64_t n4 = (e - b) >> 2;
+        for (int64_t q = threadIdx.x; q < n4; q += MT_THREADS) {
+            f.four((b >> 2) + q);
+            st4(g, (b >> 2) + q, make_float4(0, 0, 0, 0));
+        }
+        i = b + (n4 << 2) + threadIdx.x;
+    }
+    for (; i < e; i += MT_THREADS) {
+        f.one(i);
+        g[i] = 0.0f;
+    }
+}
+
+void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_adamw_step *st)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
     /* the step constants in double on the host, as op_adamw */
-    double bc1 = 1.0 - pow(beta1, (double)t), bc2 = 1.0 - pow(beta2, (double)t);
+    double bc1 = 1.0 - pow(st->beta1, (double)st->t), bc2 = 1.0 - pow(st->beta2, (double)st->t);
     AdamF f;
-    f.p = param;
-    f.m = m;
-    f.v = v;
-    f.g = grad;
-    f.b1 = beta1;
-    f.b2 = beta2;
-    f.ob1 = 1.0f - beta1;
-    f.ob2 = 1.0f - beta2;
-    f.step = (float)(lr / bc1);
+    memset(&f, 0, sizeof f);
+    f.b1 = st->beta1;
+    f.b2 = st->beta2;
+    f.ob1 = 1.0f - st->beta1;
+    f.ob2 = 1.0f - st->beta2;
+    f.step = (float)(st->lr / bc1);
     f.bc2_sqrt = (float)sqrt(bc2);
-    f.eps = eps;
-    f.decay = 1.0f - lr * weight_decay;
-    f.gs = grad_scale;
-    int vec = cu_aligned16(param) && cu_aligned16(grad) && cu_aligned16(m) && cu_aligned16(v);
-    launch_ew((mps_cuda *)ctx, f, n, vec, "adamw");
+    f.eps = st->eps;
+    f.gs = st->grad_scale;
+    MtArgs a;
+    memset(&a, 0, sizeof a);
+    for (int i = 0; i <= count; i++) {
+        if (i == count || (a.count == MT_MAX)) { /* launch what is gathered */
+            if (a.count > 0) {
+                const int64_t blocks = a.first[a.count];
+                if (blocks > INT32_MAX) {
+                    cu_fail(c, "adamw: %lld chunks in one launch", (long long)blocks);
+                    return;
+                }
+                k_adamw_many<<<(unsigned)blocks, MT_THREADS, 0, c->stream>>>(a, f);
+                if (cu_launched(c, "adamw") != 0)
+                    return;
+            }
+            memset(&a, 0, sizeof a);
+            if (i == count)
+                break;
+        }
+        const mps_adamw_job *j = &jobs[i];
+        if (j->n <= 0)
+            continue;
+        const int k = a.count++;
+        a.p[k] = j->param, a.g[k] = j->grad, a.m[k] = j->m, a.v[k] = j->v, a.n[k] = j->n;
+        a.decay[k] = 1.0f - st->lr * j->weight_decay;
+        a.first[k + 1] = a.first[k] + (j->n + MT_CHUNK - 1) / MT_CHUNK;
+    }
 }
 
 /* ---------------------------------------------------------------- row kernels */
@@ -619,10 +699,15 @@ __global__ void k_colsum(float *dst, int acc, const T *x, int64_t rows, int C, i
 }
 
 template <class T>
-static void colsum_acc(mps_cuda *c, float *dst, const T *x, int64_t rows, int C, const char *what)
+static void colsum_to(mps_cuda *c, float *dst, int acc, const T *x, int64_t rows, int C, const char *what)
 {
-    if (rows <= 0 || C <= 0)
+    if (C <= 0)
         return;
+    if (rows <= 0) {
+        if (!acc)
+            cu_check(c, cudaMemsetAsync(dst, 0, (size_t)C * sizeof(float), c->stream), what);
+        return;
+    }
     /* chunk size from the row count only: the order of the sums is a function of (rows, C) */
     int64_t R = (rows + CS_CHUNKS - 1) / CS_CHUNKS;
     if (R < 256)
@@ -631,7 +716,7 @@ static void colsum_acc(mps_cuda *c, float *dst, const T *x, int64_t rows, int C,
     const dim3 blk(CS_TX, CS_TY);
     const unsigned gx = (unsigned)((C + CS_TX - 1) / CS_TX);
     if (nch == 1) {
-        k_colsum<<<dim3(gx, 1), blk, 0, c->stream>>>(dst, 1, x, rows, C, R);
+        k_colsum<<<dim3(gx, 1), blk, 0, c->stream>>>(dst, acc, x, rows, C, R);
         cu_launched(c, what);
         return;
     }
@@ -641,8 +726,14 @@ static void colsum_acc(mps_cuda *c, float *dst, const T *x, int64_t rows, int C,
     k_colsum<<<dim3(gx, (unsigned)nch), blk, 0, c->stream>>>(part, 0, x, rows, C, R);
     if (cu_launched(c, what) != 0)
         return;
-    k_colsum<<<dim3(gx, 1), blk, 0, c->stream>>>(dst, 1, part, nch, C, CS_CHUNKS);
+    k_colsum<<<dim3(gx, 1), blk, 0, c->stream>>>(dst, acc, part, nch, C, CS_CHUNKS);
     cu_launched(c, what);
+}
+
+template <class T>
+static void colsum_acc(mps_cuda *c, float *dst, const T *x, int64_t rows, int C, const char *what)
+{
+    colsum_to(c, dst, 1, x, rows, C, what);
 }
 
 void cu_colsum_acc(mps_cuda *c, float *dst, const float *x, int64_t rows, int C, const char *what)
@@ -703,42 +794,62 @@ void cu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const floa
 }
 
 #define LNB_WARPS 4
-#define LNB_ROWS 32 /* rows per block: one partial sum of dw and db per 32 rows */
+#define LNB_ROWS 32 /* rows per block: one partial sum of dw, db (and of dinp's columns) per 32 rows */
 
-/* The block's dw, db partial sums: the per-warp sums in sh [2][LNB_WARPS][C] added in warp order. */
-__device__ __forceinline__ void ln_block_sums(float *pdw, float *pdb, const float *sh, int C)
+/* The LN backward's outputs beyond dinp. Partial sums [blockIdx] (C each) of the block's rows:
+ * pdw of dout * xhat, pdb of dout (the gradients of w and b), pdx of the updated dinp (the column
+ * sums the next bias gradient takes); dact: the updated dinp as an operand buffer. Each NULL when
+ * not wanted. */
+struct LnBwdOut {
+    float *dinp;
+    act_t *dact;
+    float *pdw, *pdb, *pdx;
+};
+
+/* The block's partial sums: the per-warp sums in sh [3][LNB_WARPS][C] (dw, db, dx) added in warp
+ * order. */
+__device__ __forceinline__ void ln_block_sums(const LnBwdOut &o, const float *sh, int C)
 {
     for (int j = threadIdx.x; j < C; j += blockDim.x) {
-        float sw = 0.0f, sb = 0.0f;
-        for (int k = 0; k < LNB_WARPS; k++) {
-            sw += sh[(int64_t)k * C + j];
-            sb += sh[(int64_t)(LNB_WARPS + k) * C + j];
+        if (o.pdw) {
+            float sw = 0.0f, sb = 0.0f;
+            for (int k = 0; k < LNB_WARPS; k++) {
+                sw += sh[(int64_t)k * C + j];
+                sb += sh[(int64_t)(LNB_WARPS + k) * C + j];
+            }
+            o.pdw[(int64_t)blockIdx.x * C + j] = sw;
+            o.pdb[(int64_t)blockIdx.x * C + j] = sb;
         }
-        pdw[(int64_t)blockIdx.x * C + j] = sw;
-        pdb[(int64_t)blockIdx.x * C + j] = sb;
+        if (o.pdx && o.dinp) {
+            float sx = 0.0f;
+            for (int k = 0; k < LNB_WARPS; k++)
+                sx += sh[(int64_t)(2 * LNB_WARPS + k) * C + j];
+            o.pdx[(int64_t)blockIdx.x * C + j] = sx;
+        }
     }
 }
 
 /* Block = 4 warps over 32 rows, a warp per row. dinp (N, C) += rstd * (g - mean(g) - xhat *
- * mean(g * xhat)), g = dout * w. With pdw: the block's column sums of dout * xhat and dout go to
- * pdw, pdb [blockIdx] (C each), summed per warp in shared memory, then over the warps in order. */
-__global__ void k_ln_bwd(float *dinp, float *pdw, float *pdb, const float *dout, const float *inp, const float *w,
-                         const float *mean, const float *rstd, int64_t N, int C)
+ * mean(g * xhat)), g = dout * w; the partial sums of LnBwdOut summed per warp in shared memory,
+ * then over the warps in order. */
+__global__ void k_ln_bwd(LnBwdOut o, const float *dout, const float *inp, const float *w, const float *mean,
+                         const float *rstd, int64_t N, int C)
 {
     extern __shared__ float4 ln_sm4[];
-    float *sh = reinterpret_cast<float *>(ln_sm4);  // [2][LNB_WARPS][C]
+    float *sh = reinterpret_cast<float *>(ln_sm4);  // [3][LNB_WARPS][C]
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     float *aw = sh + (int64_t)wid * C, *ab = sh + (int64_t)(LNB_WARPS + wid) * C;
-    const int part = pdw != NULL;
+    float *ax = sh + (int64_t)(2 * LNB_WARPS + wid) * C;
+    const int part = o.pdw || o.pdx;
     if (part)
         for (int j = lane; j < C; j += 32)
-            aw[j] = ab[j] = 0.0f;
+            aw[j] = ab[j] = ax[j] = 0.0f;
     const int64_t r0 = (int64_t)blockIdx.x * LNB_ROWS;
     for (int k = wid; k < LNB_ROWS && r0 + k < N; k += LNB_WARPS) {
         const int64_t r = r0 + k;
         const float *x = inp + r * C, *g = dout + r * C;  // (C)
         const float m = mean[r], rs = rstd[r];
-        if (dinp) {
+        if (o.dinp) {
             float sg = 0.0f, sgx = 0.0f;
             for (int j = lane; j < C; j += 32) {
                 const float gw = g[j] * w[j];
@@ -746,13 +857,18 @@ __global__ void k_ln_bwd(float *dinp, float *pdw, float *pdb, const float *dout,
                 sgx += gw * ((x[j] - m) * rs);
             }
             const float mg = warp_reduce(sg, SumOp()) / C, mgx = warp_reduce(sgx, SumOp()) / C;
-            float *dx = dinp + r * C;
+            float *dx = o.dinp + r * C;
             for (int j = lane; j < C; j += 32) {
                 const float xh = (x[j] - m) * rs;
-                dx[j] += rs * (g[j] * w[j] - mg - xh * mgx);
+                const float v = dx[j] + rs * (g[j] * w[j] - mg - xh * mgx);
+                dx[j] = v;
+                if (o.dact)
+                    o.dact[r * C + j] = __float2bfloat16_rn(v);
+                if (o.pdx)
+                    ax[j] += v;
             }
         }
-        if (part)
+        if (o.pdw)
             for (int j = lane; j < C; j += 32) {
                 aw[j] += g[j] * ((x[j] - m) * rs);
                 ab[j] += g[j];
@@ -761,66 +877,78 @@ __global__ void k_ln_bwd(float *dinp, float *pdw, float *pdb, const float *dout,
     if (!part)
         return;
     __syncthreads();
-    ln_block_sums(pdw, pdb, sh, C);
+    ln_block_sums(o, sh, C);
 }
 
 /* The same for C % 4 == 0 and C <= 128 K, with 16-byte accesses: a lane keeps float4 j = lane + 32 i
- * (i < K) of its row in registers (one read of x and dout per row), and its columns' dw and db
- * sums across the block's rows in registers; the 4 warps' sums meet in shared memory at the end. */
+ * (i < K) of its row in registers, all three inputs (x, dout and the old dinp) loaded before any
+ * store so that the loads of a row are in flight together (the stores could alias them for all
+ * the compiler knows), and its columns' dw and db sums across the block's rows in registers; the
+ * dinp column sums go to the warp's row of shared memory (registers are full). The 4 warps' sums
+ * meet in shared memory at the end. */
 template <int K>
 __global__ void __launch_bounds__(LNB_WARPS * 32)
-    k_ln_bwd4(float *dinp, float *pdw, float *pdb, const float *dout, const float *inp, const float *w,
-              const float *mean, const float *rstd, int64_t N, int C)
+    k_ln_bwd4(LnBwdOut o, const float *dout, const float *inp, const float *w, const float *mean, const float *rstd,
+              int64_t N, int C)
 {
     extern __shared__ float4 ln_sm4[];
-    float *sh = reinterpret_cast<float *>(ln_sm4); // [2][LNB_WARPS][C]
+    float *sh = reinterpret_cast<float *>(ln_sm4); // [3][LNB_WARPS][C]
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, C4 = C >> 2;
-    const int part = pdw != NULL;
+    const int pw = o.pdw != NULL, px = o.pdx != NULL && o.dinp != NULL;
+    float4 *sx = reinterpret_cast<float4 *>(sh + (int64_t)(2 * LNB_WARPS + wid) * C); /* this warp's dinp sums */
     float4 wv[K], adw[K], adb[K];
 #pragma unroll
     for (int i = 0; i < K; i++) {
         const int j = lane + 32 * i;
         wv[i] = j < C4 ? ld4(w, j) : make_float4(0, 0, 0, 0);
         adw[i] = adb[i] = make_float4(0, 0, 0, 0);
+        if (px && j < C4)
+            sx[j] = make_float4(0, 0, 0, 0);
     }
     const int64_t r0 = (int64_t)blockIdx.x * LNB_ROWS;
     for (int k = wid; k < LNB_ROWS && r0 + k < N; k += LNB_WARPS) {
         const int64_t r = r0 + k;
         const float m = mean[r], rs = rstd[r];
-        float4 xh[K], gv[K];
-        float sg = 0.0f, sgx = 0.0f;
+        float4 xh[K], gv[K], dv[K];
 #pragma unroll
         for (int i = 0; i < K; i++) {
             const int j = lane + 32 * i;
-            float4 x = make_float4(0, 0, 0, 0), g = x;
-            if (j < C4) {
-                x = ld4(inp + r * C, j);
-                g = ld4(dout + r * C, j);
-            }
-            xh[i] = make_float4((x.x - m) * rs, (x.y - m) * rs, (x.z - m) * rs, (x.w - m) * rs);
-            gv[i] = g;
-            if (j < C4) {
-                const float a = g.x * wv[i].x, b = g.y * wv[i].y, c = g.z * wv[i].z, d = g.w * wv[i].w;
-                sg += a + b + c + d;
-                sgx += a * xh[i].x + b * xh[i].y + c * xh[i].z + d * xh[i].w;
-            }
+            const float4 z = make_float4(0, 0, 0, 0);
+            xh[i] = j < C4 ? ld4(inp + r * C, j) : z;
+            gv[i] = j < C4 ? ld4(dout + r * C, j) : z;
+            dv[i] = j < C4 && o.dinp ? ld4(o.dinp + r * C, j) : z;
         }
-        if (dinp) {
+        float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const float4 x = xh[i], g = gv[i];
+            xh[i] = make_float4((x.x - m) * rs, (x.y - m) * rs, (x.z - m) * rs, (x.w - m) * rs);
+            const float a = g.x * wv[i].x, b = g.y * wv[i].y, c = g.z * wv[i].z, d = g.w * wv[i].w;
+            sg += a + b + c + d; /* zero past C: w and g are 0 there */
+            sgx += a * xh[i].x + b * xh[i].y + c * xh[i].z + d * xh[i].w;
+        }
+        if (o.dinp) {
             const float mg = warp_reduce(sg, SumOp()) / C, mgx = warp_reduce(sgx, SumOp()) / C;
 #pragma unroll
             for (int i = 0; i < K; i++) {
                 const int j = lane + 32 * i;
                 if (j < C4) {
-                    float4 dx = ld4(dinp + r * C, j);
+                    float4 dx = dv[i];
                     dx.x += rs * (gv[i].x * wv[i].x - mg - xh[i].x * mgx);
                     dx.y += rs * (gv[i].y * wv[i].y - mg - xh[i].y * mgx);
                     dx.z += rs * (gv[i].z * wv[i].z - mg - xh[i].z * mgx);
                     dx.w += rs * (gv[i].w * wv[i].w - mg - xh[i].w * mgx);
-                    st4(dinp + r * C, j, dx);
+                    st4(o.dinp + r * C, j, dx);
+                    if (o.dact)
+                        st4_act(o.dact + r * C, j, dx.x, dx.y, dx.z, dx.w);
+                    if (px) {
+                        float4 t = sx[j];
+                        sx[j] = make_float4(t.x + dx.x, t.y + dx.y, t.z + dx.z, t.w + dx.w);
+                    }
                 }
             }
         }
-        if (part)
+        if (pw)
 #pragma unroll
             for (int i = 0; i < K; i++) {
                 adw[i].x += gv[i].x * xh[i].x;
@@ -833,18 +961,19 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
                 adb[i].w += gv[i].w;
             }
     }
-    if (!part)
+    if (!pw && !px)
         return;
+    if (pw)
 #pragma unroll
-    for (int i = 0; i < K; i++) {
-        const int j = lane + 32 * i;
-        if (j < C4) {
-            reinterpret_cast<float4 *>(sh + (int64_t)wid * C)[j] = adw[i];
-            reinterpret_cast<float4 *>(sh + (int64_t)(LNB_WARPS + wid) * C)[j] = adb[i];
+        for (int i = 0; i < K; i++) {
+            const int j = lane + 32 * i;
+            if (j < C4) {
+                reinterpret_cast<float4 *>(sh + (int64_t)wid * C)[j] = adw[i];
+                reinterpret_cast<float4 *>(sh + (int64_t)(LNB_WARPS + wid) * C)[j] = adb[i];
+            }
         }
-    }
     __syncthreads();
-    ln_block_sums(pdw, pdb, sh, C);
+    ln_block_sums(o, sh, C);
 }
 
 /* launches k_ln_bwd4<K> for the smallest K that holds C (up to C = 1024), or returns 0 (the scalar
@@ -866,26 +995,36 @@ static int ln_bwd_vec(mps_cuda *c, unsigned nblk, size_t smem, int C, A... args)
         return 1;
         LNB_CASE(1) LNB_CASE(2) LNB_CASE(3) LNB_CASE(4) LNB_CASE(5) LNB_CASE(6) LNB_CASE(7) LNB_CASE(8)
 #undef LNB_CASE
-    /* wider rows would not fit in registers (5 K float4 per lane) */
+    /* wider rows would not fit in registers (6 K float4 per lane) */
     default: return 0;
     }
 }
 
-void cu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float *dout, const float *inp,
-                      const float *w, const float *mean, const float *rstd, int64_t N, int C)
+void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db,
+                      const float *dout, const float *inp, const float *w, const float *mean, const float *rstd,
+                      int64_t N, int C)
 {
     mps_cuda *c = (mps_cuda *)ctx;
-    if (N <= 0 || C <= 0 || (!dinp && !dw && !db))
+    if (!dinp)
+        dinp_act = dinp_colsum = NULL; /* they describe the updated dinp */
+    if (N <= 0 || C <= 0 || (!dinp && !dw && !db)) {
+        if (dinp_colsum && C > 0)
+            cu_check(c, cudaMemsetAsync(dinp_colsum, 0, (size_t)C * sizeof(float), c->stream), "layernorm_bwd");
         return;
+    }
     const int64_t nblk = (N + LNB_ROWS - 1) / LNB_ROWS;
-    float *pdw = NULL, *pdb = NULL;
+    LnBwdOut o = {dinp, (act_t *)dinp_act, NULL, NULL, NULL};
     size_t smem = 0;
-    if (dw || db) {
-        pdw = (float *)cu_scratch(c, SCR_PART, (size_t)nblk * C * sizeof(float));
-        pdb = (float *)cu_scratch(c, SCR_PART2, (size_t)nblk * C * sizeof(float));
-        if (!pdw || !pdb)
+    if (dw || db || dinp_colsum) {
+        if (dw || db) {
+            o.pdw = (float *)cu_scratch(c, SCR_PART, (size_t)nblk * C * sizeof(float));
+            o.pdb = (float *)cu_scratch(c, SCR_PART2, (size_t)nblk * C * sizeof(float));
+            if (!o.pdw || !o.pdb)
+                return;
+        }
+        if (dinp_colsum && !(o.pdx = (float *)cu_scratch(c, SCR_PART3, (size_t)nblk * C * sizeof(float))))
             return;
-        smem = (size_t)2 * LNB_WARPS * C * sizeof(float);
+        smem = (size_t)3 * LNB_WARPS * C * sizeof(float);
         if ((int64_t)smem > c->smem_optin) {
             cu_fail(c, "layernorm_bwd: C = %d needs %zu bytes of shared memory", C, smem);
             return;
@@ -899,15 +1038,18 @@ void cu_layernorm_bwd(void *ctx, float *dinp, float *dw, float *db, const float 
         cu_fail(c, "layernorm_bwd: N = %lld too large", (long long)N);
         return;
     }
-    const int vec = cu_aligned16(dinp) && cu_aligned16(dout) && cu_aligned16(inp) && cu_aligned16(w);
-    if (!(vec && ln_bwd_vec(c, (unsigned)nblk, smem, C, dinp, pdw, pdb, dout, inp, w, mean, rstd, N, C)))
-        k_ln_bwd<<<(unsigned)nblk, LNB_WARPS * 32, smem, c->stream>>>(dinp, pdw, pdb, dout, inp, w, mean, rstd, N, C);
+    const int vec = cu_aligned16(dinp) && cu_aligned16(dout) && cu_aligned16(inp) && cu_aligned16(w) &&
+                    (!dinp_act || aligned8(dinp_act));
+    if (!(vec && ln_bwd_vec(c, (unsigned)nblk, smem, C, o, dout, inp, w, mean, rstd, N, C)))
+        k_ln_bwd<<<(unsigned)nblk, LNB_WARPS * 32, smem, c->stream>>>(o, dout, inp, w, mean, rstd, N, C);
     if (cu_launched(c, "layernorm_bwd") != 0)
         return;
     if (dw)
-        cu_colsum_acc(c, dw, pdw, nblk, C, "layernorm_bwd (dw)");
+        cu_colsum_acc(c, dw, o.pdw, nblk, C, "layernorm_bwd (dw)");
     if (db)
-        cu_colsum_acc(c, db, pdb, nblk, C, "layernorm_bwd (db)");
+        cu_colsum_acc(c, db, o.pdb, nblk, C, "layernorm_bwd (db)");
+    if (dinp_colsum)
+        colsum_to(c, dinp_colsum, 0, o.pdx, nblk, C, "layernorm_bwd (dinp column sums)");
 }
 
 /* ---------------------------------------------------------------- cross-entropy */
@@ -949,7 +1091,7 @@ __device__ __forceinline__ MaxSum ms_shfl(MaxSum v, int o)
 
 /* One block per row, one pass over the logits: local max, sum of exp relative to it, target
  * logit. A thread folds its elements in order, then a fixed tree (warp butterflies, warps in
- * order) joins the pairs: deterministic. vec: rows are 16-byte aligned (aligned base, Vl % 4 == 0). */
+ * order) joins the pairs: deterministic. vec: rows are 16-byte aligned (aligned base, Vl % 8 == 0). */
 __global__ void k_xent_stats(float *rowmax, float *sumexp, float *tlogit, const act_t *logits, const int32_t *targets,
                              int64_t N, int64_t Vl, int64_t v0, int64_t nr, int vec)
 {
@@ -959,13 +1101,32 @@ __global__ void k_xent_stats(float *rowmax, float *sumexp, float *tlogit, const 
         const act_t *l = logits + i * Vl; // (Vl)
         MaxSum a = {-INFINITY, 0.0f};
         int64_t j0 = 0;
-        if (vec) {
-            const int64_t n4 = nr >> 2;
-            for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
-                const float4 v = ld4_act(l, j);
-                a = ms_add(ms_add(ms_add(ms_add(a, v.x), v.y), v.z), v.w);
+        if (vec) { /* 8 at a time: their max first, then 8 independent exps (not a chain of 8) */
+            const int64_t n8 = nr >> 3;
+            for (int64_t j = threadIdx.x; j < n8; j += blockDim.x) {
+                const uint4 u = reinterpret_cast<const uint4 *>(l)[j];
+                const uint32_t w4[4] = {u.x, u.y, u.z, u.w};
+                float x[8];
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&w4[q]));
+                    x[2 * q] = f.x, x[2 * q + 1] = f.y;
+                }
+                float cm = x[0];
+#pragma unroll
+                for (int q = 1; q < 8; q++)
+                    cm = fmaxf(cm, x[q]);
+                if (cm > a.m) {
+                    a.s *= expf(a.m - cm); /* exp(-inf) = 0 for the first chunk */
+                    a.m = cm;
+                }
+                float e[8];
+#pragma unroll
+                for (int q = 0; q < 8; q++)
+                    e[q] = expf(x[q] - a.m);
+                a.s += ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]));
             }
-            j0 = n4 << 2;
+            j0 = n8 << 3;
         }
         for (int64_t j = j0 + threadIdx.x; j < nr; j += blockDim.x)
             a = ms_add(a, __bfloat162float(l[j]));
@@ -1034,7 +1195,7 @@ void cu_xent_stats(void *ctx, float *rowmax, float *sumexp, float *tlogit, const
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0)
         return;
-    const int vec = Vl % 4 == 0 && aligned8(logits);
+    const int vec = Vl % 8 == 0 && cu_aligned16(logits);
     k_xent_stats<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>(rowmax, sumexp, tlogit, (const act_t *)logits, targets, N, Vl, v0,
                                                                xent_nreal(Vl, v0, V), vec);
     cu_launched(c, "xent_stats");
@@ -1074,29 +1235,7 @@ __global__ void k_loss_sum(double *out, const float *gmax, const float *sumexp, 
         *out = s;
 }
 
-#define SQ_THREADS 256
-#define SQ_MAX_BLOCKS 1024
-
-/* part[blockIdx] = the block's sum of squares in double; the grid is a function of n only */
-__global__ void k_sumsq_part(double *part, const float *x, int64_t n, int vec)
-{
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x, i0 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    double s = 0.0;
-    int64_t done = 0;
-    if (vec) {
-        const int64_t n4 = n >> 2;
-        for (int64_t i = i0; i < n4; i += stride) {
-            float4 v = ld4(x, i);
-            s += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
-        }
-        done = n4 << 2;
-    }
-    for (int64_t i = done + i0; i < n; i += stride)
-        s += (double)x[i] * x[i];
-    s = block_reduce(s, SumOp(), 0.0);
-    if (threadIdx.x == 0)
-        part[blockIdx.x] = s;
-}
+#define SQ_MAX_BLOCKS 1024 /* dres: this many doubles, then the results */
 
 /* *out += the sum of the parts */
 __global__ void k_sum_parts(double *out, const double *part, int nparts)
@@ -1133,25 +1272,72 @@ double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const
     return r;
 }
 
-/* Per buffer: a grid that is a function of its size only (so the order of the sums is fixed by it)
- * writes block partials, then one block adds them to the accumulator dres[1025]; buffers in order. */
+/* part[part0 + chunk] = the chunk's sum of squares in double (a block per chunk, MtArgs's tensors
+ * in p) */
+__global__ void __launch_bounds__(MT_THREADS) k_sumsq_many(double *part, int64_t part0, MtArgs a)
+{
+    int64_t b, e;
+    const float *x = a.p[mt_find(a, &b, &e)];
+    double s = 0.0;
+    int64_t i = b + threadIdx.x;
+    if (dev_aligned16(x)) {
+        const int64_t n4 = (e - b) >> 2;
+        for (int64_t q = threadIdx.x; q < n4; q += MT_THREADS) {
+            const float4 v = ld4(x, (b >> 2) + q);
+            s += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+        }
+        i = b + (n4 << 2) + threadIdx.x;
+    }
+    for (; i < e; i += MT_THREADS)
+        s += (double)x[i] * x[i];
+    s = block_reduce(s, SumOp(), 0.0);
+    if (threadIdx.x == 0)
+        part[part0 + blockIdx.x] = s;
+}
+
+/* Every buffer cut into MT_CHUNK chunks (a function of the sizes only), a block's double sum per
+ * chunk, then one block adds the chunk sums in a fixed tree: the bits depend on the sizes alone. */
 double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int count)
 {
     mps_cuda *c = (mps_cuda *)ctx;
+    int64_t nparts = 0;
+    for (int i = 0; i < count; i++)
+        if (ns[i] > 0)
+            nparts += (ns[i] + MT_CHUNK - 1) / MT_CHUNK;
+    if (nparts == 0)
+        return 0.0;
+    if (nparts > INT32_MAX) {
+        cu_fail(c, "sumsq_many: %lld chunks", (long long)nparts);
+        return NAN;
+    }
+    double *part = (double *)cu_scratch(c, SCR_SUMSQ, (size_t)nparts * sizeof(double));
+    if (!part)
+        return NAN;
     pthread_mutex_lock(&c->res_mu);
     double *acc = c->dres + SQ_MAX_BLOCKS + 1;
     int ok = cu_check(c, cudaMemsetAsync(acc, 0, sizeof *acc, c->stream), "sumsq_many") == 0;
-    for (int i = 0; i < count && ok; i++) {
+    MtArgs a;
+    memset(&a, 0, sizeof a);
+    int64_t part0 = 0;
+    for (int i = 0; i <= count && ok; i++) {
+        if (i == count || a.count == MT_MAX) {
+            if (a.count > 0) {
+                k_sumsq_many<<<(unsigned)a.first[a.count], MT_THREADS, 0, c->stream>>>(part, part0, a);
+                ok = cu_launched(c, "sumsq_many") == 0;
+                part0 += a.first[a.count];
+            }
+            memset(&a, 0, sizeof a);
+            if (i == count)
+                break;
+        }
         if (ns[i] <= 0)
             continue;
-        int64_t nb = (ns[i] + 4095) / 4096;
-        if (nb > SQ_MAX_BLOCKS)
-            nb = SQ_MAX_BLOCKS;
-        k_sumsq_part<<<(unsigned)nb, SQ_THREADS, 0, c->stream>>>(c->dres, xs[i], ns[i], cu_aligned16(xs[i]));
-        ok = cu_launched(c, "sumsq_many") == 0;
-        if (ok)
-            k_sum_parts<<<1, 1024, 0, c->stream>>>(acc, c->dres, (int)nb);
+        const int k = a.count++;
+        a.p[k] = (float *)xs[i], a.n[k] = ns[i];
+        a.first[k + 1] = a.first[k] + (ns[i] + MT_CHUNK - 1) / MT_CHUNK;
     }
+    if (ok)
+        k_sum_parts<<<1, 1024, 0, c->stream>>>(acc, part, (int)nparts);
     double r = ok ? fetch_result(c, "sumsq_many", 1) : NAN;
     pthread_mutex_unlock(&c->res_mu);
     return r;
