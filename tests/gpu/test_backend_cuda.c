@@ -906,6 +906,58 @@ static void test_adamw_many(int count, int64_t n0, int off)
         in_free(&g[i]);
 }
 
+/* The products read the bf16 copy that adamw_many keeps of a parameter: after an update they must
+ * see the new weights, and after anything else writes the weights (from_host, copy) the new ones
+ * again, not the stale copy. */
+static void test_weight_copies(void)
+{
+    const int64_t N = 64;
+    const int C = 96, OC = 80;
+    const int64_t nw = (int64_t)OC * C;
+    char op[80];
+    tin inp = in_rand_act(N * C, 1.0f), w = in_rand(nw, 1.0f), g = in_rand(nw, 1.0f), w2 = in_rand(nw, 1.0f);
+    tin w3 = in_rand(nw, 1.0f);
+    float *m = dalloc(sizeof(float) * (size_t)nw), *v = dalloc(sizeof(float) * (size_t)nw);
+    float *hm = xmalloc(sizeof(float) * (size_t)nw), *hv = xmalloc(sizeof(float) * (size_t)nw);
+    memset(hm, 0, sizeof(float) * (size_t)nw);
+    memset(hv, 0, sizeof(float) * (size_t)nw);
+    float *gh = hdup(g.h, nw), *out = xmalloc(sizeof(float) * (size_t)(N * OC));
+    const mps_adamw_step st = {0.05f, 0.9f, 0.95f, 1e-8f, 1, 1.0f}; /* a large step: old and new weights differ */
+    mps_adamw_job jc = {w.h, gh, hm, hv, nw, 0.1f}, jg = {w.d, g.d, m, v, nw, 0.1f};
+    cpu.adamw_many(cpu.ctx, &jc, 1, &st);
+    gpu.adamw_many(gpu.ctx, &jg, 1, &st);
+    for (int stage = 0; stage < 3; stage++) {
+        if (stage == 1) { /* the weights written from the host */
+            memcpy(w.h, w2.h, sizeof(float) * (size_t)nw);
+            gpu.from_host(gpu.ctx, w.d, w2.h, sizeof(float) * (size_t)nw);
+        } else if (stage == 2) { /* ... and by a device copy */
+            memcpy(w.h, w3.h, sizeof(float) * (size_t)nw);
+            gpu.copy(gpu.ctx, w.d, w3.d, sizeof(float) * (size_t)nw);
+        }
+        static const char *names[3] = {"after adamw", "after from_host", "after copy"};
+        snprintf(op, sizeof op, "weight copies: matmul_fwd %s", names[stage]);
+        cpu.matmul_fwd(cpu.ctx, out, inp.h, w.h, NULL, NULL, N, C, OC);
+        float *dout = dalloc(sizeof(float) * (size_t)(N * OC));
+        gpu.matmul_fwd(gpu.ctx, dout, inp.d, w.d, NULL, NULL, N, C, OC);
+        sync_ok(op);
+        float *res = dgetf(dout, N * OC);
+        cmp(op, "out", res, out, N * OC, TOL_GEMM);
+        free(res);
+        dfree(dout);
+    }
+    free(gh);
+    free(out);
+    free(hm);
+    free(hv);
+    dfree(m);
+    dfree(v);
+    in_free(&inp);
+    in_free(&w);
+    in_free(&g);
+    in_free(&w2);
+    in_free(&w3);
+}
+
 /* the sum of squares of one buffer */
 static double sumsq1(mps_backend *be, const float *x, int64_t n) { return be->sumsq_many(be->ctx, &x, &n, 1); }
 
@@ -1192,6 +1244,7 @@ static void g_optim(void)
     test_adamw_many(3, 10007, 1);
     test_adamw_many(70, 33000, 0); /* two launches (64 tensors each at most), chunk tails */
     test_adamw_many(5, 100003, 1);
+    test_weight_copies();
     test_sumsq(100003, 0);
     test_sumsq(100003, 1);
     test_sumsq(7, 0);

@@ -96,22 +96,28 @@ static void *cuda_alloc(void *ctx, size_t bytes)
 static void cuda_release(void *ctx, void *p)
 {
     mps_cuda *c = (mps_cuda *)ctx;
-    if (p && use_device(c, "release") == 0)
+    if (p && use_device(c, "release") == 0) {
+        cu_wcopy_invalidate(c, p, 0); /* the block's size is not known here: every copy */
         cu_check(c, cudaFreeAsync(p, c->stream), "release");
+    }
 }
 
 static void cuda_zero(void *ctx, void *p, size_t bytes)
 {
     mps_cuda *c = (mps_cuda *)ctx;
-    if (bytes && use_device(c, "zero") == 0)
+    if (bytes && use_device(c, "zero") == 0) {
+        cu_wcopy_invalidate(c, p, bytes);
         cu_check(c, cudaMemsetAsync(p, 0, bytes, c->stream), "zero");
+    }
 }
 
 static void cuda_copy(void *ctx, void *dst, const void *src, size_t bytes)
 {
     mps_cuda *c = (mps_cuda *)ctx;
-    if (bytes && dst != src && use_device(c, "copy") == 0)
+    if (bytes && dst != src && use_device(c, "copy") == 0) {
+        cu_wcopy_invalidate(c, dst, bytes);
         cu_check(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->stream), "copy");
+    }
 }
 
 /* Host copies are ordered after the queued kernels (same stream) and complete before returning.
@@ -131,6 +137,7 @@ static void cuda_from_host(void *ctx, void *dst, const void *host, size_t bytes)
     mps_cuda *c = (mps_cuda *)ctx;
     if (!bytes || use_device(c, "from_host") != 0)
         return;
+    cu_wcopy_invalidate(c, dst, bytes);
     /* the synchronisation makes the host buffer free for reuse even if it is pinned memory */
     if (cu_check(c, cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, c->stream), "from_host") == 0)
         cu_check(c, cudaStreamSynchronize(c->stream), "from_host: synchronize");
@@ -182,6 +189,7 @@ static void cuda_destroy(void *ctx)
     if (c->stream)
         (void)cudaStreamSynchronize(c->stream);
     cu_gemm_plans_free(c);
+    cu_wcopy_free(c);
     for (int i = 0; i < SCR_COUNT; i++)
         if (c->scr[i])
             (void)cudaFreeAsync(c->scr[i], c->stream);

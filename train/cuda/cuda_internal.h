@@ -46,6 +46,19 @@ enum {
 };
 
 #define MPS_GEMM_CANDIDATES 8
+/* A bf16 copy of a parameter, written by adamw_many in the same pass as the update, so that the
+ * products of the next step read it instead of rounding the fp32 weights again (one conversion
+ * per weight and per product before). Keyed by the exact (param, n) of an AdamW job: at ZeRO-0
+ * (and at dp = 1) that is the whole tensor the products read; elsewhere (a partition, a shard)
+ * the products read another buffer and never find it. valid = 0 once anything else may have
+ * written the range (from_host, copy, zero over it; any release). */
+typedef struct {
+    const float *p;
+    int64_t n;
+    act_t *bf;
+    int valid;
+} mps_wcopy;
+
 /* A cached cuBLASLt plan: descriptors and the heuristic's algorithm for one GEMM shape. */
 typedef struct {
     int ta, tb, m, n, k, lda, ldb, ldd, bias;
@@ -90,6 +103,8 @@ typedef struct {
     pthread_mutex_t res_mu; /* the host-result reductions share dres */
     mps_gemm_plan plans[MPS_CUDA_MAX_PLANS];
     int nplans;
+    mps_wcopy *wcopies; /* the parameters' bf16 copies (kernels.cu: adamw_many) */
+    int nwcopies, cap_wcopies;
     pthread_mutex_t err_mu; /* errors may come from several host threads (to_host) */
     int failed;
     char msg[800];
@@ -132,6 +147,11 @@ void cu_xent_bwd(void *ctx, void *dlogits, const void *logits, const int32_t *ta
 double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
 void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_adamw_step *step);
 double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int count);
+/* the valid bf16 copy of the first n elements of parameter w, or NULL */
+const act_t *cu_wcopy_find(mps_cuda *c, const float *w, int64_t n);
+/* marks the copies of parameters that overlap [p, p + bytes) stale; all of them when bytes is 0 */
+void cu_wcopy_invalidate(mps_cuda *c, const void *p, size_t bytes);
+void cu_wcopy_free(mps_cuda *c);
 /* db (C) += column sums of x (rows, C), deterministic (used by bias_grad and matmul_bwd) */
 void cu_colsum_acc(mps_cuda *c, float *db, const float *x, int64_t rows, int C, const char *what);
 void cu_colsum_acc_act(mps_cuda *c, float *db, const act_t *x, int64_t rows, int C, const char *what);

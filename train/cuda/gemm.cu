@@ -1,7 +1,9 @@
 /* matmul_fwd / matmul_bwd of the CUDA backend: bf16 operands, fp32 accumulation and fp32 outputs.
  * The activations a product reads are operand buffers, already bf16 (backend.h: the kernel that
- * makes one rounds it once); the fp32 weights, and a dout that is an fp32 residual gradient with
- * no operand copy, are rounded to bf16 into scratch buffers per call (memory-bound, small next to
+ * makes one rounds it once); the weights come from the bf16 copies AdamW writes along with its
+ * update (cuda_internal.h mps_wcopy) where there is a valid one, and they (before the first step,
+ * or at ZeRO >= 1 with dp > 1), like a dout that is an fp32 residual gradient with no operand
+ * copy, are otherwise rounded to bf16 into scratch buffers per call (memory-bound, small next to
  * the product). cuBLASLt runs with compute type 32F. The forward bias is a cuBLASLt epilogue
  * (D = A B + resid + bias, the residual as the C matrix) when the bias is 16-byte aligned, else a
  * kernel. The backward overwrites dinp (beta = 0) and accumulates (beta = 1) into dw, as the
@@ -52,6 +54,14 @@ static const __nv_bfloat16 *to_bf16(mps_cuda *c, int slot, const float *src, int
     const int vec = cu_aligned16(src);
     k_to_bf16<<<cu_grid(c, vec ? n / 4 + 1 : n, 256), 256, 0, c->stream>>>(dst, src, n, vec);
     return cu_launched(c, what) == 0 ? dst : NULL;
+}
+
+/* the bf16 form of a parameter (a weight or a bias): the copy AdamW keeps of it when there is a
+ * valid one (kernels.cu cu_wcopy_find), else rounded into a scratch slot like any operand */
+static const __nv_bfloat16 *param_bf16(mps_cuda *c, int slot, const float *w, int64_t n, const char *what)
+{
+    const act_t *h = cu_wcopy_find(c, w, n);
+    return h ? h : to_bf16(c, slot, w, n, what);
 }
 
 /* ---------------------------------------------------------------- plans */
@@ -362,7 +372,7 @@ void cu_matmul_fwd(void *ctx, float *out, const void *inp, const float *w, const
             cu_add_bias_rows(c, out, bias, N, OC);
         return;
     }
-    const __nv_bfloat16 *wb = to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_fwd (w to bf16)");
+    const __nv_bfloat16 *wb = param_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_fwd (w to bf16)");
     const act_t *ib = (const act_t *)inp;
     if (!wb)
         return;
@@ -391,7 +401,7 @@ void cu_matmul_bwd(void *ctx, void *dinp, int dinp_act, float *dw, float *dbias,
     if (!gb)
         return;
     if (dinp) {
-        const __nv_bfloat16 *wb = to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_bwd (w to bf16)");
+        const __nv_bfloat16 *wb = param_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_bwd (w to bf16)");
         if (!wb)
             return;
         if (!dinp_act) {
@@ -439,8 +449,8 @@ void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, co
     if (N <= 0 || OC <= 0 || !dims_ok(c, "matmul_fwd_act", N, C, OC))
         return;
     if (C > 0 && OC % 8 == 0 && (!bias || cu_aligned16(bias))) {
-        const __nv_bfloat16 *wb = to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_fwd_act (w to bf16)");
-        const __nv_bfloat16 *bb = bias && wb ? to_bf16(c, SCR_BIAS16, bias, OC, "matmul_fwd_act (bias to bf16)") : NULL;
+        const __nv_bfloat16 *wb = param_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_fwd_act (w to bf16)");
+        const __nv_bfloat16 *bb = bias && wb ? param_bf16(c, SCR_BIAS16, bias, OC, "matmul_fwd_act (bias to bf16)") : NULL;
         if (!wb || (bias && !bb))
             return;
         int r = bias ? gemm_bf16(c, "matmul_fwd_act", MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, (const act_t *)inp, C,
@@ -473,13 +483,13 @@ void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const 
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0 || OC <= 0 || !dims_ok(c, "matmul_gelu_fwd", N, C, OC))
         return;
-    const __nv_bfloat16 *wb = C > 0 ? to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_gelu_fwd (w to bf16)") : NULL;
+    const __nv_bfloat16 *wb = C > 0 ? param_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_gelu_fwd (w to bf16)") : NULL;
     if (C > 0 && !wb)
         return;
     /* the epilogues want a 16-byte aligned bias and leading dimensions that are multiples of 8 */
     if (C > 0 && OC % 8 == 0 && (!bias || cu_aligned16(bias))) {
         /* cuBLASLt takes a bf16 D only with a bf16 bias (a copy of ours) */
-        const __nv_bfloat16 *bb = bias ? to_bf16(c, SCR_BIAS16, bias, OC, "matmul_gelu_fwd (bias to bf16)") : NULL;
+        const __nv_bfloat16 *bb = bias ? param_bf16(c, SCR_BIAS16, bias, OC, "matmul_gelu_fwd (bias to bf16)") : NULL;
         if (bias && !bb)
             return;
         const act_t *a = (const act_t *)inp;
@@ -519,7 +529,7 @@ void cu_matmul_dgelu_bwd(void *ctx, void *dpre, float *dbias, const void *dout, 
         return;
     const __nv_bfloat16 *gb = dout_act ? (const act_t *)dout
                                        : to_bf16(c, SCR_BF_C, (const float *)dout, N * OC, "matmul_dgelu_bwd (dout to bf16)");
-    const __nv_bfloat16 *wb = gb ? to_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_dgelu_bwd (w to bf16)") : NULL;
+    const __nv_bfloat16 *wb = gb ? param_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_dgelu_bwd (w to bf16)") : NULL;
     if (!wb)
         return;
     float *bg = dbias ? (float *)cu_scratch(c, SCR_BGRAD, (size_t)C * sizeof(float)) : NULL;

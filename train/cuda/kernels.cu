@@ -165,14 +165,17 @@ struct AdamF {
         vi = b2 * vi + ob2 * gi * gi;
         return pi * decay - step * mi / (sqrtf(vi) / bc2_sqrt + eps);
     }
-    __device__ void one(int64_t i) const
+    /* element i (float4 i) updated; the new parameter value is returned too */
+    __device__ float one(int64_t i) const
     {
         float mi = m[i], vi = v[i];
-        p[i] = upd(p[i], g[i], mi, vi);
+        const float pn = upd(p[i], g[i], mi, vi);
+        p[i] = pn;
         m[i] = mi;
         v[i] = vi;
+        return pn;
     }
-    __device__ void four(int64_t i) const
+    __device__ float4 four(int64_t i) const
     {
         float4 pv = ld4(p, i), gv = ld4(g, i), mv = ld4(m, i), vv = ld4(v, i);
         pv.x = upd(pv.x, gv.x, mv.x, vv.x);
@@ -182,6 +185,7 @@ struct AdamF {
         st4(p, i, pv);
         st4(m, i, mv);
         st4(v, i, vv);
+        return pv;
     }
 };
 
@@ -324,11 +328,13 @@ int cu_from_act(mps_cuda *c, float *dst, const act_t *src, int64_t n, const char
 #define MT_THREADS 256
 struct MtArgs {
     float *p[MT_MAX], *g[MT_MAX], *m[MT_MAX], *v[MT_MAX];
+    act_t *pb[MT_MAX]; /* adamw: the parameter's bf16 copy (NULL: none) */
     int64_t n[MT_MAX];
     int64_t first[MT_MAX + 1];
     float decay[MT_MAX];
     int count;
 };
+static_assert(sizeof(MtArgs) + sizeof(float) * 16 <= 4096, "kernel parameters over 4 KB");
 
 __device__ __forceinline__ int dev_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
@@ -349,7 +355,8 @@ __device__ __forceinline__ int mt_find(const MtArgs &a, int64_t *b, int64_t *e)
     return lo;
 }
 
-/* AdamW over the launch's tensors (AdamF's arithmetic), each grad zeroed as it is read */
+/* AdamW over the launch's tensors (AdamF's arithmetic), each grad zeroed as it is read and the
+ * new parameter written to its bf16 copy where it has one */
 __global__ void __launch_bounds__(MT_THREADS) k_adamw_many(MtArgs a, AdamF f)
 {
     int64_t b, e;
@@ -357,20 +364,80 @@ __global__ void __launch_bounds__(MT_THREADS) k_adamw_many(MtArgs a, AdamF f)
     f.p = a.p[t], f.g = a.g[t], f.m = a.m[t], f.v = a.v[t];
     f.decay = a.decay[t];
     float *g = a.g[t];
-    const int vec = dev_aligned16(f.p) && dev_aligned16(g) && dev_aligned16(f.m) && dev_aligned16(f.v);
+    act_t *pb = a.pb[t];
+    const int vec = dev_aligned16(f.p) && dev_aligned16(g) && dev_aligned16(f.m) && dev_aligned16(f.v) &&
+                    ((uintptr_t)pb & 7u) == 0;
     int64_t i = b + threadIdx.x;
     if (vec) { /* b is a multiple of 4: float4 q of the chunk is float4 b / 4 + q of the tensor */
         const int64_t n4 = (e - b) >> 2;
         for (int64_t q = threadIdx.x; q < n4; q += MT_THREADS) {
-            f.four((b >> 2) + q);
+            const float4 pn = f.four((b >> 2) + q);
             st4(g, (b >> 2) + q, make_float4(0, 0, 0, 0));
+            if (pb)
+                st4_act(pb, (b >> 2) + q, pn.x, pn.y, pn.z, pn.w);
         }
         i = b + (n4 << 2) + threadIdx.x;
     }
     for (; i < e; i += MT_THREADS) {
-        f.one(i);
+        const float pn = f.one(i);
         g[i] = 0.0f;
+        if (pb)
+            pb[i] = __float2bfloat16_rn(pn);
     }
+}
+
+/* ---- the parameters' bf16 copies (cuda_internal.h mps_wcopy) */
+
+const act_t *cu_wcopy_find(mps_cuda *c, const float *w, int64_t n)
+{
+    for (int i = 0; i < c->nwcopies; i++)
+        if (c->wcopies[i].p == w && c->wcopies[i].valid && n <= c->wcopies[i].n)
+            return c->wcopies[i].bf;
+    return NULL;
+}
+
+void cu_wcopy_invalidate(mps_cuda *c, const void *p, size_t bytes)
+{
+    const char *a = (const char *)p, *z = a + bytes;
+    for (int i = 0; i < c->nwcopies; i++) {
+        const char *pa = (const char *)c->wcopies[i].p, *pz = pa + (size_t)c->wcopies[i].n * sizeof(float);
+        if (!bytes || (pa < z && a < pz))
+            c->wcopies[i].valid = 0;
+    }
+}
+
+void cu_wcopy_free(mps_cuda *c)
+{
+    for (int i = 0; i < c->nwcopies; i++)
+        (void)cudaFreeAsync(c->wcopies[i].bf, c->stream);
+    free(c->wcopies);
+    c->wcopies = NULL;
+    c->nwcopies = c->cap_wcopies = 0;
+}
+
+/* the copy of an AdamW job's parameter (made on first use; NULL when there is no memory for it:
+ * the products then round the weights themselves, as before) */
+static mps_wcopy *wcopy_for(mps_cuda *c, const float *p, int64_t n)
+{
+    for (int i = 0; i < c->nwcopies; i++)
+        if (c->wcopies[i].p == p && c->wcopies[i].n == n)
+            return &c->wcopies[i];
+    if (c->nwcopies == c->cap_wcopies) {
+        int cap = c->cap_wcopies ? 2 * c->cap_wcopies : 256;
+        mps_wcopy *w = (mps_wcopy *)realloc(c->wcopies, sizeof *w * (size_t)cap);
+        if (!w)
+            return NULL;
+        c->wcopies = w;
+        c->cap_wcopies = cap;
+    }
+    act_t *bf = NULL;
+    if (cudaMallocFromPoolAsync((void **)&bf, (size_t)n * sizeof(act_t), c->pool, c->stream) != cudaSuccess) {
+        (void)cudaGetLastError(); /* no room: no copy, not an error */
+        return NULL;
+    }
+    mps_wcopy *w = &c->wcopies[c->nwcopies++];
+    w->p = p, w->n = n, w->bf = bf, w->valid = 0;
+    return w;
 }
 
 void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_adamw_step *st)
@@ -409,8 +476,12 @@ void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_ad
         const mps_adamw_job *j = &jobs[i];
         if (j->n <= 0)
             continue;
+        mps_wcopy *wc = wcopy_for(c, j->param, j->n);
         const int k = a.count++;
         a.p[k] = j->param, a.g[k] = j->grad, a.m[k] = j->m, a.v[k] = j->v, a.n[k] = j->n;
+        a.pb[k] = wc ? wc->bf : NULL;
+        if (wc)
+            wc->valid = 1; /* once the launch below has run: the stream orders every reader after it */
         a.decay[k] = 1.0f - st->lr * j->weight_decay;
         a.first[k + 1] = a.first[k] + (j->n + MT_CHUNK - 1) / MT_CHUNK;
     }
@@ -736,6 +807,56 @@ static void colsum_acc(mps_cuda *c, float *dst, const T *x, int64_t rows, int C,
     colsum_to(c, dst, 1, x, rows, C, what);
 }
 
+/* Up to 3 column sums of fp32 (rows, C) arrays in one launch and one pass (blockIdx.y picks the
+ * array; thread (tx, ty) sums rows ty, ty + 8, ... in order, the 8 partial sums are added in ty
+ * order): the layernorm backward's block partials of dw, db and dinp, which would otherwise take
+ * two launches each. dst[k] (C) += the sums when acc[k], else = them. */
+struct ColSums {
+    float *dst[3];
+    const float *src[3];
+    int acc[3];
+};
+#define CS_ONEPASS_ROWS 8192 /* above this, colsum_to's two passes */
+
+__global__ void k_colsums(ColSums a, int64_t rows, int C)
+{
+    __shared__ float sh[CS_TY][CS_TX + 1];
+    const int col = blockIdx.x * CS_TX + threadIdx.x, k = blockIdx.y;
+    const float *x = a.src[k];
+    float s = 0.0f;
+    if (col < C)
+#pragma unroll 4
+        for (int64_t r = threadIdx.y; r < rows; r += CS_TY)
+            s += x[r * C + col];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < C) {
+        float t = 0.0f;
+        for (int q = 0; q < CS_TY; q++)
+            t += sh[q][threadIdx.x];
+        a.dst[k][col] = a.acc[k] ? a.dst[k][col] + t : t;
+    }
+}
+
+/* the column sums of n (<= 3) fp32 arrays (rows, C), as colsum_to would give them */
+static void colsums(mps_cuda *c, int n, float *const *dst, const float *const *src, const int *acc, int64_t rows, int C,
+                    const char *what)
+{
+    if (n <= 0 || C <= 0)
+        return;
+    if (rows <= 0 || rows > CS_ONEPASS_ROWS) {
+        for (int k = 0; k < n; k++)
+            colsum_to(c, dst[k], acc[k], src[k], rows, C, what);
+        return;
+    }
+    ColSums a;
+    memset(&a, 0, sizeof a);
+    for (int k = 0; k < n; k++)
+        a.dst[k] = dst[k], a.src[k] = src[k], a.acc[k] = acc[k];
+    k_colsums<<<dim3((unsigned)((C + CS_TX - 1) / CS_TX), (unsigned)n), dim3(CS_TX, CS_TY), 0, c->stream>>>(a, rows, C);
+    cu_launched(c, what);
+}
+
 void cu_colsum_acc(mps_cuda *c, float *dst, const float *x, int64_t rows, int C, const char *what)
 {
     colsum_acc(c, dst, x, rows, C, what);
@@ -1044,12 +1165,17 @@ void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum
         k_ln_bwd<<<(unsigned)nblk, LNB_WARPS * 32, smem, c->stream>>>(o, dout, inp, w, mean, rstd, N, C);
     if (cu_launched(c, "layernorm_bwd") != 0)
         return;
+    /* the blocks' partials summed over the blocks: one launch for dw, db and dinp's column sums */
+    float *dst[3];
+    const float *src[3];
+    int acc[3], n = 0;
     if (dw)
-        cu_colsum_acc(c, dw, o.pdw, nblk, C, "layernorm_bwd (dw)");
+        dst[n] = dw, src[n] = o.pdw, acc[n++] = 1;
     if (db)
-        cu_colsum_acc(c, db, o.pdb, nblk, C, "layernorm_bwd (db)");
+        dst[n] = db, src[n] = o.pdb, acc[n++] = 1;
     if (dinp_colsum)
-        colsum_to(c, dinp_colsum, 0, o.pdx, nblk, C, "layernorm_bwd (dinp column sums)");
+        dst[n] = dinp_colsum, src[n] = o.pdx, acc[n++] = 0;
+    colsums(c, n, dst, src, acc, nblk, C, "layernorm_bwd (column sums)");
 }
 
 /* ---------------------------------------------------------------- cross-entropy */
