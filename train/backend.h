@@ -60,8 +60,9 @@ typedef struct mps_backend {
                           const float *b, int64_t N, int C);
     /* dinp (N, C) += the layernorm's input gradient; dw, db (C) +=. The next consumers of dinp (a
      * residual gradient) are products and a bias gradient, so the same pass can hand them what they
-     * read: dinp_act (operand buffer, overwritten) = the updated dinp, dinp_colsum (C, overwritten) =
-     * its column sums (the CPU adds rows in order, as bias_grad). Each may be NULL. */
+     * read: dinp_act (operand buffer, overwritten) = the updated dinp, and dinp_colsum (C) += its
+     * column sums, as bias_grad would add them (the CPU adds rows in order): the caller passes the
+     * bias gradient itself. Each may be NULL. */
     void (*layernorm_bwd)(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db,
                           const float *dout, const float *inp, const float *w, const float *mean, const float *rstd,
                           int64_t N, int C);

@@ -51,10 +51,8 @@ static void ln_bwd(void *c, float *dinp, void *dinp_act, float *dinp_colsum, flo
     op_layernorm_bwd(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
     if (dinp && dinp_act) /* operand buffers are fp32 here */
         memcpy(dinp_act, dinp, sizeof(float) * (size_t)(N * C));
-    if (dinp && dinp_colsum) {
-        memset(dinp_colsum, 0, sizeof(float) * (size_t)C);
+    if (dinp && dinp_colsum)
         colsum_acc(dinp_colsum, dinp, N, C);
-    }
 }
 static void mm_fwd(void *c, float *out, const void *inp, const float *w, const float *bias, const float *resid,
                    int64_t N, int C, int OC)

@@ -380,7 +380,7 @@ static int backward_mb(mps_engine *e, int mb, mps_err *err)
     mps_mb_slot *s = &e->slots[mb % e->nslots];
     int64_t n = (int64_t)e->N * e->C;
     if (!e->is_last) {
-        s->dx_ready = 0;
+        s->dx_ready = MPS_DX_NONE;
         if (e->comm->recv(e->comm->ctx, stage_rank(e, e->me.pp + 1), s->dx, n, TAG_BWD(mb), err) != 0)
             return -1;
     }

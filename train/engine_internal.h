@@ -23,6 +23,11 @@ typedef struct {
     int decay;         /* weight decay applies (matrices and embeddings, not biases or norms) */
 } mps_tparam;
 
+/* mps_mb_slot.dx_ready: dx alone (received from the next stage: the products round it, bias_grad
+ * sums it); dx_act matches dx and dx_colsum holds its column sums (after the head); dx_act matches
+ * dx and its column sums are already in the bias gradient they belong to (inside the stage). */
+enum { MPS_DX_NONE = 0, MPS_DX_SUMS = 1, MPS_DX_ADDED = 2 };
+
 /* Activations one micro-batch keeps for its backward pass, per layer of the stage. */
 typedef struct {
     float *x_in;             /* (N, C) layer input */
@@ -44,11 +49,11 @@ typedef struct {
     float *x_out;              /* (N, C) stage output (sent to the next stage) */
     float *dx;                 /* (N, C) gradient flowing backward through the stage */
     /* What the layernorm backward that last updated dx handed on for dx's next readers, the
-     * products and bias gradient of the layer below (backend.h layernorm_bwd): dx as an operand
-     * buffer and its column sums. dx_ready: they match dx (not so for a dx received from the next
-     * stage). Per slot, since the head's backward runs with the forward, ahead of the slot's own. */
+     * products and the output bias gradient of the layer below (backend.h layernorm_bwd): dx as an
+     * operand buffer, and its column sums. dx_ready (MPS_DX_*) says how far they match dx. Per
+     * slot, since the head's backward runs with the forward, ahead of the slot's own. */
     void *dx_act;              /* (N, C) operand buffer */
-    float *dx_colsum;          /* (C) */
+    float *dx_colsum;          /* (C) the head's column sums (MPS_DX_SUMS) */
     int dx_ready;
 } mps_mb_slot;
 

@@ -88,8 +88,9 @@ static int layer_forward(mps_engine *e, int layer, mps_layer_acts *a, float *x_o
 
 /* s->dx (N, C): in: gradient at the layer output; out: gradient at the layer input. Where the
  * layernorm backward that wrote dx also left its operand copy and column sums (s->dx_ready), the
- * products read the copy and the output biases' gradients take the sums; otherwise (dx received
- * from the next stage) the products round dx themselves and bias_grad sums it. */
+ * products read the copy and the output biases' gradients get the sums from it (the layernorm
+ * backwards below add them straight into the gradient of the bias they belong to); otherwise (dx
+ * received from the next stage) the products round dx themselves and bias_grad sums it. */
 static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, mps_mb_slot *s, mps_err *err)
 {
     float *dx = s->dx;
@@ -110,12 +111,12 @@ static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, mps_mb_sl
     /* MLP: x3 = x2 + gelu(ln2 @ fcw^T + fcb) @ fcprojw^T + fcprojb; dx is dx3 here and becomes dx2 */
     const void *dres = dx; /* the residual gradient as the products read it */
     int dres_act = 0;
-    if (s->dx_ready) {
+    if (s->dx_ready == MPS_DX_SUMS)
         e->be->accumulate(e->be->ctx, g[MPS_SLOT_FCPROJB], s->dx_colsum, C);
-        dres = s->dx_act, dres_act = 1;
-    } else {
+    else if (s->dx_ready == MPS_DX_NONE)
         e->be->bias_grad(e->be->ctx, g[MPS_SLOT_FCPROJB], dx, N, C);
-    }
+    if (s->dx_ready != MPS_DX_NONE)
+        dres = s->dx_act, dres_act = 1;
     e->be->matmul_bwd(e->be->ctx, NULL, 0, g[MPS_SLOT_FCPROJW], NULL, dres, dres_act, a->gel, w.fcprojw, N, F, C);
     /* dfch (an operand buffer, overwritten) goes where gel was: gel is no longer needed (the
      * product above, issued first, has read it), and no other (N, F) operand buffer is free */
@@ -124,11 +125,11 @@ static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, mps_mb_sl
     e->be->matmul_bwd(e->be->ctx, dsmall, 0, g[MPS_SLOT_FCW], NULL, dfch, 1, a->ln2, w.fcw, N, C, F);
     rc = tp_sum(e, dsmall, N * C, err); /* ln2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
-        e->be->layernorm_bwd(e->be->ctx, dx, s->dx_act, s->dx_colsum, g[MPS_SLOT_LN2W], g[MPS_SLOT_LN2B], dsmall,
-                             a->x2, w.ln2w, a->ln2_mean, a->ln2_rstd, N, C);
-        s->dx_ready = 1;
+        /* dx becomes dx2, whose column sums are attprojb's gradient */
+        e->be->layernorm_bwd(e->be->ctx, dx, s->dx_act, g[MPS_SLOT_ATTPROJB], g[MPS_SLOT_LN2W], g[MPS_SLOT_LN2B],
+                             dsmall, a->x2, w.ln2w, a->ln2_mean, a->ln2_rstd, N, C);
+        s->dx_ready = MPS_DX_ADDED;
         /* attention: x2 = x + (attention(ln1 @ qkvw^T + qkvb) @ attprojw^T) + attprojb */
-        e->be->accumulate(e->be->ctx, g[MPS_SLOT_ATTPROJB], s->dx_colsum, C);
         void *datty = dsmall; /* (N, Cl) operand buffer: only the attention backward reads it */
         e->be->matmul_bwd(e->be->ctx, datty, 1, g[MPS_SLOT_ATTPROJW], NULL, s->dx_act, 1, a->atty, w.attprojw, N,
                           Cl, C);
@@ -138,12 +139,17 @@ static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, mps_mb_sl
                           3 * Cl);
         rc = tp_sum(e, dsmall, N * C, err);
     }
-    /* below the stage's first layer dx goes to the embedding or to the previous stage: no products */
+    /* dx becomes the gradient at the layer below's output, whose column sums are that layer's
+     * fcprojb gradient; below the stage's first layer dx goes to the embedding or to the previous
+     * stage: no products, no sums */
     const int below = layer > e->first_layer;
+    float *below_b = NULL;
+    if (rc == 0 && below && (below_b = mps_grad(e, mps_layer_tensor(layer - 1, MPS_SLOT_FCPROJB), err)) == NULL)
+        rc = -1;
     if (rc == 0)
-        e->be->layernorm_bwd(e->be->ctx, dx, below ? s->dx_act : NULL, below ? s->dx_colsum : NULL, g[MPS_SLOT_LN1W],
-                             g[MPS_SLOT_LN1B], dsmall, a->x_in, w.ln1w, a->ln1_mean, a->ln1_rstd, N, C);
-    s->dx_ready = below;
+        e->be->layernorm_bwd(e->be->ctx, dx, below ? s->dx_act : NULL, below_b, g[MPS_SLOT_LN1W], g[MPS_SLOT_LN1B],
+                             dsmall, a->x_in, w.ln1w, a->ln1_mean, a->ln1_rstd, N, C);
+    s->dx_ready = below ? MPS_DX_ADDED : MPS_DX_NONE;
     layer_release(e, layer);
     return rc;
 }
@@ -225,9 +231,12 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
         rc = tp_sum(e, dxf, N * C, err);
     }
     if (rc == 0) {
+        /* the column sums wait in the slot for the last layer's backward (the head runs with the
+         * forward; another micro-batch's backward may come between) */
         buf_zero(e, s->dx, N * C);
+        buf_zero(e, s->dx_colsum, C);
         e->be->layernorm_bwd(e->be->ctx, s->dx, s->dx_act, s->dx_colsum, glnfw, glnfb, dxf, x, lnfw, mean, rstd, N, C);
-        s->dx_ready = 1;
+        s->dx_ready = MPS_DX_SUMS;
     }
     mps_weights_release(e, lnfb_t);
     mps_weights_release(e, lnfw_t);

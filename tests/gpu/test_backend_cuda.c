@@ -1167,7 +1167,7 @@ static void g_layernorm(void)
     test_layernorm(37, 48, 1, 1);
     test_layernorm(37, 48, 0, 1);
     test_layernorm(37, 33, 1, 0);
-    test_layernorm(9000, 100, 1, 1); /* 282 row blocks: two-pass column sums */
+    test_layernorm(9000, 100, 1, 1); /* 282 row blocks of partial sums */
     test_layernorm(5, 1600, 1, 1);   /* GPT-2 XL width */
 }
 static void g_matmul(void)

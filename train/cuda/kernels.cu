@@ -904,13 +904,71 @@ __global__ void k_ln_fwd(act_t *out, float *mean, float *rstd, const float *inp,
     }
 }
 
+/* The same for C % 4 == 0 and C <= 128 K (K <= 16: GPT-2 XL's 1600 is K = 13) with 16-byte
+ * accesses: a lane keeps float4 j = lane + 32 i (i < K) of its row in registers, so the row is read once (the kernel above reads it three
+ * times), and writes four bf16 at a time. */
+template <int K>
+__global__ void k_ln_fwd4(act_t *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+                          int64_t N, int C)
+{
+    const int lane = threadIdx.x & 31, C4 = C >> 2;
+    const int64_t nw = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < N; r += nw) {
+        float4 x[K];
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const int j = lane + 32 * i;
+            x[i] = j < C4 ? ld4(inp + r * C, j) : make_float4(0, 0, 0, 0);
+            s += (x[i].x + x[i].y) + (x[i].z + x[i].w);
+        }
+        const float m = warp_reduce(s, SumOp()) / C;
+        float ss = 0.0f;
+#pragma unroll
+        for (int i = 0; i < K; i++)
+            if (lane + 32 * i < C4) {
+                const float a = x[i].x - m, bb = x[i].y - m, cc = x[i].z - m, d = x[i].w - m;
+                ss += (a * a + bb * bb) + (cc * cc + d * d);
+            }
+        const float rs = 1.0f / sqrtf(warp_reduce(ss, SumOp()) / C + 1e-5f);
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const int j = lane + 32 * i;
+            if (j < C4) {
+                const float4 wv = ld4(w, j), bv = ld4(b, j);
+                st4_act(out + r * C, j, (x[i].x - m) * rs * wv.x + bv.x, (x[i].y - m) * rs * wv.y + bv.y,
+                        (x[i].z - m) * rs * wv.z + bv.z, (x[i].w - m) * rs * wv.w + bv.w);
+            }
+        }
+        if (lane == 0) {
+            if (mean)
+                mean[r] = m;
+            if (rstd)
+                rstd[r] = rs;
+        }
+    }
+}
+
 void cu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const float *inp, const float *w,
                       const float *b, int64_t N, int C)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0 || C <= 0)
         return;
-    k_ln_fwd<<<cu_grid(c, N * 32, 256), 256, 0, c->stream>>>((act_t *)out, mean, rstd, inp, w, b, N, C);
+    const unsigned grid = cu_grid(c, N * 32, 256);
+    const int k = (C / 4 + 31) / 32;
+    const int vec = C % 4 == 0 && k <= 16 && cu_aligned16(inp) && cu_aligned16(w) && cu_aligned16(b) && aligned8(out);
+    if (!vec) {
+        k_ln_fwd<<<grid, 256, 0, c->stream>>>((act_t *)out, mean, rstd, inp, w, b, N, C);
+    } else {
+        switch (k) {
+#define LNF_CASE(KK)                                                                                          \
+    case KK: k_ln_fwd4<KK><<<grid, 256, 0, c->stream>>>((act_t *)out, mean, rstd, inp, w, b, N, C); break;
+            LNF_CASE(1) LNF_CASE(2) LNF_CASE(3) LNF_CASE(4) LNF_CASE(5) LNF_CASE(6) LNF_CASE(7) LNF_CASE(8)
+            LNF_CASE(9) LNF_CASE(10) LNF_CASE(11) LNF_CASE(12) LNF_CASE(13) LNF_CASE(14) LNF_CASE(15) LNF_CASE(16)
+#undef LNF_CASE
+        }
+    }
     cu_launched(c, "layernorm_fwd");
 }
 
@@ -1128,11 +1186,8 @@ void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum
     mps_cuda *c = (mps_cuda *)ctx;
     if (!dinp)
         dinp_act = dinp_colsum = NULL; /* they describe the updated dinp */
-    if (N <= 0 || C <= 0 || (!dinp && !dw && !db)) {
-        if (dinp_colsum && C > 0)
-            cu_check(c, cudaMemsetAsync(dinp_colsum, 0, (size_t)C * sizeof(float), c->stream), "layernorm_bwd");
+    if (N <= 0 || C <= 0 || (!dinp && !dw && !db))
         return;
-    }
     const int64_t nblk = (N + LNB_ROWS - 1) / LNB_ROWS;
     LnBwdOut o = {dinp, (act_t *)dinp_act, NULL, NULL, NULL};
     size_t smem = 0;
@@ -1174,7 +1229,7 @@ void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum
     if (db)
         dst[n] = db, src[n] = o.pdb, acc[n++] = 1;
     if (dinp_colsum)
-        dst[n] = dinp_colsum, src[n] = o.pdx, acc[n++] = 0;
+        dst[n] = dinp_colsum, src[n] = o.pdx, acc[n++] = 1;
     colsums(c, n, dst, src, acc, nblk, C, "layernorm_bwd (column sums)");
 }
 
@@ -1342,6 +1397,7 @@ void cu_xent_bwd(void *ctx, void *dlogits, const void *logits, const int32_t *ta
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0 || Vl <= 0)
         return;
+    /* (8 at a time with 16-byte accesses measured slower: 0.59 against 0.47 ms at N = 8192, H200) */
     const int vec = Vl % 4 == 0 && aligned8(logits) && aligned8(dlogits);
     k_xent_bwd<<<row_grid(c, N), XE_THREADS, 0, c->stream>>>((act_t *)dlogits, (const act_t *)logits, targets, gmax, gsumexp, scale,
                                                              N, Vl, v0, xent_nreal(Vl, v0, V), vec);
