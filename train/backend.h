@@ -63,9 +63,11 @@ typedef struct mps_backend {
      * read: dinp_act (operand buffer, overwritten) = the updated dinp, and dinp_colsum (C) += its
      * column sums, as bias_grad would add them (the CPU adds rows in order): the caller passes the
      * bias gradient itself. Each may be NULL. */
+    /* dout is an operand buffer when dout_act (the input products' dinp, when no TP sum lies
+     * between), else fp32 */
     void (*layernorm_bwd)(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db,
-                          const float *dout, const float *inp, const float *w, const float *mean, const float *rstd,
-                          int64_t N, int C);
+                          const void *dout, int dout_act, const float *inp, const float *w, const float *mean,
+                          const float *rstd, int64_t N, int C);
     /* out (N, OC) = inp @ w^T + bias + resid (bias, resid may be NULL; resid does not alias out):
      * the residual add rides in the product's epilogue. The CPU adds them as residual_bias does,
      * (resid + product) + bias, so the fused and the unfused forms give the same bits there. */

@@ -44,10 +44,11 @@ static void colsum_acc(float *db, const float *x, int64_t N, int C)
         db[j] += s;
     }
 }
-static void ln_bwd(void *c, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db, const float *dout,
-                   const float *inp, const float *w, const float *mean, const float *rstd, int64_t N, int C)
+static void ln_bwd(void *c, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db, const void *dout,
+                   int dout_act, const float *inp, const float *w, const float *mean, const float *rstd, int64_t N,
+                   int C)
 {
-    (void)c;
+    (void)c; (void)dout_act; /* operand buffers are fp32 here */
     op_layernorm_bwd(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
     if (dinp && dinp_act) /* operand buffers are fp32 here */
         memcpy(dinp_act, dinp, sizeof(float) * (size_t)(N * C));

@@ -122,12 +122,15 @@ static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, mps_mb_sl
      * product above, issued first, has read it), and no other (N, F) operand buffer is free */
     void *dfch = a->gel;
     e->be->matmul_dgelu_bwd(e->be->ctx, dfch, g[MPS_SLOT_FCB], dres, dres_act, w.fcprojw, a->fch, N, F, C);
-    e->be->matmul_bwd(e->be->ctx, dsmall, 0, g[MPS_SLOT_FCW], NULL, dfch, 1, a->ln2, w.fcw, N, C, F);
+    /* the layernorm output gradients (dsmall): operand buffers that the layernorm backward reads,
+     * unless a TP sum comes between (it sums fp32) */
+    const int dln_act = e->L.tp == 1;
+    e->be->matmul_bwd(e->be->ctx, dsmall, dln_act, g[MPS_SLOT_FCW], NULL, dfch, 1, a->ln2, w.fcw, N, C, F);
     rc = tp_sum(e, dsmall, N * C, err); /* ln2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
         /* dx becomes dx2, whose column sums are attprojb's gradient */
         e->be->layernorm_bwd(e->be->ctx, dx, s->dx_act, g[MPS_SLOT_ATTPROJB], g[MPS_SLOT_LN2W], g[MPS_SLOT_LN2B],
-                             dsmall, a->x2, w.ln2w, a->ln2_mean, a->ln2_rstd, N, C);
+                             dsmall, dln_act, a->x2, w.ln2w, a->ln2_mean, a->ln2_rstd, N, C);
         s->dx_ready = MPS_DX_ADDED;
         /* attention: x2 = x + (attention(ln1 @ qkvw^T + qkvb) @ attprojw^T) + attprojb */
         void *datty = dsmall; /* (N, Cl) operand buffer: only the attention backward reads it */
@@ -135,8 +138,8 @@ static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, mps_mb_sl
                           Cl, C);
         void *dqkv = dbig; /* (N, 3 Cl) operand buffer, overwritten */
         e->be->attention_bwd(e->be->ctx, dqkv, datty, a->qkv, a->atty, a->lse, e->B, e->T, e->Hl, e->hs);
-        e->be->matmul_bwd(e->be->ctx, dsmall, 0, g[MPS_SLOT_QKVW], g[MPS_SLOT_QKVB], dqkv, 1, a->ln1, w.qkvw, N, C,
-                          3 * Cl);
+        e->be->matmul_bwd(e->be->ctx, dsmall, dln_act, g[MPS_SLOT_QKVW], g[MPS_SLOT_QKVB], dqkv, 1, a->ln1, w.qkvw,
+                          N, C, 3 * Cl);
         rc = tp_sum(e, dsmall, N * C, err);
     }
     /* dx becomes the gradient at the layer below's output, whose column sums are that layer's
@@ -148,7 +151,7 @@ static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, mps_mb_sl
         rc = -1;
     if (rc == 0)
         e->be->layernorm_bwd(e->be->ctx, dx, below ? s->dx_act : NULL, below_b, g[MPS_SLOT_LN1W], g[MPS_SLOT_LN1B],
-                             dsmall, a->x_in, w.ln1w, a->ln1_mean, a->ln1_rstd, N, C);
+                             dsmall, dln_act, a->x_in, w.ln1w, a->ln1_mean, a->ln1_rstd, N, C);
     s->dx_ready = below ? MPS_DX_ADDED : MPS_DX_NONE;
     layer_release(e, layer);
     return rc;
@@ -227,7 +230,7 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
         void *dlogits = e->logits; /* in place */
         e->be->xent_bwd(e->be->ctx, dlogits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
                         e->cfg.vocab);
-        e->be->matmul_bwd(e->be->ctx, dxf, 0, gwte, NULL, dlogits, 1, xf, wte, N, C, (int)e->Vl);
+        e->be->matmul_bwd(e->be->ctx, dxf, e->L.tp == 1, gwte, NULL, dlogits, 1, xf, wte, N, C, (int)e->Vl);
         rc = tp_sum(e, dxf, N * C, err);
     }
     if (rc == 0) {
@@ -235,7 +238,8 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
          * forward; another micro-batch's backward may come between) */
         buf_zero(e, s->dx, N * C);
         buf_zero(e, s->dx_colsum, C);
-        e->be->layernorm_bwd(e->be->ctx, s->dx, s->dx_act, s->dx_colsum, glnfw, glnfb, dxf, x, lnfw, mean, rstd, N, C);
+        e->be->layernorm_bwd(e->be->ctx, s->dx, s->dx_act, s->dx_colsum, glnfw, glnfb, dxf, e->L.tp == 1, x, lnfw, mean,
+                             rstd, N, C);
         s->dx_ready = MPS_DX_SUMS;
     }
     mps_weights_release(e, lnfb_t);

@@ -521,23 +521,29 @@ static void test_layernorm(int64_t N, int C, int with_stats, int with_dinp)
     }
     o_done(&s, TOL_EW);
     if (with_stats) {
-        snprintf(op, sizeof op, "layernorm_bwd N%lld C%d%s", (long long)N, C, with_dinp ? "" : " no dinp");
-        /* with dinp also its operand copy and column sums (both overwritten: start from poison) */
-        float *i0 = hrand(N * C, 1.0f), *i1 = hrand(C, 1.0f), *i2 = hrand(C, 1.0f), *i3 = hrand(C, 1e3f);
-        float *dinp = with_dinp ? o_add(&s, "dinp", N * C, i0) : NULL;
-        float *dact = with_dinp ? o_add_act(&s, "dinp_act", N * C) : NULL;
-        float *dsum = with_dinp ? o_add(&s, "dinp_colsum", C, i3) : NULL;
-        float *dw = o_add(&s, "dw", C, i1), *db = o_add(&s, "db", C, i2);
-        cpu.layernorm_bwd(cpu.ctx, dinp, dact, dsum, dw, db, dout.h, inp.h, w.h, m.h, r.h, N, C);
-        int k = with_dinp ? 3 : 0;
-        GPU_TWICE(s, gpu.layernorm_bwd(gpu.ctx, with_dinp ? o_dev(&s, 0) : NULL, with_dinp ? o_dev(&s, 1) : NULL,
-                                       with_dinp ? o_dev(&s, 2) : NULL, o_dev(&s, k), o_dev(&s, k + 1), dout.d, inp.d,
-                                       w.d, m.d, r.d, N, C));
-        o_done(&s, N > 1000 ? TOL_RED : TOL_EW);
-        free(i3);
-        free(i0);
-        free(i1);
-        free(i2);
+        tin dout_act = in_copy_act(dout.h, N * C); /* dout as an operand buffer (the products' bf16 dinp) */
+        for (int da = 0; da < 2; da++) {
+            const tin *g = da ? &dout_act : &dout;
+            snprintf(op, sizeof op, "layernorm_bwd N%lld C%d%s%s", (long long)N, C, with_dinp ? "" : " no dinp",
+                     da ? " dout act" : "");
+            /* with dinp also its operand copy (overwritten: starts from poison) and column sums (+=) */
+            float *i0 = hrand(N * C, 1.0f), *i1 = hrand(C, 1.0f), *i2 = hrand(C, 1.0f), *i3 = hrand(C, 1e3f);
+            float *dinp = with_dinp ? o_add(&s, "dinp", N * C, i0) : NULL;
+            float *dact = with_dinp ? o_add_act(&s, "dinp_act", N * C) : NULL;
+            float *dsum = with_dinp ? o_add(&s, "dinp_colsum", C, i3) : NULL;
+            float *dw = o_add(&s, "dw", C, i1), *db = o_add(&s, "db", C, i2);
+            cpu.layernorm_bwd(cpu.ctx, dinp, dact, dsum, dw, db, g->h, da, inp.h, w.h, m.h, r.h, N, C);
+            int k = with_dinp ? 3 : 0;
+            GPU_TWICE(s, gpu.layernorm_bwd(gpu.ctx, with_dinp ? o_dev(&s, 0) : NULL, with_dinp ? o_dev(&s, 1) : NULL,
+                                           with_dinp ? o_dev(&s, 2) : NULL, o_dev(&s, k), o_dev(&s, k + 1), g->d, da,
+                                           inp.d, w.d, m.d, r.d, N, C));
+            o_done(&s, N > 1000 ? TOL_RED : TOL_EW);
+            free(i3);
+            free(i0);
+            free(i1);
+            free(i2);
+        }
+        in_free(&dout_act);
         in_free(&m);
         in_free(&r);
     }
@@ -1116,7 +1122,7 @@ static void bench(mps_backend *bf16)
               bf16->attention_bwd(bf16->ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
     }
     BENCH(&gpu, "layernorm_fwd (N, 768)", 0, 10, gpu.layernorm_fwd(gpu.ctx, y, mean, rstd, x, w, bias, N, C));
-    BENCH(&gpu, "layernorm_bwd (N, 768)", 0, 10, gpu.layernorm_bwd(gpu.ctx, y, NULL, NULL, dw, bias, x, qkv, w, mean, rstd, N, C));
+    BENCH(&gpu, "layernorm_bwd (N, 768)", 0, 10, gpu.layernorm_bwd(gpu.ctx, y, NULL, NULL, dw, bias, x, 0, qkv, w, mean, rstd, N, C));
     BENCH(&gpu, "residual_bias (N, 768)", 0, 10, gpu.residual_bias(gpu.ctx, y, x, qkv, bias, N, C));
     BENCH(&gpu, "bias_grad (N, 3072)", 0, 10, gpu.bias_grad(gpu.ctx, bias, x, N, F));
     BENCH(&gpu, "embed_fwd", 0, 10, gpu.embed_fwd(gpu.ctx, y, tok, N, wte, 0, Vl, C));

@@ -133,8 +133,8 @@ void cu_pos_bwd(void *ctx, float *dwpe, const float *dx, int B, int T, int C);
 void cu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const float *inp, const float *w,
                       const float *b, int64_t N, int C);
 void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db,
-                      const float *dout, const float *inp, const float *w, const float *mean, const float *rstd,
-                      int64_t N, int C);
+                      const void *dout, int dout_act, const float *inp, const float *w, const float *mean,
+                      const float *rstd, int64_t N, int C);
 void cu_residual_bias(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
 void cu_bias_grad(void *ctx, float *db, const float *dout, int64_t N, int C);
 void cu_add(void *ctx, float *out, const float *a, const float *b, int64_t n);

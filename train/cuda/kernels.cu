@@ -1011,7 +1011,8 @@ __device__ __forceinline__ void ln_block_sums(const LnBwdOut &o, const float *sh
 /* Block = 4 warps over 32 rows, a warp per row. dinp (N, C) += rstd * (g - mean(g) - xhat *
  * mean(g * xhat)), g = dout * w; the partial sums of LnBwdOut summed per warp in shared memory,
  * then over the warps in order. */
-__global__ void k_ln_bwd(LnBwdOut o, const float *dout, const float *inp, const float *w, const float *mean,
+template <class DT> /* dout: fp32, or an operand buffer */
+__global__ void k_ln_bwd(LnBwdOut o, const DT *dout, const float *inp, const float *w, const float *mean,
                          const float *rstd, int64_t N, int C)
 {
     extern __shared__ float4 ln_sm4[];
@@ -1026,12 +1027,13 @@ __global__ void k_ln_bwd(LnBwdOut o, const float *dout, const float *inp, const 
     const int64_t r0 = (int64_t)blockIdx.x * LNB_ROWS;
     for (int k = wid; k < LNB_ROWS && r0 + k < N; k += LNB_WARPS) {
         const int64_t r = r0 + k;
-        const float *x = inp + r * C, *g = dout + r * C;  // (C)
+        const float *x = inp + r * C;  // (C)
+        const DT *g = dout + r * C;    // (C)
         const float m = mean[r], rs = rstd[r];
         if (o.dinp) {
             float sg = 0.0f, sgx = 0.0f;
             for (int j = lane; j < C; j += 32) {
-                const float gw = g[j] * w[j];
+                const float gw = to_f(g[j]) * w[j];
                 sg += gw;
                 sgx += gw * ((x[j] - m) * rs);
             }
@@ -1039,7 +1041,7 @@ __global__ void k_ln_bwd(LnBwdOut o, const float *dout, const float *inp, const 
             float *dx = o.dinp + r * C;
             for (int j = lane; j < C; j += 32) {
                 const float xh = (x[j] - m) * rs;
-                const float v = dx[j] + rs * (g[j] * w[j] - mg - xh * mgx);
+                const float v = dx[j] + rs * (to_f(g[j]) * w[j] - mg - xh * mgx);
                 dx[j] = v;
                 if (o.dact)
                     o.dact[r * C + j] = __float2bfloat16_rn(v);
@@ -1049,8 +1051,8 @@ __global__ void k_ln_bwd(LnBwdOut o, const float *dout, const float *inp, const 
         }
         if (o.pdw)
             for (int j = lane; j < C; j += 32) {
-                aw[j] += g[j] * ((x[j] - m) * rs);
-                ab[j] += g[j];
+                aw[j] += to_f(g[j]) * ((x[j] - m) * rs);
+                ab[j] += to_f(g[j]);
             }
     }
     if (!part)
@@ -1065,9 +1067,12 @@ __global__ void k_ln_bwd(LnBwdOut o, const float *dout, const float *inp, const 
  * the compiler knows), and its columns' dw and db sums across the block's rows in registers; the
  * dinp column sums go to the warp's row of shared memory (registers are full). The 4 warps' sums
  * meet in shared memory at the end. */
-template <int K>
+__device__ __forceinline__ float4 ld4_any(const float *p, int64_t i4) { return ld4(p, i4); }
+__device__ __forceinline__ float4 ld4_any(const act_t *p, int64_t i4) { return ld4_act(p, i4); }
+
+template <int K, class DT>
 __global__ void __launch_bounds__(LNB_WARPS * 32)
-    k_ln_bwd4(LnBwdOut o, const float *dout, const float *inp, const float *w, const float *mean, const float *rstd,
+    k_ln_bwd4(LnBwdOut o, const DT *dout, const float *inp, const float *w, const float *mean, const float *rstd,
               int64_t N, int C)
 {
     extern __shared__ float4 ln_sm4[];
@@ -1094,7 +1099,7 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
             const int j = lane + 32 * i;
             const float4 z = make_float4(0, 0, 0, 0);
             xh[i] = j < C4 ? ld4(inp + r * C, j) : z;
-            gv[i] = j < C4 ? ld4(dout + r * C, j) : z;
+            gv[i] = j < C4 ? ld4_any(dout + r * C, j) : z;
             dv[i] = j < C4 && o.dinp ? ld4(o.dinp + r * C, j) : z;
         }
         float sg = 0.0f, sgx = 0.0f;
@@ -1157,7 +1162,7 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
 
 /* launches k_ln_bwd4<K> for the smallest K that holds C (up to C = 1024), or returns 0 (the scalar
  * kernel runs) */
-template <class... A>
+template <class DT, class... A>
 static int ln_bwd_vec(mps_cuda *c, unsigned nblk, size_t smem, int C, A... args)
 {
     if (C % 4 != 0)
@@ -1167,10 +1172,10 @@ static int ln_bwd_vec(mps_cuda *c, unsigned nblk, size_t smem, int C, A... args)
 #define LNB_CASE(KK)                                                                                        \
     case KK:                                                                                                \
         if (smem > 48 * 1024 &&                                                                             \
-            cu_check(c, cudaFuncSetAttribute(k_ln_bwd4<KK>, cudaFuncAttributeMaxDynamicSharedMemorySize,     \
+            cu_check(c, cudaFuncSetAttribute(k_ln_bwd4<KK, DT>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
                                              (int)smem), "layernorm_bwd") != 0)                             \
             return 1;                                                                                       \
-        k_ln_bwd4<KK><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(args...);                                 \
+        k_ln_bwd4<KK, DT><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(args...);                             \
         return 1;
         LNB_CASE(1) LNB_CASE(2) LNB_CASE(3) LNB_CASE(4) LNB_CASE(5) LNB_CASE(6) LNB_CASE(7) LNB_CASE(8)
 #undef LNB_CASE
@@ -1179,9 +1184,21 @@ static int ln_bwd_vec(mps_cuda *c, unsigned nblk, size_t smem, int C, A... args)
     }
 }
 
+template <class DT>
+static void ln_bwd_launch(mps_cuda *c, const LnBwdOut &o, unsigned nblk, size_t smem, int vec, const DT *dout,
+                          const float *inp, const float *w, const float *mean, const float *rstd, int64_t N, int C)
+{
+    if (smem > 48 * 1024 &&
+        cu_check(c, cudaFuncSetAttribute(k_ln_bwd<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                 "layernorm_bwd") != 0)
+        return;
+    if (!(vec && ln_bwd_vec<DT>(c, nblk, smem, C, o, dout, inp, w, mean, rstd, N, C)))
+        k_ln_bwd<DT><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(o, dout, inp, w, mean, rstd, N, C);
+}
+
 void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db,
-                      const float *dout, const float *inp, const float *w, const float *mean, const float *rstd,
-                      int64_t N, int C)
+                      const void *dout, int dout_act, const float *inp, const float *w, const float *mean,
+                      const float *rstd, int64_t N, int C)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (!dinp)
@@ -1205,19 +1222,17 @@ void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum
             cu_fail(c, "layernorm_bwd: C = %d needs %zu bytes of shared memory", C, smem);
             return;
         }
-        if (smem > 48 * 1024 &&
-            cu_check(c, cudaFuncSetAttribute(k_ln_bwd, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                     "layernorm_bwd") != 0)
-            return;
     }
     if (nblk > INT32_MAX) {
         cu_fail(c, "layernorm_bwd: N = %lld too large", (long long)N);
         return;
     }
-    const int vec = cu_aligned16(dinp) && cu_aligned16(dout) && cu_aligned16(inp) && cu_aligned16(w) &&
-                    (!dinp_act || aligned8(dinp_act));
-    if (!(vec && ln_bwd_vec(c, (unsigned)nblk, smem, C, o, dout, inp, w, mean, rstd, N, C)))
-        k_ln_bwd<<<(unsigned)nblk, LNB_WARPS * 32, smem, c->stream>>>(o, dout, inp, w, mean, rstd, N, C);
+    const int vec = cu_aligned16(dinp) && (dout_act ? aligned8(dout) : cu_aligned16(dout)) && cu_aligned16(inp) &&
+                    cu_aligned16(w) && (!dinp_act || aligned8(dinp_act));
+    if (dout_act)
+        ln_bwd_launch(c, o, (unsigned)nblk, smem, vec, (const act_t *)dout, inp, w, mean, rstd, N, C);
+    else
+        ln_bwd_launch(c, o, (unsigned)nblk, smem, vec, (const float *)dout, inp, w, mean, rstd, N, C);
     if (cu_launched(c, "layernorm_bwd") != 0)
         return;
     /* the blocks' partials summed over the blocks: one launch for dw, db and dinp's column sums */
