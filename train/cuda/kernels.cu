@@ -769,6 +769,49 @@ __global__ void k_colsum(float *dst, int acc, const T *x, int64_t rows, int C, i
     }
 }
 
+/* k_colsum<act_t> two columns per thread (4-byte bf16x2 loads: a warp reads 128 bytes of a row, not
+ * 64): the same sums in the same order per column, so the same bits. C even, x 4-byte aligned. */
+__global__ void k_colsum_act2(float *dst, int acc, const act_t *x, int64_t rows, int C, int64_t R)
+{
+    __shared__ float sh[2][CS_TY][CS_TX + 1];
+    const int col = 2 * (blockIdx.x * CS_TX + threadIdx.x);
+    const int64_t r0 = (int64_t)blockIdx.y * R, r1 = r0 + R < rows ? r0 + R : rows;
+    float s0 = 0.0f, s1 = 0.0f;
+    if (col < C)
+        for (int64_t r = r0 + threadIdx.y; r < r1; r += CS_TY) {
+            const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(x + r * C + col));
+            s0 += v.x;
+            s1 += v.y;
+        }
+    sh[0][threadIdx.y][threadIdx.x] = s0;
+    sh[1][threadIdx.y][threadIdx.x] = s1;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < C) {
+        float t0 = 0.0f, t1 = 0.0f;
+        for (int k = 0; k < CS_TY; k++) {
+            t0 += sh[0][k][threadIdx.x];
+            t1 += sh[1][k][threadIdx.x];
+        }
+        float *d = acc ? dst : dst + (int64_t)blockIdx.y * C;
+        d[col] = acc ? d[col] + t0 : t0;
+        d[col + 1] = acc ? d[col + 1] + t1 : t1;
+    }
+}
+
+/* the first pass (rows [y R, (y + 1) R) of x into dst, or dst += when acc), the bf16 pairs way where it applies */
+template <class T>
+static void colsum_pass(mps_cuda *c, unsigned nch, float *dst, int acc, const T *x, int64_t rows, int C, int64_t R)
+{
+    const dim3 blk(CS_TX, CS_TY);
+    if (sizeof(T) == sizeof(act_t) && C % 2 == 0 && ((uintptr_t)x & 3u) == 0) {
+        const unsigned gx = (unsigned)((C / 2 + CS_TX - 1) / CS_TX);
+        k_colsum_act2<<<dim3(gx, nch), blk, 0, c->stream>>>(dst, acc, (const act_t *)x, rows, C, R);
+    } else {
+        const unsigned gx = (unsigned)((C + CS_TX - 1) / CS_TX);
+        k_colsum<<<dim3(gx, nch), blk, 0, c->stream>>>(dst, acc, x, rows, C, R);
+    }
+}
+
 template <class T>
 static void colsum_to(mps_cuda *c, float *dst, int acc, const T *x, int64_t rows, int C, const char *what)
 {
@@ -787,14 +830,14 @@ static void colsum_to(mps_cuda *c, float *dst, int acc, const T *x, int64_t rows
     const dim3 blk(CS_TX, CS_TY);
     const unsigned gx = (unsigned)((C + CS_TX - 1) / CS_TX);
     if (nch == 1) {
-        k_colsum<<<dim3(gx, 1), blk, 0, c->stream>>>(dst, acc, x, rows, C, R);
+        colsum_pass(c, 1, dst, acc, x, rows, C, R);
         cu_launched(c, what);
         return;
     }
     float *part = (float *)cu_scratch(c, SCR_COLSUM, (size_t)nch * C * sizeof(float));
     if (!part)
         return;
-    k_colsum<<<dim3(gx, (unsigned)nch), blk, 0, c->stream>>>(part, 0, x, rows, C, R);
+    colsum_pass(c, (unsigned)nch, part, 0, x, rows, C, R);
     if (cu_launched(c, what) != 0)
         return;
     k_colsum<<<dim3(gx, 1), blk, 0, c->stream>>>(dst, acc, part, nch, C, CS_CHUNKS);
