@@ -18,6 +18,9 @@ typedef struct {
     float *param, *grad, *m, *v;
     int64_t n;
     float weight_decay; /* 0 for biases and norms */
+    /* the products read param itself (the whole tensor, not a partition or shard): a backend
+     * whose operands are not fp32 may keep an operand copy of it, updated in the same pass */
+    int read_by_products;
 } mps_adamw_job;
 /* The step's AdamW constants, shared by every tensor. */
 typedef struct {

@@ -556,6 +556,7 @@ static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scal
             .grad = e->L.zero == 0 ? p->g : p->g_shard,
             .m = p->m, .v = p->v, .n = on,
             .weight_decay = p->decay ? e->o.weight_decay : 0.0f,
+            .read_by_products = e->L.zero < 3 && on == p->box_n, /* the whole box, where the products read it */
         };
     }
     const mps_adamw_step st = {.lr = lr, .beta1 = e->o.beta1, .beta2 = e->o.beta2, .eps = e->o.eps, .t = step + 1,

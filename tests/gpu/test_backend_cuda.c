@@ -880,7 +880,8 @@ static void test_adamw_many(int count, int64_t n0, int off)
         mps_adamw_step st = {6e-4f, 0.9f, 0.95f, 1e-8f, t, t == 2 ? 0.3f : 1.0f};
         float *gh = hdup(g[t - 1].h, total);
         for (int i = 0, at = 0; i < count; at += (int)(ns[i] + off), i++)
-            jc[i] = (mps_adamw_job){p + at + off, gh + at + off, m + at + off, v + at + off, ns[i], i % 3 ? 0.1f : 0.0f};
+            jc[i] = (mps_adamw_job){p + at + off, gh + at + off, m + at + off, v + at + off, ns[i], i % 3 ? 0.1f : 0.0f,
+                                    i % 2};
         cpu.adamw_many(cpu.ctx, jc, count, &st);
         for (int64_t i = 0, at = 0; i < count; at += ns[i] + off, i++)
             memcpy(gz + at + off, gh + at + off, sizeof(float) * (size_t)ns[i]); /* zeros, where the jobs were */
@@ -894,7 +895,7 @@ static void test_adamw_many(int count, int64_t n0, int off)
             gpu.from_host(gpu.ctx, o_dev(&s, 3), g[t - 1].h, sizeof(float) * (size_t)total);
             for (int i = 0, at = 0; i < count; at += (int)(ns[i] + off), i++)
                 jg[i] = (mps_adamw_job){o_dev(&s, 0) + at + off, o_dev(&s, 3) + at + off, o_dev(&s, 1) + at + off,
-                                        o_dev(&s, 2) + at + off, ns[i], i % 3 ? 0.1f : 0.0f};
+                                        o_dev(&s, 2) + at + off, ns[i], i % 3 ? 0.1f : 0.0f, i % 2};
             gpu.adamw_many(gpu.ctx, jg, count, &st);
         }
         o_fetch(&s, run_);
@@ -929,7 +930,7 @@ static void test_weight_copies(void)
     memset(hv, 0, sizeof(float) * (size_t)nw);
     float *gh = hdup(g.h, nw), *out = xmalloc(sizeof(float) * (size_t)(N * OC));
     const mps_adamw_step st = {0.05f, 0.9f, 0.95f, 1e-8f, 1, 1.0f}; /* a large step: old and new weights differ */
-    mps_adamw_job jc = {w.h, gh, hm, hv, nw, 0.1f}, jg = {w.d, g.d, m, v, nw, 0.1f};
+    mps_adamw_job jc = {w.h, gh, hm, hv, nw, 0.1f, 1}, jg = {w.d, g.d, m, v, nw, 0.1f, 1};
     cpu.adamw_many(cpu.ctx, &jc, 1, &st);
     gpu.adamw_many(gpu.ctx, &jg, 1, &st);
     for (int stage = 0; stage < 3; stage++) {
@@ -1137,7 +1138,7 @@ static void bench(mps_backend *bf16)
     BENCH(&gpu, "matmul_bwd head dinp+dw", 4.0 * N * C * Vl, 3,
           gpu.matmul_bwd(gpu.ctx, y, 0, wte, NULL, dlogits, 1, x, wte, N, C, (int)Vl));
     dfree(dlogits);
-    mps_adamw_job aj = {logits, logits + 41000000, logits + 82000000, logits + 123000000, 41000000, 0.1f};
+    mps_adamw_job aj = {logits, logits + 41000000, logits + 82000000, logits + 123000000, 41000000, 0.1f, 0};
     mps_adamw_step as = {1e-4f, 0.9f, 0.95f, 1e-8f, 1, 0.5f};
     BENCH(&gpu, "adamw_many 41M parameters (one tensor)", 0, 3, gpu.adamw_many(gpu.ctx, &aj, 1, &as));
     BENCH(&gpu, "sumsq 124M", 0, 5, (void)sumsq1(&gpu, logits, 124000000));

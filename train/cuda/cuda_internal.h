@@ -48,9 +48,9 @@ enum {
 #define MPS_GEMM_CANDIDATES 8
 /* A bf16 copy of a parameter, written by adamw_many in the same pass as the update, so that the
  * products of the next step read it instead of rounding the fp32 weights again (one conversion
- * per weight and per product before). Keyed by the exact (param, n) of an AdamW job: at ZeRO-0
- * (and at dp = 1) that is the whole tensor the products read; elsewhere (a partition, a shard)
- * the products read another buffer and never find it. valid = 0 once anything else may have
+ * per weight and per product before). Made for the AdamW jobs the engine marks read_by_products
+ * (the whole tensor: ZeRO-0, or dp = 1 below ZeRO-3; a partition or a shard is never what the
+ * products read) and keyed by their exact (param, n). valid = 0 once anything else may have
  * written the range (from_host, copy, zero over it; any release). */
 typedef struct {
     const float *p;

@@ -476,7 +476,7 @@ void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_ad
         const mps_adamw_job *j = &jobs[i];
         if (j->n <= 0)
             continue;
-        mps_wcopy *wc = wcopy_for(c, j->param, j->n);
+        mps_wcopy *wc = j->read_by_products ? wcopy_for(c, j->param, j->n) : NULL;
         const int k = a.count++;
         a.p[k] = j->param, a.g[k] = j->grad, a.m[k] = j->m, a.v[k] = j->v, a.n[k] = j->n;
         a.pb[k] = wc ? wc->bf : NULL;
