@@ -52,11 +52,12 @@ typedef struct mps_backend {
                       int64_t Vl, int C);
     void (*pos_fwd)(void *ctx, float *x, const float *wpe, int B, int T, int C);
     void (*pos_bwd)(void *ctx, float *dwpe, const float *dx, int B, int T, int C);
-    /* Activations that only matrix products read ("GEMM operands": the layernorm outputs, the attention
-     * output, the GELU output, and the gradients dqkv, dfch and dlogits that only the backward
-     * products read) are kept in the backend's operand format: act_bytes per element, fp32 on the
-     * CPU (4), bf16 on CUDA (2), so that the GPU rounds each once where it is made instead of at
-     * every product. The engine sizes them with act_bytes and passes them as void *; it never reads
+    /* Activations that only matrix products (or the attention and layernorm backwards) read ("GEMM
+     * operands": the layernorm outputs, qkv, the attention output, the GELU input and output, the
+     * logits; the gradients dqkv, dfch, dlogits, the attention output's, the layernorm outputs' when
+     * no TP sum lies between, and a copy of the residual gradient) are kept in the backend's operand
+     * format: act_bytes per element, fp32 on the CPU (4), bf16 on CUDA (2), so that the GPU rounds
+     * each once where it is made instead of at every product. The engine sizes them with act_bytes and passes them as void *; it never reads
      * them. A kernel that writes such a buffer OVERWRITES it (no += there). */
     int act_bytes;
     void (*layernorm_fwd)(void *ctx, void *out_act, float *mean, float *rstd, const float *inp, const float *w,
@@ -65,9 +66,8 @@ typedef struct mps_backend {
      * residual gradient) are products and a bias gradient, so the same pass can hand them what they
      * read: dinp_act (operand buffer, overwritten) = the updated dinp, and dinp_colsum (C) += its
      * column sums, as bias_grad would add them (the CPU adds rows in order): the caller passes the
-     * bias gradient itself. Each may be NULL. */
-    /* dout is an operand buffer when dout_act (the input products' dinp, when no TP sum lies
-     * between), else fp32 */
+     * bias gradient itself. Each may be NULL. dout is an operand buffer when dout_act (the input
+     * products' dinp, when no TP sum lies between), else fp32. */
     void (*layernorm_bwd)(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db,
                           const void *dout, int dout_act, const float *inp, const float *w, const float *mean,
                           const float *rstd, int64_t N, int C);
@@ -81,7 +81,8 @@ typedef struct mps_backend {
                            int64_t N, int C, int OC);
     /* dinp (N, C) = dout @ w is OVERWRITTEN (no caller accumulates into it: a zero pass and a read
      * of the old values saved), an operand buffer when dinp_act (the attention output's gradient,
-     * which only the attention backward reads), else fp32; dw (OC, C) and dbias (OC) +=. dout is
+     * which only the attention backward reads; a layernorm output's, which only the layernorm
+     * backward reads), else fp32; dw (OC, C) and dbias (OC) +=. dout is
      * an operand buffer when dout_act, else fp32. */
     void (*matmul_bwd)(void *ctx, void *dinp, int dinp_act, float *dw, float *dbias, const void *dout, int dout_act,
                        const void *inp_act, const float *w, int64_t N, int C, int OC);
