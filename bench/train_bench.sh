@@ -49,6 +49,13 @@ t124=$(grep "L=12 " "$W/torch.txt" | sed -E 's/.* ([0-9,]+) tok\/s.*/\1/' | tr -
 t350=$(grep "L=24 " "$W/torch.txt" | sed -E 's/.* ([0-9,]+) tok\/s.*/\1/' | tr -d ,)
 awk -v a="${OURS[gpt2]}" -v b="$t124" 'BEGIN { printf "124M: mpshard %.0f tok/s / PyTorch %.0f tok/s = %.2fx (target >= 1.1x)\n", a, b, a / b }'
 awk -v a="${OURS[gpt2-medium]}" -v b="$t350" 'BEGIN { printf "350M: mpshard %.0f tok/s / PyTorch %.0f tok/s = %.2fx (target >= 1.1x)\n", a, b, a / b }'
+# MFU with torch_gpt.py's count: 6 n + 12 L C T flops per token (n with the padded vocab 50304,
+# as both models have), against 989 TFLOP/s (H100/H200 SXM dense bf16)
+mfu() { # L C tok/s
+  awk -v L="$1" -v C="$2" -v t="$3" 'BEGIN { n = 50304 * C + 1024 * C + L * (12 * C * C + 13 * C) + 2 * C;
+    printf "%.1f%%", 100 * t * (6 * n + 12 * L * C * 1024) / 989e12 }'
+}
+echo "MFU: 124M mpshard $(mfu 12 768 "${OURS[gpt2]}"), PyTorch $(mfu 12 768 "$t124"); 350M mpshard $(mfu 24 1024 "${OURS[gpt2-medium]}"), PyTorch $(mfu 24 1024 "$t350")"
 # resume 350M from another layout's shards: time from launch to the end of the first step
 "$M" init --model gpt2-medium --layout dp=4,zero=3 -o "$W/m-dp4" -q || exit 1
 sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || echo "(page cache not dropped: not root)"
