@@ -18,6 +18,11 @@ typedef struct mps_comm {
     int (*allreduce_sum)(void *ctx, mps_group g, float *buf, int64_t n, mps_err *err);
     int (*allreduce_max)(void *ctx, mps_group g, float *buf, int64_t n, mps_err *err);
     int (*allreduce_sum_f64)(void *ctx, mps_group g, double *buf, int64_t n, mps_err *err);
+    /* In-place sums of count buffers over a group, each as allreduce_sum would give it, issued
+     * together (NCCL: one group call and one wait for all of them instead of a wait per buffer).
+     * Optional: NULL means the caller loops over allreduce_sum. */
+    int (*allreduce_sum_many)(void *ctx, mps_group g, float *const *bufs, const int64_t *ns, int count,
+                              mps_err *err);
     /* Member i of the group receives the sum over the group of in[displ[i] .. displ[i] + counts[i])
      * into out (counts[rank-in-group] elements). */
     int (*reduce_scatter)(void *ctx, mps_group g, const float *in, float *out, const int64_t *counts,

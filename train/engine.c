@@ -439,10 +439,25 @@ static int reduce_grads(mps_engine *e, mps_err *err)
         if (e->t[t].held && e->L.zero == 0 && !mps_grad(e, t, err))
             return -1;
     if (e->L.zero == 0 && e->L.dp > 1) {
-        for (int t = 0; t < e->ntensors; t++) {
-            mps_tparam *p = &e->t[t];
-            if (p->held && e->comm->allreduce_sum(e->comm->ctx, MPS_GROUP_DP, p->g, p->box_n, err) != 0)
-                return mps_wrap(err, "reducing the gradient of %s", p->spec.name);
+        if (e->comm->allreduce_sum_many) { /* every tensor in one call */
+            float **bufs = malloc(sizeof *bufs * (size_t)(e->ntensors > 0 ? e->ntensors : 1));
+            int64_t *ns = malloc(sizeof *ns * (size_t)(e->ntensors > 0 ? e->ntensors : 1));
+            int count = 0;
+            for (int t = 0; bufs && ns && t < e->ntensors; t++)
+                if (e->t[t].held)
+                    bufs[count] = e->t[t].g, ns[count++] = e->t[t].box_n;
+            int rc = bufs && ns ? e->comm->allreduce_sum_many(e->comm->ctx, MPS_GROUP_DP, bufs, ns, count, err)
+                                : mps_fail(err, MPS_ENOMEM, "out of memory");
+            free(bufs);
+            free(ns);
+            if (rc != 0)
+                return mps_wrap(err, "reducing the gradients over DP");
+        } else {
+            for (int t = 0; t < e->ntensors; t++) {
+                mps_tparam *p = &e->t[t];
+                if (p->held && e->comm->allreduce_sum(e->comm->ctx, MPS_GROUP_DP, p->g, p->box_n, err) != 0)
+                    return mps_wrap(err, "reducing the gradient of %s", p->spec.name);
+            }
         }
     } else if (e->L.zero >= 1) {
         if (e->L.dp == 1) {
