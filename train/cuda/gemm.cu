@@ -564,9 +564,9 @@ void cu_matmul_dgelu_bwd(void *ctx, void *dpre, float *dbias, const void *dout, 
             return;
     }
     float *x = (float *)cu_scratch(c, SCR_MLP, (size_t)N * C * sizeof(float)); // (N, C)
-    if (!x || cu_check(c, cudaMemsetAsync(x, 0, (size_t)N * C * sizeof(float), c->stream), "matmul_dgelu_bwd") != 0)
+    if (!x)
         return;
-    gemm(c, "matmul_dgelu_bwd", 0, 0, C, (int)N, OC, wb, C, gb, OC, 1.0f, NULL, x, C, NULL);
+    gemm(c, "matmul_dgelu_bwd", 0, 0, C, (int)N, OC, wb, C, gb, OC, 0.0f, NULL, x, C, NULL);
     cu_dgelu_apply(c, (act_t *)dpre, x, (const act_t *)pre, N * C);
     if (dbias)
         cu_colsum_acc_act(c, dbias, (const act_t *)dpre, N, C, "matmul_dgelu_bwd (dbias)");

@@ -1021,7 +1021,7 @@ void cu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const floa
 /* The LN backward's outputs beyond dinp. Partial sums [blockIdx] (C each) of the block's rows:
  * pdw of dout * xhat, pdb of dout (the gradients of w and b), pdx of the updated dinp (the column
  * sums the next bias gradient takes); dact: the updated dinp as an operand buffer. Each NULL when
- * not wanted. */
+ * not wanted; dact and pdx only with dinp (cu_layernorm_bwd clears them otherwise). */
 struct LnBwdOut {
     float *dinp;
     act_t *dact;
@@ -1042,7 +1042,7 @@ __device__ __forceinline__ void ln_block_sums(const LnBwdOut &o, const float *sh
             o.pdw[(int64_t)blockIdx.x * C + j] = sw;
             o.pdb[(int64_t)blockIdx.x * C + j] = sb;
         }
-        if (o.pdx && o.dinp) {
+        if (o.pdx) {
             float sx = 0.0f;
             for (int k = 0; k < LNB_WARPS; k++)
                 sx += sh[(int64_t)(2 * LNB_WARPS + k) * C + j];
@@ -1121,7 +1121,7 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
     extern __shared__ float4 ln_sm4[];
     float *sh = reinterpret_cast<float *>(ln_sm4); // [3][LNB_WARPS][C]
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, C4 = C >> 2;
-    const int pw = o.pdw != NULL, px = o.pdx != NULL && o.dinp != NULL;
+    const int pw = o.pdw != NULL, px = o.pdx != NULL;
     float4 *sx = reinterpret_cast<float4 *>(sh + (int64_t)(2 * LNB_WARPS + wid) * C); /* this warp's dinp sums */
     float4 wv[K], adw[K], adb[K];
 #pragma unroll
