@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: build on the GPU host (deps/ carried: scripts/fetch-host-deps.sh), run the
-# suite, then the benches. Output goes to $OUT when set. usage: bench/gpu_host_run.sh [tests|shard|reshard|gpuunit|gputrain|trainbench|profile]...
+# suite, then the benches. Output goes to $OUT when set. usage: bench/gpu_host_run.sh [tests|shard|reshard|gpuunit|gputrain|trainbench|multibench|profile]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
@@ -17,6 +17,7 @@ for what in "$@"; do
     gputrain) MPSHARD=build/mpshard bash tests/gpu/train_gpu.sh /tmp/gputest 2>&1 | tee "$OUT/gputrain.txt" | tail -40 ;;
     trainbench) MPSHARD=build/mpshard SHARED="${SHARED:-../shared}/bench" bash bench/train_bench.sh /tmp/tbench 2>&1 \
       | tee "$OUT/trainbench.txt" | tail -20 ;;
+    multibench) MPSHARD=build/mpshard bash bench/train_bench_multi.sh /tmp/mbench 2>&1 | tee "$OUT/multibench.txt" | tail -20 ;;
     profile) bash bench/train_profile.sh /tmp/prof 2>&1 | tee "$OUT/profile.txt" | tail -45 ;;
   esac
 done

@@ -63,23 +63,5 @@ sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || echo "(page cache not drop
   --seq 1024 --backend cuda --out "$W/run-resume" --log "$W/resume.jsonl" 2>"$W/resume.err" >/dev/null || tail -3 "$W/resume.err"
 grep -E "loaded in|saved" "$W/resume.err"
 echo "time to first step (350M, shards of dp=4 zero=3 -> dp=1, caches dropped): $(head -1 "$W/resume.jsonl" | sed -E 's/.*"elapsed_s": ([0-9.]+).*/\1/') s"
-# DP weak scaling on the GPUs of this host (NCCL): 124M, B=32 per GPU
-ngpu=$(nvidia-smi -L | wc -l)
-if [ "$ngpu" -ge 2 ]; then
-  mpirun -np "$ngpu" "$M" train --ckpt "$W/gpt2" --layout dp="$ngpu" --data "$W/tok.bin" --steps 12 \
-    --global-batch $((32 * ngpu)) --micro-batch 32 --seq 1024 --backend cuda --out "$W/run-dp" --log "$W/dp.jsonl" -q \
-    2>"$W/dp.err" || tail -5 "$W/dp.err"
-  awk -v a="$(median_tps "$W/dp.jsonl")" -v b="${OURS[gpt2]}" -v n="$ngpu" \
-    'BEGIN { printf "DP weak scaling 124M on %d GPUs (NCCL): %.0f tok/s vs %.0f on one = %.1f%% efficiency\n", n, a, b, 100 * a / (n * b) }'
-  # TP and PP throughput on 2 GPUs (global batch 32 as on one GPU), and the save with all ranks writing
-  for lay in tp=2 pp=2; do
-    mpirun -np 2 "$M" train --ckpt "$W/gpt2" --layout $lay --data "$W/tok.bin" --steps 12 --global-batch 32 \
-      --micro-batch 8 --seq 1024 --backend cuda --out "$W/run-$lay" --log "$W/$lay.jsonl" 2>"$W/$lay.err" >/dev/null || tail -3 "$W/$lay.err"
-    echo "124M $lay on 2 GPUs (B=8 x 4 micro-batches): $(median_tps "$W/$lay.jsonl") tok/s; $(grep saved "$W/$lay.err")"
-  done
-  du -sb "$W/run-tp=2/step-00000012" | awk '{ printf "checkpoint of 124M (param + Adam m, v): %.2f GB\n", $1 / 1e9 }'
-  sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null
-  mpirun -np 2 "$M" train --ckpt "$W/run-tp=2" --layout dp=2,zero=1 --data "$W/tok.bin" --steps 13 --global-batch 64 \
-    --micro-batch 32 --seq 1024 --backend cuda --out "$W/run-load" --log "$W/load.jsonl" 2>"$W/load.err" >/dev/null
-  grep "loaded in" "$W/load.err"
-fi
+# several GPUs on this host: DP weak scaling, TP and PP throughput, the save and load with all ranks
+[ "$(nvidia-smi -L | wc -l)" -ge 2 ] && MPSHARD="$M" bash "$(dirname "$0")/train_bench_multi.sh" "$W/multi"

@@ -51,6 +51,9 @@ static const char *const help =
     "  --model NAME | --config K=V,..  refuse a checkpoint of another model\n"
     "  --comm C           nccl (default with the CUDA backend when every rank has its own GPU) or mpi\n"
     "                     (device buffers staged through host memory: several ranks may share a GPU)\n"
+    "  --no-overlap       sum the DP gradients after the backward pass; by default (ZeRO-0, NCCL) each\n"
+    "                     layer's sums start as soon as the step's last backward pass is done with it\n"
+    "                     and run under the rest of the pass\n"
     "  --comm-staged      stage collectives through host memory as for GPU buffers over MPI (tests)\n"
     "  -q, --quiet        no per-step lines\n";
 
@@ -94,6 +97,7 @@ static int parse_args(int argc, char **argv, train_args *a)
         { "model", required_argument, 0, 'M' }, { "config", required_argument, 0, 'K' },
         { "comm-staged", no_argument, 0, 'X' }, { "comm", required_argument, 0, 'Y' },
         { "save-sync", no_argument, 0, 'Z' }, { "recompute", no_argument, 0, 'R' },
+        { "no-overlap", no_argument, 0, 'O' },
         { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     memset(a, 0, sizeof *a);
@@ -136,6 +140,7 @@ static int parse_args(int argc, char **argv, train_args *a)
         case 'X': a->comm_staged = 1; break;
         case 'Z': a->save_sync = 1; break;
         case 'R': a->o.recompute = 1; break;
+        case 'O': a->o.reduce_after_backward = 1; break;
         case 'Y':
             if (strcmp(optarg, "mpi") == 0) a->comm_mpi = 1;
             else if (strcmp(optarg, "nccl") == 0) a->comm_mpi = 0;

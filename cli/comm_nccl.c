@@ -1,11 +1,24 @@
-/* The trainer's NCCL communication backend: DP and TP collectives run on the GPUs through NCCL
- * (one communicator per group, split from a world communicator whose id rank 0 broadcasts over
- * MPI); pipeline sends, host scalars and agreement go through the MPI backend (device buffers
- * staged through host memory). NCCL needs one GPU per rank: with fewer GPUs than ranks on a node
- * the trainer uses the staged MPI backend alone. Collectives are synchronous with respect to the
- * compute stream (the backend is synced before, the NCCL stream after): simple and correct, not
- * yet overlapped with the backward pass; the step's gradient all-reduce (ZeRO-0) is one group
- * call over every tensor. */
+/* The trainer's NCCL communication backend: DP and TP collectives and pipeline messages run on
+ * the GPUs through NCCL (one communicator per group, split from a world communicator whose id
+ * rank 0 broadcasts over MPI); host scalars and agreement go through the MPI backend. NCCL needs
+ * one GPU per rank: with fewer GPUs than ranks on a node the trainer uses the staged MPI backend
+ * alone.
+ *
+ * Streams: the synchronous collectives (TP sums, ZeRO's reduce-scatter and all-gather) run on
+ * one stream after a host wait for the compute stream, and the host waits for them. The DP
+ * gradient sums the engine starts during the backward (allreduce_sum_start) run on a stream of
+ * their own behind an event of the compute stream, and the compute stream waits for them at
+ * finish_started: no host wait. Pipeline messages go the same way, without host waits, on two
+ * communicators and streams: one for messages to a higher WORLD rank, one for messages to a lower
+ * one. A send blocks its stream until the peer receives, so with a single stream 1F1B's steady
+ * state (stage s sends forward then receives backward, stage s + 1 sends backward then receives
+ * forward) would deadlock; with one stream per direction every stream's messages flow one way
+ * along the pipeline and each blocked send waits only for work that needs nothing from it.
+ *
+ * NCCL's documentation asks that communicators not be used concurrently; here the DP, TP and
+ * pipeline communicators do overlap (as in PyTorch and Megatron). Every rank issues each
+ * communicator's operations in the same order, and NCCL's kernels occupy a few SMs each, so
+ * they cannot starve one another of the GPU. */
 #include "comm_nccl.h"
 
 #if defined(MPS_HAVE_NCCL) && defined(MPS_HAVE_MPI)
@@ -17,12 +30,20 @@
 
 #include "comm_staged.h"
 
+enum { UP = 0, DOWN = 1 }; /* pipeline messages to a higher / lower WORLD rank */
+
 typedef struct {
-    mps_comm host;          /* staged MPI: p2p, f64, bcast, barrier, all_ok */
+    mps_comm host;          /* staged MPI: f64, bcast, barrier, all_ok */
     const mps_backend *be;
     ncclComm_t group[MPS_GROUP_COUNT];
+    ncclComm_t p2p[2];      /* UP, DOWN: splits of WORLD */
     int gsize[MPS_GROUP_COUNT], gme[MPS_GROUP_COUNT];
-    cudaStream_t stream;
+    cudaStream_t stream;    /* synchronous collectives */
+    cudaStream_t compute;   /* the backend's stream (not ours) */
+    cudaStream_t started;   /* allreduce_sum_start */
+    cudaStream_t p2p_stream[2];
+    cudaEvent_t ev_compute, ev_started, ev_p2p;
+    int nstarted;           /* sums started since the last finish_started */
     float *pad_in, *pad_out; /* (members * max part) for uneven ZeRO parts */
     size_t pad_cap;          /* elements of each */
 } nccl_ctx;
@@ -85,6 +106,51 @@ static int ar_sum_many(void *c, mps_group g, float *const *bufs, const int64_t *
     return after(x, "all-reduce", err);
 }
 static int ar_max(void *c, mps_group g, float *buf, int64_t n, mps_err *err) { return ar(c, g, buf, n, ncclMax, err); }
+/* stream `s` waits for the work issued on the compute stream so far */
+static int after_compute(nccl_ctx *x, cudaStream_t s, mps_err *err)
+{
+    if (cuda_check(cudaEventRecord(x->ev_compute, x->compute), "event record", err) != 0)
+        return -1;
+    return cuda_check(cudaStreamWaitEvent(s, x->ev_compute, 0), "stream wait", err);
+}
+
+/* the compute stream's later work waits for everything issued on stream `s` so far */
+static int compute_after(nccl_ctx *x, cudaStream_t s, cudaEvent_t ev, mps_err *err)
+{
+    if (cuda_check(cudaEventRecord(ev, s), "event record", err) != 0)
+        return -1;
+    return cuda_check(cudaStreamWaitEvent(x->compute, ev, 0), "stream wait", err);
+}
+
+/* DP gradient sums started during the backward: a group call on the `started` stream behind the
+ * compute stream's current point, no host wait */
+static int ar_sum_start(void *c, mps_group g, float *const *bufs, const int64_t *ns, int count, mps_err *err)
+{
+    nccl_ctx *x = c;
+    if (count <= 0)
+        return 0;
+    if (after_compute(x, x->started, err) != 0 || nccl_check(ncclGroupStart(), "group start", err) != 0)
+        return -1;
+    int rc = 0;
+    for (int i = 0; i < count && rc == 0; i++)
+        if (ns[i] > 0)
+            rc = nccl_check(ncclAllReduce(bufs[i], bufs[i], (size_t)ns[i], ncclFloat, ncclSum, x->group[g], x->started),
+                            "all-reduce", err);
+    if (nccl_check(ncclGroupEnd(), "group end", err) != 0)
+        rc = -1;
+    x->nstarted++;
+    return rc;
+}
+
+static int finish_started(void *c, mps_err *err)
+{
+    nccl_ctx *x = c;
+    if (x->nstarted == 0)
+        return 0;
+    x->nstarted = 0;
+    return compute_after(x, x->started, x->ev_started, err);
+}
+
 
 static int64_t max_part(const int64_t *counts, int n)
 {
@@ -155,19 +221,39 @@ static int ar64(void *c, mps_group g, double *b, int64_t n, mps_err *err)
     nccl_ctx *x = c;
     return x->host.allreduce_sum_f64(x->host.ctx, g, b, n, err);
 }
+/* Pipeline messages (see the top of the file): a send waits on its direction's stream for the
+ * compute stream to have made the data, a receive for it to be done with the buffer's old
+ * contents; the compute stream then waits for the receive. */
 static int p2p_send(void *c, int peer, const float *b, int64_t n, int tag, mps_err *err)
 {
+    (void)tag;
     nccl_ctx *x = c;
-    return x->host.send(x->host.ctx, peer, b, n, tag, err);
+    int d = peer > x->gme[MPS_GROUP_WORLD] ? UP : DOWN;
+    if (n <= 0)
+        return 0;
+    if (after_compute(x, x->p2p_stream[d], err) != 0)
+        return -1;
+    return nccl_check(ncclSend(b, (size_t)n, ncclFloat, peer, x->p2p[d], x->p2p_stream[d]), "send", err);
 }
 static int p2p_recv(void *c, int peer, float *b, int64_t n, int tag, mps_err *err)
 {
+    (void)tag;
     nccl_ctx *x = c;
-    return x->host.recv(x->host.ctx, peer, b, n, tag, err);
+    int d = peer < x->gme[MPS_GROUP_WORLD] ? UP : DOWN; /* the sender's direction */
+    if (n <= 0)
+        return 0;
+    if (after_compute(x, x->p2p_stream[d], err) != 0 ||
+        nccl_check(ncclRecv(b, (size_t)n, ncclFloat, peer, x->p2p[d], x->p2p_stream[d]), "receive", err) != 0)
+        return -1;
+    return compute_after(x, x->p2p_stream[d], x->ev_p2p, err);
 }
+/* the sends' buffers are free once the compute stream's later work waits for both directions */
 static int flush(void *c, mps_err *err)
 {
     nccl_ctx *x = c;
+    if (compute_after(x, x->p2p_stream[UP], x->ev_p2p, err) != 0 ||
+        compute_after(x, x->p2p_stream[DOWN], x->ev_p2p, err) != 0)
+        return -1;
     return x->host.flush(x->host.ctx, err);
 }
 static int barrier(void *c, mps_err *err)
@@ -207,8 +293,21 @@ int cli_comm_nccl_new(const mps_layout *L, const mps_comm *mpi, const mps_backen
     if (mpi->rank == 0 && nccl_check(ncclGetUniqueId(&id), "id", err) != 0)
         memset(&id, 0, sizeof id); /* the broadcast still happens; init then fails everywhere */
     int rc = MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD) == MPI_SUCCESS ? 0 : -1;
+    x->compute = be->native_stream ? (cudaStream_t)be->native_stream(be->ctx) : NULL;
+    if (rc == 0 && !be->native_stream)
+        rc = mps_fail(err, MPS_EUNSUPPORTED, "NCCL needs a backend with a CUDA stream (--backend cuda)");
     if (rc == 0)
         rc = cuda_check(cudaStreamCreateWithFlags(&x->stream, cudaStreamNonBlocking), "stream", err);
+    if (rc == 0)
+        rc = cuda_check(cudaStreamCreateWithFlags(&x->started, cudaStreamNonBlocking), "stream", err);
+    for (int d = 0; d < 2 && rc == 0; d++)
+        rc = cuda_check(cudaStreamCreateWithFlags(&x->p2p_stream[d], cudaStreamNonBlocking), "stream", err);
+    if (rc == 0)
+        rc = cuda_check(cudaEventCreateWithFlags(&x->ev_compute, cudaEventDisableTiming), "event", err);
+    if (rc == 0)
+        rc = cuda_check(cudaEventCreateWithFlags(&x->ev_started, cudaEventDisableTiming), "event", err);
+    if (rc == 0)
+        rc = cuda_check(cudaEventCreateWithFlags(&x->ev_p2p, cudaEventDisableTiming), "event", err);
     if (rc == 0)
         rc = nccl_check(ncclCommInitRank(&x->group[MPS_GROUP_WORLD], mpi->size, id, mpi->rank), "init", err);
     /* DP group: same stage and TP part; TP group: same stage and replica (the MPI backend's colours) */
@@ -218,13 +317,17 @@ int cli_comm_nccl_new(const mps_layout *L, const mps_comm *mpi, const mps_backen
     if (rc == 0)
         rc = nccl_check(ncclCommSplit(x->group[MPS_GROUP_WORLD], me.pp * L->dp + me.dp, me.tp, &x->group[MPS_GROUP_TP],
                                       NULL), "split", err);
+    /* pipeline messages, one communicator per direction (every rank splits: L is the same everywhere) */
+    for (int d = 0; d < 2 && rc == 0 && L->pp > 1; d++)
+        rc = nccl_check(ncclCommSplit(x->group[MPS_GROUP_WORLD], 0, mpi->rank, &x->p2p[d], NULL), "split", err);
     if (rc != 0) {
         out->ctx = x;
         cli_comm_nccl_free(out);
         return -1;
     }
     *out = (mps_comm){ .ctx = x, .rank = mpi->rank, .size = mpi->size, .allreduce_sum = ar_sum,
-                       .allreduce_sum_many = ar_sum_many, .allreduce_max = ar_max, .allreduce_sum_f64 = ar64, .reduce_scatter = reduce_scatter,
+                       .allreduce_sum_many = ar_sum_many,
+                       .allreduce_sum_start = ar_sum_start, .finish_started = finish_started, .allreduce_max = ar_max, .allreduce_sum_f64 = ar64, .reduce_scatter = reduce_scatter,
                        .allgather = allgather, .send = p2p_send, .recv = p2p_recv, .flush = flush,
                        .barrier = barrier, .bcast_bytes = bcast, .all_ok = all_ok };
     return 0;
@@ -235,13 +338,22 @@ void cli_comm_nccl_free(mps_comm *c)
     nccl_ctx *x = c->ctx;
     if (!x)
         return;
+    for (int d = 0; d < 2; d++)
+        if (x->p2p[d])
+            ncclCommDestroy(x->p2p[d]);
     for (int g = MPS_GROUP_COUNT - 1; g >= 0; g--)
         if (x->group[g])
             ncclCommDestroy(x->group[g]);
     cudaFree(x->pad_in);
     cudaFree(x->pad_out);
-    if (x->stream)
-        cudaStreamDestroy(x->stream);
+    cudaStream_t streams[] = { x->stream, x->started, x->p2p_stream[0], x->p2p_stream[1] };
+    for (size_t i = 0; i < sizeof streams / sizeof streams[0]; i++)
+        if (streams[i])
+            cudaStreamDestroy(streams[i]);
+    cudaEvent_t events[] = { x->ev_compute, x->ev_started, x->ev_p2p };
+    for (size_t i = 0; i < sizeof events / sizeof events[0]; i++)
+        if (events[i])
+            cudaEventDestroy(events[i]);
     mps_comm_staged_free(&x->host);
     free(x);
     c->ctx = NULL;

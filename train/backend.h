@@ -45,6 +45,11 @@ typedef struct mps_backend {
     void (*release_host)(void *ctx, void *p);
     /* 0, or -1 with the first asynchronous error the device reported since the last call */
     int (*sync)(void *ctx, mps_err *err);
+    /* The native queue the backend's work runs on in issue order (CUDA: its cudaStream_t), for a
+     * communication backend that queues its work behind the backend's and the backend's behind
+     * its own instead of waiting on the host (cli/comm_nccl.c); NULL where work is done as it is
+     * called (CPU). */
+    void *(*native_stream)(void *ctx);
 
     void (*embed_fwd)(void *ctx, float *out, const int32_t *tokens, int64_t N, const float *wte, int64_t v0,
                       int64_t Vl, int C);

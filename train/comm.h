@@ -23,6 +23,15 @@ typedef struct mps_comm {
      * Optional: NULL means the caller loops over allreduce_sum. */
     int (*allreduce_sum_many)(void *ctx, mps_group g, float *const *bufs, const int64_t *ns, int count,
                               mps_err *err);
+    /* Starts in-place sums of count buffers over a group, each as allreduce_sum would give it,
+     * and returns without waiting for them: the sums read the buffers as the backend's work issued
+     * so far leaves them and run while later work goes on (NCCL: on a stream of their own). Nobody
+     * may read or write the buffers until finish_started(); the backend's work issued after it sees
+     * every started sum complete. Every member starts the same sums in the same order. Optional
+     * (both NULL: the caller sums with allreduce_sum_many or allreduce_sum when it needs them). */
+    int (*allreduce_sum_start)(void *ctx, mps_group g, float *const *bufs, const int64_t *ns, int count,
+                               mps_err *err);
+    int (*finish_started)(void *ctx, mps_err *err);
     /* Member i of the group receives the sum over the group of in[displ[i] .. displ[i] + counts[i])
      * into out (counts[rank-in-group] elements). */
     int (*reduce_scatter)(void *ctx, mps_group g, const float *in, float *out, const int64_t *counts,
@@ -31,7 +40,10 @@ typedef struct mps_comm {
     int (*allgather)(void *ctx, mps_group g, const float *in, float *out, const int64_t *counts,
                      const int64_t *displs, mps_err *err);
     /* Point to point between WORLD ranks. send does not block: buf must stay valid and unchanged
-     * until flush() returns. recv blocks until the message has arrived. */
+     * until flush() returns. recv returns when the message has arrived, or (NCCL) once the
+     * backend's work issued after it is queued behind its arrival. Between two ranks, the messages
+     * of each direction are received in the order they were sent (NCCL matches them by order, not
+     * tag). */
     int (*send)(void *ctx, int peer, const float *buf, int64_t n, int tag, mps_err *err);
     int (*recv)(void *ctx, int peer, float *buf, int64_t n, int tag, mps_err *err);
     int (*flush)(void *ctx, mps_err *err);

@@ -7,10 +7,6 @@
 
 #include "engine_internal.h"
 
-#define TAG_FWD(mb) (2 * (mb))
-#define TAG_BWD(mb) (2 * (mb) + 1)
-#define TAG_TIED (1 << 20)
-
 static void *zalloc(int64_t n, size_t size)
 {
     return calloc((size_t)(n > 0 ? n : 1), size);
@@ -164,7 +160,12 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     e->accum = o->global_batch / (o->micro_batch * L->dp);
     e->ntensors = mps_tensor_count(cfg);
     e->t = calloc((size_t)e->ntensors, sizeof *e->t);
-    if (!e->t) {
+    e->sum_started = calloc((size_t)e->ntensors, 1);
+    e->overlap_dp = !o->reduce_after_backward && L->zero == 0 && L->dp > 1 && comm->allreduce_sum_start &&
+                    comm->finish_started;
+    if (!e->t || !e->sum_started) {
+        free(e->t);
+        free(e->sum_started);
         free(e);
         return mps_fail(err, MPS_ENOMEM, "out of memory");
     }
@@ -226,6 +227,7 @@ void mps_engine_free(mps_engine *e)
         free(p->dp_displs);
     }
     free(e->t);
+    free(e->sum_started);
     if (e->slots)
         for (int i = 0; i < e->nslots; i++)
             free_slot(e, &e->slots[i]);
@@ -285,34 +287,6 @@ float *mps_grad(mps_engine *e, int tensor, mps_err *err)
     if (!p->g && (p->g = buf_new(e, p->box_n)) == NULL)
         mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for the gradient of %s", e->rank, p->spec.name);
     return p->g;
-}
-
-/* ZeRO-2/3: after each micro-batch, the full gradients are reduce-scattered into the owned
- * partitions and freed (ZeRO-1 does this once per step, ZeRO-0 all-reduces instead). */
-static int reduce_scatter_grads(mps_engine *e, int free_full, mps_err *err)
-{
-    for (int t = 0; t < e->ntensors; t++) {
-        mps_tparam *p = &e->t[t];
-        if (!p->held || !p->g)
-            continue;
-        int64_t on = p->opt.flat_end - p->opt.flat_begin;
-        float *tmp = buf_new(e, on);
-        if (!tmp)
-            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory reducing %s", e->rank, p->spec.name);
-        int rc = e->comm->reduce_scatter(e->comm->ctx, MPS_GROUP_DP, p->g, tmp, p->dp_counts, p->dp_displs, err);
-        if (rc == 0)
-            e->be->accumulate(e->be->ctx, p->g_shard, tmp, on);
-        buf_free(e, tmp);
-        if (rc != 0)
-            return mps_wrap(err, "reducing the gradient of %s", p->spec.name);
-        if (free_full) {
-            buf_free(e, p->g);
-            p->g = NULL;
-        } else {
-            buf_zero(e, p->g, p->box_n);
-        }
-    }
-    return 0;
 }
 
 /* ZeRO-1/2: each replica holds the whole box but owns (updates, or loads from master) only its
@@ -379,6 +353,7 @@ static int backward_mb(mps_engine *e, int mb, mps_err *err)
 {
     mps_mb_slot *s = &e->slots[mb % e->nslots];
     int64_t n = (int64_t)e->N * e->C;
+    e->last_backward = mb == e->accum - 1; /* the gradients are final layer by layer */
     if (!e->is_last) {
         s->dx_ready = MPS_DX_NONE;
         if (e->comm->recv(e->comm->ctx, stage_rank(e, e->me.pp + 1), s->dx, n, TAG_BWD(mb), err) != 0)
@@ -392,7 +367,7 @@ static int backward_mb(mps_engine *e, int mb, mps_err *err)
             return -1;
     }
     if (e->L.zero >= 2 && e->L.dp > 1)
-        return reduce_scatter_grads(e, 1, err);
+        return mps_reduce_scatter_grads(e, 1, err);
     return 0;
 }
 
@@ -430,81 +405,6 @@ static float *reduced_grad(mps_engine *e, mps_tparam *p)
 {
     (void)e;
     return e->L.zero == 0 ? p->g : p->g_shard;
-}
-
-static int reduce_grads(mps_engine *e, mps_err *err)
-{
-    /* every held tensor has a gradient buffer, even one no token touched */
-    for (int t = 0; t < e->ntensors; t++)
-        if (e->t[t].held && e->L.zero == 0 && !mps_grad(e, t, err))
-            return -1;
-    if (e->L.zero == 0 && e->L.dp > 1) {
-        if (e->comm->allreduce_sum_many) { /* every tensor in one call */
-            float **bufs = malloc(sizeof *bufs * (size_t)(e->ntensors > 0 ? e->ntensors : 1));
-            int64_t *ns = malloc(sizeof *ns * (size_t)(e->ntensors > 0 ? e->ntensors : 1));
-            int count = 0;
-            for (int t = 0; bufs && ns && t < e->ntensors; t++)
-                if (e->t[t].held)
-                    bufs[count] = e->t[t].g, ns[count++] = e->t[t].box_n;
-            int rc = bufs && ns ? e->comm->allreduce_sum_many(e->comm->ctx, MPS_GROUP_DP, bufs, ns, count, err)
-                                : mps_fail(err, MPS_ENOMEM, "out of memory");
-            free(bufs);
-            free(ns);
-            if (rc != 0)
-                return mps_wrap(err, "reducing the gradients over DP");
-        } else {
-            for (int t = 0; t < e->ntensors; t++) {
-                mps_tparam *p = &e->t[t];
-                if (p->held && e->comm->allreduce_sum(e->comm->ctx, MPS_GROUP_DP, p->g, p->box_n, err) != 0)
-                    return mps_wrap(err, "reducing the gradient of %s", p->spec.name);
-            }
-        }
-    } else if (e->L.zero >= 1) {
-        if (e->L.dp == 1) {
-            /* one replica: the partition is the whole box */
-            for (int t = 0; t < e->ntensors; t++) {
-                mps_tparam *p = &e->t[t];
-                if (p->held && p->g) {
-                    e->be->accumulate(e->be->ctx, p->g_shard, p->g, p->box_n);
-                    if (e->L.zero >= 2) {
-                        buf_free(e, p->g);
-                        p->g = NULL;
-                    } else {
-                        buf_zero(e, p->g, p->box_n);
-                    }
-                }
-            }
-        } else if (e->L.zero == 1 && reduce_scatter_grads(e, 0, err) != 0) {
-            return -1;
-        }
-    }
-    /* the tied head: the first and the last stage each hold wte; their gradients are summed */
-    if (e->L.pp > 1 && (e->is_first || e->is_last)) {
-        mps_tparam *p = &e->t[MPS_TENSOR_WTE];
-        int64_t n = e->L.zero == 0 ? p->box_n : p->opt.flat_end - p->opt.flat_begin;
-        float *mine = reduced_grad(e, p);
-        float *theirs = buf_new(e, n), *copy = buf_new(e, n);
-        if (!theirs || !copy) {
-            buf_free(e, theirs);
-            buf_free(e, copy);
-            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for the tied head", e->rank);
-        }
-        buf_copy(e, copy, mine, n);
-        int peer = stage_rank(e, e->is_first ? e->L.pp - 1 : 0);
-        int rc = e->comm->send(e->comm->ctx, peer, copy, n, TAG_TIED, err);
-        if (rc == 0)
-            rc = e->comm->recv(e->comm->ctx, peer, theirs, n, TAG_TIED, err);
-        if (rc == 0)
-            rc = e->comm->flush(e->comm->ctx, err);
-        /* the same order on both stages (first + last) keeps the two copies bit-identical */
-        if (rc == 0)
-            e->be->add(e->be->ctx, mine, e->is_first ? copy : theirs, e->is_first ? theirs : copy, n);
-        buf_free(e, theirs);
-        buf_free(e, copy);
-        if (rc != 0)
-            return mps_wrap(err, "summing the tied head's gradient");
-    }
-    return 0;
 }
 
 /* Global gradient norm: every distinct element counted once over the world. */
@@ -596,7 +496,7 @@ int mps_engine_grads(mps_engine *e, const mps_tokens *data, int64_t first_seq, d
     if (rc == 0)
         rc = e->comm->flush(e->comm->ctx, err);
     if (rc == 0)
-        rc = reduce_grads(e, err);
+        rc = mps_reduce_grads(e, err);
     if (rc == 0)
         rc = grad_norm(e, norm, err);
     double sum = e->is_last ? e->loss_sum : 0;

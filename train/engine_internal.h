@@ -6,6 +6,11 @@
 #include "engine.h"
 #include "geometry.h"
 
+/* message tags of the pipeline (comm.h send / recv) */
+#define TAG_FWD(mb) (2 * (mb))
+#define TAG_BWD(mb) (2 * (mb) + 1)
+#define TAG_TIED (1 << 20)
+
 /* One canonical tensor as this rank holds it. */
 typedef struct {
     int held;
@@ -83,6 +88,10 @@ struct mps_engine {
     float *scratch_b;        /* (N, C + 8) fp32 temporaries */
     void *logits;            /* (N, Vl) operand buffer, last stage; dlogits in place in the backward */
     double loss_sum;         /* this step's summed token losses (last stage, TP part 0) */
+    /* gradient sums under the backward (engine_grads.c): on, in the step's last backward pass,
+     * and per tensor whether its sum has started */
+    int overlap_dp, last_backward;
+    unsigned char *sum_started;
     int32_t *step_inputs, *step_targets; /* (accum, N): this replica's tokens of the step */
 };
 
@@ -125,6 +134,17 @@ int mps_model_backward(mps_engine *e, mps_mb_slot *s, mps_err *err);
 int mps_weights_acquire(mps_engine *e, int tensor, float **w, mps_err *err);
 void mps_weights_release(mps_engine *e, int tensor);
 float *mps_grad(mps_engine *e, int tensor, mps_err *err);
+/* ZeRO-0 DP with overlap, during the step's last backward pass: the DP sums of layer `layer`'s
+ * gradients (which that pass has finished) start; _rest starts those of every other held tensor
+ * (at the end of the pass). No-ops otherwise. */
+int mps_grads_start_layer(mps_engine *e, int layer, mps_err *err);
+int mps_grads_start_rest(mps_engine *e, mps_err *err);
+/* engine_grads.c: ZeRO-2/3 after each micro-batch (free_full), ZeRO-1 once per step: the full
+ * gradients reduce-scattered into the owned partitions. */
+int mps_reduce_scatter_grads(mps_engine *e, int free_full, mps_err *err);
+/* engine_grads.c: after the schedule, the gradients summed over DP (ZeRO-0: p->g; ZeRO >= 1:
+ * into p->g_shard) and the tied head's two copies summed. */
+int mps_reduce_grads(mps_engine *e, mps_err *err);
 /* ZeRO-1/2: rebuilds p->w from every DP replica's partition (opt's flat range) of it. */
 int mps_gather_box(mps_engine *e, mps_tparam *p, mps_err *err);
 

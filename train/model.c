@@ -282,10 +282,11 @@ int mps_model_backward(mps_engine *e, mps_mb_slot *s, mps_err *err)
          * values: the activations, and so the gradients, are those of a run that kept them) */
         if (e->o.recompute && layer_forward(e, e->first_layer + l, &a, e->work_out, err) != 0)
             return -1;
-        if (layer_backward(e, e->first_layer + l, &a, s, err) != 0)
+        if (layer_backward(e, e->first_layer + l, &a, s, err) != 0 ||
+            mps_grads_start_layer(e, e->first_layer + l, err) != 0)
             return -1;
     }
-    if (e->is_first)
-        return embed_backward(e, s, s->dx, err);
-    return 0;
+    if (e->is_first && embed_backward(e, s, s->dx, err) != 0)
+        return -1;
+    return mps_grads_start_rest(e, err);
 }

@@ -2,7 +2,8 @@
 # GPU checks of the trainer (run on the GPU host: bench/gpu_host_run.sh gputests):
 #  1. the CUDA backend against the CPU backend: same weights and batches, loss per step within
 #     1e-2 relative (bf16 GEMM operands) over 4 steps, one process and 2 ranks (MPI staging, and
-#     NCCL when 2 GPUs);
+#     NCCL when 2 GPUs; with NCCL, the gradient sums under the backward and the pipeline
+#     messages give the very same losses as over MPI);
 #  2. against PyTorch: the first step's loss (before any update) of the CPU backend (fp32) equals
 #     transformers' GPT2LMHeadModel on the exported checkpoint within 1e-5, the CUDA backend's
 #     within 1e-2;
@@ -23,6 +24,10 @@ close() { # close A B TOL: every loss within TOL relative
   paste <(losses "$1") <(losses "$2") | awk -v tol="$3" '{ d = $1 - $2; if (d < 0) d = -d; if (d > tol * $2) bad = 1 }
     END { exit bad || NR == 0 }' && ok || bad "$1 vs $2 (tol $3): $(paste <(losses "$1") <(losses "$2") | tr '\t\n' ' ;')"
 }
+same() { # same A B: the very same losses
+  if [ -s "$1" ] && [ "$(losses "$1")" = "$(losses "$2")" ]; then ok; else
+    bad "$1 vs $2 differ: $(paste <(losses "$1") <(losses "$2") | tr '\t\n' ' ;')"; fi
+}
 run() { local np=$1; shift; mpirun -np "$np" "$M" train $TR "$@" >"$T/out" 2>"$T/err" || bad "train $*: $(tail -3 "$T/err")"; }
 run 1 --ckpt "$T/init" --layout dp=1 --steps 4 --out "$T/cpu" --log "$T/cpu.jsonl" --backend cpu
 run 1 --ckpt "$T/init" --layout dp=1 --steps 4 --out "$T/gpu" --log "$T/gpu.jsonl" --backend cuda
@@ -42,6 +47,18 @@ if [ "$ngpu" -ge 2 ]; then
   for lay in dp=2 dp=2,zero=1 dp=2,zero=2 dp=2,zero=3 tp=2 tp=2,zero=1 pp=2 pp=2,zero=3; do
     run 2 --ckpt "$T/init" --layout $lay --steps 4 --out "$T/n$lay" --log "$T/n$lay.jsonl" --backend cuda --comm nccl
     close "$T/n$lay.jsonl" "$T/gpu.jsonl" 1e-2
+  done
+  # the DP gradient sums under the backward, and the pipeline messages over NCCL, move the same
+  # bits as the sums after the backward and the messages over MPI (2 ranks: each sum is one
+  # addition, whatever the algorithm): the very same losses
+  run 2 --ckpt "$T/init" --layout dp=2 --steps 4 --out "$T/nseq" --log "$T/nseq.jsonl" --backend cuda --comm nccl --no-overlap
+  same "$T/ndp=2.jsonl" "$T/nseq.jsonl"
+  run 2 --ckpt "$T/init" --layout dp=2 --steps 4 --out "$T/mdp" --log "$T/mdp.jsonl" --backend cuda --comm mpi
+  same "$T/ndp=2.jsonl" "$T/mdp.jsonl"
+  for sched in 1f1b gpipe; do
+    run 2 --ckpt "$T/init" --layout pp=2 --steps 4 --out "$T/np$sched" --log "$T/np$sched.jsonl" --backend cuda --comm nccl --schedule $sched
+    run 2 --ckpt "$T/init" --layout pp=2 --steps 4 --out "$T/mp$sched" --log "$T/mp$sched.jsonl" --backend cuda --comm mpi --schedule $sched
+    same "$T/np$sched.jsonl" "$T/mp$sched.jsonl"
   done
   # resume across GPU counts from the trainer's own checkpoints: 2 GPUs (tp=2) -> 1 GPU -> 2 GPUs (pp=2)
   run 2 --ckpt "$T/init" --layout tp=2 --steps 2 --out "$T/x2" --log "$T/x.jsonl" --backend cuda

@@ -164,6 +164,11 @@ static void cuda_release_host(void *ctx, void *p)
         cu_check(c, cudaFreeHost(p), "release_host");
 }
 
+static void *cuda_native_stream(void *ctx)
+{
+    return ((mps_cuda *)ctx)->stream;
+}
+
 static int cuda_sync(void *ctx, mps_err *err)
 {
     mps_cuda *c = (mps_cuda *)ctx;
@@ -300,6 +305,7 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     b.alloc_host = cuda_alloc_host;
     b.release_host = cuda_release_host;
     b.sync = cuda_sync;
+    b.native_stream = cuda_native_stream;
     b.embed_fwd = cu_embed_fwd;
     b.embed_bwd = cu_embed_bwd;
     b.pos_fwd = cu_pos_fwd;
