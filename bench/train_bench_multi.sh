@@ -23,20 +23,20 @@ TR="--data $W/tok.bin --steps 12 --seq 1024 --backend cuda"
 one=$(median_tps "$W/one.jsonl")
 for mode in overlap no-overlap; do
   extra=""; [ $mode = no-overlap ] && extra=--no-overlap
-  mpirun -np "$ngpu" "$M" train --ckpt "$W/gpt2" --layout dp="$ngpu" $TR --global-batch $((32 * ngpu)) --micro-batch 32 \
+  timeout 180 mpirun -np "$ngpu" "$M" train --ckpt "$W/gpt2" --layout dp="$ngpu" $TR --global-batch $((32 * ngpu)) --micro-batch 32 \
     $extra -q --out "$W/run-dp-$mode" --log "$W/dp-$mode.jsonl" 2>"$W/dp-$mode.err" || tail -5 "$W/dp-$mode.err"
   awk -v a="$(median_tps "$W/dp-$mode.jsonl")" -v b="$one" -v n="$ngpu" -v m="$mode" \
     'BEGIN { printf "DP weak scaling 124M on %d GPUs (NCCL, %s): %.0f tok/s vs %.0f on one = %.1f%% efficiency\n", n, m, a, b, 100 * a / (n * b) }'
 done
 for zero in 1 2 3; do
-  mpirun -np "$ngpu" "$M" train --ckpt "$W/gpt2" --layout dp="$ngpu",zero=$zero $TR --global-batch $((32 * ngpu)) \
+  timeout 180 mpirun -np "$ngpu" "$M" train --ckpt "$W/gpt2" --layout dp="$ngpu",zero=$zero $TR --global-batch $((32 * ngpu)) \
     --micro-batch 32 -q --out "$W/run-z$zero" --log "$W/z$zero.jsonl" 2>"$W/z$zero.err" || tail -5 "$W/z$zero.err"
   awk -v a="$(median_tps "$W/z$zero.jsonl")" -v b="$one" -v n="$ngpu" -v z=$zero \
     'BEGIN { printf "DP weak scaling 124M on %d GPUs (NCCL, ZeRO-%d): %.0f tok/s = %.1f%% efficiency\n", n, z, a, 100 * a / (n * b) }'
 done
 for lay in tp=2 pp=2; do
   for comm in nccl mpi; do
-    mpirun -np 2 "$M" train --ckpt "$W/gpt2" --layout $lay $TR --global-batch 32 --micro-batch 8 --comm $comm -q \
+    timeout 180 mpirun -np 2 "$M" train --ckpt "$W/gpt2" --layout $lay $TR --global-batch 32 --micro-batch 8 --comm $comm -q \
       --out "$W/run-$lay-$comm" --log "$W/$lay-$comm.jsonl" 2>"$W/$lay-$comm.err" || tail -3 "$W/$lay-$comm.err"
     echo "124M $lay on 2 GPUs (B=8 x 4 micro-batches, --comm $comm): $(median_tps "$W/$lay-$comm.jsonl") tok/s"
   done

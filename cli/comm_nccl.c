@@ -6,7 +6,7 @@
  *
  * Streams: the synchronous collectives (TP sums, ZeRO's reduce-scatter and all-gather) run on
  * one stream after a host wait for the compute stream, and the host waits for them. The DP
- * gradient sums the engine starts during the backward (allreduce_sum_start) run on a stream of
+ * gradient sums the engine starts during the backward (comm.h can_start) run on a stream of
  * their own behind an event of the compute stream, and the compute stream waits for them at
  * finish_started: no host wait. Pipeline messages go the same way, without host waits, on two
  * communicators and streams: one for messages to a higher WORLD rank, one for messages to a lower
@@ -40,7 +40,7 @@ typedef struct {
     int gsize[MPS_GROUP_COUNT], gme[MPS_GROUP_COUNT];
     cudaStream_t stream;    /* synchronous collectives */
     cudaStream_t compute;   /* the backend's stream (not ours) */
-    cudaStream_t started;   /* allreduce_sum_start */
+    cudaStream_t started;   /* collectives started without a wait (comm.h can_start) */
     cudaStream_t p2p_stream[2];
     cudaEvent_t ev_compute, ev_started, ev_p2p;
     int nstarted;           /* sums started since the last finish_started */
@@ -84,27 +84,6 @@ static int ar(void *c, mps_group g, float *buf, int64_t n, ncclRedOp_t op, mps_e
 
 static int ar_sum(void *c, mps_group g, float *buf, int64_t n, mps_err *err) { return ar(c, g, buf, n, ncclSum, err); }
 
-/* the gradients of every tensor in one NCCL group call: one wait for the compute stream before,
- * one for the NCCL stream after (a wait per tensor made ~150 round trips per step at dp > 1) */
-static int ar_sum_many(void *c, mps_group g, float *const *bufs, const int64_t *ns, int count, mps_err *err)
-{
-    nccl_ctx *x = c;
-    if (count <= 0)
-        return 0;
-    if (before(x, err) != 0 || nccl_check(ncclGroupStart(), "group start", err) != 0)
-        return -1;
-    int rc = 0;
-    for (int i = 0; i < count && rc == 0; i++)
-        if (ns[i] > 0)
-            rc = nccl_check(ncclAllReduce(bufs[i], bufs[i], (size_t)ns[i], ncclFloat, ncclSum, x->group[g], x->stream),
-                            "all-reduce", err);
-    /* the group is closed even after a failed call (the first error is the one reported) */
-    if (nccl_check(ncclGroupEnd(), "group end", err) != 0)
-        rc = -1;
-    if (rc != 0)
-        return -1;
-    return after(x, "all-reduce", err);
-}
 static int ar_max(void *c, mps_group g, float *buf, int64_t n, mps_err *err) { return ar(c, g, buf, n, ncclMax, err); }
 /* stream `s` waits for the work issued on the compute stream so far */
 static int after_compute(nccl_ctx *x, cudaStream_t s, mps_err *err)
@@ -122,24 +101,85 @@ static int compute_after(nccl_ctx *x, cudaStream_t s, cudaEvent_t ev, mps_err *e
     return cuda_check(cudaStreamWaitEvent(x->compute, ev, 0), "stream wait", err);
 }
 
-/* DP gradient sums started during the backward: a group call on the `started` stream behind the
- * compute stream's current point, no host wait */
-static int ar_sum_start(void *c, mps_group g, float *const *bufs, const int64_t *ns, int count, mps_err *err)
+/* Several collectives in one NCCL group call. Synchronous: one host wait for the compute stream
+ * before, one for our stream after (a wait per tensor made ~150 round trips per step). Started:
+ * on the `started` stream behind an event of the compute stream, no host wait (finish_started). */
+static cudaStream_t many_begin(nccl_ctx *x, int start, mps_err *err)
+{
+    cudaStream_t s = start ? x->started : x->stream;
+    if ((start ? after_compute(x, s, err) : before(x, err)) != 0 || nccl_check(ncclGroupStart(), "group start", err) != 0)
+        return NULL;
+    return s;
+}
+
+static int many_end(nccl_ctx *x, int rc, int start, const char *what, mps_err *err)
+{
+    /* the group is closed even after a failed call (the first error is the one reported) */
+    if (nccl_check(ncclGroupEnd(), "group end", err) != 0)
+        rc = -1;
+    if (rc != 0)
+        return -1;
+    if (start) {
+        x->nstarted++;
+        return 0;
+    }
+    return after(x, what, err);
+}
+
+static int ar_sum_many(void *c, mps_group g, float *const *bufs, const int64_t *ns, int count, int start, mps_err *err)
 {
     nccl_ctx *x = c;
     if (count <= 0)
         return 0;
-    if (after_compute(x, x->started, err) != 0 || nccl_check(ncclGroupStart(), "group start", err) != 0)
+    cudaStream_t s = many_begin(x, start, err);
+    if (!s)
         return -1;
     int rc = 0;
     for (int i = 0; i < count && rc == 0; i++)
         if (ns[i] > 0)
-            rc = nccl_check(ncclAllReduce(bufs[i], bufs[i], (size_t)ns[i], ncclFloat, ncclSum, x->group[g], x->started),
+            rc = nccl_check(ncclAllReduce(bufs[i], bufs[i], (size_t)ns[i], ncclFloat, ncclSum, x->group[g], s),
                             "all-reduce", err);
-    if (nccl_check(ncclGroupEnd(), "group end", err) != 0)
-        rc = -1;
-    x->nstarted++;
-    return rc;
+    return many_end(x, rc, start, "all-reduce", err);
+}
+
+/* ZeRO's parts differ in size by one element at most, and NCCL's reduce-scatter and all-gather
+ * take equal parts: as a group of one reduce (all-gather: one broadcast) per part, each part goes
+ * straight to its place without padding copies, moving the same bytes as a ring reduce-scatter
+ * ((members - 1) parts sent per member). */
+static int rs_many(void *c, mps_group g, const float *const *ins, float *const *outs, const int64_t *const *counts,
+                   const int64_t *const *displs, int count, int start, mps_err *err)
+{
+    nccl_ctx *x = c;
+    if (count <= 0)
+        return 0;
+    cudaStream_t s = many_begin(x, start, err);
+    if (!s)
+        return -1;
+    int rc = 0;
+    for (int i = 0; i < count && rc == 0; i++)
+        for (int r = 0; r < x->gsize[g] && rc == 0; r++)
+            if (counts[i][r] > 0) /* outs[i] is written on member r only */
+                rc = nccl_check(ncclReduce(ins[i] + displs[i][r], outs[i], (size_t)counts[i][r], ncclFloat, ncclSum, r,
+                                           x->group[g], s), "reduce", err);
+    return many_end(x, rc, start, "reduce-scatter", err);
+}
+
+static int ag_many(void *c, mps_group g, float *const *bufs, const int64_t *const *counts, const int64_t *const *displs,
+                   int count, int start, mps_err *err)
+{
+    nccl_ctx *x = c;
+    if (count <= 0)
+        return 0;
+    cudaStream_t s = many_begin(x, start, err);
+    if (!s)
+        return -1;
+    int rc = 0;
+    for (int i = 0; i < count && rc == 0; i++)
+        for (int r = 0; r < x->gsize[g] && rc == 0; r++)
+            if (counts[i][r] > 0) /* in place: member r's part to every member */
+                rc = nccl_check(ncclBroadcast(bufs[i] + displs[i][r], bufs[i] + displs[i][r], (size_t)counts[i][r],
+                                              ncclFloat, r, x->group[g], s), "broadcast", err);
+    return many_end(x, rc, start, "all-gather", err);
 }
 
 static int finish_started(void *c, mps_err *err)
@@ -327,7 +367,8 @@ int cli_comm_nccl_new(const mps_layout *L, const mps_comm *mpi, const mps_backen
     }
     *out = (mps_comm){ .ctx = x, .rank = mpi->rank, .size = mpi->size, .allreduce_sum = ar_sum,
                        .allreduce_sum_many = ar_sum_many,
-                       .allreduce_sum_start = ar_sum_start, .finish_started = finish_started, .allreduce_max = ar_max, .allreduce_sum_f64 = ar64, .reduce_scatter = reduce_scatter,
+                       .reduce_scatter_many = rs_many, .allgather_many = ag_many, .can_start = 1,
+                       .finish_started = finish_started, .allreduce_max = ar_max, .allreduce_sum_f64 = ar64, .reduce_scatter = reduce_scatter,
                        .allgather = allgather, .send = p2p_send, .recv = p2p_recv, .flush = flush,
                        .barrier = barrier, .bcast_bytes = bcast, .all_ok = all_ok };
     return 0;

@@ -18,19 +18,24 @@ typedef struct mps_comm {
     int (*allreduce_sum)(void *ctx, mps_group g, float *buf, int64_t n, mps_err *err);
     int (*allreduce_max)(void *ctx, mps_group g, float *buf, int64_t n, mps_err *err);
     int (*allreduce_sum_f64)(void *ctx, mps_group g, double *buf, int64_t n, mps_err *err);
-    /* In-place sums of count buffers over a group, each as allreduce_sum would give it, issued
-     * together (NCCL: one group call and one wait for all of them instead of a wait per buffer).
-     * Optional: NULL means the caller loops over allreduce_sum. */
-    int (*allreduce_sum_many)(void *ctx, mps_group g, float *const *bufs, const int64_t *ns, int count,
+    /* Several tensors at once (NCCL: one group call, one wait), each as the single call would do
+     * it; every member issues the same calls in the same order. Optional: NULL means the caller
+     * loops over the single calls. With start = 1 (only where can_start) the call returns without
+     * waiting: it reads the buffers as the backend's work issued so far leaves them and runs while
+     * later work goes on; nobody may touch the buffers until finish_started(), after which the
+     * backend's work issued from then on sees every started call complete.
+     * allreduce_sum_many: in place, count buffers of ns[i] elements. */
+    int (*allreduce_sum_many)(void *ctx, mps_group g, float *const *bufs, const int64_t *ns, int count, int start,
                               mps_err *err);
-    /* Starts in-place sums of count buffers over a group, each as allreduce_sum would give it,
-     * and returns without waiting for them: the sums read the buffers as the backend's work issued
-     * so far leaves them and run while later work goes on (NCCL: on a stream of their own). Nobody
-     * may read or write the buffers until finish_started(); the backend's work issued after it sees
-     * every started sum complete. Every member starts the same sums in the same order. Optional
-     * (both NULL: the caller sums with allreduce_sum_many or allreduce_sum when it needs them). */
-    int (*allreduce_sum_start)(void *ctx, mps_group g, float *const *bufs, const int64_t *ns, int count,
+    /* reduce_scatter_many: as reduce_scatter for each (ins[i], outs[i], counts[i], displs[i]) */
+    int (*reduce_scatter_many)(void *ctx, mps_group g, const float *const *ins, float *const *outs,
+                               const int64_t *const *counts, const int64_t *const *displs, int count, int start,
                                mps_err *err);
+    /* allgather_many, in place: member i's part bufs[k][displs[k][i] .. + counts[k][i]) goes to
+     * every member (start must be 0) */
+    int (*allgather_many)(void *ctx, mps_group g, float *const *bufs, const int64_t *const *counts,
+                          const int64_t *const *displs, int count, int start, mps_err *err);
+    int can_start;
     int (*finish_started)(void *ctx, mps_err *err);
     /* Member i of the group receives the sum over the group of in[displ[i] .. displ[i] + counts[i])
      * into out (counts[rank-in-group] elements). */

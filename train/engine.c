@@ -161,11 +161,15 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     e->ntensors = mps_tensor_count(cfg);
     e->t = calloc((size_t)e->ntensors, sizeof *e->t);
     e->sum_started = calloc((size_t)e->ntensors, 1);
-    e->overlap_dp = !o->reduce_after_backward && L->zero == 0 && L->dp > 1 && comm->allreduce_sum_start &&
-                    comm->finish_started;
-    if (!e->t || !e->sum_started) {
+    e->scatter_tmp = calloc((size_t)e->ntensors, sizeof *e->scatter_tmp);
+    /* ZeRO-0 sums and ZeRO-1 reduce-scatters can run under the backward (ZeRO-2/3 reduce after
+     * each micro-batch and free the full gradients right away) */
+    e->overlap_dp = !o->reduce_after_backward && L->dp > 1 && comm->can_start && comm->finish_started &&
+                    ((L->zero == 0 && comm->allreduce_sum_many) || (L->zero == 1 && comm->reduce_scatter_many));
+    if (!e->t || !e->sum_started || !e->scatter_tmp) {
         free(e->t);
         free(e->sum_started);
+        free(e->scatter_tmp);
         free(e);
         return mps_fail(err, MPS_ENOMEM, "out of memory");
     }
@@ -226,8 +230,11 @@ void mps_engine_free(mps_engine *e)
         free(p->dp_counts);
         free(p->dp_displs);
     }
+    for (int t = 0; e->scatter_tmp && t < e->ntensors; t++)
+        buf_free(e, e->scatter_tmp[t]);
     free(e->t);
     free(e->sum_started);
+    free(e->scatter_tmp);
     if (e->slots)
         for (int i = 0; i < e->nslots; i++)
             free_slot(e, &e->slots[i]);
@@ -250,23 +257,51 @@ void mps_engine_free(mps_engine *e)
 
 /* ---- weights and gradients ---- */
 
-int mps_weights_acquire(mps_engine *e, int tensor, float **w, mps_err *err)
+/* ZeRO-3: the boxes not in use are gathered from the DP group for the duration of the use: each
+ * replica's shard copied to its place, then one in-place group gather (else a gather per tensor). */
+int mps_weights_acquire_many(mps_engine *e, const int *tensors, int count, float **const *w, mps_err *err)
 {
-    mps_tparam *p = &e->t[tensor];
     if (e->L.zero < 3) {
-        *w = p->w;
+        for (int i = 0; i < count; i++)
+            *w[i] = e->t[tensors[i]].w;
         return 0;
     }
-    if (p->w_users++ == 0) {
-        /* ZeRO-3: gather the box from the DP group for the duration of the use */
+    float **bufs = malloc(sizeof *bufs * (size_t)(count > 0 ? count : 1));
+    const int64_t **counts = malloc(sizeof *counts * (size_t)(count > 0 ? count : 1));
+    const int64_t **displs = malloc(sizeof *displs * (size_t)(count > 0 ? count : 1));
+    int n = 0, done = 0, rc = bufs && counts && displs ? 0 : mps_fail(err, MPS_ENOMEM, "out of memory");
+    for (; rc == 0 && done < count; done++) {
+        mps_tparam *p = &e->t[tensors[done]];
+        if (p->w_users++ > 0)
+            continue;
         if ((p->w = buf_new(e, p->box_n)) == NULL) {
             p->w_users = 0;
-            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory gathering %s", e->rank, p->spec.name);
+            rc = mps_fail(err, MPS_ENOMEM, "rank %d: out of memory gathering %s", e->rank, p->spec.name);
+            break;
         }
-        if (e->comm->allgather(e->comm->ctx, MPS_GROUP_DP, p->w_shard, p->w, p->dp_counts, p->dp_displs, err) != 0)
-            return mps_wrap(err, "gathering %s", p->spec.name);
+        if (e->comm->allgather_many) {
+            buf_copy(e, p->w + p->dp_displs[e->me.dp], p->w_shard, p->dp_counts[e->me.dp]);
+            bufs[n] = p->w;
+            counts[n] = p->dp_counts;
+            displs[n++] = p->dp_displs;
+        } else if (e->comm->allgather(e->comm->ctx, MPS_GROUP_DP, p->w_shard, p->w, p->dp_counts, p->dp_displs, err)) {
+            rc = mps_wrap(err, "gathering %s", p->spec.name);
+            done++;
+            break;
+        }
     }
-    *w = p->w;
+    if (rc == 0 && n > 0 && e->comm->allgather_many(e->comm->ctx, MPS_GROUP_DP, bufs, counts, displs, n, 0, err) != 0)
+        rc = mps_wrap(err, "gathering the weights over DP");
+    free(bufs);
+    free(counts);
+    free(displs);
+    if (rc != 0) { /* undo the acquires made */
+        for (int i = 0; i < done; i++)
+            mps_weights_release(e, tensors[i]);
+        return -1;
+    }
+    for (int i = 0; i < count; i++)
+        *w[i] = e->t[tensors[i]].w;
     return 0;
 }
 
@@ -290,17 +325,45 @@ float *mps_grad(mps_engine *e, int tensor, mps_err *err)
 }
 
 /* ZeRO-1/2: each replica holds the whole box but owns (updates, or loads from master) only its
- * partition; the box is rebuilt from every replica's partition. */
-int mps_gather_box(mps_engine *e, mps_tparam *p, mps_err *err)
+ * partition; the boxes are rebuilt from every replica's partition: in place, all in one group
+ * where the comm backend has allgather_many, else a tensor at a time from a copy of the own part.
+ * (The partitions are never whole boxes at dp > 1, so the backend keeps no operand copy of these
+ * weights that NCCL's writes would leave stale: mps_adamw_job.read_by_products.) */
+int mps_gather_boxes(mps_engine *e, mps_err *err)
 {
-    int64_t on = p->opt.flat_end - p->opt.flat_begin;
-    float *mine = buf_new(e, on);
-    if (!mine)
-        return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory gathering %s", e->rank, p->spec.name);
-    buf_copy(e, mine, p->w + p->opt.flat_begin, on);
-    int rc = e->comm->allgather(e->comm->ctx, MPS_GROUP_DP, mine, p->w, p->dp_counts, p->dp_displs, err);
-    buf_free(e, mine);
-    return rc != 0 ? mps_wrap(err, "gathering %s over DP", p->spec.name) : 0;
+    if (e->comm->allgather_many) {
+        float **bufs = malloc(sizeof *bufs * (size_t)e->ntensors);
+        const int64_t **counts = malloc(sizeof *counts * (size_t)e->ntensors);
+        const int64_t **displs = malloc(sizeof *displs * (size_t)e->ntensors);
+        int count = 0, rc = bufs && counts && displs ? 0 : mps_fail(err, MPS_ENOMEM, "out of memory");
+        for (int t = 0; rc == 0 && t < e->ntensors; t++)
+            if (e->t[t].held) {
+                bufs[count] = e->t[t].w;
+                counts[count] = e->t[t].dp_counts;
+                displs[count++] = e->t[t].dp_displs;
+            }
+        if (rc == 0 && e->comm->allgather_many(e->comm->ctx, MPS_GROUP_DP, bufs, counts, displs, count, 0, err) != 0)
+            rc = mps_wrap(err, "gathering the weights over DP");
+        free(bufs);
+        free(counts);
+        free(displs);
+        return rc;
+    }
+    for (int t = 0; t < e->ntensors; t++) {
+        mps_tparam *p = &e->t[t];
+        if (!p->held)
+            continue;
+        int64_t on = p->opt.flat_end - p->opt.flat_begin;
+        float *mine = buf_new(e, on);
+        if (!mine)
+            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory gathering %s", e->rank, p->spec.name);
+        buf_copy(e, mine, p->w + p->opt.flat_begin, on);
+        int rc = e->comm->allgather(e->comm->ctx, MPS_GROUP_DP, mine, p->w, p->dp_counts, p->dp_displs, err);
+        buf_free(e, mine);
+        if (rc != 0)
+            return mps_wrap(err, "gathering %s over DP", p->spec.name);
+    }
+    return 0;
 }
 
 /* ---- the schedule ---- */
@@ -367,7 +430,7 @@ static int backward_mb(mps_engine *e, int mb, mps_err *err)
             return -1;
     }
     if (e->L.zero >= 2 && e->L.dp > 1)
-        return mps_reduce_scatter_grads(e, 1, err);
+        return mps_reduce_scatter_grads(e, err);
     return 0;
 }
 
@@ -479,9 +542,7 @@ static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scal
     e->be->adamw_many(e->be->ctx, jobs, count, &st);
     free(jobs);
     if (e->L.zero >= 1 && e->L.zero < 3 && e->L.dp > 1)
-        for (int t = 0; t < e->ntensors; t++)
-            if (e->t[t].held && mps_gather_box(e, &e->t[t], err) != 0)
-                return -1;
+        return mps_gather_boxes(e, err);
     return 0;
 }
 

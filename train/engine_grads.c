@@ -1,13 +1,14 @@
-/* Gradient reduction over DP: ZeRO-0 sums (during the backward where the comm backend can run
- * them under it, else after it), ZeRO-1/2/3 reduce-scatters into the owned partitions, and the
- * tied head's gradient summed between the first and the last stage. */
+/* Gradient reduction over DP: ZeRO-0 sums and ZeRO-1 reduce-scatters (started during the
+ * backward where the comm backend can run them under it, else after it), ZeRO-2/3
+ * reduce-scatters after each micro-batch, and the tied head's gradient summed between the first
+ * and the last stage. */
 #include <stdlib.h>
 #include <string.h>
 
 #include "engine_internal.h"
 
 /* ZeRO-0: the DP sums of the held tensors in [t0, t1) whose sums have not started this step:
- * started (comm.h allreduce_sum_start) or done now (allreduce_sum_many, else a call per tensor). */
+ * started (comm.h can_start) or done now (allreduce_sum_many, else a call per tensor). */
 static int sum_tensors(mps_engine *e, int t0, int t1, int start, mps_err *err)
 {
     float **bufs = malloc(sizeof *bufs * (size_t)(t1 > t0 ? t1 - t0 : 1));
@@ -23,10 +24,8 @@ static int sum_tensors(mps_engine *e, int t0, int t1, int start, mps_err *err)
         e->sum_started[t] = 1;
     }
     if (rc == 0 && count > 0) {
-        if (start)
-            rc = e->comm->allreduce_sum_start(e->comm->ctx, MPS_GROUP_DP, bufs, ns, count, err);
-        else if (e->comm->allreduce_sum_many) /* one call for all */
-            rc = e->comm->allreduce_sum_many(e->comm->ctx, MPS_GROUP_DP, bufs, ns, count, err);
+        if (e->comm->allreduce_sum_many)
+            rc = e->comm->allreduce_sum_many(e->comm->ctx, MPS_GROUP_DP, bufs, ns, count, start, err);
         else
             for (int i = 0; i < count && rc == 0; i++)
                 rc = e->comm->allreduce_sum(e->comm->ctx, MPS_GROUP_DP, bufs[i], ns[i], err);
@@ -38,39 +37,57 @@ static int sum_tensors(mps_engine *e, int t0, int t1, int start, mps_err *err)
     return rc;
 }
 
-int mps_grads_start_layer(mps_engine *e, int layer, mps_err *err)
+/* ZeRO >= 1: the DP reduce-scatters of the full gradients of the held tensors in [t0, t1) not
+ * started this step, each into a temporary of its owned partition (e->scatter_tmp), started or
+ * done now; scatter_done() adds them to the partitions' gradients. */
+static int scatter_tensors(mps_engine *e, int t0, int t1, int start, mps_err *err)
 {
-    if (!e->overlap_dp || !e->last_backward)
-        return 0;
-    int t0 = mps_layer_tensor(layer, 0);
-    return sum_tensors(e, t0, t0 + MPS_TENSORS_PER_LAYER, 1, err);
+    int n = t1 > t0 ? t1 - t0 : 1;
+    const float **ins = malloc(sizeof *ins * (size_t)n);
+    float **outs = malloc(sizeof *outs * (size_t)n);
+    const int64_t **counts = malloc(sizeof *counts * (size_t)n), **displs = malloc(sizeof *displs * (size_t)n);
+    int count = 0, rc = ins && outs && counts && displs ? 0 : mps_fail(err, MPS_ENOMEM, "out of memory");
+    for (int t = t0; rc == 0 && t < t1; t++) {
+        mps_tparam *p = &e->t[t];
+        if (!p->held || !p->g || e->sum_started[t])
+            continue;
+        if ((e->scatter_tmp[t] = buf_new(e, p->opt.flat_end - p->opt.flat_begin)) == NULL) {
+            rc = mps_fail(err, MPS_ENOMEM, "rank %d: out of memory reducing %s", e->rank, p->spec.name);
+            break;
+        }
+        ins[count] = p->g;
+        outs[count] = e->scatter_tmp[t];
+        counts[count] = p->dp_counts;
+        displs[count++] = p->dp_displs;
+        e->sum_started[t] = 1;
+    }
+    if (rc == 0 && count > 0) {
+        if (e->comm->reduce_scatter_many)
+            rc = e->comm->reduce_scatter_many(e->comm->ctx, MPS_GROUP_DP, ins, outs, counts, displs, count, start, err);
+        else
+            for (int i = 0; i < count && rc == 0; i++)
+                rc = e->comm->reduce_scatter(e->comm->ctx, MPS_GROUP_DP, ins[i], outs[i], counts[i], displs[i], err);
+        if (rc != 0)
+            mps_wrap(err, "reducing the gradients over DP");
+    }
+    free(ins);
+    free(outs);
+    free(counts);
+    free(displs);
+    return rc;
 }
 
-int mps_grads_start_rest(mps_engine *e, mps_err *err)
-{
-    if (!e->overlap_dp || !e->last_backward)
-        return 0;
-    return sum_tensors(e, 0, e->ntensors, 1, err);
-}
-
-/* ZeRO-2/3: after each micro-batch, the full gradients are reduce-scattered into the owned
- * partitions and freed (ZeRO-1 does this once per step, ZeRO-0 all-reduces instead). */
-int mps_reduce_scatter_grads(mps_engine *e, int free_full, mps_err *err)
+/* The reduce-scatters are complete: each partition's sum is added to its gradient and the
+ * full gradient zeroed (ZeRO-1) or freed (ZeRO-2/3, free_full). */
+static void scatter_done(mps_engine *e, int free_full)
 {
     for (int t = 0; t < e->ntensors; t++) {
         mps_tparam *p = &e->t[t];
-        if (!p->held || !p->g)
+        if (!e->scatter_tmp[t])
             continue;
-        int64_t on = p->opt.flat_end - p->opt.flat_begin;
-        float *tmp = buf_new(e, on);
-        if (!tmp)
-            return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory reducing %s", e->rank, p->spec.name);
-        int rc = e->comm->reduce_scatter(e->comm->ctx, MPS_GROUP_DP, p->g, tmp, p->dp_counts, p->dp_displs, err);
-        if (rc == 0)
-            e->be->accumulate(e->be->ctx, p->g_shard, tmp, on);
-        buf_free(e, tmp);
-        if (rc != 0)
-            return mps_wrap(err, "reducing the gradient of %s", p->spec.name);
+        e->be->accumulate(e->be->ctx, p->g_shard, e->scatter_tmp[t], p->opt.flat_end - p->opt.flat_begin);
+        buf_free(e, e->scatter_tmp[t]);
+        e->scatter_tmp[t] = NULL;
         if (free_full) {
             buf_free(e, p->g);
             p->g = NULL;
@@ -78,7 +95,35 @@ int mps_reduce_scatter_grads(mps_engine *e, int free_full, mps_err *err)
             buf_zero(e, p->g, p->box_n);
         }
     }
-    return 0;
+    memset(e->sum_started, 0, (size_t)e->ntensors);
+}
+
+/* what the step's last backward pass starts for tensors [t0, t1) */
+static int start_tensors(mps_engine *e, int t0, int t1, mps_err *err)
+{
+    if (!e->overlap_dp || !e->last_backward)
+        return 0;
+    return e->L.zero == 0 ? sum_tensors(e, t0, t1, 1, err) : scatter_tensors(e, t0, t1, 1, err);
+}
+
+int mps_grads_start_layer(mps_engine *e, int layer, mps_err *err)
+{
+    int t0 = mps_layer_tensor(layer, 0);
+    return start_tensors(e, t0, t0 + MPS_TENSORS_PER_LAYER, err);
+}
+
+int mps_grads_start_rest(mps_engine *e, mps_err *err)
+{
+    return start_tensors(e, 0, e->ntensors, err);
+}
+
+/* ZeRO-2/3: after each micro-batch, the full gradients are reduce-scattered into the owned
+ * partitions and freed (ZeRO-1 does this once per step, ZeRO-0 sums instead). */
+int mps_reduce_scatter_grads(mps_engine *e, mps_err *err)
+{
+    int rc = scatter_tensors(e, 0, e->ntensors, 0, err);
+    scatter_done(e, 1);
+    return rc;
 }
 
 int mps_reduce_grads(mps_engine *e, mps_err *err)
@@ -95,24 +140,29 @@ int mps_reduce_grads(mps_engine *e, mps_err *err)
         memset(e->sum_started, 0, (size_t)e->ntensors);
         if (rc != 0)
             return -1;
-    } else if (e->L.zero >= 1) {
-        if (e->L.dp == 1) {
-            /* one replica: the partition is the whole box */
-            for (int t = 0; t < e->ntensors; t++) {
-                mps_tparam *p = &e->t[t];
-                if (p->held && p->g) {
-                    e->be->accumulate(e->be->ctx, p->g_shard, p->g, p->box_n);
-                    if (e->L.zero >= 2) {
-                        buf_free(e, p->g);
-                        p->g = NULL;
-                    } else {
-                        buf_zero(e, p->g, p->box_n);
-                    }
+    } else if (e->L.zero >= 1 && e->L.dp == 1) {
+        /* one replica: the partition is the whole box */
+        for (int t = 0; t < e->ntensors; t++) {
+            mps_tparam *p = &e->t[t];
+            if (p->held && p->g) {
+                e->be->accumulate(e->be->ctx, p->g_shard, p->g, p->box_n);
+                if (e->L.zero >= 2) {
+                    buf_free(e, p->g);
+                    p->g = NULL;
+                } else {
+                    buf_zero(e, p->g, p->box_n);
                 }
             }
-        } else if (e->L.zero == 1 && mps_reduce_scatter_grads(e, 0, err) != 0) {
-            return -1;
         }
+    } else if (e->L.zero == 1) {
+        /* the reduce-scatters not started during the backward (all of them without overlap) */
+        int rc = scatter_tensors(e, 0, e->ntensors, e->overlap_dp, err);
+        if (rc == 0 && e->overlap_dp)
+            rc = e->comm->finish_started(e->comm->ctx, err);
+        if (rc == 0)
+            scatter_done(e, 0);
+        if (rc != 0)
+            return -1;
     }
     /* the tied head: the first and the last stage each hold wte; their gradients are summed */
     if (e->L.pp > 1 && (e->is_first || e->is_last)) {

@@ -88,10 +88,12 @@ struct mps_engine {
     float *scratch_b;        /* (N, C + 8) fp32 temporaries */
     void *logits;            /* (N, Vl) operand buffer, last stage; dlogits in place in the backward */
     double loss_sum;         /* this step's summed token losses (last stage, TP part 0) */
-    /* gradient sums under the backward (engine_grads.c): on, in the step's last backward pass,
-     * and per tensor whether its sum has started */
+    /* gradient reduction under the backward (engine_grads.c): on (ZeRO-0/1 with a comm backend
+     * that can start collectives), in the step's last backward pass, per tensor whether its sum
+     * or reduce-scatter has started this step, and ZeRO >= 1's reduce-scatter temporaries */
     int overlap_dp, last_backward;
     unsigned char *sum_started;
+    float **scatter_tmp;
     int32_t *step_inputs, *step_targets; /* (accum, N): this replica's tokens of the step */
 };
 
@@ -130,8 +132,8 @@ int mps_engine_grads(mps_engine *e, const mps_tokens *data, int64_t first_seq, d
  * takes slot->dx and accumulates parameter gradients. */
 int mps_model_forward(mps_engine *e, mps_mb_slot *s, mps_err *err);
 int mps_model_backward(mps_engine *e, mps_mb_slot *s, mps_err *err);
-/* engine.c: weights for use (ZeRO-3 gathers them over DP) and the gradient accumulator. */
-int mps_weights_acquire(mps_engine *e, int tensor, float **w, mps_err *err);
+/* engine.c: weights for use (mps_weights_acquire_many below; ZeRO-3 gathers them over DP), their
+ * release, and the gradient accumulator. */
 void mps_weights_release(mps_engine *e, int tensor);
 float *mps_grad(mps_engine *e, int tensor, mps_err *err);
 /* ZeRO-0 DP with overlap, during the step's last backward pass: the DP sums of layer `layer`'s
@@ -139,13 +141,16 @@ float *mps_grad(mps_engine *e, int tensor, mps_err *err);
  * (at the end of the pass). No-ops otherwise. */
 int mps_grads_start_layer(mps_engine *e, int layer, mps_err *err);
 int mps_grads_start_rest(mps_engine *e, mps_err *err);
-/* engine_grads.c: ZeRO-2/3 after each micro-batch (free_full), ZeRO-1 once per step: the full
- * gradients reduce-scattered into the owned partitions. */
-int mps_reduce_scatter_grads(mps_engine *e, int free_full, mps_err *err);
+/* engine_grads.c: ZeRO-2/3 after each micro-batch: the full gradients reduce-scattered into the
+ * owned partitions and freed. */
+int mps_reduce_scatter_grads(mps_engine *e, mps_err *err);
 /* engine_grads.c: after the schedule, the gradients summed over DP (ZeRO-0: p->g; ZeRO >= 1:
  * into p->g_shard) and the tied head's two copies summed. */
 int mps_reduce_grads(mps_engine *e, mps_err *err);
-/* ZeRO-1/2: rebuilds p->w from every DP replica's partition (opt's flat range) of it. */
-int mps_gather_box(mps_engine *e, mps_tparam *p, mps_err *err);
+/* ZeRO-1/2: rebuilds every held p->w from every DP replica's partition (opt's flat range) of it. */
+int mps_gather_boxes(mps_engine *e, mps_err *err);
+/* ZeRO-3: mps_weights_acquire of count tensors, the gathers in one group where the comm backend
+ * has allgather_many; w[i] receives tensor tensors[i]'s weights. */
+int mps_weights_acquire_many(mps_engine *e, const int *tensors, int count, float **const *w, mps_err *err);
 
 #endif

@@ -48,9 +48,7 @@ int mps_engine_load(mps_engine *e, mps_ckpt *c, int threads, mps_err *err)
         return -1;
     /* ZeRO-1/2 with master weights: each replica set only its partition from master; gather the rest */
     if (have_master && e->L.zero >= 1 && e->L.zero < 3 && e->L.dp > 1)
-        for (int t = 0; t < e->ntensors; t++)
-            if (e->t[t].held && mps_gather_box(e, &e->t[t], err) != 0)
-                return -1;
+        return mps_gather_boxes(e, err);
     return 0;
 }
 

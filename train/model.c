@@ -29,15 +29,13 @@ typedef struct {
 
 static int layer_acquire(mps_engine *e, int layer, layer_weights *lw, mps_err *err)
 {
-    float **dst[MPS_TENSORS_PER_LAYER] = { &lw->ln1w, &lw->ln1b, &lw->qkvw, &lw->qkvb, &lw->attprojw, &lw->attprojb,
-                                           &lw->ln2w, &lw->ln2b, &lw->fcw, &lw->fcb, &lw->fcprojw, &lw->fcprojb };
+    float **const dst[MPS_TENSORS_PER_LAYER] = { &lw->ln1w, &lw->ln1b, &lw->qkvw, &lw->qkvb, &lw->attprojw,
+                                                 &lw->attprojb, &lw->ln2w, &lw->ln2b, &lw->fcw, &lw->fcb,
+                                                 &lw->fcprojw, &lw->fcprojb };
+    int tensors[MPS_TENSORS_PER_LAYER];
     for (int s = 0; s < MPS_TENSORS_PER_LAYER; s++)
-        if (mps_weights_acquire(e, mps_layer_tensor(layer, s), dst[s], err) != 0) {
-            for (int r = 0; r < s; r++)
-                mps_weights_release(e, mps_layer_tensor(layer, r));
-            return -1;
-        }
-    return 0;
+        tensors[s] = mps_layer_tensor(layer, s);
+    return mps_weights_acquire_many(e, tensors, MPS_TENSORS_PER_LAYER, dst, err);
 }
 
 static void layer_release(mps_engine *e, int layer)
@@ -161,12 +159,10 @@ static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, mps_mb_sl
 static int embed_forward(mps_engine *e, mps_mb_slot *s, float *x, mps_err *err)
 {
     float *wte, *wpe;
-    if (mps_weights_acquire(e, MPS_TENSOR_WTE, &wte, err) != 0)
+    const int tensors[2] = { MPS_TENSOR_WTE, MPS_TENSOR_WPE };
+    float **const dst[2] = { &wte, &wpe };
+    if (mps_weights_acquire_many(e, tensors, 2, dst, err) != 0)
         return -1;
-    if (mps_weights_acquire(e, MPS_TENSOR_WPE, &wpe, err) != 0) {
-        mps_weights_release(e, MPS_TENSOR_WTE);
-        return -1;
-    }
     e->be->embed_fwd(e->be->ctx, x, s->inputs, e->N, wte, e->v0, e->Vl, e->C);
     int rc = tp_sum(e, x, (int64_t)e->N * e->C, err);
     if (rc == 0)
@@ -194,12 +190,10 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     const int C = e->C;
     int lnfw_t = mps_tensor_lnfw(&e->cfg), lnfb_t = mps_tensor_lnfb(&e->cfg);
     float *wte, *lnfw, *lnfb;
-    if (mps_weights_acquire(e, MPS_TENSOR_WTE, &wte, err) != 0)
+    const int tensors[3] = { MPS_TENSOR_WTE, lnfw_t, lnfb_t };
+    float **const dst[3] = { &wte, &lnfw, &lnfb };
+    if (mps_weights_acquire_many(e, tensors, 3, dst, err) != 0)
         return -1;
-    if (mps_weights_acquire(e, lnfw_t, &lnfw, err) != 0 || mps_weights_acquire(e, lnfb_t, &lnfb, err) != 0) {
-        mps_weights_release(e, MPS_TENSOR_WTE);
-        return -1; /* (at ZeRO-3 a failed gather aborts the run; the partial acquire is not undone) */
-    }
     float *gwte = mps_grad(e, MPS_TENSOR_WTE, err), *glnfw = mps_grad(e, lnfw_t, err), *glnfb = mps_grad(e, lnfb_t, err);
     int rc = (gwte && glnfw && glnfb) ? 0 : -1;
     void *xf = e->scratch_a; /* (N, C) operand buffer */

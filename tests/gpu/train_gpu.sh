@@ -28,7 +28,7 @@ same() { # same A B: the very same losses
   if [ -s "$1" ] && [ "$(losses "$1")" = "$(losses "$2")" ]; then ok; else
     bad "$1 vs $2 differ: $(paste <(losses "$1") <(losses "$2") | tr '\t\n' ' ;')"; fi
 }
-run() { local np=$1; shift; mpirun -np "$np" "$M" train $TR "$@" >"$T/out" 2>"$T/err" || bad "train $*: $(tail -3 "$T/err")"; }
+run() { local np=$1; shift; timeout 180 mpirun -np "$np" "$M" train $TR "$@" >"$T/out" 2>"$T/err" || bad "train $*: $(tail -3 "$T/err")"; }
 run 1 --ckpt "$T/init" --layout dp=1 --steps 4 --out "$T/cpu" --log "$T/cpu.jsonl" --backend cpu
 run 1 --ckpt "$T/init" --layout dp=1 --steps 4 --out "$T/gpu" --log "$T/gpu.jsonl" --backend cuda
 cat "$T/cpu.jsonl" "$T/gpu.jsonl"
@@ -48,13 +48,18 @@ if [ "$ngpu" -ge 2 ]; then
     run 2 --ckpt "$T/init" --layout $lay --steps 4 --out "$T/n$lay" --log "$T/n$lay.jsonl" --backend cuda --comm nccl
     close "$T/n$lay.jsonl" "$T/gpu.jsonl" 1e-2
   done
-  # the DP gradient sums under the backward, and the pipeline messages over NCCL, move the same
-  # bits as the sums after the backward and the messages over MPI (2 ranks: each sum is one
-  # addition, whatever the algorithm): the very same losses
+  # the DP gradient sums and reduce-scatters under the backward, ZeRO's grouped NCCL reduces and
+  # broadcasts, and the pipeline messages over NCCL give the same bits as the sums after the
+  # backward and everything over MPI (2 ranks: each sum is one addition, whatever the algorithm):
+  # the very same losses
   run 2 --ckpt "$T/init" --layout dp=2 --steps 4 --out "$T/nseq" --log "$T/nseq.jsonl" --backend cuda --comm nccl --no-overlap
   same "$T/ndp=2.jsonl" "$T/nseq.jsonl"
-  run 2 --ckpt "$T/init" --layout dp=2 --steps 4 --out "$T/mdp" --log "$T/mdp.jsonl" --backend cuda --comm mpi
-  same "$T/ndp=2.jsonl" "$T/mdp.jsonl"
+  for lay in dp=2 dp=2,zero=1 dp=2,zero=2 dp=2,zero=3; do
+    run 2 --ckpt "$T/init" --layout $lay --steps 4 --out "$T/m$lay" --log "$T/m$lay.jsonl" --backend cuda --comm mpi
+    same "$T/n$lay.jsonl" "$T/m$lay.jsonl"
+  done
+  run 2 --ckpt "$T/init" --layout dp=2,zero=1 --steps 4 --out "$T/nseq1" --log "$T/nseq1.jsonl" --backend cuda --comm nccl --no-overlap
+  same "$T/ndp=2,zero=1.jsonl" "$T/nseq1.jsonl"
   for sched in 1f1b gpipe; do
     run 2 --ckpt "$T/init" --layout pp=2 --steps 4 --out "$T/np$sched" --log "$T/np$sched.jsonl" --backend cuda --comm nccl --schedule $sched
     run 2 --ckpt "$T/init" --layout pp=2 --steps 4 --out "$T/mp$sched" --log "$T/mp$sched.jsonl" --backend cuda --comm mpi --schedule $sched
