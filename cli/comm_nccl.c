@@ -44,8 +44,6 @@ typedef struct {
     cudaStream_t p2p_stream[2];
     cudaEvent_t ev_compute, ev_started, ev_p2p;
     int nstarted;           /* sums started since the last finish_started */
-    float *pad_in, *pad_out; /* (members * max part) for uneven ZeRO parts */
-    size_t pad_cap;          /* elements of each */
 } nccl_ctx;
 
 static int nccl_check(ncclResult_t r, const char *what, mps_err *err)
@@ -143,13 +141,13 @@ static int ar_sum_many(void *c, mps_group g, float *const *bufs, const int64_t *
 }
 
 /* ZeRO's parts differ in size by one element at most, and NCCL's reduce-scatter and all-gather
- * take equal parts: as a group of one reduce (all-gather: one broadcast) per part, each part goes
- * straight to its place without padding copies, moving the same bytes as a ring reduce-scatter
- * ((members - 1) parts sent per member). */
-static int rs_many(void *c, mps_group g, const float *const *ins, float *const *outs, const int64_t *const *counts,
-                   const int64_t *const *displs, int count, int start, mps_err *err)
+ * take equal parts: as a group of one call per member's part, each part goes straight to its place
+ * without padding copies, moving the same bytes as the ring collectives ((members - 1) parts sent
+ * per member). reduce: member r's outs[i] receives the sum of part r of every member's ins[i];
+ * else (broadcast, in place, outs == ins): part r of member r's buffer goes to every member. */
+static int per_part(nccl_ctx *x, mps_group g, int reduce, const float *const *ins, float *const *outs,
+                    const int64_t *const *counts, const int64_t *const *displs, int count, int start, mps_err *err)
 {
-    nccl_ctx *x = c;
     if (count <= 0)
         return 0;
     cudaStream_t s = many_begin(x, start, err);
@@ -157,29 +155,46 @@ static int rs_many(void *c, mps_group g, const float *const *ins, float *const *
         return -1;
     int rc = 0;
     for (int i = 0; i < count && rc == 0; i++)
-        for (int r = 0; r < x->gsize[g] && rc == 0; r++)
-            if (counts[i][r] > 0) /* outs[i] is written on member r only */
-                rc = nccl_check(ncclReduce(ins[i] + displs[i][r], outs[i], (size_t)counts[i][r], ncclFloat, ncclSum, r,
-                                           x->group[g], s), "reduce", err);
-    return many_end(x, rc, start, "reduce-scatter", err);
+        for (int r = 0; r < x->gsize[g] && rc == 0; r++) {
+            size_t n = (size_t)counts[i][r];
+            const float *part = ins[i] + displs[i][r];
+            if (n > 0)
+                rc = reduce ? nccl_check(ncclReduce(part, outs[i], n, ncclFloat, ncclSum, r, x->group[g], s), "reduce", err)
+                            : nccl_check(ncclBroadcast(part, outs[i] + displs[i][r], n, ncclFloat, r, x->group[g], s),
+                                         "broadcast", err);
+        }
+    return many_end(x, rc, start, reduce ? "reduce-scatter" : "all-gather", err);
+}
+
+static int rs_many(void *c, mps_group g, const float *const *ins, float *const *outs, const int64_t *const *counts,
+                   const int64_t *const *displs, int count, int start, mps_err *err)
+{
+    return per_part(c, g, 1, ins, outs, counts, displs, count, start, err);
 }
 
 static int ag_many(void *c, mps_group g, float *const *bufs, const int64_t *const *counts, const int64_t *const *displs,
                    int count, int start, mps_err *err)
 {
+    return per_part(c, g, 0, (const float *const *)bufs, bufs, counts, displs, count, start, err);
+}
+
+static int reduce_scatter(void *c, mps_group g, const float *in, float *out, const int64_t *counts,
+                          const int64_t *displs, mps_err *err)
+{
+    return per_part(c, g, 1, &in, &out, &counts, &displs, 1, 0, err);
+}
+
+/* out of place: the own part copied to its place first (ordered before the broadcasts on our stream) */
+static int allgather(void *c, mps_group g, const float *in, float *out, const int64_t *counts, const int64_t *displs,
+                     mps_err *err)
+{
     nccl_ctx *x = c;
-    if (count <= 0)
-        return 0;
-    cudaStream_t s = many_begin(x, start, err);
-    if (!s)
+    int me = x->gme[g];
+    if (before(x, err) != 0 ||
+        cuda_check(cudaMemcpyAsync(out + displs[me], in, (size_t)counts[me] * sizeof(float), cudaMemcpyDeviceToDevice,
+                                   x->stream), "copy", err) != 0)
         return -1;
-    int rc = 0;
-    for (int i = 0; i < count && rc == 0; i++)
-        for (int r = 0; r < x->gsize[g] && rc == 0; r++)
-            if (counts[i][r] > 0) /* in place: member r's part to every member */
-                rc = nccl_check(ncclBroadcast(bufs[i] + displs[i][r], bufs[i] + displs[i][r], (size_t)counts[i][r],
-                                              ncclFloat, r, x->group[g], s), "broadcast", err);
-    return many_end(x, rc, start, "all-gather", err);
+    return per_part(x, g, 0, (const float *const *)&out, &out, &counts, &displs, 1, 0, err);
 }
 
 static int finish_started(void *c, mps_err *err)
@@ -191,69 +206,6 @@ static int finish_started(void *c, mps_err *err)
     return compute_after(x, x->started, x->ev_started, err);
 }
 
-
-static int64_t max_part(const int64_t *counts, int n)
-{
-    int64_t m = 1;
-    for (int i = 0; i < n; i++)
-        if (counts[i] > m)
-            m = counts[i];
-    return m;
-}
-
-static int pad_reserve(nccl_ctx *x, size_t elems, mps_err *err)
-{
-    if (elems <= x->pad_cap)
-        return 0;
-    cudaFree(x->pad_in);
-    cudaFree(x->pad_out);
-    x->pad_in = x->pad_out = NULL;
-    x->pad_cap = 0;
-    if (cuda_check(cudaMalloc((void **)&x->pad_in, elems * sizeof(float)), "allocation", err) ||
-        cuda_check(cudaMalloc((void **)&x->pad_out, elems * sizeof(float)), "allocation", err))
-        return -1;
-    x->pad_cap = elems;
-    return 0;
-}
-
-/* NCCL's reduce-scatter and all-gather take equal parts: ZeRO's balanced parts differ by one
- * element at most, so each part is padded to the largest. */
-static int reduce_scatter(void *c, mps_group g, const float *in, float *out, const int64_t *counts,
-                          const int64_t *displs, mps_err *err)
-{
-    nccl_ctx *x = c;
-    int n = x->gsize[g];
-    int64_t mp = max_part(counts, n);
-    if (before(x, err) != 0 || pad_reserve(x, (size_t)(mp * n), err) != 0)
-        return -1;
-    cudaMemsetAsync(x->pad_in, 0, (size_t)(mp * n) * sizeof(float), x->stream);
-    for (int i = 0; i < n; i++)
-        cudaMemcpyAsync(x->pad_in + i * mp, in + displs[i], (size_t)counts[i] * sizeof(float),
-                        cudaMemcpyDeviceToDevice, x->stream);
-    if (nccl_check(ncclReduceScatter(x->pad_in, x->pad_out, (size_t)mp, ncclFloat, ncclSum, x->group[g], x->stream),
-                   "reduce-scatter", err))
-        return -1;
-    cudaMemcpyAsync(out, x->pad_out, (size_t)counts[x->gme[g]] * sizeof(float), cudaMemcpyDeviceToDevice, x->stream);
-    return after(x, "reduce-scatter", err);
-}
-
-static int allgather(void *c, mps_group g, const float *in, float *out, const int64_t *counts, const int64_t *displs,
-                     mps_err *err)
-{
-    nccl_ctx *x = c;
-    int n = x->gsize[g];
-    int64_t mp = max_part(counts, n);
-    if (before(x, err) != 0 || pad_reserve(x, (size_t)(mp * n), err) != 0)
-        return -1;
-    cudaMemcpyAsync(x->pad_in, in, (size_t)counts[x->gme[g]] * sizeof(float), cudaMemcpyDeviceToDevice, x->stream);
-    if (nccl_check(ncclAllGather(x->pad_in, x->pad_out, (size_t)mp, ncclFloat, x->group[g], x->stream), "all-gather",
-                   err))
-        return -1;
-    for (int i = 0; i < n; i++)
-        cudaMemcpyAsync(out + displs[i], x->pad_out + i * mp, (size_t)counts[i] * sizeof(float),
-                        cudaMemcpyDeviceToDevice, x->stream);
-    return after(x, "all-gather", err);
-}
 
 /* the rest: the staged MPI backend */
 static int ar64(void *c, mps_group g, double *b, int64_t n, mps_err *err)
@@ -385,8 +337,6 @@ void cli_comm_nccl_free(mps_comm *c)
     for (int g = MPS_GROUP_COUNT - 1; g >= 0; g--)
         if (x->group[g])
             ncclCommDestroy(x->group[g]);
-    cudaFree(x->pad_in);
-    cudaFree(x->pad_out);
     cudaStream_t streams[] = { x->stream, x->started, x->p2p_stream[0], x->p2p_stream[1] };
     for (size_t i = 0; i < sizeof streams / sizeof streams[0]; i++)
         if (streams[i])
