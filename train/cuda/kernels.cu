@@ -739,79 +739,86 @@ void cu_embed_bwd(void *ctx, float *dwte, const float *dout, const int32_t *toke
 
 #define CS_TX 32
 #define CS_TY 8
-#define CS_CHUNKS 256 /* at most this many row chunks: the second pass is one chunk */
+#define CS_CHUNKS 256       /* at most this many row chunks: the second pass is one chunk */
+#define CS_ONEPASS_ROWS 8192 /* colsums(): up to this many rows in one pass */
 
-/* rows [y*R, (y+1)*R) of x (rows, C): thread (tx, ty) sums rows ty, ty + 8, ... of its column in
- * order, the 8 partial sums are added in ty order. acc: dst[c] += sum, else dst[y * C + c] = sum. */
+__device__ __forceinline__ float2 to_f2(const float *p) { return make_float2(p[0], p[1]); }
+__device__ __forceinline__ float2 to_f2(const act_t *p)
+{
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(p));
+}
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(act_t v) { return __bfloat162float(v); }
 
+/* Up to 3 arrays (rows, C) whose column sums one launch takes (blockIdx.z picks the array). */
 template <class T>
-__global__ void k_colsum(float *dst, int acc, const T *x, int64_t rows, int C, int64_t R)
-{
-    __shared__ float sh[CS_TY][CS_TX + 1];
-    const int col = blockIdx.x * CS_TX + threadIdx.x;
-    const int64_t r0 = (int64_t)blockIdx.y * R, r1 = r0 + R < rows ? r0 + R : rows;
-    float s = 0.0f;
-    if (col < C)
-        for (int64_t r = r0 + threadIdx.y; r < r1; r += CS_TY)
-            s += to_f(x[r * C + col]);
-    sh[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0 && col < C) {
-        float t = 0.0f;
-        for (int k = 0; k < CS_TY; k++)
-            t += sh[k][threadIdx.x];
-        if (acc)
-            dst[col] += t;
-        else
-            dst[(int64_t)blockIdx.y * C + col] = t;
-    }
-}
+struct ColSums {
+    float *dst[3];
+    const T *src[3];
+    int acc[3];
+};
 
-/* k_colsum<act_t> two columns per thread (4-byte bf16x2 loads: a warp reads 128 bytes of a row, not
- * 64): the same sums in the same order per column, so the same bits. C even, x 4-byte aligned. */
-__global__ void k_colsum_act2(float *dst, int acc, const act_t *x, int64_t rows, int C, int64_t R)
+/* Column sums of rows [y R, (y + 1) R) of the arrays (y = blockIdx.y), V adjacent columns per
+ * thread (V = 2: bf16x2 loads, a warp reads 128 bytes of a row rather than 64; C even, src 4-byte
+ * aligned). Thread (tx, ty) sums rows ty, ty + 8, ... of its columns in order, then the 8 partial
+ * sums are added in ty order: the order, and so the bits, depend only on (rows, C, R), not on V.
+ * dst[k][c] += the sum when acc[k], else dst[k][y * C + c] = it. */
+template <class T, int V>
+__global__ void k_colsum(ColSums<T> a, int64_t rows, int C, int64_t R)
 {
-    __shared__ float sh[2][CS_TY][CS_TX + 1];
-    const int col = 2 * (blockIdx.x * CS_TX + threadIdx.x);
+    __shared__ float sh[V][CS_TY][CS_TX + 1];
+    const int col = V * (blockIdx.x * CS_TX + threadIdx.x), k = blockIdx.z;
+    const T *x = a.src[k];
     const int64_t r0 = (int64_t)blockIdx.y * R, r1 = r0 + R < rows ? r0 + R : rows;
-    float s0 = 0.0f, s1 = 0.0f;
+    float s[V];
+#pragma unroll
+    for (int v = 0; v < V; v++)
+        s[v] = 0.0f;
     if (col < C)
+#pragma unroll 4
         for (int64_t r = r0 + threadIdx.y; r < r1; r += CS_TY) {
-            const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(x + r * C + col));
-            s0 += v.x;
-            s1 += v.y;
+            if (V == 2) {
+                const float2 p = to_f2(x + r * C + col);
+                s[0] += p.x;
+                s[V - 1] += p.y;
+            } else {
+                s[0] += to_f(x[r * C + col]);
+            }
         }
-    sh[0][threadIdx.y][threadIdx.x] = s0;
-    sh[1][threadIdx.y][threadIdx.x] = s1;
+#pragma unroll
+    for (int v = 0; v < V; v++)
+        sh[v][threadIdx.y][threadIdx.x] = s[v];
     __syncthreads();
     if (threadIdx.y == 0 && col < C) {
-        float t0 = 0.0f, t1 = 0.0f;
-        for (int k = 0; k < CS_TY; k++) {
-            t0 += sh[0][k][threadIdx.x];
-            t1 += sh[1][k][threadIdx.x];
+        float *d = a.acc[k] ? a.dst[k] : a.dst[k] + (int64_t)blockIdx.y * C;
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+            float t = 0.0f;
+            for (int q = 0; q < CS_TY; q++)
+                t += sh[v][q][threadIdx.x];
+            d[col + v] = a.acc[k] ? d[col + v] + t : t;
         }
-        float *d = acc ? dst : dst + (int64_t)blockIdx.y * C;
-        d[col] = acc ? d[col] + t0 : t0;
-        d[col + 1] = acc ? d[col + 1] + t1 : t1;
     }
 }
 
-/* the first pass (rows [y R, (y + 1) R) of x into dst, or dst += when acc), the bf16 pairs way where it applies */
+/* one pass over rows in chunks of R (nch of them) for n arrays; bf16 arrays two columns a thread
+ * where they allow it */
 template <class T>
-static void colsum_pass(mps_cuda *c, unsigned nch, float *dst, int acc, const T *x, int64_t rows, int C, int64_t R)
+static void colsum_pass(mps_cuda *c, const ColSums<T> &a, int n, unsigned nch, int64_t rows, int C, int64_t R)
 {
     const dim3 blk(CS_TX, CS_TY);
-    if (sizeof(T) == sizeof(act_t) && C % 2 == 0 && ((uintptr_t)x & 3u) == 0) {
-        const unsigned gx = (unsigned)((C / 2 + CS_TX - 1) / CS_TX);
-        k_colsum_act2<<<dim3(gx, nch), blk, 0, c->stream>>>(dst, acc, (const act_t *)x, rows, C, R);
-    } else {
-        const unsigned gx = (unsigned)((C + CS_TX - 1) / CS_TX);
-        k_colsum<<<dim3(gx, nch), blk, 0, c->stream>>>(dst, acc, x, rows, C, R);
-    }
+    bool pairs = sizeof(T) == sizeof(act_t) && C % 2 == 0;
+    for (int k = 0; k < n; k++)
+        pairs = pairs && ((uintptr_t)a.src[k] & 3u) == 0;
+    if (pairs)
+        k_colsum<T, 2><<<dim3((unsigned)((C / 2 + CS_TX - 1) / CS_TX), nch, (unsigned)n), blk, 0, c->stream>>>(a, rows, C, R);
+    else
+        k_colsum<T, 1><<<dim3((unsigned)((C + CS_TX - 1) / CS_TX), nch, (unsigned)n), blk, 0, c->stream>>>(a, rows, C, R);
 }
 
+/* dst (C) = (or += when acc) the column sums of x (rows, C): in chunks of rows whose partial sums
+ * a second pass adds, the chunk size a function of the row count only (so the order of the sums
+ * is one of (rows, C)) */
 template <class T>
 static void colsum_to(mps_cuda *c, float *dst, int acc, const T *x, int64_t rows, int C, const char *what)
 {
@@ -822,66 +829,31 @@ static void colsum_to(mps_cuda *c, float *dst, int acc, const T *x, int64_t rows
             cu_check(c, cudaMemsetAsync(dst, 0, (size_t)C * sizeof(float), c->stream), what);
         return;
     }
-    /* chunk size from the row count only: the order of the sums is a function of (rows, C) */
     int64_t R = (rows + CS_CHUNKS - 1) / CS_CHUNKS;
     if (R < 256)
         R = 256;
     const int64_t nch = (rows + R - 1) / R;
-    const dim3 blk(CS_TX, CS_TY);
-    const unsigned gx = (unsigned)((C + CS_TX - 1) / CS_TX);
+    ColSums<T> one = {{dst}, {x}, {acc}};
     if (nch == 1) {
-        colsum_pass(c, 1, dst, acc, x, rows, C, R);
+        colsum_pass(c, one, 1, 1, rows, C, R);
         cu_launched(c, what);
         return;
     }
     float *part = (float *)cu_scratch(c, SCR_COLSUM, (size_t)nch * C * sizeof(float));
     if (!part)
         return;
-    colsum_pass(c, (unsigned)nch, part, 0, x, rows, C, R);
+    ColSums<T> first = {{part}, {x}, {0}};
+    colsum_pass(c, first, 1, (unsigned)nch, rows, C, R);
     if (cu_launched(c, what) != 0)
         return;
-    k_colsum<<<dim3(gx, 1), blk, 0, c->stream>>>(dst, acc, part, nch, C, CS_CHUNKS);
+    ColSums<float> second = {{dst}, {part}, {acc}};
+    colsum_pass(c, second, 1, 1, nch, C, CS_CHUNKS);
     cu_launched(c, what);
 }
 
-template <class T>
-static void colsum_acc(mps_cuda *c, float *dst, const T *x, int64_t rows, int C, const char *what)
-{
-    colsum_to(c, dst, 1, x, rows, C, what);
-}
-
-/* Up to 3 column sums of fp32 (rows, C) arrays in one launch and one pass (blockIdx.y picks the
- * array; thread (tx, ty) sums rows ty, ty + 8, ... in order, the 8 partial sums are added in ty
- * order): the layernorm backward's block partials of dw, db and dinp, which would otherwise take
- * two launches each. dst[k] (C) += the sums when acc[k], else = them. */
-struct ColSums {
-    float *dst[3];
-    const float *src[3];
-    int acc[3];
-};
-#define CS_ONEPASS_ROWS 8192 /* above this, colsum_to's two passes */
-
-__global__ void k_colsums(ColSums a, int64_t rows, int C)
-{
-    __shared__ float sh[CS_TY][CS_TX + 1];
-    const int col = blockIdx.x * CS_TX + threadIdx.x, k = blockIdx.y;
-    const float *x = a.src[k];
-    float s = 0.0f;
-    if (col < C)
-#pragma unroll 4
-        for (int64_t r = threadIdx.y; r < rows; r += CS_TY)
-            s += x[r * C + col];
-    sh[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0 && col < C) {
-        float t = 0.0f;
-        for (int q = 0; q < CS_TY; q++)
-            t += sh[q][threadIdx.x];
-        a.dst[k][col] = a.acc[k] ? a.dst[k][col] + t : t;
-    }
-}
-
-/* the column sums of n (<= 3) fp32 arrays (rows, C), as colsum_to would give them */
+/* The column sums of n (<= 3) fp32 arrays (rows, C) in one launch, one pass each: the layernorm
+ * backward's block partials of dw, db and dinp, which would otherwise take two launches each.
+ * dst[k] (C) += the sums when acc[k], else = them. */
 static void colsums(mps_cuda *c, int n, float *const *dst, const float *const *src, const int *acc, int64_t rows, int C,
                     const char *what)
 {
@@ -892,21 +864,21 @@ static void colsums(mps_cuda *c, int n, float *const *dst, const float *const *s
             colsum_to(c, dst[k], acc[k], src[k], rows, C, what);
         return;
     }
-    ColSums a;
+    ColSums<float> a;
     memset(&a, 0, sizeof a);
     for (int k = 0; k < n; k++)
         a.dst[k] = dst[k], a.src[k] = src[k], a.acc[k] = acc[k];
-    k_colsums<<<dim3((unsigned)((C + CS_TX - 1) / CS_TX), (unsigned)n), dim3(CS_TX, CS_TY), 0, c->stream>>>(a, rows, C);
+    colsum_pass(c, a, n, 1, rows, C, rows);
     cu_launched(c, what);
 }
 
 void cu_colsum_acc(mps_cuda *c, float *dst, const float *x, int64_t rows, int C, const char *what)
 {
-    colsum_acc(c, dst, x, rows, C, what);
+    colsum_to(c, dst, 1, x, rows, C, what);
 }
 void cu_colsum_acc_act(mps_cuda *c, float *dst, const act_t *x, int64_t rows, int C, const char *what)
 {
-    colsum_acc(c, dst, x, rows, C, what);
+    colsum_to(c, dst, 1, x, rows, C, what);
 }
 
 void cu_bias_grad(void *ctx, float *db, const float *dout, int64_t N, int C)
