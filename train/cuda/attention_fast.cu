@@ -121,6 +121,31 @@ __device__ __forceinline__ const bf16 *bt_at(const bf16 *t, int r0, int c0, int 
     return t + (r0 + (l & 7) + (l >> 4) * 8) * FLD + c0 + ((l >> 3) & 1) * 8;
 }
 
+/* acc (two m16 tiles x 64) += A (two m16 tiles x 64, k16 fragments a[mt][kk]) . B, B = X^T (
+ * X a tile of 64 rows [n][k], as K in S = Q K^T) or X (X_ROWS_K: X rows [k][n], as V in P V); each B
+ * fragment read from shared memory feeds both m tiles */
+template <bool X_ROWS_K>
+__device__ __forceinline__ void mm2(float (&acc)[2][8][4], const uint32_t (&a)[2][4][4], const bf16 *X, int l)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            /* X^T: n16 block i, k16 step j; X: k16 step i, n16 block j */
+            const int nb = X_ROWS_K ? j : i, kk = X_ROWS_K ? i : j;
+            uint32_t b[4];
+            if (X_ROWS_K)
+                ldsm4t(b, a_at(X, 16 * kk, 16 * nb, l));
+            else
+                ldsm4(b, bt_at(X, 16 * nb, 16 * kk, l));
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                mma16816(acc[mt][2 * nb], a[mt][kk], b[0], b[1]);
+                mma16816(acc[mt][2 * nb + 1], a[mt][kk], b[2], b[3]);
+            }
+        }
+}
+
 /* the A fragments of the 16 rows r0.. of a 64-wide tile */
 __device__ __forceinline__ void load_a(uint32_t (&a)[4][4], const bf16 *t, int r0, int l)
 {
@@ -271,18 +296,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
 #pragma unroll
                 for (int n = 0; n < 8; n++)
                     s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
-#pragma unroll
-            for (int np = 0; np < 4; np++)
-#pragma unroll
-                for (int kk = 0; kk < 4; kk++) {
-                    uint32_t bb[4];
-                    ldsm4(bb, bt_at(K, 16 * np, 16 * kk, l));
-#pragma unroll
-                    for (int mt = 0; mt < 2; mt++) {
-                        mma16816(s[mt][2 * np], qf[mt][kk], bb[0], bb[1]);
-                        mma16816(s[mt][2 * np + 1], qf[mt][kk], bb[2], bb[3]);
-                    }
-                }
+            mm2<false>(s, qf, K, l); /* S = Q K^T */
             uint32_t pf[2][4][4];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) {
@@ -326,18 +340,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
                     o[mt][n][3] *= a1;
                 }
             }
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-                for (int dp = 0; dp < 4; dp++) {
-                    uint32_t bb[4];
-                    ldsm4t(bb, a_at(V, 16 * kk, 16 * dp, l));
-#pragma unroll
-                    for (int mt = 0; mt < 2; mt++) {
-                        mma16816(o[mt][2 * dp], pf[mt][kk], bb[0], bb[1]);
-                        mma16816(o[mt][2 * dp + 1], pf[mt][kk], bb[2], bb[3]);
-                    }
-                }
+            mm2<true>(o, pf, V, l); /* O += P V */
         }
         if (more)
             cp_async_wait_all();
