@@ -219,6 +219,10 @@ void mps_engine_free(mps_engine *e)
 {
     if (!e)
         return;
+    if (e->prefetch_n > 0) { /* (only after a failed step) the started gather done before its buffers go */
+        mps_err ignored;
+        (void)e->comm->finish_started(e->comm->ctx, &ignored);
+    }
     for (int t = 0; t < e->ntensors; t++) {
         mps_tparam *p = &e->t[t];
         buf_free(e, p->w);
@@ -258,14 +262,10 @@ void mps_engine_free(mps_engine *e)
 /* ---- weights and gradients ---- */
 
 /* ZeRO-3: the boxes not in use are gathered from the DP group for the duration of the use: each
- * replica's shard copied to its place, then one in-place group gather (else a gather per tensor). */
-int mps_weights_acquire_many(mps_engine *e, const int *tensors, int count, float **const *w, mps_err *err)
+ * replica's shard copied to its place, then one in-place group gather, done now or started
+ * (start: comm.h can_start; else a gather per tensor). Every tensor's use count goes up by one. */
+static int gather_many(mps_engine *e, const int *tensors, int count, int start, mps_err *err)
 {
-    if (e->L.zero < 3) {
-        for (int i = 0; i < count; i++)
-            *w[i] = e->t[tensors[i]].w;
-        return 0;
-    }
     float **bufs = malloc(sizeof *bufs * (size_t)(count > 0 ? count : 1));
     const int64_t **counts = malloc(sizeof *counts * (size_t)(count > 0 ? count : 1));
     const int64_t **displs = malloc(sizeof *displs * (size_t)(count > 0 ? count : 1));
@@ -290,18 +290,58 @@ int mps_weights_acquire_many(mps_engine *e, const int *tensors, int count, float
             break;
         }
     }
-    if (rc == 0 && n > 0 && e->comm->allgather_many(e->comm->ctx, MPS_GROUP_DP, bufs, counts, displs, n, 0, err) != 0)
+    if (rc == 0 && n > 0 &&
+        e->comm->allgather_many(e->comm->ctx, MPS_GROUP_DP, bufs, counts, displs, n, start, err) != 0)
         rc = mps_wrap(err, "gathering the weights over DP");
     free(bufs);
     free(counts);
     free(displs);
-    if (rc != 0) { /* undo the acquires made */
+    if (rc != 0) /* undo the acquires made */
         for (int i = 0; i < done; i++)
             mps_weights_release(e, tensors[i]);
-        return -1;
+    return rc;
+}
+
+/* A started gather (mps_weights_prefetch) complete for the compute stream's later work, and its
+ * use counts returned: the tensors an acquire took meanwhile stay, the others are freed. */
+static int finish_prefetch(mps_engine *e, mps_err *err)
+{
+    if (e->prefetch_n == 0)
+        return 0;
+    int rc = e->comm->finish_started(e->comm->ctx, err);
+    for (int i = 0; i < e->prefetch_n; i++)
+        mps_weights_release(e, e->prefetch[i]);
+    e->prefetch_n = 0;
+    return rc;
+}
+
+int mps_weights_acquire_many(mps_engine *e, const int *tensors, int count, float **const *w, mps_err *err)
+{
+    if (e->L.zero >= 3) {
+        /* the prefetched tensors are in use already: no second gather for them */
+        int rc = gather_many(e, tensors, count, 0, err);
+        if (finish_prefetch(e, err) != 0 && rc == 0) {
+            for (int i = 0; i < count; i++)
+                mps_weights_release(e, tensors[i]);
+            rc = -1;
+        }
+        if (rc != 0)
+            return -1;
     }
     for (int i = 0; i < count; i++)
         *w[i] = e->t[tensors[i]].w;
+    return 0;
+}
+
+int mps_weights_prefetch(mps_engine *e, const int *tensors, int count, mps_err *err)
+{
+    if (e->L.zero < 3 || e->L.dp == 1 || !e->comm->can_start || !e->comm->allgather_many || !e->comm->finish_started ||
+        e->prefetch_n > 0 || count > MPS_TENSORS_PER_LAYER)
+        return 0;
+    if (gather_many(e, tensors, count, 1, err) != 0)
+        return -1;
+    memcpy(e->prefetch, tensors, sizeof *tensors * (size_t)count);
+    e->prefetch_n = count;
     return 0;
 }
 

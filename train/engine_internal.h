@@ -94,6 +94,8 @@ struct mps_engine {
     int overlap_dp, last_backward;
     unsigned char *sum_started;
     float **scatter_tmp;
+    /* ZeRO-3: the tensors whose gather mps_weights_prefetch started (the next layer's) */
+    int prefetch[MPS_TENSORS_PER_LAYER], prefetch_n;
     int32_t *step_inputs, *step_targets; /* (accum, N): this replica's tokens of the step */
 };
 
@@ -152,5 +154,9 @@ int mps_gather_boxes(mps_engine *e, mps_err *err);
 /* ZeRO-3: mps_weights_acquire of count tensors, the gathers in one group where the comm backend
  * has allgather_many; w[i] receives tensor tensors[i]'s weights. */
 int mps_weights_acquire_many(mps_engine *e, const int *tensors, int count, float **const *w, mps_err *err);
+/* ZeRO-3 where the comm backend can start collectives: the gather of count (<= one layer's)
+ * tensors starts now and runs while the work queued meanwhile computes; the next acquire completes
+ * it (for the compute stream) and returns its use counts. One at a time; a no-op otherwise. */
+int mps_weights_prefetch(mps_engine *e, const int *tensors, int count, mps_err *err);
 
 #endif

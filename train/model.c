@@ -27,7 +27,9 @@ typedef struct {
     float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
 } layer_weights;
 
-static int layer_acquire(mps_engine *e, int layer, layer_weights *lw, mps_err *err)
+/* next: the layer whose weights to start gathering now (ZeRO-3 prefetch, mps_weights_prefetch),
+ * the one this pass visits after `layer`; -1: none */
+static int layer_acquire(mps_engine *e, int layer, int next, layer_weights *lw, mps_err *err)
 {
     float **const dst[MPS_TENSORS_PER_LAYER] = { &lw->ln1w, &lw->ln1b, &lw->qkvw, &lw->qkvb, &lw->attprojw,
                                                  &lw->attprojb, &lw->ln2w, &lw->ln2b, &lw->fcw, &lw->fcb,
@@ -35,7 +37,13 @@ static int layer_acquire(mps_engine *e, int layer, layer_weights *lw, mps_err *e
     int tensors[MPS_TENSORS_PER_LAYER];
     for (int s = 0; s < MPS_TENSORS_PER_LAYER; s++)
         tensors[s] = mps_layer_tensor(layer, s);
-    return mps_weights_acquire_many(e, tensors, MPS_TENSORS_PER_LAYER, dst, err);
+    if (mps_weights_acquire_many(e, tensors, MPS_TENSORS_PER_LAYER, dst, err) != 0)
+        return -1;
+    if (next < 0)
+        return 0;
+    for (int s = 0; s < MPS_TENSORS_PER_LAYER; s++)
+        tensors[s] = mps_layer_tensor(next, s);
+    return mps_weights_prefetch(e, tensors, MPS_TENSORS_PER_LAYER, err);
 }
 
 static void layer_release(mps_engine *e, int layer)
@@ -64,11 +72,11 @@ static int row_parallel_fwd(mps_engine *e, float *out, const float *resid, const
     return 0;
 }
 
-static int layer_forward(mps_engine *e, int layer, mps_layer_acts *a, float *x_out, mps_err *err)
+static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, float *x_out, mps_err *err)
 {
     layer_weights w;
-    if (layer_acquire(e, layer, &w, err) != 0)
-        return -1;
+    if (layer_acquire(e, layer, next, &w, err) != 0)
+        return -1; /* (a failed prefetch leaves the layer acquired: the run stops) */
     const int64_t N = e->N;
     const int C = e->C, Cl = e->Cl, F = e->F;
     e->be->layernorm_fwd(e->be->ctx, a->ln1, a->ln1_mean, a->ln1_rstd, a->x_in, w.ln1w, w.ln1b, N, C);
@@ -89,11 +97,11 @@ static int layer_forward(mps_engine *e, int layer, mps_layer_acts *a, float *x_o
  * products read the copy and the output biases' gradients get the sums from it (the layernorm
  * backwards below add them straight into the gradient of the bias they belong to); otherwise (dx
  * received from the next stage) the products round dx themselves and bias_grad sums it. */
-static int layer_backward(mps_engine *e, int layer, mps_layer_acts *a, mps_mb_slot *s, mps_err *err)
+static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a, mps_mb_slot *s, mps_err *err)
 {
     float *dx = s->dx;
     layer_weights w;
-    if (layer_acquire(e, layer, &w, err) != 0)
+    if (layer_acquire(e, layer, next, &w, err) != 0)
         return -1;
     const int64_t N = e->N;
     const int C = e->C, Cl = e->Cl, F = e->F;
@@ -260,7 +268,8 @@ int mps_model_forward(mps_engine *e, mps_mb_slot *s, mps_err *err)
     for (int l = 0; l < e->nlayers; l++) {
         float *out = l + 1 < e->nlayers ? s->layers[l + 1].x_in : s->x_out;
         mps_layer_acts a = layer_acts(e, s, l);
-        if (layer_forward(e, e->first_layer + l, &a, out, err) != 0)
+        int next = l + 1 < e->nlayers ? e->first_layer + l + 1 : -1;
+        if (layer_forward(e, e->first_layer + l, next, &a, out, err) != 0)
             return -1;
     }
     if (e->is_last)
@@ -274,9 +283,9 @@ int mps_model_backward(mps_engine *e, mps_mb_slot *s, mps_err *err)
         mps_layer_acts a = layer_acts(e, s, l);
         /* recompute: replay the layer's forward from its stored input (the same kernels on the same
          * values: the activations, and so the gradients, are those of a run that kept them) */
-        if (e->o.recompute && layer_forward(e, e->first_layer + l, &a, e->work_out, err) != 0)
+        if (e->o.recompute && layer_forward(e, e->first_layer + l, -1, &a, e->work_out, err) != 0)
             return -1;
-        if (layer_backward(e, e->first_layer + l, &a, s, err) != 0 ||
+        if (layer_backward(e, e->first_layer + l, l > 0 ? e->first_layer + l - 1 : -1, &a, s, err) != 0 ||
             mps_grads_start_layer(e, e->first_layer + l, err) != 0)
             return -1;
     }
