@@ -55,6 +55,8 @@ static const char *const help =
     "                     layer's sums start as soon as the step's last backward pass is done with it\n"
     "                     and run under the rest of the pass\n"
     "  --comm-staged      stage collectives through host memory as for GPU buffers over MPI (tests)\n"
+    "  --comm-deferred    the same, with the collectives the trainer starts under the backward run\n"
+    "                     only when it waits for them, their inputs checked for changes (tests)\n"
     "  -q, --quiet        no per-step lines\n";
 
 typedef struct {
@@ -65,6 +67,7 @@ typedef struct {
     int decay_set, lr_min_set;
     int backend_cuda; /* -1: the default (cuda when this build has it and a GPU is there) */
     int comm_staged;  /* route collectives through the host-staging layer even for host buffers */
+    int comm_deferred; /* ... in its deferred mode (comm_staged.h) */
     int comm_mpi;     /* --comm mpi: no NCCL even when every rank has a GPU */
     int save_sync;    /* --save-sync: no background saves */
     double t_start;   /* process start, for the log's elapsed_s (time to first step) */
@@ -97,7 +100,7 @@ static int parse_args(int argc, char **argv, train_args *a)
         { "model", required_argument, 0, 'M' }, { "config", required_argument, 0, 'K' },
         { "comm-staged", no_argument, 0, 'X' }, { "comm", required_argument, 0, 'Y' },
         { "save-sync", no_argument, 0, 'Z' }, { "recompute", no_argument, 0, 'R' },
-        { "no-overlap", no_argument, 0, 'O' },
+        { "no-overlap", no_argument, 0, 'O' }, { "comm-deferred", no_argument, 0, 'V' },
         { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     memset(a, 0, sizeof *a);
@@ -141,6 +144,7 @@ static int parse_args(int argc, char **argv, train_args *a)
         case 'Z': a->save_sync = 1; break;
         case 'R': a->o.recompute = 1; break;
         case 'O': a->o.reduce_after_backward = 1; break;
+        case 'V': a->comm_deferred = 1; break;
         case 'Y':
             if (strcmp(optarg, "mpi") == 0) a->comm_mpi = 1;
             else if (strcmp(optarg, "nccl") == 0) a->comm_mpi = 0;
@@ -271,10 +275,10 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
     int rc = -1;
     /* device buffers travel through host memory when the communication backend is MPI */
     mps_comm staged = { 0 };
-    if ((be->device_memory && !comm_on_device) || a->comm_staged) {
+    if ((be->device_memory && !comm_on_device) || a->comm_staged || a->comm_deferred) {
         mps_coords me = mps_layout_coords(&L, comm->rank);
         int gsize[MPS_GROUP_COUNT] = { comm->size, L.dp, L.tp }, gme[MPS_GROUP_COUNT] = { comm->rank, me.dp, me.tp };
-        if (mps_comm_staged_new(comm, be, gsize, gme, &staged, err) != 0)
+        if (mps_comm_staged_new(comm, be, gsize, gme, a->comm_deferred, &staged, err) != 0)
             goto out;
         comm = &staged;
     }

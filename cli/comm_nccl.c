@@ -277,7 +277,7 @@ int cli_comm_nccl_new(const mps_layout *L, const mps_comm *mpi, const mps_backen
     x->gme[MPS_GROUP_DP] = me.dp;
     x->gsize[MPS_GROUP_TP] = L->tp;
     x->gme[MPS_GROUP_TP] = me.tp;
-    if (mps_comm_staged_new(mpi, be, x->gsize, x->gme, &x->host, err) != 0) {
+    if (mps_comm_staged_new(mpi, be, x->gsize, x->gme, 0, &x->host, err) != 0) {
         free(x);
         return -1;
     }

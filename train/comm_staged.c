@@ -1,7 +1,8 @@
 /* Collectives over device buffers through a host-memory backend (MPI): every call copies the
  * device data to a host scratch, runs the inner collective there and copies the result back.
  * This is the fallback that lets several ranks share one GPU (NCCL refuses two ranks on one
- * device), so multi-rank layouts run on a single-GPU machine. */
+ * device), so multi-rank layouts run on a single-GPU machine. Deferred mode (tests) adds the
+ * started collectives of comm.h, run late with their inputs checked (comm_staged.h). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -96,10 +97,26 @@ static int ag(void *c, mps_group g, const float *in, float *out, const int64_t *
     return rc;
 }
 
+/* A started collective on one buffer (deferred mode): what it reads must not change until
+ * finish_started, and a host copy of that taken at the start tells whether it did. */
+typedef enum { OP_SUM, OP_SCATTER, OP_GATHER } op_kind;
+typedef struct {
+    op_kind kind;
+    mps_group g;
+    float *buf;                     /* SUM, GATHER: in place; SCATTER: out */
+    const float *in;                /* SCATTER */
+    const int64_t *counts, *displs; /* SCATTER, GATHER: the group's parts */
+    const float *watched;           /* the input: SUM buf, SCATTER in, GATHER this member's part */
+    int64_t n;                      /* its elements */
+    float *snapshot;                /* (host) */
+} deferred_op;
+
 /* The group size and this rank's index come from the inner backend's view (mps_comm_staged_new). */
 typedef struct {
     staged s;
     int gsize[MPS_GROUP_COUNT], gme[MPS_GROUP_COUNT];
+    deferred_op *ops; /* started, not yet finished */
+    int nops, opcap;
 } staged_groups;
 
 static int rs_g(void *c, mps_group g, const float *in, float *out, const int64_t *counts, const int64_t *displs,
@@ -114,6 +131,114 @@ static int ag_g(void *c, mps_group g, const float *in, float *out, const int64_t
 {
     staged_groups *x = c;
     return ag(&x->s, g, in, out, counts, displs, x->gsize[g], x->gme[g], err);
+}
+
+/* ---- deferred mode: started collectives run at finish_started, their inputs checked ---- */
+
+static float *host_copy(staged *s, const float *buf, int64_t n, mps_err *err)
+{
+    float *h = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    if (!h) {
+        mps_fail(err, MPS_ENOMEM, "out of host memory");
+        return NULL;
+    }
+    if (s->be->sync(s->be->ctx, err) != 0) {
+        free(h);
+        return NULL;
+    }
+    s->be->to_host(s->be->ctx, h, buf, (size_t)n * sizeof(float));
+    return h;
+}
+
+static int run_op(staged_groups *x, const deferred_op *op, mps_err *err)
+{
+    switch (op->kind) {
+    case OP_SUM:
+        return ar_sum(x, op->g, op->buf, op->n, err);
+    case OP_SCATTER:
+        return rs_g(x, op->g, op->in, op->buf, op->counts, op->displs, err);
+    case OP_GATHER: /* (ag stages this member's part before it writes the others) */
+        return ag_g(x, op->g, op->watched, op->buf, op->counts, op->displs, err);
+    }
+    return mps_fail(err, MPS_EFAIL, "a started collective of unknown kind");
+}
+
+/* start: kept with a copy of its input; else done now */
+static int start_or_run(staged_groups *x, deferred_op op, int start, mps_err *err)
+{
+    if (!start)
+        return run_op(x, &op, err);
+    if (x->nops == x->opcap) {
+        int cap = x->opcap ? 2 * x->opcap : 64;
+        deferred_op *ops = realloc(x->ops, sizeof *ops * (size_t)cap);
+        if (!ops)
+            return mps_fail(err, MPS_ENOMEM, "out of host memory");
+        x->ops = ops;
+        x->opcap = cap;
+    }
+    if ((op.snapshot = host_copy(&x->s, op.watched, op.n, err)) == NULL)
+        return -1;
+    x->ops[x->nops++] = op;
+    return 0;
+}
+
+static int finish_started(void *c, mps_err *err)
+{
+    staged_groups *x = c;
+    int rc = 0;
+    for (int i = 0; i < x->nops; i++) {
+        deferred_op *op = &x->ops[i];
+        float *now = rc == 0 ? host_copy(&x->s, op->watched, op->n, err) : NULL;
+        if (rc == 0 && !now)
+            rc = -1;
+        if (rc == 0 && memcmp(now, op->snapshot, sizeof(float) * (size_t)op->n) != 0)
+            rc = mps_fail(err, MPS_EFAIL, "rank %d: the input of a started collective (%lld elements) changed "
+                          "before finish_started", x->s.inner.rank, (long long)op->n);
+        if (rc == 0)
+            rc = run_op(x, op, err);
+        free(now);
+        free(op->snapshot);
+    }
+    x->nops = 0;
+    return rc;
+}
+
+static int ar_many(void *c, mps_group g, float *const *bufs, const int64_t *ns, int count, int start, mps_err *err)
+{
+    for (int i = 0; i < count; i++) {
+        deferred_op op = { .kind = OP_SUM, .g = g, .buf = bufs[i], .watched = bufs[i], .n = ns[i] };
+        if (start_or_run(c, op, start, err) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int rs_many(void *c, mps_group g, const float *const *ins, float *const *outs, const int64_t *const *counts,
+                   const int64_t *const *displs, int count, int start, mps_err *err)
+{
+    staged_groups *x = c;
+    for (int i = 0; i < count; i++) {
+        deferred_op op = { .kind = OP_SCATTER, .g = g, .buf = outs[i], .in = ins[i], .counts = counts[i],
+                           .displs = displs[i], .watched = ins[i],
+                           .n = group_total(counts[i], displs[i], x->gsize[g]) };
+        if (start_or_run(x, op, start, err) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int ag_many(void *c, mps_group g, float *const *bufs, const int64_t *const *counts,
+                   const int64_t *const *displs, int count, int start, mps_err *err)
+{
+    staged_groups *x = c;
+    const int me = x->gme[g];
+    for (int i = 0; i < count; i++) {
+        deferred_op op = { .kind = OP_GATHER, .g = g, .buf = bufs[i], .counts = counts[i], .displs = displs[i],
+                           .watched = bufs[i] + displs[i][me], .n = counts[i][me] };
+        if (start_or_run(x, op, start, err) != 0)
+            return -1;
+    }
+    return 0;
 }
 
 static int send(void *c, int peer, const float *buf, int64_t n, int tag, mps_err *err)
@@ -178,7 +303,7 @@ static int all_ok(void *c, int ok)
 }
 
 int mps_comm_staged_new(const mps_comm *inner, const mps_backend *be, const int *group_size, const int *group_index,
-                        mps_comm *out, mps_err *err)
+                        int deferred, mps_comm *out, mps_err *err)
 {
     staged_groups *x = calloc(1, sizeof *x);
     if (!x)
@@ -193,6 +318,13 @@ int mps_comm_staged_new(const mps_comm *inner, const mps_backend *be, const int 
                        .allreduce_max = ar_max, .allreduce_sum_f64 = ar_sum64, .reduce_scatter = rs_g,
                        .allgather = ag_g, .send = send, .recv = recv, .flush = flush, .barrier = barrier,
                        .bcast_bytes = bcast, .all_ok = all_ok };
+    if (deferred) {
+        out->allreduce_sum_many = ar_many;
+        out->reduce_scatter_many = rs_many;
+        out->allgather_many = ag_many;
+        out->can_start = 1;
+        out->finish_started = finish_started;
+    }
     return 0;
 }
 
@@ -201,6 +333,9 @@ void mps_comm_staged_free(mps_comm *c)
     staged_groups *x = c->ctx;
     if (!x)
         return;
+    for (int i = 0; i < x->nops; i++)
+        free(x->ops[i].snapshot);
+    free(x->ops);
     for (int i = 0; i < x->s.npending; i++)
         free(x->s.pending[i]);
     free(x->s.pending);

@@ -46,6 +46,21 @@ done
 [ "$(losses "$T/r11.jsonl")" = "$(losses "$T/ref.jsonl")" ] && ok \
   || bad "--recompute changed the losses: $(losses "$T/r11.jsonl" | tr '\n' ' ') vs $(losses "$T/ref.jsonl" | tr '\n' ' ')"
 [ "$(losses "$T/r10.jsonl")" = "$(losses "$T/r8.jsonl")" ] && ok || bad "--recompute (pp=2 tp=2 zero=3) changed the losses"
+# the DP gradient reduction under the backward (ZeRO-0 sums, ZeRO-1 reduce-scatters) and ZeRO-3's
+# weight prefetch, with each started collective run only where the engine waits for it and its
+# input checked for changes meanwhile (--comm-deferred): the very same losses as with every
+# collective done when called (--comm-staged), and a clean run (a write to a buffer in flight
+# fails the run; a read before the wait shows in the losses)
+for spec in "2 dp=2" "2 dp=2,zero=1" "2 dp=2,zero=3" "4 dp=2,pp=2" "4 dp=2,tp=2,zero=3 --recompute"; do
+  set -- $spec; np=$1; lay=$2; shift 2
+  rm -rf "$T/df" "$T/st" "$T/df.jsonl" "$T/st.jsonl"
+  train "$np" --ckpt "$T/init" --layout "$lay" --steps 6 --out "$T/df" --log "$T/df.jsonl" --comm-deferred "$@" && ok \
+    || bad "--comm-deferred $lay: $(tail -3 "$T/err")"
+  train "$np" --ckpt "$T/init" --layout "$lay" --steps 6 --out "$T/st" --log "$T/st.jsonl" --comm-staged "$@" && ok \
+    || bad "--comm-staged $lay: $(tail -3 "$T/err")"
+  [ -s "$T/df.jsonl" ] && [ "$(losses "$T/df.jsonl")" = "$(losses "$T/st.jsonl")" ] && ok \
+    || bad "$lay: --comm-deferred losses $(losses "$T/df.jsonl" | tr '\n' ' ') vs $(losses "$T/st.jsonl" | tr '\n' ' ')"
+done
 # the checkpoint a layout saves holds what every other layout's checkpoint holds, to rounding
 expect 0 "$MPSHARD" verify "$T/r5/step-00000006" -q
 # 3 steps in one layout, then resume in another for the remaining 3 == 6 steps straight
