@@ -162,10 +162,13 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     e->t = calloc((size_t)e->ntensors, sizeof *e->t);
     e->sum_started = calloc((size_t)e->ntensors, 1);
     e->scatter_tmp = calloc((size_t)e->ntensors, sizeof *e->scatter_tmp);
-    /* ZeRO-0 sums and ZeRO-1 reduce-scatters can run under the backward (ZeRO-2/3 reduce after
-     * each micro-batch and free the full gradients right away) */
+    /* ZeRO-0 sums and ZeRO-1 reduce-scatters run under the step's last backward pass */
     e->overlap_dp = !o->reduce_after_backward && L->dp > 1 && comm->can_start && comm->finish_started &&
                     ((L->zero == 0 && comm->allreduce_sum_many) || (L->zero == 1 && comm->reduce_scatter_many));
+    /* ZeRO-2/3 reduce-scatter each layer's gradients during every micro-batch's backward and free
+     * them, so that the stage's full gradients never exist at once (engine_grads.c) */
+    e->scatter_each_layer = !o->reduce_after_backward && L->dp > 1 && L->zero >= 2 && comm->can_start &&
+                            comm->finish_started && comm->reduce_scatter_many;
     if (!e->t || !e->sum_started || !e->scatter_tmp) {
         free(e->t);
         free(e->sum_started);

@@ -25,9 +25,9 @@ typedef struct {
     int64_t decay_steps; /* the step counter at which the cosine decay reaches lr_min */
     float weight_decay, grad_clip, beta1, beta2, eps;
     int recompute;    /* keep only each layer's input per micro-batch; the backward recomputes the rest */
-    /* ZeRO-0 DP: sum the gradients after the whole backward pass, instead of starting each
-     * layer's sums as soon as the step's last backward pass is done with it (where the comm
-     * backend can run them under the rest of the backward: comm.h allreduce_sum_start) */
+    /* DP: reduce the gradients after the backward pass (ZeRO-0/1: the step's last; ZeRO-2/3:
+     * each micro-batch's), instead of starting each layer's reduction as soon as the pass is done
+     * with it, where the comm backend can run it under the rest of the pass (comm.h can_start) */
     int reduce_after_backward;
 } mps_train_opts;
 

@@ -1,7 +1,7 @@
-/* Gradient reduction over DP: ZeRO-0 sums and ZeRO-1 reduce-scatters (started during the
- * backward where the comm backend can run them under it, else after it), ZeRO-2/3
- * reduce-scatters after each micro-batch, and the tied head's gradient summed between the first
- * and the last stage. */
+/* Gradient reduction over DP: ZeRO-0 sums and ZeRO-1 reduce-scatters (started during the step's
+ * last backward pass where the comm backend can run them under it, else after it), ZeRO-2/3
+ * reduce-scatters in every micro-batch (layer by layer under the backward where the backend can,
+ * else after it), and the tied head's gradient summed between the first and the last stage. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -98,9 +98,32 @@ static void scatter_done(mps_engine *e, int free_full)
     memset(e->sum_started, 0, (size_t)e->ntensors);
 }
 
-/* what the step's last backward pass starts for tensors [t0, t1) */
-static int start_tensors(mps_engine *e, int t0, int t1, mps_err *err)
+/* ZeRO-2/3 under the backward, in every micro-batch: a layer's reduce-scatters start once its
+ * backward is done, and the ones started before (the layer above's, which had this layer's
+ * backward to run) are completed first: their sums added to the partitions and their full
+ * gradients freed. So about two layers' full gradients exist at a time (and the embedding's,
+ * final only at the end), not the whole stage's. final: the micro-batch's backward is over,
+ * everything is completed. */
+static int scatter_under_backward(mps_engine *e, int t0, int t1, int final, mps_err *err)
 {
+    if (e->comm->finish_started(e->comm->ctx, err) != 0)
+        return -1;
+    scatter_done(e, 1);
+    if (scatter_tensors(e, t0, t1, 1, err) != 0)
+        return -1;
+    if (!final)
+        return 0;
+    if (e->comm->finish_started(e->comm->ctx, err) != 0)
+        return -1;
+    scatter_done(e, 1);
+    return 0;
+}
+
+/* what the backward starts for tensors [t0, t1) once it is done with them */
+static int start_tensors(mps_engine *e, int t0, int t1, int final, mps_err *err)
+{
+    if (e->scatter_each_layer)
+        return scatter_under_backward(e, t0, t1, final, err);
     if (!e->overlap_dp || !e->last_backward)
         return 0;
     return e->L.zero == 0 ? sum_tensors(e, t0, t1, 1, err) : scatter_tensors(e, t0, t1, 1, err);
@@ -109,16 +132,17 @@ static int start_tensors(mps_engine *e, int t0, int t1, mps_err *err)
 int mps_grads_start_layer(mps_engine *e, int layer, mps_err *err)
 {
     int t0 = mps_layer_tensor(layer, 0);
-    return start_tensors(e, t0, t0 + MPS_TENSORS_PER_LAYER, err);
+    return start_tensors(e, t0, t0 + MPS_TENSORS_PER_LAYER, 0, err);
 }
 
 int mps_grads_start_rest(mps_engine *e, mps_err *err)
 {
-    return start_tensors(e, 0, e->ntensors, err);
+    return start_tensors(e, 0, e->ntensors, 1, err);
 }
 
 /* ZeRO-2/3: after each micro-batch, the full gradients are reduce-scattered into the owned
- * partitions and freed (ZeRO-1 does this once per step, ZeRO-0 sums instead). */
+ * partitions and freed (ZeRO-1 does this once per step, ZeRO-0 sums instead); under the
+ * backward (scatter_under_backward) nothing is left for it. */
 int mps_reduce_scatter_grads(mps_engine *e, mps_err *err)
 {
     int rc = scatter_tensors(e, 0, e->ntensors, 0, err);

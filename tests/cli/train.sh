@@ -46,12 +46,14 @@ done
 [ "$(losses "$T/r11.jsonl")" = "$(losses "$T/ref.jsonl")" ] && ok \
   || bad "--recompute changed the losses: $(losses "$T/r11.jsonl" | tr '\n' ' ') vs $(losses "$T/ref.jsonl" | tr '\n' ' ')"
 [ "$(losses "$T/r10.jsonl")" = "$(losses "$T/r8.jsonl")" ] && ok || bad "--recompute (pp=2 tp=2 zero=3) changed the losses"
-# the DP gradient reduction under the backward (ZeRO-0 sums, ZeRO-1 reduce-scatters) and ZeRO-3's
+# the DP gradient reduction under the backward (ZeRO-0 sums and ZeRO-1 reduce-scatters in the
+# step's last backward pass, ZeRO-2/3 reduce-scatters layer by layer in every one) and ZeRO-3's
 # weight prefetch, with each started collective run only where the engine waits for it and its
 # input checked for changes meanwhile (--comm-deferred): the very same losses as with every
 # collective done when called (--comm-staged), and a clean run (a write to a buffer in flight
 # fails the run; a read before the wait shows in the losses)
-for spec in "2 dp=2" "2 dp=2,zero=1" "2 dp=2,zero=3" "4 dp=2,pp=2" "4 dp=2,tp=2,zero=3 --recompute"; do
+for spec in "2 dp=2" "2 dp=2,zero=1" "2 dp=2,zero=2" "2 dp=2,zero=3" "4 dp=2,pp=2" \
+            "4 dp=2,pp=2,zero=2 --schedule gpipe" "4 dp=2,tp=2,zero=3 --recompute"; do
   set -- $spec; np=$1; lay=$2; shift 2
   rm -rf "$T/df" "$T/st" "$T/df.jsonl" "$T/st.jsonl"
   train "$np" --ckpt "$T/init" --layout "$lay" --steps 6 --out "$T/df" --log "$T/df.jsonl" --comm-deferred "$@" && ok \
