@@ -43,7 +43,7 @@ typedef struct {
     cudaStream_t started;   /* collectives started without a wait (comm.h can_start) */
     cudaStream_t p2p_stream[2];
     cudaEvent_t ev_compute, ev_started, ev_p2p;
-    int nstarted;           /* sums started since the last finish_started */
+    int nstarted;           /* group calls started since the last finish_started */
 } nccl_ctx;
 
 static int nccl_check(ncclResult_t r, const char *what, mps_err *err)

@@ -104,7 +104,6 @@ typedef struct {
     op_kind kind;
     mps_group g;
     float *buf;                     /* SUM, GATHER: in place; SCATTER: out */
-    const float *in;                /* SCATTER */
     const int64_t *counts, *displs; /* SCATTER, GATHER: the group's parts */
     const float *watched;           /* the input: SUM buf, SCATTER in, GATHER this member's part */
     int64_t n;                      /* its elements */
@@ -156,7 +155,7 @@ static int run_op(staged_groups *x, const deferred_op *op, mps_err *err)
     case OP_SUM:
         return ar_sum(x, op->g, op->buf, op->n, err);
     case OP_SCATTER:
-        return rs_g(x, op->g, op->in, op->buf, op->counts, op->displs, err);
+        return rs_g(x, op->g, op->watched, op->buf, op->counts, op->displs, err);
     case OP_GATHER: /* (ag stages this member's part before it writes the others) */
         return ag_g(x, op->g, op->watched, op->buf, op->counts, op->displs, err);
     }
@@ -218,8 +217,8 @@ static int rs_many(void *c, mps_group g, const float *const *ins, float *const *
 {
     staged_groups *x = c;
     for (int i = 0; i < count; i++) {
-        deferred_op op = { .kind = OP_SCATTER, .g = g, .buf = outs[i], .in = ins[i], .counts = counts[i],
-                           .displs = displs[i], .watched = ins[i],
+        deferred_op op = { .kind = OP_SCATTER, .g = g, .buf = outs[i], .counts = counts[i], .displs = displs[i],
+                           .watched = ins[i],
                            .n = group_total(counts[i], displs[i], x->gsize[g]) };
         if (start_or_run(x, op, start, err) != 0)
             return -1;

@@ -264,15 +264,36 @@ void mps_engine_free(mps_engine *e)
 
 /* ---- weights and gradients ---- */
 
+/* The boxes p->w of count tensors rebuilt in place from every DP replica's part of them, in one
+ * allgather_many group, done now or started (start: comm.h can_start). */
+static int allgather_boxes(mps_engine *e, const int *tensors, int count, int start, mps_err *err)
+{
+    if (count <= 0)
+        return 0;
+    float **bufs = malloc(sizeof *bufs * (size_t)count);
+    const int64_t **counts = malloc(sizeof *counts * (size_t)count);
+    const int64_t **displs = malloc(sizeof *displs * (size_t)count);
+    int rc = bufs && counts && displs ? 0 : mps_fail(err, MPS_ENOMEM, "out of memory");
+    for (int i = 0; rc == 0 && i < count; i++) {
+        bufs[i] = e->t[tensors[i]].w;
+        counts[i] = e->t[tensors[i]].dp_counts;
+        displs[i] = e->t[tensors[i]].dp_displs;
+    }
+    if (rc == 0 && e->comm->allgather_many(e->comm->ctx, MPS_GROUP_DP, bufs, counts, displs, count, start, err) != 0)
+        rc = mps_wrap(err, "gathering the weights over DP");
+    free(bufs);
+    free(counts);
+    free(displs);
+    return rc;
+}
+
 /* ZeRO-3: the boxes not in use are gathered from the DP group for the duration of the use: each
  * replica's shard copied to its place, then one in-place group gather, done now or started
  * (start: comm.h can_start; else a gather per tensor). Every tensor's use count goes up by one. */
 static int gather_many(mps_engine *e, const int *tensors, int count, int start, mps_err *err)
 {
-    float **bufs = malloc(sizeof *bufs * (size_t)(count > 0 ? count : 1));
-    const int64_t **counts = malloc(sizeof *counts * (size_t)(count > 0 ? count : 1));
-    const int64_t **displs = malloc(sizeof *displs * (size_t)(count > 0 ? count : 1));
-    int n = 0, done = 0, rc = bufs && counts && displs ? 0 : mps_fail(err, MPS_ENOMEM, "out of memory");
+    int *gathered = malloc(sizeof *gathered * (size_t)(count > 0 ? count : 1));
+    int n = 0, done = 0, rc = gathered ? 0 : mps_fail(err, MPS_ENOMEM, "out of memory");
     for (; rc == 0 && done < count; done++) {
         mps_tparam *p = &e->t[tensors[done]];
         if (p->w_users++ > 0)
@@ -284,21 +305,16 @@ static int gather_many(mps_engine *e, const int *tensors, int count, int start, 
         }
         if (e->comm->allgather_many) {
             buf_copy(e, p->w + p->dp_displs[e->me.dp], p->w_shard, p->dp_counts[e->me.dp]);
-            bufs[n] = p->w;
-            counts[n] = p->dp_counts;
-            displs[n++] = p->dp_displs;
+            gathered[n++] = tensors[done];
         } else if (e->comm->allgather(e->comm->ctx, MPS_GROUP_DP, p->w_shard, p->w, p->dp_counts, p->dp_displs, err)) {
             rc = mps_wrap(err, "gathering %s", p->spec.name);
             done++;
             break;
         }
     }
-    if (rc == 0 && n > 0 &&
-        e->comm->allgather_many(e->comm->ctx, MPS_GROUP_DP, bufs, counts, displs, n, start, err) != 0)
-        rc = mps_wrap(err, "gathering the weights over DP");
-    free(bufs);
-    free(counts);
-    free(displs);
+    if (rc == 0)
+        rc = allgather_boxes(e, gathered, n, start, err);
+    free(gathered);
     if (rc != 0) /* undo the acquires made */
         for (int i = 0; i < done; i++)
             mps_weights_release(e, tensors[i]);
@@ -375,21 +391,15 @@ float *mps_grad(mps_engine *e, int tensor, mps_err *err)
 int mps_gather_boxes(mps_engine *e, mps_err *err)
 {
     if (e->comm->allgather_many) {
-        float **bufs = malloc(sizeof *bufs * (size_t)e->ntensors);
-        const int64_t **counts = malloc(sizeof *counts * (size_t)e->ntensors);
-        const int64_t **displs = malloc(sizeof *displs * (size_t)e->ntensors);
-        int count = 0, rc = bufs && counts && displs ? 0 : mps_fail(err, MPS_ENOMEM, "out of memory");
-        for (int t = 0; rc == 0 && t < e->ntensors; t++)
-            if (e->t[t].held) {
-                bufs[count] = e->t[t].w;
-                counts[count] = e->t[t].dp_counts;
-                displs[count++] = e->t[t].dp_displs;
-            }
-        if (rc == 0 && e->comm->allgather_many(e->comm->ctx, MPS_GROUP_DP, bufs, counts, displs, count, 0, err) != 0)
-            rc = mps_wrap(err, "gathering the weights over DP");
-        free(bufs);
-        free(counts);
-        free(displs);
+        int *held = malloc(sizeof *held * (size_t)e->ntensors);
+        int count = 0;
+        if (!held)
+            return mps_fail(err, MPS_ENOMEM, "out of memory");
+        for (int t = 0; t < e->ntensors; t++)
+            if (e->t[t].held)
+                held[count++] = t;
+        int rc = allgather_boxes(e, held, count, 0, err);
+        free(held);
         return rc;
     }
     for (int t = 0; t < e->ntensors; t++) {

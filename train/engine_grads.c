@@ -77,23 +77,28 @@ static int scatter_tensors(mps_engine *e, int t0, int t1, int start, mps_err *er
     return rc;
 }
 
-/* The reduce-scatters are complete: each partition's sum is added to its gradient and the
- * full gradient zeroed (ZeRO-1) or freed (ZeRO-2/3, free_full). */
+/* ZeRO >= 1: `part` (the reduced partition) added to the partition's gradient, and the full
+ * gradient zeroed for the next micro-batches (ZeRO-1) or freed (ZeRO-2/3, free_full). */
+static void to_shard(mps_engine *e, mps_tparam *p, const float *part, int free_full)
+{
+    e->be->accumulate(e->be->ctx, p->g_shard, part, p->opt.flat_end - p->opt.flat_begin);
+    if (free_full) {
+        buf_free(e, p->g);
+        p->g = NULL;
+    } else {
+        buf_zero(e, p->g, p->box_n);
+    }
+}
+
+/* The reduce-scatters are complete: each partition's sum goes to its gradient (to_shard). */
 static void scatter_done(mps_engine *e, int free_full)
 {
     for (int t = 0; t < e->ntensors; t++) {
-        mps_tparam *p = &e->t[t];
         if (!e->scatter_tmp[t])
             continue;
-        e->be->accumulate(e->be->ctx, p->g_shard, e->scatter_tmp[t], p->opt.flat_end - p->opt.flat_begin);
+        to_shard(e, &e->t[t], e->scatter_tmp[t], free_full);
         buf_free(e, e->scatter_tmp[t]);
         e->scatter_tmp[t] = NULL;
-        if (free_full) {
-            buf_free(e, p->g);
-            p->g = NULL;
-        } else {
-            buf_zero(e, p->g, p->box_n);
-        }
     }
     memset(e->sum_started, 0, (size_t)e->ntensors);
 }
@@ -166,18 +171,9 @@ int mps_reduce_grads(mps_engine *e, mps_err *err)
             return -1;
     } else if (e->L.zero >= 1 && e->L.dp == 1) {
         /* one replica: the partition is the whole box */
-        for (int t = 0; t < e->ntensors; t++) {
-            mps_tparam *p = &e->t[t];
-            if (p->held && p->g) {
-                e->be->accumulate(e->be->ctx, p->g_shard, p->g, p->box_n);
-                if (e->L.zero >= 2) {
-                    buf_free(e, p->g);
-                    p->g = NULL;
-                } else {
-                    buf_zero(e, p->g, p->box_n);
-                }
-            }
-        }
+        for (int t = 0; t < e->ntensors; t++)
+            if (e->t[t].held && e->t[t].g)
+                to_shard(e, &e->t[t], e->t[t].g, e->L.zero >= 2);
     } else if (e->L.zero == 1) {
         /* the reduce-scatters not started during the backward (all of them without overlap) */
         int rc = scatter_tensors(e, 0, e->ntensors, e->overlap_dp, err);

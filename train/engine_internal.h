@@ -139,9 +139,11 @@ int mps_model_backward(mps_engine *e, mps_mb_slot *s, mps_err *err);
  * release, and the gradient accumulator. */
 void mps_weights_release(mps_engine *e, int tensor);
 float *mps_grad(mps_engine *e, int tensor, mps_err *err);
-/* ZeRO-0 DP with overlap, during the step's last backward pass: the DP sums of layer `layer`'s
- * gradients (which that pass has finished) start; _rest starts those of every other held tensor
- * (at the end of the pass). No-ops otherwise. */
+/* engine_grads.c, called by the backward once it is done with layer `layer`'s gradients (_rest:
+ * at the end of the pass, for every other held tensor): where the comm backend can start
+ * collectives, their DP reduction starts (ZeRO-0 sums, ZeRO-1 reduce-scatters: in the step's
+ * last backward pass; ZeRO-2/3 reduce-scatters: in every one, the previous layer's completed and
+ * its full gradients freed). No-ops otherwise. */
 int mps_grads_start_layer(mps_engine *e, int layer, mps_err *err);
 int mps_grads_start_rest(mps_engine *e, mps_err *err);
 /* engine_grads.c: ZeRO-2/3 after each micro-batch: the full gradients reduce-scattered into the
@@ -152,8 +154,8 @@ int mps_reduce_scatter_grads(mps_engine *e, mps_err *err);
 int mps_reduce_grads(mps_engine *e, mps_err *err);
 /* ZeRO-1/2: rebuilds every held p->w from every DP replica's partition (opt's flat range) of it. */
 int mps_gather_boxes(mps_engine *e, mps_err *err);
-/* ZeRO-3: mps_weights_acquire of count tensors, the gathers in one group where the comm backend
- * has allgather_many; w[i] receives tensor tensors[i]'s weights. */
+/* The weights of count tensors for use, w[i] those of tensors[i]; ZeRO-3 gathers the ones not in
+ * use over DP (one group where the comm backend has allgather_many) until mps_weights_release. */
 int mps_weights_acquire_many(mps_engine *e, const int *tensors, int count, float **const *w, mps_err *err);
 /* ZeRO-3 where the comm backend can start collectives: the gather of count (<= one layer's)
  * tensors starts now and runs while the work queued meanwhile computes; the next acquire completes
