@@ -8,13 +8,16 @@
  * one stream after a host wait for the compute stream, and the host waits for them. The DP
  * gradient sums the engine starts during the backward (comm.h can_start) run on a stream of
  * their own behind an event of the compute stream, and the compute stream waits for them at
- * finish_started: no host wait. Pipeline messages go the same way, without host waits, on two
- * communicators and streams: one for messages to a higher WORLD rank, one for messages to a lower
- * one. A send blocks its stream until the peer receives, so with a single stream 1F1B's steady
- * state (stage s sends forward then receives backward, stage s + 1 sends backward then receives
- * forward) would deadlock; with one stream per direction every stream's messages flow one way
- * along the pipeline and each blocked send waits only for work that needs nothing from it.
- *
+ * finish_started: no host wait. Pipeline messages go the same way, without host waits, on four
+ * communicators and streams, one per channel: the direction (to a higher or a lower WORLD rank)
+ * and the parity of the sending rank's pipeline stage. A send blocks its stream until the peer
+ * receives, so a stream must never hold a receive behind a send (or the reverse): with one
+ * stream, 1F1B's steady state (stage s sends forward then receives backward, stage s + 1 sends
+ * backward then receives forward) deadlocks; with one stream per direction, a middle stage's
+ * forward send to s + 1 holds up its receive from s - 1 (4 stages hang). Per channel, a rank only
+ * sends (its own stage's parity) or only receives (the neighbour's), always to or from the same
+ * stages in the same order, so each blocked send waits only for a receive that needs nothing
+ * from it.  *
  * NCCL's documentation asks that communicators not be used concurrently; here the DP, TP and
  * pipeline communicators do overlap (as in PyTorch and Megatron). Every rank issues each
  * communicator's operations in the same order, and NCCL's kernels occupy a few SMs each, so
@@ -31,17 +34,19 @@
 #include "comm_staged.h"
 
 enum { UP = 0, DOWN = 1 }; /* pipeline messages to a higher / lower WORLD rank */
+enum { CHANNELS = 4 };      /* pipeline channels: direction x the sender's stage parity */
 
 typedef struct {
     mps_comm host;          /* staged MPI: f64, bcast, barrier, all_ok */
     const mps_backend *be;
     ncclComm_t group[MPS_GROUP_COUNT];
-    ncclComm_t p2p[2];      /* UP, DOWN: splits of WORLD */
+    ncclComm_t p2p[CHANNELS]; /* channel(): splits of WORLD */
     int gsize[MPS_GROUP_COUNT], gme[MPS_GROUP_COUNT];
     cudaStream_t stream;    /* synchronous collectives */
     cudaStream_t compute;   /* the backend's stream (not ours) */
     cudaStream_t started;   /* collectives started without a wait (comm.h can_start) */
-    cudaStream_t p2p_stream[2];
+    cudaStream_t p2p_stream[CHANNELS];
+    mps_layout L;           /* for the pipeline stage of a peer */
     cudaEvent_t ev_compute, ev_started, ev_p2p;
     int nstarted;           /* group calls started since the last finish_started */
 } nccl_ctx;
@@ -216,36 +221,83 @@ static int ar64(void *c, mps_group g, double *b, int64_t n, mps_err *err)
 /* Pipeline messages (see the top of the file): a send waits on its direction's stream for the
  * compute stream to have made the data, a receive for it to be done with the buffer's old
  * contents; the compute stream then waits for the receive. */
+/* the channel of a message from `sender` to `receiver` (WORLD ranks) */
+static int channel(const nccl_ctx *x, int sender, int receiver)
+{
+    int up = receiver > sender ? UP : DOWN;
+    return 2 * up + mps_layout_coords(&x->L, sender).pp % 2;
+}
 static int p2p_send(void *c, int peer, const float *b, int64_t n, int tag, mps_err *err)
 {
     (void)tag;
     nccl_ctx *x = c;
-    int d = peer > x->gme[MPS_GROUP_WORLD] ? UP : DOWN;
+    int ch = channel(x, x->gme[MPS_GROUP_WORLD], peer);
     if (n <= 0)
         return 0;
-    if (after_compute(x, x->p2p_stream[d], err) != 0)
+    if (after_compute(x, x->p2p_stream[ch], err) != 0)
         return -1;
-    return nccl_check(ncclSend(b, (size_t)n, ncclFloat, peer, x->p2p[d], x->p2p_stream[d]), "send", err);
+    return nccl_check(ncclSend(b, (size_t)n, ncclFloat, peer, x->p2p[ch], x->p2p_stream[ch]), "send", err);
 }
 static int p2p_recv(void *c, int peer, float *b, int64_t n, int tag, mps_err *err)
 {
     (void)tag;
     nccl_ctx *x = c;
-    int d = peer < x->gme[MPS_GROUP_WORLD] ? UP : DOWN; /* the sender's direction */
+    int ch = channel(x, peer, x->gme[MPS_GROUP_WORLD]);
     if (n <= 0)
         return 0;
-    if (after_compute(x, x->p2p_stream[d], err) != 0 ||
-        nccl_check(ncclRecv(b, (size_t)n, ncclFloat, peer, x->p2p[d], x->p2p_stream[d]), "receive", err) != 0)
+    if (after_compute(x, x->p2p_stream[ch], err) != 0 ||
+        nccl_check(ncclRecv(b, (size_t)n, ncclFloat, peer, x->p2p[ch], x->p2p_stream[ch]), "receive", err) != 0)
         return -1;
-    return compute_after(x, x->p2p_stream[d], x->ev_p2p, err);
+    return compute_after(x, x->p2p_stream[ch], x->ev_p2p, err);
 }
-/* the sends' buffers are free once the compute stream's later work waits for both directions */
+/* NCCL connects a pair of ranks at their first message, with a host-side handshake: the first
+ * send blocks the host until the peer posts its receive. The pipeline's first messages to a
+ * peer that is not a neighbour (the tied head's, first <-> last stage) would then deadlock
+ * (each of the two stages sends before it receives), so every pipeline connection is made at
+ * start: one group of one-element messages per channel, the channels in the same order on
+ * every rank. The peers: both neighbouring stages, and the first and last stage each other. */
+static int pipeline_connect(nccl_ctx *x, mps_err *err)
+{
+    const mps_layout *L = &x->L;
+    const int me = x->gme[MPS_GROUP_WORLD];
+    const mps_coords c = mps_layout_coords(L, me);
+    int peers[3], npeers = 0;
+    const int stages[3] = { c.pp - 1, c.pp + 1, c.pp == 0 ? L->pp - 1 : c.pp == L->pp - 1 ? 0 : -1 };
+    for (int i = 0; i < 3; i++) {
+        int repeat = i == 2 && (stages[2] == stages[0] || stages[2] == stages[1]);
+        if (stages[i] < 0 || stages[i] >= L->pp || stages[i] == c.pp || repeat)
+            continue;
+        peers[npeers++] = mps_layout_rank(L, stages[i], c.dp, c.tp);
+    }
+    float *buf = NULL;
+    int rc = cuda_check(cudaMalloc((void **)&buf, 2 * 3 * sizeof(float)), "alloc", err);
+    if (rc == 0)
+        rc = cuda_check(cudaMemset(buf, 0, 2 * 3 * sizeof(float)), "memset", err);
+    for (int ch = 0; ch < CHANNELS && rc == 0; ch++) {
+        rc = nccl_check(ncclGroupStart(), "group start", err);
+        for (int i = 0; i < npeers && rc == 0; i++) {
+            if (channel(x, me, peers[i]) == ch)
+                rc = nccl_check(ncclSend(buf + i, 1, ncclFloat, peers[i], x->p2p[ch], x->p2p_stream[ch]), "send", err);
+            if (rc == 0 && channel(x, peers[i], me) == ch)
+                rc = nccl_check(ncclRecv(buf + 3 + i, 1, ncclFloat, peers[i], x->p2p[ch], x->p2p_stream[ch]), "receive", err);
+        }
+        ncclResult_t end = ncclGroupEnd();
+        if (rc == 0)
+            rc = nccl_check(end, "group end", err);
+    }
+    for (int ch = 0; ch < CHANNELS && rc == 0; ch++)
+        rc = cuda_check(cudaStreamSynchronize(x->p2p_stream[ch]), "connect", err);
+    if (buf)
+        cudaFree(buf);
+    return rc;
+}
+/* the sends' buffers are free once the compute stream's later work waits for every channel */
 static int flush(void *c, mps_err *err)
 {
     nccl_ctx *x = c;
-    if (compute_after(x, x->p2p_stream[UP], x->ev_p2p, err) != 0 ||
-        compute_after(x, x->p2p_stream[DOWN], x->ev_p2p, err) != 0)
-        return -1;
+    for (int ch = 0; ch < CHANNELS; ch++)
+        if (compute_after(x, x->p2p_stream[ch], x->ev_p2p, err) != 0)
+            return -1;
     return x->host.flush(x->host.ctx, err);
 }
 static int barrier(void *c, mps_err *err)
@@ -271,6 +323,7 @@ int cli_comm_nccl_new(const mps_layout *L, const mps_comm *mpi, const mps_backen
         return mps_fail(err, MPS_ENOMEM, "out of memory");
     mps_coords me = mps_layout_coords(L, mpi->rank);
     x->be = be;
+    x->L = *L;
     x->gsize[MPS_GROUP_WORLD] = mpi->size;
     x->gme[MPS_GROUP_WORLD] = mpi->rank;
     x->gsize[MPS_GROUP_DP] = L->dp;
@@ -292,7 +345,7 @@ int cli_comm_nccl_new(const mps_layout *L, const mps_comm *mpi, const mps_backen
         rc = cuda_check(cudaStreamCreateWithFlags(&x->stream, cudaStreamNonBlocking), "stream", err);
     if (rc == 0)
         rc = cuda_check(cudaStreamCreateWithFlags(&x->started, cudaStreamNonBlocking), "stream", err);
-    for (int d = 0; d < 2 && rc == 0; d++)
+    for (int d = 0; d < CHANNELS && rc == 0; d++)
         rc = cuda_check(cudaStreamCreateWithFlags(&x->p2p_stream[d], cudaStreamNonBlocking), "stream", err);
     if (rc == 0)
         rc = cuda_check(cudaEventCreateWithFlags(&x->ev_compute, cudaEventDisableTiming), "event", err);
@@ -309,9 +362,11 @@ int cli_comm_nccl_new(const mps_layout *L, const mps_comm *mpi, const mps_backen
     if (rc == 0)
         rc = nccl_check(ncclCommSplit(x->group[MPS_GROUP_WORLD], me.pp * L->dp + me.dp, me.tp, &x->group[MPS_GROUP_TP],
                                       NULL), "split", err);
-    /* pipeline messages, one communicator per direction (every rank splits: L is the same everywhere) */
-    for (int d = 0; d < 2 && rc == 0 && L->pp > 1; d++)
+    /* pipeline messages, one communicator per channel (every rank splits: L is the same everywhere) */
+    for (int d = 0; d < CHANNELS && rc == 0 && L->pp > 1; d++)
         rc = nccl_check(ncclCommSplit(x->group[MPS_GROUP_WORLD], 0, mpi->rank, &x->p2p[d], NULL), "split", err);
+    if (rc == 0 && L->pp > 1)
+        rc = pipeline_connect(x, err);
     if (rc != 0) {
         out->ctx = x;
         cli_comm_nccl_free(out);
@@ -331,13 +386,14 @@ void cli_comm_nccl_free(mps_comm *c)
     nccl_ctx *x = c->ctx;
     if (!x)
         return;
-    for (int d = 0; d < 2; d++)
+    for (int d = 0; d < CHANNELS; d++)
         if (x->p2p[d])
             ncclCommDestroy(x->p2p[d]);
     for (int g = MPS_GROUP_COUNT - 1; g >= 0; g--)
         if (x->group[g])
             ncclCommDestroy(x->group[g]);
-    cudaStream_t streams[] = { x->stream, x->started, x->p2p_stream[0], x->p2p_stream[1] };
+    cudaStream_t streams[] = { x->stream, x->started, x->p2p_stream[0], x->p2p_stream[1], x->p2p_stream[2],
+                               x->p2p_stream[3] };
     for (size_t i = 0; i < sizeof streams / sizeof streams[0]; i++)
         if (streams[i])
             cudaStreamDestroy(streams[i]);

@@ -3,7 +3,8 @@
 #  1. the CUDA backend against the CPU backend: same weights and batches, loss per step within
 #     1e-2 relative (bf16 GEMM operands) over 4 steps, one process and 2 ranks (MPI staging, and
 #     NCCL when 2 GPUs; with NCCL, the gradient sums under the backward and the pipeline
-#     messages give the very same losses as over MPI);
+#     messages give the very same losses as over MPI; with 4 GPUs, DP x TP, DP x PP and TP x PP
+#     with ZeRO 1..3, 4 pipeline stages, and a resume 4 -> 2 -> 4 -> 1 GPUs with TP and PP changes);
 #  2. against PyTorch: the first step's loss (before any update) of the CPU backend (fp32) equals
 #     transformers' GPT2LMHeadModel on the exported checkpoint within 1e-5, the CUDA backend's
 #     within 1e-2;
@@ -28,7 +29,7 @@ same() { # same A B: the very same losses
   if [ -s "$1" ] && [ "$(losses "$1")" = "$(losses "$2")" ]; then ok; else
     bad "$1 vs $2 differ: $(paste <(losses "$1") <(losses "$2") | tr '\t\n' ' ;')"; fi
 }
-run() { local np=$1; shift; timeout 180 mpirun -np "$np" "$M" train $TR "$@" >"$T/out" 2>"$T/err" || bad "train $*: $(tail -3 "$T/err")"; }
+run() { local np=$1; shift; timeout 90 mpirun -np "$np" "$M" train $TR "$@" >"$T/out" 2>"$T/err" || bad "train $*: $(tail -3 "$T/err")"; }
 run 1 --ckpt "$T/init" --layout dp=1 --steps 4 --out "$T/cpu" --log "$T/cpu.jsonl" --backend cpu
 run 1 --ckpt "$T/init" --layout dp=1 --steps 4 --out "$T/gpu" --log "$T/gpu.jsonl" --backend cuda
 cat "$T/cpu.jsonl" "$T/gpu.jsonl"
@@ -70,6 +71,33 @@ if [ "$ngpu" -ge 2 ]; then
   run 1 --ckpt "$T/x2" --layout dp=1 --steps 3 --out "$T/x1" --log "$T/x.jsonl" --backend cuda
   run 2 --ckpt "$T/x1" --layout pp=2,zero=1 --steps 4 --out "$T/x3" --log "$T/x.jsonl" --backend cuda
   close "$T/x.jsonl" "$T/gpu.jsonl" 1e-2
+fi
+if [ "$ngpu" -ge 4 ]; then
+  # issue 7 on 4 GPUs (NCCL): DP, TP and PP alone and in pairs, with ZeRO 1..3, against the
+  # single-GPU run (vocab 1000 padded to a multiple of tp=4; 8 heads, 4 layers)
+  for lay in dp=4,zero=1 dp=4,zero=2 dp=4,zero=3 tp=4 pp=4,zero=1 dp=2,tp=2,zero=1 dp=2,tp=2,zero=3 \
+             dp=2,pp=2,zero=2 dp=2,pp=2,zero=3 tp=2,pp=2,zero=1; do
+    run 4 --ckpt "$T/init" --layout $lay --steps 4 --out "$T/q$lay" --log "$T/q$lay.jsonl" --backend cuda --comm nccl
+    close "$T/q$lay.jsonl" "$T/gpu.jsonl" 1e-2
+  done
+  # 2-way groups beside another axis: each DP sum is still one addition and the pipeline messages
+  # are copies, so NCCL gives the very same losses as MPI through host memory
+  for lay in dp=2,pp=2,zero=2 tp=2,pp=2,zero=1; do
+    run 4 --ckpt "$T/init" --layout $lay --steps 4 --out "$T/r$lay" --log "$T/r$lay.jsonl" --backend cuda --comm mpi
+    same "$T/q$lay.jsonl" "$T/r$lay.jsonl"
+  done
+  # pipeline of 4 stages (one layer each; the tied head between stages 0 and 3), both schedules
+  run 4 --ckpt "$T/init" --layout pp=4,zero=1 --steps 4 --out "$T/qg" --log "$T/qg.jsonl" --backend cuda --schedule gpipe
+  close "$T/qg.jsonl" "$T/gpu.jsonl" 1e-2
+  # resume across GPU counts with TP and PP changes, a step each: 4 GPUs (dp=2 x tp=2, ZeRO-1) ->
+  # 2 GPUs (pp=2, ZeRO-2) -> 4 GPUs (tp=2 x pp=2, ZeRO-3) -> 1 GPU. (Not beyond step 4: at step 5
+  # this small model's loss is chaotic in bf16, straight runs of different layouts part by several
+  # per cent there.)
+  run 4 --ckpt "$T/init" --layout dp=2,tp=2,zero=1 --steps 1 --out "$T/y4" --log "$T/y.jsonl" --backend cuda
+  run 2 --ckpt "$T/y4" --layout pp=2,zero=2 --steps 2 --out "$T/y2" --log "$T/y.jsonl" --backend cuda
+  run 4 --ckpt "$T/y2" --layout tp=2,pp=2,zero=3 --steps 3 --out "$T/y4b" --log "$T/y.jsonl" --backend cuda
+  run 1 --ckpt "$T/y4b" --layout dp=1 --steps 4 --out "$T/y1" --log "$T/y.jsonl" --backend cuda
+  close "$T/y.jsonl" "$T/gpu.jsonl" 1e-2
 fi
 # PyTorch reference of the first step's loss
 "$M" export "$T/init" --format safetensors -o "$T/hf" -q
