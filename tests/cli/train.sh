@@ -63,6 +63,18 @@ for spec in "2 dp=2" "2 dp=2,zero=1" "2 dp=2,zero=2" "2 dp=2,zero=3" "4 dp=2,pp=
   [ -s "$T/df.jsonl" ] && [ "$(losses "$T/df.jsonl")" = "$(losses "$T/st.jsonl")" ] && ok \
     || bad "$lay: --comm-deferred losses $(losses "$T/df.jsonl" | tr '\n' ' ') vs $(losses "$T/st.jsonl" | tr '\n' ' ')"
 done
+# pipelines of 3 and 4 stages (4 layers: uneven at pp=3; the tied head between stages that are not
+# neighbours), the last one with DP x PP at ZeRO-3 through the deferred collectives
+expect 0 "$MPSHARD" init --config "n_layer=4,n_embd=48,n_head=6,vocab=250,n_positions=32" --layout dp=1 -o "$T/init4" -q
+rm -rf "$T/p1" "$T/p1.jsonl"
+train 1 --ckpt "$T/init4" --layout dp=1 --steps 6 --out "$T/p1" --log "$T/p1.jsonl" && ok || bad "4 layers: $(tail -3 "$T/err")"
+for spec in "3 pp=3" "4 pp=4 --schedule gpipe" "4 pp=4,zero=1" "8 dp=2,pp=4,zero=3 --comm-deferred"; do
+  set -- $spec; np=$1; lay=$2; shift 2
+  rm -rf "$T/pn" "$T/pn.jsonl"
+  train "$np" --ckpt "$T/init4" --layout "$lay" --steps 6 --out "$T/pn" --log "$T/pn.jsonl" "$@" && ok \
+    || bad "$lay: $(tail -3 "$T/err")"
+  same_losses "$T/pn.jsonl" "$T/p1.jsonl"
+done
 # the checkpoint a layout saves holds what every other layout's checkpoint holds, to rounding
 expect 0 "$MPSHARD" verify "$T/r5/step-00000006" -q
 # 3 steps in one layout, then resume in another for the remaining 3 == 6 steps straight
