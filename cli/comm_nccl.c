@@ -9,15 +9,13 @@
  * gradient sums the engine starts during the backward (comm.h can_start) run on a stream of
  * their own behind an event of the compute stream, and the compute stream waits for them at
  * finish_started: no host wait. Pipeline messages go the same way, without host waits, on four
- * communicators and streams, one per channel: the direction (to a higher or a lower WORLD rank)
- * and the parity of the sending rank's pipeline stage. A send blocks its stream until the peer
- * receives, so a stream must never hold a receive behind a send (or the reverse): with one
- * stream, 1F1B's steady state (stage s sends forward then receives backward, stage s + 1 sends
- * backward then receives forward) deadlocks; with one stream per direction, a middle stage's
- * forward send to s + 1 holds up its receive from s - 1 (4 stages hang). Per channel, a rank only
- * sends (its own stage's parity) or only receives (the neighbour's), always to or from the same
- * stages in the same order, so each blocked send waits only for a receive that needs nothing
- * from it.  *
+ * communicators and streams, one per channel of train/pipeline.h (direction x the parity of the
+ * sending stage): a NCCL send blocks its stream until the peer receives, so on one stream 1F1B's
+ * steady state deadlocks (stage s sends forward then receives backward while stage s + 1 sends
+ * backward then receives forward), and on one stream per direction a send waiting for a busy
+ * next stage holds up the receive from the stage before. Per channel a rank only sends or only
+ * receives.
+ *
  * NCCL's documentation asks that communicators not be used concurrently; here the DP, TP and
  * pipeline communicators do overlap (as in PyTorch and Megatron). Every rank issues each
  * communicator's operations in the same order, and NCCL's kernels occupy a few SMs each, so
@@ -32,15 +30,15 @@
 #include <string.h>
 
 #include "comm_staged.h"
+#include "pipeline.h"
 
-enum { UP = 0, DOWN = 1 }; /* pipeline messages to a higher / lower WORLD rank */
-enum { CHANNELS = 4 };      /* pipeline channels: direction x the sender's stage parity */
+enum { CHANNELS = MPS_PIPE_CHANNELS }; /* train/pipeline.h */
 
 typedef struct {
     mps_comm host;          /* staged MPI: f64, bcast, barrier, all_ok */
     const mps_backend *be;
     ncclComm_t group[MPS_GROUP_COUNT];
-    ncclComm_t p2p[CHANNELS]; /* channel(): splits of WORLD */
+    ncclComm_t p2p[CHANNELS]; /* mps_pipe_channel(): splits of WORLD */
     int gsize[MPS_GROUP_COUNT], gme[MPS_GROUP_COUNT];
     cudaStream_t stream;    /* synchronous collectives */
     cudaStream_t compute;   /* the backend's stream (not ours) */
@@ -221,17 +219,11 @@ static int ar64(void *c, mps_group g, double *b, int64_t n, mps_err *err)
 /* Pipeline messages (see the top of the file): a send waits on its direction's stream for the
  * compute stream to have made the data, a receive for it to be done with the buffer's old
  * contents; the compute stream then waits for the receive. */
-/* the channel of a message from `sender` to `receiver` (WORLD ranks) */
-static int channel(const nccl_ctx *x, int sender, int receiver)
-{
-    int up = receiver > sender ? UP : DOWN;
-    return 2 * up + mps_layout_coords(&x->L, sender).pp % 2;
-}
 static int p2p_send(void *c, int peer, const float *b, int64_t n, int tag, mps_err *err)
 {
     (void)tag;
     nccl_ctx *x = c;
-    int ch = channel(x, x->gme[MPS_GROUP_WORLD], peer);
+    int ch = mps_pipe_channel(&x->L, x->gme[MPS_GROUP_WORLD], peer);
     if (n <= 0)
         return 0;
     if (after_compute(x, x->p2p_stream[ch], err) != 0)
@@ -242,7 +234,7 @@ static int p2p_recv(void *c, int peer, float *b, int64_t n, int tag, mps_err *er
 {
     (void)tag;
     nccl_ctx *x = c;
-    int ch = channel(x, peer, x->gme[MPS_GROUP_WORLD]);
+    int ch = mps_pipe_channel(&x->L, peer, x->gme[MPS_GROUP_WORLD]);
     if (n <= 0)
         return 0;
     if (after_compute(x, x->p2p_stream[ch], err) != 0 ||
@@ -258,28 +250,21 @@ static int p2p_recv(void *c, int peer, float *b, int64_t n, int tag, mps_err *er
  * every rank. The peers: both neighbouring stages, and the first and last stage each other. */
 static int pipeline_connect(nccl_ctx *x, mps_err *err)
 {
-    const mps_layout *L = &x->L;
     const int me = x->gme[MPS_GROUP_WORLD];
-    const mps_coords c = mps_layout_coords(L, me);
-    int peers[3], npeers = 0;
-    const int stages[3] = { c.pp - 1, c.pp + 1, c.pp == 0 ? L->pp - 1 : c.pp == L->pp - 1 ? 0 : -1 };
-    for (int i = 0; i < 3; i++) {
-        int repeat = i == 2 && (stages[2] == stages[0] || stages[2] == stages[1]);
-        if (stages[i] < 0 || stages[i] >= L->pp || stages[i] == c.pp || repeat)
-            continue;
-        peers[npeers++] = mps_layout_rank(L, stages[i], c.dp, c.tp);
-    }
+    int peers[MPS_PIPE_MAX_PEERS];
+    const int npeers = mps_pipe_peers(&x->L, me, peers);
     float *buf = NULL;
-    int rc = cuda_check(cudaMalloc((void **)&buf, 2 * 3 * sizeof(float)), "alloc", err);
+    int rc = cuda_check(cudaMalloc((void **)&buf, 2 * MPS_PIPE_MAX_PEERS * sizeof(float)), "alloc", err);
     if (rc == 0)
-        rc = cuda_check(cudaMemset(buf, 0, 2 * 3 * sizeof(float)), "memset", err);
+        rc = cuda_check(cudaMemset(buf, 0, 2 * MPS_PIPE_MAX_PEERS * sizeof(float)), "memset", err);
     for (int ch = 0; ch < CHANNELS && rc == 0; ch++) {
         rc = nccl_check(ncclGroupStart(), "group start", err);
         for (int i = 0; i < npeers && rc == 0; i++) {
-            if (channel(x, me, peers[i]) == ch)
+            if (mps_pipe_channel(&x->L, me, peers[i]) == ch)
                 rc = nccl_check(ncclSend(buf + i, 1, ncclFloat, peers[i], x->p2p[ch], x->p2p_stream[ch]), "send", err);
-            if (rc == 0 && channel(x, peers[i], me) == ch)
-                rc = nccl_check(ncclRecv(buf + 3 + i, 1, ncclFloat, peers[i], x->p2p[ch], x->p2p_stream[ch]), "receive", err);
+            if (rc == 0 && mps_pipe_channel(&x->L, peers[i], me) == ch)
+                rc = nccl_check(ncclRecv(buf + MPS_PIPE_MAX_PEERS + i, 1, ncclFloat, peers[i], x->p2p[ch],
+                                         x->p2p_stream[ch]), "receive", err);
         }
         ncclResult_t end = ncclGroupEnd();
         if (rc == 0)
