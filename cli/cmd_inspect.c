@@ -169,14 +169,14 @@ static void print_ranks(const inspect_args *a, const mps_plan *plan)
     printf("\n%6s %4s %4s %4s", "rank", "pp", "dp", "tp");
     for (int i = 0; i < MPS_KIND_COUNT; i++)
         printf(" %11s", kind_column[table_kinds[i]]);
-    printf(" %12s %11s%s\n", "activations", "total", a->gpu_mem ? "  budget" : "");
+    printf(" %12s %11s %11s%s\n", "activations", "transient", "total", a->gpu_mem ? "  budget" : "");
     for (int r = 0; r < world; r++) {
         mps_rank_usage u;
         mps_plan_rank(plan, r, &u);
         printf("%6d %4d %4d %4d", r, u.at.pp, u.at.dp, u.at.tp);
         for (int i = 0; i < MPS_KIND_COUNT; i++)
             printf(" %11s", FMT(u.bytes[table_kinds[i]]));
-        printf(" %12s %11s%s\n", FMT(u.activations), FMT(u.total),
+        printf(" %12s %11s %11s%s\n", FMT(u.activations), FMT(u.transient), FMT(u.total),
                a->gpu_mem ? (u.total > a->gpu_mem ? "  OVER" : "  fits") : "");
     }
     int peak_rank;
@@ -204,12 +204,12 @@ static json_t *ranks_json(const inspect_args *a, const mps_plan *plan)
     for (int r = 0; r < mps_plan_world(plan); r++) {
         mps_rank_usage u;
         mps_plan_rank(plan, r, &u);
-        json_t *o = json_pack("{s:i, s:i, s:i, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "rank", r, "pp", u.at.pp, "dp",
-                              u.at.dp, "tp", u.at.tp, "params", (json_int_t)u.bytes[MPS_KIND_PARAM], "grads",
+        json_t *o = json_pack("{s:i, s:i, s:i, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "rank", r, "pp", u.at.pp,
+                              "dp", u.at.dp, "tp", u.at.tp, "params", (json_int_t)u.bytes[MPS_KIND_PARAM], "grads",
                               (json_int_t)u.bytes[MPS_KIND_GRAD], "master", (json_int_t)u.bytes[MPS_KIND_MASTER],
                               "adam_m", (json_int_t)u.bytes[MPS_KIND_ADAM_M], "adam_v",
-                              (json_int_t)u.bytes[MPS_KIND_ADAM_V], "activations", (json_int_t)u.activations, "total",
-                              (json_int_t)u.total);
+                              (json_int_t)u.bytes[MPS_KIND_ADAM_V], "activations", (json_int_t)u.activations,
+                              "transient", (json_int_t)u.transient, "total", (json_int_t)u.total);
         if (a->gpu_mem)
             json_object_set_new(o, "over_budget", json_boolean(u.total > a->gpu_mem));
         json_array_append_new(list, o);

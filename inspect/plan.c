@@ -96,6 +96,47 @@ int64_t mps_activation_bytes(const mps_config *cfg, const mps_layout *L, const m
     return activation_bytes_m(cfg, L, o, stage, microbatches_for(L, o));
 }
 
+int64_t mps_transient_bytes(const mps_config *cfg, const mps_layout *L, mps_precision precision, int stage,
+                            int tp_rank)
+{
+    if (L->dp <= 1 || L->zero < 2)
+        return 0;
+    /* the TP boxes (unsharded: ZeRO-0 geometry) of the stage's first layer and of the tensors outside
+     * the layers it holds (wte, wpe, the final layernorm) */
+    mps_layout box_layout = *L;
+    box_layout.zero = 0;
+    const int rank = mps_layout_rank(L, stage, 0, tp_rank);
+    int first_layer = -1;
+    for (int l = 0; l < cfg->n_layer && first_layer < 0; l++) {
+        mps_tensor_spec spec;
+        mps_tensor_spec_get(cfg, mps_layer_tensor(l, 0), &spec);
+        if (mps_stage_holds(cfg, L, stage, &spec))
+            first_layer = l;
+    }
+    int tensors[MPS_TENSORS_PER_LAYER + 4], n = 0;
+    for (int slot = 0; first_layer >= 0 && slot < MPS_TENSORS_PER_LAYER; slot++)
+        tensors[n++] = mps_layer_tensor(first_layer, slot);
+    const int nlayer_tensors = n;
+    tensors[n++] = MPS_TENSOR_WTE;
+    tensors[n++] = MPS_TENSOR_WPE;
+    tensors[n++] = mps_tensor_lnfw(cfg);
+    tensors[n++] = mps_tensor_lnfb(cfg);
+    int64_t layer = 0, outside = 0;
+    for (int i = 0; i < n; i++) {
+        mps_tensor_spec spec;
+        mps_tensor_spec_get(cfg, tensors[i], &spec);
+        if (!mps_stage_holds(cfg, L, stage, &spec))
+            continue;
+        mps_piece piece;
+        mps_geometry(cfg, &box_layout, rank, MPS_KIND_PARAM, tensors[i], &piece);
+        if (piece.held)
+            *(i < nlayer_tensors ? &layer : &outside) += mps_box_numel(&piece.box);
+    }
+    int64_t grads = (2 * layer + outside) * mps_kind_bytes(precision, MPS_KIND_GRAD);
+    int64_t gathered = 2 * layer > outside + layer ? 2 * layer : outside + layer;
+    return grads + (L->zero >= 3 ? gathered * mps_kind_bytes(precision, MPS_KIND_PARAM) : 0);
+}
+
 struct mps_plan {
     mps_config cfg;
     mps_layout L;
@@ -108,6 +149,7 @@ struct mps_plan {
     int64_t *full_params;        /* [stage * tp + tp_rank]: parameters of the TP/PP box before ZeRO splits them */
     int64_t *tied_head;          /* [tp_rank]: wte elements of the TP box (gradient summed between first and last stage) */
     int64_t *activations;        /* [stage] */
+    int64_t *transient;          /* [stage * tp + tp_rank] */
 };
 
 void mps_plan_free(mps_plan *p)
@@ -119,6 +161,7 @@ void mps_plan_free(mps_plan *p)
     free(p->full_params);
     free(p->tied_head);
     free(p->activations);
+    free(p->transient);
     free(p);
 }
 
@@ -202,10 +245,11 @@ int mps_plan_build(const mps_config *cfg, const mps_layout *L, const mps_plan_op
     p->full_params = calloc((size_t)pp * tp, sizeof(int64_t));
     p->tied_head = calloc((size_t)tp, sizeof(int64_t));
     p->activations = calloc((size_t)pp, sizeof(int64_t));
+    p->transient = calloc((size_t)pp * tp, sizeof(int64_t));
     if (any_sharded)
         p->sharded_elems = calloc((size_t)p->world, sizeof(int64_t));
     if (!classes || !class_of || !specs || !p->unsharded_elems || !p->full_params || !p->tied_head || !p->activations ||
-        (any_sharded && !p->sharded_elems))
+        !p->transient || (any_sharded && !p->sharded_elems))
         goto oom;
     for (int t = 0; t < nt; t++) {
         mps_tensor_spec_get(cfg, t, &specs[t]);
@@ -244,6 +288,8 @@ int mps_plan_build(const mps_config *cfg, const mps_layout *L, const mps_plan_op
                     p->sharded_elems[r] = rank_class_sum(p, r, (mps_kind)kind_sharded, nclasses, cs, rs, box_total);
                 }
         }
+        for (int x = 0; x < tp; x++)
+            p->transient[s * tp + x] = mps_transient_bytes(cfg, &p->L, o->precision, s, x);
         p->activations[s] = activation_bytes_m(cfg, &p->L, o, s, p->microbatches);
         if (p->activations[s] < 0) {
             mps_fail(err, MPS_EUSAGE, "the activation estimate for --micro-batch %lld --seq %lld overflows",
@@ -286,7 +332,7 @@ double mps_plan_bubble(const mps_plan *p)
 
 static void fill_bytes(mps_precision precision, mps_rank_usage *u)
 {
-    u->total = u->activations;
+    u->total = u->activations + u->transient;
     for (int k = 0; k < MPS_KIND_COUNT; k++) {
         u->bytes[k] = u->elems[k] * mps_kind_bytes(precision, (mps_kind)k);
         u->total += u->bytes[k];
@@ -302,6 +348,7 @@ void mps_plan_rank(const mps_plan *p, int rank, mps_rank_usage *u)
     for (int k = 0; k < MPS_KIND_COUNT; k++)
         u->elems[k] = p->sharded[k] ? p->sharded_elems[rank] : p->unsharded_elems[slot];
     u->activations = p->activations[u->at.pp];
+    u->transient = p->transient[slot];
     fill_bytes(p->o.precision, u);
 }
 
@@ -414,6 +461,7 @@ void mps_plan_rank_direct(const mps_config *cfg, const mps_layout *L, const mps_
             u->elems[k] += elems[k];
     }
     u->activations = mps_activation_bytes(cfg, L, o, u->at.pp);
+    u->transient = mps_transient_bytes(cfg, L, o->precision, u->at.pp, u->at.tp);
     fill_bytes(o->precision, u);
 }
 

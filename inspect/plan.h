@@ -50,7 +50,8 @@ typedef struct {
     int64_t elems[MPS_KIND_COUNT]; /* elements held per kind, from mps_geometry */
     int64_t bytes[MPS_KIND_COUNT]; /* elems * mps_kind_bytes */
     int64_t activations;           /* bytes, mps_activation_bytes of the rank's stage */
-    int64_t total;                 /* all kinds + activations */
+    int64_t transient;             /* bytes, mps_transient_bytes of the rank's stage and TP rank */
+    int64_t total;                 /* all kinds + activations + transient */
 } mps_rank_usage;
 
 /* Bytes one rank sends per optimizer step (ring collectives; it receives about as much). */
@@ -66,6 +67,16 @@ typedef struct {
  * is s*b*h/t*(34 + 5*a*s/h) (no recompute), s*b*h/t*34 (selective) or 2*s*b*h/t (full), t = tp
  * (sequence parallelism assumed with TP). Returns -1 if the figure does not fit in int64. */
 int64_t mps_activation_bytes(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o, int stage);
+
+/* ZeRO's working set beyond the sharded state, as mpshard's trainer keeps it (dp > 1; else 0):
+ * ZeRO-2/3 reduce-scatter each layer's full gradients as the backward finishes it, so the full
+ * gradients of two layers exist at a time, plus those of the stage's tensors outside the layers
+ * (wte, wpe, the final layernorm), final only at the end of the pass; ZeRO-3 gathers a layer's
+ * weights for its use while the next layer's gather runs, so two layers' full weights (or, on
+ * the first and last stage, the tensors outside the layers and one layer, if more). Full means
+ * the TP box: TP still splits them. Gradient and weight bytes per element follow the precision. */
+int64_t mps_transient_bytes(const mps_config *cfg, const mps_layout *L, mps_precision precision, int stage,
+                            int tp_rank);
 
 typedef struct mps_plan mps_plan;
 

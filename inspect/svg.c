@@ -7,7 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Segments from the bottom of a bar up: model state first, activations on top. */
+/* Segments from the bottom of a bar up: model state first, activations and ZeRO's transients on top. */
 static const struct { int kind; const char *label, *color; } segments[] = {
     { MPS_KIND_PARAM, "parameters", "#4e79a7" },
     { MPS_KIND_GRAD, "gradients", "#f28e2b" },
@@ -15,6 +15,7 @@ static const struct { int kind; const char *label, *color; } segments[] = {
     { MPS_KIND_ADAM_M, "Adam m", "#59a14f" },
     { MPS_KIND_ADAM_V, "Adam v", "#edc948" },
     { -1, "activations", "#b07aa1" },
+    { -2, "ZeRO transient", "#9c755f" },
 };
 #define NSEG ((int)(sizeof segments / sizeof segments[0]))
 
@@ -108,7 +109,8 @@ int mps_svg_write_plan(const char *path, const mps_plan *plan, const mps_svg_opt
         fprintf(f, "<g><title>rank %d (pp %d, dp %d, tp %d): %.3f %s</title>\n", r, u.at.pp, u.at.dp, u.at.tp,
                 (double)u.total / unit, unit_name);
         for (int s = 0; s < NSEG; s++) {
-            double v = (double)(segments[s].kind >= 0 ? u.bytes[segments[s].kind] : u.activations) / unit;
+            int k = segments[s].kind;
+            double v = (double)(k >= 0 ? u.bytes[k] : k == -1 ? u.activations : u.transient) / unit;
             if (v <= 0)
                 continue;
             double y1 = top + plot_h - (base + v) / y_top * plot_h, h = v / y_top * plot_h;

@@ -29,6 +29,12 @@ for z in 1 2 3; do
   [ "$(echo $got)" = "$want" ] && ok || bad "ZeRO-$z over 8 GPUs: $got GB per rank, want $want"
   # ZeRO does not shard activations: they are the same ~9.9 GB on every rank
   check near "$(jq '.ranks[7].activations / 1e9' "$T/out")" 9.93
+  # ZeRO-2/3's transients: full fp32 gradients of 2 layers (201.4 M elements each) and of the
+  # tensors outside the layers (wte 524.3 M, wpe 33.6 M, ln_f), ZeRO-3 also the gathered embedding
+  # with one layer; the total adds them
+  case $z in 1) want=0 ;; 2) want=3.84 ;; 3) want=6.88 ;; esac
+  check near "$(jq '.ranks[5].transient / 1e9' "$T/out")" $want
+  check near "$(jq '.ranks[5] | (.params + .grads + .master + .adam_m + .adam_v + .activations + .transient - .total)' "$T/out")" 0
 done
 
 # --- checkpoints: what the datasets hold per rank equals the plan; the files table equals stat ---
