@@ -46,7 +46,12 @@ static const char *const help =
     "                     is committed (then 'latest') at the first step boundary after every rank's\n"
     "                     write has finished. The save at the end of the run is written directly.\n"
     "  --save-sync        write every save before training goes on (no snapshot memory)\n"
-    "  --log FILE.jsonl   append one JSON object per step\n"
+    "  --log FILE.jsonl   append one JSON object per step (and one per evaluation)\n"
+    "  --val-data F       evaluate on token file F: the mean loss of the current weights over its\n"
+    "                     first --val-batches global batches (forward passes only), when the run\n"
+    "                     starts and ends and every --val-every steps\n"
+    "  --val-every K      also evaluate when the step counter is a multiple of K (default 0: never)\n"
+    "  --val-batches N    global batches per evaluation (default 10)\n"
     "  --backend B        cpu or cuda (default: cuda when built with it and a GPU is present)\n"
     "  --model NAME | --config K=V,..  refuse a checkpoint of another model\n"
     "  --comm C           nccl (default with the CUDA backend when every rank has its own GPU) or mpi\n"
@@ -61,11 +66,11 @@ static const char *const help =
     "  -q, --quiet        no per-step lines\n";
 
 typedef struct {
-    const char *ckpt, *layout, *data, *out, *log, *model, *config;
-    int64_t steps, save_every;
+    const char *ckpt, *layout, *data, *out, *log, *model, *config, *val_data;
+    int64_t steps, save_every, val_every, val_batches;
     int quiet;
     mps_train_opts o;
-    int decay_set, lr_min_set;
+    int decay_set, lr_min_set, val_batches_set;
     int backend_cuda; /* -1: the default (cuda when this build has it and a GPU is there) */
     int comm_staged;  /* route collectives through the host-staging layer even for host buffers */
     int comm_deferred; /* ... in its deferred mode (comm_staged.h) */
@@ -102,10 +107,13 @@ static int parse_args(int argc, char **argv, train_args *a)
         { "comm-staged", no_argument, 0, 'X' }, { "comm", required_argument, 0, 'Y' },
         { "save-sync", no_argument, 0, 'Z' }, { "recompute", no_argument, 0, 'R' },
         { "no-overlap", no_argument, 0, 'O' }, { "comm-deferred", no_argument, 0, 'V' },
+        { "val-data", required_argument, 0, 'v' }, { "val-every", required_argument, 0, 'e' },
+        { "val-batches", required_argument, 0, 'N' },
         { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     memset(a, 0, sizeof *a);
     a->backend_cuda = -1;
+    a->val_batches = 10;
     a->o = (mps_train_opts){ .micro_batch = 4, .seq = 64, .lr = 3e-4f, .weight_decay = 0.1f, .grad_clip = 1.0f,
                              .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .schedule = MPS_SCHED_1F1B };
     int64_t v;
@@ -146,6 +154,12 @@ static int parse_args(int argc, char **argv, train_args *a)
         case 'R': a->o.recompute = 1; break;
         case 'O': a->o.reduce_after_backward = 1; break;
         case 'V': a->comm_deferred = 1; break;
+        case 'v': a->val_data = optarg; break;
+        case 'e': if (cli_int("train", "--val-every", optarg, 0, 99999999, &a->val_every)) return -1; break;
+        case 'N':
+            if (cli_int("train", "--val-batches", optarg, 1, 1 << 20, &a->val_batches)) return -1;
+            a->val_batches_set = 1;
+            break;
         case 'Y':
             if (strcmp(optarg, "mpi") == 0) a->comm_mpi = 1;
             else if (strcmp(optarg, "nccl") == 0) a->comm_mpi = 0;
@@ -162,6 +176,10 @@ static int parse_args(int argc, char **argv, train_args *a)
     }
     if (!a->ckpt || !a->layout || !a->data || !a->out || !a->steps) {
         cli_usage("train", "--ckpt, --layout, --data, --steps and --out are required");
+        return -1;
+    }
+    if ((a->val_every || a->val_batches_set) && !a->val_data) {
+        cli_usage("train", "--val-every and --val-batches need --val-data");
         return -1;
     }
     if (!a->lr_min_set)
@@ -239,6 +257,28 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* An evaluation on --val-data at step counter `step`: a line on stdout and one in the log. */
+static int evaluate(mps_engine *e, const mps_tokens *val, const train_args *a, int rank, int64_t step, FILE *log,
+                    mps_err *err)
+{
+    double loss;
+    if (mps_engine_eval(e, val, 0, (int)a->val_batches, &loss, err) != 0)
+        return mps_wrap(err, "evaluating on %s at step %lld", a->val_data, (long long)step);
+    if (rank != 0)
+        return 0;
+    if (!a->quiet) {
+        printf("step %lld/%lld  val loss %.6f\n", (long long)step, (long long)a->steps, loss);
+        fflush(stdout);
+    }
+    if (log) {
+        fprintf(log, "{\"step\": %lld, \"val_loss\": %.9g, \"val_tokens\": %lld, \"elapsed_s\": %.3f}\n",
+                (long long)step, loss, (long long)(a->val_batches * a->o.global_batch * a->o.seq),
+                now_s() - a->t_start);
+        fflush(log);
+    }
+    return 0;
+}
+
 /* L: the run's layout, parsed by read_layout() against the checkpoint's model */
 static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const mps_backend *be, int comm_on_device,
                  mps_err *err)
@@ -270,7 +310,7 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
     mps_layout L = *layout;
     if (!a->o.global_batch)
         a->o.global_batch = a->o.micro_batch * L.dp;
-    mps_tokens *data = NULL;
+    mps_tokens *data = NULL, *val = NULL;
     mps_engine *e = NULL;
     mps_saver *sv = NULL;
     int rc = -1;
@@ -288,6 +328,14 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
     if (mps_tokens_sequences(data) < a->o.global_batch) {
         mps_fail(err, MPS_EUSAGE, "%s: %lld sequences of --seq %d are too few for one batch of --global-batch %d",
                  a->data, (long long)mps_tokens_sequences(data), a->o.seq, a->o.global_batch);
+        goto out;
+    }
+    if (a->val_data && mps_tokens_open(a->val_data, a->o.seq, cfg.vocab, &val, err) != 0)
+        goto out;
+    if (val && mps_tokens_sequences(val) < a->val_batches * a->o.global_batch) {
+        mps_fail(err, MPS_EUSAGE, "--val-data %s: %lld sequences of --seq %d are too few for --val-batches %lld of "
+                 "--global-batch %d", a->val_data, (long long)mps_tokens_sequences(val), a->o.seq,
+                 (long long)a->val_batches, a->o.global_batch);
         goto out;
     }
     double t0 = now_s();
@@ -329,7 +377,7 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         mps_fail(err, MPS_EIO, "--log %s: %s", a->log, strerror(errno));
         goto out;
     }
-    rc = 0;
+    rc = val ? evaluate(e, val, a, comm->rank, step, log, err) : 0;
     while (step < a->steps && rc == 0) {
         double ts = now_s();
         mps_step_stats st;
@@ -345,6 +393,7 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         }
         /* a step boundary: commit the background save if every rank's writer is done */
         rc = mps_saver_poll(sv, 0, err);
+        int eval_now = val && ((a->val_every && step % a->val_every == 0) || step == a->steps);
         double stall = -1;
         if (rc == 0 && ((a->save_every && step % a->save_every == 0) || step == a->steps))
             rc = save(sv, a, step, seed, position, &stall, err);
@@ -358,6 +407,8 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
                     extra);
             fflush(log);
         }
+        if (rc == 0 && eval_now)
+            rc = evaluate(e, val, a, comm->rank, step, log, err);
     }
     /* nothing may be left in flight: the last save is committed before the run ends */
     if (rc == 0)
@@ -368,6 +419,7 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
 out:
     mps_saver_free(sv); /* on an error exit: stops and joins a pending writer, removes its staging */
     mps_tokens_close(data);
+    mps_tokens_close(val);
     mps_engine_free(e);
     mps_comm_staged_free(&staged);
     if (ck)

@@ -620,6 +620,36 @@ int mps_engine_grads(mps_engine *e, const mps_tokens *data, int64_t first_seq, d
     return rc;
 }
 
+int mps_engine_eval(mps_engine *e, const mps_tokens *data, int64_t first_seq, int batches, double *loss,
+                    mps_err *err)
+{
+    double sum = 0;
+    int rc = 0;
+    e->evaluating = 1;
+    for (int b = 0; b < batches && rc == 0; b++) {
+        e->loss_sum = 0;
+        int ok = read_step_tokens(e, data, first_seq + (int64_t)b * e->o.global_batch, err) == 0;
+        if (!e->comm->all_ok(e->comm->ctx, ok)) {
+            rc = ok ? mps_fail(err, MPS_ECORRUPT, "reading the evaluation's tokens failed on another rank") : -1;
+            break;
+        }
+        /* forward passes in micro-batch order (each stage passes its output on), then the sends'
+         * buffers are free for the next batch */
+        for (int mb = 0; mb < e->accum && rc == 0; mb++)
+            rc = forward_mb(e, mb, err);
+        if (rc == 0)
+            rc = e->comm->flush(e->comm->ctx, err);
+        sum += e->is_last ? e->loss_sum : 0;
+    }
+    e->evaluating = 0;
+    if (rc == 0)
+        rc = e->comm->allreduce_sum_f64(e->comm->ctx, MPS_GROUP_WORLD, &sum, 1, err);
+    if (rc == 0)
+        rc = e->be->sync(e->be->ctx, err);
+    *loss = sum / ((double)batches * e->o.global_batch * e->T);
+    return rc;
+}
+
 int mps_engine_step(mps_engine *e, const mps_tokens *data, int64_t first_seq, int64_t step, mps_step_stats *stats,
                     mps_err *err)
 {

@@ -52,6 +52,11 @@ float mps_engine_lr(const mps_train_opts *o, int64_t step);
 /* One optimizer step over sequences [first_seq, first_seq + G) of the token stream. */
 int mps_engine_step(mps_engine *e, const mps_tokens *data, int64_t first_seq, int64_t step, mps_step_stats *stats,
                     mps_err *err);
+/* The mean cross-entropy of the current weights over `batches` global batches of sequences
+ * [first_seq, first_seq + batches * G) (validation): forward passes only, in the layout's
+ * micro-batches; weights, gradients and optimizer state are left as they were. */
+int mps_engine_eval(mps_engine *e, const mps_tokens *data, int64_t first_seq, int batches, double *loss,
+                    mps_err *err);
 /* Writes the shard file of this rank (the pieces it owns) for manifest m into dir. */
 int mps_engine_write_shard(mps_engine *e, const char *dir, const mps_manifest *m, mps_err *err);
 /* Where this rank keeps state `kind` (param, adam_m, adam_v) of a tensor: a buffer of the backend

@@ -92,6 +92,7 @@ struct mps_engine {
      * that can start collectives), in the step's last backward pass, per tensor whether its sum
      * or reduce-scatter has started this step, and ZeRO >= 1's reduce-scatter temporaries */
     int overlap_dp, last_backward;
+    int evaluating;          /* mps_engine_eval: forward passes only, the loss and nothing else */
     int scatter_each_layer; /* ZeRO-2/3: reduce-scatters layer by layer in every micro-batch */
     unsigned char *sum_started;
     float **scatter_tmp;

@@ -191,7 +191,8 @@ static int embed_backward(mps_engine *e, mps_mb_slot *s, const float *dx, mps_er
 }
 
 /* Last stage: ln_f, the tied head (vocab-parallel logits), cross-entropy, and right away the
- * head's backward: dx (N, C) receives the gradient at the last layer's output. */
+ * head's backward: dx (N, C) receives the gradient at the last layer's output. While evaluating,
+ * the loss only. */
 static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, mps_err *err)
 {
     const int64_t N = e->N;
@@ -202,8 +203,13 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     float **const dst[3] = { &wte, &lnfw, &lnfb };
     if (mps_weights_acquire_many(e, tensors, 3, dst, err) != 0)
         return -1;
-    float *gwte = mps_grad(e, MPS_TENSOR_WTE, err), *glnfw = mps_grad(e, lnfw_t, err), *glnfb = mps_grad(e, lnfb_t, err);
-    int rc = (gwte && glnfw && glnfb) ? 0 : -1;
+    float *gwte = NULL, *glnfw = NULL, *glnfb = NULL;
+    if (!e->evaluating) {
+        gwte = mps_grad(e, MPS_TENSOR_WTE, err);
+        glnfw = mps_grad(e, lnfw_t, err);
+        glnfb = mps_grad(e, lnfb_t, err);
+    }
+    int rc = e->evaluating || (gwte && glnfw && glnfb) ? 0 : -1;
     void *xf = e->scratch_a; /* (N, C) operand buffer */
     float *mean = e->scratch_b, *rstd = e->scratch_b + N;
     float *rowmax = e->scratch_b + 2 * N, *sumexp = e->scratch_b + 3 * N, *tlogit = e->scratch_b + 4 * N;
@@ -225,9 +231,9 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     }
     if (rc == 0) /* one reduction for both: sumexp and tlogit lie next to each other */
         rc = tp_sum(e, sumexp, 2 * N, err);
-    if (rc == 0) {
-        if (e->me.tp == 0)
-            e->loss_sum += e->be->xent_loss_sum(e->be->ctx, gmax, sumexp, tlogit, N);
+    if (rc == 0 && e->me.tp == 0)
+        e->loss_sum += e->be->xent_loss_sum(e->be->ctx, gmax, sumexp, tlogit, N);
+    if (rc == 0 && !e->evaluating) {
         float scale = 1.0f / ((float)e->o.global_batch * (float)e->T);
         void *dlogits = e->logits; /* in place */
         e->be->xent_bwd(e->be->ctx, dlogits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
@@ -235,7 +241,7 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
         e->be->matmul_bwd(e->be->ctx, dxf, e->L.tp == 1, gwte, NULL, dlogits, 1, xf, wte, N, C, (int)e->Vl);
         rc = tp_sum(e, dxf, N * C, err);
     }
-    if (rc == 0) {
+    if (rc == 0 && !e->evaluating) {
         /* the column sums wait in the slot for the last layer's backward (the head runs with the
          * forward; another micro-batch's backward may come between) */
         buf_zero(e, s->dx, N * C);

@@ -75,6 +75,30 @@ for spec in "3 pp=3" "4 pp=4 --schedule gpipe" "4 pp=4,zero=1" "8 dp=2,pp=4,zero
     || bad "$lay: $(tail -3 "$T/err")"
   same_losses "$T/pn.jsonl" "$T/p1.jsonl"
 done
+# validation (--val-data): the mean loss of the current weights over the file's first batches,
+# forward passes only, at the start, the end and every --val-every steps. Over the training
+# file's first batch, step 0's is step 1's training loss; the training losses are those of the
+# run without it (the evaluation changes nothing); every layout gives the same figures.
+TRV="--val-data $T/tok.bin --val-every 3 --val-batches 1"
+val_losses() { grep '"val_loss"' "$1" | sed -E 's/.*"step": ([0-9]+), "val_loss": ([^,]*),.*/\1 \2/'; }
+rm -rf "$T/v1" "$T/v1.jsonl"
+train 1 --ckpt "$T/init4" --layout dp=1 --steps 6 --out "$T/v1" --log "$T/v1.jsonl" $TRV && ok || bad "val: $(tail -3 "$T/err")"
+[ "$(val_losses "$T/v1.jsonl" | cut -d' ' -f1 | tr '\n' ' ')" = "0 3 6 " ] && ok || bad "val steps: $(val_losses "$T/v1.jsonl")"
+[ "$(val_losses "$T/v1.jsonl" | head -1 | cut -d' ' -f2)" = "$(losses "$T/p1.jsonl" | head -1)" ] && ok \
+  || bad "val at step 0 $(val_losses "$T/v1.jsonl" | head -1) vs step 1's loss $(losses "$T/p1.jsonl" | head -1)"
+grep -v '"val_loss"' "$T/v1.jsonl" >"$T/v1t.jsonl"
+[ "$(losses "$T/v1t.jsonl")" = "$(losses "$T/p1.jsonl")" ] && ok || bad "--val-data changed the training losses"
+awk '$2 < 4.5 || $2 > 6' <(val_losses "$T/v1.jsonl") | grep -q . && bad "val losses: $(val_losses "$T/v1.jsonl")" || ok
+for spec in "2 dp=2,zero=3" "4 pp=4" "4 dp=2,tp=2,zero=2 --comm-deferred" "3 pp=3 --recompute --schedule gpipe" \
+            "8 dp=2,pp=2,tp=2,zero=1"; do
+  set -- $spec; np=$1; lay=$2; shift 2
+  rm -rf "$T/vn" "$T/vn.jsonl"
+  train "$np" --ckpt "$T/init4" --layout "$lay" --steps 6 --out "$T/vn" --log "$T/vn.jsonl" $TRV "$@" && ok \
+    || bad "val $lay: $(tail -3 "$T/err")"
+  paste <(val_losses "$T/v1.jsonl") <(val_losses "$T/vn.jsonl") | awk '{ d = $2 - $4; if (d < 0) d = -d;
+      if ($1 != $3 || d > 1e-5 * $2) bad = 1 } END { exit bad || NR != 3 }' && ok \
+    || bad "val $lay: $(val_losses "$T/vn.jsonl" | tr '\n' ' ') vs $(val_losses "$T/v1.jsonl" | tr '\n' ' ')"
+done
 # the checkpoint a layout saves holds what every other layout's checkpoint holds, to rounding
 expect 0 "$MPSHARD" verify "$T/r5/step-00000006" -q
 # 3 steps in one layout, then resume in another for the remaining 3 == 6 steps straight
@@ -142,5 +166,11 @@ expect_err "small.bin: 6 sequences of --seq 16 are too few for one batch of --gl
 expect 0 "$MPSHARD" tokens --count 5000 --vocab 300 -o "$T/big.bin"
 expect 3 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --data "$T/big.bin"
 expect_err "big.bin: token [0-9]+ is id [0-9]+, beyond the model's vocabulary of 250"
+expect 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --val-every 2
+expect_err "--val-every and --val-batches need --val-data"
+expect 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --val-data "$T/small.bin"
+expect_err "--val-data .*small.bin: 6 sequences of --seq 16 are too few for --val-batches 10 of --global-batch 8"
+expect 4 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --val-data "$T/none.bin"
+expect_err "none.bin"
 [ ! -e "$T/x" ] && ok || bad "a failed run left $T/x"
 finish
