@@ -656,6 +656,11 @@ int mps_engine_step(mps_engine *e, const mps_tokens *data, int64_t first_seq, in
     double loss, norm;
     if (mps_engine_grads(e, data, first_seq, &loss, &norm, err) != 0)
         return -1;
+    /* every rank has the same loss and norm (summed over the world): all stop here together,
+     * before an update that would spread the NaN or infinity into the weights and the moments */
+    if (!isfinite(loss) || !isfinite(norm))
+        return mps_fail(err, MPS_EFAIL, "step %lld: the loss (%g) or the gradient norm (%g) is not finite; the update "
+                        "is not applied", (long long)step + 1, loss, norm);
     float lr = mps_engine_lr(&e->o, step);
     float clip = 1.0f;
     if (e->o.grad_clip > 0 && norm > e->o.grad_clip)

@@ -172,5 +172,13 @@ expect 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T
 expect_err "--val-data .*small.bin: 6 sequences of --seq 16 are too few for --val-batches 10 of --global-batch 8"
 expect 4 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --val-data "$T/none.bin"
 expect_err "none.bin"
+# a NaN in the weights (wte[0][0] of an exported model, which every logit row reads): the first
+# step stops the run before its update, and nothing is saved
+expect 0 "$MPSHARD" export "$T/init" --format safetensors -o "$T/nanhf" -q
+hl=$(od -An -tu8 -N8 "$T/nanhf/model.safetensors" | tr -d ' ')
+printf '\xff\xff\xff\x7f' | dd of="$T/nanhf/model.safetensors" bs=1 seek=$((8 + hl)) conv=notrunc 2>/dev/null
+expect 0 "$MPSHARD" shard "$T/nanhf/model.safetensors" --layout dp=1 -o "$T/nanck" -q
+expect 1 "$MPSHARD" train $TR --ckpt "$T/nanck" --layout dp=1 --steps 2 --out "$T/x"
+expect_err "step 1: the loss \(nan\) or the gradient norm \(nan\) is not finite; the update is not applied"
 [ ! -e "$T/x" ] && ok || bad "a failed run left $T/x"
 finish
