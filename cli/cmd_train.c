@@ -46,6 +46,8 @@ static const char *const help =
     "                     is committed (then 'latest') at the first step boundary after every rank's\n"
     "                     write has finished. The save at the end of the run is written directly.\n"
     "  --save-sync        write every save before training goes on (no snapshot memory)\n"
+    "  --keep-last K      after each save, keep only the K newest checkpoints of RUNDIR (default 0:\n"
+    "                     keep all); the others are removed, manifest first\n"
     "  --log FILE.jsonl   append one JSON object per step (and one per evaluation)\n"
     "  --val-data F       evaluate on token file F: the mean loss of the current weights over its\n"
     "                     first --val-batches global batches (forward passes only), when the run\n"
@@ -67,7 +69,7 @@ static const char *const help =
 
 typedef struct {
     const char *ckpt, *layout, *data, *out, *log, *model, *config, *val_data;
-    int64_t steps, save_every, val_every, val_batches;
+    int64_t steps, save_every, val_every, val_batches, keep_last;
     int quiet;
     mps_train_opts o;
     int decay_set, lr_min_set, val_batches_set;
@@ -108,7 +110,7 @@ static int parse_args(int argc, char **argv, train_args *a)
         { "save-sync", no_argument, 0, 'Z' }, { "recompute", no_argument, 0, 'R' },
         { "no-overlap", no_argument, 0, 'O' }, { "comm-deferred", no_argument, 0, 'V' },
         { "val-data", required_argument, 0, 'v' }, { "val-every", required_argument, 0, 'e' },
-        { "val-batches", required_argument, 0, 'N' },
+        { "val-batches", required_argument, 0, 'N' }, { "keep-last", required_argument, 0, 'P' },
         { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     memset(a, 0, sizeof *a);
@@ -155,6 +157,7 @@ static int parse_args(int argc, char **argv, train_args *a)
         case 'O': a->o.reduce_after_backward = 1; break;
         case 'V': a->comm_deferred = 1; break;
         case 'v': a->val_data = optarg; break;
+        case 'P': if (cli_int("train", "--keep-last", optarg, 0, 1 << 30, &a->keep_last)) return -1; break;
         case 'e': if (cli_int("train", "--val-every", optarg, 0, 99999999, &a->val_every)) return -1; break;
         case 'N':
             if (cli_int("train", "--val-batches", optarg, 1, 1 << 20, &a->val_batches)) return -1;
@@ -235,18 +238,27 @@ static void report_saves(mps_saver *sv, const train_args *a, int rank)
 {
     mps_save_report r;
     while (mps_saver_next_report(sv, &r)) {
-        if (rank != 0 || a->quiet)
+        if (rank != 0)
             continue;
         char wait[64] = "";
         if (r.wait_s >= 0.0005)
             snprintf(wait, sizeof wait, ", %.3f s of it waiting for the previous save", r.wait_s);
-        if (r.background)
+        if (!a->quiet && r.background)
             fprintf(stderr, "train: saved %s/step-%08lld in %.3f s of stall (snapshot copy%s); written in the "
                     "background in %.2f s, committed in %.3f s\n", a->out, (long long)r.step, r.stall_s, wait,
                     r.write_s, r.commit_s);
-        else
+        else if (!a->quiet)
             fprintf(stderr, "train: saved %s/step-%08lld in %.2f s (training stalls for the save%s)\n", a->out,
                     (long long)r.step, r.stall_s, wait);
+        /* the committer prunes; a failure to remove an old checkpoint does not stop training */
+        int removed = 0;
+        mps_err perr;
+        mps_err_clear(&perr);
+        if (mps_run_prune(a->out, (int)a->keep_last, &removed, &perr) != 0)
+            fprintf(stderr, "train: warning: --keep-last: %s\n", perr.msg);
+        else if (removed && !a->quiet)
+            fprintf(stderr, "train: --keep-last %lld: removed %d older checkpoint%s\n", (long long)a->keep_last,
+                    removed, removed == 1 ? "" : "s");
     }
 }
 
