@@ -50,9 +50,11 @@ int mps_saver_next_report(mps_saver *s, mps_save_report *r);
  * a successful mps_saver_poll(block) there is nothing pending and it only frees. */
 void mps_saver_free(mps_saver *s);
 
-/* Keeps the `keep` newest checkpoints RUNDIR/step-* (by step; never the one RUNDIR/latest names)
- * and removes the others, each manifest first (no half-removed one looks committed); *removed:
- * how many. keep <= 0: none removed. Staging directories (.partial) are not touched. */
+/* Keeps the `keep` newest committed checkpoints RUNDIR/step-* (by step; never the one that
+ * RUNDIR/latest names) and removes the others, each renamed to step-*.removing first (no step-*
+ * directory is ever a half-removed checkpoint; leftovers of a removal cut short go too); *removed:
+ * how many. Directories without a manifest (staging .partial, anything else) are not touched.
+ * keep <= 0: none removed. */
 int mps_run_prune(const char *rundir, int keep, int *removed, mps_err *err);
 
 #endif

@@ -16,7 +16,7 @@ RANDOM=$SEED
 CFG="n_layer=4,n_embd=256,n_head=8,vocab=5000,n_positions=32"
 expect 0 "$MPSHARD" tokens --count 50000 --vocab 5000 -o "$T/tok.bin"
 expect 0 "$MPSHARD" init --config "$CFG" --layout dp=1 -o "$T/init" -q
-TR=(--data "$T/tok.bin" --global-batch 4 --micro-batch 2 --seq 16 --save-every 1 -q)
+TR=(--data "$T/tok.bin" --global-batch 4 --micro-batch 2 --seq 16 --save-every 1 -q --keep-last 3)
 # how long an uninterrupted run of 6 steps takes (ms), to spread the kill points over it
 t0=$(date +%s%N)
 "$MPSHARD" train --ckpt "$T/init" --layout dp=1 --steps 6 --out "$T/ref" "${TR[@]}" --log "$T/ref.jsonl" >/dev/null 2>&1 \
@@ -37,7 +37,7 @@ check_run() { # the invariants after a kill
   local run=$1
   for d in "$run"/step-*; do
     [ -e "$d" ] || continue
-    case $d in *.partial|*.lock) continue ;; esac
+    case $d in *.partial|*.lock|*.removing) continue ;; esac
     "$MPSHARD" verify "$d" -q >/dev/null 2>&1 || { bad "point $2: $d exists but does not verify"; return; }
   done
   if [ -e "$run/latest" ]; then

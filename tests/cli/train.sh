@@ -111,19 +111,20 @@ head -3 "$T/ab.jsonl" >"$T/rs.jsonl"
 train 2 --ckpt "$T/resh" --layout pp=2 --steps 6 --out "$T/rs" --log "$T/rs.jsonl" && ok || bad "from reshard: $(cat "$T/err")"
 same_losses "$T/rs.jsonl" "$T/ref.jsonl"
 # --keep-last K: after each save only the K newest checkpoints stay (background and direct saves);
-# other entries of the run directory (a staging directory, a folder of the user's) are left alone,
-# and a resume from the run directory takes the newest and continues the curve
+# a removal cut short (step-*.removing) goes too; what is not a committed checkpoint (a staging
+# directory, a folder of the user's, even one named step-*) is left alone; a resume from the run
+# directory takes the newest and continues the curve
 for mode in "" --save-sync; do
   rm -rf "$T/kp" "$T/kp.jsonl"
-  mkdir -p "$T/kp/notes" "$T/kp/step-00000099.partial"
+  mkdir -p "$T/kp/notes" "$T/kp/step-00000099.partial" "$T/kp/step-00000098" "$T/kp/step-00000001.removing/x"
   train 2 --ckpt "$T/init" --layout dp=2,zero=1 --steps 5 --save-every 1 --keep-last 2 --out "$T/kp" --log "$T/kp.jsonl" \
     $mode && ok || bad "--keep-last $mode: $(tail -3 "$T/err")"
-  [ "$(ls "$T/kp" | tr '\n' ' ')" = "latest notes step-00000004 step-00000005 step-00000099.partial " ] && ok \
+  [ "$(ls "$T/kp" | tr '\n' ' ')" = "latest notes step-00000004 step-00000005 step-00000098 step-00000099.partial " ] && ok \
     || bad "--keep-last 2 $mode left: $(ls "$T/kp" | tr '\n' ' ')"
   train 1 --ckpt "$T/kp" --layout dp=1 --steps 6 --save-every 1 --keep-last 1 --out "$T/kp" --log "$T/kp.jsonl" $mode \
     && ok || bad "--keep-last resume $mode: $(tail -3 "$T/err")"
   same_losses "$T/kp.jsonl" "$T/ref.jsonl"
-  [ "$(ls "$T/kp" | tr '\n' ' ')" = "latest notes step-00000006 step-00000099.partial " ] && ok \
+  [ "$(ls "$T/kp" | tr '\n' ' ')" = "latest notes step-00000006 step-00000098 step-00000099.partial " ] && ok \
     || bad "--keep-last 1 $mode left: $(ls "$T/kp" | tr '\n' ' ')"
   expect 0 "$MPSHARD" verify "$T/kp/step-00000006" -q
 done
