@@ -9,7 +9,8 @@
 #     transformers' GPT2LMHeadModel on the exported checkpoint within 1e-5, the CUDA backend's
 #     within 1e-2;
 #  3. GPU -> save -> reshard -> resume on the CPU continues the curve of a CPU run, and back;
-#  4. validation (--val-data) on the GPU against the CPU, and over 2 GPUs against one.
+#  4. validation (--val-data) on the GPU against the CPU, and over 2 GPUs against one;
+#  5. four training steps against PyTorch's (torch_curve.py): fp32 vs the CPU, bf16 vs the GPU.
 set -u
 M=${MPSHARD:-build/mpshard}; T=${1:-/tmp/gputest}; rm -rf "$T"; mkdir -p "$T"
 export OMP_NUM_THREADS=4 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 \
@@ -127,6 +128,20 @@ for f in cpu:1e-5 gpu:1e-2; do
     || bad "${f%%:*} first loss $first vs transformers $ref"
   echo "first-step loss ${f%%:*} $first, transformers $ref"
 done
+# the whole training step against PyTorch (tests/gpu/torch_curve.py: the same init, batches, AdamW,
+# schedule and clipping): fp32 against the CPU backend, bf16 autocast against the CUDA backend;
+# the gradient norms are printed side by side (the GPU's part from the CPU's by step 4)
+TC="--global-batch 16 --micro-batch 4 --seq 128 --steps 4 --lr 1e-3 --lr-min 1e-4 --decay-steps 8"
+python3 "$(dirname "$0")/torch_curve.py" "$T/hf" "$T/tok.bin" $TC >"$T/t32.jsonl" 2>"$T/torch.err" \
+  || bad "torch_curve fp32: $(tail -3 "$T/torch.err")"
+python3 "$(dirname "$0")/torch_curve.py" "$T/hf" "$T/tok.bin" $TC --bf16 >"$T/t16.jsonl" 2>"$T/torch.err" \
+  || bad "torch_curve bf16: $(tail -3 "$T/torch.err")"
+close "$T/cpu.jsonl" "$T/t32.jsonl" 2e-4
+close "$T/gpu.jsonl" "$T/t16.jsonl" 1e-2
+norms() { sed -E 's/.*"grad_norm": ([^,}]*).*/\1/' "$1"; }
+echo "step: loss / grad norm of mpshard cpu, torch fp32, mpshard gpu, torch bf16"
+paste <(losses "$T/cpu.jsonl") <(norms "$T/cpu.jsonl") <(losses "$T/t32.jsonl") <(norms "$T/t32.jsonl") \
+  <(losses "$T/gpu.jsonl") <(norms "$T/gpu.jsonl") <(losses "$T/t16.jsonl") <(norms "$T/t16.jsonl") | cat -n
 # GPU -> save at 2 -> reshard -> CPU for 2 more == the CPU run; and CPU -> GPU
 run 1 --ckpt "$T/init" --layout dp=1 --steps 2 --out "$T/g2" --log "$T/gc.jsonl" --backend cuda
 "$M" reshard "$T/g2/step-00000002" --layout tp=2,zero=1 -o "$T/g2r" -q || bad reshard
