@@ -15,10 +15,15 @@ static void print_line(void *ctx, const char *line)
     printf("%s\n", line);
 }
 
+/* a checkpoint directory, or a run directory whose latest is one */
 static int is_checkpoint(const char *path)
 {
-    char manifest[4200];
-    snprintf(manifest, sizeof manifest, "%s/" MPS_MANIFEST_NAME, path);
+    char dir[4200], manifest[4400];
+    mps_err err;
+    mps_err_clear(&err);
+    if (mps_ckpt_resolve(path, dir, sizeof dir, &err) < 0)
+        return 0;
+    snprintf(manifest, sizeof manifest, "%s/" MPS_MANIFEST_NAME, dir);
     return access(manifest, F_OK) == 0;
 }
 

@@ -640,7 +640,11 @@ int cmd_inspect(int argc, char **argv)
     mps_manifest m;
     int have_manifest = 0;
     memset(&m, 0, sizeof m);
-    if (a.dir) {
+    char resolved[4200];
+    if (a.dir) { /* a run directory: its latest checkpoint */
+        if (mps_ckpt_resolve(a.dir, resolved, sizeof resolved, &err) < 0)
+            return cli_fail("inspect", &err);
+        a.dir = resolved;
         char path[4400];
         snprintf(path, sizeof path, "%s/%s", a.dir, MPS_MANIFEST_NAME);
         if (mps_manifest_read(path, &m, &err) != 0)

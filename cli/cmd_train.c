@@ -195,24 +195,14 @@ static int parse_args(int argc, char **argv, train_args *a)
 /* DIR itself when it holds a manifest, else the checkpoint named by DIR/latest. */
 static int resolve_ckpt(const char *dir, char *out, size_t size, mps_err *err)
 {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/%s", dir, MPS_MANIFEST_NAME);
-    if (access(path, F_OK) == 0) {
-        snprintf(out, size, "%s", dir);
-        return 0;
-    }
-    snprintf(path, sizeof path, "%s/latest", dir);
-    FILE *f = fopen(path, "r");
-    if (!f)
+    int rc = mps_ckpt_resolve(dir, out, size, err);
+    if (rc < 0)
+        return -1;
+    char path[4400];
+    snprintf(path, sizeof path, "%s/%s", out, MPS_MANIFEST_NAME);
+    if (rc == 0 && access(path, F_OK) != 0)
         return mps_fail(err, MPS_EUSAGE, "--ckpt %s: neither a checkpoint (no %s) nor a run directory (no latest)", dir,
                         MPS_MANIFEST_NAME);
-    char name[256] = "";
-    int ok = fgets(name, sizeof name, f) != NULL;
-    fclose(f);
-    name[strcspn(name, "\n")] = 0;
-    if (!ok || !name[0] || strchr(name, '/'))
-        return mps_fail(err, MPS_ECORRUPT, "%s: expected the name of a checkpoint directory", path);
-    snprintf(out, size, "%s/%s", dir, name);
     return 0;
 }
 

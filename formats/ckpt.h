@@ -109,6 +109,12 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
 typedef struct mps_ckpt mps_ckpt;
 typedef struct mps_read_scratch mps_read_scratch;
 
+/* The checkpoint a path names: DIR itself when it holds a manifest (or has no 'latest'), else
+ * DIR/NAME for the NAME in DIR/latest (a run directory of `mpshard train`: its newest committed
+ * checkpoint). Returns 1 when it followed 'latest', 0 when out is DIR, -1 (err) for a 'latest'
+ * that does not name a directory of DIR. */
+int mps_ckpt_resolve(const char *dir, char *out, size_t size, mps_err *err);
+/* Opens a checkpoint (a run directory: its latest, mps_ckpt_resolve). */
 int mps_ckpt_open(const char *dir, mps_ckpt **out, mps_err *err);
 /* Checks that DIR's file of `rank` is the one manifest m lists: present, of the recorded size, an
  * mpshard shard file carrying m's checkpoint id and that rank. Reads no chunk data. */

@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <unistd.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -69,10 +70,36 @@ const mps_manifest *mps_ckpt_manifest(const mps_ckpt *c) { return &c->m; }
 const char *mps_ckpt_dir(const mps_ckpt *c) { return c->dir; }
 int64_t mps_ckpt_bytes_read(const mps_ckpt *c) { return atomic_load(&c->bytes_read); }
 
+int mps_ckpt_resolve(const char *dir, char *out, size_t size, mps_err *err)
+{
+    char path[4400];
+    snprintf(out, size, "%s", dir);
+    snprintf(path, sizeof path, "%s/" MPS_MANIFEST_NAME, dir);
+    if (access(path, F_OK) == 0)
+        return 0;
+    snprintf(path, sizeof path, "%s/latest", dir);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0; /* not a run directory either: the caller's open names the missing manifest */
+    char name[256] = "";
+    int ok = fgets(name, sizeof name, f) != NULL;
+    fclose(f);
+    name[strcspn(name, "\n")] = '\0';
+    if (!ok || !name[0] || strchr(name, '/') || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+        return mps_fail(err, MPS_ECORRUPT, "%s: expected the name of a checkpoint directory beside it", path);
+    if ((size_t)snprintf(out, size, "%s/%s", dir, name) >= size)
+        return mps_fail(err, MPS_EUSAGE, "%s/%s: path too long", dir, name);
+    return 1;
+}
+
 int mps_ckpt_open(const char *dir, mps_ckpt **out, mps_err *err)
 {
     if (mps_h5_init(err) != 0)
         return -1;
+    char resolved[sizeof ((mps_ckpt *)0)->dir];
+    if (mps_ckpt_resolve(dir, resolved, sizeof resolved, err) < 0)
+        return -1;
+    dir = resolved;
     mps_ckpt *c = calloc(1, sizeof *c);
     if (!c)
         return mps_fail(err, MPS_ENOMEM, "out of memory");

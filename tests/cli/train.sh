@@ -128,6 +128,15 @@ for mode in "" --save-sync; do
     || bad "--keep-last 1 $mode left: $(ls "$T/kp" | tr '\n' ' ')"
   expect 0 "$MPSHARD" verify "$T/kp/step-00000006" -q
 done
+# a run directory stands for its latest checkpoint wherever a checkpoint is read
+expect 0 "$MPSHARD" verify "$T/kp" -q
+expect 0 "$MPSHARD" inspect "$T/kp"
+grep -q "^checkpoint $T/kp/step-00000006: format version" "$T/out" && ok || bad "inspect RUNDIR: $(sed -n 3p "$T/out")"
+expect 0 "$MPSHARD" compare "$T/kp" "$T/kp/step-00000006"
+expect 0 "$MPSHARD" export "$T/kp" --format safetensors -o "$T/kpx" -q
+mkdir -p "$T/badrun" && echo "../kp" >"$T/badrun/latest"
+expect 3 "$MPSHARD" verify "$T/badrun"
+expect_err "badrun/latest: expected the name of a checkpoint directory beside it"
 # Background saves (the default: a host snapshot written by a thread while training goes on) hold
 # what --save-sync writes, byte for byte (the files differ by their checkpoint id and HDF5 times:
 # compare every kind, and the llm.c export of parameters and Adam state byte for byte); training
