@@ -1,5 +1,7 @@
 #include <errno.h>
 #include <fcntl.h>
+#include <glob.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,32 +12,38 @@
 
 #define TOKENS_MAGIC 20240520
 #define TOKENS_HEADER_BYTES 1024
+#define TOKENS_MAX_FILES (1 << 20)
+
+/* One file of the set: its sequences are [first, first + nseq) of the stream. */
+typedef struct {
+    char *path;
+    int64_t ntok, nseq, first;
+} token_file;
 
 struct mps_tokens {
-    int fd;
     int T;
-    int64_t ntok, nseq, vocab;
-    char path[4096];
+    int64_t nseq, vocab;
+    int nfiles;
+    token_file *files;
+    /* one descriptor open at a time (a set may hold more files than a process may open) */
+    pthread_mutex_t lock;
+    int open_file, fd;
 };
 
-int mps_tokens_open(const char *path, int T, int64_t vocab, mps_tokens **out, mps_err *err)
+/* Checks a token file's header against its size and T; *ntok: its token count. */
+static int check_file(const char *path, int T, int64_t *ntok, mps_err *err)
 {
-    *out = NULL;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return mps_fail(err, MPS_EIO, "%s: %s", path, strerror(errno));
     struct stat st;
     int32_t h[256];
-    if (fstat(fd, &st) != 0) {
-        close(fd);
-        return mps_fail(err, MPS_EIO, "%s: %s", path, strerror(errno));
-    }
-    if (st.st_size < TOKENS_HEADER_BYTES || pread(fd, h, sizeof h, 0) != (ssize_t)sizeof h) {
-        close(fd);
-        return mps_fail(err, MPS_ECORRUPT, "%s: shorter than the 1024-byte header of an llm.c token file", path);
-    }
     int rc = 0;
-    if (h[0] != TOKENS_MAGIC)
+    if (fstat(fd, &st) != 0)
+        rc = mps_fail(err, MPS_EIO, "%s: %s", path, strerror(errno));
+    else if (st.st_size < TOKENS_HEADER_BYTES || pread(fd, h, sizeof h, 0) != (ssize_t)sizeof h)
+        rc = mps_fail(err, MPS_ECORRUPT, "%s: shorter than the 1024-byte header of an llm.c token file", path);
+    else if (h[0] != TOKENS_MAGIC)
         rc = mps_fail(err, MPS_ECORRUPT, "%s: bad magic %d (an llm.c token file starts with %d)", path, h[0],
                       TOKENS_MAGIC);
     else if (h[1] != 1)
@@ -47,21 +55,77 @@ int mps_tokens_open(const char *path, int T, int64_t vocab, mps_tokens **out, mp
     else if (h[2] < T + 1)
         rc = mps_fail(err, MPS_EUSAGE, "%s: %d tokens are too few for one sequence of --seq %d (needs %d)", path, h[2],
                       T, T + 1);
-    if (rc) {
-        close(fd);
-        return rc;
+    close(fd);
+    if (rc == 0)
+        *ntok = h[2];
+    return rc;
+}
+
+void mps_tokens_close(mps_tokens *d)
+{
+    if (!d)
+        return;
+    if (d->fd >= 0)
+        close(d->fd);
+    for (int i = 0; i < d->nfiles; i++)
+        free(d->files[i].path);
+    free(d->files);
+    pthread_mutex_destroy(&d->lock);
+    free(d);
+}
+
+int mps_tokens_open(const char *path, int T, int64_t vocab, mps_tokens **out, mps_err *err)
+{
+    *out = NULL;
+    glob_t g = { 0 };
+    const char *one[1] = { path };
+    const char *const *names = one;
+    size_t count = 1;
+    if (strpbrk(path, "*?[")) { /* a shard set: the matching files in name order */
+        int grc = glob(path, GLOB_ERR, NULL, &g);
+        if (grc == GLOB_NOMATCH)
+            return mps_fail(err, MPS_EUSAGE, "%s: no token file matches", path);
+        if (grc != 0)
+            return mps_fail(err, MPS_EIO, "%s: cannot list the matching files", path);
+        if (g.gl_pathc > TOKENS_MAX_FILES) {
+            globfree(&g);
+            return mps_fail(err, MPS_EUSAGE, "%s: %zu files match, more than %d", path, g.gl_pathc, TOKENS_MAX_FILES);
+        }
+        names = (const char *const *)g.gl_pathv;
+        count = g.gl_pathc;
     }
     mps_tokens *d = calloc(1, sizeof *d);
-    if (!d) {
-        close(fd);
-        return mps_fail(err, MPS_ENOMEM, "out of memory");
+    int rc = d ? 0 : mps_fail(err, MPS_ENOMEM, "out of memory");
+    if (rc == 0) {
+        pthread_mutex_init(&d->lock, NULL);
+        d->fd = -1;
+        d->open_file = -1;
+        d->T = T;
+        d->vocab = vocab;
+        if (!(d->files = calloc(count, sizeof *d->files)))
+            rc = mps_fail(err, MPS_ENOMEM, "out of memory");
     }
-    d->fd = fd;
-    d->T = T;
-    d->ntok = h[2];
-    d->nseq = (d->ntok - 1) / T;
-    d->vocab = vocab;
-    snprintf(d->path, sizeof d->path, "%s", path);
+    for (size_t i = 0; rc == 0 && i < count; i++) {
+        token_file *f = &d->files[i];
+        if (!(f->path = strdup(names[i]))) {
+            rc = mps_fail(err, MPS_ENOMEM, "out of memory");
+            break;
+        }
+        d->nfiles++;
+        if (check_file(names[i], T, &f->ntok, err) != 0) {
+            rc = -1;
+            break;
+        }
+        f->nseq = (f->ntok - 1) / T;
+        f->first = d->nseq;
+        d->nseq += f->nseq;
+    }
+    if (names != one)
+        globfree(&g);
+    if (rc != 0) {
+        mps_tokens_close(d);
+        return rc;
+    }
     *out = d;
     return 0;
 }
@@ -75,28 +139,40 @@ int mps_tokens_read(const mps_tokens *d, int64_t seq, int32_t *inputs, int32_t *
 {
     int T = d->T;
     uint16_t buf[T + 1];
-    int64_t first = (seq % d->nseq) * T;
+    seq %= d->nseq;
+    int lo = 0, hi = d->nfiles - 1; /* the last file whose first sequence is <= seq */
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (d->files[mid].first <= seq)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    const token_file *f = &d->files[lo];
+    int64_t first = (seq - f->first) * T;
     off_t off = TOKENS_HEADER_BYTES + (off_t)first * 2;
-    if (pread(d->fd, buf, sizeof buf, off) != (ssize_t)sizeof buf)
-        return mps_fail(err, MPS_EIO, "%s: reading tokens %lld..%lld failed", d->path, (long long)first,
+    mps_tokens *m = (mps_tokens *)d; /* the descriptor cache, under its lock */
+    pthread_mutex_lock(&m->lock);
+    if (m->open_file != lo) {
+        if (m->fd >= 0)
+            close(m->fd);
+        m->fd = open(f->path, O_RDONLY | O_CLOEXEC);
+        m->open_file = m->fd >= 0 ? lo : -1;
+    }
+    ssize_t got = m->fd >= 0 ? pread(m->fd, buf, sizeof buf, off) : -1;
+    pthread_mutex_unlock(&m->lock);
+    if (got != (ssize_t)sizeof buf)
+        return mps_fail(err, MPS_EIO, "%s: reading tokens %lld..%lld failed", f->path, (long long)first,
                         (long long)(first + T));
     for (int i = 0; i <= T; i++)
         if (buf[i] >= d->vocab)
             return mps_fail(err, MPS_ECORRUPT, "%s: token %lld is id %u, beyond the model's vocabulary of %lld",
-                            d->path, (long long)(first + i), buf[i], (long long)d->vocab);
+                            f->path, (long long)(first + i), buf[i], (long long)d->vocab);
     for (int i = 0; i < T; i++) {
         inputs[i] = buf[i];
         targets[i] = buf[i + 1];
     }
     return 0;
-}
-
-void mps_tokens_close(mps_tokens *d)
-{
-    if (!d)
-        return;
-    close(d->fd);
-    free(d);
 }
 
 static uint64_t mix64(uint64_t x)

@@ -1,7 +1,9 @@
 /* Training data: llm.c token files (header of 256 int32: magic 20240520, version 1, token count;
- * then uint16 tokens). Sequence j of the stream is tokens [j*T, j*T + T] (T inputs and the T
- * shifted targets); the stream of sequences repeats when the file is exhausted. The order is a
- * function of the file and T only, so every layout sees the same batches. */
+ * then uint16 tokens). Sequence j of a file is its tokens [j*T, j*T + T] (T inputs and the T
+ * shifted targets). A set of files (a glob pattern, as llm.c's fineweb_train_*.bin shards) is
+ * one stream: the sequences of the files in name order, none crossing from one file into the
+ * next; the stream repeats when exhausted. The order is a function of the files and T only, so
+ * every layout sees the same batches. */
 #ifndef MPS_DATA_H
 #define MPS_DATA_H
 
@@ -11,7 +13,8 @@
 
 typedef struct mps_tokens mps_tokens;
 
-/* Opens and checks the header and the file size; vocab: ids must be below it. */
+/* Opens a token file, or every file a glob pattern (*, ?, [) matches, and checks each header
+ * against the file's size; vocab: ids must be below it. */
 int mps_tokens_open(const char *path, int T, int64_t vocab, mps_tokens **out, mps_err *err);
 int64_t mps_tokens_sequences(const mps_tokens *d); /* distinct sequences before the stream repeats */
 /* Reads sequence `seq` (any non-negative index: taken modulo the sequence count) into inputs (T)

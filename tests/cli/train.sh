@@ -193,6 +193,14 @@ expect_err "small.bin: 6 sequences of --seq 16 are too few for one batch of --gl
 expect 0 "$MPSHARD" tokens --count 5000 --vocab 300 -o "$T/big.bin"
 expect 3 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --data "$T/big.bin"
 expect_err "big.bin: token [0-9]+ is id [0-9]+, beyond the model's vocabulary of 250"
+# --data takes a glob pattern for a set of shard files (tests/unit/test_data.c checks the stream
+# of several); one that matches nothing is a usage error naming it
+rm -rf "$T/gl" "$T/gl.jsonl"
+train 1 --ckpt "$T/init" --layout dp=1 --steps 6 --out "$T/gl" --log "$T/gl.jsonl" --data "$T/tok*.bin" && ok \
+  || bad "--data glob: $(tail -3 "$T/err")"
+same_losses "$T/gl.jsonl" "$T/ref.jsonl"
+expect 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --data "$T/nothing_*.bin"
+expect_err "nothing_\*.bin: no token file matches"
 expect 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --val-every 2
 expect_err "--val-every and --val-batches need --val-data"
 expect 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x" --val-data "$T/small.bin"
