@@ -17,6 +17,7 @@ int cmd_load(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_tokens(int argc, char **argv);
 int cmd_train(int argc, char **argv);
+int cmd_eval(int argc, char **argv);
 
 /* Under mpirun: initialises MPI and fills procs (returns 1); otherwise returns 0; -1 on error. */
 int cli_procs_init(int *argc, char ***argv, mps_procs *procs);

@@ -69,7 +69,25 @@ static const char *const help =
     "                     only when it waits for them, their inputs checked for changes (tests)\n"
     "  -q, --quiet        no per-step lines\n";
 
+static const char *const eval_help =
+    "usage: [mpirun -np WORLD] mpshard eval --ckpt DIR --data TOKENS.bin [options]\n"
+    "\n"
+    "The mean cross-entropy of the checkpoint DIR (or a run directory's latest) over the first\n"
+    "--batches global batches of TOKENS.bin (a file or a quoted glob pattern), forward passes only,\n"
+    "under the layout L (default dp=1; WORLD must equal dp*pp*tp). Prints one line, or with --json\n"
+    "{\"step\", \"val_loss\", \"val_tokens\"}. Nothing is written.\n"
+    "\n"
+    "  --layout L         the parallel layout to evaluate under (any: the loss is the same)\n"
+    "  --batches N        global batches (default 10)\n"
+    "  --global-batch G   sequences per batch (default B * dp)\n"
+    "  --micro-batch B    sequences per micro-batch (default 4)\n"
+    "  --seq T            tokens per sequence (default 64)\n"
+    "  --backend B, --comm C, --recompute   as for mpshard train\n"
+    "  --json             the result as one JSON object\n";
+
 typedef struct {
+    const char *cmd;  /* "train", or "eval" (mpshard eval: load, evaluate, nothing else) */
+    int eval_only, json;
     const char *ckpt, *layout, *data, *out, *log, *model, *config, *val_data;
     int64_t steps, save_every, val_every, val_batches, keep_last;
     int quiet;
@@ -83,19 +101,19 @@ typedef struct {
     double t_start;   /* process start, for the log's elapsed_s (time to first step) */
 } train_args;
 
-static int parse_float(const char *opt, const char *v, double lo, double hi, float *out)
+static int parse_float(const char *cmd, const char *opt, const char *v, double lo, double hi, float *out)
 {
     char *end;
     double x = strtod(v, &end);
     if (end == v || *end || !(x >= lo && x <= hi)) {
-        cli_usage("train", "%s '%s': expected a number from %g to %g", opt, v, lo, hi);
+        cli_usage(cmd, "%s '%s': expected a number from %g to %g", opt, v, lo, hi);
         return -1;
     }
     *out = (float)x;
     return 0;
 }
 
-static int parse_args(int argc, char **argv, train_args *a)
+static int parse_args(int argc, char **argv, train_args *a, int eval_only)
 {
     static const struct option opts[] = {
         { "ckpt", required_argument, 0, 'C' }, { "layout", required_argument, 0, 'l' },
@@ -113,9 +131,12 @@ static int parse_args(int argc, char **argv, train_args *a)
         { "no-overlap", no_argument, 0, 'O' }, { "comm-deferred", no_argument, 0, 'V' },
         { "val-data", required_argument, 0, 'v' }, { "val-every", required_argument, 0, 'e' },
         { "val-batches", required_argument, 0, 'N' }, { "keep-last", required_argument, 0, 'P' },
+        { "batches", required_argument, 0, 'N' }, { "json", no_argument, 0, 'J' },
         { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     memset(a, 0, sizeof *a);
+    a->cmd = eval_only ? "eval" : "train";
+    a->eval_only = eval_only;
     a->backend_cuda = -1;
     a->val_batches = 10;
     a->o = (mps_train_opts){ .micro_batch = 4, .seq = 64, .lr = 3e-4f, .weight_decay = 0.1f, .grad_clip = 1.0f,
@@ -128,28 +149,28 @@ static int parse_args(int argc, char **argv, train_args *a)
         case 'C': a->ckpt = optarg; break;
         case 'l': a->layout = optarg; break;
         case 'd': a->data = optarg; break;
-        case 'n': if (cli_int("train", "--steps", optarg, 0, 99999999, &a->steps)) return -1; break;
-        case 'G': if (cli_int("train", "--global-batch", optarg, 1, 1 << 20, &v)) return -1; a->o.global_batch = (int)v; break;
-        case 'B': if (cli_int("train", "--micro-batch", optarg, 1, 1 << 16, &v)) return -1; a->o.micro_batch = (int)v; break;
-        case 'T': if (cli_int("train", "--seq", optarg, 1, 1 << 20, &v)) return -1; a->o.seq = (int)v; break;
-        case 'r': if (parse_float("--lr", optarg, 0, 10, &a->o.lr)) return -1; break;
-        case 'w': if (cli_int("train", "--warmup", optarg, 0, 99999999, &a->o.warmup)) return -1; break;
-        case 'm': if (parse_float("--lr-min", optarg, 0, 10, &a->o.lr_min)) return -1; a->lr_min_set = 1; break;
-        case 'D': if (cli_int("train", "--decay-steps", optarg, 0, 99999999, &a->o.decay_steps)) return -1; a->decay_set = 1; break;
-        case 'W': if (parse_float("--weight-decay", optarg, 0, 10, &a->o.weight_decay)) return -1; break;
-        case 'c': if (parse_float("--grad-clip", optarg, 0, 1e9, &a->o.grad_clip)) return -1; break;
+        case 'n': if (cli_int(a->cmd, "--steps", optarg, 0, 99999999, &a->steps)) return -1; break;
+        case 'G': if (cli_int(a->cmd, "--global-batch", optarg, 1, 1 << 20, &v)) return -1; a->o.global_batch = (int)v; break;
+        case 'B': if (cli_int(a->cmd, "--micro-batch", optarg, 1, 1 << 16, &v)) return -1; a->o.micro_batch = (int)v; break;
+        case 'T': if (cli_int(a->cmd, "--seq", optarg, 1, 1 << 20, &v)) return -1; a->o.seq = (int)v; break;
+        case 'r': if (parse_float(a->cmd, "--lr", optarg, 0, 10, &a->o.lr)) return -1; break;
+        case 'w': if (cli_int(a->cmd, "--warmup", optarg, 0, 99999999, &a->o.warmup)) return -1; break;
+        case 'm': if (parse_float(a->cmd, "--lr-min", optarg, 0, 10, &a->o.lr_min)) return -1; a->lr_min_set = 1; break;
+        case 'D': if (cli_int(a->cmd, "--decay-steps", optarg, 0, 99999999, &a->o.decay_steps)) return -1; a->decay_set = 1; break;
+        case 'W': if (parse_float(a->cmd, "--weight-decay", optarg, 0, 10, &a->o.weight_decay)) return -1; break;
+        case 'c': if (parse_float(a->cmd, "--grad-clip", optarg, 0, 1e9, &a->o.grad_clip)) return -1; break;
         case 'S':
             if (strcmp(optarg, "1f1b") == 0) a->o.schedule = MPS_SCHED_1F1B;
             else if (strcmp(optarg, "gpipe") == 0) a->o.schedule = MPS_SCHED_GPIPE;
-            else { cli_usage("train", "--schedule '%s': expected 1f1b or gpipe", optarg); return -1; }
+            else { cli_usage(a->cmd, "--schedule '%s': expected 1f1b or gpipe", optarg); return -1; }
             break;
-        case 'k': if (cli_int("train", "--save-every", optarg, 0, 99999999, &a->save_every)) return -1; break;
+        case 'k': if (cli_int(a->cmd, "--save-every", optarg, 0, 99999999, &a->save_every)) return -1; break;
         case 'o': a->out = optarg; break;
         case 'L': a->log = optarg; break;
         case 'b':
             if (strcmp(optarg, "cpu") == 0) a->backend_cuda = 0;
             else if (strcmp(optarg, "cuda") == 0) a->backend_cuda = 1;
-            else { cli_usage("train", "--backend '%s': expected cpu or cuda", optarg); return -1; }
+            else { cli_usage(a->cmd, "--backend '%s': expected cpu or cuda", optarg); return -1; }
             break;
         case 'M': a->model = optarg; break;
         case 'K': a->config = optarg; break;
@@ -159,32 +180,47 @@ static int parse_args(int argc, char **argv, train_args *a)
         case 'O': a->o.reduce_after_backward = 1; break;
         case 'V': a->comm_deferred = 1; break;
         case 'v': a->val_data = optarg; break;
-        case 'P': if (cli_int("train", "--keep-last", optarg, 0, 1 << 30, &a->keep_last)) return -1; break;
-        case 'e': if (cli_int("train", "--val-every", optarg, 0, 99999999, &a->val_every)) return -1; break;
+        case 'P': if (cli_int(a->cmd, "--keep-last", optarg, 0, 1 << 30, &a->keep_last)) return -1; break;
+        case 'e': if (cli_int(a->cmd, "--val-every", optarg, 0, 99999999, &a->val_every)) return -1; break;
         case 'N':
-            if (cli_int("train", "--val-batches", optarg, 1, 1 << 20, &a->val_batches)) return -1;
+            if (cli_int(a->cmd, "--val-batches", optarg, 1, 1 << 20, &a->val_batches)) return -1;
             a->val_batches_set = 1;
             break;
         case 'Y':
             if (strcmp(optarg, "mpi") == 0) a->comm_mpi = 1;
             else if (strcmp(optarg, "nccl") == 0) a->comm_mpi = 0;
-            else { cli_usage("train", "--comm '%s': expected nccl or mpi", optarg); return -1; }
+            else { cli_usage(a->cmd, "--comm '%s': expected nccl or mpi", optarg); return -1; }
             break;
         case 'q': a->quiet = 1; break;
-        case 'h': fputs(help, stdout); return 1;
+        case 'J': a->json = 1; break;
+        case 'h': fputs(eval_only ? eval_help : help, stdout); return 1;
         default: return -1;
         }
     }
     if (optind != argc) {
-        cli_usage("train", "unexpected argument '%s'", argv[optind]);
+        cli_usage(a->cmd, "unexpected argument '%s'", argv[optind]);
+        return -1;
+    }
+    if (eval_only) { /* the data is what is evaluated; nothing is trained or written */
+        if (!a->ckpt || !a->data) {
+            cli_usage(a->cmd, "--ckpt and --data are required");
+            return -1;
+        }
+        if (!a->layout)
+            a->layout = "dp=1";
+        a->val_data = a->data;
+        return 0;
+    }
+    if (a->json) {
+        cli_usage(a->cmd, "--json is an option of mpshard eval (train writes --log)");
         return -1;
     }
     if (!a->ckpt || !a->layout || !a->data || !a->out || !a->steps) {
-        cli_usage("train", "--ckpt, --layout, --data, --steps and --out are required");
+        cli_usage(a->cmd, "--ckpt, --layout, --data, --steps and --out are required");
         return -1;
     }
     if ((a->val_every || a->val_batches_set) && !a->val_data) {
-        cli_usage("train", "--val-every and --val-batches need --val-data");
+        cli_usage(a->cmd, "--val-every and --val-batches need --val-data");
         return -1;
     }
     if (!a->lr_min_set)
@@ -351,9 +387,19 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
     mps_ckpt_close(ck);
     ck = NULL;
     if (comm->rank == 0 && !a->quiet)
-        fprintf(stderr, "train: %s at step %lld, layout %s, %d micro-batches of %dx%d per replica; loaded in %.2f s\n",
-                ckdir, (long long)step, a->layout, a->o.global_batch / (a->o.micro_batch * L.dp), a->o.micro_batch,
+        fprintf(stderr, "%s: %s at step %lld, layout %s, %d micro-batches of %dx%d per replica; loaded in %.2f s\n",
+                a->cmd, ckdir, (long long)step, a->layout, a->o.global_batch / (a->o.micro_batch * L.dp), a->o.micro_batch,
                 a->o.seq, now_s() - t0);
+    if (a->eval_only) {
+        double loss;
+        rc = mps_engine_eval(e, val, 0, (int)a->val_batches, &loss, err);
+        long long tokens = (long long)(a->val_batches * a->o.global_batch * a->o.seq);
+        if (rc == 0 && comm->rank == 0 && a->json)
+            printf("{\"step\": %lld, \"val_loss\": %.9g, \"val_tokens\": %lld}\n", (long long)step, loss, tokens);
+        else if (rc == 0 && comm->rank == 0)
+            printf("%s (step %lld): loss %.6f over %lld tokens of %s\n", ckdir, (long long)step, loss, tokens, a->data);
+        goto out;
+    }
     if (step >= a->steps) {
         if (comm->rank == 0 && !a->quiet)
             fprintf(stderr, "train: the checkpoint is already at step %lld (--steps %lld): nothing to do\n",
@@ -468,7 +514,7 @@ static int make_backend(const train_args *a, mps_backend *be, int *own_gpu, mps_
     return 0; /* the default falls back to the CPU */
 }
 
-int cmd_train(int argc, char **argv)
+static int train_or_eval(int argc, char **argv, int eval_only)
 {
     mps_procs procs;
     int multi = cli_procs_init(&argc, &argv, &procs);
@@ -476,7 +522,7 @@ int cmd_train(int argc, char **argv)
         return MPS_EFAIL;
     double t_start = now_s();
     train_args a;
-    int prc = parse_args(argc, argv, &a);
+    int prc = parse_args(argc, argv, &a, eval_only);
     a.t_start = t_start;
     if (prc != 0) {
         cli_procs_finish(multi);
@@ -492,7 +538,7 @@ int cmd_train(int argc, char **argv)
     if (rc != 0) {
         /* every rank fails the same way here: one message */
         if (!multi || procs.rank == 0)
-            cli_fail("train", &err);
+            cli_fail(a.cmd, &err);
         cli_procs_finish(multi);
         return err.code ? err.code : MPS_EFAIL;
     }
@@ -516,7 +562,7 @@ int cmd_train(int argc, char **argv)
         cli_comm_nccl_free(&nccl);
     be.destroy(be.ctx);
     if (rc != 0) {
-        int code = cli_fail("train", &err);
+        int code = cli_fail(a.cmd, &err);
         if (multi)
             cli_comm_abort(code); /* peers may be inside a collective */
         return code;
@@ -526,3 +572,6 @@ int cmd_train(int argc, char **argv)
     cli_procs_finish(multi);
     return 0;
 }
+
+int cmd_train(int argc, char **argv) { return train_or_eval(argc, argv, 0); }
+int cmd_eval(int argc, char **argv) { return train_or_eval(argc, argv, 1); }

@@ -24,6 +24,7 @@ static const char *const usage_text =
     "  inspect DIR | --model M --layout L  bytes per rank by kind; --suggest layouts that fit N GPUs\n"
     "  init --model M --layout L -o DIR    a fresh training state (GPT-2 initialisation)\n"
     "  train --ckpt DIR --layout L ...     train GPT-2 (mpirun -np dp*pp*tp), resuming from any layout\n"
+    "  eval --ckpt DIR --data TOKENS       the loss of a checkpoint over token data (any layout)\n"
     "  tokens --count N --vocab V -o FILE  a synthetic llm.c token file (demo, tests)\n"
     "\n"
     "Layouts: --layout dp=2,pp=2,tp=2,zero=1 (any order; missing keys mean 1, zero 0;\n"
@@ -86,7 +87,7 @@ int main(int argc, char **argv)
         { "shard", cmd_shard }, { "export", cmd_export }, { "verify", cmd_verify },
         { "synth", cmd_synth }, { "compare", cmd_compare }, { "reshard", cmd_reshard },
         { "load", cmd_load },
-        { "inspect", cmd_inspect }, { "init", cmd_init }, { "tokens", cmd_tokens }, { "train", cmd_train },
+        { "inspect", cmd_inspect }, { "init", cmd_init }, { "tokens", cmd_tokens }, { "train", cmd_train }, { "eval", cmd_eval },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (strcmp(argv[1], cmds[i].name) == 0) {

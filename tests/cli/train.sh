@@ -99,6 +99,16 @@ for spec in "2 dp=2,zero=3" "4 pp=4" "4 dp=2,tp=2,zero=2 --comm-deferred" "3 pp=
       if ($1 != $3 || d > 1e-5 * $2) bad = 1 } END { exit bad || NR != 3 }' && ok \
     || bad "val $lay: $(val_losses "$T/vn.jsonl" | tr '\n' ' ') vs $(val_losses "$T/v1.jsonl" | tr '\n' ' ')"
 done
+# mpshard eval: the same figure for the run's last checkpoint, on one process and under pp=4
+EV="--data $T/tok.bin --seq 16 --micro-batch 2 --global-batch 8 --batches 1 --json"
+want=$(val_losses "$T/v1.jsonl" | tail -1 | cut -d' ' -f2)
+expect 0 "$MPSHARD" eval --ckpt "$T/v1" $EV
+grep -q "^{\"step\": 6, \"val_loss\": $want, \"val_tokens\": 128}$" "$T/out" && ok || bad "eval: $(cat "$T/out") vs $want"
+mpirun -np 4 "$MPSHARD" eval --ckpt "$T/v1" --layout pp=4 $EV >"$T/out" 2>"$T/err" && ok || bad "eval pp=4: $(tail -2 "$T/err")"
+awk -v w="$want" -F'"val_loss": ' '{ split($2, a, ","); d = a[1] - w; if (d < 0) d = -d; exit !(NR == 1 && d <= 1e-5 * w) }' \
+  "$T/out" && ok || bad "eval pp=4: $(cat "$T/out") vs $want"
+expect 2 "$MPSHARD" eval --ckpt "$T/v1"
+expect_err "--ckpt and --data are required"
 # the checkpoint a layout saves holds what every other layout's checkpoint holds, to rounding
 expect 0 "$MPSHARD" verify "$T/r5/step-00000006" -q
 # 3 steps in one layout, then resume in another for the remaining 3 == 6 steps straight
