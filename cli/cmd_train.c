@@ -388,8 +388,8 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
     ck = NULL;
     if (comm->rank == 0 && !a->quiet)
         fprintf(stderr, "%s: %s at step %lld, layout %s, %d micro-batches of %dx%d per replica; loaded in %.2f s\n",
-                a->cmd, ckdir, (long long)step, a->layout, a->o.global_batch / (a->o.micro_batch * L.dp), a->o.micro_batch,
-                a->o.seq, now_s() - t0);
+                a->cmd, ckdir, (long long)step, a->layout, a->o.global_batch / (a->o.micro_batch * L.dp),
+                a->o.micro_batch, a->o.seq, now_s() - t0);
     if (a->eval_only) {
         double loss;
         rc = mps_engine_eval(e, val, 0, (int)a->val_batches, &loss, err);
