@@ -54,13 +54,16 @@ if has model; then
   if [ "$ngpu" -ge 4 ]; then
     for lay in tp=4 pp=4 dp=2,tp=2 dp=2,pp=2 tp=2,pp=2; do model_run "$lay" 4 nccl; done
   fi
+  if [ "$ngpu" -ge 8 ]; then # (not yet run: no 8-GPU machine lent so far)
+    for lay in dp=2,tp=2,pp=2 tp=4,pp=2 dp=2,pp=4 dp=4,tp=2; do model_run "$lay" 8 nccl; done
+  fi
 fi
 fi
 has io || exit 0
 # the save with all ranks writing (the end-of-run save of a run on every GPU) and its load under
 # dp = every GPU, ZeRO-1
-save_lay=tp=2; [ "$ngpu" -ge 4 ] && save_lay=tp=2,pp=2
-np=2; [ "$ngpu" -ge 4 ] && np=4
+save_lay=tp=2; [ "$ngpu" -ge 4 ] && save_lay=tp=2,pp=2; [ "$ngpu" -ge 8 ] && save_lay=dp=2,tp=2,pp=2
+np=2; [ "$ngpu" -ge 4 ] && np=4; [ "$ngpu" -ge 8 ] && np=8
 mpirun -np $np "$M" train --ckpt "$W/gpt2" --layout $save_lay $TR --steps 2 --global-batch 32 --micro-batch 8 \
   --out "$W/run-save" --log "$W/save.jsonl" 2>"$W/save.err" >/dev/null || tail -3 "$W/save.err"
 echo "save of $save_lay ($np ranks writing):"; grep saved "$W/save.err"
