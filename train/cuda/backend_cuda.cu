@@ -1,6 +1,6 @@
 /* The CUDA backend: device memory from a stream-ordered pool, one stream for every copy and
  * kernel, errors kept in the context until sync reports them (the table's functions return
- * nothing), and the table itself. The kernels are in kernels.cu, gemm.cu, attention.cu,
+ * nothing), and the table itself. The kernels are in kernels_*.cu, gemm.cu, attention.cu,
  * attention_tc.cu and attention_fast.cu. */
 #include <stdarg.h>
 #include <stdio.h>

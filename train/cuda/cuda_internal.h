@@ -103,7 +103,7 @@ typedef struct {
     pthread_mutex_t res_mu; /* the host-result reductions share dres */
     mps_gemm_plan plans[MPS_CUDA_MAX_PLANS];
     int nplans;
-    mps_wcopy *wcopies; /* the parameters' bf16 copies (kernels.cu: adamw_many) */
+    mps_wcopy *wcopies; /* the parameters' bf16 copies (kernels_optim.cu: adamw_many) */
     int nwcopies, cap_wcopies;
     pthread_mutex_t err_mu; /* errors may come from several host threads (to_host) */
     int failed;
@@ -123,7 +123,7 @@ unsigned cu_grid(const mps_cuda *c, int64_t n, int bs);
 
 static inline int cu_aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
-/* ---- kernels.cu: the table entries other than matmul and attention */
+/* ---- kernels_*.cu: the table entries other than matmul and attention */
 void cu_embed_fwd(void *ctx, float *out, const int32_t *tokens, int64_t N, const float *wte, int64_t v0, int64_t Vl,
                   int C);
 void cu_embed_bwd(void *ctx, float *dwte, const float *dout, const int32_t *tokens, int64_t N, int64_t v0, int64_t Vl,
@@ -174,7 +174,7 @@ void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const 
                         int C, int OC);
 void cu_matmul_dgelu_bwd(void *ctx, void *dpre, float *dbias, const void *dout, int dout_act, const float *w,
                          const void *pre, int64_t N, int C, int OC);
-/* kernels.cu: the unfused GELU steps of those (x fp32 (n)): pre = x, out = gelu(x); dpre = gelu'(pre) x */
+/* kernels_elementwise.cu: the unfused GELU steps of those (x fp32 (n)): pre = x, out = gelu(x); dpre = gelu'(pre) x */
 void cu_gelu_split(mps_cuda *c, act_t *out, act_t *pre, const float *x, int64_t n);
 void cu_dgelu_apply(mps_cuda *c, act_t *dpre, const float *x, const act_t *pre, int64_t n);
 /* the same when the product is already bf16: out = gelu(pre); d = gelu'(pre) d in place */

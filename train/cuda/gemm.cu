@@ -7,7 +7,7 @@
  * the product). cuBLASLt runs with compute type 32F. The forward bias is a cuBLASLt epilogue
  * (D = A B + resid + bias, the residual as the C matrix) when the bias is 16-byte aligned, else a
  * kernel. The backward overwrites dinp (beta = 0) and accumulates (beta = 1) into dw, as the
- * table asks; dbias is a deterministic column sum of dout (kernels.cu).
+ * table asks; dbias is a deterministic column sum of dout (kernels_rows.cu).
  *
  * cuBLAS is column-major; a row-major (R, C) matrix is a column-major (C, R) one with the same
  * leading dimension, so with X^T meaning "the same bytes":
@@ -57,7 +57,7 @@ static const __nv_bfloat16 *to_bf16(mps_cuda *c, int slot, const float *src, int
 }
 
 /* the bf16 form of a parameter (a weight or a bias): the copy AdamW keeps of it when there is a
- * valid one (kernels.cu cu_wcopy_find), else rounded into a scratch slot like any operand */
+ * valid one (kernels_optim.cu cu_wcopy_find), else rounded into a scratch slot like any operand */
 static const __nv_bfloat16 *param_bf16(mps_cuda *c, int slot, const float *w, int64_t n, const char *what)
 {
     const act_t *h = cu_wcopy_find(c, w, n);

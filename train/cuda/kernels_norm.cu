@@ -1,0 +1,379 @@
+/* Layernorm forward and backward of the CUDA backend (determinism: kernels_rows.cu). */
+#include "kernels_common.cuh"
+
+/* ---------------------------------------------------------------- layernorm */
+
+/* one warp per row, eps 1e-5, biased variance (two passes: mean, then squared deviations) */
+__global__ void k_ln_fwd(act_t *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+                         int64_t N, int C)
+{
+    const int lane = threadIdx.x & 31;
+    const int64_t nw = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < N; r += nw) {
+        const float *x = inp + r * C;  // (C)
+        float s = 0.0f;
+        for (int j = lane; j < C; j += 32)
+            s += x[j];
+        const float m = warp_reduce(s, SumOp()) / C;
+        float ss = 0.0f;
+        for (int j = lane; j < C; j += 32) {
+            const float d = x[j] - m;
+            ss += d * d;
+        }
+        const float rs = 1.0f / sqrtf(warp_reduce(ss, SumOp()) / C + 1e-5f);
+        act_t *o = out + r * C;
+        for (int j = lane; j < C; j += 32)
+            o[j] = __float2bfloat16_rn((x[j] - m) * rs * w[j] + b[j]);
+        if (lane == 0) {
+            if (mean)
+                mean[r] = m;
+            if (rstd)
+                rstd[r] = rs;
+        }
+    }
+}
+
+/* The same for C % 4 == 0 and C <= 128 K (K <= 16: GPT-2 XL's 1600 is K = 13) with 16-byte
+ * accesses: a lane keeps float4 j = lane + 32 i (i < K) of its row in registers, so the row is read once (the kernel above reads it three
+ * times), and writes four bf16 at a time. */
+template <int K>
+__global__ void k_ln_fwd4(act_t *out, float *mean, float *rstd, const float *inp, const float *w, const float *b,
+                          int64_t N, int C)
+{
+    const int lane = threadIdx.x & 31, C4 = C >> 2;
+    const int64_t nw = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < N; r += nw) {
+        float4 x[K];
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const int j = lane + 32 * i;
+            x[i] = j < C4 ? ld4(inp + r * C, j) : make_float4(0, 0, 0, 0);
+            s += (x[i].x + x[i].y) + (x[i].z + x[i].w);
+        }
+        const float m = warp_reduce(s, SumOp()) / C;
+        float ss = 0.0f;
+#pragma unroll
+        for (int i = 0; i < K; i++)
+            if (lane + 32 * i < C4) {
+                const float a = x[i].x - m, bb = x[i].y - m, cc = x[i].z - m, d = x[i].w - m;
+                ss += (a * a + bb * bb) + (cc * cc + d * d);
+            }
+        const float rs = 1.0f / sqrtf(warp_reduce(ss, SumOp()) / C + 1e-5f);
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const int j = lane + 32 * i;
+            if (j < C4) {
+                const float4 wv = ld4(w, j), bv = ld4(b, j);
+                st4_act(out + r * C, j, (x[i].x - m) * rs * wv.x + bv.x, (x[i].y - m) * rs * wv.y + bv.y,
+                        (x[i].z - m) * rs * wv.z + bv.z, (x[i].w - m) * rs * wv.w + bv.w);
+            }
+        }
+        if (lane == 0) {
+            if (mean)
+                mean[r] = m;
+            if (rstd)
+                rstd[r] = rs;
+        }
+    }
+}
+
+void cu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const float *inp, const float *w,
+                      const float *b, int64_t N, int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (N <= 0 || C <= 0)
+        return;
+    const unsigned grid = cu_grid(c, N * 32, 256);
+    const int k = (C / 4 + 31) / 32;
+    const int vec = C % 4 == 0 && k <= 16 && cu_aligned16(inp) && cu_aligned16(w) && cu_aligned16(b) && aligned8(out);
+    if (!vec) {
+        k_ln_fwd<<<grid, 256, 0, c->stream>>>((act_t *)out, mean, rstd, inp, w, b, N, C);
+    } else {
+        switch (k) {
+#define LNF_CASE(KK)                                                                                          \
+    case KK: k_ln_fwd4<KK><<<grid, 256, 0, c->stream>>>((act_t *)out, mean, rstd, inp, w, b, N, C); break;
+            LNF_CASE(1) LNF_CASE(2) LNF_CASE(3) LNF_CASE(4) LNF_CASE(5) LNF_CASE(6) LNF_CASE(7) LNF_CASE(8)
+            LNF_CASE(9) LNF_CASE(10) LNF_CASE(11) LNF_CASE(12) LNF_CASE(13) LNF_CASE(14) LNF_CASE(15) LNF_CASE(16)
+#undef LNF_CASE
+        }
+    }
+    cu_launched(c, "layernorm_fwd");
+}
+
+#define LNB_WARPS 4
+#define LNB_ROWS 32 /* rows per block: one partial sum of dw, db (and of dinp's columns) per 32 rows */
+
+/* The LN backward's outputs beyond dinp. Partial sums [blockIdx] (C each) of the block's rows:
+ * pdw of dout * xhat, pdb of dout (the gradients of w and b), pdx of the updated dinp (the column
+ * sums the next bias gradient takes); dact: the updated dinp as an operand buffer. Each NULL when
+ * not wanted; dact and pdx only with dinp (cu_layernorm_bwd clears them otherwise). */
+struct LnBwdOut {
+    float *dinp;
+    act_t *dact;
+    float *pdw, *pdb, *pdx;
+};
+
+/* The block's partial sums: the per-warp sums in sh [3][LNB_WARPS][C] (dw, db, dx) added in warp
+ * order. */
+__device__ __forceinline__ void ln_block_sums(const LnBwdOut &o, const float *sh, int C)
+{
+    for (int j = threadIdx.x; j < C; j += blockDim.x) {
+        if (o.pdw) {
+            float sw = 0.0f, sb = 0.0f;
+            for (int k = 0; k < LNB_WARPS; k++) {
+                sw += sh[(int64_t)k * C + j];
+                sb += sh[(int64_t)(LNB_WARPS + k) * C + j];
+            }
+            o.pdw[(int64_t)blockIdx.x * C + j] = sw;
+            o.pdb[(int64_t)blockIdx.x * C + j] = sb;
+        }
+        if (o.pdx) {
+            float sx = 0.0f;
+            for (int k = 0; k < LNB_WARPS; k++)
+                sx += sh[(int64_t)(2 * LNB_WARPS + k) * C + j];
+            o.pdx[(int64_t)blockIdx.x * C + j] = sx;
+        }
+    }
+}
+
+/* Block = 4 warps over 32 rows, a warp per row. dinp (N, C) += rstd * (g - mean(g) - xhat *
+ * mean(g * xhat)), g = dout * w; the partial sums of LnBwdOut summed per warp in shared memory,
+ * then over the warps in order. */
+template <class DT> /* dout: fp32, or an operand buffer */
+__global__ void k_ln_bwd(LnBwdOut o, const DT *dout, const float *inp, const float *w, const float *mean,
+                         const float *rstd, int64_t N, int C)
+{
+    extern __shared__ float4 ln_sm4[];
+    float *sh = reinterpret_cast<float *>(ln_sm4);  // [3][LNB_WARPS][C]
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    float *aw = sh + (int64_t)wid * C, *ab = sh + (int64_t)(LNB_WARPS + wid) * C;
+    float *ax = sh + (int64_t)(2 * LNB_WARPS + wid) * C;
+    const int part = o.pdw || o.pdx;
+    if (part)
+        for (int j = lane; j < C; j += 32)
+            aw[j] = ab[j] = ax[j] = 0.0f;
+    const int64_t r0 = (int64_t)blockIdx.x * LNB_ROWS;
+    for (int k = wid; k < LNB_ROWS && r0 + k < N; k += LNB_WARPS) {
+        const int64_t r = r0 + k;
+        const float *x = inp + r * C;  // (C)
+        const DT *g = dout + r * C;    // (C)
+        const float m = mean[r], rs = rstd[r];
+        if (o.dinp) {
+            float sg = 0.0f, sgx = 0.0f;
+            for (int j = lane; j < C; j += 32) {
+                const float gw = to_f(g[j]) * w[j];
+                sg += gw;
+                sgx += gw * ((x[j] - m) * rs);
+            }
+            const float mg = warp_reduce(sg, SumOp()) / C, mgx = warp_reduce(sgx, SumOp()) / C;
+            float *dx = o.dinp + r * C;
+            for (int j = lane; j < C; j += 32) {
+                const float xh = (x[j] - m) * rs;
+                const float v = dx[j] + rs * (to_f(g[j]) * w[j] - mg - xh * mgx);
+                dx[j] = v;
+                if (o.dact)
+                    o.dact[r * C + j] = __float2bfloat16_rn(v);
+                if (o.pdx)
+                    ax[j] += v;
+            }
+        }
+        if (o.pdw)
+            for (int j = lane; j < C; j += 32) {
+                aw[j] += to_f(g[j]) * ((x[j] - m) * rs);
+                ab[j] += to_f(g[j]);
+            }
+    }
+    if (!part)
+        return;
+    __syncthreads();
+    ln_block_sums(o, sh, C);
+}
+
+/* The same for C % 4 == 0 and C <= 128 K, with 16-byte accesses: a lane keeps float4 j = lane + 32 i
+ * (i < K) of its row in registers, all three inputs (x, dout and the old dinp) loaded before any
+ * store so that the loads of a row are in flight together (the stores could alias them for all
+ * the compiler knows), and its columns' dw and db sums across the block's rows in registers; the
+ * dinp column sums go to the warp's row of shared memory (registers are full). The 4 warps' sums
+ * meet in shared memory at the end. */
+__device__ __forceinline__ float4 ld4_any(const float *p, int64_t i4) { return ld4(p, i4); }
+__device__ __forceinline__ float4 ld4_any(const act_t *p, int64_t i4) { return ld4_act(p, i4); }
+
+template <int K, class DT>
+__global__ void __launch_bounds__(LNB_WARPS * 32)
+    k_ln_bwd4(LnBwdOut o, const DT *dout, const float *inp, const float *w, const float *mean, const float *rstd,
+              int64_t N, int C)
+{
+    extern __shared__ float4 ln_sm4[];
+    float *sh = reinterpret_cast<float *>(ln_sm4); // [3][LNB_WARPS][C]
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, C4 = C >> 2;
+    const int pw = o.pdw != NULL, px = o.pdx != NULL;
+    float4 *sx = reinterpret_cast<float4 *>(sh + (int64_t)(2 * LNB_WARPS + wid) * C); /* this warp's dinp sums */
+    float4 wv[K], adw[K], adb[K];
+#pragma unroll
+    for (int i = 0; i < K; i++) {
+        const int j = lane + 32 * i;
+        wv[i] = j < C4 ? ld4(w, j) : make_float4(0, 0, 0, 0);
+        adw[i] = adb[i] = make_float4(0, 0, 0, 0);
+        if (px && j < C4)
+            sx[j] = make_float4(0, 0, 0, 0);
+    }
+    const int64_t r0 = (int64_t)blockIdx.x * LNB_ROWS;
+    for (int k = wid; k < LNB_ROWS && r0 + k < N; k += LNB_WARPS) {
+        const int64_t r = r0 + k;
+        const float m = mean[r], rs = rstd[r];
+        float4 xh[K], gv[K], dv[K];
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const int j = lane + 32 * i;
+            const float4 z = make_float4(0, 0, 0, 0);
+            xh[i] = j < C4 ? ld4(inp + r * C, j) : z;
+            gv[i] = j < C4 ? ld4_any(dout + r * C, j) : z;
+            dv[i] = j < C4 && o.dinp ? ld4(o.dinp + r * C, j) : z;
+        }
+        float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const float4 x = xh[i], g = gv[i];
+            xh[i] = make_float4((x.x - m) * rs, (x.y - m) * rs, (x.z - m) * rs, (x.w - m) * rs);
+            const float a = g.x * wv[i].x, b = g.y * wv[i].y, c = g.z * wv[i].z, d = g.w * wv[i].w;
+            sg += a + b + c + d; /* zero past C: w and g are 0 there */
+            sgx += a * xh[i].x + b * xh[i].y + c * xh[i].z + d * xh[i].w;
+        }
+        if (o.dinp) {
+            const float mg = warp_reduce(sg, SumOp()) / C, mgx = warp_reduce(sgx, SumOp()) / C;
+#pragma unroll
+            for (int i = 0; i < K; i++) {
+                const int j = lane + 32 * i;
+                if (j < C4) {
+                    float4 dx = dv[i];
+                    dx.x += rs * (gv[i].x * wv[i].x - mg - xh[i].x * mgx);
+                    dx.y += rs * (gv[i].y * wv[i].y - mg - xh[i].y * mgx);
+                    dx.z += rs * (gv[i].z * wv[i].z - mg - xh[i].z * mgx);
+                    dx.w += rs * (gv[i].w * wv[i].w - mg - xh[i].w * mgx);
+                    st4(o.dinp + r * C, j, dx);
+                    if (o.dact)
+                        st4_act(o.dact + r * C, j, dx.x, dx.y, dx.z, dx.w);
+                    if (px) {
+                        float4 t = sx[j];
+                        sx[j] = make_float4(t.x + dx.x, t.y + dx.y, t.z + dx.z, t.w + dx.w);
+                    }
+                }
+            }
+        }
+        if (pw)
+#pragma unroll
+            for (int i = 0; i < K; i++) {
+                adw[i].x += gv[i].x * xh[i].x;
+                adw[i].y += gv[i].y * xh[i].y;
+                adw[i].z += gv[i].z * xh[i].z;
+                adw[i].w += gv[i].w * xh[i].w;
+                adb[i].x += gv[i].x;
+                adb[i].y += gv[i].y;
+                adb[i].z += gv[i].z;
+                adb[i].w += gv[i].w;
+            }
+    }
+    if (!pw && !px)
+        return;
+    if (pw)
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const int j = lane + 32 * i;
+            if (j < C4) {
+                reinterpret_cast<float4 *>(sh + (int64_t)wid * C)[j] = adw[i];
+                reinterpret_cast<float4 *>(sh + (int64_t)(LNB_WARPS + wid) * C)[j] = adb[i];
+            }
+        }
+    __syncthreads();
+    ln_block_sums(o, sh, C);
+}
+
+/* launches k_ln_bwd4<K> for the smallest K that holds C (up to C = 1024), or returns 0 (the scalar
+ * kernel runs) */
+template <class DT, class... A>
+static int ln_bwd_vec(mps_cuda *c, unsigned nblk, size_t smem, int C, A... args)
+{
+    if (C % 4 != 0)
+        return 0;
+    const int k = (C / 4 + 31) / 32;
+    switch (k) {
+#define LNB_CASE(KK)                                                                                        \
+    case KK:                                                                                                \
+        if (smem > 48 * 1024 &&                                                                             \
+            cu_check(c, cudaFuncSetAttribute(k_ln_bwd4<KK, DT>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+                                             (int)smem), "layernorm_bwd") != 0)                             \
+            return 1;                                                                                       \
+        k_ln_bwd4<KK, DT><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(args...);                             \
+        return 1;
+        LNB_CASE(1) LNB_CASE(2) LNB_CASE(3) LNB_CASE(4) LNB_CASE(5) LNB_CASE(6) LNB_CASE(7) LNB_CASE(8)
+#undef LNB_CASE
+    /* wider rows would not fit in registers (6 K float4 per lane) */
+    default: return 0;
+    }
+}
+
+template <class DT>
+static void ln_bwd_launch(mps_cuda *c, const LnBwdOut &o, unsigned nblk, size_t smem, int vec, const DT *dout,
+                          const float *inp, const float *w, const float *mean, const float *rstd, int64_t N, int C)
+{
+    if (smem > 48 * 1024 &&
+        cu_check(c, cudaFuncSetAttribute(k_ln_bwd<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                 "layernorm_bwd") != 0)
+        return;
+    if (!(vec && ln_bwd_vec<DT>(c, nblk, smem, C, o, dout, inp, w, mean, rstd, N, C)))
+        k_ln_bwd<DT><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(o, dout, inp, w, mean, rstd, N, C);
+}
+
+void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db,
+                      const void *dout, int dout_act, const float *inp, const float *w, const float *mean,
+                      const float *rstd, int64_t N, int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (!dinp)
+        dinp_act = dinp_colsum = NULL; /* they describe the updated dinp */
+    if (N <= 0 || C <= 0 || (!dinp && !dw && !db))
+        return;
+    const int64_t nblk = (N + LNB_ROWS - 1) / LNB_ROWS;
+    LnBwdOut o = {dinp, (act_t *)dinp_act, NULL, NULL, NULL};
+    size_t smem = 0;
+    if (dw || db || dinp_colsum) {
+        if (dw || db) {
+            o.pdw = (float *)cu_scratch(c, SCR_PART, (size_t)nblk * C * sizeof(float));
+            o.pdb = (float *)cu_scratch(c, SCR_PART2, (size_t)nblk * C * sizeof(float));
+            if (!o.pdw || !o.pdb)
+                return;
+        }
+        if (dinp_colsum && !(o.pdx = (float *)cu_scratch(c, SCR_PART3, (size_t)nblk * C * sizeof(float))))
+            return;
+        smem = (size_t)3 * LNB_WARPS * C * sizeof(float);
+        if ((int64_t)smem > c->smem_optin) {
+            cu_fail(c, "layernorm_bwd: C = %d needs %zu bytes of shared memory", C, smem);
+            return;
+        }
+    }
+    if (nblk > INT32_MAX) {
+        cu_fail(c, "layernorm_bwd: N = %lld too large", (long long)N);
+        return;
+    }
+    const int vec = cu_aligned16(dinp) && (dout_act ? aligned8(dout) : cu_aligned16(dout)) && cu_aligned16(inp) &&
+                    cu_aligned16(w) && (!dinp_act || aligned8(dinp_act));
+    if (dout_act)
+        ln_bwd_launch(c, o, (unsigned)nblk, smem, vec, (const act_t *)dout, inp, w, mean, rstd, N, C);
+    else
+        ln_bwd_launch(c, o, (unsigned)nblk, smem, vec, (const float *)dout, inp, w, mean, rstd, N, C);
+    if (cu_launched(c, "layernorm_bwd") != 0)
+        return;
+    /* the blocks' partials summed over the blocks: one launch for dw, db and dinp's column sums */
+    float *dst[3];
+    const float *src[3];
+    int acc[3], n = 0;
+    if (dw)
+        dst[n] = dw, src[n] = o.pdw, acc[n++] = 1;
+    if (db)
+        dst[n] = db, src[n] = o.pdb, acc[n++] = 1;
+    if (dinp_colsum)
+        dst[n] = dinp_colsum, src[n] = o.pdx, acc[n++] = 1;
+    cu_colsums(c, n, dst, src, acc, nblk, C, "layernorm_bwd (column sums)");
+}
+
