@@ -49,7 +49,7 @@ static const char *const help =
     "                     write has finished. The save at the end of the run is written directly.\n"
     "  --save-sync        write every save before training goes on (no snapshot memory)\n"
     "  --keep-last K      after each save, keep only the K newest checkpoints of RUNDIR (default 0:\n"
-    "                     keep all); the others are removed, manifest first\n"
+    "                     keep all); each older one is renamed step-*.removing, then deleted\n"
     "  --log FILE.jsonl   append one JSON object per step (and one per evaluation)\n"
     "  --val-data F       evaluate on token file F: the mean loss of the current weights over its\n"
     "                     first --val-batches global batches (forward passes only), when the run\n"
@@ -297,23 +297,28 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* An evaluation on --val-data at step counter `step`: a line on stdout and one in the log. */
-static int evaluate(mps_engine *e, const mps_tokens *val, const train_args *a, int rank, int64_t step, FILE *log,
-                    mps_err *err)
+/* An evaluation on --val-data of the checkpoint ckdir trained to step counter `step`: for mpshard
+ * eval its result (a line, or --json); in a training run a progress line and one in the log. */
+static int evaluate(mps_engine *e, const mps_tokens *val, const train_args *a, int rank, const char *ckdir,
+                    int64_t step, FILE *log, mps_err *err)
 {
     double loss;
     if (mps_engine_eval(e, val, 0, (int)a->val_batches, &loss, err) != 0)
         return mps_wrap(err, "evaluating on %s at step %lld", a->val_data, (long long)step);
     if (rank != 0)
         return 0;
-    if (!a->quiet) {
+    long long tokens = (long long)(a->val_batches * a->o.global_batch * a->o.seq);
+    if (a->eval_only && a->json)
+        printf("{\"step\": %lld, \"val_loss\": %.9g, \"val_tokens\": %lld}\n", (long long)step, loss, tokens);
+    else if (a->eval_only)
+        printf("%s (step %lld): loss %.6f over %lld tokens of %s\n", ckdir, (long long)step, loss, tokens, a->data);
+    else if (!a->quiet) {
         printf("step %lld/%lld  val loss %.6f\n", (long long)step, (long long)a->steps, loss);
         fflush(stdout);
     }
     if (log) {
         fprintf(log, "{\"step\": %lld, \"val_loss\": %.9g, \"val_tokens\": %lld, \"elapsed_s\": %.3f}\n",
-                (long long)step, loss, (long long)(a->val_batches * a->o.global_batch * a->o.seq),
-                now_s() - a->t_start);
+                (long long)step, loss, tokens, now_s() - a->t_start);
         fflush(log);
     }
     return 0;
@@ -363,9 +368,12 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
             goto out;
         comm = &staged;
     }
-    if (mps_engine_new(&cfg, &L, comm, be, &a->o, &e, err) != 0 || mps_tokens_open(a->data, a->o.seq, cfg.vocab, &data, err) != 0)
+    if (mps_engine_new(&cfg, &L, comm, be, &a->o, &e, err) != 0)
         goto out;
-    if (mps_tokens_sequences(data) < a->o.global_batch) {
+    /* mpshard eval reads its data only as the evaluation's (below) */
+    if (!a->eval_only && mps_tokens_open(a->data, a->o.seq, cfg.vocab, &data, err) != 0)
+        goto out;
+    if (data && mps_tokens_sequences(data) < a->o.global_batch) {
         mps_fail(err, MPS_EUSAGE, "%s: %lld sequences of --seq %d are too few for one batch of --global-batch %d",
                  a->data, (long long)mps_tokens_sequences(data), a->o.seq, a->o.global_batch);
         goto out;
@@ -373,9 +381,9 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
     if (a->val_data && mps_tokens_open(a->val_data, a->o.seq, cfg.vocab, &val, err) != 0)
         goto out;
     if (val && mps_tokens_sequences(val) < a->val_batches * a->o.global_batch) {
-        mps_fail(err, MPS_EUSAGE, "--val-data %s: %lld sequences of --seq %d are too few for --val-batches %lld of "
-                 "--global-batch %d", a->val_data, (long long)mps_tokens_sequences(val), a->o.seq,
-                 (long long)a->val_batches, a->o.global_batch);
+        mps_fail(err, MPS_EUSAGE, "%s %s: %lld sequences of --seq %d are too few for %s %lld of --global-batch %d",
+                 a->eval_only ? "--data" : "--val-data", a->val_data, (long long)mps_tokens_sequences(val), a->o.seq,
+                 a->eval_only ? "--batches" : "--val-batches", (long long)a->val_batches, a->o.global_batch);
         goto out;
     }
     double t0 = now_s();
@@ -391,13 +399,7 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
                 a->cmd, ckdir, (long long)step, a->layout, a->o.global_batch / (a->o.micro_batch * L.dp),
                 a->o.micro_batch, a->o.seq, now_s() - t0);
     if (a->eval_only) {
-        double loss;
-        rc = mps_engine_eval(e, val, 0, (int)a->val_batches, &loss, err);
-        long long tokens = (long long)(a->val_batches * a->o.global_batch * a->o.seq);
-        if (rc == 0 && comm->rank == 0 && a->json)
-            printf("{\"step\": %lld, \"val_loss\": %.9g, \"val_tokens\": %lld}\n", (long long)step, loss, tokens);
-        else if (rc == 0 && comm->rank == 0)
-            printf("%s (step %lld): loss %.6f over %lld tokens of %s\n", ckdir, (long long)step, loss, tokens, a->data);
+        rc = evaluate(e, val, a, comm->rank, ckdir, step, NULL, err);
         goto out;
     }
     if (step >= a->steps) {
@@ -427,7 +429,7 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         mps_fail(err, MPS_EIO, "--log %s: %s", a->log, strerror(errno));
         goto out;
     }
-    rc = val ? evaluate(e, val, a, comm->rank, step, log, err) : 0;
+    rc = val ? evaluate(e, val, a, comm->rank, ckdir, step, log, err) : 0;
     while (step < a->steps && rc == 0) {
         double ts = now_s();
         mps_step_stats st;
@@ -458,7 +460,7 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
             fflush(log);
         }
         if (rc == 0 && eval_now)
-            rc = evaluate(e, val, a, comm->rank, step, log, err);
+            rc = evaluate(e, val, a, comm->rank, ckdir, step, log, err);
     }
     /* nothing may be left in flight: the last save is committed before the run ends */
     if (rc == 0)

@@ -422,16 +422,20 @@ int mps_gather_boxes(mps_engine *e, mps_err *err)
 /* ---- the schedule ---- */
 
 /* Replica d takes sequences [d * G/dp, (d + 1) * G/dp) of the step, in micro-batches of B: the
- * step's batch is the same whatever the layout. Read before the schedule starts, so that a bad
- * token stops every rank at the same point (all_ok) rather than leaving peers in a collective. */
-static int read_step_tokens(mps_engine *e, const mps_tokens *data, int64_t first_seq, mps_err *err)
+ * step's batch is the same whatever the layout. Read before the schedule starts, and every rank
+ * told whether all of them succeeded (all_ok), so that a bad token stops every rank at the same
+ * point rather than leaving peers in a collective. `what`: whose tokens, for the message. */
+static int read_step_tokens(mps_engine *e, const mps_tokens *data, int64_t first_seq, const char *what,
+                            mps_err *err)
 {
     int per_replica = e->o.global_batch / e->L.dp;
     int64_t first = first_seq + (int64_t)e->me.dp * per_replica;
-    for (int i = 0; i < per_replica; i++)
-        if (mps_tokens_read(data, first + i, e->step_inputs + (int64_t)i * e->T, e->step_targets + (int64_t)i * e->T,
-                            err) != 0)
-            return -1;
+    int ok = 1;
+    for (int i = 0; i < per_replica && ok; i++)
+        ok = mps_tokens_read(data, first + i, e->step_inputs + (int64_t)i * e->T, e->step_targets + (int64_t)i * e->T,
+                             err) == 0;
+    if (!e->comm->all_ok(e->comm->ctx, ok))
+        return ok ? mps_fail(err, MPS_ECORRUPT, "reading %s tokens failed on another rank", what) : -1;
     return 0;
 }
 
@@ -603,9 +607,8 @@ int mps_engine_grads(mps_engine *e, const mps_tokens *data, int64_t first_seq, d
                      mps_err *err)
 {
     e->loss_sum = 0;
-    int ok = read_step_tokens(e, data, first_seq, err) == 0;
-    if (!e->comm->all_ok(e->comm->ctx, ok))
-        return ok ? mps_fail(err, MPS_ECORRUPT, "reading the step's tokens failed on another rank") : -1;
+    if (read_step_tokens(e, data, first_seq, "the step's", err) != 0)
+        return -1;
     int rc = run_schedule(e, err);
     if (rc == 0)
         rc = e->comm->flush(e->comm->ctx, err);
@@ -628,11 +631,9 @@ int mps_engine_eval(mps_engine *e, const mps_tokens *data, int64_t first_seq, in
     e->evaluating = 1;
     for (int b = 0; b < batches && rc == 0; b++) {
         e->loss_sum = 0;
-        int ok = read_step_tokens(e, data, first_seq + (int64_t)b * e->o.global_batch, err) == 0;
-        if (!e->comm->all_ok(e->comm->ctx, ok)) {
-            rc = ok ? mps_fail(err, MPS_ECORRUPT, "reading the evaluation's tokens failed on another rank") : -1;
+        if ((rc = read_step_tokens(e, data, first_seq + (int64_t)b * e->o.global_batch, "the evaluation's",
+                                       err)) != 0)
             break;
-        }
         /* forward passes in micro-batch order (each stage passes its output on), then the sends'
          * buffers are free for the next batch */
         for (int mb = 0; mb < e->accum && rc == 0; mb++)

@@ -59,15 +59,12 @@ int mps_run_prune(const char *rundir, int keep, int *removed, mps_err *err)
     *removed = 0;
     if (keep <= 0)
         return 0;
-    char latest[256] = "", path[4400];
-    snprintf(path, sizeof path, "%s/latest", rundir);
-    FILE *f = fopen(path, "r");
-    if (f) {
-        if (!fgets(latest, sizeof latest, f))
-            latest[0] = '\0';
-        fclose(f);
-        latest[strcspn(latest, "\n")] = '\0';
-    }
+    /* the checkpoint RUNDIR/latest names, read as every reader does (none if it names nothing) */
+    char resolved[4400], path[4400];
+    mps_err ignored;
+    mps_err_clear(&ignored);
+    const char *latest = mps_ckpt_resolve(rundir, resolved, sizeof resolved, &ignored) == 1
+                             ? resolved + strlen(rundir) + 1 : "";
     DIR *d = opendir(rundir);
     if (!d)
         return mps_fail(err, MPS_EIO, "%s: cannot list the run directory: %s", rundir, strerror(errno));
