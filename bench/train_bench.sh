@@ -33,6 +33,15 @@ for spec in "gpt2 32" "gpt2-medium 16"; do
     2>"$W/tune-$model.err" || tail -3 "$W/tune-$model.err"
   echo "mpshard $model B=$B T=1024 with MPS_CUDA_GEMM_TUNE=1: $(printf '%.0f' "$(median_tps "$W/tune-$model.jsonl")") tok/s"
 done
+# the mma.sync attention kernels (attention_fast.cu) instead of the wgmma ones, the default on H100 /
+# H200 (attention_wgmma.cu): what the wgmma kernels give, in the same run
+for spec in "gpt2 32" "gpt2-medium 16"; do
+  set -- $spec; model=$1; B=$2
+  MPS_CUDA_ATTENTION=mma "$M" train --ckpt "$W/$model" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch "$B" \
+    --micro-batch "$B" --seq 1024 --backend cuda --out "$W/run-mma-$model" --log "$W/mma-$model.jsonl" -q \
+    2>"$W/mma-$model.err" || tail -3 "$W/mma-$model.err"
+  echo "mpshard $model B=$B T=1024 with MPS_CUDA_ATTENTION=mma: $(printf '%.0f' "$(median_tps "$W/mma-$model.jsonl")") tok/s"
+done
 # activation recompute (the layer forward replayed in the backward): the throughput it costs
 "$M" train --ckpt "$W/gpt2-medium" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch 16 --micro-batch 16 \
   --seq 1024 --backend cuda --recompute --out "$W/run-rc" --log "$W/rc.jsonl" -q 2>"$W/rc.err" || tail -3 "$W/rc.err"

@@ -1101,14 +1101,22 @@ static void bench(mps_backend *bf16)
     act_put(qkv, hq, N * 3 * C); /* qkv as the operand buffer attention reads (the products wrote over it) */
     act_put(y, hq, N * C);         /* dout, an operand buffer too */
     free(hq);
-    /* the default backend: hs = 64 runs attention_fast.cu (bf16 mma.sync); the forward first, so
-     * that the backward sees a real lse */
-    BENCH(&gpu, "attention_fwd (default: fast, bf16 mma)", att, 20, gpu.attention_fwd(gpu.ctx, x, lse, qkv, B, T, H, hs));
-    BENCH(&gpu, "attention_bwd (default: fast, bf16 mma)", 2.5 * att, 20,
+    /* the default backend: hs = 64 runs attention_wgmma.cu on H100 / H200 (else attention_fast.cu);
+     * the forward first, so that the backward sees a real lse */
+    BENCH(&gpu, "attention_fwd (default: wgmma on sm_90)", att, 20, gpu.attention_fwd(gpu.ctx, x, lse, qkv, B, T, H, hs));
+    BENCH(&gpu, "attention_bwd (default: wgmma on sm_90)", 2.5 * att, 20,
           gpu.attention_bwd(gpu.ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
-    mps_backend f32;
+    mps_backend f32, mma;
     mps_err err;
     memset(&err, 0, sizeof err);
+    setenv("MPS_CUDA_ATTENTION", "mma", 1); /* the mma.sync kernels of attention_fast.cu */
+    int mma_ok = mps_backend_cuda(&mma, &err) == 0;
+    unsetenv("MPS_CUDA_ATTENTION");
+    if (mma_ok) {
+        BENCH(&mma, "attention_fwd (mma.sync)", att, 20, mma.attention_fwd(mma.ctx, x, lse, qkv, B, T, H, hs));
+        BENCH(&mma, "attention_bwd (mma.sync)", 2.5 * att, 20, mma.attention_bwd(mma.ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
+        mma.destroy(mma.ctx);
+    }
     setenv("MPS_CUDA_ATTENTION", "fp32", 1); /* the fp32 kernels for comparison */
     int f32_ok = mps_backend_cuda(&f32, &err) == 0;
     unsetenv("MPS_CUDA_ATTENTION");
@@ -1220,6 +1228,22 @@ static void g_attention(void)
         if (att_cases[i].hs == 64)
             test_attention(&f32, " fp32", att_cases[i].B, att_cases[i].T, att_cases[i].H, att_cases[i].hs, TOL_ATTN);
     f32.destroy(f32.ctx);
+    /* hs = 64 on the mma.sync kernels (MPS_CUDA_ATTENTION=mma), which the default replaces by the
+     * wgmma ones on H100 / H200 */
+    mps_backend mma;
+    setenv("MPS_CUDA_ATTENTION", "mma", 1);
+    rc = mps_backend_cuda(&mma, &err);
+    unsetenv("MPS_CUDA_ATTENTION");
+    if (rc != 0) {
+        printf("FAIL  mps_backend_cuda (mma attention): %s\n", err.msg);
+        failures++;
+        return;
+    }
+    for (size_t i = 0; i < sizeof att_cases / sizeof att_cases[0]; i++)
+        if (att_cases[i].hs == 64)
+            test_attention(&mma, " mma", att_cases[i].B, att_cases[i].T, att_cases[i].H, att_cases[i].hs,
+                           TOL_ATTN_BF16);
+    mma.destroy(mma.ctx);
 }
 static void g_attention_bf16(void)
 {

@@ -462,7 +462,7 @@ void cu_attention_fwd(void *ctx, void *out_act, float *lse, const void *qkv_act,
     mps_cuda *c = (mps_cuda *)ctx;
     if (!attn_args_ok(c, "attention_fwd", B, T, H, hs))
         return;
-    if (c->attn_mode == MPS_ATTN_FAST &&
+    if ((c->attn_mode == MPS_ATTN_FAST || c->attn_mode == MPS_ATTN_MMA) &&
         cu_attention_fwd_fast(c, (act_t *)out_act, lse, (const act_t *)qkv_act, B, T, H, hs) == 0)
         return;
     const int64_t n = (int64_t)B * T * H * hs;
@@ -492,7 +492,7 @@ void cu_attention_bwd(void *ctx, void *dqkv_act, const void *dout_act, const voi
     if (!Dv)
         return;
     /* the fast kernels compute D themselves */
-    if (c->attn_mode == MPS_ATTN_FAST &&
+    if ((c->attn_mode == MPS_ATTN_FAST || c->attn_mode == MPS_ATTN_MMA) &&
         cu_attention_bwd_fast(c, (act_t *)dqkv_act, (const act_t *)dout_act, (const act_t *)qkv_act,
                               (const act_t *)out_act, lse, Dv, B, T, H, hs) == 0)
         return;

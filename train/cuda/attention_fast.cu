@@ -738,6 +738,8 @@ int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const act_t *qkv,
 {
     if (!fa_applies(hs, out, qkv, NULL))
         return -1;
+    if (c->wgmma && c->attn_mode == MPS_ATTN_FAST)
+        return cu_attention_fwd_wgmma(c, out, lse, qkv, B, T, H);
     const int nb = (T + FROWS - 1) / FROWS;
     if (nb > 65535) /* grid.y */
         return -1;
@@ -755,6 +757,8 @@ int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const act_t *dout, const act
 {
     if (!fa_applies(hs, dqkv, dout, qkv) || !cu_aligned16(out))
         return -1;
+    if (c->wgmma && c->attn_mode == MPS_ATTN_FAST)
+        return cu_attention_bwd_wgmma(c, dqkv, dout, qkv, out, lse, Dv, B, T, H);
     const int nb = (T + FROWS - 1) / FROWS;
     if (nb > 65535) /* grid.y */
         return -1;

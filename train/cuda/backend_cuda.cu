@@ -237,7 +237,10 @@ static int setup(mps_cuda *c, mps_err *err)
     TRY(cudaGetDevice(&c->device));
     TRY(cudaDeviceGetAttribute(&c->nsm, cudaDevAttrMultiProcessorCount, c->device));
     TRY(cudaDeviceGetAttribute(&c->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device));
+    TRY(cudaDeviceGetAttribute(&c->cc_major, cudaDevAttrComputeCapabilityMajor, c->device));
+    TRY(cudaDeviceGetAttribute(&c->cc_minor, cudaDevAttrComputeCapabilityMinor, c->device));
     TRY(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    c->wgmma = cu_wgmma_available(c);
     cudaMemPoolProps props;
     memset(&props, 0, sizeof props);
     props.allocType = cudaMemAllocationTypePinned;
@@ -274,9 +277,10 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
         return mps_fail(err, MPS_ENOMEM, "out of memory");
     pthread_mutex_init(&c->err_mu, NULL);
     pthread_mutex_init(&c->res_mu, NULL);
-    /* MPS_CUDA_ATTENTION: unset (or anything else) = the fast bf16 mma kernels for head size 64
-     * (attention_fast.cu); "fp32" = the fp32 kernels for every head size; "bf16" = the WMMA
-     * tensor-core kernels of attention_tc.cu */
+    /* MPS_CUDA_ATTENTION: unset (or anything else) = for head size 64 the wgmma kernels
+     * (attention_wgmma.cu) on a card that runs them, else the bf16 mma.sync kernels
+     * (attention_fast.cu); "mma" = those mma.sync kernels; "fp32" = the fp32 kernels for every head
+     * size; "bf16" = the WMMA tensor-core kernels of attention_tc.cu */
     const char *vb = getenv("MPS_CUDA_VERBOSE");
     c->verbose = vb && strcmp(vb, "1") == 0;
     /* MPS_CUDA_GEMM_TUNE=1: each GEMM shape times cuBLASLt's first candidates on its first call and
@@ -286,6 +290,7 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     const char *am = getenv("MPS_CUDA_ATTENTION");
     c->attn_mode = (am && strcmp(am, "bf16") == 0)   ? MPS_ATTN_BF16
                    : (am && strcmp(am, "fp32") == 0) ? MPS_ATTN_FP32
+                   : (am && strcmp(am, "mma") == 0)  ? MPS_ATTN_MMA
                                                      : MPS_ATTN_FAST;
     if (setup(c, err) != 0) {
         cuda_destroy(c);

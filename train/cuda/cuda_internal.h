@@ -81,13 +81,16 @@ enum { MPS_EPI_GELU_AUX = 1, MPS_EPI_DGELU = 2, MPS_EPI_PLAIN = 3 /* bf16 D, bia
 #define MPS_CUDA_MAX_PLANS 64
 #define MPS_CUDA_WORKSPACE (32u << 20) /* cuBLAS(Lt) workspace: 32 MiB, as NVIDIA advises for Hopper */
 
-/* attention kernels (MPS_CUDA_ATTENTION): FAST (default) = attention_fast.cu for head size 64, the
- * fp32 kernels otherwise; FP32 ("fp32") = the fp32 kernels always; BF16 ("bf16") = attention_tc.cu
- * up to head size 64 */
-enum { MPS_ATTN_FP32 = 0, MPS_ATTN_BF16 = 1, MPS_ATTN_FAST = 2 };
+/* attention kernels (MPS_CUDA_ATTENTION): FAST (default) = for head size 64 attention_wgmma.cu
+ * where wgmma runs (sm_90a code on a 9.0 card), else attention_fast.cu; the fp32 kernels for other
+ * head sizes; MMA ("mma") = attention_fast.cu (mma.sync) even where wgmma runs; FP32 ("fp32") =
+ * the fp32 kernels always; BF16 ("bf16") = attention_tc.cu up to head size 64 */
+enum { MPS_ATTN_FP32 = 0, MPS_ATTN_BF16 = 1, MPS_ATTN_FAST = 2, MPS_ATTN_MMA = 3 };
 
 typedef struct {
     int device, nsm;
+    int cc_major, cc_minor;
+    int wgmma;       /* the wgmma attention kernels run here (cu_wgmma_available) */
     int smem_optin;  /* most dynamic shared memory a block may opt into (bytes) */
     int attn_mode;   /* MPS_ATTN_*: from MPS_CUDA_ATTENTION at creation */
     int verbose;     /* MPS_CUDA_VERBOSE=1: each GEMM plan is reported on stderr when built */
@@ -196,5 +199,12 @@ void cu_attention_bwd(void *ctx, void *dqkv, const void *dout, const void *qkv, 
 int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H, int hs);
 int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
                           const float *lse, float *Dv, int B, int T, int H, int hs);
+
+/* ---- attention_wgmma.cu: head size 64 with Hopper's wgmma, called by the two above when c->wgmma
+ * (same contract; the callers check the head size and alignment) */
+int cu_wgmma_available(mps_cuda *c);
+int cu_attention_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H);
+int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
+                           const float *lse, float *Dv, int B, int T, int H);
 
 #endif

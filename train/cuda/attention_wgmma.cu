@@ -1,0 +1,673 @@
+/* Causal self-attention for head size 64 with Hopper's warpgroup MMA (wgmma, sm_90a): the default
+ * path of the CUDA backend on H100 / H200 (MPS_CUDA_ATTENTION=mma selects the mma.sync kernels of
+ * attention_fast.cu instead; other cards and builds without sm_90a take those too). Same layout,
+ * precision, causality and deterministic backward as attention_fast.cu (see there): qkv (B, T,
+ * 3 Cl) bf16, out (B, T, Cl) bf16, lse (B, H, T) fp32, every product accumulated in fp32, the
+ * backward without atomics (a dQ kernel per query block, a dK/dV kernel per key block).
+ *
+ * Why wgmma: the mma.sync kernels were bound by shared-memory reads (ncu: the shared-memory pipe
+ * 66% busy, the tensor pipe 36%), since every warp copies every operand fragment of the streamed
+ * tile into its own registers with ldmatrix. wgmma reads both operands of Q K^T-like products
+ * straight from shared memory, once for the 4 warps of a warpgroup, and runs asynchronously.
+ *
+ * Tiling: a CTA is one warpgroup (4 warps, 128 threads) that owns 64 rows (wgmma's m64: queries
+ * in the forward and the dQ kernel, keys in the dK/dV kernel; warp w holds rows 16 w .. 16 w + 15
+ * of the accumulators) and streams tiles of 64 rows of the other side, double-buffered with
+ * cp.async. Several CTAs per SM overlap one's softmax with another's products (forward 5, dQ 4,
+ * dK/dV 3: the register budgets of the launch bounds, no spills; the kernels are latency-bound, and
+ * 4 -> 5 and 3 -> 4 CTAs measured 4% and 7% faster). Every product is
+ * m64n64k16: S = Q K^T with both operands in shared memory (K-major); P V, P^T dO, dS^T Q and dS K
+ * with the probabilities in registers (an accumulator's layout is the A-fragment layout of
+ * register-sourced wgmma, as with mma.sync) and the streamed tile as an MN-major B.
+ *
+ * Shared memory: each tile is 64 rows of 64 bf16 = 128 bytes, stored with the 128-byte swizzle
+ * that wgmma's descriptors know: 16-byte chunk c of row r is at r * 128 + 16 (c ^ (r % 8)), tiles
+ * 1024-byte aligned. A K-major operand (rows = M or N, the 64 columns = K) starts at row0 * 128 +
+ * 32 kk for its k16 step kk; an MN-major one (rows = K) at 16 kk * 128; both have 8-row groups
+ * 1024 bytes apart. cp.async writes through the generic proxy, so fence.proxy.async precedes the
+ * barrier after which wgmma (the async proxy) reads a tile.
+ *
+ * Measured on an H200 (B 8, T 1024, H 12; test_backend_cuda's bench): forward 0.050 ms (257
+ * TFLOP/s), backward 0.148 ms (218 TFLOP/s), against 0.063 / 0.196 ms for the mma.sync kernels; the
+ * 124M training step +3.7%, 350M +3.7%, the same losses. Tried and dropped: keeping the dV/dK (or
+ * dQ, P V) products of one tile in flight under the next tile's S products (the loads then wait for
+ * a barrier mid-iteration, and dK/dV needs 187 registers: 0.169 ms against 0.159). */
+#include <math.h>
+#include <stdint.h>
+
+#include "cuda_internal.h"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MPS_WGMMA 1
+#else
+#define MPS_WGMMA 0
+#endif
+
+namespace {
+
+typedef __nv_bfloat16 bf16;
+
+constexpr int HD = 64;        /* head size: a row is 128 bytes, one swizzle atom wide */
+constexpr int ROWS = 64;      /* rows owned by a CTA (wgmma's m64) */
+constexpr int TILE = 64;      /* rows of a streamed tile */
+constexpr int NTHREADS = 128; /* one warpgroup */
+constexpr uint32_t TILE_B = TILE * HD * 2; /* bytes of a 64-row tile: 8192 */
+constexpr float LOG2E = 1.4426950408889634f;
+
+/* dynamic shared memory (bytes), with 1024 of slack to align the tiles */
+constexpr size_t SM_FWD = 1024 + 5 * TILE_B;               /* Q; K, V double-buffered */
+constexpr size_t SM_DQ = 1024 + 6 * TILE_B + 4 * ROWS;     /* Q, dO; K, V double-buffered; D */
+constexpr size_t SM_DKV = 1024 + 6 * TILE_B + 6 * 4 * TILE; /* K, V; Q, dO double-buffered; lse, D x 2, staging */
+
+/* whether this translation unit's device code has the wgmma kernels (sm_90a) */
+__global__ void k_wg_probe(int *has) { *has = MPS_WGMMA; }
+
+#if MPS_WGMMA
+
+constexpr float LN2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+/* --------------------------------------------------------------- tiles: global -> shared */
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool valid)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async4(float *dst, const float *src)
+{
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+/* this thread's shared-memory writes become visible to the async proxy (wgmma) */
+__device__ __forceinline__ void fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+/* byte offset of 16-byte chunk c of row r in a swizzled tile */
+__device__ __forceinline__ uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
+
+/* Rows t0 .. t0 + R - 1 of one head's part (base: its row 0, row stride ld elements) by cp.async
+ * into the swizzled tile at shared address dst: thread x copies chunk x % 8 of rows x / 8 + 16 i;
+ * rows at or past T are zero-filled (nothing read). The caller commits, waits, fences. */
+template <int R>
+__device__ __forceinline__ void tile_load(uint32_t dst, const bf16 *base, int64_t ld, int t0, int T)
+{
+    const int c = threadIdx.x & 7, r0 = threadIdx.x >> 3;
+#pragma unroll
+    for (int i = 0; i < R / 16; i++) {
+        const int r = r0 + 16 * i, t = t0 + r;
+        cp_async16(dst + swz(r, c), t < T ? base + (int64_t)t * ld + 8 * c : base, t < T);
+    }
+}
+
+/* --------------------------------------------------------------- wgmma */
+
+/* Shared-memory matrix descriptor: start address, leading and stride byte offsets (16-byte units;
+ * 1024 = the distance of 8-row groups, the leading one unused at 64 columns), 128-byte swizzle. */
+__device__ __forceinline__ uint64_t sdesc(uint32_t addr)
+{
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(1024 >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+/* K-major operand: rows row0 .. row0 + 63 of a tile, columns 16 kk .. 16 kk + 15 */
+__device__ __forceinline__ uint64_t kdesc(uint32_t tile, int kk) { return sdesc(tile + 32 * kk); }
+/* MN-major operand: rows (K) 16 kk .. 16 kk + 15 of a tile, all 64 columns (N) */
+__device__ __forceinline__ uint64_t mdesc(uint32_t tile, int kk) { return sdesc(tile + 2048 * kk); }
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+/* until at most N of this warpgroup's committed groups are pending (groups complete in order) */
+template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+
+/* an accumulator's registers are "written" here, so that no use of them moves above the wait
+ * before (the compiler does not know that wgmma writes them asynchronously) */
+__device__ __forceinline__ void reg_fence(float (&d)[32])
+{
+#pragma unroll
+    for (int i = 0; i < 32; i++)
+        asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define WG_D32                                                                                                    \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+    "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_ACC(d)                                                                                                 \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),   \
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),    \
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),   \
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+/* d (64 x 64 fp32, this thread's 32) = A (64 x 16) . B (16 x 64) + (acc ? d : 0), both operands
+ * from shared memory; A K-major, B K-major (B^T's rows in memory). acc = 0 starts a product
+ * without zeroing d first (register moves that the compiler may place after the wgmma fence, where
+ * ptxas then has to insert a wait). */
+__device__ __forceinline__ void wg_ss(float (&d)[32], uint64_t a, uint64_t b, int acc)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : WG_ACC(d)
+                 : "l"(a), "l"(b), "r"(acc));
+}
+/* the same with acc = 0 and d an output only: no dependence on d's previous value (a loop-carried
+ * copy of it would be a non-wgmma write to an accumulator while other wgmmas are in flight, which
+ * makes ptxas serialise every wgmma of the kernel) */
+#define WG_OUT(d)                                                                                                 \
+    "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]),   \
+        "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]),    \
+        "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]),   \
+        "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
+__device__ __forceinline__ void wg_ss_first(float (&d)[32], uint64_t a, uint64_t b)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : WG_OUT(d)
+                 : "l"(a), "l"(b), "r"(0));
+}
+/* a k = 64 product from shared memory: d = A (64 x 64) . B, four k16 steps */
+__device__ __forceinline__ void wg_ss64(float (&d)[32], uint32_t a_tile, uint32_t b_tile)
+{
+    wg_ss_first(d, kdesc(a_tile, 0), kdesc(b_tile, 0));
+#pragma unroll
+    for (int kk = 1; kk < 4; kk++)
+        wg_ss(d, kdesc(a_tile, kk), kdesc(b_tile, kk), 1);
+}
+/* d += A . B with A from registers (this thread's k16 fragment, mma.sync's A layout) and B
+ * MN-major in shared memory (B's rows in memory) */
+__device__ __forceinline__ void wg_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : WG_ACC(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+
+/* --------------------------------------------------------------- small helpers */
+
+/* two floats to bf16x2, lo in the low half (the lower column of a fragment) */
+__device__ __forceinline__ uint32_t pack2(float lo, float hi)
+{
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ float ex2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float quad_max(float v)
+{
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v)
+{
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ void zero32(float (&d)[32])
+{
+#pragma unroll
+    for (int i = 0; i < 32; i++)
+        d[i] = 0.0f;
+}
+/* Accumulator element 4 i + e of this thread (lane l of warp w): row 16 w + l / 4 + 8 (e / 2),
+ * column 8 i + 2 (l % 4) + e % 2. The A fragment of k16 step kk (columns 16 kk ..) packs elements
+ * of n8 chunks 2 kk and 2 kk + 1: {row lo, chunk 2kk}, {row hi, 2kk}, {lo, 2kk+1}, {hi, 2kk+1}. */
+__device__ __forceinline__ void to_afrag(uint32_t (&a)[4][4], const float (&v)[32])
+{
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        a[i >> 1][(i & 1) * 2] = pack2(v[4 * i], v[4 * i + 1]);
+        a[i >> 1][(i & 1) * 2 + 1] = pack2(v[4 * i + 2], v[4 * i + 3]);
+    }
+}
+
+#endif /* MPS_WGMMA */
+
+/* --------------------------------------------------------------- forward */
+
+/* grid (B * H, query blocks of 64), the blocks with the most keys first over all heads. Scores in
+ * log2 units (s * scale * log2 e: exp is one ex2). Thread rows r0 + g and r0 + g + 8, r0 = q0 +
+ * 16 w. */
+__global__ void __launch_bounds__(NTHREADS, 5)
+    k_wg_fwd(bf16 *out, float *lse, const bf16 *qkv, int T, int H, float sl2)
+{
+#if MPS_WGMMA
+    extern __shared__ __align__(16) unsigned char wg_smem[];
+    const uint32_t base = (smem_u32(wg_smem) + 1023u) & ~1023u;
+    const uint32_t Qs = base, Ks = base + TILE_B, Vs = base + 3 * TILE_B; /* K, V: [2] tiles each */
+    const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
+    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * ROWS;
+    const int64_t Cl = (int64_t)H * HD, ld = 3 * Cl;
+    const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * HD, *kb = qb + Cl, *vb = qb + 2 * Cl;
+    const int nkt = (min(q0 + ROWS, T) + TILE - 1) / TILE;
+    const int r0 = q0 + 16 * w;
+
+    tile_load<ROWS>(Qs, qb, ld, q0, T);
+    tile_load<TILE>(Ks, kb, ld, 0, T);
+    tile_load<TILE>(Vs, vb, ld, 0, T);
+    cp_async_commit();
+    cp_async_wait_all();
+    fence_async();
+    __syncthreads();
+
+    float o[32], m0 = -INFINITY, m1 = -INFINITY, ls0 = 0.0f, ls1 = 0.0f;
+    zero32(o);
+    for (int j = 0; j < nkt; j++) {
+        const int buf = j & 1, k0 = j * TILE;
+        const bool more = j + 1 < nkt;
+        const uint32_t K = Ks + buf * TILE_B, V = Vs + buf * TILE_B;
+        if (more) {
+            tile_load<TILE>(Ks + (buf ^ 1) * TILE_B, kb, ld, k0 + TILE, T);
+            tile_load<TILE>(Vs + (buf ^ 1) * TILE_B, vb, ld, k0 + TILE, T);
+            cp_async_commit();
+        }
+        float s[32];
+        wg_fence();
+        wg_ss64(s, Qs, K); /* S = Q K^T */
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(s);
+        if (k0 + TILE - 1 > r0) { /* the tile crosses the warp's rows: mask keys > row */
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (k0 + 8 * i + 2 * tg + (e & 1) > r0 + g + 8 * (e >> 1))
+                        s[4 * i + e] = -INFINITY;
+        }
+        float x0 = -INFINITY, x1 = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            x0 = fmaxf(x0, fmaxf(s[4 * i], s[4 * i + 1]));
+            x1 = fmaxf(x1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+        }
+        /* a row whose keys are all masked here had key 0 in an earlier tile: m stays finite */
+        const float mn0 = fmaxf(m0, quad_max(x0) * sl2), mn1 = fmaxf(m1, quad_max(x1) * sl2);
+        const float a0 = ex2(m0 - mn0), a1 = ex2(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            s[4 * i] = ex2(fmaf(s[4 * i], sl2, -mn0));
+            s[4 * i + 1] = ex2(fmaf(s[4 * i + 1], sl2, -mn0));
+            s[4 * i + 2] = ex2(fmaf(s[4 * i + 2], sl2, -mn1));
+            s[4 * i + 3] = ex2(fmaf(s[4 * i + 3], sl2, -mn1));
+            ps0 += s[4 * i] + s[4 * i + 1];
+            ps1 += s[4 * i + 2] + s[4 * i + 3];
+        }
+        ls0 = ls0 * a0 + ps0;
+        ls1 = ls1 * a1 + ps1;
+        uint32_t pf[4][4];
+        to_afrag(pf, s);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            o[4 * i] *= a0;
+            o[4 * i + 1] *= a0;
+            o[4 * i + 2] *= a1;
+            o[4 * i + 3] *= a1;
+        }
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            wg_rs(o, pf[kk], mdesc(V, kk)); /* O += P V */
+        wg_commit();
+        wg_wait<0>(); /* (before the next iteration's loads overwrite this buffer) */
+        reg_fence(o);
+        if (more) {
+            cp_async_wait_all();
+            fence_async();
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const float sum = quad_sum(hf ? ls1 : ls0), inv = 1.0f / sum; /* (every lane: warp-wide shuffles) */
+        const int t = r0 + g + 8 * hf;
+        if (t >= T)
+            continue;
+        bf16 *orow = out + ((int64_t)b * T + t) * Cl + (int64_t)h * HD + 2 * tg;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            *reinterpret_cast<__nv_bfloat162 *>(orow + 8 * i) =
+                __floats2bfloat162_rn(o[4 * i + 2 * hf] * inv, o[4 * i + 2 * hf + 1] * inv);
+        if (tg == 0)
+            lse[(int64_t)bh * T + t] = ((hf ? m1 : m0) + log2f(sum)) * LN2;
+    }
+#endif
+}
+
+/* --------------------------------------------------------------- backward: dQ */
+
+/* grid (B * H, query blocks of 64), the longest first. D = rowsum(dout * out) of the block's rows
+ * first (also written to Dv for k_wg_dkv, which runs after this kernel); then per key tile: S = Q
+ * K^T, dP = dO V^T, P = exp(S - lse), dS = P (dP - D), dQ += dS K; at the end dq = scale dQ. */
+__global__ void __launch_bounds__(NTHREADS, 4)
+    k_wg_dq(bf16 *dqkv, float *Dv, const bf16 *dout, const bf16 *out, const bf16 *qkv, const float *lse, int T,
+            int H, float scale, float sl2)
+{
+#if MPS_WGMMA
+    extern __shared__ __align__(16) unsigned char wg_smem[];
+    const uint32_t base = (smem_u32(wg_smem) + 1023u) & ~1023u;
+    const uint32_t Qs = base, Gs = base + TILE_B, Ks = base + 2 * TILE_B, Vs = base + 4 * TILE_B;
+    float *Dsm = reinterpret_cast<float *>(wg_smem + (base - smem_u32(wg_smem)) + 6 * TILE_B); /* [64] */
+    const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
+    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * ROWS;
+    const int64_t Cl = (int64_t)H * HD, ld = 3 * Cl;
+    const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * HD, *kb = qb + Cl, *vb = qb + 2 * Cl;
+    const bf16 *gb = dout + (int64_t)b * T * Cl + (int64_t)h * HD;
+    const bf16 *ob = out + (int64_t)b * T * Cl + (int64_t)h * HD;
+    const int nkt = (min(q0 + ROWS, T) + TILE - 1) / TILE;
+    const int r0 = q0 + 16 * w;
+
+    tile_load<ROWS>(Qs, qb, ld, q0, T);
+    tile_load<ROWS>(Gs, gb, Cl, q0, T);
+    tile_load<TILE>(Ks, kb, ld, 0, T);
+    tile_load<TILE>(Vs, vb, ld, 0, T);
+    cp_async_commit();
+    /* D = dout . out per row: a half-warp per row (4 elements a lane, a fixed butterfly) */
+#pragma unroll
+    for (int i = 0; i < ROWS / 8; i++) {
+        const int r = (threadIdx.x >> 4) + 8 * i, t = q0 + r, c4 = threadIdx.x & 15;
+        float d = 0.0f;
+        if (t < T) {
+            const uint2 gu = __ldg(reinterpret_cast<const uint2 *>(gb + (int64_t)t * Cl + 4 * c4));
+            const uint2 ou = __ldg(reinterpret_cast<const uint2 *>(ob + (int64_t)t * Cl + 4 * c4));
+            const float2 g0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&gu.x));
+            const float2 g1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&gu.y));
+            const float2 o0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&ou.x));
+            const float2 o1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&ou.y));
+            d = g0.x * o0.x + g0.y * o0.y + g1.x * o1.x + g1.y * o1.y;
+        }
+        d += __shfl_xor_sync(0xffffffffu, d, 1);
+        d += __shfl_xor_sync(0xffffffffu, d, 2);
+        d += __shfl_xor_sync(0xffffffffu, d, 4);
+        d += __shfl_xor_sync(0xffffffffu, d, 8);
+        if (c4 == 0) {
+            Dsm[r] = d;
+            if (t < T)
+                Dv[(int64_t)bh * T + t] = d;
+        }
+    }
+    /* lse (log2 units) of rows r0 + g (+ 8); 0 past T, where Q and dO are zero rows: dS = 0 */
+    float Lr[2], Dr[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int t = r0 + g + 8 * hf;
+        Lr[hf] = t < T ? lse[(int64_t)bh * T + t] * LOG2E : 0.0f;
+    }
+    cp_async_wait_all();
+    fence_async();
+    __syncthreads();
+    Dr[0] = Dsm[16 * w + g];
+    Dr[1] = Dsm[16 * w + g + 8];
+
+    float dq[32];
+    zero32(dq);
+    for (int j = 0; j < nkt; j++) {
+        const int buf = j & 1, k0 = j * TILE;
+        const bool more = j + 1 < nkt;
+        const uint32_t K = Ks + buf * TILE_B, V = Vs + buf * TILE_B;
+        if (more) {
+            tile_load<TILE>(Ks + (buf ^ 1) * TILE_B, kb, ld, k0 + TILE, T);
+            tile_load<TILE>(Vs + (buf ^ 1) * TILE_B, vb, ld, k0 + TILE, T);
+            cp_async_commit();
+        }
+        float s[32], dp[32];
+        wg_fence();
+        wg_ss64(s, Qs, K); /* S = Q K^T */
+        wg_commit();
+        wg_ss64(dp, Gs, V); /* dP = dO V^T */
+        wg_commit();
+        wg_wait<1>(); /* S; P's exponentials while dP is computed */
+        reg_fence(s);
+        const bool diag = k0 + TILE - 1 > r0;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int hf = e >> 1;
+                float p = ex2(fmaf(s[4 * i + e], sl2, -Lr[hf]));
+                if (diag && k0 + 8 * i + 2 * tg + (e & 1) > r0 + g + 8 * hf)
+                    p = 0.0f;
+                s[4 * i + e] = p;
+            }
+        wg_wait<0>();
+        reg_fence(dp);
+#pragma unroll
+        for (int i = 0; i < 32; i++)
+            s[i] *= dp[i] - Dr[(i >> 1) & 1]; /* dS */
+        uint32_t dsf[4][4];
+        to_afrag(dsf, s);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            wg_rs(dq, dsf[kk], mdesc(K, kk)); /* dQ += dS K */
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(dq);
+        if (more) {
+            cp_async_wait_all();
+            fence_async();
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int t = r0 + g + 8 * hf;
+        if (t >= T)
+            continue;
+        bf16 *row = dqkv + ((int64_t)b * T + t) * ld + (int64_t)h * HD + 2 * tg;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            *reinterpret_cast<__nv_bfloat162 *>(row + 8 * i) =
+                __floats2bfloat162_rn(scale * dq[4 * i + 2 * hf], scale * dq[4 * i + 2 * hf + 1]);
+    }
+#endif
+}
+
+/* --------------------------------------------------------------- backward: dK, dV */
+
+/* grid (B * H, key blocks of 64), the blocks with the most queries (the first) first. The
+ * accumulators are transposed (keys x queries): per query tile S^T = K Q^T, dP^T = V dO^T, P^T =
+ * exp(S^T - lse), dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q; at the end dk = scale dK, dv =
+ * dV. Thread rows (keys) r0 + g (+ 8), r0 = k0 + 16 w; the lse (log2 units; +inf past T, which
+ * makes P^T zero there) and D of each query tile are staged in shared memory with its rows. */
+__global__ void __launch_bounds__(NTHREADS, 3)
+    k_wg_dkv(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *Dv, int T, int H,
+             float scale, float sl2)
+{
+#if MPS_WGMMA
+    extern __shared__ __align__(16) unsigned char wg_smem[];
+    const uint32_t base = (smem_u32(wg_smem) + 1023u) & ~1023u;
+    const uint32_t Ks = base, Vs = base + TILE_B, Qs = base + 2 * TILE_B, Gs = base + 4 * TILE_B;
+    float *Ls = reinterpret_cast<float *>(wg_smem + (base - smem_u32(wg_smem)) + 6 * TILE_B); /* [2][64] */
+    float *Ds = Ls + 2 * TILE;                                                                  /* [2][64] */
+    float *Sl = Ds + 2 * TILE, *Sd = Sl + TILE; /* staging of the next tile's lse, D */
+    const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
+    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    const int k0 = blockIdx.y * ROWS;
+    const int64_t Cl = (int64_t)H * HD, ld = 3 * Cl;
+    const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * HD, *kb = qb + Cl, *vb = qb + 2 * Cl;
+    const bf16 *gb = dout + (int64_t)b * T * Cl + (int64_t)h * HD;
+    const float *lb = lse + (int64_t)bh * T, *db = Dv + (int64_t)bh * T;
+    const int jq0 = k0 / TILE, nqt = (T + TILE - 1) / TILE;
+    const int r0 = k0 + 16 * w;
+
+    tile_load<ROWS>(Ks, kb, ld, k0, T);
+    tile_load<ROWS>(Vs, vb, ld, k0, T);
+    tile_load<TILE>(Qs, qb, ld, jq0 * TILE, T);
+    tile_load<TILE>(Gs, gb, Cl, jq0 * TILE, T);
+    cp_async_commit();
+    if (threadIdx.x < TILE) {
+        const int t = jq0 * TILE + threadIdx.x;
+        Ls[threadIdx.x] = t < T ? lb[t] * LOG2E : INFINITY;
+        Ds[threadIdx.x] = t < T ? db[t] : 0.0f;
+    }
+    cp_async_wait_all();
+    fence_async();
+    __syncthreads();
+
+    float dk[32], dv[32];
+    zero32(dk);
+    zero32(dv);
+    for (int jq = jq0; jq < nqt; jq++) {
+        const int buf = (jq - jq0) & 1, qt0 = jq * TILE;
+        const bool more = jq + 1 < nqt;
+        const uint32_t Q = Qs + buf * TILE_B, G = Gs + buf * TILE_B;
+        const float *L = Ls + buf * TILE, *Dq = Ds + buf * TILE;
+        if (more) {
+            tile_load<TILE>(Qs + (buf ^ 1) * TILE_B, qb, ld, qt0 + TILE, T);
+            tile_load<TILE>(Gs + (buf ^ 1) * TILE_B, gb, Cl, qt0 + TILE, T);
+            const int t = qt0 + TILE + threadIdx.x;
+            if (threadIdx.x < TILE && t < T) {
+                cp_async4(Sl + threadIdx.x, lb + t);
+                cp_async4(Sd + threadIdx.x, db + t);
+            }
+            cp_async_commit();
+        }
+        float s[32], dp[32];
+        wg_fence();
+        wg_ss64(s, Ks, Q); /* S^T = K Q^T */
+        wg_commit();
+        wg_ss64(dp, Vs, G); /* dP^T = V dO^T */
+        wg_commit();
+        wg_wait<1>(); /* S^T; P^T's exponentials while dP^T is computed */
+        reg_fence(s);
+        const bool diag = qt0 < r0 + 15; /* some query of the tile precedes some key of the warp */
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const float2 lq = *reinterpret_cast<const float2 *>(L + 8 * i + 2 * tg);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = ex2(fmaf(s[4 * i + e], sl2, -((e & 1) ? lq.y : lq.x)));
+                if (diag && r0 + g + 8 * (e >> 1) > qt0 + 8 * i + 2 * tg + (e & 1))
+                    p = 0.0f;
+                s[4 * i + e] = p;
+            }
+        }
+        wg_wait<0>();
+        reg_fence(dp);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const float2 dq_ = *reinterpret_cast<const float2 *>(Dq + 8 * i + 2 * tg);
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                dp[4 * i + e] = s[4 * i + e] * (dp[4 * i + e] - ((e & 1) ? dq_.y : dq_.x)); /* dS^T */
+        }
+        uint32_t pf[4][4], dsf[4][4];
+        to_afrag(pf, s);
+        to_afrag(dsf, dp);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            wg_rs(dv, pf[kk], mdesc(G, kk)); /* dV += P^T dO */
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            wg_rs(dk, dsf[kk], mdesc(Q, kk)); /* dK += dS^T Q */
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(dk);
+        reg_fence(dv);
+        if (more) {
+            cp_async_wait_all();
+            const int t = qt0 + TILE + threadIdx.x;
+            if (threadIdx.x < TILE) {
+                Ls[(buf ^ 1) * TILE + threadIdx.x] = t < T ? Sl[threadIdx.x] * LOG2E : INFINITY;
+                Ds[(buf ^ 1) * TILE + threadIdx.x] = t < T ? Sd[threadIdx.x] : 0.0f;
+            }
+            fence_async();
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int key = r0 + g + 8 * hf;
+        if (key >= T)
+            continue;
+        bf16 *row = dqkv + ((int64_t)b * T + key) * ld + (int64_t)h * HD + Cl + 2 * tg;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            *reinterpret_cast<__nv_bfloat162 *>(row + 8 * i) =
+                __floats2bfloat162_rn(scale * dk[4 * i + 2 * hf], scale * dk[4 * i + 2 * hf + 1]);
+            *reinterpret_cast<__nv_bfloat162 *>(row + Cl + 8 * i) =
+                __floats2bfloat162_rn(dv[4 * i + 2 * hf], dv[4 * i + 2 * hf + 1]);
+        }
+    }
+#endif
+}
+
+template <class K>
+int wg_smem(mps_cuda *c, K kernel, size_t smem, const char *what)
+{
+    if ((int64_t)smem > c->smem_optin) {
+        cu_fail(c, "%s: needs %zu bytes of shared memory, the device allows %d", what, smem, c->smem_optin);
+        return -1;
+    }
+    return cu_check(c, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), what);
+}
+
+} // namespace
+
+int cu_wgmma_available(mps_cuda *c)
+{
+    if (c->cc_major != 9 || c->cc_minor != 0)
+        return 0;
+    int *d = NULL, has = 0;
+    if (cudaMalloc(&d, sizeof(int)) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    k_wg_probe<<<1, 1, 0, c->stream>>>(d);
+    const int ok = cudaGetLastError() == cudaSuccess &&
+                   cudaMemcpyAsync(&has, d, sizeof(int), cudaMemcpyDeviceToHost, c->stream) == cudaSuccess &&
+                   cudaStreamSynchronize(c->stream) == cudaSuccess;
+    (void)cudaGetLastError();
+    cudaFree(d);
+    return ok && has == 1;
+}
+
+int cu_attention_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H)
+{
+    const int nb = (T + ROWS - 1) / ROWS;
+    if (nb > 65535) /* grid.y */
+        return -1;
+    const float scale = 1.0f / sqrtf((float)HD);
+    if (wg_smem(c, k_wg_fwd, SM_FWD, "attention_fwd (wgmma)") != 0)
+        return 0; /* recorded */
+    k_wg_fwd<<<dim3((unsigned)(B * H), (unsigned)nb), NTHREADS, SM_FWD, c->stream>>>(out, lse, qkv, T, H,
+                                                                                     scale * LOG2E);
+    cu_launched(c, "attention_fwd (wgmma)");
+    return 0;
+}
+
+int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
+                           const float *lse, float *Dv, int B, int T, int H)
+{
+    const int nb = (T + ROWS - 1) / ROWS;
+    if (nb > 65535)
+        return -1;
+    const float scale = 1.0f / sqrtf((float)HD);
+    const dim3 grid((unsigned)(B * H), (unsigned)nb);
+    /* dQ first: it also writes D (B, H, T), which the dK/dV kernel reads */
+    if (wg_smem(c, k_wg_dq, SM_DQ, "attention_bwd (wgmma dq)") != 0)
+        return 0;
+    k_wg_dq<<<grid, NTHREADS, SM_DQ, c->stream>>>(dqkv, Dv, dout, out, qkv, lse, T, H, scale, scale * LOG2E);
+    if (cu_launched(c, "attention_bwd (wgmma dq)") != 0)
+        return 0;
+    if (wg_smem(c, k_wg_dkv, SM_DKV, "attention_bwd (wgmma dk, dv)") != 0)
+        return 0;
+    k_wg_dkv<<<grid, NTHREADS, SM_DKV, c->stream>>>(dqkv, dout, qkv, lse, Dv, T, H, scale, scale * LOG2E);
+    cu_launched(c, "attention_bwd (wgmma dk, dv)");
+    return 0;
+}
