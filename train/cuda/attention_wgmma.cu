@@ -27,9 +27,12 @@
  * 1024 bytes apart. cp.async writes through the generic proxy, so fence.proxy.async precedes the
  * barrier after which wgmma (the async proxy) reads a tile.
  *
- * Measured on an H200 (B 8, T 1024, H 12; test_backend_cuda's bench): forward 0.050 ms (257
- * TFLOP/s), backward 0.148 ms (218 TFLOP/s), against 0.063 / 0.196 ms for the mma.sync kernels; the
- * 124M training step +3.7%, 350M +3.7%, the same losses. Tried and dropped: keeping the dV/dK (or
+ * Measured (B 8, T 1024, H 12; test_backend_cuda's bench) on an H100: forward 0.046 ms (279
+ * TFLOP/s), backward 0.147 ms (219 TFLOP/s), against 0.063 / 0.199 ms for the mma.sync kernels; on
+ * an H200 before the descriptor and load changes below 0.050 / 0.148 against 0.062 / 0.194, the
+ * 124M training step +3.4%, 350M +4.0%, the same losses. Per tile the kernels add to a
+ * descriptor's low word instead of rebuilding it, load all-real tiles without per-row checks, mask
+ * only tiles that cross the diagonal, and the forward rescales O only when a row maximum moved. Tried and dropped: keeping the dV/dK (or
  * dQ, P V) products of one tile in flight under the next tile's S products (the loads then wait for
  * a barrier mid-iteration, and dK/dV needs 187 registers: 0.169 ms against 0.159). */
 #include <math.h>
@@ -94,26 +97,34 @@ template <int R>
 __device__ __forceinline__ void tile_load(uint32_t dst, const bf16 *base, int64_t ld, int t0, int T)
 {
     const int c = threadIdx.x & 7, r0 = threadIdx.x >> 3;
+    /* rows r0 + 16 i share r % 8, so their chunks land 16 rows (2048 bytes) apart */
+    const uint32_t d0 = dst + swz(r0, c);
+    const bf16 *src = base + (int64_t)(t0 + r0) * ld + 8 * c;
+    if (t0 + R <= T) { /* all rows real: no checks */
+#pragma unroll
+        for (int i = 0; i < R / 16; i++)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d0 + 2048 * i), "l"(src + 16 * i * ld)
+                         : "memory");
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < R / 16; i++) {
-        const int r = r0 + 16 * i, t = t0 + r;
-        cp_async16(dst + swz(r, c), t < T ? base + (int64_t)t * ld + 8 * c : base, t < T);
+        const bool real = t0 + r0 + 16 * i < T;
+        cp_async16(d0 + 2048 * i, real ? src + 16 * i * ld : base, real);
     }
 }
 
 /* --------------------------------------------------------------- wgmma */
 
-/* Shared-memory matrix descriptor: start address, leading and stride byte offsets (16-byte units;
- * 1024 = the distance of 8-row groups, the leading one unused at 64 columns), 128-byte swizzle. */
-__device__ __forceinline__ uint64_t sdesc(uint32_t addr)
-{
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(1024 >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) |
-           (1ull << 62);
-}
-/* K-major operand: rows row0 .. row0 + 63 of a tile, columns 16 kk .. 16 kk + 15 */
-__device__ __forceinline__ uint64_t kdesc(uint32_t tile, int kk) { return sdesc(tile + 32 * kk); }
-/* MN-major operand: rows (K) 16 kk .. 16 kk + 15 of a tile, all 64 columns (N) */
-__device__ __forceinline__ uint64_t mdesc(uint32_t tile, int kk) { return sdesc(tile + 2048 * kk); }
+/* Shared-memory matrix descriptors: start address, leading and stride byte offsets (16-byte units;
+ * 1024 = the distance of 8-row groups, the leading one unused at 64 columns), 128-byte swizzle. The
+ * kernels keep the low word (start address | leading offset << 16) of each tile's descriptor and
+ * step by adding to it: +DK_STEP per k16 step of a K-major operand (rows = M or N, 32 bytes
+ * along the row), +DM_STEP per k16 step of an MN-major one (16 rows). The high word is the same for all (stride offset, swizzle). One add per product instead
+ * of rebuilding the 64 bits (ptx: ~100 fewer instructions a tile in the dK/dV kernel). */
+__device__ __forceinline__ uint32_t dlo(uint32_t addr) { return ((addr & 0x3FFFF) >> 4) | ((1024u >> 4) << 16); }
+constexpr uint32_t DESC_HI = (1024u >> 4) | (1u << 30);
+constexpr uint32_t DK_STEP = 32 >> 4, DM_STEP = 2048 >> 4;
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -142,12 +153,13 @@ __device__ __forceinline__ void reg_fence(float (&d)[32])
  * from shared memory; A K-major, B K-major (B^T's rows in memory). acc = 0 starts a product
  * without zeroing d first (register moves that the compiler may place after the wgmma fence, where
  * ptxas then has to insert a wait). */
-__device__ __forceinline__ void wg_ss(float (&d)[32], uint64_t a, uint64_t b, int acc)
+__device__ __forceinline__ void wg_ss(float (&d)[32], uint32_t alo, uint32_t blo, int acc)
 {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+    asm volatile("{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %35, 0;\n"
+                 "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", da, db, p, 1, 1, 0, 0;\n}\n"
                  : WG_ACC(d)
-                 : "l"(a), "l"(b), "r"(acc));
+                 : "r"(alo), "r"(blo), "r"(DESC_HI), "r"(acc));
 }
 /* the same with acc = 0 and d an output only: no dependence on d's previous value (a loop-carried
  * copy of it would be a non-wgmma write to an accumulator while other wgmmas are in flight, which
@@ -157,30 +169,33 @@ __device__ __forceinline__ void wg_ss(float (&d)[32], uint64_t a, uint64_t b, in
         "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]),    \
         "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]),   \
         "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
-__device__ __forceinline__ void wg_ss_first(float (&d)[32], uint64_t a, uint64_t b)
+__device__ __forceinline__ void wg_ss_first(float (&d)[32], uint32_t alo, uint32_t blo)
 {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+    asm volatile("{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %35, 0;\n"
+                 "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", da, db, p, 1, 1, 0, 0;\n}\n"
                  : WG_OUT(d)
-                 : "l"(a), "l"(b), "r"(0));
+                 : "r"(alo), "r"(blo), "r"(DESC_HI), "r"(0));
 }
-/* a k = 64 product from shared memory: d = A (64 x 64) . B, four k16 steps */
-__device__ __forceinline__ void wg_ss64(float (&d)[32], uint32_t a_tile, uint32_t b_tile)
+/* a k = 64 product from shared memory: d = A (64 x 64) . B, four k16 steps; a, b: descriptor low
+ * words of K-major tiles */
+__device__ __forceinline__ void wg_ss64(float (&d)[32], uint32_t a, uint32_t b)
 {
-    wg_ss_first(d, kdesc(a_tile, 0), kdesc(b_tile, 0));
+    wg_ss_first(d, a, b);
 #pragma unroll
     for (int kk = 1; kk < 4; kk++)
-        wg_ss(d, kdesc(a_tile, kk), kdesc(b_tile, kk), 1);
+        wg_ss(d, a + DK_STEP * kk, b + DK_STEP * kk, 1);
 }
 /* d += A . B with A from registers (this thread's k16 fragment, mma.sync's A layout) and B
  * MN-major in shared memory (B's rows in memory) */
-__device__ __forceinline__ void wg_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b)
+__device__ __forceinline__ void wg_rs(float (&d)[32], const uint32_t (&a)[4], uint32_t blo)
 {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+    asm volatile("{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %38, 0;\n"
+                 "mov.b64 db, {%36, %37};\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32
-                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 ", {%32, %33, %34, %35}, db, p, 1, 1, 1;\n}\n"
                  : WG_ACC(d)
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(blo), "r"(DESC_HI), "r"(1));
 }
 
 /* --------------------------------------------------------------- small helpers */
@@ -269,7 +284,7 @@ __global__ void __launch_bounds__(NTHREADS, 5)
         }
         float s[32];
         wg_fence();
-        wg_ss64(s, Qs, K); /* S = Q K^T */
+        wg_ss64(s, dlo(Qs), dlo(K)); /* S = Q K^T */
         wg_commit();
         wg_wait<0>();
         reg_fence(s);
@@ -306,17 +321,19 @@ __global__ void __launch_bounds__(NTHREADS, 5)
         ls1 = ls1 * a1 + ps1;
         uint32_t pf[4][4];
         to_afrag(pf, s);
+        if (__any_sync(0xffffffffu, a0 != 1.0f || a1 != 1.0f)) { /* (once the maxima settle, rarely) */
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            o[4 * i] *= a0;
-            o[4 * i + 1] *= a0;
-            o[4 * i + 2] *= a1;
-            o[4 * i + 3] *= a1;
+            for (int i = 0; i < 8; i++) {
+                o[4 * i] *= a0;
+                o[4 * i + 1] *= a0;
+                o[4 * i + 2] *= a1;
+                o[4 * i + 3] *= a1;
+            }
         }
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; kk++)
-            wg_rs(o, pf[kk], mdesc(V, kk)); /* O += P V */
+            wg_rs(o, pf[kk], dlo(V) + DM_STEP * kk); /* O += P V */
         wg_commit();
         wg_wait<0>(); /* (before the next iteration's loads overwrite this buffer) */
         reg_fence(o);
@@ -423,23 +440,23 @@ __global__ void __launch_bounds__(NTHREADS, 4)
         }
         float s[32], dp[32];
         wg_fence();
-        wg_ss64(s, Qs, K); /* S = Q K^T */
+        wg_ss64(s, dlo(Qs), dlo(K)); /* S = Q K^T */
         wg_commit();
-        wg_ss64(dp, Gs, V); /* dP = dO V^T */
+        wg_ss64(dp, dlo(Gs), dlo(V)); /* dP = dO V^T */
         wg_commit();
         wg_wait<1>(); /* S; P's exponentials while dP is computed */
         reg_fence(s);
-        const bool diag = k0 + TILE - 1 > r0;
 #pragma unroll
-        for (int i = 0; i < 8; i++)
+        for (int i = 0; i < 32; i++)
+            s[i] = ex2(fmaf(s[i], sl2, -Lr[(i >> 1) & 1])); /* P */
+        if (k0 + TILE - 1 > r0) { /* the tile crosses the warp's rows: P = 0 for keys > row */
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int hf = e >> 1;
-                float p = ex2(fmaf(s[4 * i + e], sl2, -Lr[hf]));
-                if (diag && k0 + 8 * i + 2 * tg + (e & 1) > r0 + g + 8 * hf)
-                    p = 0.0f;
-                s[4 * i + e] = p;
-            }
+            for (int i = 0; i < 8; i++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (k0 + 8 * i + 2 * tg + (e & 1) > r0 + g + 8 * (e >> 1))
+                        s[4 * i + e] = 0.0f;
+        }
         wg_wait<0>();
         reg_fence(dp);
 #pragma unroll
@@ -450,7 +467,7 @@ __global__ void __launch_bounds__(NTHREADS, 4)
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; kk++)
-            wg_rs(dq, dsf[kk], mdesc(K, kk)); /* dQ += dS K */
+            wg_rs(dq, dsf[kk], dlo(K) + DM_STEP * kk); /* dQ += dS K */
         wg_commit();
         wg_wait<0>();
         reg_fence(dq);
@@ -537,23 +554,26 @@ __global__ void __launch_bounds__(NTHREADS, 3)
         }
         float s[32], dp[32];
         wg_fence();
-        wg_ss64(s, Ks, Q); /* S^T = K Q^T */
+        wg_ss64(s, dlo(Ks), dlo(Q)); /* S^T = K Q^T */
         wg_commit();
-        wg_ss64(dp, Vs, G); /* dP^T = V dO^T */
+        wg_ss64(dp, dlo(Vs), dlo(G)); /* dP^T = V dO^T */
         wg_commit();
         wg_wait<1>(); /* S^T; P^T's exponentials while dP^T is computed */
         reg_fence(s);
-        const bool diag = qt0 < r0 + 15; /* some query of the tile precedes some key of the warp */
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const float2 lq = *reinterpret_cast<const float2 *>(L + 8 * i + 2 * tg);
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float p = ex2(fmaf(s[4 * i + e], sl2, -((e & 1) ? lq.y : lq.x)));
-                if (diag && r0 + g + 8 * (e >> 1) > qt0 + 8 * i + 2 * tg + (e & 1))
-                    p = 0.0f;
-                s[4 * i + e] = p;
-            }
+            for (int e = 0; e < 4; e++)
+                s[4 * i + e] = ex2(fmaf(s[4 * i + e], sl2, -((e & 1) ? lq.y : lq.x))); /* P^T */
+        }
+        if (qt0 < r0 + 15) { /* some query of the tile precedes some key of the warp: P^T = 0 there */
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (r0 + g + 8 * (e >> 1) > qt0 + 8 * i + 2 * tg + (e & 1))
+                        s[4 * i + e] = 0.0f;
         }
         wg_wait<0>();
         reg_fence(dp);
@@ -570,10 +590,10 @@ __global__ void __launch_bounds__(NTHREADS, 3)
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; kk++)
-            wg_rs(dv, pf[kk], mdesc(G, kk)); /* dV += P^T dO */
+            wg_rs(dv, pf[kk], dlo(G) + DM_STEP * kk); /* dV += P^T dO */
 #pragma unroll
         for (int kk = 0; kk < 4; kk++)
-            wg_rs(dk, dsf[kk], mdesc(Q, kk)); /* dK += dS^T Q */
+            wg_rs(dk, dsf[kk], dlo(Q) + DM_STEP * kk); /* dK += dS^T Q */
         wg_commit();
         wg_wait<0>();
         reg_fence(dk);
