@@ -65,7 +65,8 @@ typedef struct {
 /* Activation bytes held by one rank of pipeline stage `stage` at the peak of a 1F1B schedule:
  * layers_of_stage * min(pp - stage, micro-batches per step) * bytes_per_layer, where bytes_per_layer
  * is s*b*h/t*(34 + 5*a*s/h) (no recompute), s*b*h/t*34 (selective) or 2*s*b*h/t (full), t = tp
- * (sequence parallelism assumed with TP). Returns -1 if the figure does not fit in int64. */
+ * (sequence parallelism assumed with TP); the last stage adds one micro-batch's logits, s*b*Vp/t
+ * elements of the training dtype (Vp/t rounded up). Returns -1 if the figure does not fit in int64. */
 int64_t mps_activation_bytes(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o, int stage);
 
 /* ZeRO's working set beyond the sharded state, as mpshard's trainer keeps it (dp > 1; else 0):

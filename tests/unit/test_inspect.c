@@ -240,9 +240,14 @@ static void test_activations_and_comm(void)
     mps_layout L = layout_of(&gpt2, "pp=2,tp=2");
     const double s = 1024, b = 2, h = 768, a = 12, t = 2;
     const double none = (34 * s * b * h + 5 * a * s * s * b) / t, selective = 34 * s * b * h / t, full = 2 * s * b * h / t;
-    /* stage 0 holds 2 micro-batches of its 6 layers, stage 1 one */
+    /* stage 0 holds 2 micro-batches of its 6 layers, stage 1 one and a micro-batch's logits: fp32,
+     * (b, s, 50304 / 2) */
+    const double logits = b * s * (50304 / 2) * 4;
     CHECK(mps_activation_bytes(&gpt2, &L, &o, 0) == (int64_t)llround(2 * 6 * none));
-    CHECK(mps_activation_bytes(&gpt2, &L, &o, 1) == (int64_t)llround(6 * none));
+    CHECK(mps_activation_bytes(&gpt2, &L, &o, 1) == (int64_t)llround(6 * none + logits));
+    o.precision = MPS_PRECISION_MIXED; /* bf16 logits */
+    CHECK(mps_activation_bytes(&gpt2, &L, &o, 1) == (int64_t)llround(6 * none + logits / 2));
+    o.precision = MPS_PRECISION_FP32;
     o.recompute = MPS_RECOMPUTE_SELECTIVE;
     CHECK(mps_activation_bytes(&gpt2, &L, &o, 0) == (int64_t)llround(2 * 6 * selective));
     o.recompute = MPS_RECOMPUTE_FULL;
