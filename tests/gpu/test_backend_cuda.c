@@ -10,8 +10,9 @@
  *
  * Also: the memory entries (zeroed alloc, copies, to_host from several threads at once), an
  * error report through sync, the attention paths against the CPU (the default backend runs head
- * size 64 on the bf16 kernels of attention_fast.cu; MPS_CUDA_ATTENTION=fp32 and =bf16 select the
- * fp32 and the WMMA kernels), and timings at GPT-2 124M sizes (informational; MPS_TEST_BENCH=0
+ * size 64 on the bf16 kernels of attention_wgmma.cu on H100 / H200, else attention_fast.cu;
+ * MPS_CUDA_ATTENTION=mma, =fp32 and =bf16 select the mma.sync, the fp32 and the WMMA kernels), and
+ * timings at GPT-2 124M sizes (informational; MPS_TEST_BENCH=0
  * skips them).
  *
  * The tests come in groups (memory, embed, layernorm, matmul, attention, attention_bf16,
@@ -1106,24 +1107,22 @@ static void bench(mps_backend *bf16)
     BENCH(&gpu, "attention_fwd (default: wgmma on sm_90)", att, 20, gpu.attention_fwd(gpu.ctx, x, lse, qkv, B, T, H, hs));
     BENCH(&gpu, "attention_bwd (default: wgmma on sm_90)", 2.5 * att, 20,
           gpu.attention_bwd(gpu.ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
-    mps_backend f32, mma;
-    mps_err err;
-    memset(&err, 0, sizeof err);
-    setenv("MPS_CUDA_ATTENTION", "mma", 1); /* the mma.sync kernels of attention_fast.cu */
-    int mma_ok = mps_backend_cuda(&mma, &err) == 0;
-    unsetenv("MPS_CUDA_ATTENTION");
-    if (mma_ok) {
-        BENCH(&mma, "attention_fwd (mma.sync)", att, 20, mma.attention_fwd(mma.ctx, x, lse, qkv, B, T, H, hs));
-        BENCH(&mma, "attention_bwd (mma.sync)", 2.5 * att, 20, mma.attention_bwd(mma.ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
-        mma.destroy(mma.ctx);
-    }
-    setenv("MPS_CUDA_ATTENTION", "fp32", 1); /* the fp32 kernels for comparison */
-    int f32_ok = mps_backend_cuda(&f32, &err) == 0;
-    unsetenv("MPS_CUDA_ATTENTION");
-    if (f32_ok) {
-        BENCH(&f32, "attention_fwd fp32", att, 5, f32.attention_fwd(f32.ctx, x, lse, qkv, B, T, H, hs));
-        BENCH(&f32, "attention_bwd fp32", 2.5 * att, 5, f32.attention_bwd(f32.ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
-        f32.destroy(f32.ctx);
+    /* for comparison: the mma.sync kernels of attention_fast.cu and the fp32 kernels */
+    for (int k = 0; k < 2; k++) {
+        mps_backend other;
+        mps_err err;
+        memset(&err, 0, sizeof err);
+        setenv("MPS_CUDA_ATTENTION", k == 0 ? "mma" : "fp32", 1);
+        int ok = mps_backend_cuda(&other, &err) == 0;
+        unsetenv("MPS_CUDA_ATTENTION");
+        if (!ok)
+            continue;
+        const int reps = k == 0 ? 20 : 5;
+        BENCH(&other, k == 0 ? "attention_fwd (mma.sync)" : "attention_fwd fp32", att, reps,
+              other.attention_fwd(other.ctx, x, lse, qkv, B, T, H, hs));
+        BENCH(&other, k == 0 ? "attention_bwd (mma.sync)" : "attention_bwd fp32", 2.5 * att, reps,
+              other.attention_bwd(other.ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
+        other.destroy(other.ctx);
     }
     if (bf16) {
         BENCH(bf16, "attention_fwd bf16 (tensor cores)", att, 5, bf16->attention_fwd(bf16->ctx, x, lse, qkv, B, T, H, hs));
@@ -1205,45 +1204,40 @@ static const struct {
     {2, 70, 3, 16},  {2, 70, 3, 64},  {1, 130, 2, 40}, {1, 200, 2, 128}, {2, 64, 1, 64},  {1, 1, 2, 32},
     {1, 257, 1, 100}, {1, 1, 1, 64},  {3, 129, 2, 64}, {2, 256, 3, 64},  {1, 1000, 2, 64}, {3, 256, 50, 64},
 };
+/* the hs = 64 cases on a backend made with MPS_CUDA_ATTENTION=mode */
+static void attention_hs64_under(const char *mode, double tol)
+{
+    mps_backend be;
+    mps_err err;
+    memset(&err, 0, sizeof err);
+    setenv("MPS_CUDA_ATTENTION", mode, 1);
+    int rc = mps_backend_cuda(&be, &err);
+    unsetenv("MPS_CUDA_ATTENTION");
+    if (rc != 0) {
+        printf("FAIL  mps_backend_cuda (%s attention): %s\n", mode, err.msg);
+        failures++;
+        return;
+    }
+    char tag[32];
+    snprintf(tag, sizeof tag, " %s", mode);
+    for (size_t i = 0; i < sizeof att_cases / sizeof att_cases[0]; i++)
+        if (att_cases[i].hs == 64)
+            test_attention(&be, tag, att_cases[i].B, att_cases[i].T, att_cases[i].H, att_cases[i].hs, tol);
+    be.destroy(be.ctx);
+}
 static void g_attention(void)
 {
-    /* the default backend runs hs = 64 on the bf16 tensor-core kernels (attention_fast.cu): those
-     * cases take the bf16 tolerance; the other head sizes run the fp32 kernels */
+    /* the default backend runs hs = 64 on the bf16 tensor-core kernels (attention_wgmma.cu on H100 /
+     * H200, else attention_fast.cu): those cases take the bf16 tolerance; the other head sizes run
+     * the fp32 kernels */
     for (size_t i = 0; i < sizeof att_cases / sizeof att_cases[0]; i++)
         test_attention(&gpu, "", att_cases[i].B, att_cases[i].T, att_cases[i].H, att_cases[i].hs,
                        att_cases[i].hs == 64 ? TOL_ATTN_BF16 : TOL_ATTN);
-    /* hs = 64 on the fp32 kernels too (MPS_CUDA_ATTENTION=fp32), at the fp32 tolerance */
-    mps_backend f32;
-    mps_err err;
-    memset(&err, 0, sizeof err);
-    setenv("MPS_CUDA_ATTENTION", "fp32", 1);
-    int rc = mps_backend_cuda(&f32, &err);
-    unsetenv("MPS_CUDA_ATTENTION");
-    if (rc != 0) {
-        printf("FAIL  mps_backend_cuda (fp32 attention): %s\n", err.msg);
-        failures++;
-        return;
-    }
-    for (size_t i = 0; i < sizeof att_cases / sizeof att_cases[0]; i++)
-        if (att_cases[i].hs == 64)
-            test_attention(&f32, " fp32", att_cases[i].B, att_cases[i].T, att_cases[i].H, att_cases[i].hs, TOL_ATTN);
-    f32.destroy(f32.ctx);
-    /* hs = 64 on the mma.sync kernels (MPS_CUDA_ATTENTION=mma), which the default replaces by the
-     * wgmma ones on H100 / H200 */
-    mps_backend mma;
-    setenv("MPS_CUDA_ATTENTION", "mma", 1);
-    rc = mps_backend_cuda(&mma, &err);
-    unsetenv("MPS_CUDA_ATTENTION");
-    if (rc != 0) {
-        printf("FAIL  mps_backend_cuda (mma attention): %s\n", err.msg);
-        failures++;
-        return;
-    }
-    for (size_t i = 0; i < sizeof att_cases / sizeof att_cases[0]; i++)
-        if (att_cases[i].hs == 64)
-            test_attention(&mma, " mma", att_cases[i].B, att_cases[i].T, att_cases[i].H, att_cases[i].hs,
-                           TOL_ATTN_BF16);
-    mma.destroy(mma.ctx);
+    /* hs = 64 on the fp32 kernels too (MPS_CUDA_ATTENTION=fp32), at the fp32 tolerance, and on the
+     * mma.sync kernels (MPS_CUDA_ATTENTION=mma), which the default replaces by the wgmma ones on
+     * H100 / H200 */
+    attention_hs64_under("fp32", TOL_ATTN);
+    attention_hs64_under("mma", TOL_ATTN_BF16);
 }
 static void g_attention_bf16(void)
 {

@@ -34,14 +34,9 @@
  * sum in a fixed order): a dK/dV kernel per 128 keys loops over the query tiles at or below the
  * diagonal, and a dQ kernel per 128 queries loops over the key tiles up to the diagonal (S and
  * dP are computed in both). D = rowsum(dout * out) is computed by the dQ kernel, which runs first. */
-#include <math.h>
-#include <stdint.h>
-
-#include "cuda_internal.h"
+#include "attention_common.cuh"
 
 namespace {
-
-typedef __nv_bfloat16 bf16;
 
 constexpr int FD = 64;           /* head size */
 constexpr int FLD = FD + 8;      /* bf16 stride of a shared-memory row (144 bytes) */
@@ -62,8 +57,6 @@ constexpr size_t FSM_DQ = 2 * FSM_ROWS + 4 * FSM_TILE + sizeof(float) * FROWS; /
 constexpr size_t FSM_DKV = 2 * FSM_ROWS + 4 * FSM_TILE + 6 * sizeof(float) * FTILE; /* + lse, D */
 
 /* ---------------------------------------------------------------- warp-level primitives */
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 /* four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives
  * its row lane/4, elements 2 (lane%4), +1 (.trans: its column lane/4, rows 2 (lane%4), +1) */
@@ -89,21 +82,6 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/* two floats to bf16x2, lo in the low half (the lower column index of an mma fragment) */
-__device__ __forceinline__ uint32_t pack2(float lo, float hi)
-{
-    uint32_t r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ float ex2(float x)
-{
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
 }
 
 /* Fragment addresses (lane l) in a tile of rows stride FLD:
@@ -190,22 +168,6 @@ __device__ __forceinline__ void tile_sts(bf16 *dst, const float4 (&v)[R * 16 / N
             make_uint2(pack2(v[i].x, v[i].y), pack2(v[i].z, v[i].w));
 }
 
-/* Asynchronous copies (cp.async) of the next streamed tile: they need no registers and cannot be
- * moved next to their use by the compiler, so the loads have a whole tile's work to arrive; rows
- * at or past T are zero-filled (source size 0, nothing read). */
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid)
-{
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async4(float *dst, const float *src)
-{
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
 /* qkv is an operand buffer (bf16): its tiles go to shared memory as they are. Rows t0 .. t0 + R - 1
  * of one head's part (base: its row 0, row stride ld elements, 64 bf16 = 8 x 16 bytes per row) by
  * cp.async into the bf16 tile dst (rows FLD apart): thread x copies 16-byte piece x % 8 of rows
@@ -217,21 +179,8 @@ __device__ __forceinline__ void tile_cp_bf(bf16 *dst, const bf16 *base, int64_t 
 #pragma unroll
     for (int i = 0; i < R * 8 / NT; i++) {
         const int row = r + NT / 8 * i, t = t0 + row;
-        cp_async16(dst + row * FLD + 8 * c8, t < T ? base + (int64_t)t * ld + 8 * c8 : base, t < T);
+        cp_async16(smem_addr(dst + row * FLD + 8 * c8), t < T ? base + (int64_t)t * ld + 8 * c8 : base, t < T);
     }
-}
-
-/* row max / sum over the 4 lanes of a quad (the lanes that share an accumulator row); xor
- * butterflies leave the same bits in every lane */
-__device__ __forceinline__ float quad_max(float v)
-{
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v)
-{
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
 /* ---------------------------------------------------------------- forward */
@@ -715,16 +664,6 @@ __global__ void __launch_bounds__(FTHREADS, 2)
 
 /* ---------------------------------------------------------------- launchers */
 
-template <class K>
-int fa_smem(mps_cuda *c, K kernel, size_t smem, const char *what)
-{
-    if ((int64_t)smem > c->smem_optin) {
-        cu_fail(c, "%s: needs %zu bytes of shared memory, the device allows %d", what, smem, c->smem_optin);
-        return -1;
-    }
-    return cu_check(c, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), what);
-}
-
 /* the fast path applies: head size 64 and 16-byte aligned tensors (float4 loads of qkv / dout,
  * bf16x2 stores of out / dqkv); otherwise the caller takes the fp32 kernels */
 bool fa_applies(int hs, const void *a, const void *b, const void *c3)
@@ -740,16 +679,7 @@ int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const act_t *qkv,
         return -1;
     if (c->wgmma && c->attn_mode == MPS_ATTN_FAST)
         return cu_attention_fwd_wgmma(c, out, lse, qkv, B, T, H);
-    const int nb = (T + FROWS - 1) / FROWS;
-    if (nb > 65535) /* grid.y */
-        return -1;
-    const float scale = 1.0f / sqrtf((float)hs);
-    if (fa_smem(c, k_fa_fwd, FSM_FWD, "attention_fwd (fast)") != 0)
-        return 0; /* recorded */
-    k_fa_fwd<<<dim3((unsigned)(B * H), (unsigned)nb), FTHREADS, FSM_FWD, c->stream>>>(out, lse, qkv, T, H,
-                                                                               scale * LOG2E);
-    cu_launched(c, "attention_fwd (fast)");
-    return 0;
+    return att_launch_fwd(c, k_fa_fwd, FSM_FWD, FTHREADS, FROWS, "attention_fwd (fast)", out, lse, qkv, B, T, H);
 }
 
 int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
@@ -759,20 +689,6 @@ int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const act_t *dout, const act
         return -1;
     if (c->wgmma && c->attn_mode == MPS_ATTN_FAST)
         return cu_attention_bwd_wgmma(c, dqkv, dout, qkv, out, lse, Dv, B, T, H);
-    const int nb = (T + FROWS - 1) / FROWS;
-    if (nb > 65535) /* grid.y */
-        return -1;
-    const float scale = 1.0f / sqrtf((float)hs);
-    const dim3 grid((unsigned)(B * H), (unsigned)nb);
-    /* dQ first: it also writes D (B, H, T), which the dK/dV kernel reads */
-    if (fa_smem(c, k_fa_dq, FSM_DQ, "attention_bwd (fast dq)") != 0)
-        return 0;
-    k_fa_dq<<<grid, FTHREADS, FSM_DQ, c->stream>>>(dqkv, Dv, dout, out, qkv, lse, T, H, scale, scale * LOG2E);
-    if (cu_launched(c, "attention_bwd (fast dq)") != 0)
-        return 0;
-    if (fa_smem(c, k_fa_dkv, FSM_DKV, "attention_bwd (fast dk, dv)") != 0)
-        return 0;
-    k_fa_dkv<<<grid, FTHREADS, FSM_DKV, c->stream>>>(dqkv, dout, qkv, lse, Dv, T, H, scale, scale * LOG2E);
-    cu_launched(c, "attention_bwd (fast dk, dv)");
-    return 0;
+    return att_launch_bwd(c, k_fa_dq, FSM_DQ, k_fa_dkv, FSM_DKV, FTHREADS, FROWS, "attention_bwd (fast dq)",
+                          "attention_bwd (fast dk, dv)", dqkv, dout, qkv, out, lse, Dv, B, T, H);
 }

@@ -35,10 +35,7 @@
  * only tiles that cross the diagonal, and the forward rescales O only when a row maximum moved. Tried and dropped: keeping the dV/dK (or
  * dQ, P V) products of one tile in flight under the next tile's S products (the loads then wait for
  * a barrier mid-iteration, and dK/dV needs 187 registers: 0.169 ms against 0.159). */
-#include <math.h>
-#include <stdint.h>
-
-#include "cuda_internal.h"
+#include "attention_common.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MPS_WGMMA 1
@@ -48,14 +45,11 @@
 
 namespace {
 
-typedef __nv_bfloat16 bf16;
-
 constexpr int HD = 64;        /* head size: a row is 128 bytes, one swizzle atom wide */
 constexpr int ROWS = 64;      /* rows owned by a CTA (wgmma's m64) */
 constexpr int TILE = 64;      /* rows of a streamed tile */
 constexpr int NTHREADS = 128; /* one warpgroup */
 constexpr uint32_t TILE_B = TILE * HD * 2; /* bytes of a 64-row tile: 8192 */
-constexpr float LOG2E = 1.4426950408889634f;
 
 /* dynamic shared memory (bytes), with 1024 of slack to align the tiles */
 constexpr size_t SM_FWD = 1024 + 5 * TILE_B;               /* Q; K, V double-buffered */
@@ -67,23 +61,11 @@ __global__ void k_wg_probe(int *has) { *has = MPS_WGMMA; }
 
 #if MPS_WGMMA
 
+constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
-
-__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 /* --------------------------------------------------------------- tiles: global -> shared */
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool valid)
-{
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async4(float *dst, const float *src)
-{
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 /* this thread's shared-memory writes become visible to the async proxy (wgmma) */
 __device__ __forceinline__ void fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -200,28 +182,14 @@ __device__ __forceinline__ void wg_rs(float (&d)[32], const uint32_t (&a)[4], ui
 
 /* --------------------------------------------------------------- small helpers */
 
-/* two floats to bf16x2, lo in the low half (the lower column of a fragment) */
-__device__ __forceinline__ uint32_t pack2(float lo, float hi)
+/* this thread's half hf (rows g or g + 8 of its warp) of an accumulator, times scale, as bf16 at
+ * row, the thread's columns 8 i + 2 tg, + 1 (row points at column 2 tg) */
+__device__ __forceinline__ void store_half_row(bf16 *row, const float (&acc)[32], int hf, float scale)
 {
-    uint32_t r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-__device__ __forceinline__ float ex2(float x)
-{
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ float quad_max(float v)
-{
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ __forceinline__ float quad_sum(float v)
-{
-    v += __shfl_xor_sync(0xffffffffu, v, 1);
-    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        *reinterpret_cast<__nv_bfloat162 *>(row + 8 * i) =
+            __floats2bfloat162_rn(scale * acc[4 * i + 2 * hf], scale * acc[4 * i + 2 * hf + 1]);
 }
 __device__ __forceinline__ void zero32(float (&d)[32])
 {
@@ -253,7 +221,7 @@ __global__ void __launch_bounds__(NTHREADS, 5)
 {
 #if MPS_WGMMA
     extern __shared__ __align__(16) unsigned char wg_smem[];
-    const uint32_t base = (smem_u32(wg_smem) + 1023u) & ~1023u;
+    const uint32_t base = (smem_addr(wg_smem) + 1023u) & ~1023u;
     const uint32_t Qs = base, Ks = base + TILE_B, Vs = base + 3 * TILE_B; /* K, V: [2] tiles each */
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
@@ -350,11 +318,7 @@ __global__ void __launch_bounds__(NTHREADS, 5)
         const int t = r0 + g + 8 * hf;
         if (t >= T)
             continue;
-        bf16 *orow = out + ((int64_t)b * T + t) * Cl + (int64_t)h * HD + 2 * tg;
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            *reinterpret_cast<__nv_bfloat162 *>(orow + 8 * i) =
-                __floats2bfloat162_rn(o[4 * i + 2 * hf] * inv, o[4 * i + 2 * hf + 1] * inv);
+        store_half_row(out + ((int64_t)b * T + t) * Cl + (int64_t)h * HD + 2 * tg, o, hf, inv);
         if (tg == 0)
             lse[(int64_t)bh * T + t] = ((hf ? m1 : m0) + log2f(sum)) * LN2;
     }
@@ -372,9 +336,9 @@ __global__ void __launch_bounds__(NTHREADS, 4)
 {
 #if MPS_WGMMA
     extern __shared__ __align__(16) unsigned char wg_smem[];
-    const uint32_t base = (smem_u32(wg_smem) + 1023u) & ~1023u;
+    const uint32_t base = (smem_addr(wg_smem) + 1023u) & ~1023u;
     const uint32_t Qs = base, Gs = base + TILE_B, Ks = base + 2 * TILE_B, Vs = base + 4 * TILE_B;
-    float *Dsm = reinterpret_cast<float *>(wg_smem + (base - smem_u32(wg_smem)) + 6 * TILE_B); /* [64] */
+    float *Dsm = reinterpret_cast<float *>(wg_smem + (base - smem_addr(wg_smem)) + 6 * TILE_B); /* [64] */
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ROWS;
@@ -483,11 +447,7 @@ __global__ void __launch_bounds__(NTHREADS, 4)
         const int t = r0 + g + 8 * hf;
         if (t >= T)
             continue;
-        bf16 *row = dqkv + ((int64_t)b * T + t) * ld + (int64_t)h * HD + 2 * tg;
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            *reinterpret_cast<__nv_bfloat162 *>(row + 8 * i) =
-                __floats2bfloat162_rn(scale * dq[4 * i + 2 * hf], scale * dq[4 * i + 2 * hf + 1]);
+        store_half_row(dqkv + ((int64_t)b * T + t) * ld + (int64_t)h * HD + 2 * tg, dq, hf, scale);
     }
 #endif
 }
@@ -505,9 +465,9 @@ __global__ void __launch_bounds__(NTHREADS, 3)
 {
 #if MPS_WGMMA
     extern __shared__ __align__(16) unsigned char wg_smem[];
-    const uint32_t base = (smem_u32(wg_smem) + 1023u) & ~1023u;
+    const uint32_t base = (smem_addr(wg_smem) + 1023u) & ~1023u;
     const uint32_t Ks = base, Vs = base + TILE_B, Qs = base + 2 * TILE_B, Gs = base + 4 * TILE_B;
-    float *Ls = reinterpret_cast<float *>(wg_smem + (base - smem_u32(wg_smem)) + 6 * TILE_B); /* [2][64] */
+    float *Ls = reinterpret_cast<float *>(wg_smem + (base - smem_addr(wg_smem)) + 6 * TILE_B); /* [2][64] */
     float *Ds = Ls + 2 * TILE;                                                                  /* [2][64] */
     float *Sl = Ds + 2 * TILE, *Sd = Sl + TILE; /* staging of the next tile's lse, D */
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
@@ -616,25 +576,10 @@ __global__ void __launch_bounds__(NTHREADS, 3)
         if (key >= T)
             continue;
         bf16 *row = dqkv + ((int64_t)b * T + key) * ld + (int64_t)h * HD + Cl + 2 * tg;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            *reinterpret_cast<__nv_bfloat162 *>(row + 8 * i) =
-                __floats2bfloat162_rn(scale * dk[4 * i + 2 * hf], scale * dk[4 * i + 2 * hf + 1]);
-            *reinterpret_cast<__nv_bfloat162 *>(row + Cl + 8 * i) =
-                __floats2bfloat162_rn(dv[4 * i + 2 * hf], dv[4 * i + 2 * hf + 1]);
-        }
+        store_half_row(row, dk, hf, scale);
+        store_half_row(row + Cl, dv, hf, 1.0f);
     }
 #endif
-}
-
-template <class K>
-int wg_smem(mps_cuda *c, K kernel, size_t smem, const char *what)
-{
-    if ((int64_t)smem > c->smem_optin) {
-        cu_fail(c, "%s: needs %zu bytes of shared memory, the device allows %d", what, smem, c->smem_optin);
-        return -1;
-    }
-    return cu_check(c, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem), what);
 }
 
 } // namespace
@@ -659,35 +604,12 @@ int cu_wgmma_available(mps_cuda *c)
 
 int cu_attention_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H)
 {
-    const int nb = (T + ROWS - 1) / ROWS;
-    if (nb > 65535) /* grid.y */
-        return -1;
-    const float scale = 1.0f / sqrtf((float)HD);
-    if (wg_smem(c, k_wg_fwd, SM_FWD, "attention_fwd (wgmma)") != 0)
-        return 0; /* recorded */
-    k_wg_fwd<<<dim3((unsigned)(B * H), (unsigned)nb), NTHREADS, SM_FWD, c->stream>>>(out, lse, qkv, T, H,
-                                                                                     scale * LOG2E);
-    cu_launched(c, "attention_fwd (wgmma)");
-    return 0;
+    return att_launch_fwd(c, k_wg_fwd, SM_FWD, NTHREADS, ROWS, "attention_fwd (wgmma)", out, lse, qkv, B, T, H);
 }
 
 int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
                            const float *lse, float *Dv, int B, int T, int H)
 {
-    const int nb = (T + ROWS - 1) / ROWS;
-    if (nb > 65535)
-        return -1;
-    const float scale = 1.0f / sqrtf((float)HD);
-    const dim3 grid((unsigned)(B * H), (unsigned)nb);
-    /* dQ first: it also writes D (B, H, T), which the dK/dV kernel reads */
-    if (wg_smem(c, k_wg_dq, SM_DQ, "attention_bwd (wgmma dq)") != 0)
-        return 0;
-    k_wg_dq<<<grid, NTHREADS, SM_DQ, c->stream>>>(dqkv, Dv, dout, out, qkv, lse, T, H, scale, scale * LOG2E);
-    if (cu_launched(c, "attention_bwd (wgmma dq)") != 0)
-        return 0;
-    if (wg_smem(c, k_wg_dkv, SM_DKV, "attention_bwd (wgmma dk, dv)") != 0)
-        return 0;
-    k_wg_dkv<<<grid, NTHREADS, SM_DKV, c->stream>>>(dqkv, dout, qkv, lse, Dv, T, H, scale, scale * LOG2E);
-    cu_launched(c, "attention_bwd (wgmma dk, dv)");
-    return 0;
+    return att_launch_bwd(c, k_wg_dq, SM_DQ, k_wg_dkv, SM_DKV, NTHREADS, ROWS, "attention_bwd (wgmma dq)",
+                          "attention_bwd (wgmma dk, dv)", dqkv, dout, qkv, out, lse, Dv, B, T, H);
 }
