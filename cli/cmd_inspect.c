@@ -35,6 +35,8 @@ static const char *const help =
     "  --recompute R       none (default), selective or full activation recomputation\n"
     "  --global-batch G    sequences per optimizer step, for the communication volume\n"
     "                      (default: GPUs x micro-batch)\n"
+    "  --no-overlap        plan train --no-overlap (or --comm mpi): ZeRO-2/3 reduce-scatter after the\n"
+    "                      whole backward and hold the stage's full gradients until then\n"
     "  --gpu-mem M         GPU memory, e.g. 80GiB or 40GB (K, M, G, T alone mean KiB .. TiB):\n"
     "                      ranks over it are marked\n"
     "  --gpus N --suggest  list the layouts of N GPUs whose every rank fits --gpu-mem\n"
@@ -154,12 +156,13 @@ static void print_training(const mps_plan *plan)
 {
     const mps_plan_opts *o = mps_plan_options(plan);
     printf("training   %s (%s), micro-batch %lld x %lld tokens, recompute %s, global batch %lld sequences "
-           "(%lld micro-batch%s per pipeline per step)\n",
+           "(%lld micro-batch%s per pipeline per step)%s\n",
            mps_precision_name(o->precision),
            o->precision == MPS_PRECISION_MIXED ? "bf16 weights and gradients, fp32 master, m, v"
                                                : "fp32 weights, gradients, m, v; no master copy",
            (long long)o->micro_batch, (long long)o->seq, mps_recompute_name(o->recompute), (long long)o->global_batch,
-           (long long)mps_plan_microbatches(plan), mps_plan_microbatches(plan) == 1 ? "" : "es");
+           (long long)mps_plan_microbatches(plan), mps_plan_microbatches(plan) == 1 ? "" : "es",
+           o->no_overlap ? ", gradients reduced after the backward (--no-overlap)" : "");
 }
 
 /* The per-rank table, the peak, the budget and the communication line. */
@@ -237,6 +240,7 @@ static json_t *plan_json(const inspect_args *a, const mps_plan *plan)
                           "micro_batch", (json_int_t)o->micro_batch, "seq", (json_int_t)o->seq, "recompute",
                           mps_recompute_name(o->recompute), "global_batch", (json_int_t)o->global_batch, "microbatches",
                           (json_int_t)mps_plan_microbatches(plan), "bubble", mps_plan_bubble(plan));
+    json_object_set_new(j, "no_overlap", json_boolean(o->no_overlap));
     json_object_set_new(j, "ranks", ranks_json(a, plan));
     json_object_set_new(j, "peak", json_pack("{s:i, s:I}", "rank", peak_rank, "bytes", (json_int_t)peak));
     json_object_set_new(j, "comm", comm_json(&c, comm_rank));
@@ -382,12 +386,14 @@ static int run_suggest(const inspect_args *a, const mps_config *cfg, mps_err *er
                               mps_precision_name(a->po.precision), "micro_batch", (json_int_t)a->po.micro_batch, "seq",
                               (json_int_t)a->po.seq, "recompute", mps_recompute_name(a->po.recompute), "global_batch",
                               (json_int_t)global, "considered", considered, "fit", n, "layouts", arr);
+        json_object_set_new(j, "no_overlap", json_boolean(a->po.no_overlap));
         emit_json(j);
     } else {
         print_model(cfg);
-        printf("training   %s, micro-batch %lld x %lld tokens, recompute %s, global batch %lld sequences\n",
+        printf("training   %s, micro-batch %lld x %lld tokens, recompute %s, global batch %lld sequences%s\n",
                mps_precision_name(a->po.precision), (long long)a->po.micro_batch, (long long)a->po.seq,
-               mps_recompute_name(a->po.recompute), (long long)global);
+               mps_recompute_name(a->po.recompute), (long long)global,
+               a->po.no_overlap ? ", gradients reduced after the backward (--no-overlap)" : "");
         static const char *const order[] = { "fewest bytes sent per rank and step", "lowest peak memory",
                                              "smallest pipeline bubble" };
         printf("layouts of %lld GPUs with every rank within %s: %d of %d fit%s%s\n", (long long)a->gpus, FMT(a->gpu_mem),
@@ -545,7 +551,8 @@ static int parse_args(int argc, char **argv, inspect_args *a)
         { "check", no_argument, 0, 'C' }, { "svg", required_argument, 0, 'v' },
         { "units", required_argument, 0, 'u' }, { "json", no_argument, 0, 'j' },
         { "time", no_argument, 0, 't' }, { "repeat", required_argument, 0, 'n' },
-        { "sort", required_argument, 0, 'o' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
+        { "sort", required_argument, 0, 'o' }, { "no-overlap", no_argument, 0, 'O' },
+        { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     memset(a, 0, sizeof *a);
     a->rank = -1;
@@ -593,6 +600,7 @@ static int parse_args(int argc, char **argv, inspect_args *a)
             a->binary = strcmp(optarg, "GiB") == 0;
             break;
         case 'j': a->json = 1; break;
+        case 'O': a->po.no_overlap = 1; break;
         case 't': a->time = 1; break;
         case 'n': if (cli_int("inspect", "--repeat", optarg, 1, 1000, &a->repeat)) return MPS_EUSAGE; break;
         case 'h': fputs(help, stdout); return -1;

@@ -103,9 +103,10 @@ int64_t mps_activation_bytes(const mps_config *cfg, const mps_layout *L, const m
     return activation_bytes_m(cfg, L, o, stage, microbatches_for(L, o));
 }
 
-int64_t mps_transient_bytes(const mps_config *cfg, const mps_layout *L, mps_precision precision, int stage,
+int64_t mps_transient_bytes(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o, int stage,
                             int tp_rank)
 {
+    const mps_precision precision = o->precision;
     if (L->dp <= 1 || L->zero < 2)
         return 0;
     /* the TP boxes (unsharded: ZeRO-0 geometry) of the stage's first layer and of the tensors outside
@@ -139,7 +140,10 @@ int64_t mps_transient_bytes(const mps_config *cfg, const mps_layout *L, mps_prec
         if (piece.held)
             *(i < nlayer_tensors ? &layer : &outside) += mps_box_numel(&piece.box);
     }
-    int64_t grads = (2 * layer + outside) * mps_kind_bytes(precision, MPS_KIND_GRAD);
+    /* (the layers are all the same shape: the stage's full gradients are its layer count times one) */
+    const int64_t stage_layers = L->stage_first[stage + 1] - L->stage_first[stage];
+    const int64_t layers_held = o->no_overlap ? stage_layers : (stage_layers < 2 ? stage_layers : 2);
+    int64_t grads = (layers_held * layer + outside) * mps_kind_bytes(precision, MPS_KIND_GRAD);
     int64_t gathered = 2 * layer > outside + layer ? 2 * layer : outside + layer;
     return grads + (L->zero >= 3 ? gathered * mps_kind_bytes(precision, MPS_KIND_PARAM) : 0);
 }
@@ -296,7 +300,7 @@ int mps_plan_build(const mps_config *cfg, const mps_layout *L, const mps_plan_op
                 }
         }
         for (int x = 0; x < tp; x++)
-            p->transient[s * tp + x] = mps_transient_bytes(cfg, &p->L, o->precision, s, x);
+            p->transient[s * tp + x] = mps_transient_bytes(cfg, &p->L, o, s, x);
         p->activations[s] = activation_bytes_m(cfg, &p->L, o, s, p->microbatches);
         if (p->activations[s] < 0) {
             mps_fail(err, MPS_EUSAGE, "the activation estimate for --micro-batch %lld --seq %lld overflows",
@@ -468,7 +472,7 @@ void mps_plan_rank_direct(const mps_config *cfg, const mps_layout *L, const mps_
             u->elems[k] += elems[k];
     }
     u->activations = mps_activation_bytes(cfg, L, o, u->at.pp);
-    u->transient = mps_transient_bytes(cfg, L, o->precision, u->at.pp, u->at.tp);
+    u->transient = mps_transient_bytes(cfg, L, o, u->at.pp, u->at.tp);
     fill_bytes(o->precision, u);
 }
 

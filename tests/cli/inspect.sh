@@ -37,6 +37,16 @@ for z in 1 2 3; do
   check near "$(jq '.ranks[5].transient / 1e9' "$T/out")" $want
   check near "$(jq '.ranks[5] | (.params + .grads + .master + .adam_m + .adam_v + .activations + .transient - .total)' "$T/out")" 0
 done
+# --no-overlap (train --no-overlap / --comm mpi): ZeRO-2 reduce-scatters after the whole backward,
+# so every rank holds the whole model's fp32 gradients (28.0 GB) at once; ZeRO-3 also the gathered
+# embedding with one layer (3.04 GB, as above); ZeRO-1 has no transients either way
+expect 0 I --config "$C7" --layout dp=8,zero=2 --seq 1024 --no-overlap --json
+check near "$(jq '.ranks[5].transient / 1e9' "$T/out")" 28.01
+[ "$(jq '.no_overlap' "$T/out")" = true ] && ok || bad "--no-overlap missing from the JSON"
+expect 0 I --config "$C7" --layout dp=8,zero=3 --seq 1024 --no-overlap --json
+check near "$(jq '.ranks[5].transient / 1e9' "$T/out")" 31.04
+expect 0 I --config "$C7" --layout dp=8,zero=1 --seq 1024 --no-overlap --json
+check near "$(jq '.ranks[5].transient' "$T/out")" 0
 
 # --- checkpoints: what the datasets hold per rank equals the plan; the files table equals stat ---
 expect 0 "$MPSHARD" synth --config "$SMALL" --format safetensors -o "$T/m"

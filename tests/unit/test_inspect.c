@@ -309,20 +309,30 @@ static void test_transient(void)
      * gradients; ZeRO-3: and two layers' weights */
     static const char *const cases[] = { "dp=8,pp=4,tp=2,zero=1", "dp=1,pp=4,tp=2,zero=3", "dp=8,pp=4,tp=2,zero=2",
                                          "dp=8,pp=4,tp=2,zero=3" };
+    mps_plan_opts mixed, fp32;
+    mps_plan_opts_default(&big, &mixed);
+    mixed.precision = MPS_PRECISION_MIXED;
+    mps_plan_opts_default(&big, &fp32);
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         mps_layout L = layout_of(&big, cases[i]);
         int64_t want = L.zero >= 2 && L.dp > 1 ? 2 * layer * 2 + (L.zero == 3 ? 2 * layer * 2 : 0) : 0;
-        int64_t middle = mps_transient_bytes(&big, &L, MPS_PRECISION_MIXED, 1, 1);
+        int64_t middle = mps_transient_bytes(&big, &L, &mixed, 1, 1);
         CHECK_MSG(middle == want, "%s: middle stage %lld, want %lld", cases[i], (long long)middle,
                   (long long)want);
         /* fp32 doubles every byte */
-        CHECK(mps_transient_bytes(&big, &L, MPS_PRECISION_FP32, 2, 0) == 2 * want);
+        CHECK(mps_transient_bytes(&big, &L, &fp32, 2, 0) == 2 * want);
+        /* --no-overlap: the gradients of all the stage's 24 layers instead of two */
+        mixed.no_overlap = 1;
+        int64_t whole = L.zero >= 2 && L.dp > 1 ? 24 * layer * 2 + (L.zero == 3 ? 2 * layer * 2 : 0) : 0;
+        CHECK_MSG(mps_transient_bytes(&big, &L, &mixed, 1, 1) == whole, "%s --no-overlap: %lld, want %lld", cases[i],
+                  (long long)mps_transient_bytes(&big, &L, &mixed, 1, 1), (long long)whole);
+        mixed.no_overlap = 0;
         if (L.zero >= 2 && L.dp > 1) {
             /* the first stage adds wte's TP box (vocab rows split in 2) and wpe (replicated) */
             int64_t outside = big.padded_vocab / 2 * h + (int64_t)big.n_positions * h;
             int64_t gathered = outside + layer > 2 * layer ? outside + layer : 2 * layer; /* here 2 layers */
             int64_t first = (2 * layer + outside) * 2 + (L.zero == 3 ? gathered * 2 : 0);
-            int64_t got = mps_transient_bytes(&big, &L, MPS_PRECISION_MIXED, 0, 0);
+            int64_t got = mps_transient_bytes(&big, &L, &mixed, 0, 0);
             CHECK_MSG(got == first, "%s: first stage %lld, want %lld", cases[i], (long long)got, (long long)first);
         }
     }
