@@ -96,6 +96,25 @@ __device__ __forceinline__ void tile_load(uint32_t dst, const bf16 *base, int64_
     }
 }
 
+/* the next K and V tiles (rows k0 ..) into the buffers not in use (buf ^ 1), one commit group */
+__device__ __forceinline__ void kv_prefetch(uint32_t Ks, uint32_t Vs, int buf, const bf16 *kb, const bf16 *vb,
+                                            int64_t ld, int k0, int T)
+{
+    tile_load<TILE>(Ks + (buf ^ 1) * TILE_B, kb, ld, k0, T);
+    tile_load<TILE>(Vs + (buf ^ 1) * TILE_B, vb, ld, k0, T);
+    cp_async_commit();
+}
+/* the end of a tile's iteration: the prefetched tile (if any) is in shared memory and visible to
+ * wgmma, and every warp is done with this one */
+__device__ __forceinline__ void tile_arrived(bool more)
+{
+    if (more) {
+        cp_async_wait_all();
+        fence_async();
+    }
+    __syncthreads();
+}
+
 /* --------------------------------------------------------------- wgmma */
 
 /* Shared-memory matrix descriptors: start address, leading and stride byte offsets (16-byte units;
@@ -245,11 +264,8 @@ __global__ void __launch_bounds__(NTHREADS, 5)
         const int buf = j & 1, k0 = j * TILE;
         const bool more = j + 1 < nkt;
         const uint32_t K = Ks + buf * TILE_B, V = Vs + buf * TILE_B;
-        if (more) {
-            tile_load<TILE>(Ks + (buf ^ 1) * TILE_B, kb, ld, k0 + TILE, T);
-            tile_load<TILE>(Vs + (buf ^ 1) * TILE_B, vb, ld, k0 + TILE, T);
-            cp_async_commit();
-        }
+        if (more)
+            kv_prefetch(Ks, Vs, buf, kb, vb, ld, k0 + TILE, T);
         float s[32];
         wg_fence();
         wg_ss64(s, dlo(Qs), dlo(K)); /* S = Q K^T */
@@ -305,11 +321,7 @@ __global__ void __launch_bounds__(NTHREADS, 5)
         wg_commit();
         wg_wait<0>(); /* (before the next iteration's loads overwrite this buffer) */
         reg_fence(o);
-        if (more) {
-            cp_async_wait_all();
-            fence_async();
-        }
-        __syncthreads();
+        tile_arrived(more);
     }
 
 #pragma unroll
@@ -397,11 +409,8 @@ __global__ void __launch_bounds__(NTHREADS, 4)
         const int buf = j & 1, k0 = j * TILE;
         const bool more = j + 1 < nkt;
         const uint32_t K = Ks + buf * TILE_B, V = Vs + buf * TILE_B;
-        if (more) {
-            tile_load<TILE>(Ks + (buf ^ 1) * TILE_B, kb, ld, k0 + TILE, T);
-            tile_load<TILE>(Vs + (buf ^ 1) * TILE_B, vb, ld, k0 + TILE, T);
-            cp_async_commit();
-        }
+        if (more)
+            kv_prefetch(Ks, Vs, buf, kb, vb, ld, k0 + TILE, T);
         float s[32], dp[32];
         wg_fence();
         wg_ss64(s, dlo(Qs), dlo(K)); /* S = Q K^T */
@@ -435,11 +444,7 @@ __global__ void __launch_bounds__(NTHREADS, 4)
         wg_commit();
         wg_wait<0>();
         reg_fence(dq);
-        if (more) {
-            cp_async_wait_all();
-            fence_async();
-        }
-        __syncthreads();
+        tile_arrived(more);
     }
 
 #pragma unroll
