@@ -60,6 +60,26 @@ __device__ __forceinline__ float quad_sum(float v)
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+/* four consecutive bf16 at p (global memory, 8-byte aligned), widened */
+__device__ __forceinline__ float4 ld4g(const bf16 *p)
+{
+    const uint2 u = __ldg(reinterpret_cast<const uint2 *>(p));
+    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
+    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
+/* a row's D = dout . out when a half-warp holds the row, 4 elements a lane: the lane's four
+ * products (dot4), then a fixed butterfly over the 16 lanes (every lane gets the same bits) */
+__device__ __forceinline__ float dot4(float4 g, float4 o) { return g.x * o.x + g.y * o.y + g.z * o.z + g.w * o.w; }
+__device__ __forceinline__ float half_warp_sum(float d)
+{
+    d += __shfl_xor_sync(0xffffffffu, d, 1);
+    d += __shfl_xor_sync(0xffffffffu, d, 2);
+    d += __shfl_xor_sync(0xffffffffu, d, 4);
+    return d + __shfl_xor_sync(0xffffffffu, d, 8);
+}
+
 /* ---- launches: grid (B * H, row blocks); scores in log2 units (sl2 = scale * log2 e) */
 
 typedef void (*att_fwd_kernel)(bf16 *out, float *lse, const bf16 *qkv, int T, int H, float sl2);

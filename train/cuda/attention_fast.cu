@@ -134,15 +134,6 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4][4], const bf16 *t, int r
 
 /* ---------------------------------------------------------------- global -> shared (fp32 -> bf16) */
 
-/* four consecutive elements (fp32, or bf16 widened) at p */
-__device__ __forceinline__ float4 ld4g(const bf16 *p)
-{
-    const uint2 u = __ldg(reinterpret_cast<const uint2 *>(p));
-    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
-    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
-    return make_float4(lo.x, lo.y, hi.x, hi.y);
-}
-
 /* Rows t0 .. t0 + R - 1 of one head's part (base: its row 0, row stride ld elements, fp32 or
  * bf16), 64 elements each, into fp32 registers: thread x takes elements 4 (x % 16) .. + 3 of rows
  * x / 16 + 16 i (a half-warp reads one row); rows at or past T read as zeros. */
@@ -355,11 +346,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
         tile_sts<FTILE, FTHREADS>(Gs + FTILE * half * FLD, v);
 #pragma unroll
         for (int i = 0; i < FTILE * 16 / FTHREADS; i++) {
-            float d = v[i].x * o[i].x + v[i].y * o[i].y + v[i].z * o[i].z + v[i].w * o[i].w;
-            d += __shfl_xor_sync(0xffffffffu, d, 1);
-            d += __shfl_xor_sync(0xffffffffu, d, 2);
-            d += __shfl_xor_sync(0xffffffffu, d, 4);
-            d += __shfl_xor_sync(0xffffffffu, d, 8);
+            const float d = half_warp_sum(dot4(v[i], o[i]));
             const int r = FTILE * half + (threadIdx.x >> 4) + FTHREADS / 16 * i, t = q0 + r;
             if ((threadIdx.x & 15) == 0) {
                 Dsm[r] = d;
@@ -677,7 +664,7 @@ int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const act_t *qkv,
 {
     if (!fa_applies(hs, out, qkv, NULL))
         return -1;
-    if (c->wgmma && c->attn_mode == MPS_ATTN_FAST)
+    if (c->wgmma)
         return cu_attention_fwd_wgmma(c, out, lse, qkv, B, T, H);
     return att_launch_fwd(c, k_fa_fwd, FSM_FWD, FTHREADS, FROWS, "attention_fwd (fast)", out, lse, qkv, B, T, H);
 }
@@ -687,7 +674,7 @@ int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const act_t *dout, const act
 {
     if (!fa_applies(hs, dqkv, dout, qkv) || !cu_aligned16(out))
         return -1;
-    if (c->wgmma && c->attn_mode == MPS_ATTN_FAST)
+    if (c->wgmma)
         return cu_attention_bwd_wgmma(c, dqkv, dout, qkv, out, lse, Dv, B, T, H);
     return att_launch_bwd(c, k_fa_dq, FSM_DQ, k_fa_dkv, FSM_DKV, FTHREADS, FROWS, "attention_bwd (fast dq)",
                           "attention_bwd (fast dk, dv)", dqkv, dout, qkv, out, lse, Dv, B, T, H);

@@ -32,9 +32,10 @@
  * an H200 before the descriptor and load changes below 0.050 / 0.148 against 0.062 / 0.194, the
  * 124M training step +3.4%, 350M +4.0%, the same losses. Per tile the kernels add to a
  * descriptor's low word instead of rebuilding it, load all-real tiles without per-row checks, mask
- * only tiles that cross the diagonal, and the forward rescales O only when a row maximum moved. Tried and dropped: keeping the dV/dK (or
- * dQ, P V) products of one tile in flight under the next tile's S products (the loads then wait for
- * a barrier mid-iteration, and dK/dV needs 187 registers: 0.169 ms against 0.159). */
+ * only tiles that cross the diagonal, and the forward rescales O only when a row maximum moved.
+ * Tried and dropped: keeping the dV/dK (or dQ, P V) products of one tile in flight under the next
+ * tile's S products (the loads then wait for a barrier mid-iteration, and dK/dV needs 187
+ * registers: 0.169 ms against 0.159). */
 #include "attention_common.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -121,8 +122,9 @@ __device__ __forceinline__ void tile_arrived(bool more)
  * 1024 = the distance of 8-row groups, the leading one unused at 64 columns), 128-byte swizzle. The
  * kernels keep the low word (start address | leading offset << 16) of each tile's descriptor and
  * step by adding to it: +DK_STEP per k16 step of a K-major operand (rows = M or N, 32 bytes
- * along the row), +DM_STEP per k16 step of an MN-major one (16 rows). The high word is the same for all (stride offset, swizzle). One add per product instead
- * of rebuilding the 64 bits (ptx: ~100 fewer instructions a tile in the dK/dV kernel). */
+ * along the row), +DM_STEP per k16 step of an MN-major one (16 rows). The high word is the same
+ * for all (stride offset, swizzle). One add per product instead of rebuilding the 64 bits (ptx:
+ * ~100 fewer instructions a tile in the dK/dV kernel). */
 __device__ __forceinline__ uint32_t dlo(uint32_t addr) { return ((addr & 0x3FFFF) >> 4) | ((1024u >> 4) << 16); }
 constexpr uint32_t DESC_HI = (1024u >> 4) | (1u << 30);
 constexpr uint32_t DK_STEP = 32 >> 4, DM_STEP = 2048 >> 4;
@@ -130,7 +132,10 @@ constexpr uint32_t DK_STEP = 32 >> 4, DM_STEP = 2048 >> 4;
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 /* until at most N of this warpgroup's committed groups are pending (groups complete in order) */
-template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait()
+{
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 
 /* an accumulator's registers are "written" here, so that no use of them moves above the wait
  * before (the compiler does not know that wgmma writes them asynchronously) */
@@ -150,21 +155,21 @@ __device__ __forceinline__ void reg_fence(float (&d)[32])
         "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),   \
         "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 
-/* d (64 x 64 fp32, this thread's 32) = A (64 x 16) . B (16 x 64) + (acc ? d : 0), both operands
- * from shared memory; A K-major, B K-major (B^T's rows in memory). acc = 0 starts a product
- * without zeroing d first (register moves that the compiler may place after the wgmma fence, where
- * ptxas then has to insert a wait). */
-__device__ __forceinline__ void wg_ss(float (&d)[32], uint32_t alo, uint32_t blo, int acc)
+/* d (64 x 64 fp32, this thread's 32) += A (64 x 16) . B (16 x 64), both operands from shared
+ * memory; A K-major, B K-major (B^T's rows in memory) */
+__device__ __forceinline__ void wg_ss(float (&d)[32], uint32_t alo, uint32_t blo)
 {
     asm volatile("{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %35, 0;\n"
                  "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", da, db, p, 1, 1, 0, 0;\n}\n"
                  : WG_ACC(d)
-                 : "r"(alo), "r"(blo), "r"(DESC_HI), "r"(acc));
+                 : "r"(alo), "r"(blo), "r"(DESC_HI), "r"(1));
 }
-/* the same with acc = 0 and d an output only: no dependence on d's previous value (a loop-carried
- * copy of it would be a non-wgmma write to an accumulator while other wgmmas are in flight, which
- * makes ptxas serialise every wgmma of the kernel) */
+/* d = A . B: the first k16 step of a product, with scale-d false and d an output only. Zeroing d
+ * instead adds register moves that the compiler may place after the wgmma fence (ptxas then
+ * inserts a wait), and any dependence on d's previous value (a loop-carried copy) is a non-wgmma
+ * write to an accumulator while other wgmmas are in flight, which makes ptxas serialise every
+ * wgmma of the kernel. */
 #define WG_OUT(d)                                                                                                 \
     "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]),   \
         "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]),    \
@@ -185,7 +190,7 @@ __device__ __forceinline__ void wg_ss64(float (&d)[32], uint32_t a, uint32_t b)
     wg_ss_first(d, a, b);
 #pragma unroll
     for (int kk = 1; kk < 4; kk++)
-        wg_ss(d, a + DK_STEP * kk, b + DK_STEP * kk, 1);
+        wg_ss(d, a + DK_STEP * kk, b + DK_STEP * kk);
 }
 /* d += A . B with A from registers (this thread's k16 fragment, mma.sync's A layout) and B
  * MN-major in shared memory (B's rows in memory) */
@@ -209,6 +214,25 @@ __device__ __forceinline__ void store_half_row(bf16 *row, const float (&acc)[32]
     for (int i = 0; i < 8; i++)
         *reinterpret_cast<__nv_bfloat162 *>(row + 8 * i) =
             __floats2bfloat162_rn(scale * acc[4 * i + 2 * hf], scale * acc[4 * i + 2 * hf + 1]);
+}
+/* Causal masking of an accumulator tile: rows row0 + 16 w .. (this thread: row0 + g, + 8), columns
+ * col0 .. col0 + 63 (this thread: col0 + 8 i + 2 tg, + 1). Elements whose key comes after their
+ * query become v. KEYS_IN_ROWS: the rows are keys, the columns queries (dK/dV); else the reverse.
+ * Only tiles that cross the diagonal have such elements; the others return at once. row0 is the
+ * warp's first row. */
+template <bool KEYS_IN_ROWS>
+__device__ __forceinline__ void causal_mask(float (&s)[32], int row0, int col0, int g, int tg, float v)
+{
+    if (KEYS_IN_ROWS ? !(col0 < row0 + 15) : !(col0 + TILE - 1 > row0))
+        return;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int row = row0 + g + 8 * (e >> 1), col = col0 + 8 * i + 2 * tg + (e & 1);
+            if (KEYS_IN_ROWS ? row > col : col > row)
+                s[4 * i + e] = v;
+        }
 }
 __device__ __forceinline__ void zero32(float (&d)[32])
 {
@@ -272,14 +296,7 @@ __global__ void __launch_bounds__(NTHREADS, 5)
         wg_commit();
         wg_wait<0>();
         reg_fence(s);
-        if (k0 + TILE - 1 > r0) { /* the tile crosses the warp's rows: mask keys > row */
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (k0 + 8 * i + 2 * tg + (e & 1) > r0 + g + 8 * (e >> 1))
-                        s[4 * i + e] = -INFINITY;
-        }
+        causal_mask<false>(s, r0, k0, g, tg, -INFINITY); /* keys > row out of the softmax */
         float x0 = -INFINITY, x1 = -INFINITY;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
@@ -371,19 +388,9 @@ __global__ void __launch_bounds__(NTHREADS, 4)
     for (int i = 0; i < ROWS / 8; i++) {
         const int r = (threadIdx.x >> 4) + 8 * i, t = q0 + r, c4 = threadIdx.x & 15;
         float d = 0.0f;
-        if (t < T) {
-            const uint2 gu = __ldg(reinterpret_cast<const uint2 *>(gb + (int64_t)t * Cl + 4 * c4));
-            const uint2 ou = __ldg(reinterpret_cast<const uint2 *>(ob + (int64_t)t * Cl + 4 * c4));
-            const float2 g0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&gu.x));
-            const float2 g1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&gu.y));
-            const float2 o0 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&ou.x));
-            const float2 o1 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&ou.y));
-            d = g0.x * o0.x + g0.y * o0.y + g1.x * o1.x + g1.y * o1.y;
-        }
-        d += __shfl_xor_sync(0xffffffffu, d, 1);
-        d += __shfl_xor_sync(0xffffffffu, d, 2);
-        d += __shfl_xor_sync(0xffffffffu, d, 4);
-        d += __shfl_xor_sync(0xffffffffu, d, 8);
+        if (t < T)
+            d = dot4(ld4g(gb + (int64_t)t * Cl + 4 * c4), ld4g(ob + (int64_t)t * Cl + 4 * c4));
+        d = half_warp_sum(d);
         if (c4 == 0) {
             Dsm[r] = d;
             if (t < T)
@@ -422,14 +429,7 @@ __global__ void __launch_bounds__(NTHREADS, 4)
 #pragma unroll
         for (int i = 0; i < 32; i++)
             s[i] = ex2(fmaf(s[i], sl2, -Lr[(i >> 1) & 1])); /* P */
-        if (k0 + TILE - 1 > r0) { /* the tile crosses the warp's rows: P = 0 for keys > row */
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (k0 + 8 * i + 2 * tg + (e & 1) > r0 + g + 8 * (e >> 1))
-                        s[4 * i + e] = 0.0f;
-        }
+        causal_mask<false>(s, r0, k0, g, tg, 0.0f); /* P = 0 for keys > row */
         wg_wait<0>();
         reg_fence(dp);
 #pragma unroll
@@ -532,14 +532,7 @@ __global__ void __launch_bounds__(NTHREADS, 3)
             for (int e = 0; e < 4; e++)
                 s[4 * i + e] = ex2(fmaf(s[4 * i + e], sl2, -((e & 1) ? lq.y : lq.x))); /* P^T */
         }
-        if (qt0 < r0 + 15) { /* some query of the tile precedes some key of the warp: P^T = 0 there */
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    if (r0 + g + 8 * (e >> 1) > qt0 + 8 * i + 2 * tg + (e & 1))
-                        s[4 * i + e] = 0.0f;
-        }
+        causal_mask<true>(s, r0, qt0, g, tg, 0.0f); /* P^T = 0 where a query precedes its key */
         wg_wait<0>();
         reg_fence(dp);
 #pragma unroll
@@ -591,7 +584,13 @@ __global__ void __launch_bounds__(NTHREADS, 3)
 
 int cu_wgmma_available(mps_cuda *c)
 {
-    if (c->cc_major != 9 || c->cc_minor != 0)
+    int major = 0, minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c->device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, c->device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    if (major != 9 || minor != 0)
         return 0;
     int *d = NULL, has = 0;
     if (cudaMalloc(&d, sizeof(int)) != cudaSuccess) {

@@ -89,8 +89,7 @@ enum { MPS_ATTN_FP32 = 0, MPS_ATTN_BF16 = 1, MPS_ATTN_FAST = 2, MPS_ATTN_MMA = 3
 
 typedef struct {
     int device, nsm;
-    int cc_major, cc_minor;
-    int wgmma;       /* the wgmma attention kernels run here (cu_wgmma_available) */
+    int wgmma;       /* attn_mode FAST and the wgmma kernels run here: head size 64 takes them */
     int smem_optin;  /* most dynamic shared memory a block may opt into (bytes) */
     int attn_mode;   /* MPS_ATTN_*: from MPS_CUDA_ATTENTION at creation */
     int verbose;     /* MPS_CUDA_VERBOSE=1: each GEMM plan is reported on stderr when built */
@@ -201,7 +200,8 @@ int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const act_t *dout, const act
                           const float *lse, float *Dv, int B, int T, int H, int hs);
 
 /* ---- attention_wgmma.cu: head size 64 with Hopper's wgmma, called by the two above when c->wgmma
- * (same contract; the callers check the head size and alignment) */
+ * (same contract; the callers check the head size and alignment). cu_wgmma_available: the device
+ * is compute capability 9.0 and this build's code for it has the wgmma kernels (sm_90a). */
 int cu_wgmma_available(mps_cuda *c);
 int cu_attention_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H);
 int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
