@@ -15,16 +15,6 @@ struct AddF {
         st4(o, i, make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w));
     }
 };
-struct AccF {
-    float *d;
-    const float *s;
-    __device__ void one(int64_t i) const { d[i] += s[i]; }
-    __device__ void four(int64_t i) const
-    {
-        float4 x = ld4(d, i), y = ld4(s, i);
-        st4(d, i, make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w));
-    }
-};
 
 struct ToActF {
     act_t *d;
@@ -50,7 +40,8 @@ void cu_add(void *ctx, float *out, const float *a, const float *b, int64_t n)
 }
 void cu_accumulate(void *ctx, float *dst, const float *src, int64_t n)
 {
-    launch_ew((mps_cuda *)ctx, AccF{dst, src}, n, cu_aligned16(dst) && cu_aligned16(src), "accumulate");
+    /* dst = dst + src: each element is read, then written, by one thread */
+    launch_ew((mps_cuda *)ctx, AddF{dst, dst, src}, n, cu_aligned16(dst) && cu_aligned16(src), "accumulate");
 }
 struct GeluSplitF { /* pre = x, out = gelu(x), both rounded once */
     act_t *o, *pre;
