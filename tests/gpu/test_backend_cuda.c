@@ -1052,6 +1052,17 @@ static void sync_be(mps_backend *be, const char *what)
     }
 }
 
+/* a CUDA backend whose attention kernels MPS_CUDA_ATTENTION=mode selects ("bf16", "fp32", "mma");
+ * 0 when made */
+static int cuda_backend_attention(const char *mode, mps_backend *be, mps_err *err)
+{
+    memset(err, 0, sizeof *err);
+    setenv("MPS_CUDA_ATTENTION", mode, 1);
+    int rc = mps_backend_cuda(be, err);
+    unsetenv("MPS_CUDA_ATTENTION");
+    return rc;
+}
+
 #define BENCH(be, label, flops, reps, call)                                                                \
     do {                                                                                                   \
         call;                                                                                              \
@@ -1111,11 +1122,7 @@ static void bench(mps_backend *bf16)
     for (int k = 0; k < 2; k++) {
         mps_backend other;
         mps_err err;
-        memset(&err, 0, sizeof err);
-        setenv("MPS_CUDA_ATTENTION", k == 0 ? "mma" : "fp32", 1);
-        int ok = mps_backend_cuda(&other, &err) == 0;
-        unsetenv("MPS_CUDA_ATTENTION");
-        if (!ok)
+        if (cuda_backend_attention(k == 0 ? "mma" : "fp32", &other, &err) != 0)
             continue;
         const int reps = k == 0 ? 20 : 5;
         BENCH(&other, k == 0 ? "attention_fwd (mma.sync)" : "attention_fwd fp32", att, reps,
@@ -1209,11 +1216,7 @@ static void attention_hs64_under(const char *mode, double tol)
 {
     mps_backend be;
     mps_err err;
-    memset(&err, 0, sizeof err);
-    setenv("MPS_CUDA_ATTENTION", mode, 1);
-    int rc = mps_backend_cuda(&be, &err);
-    unsetenv("MPS_CUDA_ATTENTION");
-    if (rc != 0) {
+    if (cuda_backend_attention(mode, &be, &err) != 0) {
         printf("FAIL  mps_backend_cuda (%s attention): %s\n", mode, err.msg);
         failures++;
         return;
@@ -1303,10 +1306,7 @@ static int run_group(int g)
         printf("FAIL  [%s] mps_backend_cuda: %s\n", groups[g].name, err.msg);
         return 1;
     }
-    setenv("MPS_CUDA_ATTENTION", "bf16", 1); /* a second backend with the tensor-core attention */
-    memset(&err, 0, sizeof err);
-    have_bf16 = mps_backend_cuda(&gpu_bf16, &err) == 0;
-    unsetenv("MPS_CUDA_ATTENTION");
+    have_bf16 = cuda_backend_attention("bf16", &gpu_bf16, &err) == 0; /* a second backend: WMMA attention */
     if (!have_bf16) {
         printf("FAIL  [%s] mps_backend_cuda (bf16 attention): %s\n", groups[g].name, err.msg);
         failures++;
