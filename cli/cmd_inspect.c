@@ -152,6 +152,12 @@ static void print_model(const mps_config *cfg)
            (long long)cfg->padded_vocab, cfg->n_positions, count);
 }
 
+/* the training line's note under --no-overlap */
+static const char *no_overlap_note(int no_overlap)
+{
+    return no_overlap ? ", gradients reduced after the backward (--no-overlap)" : "";
+}
+
 static void print_training(const mps_plan *plan)
 {
     const mps_plan_opts *o = mps_plan_options(plan);
@@ -162,7 +168,7 @@ static void print_training(const mps_plan *plan)
                                                : "fp32 weights, gradients, m, v; no master copy",
            (long long)o->micro_batch, (long long)o->seq, mps_recompute_name(o->recompute), (long long)o->global_batch,
            (long long)mps_plan_microbatches(plan), mps_plan_microbatches(plan) == 1 ? "" : "es",
-           o->no_overlap ? ", gradients reduced after the backward (--no-overlap)" : "");
+           no_overlap_note(o->no_overlap));
 }
 
 /* The per-rank table, the peak, the budget and the communication line. */
@@ -393,7 +399,7 @@ static int run_suggest(const inspect_args *a, const mps_config *cfg, mps_err *er
         printf("training   %s, micro-batch %lld x %lld tokens, recompute %s, global batch %lld sequences%s\n",
                mps_precision_name(a->po.precision), (long long)a->po.micro_batch, (long long)a->po.seq,
                mps_recompute_name(a->po.recompute), (long long)global,
-               a->po.no_overlap ? ", gradients reduced after the backward (--no-overlap)" : "");
+               no_overlap_note(a->po.no_overlap));
         static const char *const order[] = { "fewest bytes sent per rank and step", "lowest peak memory",
                                              "smallest pipeline bubble" };
         printf("layouts of %lld GPUs with every rank within %s: %d of %d fit%s%s\n", (long long)a->gpus, FMT(a->gpu_mem),

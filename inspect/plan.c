@@ -140,11 +140,12 @@ int64_t mps_transient_bytes(const mps_config *cfg, const mps_layout *L, const mp
         if (piece.held)
             *(i < nlayer_tensors ? &layer : &outside) += mps_box_numel(&piece.box);
     }
-    /* (the layers are all the same shape: the stage's full gradients are its layer count times one) */
+    /* (the layers are all the same shape: n layers' full tensors are n times one; a one-layer stage
+     * never holds two) */
     const int64_t stage_layers = L->stage_first[stage + 1] - L->stage_first[stage];
-    const int64_t layers_held = o->no_overlap ? stage_layers : (stage_layers < 2 ? stage_layers : 2);
-    int64_t grads = (layers_held * layer + outside) * mps_kind_bytes(precision, MPS_KIND_GRAD);
-    int64_t gathered = 2 * layer > outside + layer ? 2 * layer : outside + layer;
+    const int64_t two = stage_layers < 2 ? stage_layers : 2;
+    int64_t grads = ((o->no_overlap ? stage_layers : two) * layer + outside) * mps_kind_bytes(precision, MPS_KIND_GRAD);
+    int64_t gathered = two * layer > outside + layer ? two * layer : outside + layer;
     return grads + (L->zero >= 3 ? gathered * mps_kind_bytes(precision, MPS_KIND_PARAM) : 0);
 }
 

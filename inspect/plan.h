@@ -73,12 +73,13 @@ int64_t mps_activation_bytes(const mps_config *cfg, const mps_layout *L, const m
 
 /* ZeRO's working set beyond the sharded state, as mpshard's trainer keeps it (dp > 1; else 0):
  * ZeRO-2/3 reduce-scatter each layer's full gradients as the backward finishes it, so the full
- * gradients of two layers (one on a one-layer stage) exist at a time, plus those of the stage's tensors outside the layers
+ * gradients of two layers exist at a time, plus those of the stage's tensors outside the layers
  * (wte, wpe, the final layernorm), final only at the end of the pass (o->no_overlap: after the
  * whole backward, so those of all the stage's layers); ZeRO-3 gathers a layer's weights for its
  * use while the next layer's gather runs, so two layers' full weights (or, on the first and last
- * stage, the tensors outside the layers and one layer, if more). Full means the TP box: TP still
- * splits them. Gradient and weight bytes per element follow o->precision. */
+ * stage, the tensors outside the layers and one layer, if more). A one-layer stage holds one
+ * layer's, not two. Full means the TP box: TP still splits them. Gradient and weight bytes per
+ * element follow o->precision. */
 int64_t mps_transient_bytes(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o, int stage,
                             int tp_rank);
 
