@@ -155,15 +155,18 @@ __device__ __forceinline__ void reg_fence(float (&d)[32])
         "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),   \
         "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 
+/* one m64n64k16 product with both operands in shared memory: operands 0-31 the accumulator,
+ * 32 / 33 the descriptors' low words of A and B, 34 their high word, 35 scale-d (0: d = A . B) */
+#define WG_SS_ASM                                                                                                 \
+    "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %35, 0;\n"                                                 \
+    "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"                                                           \
+    "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", da, db, p, 1, 1, 0, 0;\n}\n"
+
 /* d (64 x 64 fp32, this thread's 32) += A (64 x 16) . B (16 x 64), both operands from shared
  * memory; A K-major, B K-major (B^T's rows in memory) */
 __device__ __forceinline__ void wg_ss(float (&d)[32], uint32_t alo, uint32_t blo)
 {
-    asm volatile("{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %35, 0;\n"
-                 "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", da, db, p, 1, 1, 0, 0;\n}\n"
-                 : WG_ACC(d)
-                 : "r"(alo), "r"(blo), "r"(DESC_HI), "r"(1));
+    asm volatile(WG_SS_ASM : WG_ACC(d) : "r"(alo), "r"(blo), "r"(DESC_HI), "r"(1));
 }
 /* d = A . B: the first k16 step of a product, with scale-d false and d an output only. Zeroing d
  * instead adds register moves that the compiler may place after the wgmma fence (ptxas then
@@ -177,11 +180,7 @@ __device__ __forceinline__ void wg_ss(float (&d)[32], uint32_t alo, uint32_t blo
         "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
 __device__ __forceinline__ void wg_ss_first(float (&d)[32], uint32_t alo, uint32_t blo)
 {
-    asm volatile("{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %35, 0;\n"
-                 "mov.b64 da, {%32, %34};\nmov.b64 db, {%33, %34};\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_D32 ", da, db, p, 1, 1, 0, 0;\n}\n"
-                 : WG_OUT(d)
-                 : "r"(alo), "r"(blo), "r"(DESC_HI), "r"(0));
+    asm volatile(WG_SS_ASM : WG_OUT(d) : "r"(alo), "r"(blo), "r"(DESC_HI), "r"(0));
 }
 /* a k = 64 product from shared memory: d = A (64 x 64) . B, four k16 steps; a, b: descriptor low
  * words of K-major tiles */
