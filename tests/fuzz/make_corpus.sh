@@ -108,6 +108,9 @@ def w(name, b): open(f"{C}/chunk/{name}", "wb").write(b)
 def sz(n): return struct.pack("<I", n)[:3]
 w("valid", b"\x00" + sz(4000) + z)
 w("valid_2byte", b"\x04" + sz(4000) + z)
+# filter mask 1 (shuffle skipped; bit 5 unused): the stored frame is the raw bytes unshuffled.
+# A finding of fuzz.short (the harness re-decoded its own mask-0 encoding with mask 1).
+w("shuffle_skipped", b"\x21" + sz(4000) + z)
 w("stored_raw", b"\x02" + sz(4000) + raw)
 w("wrong_size", b"\x00" + sz(4096) + z)
 # a frame header claiming 2^40 bytes (single segment, 8-byte content size), one RLE block
