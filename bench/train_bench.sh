@@ -24,14 +24,14 @@ for spec in "gpt2 32" "gpt2-medium 16"; do
   OURS[$model]=$(median_tps "$W/$model.jsonl")
   echo "mpshard $model B=$B T=1024: $(printf '%.0f' "${OURS[$model]}") tok/s (median of steps 3-12), peak host RSS $(awk '/Maximum resident/ { print $6 }' "$W/$model.time") KiB"
 done
-# the same with MPS_CUDA_GEMM_TUNE=1 (opt-in: each GEMM shape times cuBLASLt's first 8 candidates on
-# its first call; the choice then depends on timing, so runs may differ in the last bits)
+# the same with MPS_CUDA_GEMM_TUNE=0: cuBLASLt's first heuristic choice for every GEMM instead of the
+# fastest of its first 8 candidates (timed once per machine, kept in a cache file): what tuning gives
 for spec in "gpt2 32" "gpt2-medium 16"; do
   set -- $spec; model=$1; B=$2
-  MPS_CUDA_GEMM_TUNE=1 "$M" train --ckpt "$W/$model" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch "$B" \
-    --micro-batch "$B" --seq 1024 --backend cuda --out "$W/run-tune-$model" --log "$W/tune-$model.jsonl" -q \
-    2>"$W/tune-$model.err" || tail -3 "$W/tune-$model.err"
-  echo "mpshard $model B=$B T=1024 with MPS_CUDA_GEMM_TUNE=1: $(printf '%.0f' "$(median_tps "$W/tune-$model.jsonl")") tok/s"
+  MPS_CUDA_GEMM_TUNE=0 "$M" train --ckpt "$W/$model" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch "$B" \
+    --micro-batch "$B" --seq 1024 --backend cuda --out "$W/run-notune-$model" --log "$W/notune-$model.jsonl" -q \
+    2>"$W/notune-$model.err" || tail -3 "$W/notune-$model.err"
+  echo "mpshard $model B=$B T=1024 with MPS_CUDA_GEMM_TUNE=0: $(printf '%.0f' "$(median_tps "$W/notune-$model.jsonl")") tok/s"
 done
 # the mma.sync attention kernels (attention_fast.cu) instead of the wgmma ones, the default on H100 /
 # H200 (attention_wgmma.cu): what the wgmma kernels give, in the same run

@@ -92,9 +92,11 @@ typedef struct mps_backend {
     void (*matmul_bwd)(void *ctx, void *dinp, int dinp_act, float *dw, float *dbias, const void *dout, int dout_act,
                        const void *inp_act, const float *w, int64_t N, int C, int OC);
     void (*attention_fwd)(void *ctx, void *out_act, float *lse, const void *qkv_act, int B, int T, int H, int hs);
-    /* dout is an operand buffer (matmul_bwd's dinp_act) */
+    /* dqkv (overwritten) from dout, an operand buffer (matmul_bwd's dinp_act); dbias (3 H hs) +=
+     * the column sums of dqkv when not NULL (the qkv bias gradient: a GPU takes them from the
+     * kernels' registers instead of reading dqkv again) */
     void (*attention_bwd)(void *ctx, void *dqkv_act, const void *dout_act, const void *qkv_act, const void *out_act,
-                          const float *lse, int B, int T, int H, int hs);
+                          const float *lse, int B, int T, int H, int hs, float *dbias);
     /* The MLP's first product with its GELU, so that a GPU can do both in one pass:
      * pre (N, OC) = inp (N, C) @ w^T + bias, out = gelu(pre); pre and out are operand buffers. */
     void (*matmul_gelu_fwd)(void *ctx, void *out_act, void *pre_act, const void *inp_act, const float *w,

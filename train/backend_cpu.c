@@ -92,11 +92,13 @@ static void att_fwd(void *c, void *out, float *lse, const void *qkv, int B, int 
     op_attention_fwd(out, lse, qkv, B, T, H, hs);
 }
 static void att_bwd(void *c, void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
-                    int B, int T, int H, int hs)
+                    int B, int T, int H, int hs, float *dbias)
 {
     (void)c;
     memset(dqkv, 0, sizeof(float) * (size_t)B * T * 3 * H * hs); /* the op accumulates; the table overwrites */
     op_attention_bwd(dqkv, dout, qkv, out, lse, B, T, H, hs);
+    if (dbias)
+        colsum_acc(dbias, dqkv, (int64_t)B * T, 3 * H * hs);
 }
 static void mm_gelu_fwd(void *c, void *out, void *pre, const void *inp, const float *w, const float *bias, int64_t N,
                         int C, int OC)

@@ -143,9 +143,10 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
         e->be->matmul_bwd(e->be->ctx, datty, 1, g[MPS_SLOT_ATTPROJW], NULL, s->dx_act, 1, a->atty, w.attprojw, N,
                           Cl, C);
         void *dqkv = dbig; /* (N, 3 Cl) operand buffer, overwritten */
-        e->be->attention_bwd(e->be->ctx, dqkv, datty, a->qkv, a->atty, a->lse, e->B, e->T, e->Hl, e->hs);
-        e->be->matmul_bwd(e->be->ctx, dsmall, dln_act, g[MPS_SLOT_QKVW], g[MPS_SLOT_QKVB], dqkv, 1, a->ln1, w.qkvw,
-                          N, C, 3 * Cl);
+        /* qkvb's gradient, the column sums of dqkv, comes with it */
+        e->be->attention_bwd(e->be->ctx, dqkv, datty, a->qkv, a->atty, a->lse, e->B, e->T, e->Hl, e->hs,
+                             g[MPS_SLOT_QKVB]);
+        e->be->matmul_bwd(e->be->ctx, dsmall, dln_act, g[MPS_SLOT_QKVW], NULL, dqkv, 1, a->ln1, w.qkvw, N, C, 3 * Cl);
         rc = tp_sum(e, dsmall, N * C, err);
     }
     /* dx becomes the gradient at the layer below's output, whose column sums are that layer's

@@ -16,7 +16,7 @@
  * skips them).
  *
  * The tests come in groups (memory, embed, layernorm, matmul, attention, attention_bf16,
- * elementwise, xent, optim, bench), each run in a child process with fresh backends, so that a
+ * elementwise, xent, optim, gemm_tune, bench), each run in a child process with fresh backends, so that a
  * kernel fault or hang shows as that group's failure and the other groups still report.
  * `test_backend_cuda <group>` runs one group in-process (e.g. under compute-sanitizer).
  * Every line starts with "ok" or "FAIL"; bench lines are informational.
@@ -692,11 +692,15 @@ static void test_attention(mps_backend *be, const char *tag, int B, int T, int H
 
     snprintf(op, sizeof op, "attention_bwd%s B%d T%d H%d hs%d", tag, B, T, H, hs);
     float *dqkv = o_add_act(&s, "dqkv", nqkv); /* overwritten: starts from random values */
-    cpu.attention_bwd(cpu.ctx, dqkv, dout.h, qkv.h, o.h, l.h, B, T, H, hs);
-    GPU_TWICE(s, gpu.attention_bwd(gpu.ctx, o_dev(&s, 0), dout.d, qkv.d, o.d, l.d, B, T, H, hs));
+    /* dbias += the column sums of dqkv: large initial values, so that an overwrite would show */
+    float *db_init = hrand(3 * Cl, 64.0f);
+    float *db = o_add(&s, "dbias", 3 * Cl, db_init);
+    cpu.attention_bwd(cpu.ctx, dqkv, dout.h, qkv.h, o.h, l.h, B, T, H, hs, db);
+    GPU_TWICE(s, gpu.attention_bwd(gpu.ctx, o_dev(&s, 0), dout.d, qkv.d, o.d, l.d, B, T, H, hs, o_dev(&s, 1)));
     float *gd = s.o[0].res[0], *cd = s.o[0].cpu;
     /* q, k and v parts separately: a bug in one of the two backward kernels shows by name */
-    float *gp = xmalloc(sizeof(float) * (size_t)nout), *cp = xmalloc(sizeof(float) * (size_t)nout);
+    const int64_t nbuf = nout > 3 * Cl ? nout : 3 * Cl; /* a part of dqkv, or dbias */
+    float *gp = xmalloc(sizeof(float) * (size_t)nbuf), *cp = xmalloc(sizeof(float) * (size_t)nbuf);
     static const char *part_name[3] = {"dq", "dk", "dv"};
     /* with T = 1 the softmax of one score has no gradient: dq and dk are 0 up to the rounding of
      * out (bf16) against v in D - dP, on both sides; they are compared against the scale of dv */
@@ -712,13 +716,24 @@ static void test_attention(mps_backend *be, const char *tag, int B, int T, int H
         cmp_floor(op, part_name[part], gp, cp, nout, tol, T == 1 && part < 2 ? dv_scale : 0.0);
     }
     same(op, "dqkv", s.o[0].res[0], s.o[0].res[1], nqkv);
+    /* dbias: the sums alone (initial values taken off) to dqkv's tolerance, then the whole */
+    for (int64_t j = 0; j < 3 * Cl; j++) {
+        gp[j] = s.o[1].res[0][j] - db_init[j];
+        cp[j] = s.o[1].cpu[j] - db_init[j];
+    }
+    cmp(op, "dbias", gp, cp, 3 * Cl, tol);
+    cmp(op, "dbias+=", s.o[1].res[0], s.o[1].cpu, 3 * Cl, tol);
+    same(op, "dbias", s.o[1].res[0], s.o[1].res[1], 3 * Cl);
     free(gp);
     free(cp);
-    free(s.o[0].init);
-    free(s.o[0].cpu);
-    free(s.o[0].res[0]);
-    free(s.o[0].res[1]);
-    dfree(s.o[0].dev);
+    free(db_init);
+    for (int i = 0; i < 2; i++) {
+        free(s.o[i].init);
+        free(s.o[i].cpu);
+        free(s.o[i].res[0]);
+        free(s.o[i].res[1]);
+        dfree(s.o[i].dev);
+    }
     in_free(&o);
     in_free(&l);
     in_free(&qkv);
@@ -1110,6 +1125,10 @@ static void bench(mps_backend *bf16)
           gpu.matmul_gelu_fwd(gpu.ctx, y, dqkv, x, w, bias, N, C, F));
     BENCH(&gpu, "matmul_dgelu_bwd fcproj (N, 768) -> (N, 3072)", 2.0 * N * C * F, 10,
           gpu.matmul_dgelu_bwd(gpu.ctx, y, bias, qkv, 0, w, dqkv, N, F, C));
+    BENCH(&gpu, "matmul_bwd qkv dw+dbias (dout operand)", mm, 10,
+          gpu.matmul_bwd(gpu.ctx, NULL, 0, dw, bias, qkv, 1, x, w, N, C, 3 * C));
+    BENCH(&gpu, "matmul_bwd fc dw+dbias (dout operand)", 2.0 * N * C * F, 10,
+          gpu.matmul_bwd(gpu.ctx, NULL, 0, dw, bias, qkv, 1, x, w, N, C, F));
     act_put(qkv, hq, N * 3 * C); /* qkv as the operand buffer attention reads (the products wrote over it) */
     act_put(y, hq, N * C);         /* dout, an operand buffer too */
     free(hq);
@@ -1117,7 +1136,7 @@ static void bench(mps_backend *bf16)
      * the forward first, so that the backward sees a real lse */
     BENCH(&gpu, "attention_fwd (default: wgmma on sm_90)", att, 20, gpu.attention_fwd(gpu.ctx, x, lse, qkv, B, T, H, hs));
     BENCH(&gpu, "attention_bwd (default: wgmma on sm_90)", 2.5 * att, 20,
-          gpu.attention_bwd(gpu.ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
+          gpu.attention_bwd(gpu.ctx, dqkv, y, qkv, x, lse, B, T, H, hs, bias));
     /* for comparison: the mma.sync kernels of attention_fast.cu and the fp32 kernels */
     for (int k = 0; k < 2; k++) {
         mps_backend other;
@@ -1128,18 +1147,30 @@ static void bench(mps_backend *bf16)
         BENCH(&other, k == 0 ? "attention_fwd (mma.sync)" : "attention_fwd fp32", att, reps,
               other.attention_fwd(other.ctx, x, lse, qkv, B, T, H, hs));
         BENCH(&other, k == 0 ? "attention_bwd (mma.sync)" : "attention_bwd fp32", 2.5 * att, reps,
-              other.attention_bwd(other.ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
+              other.attention_bwd(other.ctx, dqkv, y, qkv, x, lse, B, T, H, hs, bias));
         other.destroy(other.ctx);
     }
     if (bf16) {
         BENCH(bf16, "attention_fwd bf16 (tensor cores)", att, 5, bf16->attention_fwd(bf16->ctx, x, lse, qkv, B, T, H, hs));
         BENCH(bf16, "attention_bwd bf16 (tensor cores)", 2.5 * att, 5,
-              bf16->attention_bwd(bf16->ctx, dqkv, y, qkv, x, lse, B, T, H, hs));
+              bf16->attention_bwd(bf16->ctx, dqkv, y, qkv, x, lse, B, T, H, hs, bias));
     }
     BENCH(&gpu, "layernorm_fwd (N, 768)", 0, 10, gpu.layernorm_fwd(gpu.ctx, y, mean, rstd, x, w, bias, N, C));
     BENCH(&gpu, "layernorm_bwd (N, 768)", 0, 10, gpu.layernorm_bwd(gpu.ctx, y, NULL, NULL, dw, bias, x, 0, qkv, w, mean, rstd, N, C));
     BENCH(&gpu, "residual_bias (N, 768)", 0, 10, gpu.residual_bias(gpu.ctx, y, x, qkv, bias, N, C));
     BENCH(&gpu, "bias_grad (N, 3072)", 0, 10, gpu.bias_grad(gpu.ctx, bias, x, N, F));
+    {
+        /* the bias gradients of the 124M (B=32) and 350M (B=16) steps: column sums of bf16 dqkv / dfch */
+        static const int shapes[][2] = {{32768, 2304}, {32768, 3072}, {16384, 3072}, {16384, 4096}};
+        for (int i = 0; i < 4; i++) {
+            char label[64];
+            const int64_t rows = shapes[i][0];
+            const int cols = shapes[i][1];
+            snprintf(label, sizeof label, "bias grad, bf16 dout (%lld, %d)", (long long)rows, cols);
+            BENCH(&gpu, label, 0, 10,
+                  gpu.matmul_bwd(gpu.ctx, NULL, 0, NULL, dw, logits, 1, NULL, NULL, rows, 768, cols));
+        }
+    }
     BENCH(&gpu, "embed_fwd", 0, 10, gpu.embed_fwd(gpu.ctx, y, tok, N, wte, 0, Vl, C));
     BENCH(&gpu, "embed_bwd (all tokens 0: one run of N rows)", 0, 5, gpu.embed_bwd(gpu.ctx, wte, x, tok, N, 0, Vl, C));
     BENCH(&gpu, "matmul_fwd_act head (N, 768) -> (N, 50304)", 2.0 * N * C * Vl, 3,
@@ -1202,6 +1233,142 @@ static void g_matmul(void)
     test_matmul_gelu(37, 48, 100);      /* OC % 8 != 0: the steps */
     test_matmul_gelu(4096, 128, 512);
 }
+/* ---------------------------------------------------------------- GEMM tuning cache */
+
+static int count_lines(const char *path) /* -1: no file */
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    int n = 0, ch;
+    while ((ch = fgetc(f)) != EOF)
+        n += ch == '\n';
+    fclose(f);
+    return n;
+}
+
+/* a fresh CUDA backend under MPS_CUDA_GEMM_TUNE=tune (NULL: unset) and MPS_CUDA_GEMM_CACHE=cache
+ * runs out (N, OC) = inp @ w^T + bias on it (device buffers of gpu); the result, NULL on failure */
+static float *tuned_matmul(const char *tune, const char *cache, const float *inp, const float *w, const float *b,
+                           int64_t N, int C, int OC)
+{
+    mps_backend be;
+    mps_err err;
+    memset(&err, 0, sizeof err);
+    char keep[512];
+    const char *was = getenv("MPS_CUDA_GEMM_CACHE");
+    snprintf(keep, sizeof keep, "%s", was ? was : "");
+    if (tune)
+        setenv("MPS_CUDA_GEMM_TUNE", tune, 1);
+    setenv("MPS_CUDA_GEMM_CACHE", cache, 1);
+    const int rc = mps_backend_cuda(&be, &err);
+    unsetenv("MPS_CUDA_GEMM_TUNE");
+    if (was)
+        setenv("MPS_CUDA_GEMM_CACHE", keep, 1);
+    else
+        unsetenv("MPS_CUDA_GEMM_CACHE");
+    if (rc != 0) {
+        printf("FAIL  gemm_tune: mps_backend_cuda: %s\n", err.msg);
+        failures++;
+        return NULL;
+    }
+    float *out = dalloc(sizeof(float) * (size_t)(N * OC));
+    sync_ok("gemm_tune (buffers)");
+    be.matmul_fwd(be.ctx, out, inp, w, b, NULL, N, C, OC);
+    sync_be(&be, "gemm_tune (matmul)");
+    be.destroy(be.ctx);
+    float *h = dgetf(out, N * OC);
+    dfree(out);
+    return h;
+}
+
+static void expect(int ok, const char *what)
+{
+    checks++;
+    if (!ok) {
+        failures++;
+        printf("FAIL  gemm_tune: %s\n", what);
+    } else {
+        printf("ok    gemm_tune: %s\n", what);
+    }
+}
+
+/* The tuning cache (gemm_tune.cu): a first backend times the shape's candidates and appends its
+ * choice; a second one finds it (no new line) and computes the very same bits; lines that do not
+ * parse, name an index beyond the candidates or belong to another key are ignored (the product is
+ * still right, and the shape is timed and appended again); "none" writes no file, and neither
+ * does MPS_CUDA_GEMM_TUNE=0. */
+static void g_gemm_tune(void)
+{
+    const int64_t N = 2048;
+    const int C = 512, OC = 1536;
+    char path[128], bad[140], none_dir[128];
+    snprintf(path, sizeof path, "/tmp/mps-gemm-tune-%d.txt", (int)getpid());
+    snprintf(bad, sizeof bad, "%s.bad", path);
+    snprintf(none_dir, sizeof none_dir, "/tmp/mps-gemm-tune-%d.d", (int)getpid());
+    unlink(path);
+    unlink(bad);
+    tin inp = in_rand_act(N * C, 1.0f), w = in_rand((int64_t)OC * C, 1.0f), b = in_rand(OC, 1.0f);
+    float *ref = xmalloc(sizeof(float) * (size_t)(N * OC));
+    cpu.matmul_fwd(cpu.ctx, ref, inp.h, w.h, b.h, NULL, N, C, OC);
+
+    float *first = tuned_matmul(NULL, path, inp.d, w.d, b.d, N, C, OC);
+    const int lines = count_lines(path);
+    expect(lines >= 1, "the first backend appends its choice to the cache file");
+    float *second = tuned_matmul(NULL, path, inp.d, w.d, b.d, N, C, OC);
+    expect(count_lines(path) == lines, "a second backend reads the choice (no line added)");
+    if (first && second) {
+        cmp("gemm_tune", "timed", first, ref, N * OC, TOL_GEMM);
+        same("gemm_tune (cached choice)", "out", first, second, N * OC);
+    }
+
+    /* a hostile file: the real key with an index past the candidates, garbage, another card */
+    FILE *f = fopen(path, "r"), *g = fopen(bad, "w");
+    char line[1024];
+    int written = 0;
+    if (f && g) {
+        while (fgets(line, sizeof line, f)) {
+            char *sp = strrchr(line, ' ');
+            if (sp) { /* KEY ncand index -> KEY ncand 99 */
+                *sp = 0;
+                fprintf(g, "%s 99\n%s -1\n", line, line);
+                written += 2;
+            }
+        }
+        fprintf(g, "garbage\n\nNVIDIA_X/1/1 0 0 1 1 1 1 1 1 0 0 0 0 0 16 16 16 8 0\n");
+        written += 3;
+    }
+    if (f)
+        fclose(f);
+    if (g)
+        fclose(g);
+    float *third = tuned_matmul(NULL, bad, inp.d, w.d, b.d, N, C, OC);
+    expect(count_lines(bad) == written + lines, "invalid cache lines are ignored: the shape is timed and appended");
+    if (third)
+        cmp("gemm_tune", "bad cache", third, ref, N * OC, TOL_GEMM);
+
+    /* no file: "none", and no tuning */
+    float *fourth = tuned_matmul(NULL, "none", inp.d, w.d, b.d, N, C, OC);
+    snprintf(line, sizeof line, "%s/cache.txt", none_dir);
+    float *fifth = tuned_matmul("0", line, inp.d, w.d, b.d, N, C, OC);
+    expect(count_lines(line) == -1, "MPS_CUDA_GEMM_TUNE=0 writes no cache file");
+    if (fourth)
+        cmp("gemm_tune", "no file", fourth, ref, N * OC, TOL_GEMM);
+    if (fifth)
+        cmp("gemm_tune", "untuned", fifth, ref, N * OC, TOL_GEMM);
+    /* a cache path that cannot be made: tuning goes on without it */
+    float *sixth = tuned_matmul(NULL, "/proc/mps-no-such-dir/cache.txt", inp.d, w.d, b.d, N, C, OC);
+    if (sixth)
+        cmp("gemm_tune", "unwritable cache", sixth, ref, N * OC, TOL_GEMM);
+    rmdir(none_dir);
+    unlink(path);
+    unlink(bad);
+    free(first), free(second), free(third), free(fourth), free(fifth), free(sixth), free(ref);
+    in_free(&inp);
+    in_free(&w);
+    in_free(&b);
+}
+
 /* hs = 64 has extra cases for the default tensor-core kernels (attention_fast.cu: CTAs of 128
  * rows, tiles of 64): T below, at and past a tile (1, 64, 70, 129, 256), T = 1000 (many tiles, the
  * last partial), several heads and batches (B * H > 1: the head and batch offsets; 150 heads) */
@@ -1291,7 +1458,7 @@ static const struct {
 } groups[] = {
     {"memory", g_memory}, {"embed", g_embed}, {"layernorm", g_layernorm}, {"matmul", g_matmul},
     {"attention", g_attention}, {"attention_bf16", g_attention_bf16}, {"elementwise", g_elementwise},
-    {"xent", g_xent}, {"optim", g_optim}, {"bench", g_bench},
+    {"xent", g_xent}, {"optim", g_optim}, {"gemm_tune", g_gemm_tune}, {"bench", g_bench},
 };
 #define NGROUPS ((int)(sizeof groups / sizeof groups[0]))
 
@@ -1333,6 +1500,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "unknown group %s\n", argv[1]);
         return 2;
     }
+    /* the suite's backends tune their GEMMs into a cache file of its own, not the user's */
+    char cache[96];
+    snprintf(cache, sizeof cache, "/tmp/mps-test-gemm-tune-%d.txt", (int)getpid());
+    setenv("MPS_CUDA_GEMM_CACHE", cache, 1);
     fflush(stdout);
     pid_t pid = fork();
     if (pid == 0) {
@@ -1374,6 +1545,7 @@ int main(int argc, char **argv)
             bad_groups++;
         }
     }
+    unlink(cache);
     printf("%d of %d groups failed\n", bad_groups, NGROUPS);
     return bad_groups ? 1 : 0;
 }

@@ -15,6 +15,7 @@ set -u
 M=${MPSHARD:-build/mpshard}; T=${1:-/tmp/gputest}; rm -rf "$T"; mkdir -p "$T"
 export OMP_NUM_THREADS=4 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 \
   OMPI_MCA_rmaps_base_oversubscribe=1
+export MPS_CUDA_GEMM_CACHE="$T/gemm-tune.txt" # the GEMM tuning choices of this run, not the user's cache
 PASS=0; FAIL=0
 ok() { PASS=$((PASS+1)); }
 bad() { FAIL=$((FAIL+1)); echo "FAIL: $*"; }

@@ -481,8 +481,10 @@ void cu_attention_fwd(void *ctx, void *out_act, float *lse, const void *qkv_act,
     cu_to_act(c, (act_t *)out_act, out, n, "attention_fwd (to operand)");
 }
 
+/* dbias (3 H hs) += the column sums of dqkv: from the wgmma kernels' per-block sums (colpart, B *
+ * ceil(T / 64) rows) when they wrote them, else from dqkv itself */
 void cu_attention_bwd(void *ctx, void *dqkv_act, const void *dout_act, const void *qkv_act, const void *out_act,
-                      const float *lse, int B, int T, int H, int hs)
+                      const float *lse, int B, int T, int H, int hs, float *dbias)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (!dqkv_act || !attn_args_ok(c, "attention_bwd", B, T, H, hs))
@@ -492,10 +494,25 @@ void cu_attention_bwd(void *ctx, void *dqkv_act, const void *dout_act, const voi
     if (!Dv)
         return;
     /* the fast kernels compute D themselves */
-    if ((c->attn_mode == MPS_ATTN_FAST || c->attn_mode == MPS_ATTN_MMA) &&
-        cu_attention_bwd_fast(c, (act_t *)dqkv_act, (const act_t *)dout_act, (const act_t *)qkv_act,
-                              (const act_t *)out_act, lse, Dv, B, T, H, hs) == 0)
-        return;
+    if (c->attn_mode == MPS_ATTN_FAST || c->attn_mode == MPS_ATTN_MMA) {
+        const int64_t blocks = (int64_t)B * ((T + 63) / 64);
+        float *colpart = dbias && c->wgmma && hs == 64
+                             ? (float *)cu_scratch(c, SCR_ATT_COLS, (size_t)blocks * 3 * H * hs * sizeof(float))
+                             : NULL; // (B, T / 64, 3 H hs)
+        if (dbias && c->wgmma && hs == 64 && !colpart)
+            return;
+        const int r = cu_attention_bwd_fast(c, (act_t *)dqkv_act, (const act_t *)dout_act, (const act_t *)qkv_act,
+                                            (const act_t *)out_act, lse, Dv, B, T, H, hs, colpart);
+        if (r == 1) { /* a few hundred rows: the short-array column sums */
+            const int one = 1;
+            const float *src = colpart;
+            cu_colsums(c, 1, &dbias, &src, &one, blocks, 3 * H * hs, "attention_bwd (dbias)");
+        }
+        else if (r == 0 && dbias)
+            cu_colsum_acc_act(c, dbias, (const act_t *)dqkv_act, (int64_t)B * T, 3 * H * hs, "attention_bwd (dbias)");
+        if (r >= 0)
+            return;
+    }
     float *out = (float *)cu_scratch(c, SCR_ATT_OUT, (size_t)n * sizeof(float));        // (B, T, Cl)
     float *dout = (float *)cu_scratch(c, SCR_ATT_DOUT, (size_t)n * sizeof(float));      // (B, T, Cl)
     float *dqkv = (float *)cu_scratch(c, SCR_ATT_DQKV, (size_t)3 * n * sizeof(float));  // (B, T, 3 Cl)
@@ -516,4 +533,6 @@ void cu_attention_bwd(void *ctx, void *dqkv_act, const void *dout_act, const voi
         }
     }
     cu_to_act(c, (act_t *)dqkv_act, dqkv, 3 * n, "attention_bwd (to operand)");
+    if (dbias)
+        cu_colsum_acc(c, dbias, dqkv, (int64_t)B * T, 3 * H * hs, "attention_bwd (dbias)");
 }

@@ -251,6 +251,40 @@ __device__ __forceinline__ void to_afrag(uint32_t (&a)[4][4], const float (&v)[3
     }
 }
 
+/* --------------------------------------------------------------- column sums */
+
+/* dst[0 .. 63] = scale * the column sums of the CTA's 64 x 64 accumulator a over its rows before T
+ * (thread rows r0 + g and r0 + g + 8, columns 8 i + 2 tg (+ 1)), in a fixed order: a thread's
+ * two rows, the warp's eight row groups by a butterfly over g, then the four warps in order.
+ * red: 4 x 64 floats of shared memory that nothing else uses now. Every thread of the CTA calls
+ * it (it has a barrier). */
+__device__ __forceinline__ void cta_colsum(const float (&a)[32], int r0, int g, int tg, int w, int T, float scale,
+                                           float *red, float *dst)
+{
+    const bool in0 = r0 + g < T, in1 = r0 + g + 8 < T;
+    float cs[16];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        cs[2 * i] = (in0 ? a[4 * i] : 0.0f) + (in1 ? a[4 * i + 2] : 0.0f);
+        cs[2 * i + 1] = (in0 ? a[4 * i + 1] : 0.0f) + (in1 ? a[4 * i + 3] : 0.0f);
+    }
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1)
+#pragma unroll
+        for (int k = 0; k < 16; k++)
+            cs[k] += __shfl_xor_sync(0xffffffffu, cs[k], off);
+    if (g == 0)
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            red[w * HD + 8 * i + 2 * tg] = cs[2 * i];
+            red[w * HD + 8 * i + 2 * tg + 1] = cs[2 * i + 1];
+        }
+    __syncthreads();
+    if (threadIdx.x < HD)
+        dst[threadIdx.x] = scale * (((red[threadIdx.x] + red[HD + threadIdx.x]) + red[2 * HD + threadIdx.x]) +
+                                    red[3 * HD + threadIdx.x]);
+}
+
 #endif /* MPS_WGMMA */
 
 /* --------------------------------------------------------------- forward */
@@ -360,7 +394,7 @@ __global__ void __launch_bounds__(NTHREADS, 5)
  * K^T, dP = dO V^T, P = exp(S - lse), dS = P (dP - D), dQ += dS K; at the end dq = scale dQ. */
 __global__ void __launch_bounds__(NTHREADS, 4)
     k_wg_dq(bf16 *dqkv, float *Dv, const bf16 *dout, const bf16 *out, const bf16 *qkv, const float *lse, int T,
-            int H, float scale, float sl2)
+            int H, float scale, float sl2, float *colpart)
 {
 #if MPS_WGMMA
     extern __shared__ __align__(16) unsigned char wg_smem[];
@@ -453,6 +487,11 @@ __global__ void __launch_bounds__(NTHREADS, 4)
             continue;
         store_half_row(dqkv + ((int64_t)b * T + t) * ld + (int64_t)h * HD + 2 * tg, dq, hf, scale);
     }
+    if (colpart) { /* the Q tile's buffer is free: every warp is past the last tile (tile_arrived) */
+        float *red = reinterpret_cast<float *>(wg_smem + (base - smem_addr(wg_smem)));
+        cta_colsum(dq, r0, g, tg, w, T, scale, red,
+                   colpart + ((int64_t)b * gridDim.y + q0 / ROWS) * ld + (int64_t)h * HD);
+    }
 #endif
 }
 
@@ -465,7 +504,7 @@ __global__ void __launch_bounds__(NTHREADS, 4)
  * makes P^T zero there) and D of each query tile are staged in shared memory with its rows. */
 __global__ void __launch_bounds__(NTHREADS, 3)
     k_wg_dkv(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *Dv, int T, int H,
-             float scale, float sl2)
+             float scale, float sl2, float *colpart)
 {
 #if MPS_WGMMA
     extern __shared__ __align__(16) unsigned char wg_smem[];
@@ -576,6 +615,12 @@ __global__ void __launch_bounds__(NTHREADS, 3)
         store_half_row(row, dk, hf, scale);
         store_half_row(row + Cl, dv, hf, 1.0f);
     }
+    if (colpart) { /* the K and V tiles' buffers are free: every warp is past the loop's barrier */
+        float *red = reinterpret_cast<float *>(wg_smem + (base - smem_addr(wg_smem)));
+        float *part = colpart + ((int64_t)b * gridDim.y + blockIdx.y) * ld + (int64_t)h * HD + Cl;
+        cta_colsum(dk, r0, g, tg, w, T, scale, red, part);
+        cta_colsum(dv, r0, g, tg, w, T, 1.0f, red + 4 * HD, part + Cl);
+    }
 #endif
 }
 
@@ -611,8 +656,8 @@ int cu_attention_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *qkv
 }
 
 int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
-                           const float *lse, float *Dv, int B, int T, int H)
+                           const float *lse, float *Dv, int B, int T, int H, float *colpart)
 {
     return att_launch_bwd(c, k_wg_dq, SM_DQ, k_wg_dkv, SM_DKV, NTHREADS, ROWS, "attention_bwd (wgmma dq)",
-                          "attention_bwd (wgmma dk, dv)", dqkv, dout, qkv, out, lse, Dv, B, T, H);
+                          "attention_bwd (wgmma dk, dv)", dqkv, dout, qkv, out, lse, Dv, B, T, H, colpart);
 }

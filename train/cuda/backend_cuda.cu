@@ -239,6 +239,8 @@ static int setup(mps_cuda *c, mps_err *err)
     TRY(cudaDeviceGetAttribute(&c->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device));
     TRY(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
     c->wgmma = c->attn_mode == MPS_ATTN_FAST && cu_wgmma_available(c);
+    if (c->gemm_tune)
+        cu_tune_setup(c);
     cudaMemPoolProps props;
     memset(&props, 0, sizeof props);
     props.allocType = cudaMemAllocationTypePinned;
@@ -281,10 +283,11 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
      * size; "bf16" = the WMMA tensor-core kernels of attention_tc.cu */
     const char *vb = getenv("MPS_CUDA_VERBOSE");
     c->verbose = vb && strcmp(vb, "1") == 0;
-    /* MPS_CUDA_GEMM_TUNE=1: each GEMM shape times cuBLASLt's first candidates on its first call and
-     * keeps the fastest (gemm.cu); off by default, since the choice then depends on timing */
+    /* MPS_CUDA_GEMM_TUNE: unset or anything but "0": each GEMM shape takes the fastest of cuBLASLt's
+     * first candidates, timed once per machine and kept in a cache file (gemm_tune.cu); "0": the
+     * heuristic's first choice */
     const char *tn = getenv("MPS_CUDA_GEMM_TUNE");
-    c->gemm_tune = tn && strcmp(tn, "1") == 0;
+    c->gemm_tune = !(tn && strcmp(tn, "0") == 0);
     const char *am = getenv("MPS_CUDA_ATTENTION");
     c->attn_mode = (am && strcmp(am, "bf16") == 0)   ? MPS_ATTN_BF16
                    : (am && strcmp(am, "fp32") == 0) ? MPS_ATTN_FP32

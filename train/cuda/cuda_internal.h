@@ -28,8 +28,9 @@ enum {
     SCR_PART,   /* fp32 partial sums of the column reductions (layernorm dw, db; bias_grad) */
     SCR_PART2,  /* second set of partial sums (layernorm db next to dw) */
     SCR_PART3,  /* third set (layernorm: column sums of the updated dinp) */
-    SCR_COLSUM, /* chunk partials of cu_colsum_acc's first pass */
+    SCR_COLSUM, /* chunk partials of the column sums' first pass (kernels_rows.cu) */
     SCR_ATTN,   /* fp32 (B, H, T) row terms D = dout . out of the attention backward */
+    SCR_ATT_COLS, /* fp32 (B, T / 64, 3 C) column sums of dqkv per 64 rows, from the wgmma backward */
     SCR_SORT,   /* int32 keys and values of the embedding backward's sort (4 x N) */
     SCR_CUB,    /* temporary storage of the CUB radix sort */
     SCR_EMB,    /* fp32 (N, C) piece sums of the embedding backward */
@@ -41,7 +42,7 @@ enum {
     SCR_BIAS16, /* bf16 copy of a bias for a bf16-output product */
     SCR_BGRAD,  /* fp32 bias gradient written by the DGELU epilogue, added to dbias after */
     SCR_SUMSQ,  /* double chunk sums of sumsq_many */
-    SCR_TUNE,   /* outputs of the GEMM candidates timed under MPS_CUDA_GEMM_TUNE */
+    SCR_TUNE,   /* D of the accumulating GEMM candidates being timed (gemm_tune.cu) */
     SCR_COUNT
 };
 
@@ -93,7 +94,9 @@ typedef struct {
     int smem_optin;  /* most dynamic shared memory a block may opt into (bytes) */
     int attn_mode;   /* MPS_ATTN_*: from MPS_CUDA_ATTENTION at creation */
     int verbose;     /* MPS_CUDA_VERBOSE=1: each GEMM plan is reported on stderr when built */
-    int gemm_tune;   /* MPS_CUDA_GEMM_TUNE=1: plans time their candidate algorithms (gemm.cu) */
+    int gemm_tune;   /* MPS_CUDA_GEMM_TUNE (not 0): plans pick among their candidates (gemm_tune.cu) */
+    char tune_path[1024]; /* the tuning cache file, "" for none */
+    char tune_machine[320]; /* card/SMs/cuBLASLt version: the first part of every cache key */
     cudaStream_t stream;
     cudaMemPool_t pool;  /* every alloc/release is stream-ordered from this pool: no device-wide sync */
     cublasHandle_t blas;
@@ -111,6 +114,11 @@ typedef struct {
     int failed;
     char msg[800];
 } mps_cuda;
+
+/* gemm_tune.cu: the cache file's path and machine key; p->algo for a plan's first call */
+void cu_tune_setup(mps_cuda *c);
+void cu_plan_tune(mps_cuda *c, mps_gemm_plan *p, const char *what, const void *A, const void *B, float beta,
+                  const void *Cm, void *D, const void *bias, const void *aux);
 
 /* Records the first error (later ones are dropped until sync reports it). */
 void cu_fail(mps_cuda *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -157,6 +165,11 @@ void cu_wcopy_free(mps_cuda *c);
 /* db (C) += column sums of x (rows, C), deterministic (used by bias_grad and matmul_bwd) */
 void cu_colsum_acc(mps_cuda *c, float *db, const float *x, int64_t rows, int C, const char *what);
 void cu_colsum_acc_act(mps_cuda *c, float *db, const act_t *x, int64_t rows, int C, const char *what);
+/* the column sums of n (<= 3) fp32 arrays src[k] (rows, C) in launches that take all n (short
+ * arrays: the layernorm's block partials, the attention's per-block sums); dst[k] (C) += them
+ * when acc[k], else = them */
+void cu_colsums(mps_cuda *c, int n, float *const *dst, const float *const *src, const int *acc, int64_t rows, int C,
+                const char *what);
 /* operand format <-> fp32 (n elements; 0 or -1 after recording an error) */
 int cu_to_act(mps_cuda *c, act_t *dst, const float *src, int64_t n, const char *what);
 int cu_from_act(mps_cuda *c, float *dst, const act_t *src, int64_t n, const char *what);
@@ -189,15 +202,18 @@ void cu_gemm_plans_free(mps_cuda *c);
 /* ---- attention.cu */
 void cu_attention_fwd(void *ctx, void *out, float *lse, const void *qkv, int B, int T, int H, int hs);
 void cu_attention_bwd(void *ctx, void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
-                      int B, int T, int H, int hs);
+                      int B, int T, int H, int hs, float *dbias);
 
 /* ---- attention_fast.cu: head size 64 on tensor cores; 0 when they took the call (errors are
  * recorded), -1 when the shape or alignment does not apply (the caller runs another path).
  * Dv: (B, H, T) scratch that the backward fills with the rows dout . out. out and dqkv are
- * operand buffers (bf16); the backward overwrites dqkv. */
+ * operand buffers (bf16); the backward overwrites dqkv. colpart, when not NULL: (B, ceil(T / 64),
+ * 3 H 64) scratch for the column sums of dqkv over each block of 64 rows, which the wgmma kernels
+ * write (cu_attention_bwd_fast then returns 1; the mma.sync kernels leave it alone and it returns
+ * 0). */
 int cu_attention_fwd_fast(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H, int hs);
 int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
-                          const float *lse, float *Dv, int B, int T, int H, int hs);
+                          const float *lse, float *Dv, int B, int T, int H, int hs, float *colpart);
 
 /* ---- attention_wgmma.cu: head size 64 with Hopper's wgmma, called by the two above when c->wgmma
  * (same contract; the callers check the head size and alignment). cu_wgmma_available: the device
@@ -205,6 +221,6 @@ int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const act_t *dout, const act
 int cu_wgmma_available(mps_cuda *c);
 int cu_attention_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H);
 int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
-                           const float *lse, float *Dv, int B, int T, int H);
+                           const float *lse, float *Dv, int B, int T, int H, float *colpart);
 
 #endif

@@ -115,6 +115,7 @@ static int plan_build(mps_cuda *c, mps_gemm_plan *p, const char *what)
         epi = p->bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
     else if (p->epi == MPS_EPI_DGELU)
         epi = p->bias ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
+
     if (epi != CUBLASLT_EPILOGUE_DEFAULT)
         LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
     if (p->bias) { /* the bias (or the bias gradient of DGELU_BGRAD): fp32, or bf16 where asked */
@@ -199,61 +200,6 @@ static mps_gemm_plan *plan_get(mps_cuda *c, const mps_gemm_plan *key, const char
     return p;
 }
 
-/* MPS_CUDA_GEMM_TUNE=1: times each candidate of p (one warm-up, then the best of 3) with the
- * call's operands, writing into scratch (D, and aux when the epilogue writes it) so that the real
- * outputs, and a D that the product accumulates into (read as C here), are untouched; keeps the
- * fastest. Outputs over 1 GiB (the head's logits) keep the heuristic's first choice. */
-static void plan_tune(mps_cuda *c, mps_gemm_plan *p, const char *what, const void *A, const void *B, float beta,
-                      const void *Cm, const void *bias, const void *aux)
-{
-    p->tuned = 1;
-    const size_t esz = p->d_bf16 ? 2 : 4, dbytes = (size_t)p->ldd * p->n * esz;
-    if (dbytes > ((size_t)1 << 30))
-        return;
-    void *d = cu_scratch(c, SCR_TUNE, 2 * dbytes); /* D, then the aux output */
-    if (!d)
-        return;
-    void *aux_out = (char *)d + dbytes;
-    const void *aux_use = p->epi == MPS_EPI_GELU_AUX ? aux_out : aux; /* GELU_AUX writes aux */
-    if (bias)
-        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
-    if (aux_use)
-        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux_use, sizeof aux_use);
-    cudaEvent_t e0, e1;
-    if (cudaEventCreate(&e0) != cudaSuccess)
-        return;
-    if (cudaEventCreate(&e1) != cudaSuccess) {
-        cudaEventDestroy(e0);
-        return;
-    }
-    const float alpha = 1.0f;
-    float best = INFINITY;
-    int besti = 0;
-    for (int i = 0; i < p->ncand; i++) {
-        float t = INFINITY;
-        for (int r = 0; r < 4; r++) {
-            cudaEventRecord(e0, c->stream);
-            cublasStatus_t st = cublasLtMatmul(c->lt, p->desc, &alpha, A, p->la, B, p->lb, &beta, Cm, p->ld, d, p->ld,
-                                               &p->cand[i], c->workspace, MPS_CUDA_WORKSPACE, c->stream);
-            cudaEventRecord(e1, c->stream);
-            float ms = INFINITY;
-            if (st != CUBLAS_STATUS_SUCCESS || cudaEventSynchronize(e1) != cudaSuccess ||
-                cudaEventElapsedTime(&ms, e0, e1) != cudaSuccess)
-                break;
-            if (r > 0 && ms < t)
-                t = ms;
-        }
-        if (c->verbose)
-            fprintf(stderr, "cuda: gemm tune %s: m %d n %d k %d: candidate %d %.4f ms\n", what, p->m, p->n, p->k, i, t);
-        if (t < best)
-            best = t, besti = i;
-    }
-    (void)cudaGetLastError(); /* a candidate that failed to run is skipped, not an error */
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    p->algo = p->cand[besti];
-}
-
 /* The product of the plan `key` (shape, types, epilogue; alignments filled in here) through
  * cuBLASLt: 1 when it ran, 0 when cuBLASLt has no algorithm for it (the plan remembers that; the
  * caller takes another way), -1 on an error (recorded). */
@@ -278,7 +224,7 @@ static int lt_matmul(mps_cuda *c, const char *what, mps_gemm_plan *key, const __
     if (!p->ok)
         return 0;
     if (!p->tuned)
-        plan_tune(c, p, what, A, B, beta, Cm, bias, aux);
+        cu_plan_tune(c, p, what, A, B, beta, Cm, D, bias, aux);
     cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
     if (bias)
         st = cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);

@@ -168,9 +168,4 @@ static inline double fetch_result(mps_cuda *c, const char *what, int slot = 0)
     return h;
 }
 
-/* kernels_rows.cu: the column sums of n (<= 3) fp32 arrays src[k] (rows, C), in one launch where
- * the rows allow; dst[k] (C) += them when acc[k], else = them */
-void cu_colsums(mps_cuda *c, int n, float *const *dst, const float *const *src, const int *acc, int64_t rows, int C,
-                const char *what);
-
 #endif
