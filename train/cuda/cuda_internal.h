@@ -29,6 +29,7 @@ enum {
     SCR_PART2,  /* second set of partial sums (layernorm db next to dw) */
     SCR_PART3,  /* third set (layernorm: column sums of the updated dinp) */
     SCR_COLSUM, /* chunk partials of the column sums' first pass (kernels_rows.cu) */
+    SCR_TICKETS, /* the column sums' counters of finished chunks (zero between launches) */
     SCR_ATTN,   /* fp32 (B, H, T) row terms D = dout . out of the attention backward */
     SCR_ATT_COLS, /* fp32 (B, T / 64, 3 C) column sums of dqkv per 64 rows, from the wgmma backward */
     SCR_SORT,   /* int32 keys and values of the embedding backward's sort (4 x N) */

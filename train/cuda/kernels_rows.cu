@@ -274,12 +274,17 @@ void cu_embed_bwd(void *ctx, float *dwte, const float *dout, const int32_t *toke
 #define CS_SHORT 128        /* cu_colsums(): up to this many rows in one pass, else chunks of this many */
 
 
-/* Up to 3 arrays (rows, C) whose column sums one launch takes (blockIdx.z picks the array). */
+/* Up to 3 arrays (rows, C) whose column sums one launch takes (blockIdx.z picks the array). With
+ * part set, the launch's row chunks (blockIdx.y) write their sums there, (chunks, C) per array, and
+ * the last block of each column range to finish (ticket: one counter per array and range, zero
+ * between launches) adds them up into dst: one launch where a second pass took another. */
 template <class T>
 struct ColSums {
     float *dst[3];
     const T *src[3];
     int acc[3];
+    float *part[3];
+    unsigned *ticket;
 };
 
 /* V adjacent values of a row as floats, one 16-byte load (8 bf16 or 4 fp32), or V = 1 */
@@ -317,12 +322,14 @@ __device__ __forceinline__ void load_cols(const float *p, float *v)
  * thread (V = 8 bf16 or 4 fp32: one 16-byte load per row, so a warp has 512 bytes of a row in one
  * instruction and four rows in flight; C a multiple of V, src 16-byte aligned). Thread (tx, ty)
  * sums rows ty, ty + 8, ... of its columns in order, then the 8 partial sums are added in ty
- * order: the order, and so the bits, depend only on (rows, C, R), not on V.
- * dst[k][c] += the sum when acc[k], else dst[k][y * C + c] = it. */
+ * order: the order, and so the bits, depend only on (rows, C, R), not on V. Without part,
+ * dst[k][c] += the sum when acc[k], else = it (one chunk); with part, the chunk sums are added in
+ * the same way (chunks ty, ty + 8, ..., then the 8 in ty order) by the range's last block. */
 template <class T, int V>
 __global__ void k_colsum(ColSums<T> a, int64_t rows, int C, int64_t R)
 {
     __shared__ float sh[V][CS_TY][CS_TX + 1];
+    __shared__ bool last;
     const int col = V * (blockIdx.x * CS_TX + threadIdx.x), k = blockIdx.z;
     const T *x = a.src[k];
     const int64_t r0 = (int64_t)blockIdx.y * R, r1 = r0 + R < rows ? r0 + R : rows;
@@ -343,16 +350,67 @@ __global__ void k_colsum(ColSums<T> a, int64_t rows, int C, int64_t R)
     for (int v = 0; v < V; v++)
         sh[v][threadIdx.y][threadIdx.x] = s[v];
     __syncthreads();
-    if (threadIdx.y == 0 && col < C) {
-        float *d = a.acc[k] ? a.dst[k] : a.dst[k] + (int64_t)blockIdx.y * C;
+    float *part = a.part[k];
+    float *d = part ? part + (int64_t)blockIdx.y * C : a.dst[k];
+    const bool add = !part && a.acc[k];
+    if (threadIdx.y == 0 && col < C)
 #pragma unroll
         for (int v = 0; v < V; v++) {
             float t = 0.0f;
             for (int q = 0; q < CS_TY; q++)
                 t += sh[v][q][threadIdx.x];
-            d[col + v] = a.acc[k] ? d[col + v] + t : t;
+            d[col + v] = add ? d[col + v] + t : t;
+        }
+    if (!part)
+        return;
+    /* the chunk sums of this column range are out: the last block to get here adds them up */
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        unsigned *tk = a.ticket + (size_t)k * gridDim.x + blockIdx.x;
+        last = atomicAdd(tk, 1u) == gridDim.y - 1;
+        if (last)
+            *tk = 0; /* for the next launch (the others are done with it) */
+    }
+    __syncthreads();
+    if (!last)
+        return;
+    __threadfence();
+#pragma unroll
+    for (int v = 0; v < V; v++)
+        s[v] = 0.0f;
+    if (col < C)
+        for (unsigned y = threadIdx.y; y < gridDim.y; y += CS_TY)
+#pragma unroll
+            for (int v = 0; v < V; v++)
+                s[v] += __ldcg(part + (int64_t)y * C + col + v); /* (L2: written by other blocks) */
+    __syncthreads();
+#pragma unroll
+    for (int v = 0; v < V; v++)
+        sh[v][threadIdx.y][threadIdx.x] = s[v];
+    __syncthreads();
+    if (threadIdx.y == 0 && col < C) {
+        float *dst = a.dst[k];
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+            float t = 0.0f;
+            for (int q = 0; q < CS_TY; q++)
+                t += sh[v][q][threadIdx.x];
+            dst[col + v] = a.acc[k] ? dst[col + v] + t : t;
         }
     }
+}
+
+/* the zeroed counters of the last-block sums, at least count of them */
+static unsigned *colsum_tickets(mps_cuda *c, size_t count)
+{
+    const size_t bytes = count * sizeof(unsigned);
+    const bool fresh = c->scr_cap[SCR_TICKETS] < bytes;
+    unsigned *t = (unsigned *)cu_scratch(c, SCR_TICKETS, bytes);
+    if (t && fresh &&
+        cu_check(c, cudaMemsetAsync(t, 0, c->scr_cap[SCR_TICKETS], c->stream), "column sums (counters)") != 0)
+        return NULL;
+    return t;
 }
 
 /* one pass over rows in chunks of R (nch of them) for n arrays: 16 bytes of a row per thread where
@@ -367,14 +425,18 @@ static void colsum_pass(mps_cuda *c, const ColSums<T> &a, int n, unsigned nch, i
     wide = wide && C % VW == 0;
     for (int k = 0; k < n; k++)
         wide = wide && cu_aligned16(a.src[k]);
+    const unsigned gx = (unsigned)(wide ? (C / VW + CS_TX - 1) / CS_TX : (C + CS_TX - 1) / CS_TX);
+    ColSums<T> b = a;
+    if (b.part[0] && !(b.ticket = colsum_tickets(c, (size_t)n * gx)))
+        return;
     if (wide)
-        k_colsum<T, VW><<<dim3((unsigned)((C / VW + CS_TX - 1) / CS_TX), nch, (unsigned)n), blk, 0, c->stream>>>(a, rows, C, R);
+        k_colsum<T, VW><<<dim3(gx, nch, (unsigned)n), blk, 0, c->stream>>>(b, rows, C, R);
     else
-        k_colsum<T, 1><<<dim3((unsigned)((C + CS_TX - 1) / CS_TX), nch, (unsigned)n), blk, 0, c->stream>>>(a, rows, C, R);
+        k_colsum<T, 1><<<dim3(gx, nch, (unsigned)n), blk, 0, c->stream>>>(b, rows, C, R);
 }
 
 /* dst (C) = (or += when acc) the column sums of x (rows, C): in chunks of rows whose partial sums
- * a second pass adds, the chunk size a function of the row count only (so the order of the sums
+ * the last block adds, the chunk size a function of the row count only (so the order of the sums
  * is one of (rows, C)) */
 template <class T>
 static void colsum_to(mps_cuda *c, float *dst, int acc, const T *x, int64_t rows, int C, const char *what)
@@ -390,28 +452,17 @@ static void colsum_to(mps_cuda *c, float *dst, int acc, const T *x, int64_t rows
     if (R < CS_MIN_CHUNK)
         R = CS_MIN_CHUNK;
     const int64_t nch = (rows + R - 1) / R;
-    ColSums<T> one = {{dst}, {x}, {acc}};
-    if (nch == 1) {
-        colsum_pass(c, one, 1, 1, rows, C, R, sizeof(T) == sizeof(act_t));
-        cu_launched(c, what);
+    ColSums<T> one = {{dst}, {x}, {acc}, {NULL}, NULL};
+    if (nch > 1 && !(one.part[0] = (float *)cu_scratch(c, SCR_COLSUM, (size_t)nch * C * sizeof(float))))
         return;
-    }
-    float *part = (float *)cu_scratch(c, SCR_COLSUM, (size_t)nch * C * sizeof(float));
-    if (!part)
-        return;
-    ColSums<T> first = {{part}, {x}, {0}};
-    colsum_pass(c, first, 1, (unsigned)nch, rows, C, R, true);
-    if (cu_launched(c, what) != 0)
-        return;
-    ColSums<float> second = {{dst}, {part}, {acc}};
-    colsum_pass(c, second, 1, 1, nch, C, CS_CHUNKS, false);
+    colsum_pass(c, one, 1, (unsigned)nch, rows, C, R, sizeof(T) == sizeof(act_t) || nch > 1);
     cu_launched(c, what);
 }
 
 /* The column sums of n (<= 3) fp32 arrays (rows, C), the layernorm backward's block partials of dw,
- * db and dinp, in launches that take all n: up to CS_SHORT rows in one pass; up to
- * CS_ONEPASS_ROWS in two (chunks of CS_SHORT rows, then their partials), since one block summing
- * ~1000 rows eight at a time waits on its loads one after another; more, array by array as
+ * db and dinp, in one launch that takes all n: up to CS_SHORT rows in one chunk; up to
+ * CS_ONEPASS_ROWS in chunks of CS_SHORT rows (one block summing ~1000 rows eight at a time waits
+ * on its loads one after another), whose sums the last block adds; more, array by array as
  * colsum_to. dst[k] (C) += the sums when acc[k], else = them. */
 void cu_colsums(mps_cuda *c, int n, float *const *dst, const float *const *src, const int *acc, int64_t rows, int C,
                 const char *what)
@@ -437,13 +488,8 @@ void cu_colsums(mps_cuda *c, int n, float *const *dst, const float *const *src, 
     if (!part)
         return;
     for (int k = 0; k < n; k++)
-        a.dst[k] = part + (int64_t)k * nch * C, a.src[k] = src[k], a.acc[k] = 0;
+        a.dst[k] = dst[k], a.src[k] = src[k], a.acc[k] = acc[k], a.part[k] = part + (int64_t)k * nch * C;
     colsum_pass(c, a, n, (unsigned)nch, rows, C, CS_SHORT, false);
-    if (cu_launched(c, what) != 0)
-        return;
-    for (int k = 0; k < n; k++)
-        a.dst[k] = dst[k], a.src[k] = part + (int64_t)k * nch * C, a.acc[k] = acc[k];
-    colsum_pass(c, a, n, 1, nch, C, nch, false);
     cu_launched(c, what);
 }
 
