@@ -212,6 +212,12 @@ static void cuda_destroy(void *ctx)
         (void)cudaMemPoolDestroy(c->pool);
     if (c->stream)
         (void)cudaStreamDestroy(c->stream);
+    if (c->side)
+        (void)cudaStreamDestroy(c->side);
+    if (c->ev_fork)
+        (void)cudaEventDestroy(c->ev_fork);
+    if (c->ev_join)
+        (void)cudaEventDestroy(c->ev_join);
     (void)cudaGetLastError();
     pthread_mutex_destroy(&c->res_mu);
     pthread_mutex_destroy(&c->err_mu);
@@ -238,6 +244,9 @@ static int setup(mps_cuda *c, mps_err *err)
     TRY(cudaDeviceGetAttribute(&c->nsm, cudaDevAttrMultiProcessorCount, c->device));
     TRY(cudaDeviceGetAttribute(&c->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->device));
     TRY(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    TRY(cudaStreamCreateWithFlags(&c->side, cudaStreamNonBlocking));
+    TRY(cudaEventCreateWithFlags(&c->ev_fork, cudaEventDisableTiming));
+    TRY(cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming));
     c->wgmma = c->attn_mode == MPS_ATTN_FAST && cu_wgmma_available(c);
     if (c->gemm_tune)
         cu_tune_setup(c);
