@@ -33,6 +33,15 @@ for spec in "gpt2 32" "gpt2-medium 16"; do
     2>"$W/notune-$model.err" || tail -3 "$W/notune-$model.err"
   echo "mpshard $model B=$B T=1024 with MPS_CUDA_GEMM_TUNE=0: $(printf '%.0f' "$(median_tps "$W/notune-$model.jsonl")") tok/s"
 done
+# the same with MPS_CUDA_GRAPH=0: every kernel launched by the host, no replay of the step as a CUDA
+# graph (one micro-batch a step: the graph is recorded at step 3)
+for spec in "gpt2 32" "gpt2-medium 16"; do
+  set -- $spec; model=$1; B=$2
+  MPS_CUDA_GRAPH=0 "$M" train --ckpt "$W/$model" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch "$B" \
+    --micro-batch "$B" --seq 1024 --backend cuda --out "$W/run-nograph-$model" --log "$W/nograph-$model.jsonl" -q \
+    2>"$W/nograph-$model.err" || tail -3 "$W/nograph-$model.err"
+  echo "mpshard $model B=$B T=1024 with MPS_CUDA_GRAPH=0: $(printf '%.0f' "$(median_tps "$W/nograph-$model.jsonl")") tok/s"
+done
 # the mma.sync attention kernels (attention_fast.cu) instead of the wgmma ones, the default on H100 /
 # H200 (attention_wgmma.cu): what the wgmma kernels give, in the same run
 for spec in "gpt2 32" "gpt2-medium 16"; do
