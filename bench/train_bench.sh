@@ -24,32 +24,21 @@ for spec in "gpt2 32" "gpt2-medium 16"; do
   OURS[$model]=$(median_tps "$W/$model.jsonl")
   echo "mpshard $model B=$B T=1024: $(printf '%.0f' "${OURS[$model]}") tok/s (median of steps 3-12), peak host RSS $(awk '/Maximum resident/ { print $6 }' "$W/$model.time") KiB"
 done
-# the same with MPS_CUDA_GEMM_TUNE=0: cuBLASLt's first heuristic choice for every GEMM instead of the
-# fastest of its first 8 candidates (timed once per machine, kept in a cache file): what tuning gives
-for spec in "gpt2 32" "gpt2-medium 16"; do
-  set -- $spec; model=$1; B=$2
-  MPS_CUDA_GEMM_TUNE=0 "$M" train --ckpt "$W/$model" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch "$B" \
-    --micro-batch "$B" --seq 1024 --backend cuda --out "$W/run-notune-$model" --log "$W/notune-$model.jsonl" -q \
-    2>"$W/notune-$model.err" || tail -3 "$W/notune-$model.err"
-  echo "mpshard $model B=$B T=1024 with MPS_CUDA_GEMM_TUNE=0: $(printf '%.0f' "$(median_tps "$W/notune-$model.jsonl")") tok/s"
-done
-# the same with MPS_CUDA_GRAPH=0: every kernel launched by the host, no replay of the step as a CUDA
-# graph (one micro-batch a step: the graph is recorded at step 3)
-for spec in "gpt2 32" "gpt2-medium 16"; do
-  set -- $spec; model=$1; B=$2
-  MPS_CUDA_GRAPH=0 "$M" train --ckpt "$W/$model" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch "$B" \
-    --micro-batch "$B" --seq 1024 --backend cuda --out "$W/run-nograph-$model" --log "$W/nograph-$model.jsonl" -q \
-    2>"$W/nograph-$model.err" || tail -3 "$W/nograph-$model.err"
-  echo "mpshard $model B=$B T=1024 with MPS_CUDA_GRAPH=0: $(printf '%.0f' "$(median_tps "$W/nograph-$model.jsonl")") tok/s"
-done
-# the mma.sync attention kernels (attention_fast.cu) instead of the wgmma ones, the default on H100 /
-# H200 (attention_wgmma.cu): what the wgmma kernels give, in the same run
-for spec in "gpt2 32" "gpt2-medium 16"; do
-  set -- $spec; model=$1; B=$2
-  MPS_CUDA_ATTENTION=mma "$M" train --ckpt "$W/$model" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch "$B" \
-    --micro-batch "$B" --seq 1024 --backend cuda --out "$W/run-mma-$model" --log "$W/mma-$model.jsonl" -q \
-    2>"$W/mma-$model.err" || tail -3 "$W/mma-$model.err"
-  echo "mpshard $model B=$B T=1024 with MPS_CUDA_ATTENTION=mma: $(printf '%.0f' "$(median_tps "$W/mma-$model.jsonl")") tok/s"
+# the same with one feature off, to show what it gives in this run:
+#  MPS_CUDA_GEMM_TUNE=0: cuBLASLt's first heuristic choice for every GEMM instead of the fastest of
+#    its first 8 candidates (timed once per machine, kept in a cache file);
+#  MPS_CUDA_GRAPH=0: every kernel launched by the host, no replay of the step as a CUDA graph;
+#  MPS_CUDA_ATTENTION=mma: the mma.sync attention kernels (attention_fast.cu) instead of the wgmma
+#    ones, the default on H100 / H200 (attention_wgmma.cu)
+for var in MPS_CUDA_GEMM_TUNE=0 MPS_CUDA_GRAPH=0 MPS_CUDA_ATTENTION=mma; do
+  tag=$(echo "$var" | tr 'A-Z=' 'a-z-')
+  for spec in "gpt2 32" "gpt2-medium 16"; do
+    set -- $spec; model=$1; B=$2
+    env "$var" "$M" train --ckpt "$W/$model" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch "$B" \
+      --micro-batch "$B" --seq 1024 --backend cuda --out "$W/run-$tag-$model" --log "$W/$tag-$model.jsonl" -q \
+      2>"$W/$tag-$model.err" || tail -3 "$W/$tag-$model.err"
+    echo "mpshard $model B=$B T=1024 with $var: $(printf '%.0f' "$(median_tps "$W/$tag-$model.jsonl")") tok/s"
+  done
 done
 # activation recompute (the layer forward replayed in the backward): the throughput it costs
 "$M" train --ckpt "$W/gpt2-medium" --layout dp=1 --data "$W/tok.bin" --steps 12 --global-batch 16 --micro-batch 16 \
