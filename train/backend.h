@@ -21,6 +21,9 @@ typedef struct {
     /* the products read param itself (the whole tensor, not a partition or shard): a backend
      * whose operands are not fp32 may keep an operand copy of it, updated in the same pass */
     int read_by_products;
+    /* the grad is left as it is, not zeroed: the next step's first backward overwrites it
+     * (matmul_bwd's dw_set) */
+    int keep_grad;
 } mps_adamw_job;
 /* The step's AdamW constants, shared by every tensor. */
 typedef struct {
@@ -87,10 +90,11 @@ typedef struct mps_backend {
     /* dinp (N, C) = dout @ w is OVERWRITTEN (no caller accumulates into it: a zero pass and a read
      * of the old values saved), an operand buffer when dinp_act (the attention output's gradient,
      * which only the attention backward reads; a layernorm output's, which only the layernorm
-     * backward reads), else fp32; dw (OC, C) and dbias (OC) +=. dout is
-     * an operand buffer when dout_act, else fp32. */
-    void (*matmul_bwd)(void *ctx, void *dinp, int dinp_act, float *dw, float *dbias, const void *dout, int dout_act,
-                       const void *inp_act, const float *w, int64_t N, int C, int OC);
+     * backward reads), else fp32; dw (OC, C) += dout^T inp, or = when dw_set (the step's first
+     * product into a gradient that AdamW left unzeroed: no zeroing pass, no read of zeros); dbias
+     * (OC) +=. dout is an operand buffer when dout_act, else fp32. */
+    void (*matmul_bwd)(void *ctx, void *dinp, int dinp_act, float *dw, int dw_set, float *dbias, const void *dout,
+                       int dout_act, const void *inp_act, const float *w, int64_t N, int C, int OC);
     void (*attention_fwd)(void *ctx, void *out_act, float *lse, const void *qkv_act, int B, int T, int H, int hs);
     /* dqkv (overwritten) from dout, an operand buffer (matmul_bwd's dinp_act); dbias (3 H hs) +=
      * the column sums of dqkv when not NULL (the qkv bias gradient: a GPU takes them from the

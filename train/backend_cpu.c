@@ -78,12 +78,14 @@ static void mm_fwd_act(void *c, void *out, const void *inp, const float *w, cons
     (void)c;
     op_matmul_fwd(out, inp, w, bias, N, C, OC);
 }
-static void mm_bwd(void *c, void *dinp, int dinp_act, float *dw, float *dbias, const void *dout, int dout_act,
-                   const void *inp, const float *w, int64_t N, int C, int OC)
+static void mm_bwd(void *c, void *dinp, int dinp_act, float *dw, int dw_set, float *dbias, const void *dout,
+                   int dout_act, const void *inp, const float *w, int64_t N, int C, int OC)
 {
     (void)c; (void)dinp_act; (void)dout_act; /* operand buffers are fp32 here */
     if (dinp) /* overwritten: the op accumulates */
         memset(dinp, 0, sizeof(float) * (size_t)(N * C));
+    if (dw && dw_set)
+        memset(dw, 0, sizeof(float) * (size_t)OC * (size_t)C);
     op_matmul_bwd(dinp, dw, dbias, dout, inp, w, N, C, OC);
 }
 static void att_fwd(void *c, void *out, float *lse, const void *qkv, int B, int T, int H, int hs)
@@ -179,7 +181,8 @@ static void adamw_many(void *c, const mps_adamw_job *jobs, int count, const mps_
         if (st->grad_scale != 1.0f) /* the same rounding as scaling inside the update */
             op_scale(j->grad, st->grad_scale, j->n);
         op_adamw(j->param, j->grad, j->m, j->v, j->n, st->lr, st->beta1, st->beta2, st->eps, j->weight_decay, st->t);
-        memset(j->grad, 0, sizeof(float) * (size_t)j->n);
+        if (!j->keep_grad)
+            memset(j->grad, 0, sizeof(float) * (size_t)j->n);
     }
 }
 static double sumsq_many(void *c, const float *const *xs, const int64_t *ns, int count)

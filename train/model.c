@@ -123,7 +123,9 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
         e->be->bias_grad(e->be->ctx, g[MPS_SLOT_FCPROJB], dx, N, C);
     if (s->dx_ready != MPS_DX_NONE)
         dres = s->dx_act, dres_act = 1;
-    e->be->matmul_bwd(e->be->ctx, NULL, 0, g[MPS_SLOT_FCPROJW], NULL, dres, dres_act, a->gel, w.fcprojw, N, F, C);
+    /* the four weights' gradients: = in the step's first backward (e->dw_set), += after */
+    e->be->matmul_bwd(e->be->ctx, NULL, 0, g[MPS_SLOT_FCPROJW], e->dw_set, NULL, dres, dres_act, a->gel, w.fcprojw, N,
+                      F, C);
     /* dfch (an operand buffer, overwritten) goes where gel was: gel is no longer needed (the
      * product above, issued first, has read it), and no other (N, F) operand buffer is free */
     void *dfch = a->gel;
@@ -131,7 +133,8 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
     /* the layernorm output gradients (dsmall): operand buffers that the layernorm backward reads,
      * unless a TP sum comes between (it sums fp32) */
     const int dln_act = e->L.tp == 1;
-    e->be->matmul_bwd(e->be->ctx, dsmall, dln_act, g[MPS_SLOT_FCW], NULL, dfch, 1, a->ln2, w.fcw, N, C, F);
+    e->be->matmul_bwd(e->be->ctx, dsmall, dln_act, g[MPS_SLOT_FCW], e->dw_set, NULL, dfch, 1, a->ln2, w.fcw, N, C,
+                      F);
     rc = tp_sum(e, dsmall, N * C, err); /* ln2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
         /* dx becomes dx2, whose column sums are attprojb's gradient */
@@ -140,13 +143,14 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
         s->dx_ready = MPS_DX_ADDED;
         /* attention: x2 = x + (attention(ln1 @ qkvw^T + qkvb) @ attprojw^T) + attprojb */
         void *datty = dsmall; /* (N, Cl) operand buffer: only the attention backward reads it */
-        e->be->matmul_bwd(e->be->ctx, datty, 1, g[MPS_SLOT_ATTPROJW], NULL, s->dx_act, 1, a->atty, w.attprojw, N,
-                          Cl, C);
+        e->be->matmul_bwd(e->be->ctx, datty, 1, g[MPS_SLOT_ATTPROJW], e->dw_set, NULL, s->dx_act, 1, a->atty,
+                          w.attprojw, N, Cl, C);
         void *dqkv = dbig; /* (N, 3 Cl) operand buffer, overwritten */
         /* qkvb's gradient, the column sums of dqkv, comes with it */
         e->be->attention_bwd(e->be->ctx, dqkv, datty, a->qkv, a->atty, a->lse, e->B, e->T, e->Hl, e->hs,
                              g[MPS_SLOT_QKVB]);
-        e->be->matmul_bwd(e->be->ctx, dsmall, dln_act, g[MPS_SLOT_QKVW], NULL, dqkv, 1, a->ln1, w.qkvw, N, C, 3 * Cl);
+        e->be->matmul_bwd(e->be->ctx, dsmall, dln_act, g[MPS_SLOT_QKVW], e->dw_set, NULL, dqkv, 1, a->ln1, w.qkvw, N,
+                          C, 3 * Cl);
         rc = tp_sum(e, dsmall, N * C, err);
     }
     /* dx becomes the gradient at the layer below's output, whose column sums are that layer's
@@ -239,7 +243,7 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
         void *dlogits = e->logits; /* in place */
         e->be->xent_bwd(e->be->ctx, dlogits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
                         e->cfg.vocab);
-        e->be->matmul_bwd(e->be->ctx, dxf, e->L.tp == 1, gwte, NULL, dlogits, 1, xf, wte, N, C, (int)e->Vl);
+        e->be->matmul_bwd(e->be->ctx, dxf, e->L.tp == 1, gwte, 0, NULL, dlogits, 1, xf, wte, N, C, (int)e->Vl);
         rc = tp_sum(e, dxf, N * C, err);
     }
     if (rc == 0 && !e->evaluating) {

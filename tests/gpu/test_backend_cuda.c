@@ -589,22 +589,25 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
         o_done(&s, TOL_GEMM);
     }
 
-    for (int variant = 0; variant < 4; variant++) { /* bit 0: dw only (else dinp, dw, dbias); bit 1: dout an operand */
-        const int da = variant >> 1;
+    /* bit 0: dw only (else dinp, dw, dbias); bit 1: dout an operand; bit 2: dw_set (dw overwritten:
+     * large initial values, so that an accumulation would show) */
+    for (int variant = 0; variant < 8; variant++) {
+        const int da = (variant >> 1) & 1, set = variant >> 2;
         const tin *g = da ? &dout_act : &dout;
-        snprintf(op, sizeof op, "matmul_bwd N%lld C%d OC%d%s%s%s", (long long)N, C, OC, variant & 1 ? " dw only" : "",
-                 off_out ? " grads+1" : "", da ? " dout act" : "");
-        float *i0 = hrand(N * C + off_out, 1.0f), *i1 = hrand((int64_t)OC * C + off_out, 1.0f), *i2 = hrand(OC, 1.0f);
+        snprintf(op, sizeof op, "matmul_bwd N%lld C%d OC%d%s%s%s%s", (long long)N, C, OC, variant & 1 ? " dw only" : "",
+                 off_out ? " grads+1" : "", da ? " dout act" : "", set ? " dw=" : "");
+        float *i0 = hrand(N * C + off_out, 1.0f), *i1 = hrand((int64_t)OC * C + off_out, set ? 64.0f : 1.0f);
+        float *i2 = hrand(OC, 1.0f);
         float *dinp = variant & 1 ? NULL : o_add(&s, "dinp", N * C + off_out, i0);
         float *dw = o_add(&s, "dw", (int64_t)OC * C + off_out, i1);
         float *db = variant & 1 ? NULL : o_add(&s, "dbias", OC, i2);
-        cpu.matmul_bwd(cpu.ctx, dinp ? dinp + off_out : NULL, 0, dw + off_out, db, g->h, 0, inp.h, w.h, N, C, OC);
+        cpu.matmul_bwd(cpu.ctx, dinp ? dinp + off_out : NULL, 0, dw + off_out, set, db, g->h, 0, inp.h, w.h, N, C, OC);
         if (variant & 1)
-            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, NULL, 0, o_dev(&s, 0) + off_out, NULL, g->d, da, inp.d, w.d, N, C,
-                                        OC));
+            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, NULL, 0, o_dev(&s, 0) + off_out, set, NULL, g->d, da, inp.d, w.d, N,
+                                        C, OC));
         else
-            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, o_dev(&s, 0) + off_out, 0, o_dev(&s, 1) + off_out, o_dev(&s, 2), g->d,
-                                        da, inp.d, w.d, N, C, OC));
+            GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, o_dev(&s, 0) + off_out, 0, o_dev(&s, 1) + off_out, set, o_dev(&s, 2),
+                                        g->d, da, inp.d, w.d, N, C, OC));
         /* dbias is an fp32 column sum: it must meet the fp32 tolerance, not the GEMM one */
         double tols[MAXO];
         for (int i = 0; i < s.no; i++)
@@ -619,8 +622,8 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
     float *dinp = o_add_act(&s, "dinp", N * C);
     float *i1 = hrand((int64_t)OC * C, 1.0f);
     float *dw = o_add(&s, "dw", (int64_t)OC * C, i1);
-    cpu.matmul_bwd(cpu.ctx, dinp, 1, dw, NULL, dout_act.h, 1, inp.h, w.h, N, C, OC);
-    GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, o_dev(&s, 0), 1, o_dev(&s, 1), NULL, dout_act.d, 1, inp.d, w.d, N, C, OC));
+    cpu.matmul_bwd(cpu.ctx, dinp, 1, dw, 0, NULL, dout_act.h, 1, inp.h, w.h, N, C, OC);
+    GPU_TWICE(s, gpu.matmul_bwd(gpu.ctx, o_dev(&s, 0), 1, o_dev(&s, 1), 0, NULL, dout_act.d, 1, inp.d, w.d, N, C, OC));
     o_done(&s, TOL_GEMM);
     free(i1);
     in_free(&inp);
@@ -876,7 +879,8 @@ static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
 
 /* AdamW over several tensors in one call (sizes around the multi-tensor chunk and launch limits,
  * offsets that break 16-byte alignment, with and without weight decay), 3 steps with a clipping
- * factor on the second; every grad must come back zeroed */
+ * factor on the second; every grad must come back zeroed but those of keep_grad jobs (every
+ * fourth), which keep step 3's values */
 static void test_adamw_many(int count, int64_t n0, int off)
 {
     char op[80];
@@ -897,7 +901,7 @@ static void test_adamw_many(int count, int64_t n0, int off)
         float *gh = hdup(g[t - 1].h, total);
         for (int i = 0, at = 0; i < count; at += (int)(ns[i] + off), i++)
             jc[i] = (mps_adamw_job){p + at + off, gh + at + off, m + at + off, v + at + off, ns[i], i % 3 ? 0.1f : 0.0f,
-                                    i % 2};
+                                    i % 2, i % 4 == 3};
         cpu.adamw_many(cpu.ctx, jc, count, &st);
         for (int64_t i = 0, at = 0; i < count; at += ns[i] + off, i++)
             memcpy(gz + at + off, gh + at + off, sizeof(float) * (size_t)ns[i]); /* zeros, where the jobs were */
@@ -911,7 +915,7 @@ static void test_adamw_many(int count, int64_t n0, int off)
             gpu.from_host(gpu.ctx, o_dev(&s, 3), g[t - 1].h, sizeof(float) * (size_t)total);
             for (int i = 0, at = 0; i < count; at += (int)(ns[i] + off), i++)
                 jg[i] = (mps_adamw_job){o_dev(&s, 0) + at + off, o_dev(&s, 3) + at + off, o_dev(&s, 1) + at + off,
-                                        o_dev(&s, 2) + at + off, ns[i], i % 3 ? 0.1f : 0.0f, i % 2};
+                                        o_dev(&s, 2) + at + off, ns[i], i % 3 ? 0.1f : 0.0f, i % 2, i % 4 == 3};
             gpu.adamw_many(gpu.ctx, jg, count, &st);
         }
         o_fetch(&s, run_);
@@ -946,7 +950,7 @@ static void test_weight_copies(void)
     memset(hv, 0, sizeof(float) * (size_t)nw);
     float *gh = hdup(g.h, nw), *out = xmalloc(sizeof(float) * (size_t)(N * OC));
     const mps_adamw_step st = {0.05f, 0.9f, 0.95f, 1e-8f, 1, 1.0f}; /* a large step: old and new weights differ */
-    mps_adamw_job jc = {w.h, gh, hm, hv, nw, 0.1f, 1}, jg = {w.d, g.d, m, v, nw, 0.1f, 1};
+    mps_adamw_job jc = {w.h, gh, hm, hv, nw, 0.1f, 1, 0}, jg = {w.d, g.d, m, v, nw, 0.1f, 1, 0};
     cpu.adamw_many(cpu.ctx, &jc, 1, &st);
     gpu.adamw_many(gpu.ctx, &jg, 1, &st);
     for (int stage = 0; stage < 3; stage++) {
@@ -1116,9 +1120,9 @@ static void bench(mps_backend *bf16)
     BENCH(&gpu, "matmul_fwd_act qkv (N, 768) -> (N, 2304) +bias, bf16", mm, 10,
           gpu.matmul_fwd_act(gpu.ctx, dqkv, x, w, bias, N, C, 3 * C));
     BENCH(&gpu, "matmul_bwd qkv dinp+dw+dbias (dout operand)", 2 * mm, 10,
-          gpu.matmul_bwd(gpu.ctx, y, 0, dw, bias, qkv, 1, x, w, N, C, 3 * C));
+          gpu.matmul_bwd(gpu.ctx, y, 0, dw, 0, bias, qkv, 1, x, w, N, C, 3 * C));
     BENCH(&gpu, "matmul_bwd qkv dinp+dw+dbias (dout fp32)", 2 * mm, 10,
-          gpu.matmul_bwd(gpu.ctx, y, 0, dw, bias, qkv, 0, x, w, N, C, 3 * C));
+          gpu.matmul_bwd(gpu.ctx, y, 0, dw, 0, bias, qkv, 0, x, w, N, C, 3 * C));
     BENCH(&gpu, "matmul_fwd fc (N, 768) -> (N, 3072) +bias", 2.0 * N * C * F, 10,
           gpu.matmul_fwd(gpu.ctx, y, x, w, bias, NULL, N, C, F));
     BENCH(&gpu, "matmul_gelu_fwd fc (N, 768) -> (N, 3072)", 2.0 * N * C * F, 10,
@@ -1126,9 +1130,9 @@ static void bench(mps_backend *bf16)
     BENCH(&gpu, "matmul_dgelu_bwd fcproj (N, 768) -> (N, 3072)", 2.0 * N * C * F, 10,
           gpu.matmul_dgelu_bwd(gpu.ctx, y, bias, qkv, 0, w, dqkv, N, F, C));
     BENCH(&gpu, "matmul_bwd qkv dw+dbias (dout operand)", mm, 10,
-          gpu.matmul_bwd(gpu.ctx, NULL, 0, dw, bias, qkv, 1, x, w, N, C, 3 * C));
+          gpu.matmul_bwd(gpu.ctx, NULL, 0, dw, 0, bias, qkv, 1, x, w, N, C, 3 * C));
     BENCH(&gpu, "matmul_bwd fc dw+dbias (dout operand)", 2.0 * N * C * F, 10,
-          gpu.matmul_bwd(gpu.ctx, NULL, 0, dw, bias, qkv, 1, x, w, N, C, F));
+          gpu.matmul_bwd(gpu.ctx, NULL, 0, dw, 0, bias, qkv, 1, x, w, N, C, F));
     act_put(qkv, hq, N * 3 * C); /* qkv as the operand buffer attention reads (the products wrote over it) */
     act_put(y, hq, N * C);         /* dout, an operand buffer too */
     free(hq);
@@ -1168,7 +1172,7 @@ static void bench(mps_backend *bf16)
             const int cols = shapes[i][1];
             snprintf(label, sizeof label, "bias grad, bf16 dout (%lld, %d)", (long long)rows, cols);
             BENCH(&gpu, label, 0, 10,
-                  gpu.matmul_bwd(gpu.ctx, NULL, 0, NULL, dw, logits, 1, NULL, NULL, rows, 768, cols));
+                  gpu.matmul_bwd(gpu.ctx, NULL, 0, NULL, 0, dw, logits, 1, NULL, NULL, rows, 768, cols));
         }
     }
     BENCH(&gpu, "embed_fwd", 0, 10, gpu.embed_fwd(gpu.ctx, y, tok, N, wte, 0, Vl, C));
@@ -1181,9 +1185,9 @@ static void bench(mps_backend *bf16)
     BENCH(&gpu, "xent_bwd (N, 50304)", 0, 5,
           gpu.xent_bwd(gpu.ctx, dlogits, logits, tok, mean, rstd, 1e-5f, N, Vl, 0, 50257));
     BENCH(&gpu, "matmul_bwd head dinp+dw", 4.0 * N * C * Vl, 3,
-          gpu.matmul_bwd(gpu.ctx, y, 0, wte, NULL, dlogits, 1, x, wte, N, C, (int)Vl));
+          gpu.matmul_bwd(gpu.ctx, y, 0, wte, 0, NULL, dlogits, 1, x, wte, N, C, (int)Vl));
     dfree(dlogits);
-    mps_adamw_job aj = {logits, logits + 41000000, logits + 82000000, logits + 123000000, 41000000, 0.1f, 0};
+    mps_adamw_job aj = {logits, logits + 41000000, logits + 82000000, logits + 123000000, 41000000, 0.1f, 0, 0};
     mps_adamw_step as = {1e-4f, 0.9f, 0.95f, 1e-8f, 1, 0.5f};
     BENCH(&gpu, "adamw_many 41M parameters (one tensor)", 0, 3, gpu.adamw_many(gpu.ctx, &aj, 1, &as));
     BENCH(&gpu, "sumsq 124M", 0, 5, (void)sumsq1(&gpu, logits, 124000000));

@@ -187,8 +187,8 @@ void cu_add_bias_rows(mps_cuda *c, float *out, const float *bias, int64_t N, int
 /* ---- gemm.cu */
 void cu_matmul_fwd(void *ctx, float *out, const void *inp, const float *w, const float *bias, const float *resid,
                    int64_t N, int C, int OC);
-void cu_matmul_bwd(void *ctx, void *dinp, int dinp_act, float *dw, float *dbias, const void *dout, int dout_act,
-                   const void *inp, const float *w, int64_t N, int C, int OC);
+void cu_matmul_bwd(void *ctx, void *dinp, int dinp_act, float *dw, int dw_set, float *dbias, const void *dout,
+                   int dout_act, const void *inp, const float *w, int64_t N, int C, int OC);
 void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, const float *bias, int64_t N, int C,
                        int OC);
 /* out (N, C) bf16 += bias (C) */

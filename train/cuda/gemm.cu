@@ -328,8 +328,8 @@ void cu_matmul_fwd(void *ctx, float *out, const void *inp, const float *w, const
         cu_add_bias_rows(c, out, bias, N, OC);
 }
 
-void cu_matmul_bwd(void *ctx, void *dinp, int dinp_act, float *dw, float *dbias, const void *dout, int dout_act,
-                   const void *inp, const float *w, int64_t N, int C, int OC)
+void cu_matmul_bwd(void *ctx, void *dinp, int dinp_act, float *dw, int dw_set, float *dbias, const void *dout,
+                   int dout_act, const void *inp, const float *w, int64_t N, int C, int OC)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0 || OC <= 0 || C <= 0 || !dims_ok(c, "matmul_bwd", N, C, OC))
@@ -370,7 +370,7 @@ void cu_matmul_bwd(void *ctx, void *dinp, int dinp_act, float *dw, float *dbias,
     }
     if (dw) {
         const act_t *ib = (const act_t *)inp;
-        gemm(c, "matmul_bwd (dw)", 0, 1, C, OC, (int)N, ib, C, gb, OC, 1.0f, NULL, dw, C, NULL);
+        gemm(c, "matmul_bwd (dw)", 0, 1, C, OC, (int)N, ib, C, gb, OC, dw_set ? 0.0f : 1.0f, NULL, dw, C, NULL);
     }
 }
 

@@ -131,6 +131,7 @@ struct MtArgs {
     int64_t n[MT_MAX];
     int64_t first[MT_MAX + 1];
     float decay[MT_MAX];
+    unsigned long long keep; /* adamw: bit i set: tensor i's grad is left as it is (not zeroed) */
     int count;
 };
 static_assert(sizeof(MtArgs) + sizeof(float) * 16 <= 4096, "kernel parameters over 4 KB");

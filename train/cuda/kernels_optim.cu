@@ -38,8 +38,8 @@ struct AdamF {
     }
 };
 
-/* AdamW over the launch's tensors (AdamF's arithmetic), each grad zeroed as it is read and the
- * new parameter written to its bf16 copy where it has one */
+/* AdamW over the launch's tensors (AdamF's arithmetic), each grad zeroed as it is read (unless
+ * its keep bit is set) and the new parameter written to its bf16 copy where it has one */
 __global__ void __launch_bounds__(MT_THREADS) k_adamw_many(MtArgs a, AdamF f)
 {
     int64_t b, e;
@@ -48,6 +48,7 @@ __global__ void __launch_bounds__(MT_THREADS) k_adamw_many(MtArgs a, AdamF f)
     f.decay = a.decay[t];
     float *g = a.g[t];
     act_t *pb = a.pb[t];
+    const bool zero = !((a.keep >> t) & 1ull);
     const int vec = dev_aligned16(f.p) && dev_aligned16(g) && dev_aligned16(f.m) && dev_aligned16(f.v) &&
                     ((uintptr_t)pb & 7u) == 0;
     int64_t i = b + threadIdx.x;
@@ -55,7 +56,8 @@ __global__ void __launch_bounds__(MT_THREADS) k_adamw_many(MtArgs a, AdamF f)
         const int64_t n4 = (e - b) >> 2;
         for (int64_t q = threadIdx.x; q < n4; q += MT_THREADS) {
             const float4 pn = f.four((b >> 2) + q);
-            st4(g, (b >> 2) + q, make_float4(0, 0, 0, 0));
+            if (zero)
+                st4(g, (b >> 2) + q, make_float4(0, 0, 0, 0));
             if (pb)
                 st4_act(pb, (b >> 2) + q, pn.x, pn.y, pn.z, pn.w);
         }
@@ -63,7 +65,8 @@ __global__ void __launch_bounds__(MT_THREADS) k_adamw_many(MtArgs a, AdamF f)
     }
     for (; i < e; i += MT_THREADS) {
         const float pn = f.one(i);
-        g[i] = 0.0f;
+        if (zero)
+            g[i] = 0.0f;
         if (pb)
             pb[i] = __float2bfloat16_rn(pn);
     }
@@ -166,6 +169,8 @@ void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_ad
         if (wc)
             wc->valid = 1; /* once the launch below has run: the stream orders every reader after it */
         a.decay[k] = 1.0f - st->lr * j->weight_decay;
+        if (j->keep_grad)
+            a.keep |= 1ull << k;
         a.first[k + 1] = a.first[k] + (j->n + MT_CHUNK - 1) / MT_CHUNK;
     }
 }
