@@ -132,7 +132,8 @@ typedef struct mps_backend {
     double (*xent_loss_sum)(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
     /* AdamW over count tensors at once (one launch on a GPU instead of one per tensor) on grad *
      * step->grad_scale (the clipping factor, applied in the same pass); every grad is zeroed
-     * afterwards, ready for the next step's accumulation. */
+     * afterwards, ready for the next step's accumulation, but those of keep_grad jobs, whose
+     * contents are then unspecified (the next step's first backward overwrites them). */
     void (*adamw_many)(void *ctx, const mps_adamw_job *jobs, int count, const mps_adamw_step *step);
     /* host result: the sum of squares of count buffers in double (a fixed order that depends on the
      * sizes only); one wait for the device, one pass on a GPU */
