@@ -27,10 +27,9 @@ done
 # the same with one feature off, to show what it gives in this run:
 #  MPS_CUDA_GEMM_TUNE=0: cuBLASLt's first heuristic choice for every GEMM instead of the fastest of
 #    its first 8 candidates (timed once per machine, kept in a cache file);
-#  MPS_CUDA_GRAPH=0: every kernel launched by the host, no replay of the step as a CUDA graph;
 #  MPS_CUDA_ATTENTION=mma: the mma.sync attention kernels (attention_fast.cu) instead of the wgmma
 #    ones, the default on H100 / H200 (attention_wgmma.cu)
-for var in MPS_CUDA_GEMM_TUNE=0 MPS_CUDA_GRAPH=0 MPS_CUDA_ATTENTION=mma; do
+for var in MPS_CUDA_GEMM_TUNE=0 MPS_CUDA_ATTENTION=mma; do
   tag=$(echo "$var" | tr 'A-Z=' 'a-z-')
   for spec in "gpt2 32" "gpt2-medium 16"; do
     set -- $spec; model=$1; B=$2

@@ -450,14 +450,10 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         if (rc == 0 && ((a->save_every && step % a->save_every == 0) || step == a->steps))
             rc = save(sv, a, step, seed, position, &stall, err);
         report_saves(sv, a, comm->rank);
-        if (st.note[0] && comm->rank == 0)
-            fprintf(stderr, "train: %s\n", st.note);
         if (log) {
             char extra[64] = "";
             if (rc == 0 && stall >= 0)
                 snprintf(extra, sizeof extra, ", \"save_stall_s\": %.3f", stall);
-            if (st.graph)
-                snprintf(extra + strlen(extra), sizeof extra - strlen(extra), ", \"graph\": true");
             fprintf(log, "{\"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"tokens_per_s\": %.1f, "
                     "\"elapsed_s\": %.3f%s}\n", (long long)step, st.loss, st.lr, st.grad_norm, tps, t_done - a->t_start,
                     extra);

@@ -138,17 +138,6 @@ typedef struct mps_backend {
     /* host result: the sum of squares of count buffers in double (a fixed order that depends on the
      * sizes only); one wait for the device, one pass on a GPU */
     double (*sumsq_many)(void *ctx, const float *const *xs, const int64_t *ns, int count);
-    /* Optional (NULL where not offered: the CPU): the calls between graph_begin and graph_end are
-     * recorded, not run, so that graph_run replays them all in one launch (a CUDA graph: no gap
-     * between kernels for the host to fill). While recording, xent_loss_sum returns 0 and keeps its
-     * sum on the device (one call per graph); graph_run returns it in *loss. The recorded calls
-     * read and write the very buffers they were given, so a replay is the same work on whatever
-     * those hold then. graph_end fails (-1, err) when a recorded call could not be captured;
-     * nothing is kept then. graph_drop forgets the graph. */
-    int (*graph_begin)(void *ctx, mps_err *err);
-    int (*graph_end)(void *ctx, mps_err *err);
-    int (*graph_run)(void *ctx, double *loss, mps_err *err);
-    void (*graph_drop)(void *ctx);
     void (*destroy)(void *ctx);
 } mps_backend;
 

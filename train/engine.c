@@ -2,7 +2,6 @@
  * through the pipeline (GPipe or 1F1B), gradient reduction over DP, the tied head between the
  * first and last stage, global-norm clipping and AdamW. */
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -224,8 +223,6 @@ void mps_engine_free(mps_engine *e)
 {
     if (!e)
         return;
-    if (e->graph_ready && e->be->graph_drop) /* (it names this engine's buffers) */
-        e->be->graph_drop(e->be->ctx);
     if (e->prefetch_n > 0) { /* (only after a failed step) the started gather done before its buffers go */
         mps_err ignored;
         (void)e->comm->finish_started(e->comm->ctx, &ignored);
@@ -525,55 +522,6 @@ static int run_schedule(mps_engine *e, mps_err *err)
     return 0;
 }
 
-/* Where the backend records graphs (the CUDA backend unless MPS_CUDA_GRAPH=0), the simplest layout
- * (one rank, one micro-batch, ZeRO-0: no collective, no message, no allocation inside the step)
- * records its forward and backward once, at its third step (after the GEMM tuning, the scratch
- * growth and the first optimizer step, which makes the weights' bf16 copies), then replays them
- * with one launch per step: the same kernels on the same buffers, so the same bits, without the
- * ~2 us the GPU waits between ~400 launches. The loss, which the head would fetch in mid-forward,
- * comes back with the replay. A recording that fails (a call that cannot be captured) is dropped
- * and the run goes on launching kernels itself. */
-static int graph_wanted(mps_engine *e)
-{
-    return e->be->graph_begin && !e->graph_off && e->L.dp == 1 && e->L.tp == 1 && e->L.pp == 1 &&
-           e->L.zero == 0 && e->accum == 1 && !e->overlap_dp && !e->scatter_each_layer && ++e->graph_steps >= 3;
-}
-
-static int run_graph(mps_engine *e, mps_err *err)
-{
-    mps_mb_slot *s = &e->slots[0];
-    if (load_batch(e, s, 0, err) != 0)
-        return -1;
-    if (!e->graph_ready) {
-        if (e->be->graph_begin(e->be->ctx, err) != 0)
-            return -1;
-        e->last_backward = 1;
-        e->dw_set = e->dw_keep;
-        int rc = mps_model_forward(e, s, err);
-        if (rc == 0)
-            rc = mps_model_backward(e, s, err);
-        mps_err gerr;
-        mps_err_clear(&gerr);
-        const int grc = e->be->graph_end(e->be->ctx, &gerr);
-        if (rc != 0)
-            return rc;
-        if (grc != 0) { /* nothing ran: this step without a graph, and every later one */
-            e->graph_off = 1;
-            snprintf(e->graph_note, sizeof e->graph_note, "no CUDA graph (%.150s); kernels launched one by one",
-                     gerr.msg);
-            e->loss_sum = 0;
-            return run_schedule(e, err);
-        }
-        e->graph_ready = 1;
-    }
-    double loss = 0;
-    if (e->be->graph_run(e->be->ctx, &loss, err) != 0)
-        return -1;
-    e->loss_sum = loss;
-    e->graph_ran = 1;
-    return 0;
-}
-
 /* The reduced gradient of tensor t over the optimizer's flat range. */
 static float *reduced_grad(mps_engine *e, mps_tparam *p)
 {
@@ -672,10 +620,9 @@ int mps_engine_grads(mps_engine *e, const mps_tokens *data, int64_t first_seq, d
                      mps_err *err)
 {
     e->loss_sum = 0;
-    e->graph_ran = 0;
     if (read_step_tokens(e, data, first_seq, "the step's", err) != 0)
         return -1;
-    int rc = graph_wanted(e) ? run_graph(e, err) : run_schedule(e, err);
+    int rc = run_schedule(e, err);
     if (rc == 0)
         rc = e->comm->flush(e->comm->ctx, err);
     if (rc == 0)
@@ -737,9 +684,6 @@ int mps_engine_step(mps_engine *e, const mps_tokens *data, int64_t first_seq, in
     stats->loss = loss;
     stats->grad_norm = norm;
     stats->lr = lr;
-    stats->graph = e->graph_ran;
-    snprintf(stats->note, sizeof stats->note, "%s", e->graph_note);
-    e->graph_note[0] = '\0';
     return 0;
 }
 

@@ -35,8 +35,6 @@ typedef struct {
     double loss;      /* mean cross-entropy over the G * T tokens of the step */
     double grad_norm; /* global L2 norm before clipping */
     float lr;
-    int graph;        /* 1: the forward and backward ran as a replay of the backend's graph */
-    char note[200];   /* once, when the engine stops using graphs: why ("" otherwise) */
 } mps_step_stats;
 
 typedef struct mps_engine mps_engine;

@@ -102,9 +102,6 @@ struct mps_engine {
     /* ZeRO-3: the tensors whose gather mps_weights_prefetch started (the next layer's) */
     int prefetch[MPS_TENSORS_PER_LAYER], prefetch_n;
     int32_t *step_inputs, *step_targets; /* (accum, N): this replica's tokens of the step */
-    /* the step as one backend graph (engine.c run_graph): steps seen, recorded, given up on */
-    int graph_steps, graph_ready, graph_off, graph_ran;
-    char graph_note[200];    /* why the graph was given up, until the step reports it */
 };
 
 /* Buffers of the backend (device memory for CUDA): zeroed on allocation. */

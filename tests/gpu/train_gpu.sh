@@ -10,8 +10,7 @@
 #     within 1e-2;
 #  3. GPU -> save -> reshard -> resume on the CPU continues the curve of a CPU run, and back;
 #  4. validation (--val-data) on the GPU against the CPU, and over 2 GPUs against one;
-#  5. four training steps against PyTorch's (torch_curve.py): fp32 vs the CPU, bf16 vs the GPU;
-#  6. steps replayed as a CUDA graph give the very same losses and norms as launched kernel by kernel.
+#  5. four training steps against PyTorch's (torch_curve.py): fp32 vs the CPU, bf16 vs the GPU.
 set -u
 M=${MPSHARD:-build/mpshard}; T=${1:-/tmp/gputest}; rm -rf "$T"; mkdir -p "$T"
 export OMP_NUM_THREADS=4 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 \
@@ -42,18 +41,6 @@ close "$T/gpu.jsonl" "$T/cpu.jsonl" 1e-2
 run 1 --ckpt "$T/init" --layout dp=1 --steps 4 --out "$T/gpur" --log "$T/gpur.jsonl" --backend cuda --recompute
 if [ "$(sed -E 's/.*"loss": ([^,]*),.*/\1/' "$T/gpur.jsonl")" = "$(sed -E 's/.*"loss": ([^,]*),.*/\1/' "$T/gpu.jsonl")" ]; then
   ok; else bad "--recompute changed the GPU losses"; fi
-# the step as a CUDA graph (one micro-batch a step: recorded at the third step, replayed from then
-# on): the very same losses and gradient norms as with every kernel launched by the host
-G1="--data $T/tok.bin --global-batch 4 --micro-batch 4 --seq 128 --lr 1e-3 --lr-min 1e-4 --decay-steps 8 -q"
-"$M" train --ckpt "$T/init" --layout dp=1 --steps 6 $G1 --out "$T/gg" --log "$T/gg.jsonl" --backend cuda 2>"$T/err" \
-  || bad "train (graph): $(tail -3 "$T/err")"
-MPS_CUDA_GRAPH=0 "$M" train --ckpt "$T/init" --layout dp=1 --steps 6 $G1 --out "$T/gn" --log "$T/gn.jsonl" \
-  --backend cuda 2>"$T/err" || bad "train (MPS_CUDA_GRAPH=0): $(tail -3 "$T/err")"
-[ "$(grep -c '"graph": true' "$T/gg.jsonl")" = 4 ] && ! grep -q '"graph"' "$T/gn.jsonl" && ok \
-  || bad "graph replays: $(grep -c '"graph": true' "$T/gg.jsonl") of steps 3-6 (want 4), none without"
-gstats() { sed -E 's/.*"loss": ([^,]*),.*"grad_norm": ([^,]*),.*/\1 \2/' "$1"; }
-[ -s "$T/gg.jsonl" ] && [ "$(gstats "$T/gg.jsonl")" = "$(gstats "$T/gn.jsonl")" ] && ok \
-  || bad "graph replays changed the losses / norms: $(paste <(gstats "$T/gg.jsonl") <(gstats "$T/gn.jsonl") | tr '\t\n' ' ;')"
 run 2 --ckpt "$T/init" --layout tp=2 --steps 4 --out "$T/gpu2" --log "$T/gpu2.jsonl" --backend cuda --comm mpi
 close "$T/gpu2.jsonl" "$T/cpu.jsonl" 1e-2
 run 2 --ckpt "$T/init" --layout dp=2,zero=3 --steps 4 --out "$T/gpu3" --log "$T/gpu3.jsonl" --backend cuda

@@ -49,10 +49,6 @@ void *cu_scratch(mps_cuda *c, int slot, size_t bytes)
         bytes = 1;
     if (c->scr_cap[slot] >= bytes)
         return c->scr[slot];
-    if (c->capturing) { /* (an allocation in a graph would live in the graph only) */
-        cu_fail(c, "scratch %d grows to %zu bytes while a graph is recorded", slot, bytes);
-        return NULL;
-    }
     /* stream-ordered: work queued before still sees the old buffer until it is done */
     if (c->scr[slot] && cu_check(c, cudaFreeAsync(c->scr[slot], c->stream), "scratch free") != 0)
         return NULL;
@@ -190,78 +186,6 @@ static int cuda_sync(void *ctx, mps_err *err)
     return failed ? -1 : 0;
 }
 
-/* the recorded error, if any, as err (and cleared): -1, else 0 */
-static int take_error(mps_cuda *c, const char *what, mps_err *err)
-{
-    pthread_mutex_lock(&c->err_mu);
-    const int failed = c->failed;
-    if (failed) {
-        mps_fail(err, MPS_EFAIL, "CUDA: %s%s", what, c->msg);
-        c->failed = 0;
-        c->msg[0] = '\0';
-    }
-    pthread_mutex_unlock(&c->err_mu);
-    return failed ? -1 : 0;
-}
-
-/* ---- graphs (backend.h graph_*): one micro-batch's forward and backward recorded on the stream
- * (and the side stream it forks to), then replayed by one launch */
-
-static void cuda_graph_drop(void *ctx)
-{
-    mps_cuda *c = (mps_cuda *)ctx;
-    if (c->graph_exec)
-        (void)cudaGraphExecDestroy(c->graph_exec);
-    c->graph_exec = NULL;
-}
-
-static int cuda_graph_begin(void *ctx, mps_err *err)
-{
-    mps_cuda *c = (mps_cuda *)ctx;
-    cuda_graph_drop(c);
-    /* thread-local: the save thread's copies may go on meanwhile */
-    if (cu_check(c, cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal), "graph capture") != 0)
-        return take_error(c, "", err);
-    c->capturing = 1;
-    cu_check(c, cudaMemsetAsync(c->loss_dev, 0, sizeof(double), c->stream), "graph capture"); /* (recorded) */
-    return 0;
-}
-
-static int cuda_graph_end(void *ctx, mps_err *err)
-{
-    mps_cuda *c = (mps_cuda *)ctx;
-    cudaGraph_t g = NULL;
-    const cudaError_t rc = cudaStreamEndCapture(c->stream, &g);
-    c->capturing = 0;
-    (void)cudaGetLastError(); /* a capture error is reported below, not left for the next check */
-    if (take_error(c, "recording a graph: ", err) != 0 || rc != cudaSuccess || !g) {
-        if (g)
-            (void)cudaGraphDestroy(g);
-        if (rc != cudaSuccess && err->code == MPS_OK)
-            mps_fail(err, MPS_EFAIL, "CUDA: recording a graph: %s", cudaGetErrorString(rc));
-        return -1;
-    }
-    const cudaError_t ri = cudaGraphInstantiate(&c->graph_exec, g, 0);
-    (void)cudaGraphDestroy(g);
-    if (ri != cudaSuccess) {
-        (void)cudaGetLastError();
-        c->graph_exec = NULL;
-        return mps_fail(err, MPS_EFAIL, "CUDA: instantiating a graph: %s", cudaGetErrorString(ri));
-    }
-    return 0;
-}
-
-static int cuda_graph_run(void *ctx, double *loss, mps_err *err)
-{
-    mps_cuda *c = (mps_cuda *)ctx;
-    *loss = NAN;
-    if (!c->graph_exec)
-        return mps_fail(err, MPS_EFAIL, "CUDA: no graph recorded");
-    if (cu_check(c, cudaGraphLaunch(c->graph_exec, c->stream), "graph launch") == 0)
-        cu_check(c, cudaMemcpyAsync(loss, c->loss_dev, sizeof *loss, cudaMemcpyDeviceToHost, c->stream), "graph loss");
-    return cuda_sync(c, err);
-}
-
 static void cuda_destroy(void *ctx)
 {
     mps_cuda *c = (mps_cuda *)ctx;
@@ -284,10 +208,6 @@ static void cuda_destroy(void *ctx)
         (void)cublasDestroy(c->blas);
     if (c->workspace)
         (void)cudaFree(c->workspace);
-    if (c->graph_exec)
-        (void)cudaGraphExecDestroy(c->graph_exec);
-    if (c->loss_dev)
-        (void)cudaFree(c->loss_dev);
     if (c->pool)
         (void)cudaMemPoolDestroy(c->pool);
     if (c->stream)
@@ -341,7 +261,6 @@ static int setup(mps_cuda *c, mps_err *err)
     uint64_t keep = UINT64_MAX;
     TRY(cudaMemPoolSetAttribute(c->pool, cudaMemPoolAttrReleaseThreshold, &keep));
     TRY(cudaMalloc(&c->workspace, MPS_CUDA_WORKSPACE));
-    TRY(cudaMalloc(&c->loss_dev, sizeof(double)));
     TRY(cudaMallocFromPoolAsync((void **)&c->dres, 1040 * sizeof(double), c->pool, c->stream));
     TRY_BLAS(cublasCreate(&c->blas));
     TRY_BLAS(cublasSetStream(c->blas, c->stream));
@@ -426,14 +345,6 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     b.xent_loss_sum = cu_xent_loss_sum;
     b.adamw_many = cu_adamw_many;
     b.sumsq_many = cu_sumsq_many;
-    /* MPS_CUDA_GRAPH=0: no graphs (the engine then launches every kernel itself) */
-    const char *gr = getenv("MPS_CUDA_GRAPH");
-    if (!(gr && strcmp(gr, "0") == 0)) {
-        b.graph_begin = cuda_graph_begin;
-        b.graph_end = cuda_graph_end;
-        b.graph_run = cuda_graph_run;
-        b.graph_drop = cuda_graph_drop;
-    }
     b.destroy = cuda_destroy;
     *out = b;
     return 0;

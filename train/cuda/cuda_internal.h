@@ -101,11 +101,6 @@ typedef struct {
     cudaStream_t stream;
     cudaStream_t side;   /* a second stream (NULL: none), joined back before the call that forked it returns */
     cudaEvent_t ev_fork, ev_join;
-    /* graph_begin .. graph_end (backend_cuda.cu): capturing into graph, then its executable; the
-     * loss sum of the captured xent_loss_sum goes to loss_dev */
-    int capturing;
-    cudaGraphExec_t graph_exec;
-    double *loss_dev;
     cudaMemPool_t pool;  /* every alloc/release is stream-ordered from this pool: no device-wide sync */
     cublasHandle_t blas;
     cublasLtHandle_t lt;

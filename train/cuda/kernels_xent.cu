@@ -191,11 +191,6 @@ double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0)
         return 0.0;
-    if (c->capturing) { /* recorded into a graph: the sum stays on the device (graph_run fetches it) */
-        k_loss_sum<<<1, 1024, 0, c->stream>>>(c->loss_dev, gmax, sumexp, tlogit, N);
-        cu_launched(c, "xent_loss_sum");
-        return 0.0;
-    }
     pthread_mutex_lock(&c->res_mu);
     k_loss_sum<<<1, 1024, 0, c->stream>>>(c->dres + SQ_MAX_BLOCKS, gmax, sumexp, tlogit, N);
     double r = fetch_result(c, "xent_loss_sum");
