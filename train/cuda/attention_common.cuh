@@ -1,8 +1,9 @@
 /* Pieces shared by the head-size-64 attention kernels of attention_fast.cu (mma.sync) and
  * attention_wgmma.cu (wgmma): asynchronous copies, fragment packing, quad reductions, and the
- * launches, which are the same for both (same kernel signatures; the backward's dQ kernel first,
- * since it also writes D = rowsum(dout * out), which the dK/dV kernel reads). Everything is in an
- * anonymous namespace: each file has its own copy. */
+ * launches: the forward's for both, the backward's for mma.sync (its dQ kernel first, since it
+ * also writes D = rowsum(dout * out), which the dK/dV kernel reads; the wgmma backward has D in a
+ * kernel of its own and runs dQ and dK/dV side by side). Everything is in an anonymous namespace:
+ * each file has its own copy. */
 #ifndef MPS_ATTENTION_COMMON_CUH
 #define MPS_ATTENTION_COMMON_CUH
 
@@ -83,11 +84,10 @@ __device__ __forceinline__ float half_warp_sum(float d)
 /* ---- launches: grid (B * H, row blocks); scores in log2 units (sl2 = scale * log2 e) */
 
 typedef void (*att_fwd_kernel)(bf16 *out, float *lse, const bf16 *qkv, int T, int H, float sl2);
-/* colpart (may be NULL): the column sums of dqkv per block of rows, (B, row blocks, 3 H 64) */
 typedef void (*att_dq_kernel)(bf16 *dqkv, float *Dv, const bf16 *dout, const bf16 *out, const bf16 *qkv,
-                              const float *lse, int T, int H, float scale, float sl2, float *colpart);
+                              const float *lse, int T, int H, float scale, float sl2);
 typedef void (*att_dkv_kernel)(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *Dv,
-                               int T, int H, float scale, float sl2, float *colpart);
+                               int T, int H, float scale, float sl2);
 
 inline int att_smem(mps_cuda *c, const void *kernel, size_t smem, const char *what)
 {
@@ -116,8 +116,7 @@ inline int att_launch_fwd(mps_cuda *c, att_fwd_kernel k, size_t smem, int thread
 
 inline int att_launch_bwd(mps_cuda *c, att_dq_kernel kq, size_t smq, att_dkv_kernel kkv, size_t smkv, int threads,
                           int rows, const char *what_dq, const char *what_dkv, act_t *dqkv, const act_t *dout,
-                          const act_t *qkv, const act_t *out, const float *lse, float *Dv, int B, int T, int H,
-                          float *colpart)
+                          const act_t *qkv, const act_t *out, const float *lse, float *Dv, int B, int T, int H)
 {
     const int nb = (T + rows - 1) / rows;
     if (nb > 65535)
@@ -126,12 +125,12 @@ inline int att_launch_bwd(mps_cuda *c, att_dq_kernel kq, size_t smq, att_dkv_ker
     const dim3 grid((unsigned)(B * H), (unsigned)nb);
     if (att_smem(c, (const void *)kq, smq, what_dq) != 0)
         return 0;
-    kq<<<grid, threads, smq, c->stream>>>(dqkv, Dv, dout, out, qkv, lse, T, H, scale, sl2, colpart);
+    kq<<<grid, threads, smq, c->stream>>>(dqkv, Dv, dout, out, qkv, lse, T, H, scale, sl2);
     if (cu_launched(c, what_dq) != 0)
         return 0;
     if (att_smem(c, (const void *)kkv, smkv, what_dkv) != 0)
         return 0;
-    kkv<<<grid, threads, smkv, c->stream>>>(dqkv, dout, qkv, lse, Dv, T, H, scale, sl2, colpart);
+    kkv<<<grid, threads, smkv, c->stream>>>(dqkv, dout, qkv, lse, Dv, T, H, scale, sl2);
     cu_launched(c, what_dkv);
     return 0;
 }

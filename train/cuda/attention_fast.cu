@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
  * and dO fragments are re-read from shared memory per k16 step to stay within 255 registers. */
 __global__ void __launch_bounds__(FTHREADS, 2)
     k_fa_dq(bf16 *dqkv, float *Dv, const bf16 *dout, const bf16 *out, const bf16 *qkv, const float *lse, int T,
-             int H, float scale, float sl2, float * /* colpart: not written here */)
+             int H, float scale, float sl2)
 {
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16 *Qs = reinterpret_cast<bf16 *>(fa_smem); /* [128][FLD] */
@@ -494,7 +494,7 @@ __global__ void __launch_bounds__(FTHREADS, 2)
  * over the 16-query groups is not unrolled: unrolled it spills. */
 __global__ void __launch_bounds__(FTHREADS, 2)
     k_fa_dkv(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *Dv, int T, int H,
-              float scale, float sl2, float * /* colpart: not written here */)
+              float scale, float sl2)
 {
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16 *Ks = reinterpret_cast<bf16 *>(fa_smem);             /* [128][FLD] */
@@ -677,5 +677,5 @@ int cu_attention_bwd_fast(mps_cuda *c, act_t *dqkv, const act_t *dout, const act
     if (c->wgmma)
         return cu_attention_bwd_wgmma(c, dqkv, dout, qkv, out, lse, Dv, B, T, H, colpart) == 0 && colpart ? 1 : 0;
     return att_launch_bwd(c, k_fa_dq, FSM_DQ, k_fa_dkv, FSM_DKV, FTHREADS, FROWS, "attention_bwd (fast dq)",
-                          "attention_bwd (fast dk, dv)", dqkv, dout, qkv, out, lse, Dv, B, T, H, NULL);
+                          "attention_bwd (fast dk, dv)", dqkv, dout, qkv, out, lse, Dv, B, T, H);
 }

@@ -389,16 +389,16 @@ __global__ void __launch_bounds__(NTHREADS, 5)
 
 /* --------------------------------------------------------------- backward: dQ */
 
-/* grid (B * H, query blocks of 64), the longest first. D = rowsum(dout * out) of the block's rows
- * first (also written to Dv for k_wg_dkv, which runs after this kernel); then per key tile: S = Q
- * K^T, dP = dO V^T, P = exp(S - lse), dS = P (dP - D), dQ += dS K; at the end dq = scale dQ. */
 /* D = dout . out of 64 rows per block (grid as k_wg_dq's, in row order), a half-warp per row (4
- * elements a lane, a fixed butterfly): written to Dv (B, H, T) before k_wg_dq<true> and k_wg_dkv,
- * which then run side by side */
-#if MPS_WGMMA
-__device__ __forceinline__ void rows_D(float *Dsm, float *Dv, const bf16 *gb, const bf16 *ob, int64_t Cl, int q0,
-                                       int T, int64_t bh)
+ * elements a lane, a fixed butterfly): written to Dv (B, H, T) before k_wg_dq and k_wg_dkv, which
+ * then run side by side */
+__global__ void __launch_bounds__(NTHREADS) k_wg_D(float *Dv, const bf16 *dout, const bf16 *out, int T, int H)
 {
+#if MPS_WGMMA
+    const int bh = blockIdx.x, b = bh / H, h = bh % H, q0 = blockIdx.y * ROWS;
+    const int64_t Cl = (int64_t)H * HD;
+    const int64_t off = (int64_t)b * T * Cl + (int64_t)h * HD;
+    const bf16 *gb = dout + off, *ob = out + off;
 #pragma unroll
     for (int i = 0; i < ROWS / 8; i++) {
         const int r = (threadIdx.x >> 4) + 8 * i, t = q0 + r, c4 = threadIdx.x & 15;
@@ -406,31 +406,18 @@ __device__ __forceinline__ void rows_D(float *Dsm, float *Dv, const bf16 *gb, co
         if (t < T)
             d = dot4(ld4g(gb + (int64_t)t * Cl + 4 * c4), ld4g(ob + (int64_t)t * Cl + 4 * c4));
         d = half_warp_sum(d);
-        if (c4 == 0) {
-            if (Dsm)
-                Dsm[r] = d;
-            if (t < T)
-                Dv[bh * T + t] = d;
-        }
+        if (c4 == 0 && t < T)
+            Dv[(int64_t)bh * T + t] = d;
     }
-}
-#endif
-
-__global__ void __launch_bounds__(NTHREADS) k_wg_D(float *Dv, const bf16 *dout, const bf16 *out, int T, int H)
-{
-#if MPS_WGMMA
-    const int bh = blockIdx.x, b = bh / H, h = bh % H;
-    const int64_t Cl = (int64_t)H * HD;
-    const int64_t off = (int64_t)b * T * Cl + (int64_t)h * HD;
-    rows_D(NULL, Dv, dout + off, out + off, Cl, blockIdx.y * ROWS, T, bh);
 #endif
 }
 
-/* D_READY: Dv holds D already (k_wg_D), read instead of computed */
-template <bool D_READY>
+/* grid (B * H, query blocks of 64), the longest first. D of the block's rows from Dv (k_wg_D); then
+ * per key tile: S = Q K^T, dP = dO V^T, P = exp(S - lse), dS = P (dP - D), dQ += dS K; at the end
+ * dq = scale dQ, and with colpart the block's column sums of dq. */
 __global__ void __launch_bounds__(NTHREADS, 4)
-    k_wg_dq(bf16 *dqkv, float *Dv, const bf16 *dout, const bf16 *out, const bf16 *qkv, const float *lse, int T,
-            int H, float scale, float sl2, float *colpart)
+    k_wg_dq(bf16 *dqkv, const float *Dv, const bf16 *dout, const bf16 *qkv, const float *lse, int T, int H,
+            float scale, float sl2, float *colpart)
 {
 #if MPS_WGMMA
     extern __shared__ __align__(16) unsigned char wg_smem[];
@@ -443,7 +430,6 @@ __global__ void __launch_bounds__(NTHREADS, 4)
     const int64_t Cl = (int64_t)H * HD, ld = 3 * Cl;
     const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * HD, *kb = qb + Cl, *vb = qb + 2 * Cl;
     const bf16 *gb = dout + (int64_t)b * T * Cl + (int64_t)h * HD;
-    const bf16 *ob = out + (int64_t)b * T * Cl + (int64_t)h * HD;
     const int nkt = (min(q0 + ROWS, T) + TILE - 1) / TILE;
     const int r0 = q0 + 16 * w;
 
@@ -452,12 +438,8 @@ __global__ void __launch_bounds__(NTHREADS, 4)
     tile_load<TILE>(Ks, kb, ld, 0, T);
     tile_load<TILE>(Vs, vb, ld, 0, T);
     cp_async_commit();
-    if (D_READY) {
-        if (threadIdx.x < ROWS)
-            Dsm[threadIdx.x] = q0 + (int)threadIdx.x < T ? Dv[(int64_t)bh * T + q0 + threadIdx.x] : 0.0f;
-    } else {
-        rows_D(Dsm, Dv, gb, ob, Cl, q0, T, bh);
-    }
+    if (threadIdx.x < ROWS)
+        Dsm[threadIdx.x] = q0 + (int)threadIdx.x < T ? Dv[(int64_t)bh * T + q0 + threadIdx.x] : 0.0f;
     /* lse (log2 units) of rows r0 + g (+ 8); 0 past T, where Q and dO are zero rows: dS = 0 */
     float Lr[2], Dr[2];
 #pragma unroll
@@ -684,20 +666,16 @@ int cu_attention_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *qkv
 }
 
 /* D first (k_wg_D), then the dK/dV kernel on the side stream beside the dQ kernel, so that each
- * fills the other's tail (their blocks run from the longest to the shortest); without a side
- * stream, as the mma.sync kernels: the dQ kernel computes D, then dK/dV */
+ * fills the other's tail (their blocks run from the longest to the shortest) */
 int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
                            const float *lse, float *Dv, int B, int T, int H, float *colpart)
 {
-    if (!c->side)
-        return att_launch_bwd(c, k_wg_dq<false>, SM_DQ, k_wg_dkv, SM_DKV, NTHREADS, ROWS, "attention_bwd (wgmma dq)",
-                              "attention_bwd (wgmma dk, dv)", dqkv, dout, qkv, out, lse, Dv, B, T, H, colpart);
     const int nb = (T + ROWS - 1) / ROWS;
     if (nb > 65535)
         return -1;
     const float scale = 1.0f / sqrtf(64.0f), sl2 = scale * 1.4426950408889634f;
     const dim3 grid((unsigned)(B * H), (unsigned)nb);
-    if (att_smem(c, (const void *)k_wg_dq<true>, SM_DQ, "attention_bwd (wgmma dq)") != 0 ||
+    if (att_smem(c, (const void *)k_wg_dq, SM_DQ, "attention_bwd (wgmma dq)") != 0 ||
         att_smem(c, (const void *)k_wg_dkv, SM_DKV, "attention_bwd (wgmma dk, dv)") != 0)
         return 0;
     k_wg_D<<<grid, NTHREADS, 0, c->stream>>>(Dv, dout, out, T, H);
@@ -707,7 +685,7 @@ int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const ac
         return 0;
     k_wg_dkv<<<grid, NTHREADS, SM_DKV, c->side>>>(dqkv, dout, qkv, lse, Dv, T, H, scale, sl2, colpart);
     if (cu_launched(c, "attention_bwd (wgmma dk, dv)") == 0) {
-        k_wg_dq<true><<<grid, NTHREADS, SM_DQ, c->stream>>>(dqkv, Dv, dout, out, qkv, lse, T, H, scale, sl2, colpart);
+        k_wg_dq<<<grid, NTHREADS, SM_DQ, c->stream>>>(dqkv, Dv, dout, qkv, lse, T, H, scale, sl2, colpart);
         cu_launched(c, "attention_bwd (wgmma dq)");
     }
     /* the join (also after a failed launch: nothing may stay queued on the side stream unseen) */

@@ -99,7 +99,7 @@ typedef struct {
     char tune_path[1024]; /* the tuning cache file, "" for none */
     char tune_machine[320]; /* card/SMs/cuBLASLt version: the first part of every cache key */
     cudaStream_t stream;
-    cudaStream_t side;   /* a second stream (NULL: none), joined back before the call that forked it returns */
+    cudaStream_t side;   /* a second stream, joined back before the call that forked it returns */
     cudaEvent_t ev_fork, ev_join;
     cudaMemPool_t pool;  /* every alloc/release is stream-ordered from this pool: no device-wide sync */
     cublasHandle_t blas;
