@@ -318,6 +318,26 @@ __device__ __forceinline__ void load_cols(const float *p, float *v)
     }
 }
 
+/* The block's 8 row lanes' sums s (thread (tx, ty): columns col .. col + V - 1) added in ty order
+ * into d[col ..] (+= when add, else =); every thread calls it (barrier) */
+template <int V>
+__device__ __forceinline__ void colsum_flush(float (&sh)[V][CS_TY][CS_TX + 1], const float (&s)[V], float *d,
+                                             int col, int C, bool add)
+{
+#pragma unroll
+    for (int v = 0; v < V; v++)
+        sh[v][threadIdx.y][threadIdx.x] = s[v];
+    __syncthreads();
+    if (threadIdx.y == 0 && col < C)
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+            float t = 0.0f;
+            for (int q = 0; q < CS_TY; q++)
+                t += sh[v][q][threadIdx.x];
+            d[col + v] = add ? d[col + v] + t : t;
+        }
+}
+
 /* Column sums of rows [y R, (y + 1) R) of the arrays (y = blockIdx.y), V adjacent columns per
  * thread (V = 8 bf16 or 4 fp32: one 16-byte load per row, so a warp has 512 bytes of a row in one
  * instruction and four rows in flight; C a multiple of V, src 16-byte aligned). Thread (tx, ty)
@@ -346,21 +366,8 @@ __global__ void k_colsum(ColSums<T> a, int64_t rows, int C, int64_t R)
             for (int v = 0; v < V; v++)
                 s[v] += f[v];
         }
-#pragma unroll
-    for (int v = 0; v < V; v++)
-        sh[v][threadIdx.y][threadIdx.x] = s[v];
-    __syncthreads();
     float *part = a.part[k];
-    float *d = part ? part + (int64_t)blockIdx.y * C : a.dst[k];
-    const bool add = !part && a.acc[k];
-    if (threadIdx.y == 0 && col < C)
-#pragma unroll
-        for (int v = 0; v < V; v++) {
-            float t = 0.0f;
-            for (int q = 0; q < CS_TY; q++)
-                t += sh[v][q][threadIdx.x];
-            d[col + v] = add ? d[col + v] + t : t;
-        }
+    colsum_flush<V>(sh, s, part ? part + (int64_t)blockIdx.y * C : a.dst[k], col, C, !part && a.acc[k]);
     if (!part)
         return;
     /* the chunk sums of this column range are out: the last block to get here adds them up */
@@ -384,21 +391,7 @@ __global__ void k_colsum(ColSums<T> a, int64_t rows, int C, int64_t R)
 #pragma unroll
             for (int v = 0; v < V; v++)
                 s[v] += __ldcg(part + (int64_t)y * C + col + v); /* (L2: written by other blocks) */
-    __syncthreads();
-#pragma unroll
-    for (int v = 0; v < V; v++)
-        sh[v][threadIdx.y][threadIdx.x] = s[v];
-    __syncthreads();
-    if (threadIdx.y == 0 && col < C) {
-        float *dst = a.dst[k];
-#pragma unroll
-        for (int v = 0; v < V; v++) {
-            float t = 0.0f;
-            for (int q = 0; q < CS_TY; q++)
-                t += sh[v][q][threadIdx.x];
-            dst[col + v] = a.acc[k] ? dst[col + v] + t : t;
-        }
-    }
+    colsum_flush<V>(sh, s, a.dst[k], col, C, a.acc[k]); /* (sh is free: the barriers above) */
 }
 
 /* the zeroed counters of the last-block sums, at least count of them */
