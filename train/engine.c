@@ -163,7 +163,6 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     e->sum_started = calloc((size_t)e->ntensors, 1);
     e->scatter_tmp = calloc((size_t)e->ntensors, sizeof *e->scatter_tmp);
     /* ZeRO-0 sums and ZeRO-1 reduce-scatters run under the step's last backward pass */
-    e->dw_keep = L->zero == 0; /* (ZeRO >= 1 reduces the full gradients into others and zeroes them) */
     e->overlap_dp = !o->reduce_after_backward && L->dp > 1 && comm->can_start && comm->finish_started &&
                     ((L->zero == 0 && comm->allreduce_sum_many) || (L->zero == 1 && comm->reduce_scatter_many));
     /* ZeRO-2/3 reduce-scatter each layer's gradients during every micro-batch's backward and free
@@ -475,7 +474,7 @@ static int backward_mb(mps_engine *e, int mb, mps_err *err)
     mps_mb_slot *s = &e->slots[mb % e->nslots];
     int64_t n = (int64_t)e->N * e->C;
     e->last_backward = mb == e->accum - 1; /* the gradients are final layer by layer */
-    e->dw_set = e->dw_keep && mb == 0;      /* the step's first backward overwrites the weights' */
+    e->dw_set = e->L.zero == 0 && mb == 0;  /* the step's first backward overwrites the weights' */
     if (!e->is_last) {
         s->dx_ready = MPS_DX_NONE;
         if (e->comm->recv(e->comm->ctx, stage_rank(e, e->me.pp + 1), s->dx, n, TAG_BWD(mb), err) != 0)
@@ -604,7 +603,7 @@ static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scal
             .m = p->m, .v = p->v, .n = on,
             .weight_decay = p->decay ? e->o.weight_decay : 0.0f,
             .read_by_products = e->L.zero < 3 && on == p->box_n, /* the whole box, where the products read it */
-            .keep_grad = e->dw_keep && is_matmul_weight(t),
+            .keep_grad = e->L.zero == 0 && is_matmul_weight(t),
         };
     }
     const mps_adamw_step st = {.lr = lr, .beta1 = e->o.beta1, .beta2 = e->o.beta2, .eps = e->o.eps, .t = step + 1,

@@ -92,9 +92,10 @@ struct mps_engine {
      * that can start collectives), in the step's last backward pass, per tensor whether its sum
      * or reduce-scatter has started this step, and ZeRO >= 1's reduce-scatter temporaries */
     int overlap_dp, last_backward;
-    /* ZeRO-0: AdamW leaves the four matmul weights' gradients unzeroed (keep_grad) and the step's
-     * first backward overwrites them (matmul_bwd's dw_set), which is set for that backward only */
-    int dw_keep, dw_set;
+    /* ZeRO-0 (ZeRO >= 1 reduces the full gradients into others and zeroes them): AdamW leaves the
+     * four matmul weights' gradients unzeroed (keep_grad) and the step's first backward overwrites
+     * them (matmul_bwd's dw_set), which is set for that backward only */
+    int dw_set;
     int evaluating;          /* mps_engine_eval: forward passes only, the loss and nothing else */
     int scatter_each_layer; /* ZeRO-2/3: reduce-scatters layer by layer in every micro-batch */
     unsigned char *sum_started;

@@ -496,10 +496,9 @@ void cu_attention_bwd(void *ctx, void *dqkv_act, const void *dout_act, const voi
     /* the fast kernels compute D themselves */
     if (c->attn_mode == MPS_ATTN_FAST || c->attn_mode == MPS_ATTN_MMA) {
         const int64_t blocks = (int64_t)B * ((T + 63) / 64);
-        float *colpart = dbias && c->wgmma && hs == 64
-                             ? (float *)cu_scratch(c, SCR_ATT_COLS, (size_t)blocks * 3 * H * hs * sizeof(float))
-                             : NULL; // (B, T / 64, 3 H hs)
-        if (dbias && c->wgmma && hs == 64 && !colpart)
+        float *colpart = NULL; // (B, T / 64, 3 H hs)
+        if (dbias && c->wgmma && hs == 64 &&
+            !(colpart = (float *)cu_scratch(c, SCR_ATT_COLS, (size_t)blocks * 3 * H * hs * sizeof(float))))
             return;
         const int r = cu_attention_bwd_fast(c, (act_t *)dqkv_act, (const act_t *)dout_act, (const act_t *)qkv_act,
                                             (const act_t *)out_act, lse, Dv, B, T, H, hs, colpart);

@@ -19,7 +19,6 @@
  * cuBLASLt offers no algorithm, cublasGemmEx runs the same product. Both are deterministic for a
  * given shape (no atomics; split-K reductions run in a fixed order). */
 #include <limits.h>
-#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
