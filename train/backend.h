@@ -128,6 +128,11 @@ typedef struct mps_backend {
      * the logits buffer itself (element-wise in place) */
     void (*xent_bwd)(void *ctx, void *dlogits_act, const void *logits_act, const int32_t *targets, const float *gmax,
                      const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
+    /* xent_stats, then xent_bwd in place (dlogits over the logits) with gmax = rowmax and gsumexp =
+     * sumexp, for a rank whose statistics are the row's own (the vocab not split over TP): the
+     * same results, and a GPU reads the logits once instead of twice */
+    void (*xent_stats_bwd)(void *ctx, float *rowmax, float *sumexp, float *tlogit, void *logits_act,
+                           const int32_t *targets, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
     /* host result: sum over rows of log(sumexp) + gmax - tlogit */
     double (*xent_loss_sum)(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
     /* AdamW over count tensors at once (one launch on a GPU instead of one per tensor) on grad *

@@ -165,6 +165,12 @@ static void xent_bwd(void *c, void *dlogits, const void *logits, const int32_t *
     (void)c;
     op_xent_bwd(dlogits, logits, targets, gmax, gsumexp, s, N, Vl, v0, V);
 }
+static void xent_stats_bwd(void *c, float *rowmax, float *sumexp, float *tlogit, void *logits,
+                           const int32_t *targets, float s, int64_t N, int64_t Vl, int64_t v0, int64_t V)
+{
+    xent_stats(c, rowmax, sumexp, tlogit, logits, targets, N, Vl, v0, V);
+    xent_bwd(c, logits, logits, targets, rowmax, sumexp, s, N, Vl, v0, V);
+}
 static double xent_loss_sum(void *c, const float *gmax, const float *sumexp, const float *tlogit, int64_t N)
 {
     (void)c;
@@ -207,7 +213,8 @@ void mps_backend_cpu(mps_backend *out)
         .matmul_dgelu_bwd = mm_dgelu_bwd,
         .residual_bias = residual_bias, .bias_grad = bias_grad, .add = add, .accumulate = accumulate,
         .xent_stats = xent_stats, .xent_rescale = xent_rescale, .act_bytes = sizeof(float),
-        .xent_bwd = xent_bwd, .xent_loss_sum = xent_loss_sum, .adamw_many = adamw_many, .sumsq_many = sumsq_many,
+        .xent_bwd = xent_bwd, .xent_stats_bwd = xent_stats_bwd, .xent_loss_sum = xent_loss_sum,
+        .adamw_many = adamw_many, .sumsq_many = sumsq_many,
         .destroy = cpu_destroy,
     };
 }

@@ -456,6 +456,7 @@ static int forward_mb(mps_engine *e, int mb, mps_err *err)
     mps_mb_slot *s = &e->slots[mb % e->nslots];
     if (load_batch(e, s, mb, err) != 0)
         return -1;
+    e->dw_set = e->L.zero == 0 && mb == 0; /* the head's product, the step's first into wte's gradient */
     int64_t n = (int64_t)e->N * e->C;
     if (!e->is_first && e->comm->recv(e->comm->ctx, stage_rank(e, e->me.pp - 1), s->layers[0].x_in, n, TAG_FWD(mb),
                                       err) != 0)
@@ -583,9 +584,10 @@ static int is_matmul_weight(int t)
     return slot == MPS_SLOT_QKVW || slot == MPS_SLOT_ATTPROJW || slot == MPS_SLOT_FCW || slot == MPS_SLOT_FCPROJW;
 }
 
-/* AdamW over every held tensor in one backend call (which zeroes the gradients but those of the
- * matmul weights at ZeRO-0: the next step's first backward overwrites them), then at ZeRO-1/2
- * the updated partitions are gathered back into each replica's full copy. */
+/* AdamW over every held tensor in one backend call (which zeroes the gradients but, at ZeRO-0,
+ * those of the matmul weights and of the last stage's wte: the next step's first product into each
+ * overwrites it, for wte the head's, which comes before the embedding's backward), then at
+ * ZeRO-1/2 the updated partitions are gathered back into each replica's full copy. */
 static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scale, mps_err *err)
 {
     mps_adamw_job *jobs = malloc(sizeof *jobs * (size_t)(e->ntensors > 0 ? e->ntensors : 1));
@@ -603,7 +605,7 @@ static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scal
             .m = p->m, .v = p->v, .n = on,
             .weight_decay = p->decay ? e->o.weight_decay : 0.0f,
             .read_by_products = e->L.zero < 3 && on == p->box_n, /* the whole box, where the products read it */
-            .keep_grad = e->L.zero == 0 && is_matmul_weight(t),
+            .keep_grad = e->L.zero == 0 && (is_matmul_weight(t) || (t == MPS_TENSOR_WTE && e->is_last)),
         };
     }
     const mps_adamw_step st = {.lr = lr, .beta1 = e->o.beta1, .beta2 = e->o.beta2, .eps = e->o.eps, .t = step + 1,

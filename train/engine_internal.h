@@ -93,8 +93,10 @@ struct mps_engine {
      * or reduce-scatter has started this step, and ZeRO >= 1's reduce-scatter temporaries */
     int overlap_dp, last_backward;
     /* ZeRO-0 (ZeRO >= 1 reduces the full gradients into others and zeroes them): AdamW leaves the
-     * four matmul weights' gradients unzeroed (keep_grad) and the step's first backward overwrites
-     * them (matmul_bwd's dw_set), which is set for that backward only */
+     * four matmul weights' gradients unzeroed (keep_grad), and the last stage's wte's, and the
+     * step's first backward (the first micro-batch's head product for wte) overwrites them
+     * (matmul_bwd's dw_set): set by forward_mb for the head and by backward_mb for the layers, in
+     * the first micro-batch only */
     int dw_set;
     int evaluating;          /* mps_engine_eval: forward passes only, the loss and nothing else */
     int scatter_each_layer; /* ZeRO-2/3: reduce-scatters layer by layer in every micro-batch */

@@ -220,11 +220,21 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     float *rowmax = e->scratch_b + 2 * N, *sumexp = e->scratch_b + 3 * N, *tlogit = e->scratch_b + 4 * N;
     float *gmax = e->scratch_b + 5 * N;
     float *dxf = e->scratch_b + 6 * N; /* (N, C) */
+    const float scale = 1.0f / ((float)e->o.global_batch * (float)e->T);
+    /* the vocab whole on this rank (and a backward to come): the statistics are final, and dlogits
+     * comes from the same pass over the logits, in place */
+    const int stats_bwd = e->L.tp == 1 && !e->evaluating;
+    void *dlogits = e->logits;
     if (rc == 0) {
         e->be->layernorm_fwd(e->be->ctx, xf, mean, rstd, x, lnfw, lnfb, N, C);
         e->be->matmul_fwd_act(e->be->ctx, e->logits, xf, wte, NULL, N, C, (int)e->Vl);
-        /* one pass over the logits: local max, sumexp relative to it, target logit */
-        e->be->xent_stats(e->be->ctx, rowmax, sumexp, tlogit, e->logits, s->targets, N, e->Vl, e->v0, e->cfg.vocab);
+        /* one pass over the logits: local max, sumexp relative to it, target logit (and dlogits) */
+        if (stats_bwd)
+            e->be->xent_stats_bwd(e->be->ctx, rowmax, sumexp, tlogit, dlogits, s->targets, scale, N, e->Vl, e->v0,
+                                  e->cfg.vocab);
+        else
+            e->be->xent_stats(e->be->ctx, rowmax, sumexp, tlogit, e->logits, s->targets, N, e->Vl, e->v0,
+                              e->cfg.vocab);
         if (e->L.tp == 1) {
             gmax = rowmax;
         } else {
@@ -239,11 +249,13 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     if (rc == 0 && e->me.tp == 0)
         e->loss_sum += e->be->xent_loss_sum(e->be->ctx, gmax, sumexp, tlogit, N);
     if (rc == 0 && !e->evaluating) {
-        float scale = 1.0f / ((float)e->o.global_batch * (float)e->T);
-        void *dlogits = e->logits; /* in place */
-        e->be->xent_bwd(e->be->ctx, dlogits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
-                        e->cfg.vocab);
-        e->be->matmul_bwd(e->be->ctx, dxf, e->L.tp == 1, gwte, 0, NULL, dlogits, 1, xf, wte, N, C, (int)e->Vl);
+        if (!stats_bwd) /* in place */
+            e->be->xent_bwd(e->be->ctx, dlogits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
+                            e->cfg.vocab);
+        /* the step's first product into gwte overwrites it (e->dw_set: AdamW left it unzeroed); the
+         * embedding's backward adds after */
+        e->be->matmul_bwd(e->be->ctx, dxf, e->L.tp == 1, gwte, e->dw_set, NULL, dlogits, 1, xf, wte, N, C,
+                          (int)e->Vl);
         rc = tp_sum(e, dxf, N * C, err);
     }
     if (rc == 0 && !e->evaluating) {

@@ -222,8 +222,9 @@ static void cmp(const char *op, const char *what, const float *g, const float *c
     cmp_floor(op, what, g, c, n, tol, 0.0);
 }
 
-/* the two GPU runs of one output must be bit-identical */
-static void same(const char *op, const char *what, const float *a, const float *b, int64_t n)
+/* two GPU results of one output must be bit-identical: "between" names them in the message */
+static void identical(const char *op, const char *what, const float *a, const float *b, int64_t n,
+                      const char *between)
 {
     int64_t diff = 0, first = -1;
     for (int64_t i = 0; i < n; i++)
@@ -235,9 +236,14 @@ static void same(const char *op, const char *what, const float *a, const float *
     checks++;
     if (diff) {
         failures++;
-        printf("FAIL  %-34s %-7s NOT DETERMINISTIC: %lld of %lld elements differ between two runs (first %lld: %.9g vs %.9g)\n",
-               op, what, (long long)diff, (long long)n, (long long)first, a[first], b[first]);
+        printf("FAIL  %-34s %-7s %lld of %lld elements differ %s (first %lld: %.9g vs %.9g)\n", op, what,
+               (long long)diff, (long long)n, between, (long long)first, a[first], b[first]);
     }
+}
+/* the two GPU runs of one output */
+static void same(const char *op, const char *what, const float *a, const float *b, int64_t n)
+{
+    identical(op, what, a, b, n, "between two runs: NOT DETERMINISTIC");
 }
 
 /* Outputs of one test: the initial contents (random for += outputs), the CPU result, the device
@@ -853,6 +859,40 @@ static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
     GPU_TWICE(s, gpu.xent_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 0), tg_d, gmax.d, gsum.d, scale, N, Vl, v0, V));
     o_done(&s, TOL_EW);
 
+    /* the fused pass: against the CPU, and bit for bit against the two kernels above run the same
+     * way (statistics, then dlogits in place from the row's own max and sum) */
+    XOP("xent_stats_bwd");
+    rowmax = o_add(&s, "rowmax", N, NULL), sumexp = o_add(&s, "sumexp", N, NULL), tl = o_add(&s, "tlogit", N, NULL);
+    dl = o_add_act(&s, "dlogits", N * Vl);
+    memcpy(s.o[3].init, logits.h, sizeof(float) * (size_t)(N * Vl)); /* in place over the logits */
+    memcpy(dl, logits.h, sizeof(float) * (size_t)(N * Vl));
+    cpu.xent_stats_bwd(cpu.ctx, rowmax, sumexp, tl, dl, tg, scale, N, Vl, v0, V);
+    GPU_TWICE(s, gpu.xent_stats_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), o_dev(&s, 2), o_dev(&s, 3), tg_d, scale, N,
+                                    Vl, v0, V));
+    {
+        float *two_d[3], *two[4];
+        void *dl2_d = dalloc((size_t)(N * Vl) * (size_t)gpu.act_bytes);
+        act_put(dl2_d, logits.h, N * Vl);
+        for (int k = 0; k < 3; k++)
+            two_d[k] = dalloc(sizeof(float) * (size_t)N);
+        gpu.xent_stats(gpu.ctx, two_d[0], two_d[1], two_d[2], dl2_d, tg_d, N, Vl, v0, V);
+        gpu.xent_bwd(gpu.ctx, dl2_d, dl2_d, tg_d, two_d[0], two_d[1], scale, N, Vl, v0, V);
+        sync_ok(op);
+        for (int k = 0; k < 3; k++)
+            two[k] = dgetf(two_d[k], N);
+        two[3] = act_get(dl2_d, N * Vl);
+        for (int k = 0; k < 4; k++) {
+            identical(op, s.o[k].name, s.o[k].res[0], two[k], s.o[k].n, "from xent_stats + xent_bwd");
+            free(two[k]);
+        }
+        for (int k = 0; k < 3; k++)
+            dfree(two_d[k]);
+        dfree(dl2_d);
+    }
+    /* dlogits from the CPU's sumexp, summed in another order */
+    const double fused_tols[4] = {0.0, TOL_RED, 0.0, TOL_RED};
+    o_done_each(&s, 0, fused_tols);
+
     XOP("xent_loss_sum");
     double lc = cpu.xent_loss_sum(cpu.ctx, gmax.h, gsum.h, tlog.h, N);
     double lg1 = gpu.xent_loss_sum(gpu.ctx, gmax.d, gsum.d, tlog.d, N);
@@ -1184,6 +1224,8 @@ static void bench(mps_backend *bf16)
           gpu.xent_stats(gpu.ctx, mean, rstd, y, logits, tok, N, Vl, 0, 50257));
     BENCH(&gpu, "xent_bwd (N, 50304)", 0, 5,
           gpu.xent_bwd(gpu.ctx, dlogits, logits, tok, mean, rstd, 1e-5f, N, Vl, 0, 50257));
+    BENCH(&gpu, "xent_stats_bwd (N, 50304), in place", 0, 5,
+          gpu.xent_stats_bwd(gpu.ctx, mean, rstd, y, dlogits, tok, 1e-5f, N, Vl, 0, 50257));
     BENCH(&gpu, "matmul_bwd head dinp+dw", 4.0 * N * C * Vl, 3,
           gpu.matmul_bwd(gpu.ctx, y, 0, wte, 0, NULL, dlogits, 1, x, wte, N, C, (int)Vl));
     dfree(dlogits);
@@ -1436,6 +1478,9 @@ static void g_xent(void)
     test_xent(37, 500, 500, 990); /* second TP half: 490 real ids */
     test_xent(37, 998, 0, 998);   /* Vl % 4 != 0: scalar path */
     test_xent(5, 500, 1000, 990); /* no real id on this rank: rowmax -inf, sumexp 0 */
+    test_xent(5, 1024, 1024, 990); /* the same where xent_stats_bwd runs its fused kernel (Vl % 8 == 0) */
+    test_xent(300, 50304, 0, 50257); /* GPT-2's padded vocab: the fused kernel's grid loops over rows */
+    test_xent(3, 131072, 0, 131000); /* a row beyond a block's shared memory: the two kernels */
 }
 static void g_optim(void)
 {

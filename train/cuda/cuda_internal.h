@@ -157,6 +157,8 @@ void cu_xent_stats(void *ctx, float *rowmax, float *sumexp, float *tlogit, const
 void cu_xent_rescale(void *ctx, float *sumexp, const float *rowmax, const float *gmax, int64_t N);
 void cu_xent_bwd(void *ctx, void *dlogits, const void *logits, const int32_t *targets, const float *gmax,
                  const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
+void cu_xent_stats_bwd(void *ctx, float *rowmax, float *sumexp, float *tlogit, void *logits, const int32_t *targets,
+                       float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
 double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
 void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_adamw_step *step);
 double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int count);
