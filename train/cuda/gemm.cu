@@ -114,7 +114,6 @@ static int plan_build(mps_cuda *c, mps_gemm_plan *p, const char *what)
         epi = p->bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
     else if (p->epi == MPS_EPI_DGELU)
         epi = p->bias ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
-
     if (epi != CUBLASLT_EPILOGUE_DEFAULT)
         LT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
     if (p->bias) { /* the bias (or the bias gradient of DGELU_BGRAD): fp32, or bf16 where asked */

@@ -37,7 +37,8 @@ static void make_parents(const char *path)
 }
 
 /* the cache file: MPS_CUDA_GEMM_CACHE (a path, or "none" for no file), else
- * $XDG_CACHE_HOME/mpshard/, else $HOME/.cache/mpshard/; "" when there is none */
+ * $XDG_CACHE_HOME/mpshard/, else $HOME/.cache/mpshard/; "" when there is none. Its directories
+ * are made here, once. */
 void cu_tune_setup(mps_cuda *c)
 {
     c->tune_path[0] = 0;
@@ -51,6 +52,8 @@ void cu_tune_setup(mps_cuda *c)
         n = snprintf(c->tune_path, sizeof c->tune_path, "%s/.cache/mpshard/" TUNE_FILE, home);
     if (n < 0 || n >= (int)sizeof c->tune_path)
         c->tune_path[0] = 0;
+    if (c->tune_path[0])
+        make_parents(c->tune_path);
     /* the machine part of every key: card name (spaces to '_'), SMs, cuBLASLt version */
     cudaDeviceProp prop;
     if (cudaGetDeviceProperties(&prop, c->device) != cudaSuccess) {
@@ -159,7 +162,6 @@ void cu_plan_tune(mps_cuda *c, mps_gemm_plan *p, const char *what, const void *A
     tune_key(c, p, key);
     FILE *f = NULL;
     if (c->tune_path[0]) {
-        make_parents(c->tune_path);
         const int fd = open(c->tune_path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
         if (fd >= 0 && !(f = fdopen(fd, "a+")))
             close(fd);

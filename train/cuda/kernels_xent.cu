@@ -146,7 +146,10 @@ __global__ void __launch_bounds__(XE_STATS_THREADS) k_xent_stats(float *rowmax, 
     }
 }
 
-__device__ __forceinline__ float xent_d(float l, int64_t j, int64_t nr, int64_t tj, float m, float inv, float scale)
+/* one dlogit: element j of a row with nr real ids and target tj (I: int64_t, or int where a row fits
+ * in shared memory) */
+template <class I>
+__device__ __forceinline__ float xent_d(float l, I j, I nr, I tj, float m, float inv, float scale)
 {
     if (j >= nr)
         return 0.0f;
@@ -220,7 +223,7 @@ __global__ void __launch_bounds__(XE_LANES, 2) k_xent_stats_bwd(float *rowmax, f
             row_inv = 1.0f / t.s;
         }
         __syncthreads();
-        /* xent_d's arithmetic with 32-bit indices (a row that fits in shared memory) */
+        /* 32-bit indices: the row fits in shared memory (a target outside it matches no element) */
         const float m = row_m, inv = row_inv;
         const int nr32 = (int)nr, tj32 = tj >= 0 && tj < nr ? (int)tj : -1;
         for (int j = threadIdx.x; j < n8; j += blockDim.x) {
@@ -231,10 +234,8 @@ __global__ void __launch_bounds__(XE_LANES, 2) k_xent_stats_bwd(float *rowmax, f
             for (int q = 0; q < 4; q++) {
                 const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&w4[q]));
                 const int e = 8 * j + 2 * q;
-                const float p0 = xe_exp(f.x - m) * inv, p1 = xe_exp(f.y - m) * inv;
-                const float d0 = e < nr32 ? scale * (e == tj32 ? p0 - 1.0f : p0) : 0.0f;
-                const float d1 = e + 1 < nr32 ? scale * (e + 1 == tj32 ? p1 - 1.0f : p1) : 0.0f;
-                __nv_bfloat162 d = __floats2bfloat162_rn(d0, d1);
+                __nv_bfloat162 d = __floats2bfloat162_rn(xent_d(f.x, e, nr32, tj32, m, inv, scale),
+                                                         xent_d(f.y, e + 1, nr32, tj32, m, inv, scale));
                 o4[q] = *reinterpret_cast<uint32_t *>(&d);
             }
             l[j] = make_uint4(o4[0], o4[1], o4[2], o4[3]);
