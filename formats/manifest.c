@@ -262,7 +262,7 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     if (!root)
         return mps_fail(err, MPS_ECORRUPT, "%s: invalid JSON at line %d: %s", path, jerr.line, jerr.text);
     int rc = -1;
-    int64_t v;
+    int64_t v = 0; /* get_int sets it or fails; GCC 12/13 at -O3 cannot see that */
     int *ranks = NULL;
     json_t *fmt = json_object_get(root, "format");
     if (!json_is_string(fmt) || strcmp(json_string_value(fmt), "mpshard") != 0) {
@@ -285,7 +285,7 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     strcpy(m->checkpoint_id, json_string_value(id));
     copy_text(m->created_by, sizeof m->created_by, json_object_get(root, "created_by"));
     json_t *model = json_object_get(root, "model");
-    int64_t nl, ne, nh, np, vv, pv;
+    int64_t nl = 0, ne = 0, nh = 0, np = 0, vv = 0, pv = 0;
     if (!json_is_object(model) || get_int(model, "n_layer", 1, 1 << 20, &nl, path, err) ||
         get_int(model, "n_embd", 1, 1 << 24, &ne, path, err) || get_int(model, "n_head", 1, 1 << 24, &nh, path, err) ||
         get_int(model, "n_positions", 1, 1 << 24, &np, path, err) ||
@@ -301,7 +301,7 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
         goto out;
     }
     json_t *lay = json_object_get(root, "layout");
-    int64_t dp, pp, tp, zero;
+    int64_t dp = 0, pp = 0, tp = 0, zero = 0;
     if (!json_is_object(lay)) {
         mps_fail(err, MPS_ECORRUPT, "%s: 'layout' missing or not an object", path);
         goto out;
@@ -354,7 +354,7 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
         m->dtype[k] = (mps_dtype)d;
     }
     json_t *storage = json_object_get(root, "storage");
-    int64_t level;
+    int64_t level = 0;
     if (!json_is_object(storage)) {
         mps_fail(err, MPS_ECORRUPT, "%s: 'storage' missing or not an object", path);
         goto out;
