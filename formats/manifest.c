@@ -121,10 +121,15 @@ int mps_manifest_write(const char *path, const mps_manifest *m, mps_err *err)
     json_object_set_new(root, "state", state);
     json_t *source = json_pack("{s:s, s:s}", "format", m->source_format, "dtype", mps_dtype_name(m->source_dtype));
     if (m->hf_config_json) {
+        /* the parsed object for readers that want its fields; the text itself, which export
+         * writes back byte for byte (a JSON round trip turns 0.1 into 0.10000000000000001) */
         json_error_t jerr;
         json_t *hf = json_loads(m->hf_config_json, 0, &jerr);
         if (hf)
             json_object_set_new(source, "hf_config", hf);
+        json_t *text = json_string(m->hf_config_json);
+        if (text)
+            json_object_set_new(source, "hf_config_text", text);
     }
     json_object_set_new(root, "source", source);
     json_t *files = json_array();
@@ -391,9 +396,19 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
         copy_text(m->source_format, sizeof m->source_format, sf);
         int d = json_is_string(sd) ? mps_dtype_from_name(json_string_value(sd)) : 0;
         m->source_dtype = d < 0 ? MPS_DTYPE_F32 : (mps_dtype)d;
-        json_t *hf = json_object_get(source, "hf_config");
-        if (hf)
+        json_t *hf = json_object_get(source, "hf_config"), *hf_text = json_object_get(source, "hf_config_text");
+        if (hf_text && !json_is_string(hf_text)) {
+            mps_fail(err, MPS_ECORRUPT, "%s: source.hf_config_text is not a string", path);
+            goto out;
+        }
+        if (hf_text) /* the original bytes */
+            m->hf_config_json = strdup(json_string_value(hf_text));
+        else if (hf) /* manifests written before hf_config_text: the object, re-serialised */
             m->hf_config_json = json_dumps(hf, JSON_INDENT(2));
+        if ((hf_text || hf) && !m->hf_config_json) {
+            mps_fail(err, MPS_ENOMEM, "%s: out of memory", path);
+            goto out;
+        }
     }
     json_t *files = json_object_get(root, "files");
     if (!json_is_array(files) || json_array_size(files) > (size_t)mps_layout_world(&m->layout)) {

@@ -78,5 +78,9 @@ float mps_synth_value(const mps_config *cfg, uint64_t seed, int index, int64_t f
 /* Writes a whole synthetic model file in the given format and dtype (safetensors: plus config.json). */
 int mps_synth_write(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
                     uint64_t seed, mps_err *err);
+/* The same, adding the bytes written to progress (progress.h; NULL: none) after setting its total. */
+struct mps_progress;
+int mps_synth_write_progress(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
+                             uint64_t seed, struct mps_progress *progress, mps_err *err);
 
 #endif

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "modelfile_internal.h"
+#include "progress.h"
 
 typedef struct {
     uint64_t key;
@@ -79,6 +80,12 @@ float mps_synth_value(const mps_config *cfg, uint64_t seed, int index, int64_t f
 int mps_synth_write(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype, uint64_t seed,
                     mps_err *err)
 {
+    return mps_synth_write_progress(dir, cfg, format, dtype, seed, NULL, err);
+}
+
+int mps_synth_write_progress(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
+                             uint64_t seed, struct mps_progress *progress, mps_err *err)
+{
     mps_out_file *f;
     int rc;
     if (format == MPS_FILE_SAFETENSORS)
@@ -100,6 +107,10 @@ int mps_synth_write(const char *dir, const mps_config *cfg, mps_file_format form
     const mps_out_item *items;
     int nitems;
     mps_out_file_items(f, &items, &nitems);
+    int64_t total = 0;
+    for (int i = 0; i < nitems; i++)
+        total += mps_out_item_bytes(cfg, &items[i], dtype);
+    mps_progress_set_total(progress, total);
     size_t n = 0;
 #define FLUSH()                                                                                  \
     do {                                                                                         \
@@ -110,6 +121,7 @@ int mps_synth_write(const char *dir, const mps_config *cfg, mps_file_format form
         } else {                                                                                 \
             rc = mps_out_file_write(f, blk, n * sizeof(float), err);                             \
         }                                                                                        \
+        mps_progress_add(progress, (int64_t)(n * mps_dtype_size(dtype)));                        \
         n = 0;                                                                                   \
         if (rc != 0)                                                                             \
             goto fail;                                                                           \

@@ -52,7 +52,7 @@ done
 d="$T/f32"
 # a re-export with fewer processes into the same directory leaves no state file of another rank count
 expect 0 "$MPSHARD" export "$d/ck2" --format llmc --processes 3 -o "$d/x" -q
-expect 0 "$MPSHARD" export "$d/ck2" --format llmc --processes 2 -o "$d/x" -q
+expect 0 "$MPSHARD" export "$d/ck2" --format llmc --processes 2 -o "$d/x" -q --force
 same_files "$d/e2" "$d/x"
 # without master weights (llm.c -w 0): m and v only
 expect 0 "$MPSHARD" export "$d/ck2" --format llmc --processes 2 --master-weights 0 -o "$d/w0" -q
