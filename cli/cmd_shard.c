@@ -132,7 +132,7 @@ int cmd_shard(int argc, char **argv)
         case 's': if ((rc = add_state(&states, optarg)) != 0) { path_free(&states); return rc; } break;
         case 'q': o.quiet = 1; break;
         case 'h': path_free(&states); fputs(help, stdout); return 0;
-        default: path_free(&states); return MPS_EUSAGE;
+        default: path_free(&states); return cli_bad_option("shard", "o:qh", argc, argv);
         }
     }
     if (optind != argc - 1)
