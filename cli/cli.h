@@ -34,6 +34,8 @@ int cli_procs_local_size(int multi);
  * *all_failed = 1 when every process of the job failed too (all reached this call within 3 s):
  * then none is inside a collective and MPI may be finalised; otherwise the caller aborts the job. */
 int cli_procs_failed(int primary, int *all_failed);
+/* 1 when err only says that another process failed ("... on another rank"): not primary. */
+int cli_error_is_secondary(const mps_err *err);
 int cmd_inspect(int argc, char **argv);
 
 /* Prints "mpshard CMD: message" and returns the error's exit code. */
@@ -42,8 +44,10 @@ int cli_fail(const char *cmd, const mps_err *err);
  * process only, cli_procs_is_first). */
 int cli_usage(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* getopt_long returned '?' (opterr is 0: getopt prints nothing): the usage error for the option
- * at argv[optind - 1] or optopt, in the form of every other one. optstring: the short options. */
-int cli_bad_option(const char *cmd, const char *optstring, int argc, char **argv);
+ * at argv[optind - 1] or optopt, in the form of every other one. optstring and opts: the short
+ * and long options given to getopt_long. */
+struct option;
+int cli_bad_option(const char *cmd, const char *optstring, const struct option *opts, int argc, char **argv);
 /* Parses a positive integer option value; returns -1 on error (after printing). */
 int cli_int(const char *cmd, const char *opt, const char *value, int64_t lo, int64_t hi, int64_t *out);
 

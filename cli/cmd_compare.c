@@ -71,7 +71,7 @@ int cmd_compare(int argc, char **argv)
         case 'p': o.per_tensor = pr.shown_all = 1; break;
         case 'm': if (cli_int("compare", "--memory-mb", optarg, 1, 1 << 20, &v)) return MPS_EUSAGE; o.budget = v << 20; break;
         case 'h': fputs(help, stdout); return 0;
-        default: return cli_bad_option("compare", "h", argc, argv);
+        default: return cli_bad_option("compare", "h", opts, argc, argv);
         }
     }
     if (optind != argc - 2)

@@ -67,7 +67,7 @@ int cmd_export(int argc, char **argv)
         case 'q': o.quiet = 1; break;
         case 'F': o.force = 1; break;
         case 'h': fputs(help, stdout); return 0;
-        default: return cli_bad_option("export", "o:qh", argc, argv);
+        default: return cli_bad_option("export", "o:qh", opts, argc, argv);
         }
     }
     if (optind != argc - 1)

@@ -47,7 +47,7 @@ int cmd_init(int argc, char **argv)
         case 'q': quiet = 1; break;
         case 'o': out = optarg; break;
         case 'h': fputs(init_help, stdout); return 0;
-        default: return cli_bad_option("init", "o:qh", argc, argv);
+        default: return cli_bad_option("init", "o:qh", opts, argc, argv);
         }
     }
     if (optind != argc)
@@ -94,7 +94,7 @@ int cmd_tokens(int argc, char **argv)
         case 'o': out = optarg; break;
         case 'F': force = 1; break;
         case 'h': fputs(tokens_help, stdout); return 0;
-        default: return cli_bad_option("tokens", "o:h", argc, argv);
+        default: return cli_bad_option("tokens", "o:h", opts, argc, argv);
         }
     }
     if (optind != argc)

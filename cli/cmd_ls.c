@@ -150,7 +150,7 @@ int cmd_ls(int argc, char **argv)
         case 'k': kind = optarg; break;
         case 'j': x.json = 1; break;
         case 'h': fputs(ls_help, stdout); return 0;
-        default: return cli_bad_option("ls", "h", argc, argv);
+        default: return cli_bad_option("ls", "h", opts, argc, argv);
         }
     }
     if (optind != argc - 1)
@@ -230,7 +230,7 @@ int cmd_extract(int argc, char **argv)
         case 'F': o.force = 1; break;
         case 'q': o.quiet = 1; break;
         case 'h': fputs(extract_help, stdout); return 0;
-        default: return cli_bad_option("extract", "o:qh", argc, argv);
+        default: return cli_bad_option("extract", "o:qh", opts, argc, argv);
         }
     }
     if (optind != argc - 1)

@@ -145,7 +145,7 @@ int cmd_shard(int argc, char **argv)
         case 's': if ((rc = add_state(&states, optarg)) != 0) { path_free(&states); return rc; } break;
         case 'q': o.quiet = 1; break;
         case 'h': path_free(&states); fputs(help, stdout); return 0;
-        default: path_free(&states); return cli_bad_option("shard", "o:qh", argc, argv);
+        default: path_free(&states); return cli_bad_option("shard", "o:qh", opts, argc, argv);
         }
     }
     /* An unquoted --state 'DIR/state_*.bin' reaches us expanded by the shell: its first file as

@@ -54,7 +54,7 @@ int cmd_synth(int argc, char **argv)
         case 'F': force = 1; break;
         case 'q': quiet = 1; break;
         case 'h': fputs(help, stdout); return 0;
-        default: return cli_bad_option("synth", "o:qh", argc, argv);
+        default: return cli_bad_option("synth", "o:qh", opts, argc, argv);
         }
     }
     if (optind != argc)

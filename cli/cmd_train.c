@@ -197,7 +197,7 @@ static int parse_args(int argc, char **argv, train_args *a, int eval_only)
         case 'q': a->quiet = 1; break;
         case 'J': a->json = 1; break;
         case 'h': fputs(eval_only ? eval_help : help, stdout); return 1;
-        default: cli_bad_option(a->cmd, "o:qh", argc, argv); return -1;
+        default: cli_bad_option(a->cmd, "o:qh", opts, argc, argv); return -1;
         }
     }
     if (optind != argc) {
@@ -573,12 +573,10 @@ static int train_or_eval(int argc, char **argv, int eval_only)
         mps_comm_self(&comm);
     mps_backend be;
     int own_gpu = 0;
-    int ok = make_backend(&a, &be, &own_gpu, &err) == 0, primary = 1;
+    int ok = make_backend(&a, &be, &own_gpu, &err) == 0;
     /* all ranks agree on the backend and on NCCL (every rank must have its own GPU) */
-    if (!comm.all_ok(comm.ctx, ok)) {
+    if (!comm.all_ok(comm.ctx, ok))
         rc = ok ? mps_fail(&err, MPS_EUNSUPPORTED, "--backend cuda failed on another rank") : -1;
-        primary = !ok;
-    }
     mps_comm nccl = { 0 };
     int use_nccl = 0;
     if (rc == 0 && multi && be.device_memory && comm.all_ok(comm.ctx, own_gpu && !a.comm_mpi)) {
@@ -593,7 +591,7 @@ static int train_or_eval(int argc, char **argv, int eval_only)
     if (rc != 0) {
         /* once per job: the failing rank, or the first of several that failed alike */
         int all_failed = 1, code = err.code ? err.code : MPS_EFAIL;
-        if (!multi || cli_procs_failed(primary, &all_failed))
+        if (!multi || cli_procs_failed(!cli_error_is_secondary(&err), &all_failed))
             cli_fail(a.cmd, &err);
         if (multi && !all_failed)
             cli_comm_abort(code); /* peers may be inside a collective */

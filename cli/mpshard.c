@@ -64,16 +64,36 @@ int cli_usage(const char *cmd, const char *fmt, ...)
     return MPS_EUSAGE;
 }
 
-int cli_bad_option(const char *cmd, const char *optstring, int argc, char **argv)
+/* The long option that `arg` ("--name" or "--name=value") names, exactly or as a prefix. */
+static const struct option *long_option(const struct option *opts, const char *arg)
 {
+    size_t n = strcspn(arg + 2, "=");
+    const struct option *prefix = NULL;
+    for (const struct option *o = opts; o->name; o++) {
+        if (strncmp(o->name, arg + 2, n) != 0)
+            continue;
+        if (o->name[n] == '\0')
+            return o;
+        prefix = o;
+    }
+    return prefix;
+}
+
+int cli_bad_option(const char *cmd, const char *optstring, const struct option *opts, int argc, char **argv)
+{
+    /* getopt leaves optind past the argument of a long option; within a bundle of short options
+     * (-qx) it may still point at the bundle, so argv[optind - 1] is a long option's only when
+     * it names one whose value getopt reports in optopt */
     const char *arg = optind > 0 && optind <= argc ? argv[optind - 1] : "";
-    if (strncmp(arg, "--", 2) == 0) {
+    int is_long = strncmp(arg, "--", 2) == 0;
+    const struct option *lo = is_long ? long_option(opts, arg) : NULL;
+    if (is_long && (optopt == 0 || (lo && lo->val == optopt))) {
         size_t name = strcspn(arg, "=");
         if (optopt == 0)
             return cli_usage(cmd, "unknown option '%.*s'", (int)name, arg);
         if (arg[name] == '=')
-            return cli_usage(cmd, "option '%.*s' takes no value", (int)name, arg);
-        return cli_usage(cmd, "option '%s' needs a value", arg);
+            return cli_usage(cmd, "option '--%s' takes no value", lo->name);
+        return cli_usage(cmd, "option '--%s' needs a value", lo->name);
     }
     const char *o = optopt ? strchr(optstring, optopt) : NULL;
     if (o && o[1] == ':')

@@ -2,6 +2,7 @@
  * work; MPI is initialised here, in the front end, and handed to the library as callbacks. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "cli.h"
@@ -93,6 +94,17 @@ int cli_procs_local_size(int multi)
     (void)multi;
 #endif
     return 1;
+}
+
+int cli_error_is_secondary(const mps_err *err)
+{
+    /* the library's words for "I am fine, a peer failed" (reshard.c, save_async.c, engine.c,
+     * cmd_train.c): the peer's own message is the one to print */
+    static const char *const phrases[] = { "on another rank", "another process failed", "process 0 could not" };
+    for (size_t i = 0; i < sizeof phrases / sizeof phrases[0]; i++)
+        if (strstr(err->msg, phrases[i]))
+            return 1;
+    return 0;
 }
 
 int cli_procs_is_first(void)

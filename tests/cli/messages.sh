@@ -10,6 +10,8 @@ expect 2 "$MPSHARD" shard --bogus;         expect_line "mpshard shard: unknown o
 expect 2 "$MPSHARD" shard m --layout;      expect_line "mpshard shard: option '--layout' needs a value (see mpshard shard --help)"
 expect 2 "$MPSHARD" verify -x d;           expect_line "mpshard verify: unknown option '-x' (see mpshard verify --help)"
 expect 2 "$MPSHARD" verify --quiet=1 d;    expect_line "mpshard verify: option '--quiet' takes no value (see mpshard verify --help)"
+expect 2 "$MPSHARD" verify --json -qx d;    expect_line "mpshard verify: unknown option '-x' (see mpshard verify --help)"
+expect 2 "$MPSHARD" verify --thr;          expect_line "mpshard verify: option '--threads' needs a value (see mpshard verify --help)"
 expect 2 "$MPSHARD" export d --format;     expect_line "mpshard export: option '--format' needs a value (see mpshard export --help)"
 expect 2 "$MPSHARD" train --ckpt;          expect_line "mpshard train: option '--ckpt' needs a value (see mpshard train --help)"
 for c in reshard synth compare inspect init tokens load eval ls extract; do
