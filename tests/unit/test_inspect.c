@@ -11,8 +11,8 @@
 #include "shard/shard.h"
 #include "testutil.h"
 
-static const mps_config small = { 3, 96, 6, 64, 1000, 1024 };
-static const mps_config five = { 5, 48, 6, 32, 333, 384 };
+static const mps_config small = { .n_layer = 3, .n_embd = 96, .n_head = 6, .n_positions = 64, .vocab = 1000, .padded_vocab = 1024 };
+static const mps_config five = { .n_layer = 5, .n_embd = 48, .n_head = 6, .n_positions = 32, .vocab = 333, .padded_vocab = 384 };
 
 static mps_layout layout_of(const mps_config *cfg, const char *text)
 {
