@@ -205,3 +205,24 @@ void mps_hf_tensor(const mps_config *cfg, int index, char *key, size_t keylen, i
     shape[0] = r->hf_transpose ? cols : rows;
     shape[1] = r->hf_transpose ? rows : cols;
 }
+
+/* Activation memory of one layer in 16-bit activations, after Korthikanti et al. 2022 ("Reducing
+ * Activation Recomputation in Large Transformer Models", section 4), for tensor parallelism
+ * WITHOUT sequence parallelism, which mpshard's trainer does not implement: the norms' inputs and
+ * outputs are replicated on every TP rank, the rest is split. GPT-2: sbh(10 + 24/t) + 5as^2b/t
+ * (Korthikanti's equation 2 with t). The Llama block: two RMSNorm inputs and outputs (8sbh, no
+ * dropout masks), q, k, v after RoPE (2sbh/t + 4sb*kvd/t), the attention output (2sbh/t), gate, up
+ * and silu(gate)*up (6sbF/t), and scores and softmax 4as^2b/t. Selective recompute (or flash
+ * attention) drops the s^2 term; full recompute keeps the layer input, 2sbh. */
+long double mps_arch_layer_activation_bytes(const mps_config *cfg, int64_t seq, int64_t micro_batch, int tp,
+                                            int recompute)
+{
+    long double s = (long double)seq, b = (long double)micro_batch, h = cfg->n_embd, a = cfg->n_head, t = tp;
+    if (recompute == 2)
+        return 2.0L * s * b * h;
+    long double scores = recompute == 1 ? 0.0L : 1.0L;
+    if (cfg->arch == MPS_ARCH_GPT2)
+        return s * b * h * (10.0L + 24.0L / t) + scores * 5.0L * a * s * s * b / t;
+    long double kvd = (long double)mps_cfg_kv_heads(cfg) * mps_cfg_head_dim(cfg), f = (long double)mps_cfg_ffn(cfg);
+    return s * b * (8.0L * h + (4.0L * h + 4.0L * kvd + 6.0L * f) / t) + scores * 4.0L * a * s * s * b / t;
+}

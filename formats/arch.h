@@ -76,4 +76,10 @@ const mps_tensor_rule *mps_tensor_rule_of(const mps_config *cfg, int index, int 
 void mps_hf_tensor(const mps_config *cfg, int index, char *key, size_t keylen, int *ndim, int64_t shape[2],
                    int *transpose);
 
+/* The block's memory model: activation bytes one layer keeps for its backward, per micro-batch of
+ * micro_batch sequences of seq tokens, under tensor parallelism tp; recompute 0 none, 1 selective
+ * (no attention scores), 2 full (inspect/plan.h). */
+long double mps_arch_layer_activation_bytes(const mps_config *cfg, int64_t seq, int64_t micro_batch, int tp,
+                                            int recompute);
+
 #endif

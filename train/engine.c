@@ -5,21 +5,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arch.h"
 #include "engine_internal.h"
 
 static void *zalloc(int64_t n, size_t size)
 {
     return calloc((size_t)(n > 0 ? n : 1), size);
-}
-
-static int tensor_decays(const mps_config *cfg, int t)
-{
-    if (t == MPS_TENSOR_WTE || t == MPS_TENSOR_WPE)
-        return 1;
-    if (t >= mps_tensor_lnfw(cfg))
-        return 0;
-    int slot = (t - 2) % MPS_TENSORS_PER_LAYER;
-    return slot == MPS_SLOT_QKVW || slot == MPS_SLOT_ATTPROJW || slot == MPS_SLOT_FCW || slot == MPS_SLOT_FCPROJW;
 }
 
 static int setup_tensor(mps_engine *e, int t, mps_err *err)
@@ -32,7 +23,7 @@ static int setup_tensor(mps_engine *e, int t, mps_err *err)
     p->held = 1;
     mps_geometry(&e->cfg, &e->L, e->rank, MPS_KIND_ADAM_M, t, &p->opt);
     p->box_n = mps_box_numel(&p->param.box);
-    p->decay = tensor_decays(&e->cfg, t);
+    p->decay = p->spec.decay; /* matrices and embeddings (the architecture table) */
     int64_t on = p->opt.flat_end - p->opt.flat_begin;
     p->m = buf_new(e, on);
     p->v = buf_new(e, on);
@@ -123,6 +114,10 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
                    const mps_train_opts *o, mps_engine **out, mps_err *err)
 {
     *out = NULL;
+    if (cfg->arch != MPS_ARCH_GPT2)
+        return mps_fail(err, MPS_EUNSUPPORTED, "the trainer runs GPT-2 models; this checkpoint holds a %s model (%s "
+                        "architecture), which shard, reshard, export, inspect and verify handle",
+                        mps_family_name(cfg->family), mps_arch_name(cfg->arch));
     if (comm->size != mps_layout_world(L))
         return mps_fail(err, MPS_EUSAGE, "--layout needs dp*pp*tp = %d processes but %d are running%s",
                         mps_layout_world(L), comm->size, comm->size == 1 ? " (launch with mpirun -np N)" : "");

@@ -239,7 +239,10 @@ static void test_activations_and_comm(void)
     o.global_batch = 64;
     mps_layout L = layout_of(&gpt2, "pp=2,tp=2");
     const double s = 1024, b = 2, h = 768, a = 12, t = 2;
-    const double none = (34 * s * b * h + 5 * a * s * s * b) / t, selective = 34 * s * b * h / t, full = 2 * s * b * h / t;
+    /* Korthikanti's per-layer bytes with tensor parallelism but no sequence parallelism (the
+     * trainer has none): the layernorms' inputs and outputs and the dropout masks are replicated */
+    const double none = s * b * h * (10 + 24 / t) + 5 * a * s * s * b / t, selective = s * b * h * (10 + 24 / t),
+                 full = 2 * s * b * h;
     /* stage 0 holds 2 micro-batches of its 6 layers, stage 1 one and a micro-batch's logits: fp32,
      * (b, s, 50304 / 2) */
     const double logits = b * s * (50304 / 2) * 4;
@@ -379,12 +382,13 @@ static void test_suggest(void)
         int fits = mps_plan_over_budget(p, budget) == 0;
         CHECK_MSG(fits == lesson_listed, "recompute %s: plain plan says %s, suggest %s", mps_recompute_name(o.recompute),
                   fits ? "fits" : "over", lesson_listed ? "lists it" : "does not");
-        /* over 80 GiB either way: full recomputation takes the first stage's activations from
-         * 138 GB to 2.4 GB, but ZeRO-2's full gradients of two layers (and of wte there: 4.3 GB)
-         * keep its peak at 89.5 GB (83.4 GiB) */
+        /* over 80 GiB either way: full recomputation takes the first stage's activations down to
+         * 4.8 GB (its layer inputs, whole on each TP rank without sequence parallelism), but
+         * ZeRO-2's full gradients of two layers (and of wte there: 4.3 GB) keep its peak at
+         * 91.9 GB (85.6 GiB) */
         CHECK(!fits);
         if (rec == MPS_RECOMPUTE_FULL)
-            CHECK(mps_plan_peak(p, NULL) > budget && mps_plan_peak(p, NULL) < budget + ((int64_t)4 << 30));
+            CHECK(mps_plan_peak(p, NULL) > budget + ((int64_t)5 << 30) && mps_plan_peak(p, NULL) < budget + ((int64_t)6 << 30));
         printf("gpt3-175b on 64 x 80 GiB, recompute %s: %d of %d layouts fit; dp=8,pp=4,tp=2,zero=2 peak %.2f GB\n",
                mps_recompute_name(o.recompute), n, considered, mps_plan_peak(p, NULL) / 1e9);
         mps_plan_free(p);
