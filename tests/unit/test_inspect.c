@@ -493,6 +493,63 @@ static void test_errors(void)
     CHECK(mps_kind_bytes(MPS_PRECISION_FP32, MPS_KIND_MASTER) == 0 && mps_kind_bytes(MPS_PRECISION_MIXED, MPS_KIND_PARAM) == 2);
 }
 
+/* Llama-2-7B over dp=8 in mixed precision follows the ZeRO paper's model-state formulas per GPU,
+ * with P the parameters (vocabulary padding included) and N = 8: stage 0 16P (2 weights + 2
+ * gradients + 12 fp32 master, m, v), stage 1 4P + 12P/N, stage 2 2P + 14P/N, stage 3 16P/N. Every
+ * rank's state equals the formula within the one element a balanced split of a tensor adds. Also:
+ * the activations of the Llama block (no attention scores under selective recompute) and the fast
+ * plan against the direct one, and --suggest lists only tp that divide the 32 kv heads. */
+static void test_llama_zero(void)
+{
+    mps_config cfg;
+    mps_err err;
+    mps_err_clear(&err);
+    CHECK(mps_config_preset("llama-2-7b", &cfg, &err) == 0);
+    const double P = (double)mps_param_count(&cfg), N = 8;
+    CHECK(fabs(P - 6.7384e9) < 0.0001e9);
+    mps_plan_opts o;
+    mps_plan_opts_default(&cfg, &o);
+    o.precision = MPS_PRECISION_MIXED;
+    o.seq = 4096;
+    const double want[4] = { 16 * P, 4 * P + 12 * P / N, 2 * P + 14 * P / N, 16 * P / N };
+    for (int zero = 0; zero <= 3; zero++) {
+        char text[64];
+        snprintf(text, sizeof text, "dp=8,zero=%d", zero);
+        mps_layout L = layout_of(&cfg, text);
+        mps_plan *p = plan_of(&cfg, &L, &o);
+        double worst = 0;
+        for (int r = 0; r < 8; r++) {
+            mps_rank_usage u;
+            mps_plan_rank(p, r, &u);
+            double state = 0;
+            for (int k = 0; k < MPS_KIND_COUNT; k++)
+                state += (double)u.bytes[k];
+            worst = fmax(worst, fabs(state - want[zero]));
+        }
+        /* a rank's share of each of the 291 tensors is at most one element (16 bytes) off P/N */
+        CHECK_MSG(worst <= 291 * 16, "ZeRO-%d: a rank is %.0f bytes off %.4f GB", zero, worst, want[zero] / 1e9);
+        printf("llama-2-7b ZeRO-%d over 8 GPUs: %.3f GB of model state per GPU\n", zero, want[zero] / 1e9);
+        mps_plan_free(p);
+    }
+    /* activations per layer, selective recompute, tp=2: s*b*(8h + (4h + 4 kvd + 6F)/t) bytes */
+    o.recompute = MPS_RECOMPUTE_SELECTIVE;
+    o.micro_batch = 1;
+    o.global_batch = 1;
+    mps_layout L = layout_of(&cfg, "pp=2,tp=2");
+    const double s = 4096, h = 4096, kvd = 4096, F = 11008, layer = s * (8 * h + (4 * h + 4 * kvd + 6 * F) / 2);
+    const double logits = s * (32000 / 2) * 2; /* bf16 logits of the half vocabulary */
+    CHECK(mps_activation_bytes(&cfg, &L, &o, 0) == (int64_t)llround(16 * layer));
+    CHECK(mps_activation_bytes(&cfg, &L, &o, 1) == (int64_t)llround(16 * layer + logits));
+    mps_config gqa;
+    CHECK(mps_config_preset("llama-2-70b", &gqa, &err) == 0);
+    mps_suggestion *list;
+    int n, considered;
+    CHECK(mps_plan_suggest(&gqa, 64, (int64_t)80 << 30, &o, &list, &n, &considered, &err) == 0);
+    for (int i = 0; i < n; i++)
+        CHECK(8 % list[i].layout.tp == 0);
+    free(list);
+}
+
 int main(void)
 {
     const char *dir = test_tmpdir("inspect");
@@ -505,6 +562,7 @@ int main(void)
     test_fast_equals_direct();
     test_checkpoint_holdings(model, dir);
     test_lesson_7b();
+    test_llama_zero();
     test_activations_and_comm();
     test_transient();
     test_suggest();
