@@ -276,22 +276,24 @@ int mps_model_file_open(const char *path, const mps_model_file_opts *opts, mps_m
         rc = mps_fail(err, MPS_EUSAGE, "%s: unknown input format %d", f->path, (int)fmt);
     if (rc != 0)
         goto fail;
-    if (f->nparts == 0) { /* one file holds every tensor */
-        if (!(f->parts = calloc(1, sizeof *f->parts)) || !(f->parts[0].path = strdup(f->path))) {
-            mps_fail(err, MPS_ENOMEM, "%s: out of memory", f->path);
-            goto fail;
-        }
-        f->nparts = 1;
-        if ((f->parts[0].fd = dup(f->fd)) < 0) {
-            mps_fail(err, MPS_EIO, "%s: dup: %s", f->path, strerror(errno));
-            goto fail;
-        }
-    }
+    if (f->nparts == 0 && mps_model_file_single_part(f, err) != 0)
+        goto fail;
     *out = f;
     return 0;
 fail:
     mps_model_file_close(f);
     return -1;
+}
+
+int mps_model_file_single_part(mps_model_file *f, mps_err *err)
+{
+    if (!(f->parts = calloc(1, sizeof *f->parts)) || !(f->parts[0].path = strdup(f->path)))
+        return mps_fail(err, MPS_ENOMEM, "%s: out of memory", f->path);
+    f->parts[0].fd = -1;
+    f->nparts = 1;
+    if ((f->parts[0].fd = dup(f->fd)) < 0)
+        return mps_fail(err, MPS_EIO, "%s: dup: %s", f->path, strerror(errno));
+    return 0;
 }
 
 const mps_config *mps_model_file_config(const mps_model_file *f) { return &f->cfg; }

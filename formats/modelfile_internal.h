@@ -58,6 +58,9 @@ int mps_hf_config_parse(json_t *root, const char *name, mps_config *cfg, mps_err
 char *mps_hf_config_generate(const mps_config *cfg, mps_dtype dtype);
 int mps_hf_config_check(const char *text, const mps_config *cfg, mps_err *err);
 
+/* parts[] of a model whose one file (f->path, f->fd) holds every tensor. */
+int mps_model_file_single_part(mps_model_file *f, mps_err *err);
+
 /* Format readers: fill f (path, fd, file_size already set). */
 int mps_safetensors_open(mps_model_file *f, const mps_model_file_opts *opts, mps_err *err);
 int mps_llmc_open(mps_model_file *f, const mps_model_file_opts *opts, mps_err *err);

@@ -561,16 +561,8 @@ int mps_safetensors_open(mps_model_file *f, const mps_model_file_opts *opts, mps
     if (first == '{') { /* the index of a model stored in several files */
         if (open_index(f, &map, &index, err) != 0)
             goto out;
-    } else {
-        if (!(f->parts = calloc(1, sizeof *f->parts)) || !(f->parts[0].path = strdup(f->path))) {
-            mps_fail(err, MPS_ENOMEM, "%s: out of memory", f->path);
-            goto out;
-        }
-        f->nparts = 1;
-        if ((f->parts[0].fd = dup(f->fd)) < 0) {
-            mps_fail(err, MPS_EIO, "%s: dup: %s", f->path, strerror(errno));
-            goto out;
-        }
+    } else if (mps_model_file_single_part(f, err) != 0) {
+        goto out;
     }
     if ((roots = calloc((size_t)f->nparts, sizeof *roots)) == NULL) {
         mps_fail(err, MPS_ENOMEM, "%s: out of memory", f->path);
