@@ -20,7 +20,7 @@
 #define CONFIG_CAP ((int64_t)16 << 20)   /* largest config.json accepted */
 #define MAX_RANK 8
 #define INDEX_CAP ((int64_t)64 << 20)  /* largest index file accepted */
-#define MAX_PARTS 100000
+#define MAX_PARTS 1000 /* files of one model: Llama 3.1 405B has 191; each is held open */
 
 /* ---------------------------------------------------------------------------------------------
  * Reading */
@@ -333,6 +333,8 @@ static int open_index(mps_model_file *f, json_t **map_out, json_t **root_out, mp
             seen = strcmp(strrchr(f->parts[i].path, '/') + 1, name) == 0;
         if (seen)
             continue;
+        if ((size_t)f->nparts == cap)
+            return mps_fail(err, MPS_ECORRUPT, "%s: the index names more than %d files", f->path, MAX_PARTS);
         mps_in_part *p = &f->parts[f->nparts];
         p->fd = -1;
         if ((p->path = sibling(f->path, name)) == NULL)
