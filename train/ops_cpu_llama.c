@@ -6,9 +6,12 @@
 
 #include "ops_cpu.h"
 
+/* below this much work a parallel region costs more than it saves */
+#define PAR_MIN (1 << 16)
+
 void op_rmsnorm_fwd(float *out, float *rstd, const float *inp, const float *w, int64_t N, int C, float eps)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * C >= PAR_MIN)
     for (int64_t i = 0; i < N; i++) {
         const float *x = inp + i * C;
         float ss = 0.0f;
@@ -25,7 +28,7 @@ void op_rmsnorm_bwd(float *dinp, float *dw, const float *dout, const float *inp,
                     int64_t N, int C)
 {
     if (dinp) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * C >= PAR_MIN)
         for (int64_t i = 0; i < N; i++) {
             const float *x = inp + i * C, *dy = dout + i * C;
             const float r = rstd[i];
@@ -38,7 +41,7 @@ void op_rmsnorm_bwd(float *dinp, float *dw, const float *dout, const float *inp,
         }
     }
     if (dw) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * C >= PAR_MIN)
         for (int j = 0; j < C; j++) {
             float s = 0.0f;
             for (int64_t i = 0; i < N; i++)
@@ -54,7 +57,7 @@ static void rope_apply(float *x, const float *cs, int B, int T, int nheads, int 
 {
     const int half = hd / 2;
     const float *cosv = cs, *sinv = cs + (int64_t)T * half;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((int64_t)B * T * nheads * hd >= PAR_MIN)
     for (int64_t row = 0; row < (int64_t)B * T; row++) {
         const int64_t t = row % T;
         for (int h = 0; h < nheads; h++) {
@@ -81,7 +84,7 @@ void op_rope_bwd(float *dx, const float *cs, int B, int T, int nheads, int hd, i
 
 void op_swiglu_fwd(float *out, const float *gate, const float *up, int64_t n)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
     for (int64_t i = 0; i < n; i++) {
         const float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
@@ -90,7 +93,7 @@ void op_swiglu_fwd(float *out, const float *gate, const float *up, int64_t n)
 
 void op_swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
     for (int64_t i = 0; i < n; i++) {
         const float g = gate[i], u = up[i], d = dout[i];
         const float sig = 1.0f / (1.0f + expf(-g));
@@ -120,7 +123,7 @@ void op_gqa_fwd(float *out, float *lse, const float *q, const float *k, const fl
     const int64_t ldq = (int64_t)H * hd, ldk = (int64_t)KV * hd;
     const int group = H / KV;
     const float scale = 1.0f / sqrtf((float)hd);
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if ((int64_t)B * H * T * T * hd >= PAR_MIN)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
             const int kvh = h / group;
@@ -157,7 +160,7 @@ void op_gqa_bwd(float *dq, float *dk, float *dv, const float *dout, const float 
     const int64_t ldq = (int64_t)H * hd, ldk = (int64_t)KV * hd;
     const int group = H / KV;
     const float scale = 1.0f / sqrtf((float)hd);
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if ((int64_t)B * H * T * T * hd >= PAR_MIN)
     for (int b = 0; b < B; b++)
         for (int kvh = 0; kvh < KV; kvh++)
             for (int h = kvh * group; h < (kvh + 1) * group; h++)
