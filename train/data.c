@@ -180,9 +180,8 @@ int mps_tokens_read(const mps_tokens *d, int64_t seq, int32_t *inputs, int32_t *
             memcpy(&buf[i], raw + 4 * i, 4);
         }
         if (buf[i] >= d->vocab)
-            return mps_fail(err, MPS_ECORRUPT, "%s: token %lld (byte offset %lld) is id %u, beyond the model's "
-                            "vocabulary of %lld", f->path, (long long)(first + i),
-                            (long long)(TOKENS_HEADER_BYTES + (first + i) * width), buf[i], (long long)d->vocab);
+            return mps_fail(err, MPS_ECORRUPT, "%s: token %lld is id %u, beyond the model's vocabulary of %lld",
+                            f->path, (long long)(first + i), buf[i], (long long)d->vocab);
     }
     for (int i = 0; i < T; i++) {
         inputs[i] = buf[i];
