@@ -71,7 +71,8 @@ int cmd_init(int argc, char **argv)
 static const char *const tokens_help =
     "usage: mpshard tokens --count N --vocab V -o FILE [--seed S]\n"
     "\n"
-    "Writes an llm.c token file (magic 20240520, version 1, uint16 tokens) of N tokens of a\n"
+    "Writes an llm.c token file (magic 20240520; version 1, uint16 tokens, or for --vocab above\n"
+    "65535 version 2, uint32 tokens) of N tokens of a\n"
     "deterministic synthetic text that a model can learn (demo and tests).\n";
 
 int cmd_tokens(int argc, char **argv)
@@ -88,7 +89,7 @@ int cmd_tokens(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
         switch (c) {
         case 'n': if (cli_int("tokens", "--count", optarg, 2, INT32_MAX, &count)) return MPS_EUSAGE; break;
-        case 'v': if (cli_int("tokens", "--vocab", optarg, 2, 65536, &vocab)) return MPS_EUSAGE; break;
+        case 'v': if (cli_int("tokens", "--vocab", optarg, 2, INT32_MAX, &vocab)) return MPS_EUSAGE; break;
         case 's': if (cli_int("tokens", "--seed", optarg, 0, INT64_MAX, &seed)) return MPS_EUSAGE; break;
         case 'o': out = optarg; break;
         case 'h': fputs(tokens_help, stdout); return 0;

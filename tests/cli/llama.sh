@@ -78,7 +78,7 @@ expect_err "tp=8 must divide the model's 4 key/value heads \(n_kv_head; 8 query 
 expect 2 "$MPSHARD" reshard "$T/ck-idx" --layout tp=8 -o "$T/x" -q
 expect_err "tp=8 must divide the model's 4 key/value heads"
 [ ! -e "$T/x" ] && ok || bad "a refused shard left $T/x"
-# llm.c holds GPT-2 only; the trainer runs GPT-2 only
+# llm.c holds GPT-2 only
 expect 6 "$MPSHARD" export "$T/ck-idx" --format llmc -o "$T/x" -q
 expect_err "llm.c model files hold GPT-2 models only, this is a llama model"
 # config.json options the model does not implement
