@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: build on the GPU host (deps/ carried: scripts/fetch-host-deps.sh), run the
-# suite, then the benches. Output goes to $OUT when set. usage: bench/gpu_host_run.sh [tests|shard|reshard|gpuunit|gputrain|trainbench|multibench|profile]...
+# suite, then the benches. Output goes to $OUT when set. usage: bench/gpu_host_run.sh [tests|shard|llamashard|hf|reshard|gpuunit|gputrain|trainbench|multibench|profile]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
@@ -12,6 +12,9 @@ for what in "$@"; do
   case $what in
     tests) (cd build && ctest -j 8 --output-on-failure 2>&1 | tail -15) ;;
     shard) bash bench/shard_bench.sh /tmp/sbench 2>&1 | tee "$OUT/shard_bench.txt" ;;
+    llamashard) CONFIG=n_layer=30,n_embd=2048,n_head=16,vocab=32000,n_positions=2048,arch=llama,n_kv_head=4,ffn=5632,tied=0 \
+      DTYPE=bf16 MAX_SHARD=1GB LAYOUT=dp=2,pp=2,tp=4 MPS_TRACE=0 bash bench/shard_bench.sh /tmp/lbench 2>&1 | tee "$OUT/llama_shard_bench.txt" ;;
+    hf) python3 tests/gpu/hf_roundtrip.py build/mpshard /tmp/hfrt 2>&1 | tee "$OUT/hf_roundtrip.txt" ;;
     reshard) bash bench/reshard_bench.sh /tmp/rbench 2>&1 | tee "$OUT/reshard_bench.txt" ;;
     gpuunit) MPS_TEST_BENCH=1 build/test_backend_cuda 2>&1 | tee "$OUT/gpuunit.txt" | grep -vE "^ *ok" | tail -60 ;;
     gputrain) MPSHARD=build/mpshard bash tests/gpu/train_gpu.sh /tmp/gputest 2>&1 | tee "$OUT/gputrain.txt" | tail -40 ;;

@@ -4,8 +4,13 @@
 #   floor = input bytes / read bandwidth + output bytes / write bandwidth.
 # Caches are dropped before the timed step (needs root; otherwise the read is warm: said so).
 # The timed run also prints its phase timeline (MPS_TRACE=1, formats/trace.h) after the ratio.
-# usage: bench/shard_bench.sh [WORKDIR]   env: MPSHARD, MODEL (gpt2-xl), LAYOUT, FORMAT (safetensors|llmc),
-#        MPS_TRACE (1; 0: no timeline), THREADS (--threads; default: all cores), READERS (--readers; default 2)
+# usage: bench/shard_bench.sh [WORKDIR]   env: MPSHARD, MODEL (gpt2-xl) or CONFIG (a --config string), LAYOUT,
+#        FORMAT (safetensors|llmc), DTYPE (f32|bf16), MAX_SHARD (synth --max-shard-size: an input of several
+#        files and an index, as transformers saves large models), MPS_TRACE (1; 0: no timeline),
+#        THREADS (--threads; default: all cores), READERS (--readers; default 2)
+# The Llama-family run of record:
+#   CONFIG=n_layer=30,n_embd=2048,n_head=16,vocab=32000,n_positions=2048,arch=llama,n_kv_head=4,ffn=5632,tied=0 \
+#   DTYPE=bf16 MAX_SHARD=1GB LAYOUT=dp=2,pp=2,tp=4 bench/shard_bench.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 MPSHARD=${MPSHARD:-$here/../build/mpshard}
@@ -14,6 +19,9 @@ W=${1:-/tmp/mpshard-bench}
 MODEL=${MODEL:-gpt2-xl}
 LAYOUT=${LAYOUT:-dp=2,pp=2,tp=5,zero=1}  # GPT-2 XL has 25 heads
 FORMAT=${FORMAT:-safetensors}
+CONFIG=${CONFIG:-}
+DTYPE=${DTYPE:-f32}
+MAX_SHARD=${MAX_SHARD:-}
 PY=${PY:-python3}
 MPS_TRACE=${MPS_TRACE:-1}
 THREADS=${THREADS:-}
@@ -26,11 +34,13 @@ echo "== disk floor (../shared/bench/disk_bw.py)"
 wbw=$(awk '/write\+fsync/ {print $3}' "$W/disk.txt")
 rbw=$(awk '/disk read/ {print $(NF-1)}' "$W/disk.txt")
 
-echo "== input: $MODEL, $FORMAT, f32"
+echo "== input: ${CONFIG:-$MODEL}, $FORMAT, $DTYPE${MAX_SHARD:+, files of at most $MAX_SHARD}"
 rm -rf "$W/in" "$W/ck"
-"$MPSHARD" synth --model "$MODEL" --format "$FORMAT" -o "$W/in"
-input=$(ls "$W"/in/model*.* | head -1)
-in_bytes=$(stat -c %s "$input")
+if [ -n "$CONFIG" ]; then model_arg=(--config "$CONFIG"); else model_arg=(--model "$MODEL"); fi
+"$MPSHARD" synth "${model_arg[@]}" --format "$FORMAT" --dtype "$DTYPE" ${MAX_SHARD:+--max-shard-size "$MAX_SHARD"} -o "$W/in"
+if [ -e "$W/in/model.safetensors.index.json" ]; then input=$W/in; else input=$(ls "$W"/in/model*.* | head -1); fi
+in_bytes=$(cat "$W"/in/model*.safetensors "$W"/in/model*.bin 2>/dev/null | wc -c)
+ls -l "$W/in"
 
 dropped=$(drop)
 echo "== mpshard shard --layout $LAYOUT (caches dropped: $dropped)"
@@ -45,7 +55,7 @@ $PY - "$in_bytes" "$out_bytes" "$rbw" "$wbw" "$secs" "$rss_kb" <<'PY'
 import sys
 inb, outb, rbw, wbw, secs, rss = float(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
 floor = inb / 1e9 / rbw + outb / 1e9 / wbw
-print(f"input {inb/1e9:.2f} GB, output {outb/1e9:.2f} GB (ratio {inb/outb:.2f}x incl. zero Adam state)")
+print(f"input {inb/1e9:.2f} GB, output {outb/1e9:.2f} GB (f32 params + zero Adam moments, compressed)")
 print(f"disk floor {floor:.1f} s (read {rbw} GB/s, write {wbw} GB/s)")
 print(f"mpshard shard: {secs:.1f} s = {secs/floor:.2f}x the disk floor (target <= 1.25x); peak RSS {rss/1024:.0f} MiB (target <= 1024)")
 PY

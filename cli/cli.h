@@ -20,6 +20,10 @@ int cmd_train(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 int cmd_ls(int argc, char **argv);
 int cmd_extract(int argc, char **argv);
+int cmd_models(int argc, char **argv);
+
+/* "80GiB" -> bytes. Decimal (kB, MB, GB, TB) and binary (KiB .. TiB; K, M, G, T alone) units. */
+int mps_parse_size(const char *text, int64_t *out);
 
 /* Under mpirun: initialises MPI and fills procs (returns 1); otherwise returns 0; -1 on error. */
 int cli_procs_init(int *argc, char ***argv, mps_procs *procs);

@@ -9,16 +9,19 @@ static const char *const help =
     "usage: mpshard export DIR --format safetensors|llmc -o OUTDIR [options]\n"
     "\n"
     "Writes the parameters of checkpoint DIR (any layout) as one full model file, streaming in\n"
-    "bounded memory: OUTDIR/model.safetensors + OUTDIR/config.json (loads with\n"
-    "transformers.GPT2LMHeadModel.from_pretrained), or OUTDIR/model_%08d.bin (llm.c; step from\n"
-    "the checkpoint). The original vocabulary size and config.json are restored.\n"
+    "bounded memory: OUTDIR/model.safetensors + OUTDIR/config.json, as transformers'\n"
+    "save_pretrained writes them (AutoModelForCausalLM.from_pretrained(OUTDIR) loads them; above\n"
+    "--max-shard-size, model-0000k-of-0000n.safetensors + model.safetensors.index.json), or\n"
+    "OUTDIR/model_%08d.bin (llm.c, GPT-2 only; step from the checkpoint). The original\n"
+    "vocabulary size and config.json are restored.\n"
     "With --processes N (llm.c), also the optimizer state of N llm.c processes,\n"
     "OUTDIR/state_%08d_%05d.bin for ranks 0..N-1, then OUTDIR/DONE_%08d: a checkpoint that\n"
     "`train_gpt2cu -y 1` resumes with N processes.\n"
     "\n"
     "  --format F       safetensors or llmc (required)\n"
     "  -o, --out DIR    output directory\n"
-    "  --dtype D        f32 or bf16 (default: the dtype of the model the checkpoint came from)\n"
+    "  --dtype D        f32, bf16 or f16 (default: the dtype of the model the checkpoint came from)\n"
+    "  --max-shard-size S  safetensors: largest file, e.g. 5GB (default, as transformers) or 500MB\n"
     "  --processes N    llmc: write the optimizer-state files of N processes and DONE\n"
     "  --zero 0|1       with --processes: 1 (default) each file holds its rank's ZeRO-1 slice of\n"
     "                   m, v and master (llm.c -z 1); 0 every file holds all of them (-z 0)\n"
@@ -37,7 +40,8 @@ int cmd_export(int argc, char **argv)
         { "dtype", required_argument, 0, 'd' }, { "memory-mb", required_argument, 0, 'm' },
         { "threads", required_argument, 0, 't' }, { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' },
         { "processes", required_argument, 0, 'P' }, { "zero", required_argument, 0, 'Z' },
-        { "master-weights", required_argument, 0, 'W' }, { "force", no_argument, 0, 'F' }, { 0, 0, 0, 0 },
+        { "master-weights", required_argument, 0, 'W' }, { "max-shard-size", required_argument, 0, 'S' },
+        { "force", no_argument, 0, 'F' }, { 0, 0, 0, 0 },
     };
     mps_export_opts o = { .format = MPS_FILE_AUTO, .dtype = -1, .zero = 1, .master_weights = 1 };
     int state_opt = 0;
@@ -57,7 +61,11 @@ int cmd_export(int argc, char **argv)
         case 'd':
             o.dtype = mps_dtype_from_name(optarg);
             if (o.dtype < 0)
-                return cli_usage("export", "--dtype '%s': expected f32 or bf16", optarg);
+                return cli_usage("export", "--dtype '%s': expected f32, bf16 or f16", optarg);
+            break;
+        case 'S':
+            if (mps_parse_size(optarg, &o.max_shard_bytes) != 0)
+                return cli_usage("export", "--max-shard-size '%s': expected a size such as 5GB or 200MiB", optarg);
             break;
         case 'm': if (cli_int("export", "--memory-mb", optarg, 1, 1 << 20, &v)) return MPS_EUSAGE; o.memory_budget = v << 20; break;
         case 't': if (cli_int("export", "--threads", optarg, 1, 1024, &v)) return MPS_EUSAGE; o.threads = (int)v; break;

@@ -15,8 +15,10 @@ static const char *const init_help =
     "projections N(0, 0.02/sqrt(2 n_layer)), zero biases, unit layernorm weights), zero Adam moments,\n"
     "step 0. The values are a pure function of the seed: every layout gets the same model.\n"
     "\n"
-    "  --model NAME     gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-7b, gpt3-175b\n"
-    "  --config K=V,..  n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]\n"
+    "  --model NAME     a named model (GPT-2, Llama, Mistral, Qwen2 shapes): `mpshard models` lists them\n"
+    "  --config K=V,..  n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]; Llama family:\n"
+    "                   arch=llama[,family=llama|mistral|qwen2],n_kv_head=..,ffn=..,tied=0|1,qkv_bias=0|1,\n"
+    "                   norm_eps=..,rope_theta=..[,rope_llama3=factor:low:high:original_positions]\n"
     "  --layout L       dp=..,pp=..,tp=..,zero=..[,stages=a:b]\n"
     "  --seed S         default 1\n"
     "  --threads N      compression threads (default: all cores)\n"
@@ -70,9 +72,9 @@ int cmd_init(int argc, char **argv)
 static const char *const tokens_help =
     "usage: mpshard tokens --count N --vocab V -o FILE [--seed S] [--force]\n"
     "\n"
-    "Writes an llm.c token file (magic 20240520, version 1, uint16 tokens) of N tokens of a\n"
-    "deterministic synthetic text that a model can learn (demo and tests). An existing FILE is\n"
-    "replaced only with --force.\n";
+    "Writes an llm.c token file (magic 20240520; version 1, uint16 tokens, or for --vocab above\n"
+    "65535 version 2, uint32 tokens) of N tokens of a deterministic synthetic text that a model\n"
+    "can learn (demo and tests). An existing FILE is replaced only with --force.\n";
 
 int cmd_tokens(int argc, char **argv)
 {
@@ -89,7 +91,7 @@ int cmd_tokens(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
         switch (c) {
         case 'n': if (cli_int("tokens", "--count", optarg, 2, INT32_MAX, &count)) return MPS_EUSAGE; break;
-        case 'v': if (cli_int("tokens", "--vocab", optarg, 2, 65536, &vocab)) return MPS_EUSAGE; break;
+        case 'v': if (cli_int("tokens", "--vocab", optarg, 2, INT32_MAX, &vocab)) return MPS_EUSAGE; break;
         case 's': if (cli_int("tokens", "--seed", optarg, 0, INT64_MAX, &seed)) return MPS_EUSAGE; break;
         case 'o': out = optarg; break;
         case 'F': force = 1; break;

@@ -25,8 +25,10 @@ static const char *const help =
     "compression ratio too), or planned from a model and a layout. --suggest lists the layouts of N\n"
     "GPUs whose every rank fits M bytes, best (fewest bytes sent per rank and step) first.\n"
     "\n"
-    "  --model NAME        gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-7b, gpt3-175b\n"
-    "  --config K=V,..     n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]\n"
+    "  --model NAME        a named model (GPT-2, Llama, Mistral, Qwen2 shapes): `mpshard models` lists them\n"
+    "  --config K=V,..     n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]; Llama family:\n"
+    "                   arch=llama[,family=llama|mistral|qwen2],n_kv_head=..,ffn=..,tied=0|1,qkv_bias=0|1,\n"
+    "                   norm_eps=..,rope_theta=..[,rope_llama3=factor:low:high:original_positions]\n"
     "  --layout L          dp=..,pp=..,tp=..,zero=0..3[,stages=a:b:..]\n"
     "  --precision P       fp32 (default: 4 B weights + 4 B gradients + 8 B Adam per parameter) or\n"
     "                      mixed (2 B bf16 weights + 2 B bf16 gradients + 12 B fp32 master, m, v)\n"
@@ -57,7 +59,6 @@ static const char *const help =
     "sequence parallelism (selective: s*b*h/t*34, full: 2*s*b*h/t); a 1F1B pipeline stage i holds\n"
     "min(pp - i, micro-batches) micro-batches of its layers. See docs/inspect.md.\n";
 
-static const char *const preset_names[] = { "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt-7b", "gpt3-175b" };
 
 typedef struct {
     const char *dir, *model, *config, *layout, *svg;
@@ -67,29 +68,6 @@ typedef struct {
     int suggest, tensors, check, json, binary, time;
     mps_suggest_order sort;
 } inspect_args;
-
-/* "80GiB" -> bytes. Decimal (kB, MB, GB, TB) and binary (KiB .. TiB; K, M, G, T alone) units. */
-static int parse_size(const char *text, int64_t *out)
-{
-    char *end;
-    double v = strtod(text, &end);
-    if (end == text || !(v > 0))
-        return -1;
-    static const struct { const char *suffix; double scale; } units[] = {
-        { "B", 1 }, { "kB", 1e3 }, { "KB", 1e3 }, { "MB", 1e6 }, { "GB", 1e9 }, { "TB", 1e12 },
-        { "KiB", 1024.0 }, { "MiB", 1048576.0 }, { "GiB", 1073741824.0 }, { "TiB", 1099511627776.0 },
-        { "K", 1024.0 }, { "M", 1048576.0 }, { "G", 1073741824.0 }, { "T", 1099511627776.0 },
-    };
-    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++)
-        if (strcmp(end, units[i].suffix) == 0) {
-            double bytes = v * units[i].scale;
-            if (bytes >= 9.0e18)
-                return -1;
-            *out = (int64_t)llround(bytes);
-            return 0;
-        }
-    return -1;
-}
 
 /* Human-readable bytes in the chosen family of units. */
 static const char *fmt_bytes(char *buf, size_t size, int64_t bytes, int binary)
@@ -117,12 +95,12 @@ static const mps_kind table_kinds[MPS_KIND_COUNT] = { MPS_KIND_PARAM, MPS_KIND_G
 
 static const char *preset_name_of(const mps_config *cfg)
 {
-    for (size_t i = 0; i < sizeof preset_names / sizeof preset_names[0]; i++) {
+    for (int i = 0; mps_preset_name(i); i++) {
         mps_config p;
         mps_err e;
         mps_err_clear(&e);
-        if (mps_config_preset(preset_names[i], &p, &e) == 0 && memcmp(&p, cfg, sizeof p) == 0)
-            return preset_names[i];
+        if (mps_config_preset(mps_preset_name(i), &p, &e) == 0 && memcmp(&p, cfg, sizeof p) == 0)
+            return mps_preset_name(i);
     }
     return NULL;
 }
@@ -585,7 +563,7 @@ static int parse_args(int argc, char **argv, inspect_args *a)
         case 's': if (cli_int("inspect", "--seq", optarg, 1, 1 << 24, &a->po.seq)) return MPS_EUSAGE; a->seq_set = 1; break;
         case 'G': if (cli_int("inspect", "--global-batch", optarg, 1, (int64_t)1 << 40, &a->po.global_batch)) return MPS_EUSAGE; break;
         case 'm':
-            if (parse_size(optarg, &a->gpu_mem) != 0)
+            if (mps_parse_size(optarg, &a->gpu_mem) != 0)
                 return cli_usage("inspect", "--gpu-mem '%s': expected a size such as 80GiB or 40GB", optarg);
             break;
         case 'g': if (cli_int("inspect", "--gpus", optarg, 1, 1 << 24, &a->gpus)) return MPS_EUSAGE; break;

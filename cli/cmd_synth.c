@@ -13,10 +13,13 @@ static const char *const help =
     "Writes a model file with deterministic synthetic weights (a pure function of the seed), for\n"
     "demos, tests and benchmarks: DIR/model.safetensors + config.json, or DIR/model_00000000.bin.\n"
     "\n"
-    "  --model NAME     gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-7b, gpt3-175b\n"
-    "  --config K=V,..  n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]\n"
+    "  --model NAME     a named model (GPT-2, Llama, Mistral, Qwen2 shapes): `mpshard models` lists them\n"
+    "  --config K=V,..  n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]; Llama family:\n"
+    "                   arch=llama[,family=llama|mistral|qwen2],n_kv_head=..,ffn=..,tied=0|1,qkv_bias=0|1,\n"
+    "                   norm_eps=..,rope_theta=..[,rope_llama3=factor:low:high:original_positions]\n"
     "  --format F       safetensors or llmc (required)\n"
-    "  --dtype D        f32 (default) or bf16\n"
+    "  --dtype D        f32 (default), bf16 or f16\n"
+    "  --max-shard-size S  safetensors: several files and an index above this size (e.g. 500MB)\n"
     "  --seed S         default 1\n"
     "  --force          replace an existing model file (and config.json) in DIR\n"
     "  -q, --quiet      no progress on stderr\n";
@@ -27,12 +30,12 @@ int cmd_synth(int argc, char **argv)
         { "model", required_argument, 0, 'M' }, { "config", required_argument, 0, 'c' },
         { "format", required_argument, 0, 'f' }, { "dtype", required_argument, 0, 'd' },
         { "seed", required_argument, 0, 's' }, { "out", required_argument, 0, 'o' },
-        { "force", no_argument, 0, 'F' }, { "quiet", no_argument, 0, 'q' },
-        { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
+        { "max-shard-size", required_argument, 0, 'S' }, { "force", no_argument, 0, 'F' },
+        { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     const char *model = NULL, *config = NULL, *out = NULL;
     int format = -1, dtype = MPS_DTYPE_F32, force = 0, quiet = 0;
-    int64_t seed = 1;
+    int64_t seed = 1, max_shard = 0;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
@@ -47,7 +50,11 @@ int cmd_synth(int argc, char **argv)
         case 'd':
             dtype = mps_dtype_from_name(optarg);
             if (dtype < 0)
-                return cli_usage("synth", "--dtype '%s': expected f32 or bf16", optarg);
+                return cli_usage("synth", "--dtype '%s': expected f32, bf16 or f16", optarg);
+            break;
+        case 'S':
+            if (mps_parse_size(optarg, &max_shard) != 0)
+                return cli_usage("synth", "--max-shard-size '%s': expected a size such as 5GB or 200MiB", optarg);
             break;
         case 's': if (cli_int("synth", "--seed", optarg, 0, INT64_MAX, &seed)) return MPS_EUSAGE; break;
         case 'o': out = optarg; break;
@@ -70,8 +77,8 @@ int cmd_synth(int argc, char **argv)
         (!force && mps_output_refuse_model_files(out, (mps_file_format)format, 0, &err) != 0))
         return cli_fail("synth", &err);
     mps_progress *progress = mps_progress_new("synth", 0, quiet ? 0 : -1);
-    int rc = mps_synth_write_progress(out, &cfg, (mps_file_format)format, (mps_dtype)dtype, (uint64_t)seed, progress,
-                                      &err);
+    int rc = mps_synth_write_progress(out, &cfg, (mps_file_format)format, (mps_dtype)dtype, (uint64_t)seed, max_shard,
+                                      progress, &err);
     mps_progress_done(progress);
     return rc != 0 ? cli_fail("synth", &err) : 0;
 }

@@ -1,21 +1,23 @@
 /* mpshard: the command-line front end. Only this layer prints and exits. */
 #include <getopt.h>
 #include <hdf5.h>
+#include <math.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "ckpt.h"
 #include "cli.h"
 
 static const char *const usage_text =
     "usage: mpshard COMMAND [options]\n"
     "\n"
-    "Checkpoints of GPT-2 models, sharded for any DP x PP x TP x ZeRO layout.\n"
+    "Checkpoints of GPT-2 and Llama-family models, sharded for any DP x PP x TP x ZeRO layout.\n"
     "\n"
     "commands:\n"
-    "  shard INPUT --layout L -o DIR   full model file (safetensors, llm.c .bin) -> shards for layout L\n"
+    "  shard INPUT --layout L -o DIR   full model (HF directory, safetensors, llm.c .bin) -> shards for layout L\n"
     "  reshard SRC --layout L -o DST   shards of one layout -> another (weights and optimizer state)\n"
     "  export DIR --format F -o OUT    shards (any layout) -> one full model file (safetensors, llmc)\n"
     "  verify DIR                      check completeness and every checksum\n"
@@ -29,6 +31,7 @@ static const char *const usage_text =
     "  train --ckpt DIR --layout L ...     train GPT-2 (mpirun -np dp*pp*tp), resuming from any layout\n"
     "  eval --ckpt DIR --data TOKENS       the loss of a checkpoint over token data (any layout)\n"
     "  tokens --count N --vocab V -o FILE  a synthetic llm.c token file (demo, tests)\n"
+    "  models                          the named models (--model) and their shapes\n"
     "\n"
     "Layouts: --layout dp=2,pp=2,tp=2,zero=1 (any order; missing keys mean 1, zero 0;\n"
     "stages=5:7 gives the number of layers per pipeline stage).\n"
@@ -115,6 +118,28 @@ int cli_int(const char *cmd, const char *opt, const char *value, int64_t lo, int
     return 0;
 }
 
+int mps_parse_size(const char *text, int64_t *out)
+{
+    char *end;
+    double v = strtod(text, &end);
+    if (end == text || !(v > 0))
+        return -1;
+    static const struct { const char *suffix; double scale; } units[] = {
+        { "B", 1 }, { "kB", 1e3 }, { "KB", 1e3 }, { "MB", 1e6 }, { "GB", 1e9 }, { "TB", 1e12 },
+        { "KiB", 1024.0 }, { "MiB", 1048576.0 }, { "GiB", 1073741824.0 }, { "TiB", 1099511627776.0 },
+        { "K", 1024.0 }, { "M", 1048576.0 }, { "G", 1073741824.0 }, { "T", 1099511627776.0 },
+    };
+    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++)
+        if (strcmp(end, units[i].suffix) == 0) {
+            double bytes = v * units[i].scale;
+            if (bytes >= 9.0e18)
+                return -1;
+            *out = (int64_t)llround(bytes);
+            return 0;
+        }
+    return -1;
+}
+
 int main(int argc, char **argv)
 {
     /* HDF5's exit handler closes what is still open; after a failed write (disk full) a file whose
@@ -135,7 +160,7 @@ int main(int argc, char **argv)
     if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0) {
         unsigned maj, min, rel;
         H5get_libversion(&maj, &min, &rel);
-        printf("mpshard %s (format version 1, HDF5 %u.%u.%u)\n", MPS_VERSION, maj, min, rel);
+        printf("mpshard %s (format version %d, HDF5 %u.%u.%u)\n", MPS_VERSION, MPS_FORMAT_VERSION, maj, min, rel);
         return 0;
     }
     static const struct { const char *name; int (*fn)(int, char **); } cmds[] = {
@@ -144,6 +169,7 @@ int main(int argc, char **argv)
         { "load", cmd_load },
         { "inspect", cmd_inspect }, { "init", cmd_init }, { "tokens", cmd_tokens }, { "train", cmd_train }, { "eval", cmd_eval },
         { "ls", cmd_ls }, { "extract", cmd_extract },
+        { "models", cmd_models },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (strcmp(argv[1], cmds[i].name) == 0) {

@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "arch.h"
 #include "ckpt.h"
 #include "modelfile.h"
 
@@ -39,7 +40,8 @@ static int is_checkpoint(const char *path)
     return access(manifest, F_OK) == 0;
 }
 
-/* a file, or a directory holding model.safetensors (what export and synth write) */
+/* a file, or a directory holding model.safetensors or the index of its parts (what export and
+ * synth write, and transformers' save_pretrained) */
 static int is_model_file(const char *path)
 {
     struct stat st;
@@ -49,6 +51,9 @@ static int is_model_file(const char *path)
     if (!S_ISDIR(st.st_mode))
         return 1;
     snprintf(inner, sizeof inner, "%s/model.safetensors", path);
+    if (access(inner, F_OK) == 0)
+        return 1;
+    snprintf(inner, sizeof inner, "%s/model.safetensors.index.json", path);
     return access(inner, F_OK) == 0;
 }
 
@@ -56,7 +61,7 @@ static int is_model_file(const char *path)
 static int refuse_llmc_dir(const char *path, mps_err *err)
 {
     struct stat st;
-    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode) || is_model_file(path))
         return 0;
     DIR *d = opendir(path);
     struct dirent *e;
@@ -166,8 +171,9 @@ static void report(const mps_compare_opts *o, const char *fmt, ...)
 
 static int same_shape(const mps_config *a, const mps_config *b)
 {
-    return a->n_layer == b->n_layer && a->n_embd == b->n_embd && a->n_head == b->n_head &&
-           a->n_positions == b->n_positions && a->vocab == b->vocab;
+    return a->arch == b->arch && a->n_layer == b->n_layer && a->n_embd == b->n_embd && a->n_head == b->n_head &&
+           a->n_positions == b->n_positions && a->vocab == b->vocab && mps_cfg_kv_heads(a) == mps_cfg_kv_heads(b) &&
+           mps_cfg_ffn(a) == mps_cfg_ffn(b) && mps_cfg_tied(a) == mps_cfg_tied(b) && a->qkv_bias == b->qkv_bias;
 }
 
 /* One (tensor, kind): counts and the largest errors into res, a line when it differs. */
@@ -177,9 +183,13 @@ static int compare_tensor(side *a, side *b, mps_kind kind, int t, float *x, floa
     mps_tensor_spec spec;
     mps_tensor_spec_get(a->cfg, t, &spec);
     int64_t n = mps_tensor_numel(&spec);
-    /* wte's padded rows only where both sides store them, and the same number of them */
-    if (t == MPS_TENSOR_WTE && (!a->stores_padding || !b->stores_padding || a->cfg->padded_vocab != b->cfg->padded_vocab))
-        n = a->cfg->vocab * (int64_t)a->cfg->n_embd;
+    /* the padded vocab rows (the embedding's, an untied head's) only where both sides store them,
+     * and the same number of them */
+    int layer;
+    const mps_tensor_rule *rule = mps_tensor_rule_of(a->cfg, t, &layer);
+    if (rule && rule->dims[0] == MPS_DIM_VP &&
+        (!a->stores_padding || !b->stores_padding || a->cfg->padded_vocab != b->cfg->padded_vocab))
+        n = n / spec.shape[0] * a->cfg->vocab;
     errors er = { 0 };
     for (int64_t f = 0; f < n; f += band) {
         int64_t e = f + band < n ? f + band : n;
@@ -242,7 +252,7 @@ int mps_compare(const char *pa, const char *pb, const mps_compare_opts *o, mps_c
     if (res->what == MPS_COMPARE_CKPTS) {
         const mps_manifest *ma = mps_ckpt_manifest(a.ck), *mb = mps_ckpt_manifest(b.ck);
         if (memcmp(&ma->cfg, &mb->cfg, sizeof ma->cfg) != 0) {
-            report(o, "the models differ (n_layer, n_embd, n_head, n_positions, vocab or padded_vocab)");
+            report(o, "the models differ (architecture, n_layer, n_embd, n_head, n_positions, vocab or padded_vocab)");
             res->shapes_differ = 1;
             rc = 1;
             goto out;
@@ -259,7 +269,7 @@ int mps_compare(const char *pa, const char *pb, const mps_compare_opts *o, mps_c
         }
         kinds = ma->kinds & mb->kinds;
     } else if (!same_shape(a.cfg, b.cfg)) {
-        report(o, "the models differ in shape (n_layer, n_embd, n_head, n_positions or vocab)");
+        report(o, "the models differ in shape (architecture, n_layer, n_embd, n_head, n_positions or vocab)");
         res->shapes_differ = 1;
         rc = 1;
         goto out;

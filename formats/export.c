@@ -75,8 +75,12 @@ static int emit(mps_out_file *out, const float *src, int64_t n, void *conv, mps_
     if (mps_out_file_dtype(out) == MPS_DTYPE_F32)
         return mps_out_file_write(out, src, (size_t)n * sizeof(float), err);
     uint16_t *h = conv;
-    for (int64_t i = 0; i < n; i++)
-        h[i] = mps_f32_to_bf16(src[i]);
+    if (mps_out_file_dtype(out) == MPS_DTYPE_F16)
+        for (int64_t i = 0; i < n; i++)
+            h[i] = mps_f32_to_f16(src[i]);
+    else
+        for (int64_t i = 0; i < n; i++)
+            h[i] = mps_f32_to_bf16(src[i]);
     return mps_out_file_write(out, h, (size_t)n * sizeof(uint16_t), err);
 }
 
@@ -229,7 +233,8 @@ int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err)
     if (mps_pool_create(threads, njobs, &pool, err) != 0)
         goto out;
     if (o->format == MPS_FILE_SAFETENSORS) {
-        if (mps_safetensors_create(o->out_dir, cfg, dtype, m->hf_config_json, &out, err) != 0)
+        if (mps_safetensors_create(o->out_dir, cfg, dtype, m->hf_config_json,
+                                   o->max_shard_bytes ? o->max_shard_bytes : MPS_DEFAULT_MAX_SHARD_BYTES, &out, err) != 0)
             goto out;
     } else if (o->format == MPS_FILE_LLMC) {
         if (mps_llmc_create(o->out_dir, cfg, dtype, m->step, &out, err) != 0)

@@ -6,6 +6,9 @@
 #include "ckpt.h"
 #include "modelfile.h"
 
+/* transformers' default max_shard_size ("5GB") */
+#define MPS_DEFAULT_MAX_SHARD_BYTES ((int64_t)5000000000)
+
 typedef struct {
     mps_file_format format;   /* safetensors or llmc */
     int dtype;                /* -1: the source model's dtype recorded in the manifest */
@@ -14,6 +17,7 @@ typedef struct {
     int64_t memory_budget;    /* bytes of tensor data held at once; 0: 256 MiB */
     int quiet;
     int force;                /* replace existing output files (else they are refused, exit 2) */
+    int64_t max_shard_bytes;  /* safetensors: larger models go to several files and an index; 0: 5 GB */
     /* llm.c only: processes > 0 also writes OUT/state_%08d_%05d.bin for ranks 0..processes-1 and
      * then OUT/DONE_%08d, as llm.c's write_checkpoint does */
     int processes;

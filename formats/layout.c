@@ -104,6 +104,12 @@ int mps_layout_validate(mps_layout *L, const mps_config *cfg, mps_err *err)
         return mps_fail(err, MPS_EUSAGE, "pp=%d exceeds the model's n_layer=%d (every stage needs a layer)", L->pp, cfg->n_layer);
     if (cfg->n_head % L->tp != 0)
         return mps_fail(err, MPS_EUSAGE, "tp=%d must divide the model's n_head=%d", L->tp, cfg->n_head);
+    /* each TP rank holds whole kv heads and the query heads that use them; replicating kv heads
+     * over ranks (tp > n_kv_head) is not implemented */
+    if (mps_cfg_kv_heads(cfg) % L->tp != 0)
+        return mps_fail(err, MPS_EUSAGE, "tp=%d must divide the model's %d key/value heads (n_kv_head; %d query heads)%s",
+                        L->tp, mps_cfg_kv_heads(cfg), cfg->n_head,
+                        L->tp > mps_cfg_kv_heads(cfg) ? ": tp above n_kv_head would need kv-head replication" : "");
     if (L->explicit_stages) {
         if (L->stage_first[L->pp] != cfg->n_layer)
             return mps_fail(err, MPS_EUSAGE, "stages= add up to %d layers but the model has n_layer=%d",

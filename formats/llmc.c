@@ -115,8 +115,11 @@ int mps_llmc_create(const char *dir, const mps_config *cfg, mps_dtype dtype, int
     *out = NULL;
     if (mps_config_validate(cfg, err) != 0)
         return -1;
+    if (cfg->arch != MPS_ARCH_GPT2)
+        return mps_fail(err, MPS_EUNSUPPORTED, "%s: llm.c model files hold GPT-2 models only, this is a %s model "
+                        "(export it with --format safetensors)", dir, mps_family_name(cfg->family));
     if (dtype != MPS_DTYPE_F32 && dtype != MPS_DTYPE_BF16)
-        return mps_fail(err, MPS_EUSAGE, "%s: unsupported dtype %d", dir, (int)dtype);
+        return mps_fail(err, MPS_EUSAGE, "%s: llm.c model files hold f32 or bf16, not %s", dir, mps_dtype_name(dtype));
     if (step < 0 || step > 99999999)
         return mps_fail(err, MPS_EUSAGE, "%s: step %lld out of range for model_%%08d.bin", dir, (long long)step);
     if (cfg->padded_vocab > INT32_MAX)

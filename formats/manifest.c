@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "arch.h"
 #include "ckpt.h"
 
 #define CHECKSUM_KEY "\"manifest_xxh3\": \""
@@ -37,7 +38,9 @@ void mps_checkpoint_id_new(char out[33])
 void mps_manifest_init(mps_manifest *m, const mps_config *cfg, const mps_layout *L)
 {
     memset(m, 0, sizeof *m);
-    m->format_version = MPS_FORMAT_VERSION;
+    /* version 2 adds the Llama family; a GPT-2 checkpoint stays version 1, readable by older
+     * mpshard releases */
+    m->format_version = cfg->arch == MPS_ARCH_GPT2 ? 1 : MPS_FORMAT_VERSION;
     mps_checkpoint_id_new(m->checkpoint_id);
     m->cfg = *cfg;
     m->layout = *L;
@@ -78,6 +81,31 @@ static json_t *layout_json(const mps_layout *L)
                      "stage_layers", stages);
 }
 
+/* The model section: GPT-2's six numbers, and for the Llama family every field of the config. */
+static json_t *model_json(const mps_config *c)
+{
+    json_t *o = json_pack("{s:s, s:i, s:i, s:i, s:i, s:I, s:I}", "arch", mps_arch_name(c->arch), "n_layer", c->n_layer,
+                          "n_embd", c->n_embd, "n_head", c->n_head, "n_positions", c->n_positions, "vocab",
+                          (json_int_t)c->vocab, "padded_vocab", (json_int_t)c->padded_vocab);
+    if (c->arch == MPS_ARCH_GPT2)
+        return o;
+    json_object_set_new(o, "family", json_string(mps_family_name(c->family)));
+    json_object_set_new(o, "n_kv_head", json_integer(c->n_kv_head));
+    json_object_set_new(o, "ffn", json_integer(c->ffn));
+    json_object_set_new(o, "tied", json_boolean(!c->untied));
+    json_object_set_new(o, "qkv_bias", json_boolean(c->qkv_bias));
+    json_object_set_new(o, "norm_eps", json_real(c->norm_eps));
+    json_object_set_new(o, "rope_theta", json_real(c->rope_theta));
+    if (c->rope.type == MPS_ROPE_LLAMA3)
+        json_object_set_new(o, "rope_scaling", json_pack("{s:s, s:f, s:f, s:f, s:i}", "type", "llama3", "factor",
+                            c->rope.factor, "low_freq_factor", c->rope.low_freq_factor, "high_freq_factor",
+                            c->rope.high_freq_factor, "original_max_position_embeddings",
+                            c->rope.original_max_positions));
+    else
+        json_object_set_new(o, "rope_scaling", json_null());
+    return o;
+}
+
 int mps_manifest_write(const char *path, const mps_manifest *m, mps_err *err)
 {
     json_t *root = json_object();
@@ -85,10 +113,7 @@ int mps_manifest_write(const char *path, const mps_manifest *m, mps_err *err)
     json_object_set_new(root, "format_version", json_integer(m->format_version));
     json_object_set_new(root, "checkpoint_id", json_string(m->checkpoint_id));
     json_object_set_new(root, "created_by", json_string(m->created_by));
-    json_object_set_new(root, "model", json_pack("{s:s, s:i, s:i, s:i, s:i, s:I, s:I}", "arch", "gpt2",
-        "n_layer", m->cfg.n_layer, "n_embd", m->cfg.n_embd, "n_head", m->cfg.n_head,
-        "n_positions", m->cfg.n_positions, "vocab", (json_int_t)m->cfg.vocab, "padded_vocab",
-        (json_int_t)m->cfg.padded_vocab));
+    json_object_set_new(root, "model", model_json(&m->cfg));
     json_t *tensors = json_array();
     for (int t = 0; t < mps_tensor_count(&m->cfg); t++) {
         mps_tensor_spec s;
@@ -233,6 +258,100 @@ static int read_file_text(const char *path, char **out, size_t *len, mps_err *er
     return 0;
 }
 
+static int get_real(json_t *o, const char *key, double lo, double hi, double *out, const char *path, mps_err *err)
+{
+    json_t *v = json_object_get(o, key);
+    if (!json_is_number(v) || !(json_number_value(v) >= lo && json_number_value(v) <= hi))
+        return mps_fail(err, MPS_ECORRUPT, "%s: model.%s missing or out of range", path, key);
+    *out = json_number_value(v);
+    return 0;
+}
+
+/* The model section (model_json); an architecture or family this mpshard does not know is
+ * refused by name. */
+static int parse_model(json_t *model, const char *path, mps_config *c, mps_err *err)
+{
+    int64_t nl = 0, ne = 0, nh = 0, np = 0, vv = 0, pv = 0; /* set by get_int or unused: GCC 13 -O3 cannot see it */
+    memset(c, 0, sizeof *c);
+    if (!json_is_object(model) || get_int(model, "n_layer", 1, 1 << 20, &nl, path, err) ||
+        get_int(model, "n_embd", 1, 1 << 24, &ne, path, err) || get_int(model, "n_head", 1, 1 << 24, &nh, path, err) ||
+        get_int(model, "n_positions", 1, 1 << 24, &np, path, err) ||
+        get_int(model, "vocab", 1, (int64_t)1 << 31, &vv, path, err) ||
+        get_int(model, "padded_vocab", 1, (int64_t)1 << 31, &pv, path, err))
+        return mps_fail(err, MPS_ECORRUPT, "%s: bad 'model' object", path);
+    c->n_layer = (int)nl;
+    c->n_embd = (int)ne;
+    c->n_head = (int)nh;
+    c->n_positions = (int)np;
+    c->vocab = vv;
+    c->padded_vocab = pv;
+    json_t *arch = json_object_get(model, "arch");
+    const char *an = json_is_string(arch) ? json_string_value(arch) : "gpt2"; /* format 1 wrote gpt2 always */
+    int a = mps_arch_from_name(an);
+    if (a < 0)
+        return mps_fail(err, MPS_EUNSUPPORTED, "%s: model.arch '%.40s' is not an architecture this mpshard knows "
+                        "(gpt2, llama)", path, an);
+    c->arch = (mps_arch_id)a;
+    if (c->arch == MPS_ARCH_GPT2)
+        return 0;
+    json_t *fam = json_object_get(model, "family"), *tied = json_object_get(model, "tied"),
+           *bias = json_object_get(model, "qkv_bias"), *rs = json_object_get(model, "rope_scaling");
+    int f = json_is_string(fam) ? mps_family_from_name(json_string_value(fam)) : -1;
+    int64_t kv, ffn, orig;
+    if (f < 0 || f == MPS_FAMILY_GPT2)
+        return mps_fail(err, MPS_EUNSUPPORTED, "%s: model.family missing or not one this mpshard knows "
+                        "(llama, mistral, qwen2)", path);
+    c->family = (mps_family)f;
+    if (get_int(model, "n_kv_head", 1, 1 << 24, &kv, path, err) || get_int(model, "ffn", 1, (int64_t)1 << 26, &ffn, path, err) ||
+        get_real(model, "norm_eps", 0, 1, &c->norm_eps, path, err) ||
+        get_real(model, "rope_theta", 1, 1e12, &c->rope_theta, path, err))
+        return -1;
+    if (!json_is_boolean(tied) || !json_is_boolean(bias))
+        return mps_fail(err, MPS_ECORRUPT, "%s: model.tied and model.qkv_bias must be true or false", path);
+    c->n_kv_head = (int)kv;
+    c->ffn = ffn;
+    c->untied = !json_is_true(tied);
+    c->qkv_bias = json_is_true(bias);
+    if (rs && !json_is_null(rs)) {
+        json_t *type = json_object_get(rs, "type");
+        if (!json_is_object(rs) || !json_is_string(type) || strcmp(json_string_value(type), "llama3") != 0)
+            return mps_fail(err, MPS_EUNSUPPORTED, "%s: model.rope_scaling: only type llama3 is known", path);
+        c->rope.type = MPS_ROPE_LLAMA3;
+        if (get_real(rs, "factor", 1, 1e6, &c->rope.factor, path, err) ||
+            get_real(rs, "low_freq_factor", 0, 1e6, &c->rope.low_freq_factor, path, err) ||
+            get_real(rs, "high_freq_factor", 0, 1e6, &c->rope.high_freq_factor, path, err) ||
+            get_int(rs, "original_max_position_embeddings", 1, 1 << 24, &orig, path, err))
+            return -1;
+        c->rope.original_max_positions = (int)orig;
+    }
+    return 0;
+}
+
+/* The manifest's tensor list is normative: it must be the catalogue of its model, tensor by
+ * tensor (name, shape, TP dimension), so that a reader never interprets datasets by a different
+ * description than the writer's. */
+static int check_tensor_list(json_t *list, const char *path, const mps_config *cfg, mps_err *err)
+{
+    int nt = mps_tensor_count(cfg);
+    if (!json_is_array(list) || json_array_size(list) != (size_t)nt)
+        return mps_fail(err, MPS_ECORRUPT, "%s: 'tensors' must list the model's %d tensors", path, nt);
+    for (int t = 0; t < nt; t++) {
+        mps_tensor_spec s;
+        mps_tensor_spec_get(cfg, t, &s);
+        json_t *e = json_array_get(list, (size_t)t), *name = json_object_get(e, "name"),
+               *shape = json_object_get(e, "shape"), *tp = json_object_get(e, "tp_dim");
+        int ok = json_is_string(name) && strcmp(json_string_value(name), s.name) == 0 && json_is_integer(tp) &&
+                 json_integer_value(tp) == s.tp_dim && json_is_array(shape) && json_array_size(shape) == (size_t)s.ndim;
+        for (int d = 0; ok && d < s.ndim; d++)
+            ok = json_is_integer(json_array_get(shape, (size_t)d)) &&
+                 json_integer_value(json_array_get(shape, (size_t)d)) == s.shape[d];
+        if (!ok)
+            return mps_fail(err, MPS_ECORRUPT, "%s: tensors[%d] is not %s as this mpshard's %s architecture "
+                            "describes it (name, shape, tp_dim)", path, t, s.name, mps_arch_name(cfg->arch));
+    }
+    return 0;
+}
+
 int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
 {
     memset(m, 0, sizeof *m);
@@ -289,22 +408,15 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     }
     strcpy(m->checkpoint_id, json_string_value(id));
     copy_text(m->created_by, sizeof m->created_by, json_object_get(root, "created_by"));
-    json_t *model = json_object_get(root, "model");
-    int64_t nl = 0, ne = 0, nh = 0, np = 0, vv = 0, pv = 0;
-    if (!json_is_object(model) || get_int(model, "n_layer", 1, 1 << 20, &nl, path, err) ||
-        get_int(model, "n_embd", 1, 1 << 24, &ne, path, err) || get_int(model, "n_head", 1, 1 << 24, &nh, path, err) ||
-        get_int(model, "n_positions", 1, 1 << 24, &np, path, err) ||
-        get_int(model, "vocab", 1, (int64_t)1 << 31, &vv, path, err) ||
-        get_int(model, "padded_vocab", 1, (int64_t)1 << 31, &pv, path, err)) {
-        mps_fail(err, MPS_ECORRUPT, "%s: bad 'model' object", path);
+    if (parse_model(json_object_get(root, "model"), path, &m->cfg, err) != 0)
         goto out;
-    }
-    m->cfg = (mps_config){ (int)nl, (int)ne, (int)nh, (int)np, vv, pv };
     if (mps_config_validate(&m->cfg, err) != 0) {
         mps_wrap(err, "%s", path);
         err->code = MPS_ECORRUPT;
         goto out;
     }
+    if (check_tensor_list(json_object_get(root, "tensors"), path, &m->cfg, err) != 0)
+        goto out;
     json_t *lay = json_object_get(root, "layout");
     int64_t dp = 0, pp = 0, tp = 0, zero = 0;
     if (!json_is_object(lay)) {
@@ -328,7 +440,7 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     int first = 0;
     for (int s = 0; s < (int)pp; s++) {
         json_t *n = json_array_get(stages, (size_t)s);
-        if (!json_is_integer(n) || json_integer_value(n) < 1 || json_integer_value(n) > nl) {
+        if (!json_is_integer(n) || json_integer_value(n) < 1 || json_integer_value(n) > m->cfg.n_layer) {
             mps_fail(err, MPS_ECORRUPT, "%s: layout.stage_layers[%d] invalid", path, s);
             goto out;
         }
@@ -351,7 +463,7 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     json_object_foreach(kinds, kname, kval) {
         int k = mps_kind_from_name(kname);
         int d = json_is_string(kval) ? mps_dtype_from_name(json_string_value(kval)) : -1;
-        if (k < 0 || k == MPS_KIND_GRAD || d < 0) {
+        if (k < 0 || k == MPS_KIND_GRAD || d < 0 || d == MPS_DTYPE_F16) {
             mps_fail(err, MPS_ECORRUPT, "%s: unknown state kind or dtype '%s'", path, kname);
             goto out;
         }

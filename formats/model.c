@@ -1,8 +1,12 @@
 #include "model.h"
 
+#include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "arch.h"
 
 const char *const mps_layer_slot_names[MPS_TENSORS_PER_LAYER] = {
     "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
@@ -24,7 +28,10 @@ int mps_kind_from_name(const char *name)
     return -1;
 }
 
-const char *mps_dtype_name(mps_dtype dtype) { return dtype == MPS_DTYPE_BF16 ? "bf16" : "f32"; }
+const char *mps_dtype_name(mps_dtype dtype)
+{
+    return dtype == MPS_DTYPE_BF16 ? "bf16" : dtype == MPS_DTYPE_F16 ? "f16" : "f32";
+}
 
 int mps_dtype_from_name(const char *name)
 {
@@ -32,10 +39,24 @@ int mps_dtype_from_name(const char *name)
         return MPS_DTYPE_F32;
     if (strcmp(name, "bf16") == 0)
         return MPS_DTYPE_BF16;
+    if (strcmp(name, "f16") == 0 || strcmp(name, "fp16") == 0)
+        return MPS_DTYPE_F16;
     return -1;
 }
 
-size_t mps_dtype_size(mps_dtype dtype) { return dtype == MPS_DTYPE_BF16 ? 2 : 4; }
+size_t mps_dtype_size(mps_dtype dtype) { return dtype == MPS_DTYPE_F32 ? 4 : 2; }
+
+static const char *const family_names[MPS_FAMILY_COUNT] = { "gpt2", "llama", "mistral", "qwen2" };
+
+const char *mps_family_name(mps_family f) { return f >= 0 && f < MPS_FAMILY_COUNT ? family_names[f] : "?"; }
+
+int mps_family_from_name(const char *name)
+{
+    for (int i = 0; i < MPS_FAMILY_COUNT; i++)
+        if (strcmp(name, family_names[i]) == 0)
+            return i;
+    return -1;
+}
 
 int64_t mps_default_padded_vocab(int64_t vocab) { return (vocab + 127) / 128 * 128; }
 
@@ -46,6 +67,11 @@ int64_t mps_default_padded_vocab(int64_t vocab) { return (vocab + 127) / 128 * 1
 
 int mps_config_validate(const mps_config *c, mps_err *err)
 {
+    if (c->arch < 0 || c->arch >= MPS_ARCH_COUNT)
+        return mps_fail(err, MPS_EUSAGE, "model: unknown architecture %d", (int)c->arch);
+    if (c->family < 0 || c->family >= MPS_FAMILY_COUNT || (c->arch == MPS_ARCH_GPT2) != (c->family == MPS_FAMILY_GPT2))
+        return mps_fail(err, MPS_EUSAGE, "model: family %s does not run on architecture %s", mps_family_name(c->family),
+                        c->arch == MPS_ARCH_GPT2 ? "gpt2" : "llama");
     if (c->n_layer < 1 || c->n_layer > MAX_LAYERS)
         return mps_fail(err, MPS_EUSAGE, "model: n_layer=%d out of range 1..%d", c->n_layer, MAX_LAYERS);
     if (c->n_embd < 1 || c->n_embd > MAX_EMBD)
@@ -59,151 +85,313 @@ int mps_config_validate(const mps_config *c, mps_err *err)
     if (c->padded_vocab < c->vocab || c->padded_vocab > MAX_VOCAB)
         return mps_fail(err, MPS_EUSAGE, "model: padded_vocab=%lld must be >= vocab=%lld",
                         (long long)c->padded_vocab, (long long)c->vocab);
+    if (c->arch == MPS_ARCH_GPT2) {
+        /* GPT-2's block has none of these: a value here is a config meant for another model */
+        if ((c->n_kv_head && c->n_kv_head != c->n_head) || (c->ffn && c->ffn != 4 * (int64_t)c->n_embd) ||
+            c->untied || c->qkv_bias || c->rope_theta != 0 || c->rope.type != MPS_ROPE_DEFAULT ||
+            (c->norm_eps != 0 && c->norm_eps != 1e-5))
+            return mps_fail(err, MPS_EUSAGE, "model: arch=gpt2 takes no n_kv_head, ffn, tied, qkv_bias, norm_eps, "
+                            "rope_theta or rope scaling (give arch=llama)");
+        return 0;
+    }
+    if (c->n_kv_head < 1 || c->n_head % c->n_kv_head != 0)
+        return mps_fail(err, MPS_EUSAGE, "model: n_kv_head=%d must be >= 1 and divide n_head=%d", c->n_kv_head,
+                        c->n_head);
+    if (c->ffn < 1 || c->ffn > ((int64_t)1 << 26))
+        return mps_fail(err, MPS_EUSAGE, "model: ffn=%lld out of range 1..%lld", (long long)c->ffn,
+                        (long long)1 << 26);
+    if (!(c->norm_eps > 0 && c->norm_eps < 1))
+        return mps_fail(err, MPS_EUSAGE, "model: norm_eps=%g must be in (0, 1)", c->norm_eps);
+    if (!(c->rope_theta >= 1 && c->rope_theta < 1e12))
+        return mps_fail(err, MPS_EUSAGE, "model: rope_theta=%g must be in [1, 1e12)", c->rope_theta);
+    if (c->rope.type == MPS_ROPE_LLAMA3) {
+        if (!(c->rope.factor >= 1 && c->rope.factor < 1e6) || !(c->rope.low_freq_factor > 0) ||
+            !(c->rope.high_freq_factor > c->rope.low_freq_factor) || c->rope.high_freq_factor > 1e6 ||
+            c->rope.original_max_positions < 1 || c->rope.original_max_positions > (1 << 24))
+            return mps_fail(err, MPS_EUSAGE, "model: llama3 rope scaling needs factor >= 1, 0 < low_freq_factor < "
+                            "high_freq_factor and original_max_position_embeddings >= 1");
+    } else if (c->rope.type != MPS_ROPE_DEFAULT) {
+        return mps_fail(err, MPS_EUSAGE, "model: unknown rope scaling type %d", (int)c->rope.type);
+    }
     return 0;
 }
 
-typedef struct { const char *name; int n_layer, n_embd, n_head, n_positions; int64_t vocab; } preset;
+typedef struct {
+    const char *name;
+    mps_family family;
+    int n_layer, n_embd, n_head, n_kv_head, n_positions;
+    int64_t ffn, vocab;
+    int untied, qkv_bias;
+    double norm_eps, rope_theta;
+    int llama3_rope; /* Llama 3.1's scaling: factor 8, low 1, high 4, original 8192 */
+} preset;
+/* The published configs (config.json of each model on the Hugging Face hub), and the shapes the
+ * benchmarks train (llama-125m, llama-1b-hs128: ../shared/bench/torch_llama.py). */
 static const preset presets[] = {
-    { "gpt2", 12, 768, 12, 1024, 50257 },
-    { "gpt2-medium", 24, 1024, 16, 1024, 50257 },
-    { "gpt2-large", 36, 1280, 20, 1024, 50257 },
-    { "gpt2-xl", 48, 1600, 25, 1024, 50257 },
-    { "gpt-7b", 32, 4096, 32, 2048, 50257 },
-    { "gpt3-175b", 96, 12288, 96, 2048, 50257 },
+    { "gpt2", MPS_FAMILY_GPT2, 12, 768, 12, 0, 1024, 0, 50257, 0, 0, 0, 0, 0 },
+    { "gpt2-medium", MPS_FAMILY_GPT2, 24, 1024, 16, 0, 1024, 0, 50257, 0, 0, 0, 0, 0 },
+    { "gpt2-large", MPS_FAMILY_GPT2, 36, 1280, 20, 0, 1024, 0, 50257, 0, 0, 0, 0, 0 },
+    { "gpt2-xl", MPS_FAMILY_GPT2, 48, 1600, 25, 0, 1024, 0, 50257, 0, 0, 0, 0, 0 },
+    { "gpt-7b", MPS_FAMILY_GPT2, 32, 4096, 32, 0, 2048, 0, 50257, 0, 0, 0, 0, 0 },
+    { "gpt3-175b", MPS_FAMILY_GPT2, 96, 12288, 96, 0, 2048, 0, 50257, 0, 0, 0, 0, 0 },
+    { "llama-2-7b", MPS_FAMILY_LLAMA, 32, 4096, 32, 32, 4096, 11008, 32000, 1, 0, 1e-5, 10000, 0 },
+    { "llama-2-70b", MPS_FAMILY_LLAMA, 80, 8192, 64, 8, 4096, 28672, 32000, 1, 0, 1e-5, 10000, 0 },
+    { "llama-3-8b", MPS_FAMILY_LLAMA, 32, 4096, 32, 8, 8192, 14336, 128256, 1, 0, 1e-5, 500000, 0 },
+    { "llama-3-70b", MPS_FAMILY_LLAMA, 80, 8192, 64, 8, 8192, 28672, 128256, 1, 0, 1e-5, 500000, 0 },
+    { "llama-3.1-8b", MPS_FAMILY_LLAMA, 32, 4096, 32, 8, 131072, 14336, 128256, 1, 0, 1e-5, 500000, 1 },
+    { "mistral-7b", MPS_FAMILY_MISTRAL, 32, 4096, 32, 8, 32768, 14336, 32768, 1, 0, 1e-5, 1000000, 0 },
+    { "qwen2.5-0.5b", MPS_FAMILY_QWEN2, 24, 896, 14, 2, 32768, 4864, 151936, 0, 1, 1e-6, 1000000, 0 },
+    { "qwen2.5-7b", MPS_FAMILY_QWEN2, 28, 3584, 28, 4, 32768, 18944, 152064, 1, 1, 1e-6, 1000000, 0 },
+    { "tinyllama-1.1b", MPS_FAMILY_LLAMA, 22, 2048, 32, 4, 2048, 5632, 32000, 1, 0, 1e-5, 10000, 0 },
+    { "smollm2-135m", MPS_FAMILY_LLAMA, 30, 576, 9, 3, 8192, 1536, 49152, 0, 0, 1e-5, 100000, 0 },
+    { "llama-125m", MPS_FAMILY_LLAMA, 12, 768, 12, 4, 1024, 2048, 32000, 1, 0, 1e-5, 10000, 0 },
+    { "llama-1b-hs128", MPS_FAMILY_LLAMA, 16, 2048, 16, 4, 2048, 5632, 32000, 1, 0, 1e-5, 10000, 0 },
 };
+#define NPRESETS (sizeof presets / sizeof presets[0])
+
+const char *mps_preset_name(int i) { return i >= 0 && (size_t)i < NPRESETS ? presets[i].name : NULL; }
+
+void mps_preset_list(char *buf, size_t size)
+{
+    size_t n = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < NPRESETS && n < size; i++)
+        n += (size_t)snprintf(buf + n, size - n, "%s%s", i ? ", " : "", presets[i].name);
+}
 
 int mps_config_preset(const char *name, mps_config *out, mps_err *err)
 {
-    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++) {
-        if (strcmp(presets[i].name, name) == 0) {
-            out->n_layer = presets[i].n_layer;
-            out->n_embd = presets[i].n_embd;
-            out->n_head = presets[i].n_head;
-            out->n_positions = presets[i].n_positions;
-            out->vocab = presets[i].vocab;
-            out->padded_vocab = mps_default_padded_vocab(out->vocab);
-            return 0;
+    for (size_t i = 0; i < NPRESETS; i++) {
+        const preset *p = &presets[i];
+        if (strcmp(p->name, name) != 0)
+            continue;
+        memset(out, 0, sizeof *out);
+        out->n_layer = p->n_layer;
+        out->n_embd = p->n_embd;
+        out->n_head = p->n_head;
+        out->n_positions = p->n_positions;
+        out->vocab = p->vocab;
+        out->padded_vocab = mps_default_padded_vocab(out->vocab);
+        out->family = p->family;
+        if (p->family != MPS_FAMILY_GPT2) {
+            out->arch = MPS_ARCH_LLAMA;
+            out->n_kv_head = p->n_kv_head;
+            out->ffn = p->ffn;
+            out->untied = p->untied;
+            out->qkv_bias = p->qkv_bias;
+            out->norm_eps = p->norm_eps;
+            out->rope_theta = p->rope_theta;
+            if (p->llama3_rope) {
+                out->rope.type = MPS_ROPE_LLAMA3;
+                out->rope.factor = 8;
+                out->rope.low_freq_factor = 1;
+                out->rope.high_freq_factor = 4;
+                out->rope.original_max_positions = 8192;
+            }
         }
+        return 0;
     }
-    return mps_fail(err, MPS_EUSAGE,
-                    "--model %s: unknown model (known: gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt-7b, gpt3-175b)", name);
+    char known[512];
+    mps_preset_list(known, sizeof known);
+    return mps_fail(err, MPS_EUSAGE, "--model %s: unknown model (known: %s)", name, known);
 }
 
 static int parse_i64(const char *s, int64_t *out)
 {
     char *end;
+    errno = 0;
     long long v = strtoll(s, &end, 10);
-    if (end == s || *end != '\0')
+    if (end == s || *end != '\0' || errno == ERANGE)
         return -1;
     *out = v;
     return 0;
 }
 
+static int parse_f64(const char *s, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (end == s || *end != '\0' || errno == ERANGE || !isfinite(v))
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* --config keys. Integer keys hold at most `max`; 'r' keys are reals; 's' keys are names. */
+enum { K_N_LAYER, K_N_EMBD, K_N_HEAD, K_VOCAB, K_N_POSITIONS, K_PADDED_VOCAB, K_ARCH, K_FAMILY, K_N_KV_HEAD, K_FFN,
+       K_TIED, K_QKV_BIAS, K_NORM_EPS, K_ROPE_THETA, K_ROPE_LLAMA3, K_COUNT };
+static const struct { const char *name; char type; int64_t max; } config_keys[K_COUNT] = {
+    { "n_layer", 'i', INT32_MAX }, { "n_embd", 'i', INT32_MAX }, { "n_head", 'i', INT32_MAX },
+    { "vocab", 'i', MAX_VOCAB }, { "n_positions", 'i', INT32_MAX }, { "padded_vocab", 'i', MAX_VOCAB },
+    { "arch", 's', 0 }, { "family", 's', 0 }, { "n_kv_head", 'i', INT32_MAX }, { "ffn", 'i', (int64_t)1 << 40 },
+    { "tied", 'i', 1 }, { "qkv_bias", 'i', 1 }, { "norm_eps", 'r', 0 }, { "rope_theta", 'r', 0 },
+    { "rope_llama3", 's', 0 },
+};
+
 int mps_config_parse(const char *text, mps_config *out, mps_err *err)
 {
     memset(out, 0, sizeof *out);
-    char buf[512];
+    char buf[1024];
     if (strlen(text) >= sizeof buf)
         return mps_fail(err, MPS_EUSAGE, "--config: string too long");
     strcpy(buf, text);
-    /* keys, and the largest value each can hold (the int fields must fit an int exactly) */
-    static const struct { const char *name; int64_t max; } keys[] = {
-        { "n_layer", INT32_MAX }, { "n_embd", INT32_MAX }, { "n_head", INT32_MAX }, { "vocab", MAX_VOCAB },
-        { "n_positions", INT32_MAX }, { "padded_vocab", MAX_VOCAB },
-    };
-    int64_t vals[6] = { 0 };
-    int seen[6] = { 0 };
+    int64_t ivals[K_COUNT] = { 0 };
+    double rvals[K_COUNT] = { 0 };
+    const char *svals[K_COUNT] = { 0 };
+    int seen[K_COUNT] = { 0 };
     for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
         char *eq = strchr(tok, '=');
         if (eq == NULL)
             return mps_fail(err, MPS_EUSAGE, "--config: '%s' is not key=value", tok);
         *eq = '\0';
         int k = -1;
-        for (int i = 0; i < 6; i++)
-            if (strcmp(tok, keys[i].name) == 0)
+        for (int i = 0; i < K_COUNT; i++)
+            if (strcmp(tok, config_keys[i].name) == 0)
                 k = i;
         if (k < 0)
             return mps_fail(err, MPS_EUSAGE,
-                            "--config: unknown key '%s' (known: n_layer, n_embd, n_head, vocab, padded_vocab, n_positions)", tok);
+                            "--config: unknown key '%s' (known: n_layer, n_embd, n_head, vocab, padded_vocab, "
+                            "n_positions, arch, family, n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta, rope_llama3)", tok);
         if (seen[k]++)
             return mps_fail(err, MPS_EUSAGE, "--config: key '%s' given twice", tok);
-        if (parse_i64(eq + 1, &vals[k]) != 0 || vals[k] < 0 || vals[k] > keys[k].max)
-            return mps_fail(err, MPS_EUSAGE, "--config: %s='%s' is not a valid number", tok, eq + 1);
+        const char *val = eq + 1;
+        int bad;
+        if (config_keys[k].type == 'i')
+            bad = parse_i64(val, &ivals[k]) != 0 || ivals[k] < 0 || ivals[k] > config_keys[k].max;
+        else if (config_keys[k].type == 'r')
+            bad = parse_f64(val, &rvals[k]) != 0;
+        else
+            bad = (svals[k] = val)[0] == '\0';
+        if (bad)
+            return mps_fail(err, MPS_EUSAGE, "--config: %s='%s' is not a valid %s", tok, val,
+                            config_keys[k].type == 's' ? "name" : "number");
     }
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i <= K_N_POSITIONS; i++)
         if (!seen[i])
             return mps_fail(err, MPS_EUSAGE, "--config: missing %s (give n_layer, n_embd, n_head, vocab, n_positions)",
-                            keys[i].name);
-    out->n_layer = (int)vals[0];
-    out->n_embd = (int)vals[1];
-    out->n_head = (int)vals[2];
-    out->vocab = vals[3];
-    out->n_positions = (int)vals[4];
-    out->padded_vocab = seen[5] ? vals[5] : mps_default_padded_vocab(out->vocab);
+                            config_keys[i].name);
+    out->n_layer = (int)ivals[K_N_LAYER];
+    out->n_embd = (int)ivals[K_N_EMBD];
+    out->n_head = (int)ivals[K_N_HEAD];
+    out->vocab = ivals[K_VOCAB];
+    out->n_positions = (int)ivals[K_N_POSITIONS];
+    out->padded_vocab = seen[K_PADDED_VOCAB] ? ivals[K_PADDED_VOCAB] : mps_default_padded_vocab(out->vocab);
+    if (seen[K_ARCH]) {
+        int a = mps_arch_from_name(svals[K_ARCH]);
+        if (a < 0)
+            return mps_fail(err, MPS_EUSAGE, "--config: arch='%s' is not gpt2 or llama", svals[K_ARCH]);
+        out->arch = (mps_arch_id)a;
+    }
+    out->family = out->arch == MPS_ARCH_GPT2 ? MPS_FAMILY_GPT2 : MPS_FAMILY_LLAMA;
+    if (seen[K_FAMILY]) {
+        int f = mps_family_from_name(svals[K_FAMILY]);
+        if (f < 0)
+            return mps_fail(err, MPS_EUSAGE, "--config: family='%s' is not gpt2, llama, mistral or qwen2",
+                            svals[K_FAMILY]);
+        out->family = (mps_family)f;
+    }
+    if (out->arch == MPS_ARCH_LLAMA) {
+        /* the Llama defaults of transformers' LlamaConfig where a key is missing */
+        out->n_kv_head = seen[K_N_KV_HEAD] ? (int)ivals[K_N_KV_HEAD] : out->n_head;
+        out->ffn = seen[K_FFN] ? ivals[K_FFN] : 4 * (int64_t)out->n_embd;
+        out->untied = seen[K_TIED] ? !ivals[K_TIED] : 1;
+        out->qkv_bias = seen[K_QKV_BIAS] ? (int)ivals[K_QKV_BIAS] : out->family == MPS_FAMILY_QWEN2;
+        out->norm_eps = seen[K_NORM_EPS] ? rvals[K_NORM_EPS] : 1e-5;
+        out->rope_theta = seen[K_ROPE_THETA] ? rvals[K_ROPE_THETA] : 10000.0;
+        if (seen[K_ROPE_LLAMA3]) { /* factor:low_freq_factor:high_freq_factor:original_max_positions */
+            char tail;
+            out->rope.type = MPS_ROPE_LLAMA3;
+            if (sscanf(svals[K_ROPE_LLAMA3], "%lf:%lf:%lf:%d%c", &out->rope.factor, &out->rope.low_freq_factor,
+                       &out->rope.high_freq_factor, &out->rope.original_max_positions, &tail) != 4)
+                return mps_fail(err, MPS_EUSAGE, "--config: rope_llama3='%s' is not factor:low:high:original_positions",
+                                svals[K_ROPE_LLAMA3]);
+        }
+    } else {
+        out->n_kv_head = seen[K_N_KV_HEAD] ? (int)ivals[K_N_KV_HEAD] : 0;
+        out->ffn = seen[K_FFN] ? ivals[K_FFN] : 0;
+        out->untied = seen[K_TIED] && !ivals[K_TIED];
+        out->qkv_bias = seen[K_QKV_BIAS] ? (int)ivals[K_QKV_BIAS] : 0;
+        out->norm_eps = seen[K_NORM_EPS] ? rvals[K_NORM_EPS] : 0;
+        out->rope_theta = seen[K_ROPE_THETA] ? rvals[K_ROPE_THETA] : 0;
+        if (seen[K_ROPE_LLAMA3])
+            out->rope.type = MPS_ROPE_LLAMA3; /* refused by validate */
+    }
     if (mps_config_validate(out, err) != 0)
         return mps_wrap(err, "--config %s", text);
     return 0;
 }
 
-int mps_tensor_count(const mps_config *cfg) { return 4 + cfg->n_layer * MPS_TENSORS_PER_LAYER; }
-
-static void set_shape(mps_tensor_spec *s, int ndim, int64_t a, int64_t b, int64_t c)
+void mps_config_format(const mps_config *c, char *buf, size_t size)
 {
-    int64_t dims[3] = { a, b, c };
-    s->ndim = ndim;
-    for (int i = 0; i < MPS_MAX_DIMS; i++)
-        s->shape[i] = i < ndim ? dims[i] : 1;
+    int n = snprintf(buf, size, "n_layer=%d,n_embd=%d,n_head=%d,vocab=%lld,n_positions=%d,padded_vocab=%lld",
+                     c->n_layer, c->n_embd, c->n_head, (long long)c->vocab, c->n_positions, (long long)c->padded_vocab);
+    if (c->arch == MPS_ARCH_GPT2 || n < 0 || (size_t)n >= size)
+        return;
+    n += snprintf(buf + n, size - (size_t)n, ",arch=%s,family=%s,n_kv_head=%d,ffn=%lld,tied=%d,qkv_bias=%d,"
+                  "norm_eps=%.17g,rope_theta=%.17g", mps_arch_name(c->arch), mps_family_name(c->family), c->n_kv_head,
+                  (long long)c->ffn, !c->untied, c->qkv_bias, c->norm_eps, c->rope_theta);
+    if (c->rope.type == MPS_ROPE_LLAMA3 && n > 0 && (size_t)n < size)
+        snprintf(buf + n, size - (size_t)n, ",rope_llama3=%.17g:%.17g:%.17g:%d", c->rope.factor, c->rope.low_freq_factor,
+                 c->rope.high_freq_factor, c->rope.original_max_positions);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The catalogue, from the architecture table */
+
+static int rules_present(const mps_config *cfg, const mps_tensor_rule *r, int n)
+{
+    int count = 0;
+    for (int i = 0; i < n; i++)
+        count += mps_rule_present(cfg, &r[i]);
+    return count;
+}
+
+int mps_tensor_count(const mps_config *cfg)
+{
+    const mps_arch *a = mps_arch_of(cfg->arch);
+    return rules_present(cfg, a->rules, a->n_embed) +
+           cfg->n_layer * rules_present(cfg, a->rules + a->n_embed, a->n_layer_rules) +
+           rules_present(cfg, a->rules + a->n_embed + a->n_layer_rules, a->n_final);
 }
 
 void mps_tensor_spec_get(const mps_config *cfg, int index, mps_tensor_spec *s)
 {
-    const int64_t C = cfg->n_embd;
     memset(s, 0, sizeof *s);
-    s->tp_dim = -1;
-    s->layer = -1;
-    if (index == MPS_TENSOR_WTE) {
-        snprintf(s->name, sizeof s->name, "wte");
-        set_shape(s, 2, cfg->padded_vocab, C, 0); // (Vp, C), vocab-parallel
-        s->tp_dim = 0;
-        s->place = MPS_PLACE_EMBED;
-        s->tied_head = 1;
+    int layer;
+    const mps_tensor_rule *r = mps_tensor_rule_of(cfg, index, &layer);
+    const mps_arch *a = mps_arch_of(cfg->arch);
+    if (r == NULL) { /* out of range: an empty spec (callers index within mps_tensor_count) */
+        s->tp_dim = -1;
+        s->layer = -1;
         return;
     }
-    if (index == MPS_TENSOR_WPE) {
-        snprintf(s->name, sizeof s->name, "wpe");
-        set_shape(s, 2, cfg->n_positions, C, 0); // (maxT, C), replicated
-        s->place = MPS_PLACE_EMBED;
-        return;
-    }
-    int layer_index = index - 2;
-    if (layer_index >= cfg->n_layer * MPS_TENSORS_PER_LAYER) {
-        int is_bias = layer_index - cfg->n_layer * MPS_TENSORS_PER_LAYER;
-        snprintf(s->name, sizeof s->name, is_bias ? "lnfb" : "lnfw");
-        set_shape(s, 1, C, 0, 0); // (C)
-        s->place = MPS_PLACE_FINAL;
-        return;
-    }
-    int l = layer_index / MPS_TENSORS_PER_LAYER, slot = layer_index % MPS_TENSORS_PER_LAYER;
-    snprintf(s->name, sizeof s->name, "h.%d.%s", l, mps_layer_slot_names[slot]);
-    s->layer = l;
-    s->place = MPS_PLACE_LAYER;
-    switch (slot) {
-    case MPS_SLOT_QKVW: set_shape(s, 3, 3, C, C); s->tp_dim = 1; break;      // (3, C out, C in): heads split
-    case MPS_SLOT_QKVB: set_shape(s, 2, 3, C, 0); s->tp_dim = 1; break;      // (3, C)
-    case MPS_SLOT_ATTPROJW: set_shape(s, 2, C, C, 0); s->tp_dim = 1; break;  // (C out, C in): row-parallel
-    case MPS_SLOT_FCW: set_shape(s, 2, 4 * C, C, 0); s->tp_dim = 0; break;   // (4C out, C in): column-parallel
-    case MPS_SLOT_FCB: set_shape(s, 1, 4 * C, 0, 0); s->tp_dim = 0; break;   // (4C)
-    case MPS_SLOT_FCPROJW: set_shape(s, 2, C, 4 * C, 0); s->tp_dim = 1; break; // (C out, 4C in): row-parallel
-    default: set_shape(s, 1, C, 0, 0); break; // layernorms and row-parallel biases: (C), replicated
-    }
+    if (layer >= 0)
+        snprintf(s->name, sizeof s->name, "h.%d.%s", layer, r->name);
+    else
+        snprintf(s->name, sizeof s->name, "%s", r->name);
+    s->ndim = r->ndim;
+    for (int d = 0; d < MPS_MAX_DIMS; d++)
+        s->shape[d] = d < r->ndim ? mps_dim_size(cfg, r->dims[d]) : 1;
+    s->tp_dim = r->tp_dim;
+    s->layer = layer;
+    s->place = r->place;
+    s->tied_head = r->head_if_tied && mps_cfg_tied(cfg);
+    s->decay = r->decay;
+    s->init = r->init;
+    s->rule = (int)(r - a->rules);
 }
 
 int mps_tensor_find(const mps_config *cfg, const char *name)
 {
-    if (strcmp(name, "wte") == 0) return MPS_TENSOR_WTE;
-    if (strcmp(name, "wpe") == 0) return MPS_TENSOR_WPE;
-    if (strcmp(name, "lnfw") == 0) return mps_tensor_lnfw(cfg);
-    if (strcmp(name, "lnfb") == 0) return mps_tensor_lnfb(cfg);
+    const mps_arch *a = mps_arch_of(cfg->arch);
+    int nl = a->n_embed + a->n_layer_rules;
+    for (int i = 0; i < a->n_embed; i++)
+        if (strcmp(name, a->rules[i].name) == 0)
+            return mps_tensor_index(cfg, i, -1);
+    for (int i = nl; i < nl + a->n_final; i++)
+        if (strcmp(name, a->rules[i].name) == 0)
+            return mps_tensor_index(cfg, i, -1);
     int l, n = 0;
     char slot[MPS_NAME_MAX];
     if (sscanf(name, "h.%d.%40s%n", &l, slot, &n) != 2 || name[n] != '\0' || l < 0 || l >= cfg->n_layer)
@@ -212,9 +400,9 @@ int mps_tensor_find(const mps_config *cfg, const char *name)
     snprintf(canon, sizeof canon, "h.%d.%s", l, slot);
     if (strcmp(canon, name) != 0) /* rejects "h.03.x", "h.+3.x" */
         return -1;
-    for (int s = 0; s < MPS_TENSORS_PER_LAYER; s++)
-        if (strcmp(slot, mps_layer_slot_names[s]) == 0)
-            return mps_layer_tensor(l, s);
+    for (int i = a->n_embed; i < nl; i++)
+        if (strcmp(slot, a->rules[i].name) == 0)
+            return mps_tensor_index(cfg, i, l);
     return -1;
 }
 

@@ -210,11 +210,18 @@ int mps_model_file_open(const char *path, const mps_model_file_opts *opts, mps_m
         return mps_fail(err, MPS_ENOMEM, "%s: out of memory", path);
     f->fd = -1;
     struct stat st;
-    /* A directory stands for the model.safetensors inside it (what the writer produces). */
-    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+    /* A directory stands for the model.safetensors inside it, or for the index of a model
+     * stored in several files (what transformers' save_pretrained writes). */
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
         f->path = path_join(path, "model.safetensors");
-    else
+        struct stat st2;
+        if (f->path && stat(f->path, &st2) != 0 && errno == ENOENT) {
+            free(f->path);
+            f->path = path_join(path, "model.safetensors.index.json");
+        }
+    } else {
         f->path = strdup(path);
+    }
     if (f->path == NULL) {
         free(f);
         return mps_fail(err, MPS_ENOMEM, "%s: out of memory", path);
@@ -251,12 +258,12 @@ int mps_model_file_open(const char *path, const mps_model_file_opts *opts, mps_m
         memcpy(&magic, head, 4);
         if (magic == 20240326)
             fmt = MPS_FILE_LLMC;
-        else if (head[8] == '{')
+        else if (head[8] == '{' || head[0] == '{') /* a safetensors file, or the JSON index of several */
             fmt = MPS_FILE_SAFETENSORS;
         else {
             mps_fail(err, MPS_ECORRUPT,
-                     "%s: neither a safetensors file (8-byte header length, then '{') nor an llm.c model file "
-                     "(magic 20240326)", f->path);
+                     "%s: neither a safetensors file (8-byte header length, then '{'), a safetensors index "
+                     "(JSON) nor an llm.c model file (magic 20240326)", f->path);
             goto fail;
         }
     }
@@ -270,11 +277,24 @@ int mps_model_file_open(const char *path, const mps_model_file_opts *opts, mps_m
         rc = mps_fail(err, MPS_EUSAGE, "%s: unknown input format %d", f->path, (int)fmt);
     if (rc != 0)
         goto fail;
+    if (f->nparts == 0 && mps_model_file_single_part(f, err) != 0)
+        goto fail;
     *out = f;
     return 0;
 fail:
     mps_model_file_close(f);
     return -1;
+}
+
+int mps_model_file_single_part(mps_model_file *f, mps_err *err)
+{
+    if (!(f->parts = calloc(1, sizeof *f->parts)) || !(f->parts[0].path = strdup(f->path)))
+        return mps_fail(err, MPS_ENOMEM, "%s: out of memory", f->path);
+    f->parts[0].fd = -1;
+    f->nparts = 1;
+    if ((f->parts[0].fd = dup(f->fd)) < 0)
+        return mps_fail(err, MPS_EIO, "%s: dup: %s", f->path, strerror(errno));
+    return 0;
 }
 
 const mps_config *mps_model_file_config(const mps_model_file *f) { return &f->cfg; }
@@ -288,6 +308,12 @@ void mps_model_file_close(mps_model_file *f)
         return;
     if (f->fd >= 0)
         close(f->fd);
+    for (int i = 0; i < f->nparts; i++) {
+        if (f->parts[i].fd >= 0)
+            close(f->parts[i].fd);
+        free(f->parts[i].path);
+    }
+    free(f->parts);
     free(f->path);
     free(f->hf_config);
     free(f->src);
@@ -326,11 +352,12 @@ static void convert(int dtype, const void *src, float *dst, size_t n)
     }
 }
 
-/* mps_pread_full, timed into io when it is not NULL (MPS_TRACE) */
-static int pread_io(mps_model_file *f, mps_tacc *io, void *buf, size_t n, int64_t off, mps_err *err)
+/* mps_pread_full from the file holding s, timed into io when it is not NULL (MPS_TRACE) */
+static int pread_io(mps_model_file *f, const mps_src *s, mps_tacc *io, void *buf, size_t n, int64_t off, mps_err *err)
 {
     int64_t t0 = io ? mps_now_ns() : 0;
-    int rc = mps_pread_full(f->fd, f->path, buf, n, off, err);
+    const mps_in_part *p = &f->parts[s->file];
+    int rc = mps_pread_full(p->fd, p->path, buf, n, off, err);
     if (io)
         mps_tacc_add(io, mps_now_ns() - t0, (int64_t)n);
     return rc;
@@ -357,15 +384,15 @@ static int read_plain(mps_model_file *f, const mps_src *s, const mps_src *tied, 
     for (int64_t pos = 0; pos < total; pos += (int64_t)READ_CHUNK) {
         size_t n = (size_t)(total - pos < (int64_t)READ_CHUNK ? total - pos : (int64_t)READ_CHUNK);
         unsigned char *raw = s->dtype == MPS_SRC_F32 ? (unsigned char *)dst + pos : tmp;
-        if ((rc = pread_io(f, io, raw, n, s->offset + pos, err)) != 0)
+        if ((rc = pread_io(f, s, io, raw, n, s->offset + pos, err)) != 0)
             break;
         if (tied) {
-            if ((rc = pread_io(f, io, tmp2, n, tied->offset + pos, err)) != 0)
+            if ((rc = pread_io(f, tied, io, tmp2, n, tied->offset + pos, err)) != 0)
                 break;
             if (memcmp(raw, tmp2, n) != 0) {
                 rc = mps_fail(err, MPS_EUNSUPPORTED,
-                              "%s: tensor '%s' differs from '%s': an untied output head is not supported "
-                              "(GPT-2 ties lm_head to wte)", f->path, tied->key, s->key);
+                              "%s: tensor '%s' differs from '%s', but config.json ties the output head to the "
+                              "embedding", f->path, tied->key, s->key);
                 break;
             }
         }
@@ -414,7 +441,7 @@ static int read_transposed(mps_model_file *f, const mps_src *s, float *dst, mps_
         return mps_fail(err, MPS_ENOMEM, "%s: out of memory reading '%s' (%zu bytes)", f->path, s->key, nbytes);
     for (int64_t k0 = 0; k0 < tk; k0 += band) {
         int64_t kb = tk - k0 < band ? tk - k0 : band;
-        if (pread_io(f, io, buf, (size_t)kb * row, s->offset + k0 * (int64_t)row, err) != 0) {
+        if (pread_io(f, s, io, buf, (size_t)kb * row, s->offset + k0 * (int64_t)row, err) != 0) {
             free(buf);
             return -1;
         }
@@ -446,7 +473,7 @@ int mps_model_file_read_tensor_io(mps_model_file *f, int index, float *dst, mps_
     if (s->transpose)
         rc = read_transposed(f, s, dst, io, err);
     else
-        rc = read_plain(f, s, (index == MPS_TENSOR_WTE && f->has_tied) ? &f->tied : NULL, dst, io, err);
+        rc = read_plain(f, s, (index == 0 && f->has_tied) ? &f->tied : NULL, dst, io, err);
     if (rc != 0)
         return mps_wrap(err, "reading %s", spec.name);
     if (s->numel < numel)
@@ -457,16 +484,27 @@ int mps_model_file_read_tensor_io(mps_model_file *f, int index, float *dst, mps_
 /* ---------------------------------------------------------------------------------------------
  * Writing */
 
-struct mps_out_file {
-    char *dir, *path, *tmp_path;
+/* One file of an output: its header (written when the writer reaches it) and its total size. */
+typedef struct {
+    char *path, *tmp_path;
     int fd;
+    unsigned char *header;
+    size_t header_len;
+    int64_t total;
+} out_part;
+
+struct mps_out_file {
+    char *dir;
+    out_part *parts;
+    int nparts, cur;        /* the part being written */
+    int64_t part_written;   /* bytes of the current part written (its header included) */
     mps_dtype dtype;
     mps_out_item *items;
     int nitems;
-    int64_t total, written;
+    int64_t total, written; /* tensor data of all parts together (headers not counted) */
     unsigned char *buf;
     size_t len;
-    char *extra_name, *extra_text;
+    char *extra_name[2], *extra_text[2];
 };
 
 int64_t mps_out_item_bytes(const mps_config *cfg, const mps_out_item *it, mps_dtype dtype)
@@ -481,80 +519,123 @@ static void out_free(mps_out_file *f)
 {
     if (f == NULL)
         return;
-    if (f->fd >= 0)
-        close(f->fd);
+    for (int i = 0; f->parts && i < f->nparts; i++) {
+        if (f->parts[i].fd >= 0)
+            close(f->parts[i].fd);
+        free(f->parts[i].path);
+        free(f->parts[i].tmp_path);
+        free(f->parts[i].header);
+    }
+    free(f->parts);
     free(f->dir);
-    free(f->path);
-    free(f->tmp_path);
     free(f->items);
     free(f->buf);
-    free(f->extra_name);
-    free(f->extra_text);
+    for (int i = 0; i < 2; i++) {
+        free(f->extra_name[i]);
+        free(f->extra_text[i]);
+    }
     free(f);
+}
+
+/* The temporary file is also the lock of its writer (flock, held until it is renamed into
+ * place): a second writer of the same file fails at once instead of truncating the first one's
+ * data. It is truncated only once locked; if the file we locked was renamed by a finishing writer
+ * meanwhile, we try again with a fresh one. */
+static int open_locked_tmp(out_part *p, mps_err *err)
+{
+    for (int attempt = 0; attempt < 100 && p->fd < 0; attempt++) {
+        int fd = open(p->tmp_path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+        if (fd < 0)
+            return mps_fail(err, MPS_EIO, "%s: cannot create: %s", p->tmp_path, strerror(errno));
+        if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+            close(fd);
+            return mps_fail(err, MPS_EIO, "%s: another mpshard process is writing this file (%s is locked)", p->path,
+                            p->tmp_path);
+        }
+        struct stat a, b;
+        if (fstat(fd, &a) == 0 && stat(p->tmp_path, &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev)
+            p->fd = fd;
+        else
+            close(fd);
+    }
+    if (p->fd < 0 || ftruncate(p->fd, 0) != 0)
+        return mps_fail(err, MPS_EIO, "%s: cannot take or truncate: %s", p->tmp_path,
+                        p->fd < 0 ? "lock retries" : strerror(errno));
+    return 0;
+}
+
+static int write_part_header(mps_out_file *f, mps_err *err)
+{
+    out_part *p = &f->parts[f->cur];
+    f->part_written = (int64_t)p->header_len;
+    return p->header_len ? write_all(p->fd, p->tmp_path, p->header, p->header_len, err) : 0;
+}
+
+int mps_out_file_begin_parts(const char *dir, const mps_out_part_spec *specs, int nparts, mps_dtype dtype,
+                             mps_out_item *items, int nitems, const char *const extra_name[2], char *extra_text[2],
+                             mps_out_file **out, mps_err *err)
+{
+    *out = NULL;
+    mps_out_file *f = calloc(1, sizeof *f);
+    int nomem = f == NULL;
+    if (f) {
+        f->items = items;
+        f->nitems = nitems;
+        f->dtype = dtype;
+        f->dir = strdup(dir);
+        f->buf = malloc(OUT_BUF);
+        f->parts = calloc((size_t)nparts, sizeof *f->parts);
+        f->nparts = f->parts ? nparts : 0;
+        nomem = !f->dir || !f->buf || !f->parts;
+        for (int i = 0; i < 2; i++) {
+            f->extra_text[i] = extra_text ? extra_text[i] : NULL;
+            if (extra_name && extra_name[i] && !(f->extra_name[i] = strdup(extra_name[i])))
+                nomem = 1;
+        }
+        for (int i = 0; i < f->nparts; i++) {
+            out_part *p = &f->parts[i];
+            p->fd = -1;
+            p->path = path_join(dir, specs[i].name);
+            p->tmp_path = p->path ? str_concat(p->path, ".tmp") : NULL;
+            p->header = specs[i].header;
+            p->header_len = specs[i].header_len;
+            p->total = specs[i].total_bytes;
+            f->total += specs[i].total_bytes - (int64_t)specs[i].header_len;
+            nomem |= !p->path || !p->tmp_path;
+        }
+    } else {
+        free(items);
+        for (int i = 0; extra_text && i < 2; i++)
+            free(extra_text[i]);
+        for (int i = 0; i < nparts; i++)
+            free(specs[i].header);
+    }
+    if (nomem) {
+        out_free(f);
+        return mps_fail(err, MPS_ENOMEM, "%s: out of memory", dir);
+    }
+    if (mps_mkdir_p(dir, err) != 0)
+        goto fail;
+    for (int i = 0; i < f->nparts; i++)
+        if (open_locked_tmp(&f->parts[i], err) != 0)
+            goto fail;
+    if (write_part_header(f, err) != 0)
+        goto fail;
+    *out = f;
+    return 0;
+fail:
+    mps_out_file_abort(f);
+    return -1;
 }
 
 int mps_out_file_begin(const char *dir, const char *name, mps_dtype dtype, mps_out_item *items, int nitems,
                        int64_t total_bytes, const char *extra_name, char *extra_text, mps_out_file **out,
                        mps_err *err)
 {
-    *out = NULL;
-    mps_out_file *f = calloc(1, sizeof *f);
-    if (f == NULL) {
-        free(items);
-        free(extra_text);
-        return mps_fail(err, MPS_ENOMEM, "%s: out of memory", dir);
-    }
-    f->fd = -1;
-    f->items = items;
-    f->nitems = nitems;
-    f->extra_text = extra_text;
-    f->dtype = dtype;
-    f->total = total_bytes;
-    f->dir = strdup(dir);
-    f->path = path_join(dir, name);
-    f->tmp_path = f->path ? str_concat(f->path, ".tmp") : NULL;
-    f->buf = malloc(OUT_BUF);
-    if (extra_name)
-        f->extra_name = strdup(extra_name);
-    if (!f->dir || !f->path || !f->tmp_path || !f->buf || (extra_name && !f->extra_name)) {
-        out_free(f);
-        return mps_fail(err, MPS_ENOMEM, "%s: out of memory", dir);
-    }
-    if (mps_mkdir_p(dir, err) != 0) {
-        out_free(f);
-        return -1;
-    }
-    /* The temporary file is also the lock of its writer (flock, held until it is renamed into
-     * place): a second writer of the same file fails at once instead of truncating the first
-     * one's data. It is truncated only once locked; if the file we locked was renamed by a
-     * finishing writer meanwhile, we try again with a fresh one. */
-    for (int attempt = 0; attempt < 100 && f->fd < 0; attempt++) {
-        int fd = open(f->tmp_path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
-        if (fd < 0) {
-            mps_fail(err, MPS_EIO, "%s: cannot create: %s", f->tmp_path, strerror(errno));
-            out_free(f);
-            return -1;
-        }
-        if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-            close(fd);
-            mps_fail(err, MPS_EIO, "%s: another mpshard process is writing this file (%s is locked)", f->path,
-                     f->tmp_path);
-            out_free(f);
-            return -1;
-        }
-        struct stat a, b;
-        if (fstat(fd, &a) == 0 && stat(f->tmp_path, &b) == 0 && a.st_ino == b.st_ino && a.st_dev == b.st_dev)
-            f->fd = fd;
-        else
-            close(fd);
-    }
-    if (f->fd < 0 || ftruncate(f->fd, 0) != 0) {
-        mps_fail(err, MPS_EIO, "%s: cannot take or truncate: %s", f->tmp_path, f->fd < 0 ? "lock retries" : strerror(errno));
-        out_free(f);
-        return -1;
-    }
-    *out = f;
-    return 0;
+    mps_out_part_spec spec = { name, NULL, 0, total_bytes };
+    const char *names[2] = { extra_name, NULL };
+    char *texts[2] = { extra_text, NULL };
+    return mps_out_file_begin_parts(dir, &spec, 1, dtype, items, nitems, names, texts, out, err);
 }
 
 void mps_out_file_items(const mps_out_file *f, const mps_out_item **items, int *count)
@@ -564,23 +645,22 @@ void mps_out_file_items(const mps_out_file *f, const mps_out_item **items, int *
 }
 
 mps_dtype mps_out_file_dtype(const mps_out_file *f) { return f->dtype; }
-const char *mps_out_file_path(const mps_out_file *f) { return f->path; }
+const char *mps_out_file_path(const mps_out_file *f) { return f->parts[0].path; }
 
 static int out_flush(mps_out_file *f, mps_err *err)
 {
     if (f->len == 0)
         return 0;
-    int rc = write_all(f->fd, f->tmp_path, f->buf, f->len, err);
+    out_part *p = &f->parts[f->cur];
+    int rc = write_all(p->fd, p->tmp_path, f->buf, f->len, err);
     f->len = 0;
     return rc;
 }
 
-int mps_out_file_write(mps_out_file *f, const void *data, size_t nbytes, mps_err *err)
+/* Appends to the current part, which has room for nbytes. */
+static int part_append(mps_out_file *f, const void *data, size_t nbytes, mps_err *err)
 {
-    if ((int64_t)nbytes > f->total - f->written)
-        return mps_fail(err, MPS_EFAIL, "%s: %zu more bytes written than the file holds (%lld of %lld written)",
-                        f->path, nbytes, (long long)f->written, (long long)f->total);
-    f->written += (int64_t)nbytes;
+    f->part_written += (int64_t)nbytes;
     if (f->len + nbytes <= OUT_BUF) {
         memcpy(f->buf + f->len, data, nbytes);
         f->len += nbytes;
@@ -589,50 +669,90 @@ int mps_out_file_write(mps_out_file *f, const void *data, size_t nbytes, mps_err
     if (out_flush(f, err) != 0)
         return -1;
     if (nbytes >= OUT_BUF)
-        return write_all(f->fd, f->tmp_path, data, nbytes, err);
+        return write_all(f->parts[f->cur].fd, f->parts[f->cur].tmp_path, data, nbytes, err);
     memcpy(f->buf, data, nbytes);
     f->len = nbytes;
     return 0;
 }
 
+int mps_out_file_write(mps_out_file *f, const void *data, size_t nbytes, mps_err *err)
+{
+    if ((int64_t)nbytes > f->total - f->written)
+        return mps_fail(err, MPS_EFAIL, "%s: %zu more bytes written than the file holds (%lld of %lld written)",
+                        f->parts[0].path, nbytes, (long long)f->written, (long long)f->total);
+    f->written += (int64_t)nbytes;
+    const unsigned char *p = data;
+    while (nbytes > 0) {
+        int64_t room = f->parts[f->cur].total - f->part_written;
+        if (room == 0) { /* the next part: its header first */
+            if (out_flush(f, err) != 0)
+                return -1;
+            f->cur++;
+            if (write_part_header(f, err) != 0)
+                return -1;
+            continue;
+        }
+        size_t n = (int64_t)nbytes < room ? nbytes : (size_t)room;
+        if (part_append(f, p, n, err) != 0)
+            return -1;
+        p += n;
+        nbytes -= n;
+    }
+    return 0;
+}
+
+static int write_extra(mps_out_file *f, int i, mps_err *err)
+{
+    if (!f->extra_name[i] || !f->extra_text[i]) /* a single-file model has no index */
+        return 0;
+    char *p = path_join(f->dir, f->extra_name[i]);
+    if (p == NULL)
+        return mps_fail(err, MPS_ENOMEM, "%s: out of memory", f->dir);
+    int r = mps_write_file_atomic(p, f->extra_text[i], strlen(f->extra_text[i]), err);
+    free(p);
+    return r;
+}
+
+/* Order of the commit: every part fsynced, the first extra file (config.json), the parts renamed
+ * into place, the second extra file (a sharded model's index, which names the parts) last. */
 int mps_out_file_finish(mps_out_file *f, mps_err *err)
 {
     int rc = -1;
     if (f->written != f->total) {
-        mps_fail(err, MPS_EFAIL, "%s: only %lld of %lld bytes were written", f->path, (long long)f->written,
+        mps_fail(err, MPS_EFAIL, "%s: only %lld of %lld bytes were written", f->parts[0].path, (long long)f->written,
                  (long long)f->total);
         goto fail;
     }
     if (out_flush(f, err) != 0)
         goto fail;
-    if (fsync(f->fd) != 0) {
-        mps_fail(err, MPS_EIO, "%s: fsync failed: %s", f->tmp_path, strerror(errno));
-        goto fail;
-    }
-    if (f->extra_name) {
-        char *p = path_join(f->dir, f->extra_name);
-        if (p == NULL) {
-            mps_fail(err, MPS_ENOMEM, "%s: out of memory", f->dir);
+    for (int i = 0; i < f->nparts; i++)
+        if (fsync(f->parts[i].fd) != 0) {
+            mps_fail(err, MPS_EIO, "%s: fsync failed: %s", f->parts[i].tmp_path, strerror(errno));
             goto fail;
         }
-        int r = mps_write_file_atomic(p, f->extra_text, strlen(f->extra_text), err);
-        free(p);
-        if (r != 0)
-            goto fail;
-    }
-    if (rename(f->tmp_path, f->path) != 0) {
-        mps_fail(err, MPS_EIO, "%s: rename to %s failed: %s", f->tmp_path, f->path, strerror(errno));
+    if (write_extra(f, 0, err) != 0)
         goto fail;
-    }
+    for (int i = 0; i < f->nparts; i++)
+        if (rename(f->parts[i].tmp_path, f->parts[i].path) != 0) {
+            mps_fail(err, MPS_EIO, "%s: rename to %s failed: %s", f->parts[i].tmp_path, f->parts[i].path,
+                     strerror(errno));
+            goto fail;
+        }
     rc = fsync_dir(f->dir, err);
-    int fd = f->fd; /* closed last: it holds the writer's lock until the file is in place */
-    f->fd = -1;
-    if (close(fd) != 0 && rc == 0)
-        rc = mps_fail(err, MPS_EIO, "%s: close failed: %s", f->path, strerror(errno));
+    if (rc == 0)
+        rc = write_extra(f, 1, err);
+    for (int i = 0; i < f->nparts; i++) { /* closed last: each holds its writer's lock until it is in place */
+        int fd = f->parts[i].fd;
+        f->parts[i].fd = -1;
+        if (close(fd) != 0 && rc == 0)
+            rc = mps_fail(err, MPS_EIO, "%s: close failed: %s", f->parts[i].path, strerror(errno));
+    }
     out_free(f);
     return rc;
 fail:
-    unlink(f->tmp_path);
+    for (int i = 0; i < f->nparts; i++)
+        if (f->parts[i].fd >= 0)
+            unlink(f->parts[i].tmp_path);
     out_free(f);
     return rc;
 }
@@ -641,10 +761,11 @@ void mps_out_file_abort(mps_out_file *f)
 {
     if (f == NULL)
         return;
-    if (f->fd >= 0) {
-        close(f->fd);
-        f->fd = -1;
-    }
-    unlink(f->tmp_path);
+    for (int i = 0; i < f->nparts; i++)
+        if (f->parts[i].fd >= 0) {
+            close(f->parts[i].fd);
+            f->parts[i].fd = -1;
+            unlink(f->parts[i].tmp_path);
+        }
     out_free(f);
 }

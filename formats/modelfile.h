@@ -50,12 +50,14 @@ typedef struct {
 
 typedef struct mps_out_file mps_out_file;
 
-/* Creates DIR (if missing) and DIR/model.safetensors under a temporary name; writes the header
- * (transformers 5.x naming: "transformer."-prefixed keys, no lm_head). config.json is written by
- * finish: hf_config_json (the original text, its n_* / vocab_size fields checked against cfg) or
- * one generated from cfg when NULL. */
+/* Creates DIR (if missing) and DIR/model.safetensors under a temporary name, or, when the tensors
+ * exceed max_shard_bytes (> 0), DIR/model-0000k-of-0000n.safetensors and the index
+ * model.safetensors.index.json, as transformers' save_pretrained writes them (GPT-2: transformers
+ * 5.x naming, "transformer."-prefixed keys, no lm_head). config.json is written by finish:
+ * hf_config_json (the original text, its model fields checked against cfg) or one generated from
+ * cfg when NULL; the index last. dtype: f32, bf16 or f16. */
 int mps_safetensors_create(const char *dir, const mps_config *cfg, mps_dtype dtype, const char *hf_config_json,
-                           mps_out_file **out, mps_err *err);
+                           int64_t max_shard_bytes, mps_out_file **out, mps_err *err);
 /* Creates DIR/model_%08d.bin (step) under a temporary name and writes the llm.c header
  * (magic 20240326, version 3 for f32, 5 for bf16, padded vocab). */
 int mps_llmc_create(const char *dir, const mps_config *cfg, mps_dtype dtype, int64_t step,
@@ -78,9 +80,13 @@ float mps_synth_value(const mps_config *cfg, uint64_t seed, int index, int64_t f
 /* Writes a whole synthetic model file in the given format and dtype (safetensors: plus config.json). */
 int mps_synth_write(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
                     uint64_t seed, mps_err *err);
+/* The same; a safetensors model larger than max_shard_bytes (> 0) is written as several files and
+ * an index, as transformers' save_pretrained(max_shard_size=...) does. */
+int mps_synth_write_sharded(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
+                            uint64_t seed, int64_t max_shard_bytes, mps_err *err);
 /* The same, adding the bytes written to progress (progress.h; NULL: none) after setting its total. */
 struct mps_progress;
 int mps_synth_write_progress(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
-                             uint64_t seed, struct mps_progress *progress, mps_err *err);
+                             uint64_t seed, int64_t max_shard_bytes, struct mps_progress *progress, mps_err *err);
 
 #endif

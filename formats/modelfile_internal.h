@@ -5,6 +5,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
+#include "arch.h"
 #include "modelfile.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -18,6 +21,7 @@ size_t mps_src_dtype_size(int src_dtype);
 /* Where the bytes of one canonical tensor lie in the input file. */
 typedef struct {
     char key[96];     /* name in the file, for messages */
+    int file;         /* which of the model's files (mps_model_file.parts) holds it */
     int64_t offset;   /* absolute file offset of the first byte */
     int dtype;        /* MPS_SRC_* */
     int64_t numel;    /* elements stored; canonical elements numel.. read as zero (wte padding) */
@@ -25,10 +29,18 @@ typedef struct {
     int64_t tk, tr;
 } mps_src;
 
-struct mps_model_file {
-    mps_file_format format;
+/* An input file of a model stored in several (a sharded safetensors model). */
+typedef struct {
     char *path;
     int fd;
+} mps_in_part;
+
+struct mps_model_file {
+    mps_file_format format;
+    char *path;       /* the file named (the index of a sharded model) */
+    int fd;           /* its descriptor; parts[0] of a single-file model */
+    mps_in_part *parts; /* the files holding tensors (parts[0] is path/fd for a single file) */
+    int nparts;
     int64_t file_size;
     mps_config cfg;
     mps_dtype dtype;
@@ -38,6 +50,16 @@ struct mps_model_file {
     int has_tied;     /* safetensors: lm_head.weight stored apart from wte; compared when wte is read */
     mps_src tied;
 };
+
+/* config.json (hf_config.c): parse (padded_vocab left 0; unsupported options refused by name),
+ * generate for a config (dtype: torch_dtype of a Llama-family config), check a given text
+ * against a config. */
+int mps_hf_config_parse(json_t *root, const char *name, mps_config *cfg, mps_err *err);
+char *mps_hf_config_generate(const mps_config *cfg, mps_dtype dtype);
+int mps_hf_config_check(const char *text, const mps_config *cfg, mps_err *err);
+
+/* parts[] of a model whose one file (f->path, f->fd) holds every tensor. */
+int mps_model_file_single_part(mps_model_file *f, mps_err *err);
 
 /* Format readers: fill f (path, fd, file_size already set). */
 int mps_safetensors_open(mps_model_file *f, const mps_model_file_opts *opts, mps_err *err);
@@ -56,6 +78,21 @@ int mps_mkdir_p(const char *dir, mps_err *err);
 int mps_out_file_begin(const char *dir, const char *name, mps_dtype dtype, mps_out_item *items, int nitems,
                        int64_t total_bytes, const char *extra_name, char *extra_text, mps_out_file **out,
                        mps_err *err);
+/* One file of a multi-file output: its name in DIR, its header (malloc'd, taken; written by the
+ * writer when it reaches the file) and its size with the header. */
+typedef struct {
+    const char *name;
+    unsigned char *header;
+    size_t header_len;
+    int64_t total_bytes;
+} mps_out_part_spec;
+/* The same for an output of several files, written in order: mps_out_file_write takes the tensor
+ * data of all of them as one stream. extra_name[0] (config.json) is written before the files are
+ * renamed into place, extra_name[1] (the index naming them) after; either may be NULL. Texts, headers
+ * and items are taken, also on failure. */
+int mps_out_file_begin_parts(const char *dir, const mps_out_part_spec *specs, int nparts, mps_dtype dtype,
+                             mps_out_item *items, int nitems, const char *const extra_name[2], char *extra_text[2],
+                             mps_out_file **out, mps_err *err);
 /* Bytes of item `it` in the file (rows * numel/shape[0] * dtype size). */
 int64_t mps_out_item_bytes(const mps_config *cfg, const mps_out_item *it, mps_dtype dtype);
 

@@ -11,8 +11,9 @@
 /* Fails (MPS_EUSAGE, naming path and --force) when anything exists at path (a dangling link too);
  * 0 when nothing is there. */
 int mps_output_refuse_existing(const char *path, mps_err *err);
-/* The same for every file a model-file writer of `format` puts into dir: model.safetensors and
- * config.json, or model_<step>.bin. */
+/* The same for every file a model-file writer of `format` puts into dir: model.safetensors (or the
+ * parts model-0000k-of-0000n.safetensors and model.safetensors.index.json) and config.json, or
+ * model_<step>.bin. */
 int mps_output_refuse_model_files(const char *dir, mps_file_format format, int64_t step, mps_err *err);
 
 #endif

@@ -1,4 +1,4 @@
-/* Synthetic GPT-2 models: a deterministic value per (seed, tensor, element), streamed into a
+/* Synthetic models of any architecture: a deterministic value per (seed, tensor, element), streamed into a
  * model file in bounded memory.
  *
  * Each value is a hash (splitmix64) of the element, turned into an approximately normal number by
@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "arch.h"
 #include "modelfile_internal.h"
 #include "progress.h"
 
@@ -35,27 +36,15 @@ static void synth_params_get(const mps_config *cfg, uint64_t seed, int index, sy
     p->zero_from = INT64_MAX;
     p->mean = 0.0f;
     p->scale = w_scale;
-    if (index == MPS_TENSOR_WTE) {
-        p->zero_from = cfg->vocab * (int64_t)cfg->n_embd;
-    } else if (index == MPS_TENSOR_WPE) {
-        /* weight */
-    } else if (index == mps_tensor_lnfw(cfg)) {
-        p->mean = 1.0f;
-    } else if (index == mps_tensor_lnfb(cfg)) {
-        p->scale = b_scale;
-    } else {
-        int slot = (index - 2) % MPS_TENSORS_PER_LAYER;
-        switch (slot) {
-        case MPS_SLOT_QKVW: case MPS_SLOT_ATTPROJW: case MPS_SLOT_FCW: case MPS_SLOT_FCPROJW:
-            break;
-        case MPS_SLOT_LN1W: case MPS_SLOT_LN2W:
-            p->mean = 1.0f;
-            break;
-        default: /* biases and layernorm biases */
-            p->scale = b_scale;
-            break;
-        }
-    }
+    mps_tensor_spec spec;
+    mps_tensor_spec_get(cfg, index, &spec);
+    int layer;
+    if (mps_tensor_rule_of(cfg, index, &layer)->dims[0] == MPS_DIM_VP) /* padded vocab rows are zero */
+        p->zero_from = cfg->vocab * (mps_tensor_numel(&spec) / spec.shape[0]);
+    if (spec.init == MPS_INIT_ONES)
+        p->mean = 1.0f; /* norm weights */
+    else if (spec.init == MPS_INIT_ZEROS)
+        p->scale = b_scale; /* biases */
 }
 
 static inline float synth_elem(const synth_params *p, int64_t flat)
@@ -80,16 +69,22 @@ float mps_synth_value(const mps_config *cfg, uint64_t seed, int index, int64_t f
 int mps_synth_write(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype, uint64_t seed,
                     mps_err *err)
 {
-    return mps_synth_write_progress(dir, cfg, format, dtype, seed, NULL, err);
+    return mps_synth_write_sharded(dir, cfg, format, dtype, seed, 0, err);
+}
+
+int mps_synth_write_sharded(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
+                            uint64_t seed, int64_t max_shard_bytes, mps_err *err)
+{
+    return mps_synth_write_progress(dir, cfg, format, dtype, seed, max_shard_bytes, NULL, err);
 }
 
 int mps_synth_write_progress(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
-                             uint64_t seed, struct mps_progress *progress, mps_err *err)
+                             uint64_t seed, int64_t max_shard_bytes, struct mps_progress *progress, mps_err *err)
 {
     mps_out_file *f;
     int rc;
     if (format == MPS_FILE_SAFETENSORS)
-        rc = mps_safetensors_create(dir, cfg, dtype, NULL, &f, err);
+        rc = mps_safetensors_create(dir, cfg, dtype, NULL, max_shard_bytes, &f, err);
     else if (format == MPS_FILE_LLMC)
         rc = mps_llmc_create(dir, cfg, dtype, 0, &f, err);
     else
@@ -97,8 +92,8 @@ int mps_synth_write_progress(const char *dir, const mps_config *cfg, mps_file_fo
     if (rc != 0)
         return -1;
     float *blk = malloc(BLOCK_ELEMS * sizeof(float));
-    uint16_t *half = dtype == MPS_DTYPE_BF16 ? malloc(BLOCK_ELEMS * sizeof(uint16_t)) : NULL;
-    if (blk == NULL || (dtype == MPS_DTYPE_BF16 && half == NULL)) {
+    uint16_t *half = dtype != MPS_DTYPE_F32 ? malloc(BLOCK_ELEMS * sizeof(uint16_t)) : NULL;
+    if (blk == NULL || (dtype != MPS_DTYPE_F32 && half == NULL)) {
         free(blk);
         free(half);
         mps_out_file_abort(f);
@@ -114,9 +109,9 @@ int mps_synth_write_progress(const char *dir, const mps_config *cfg, mps_file_fo
     size_t n = 0;
 #define FLUSH()                                                                                  \
     do {                                                                                         \
-        if (dtype == MPS_DTYPE_BF16) {                                                           \
+        if (dtype != MPS_DTYPE_F32) {                                                            \
             for (size_t j = 0; j < n; j++)                                                       \
-                half[j] = mps_f32_to_bf16(blk[j]);                                               \
+                half[j] = dtype == MPS_DTYPE_BF16 ? mps_f32_to_bf16(blk[j]) : mps_f32_to_f16(blk[j]); \
             rc = mps_out_file_write(f, half, n * sizeof(uint16_t), err);                         \
         } else {                                                                                 \
             rc = mps_out_file_write(f, blk, n * sizeof(float), err);                             \

@@ -2,6 +2,8 @@
  * communication volume per step, and the layouts that fit a number of GPUs. */
 #include "inspect/plan.h"
 
+#include "arch.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,18 +64,9 @@ static int64_t microbatches_for(const mps_layout *L, const mps_plan_opts *o)
     return m > 0 ? m : 1;
 }
 
-/* Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models":
- * per layer s*b*h*(34 + 5*a*s/h) bytes with 16-bit activations, /t with tensor + sequence
- * parallelism; selective recompute drops the 5*a*s/h (attention score) term; full recompute keeps
- * only the layer input, 2*s*b*h (/t: sequence parallelism shards it too). */
 static long double layer_activation_bytes(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o)
 {
-    long double s = (long double)o->seq, b = (long double)o->micro_batch, h = cfg->n_embd, a = cfg->n_head, t = L->tp;
-    switch (o->recompute) {
-    case MPS_RECOMPUTE_FULL: return 2.0L * s * b * h / t;
-    case MPS_RECOMPUTE_SELECTIVE: return 34.0L * s * b * h / t;
-    default: return (34.0L * s * b * h + 5.0L * a * s * s * b) / t;
-    }
+    return mps_arch_layer_activation_bytes(cfg, o->seq, o->micro_batch, L->tp, (int)o->recompute);
 }
 
 static int64_t activation_bytes_m(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o, int stage,
@@ -110,25 +103,21 @@ int64_t mps_transient_bytes(const mps_config *cfg, const mps_layout *L, const mp
     if (L->dp <= 1 || L->zero < 2)
         return 0;
     /* the TP boxes (unsharded: ZeRO-0 geometry) of the stage's first layer and of the tensors outside
-     * the layers it holds (wte, wpe, the final layernorm) */
+     * the layers it holds (embeddings, the final norm, an untied head) */
     mps_layout box_layout = *L;
     box_layout.zero = 0;
     const int rank = mps_layout_rank(L, stage, 0, tp_rank);
-    int first_layer = -1;
-    for (int l = 0; l < cfg->n_layer && first_layer < 0; l++) {
-        mps_tensor_spec spec;
-        mps_tensor_spec_get(cfg, mps_layer_tensor(l, 0), &spec);
-        if (mps_stage_holds(cfg, L, stage, &spec))
-            first_layer = l;
-    }
-    int tensors[MPS_TENSORS_PER_LAYER + 4], n = 0;
-    for (int slot = 0; first_layer >= 0 && slot < MPS_TENSORS_PER_LAYER; slot++)
-        tensors[n++] = mps_layer_tensor(first_layer, slot);
+    int first_layer = L->stage_first[stage];
+    const mps_arch *arch = mps_arch_of(cfg->arch);
+    const int nrules = arch->n_embed + arch->n_layer_rules + arch->n_final;
+    int tensors[64], n = 0;
+    for (int r = arch->n_embed; r < arch->n_embed + arch->n_layer_rules; r++)
+        if (mps_tensor_index(cfg, r, first_layer) >= 0)
+            tensors[n++] = mps_tensor_index(cfg, r, first_layer);
     const int nlayer_tensors = n;
-    tensors[n++] = MPS_TENSOR_WTE;
-    tensors[n++] = MPS_TENSOR_WPE;
-    tensors[n++] = mps_tensor_lnfw(cfg);
-    tensors[n++] = mps_tensor_lnfb(cfg);
+    for (int r = 0; r < nrules; r++)
+        if ((r < arch->n_embed || r >= arch->n_embed + arch->n_layer_rules) && mps_tensor_index(cfg, r, -1) >= 0)
+            tensors[n++] = mps_tensor_index(cfg, r, -1);
     int64_t layer = 0, outside = 0;
     for (int i = 0; i < n; i++) {
         mps_tensor_spec spec;
@@ -311,7 +300,7 @@ int mps_plan_build(const mps_config *cfg, const mps_layout *L, const mps_plan_op
     }
     for (int x = 0; x < tp; x++) {
         mps_piece wte;
-        mps_geometry(cfg, &p->L, mps_layout_rank(&p->L, 0, 0, x), MPS_KIND_GRAD, MPS_TENSOR_WTE, &wte);
+        mps_geometry(cfg, &p->L, mps_layout_rank(&p->L, 0, 0, x), MPS_KIND_GRAD, 0 /* the embedding */, &wte);
         p->tied_head[x] = wte.held ? mps_box_numel(&wte.box) : 0;
     }
     rc = 0;
@@ -540,7 +529,7 @@ int mps_plan_suggest(const mps_config *cfg, int gpus, int64_t gpu_mem, const mps
     if (!list)
         return mps_fail(err, MPS_ENOMEM, "out of memory");
     for (int tp = 1; tp <= gpus; tp++) {
-        if (gpus % tp || cfg->n_head % tp)
+        if (gpus % tp || cfg->n_head % tp || mps_cfg_kv_heads(cfg) % tp)
             continue;
         for (int pp = 1; pp <= gpus / tp; pp++) {
             if ((gpus / tp) % pp || pp > cfg->n_layer || pp > MPS_MAX_PP)

@@ -41,4 +41,13 @@ echo "saved: $D/run/$(cat "$D/run/latest")"
 
 say "7. resume that run on 2 processes with another layout (pp=2, ZeRO-3): the loss curve goes on"
 mpirun -np 2 "$M" train --ckpt "$D/run" --layout pp=2,zero=3 --steps 10 --out "$D/run" "${TR[@]}" 2>/dev/null
+LCFG="arch=llama,n_layer=4,n_embd=128,n_head=8,n_kv_head=2,ffn=352,vocab=1000,n_positions=64,tied=0"
+say "8. a Llama-family model as Hugging Face safetensors (grouped-query attention, untied head): shard for
+   pp=2 x tp=2, reshard to dp=2 x tp=2 ZeRO-3, train 3 steps there, resume on pp=2 x tp=2 ($LCFG)"
+"$M" synth --config "$LCFG" --format safetensors -o "$D/llama-hf"
+"$M" shard "$D/llama-hf" --layout pp=2,tp=2 -o "$D/llama-ck" -q
+"$M" inspect "$D/llama-ck" --micro-batch 2 --seq 64 | head -4
+"$M" reshard "$D/llama-ck" --layout dp=2,tp=2,zero=3 -o "$D/llama-ck2" -q
+mpirun -np 4 "$M" train --ckpt "$D/llama-ck2" --layout dp=2,tp=2,zero=3 --steps 3 --out "$D/llama-run" "${TR[@]}" 2>/dev/null
+mpirun -np 4 "$M" train --ckpt "$D/llama-run" --layout pp=2,tp=2 --steps 6 --out "$D/llama-run" "${TR[@]}" 2>/dev/null
 printf '\ndemo done: shard -> reshard -> export is exact, bit for bit; training resumed on another layout.\n'

@@ -111,6 +111,30 @@ typedef struct mps_backend {
      * dout_act, else fp32. */
     void (*matmul_dgelu_bwd)(void *ctx, void *dpre_act, float *dbias, const void *dout, int dout_act, const float *w,
                              const void *pre_act, int64_t N, int C, int OC);
+    /* The Llama block's primitives (train/block_llama.c); a backend that leaves them NULL trains
+     * GPT-2 only (the engine refuses other models there). Operand buffers as above.
+     * RMSNorm: out (N, C) = w * x / sqrt(mean(x^2) + eps), fp32 statistics, rstd (N) kept;
+     * bwd: dinp (N, C) += the input gradient, dw (C) +=; dout an operand buffer. */
+    void (*rmsnorm_fwd)(void *ctx, void *out_act, float *rstd, const float *inp, const float *w, int64_t N, int C,
+                        float eps);
+    void (*rmsnorm_bwd)(void *ctx, float *dinp, float *dw, const void *dout_act, const float *inp, const float *w,
+                        const float *rstd, int64_t N, int C);
+    /* Rotary embeddings in place over nheads heads of hd at the start of each row (stride ld) of
+     * an operand buffer (B, T, ld); cs (2, T, hd/2): cosines, then sines (the engine's table). The
+     * backward turns a gradient back. */
+    void (*rope_fwd)(void *ctx, void *x_act, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
+    void (*rope_bwd)(void *ctx, void *dx_act, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
+    /* out (n) = silu(gate) * up; bwd: dgate, dup (overwritten; they may be gate and up) */
+    void (*swiglu_fwd)(void *ctx, void *out_act, const void *gate_act, const void *up_act, int64_t n);
+    void (*swiglu_bwd)(void *ctx, void *dgate_act, void *dup_act, const void *dout_act, const void *gate_act,
+                       const void *up_act, int64_t n);
+    /* Causal grouped-query attention: q, out (B, T, H hd), k, v (B, T, KV hd), query head h on kv
+     * head h / (H / KV); lse (B, H, T). bwd: dq, dk, dv overwritten. */
+    void (*gqa_fwd)(void *ctx, void *out_act, float *lse, const void *q_act, const void *k_act, const void *v_act,
+                    int B, int T, int H, int KV, int hd);
+    void (*gqa_bwd)(void *ctx, void *dq_act, void *dk_act, void *dv_act, const void *dout_act, const void *q_act,
+                    const void *k_act, const void *v_act, const void *out_act, const float *lse, int B, int T, int H,
+                    int KV, int hd);
     void (*residual_bias)(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
     /* db (C) += column sums of dout (N, C) */
     void (*bias_grad)(void *ctx, float *db, const float *dout, int64_t N, int C);

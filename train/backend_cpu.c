@@ -128,6 +128,54 @@ static void mm_dgelu_bwd(void *c, void *dpre, float *dbias, const void *dout, in
     }
 }
 
+static void rms_fwd(void *c, void *out, float *rstd, const float *inp, const float *w, int64_t N, int C, float eps)
+{
+    (void)c;
+    op_rmsnorm_fwd(out, rstd, inp, w, N, C, eps);
+}
+static void rms_bwd(void *c, float *dinp, float *dw, const void *dout, const float *inp, const float *w,
+                    const float *rstd, int64_t N, int C)
+{
+    (void)c;
+    op_rmsnorm_bwd(dinp, dw, dout, inp, w, rstd, N, C);
+}
+static void rope_fwd(void *c, void *x, const float *cs, int B, int T, int nh, int hd, int64_t ld)
+{
+    (void)c;
+    op_rope_fwd(x, cs, B, T, nh, hd, ld);
+}
+static void rope_bwd(void *c, void *dx, const float *cs, int B, int T, int nh, int hd, int64_t ld)
+{
+    (void)c;
+    op_rope_bwd(dx, cs, B, T, nh, hd, ld);
+}
+static void swiglu_fwd(void *c, void *out, const void *gate, const void *up, int64_t n)
+{
+    (void)c;
+    op_swiglu_fwd(out, gate, up, n);
+}
+static void swiglu_bwd(void *c, void *dgate, void *dup, const void *dout, const void *gate, const void *up, int64_t n)
+{
+    (void)c;
+    op_swiglu_bwd(dgate, dup, dout, gate, up, n);
+}
+static void gqa_fwd(void *c, void *out, float *lse, const void *q, const void *k, const void *v, int B, int T, int H,
+                    int KV, int hd)
+{
+    (void)c;
+    op_gqa_fwd(out, lse, q, k, v, B, T, H, KV, hd);
+}
+static void gqa_bwd(void *c, void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
+                    const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd)
+{
+    (void)c;
+    /* the op accumulates; the table overwrites */
+    memset(dq, 0, sizeof(float) * (size_t)B * T * H * hd);
+    memset(dk, 0, sizeof(float) * (size_t)B * T * KV * hd);
+    memset(dv, 0, sizeof(float) * (size_t)B * T * KV * hd);
+    op_gqa_bwd(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, KV, hd);
+}
+
 static void residual_bias(void *c, float *out, const float *a, const float *b, const float *bias, int64_t N, int C)
 {
     (void)c;
@@ -211,6 +259,8 @@ void mps_backend_cpu(mps_backend *out)
         .matmul_fwd_act = mm_fwd_act,
         .attention_fwd = att_fwd, .attention_bwd = att_bwd, .matmul_gelu_fwd = mm_gelu_fwd,
         .matmul_dgelu_bwd = mm_dgelu_bwd,
+        .rmsnorm_fwd = rms_fwd, .rmsnorm_bwd = rms_bwd, .rope_fwd = rope_fwd, .rope_bwd = rope_bwd,
+        .swiglu_fwd = swiglu_fwd, .swiglu_bwd = swiglu_bwd, .gqa_fwd = gqa_fwd, .gqa_bwd = gqa_bwd,
         .residual_bias = residual_bias, .bias_grad = bias_grad, .add = add, .accumulate = accumulate,
         .xent_stats = xent_stats, .xent_rescale = xent_rescale, .act_bytes = sizeof(float),
         .xent_bwd = xent_bwd, .xent_stats_bwd = xent_stats_bwd, .xent_loss_sum = xent_loss_sum,

@@ -18,6 +18,7 @@
 typedef struct {
     char *path;
     int64_t ntok, nseq, first;
+    int width; /* bytes per token: 2 (version 1, uint16), 4 (version 2, uint32) */
 } token_file;
 
 struct mps_tokens {
@@ -30,8 +31,9 @@ struct mps_tokens {
     int open_file, fd;
 };
 
-/* Checks a token file's header against its size and T; *ntok: its token count. */
-static int check_file(const char *path, int T, int64_t *ntok, mps_err *err)
+/* Checks a token file's header against its size and T; *ntok: its token count, *width: bytes per
+ * token (llm.c's version 1: uint16; version 2, for vocabularies above 65536: uint32). */
+static int check_file(const char *path, int T, int64_t *ntok, int *width, mps_err *err)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) /* a missing input is invalid input (exit 3), as a missing checkpoint is */
@@ -46,18 +48,20 @@ static int check_file(const char *path, int T, int64_t *ntok, mps_err *err)
     else if (h[0] != TOKENS_MAGIC)
         rc = mps_fail(err, MPS_ECORRUPT, "%s: bad magic %d (an llm.c token file starts with %d)", path, h[0],
                       TOKENS_MAGIC);
-    else if (h[1] != 1)
-        rc = mps_fail(err, MPS_EUNSUPPORTED, "%s: token file version %d is not supported (1: uint16 tokens)", path,
-                      h[1]);
-    else if (h[2] < 0 || (int64_t)h[2] * 2 + TOKENS_HEADER_BYTES != st.st_size)
+    else if (h[1] != 1 && h[1] != 2)
+        rc = mps_fail(err, MPS_EUNSUPPORTED, "%s: token file version %d is not supported (1: uint16 tokens, 2: uint32 "
+                      "tokens)", path, h[1]);
+    else if (h[2] < 0 || (int64_t)h[2] * (h[1] == 2 ? 4 : 2) + TOKENS_HEADER_BYTES != st.st_size)
         rc = mps_fail(err, MPS_ECORRUPT, "%s: header says %d tokens but the file holds %lld bytes of tokens", path,
                       h[2], (long long)(st.st_size - TOKENS_HEADER_BYTES));
     else if (h[2] < T + 1)
         rc = mps_fail(err, MPS_EUSAGE, "%s: %d tokens are too few for one sequence of --seq %d (needs %d)", path, h[2],
                       T, T + 1);
     close(fd);
-    if (rc == 0)
+    if (rc == 0) {
         *ntok = h[2];
+        *width = h[1] == 2 ? 4 : 2;
+    }
     return rc;
 }
 
@@ -112,7 +116,7 @@ int mps_tokens_open(const char *path, int T, int64_t vocab, mps_tokens **out, mp
             break;
         }
         d->nfiles++;
-        if (check_file(names[i], T, &f->ntok, err) != 0) {
+        if (check_file(names[i], T, &f->ntok, &f->width, err) != 0) {
             rc = -1;
             break;
         }
@@ -138,7 +142,7 @@ int64_t mps_tokens_sequences(const mps_tokens *d)
 int mps_tokens_read(const mps_tokens *d, int64_t seq, int32_t *inputs, int32_t *targets, mps_err *err)
 {
     int T = d->T;
-    uint16_t buf[T + 1];
+    unsigned char raw[4 * (T + 1)];
     seq %= d->nseq;
     int lo = 0, hi = d->nfiles - 1; /* the last file whose first sequence is <= seq */
     while (lo < hi) {
@@ -150,7 +154,9 @@ int mps_tokens_read(const mps_tokens *d, int64_t seq, int32_t *inputs, int32_t *
     }
     const token_file *f = &d->files[lo];
     int64_t first = (seq - f->first) * T;
-    off_t off = TOKENS_HEADER_BYTES + (off_t)first * 2;
+    const int width = f->width;
+    const size_t bytes = (size_t)width * (size_t)(T + 1);
+    off_t off = TOKENS_HEADER_BYTES + (off_t)first * width;
     mps_tokens *m = (mps_tokens *)d; /* the descriptor cache, under its lock */
     pthread_mutex_lock(&m->lock);
     if (m->open_file != lo) {
@@ -159,15 +165,24 @@ int mps_tokens_read(const mps_tokens *d, int64_t seq, int32_t *inputs, int32_t *
         m->fd = open(f->path, O_RDONLY | O_CLOEXEC);
         m->open_file = m->fd >= 0 ? lo : -1;
     }
-    ssize_t got = m->fd >= 0 ? pread(m->fd, buf, sizeof buf, off) : -1;
+    ssize_t got = m->fd >= 0 ? pread(m->fd, raw, bytes, off) : -1;
     pthread_mutex_unlock(&m->lock);
-    if (got != (ssize_t)sizeof buf)
+    if (got != (ssize_t)bytes)
         return mps_fail(err, MPS_EIO, "%s: reading tokens %lld..%lld failed", f->path, (long long)first,
                         (long long)(first + T));
-    for (int i = 0; i <= T; i++)
+    uint32_t buf[T + 1]; /* (the files are little-endian, as the hosts that read them) */
+    for (int i = 0; i <= T; i++) {
+        uint16_t v16;
+        if (width == 2) {
+            memcpy(&v16, raw + 2 * i, 2);
+            buf[i] = v16;
+        } else {
+            memcpy(&buf[i], raw + 4 * i, 4);
+        }
         if (buf[i] >= d->vocab)
             return mps_fail(err, MPS_ECORRUPT, "%s: token %lld is id %u, beyond the model's vocabulary of %lld",
                             f->path, (long long)(first + i), buf[i], (long long)d->vocab);
+    }
     for (int i = 0; i < T; i++) {
         inputs[i] = buf[i];
         targets[i] = buf[i + 1];
@@ -188,33 +203,37 @@ int mps_tokens_write_synthetic(const char *path, int64_t n, int64_t vocab, uint6
 {
     if (n < 2 || n > INT32_MAX)
         return mps_fail(err, MPS_EUSAGE, "--tokens %lld: expected 2 to %d", (long long)n, INT32_MAX);
-    if (vocab < 2 || vocab > 65536)
-        return mps_fail(err, MPS_EUSAGE, "vocab %lld: a uint16 token file needs 2..65536", (long long)vocab);
+    if (vocab < 2 || vocab > INT32_MAX)
+        return mps_fail(err, MPS_EUSAGE, "vocab %lld: expected 2 to %d", (long long)vocab, INT32_MAX);
+    /* llm.c's version 2 (uint32 tokens) above 65535 ids, as its Llama 3 files */
+    const int width = vocab > 65535 ? 4 : 2;
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     FILE *f = fopen(tmp, "wb");
     if (!f)
         return mps_fail(err, MPS_EIO, "%s: %s", tmp, strerror(errno));
-    int32_t h[256] = { TOKENS_MAGIC, 1, (int32_t)n };
+    int32_t h[256] = { TOKENS_MAGIC, width == 4 ? 2 : 1, (int32_t)n };
     int ok = fwrite(h, sizeof h, 1, f) == 1;
     /* A learnable stream: short "words" (runs of consecutive ids from a random start) separated by
      * a frequent id 0, so that a model quickly lowers its loss well below log(vocab). */
     uint64_t state = seed;
-    uint16_t cur = 0;
+    int64_t cur = 0; /* (the same ids as uint16 arithmetic below 65536) */
     int left = 0;
     for (int64_t i = 0; i < n && ok; i++) {
         if (left == 0) {
             uint64_t r = mix64(state++);
             cur = 0;
             left = 2 + (int)(r % 5);
-            uint16_t start = (uint16_t)(1 + (r >> 8) % (uint64_t)(vocab - 1 > 16 ? 16 : vocab - 1));
-            ok = fputc(0, f) != EOF && fputc(0, f) != EOF;
+            int64_t start = (int64_t)(1 + (r >> 8) % (uint64_t)(vocab - 1 > 16 ? 16 : vocab - 1));
+            const uint32_t zero = 0;
+            ok = fwrite(&zero, (size_t)width, 1, f) == 1;
             cur = start;
             continue;
         }
-        uint16_t t = (uint16_t)(cur % vocab);
-        ok = fwrite(&t, 2, 1, f) == 1;
-        cur = (uint16_t)(cur * 3 % (vocab > 1 ? vocab : 2));
+        uint16_t t16 = (uint16_t)(cur % vocab);
+        uint32_t t32 = (uint32_t)(cur % vocab);
+        ok = (width == 2 ? fwrite(&t16, 2, 1, f) : fwrite(&t32, 4, 1, f)) == 1;
+        cur = cur * 3 % vocab;
         if (cur == 0)
             cur = 1;
         left--;

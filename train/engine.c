@@ -2,24 +2,16 @@
  * through the pipeline (GPipe or 1F1B), gradient reduction over DP, the tied head between the
  * first and last stage, global-norm clipping and AdamW. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "arch.h"
 #include "engine_internal.h"
 
 static void *zalloc(int64_t n, size_t size)
 {
     return calloc((size_t)(n > 0 ? n : 1), size);
-}
-
-static int tensor_decays(const mps_config *cfg, int t)
-{
-    if (t == MPS_TENSOR_WTE || t == MPS_TENSOR_WPE)
-        return 1;
-    if (t >= mps_tensor_lnfw(cfg))
-        return 0;
-    int slot = (t - 2) % MPS_TENSORS_PER_LAYER;
-    return slot == MPS_SLOT_QKVW || slot == MPS_SLOT_ATTPROJW || slot == MPS_SLOT_FCW || slot == MPS_SLOT_FCPROJW;
 }
 
 static int setup_tensor(mps_engine *e, int t, mps_err *err)
@@ -32,7 +24,7 @@ static int setup_tensor(mps_engine *e, int t, mps_err *err)
     p->held = 1;
     mps_geometry(&e->cfg, &e->L, e->rank, MPS_KIND_ADAM_M, t, &p->opt);
     p->box_n = mps_box_numel(&p->param.box);
-    p->decay = tensor_decays(&e->cfg, t);
+    p->decay = p->spec.decay; /* matrices and embeddings (the architecture table) */
     int64_t on = p->opt.flat_end - p->opt.flat_begin;
     p->m = buf_new(e, on);
     p->v = buf_new(e, on);
@@ -72,7 +64,7 @@ static int alloc_acts(mps_engine *e, mps_layer_acts *a, int x_in_only)
         if ((*bufs[i] = buf_new(e, sizes[i])) == NULL)
             return -1;
     void **acts[] = { &a->ln1, &a->qkv, &a->atty, &a->ln2, &a->fch, &a->gel };
-    int64_t act_sizes[] = { N * C, N * 3 * e->Cl, N * e->Cl, N * C, N * e->F, N * e->F };
+    int64_t act_sizes[] = { N * C, N * e->qkv_w, N * e->Cl, N * C, N * e->fch_w, N * e->F };
     for (size_t i = 0; i < sizeof act_sizes / sizeof act_sizes[0]; i++)
         if ((*acts[i] = act_new(e, act_sizes[i])) == NULL)
             return -1;
@@ -123,6 +115,14 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
                    const mps_train_opts *o, mps_engine **out, mps_err *err)
 {
     *out = NULL;
+    if (cfg->arch == MPS_ARCH_LLAMA && (!be->rmsnorm_fwd || !be->rmsnorm_bwd || !be->rope_fwd || !be->rope_bwd ||
+                                        !be->swiglu_fwd || !be->swiglu_bwd || !be->gqa_fwd || !be->gqa_bwd))
+        return mps_fail(err, MPS_EUNSUPPORTED, "--backend %s trains GPT-2 models only; this checkpoint holds a %s model "
+                        "(llama architecture): train it with --backend cpu", be->name, mps_family_name(cfg->family));
+    if (cfg->arch == MPS_ARCH_LLAMA && (mps_cfg_kv_heads(cfg) % L->tp != 0 || mps_cfg_head_dim(cfg) % 2 != 0))
+        return mps_fail(err, MPS_EUSAGE, "--layout tp=%d must divide the model's %d key/value heads (and the head size "
+                        "%d must be even for the rotary embeddings)", L->tp, mps_cfg_kv_heads(cfg),
+                        mps_cfg_head_dim(cfg));
     if (comm->size != mps_layout_world(L))
         return mps_fail(err, MPS_EUSAGE, "--layout needs dp*pp*tp = %d processes but %d are running%s",
                         mps_layout_world(L), comm->size, comm->size == 1 ? " (launch with mpirun -np N)" : "");
@@ -182,14 +182,29 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
             return -1;
     /* the local sizes come from the geometry of this rank's pieces */
     mps_piece p;
-    mps_geometry(cfg, L, e->rank, MPS_KIND_PARAM, mps_layer_tensor(e->first_layer, MPS_SLOT_FCW), &p);
+    const int llama = cfg->arch == MPS_ARCH_LLAMA;
+    e->block = llama ? &mps_block_llama : &mps_block_gpt2;
+    e->per_layer = mps_layer_tensor_count(cfg);
+    /* the MLP's first product (column-parallel): its rows here are the local width */
+    mps_geometry(cfg, L, e->rank, MPS_KIND_PARAM,
+                 llama ? mps_layer_tensor_named(cfg, e->first_layer, "gatew")
+                       : mps_layer_tensor(e->first_layer, MPS_SLOT_FCW), &p);
     e->F = (int)p.box.cnt[0];
-    mps_geometry(cfg, L, e->rank, MPS_KIND_PARAM, MPS_TENSOR_WTE, &p);
+    e->KVl = mps_cfg_kv_heads(cfg) / L->tp;
+    e->qkv_w = llama ? (e->Hl + 2 * e->KVl) * e->hs : 3 * e->Cl;
+    e->fch_w = llama ? 2 * e->F : e->F; /* Llama: gate, then up */
+    /* the vocab rows of the embedding, or on a last stage of its own of the untied head (split alike) */
+    mps_geometry(cfg, L, e->rank, MPS_KIND_PARAM,
+                 mps_cfg_tied(cfg) || e->is_first ? MPS_TENSOR_WTE : mps_tensor_find(cfg, "lm_head"), &p);
     e->v0 = p.box.off[0];
     e->Vl = p.box.cnt[0];
     int64_t wide = e->C > e->F ? e->C : e->F;
     if (3 * e->Cl > wide)
         wide = 3 * e->Cl;
+    if (llama) /* the backward's (N, max(F, qkv)) gradient and an (N, C) partial sum */
+        wide = (e->F > e->qkv_w ? e->F : e->qkv_w) + e->C;
+    if (llama && mps_rope_table(e, err) != 0)
+        return -1;
     e->scratch_a = buf_new(e, (int64_t)e->N * wide);
     e->scratch_b = buf_new(e, (int64_t)e->N * (e->C + 8));
     e->logits = e->is_last ? act_new(e, (int64_t)e->N * e->Vl) : NULL;
@@ -257,9 +272,72 @@ void mps_engine_free(mps_engine *e)
     buf_free(e, e->scratch_a);
     buf_free(e, e->scratch_b);
     buf_free(e, e->logits);
+    buf_free(e, e->rope_cs);
     free(e->step_inputs);
     free(e->step_targets);
     free(e);
+}
+
+int mps_layer_first_tensor(const mps_config *cfg, int layer)
+{
+    return mps_tensor_index(cfg, mps_arch_of(cfg->arch)->n_embed, layer);
+}
+
+int mps_layer_tensor_count(const mps_config *cfg)
+{
+    const mps_arch *a = mps_arch_of(cfg->arch);
+    int n = 0;
+    for (int r = a->n_embed; r < a->n_embed + a->n_layer_rules; r++)
+        n += mps_rule_present(cfg, &a->rules[r]);
+    return n;
+}
+
+int mps_layer_tensor_named(const mps_config *cfg, int layer, const char *name)
+{
+    char full[MPS_NAME_MAX];
+    snprintf(full, sizeof full, "h.%d.%s", layer, name);
+    return mps_tensor_find(cfg, full);
+}
+
+/* The inverse frequencies of the rotary embeddings as transformers computes them: theta^(-2i/hd),
+ * and with Llama 3's scaling (its _compute_llama3_parameters) the long wavelengths divided by the
+ * factor, the medium ones blended smoothly. */
+static double rope_inv_freq(const mps_config *cfg, int i, int hd)
+{
+    double f = 1.0 / pow(mps_cfg_rope_theta(cfg), 2.0 * i / hd);
+    if (cfg->rope.type != MPS_ROPE_LLAMA3)
+        return f;
+    const double factor = cfg->rope.factor, lo = cfg->rope.low_freq_factor, hi = cfg->rope.high_freq_factor;
+    const double old = cfg->rope.original_max_positions;
+    const double wavelen = 2.0 * M_PI / f, lo_wavelen = old / lo, hi_wavelen = old / hi;
+    if (wavelen < hi_wavelen)
+        return f;
+    if (wavelen > lo_wavelen)
+        return f / factor;
+    const double smooth = (old / wavelen - lo) / (hi - lo);
+    return (1.0 - smooth) * f / factor + smooth * f;
+}
+
+/* The rotary table (2, T, hd/2) on the backend: cosines, then sines of t * inv_freq[i]. */
+int mps_rope_table(mps_engine *e, mps_err *err)
+{
+    const int half = e->hs / 2;
+    const int64_t n = (int64_t)e->T * half;
+    float *host = malloc(sizeof *host * (size_t)(2 * n));
+    e->rope_cs = buf_new(e, 2 * n);
+    if (!host || !e->rope_cs) {
+        free(host);
+        return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for the rotary table", e->rank);
+    }
+    for (int t = 0; t < e->T; t++)
+        for (int i = 0; i < half; i++) {
+            double angle = (double)t * rope_inv_freq(&e->cfg, i, e->hs);
+            host[(int64_t)t * half + i] = (float)cos(angle);
+            host[n + (int64_t)t * half + i] = (float)sin(angle);
+        }
+    e->be->from_host(e->be->ctx, e->rope_cs, host, sizeof *host * (size_t)(2 * n));
+    free(host);
+    return 0;
 }
 
 /* ---- weights and gradients ---- */
@@ -576,9 +654,9 @@ float mps_engine_lr(const mps_train_opts *o, int64_t step)
 }
 
 /* the four matmul weights of a layer: their gradients come from one product each per backward */
-static int is_matmul_weight(int t)
+static int is_matmul_weight(const mps_engine *e, int t)
 {
-    if (t < mps_layer_tensor(0, 0))
+    if (e->cfg.arch != MPS_ARCH_GPT2 || t < mps_layer_tensor(0, 0))
         return 0;
     const int slot = (t - mps_layer_tensor(0, 0)) % MPS_TENSORS_PER_LAYER;
     return slot == MPS_SLOT_QKVW || slot == MPS_SLOT_ATTPROJW || slot == MPS_SLOT_FCW || slot == MPS_SLOT_FCPROJW;
@@ -605,7 +683,8 @@ static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scal
             .m = p->m, .v = p->v, .n = on,
             .weight_decay = p->decay ? e->o.weight_decay : 0.0f,
             .read_by_products = e->L.zero < 3 && on == p->box_n, /* the whole box, where the products read it */
-            .keep_grad = e->L.zero == 0 && (is_matmul_weight(t) || (t == MPS_TENSOR_WTE && e->is_last)),
+            .keep_grad = e->L.zero == 0 && (is_matmul_weight(e, t) ||
+                                                (e->cfg.arch == MPS_ARCH_GPT2 && t == MPS_TENSOR_WTE && e->is_last)),
         };
     }
     const mps_adamw_step st = {.lr = lr, .beta1 = e->o.beta1, .beta2 = e->o.beta2, .eps = e->o.eps, .t = step + 1,

@@ -136,8 +136,8 @@ static int start_tensors(mps_engine *e, int t0, int t1, int final, mps_err *err)
 
 int mps_grads_start_layer(mps_engine *e, int layer, mps_err *err)
 {
-    int t0 = mps_layer_tensor(layer, 0);
-    return start_tensors(e, t0, t0 + MPS_TENSORS_PER_LAYER, 0, err);
+    int t0 = mps_layer_first_tensor(&e->cfg, layer);
+    return start_tensors(e, t0, t0 + e->per_layer, 0, err);
 }
 
 int mps_grads_start_rest(mps_engine *e, mps_err *err)
@@ -185,7 +185,7 @@ int mps_reduce_grads(mps_engine *e, mps_err *err)
             return -1;
     }
     /* the tied head: the first and the last stage each hold wte; their gradients are summed */
-    if (e->L.pp > 1 && (e->is_first || e->is_last)) {
+    if (e->L.pp > 1 && (e->is_first || e->is_last) && mps_cfg_tied(&e->cfg)) {
         mps_tparam *p = &e->t[MPS_TENSOR_WTE];
         int64_t n = e->L.zero == 0 ? p->box_n : p->opt.flat_end - p->opt.flat_begin;
         float *mine = e->L.zero == 0 ? p->g : p->g_shard;

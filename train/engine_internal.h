@@ -37,15 +37,15 @@ enum { MPS_DX_NONE = 0, MPS_DX_SUMS = 1, MPS_DX_ADDED = 2 };
 typedef struct {
     float *x_in;             /* (N, C) layer input */
     void *ln1;               /* (N, C) operand buffer (backend.h: act_bytes per element) */
-    float *ln1_mean, *ln1_rstd; /* (N), (N) */
-    void *qkv;               /* (N, 3 * Cl) operand buffer */
+    float *ln1_mean, *ln1_rstd; /* (N), (N); RMSNorm: rstd only */
+    void *qkv;               /* (N, qkv_w) operand buffer */
     void *atty;              /* (N, Cl) operand buffer */
     float *lse;              /* (B, Hl, T) */
     float *x2;               /* (N, C) after the attention residual */
     void *ln2;               /* (N, C) operand buffer */
     float *ln2_mean, *ln2_rstd;
-    void *fch;               /* (N, F) F = 4C / tp, operand buffer: the GELU's input */
-    void *gel;               /* (N, F) operand buffer; in the backward, dfch */
+    void *fch;               /* (N, fch_w) operand buffer: the GELU's input (Llama: gate, up) */
+    void *gel;               /* (N, F) operand buffer (Llama: silu(gate) * up); in the backward, dfch */
 } mps_layer_acts;
 
 typedef struct {
@@ -62,7 +62,27 @@ typedef struct {
     int dx_ready;
 } mps_mb_slot;
 
+/* One family's block (train/block_*.c): the arithmetic of the embedding, a layer and the head
+ * for one micro-batch; model.c runs them over the stage. layer_fwd: a->x_in -> x_out (next: the
+ * layer whose weights a ZeRO-3 prefetch may start, or -1); layer_bwd: s->dx from the layer's
+ * output gradient to its input's; head: the last stage's forward and, unless evaluating, its
+ * backward into s->dx. */
+typedef struct {
+    int (*embed_fwd)(mps_engine *e, mps_mb_slot *s, float *x, mps_err *err);
+    int (*embed_bwd)(mps_engine *e, mps_mb_slot *s, const float *dx, mps_err *err);
+    int (*layer_fwd)(mps_engine *e, int layer, int next, mps_layer_acts *a, float *x_out, mps_err *err);
+    int (*layer_bwd)(mps_engine *e, int layer, int next, mps_layer_acts *a, mps_mb_slot *s, mps_err *err);
+    int (*head)(mps_engine *e, mps_mb_slot *s, const float *x, mps_err *err);
+} mps_block;
+extern const mps_block mps_block_gpt2, mps_block_llama;
+
 struct mps_engine {
+    const mps_block *block;  /* the family's arithmetic */
+    int per_layer;           /* tensors per layer (the architecture table's present rules) */
+    int KVl;                 /* local key/value heads (Llama) */
+    int qkv_w, fch_w;        /* widths of the qkv and fch activations: GPT-2 3Cl and F; Llama
+                              * (Hl + 2 KVl) hs (q, k, v one after the other) and 2F (gate, up) */
+    float *rope_cs;          /* Llama: (2, T, hs/2) rotary cosines and sines */
     mps_config cfg;
     mps_layout L;
     mps_comm *comm;
@@ -106,6 +126,23 @@ struct mps_engine {
     int prefetch[MPS_TENSORS_PER_LAYER], prefetch_n;
     int32_t *step_inputs, *step_targets; /* (accum, N): this replica's tokens of the step */
 };
+
+/* The catalogue over the architecture table: layer l's first tensor, the count per layer, and
+ * layer l's tensor of a given name ("gatew"; -1 if the model has none). */
+int mps_layer_first_tensor(const mps_config *cfg, int layer);
+int mps_layer_tensor_count(const mps_config *cfg);
+int mps_layer_tensor_named(const mps_config *cfg, int layer, const char *name);
+int mps_rope_table(mps_engine *e, mps_err *err);
+
+/* Sums (max) over the TP group; nothing alone. */
+static inline int mps_tp_sum(mps_engine *e, float *buf, int64_t n, mps_err *err)
+{
+    return e->L.tp == 1 ? 0 : e->comm->allreduce_sum(e->comm->ctx, MPS_GROUP_TP, buf, n, err);
+}
+static inline int mps_tp_max(mps_engine *e, float *buf, int64_t n, mps_err *err)
+{
+    return e->L.tp == 1 ? 0 : e->comm->allreduce_max(e->comm->ctx, MPS_GROUP_TP, buf, n, err);
+}
 
 /* Buffers of the backend (device memory for CUDA): zeroed on allocation. */
 static inline float *buf_new(const mps_engine *e, int64_t n)

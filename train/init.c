@@ -5,6 +5,8 @@
 
 #include "init.h"
 
+#include "arch.h"
+
 static uint64_t mix64(uint64_t x)
 {
     x += 0x9e3779b97f4a7c15ull;
@@ -23,29 +25,23 @@ static double normal_at(uint64_t seed, int index, int64_t flat)
     return sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2);
 }
 
+/* The architecture table's init rule of each tensor (transformers' initialisation: N(0, 0.02) for
+ * matrices and embeddings, ones for norm weights, zeros for biases; GPT-2's residual projections
+ * N(0, 0.02/sqrt(2 n_layer)) as GPT-2's paper); padded vocabulary rows are zero. A pure function of
+ * (seed, tensor, element), so every layout starts from the same model. */
 float mps_init_value(const mps_config *cfg, const mps_tensor_spec *spec, uint64_t seed, int index, int64_t flat)
 {
-    if (index == MPS_TENSOR_WTE) {
-        if (flat / cfg->n_embd >= cfg->vocab)
-            return 0.0f; /* padded rows */
-        return (float)(0.02 * normal_at(seed, index, flat));
+    int layer;
+    if (mps_tensor_rule_of(cfg, index, &layer)->dims[0] == MPS_DIM_VP &&
+        flat / (mps_tensor_numel(spec) / spec->shape[0]) >= cfg->vocab)
+        return 0.0f; /* padded rows of the embedding and of an untied head */
+    switch (spec->init) {
+    case MPS_INIT_NORMAL: return (float)(0.02 * normal_at(seed, index, flat));
+    case MPS_INIT_NORMAL_RESID: return (float)(0.02 / sqrt(2.0 * cfg->n_layer) * normal_at(seed, index, flat));
+    case MPS_INIT_ONES: return 1.0f;
+    case MPS_INIT_ZEROS: break;
     }
-    if (index == MPS_TENSOR_WPE)
-        return (float)(0.02 * normal_at(seed, index, flat));
-    if (index == mps_tensor_lnfw(cfg))
-        return 1.0f;
-    if (index == mps_tensor_lnfb(cfg))
-        return 0.0f;
-    int slot = (index - 2) % MPS_TENSORS_PER_LAYER;
-    switch (slot) {
-    case MPS_SLOT_LN1W:
-    case MPS_SLOT_LN2W: return 1.0f;
-    case MPS_SLOT_QKVW:
-    case MPS_SLOT_FCW: return (float)(0.02 * normal_at(seed, index, flat));
-    case MPS_SLOT_ATTPROJW:
-    case MPS_SLOT_FCPROJW: return (float)(0.02 / sqrt(2.0 * cfg->n_layer) * normal_at(seed, index, flat));
-    default: (void)spec; return 0.0f; /* biases */
-    }
+    return 0.0f;
 }
 
 typedef struct {

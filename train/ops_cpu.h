@@ -38,6 +38,27 @@ void op_attention_fwd(float *out, float *lse, const float *qkv, int B, int T, in
 void op_attention_bwd(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse, int B,
                       int T, int H, int hs);
 
+/* The Llama block. RMSNorm over the last dimension: out = w * x / sqrt(mean(x^2) + eps), the
+ * statistics in fp32; rstd (N) saved for bwd, which ADDS into dinp (N, C) and dw (C). */
+void op_rmsnorm_fwd(float *out, float *rstd, const float *inp, const float *w, int64_t N, int C, float eps);
+void op_rmsnorm_bwd(float *dinp, float *dw, const float *dout, const float *inp, const float *w, const float *rstd,
+                    int64_t N, int C);
+/* Rotary embeddings in place on nheads heads of hd at the start of each row (stride ld) of x
+ * (B, T, ld): Hugging Face's rotate-half, the pairs (i, i + hd/2) turned by position t's angle;
+ * cs (2, T, hd/2) holds the cosines, then the sines. bwd turns a gradient back, in place. */
+void op_rope_fwd(float *x, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
+void op_rope_bwd(float *dx, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
+/* SwiGLU: out = silu(gate) * up; bwd OVERWRITES dgate and dup (which may alias gate and up). */
+void op_swiglu_fwd(float *out, const float *gate, const float *up, int64_t n);
+void op_swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n);
+/* Causal grouped-query attention: q, out (B, T, H hd), k, v (B, T, KV hd); query head h reads kv
+ * head h / (H / KV), with no copy of k, v per query head. lse (B, H, T) as op_attention_fwd.
+ * bwd ADDS into dq, dk, dv. */
+void op_gqa_fwd(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T, int H, int KV,
+                int hd);
+void op_gqa_bwd(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k, const float *v,
+                const float *out, const float *lse, int B, int T, int H, int KV, int hd);
+
 /* GELU, tanh approximation (GPT-2's gelu_new). */
 void op_gelu_fwd(float *out, const float *inp, int64_t n);
 void op_gelu_bwd(float *dinp, const float *inp, const float *dout, int64_t n);

@@ -7,11 +7,16 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+#define GPT2(L, C, H, T, V, VP) { .n_layer = L, .n_embd = C, .n_head = H, .n_positions = T, .vocab = V, .padded_vocab = VP }
 static const mps_config configs[] = {
-    { 3, 96, 6, 64, 1000, 1024 },       /* the suite's small model */
-    { 12, 768, 12, 1024, 50257, 50304 }, /* gpt2 */
-    { 1, 4, 1, 4, 8, 128 },             /* one layer, one head */
-    { 256, 8, 8, 8, 8, 8 },             /* as many layers as the largest pipeline */
+    GPT2(3, 96, 6, 64, 1000, 1024),       /* the suite's small model */
+    GPT2(12, 768, 12, 1024, 50257, 50304), /* gpt2 */
+    GPT2(1, 4, 1, 4, 8, 128),             /* one layer, one head */
+    GPT2(256, 8, 8, 8, 8, 8),             /* as many layers as the largest pipeline */
+    /* a Llama-family model: 8 query heads over 4 kv heads, untied head, q/k/v biases */
+    { .n_layer = 5, .n_embd = 64, .n_head = 8, .n_positions = 32, .vocab = 300, .padded_vocab = 384,
+      .arch = MPS_ARCH_LLAMA, .family = MPS_FAMILY_QWEN2, .n_kv_head = 4, .ffn = 96, .untied = 1, .qkv_bias = 1,
+      .norm_eps = 1e-6, .rope_theta = 10000 },
 };
 
 static void check_layout(const mps_layout *L, const mps_config *cfg, const char *text)

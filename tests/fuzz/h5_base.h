@@ -15,7 +15,7 @@
 #include "h5util.h"
 #include "modelfile.h"
 
-static const mps_config h5_cfg = { 1, 8, 2, 4, 8, 16 };
+static const mps_config h5_cfg = { .n_layer = 1, .n_embd = 8, .n_head = 2, .n_positions = 4, .vocab = 8, .padded_vocab = 16 };
 #define H5_ID "0123456789abcdef0123456789abcdef"
 #define H5_MAX_WORLD 4
 

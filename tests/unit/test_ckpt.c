@@ -10,7 +10,7 @@
 #include "shard/shard.h"
 #include "testutil.h"
 
-static const mps_config cfg = { 3, 96, 6, 64, 1000, 1024 };
+static const mps_config cfg = { .n_layer = 3, .n_embd = 96, .n_head = 6, .n_positions = 64, .vocab = 1000, .padded_vocab = 1024 };
 
 static void test_gather(const char *model, const char *dir, const char *layout_a)
 {

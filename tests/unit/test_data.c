@@ -3,6 +3,7 @@
  * with a message naming them. */
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "data.h"
 #include "testutil.h"
@@ -77,5 +78,49 @@ int main(void)
         bad = mps_tokens_read(set, seq, in, tg, &err) != 0;
     CHECK(bad && err.code == MPS_ECORRUPT && strstr(err.msg, "beyond the model's vocabulary of 100"));
     mps_tokens_close(set);
+
+    /* version 2 (uint32 tokens, Llama 3's vocabulary of 128256): the ids read back exactly; one
+     * at or above the model's vocabulary names the file and the token's place in it */
+    static uint32_t wide[N];
+    for (int i = 0; i < N; i++)
+        wide[i] = (uint32_t)((i * 7919u + 13) % 128256u);
+    wide[3 * T + 2] = 128256; /* sequence 3, token 2 */
+    char v2[1200];
+    snprintf(v2, sizeof v2, "%s/v2.bin", dir);
+    FILE *f = fopen(v2, "wb");
+    int32_t h2[256] = { 20240520, 2, N };
+    CHECK(f && fwrite(h2, sizeof h2, 1, f) == 1 && fwrite(wide, 4, N, f) == (size_t)N && fclose(f) == 0);
+    mps_err_clear(&err);
+    CHECK_MSG(mps_tokens_open(v2, T, 128256, &set, &err) == 0, "%s", err.msg);
+    if (set) {
+        CHECK(mps_tokens_sequences(set) == 40);
+        CHECK(mps_tokens_read(set, 1, in, tg, &err) == 0);
+        int same = 1;
+        for (int i = 0; i < T; i++)
+            same &= in[i] == (int32_t)wide[T + i] && tg[i] == (int32_t)wide[T + i + 1];
+        CHECK_MSG(same, "version 2 tokens read back other ids");
+        CHECK(wide[T + 1] > 65535 || wide[T + 2] > 65535 || wide[T + 3] > 65535);
+        mps_err_clear(&err);
+        CHECK(mps_tokens_read(set, 3, in, tg, &err) != 0 && err.code == MPS_ECORRUPT);
+        char want[1400];
+        snprintf(want, sizeof want, "%s: token 26 is id 128256, beyond the model's vocabulary of 128256", v2);
+        CHECK_MSG(strcmp(err.msg, want) == 0, "%s", err.msg);
+        mps_tokens_close(set);
+    }
+    /* the synthetic writer: version 2 above 65535 ids, version 1 up to them */
+    const int64_t vocabs[2] = { 65535, 65536 };
+    for (int k = 0; k < 2; k++) {
+        mps_err_clear(&err);
+        CHECK(mps_tokens_write_synthetic(v2, 1000, vocabs[k], 3, &err) == 0);
+        int32_t hdr[3] = { 0, 0, 0 };
+        f = fopen(v2, "rb");
+        CHECK(f && fread(hdr, sizeof hdr, 1, f) == 1 && fclose(f) == 0);
+        CHECK(hdr[0] == 20240520 && hdr[1] == 1 + k && hdr[2] == 1000);
+        CHECK(mps_tokens_open(v2, T, vocabs[k], &set, &err) == 0);
+        if (set) {
+            CHECK(mps_tokens_read(set, 5, in, tg, &err) == 0);
+            mps_tokens_close(set);
+        }
+    }
     TEST_DONE();
 }

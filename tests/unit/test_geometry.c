@@ -134,7 +134,7 @@ static void sweep(const mps_config *cfg, int max_dp)
 
 static void test_layout_parsing(void)
 {
-    mps_config cfg = { 3, 96, 6, 64, 1000, 1024 };
+    mps_config cfg = { .n_layer = 3, .n_embd = 96, .n_head = 6, .n_positions = 64, .vocab = 1000, .padded_vocab = 1024 };
     mps_layout L;
     mps_err err;
     mps_err_clear(&err);
@@ -189,14 +189,14 @@ int main(void)
 {
     test_layout_parsing();
     test_chunk_grid();
-    mps_config small = { 3, 96, 6, 64, 1000, 1024 };   /* sizes that do not divide evenly */
-    mps_config wide = { 4, 48, 12, 16, 1000, 1024 };   /* tp=4 and pp=4 valid */
-    mps_config tiny = { 2, 4, 2, 3, 10, 10 };          /* dp larger than dimensions: empty pieces */
+    mps_config small = { .n_layer = 3, .n_embd = 96, .n_head = 6, .n_positions = 64, .vocab = 1000, .padded_vocab = 1024 };   /* sizes that do not divide evenly */
+    mps_config wide = { .n_layer = 4, .n_embd = 48, .n_head = 12, .n_positions = 16, .vocab = 1000, .padded_vocab = 1024 };   /* tp=4 and pp=4 valid */
+    mps_config tiny = { .n_layer = 2, .n_embd = 4, .n_head = 2, .n_positions = 3, .vocab = 10, .padded_vocab = 10 };          /* dp larger than dimensions: empty pieces */
     sweep(&small, 4);
     sweep(&wide, 3);
     sweep(&tiny, 7);
     /* 5, 6, 7 and 8 way splits */
-    mps_config odd = { 7, 280, 70, 8, 1001, 1001 };
+    mps_config odd = { .n_layer = 7, .n_embd = 280, .n_head = 70, .n_positions = 8, .vocab = 1001, .padded_vocab = 1001 };
     static const char *layouts[] = { "tp=5,dp=3,zero=3", "tp=7,pp=7,zero=1", "dp=6,tp=2,pp=5,zero=2",
                                      "dp=8,tp=7,zero=3", "dp=5,pp=3,tp=5,zero=3" };
     for (size_t i = 0; i < sizeof layouts / sizeof layouts[0]; i++) {

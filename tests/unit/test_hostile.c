@@ -103,7 +103,7 @@ static char *read_bytes(const char *path, size_t *n)
     return buf;
 }
 
-static const mps_config tiny = { 1, 4, 1, 4, 8, 128 };
+static const mps_config tiny = { .n_layer = 1, .n_embd = 4, .n_head = 1, .n_positions = 4, .vocab = 8, .padded_vocab = 128 };
 
 /* ---- safetensors ---- */
 

@@ -56,7 +56,7 @@ int main(void)
     const char *dir = test_tmpdir("manifest_config");
     char path[1200];
     snprintf(path, sizeof path, "%s/manifest.json", dir);
-    mps_config cfg = { 2, 48, 4, 32, 250, 256 };
+    mps_config cfg = { .n_layer = 2, .n_embd = 48, .n_head = 4, .n_positions = 32, .vocab = 250, .padded_vocab = 256 };
     mps_layout L;
     mps_err err = { 0 };
     CHECK(mps_layout_parse("dp=2", &cfg, &L, &err) == 0);

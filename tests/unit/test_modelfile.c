@@ -469,7 +469,7 @@ static void test_handwritten_safetensors(void)
     expect_reads(path, &cfg, 7, ROUND_BF16, MPS_DTYPE_BF16, "bf16");
     o = (st_opts){ .dtype = "F16", .prefix = 1 };
     build_st(path, &cfg, 8, &o);
-    expect_reads(path, &cfg, 8, ROUND_F16, MPS_DTYPE_F32, "f16 (reported f32)");
+    expect_reads(path, &cfg, 8, ROUND_F16, MPS_DTYPE_F16, "f16");
 
     /* config.json: refusals and the --config hint */
     build_st(path, &cfg, 5, &(st_opts){ 0 });
@@ -644,7 +644,7 @@ static void test_writer_roundtrip(void)
     snprintf(dir, sizeof dir, "%s/writer/sub", tmp);
     mps_err err = { 0 };
     mps_out_file *f = NULL;
-    CHECK_MSG(mps_safetensors_create(dir, &cfg, MPS_DTYPE_F32, NULL, &f, &err) == 0, "create: %s", err.msg);
+    CHECK_MSG(mps_safetensors_create(dir, &cfg, MPS_DTYPE_F32, NULL, 0, &f, &err) == 0, "create: %s", err.msg);
     if (f == NULL)
         return;
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
@@ -678,7 +678,7 @@ static void test_writer_roundtrip(void)
     /* given config.json kept verbatim (bf16, big pieces) */
     const char *given = "{\"model_type\":\"gpt2\",\"n_layer\":3,\"n_embd\":96,\"n_head\":6,\"vocab_size\":1000,"
                         "\"n_positions\":64,\"custom\":\"kept\"}";
-    CHECK_MSG(mps_safetensors_create(dir, &cfg, MPS_DTYPE_BF16, given, &f, &err) == 0, "create: %s", err.msg);
+    CHECK_MSG(mps_safetensors_create(dir, &cfg, MPS_DTYPE_BF16, given, 0, &f, &err) == 0, "create: %s", err.msg);
     CHECK_MSG(stream_model(f, &cfg, 12, (size_t)5 << 20, &err) == 0, "stream: %s", err.msg);
     CHECK_MSG(mps_out_file_finish(f, &err) == 0, "finish: %s", err.msg);
     expect_reads(path, &cfg, 12, ROUND_BF16, MPS_DTYPE_BF16, "writer bf16");
@@ -691,11 +691,11 @@ static void test_writer_roundtrip(void)
     mps_config c2 = cfg;
     c2.n_layer = 4;
     err.code = 0;
-    CHECK(mps_safetensors_create(dir, &c2, MPS_DTYPE_F32, given, &f, &err) != 0 && strstr(err.msg, "n_layer"));
+    CHECK(mps_safetensors_create(dir, &c2, MPS_DTYPE_F32, given, 0, &f, &err) != 0 && strstr(err.msg, "n_layer"));
 
     /* short write: finish fails, nothing replaced, tmp gone; abort removes tmp */
     err.code = 0;
-    CHECK(mps_safetensors_create(dir, &cfg, MPS_DTYPE_F32, NULL, &f, &err) == 0);
+    CHECK(mps_safetensors_create(dir, &cfg, MPS_DTYPE_F32, NULL, 0, &f, &err) == 0);
     float z[4] = { 0 };
     CHECK(mps_out_file_write(f, z, sizeof z, &err) == 0);
     CHECK(mps_out_file_finish(f, &err) != 0 && err.code != 0);

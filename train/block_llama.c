@@ -1,0 +1,258 @@
+/* The Llama family's arithmetic (Llama 2/3, Mistral, Qwen2, ...) for one micro-batch, with
+ * Megatron-style tensor parallelism: q, k, v column-parallel by kv groups (rank r holds kv heads
+ * [r KV/tp, (r+1) KV/tp) and exactly the query heads that read them), o row-parallel; gate and up
+ * column-parallel, down row-parallel; the embedding and the head (untied lm_head, or wte when
+ * tied) vocab-parallel. Layer: x2 = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))) with n1 =
+ * rmsnorm(x); out = x2 + down(silu(gate(n2)) * up(n2)) with n2 = rmsnorm(x2). No biases but the
+ * optional q, k, v ones. Every product's weight gradient accumulates (no dw_set: AdamW zeroes
+ * these gradients). */
+#include <string.h>
+
+#include "arch.h"
+#include "engine_internal.h"
+
+/* The layer tensors by their place in the architecture table's layer rules. */
+enum { R_LN1W, R_QW, R_QB, R_KW, R_KB, R_VW, R_VB, R_OW, R_LN2W, R_GATEW, R_UPW, R_DOWNW, R_COUNT };
+
+/* layer's tensor of rule r, -1 when the model lacks it (the biases) */
+static int rule_tensor(const mps_engine *e, int layer, int r)
+{
+    return mps_tensor_index(&e->cfg, mps_arch_llama.n_embed + r, layer);
+}
+
+/* The present tensors of a layer, in rule order: their indices, and where each rule's is. */
+static int layer_tensors(const mps_engine *e, int layer, int tensors[R_COUNT], int pos[R_COUNT])
+{
+    int n = 0;
+    for (int r = 0; r < R_COUNT; r++) {
+        int t = rule_tensor(e, layer, r);
+        pos[r] = t < 0 ? -1 : n;
+        if (t >= 0)
+            tensors[n++] = t;
+    }
+    return n;
+}
+
+/* w[r]: rule r's weights (NULL if absent), gathered (ZeRO-3) until layer_release; the next
+ * layer's gather starts (prefetch) when next >= 0. */
+static int layer_acquire(mps_engine *e, int layer, int next, float *w[R_COUNT], mps_err *err)
+{
+    int tensors[R_COUNT], pos[R_COUNT];
+    int n = layer_tensors(e, layer, tensors, pos);
+    float *got[R_COUNT];
+    float **dst[R_COUNT];
+    for (int i = 0; i < n; i++)
+        dst[i] = &got[i];
+    if (mps_weights_acquire_many(e, tensors, n, (float **const *)dst, err) != 0)
+        return -1;
+    for (int r = 0; r < R_COUNT; r++)
+        w[r] = pos[r] < 0 ? NULL : got[pos[r]];
+    if (next < 0)
+        return 0;
+    n = layer_tensors(e, next, tensors, pos);
+    return mps_weights_prefetch(e, tensors, n, err);
+}
+
+static void layer_release(mps_engine *e, int layer)
+{
+    int tensors[R_COUNT], pos[R_COUNT];
+    int n = layer_tensors(e, layer, tensors, pos);
+    for (int i = 0; i < n; i++)
+        mps_weights_release(e, tensors[i]);
+}
+
+/* out (N, C) = resid + inp (N, K) @ w^T: the row-parallel product, summed over TP before the
+ * residual is added (alone: in the product's epilogue, the same order). */
+static int row_parallel_fwd(mps_engine *e, float *out, const float *resid, const void *inp, const float *w, int K,
+                            mps_err *err)
+{
+    const int64_t N = e->N;
+    const int C = e->C;
+    if (e->L.tp == 1) {
+        e->be->matmul_fwd(e->be->ctx, out, inp, w, NULL, resid, N, K, C);
+        return 0;
+    }
+    float *proj = e->scratch_a; /* (N, C) partial sums */
+    e->be->matmul_fwd(e->be->ctx, proj, inp, w, NULL, NULL, N, K, C);
+    if (mps_tp_sum(e, proj, N * C, err) != 0)
+        return -1;
+    e->be->add(e->be->ctx, out, resid, proj, N * C);
+    return 0;
+}
+
+/* q, k, v in the qkv activation, one after the other */
+static float *q_of(const mps_engine *e, void *qkv) { (void)e; return qkv; }
+static float *k_of(const mps_engine *e, void *qkv) { return (float *)qkv + (int64_t)e->N * e->Cl; }
+static float *v_of(const mps_engine *e, void *qkv)
+{
+    return (float *)qkv + (int64_t)e->N * (e->Cl + e->KVl * e->hs);
+}
+
+static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, float *x_out, mps_err *err)
+{
+    float *w[R_COUNT];
+    if (layer_acquire(e, layer, next, w, err) != 0)
+        return -1;
+    const mps_backend *be = e->be;
+    const int64_t N = e->N;
+    const int C = e->C, Cl = e->Cl, Kl = e->KVl * e->hs, F = e->F;
+    const float eps = (float)mps_cfg_norm_eps(&e->cfg);
+    float *q = q_of(e, a->qkv), *k = k_of(e, a->qkv), *v = v_of(e, a->qkv);
+    be->rmsnorm_fwd(be->ctx, a->ln1, a->ln1_rstd, a->x_in, w[R_LN1W], N, C, eps);
+    be->matmul_fwd_act(be->ctx, q, a->ln1, w[R_QW], w[R_QB], N, C, Cl);
+    be->matmul_fwd_act(be->ctx, k, a->ln1, w[R_KW], w[R_KB], N, C, Kl);
+    be->matmul_fwd_act(be->ctx, v, a->ln1, w[R_VW], w[R_VB], N, C, Kl);
+    be->rope_fwd(be->ctx, q, e->rope_cs, e->B, e->T, e->Hl, e->hs, Cl);
+    be->rope_fwd(be->ctx, k, e->rope_cs, e->B, e->T, e->KVl, e->hs, Kl);
+    be->gqa_fwd(be->ctx, a->atty, a->lse, q, k, v, e->B, e->T, e->Hl, e->KVl, e->hs);
+    int rc = row_parallel_fwd(e, a->x2, a->x_in, a->atty, w[R_OW], Cl, err);
+    if (rc == 0) {
+        float *gate = a->fch, *up = (float *)a->fch + N * F;
+        be->rmsnorm_fwd(be->ctx, a->ln2, a->ln2_rstd, a->x2, w[R_LN2W], N, C, eps);
+        be->matmul_fwd_act(be->ctx, gate, a->ln2, w[R_GATEW], NULL, N, C, F);
+        be->matmul_fwd_act(be->ctx, up, a->ln2, w[R_UPW], NULL, N, C, F);
+        be->swiglu_fwd(be->ctx, a->gel, gate, up, N * F);
+        rc = row_parallel_fwd(e, x_out, a->x2, a->gel, w[R_DOWNW], F, err);
+    }
+    layer_release(e, layer);
+    return rc;
+}
+
+/* s->dx (N, C): in, the gradient at the layer's output; out, at its input. */
+static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a, mps_mb_slot *s, mps_err *err)
+{
+    float *w[R_COUNT], *g[R_COUNT];
+    if (layer_acquire(e, layer, next, w, err) != 0)
+        return -1;
+    for (int r = 0; r < R_COUNT; r++) {
+        int t = rule_tensor(e, layer, r);
+        g[r] = NULL;
+        if (t >= 0 && (g[r] = mps_grad(e, t, err)) == NULL) {
+            layer_release(e, layer);
+            return -1;
+        }
+    }
+    const mps_backend *be = e->be;
+    const int64_t N = e->N;
+    const int C = e->C, Cl = e->Cl, Kl = e->KVl * e->hs, F = e->F;
+    float *dx = s->dx;
+    float *dbig = e->scratch_a;                                      /* (N, max(F, qkv_w)) */
+    float *dpart = e->scratch_a + N * (F > e->qkv_w ? F : e->qkv_w); /* (N, C) */
+    float *dln = e->scratch_b;                                       /* (N, C) */
+    /* MLP: dx is the output's gradient; the residual passes it on, the norm's backward adds */
+    float *dh = dbig;
+    be->matmul_bwd(be->ctx, dh, 1, g[R_DOWNW], 0, NULL, dx, 0, a->gel, w[R_DOWNW], N, F, C);
+    float *gate = a->fch, *up = (float *)a->fch + N * F;
+    be->swiglu_bwd(be->ctx, gate, up, dh, gate, up, N * F); /* dgate, dup in place */
+    be->matmul_bwd(be->ctx, dln, 1, g[R_GATEW], 0, NULL, gate, 1, a->ln2, w[R_GATEW], N, C, F);
+    be->matmul_bwd(be->ctx, dpart, 1, g[R_UPW], 0, NULL, up, 1, a->ln2, w[R_UPW], N, C, F);
+    be->accumulate(be->ctx, dln, dpart, N * C);
+    int rc = mps_tp_sum(e, dln, N * C, err); /* n2 feeds every TP part: its gradient is the sum */
+    if (rc == 0) {
+        be->rmsnorm_bwd(be->ctx, dx, g[R_LN2W], dln, a->x2, w[R_LN2W], a->ln2_rstd, N, C);
+        /* attention: dx is now x2's gradient */
+        float *datty = dpart; /* (N, Cl), Cl <= C */
+        be->matmul_bwd(be->ctx, datty, 1, g[R_OW], 0, NULL, dx, 0, a->atty, w[R_OW], N, Cl, C);
+        float *dq = dbig, *dk = dbig + N * Cl, *dv = dk + N * Kl;
+        float *q = q_of(e, a->qkv), *k = k_of(e, a->qkv), *v = v_of(e, a->qkv);
+        be->gqa_bwd(be->ctx, dq, dk, dv, datty, q, k, v, a->atty, a->lse, e->B, e->T, e->Hl, e->KVl, e->hs);
+        be->rope_bwd(be->ctx, dq, e->rope_cs, e->B, e->T, e->Hl, e->hs, Cl);
+        be->rope_bwd(be->ctx, dk, e->rope_cs, e->B, e->T, e->KVl, e->hs, Kl);
+        be->matmul_bwd(be->ctx, dln, 1, g[R_QW], 0, g[R_QB], dq, 1, a->ln1, w[R_QW], N, C, Cl);
+        be->matmul_bwd(be->ctx, dpart, 1, g[R_KW], 0, g[R_KB], dk, 1, a->ln1, w[R_KW], N, C, Kl);
+        be->accumulate(be->ctx, dln, dpart, N * C);
+        be->matmul_bwd(be->ctx, dpart, 1, g[R_VW], 0, g[R_VB], dv, 1, a->ln1, w[R_VW], N, C, Kl);
+        be->accumulate(be->ctx, dln, dpart, N * C);
+        rc = mps_tp_sum(e, dln, N * C, err);
+    }
+    if (rc == 0)
+        be->rmsnorm_bwd(be->ctx, dx, g[R_LN1W], dln, a->x_in, w[R_LN1W], a->ln1_rstd, N, C);
+    s->dx_ready = MPS_DX_NONE;
+    layer_release(e, layer);
+    return rc;
+}
+
+/* First stage: x (N, C) = wte[inputs], vocab-parallel (summed over TP). */
+static int embed_forward(mps_engine *e, mps_mb_slot *s, float *x, mps_err *err)
+{
+    float *wte;
+    const int tensors[1] = { MPS_TENSOR_WTE };
+    float **const dst[1] = { &wte };
+    if (mps_weights_acquire_many(e, tensors, 1, dst, err) != 0)
+        return -1;
+    e->be->embed_fwd(e->be->ctx, x, s->inputs, e->N, wte, e->v0, e->Vl, e->C);
+    int rc = mps_tp_sum(e, x, (int64_t)e->N * e->C, err);
+    mps_weights_release(e, MPS_TENSOR_WTE);
+    return rc;
+}
+
+static int embed_backward(mps_engine *e, mps_mb_slot *s, const float *dx, mps_err *err)
+{
+    float *gwte = mps_grad(e, MPS_TENSOR_WTE, err);
+    if (!gwte)
+        return -1;
+    e->be->embed_bwd(e->be->ctx, gwte, dx, s->inputs, e->N, e->v0, e->Vl, e->C);
+    return 0;
+}
+
+/* Last stage: the final RMSNorm, the head (lm_head, or wte when tied: vocab-parallel logits),
+ * cross-entropy, and right away the head's backward into s->dx. While evaluating, the loss only. */
+static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, mps_err *err)
+{
+    const mps_backend *be = e->be;
+    const int64_t N = e->N;
+    const int C = e->C;
+    const int lnfw_t = mps_tensor_find(&e->cfg, "lnfw");
+    const int head_t = mps_cfg_tied(&e->cfg) ? MPS_TENSOR_WTE : mps_tensor_find(&e->cfg, "lm_head");
+    float *head, *lnfw;
+    const int tensors[2] = { head_t, lnfw_t };
+    float **const dst[2] = { &head, &lnfw };
+    if (mps_weights_acquire_many(e, tensors, 2, dst, err) != 0)
+        return -1;
+    float *ghead = NULL, *glnfw = NULL;
+    if (!e->evaluating) {
+        ghead = mps_grad(e, head_t, err);
+        glnfw = ghead ? mps_grad(e, lnfw_t, err) : NULL;
+    }
+    int rc = e->evaluating || glnfw ? 0 : -1;
+    void *xf = e->scratch_a; /* (N, C) operand buffer */
+    float *rstd = e->scratch_b;
+    float *rowmax = e->scratch_b + 2 * N, *sumexp = e->scratch_b + 3 * N, *tlogit = e->scratch_b + 4 * N;
+    float *gmax = e->scratch_b + 5 * N;
+    float *dxf = e->scratch_b + 6 * N; /* (N, C) */
+    const float scale = 1.0f / ((float)e->o.global_batch * (float)e->T);
+    if (rc == 0) {
+        be->rmsnorm_fwd(be->ctx, xf, rstd, x, lnfw, N, C, (float)mps_cfg_norm_eps(&e->cfg));
+        be->matmul_fwd_act(be->ctx, e->logits, xf, head, NULL, N, C, (int)e->Vl);
+        be->xent_stats(be->ctx, rowmax, sumexp, tlogit, e->logits, s->targets, N, e->Vl, e->v0, e->cfg.vocab);
+        if (e->L.tp == 1) {
+            gmax = rowmax;
+        } else {
+            buf_copy(e, gmax, rowmax, N);
+            rc = mps_tp_max(e, gmax, N, err);
+            if (rc == 0)
+                be->xent_rescale(be->ctx, sumexp, rowmax, gmax, N);
+        }
+    }
+    if (rc == 0) /* sumexp and tlogit lie next to each other */
+        rc = mps_tp_sum(e, sumexp, 2 * N, err);
+    if (rc == 0 && e->me.tp == 0)
+        e->loss_sum += be->xent_loss_sum(be->ctx, gmax, sumexp, tlogit, N);
+    if (rc == 0 && !e->evaluating) {
+        be->xent_bwd(be->ctx, e->logits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0, e->cfg.vocab);
+        be->matmul_bwd(be->ctx, dxf, 0, ghead, 0, NULL, e->logits, 1, xf, head, N, C, (int)e->Vl);
+        rc = mps_tp_sum(e, dxf, N * C, err);
+    }
+    if (rc == 0 && !e->evaluating) {
+        buf_zero(e, s->dx, N * C);
+        be->rmsnorm_bwd(be->ctx, s->dx, glnfw, dxf, x, lnfw, rstd, N, C);
+        s->dx_ready = MPS_DX_NONE;
+    }
+    mps_weights_release(e, lnfw_t);
+    mps_weights_release(e, head_t);
+    return rc;
+}
+
+const mps_block mps_block_llama = {
+    embed_forward, embed_backward, layer_forward, layer_backward, head_forward_backward,
+};
