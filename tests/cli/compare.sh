@@ -61,5 +61,18 @@ expect 0 "$MPSHARD" compare "$T/ckbf" "$T/ck" --rtol 0.004 --per-tensor
 [ "$(wc -l <"$T/out")" = 121 ] && ok || bad "--per-tensor: $(wc -l <"$T/out") lines"
 grep -qE "^h.2.fcw \(adam_m\): max abs error 0, max rel error 0; 0 of 36864 elements outside tolerance$" "$T/out" && ok ||
   bad "--per-tensor line of h.2.fcw adam_m: $(grep 'h.2.fcw (adam_m)' "$T/out")"
+# a Llama model with its own head: the head's padded rows count as the embedding's do (2 x 6 rows of 64)
+LC="arch=llama,n_layer=2,n_embd=64,n_head=4,n_kv_head=2,ffn=160,vocab=250,n_positions=32,tied=0"
+expect 0 "$MPSHARD" synth --config "$LC" --format safetensors -o "$T/ll" -q
+expect 0 "$MPSHARD" shard "$T/ll" --layout tp=2,pp=2 -o "$T/llck" -q
+expect 0 "$MPSHARD" ls "$T/llck" --json --kind param
+all=$(jq '[.pieces[].bytes] | add / 4' "$T/out")
+expect 0 "$MPSHARD" compare "$T/llck" "$T/ll"
+line "identical: the checkpoint's parameters and the model file's tensors, bit for bit (21 tensors, $((all - 2 * 6 * 64)) elements)"
+# a model saved in parts with an index: its directory is a model file too
+expect 0 "$MPSHARD" synth --config "$SMALL" --format safetensors --max-shard-size 600KB -o "$T/parts" -q
+[ -e "$T/parts/model.safetensors.index.json" ] && ok || bad "no index: $(ls "$T/parts")"
+expect 0 "$MPSHARD" compare "$T/ck" "$T/parts"
+line "identical: the checkpoint's parameters and the model file's tensors, bit for bit (40 tensors, $REAL elements)"
 expect 2 "$MPSHARD" compare "$T/ck" "$T/hf" --rtol x; expect_err "^mpshard compare: --rtol 'x': expected a number >= 0"
 finish

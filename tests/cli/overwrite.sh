@@ -63,6 +63,15 @@ untouched "synth llmc" "$T/l" "$before"
 expect 0 "$MPSHARD" synth --config "$SMALL" --format llmc --seed 2 -o "$T/l" -q --force
 [ "$(sums "$T/l")" != "$before" ] && ok || bad "synth --force did not replace the model"
 
+# a model in parts and an index (--max-shard-size): each of them is an output
+expect 0 "$MPSHARD" synth --config "$SMALL" --format safetensors --max-shard-size 600KB -o "$T/parts" -q
+rm "$T/parts/config.json" "$T/parts/model.safetensors.index.json"; before=$(sums "$T/parts")
+expect 2 "$MPSHARD" export "$T/ck" --format safetensors --max-shard-size 600KB -o "$T/parts" -q
+expect_err "parts/model-0000[0-9]-of-0000[0-9].safetensors: already exists; pass --force"
+untouched "export in parts" "$T/parts" "$before"
+expect 0 "$MPSHARD" export "$T/ck" --format safetensors --max-shard-size 600KB -o "$T/parts" -q --force
+cmp -s "$T/hub/config.json" "$T/parts/config.json" && ok || bad "config.json of an export in parts differs"
+
 # tokens
 expect 0 "$MPSHARD" tokens --count 1000 --vocab 100 -o "$T/tok.bin"
 before=$(sha256sum <"$T/tok.bin")
