@@ -1,12 +1,13 @@
 #!/bin/bash
 # One device call: build on the GPU host (deps/ carried: scripts/fetch-host-deps.sh), run the
-# suite, then the benches. Output goes to $OUT when set. usage: bench/gpu_host_run.sh [tests|shard|llamashard|hf|reshard|gpuunit|gputrain|trainbench|multibench|profile]...
+# suite, then the benches. Output goes to $OUT when set; MPS_CUDA=OFF builds without the CUDA
+# backend (for runs that train nothing on the GPU). usage: bench/gpu_host_run.sh [tests|shard|llamashard|hf|reshard|gpuunit|gputrain|trainbench|multibench|profile]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nproc; nvidia-smi --query-gpu=name --format=csv,noheader; df -h /tmp | tail -1
-cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; exit 1; }
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMPS_CUDA="${MPS_CUDA:-ON}" >"$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; exit 1; }
 cmake --build build -j "$(nproc)" >"$OUT/build.log" 2>&1 || { grep -E "error" "$OUT/build.log" | head -20; exit 1; }
 for what in "$@"; do
   case $what in

@@ -39,7 +39,7 @@ rm -rf "$W/in" "$W/ck"
 if [ -n "$CONFIG" ]; then model_arg=(--config "$CONFIG"); else model_arg=(--model "$MODEL"); fi
 "$MPSHARD" synth "${model_arg[@]}" --format "$FORMAT" --dtype "$DTYPE" ${MAX_SHARD:+--max-shard-size "$MAX_SHARD"} -o "$W/in"
 if [ -e "$W/in/model.safetensors.index.json" ]; then input=$W/in; else input=$(ls "$W"/in/model*.* | head -1); fi
-in_bytes=$(cat "$W"/in/model*.safetensors "$W"/in/model*.bin 2>/dev/null | wc -c)
+in_bytes=$(find "$W/in" -type f \( -name 'model*.safetensors' -o -name 'model*.bin' \) -printf '%s\n' | awk '{s += $1} END {print s}')
 ls -l "$W/in"
 
 dropped=$(drop)

@@ -65,6 +65,9 @@ for name, cfg, dtype, shard_size, layouts in cases:
     run("export", f"{d}/ck{len(layouts)-1}", "--format", "safetensors", "-o", f"{d}/out", *export_args)
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     back = AutoModelForCausalLM.from_pretrained(f"{d}/out", **{dtype_kw: dtype})
+    # the reference is the saved model loaded the same way: model.to(bf16) also rounds buffers that
+    # from_pretrained keeps in fp32 (RoPE's inv_freq), which changes bf16 logits
+    model = AutoModelForCausalLM.from_pretrained(f"{d}/hf", **{dtype_kw: dtype})
     a, b = model.state_dict(), back.state_dict()
     same_weights = a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(5))
