@@ -1,5 +1,6 @@
 # The two Quick start commands (`make demo`, `make test`) and the usual targets.
-# Every target first makes sure the system packages are there (scripts/install-deps.sh).
+# Every target first makes sure the system packages are there (scripts/install-deps.sh); the
+# build prints one line (or the compiler's errors), its whole log is DIR/build.log.
 BUILD ?= build
 ASAN_BUILD ?= build-asan
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -12,8 +13,7 @@ deps:
 	@scripts/install-deps.sh
 
 build: deps
-	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-	@cmake --build $(BUILD) -j $(JOBS)
+	@scripts/build.sh $(BUILD) $(JOBS) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMPS_WERROR=ON
 
 demo: build
 	@scripts/demo.sh $(BUILD)
@@ -24,8 +24,7 @@ test: build
 # The suite under AddressSanitizer + UndefinedBehaviorSanitizer (leaks included; any UB aborts).
 # fuzz.short is left out: it builds its own clang + ASan/UBSan/libFuzzer binaries in `make test`.
 asan: deps
-	@cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DMPS_SANITIZE=ON >/dev/null
-	@cmake --build $(ASAN_BUILD) -j $(JOBS)
+	@scripts/build.sh $(ASAN_BUILD) $(JOBS) -DCMAKE_BUILD_TYPE=Debug -DMPS_SANITIZE=ON -DMPS_WERROR=ON
 	@cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j $(JOBS) -E '^fuzz\.short$$'
 
 # The main CLI paths (and failure paths) of a tiny model under valgrind: no error, no definite or

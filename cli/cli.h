@@ -18,6 +18,8 @@ int cmd_init(int argc, char **argv);
 int cmd_tokens(int argc, char **argv);
 int cmd_train(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
+int cmd_ls(int argc, char **argv);
+int cmd_extract(int argc, char **argv);
 int cmd_models(int argc, char **argv);
 
 /* "80GiB" -> bytes. Decimal (kB, MB, GB, TB) and binary (KiB .. TiB; K, M, G, T alone) units. */
@@ -26,12 +28,30 @@ int mps_parse_size(const char *text, int64_t *out);
 /* Under mpirun: initialises MPI and fills procs (returns 1); otherwise returns 0; -1 on error. */
 int cli_procs_init(int *argc, char ***argv, mps_procs *procs);
 void cli_procs_finish(int multi);
+/* 0 in every process but the first of an mpirun job (its rank from OMPI_COMM_WORLD_RANK; usable
+ * before MPI is initialised): all parse the same arguments, only the first reports usage errors. */
+int cli_procs_is_first(void);
+/* The number of processes of the job on this host (1 without mpirun). */
+int cli_procs_local_size(int multi);
+/* Under mpirun, after this process failed: 1 when it is the process to print the error (the lowest
+ * rank whose error is its own, primary, rather than that another process failed), and
+ * *all_failed = 1 when every process of the job failed too (all reached this call within 3 s):
+ * then none is inside a collective and MPI may be finalised; otherwise the caller aborts the job. */
+int cli_procs_failed(int primary, int *all_failed);
+/* 1 when err only says that another process failed ("... on another rank"): not primary. */
+int cli_error_is_secondary(const mps_err *err);
 int cmd_inspect(int argc, char **argv);
 
 /* Prints "mpshard CMD: message" and returns the error's exit code. */
 int cli_fail(const char *cmd, const mps_err *err);
-/* Prints a usage error naming the option and returns MPS_EUSAGE. */
+/* Prints a usage error naming the option and returns MPS_EUSAGE (under mpirun: in the first
+ * process only, cli_procs_is_first). */
 int cli_usage(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* getopt_long returned '?' (opterr is 0: getopt prints nothing): the usage error for the option
+ * at argv[optind - 1] or optopt, in the form of every other one. optstring and opts: the short
+ * and long options given to getopt_long. */
+struct option;
+int cli_bad_option(const char *cmd, const char *optstring, const struct option *opts, int argc, char **argv);
 /* Parses a positive integer option value; returns -1 on error (after printing). */
 int cli_int(const char *cmd, const char *opt, const char *value, int64_t lo, int64_t hi, int64_t *out);
 

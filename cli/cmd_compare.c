@@ -3,120 +3,106 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
-#include "ckpt.h"
 #include "cli.h"
-#include "modelfile.h"
+#include "compare.h"
+
+#define MAX_LINES 20 /* lines about tensors that differ, before the summary (all with --per-tensor) */
+
+static const char *const help =
+    "usage: mpshard compare A B [--rtol R] [--atol A] [--per-tensor]\n"
+    "\n"
+    "A and B are each a checkpoint (any layout; a run directory stands for its latest), a model file\n"
+    "(safetensors or llm.c, any dtype, widened to f32) or a directory holding model.safetensors:\n"
+    "  two checkpoints: every state kind both store, of every tensor, and the scalar state\n"
+    "  a checkpoint and a model file: the checkpoint's parameters against the model's tensors\n"
+    "  two model files: every tensor\n"
+    "Bit for bit by default. With --rtol and/or --atol, an element a of A within atol + rtol * |b| of\n"
+    "its b of B counts as equal: each tensor's largest absolute and relative (|a - b| / |b|) errors are\n"
+    "measured, the tensors outside the tolerance listed, and one summary line gives the largest errors.\n"
+    "The padded vocabulary rows of wte count only where both sides store them (checkpoints and llm.c\n"
+    "files do, safetensors files do not) with the same padding.\n"
+    "Exit 0 when identical (or within the tolerance), 1 when not.\n"
+    "\n"
+    "  --rtol R         relative tolerance (default 0)\n"
+    "  --atol A         absolute tolerance (default 0)\n"
+    "  --per-tensor     a line for every tensor, not only for those that differ\n"
+    "  --memory-mb N    checkpoint data held at once (default 256; a model file's tensor is read whole)\n";
+
+typedef struct {
+    int lines, shown_all;
+} printer;
 
 static void print_line(void *ctx, const char *line)
 {
-    (void)ctx;
-    printf("%s\n", line);
+    printer *p = ctx;
+    if (p->shown_all || p->lines++ < MAX_LINES)
+        printf("%s\n", line);
 }
 
-/* a checkpoint directory, or a run directory whose latest is one */
-static int is_checkpoint(const char *path)
+static int parse_tol(const char *opt, const char *v, double *out)
 {
-    char dir[4200], manifest[4400];
-    mps_err err;
-    mps_err_clear(&err);
-    if (mps_ckpt_resolve(path, dir, sizeof dir, &err) < 0)
-        return 0;
-    snprintf(manifest, sizeof manifest, "%s/" MPS_MANIFEST_NAME, dir);
-    return access(manifest, F_OK) == 0;
+    char *end;
+    double x = strtod(v, &end);
+    if (end == v || *end || !(x >= 0 && x < INFINITY)) {
+        cli_usage("compare", "%s '%s': expected a number >= 0", opt, v);
+        return -1;
+    }
+    *out = x;
+    return 0;
 }
-
-static const char *const help =
-    "usage: mpshard compare A B\n"
-    "\n"
-    "A and B are two checkpoint directories (any layouts): every stored state kind of every tensor\n"
-    "and the scalar state are compared bit for bit. Or:\n"
-    "Reads every canonical tensor of model files A and B (safetensors or llm.c, any dtype, widened\n"
-    "to f32) and compares them bit for bit (the padded vocabulary rows of llm.c files included when\n"
-    "both have them). Exit 0 when identical, 1 when they differ.\n";
 
 int cmd_compare(int argc, char **argv)
 {
-    static const struct option opts[] = { { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 } };
+    static const struct option opts[] = {
+        { "rtol", required_argument, 0, 'r' }, { "atol", required_argument, 0, 'a' },
+        { "per-tensor", no_argument, 0, 'p' }, { "memory-mb", required_argument, 0, 'm' },
+        { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
+    };
+    printer pr = { 0, 0 };
+    mps_compare_opts o = { .report = print_line, .ctx = &pr };
+    int64_t v;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        if (c == 'h') { fputs(help, stdout); return 0; }
-        return MPS_EUSAGE;
+        switch (c) {
+        case 'r': if (parse_tol("--rtol", optarg, &o.rtol)) return MPS_EUSAGE; o.tolerance = 1; break;
+        case 'a': if (parse_tol("--atol", optarg, &o.atol)) return MPS_EUSAGE; o.tolerance = 1; break;
+        case 'p': o.per_tensor = pr.shown_all = 1; break;
+        case 'm': if (cli_int("compare", "--memory-mb", optarg, 1, 1 << 20, &v)) return MPS_EUSAGE; o.budget = v << 20; break;
+        case 'h': fputs(help, stdout); return 0;
+        default: return cli_bad_option("compare", "h", opts, argc, argv);
+        }
     }
     if (optind != argc - 2)
-        return cli_usage("compare", "expected two model files");
+        return cli_usage("compare", "expected two checkpoints or model files A and B");
     mps_err err;
     mps_err_clear(&err);
-    /* one checkpoint makes it a checkpoint comparison: the other one, if not a committed checkpoint
-     * (a crashed run's staging directory, a damaged manifest), is then reported as such */
-    if (is_checkpoint(argv[optind]) || is_checkpoint(argv[optind + 1])) {
-        int rc = mps_ckpt_compare(argv[optind], argv[optind + 1], (int64_t)256 << 20, print_line, NULL, &err);
-        if (rc < 0)
-            return cli_fail("compare", &err);
-        if (rc == 0)
-            printf("identical: every stored state kind of every tensor, bit for bit\n");
-        return rc;
-    }
-    mps_model_file *a = NULL, *b = NULL;
-    mps_model_file_opts fo = { 0 };
-    if (mps_model_file_open(argv[optind], &fo, &a, &err) != 0 || mps_model_file_open(argv[optind + 1], &fo, &b, &err) != 0) {
-        mps_model_file_close(a);
+    mps_compare_result r;
+    int rc = mps_compare(argv[optind], argv[optind + 1], &o, &r, &err);
+    if (rc < 0)
         return cli_fail("compare", &err);
-    }
-    const mps_config *ca = mps_model_file_config(a), *cb = mps_model_file_config(b);
-    const int ntensors = mps_tensor_count(ca); /* a and b are closed before the summary */
-    if (ca->n_layer != cb->n_layer || ca->n_embd != cb->n_embd || ca->n_head != cb->n_head ||
-        ca->n_positions != cb->n_positions || ca->vocab != cb->vocab) {
-        printf("models differ in shape\n");
-        mps_model_file_close(a);
-        mps_model_file_close(b);
+    if (r.shapes_differ)
         return 1;
-    }
-    int differ = 0, rc = 0;
-    int64_t elements = 0;
-    for (int t = 0; t < mps_tensor_count(ca) && rc == 0; t++) {
-        mps_tensor_spec sa, sb;
-        mps_tensor_spec_get(ca, t, &sa);
-        mps_tensor_spec_get(cb, t, &sb);
-        int64_t na = mps_tensor_numel(&sa), nb = mps_tensor_numel(&sb);
-        float *x = malloc((size_t)na * sizeof(float)), *y = malloc((size_t)nb * sizeof(float));
-        if (!x || !y) {
-            mps_fail(&err, MPS_ENOMEM, "out of memory");
-            rc = -1;
-        } else if (mps_model_file_read_tensor(a, t, x, &err) != 0 || mps_model_file_read_tensor(b, t, y, &err) != 0) {
-            rc = -1;
-        } else {
-            /* compare the real rows (padded vocab rows only when both files have the same padding) */
-            int64_t n = na < nb ? na : nb;
-            if (t == MPS_TENSOR_WTE && na != nb)
-                n = ca->vocab * ca->n_embd;
-            double maxdiff = 0;
-            int64_t ndiff = 0;
-            for (int64_t i = 0; i < n; i++)
-                if (memcmp(&x[i], &y[i], sizeof(float)) != 0) {
-                    ndiff++;
-                    double d = fabs((double)x[i] - (double)y[i]);
-                    if (d > maxdiff) maxdiff = d;
-                }
-            elements += n;
-            if (ndiff) {
-                differ++;
-                printf("%s: %lld of %lld elements differ (max abs diff %g)\n", sa.name, (long long)ndiff, (long long)n, maxdiff);
-            }
-        }
-        free(x);
-        free(y);
-    }
-    mps_model_file_close(a);
-    mps_model_file_close(b);
-    if (rc != 0)
-        return cli_fail("compare", &err);
-    if (differ) {
-        printf("%d tensors differ\n", differ);
-        return 1;
-    }
-    printf("identical: %d tensors, %lld elements, bit for bit\n", ntensors, (long long)elements);
-    return 0;
+    if (pr.lines > MAX_LINES)
+        printf("... %d more lines\n", pr.lines - MAX_LINES);
+    static const char *const what[] = {
+        [MPS_COMPARE_CKPTS] = "every stored state kind of every tensor",
+        [MPS_COMPARE_MODELS] = "every tensor of the two model files",
+        [MPS_COMPARE_CKPT_MODEL] = "the checkpoint's parameters and the model file's tensors",
+    };
+    if (!o.tolerance && rc == 0)
+        printf("identical: %s, bit for bit (%d tensors, %lld elements)\n", what[r.what], r.tensors,
+               (long long)r.elements);
+    else if (!o.tolerance)
+        printf("differ: %d of %d tensors, %lld of %lld elements (max abs diff %.3g, in %s)%s\n", r.tensors_differ,
+               r.tensors, (long long)r.elements_differ, (long long)r.elements, r.max_abs,
+               r.max_abs_at[0] ? r.max_abs_at : "-", r.state_differs ? "; the state differs too" : "");
+    else
+        printf("%s tolerance (rtol %g, atol %g): %d of %d tensors, %lld of %lld elements outside; max abs error %.3g "
+               "(%s), max rel error %.3g (%s)%s\n", r.tensors_differ ? "outside" : "within", o.rtol, o.atol,
+               r.tensors_differ, r.tensors, (long long)r.elements_differ, (long long)r.elements, r.max_abs,
+               r.max_abs_at[0] ? r.max_abs_at : "-", r.max_rel, r.max_rel_at[0] ? r.max_rel_at : "-",
+               r.state_differs ? "; the state differs" : "");
+    return rc;
 }

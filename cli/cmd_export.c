@@ -29,6 +29,8 @@ static const char *const help =
     "                   weights (the checkpoint's master, else its f32 param); 0 they do not (-w 0)\n"
     "  --memory-mb N    tensor data held in memory at once (default 256)\n"
     "  --threads N      reader threads (default: all cores)\n"
+    "  --force          replace existing output files (without it they are refused); with\n"
+    "                   --processes also remove the step's DONE and state files of other ranks\n"
     "  -q, --quiet      no progress on stderr\n";
 
 int cmd_export(int argc, char **argv)
@@ -39,7 +41,7 @@ int cmd_export(int argc, char **argv)
         { "threads", required_argument, 0, 't' }, { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' },
         { "processes", required_argument, 0, 'P' }, { "zero", required_argument, 0, 'Z' },
         { "master-weights", required_argument, 0, 'W' }, { "max-shard-size", required_argument, 0, 'S' },
-        { 0, 0, 0, 0 },
+        { "force", no_argument, 0, 'F' }, { 0, 0, 0, 0 },
     };
     mps_export_opts o = { .format = MPS_FILE_AUTO, .dtype = -1, .zero = 1, .master_weights = 1 };
     int state_opt = 0;
@@ -71,8 +73,9 @@ int cmd_export(int argc, char **argv)
         case 'Z': if (cli_int("export", "--zero", optarg, 0, 1, &v)) return MPS_EUSAGE; o.zero = (int)v; state_opt = 1; break;
         case 'W': if (cli_int("export", "--master-weights", optarg, 0, 1, &v)) return MPS_EUSAGE; o.master_weights = (int)v; state_opt = 1; break;
         case 'q': o.quiet = 1; break;
+        case 'F': o.force = 1; break;
         case 'h': fputs(help, stdout); return 0;
-        default: return MPS_EUSAGE;
+        default: return cli_bad_option("export", "o:qh", opts, argc, argv);
         }
     }
     if (optind != argc - 1)

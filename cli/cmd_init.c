@@ -6,6 +6,7 @@
 #include "cli.h"
 #include "data.h"
 #include "init.h"
+#include "output.h"
 
 static const char *const init_help =
     "usage: mpshard init (--model NAME | --config K=V,..) --layout L -o DIR [options]\n"
@@ -48,7 +49,7 @@ int cmd_init(int argc, char **argv)
         case 'q': quiet = 1; break;
         case 'o': out = optarg; break;
         case 'h': fputs(init_help, stdout); return 0;
-        default: return MPS_EUSAGE;
+        default: return cli_bad_option("init", "o:qh", opts, argc, argv);
         }
     }
     if (optind != argc)
@@ -69,21 +70,22 @@ int cmd_init(int argc, char **argv)
 }
 
 static const char *const tokens_help =
-    "usage: mpshard tokens --count N --vocab V -o FILE [--seed S]\n"
+    "usage: mpshard tokens --count N --vocab V -o FILE [--seed S] [--force]\n"
     "\n"
     "Writes an llm.c token file (magic 20240520; version 1, uint16 tokens, or for --vocab above\n"
-    "65535 version 2, uint32 tokens) of N tokens of a\n"
-    "deterministic synthetic text that a model can learn (demo and tests).\n";
+    "65535 version 2, uint32 tokens) of N tokens of a deterministic synthetic text that a model\n"
+    "can learn (demo and tests). An existing FILE is replaced only with --force.\n";
 
 int cmd_tokens(int argc, char **argv)
 {
     static const struct option opts[] = {
         { "count", required_argument, 0, 'n' }, { "vocab", required_argument, 0, 'v' },
         { "seed", required_argument, 0, 's' }, { "out", required_argument, 0, 'o' },
-        { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
+        { "force", no_argument, 0, 'F' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     const char *out = NULL;
     int64_t count = 0, vocab = 0, seed = 1;
+    int force = 0;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
@@ -92,8 +94,9 @@ int cmd_tokens(int argc, char **argv)
         case 'v': if (cli_int("tokens", "--vocab", optarg, 2, INT32_MAX, &vocab)) return MPS_EUSAGE; break;
         case 's': if (cli_int("tokens", "--seed", optarg, 0, INT64_MAX, &seed)) return MPS_EUSAGE; break;
         case 'o': out = optarg; break;
+        case 'F': force = 1; break;
         case 'h': fputs(tokens_help, stdout); return 0;
-        default: return MPS_EUSAGE;
+        default: return cli_bad_option("tokens", "o:h", opts, argc, argv);
         }
     }
     if (optind != argc)
@@ -102,7 +105,8 @@ int cmd_tokens(int argc, char **argv)
         return cli_usage("tokens", "--count, --vocab and -o are required");
     mps_err err;
     mps_err_clear(&err);
-    if (mps_tokens_write_synthetic(out, count, vocab, (uint64_t)seed, &err) != 0)
+    if ((!force && mps_output_refuse_existing(out, &err) != 0) ||
+        mps_tokens_write_synthetic(out, count, vocab, (uint64_t)seed, &err) != 0)
         return cli_fail("tokens", &err);
     return 0;
 }

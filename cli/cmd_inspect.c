@@ -588,7 +588,7 @@ static int parse_args(int argc, char **argv, inspect_args *a)
         case 't': a->time = 1; break;
         case 'n': if (cli_int("inspect", "--repeat", optarg, 1, 1000, &a->repeat)) return MPS_EUSAGE; break;
         case 'h': fputs(help, stdout); return -1;
-        default: return MPS_EUSAGE;
+        default: return cli_bad_option("inspect", "h", opts, argc, argv);
         }
     }
     if (optind < argc - 1)

@@ -34,7 +34,7 @@ int cmd_load(int argc, char **argv)
         case 't': if (cli_int("load", "--threads", optarg, 1, 1024, &v)) return MPS_EUSAGE; threads = v; break;
         case 'c': checksum = 1; break;
         case 'h': fputs(help, stdout); return 0;
-        default: return MPS_EUSAGE;
+        default: return cli_bad_option("load", "h", opts, argc, argv);
         }
     }
     if (optind != argc - 1 || !layout_text)

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "comm_mpi.h"
 #include "reshard/reshard.h"
 
 static const char *const help =
@@ -46,7 +47,7 @@ int cmd_reshard(int argc, char **argv)
         case 'F': o.force = 1; break;
         case 'q': o.quiet = 1; break;
         case 'h': fputs(help, stdout); return 0;
-        default: return MPS_EUSAGE;
+        default: return cli_bad_option("reshard", "o:qh", opts, argc, argv);
         }
     }
     if (optind != argc - 1)
@@ -63,8 +64,16 @@ int cmd_reshard(int argc, char **argv)
     mps_err err;
     mps_err_clear(&err);
     int rc = mps_reshard(argv[optind], &o, &err);
+    if (rc != 0) {
+        /* once per job: processes agree on failures; the first with an error of its own prints it */
+        int all_failed = 1, code = err.code ? err.code : MPS_EFAIL;
+        if (!multi || cli_procs_failed(!cli_error_is_secondary(&err), &all_failed))
+            cli_fail("reshard", &err);
+        if (multi && !all_failed)
+            cli_comm_abort(code);
+        cli_procs_finish(multi);
+        return code;
+    }
     cli_procs_finish(multi);
-    if (rc != 0)
-        return cli_fail("reshard", &err);
     return 0;
 }

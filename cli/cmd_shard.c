@@ -26,12 +26,15 @@ static const char *const help =
     "  --threads N        compression threads (default: all cores)\n"
     "  --readers N        threads reading INPUT, 1..8 (default 2)\n"
     "  --force            replace an existing committed checkpoint at DIR\n"
+    "  --weights-only     store the parameters only, no Adam moments (inference, fine-tuning: the\n"
+    "                     trainer starts a checkpoint without them with zero moments)\n"
     "  -q, --quiet        no progress on stderr\n"
     "  --synthetic-optimizer SEED  fill the Adam moments with deterministic non-zero values\n"
     "                     instead of zeros (tests and benchmarks of reshard)\n"
     "  --state FILE       an llm.c optimizer-state file state_%08d_%05d.bin of INPUT's checkpoint\n"
-    "                     (INPUT: its model_%08d.bin); give it once per rank, or once with a quoted\n"
-    "                     pattern: --state 'DIR/state_00000010_*.bin'. The checkpoint then stores\n"
+    "                     (INPUT: its model_%08d.bin); give it once per rank, or once with a\n"
+    "                     pattern: --state DIR/state_00000010_*.bin (expanded by the shell, or by\n"
+    "                     mpshard when quoted). The checkpoint then stores\n"
     "                     llm.c's Adam m and v, fp32 master weights (when the files carry them),\n"
     "                     step, RNG state and data position\n"
     "\n"
@@ -90,6 +93,15 @@ static int add_state(path_list *l, const char *value)
     return 0;
 }
 
+/* llm.c names its state files state_%08d_%05d.bin */
+static int is_state_name(const char *path)
+{
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    size_t n = strlen(base);
+    return n > 10 && strncmp(base, "state_", 6) == 0 && strcmp(base + n - 4, ".bin") == 0;
+}
+
 int cmd_shard(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -99,7 +111,7 @@ int cmd_shard(int argc, char **argv)
         { "level", required_argument, 0, 'l' }, { "threads", required_argument, 0, 't' },
         { "force", no_argument, 0, 'F' }, { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' },
         { "synthetic-optimizer", required_argument, 0, 'S' }, { "state", required_argument, 0, 's' },
-        { "readers", required_argument, 0, 'R' },
+        { "readers", required_argument, 0, 'R' }, { "weights-only", no_argument, 0, 'W' },
         { 0, 0, 0, 0 },
     };
     mps_shard_opts o = { 0 };
@@ -127,28 +139,40 @@ int cmd_shard(int argc, char **argv)
         case 't': if (cli_int("shard", "--threads", optarg, 1, 1024, &v)) { path_free(&states); return MPS_EUSAGE; } o.threads = (int)v; break;
         case 'R': if (cli_int("shard", "--readers", optarg, 1, 8, &v)) { path_free(&states); return MPS_EUSAGE; } o.readers = (int)v; break;
         case 'F': o.force = 1; break;
+        case 'W': o.weights_only = 1; break;
         case 'S': if (cli_int("shard", "--synthetic-optimizer", optarg, 0, INT64_MAX, &v)) { path_free(&states); return MPS_EUSAGE; }
             o.synthetic_optimizer = 1; o.synthetic_seed = (uint64_t)v; break;
         case 's': if ((rc = add_state(&states, optarg)) != 0) { path_free(&states); return rc; } break;
         case 'q': o.quiet = 1; break;
         case 'h': path_free(&states); fputs(help, stdout); return 0;
-        default: path_free(&states); return MPS_EUSAGE;
+        default: path_free(&states); return cli_bad_option("shard", "o:qh", opts, argc, argv);
         }
     }
-    if (optind != argc - 1)
-        rc = cli_usage("shard", "expected one INPUT file%s", states.n ? " (quote a --state pattern: the shell "
-                       "expands it into several arguments)" : "");
-    else if (!o.layout)
+    /* An unquoted --state 'DIR/state_*.bin' reaches us expanded by the shell: its first file as
+     * --state's value, the others as operands. Operands named like llm.c's state files join it. */
+    const char *input = NULL;
+    rc = 0;
+    for (int i = optind; i < argc && rc == 0; i++) {
+        if (states.n > 0 && is_state_name(argv[i]))
+            rc = path_add(&states, argv[i]) != 0 ? cli_usage("shard", "out of memory") : 0;
+        else if (!input)
+            input = argv[i];
+        else
+            rc = cli_usage("shard", "expected one INPUT file, and '%s' is a second one", argv[i]);
+    }
+    if (rc == 0 && !input)
+        rc = cli_usage("shard", "expected one INPUT file");
+    if (rc == 0 && !o.layout)
         rc = cli_usage("shard", "--layout is required");
-    else if (!o.out_dir)
+    if (rc == 0 && !o.out_dir)
         rc = cli_usage("shard", "-o DIR is required");
-    else {
+    if (rc == 0) {
         mps_err err;
         mps_err_clear(&err);
         o.state_paths = (const char *const *)states.v;
         o.nstate = states.n;
         o.trace = mps_trace_enabled_by_env() ? mps_trace_new() : NULL; /* out of memory: no trace */
-        rc = mps_shard(argv[optind], &o, &err) != 0 ? cli_fail("shard", &err) : 0;
+        rc = mps_shard(input, &o, &err) != 0 ? cli_fail("shard", &err) : 0;
         mps_trace_print(o.trace, stderr);
         const char *tensors = getenv("MPS_TRACE_TENSORS");
         if (o.trace && tensors && tensors[0] && mps_trace_write_tensors(o.trace, tensors) != 0)

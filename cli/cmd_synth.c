@@ -4,6 +4,8 @@
 
 #include "cli.h"
 #include "modelfile.h"
+#include "output.h"
+#include "progress.h"
 
 static const char *const help =
     "usage: mpshard synth (--model NAME | --config K=V,..) --format safetensors|llmc -o DIR [options]\n"
@@ -18,7 +20,9 @@ static const char *const help =
     "  --format F       safetensors or llmc (required)\n"
     "  --dtype D        f32 (default), bf16 or f16\n"
     "  --max-shard-size S  safetensors: several files and an index above this size (e.g. 500MB)\n"
-    "  --seed S         default 1\n";
+    "  --seed S         default 1\n"
+    "  --force          replace an existing model file (and config.json) in DIR\n"
+    "  -q, --quiet      no progress on stderr\n";
 
 int cmd_synth(int argc, char **argv)
 {
@@ -26,15 +30,15 @@ int cmd_synth(int argc, char **argv)
         { "model", required_argument, 0, 'M' }, { "config", required_argument, 0, 'c' },
         { "format", required_argument, 0, 'f' }, { "dtype", required_argument, 0, 'd' },
         { "seed", required_argument, 0, 's' }, { "out", required_argument, 0, 'o' },
-        { "max-shard-size", required_argument, 0, 'S' },
-        { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
+        { "max-shard-size", required_argument, 0, 'S' }, { "force", no_argument, 0, 'F' },
+        { "quiet", no_argument, 0, 'q' }, { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     const char *model = NULL, *config = NULL, *out = NULL;
-    int format = -1, dtype = MPS_DTYPE_F32;
+    int format = -1, dtype = MPS_DTYPE_F32, force = 0, quiet = 0;
     int64_t seed = 1, max_shard = 0;
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "o:qh", opts, NULL)) != -1) {
         switch (c) {
         case 'M': model = optarg; break;
         case 'c': config = optarg; break;
@@ -54,8 +58,10 @@ int cmd_synth(int argc, char **argv)
             break;
         case 's': if (cli_int("synth", "--seed", optarg, 0, INT64_MAX, &seed)) return MPS_EUSAGE; break;
         case 'o': out = optarg; break;
+        case 'F': force = 1; break;
+        case 'q': quiet = 1; break;
         case 'h': fputs(help, stdout); return 0;
-        default: return MPS_EUSAGE;
+        default: return cli_bad_option("synth", "o:qh", opts, argc, argv);
         }
     }
     if (optind != argc)
@@ -68,7 +74,11 @@ int cmd_synth(int argc, char **argv)
     mps_err_clear(&err);
     mps_config cfg;
     if ((model ? mps_config_preset(model, &cfg, &err) : mps_config_parse(config, &cfg, &err)) != 0 ||
-        mps_synth_write_sharded(out, &cfg, (mps_file_format)format, (mps_dtype)dtype, (uint64_t)seed, max_shard, &err) != 0)
+        (!force && mps_output_refuse_model_files(out, (mps_file_format)format, 0, &err) != 0))
         return cli_fail("synth", &err);
-    return 0;
+    mps_progress *progress = mps_progress_new("synth", 0, quiet ? 0 : -1);
+    int rc = mps_synth_write_progress(out, &cfg, (mps_file_format)format, (mps_dtype)dtype, (uint64_t)seed, max_shard,
+                                      progress, &err);
+    mps_progress_done(progress);
+    return rc != 0 ? cli_fail("synth", &err) : 0;
 }

@@ -4,6 +4,8 @@
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
+#include <omp.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,6 +100,7 @@ typedef struct {
     int comm_deferred; /* ... in its deferred mode (comm_staged.h) */
     int comm_mpi;     /* --comm mpi: no NCCL even when every rank has a GPU */
     int save_sync;    /* --save-sync: no background saves */
+    int cpu_threads;  /* OpenMP threads of this rank (set_cpu_threads) */
     double t_start;   /* process start, for the log's elapsed_s (time to first step) */
 } train_args;
 
@@ -194,7 +197,7 @@ static int parse_args(int argc, char **argv, train_args *a, int eval_only)
         case 'q': a->quiet = 1; break;
         case 'J': a->json = 1; break;
         case 'h': fputs(eval_only ? eval_help : help, stdout); return 1;
-        default: return -1;
+        default: cli_bad_option(a->cmd, "o:qh", opts, argc, argv); return -1;
         }
     }
     if (optind != argc) {
@@ -394,10 +397,14 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         goto out;
     mps_ckpt_close(ck);
     ck = NULL;
-    if (comm->rank == 0 && !a->quiet)
-        fprintf(stderr, "%s: %s at step %lld, layout %s, %d micro-batches of %dx%d per replica; loaded in %.2f s\n",
+    if (comm->rank == 0 && !a->quiet) {
+        char threads[64] = "";
+        if (!be->device_memory)
+            snprintf(threads, sizeof threads, ", %d CPU thread%s per rank", a->cpu_threads, a->cpu_threads == 1 ? "" : "s");
+        fprintf(stderr, "%s: %s at step %lld, layout %s, %d micro-batches of %dx%d per replica%s; loaded in %.2f s\n",
                 a->cmd, ckdir, (long long)step, a->layout, a->o.global_batch / (a->o.micro_batch * L.dp),
-                a->o.micro_batch, a->o.seq, now_s() - t0);
+                a->o.micro_batch, a->o.seq, threads, now_s() - t0);
+    }
     if (a->eval_only) {
         rc = evaluate(e, val, a, comm->rank, ckdir, step, NULL, err);
         goto out;
@@ -516,6 +523,23 @@ static int make_backend(const train_args *a, mps_backend *be, int *own_gpu, mps_
     return 0; /* the default falls back to the CPU */
 }
 
+/* The CPU kernels' OpenMP threads: OMP_NUM_THREADS when it is set, else this host's cores shared
+ * among the job's processes on it (each would otherwise start a thread per core: 4 ranks on 2
+ * cores ran 6x slower), and no more than the cores this process may run on. */
+static int set_cpu_threads(int multi)
+{
+    if (getenv("OMP_NUM_THREADS"))
+        return omp_get_max_threads();
+    int cores = mps_cpu_count(), threads = cores / cli_procs_local_size(multi);
+    cpu_set_t mine;
+    if (sched_getaffinity(0, sizeof mine, &mine) == 0 && CPU_COUNT(&mine) < threads)
+        threads = CPU_COUNT(&mine);
+    if (threads < 1)
+        threads = 1;
+    omp_set_num_threads(threads);
+    return threads;
+}
+
 static int train_or_eval(int argc, char **argv, int eval_only)
 {
     mps_procs procs;
@@ -530,6 +554,7 @@ static int train_or_eval(int argc, char **argv, int eval_only)
         cli_procs_finish(multi);
         return prc == 1 ? 0 : MPS_EUSAGE;
     }
+    a.cpu_threads = set_cpu_threads(multi);
     mps_err err;
     mps_err_clear(&err);
     mps_comm comm;
@@ -564,9 +589,15 @@ static int train_or_eval(int argc, char **argv, int eval_only)
         cli_comm_nccl_free(&nccl);
     be.destroy(be.ctx);
     if (rc != 0) {
-        int code = cli_fail(a.cmd, &err);
-        if (multi)
+        /* once per job: the failing rank, or the first of several that failed alike */
+        int all_failed = 1, code = err.code ? err.code : MPS_EFAIL;
+        if (!multi || cli_procs_failed(!cli_error_is_secondary(&err), &all_failed))
+            cli_fail(a.cmd, &err);
+        if (multi && !all_failed)
             cli_comm_abort(code); /* peers may be inside a collective */
+        if (multi)
+            cli_comm_mpi_free(&comm);
+        cli_procs_finish(multi);
         return code;
     }
     if (multi)

@@ -46,7 +46,7 @@ int cmd_verify(int argc, char **argv)
         case 't': if (cli_int("verify", "--threads", optarg, 1, 1024, &v)) return MPS_EUSAGE; o.threads = (int)v; break;
         case 'q': o.quiet = 1; break;
         case 'h': fputs(help, stdout); return 0;
-        default: return MPS_EUSAGE;
+        default: return cli_bad_option("verify", "qh", opts, argc, argv);
         }
     }
     if (optind != argc - 1)

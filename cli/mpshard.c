@@ -1,4 +1,5 @@
 /* mpshard: the command-line front end. Only this layer prints and exits. */
+#include <getopt.h>
 #include <hdf5.h>
 #include <math.h>
 #include <signal.h>
@@ -22,7 +23,9 @@ static const char *const usage_text =
     "  verify DIR                      check completeness and every checksum\n"
     "  load DIR --layout L --rank R    read what rank R of layout L holds (the resume path; timing)\n"
     "  synth --model NAME -o OUT       write a synthetic model file (demo, tests, benchmarks)\n"
-    "  compare A B                     compare the tensors of two model files bit for bit\n"
+    "  compare A B                     two checkpoints or model files, bit for bit or within --rtol/--atol\n"
+    "  ls DIR [--tensor NAME]          where each tensor of a checkpoint is stored (file, dataset, box)\n"
+    "  extract DIR --tensor NAME -o F  one tensor of a checkpoint as .npy or .safetensors\n"
     "  inspect DIR | --model M --layout L  bytes per rank by kind; --suggest layouts that fit N GPUs\n"
     "  init --model M --layout L -o DIR    a fresh training state (GPT-2 initialisation)\n"
     "  train --ckpt DIR --layout L ...     train GPT-2 (mpirun -np dp*pp*tp), resuming from any layout\n"
@@ -35,21 +38,72 @@ static const char *const usage_text =
     "Run 'mpshard COMMAND --help' for the options of a command.\n"
     "Exit codes: 0 ok, 1 failure, 2 usage, 3 corrupt input, 4 I/O error, 5 out of memory, 6 unsupported.\n";
 
+/* One write per line: under mpirun the processes' stderr is merged, and a line written in pieces
+ * interleaves with the others' ("mpshard train: mpshard train: ..."). */
+static void put_line(const char *line)
+{
+    fputs(line, stderr);
+    fflush(stderr);
+}
+
 int cli_fail(const char *cmd, const mps_err *err)
 {
-    fprintf(stderr, "mpshard %s: %s\n", cmd, err->msg[0] ? err->msg : "failed");
+    char line[1200];
+    snprintf(line, sizeof line, "mpshard %s: %s\n", cmd, err->msg[0] ? err->msg : "failed");
+    put_line(line);
     return err->code ? err->code : MPS_EFAIL;
 }
 
 int cli_usage(const char *cmd, const char *fmt, ...)
 {
+    char msg[1024], line[1200];
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "mpshard %s: ", cmd);
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, " (see mpshard %s --help)\n", cmd);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    snprintf(line, sizeof line, "mpshard %s: %s (see mpshard %s --help)\n", cmd, msg, cmd);
+    if (cli_procs_is_first())
+        put_line(line);
     return MPS_EUSAGE;
+}
+
+/* The long option that `arg` ("--name" or "--name=value") names, exactly or as a prefix. */
+static const struct option *long_option(const struct option *opts, const char *arg)
+{
+    size_t n = strcspn(arg + 2, "=");
+    const struct option *prefix = NULL;
+    for (const struct option *o = opts; o->name; o++) {
+        if (strncmp(o->name, arg + 2, n) != 0)
+            continue;
+        if (o->name[n] == '\0')
+            return o;
+        prefix = o;
+    }
+    return prefix;
+}
+
+int cli_bad_option(const char *cmd, const char *optstring, const struct option *opts, int argc, char **argv)
+{
+    /* getopt leaves optind past the argument of a long option; within a bundle of short options
+     * (-qx) it may still point at the bundle, so argv[optind - 1] is a long option's only when
+     * it names one whose value getopt reports in optopt */
+    const char *arg = optind > 0 && optind <= argc ? argv[optind - 1] : "";
+    int is_long = strncmp(arg, "--", 2) == 0;
+    const struct option *lo = is_long ? long_option(opts, arg) : NULL;
+    if (is_long && (optopt == 0 || (lo && lo->val == optopt))) {
+        size_t name = strcspn(arg, "=");
+        if (optopt == 0)
+            return cli_usage(cmd, "unknown option '%.*s'", (int)name, arg);
+        if (arg[name] == '=')
+            return cli_usage(cmd, "option '--%s' takes no value", lo->name);
+        return cli_usage(cmd, "option '--%s' needs a value", lo->name);
+    }
+    const char *o = optopt ? strchr(optstring, optopt) : NULL;
+    if (o && o[1] == ':')
+        return cli_usage(cmd, "option '-%c' needs a value", optopt);
+    if (optopt)
+        return cli_usage(cmd, "unknown option '-%c'", optopt);
+    return cli_usage(cmd, "unknown option '%s'", arg);
 }
 
 int cli_int(const char *cmd, const char *opt, const char *value, int64_t lo, int64_t hi, int64_t *out)
@@ -98,6 +152,7 @@ int main(int argc, char **argv)
      * (exit 4) after the staging directory or temporary file is removed, instead of the process
      * dying by SIGXFSZ and leaving them behind. */
     signal(SIGXFSZ, SIG_IGN);
+    opterr = 0; /* unknown options are reported by cli_bad_option, in the form of every other error */
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
         fputs(usage_text, argc < 2 ? stderr : stdout);
         return argc < 2 ? MPS_EUSAGE : 0;
@@ -113,6 +168,7 @@ int main(int argc, char **argv)
         { "synth", cmd_synth }, { "compare", cmd_compare }, { "reshard", cmd_reshard },
         { "load", cmd_load },
         { "inspect", cmd_inspect }, { "init", cmd_init }, { "tokens", cmd_tokens }, { "train", cmd_train }, { "eval", cmd_eval },
+        { "ls", cmd_ls }, { "extract", cmd_extract },
         { "models", cmd_models },
     };
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)

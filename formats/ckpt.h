@@ -135,13 +135,6 @@ int mps_ckpt_gather(mps_ckpt *c, mps_read_scratch *s, mps_kind kind, int tensor,
 /* Bytes read from shard files so far (compressed, as stored). */
 int64_t mps_ckpt_bytes_read(const mps_ckpt *c);
 
-/* Compares two checkpoints (any layouts) bit for bit: every kind both store, every tensor, and
- * the scalar state. Each difference is reported as a line. Returns 0 when identical, 1 when they
- * differ, -1 on error. budget: bytes of tensor data held at once. */
-typedef void (*mps_ckpt_diff_fn)(void *ctx, const char *line);
-int mps_ckpt_compare(const char *dir_a, const char *dir_b, int64_t budget, mps_ckpt_diff_fn report, void *ctx,
-                     mps_err *err);
-
 /* verify: every file present with its recorded size, every expected piece present with the
  * right attributes, every chunk decodes and matches its checksum. Problems are reported through
  * report() (one line each, naming the file and tensor); returns the number of problems. */

@@ -753,6 +753,15 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
     }
     w.progress = opts->progress ? opts->progress
                                 : mps_progress_new(opts->label ? opts->label : "write", total_bytes, opts->quiet ? 0 : -1);
+    if (!opts->progress) { /* the total is the state written, every stored kind, not the input's size */
+        char what[96] = "of state written (";
+        for (int k = 0, n = 0; k < MPS_KIND_COUNT; k++)
+            if (m->kinds & (1u << k))
+                snprintf(what + strlen(what), sizeof what - strlen(what), "%s%s", n++ ? ", " : "",
+                         mps_kind_name((mps_kind)k));
+        snprintf(what + strlen(what), sizeof what - strlen(what), ")");
+        mps_progress_set_what(w.progress, what);
+    }
     if (w.tw) {
         int64_t now = mps_now_ns();
         for (int i = 0; i < w.nthreads; i++)

@@ -7,8 +7,10 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "llmc_state.h"
+#include "output.h"
 #include "pool.h"
 #include "progress.h"
 
@@ -169,6 +171,32 @@ out:
     return rc;
 }
 
+/* Without --force nothing already under the output names is replaced or removed: the model file
+ * (and config.json), and with --processes the step's DONE and state files, those of ranks the
+ * export would not write included (a forced export removes them). */
+static int refuse_existing_outputs(const mps_manifest *m, const mps_export_opts *o, mps_err *err)
+{
+    if (mps_output_refuse_model_files(o->out_dir, o->format, m->step, err) != 0)
+        return -1;
+    if (!o->processes)
+        return 0;
+    char name[64], path[4400];
+    mps_llmc_done_name(m->step, name, sizeof name);
+    snprintf(path, sizeof path, "%s/%s", o->out_dir, name);
+    if (mps_output_refuse_existing(path, err) != 0)
+        return -1;
+    for (int r = 0; r < MPS_LLMC_MAX_PROCESSES; r++) {
+        struct stat st;
+        mps_llmc_state_name(m->step, r, name, sizeof name);
+        snprintf(path, sizeof path, "%s/%s", o->out_dir, name);
+        if (r >= o->processes && lstat(path, &st) != 0)
+            break; /* the names of an export's state files have no gaps */
+        if (mps_output_refuse_existing(path, err) != 0)
+            return -1;
+    }
+    return 0;
+}
+
 int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err)
 {
     mps_ckpt *c;
@@ -192,6 +220,8 @@ int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err)
     int rc = -1;
     state_plan plan = { 0 };
     if (o->processes && plan_states(m, o, &plan, err) != 0)
+        goto out;
+    if (!o->force && refuse_existing_outputs(m, o, err) != 0)
         goto out;
     /* DONE vouches for the files of its step: it goes before any of them is replaced */
     if (o->processes && mps_llmc_done_remove(o->out_dir, m->step, err) != 0)

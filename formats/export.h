@@ -16,6 +16,7 @@ typedef struct {
     int threads;              /* 0: all cores */
     int64_t memory_budget;    /* bytes of tensor data held at once; 0: 256 MiB */
     int quiet;
+    int force;                /* replace existing output files (else they are refused, exit 2) */
     int64_t max_shard_bytes;  /* safetensors: larger models go to several files and an index; 0: 5 GB */
     /* llm.c only: processes > 0 also writes OUT/state_%08d_%05d.bin for ranks 0..processes-1 and
      * then OUT/DONE_%08d, as llm.c's write_checkpoint does */

@@ -145,7 +145,7 @@ static int rope_parse(json_t *root, const char *name, mps_config *cfg, mps_err *
     if (strcmp(t, "llama3") != 0)
         return refuse(err, name, field, type, "only default and llama3 RoPE");
     cfg->rope.type = MPS_ROPE_LLAMA3;
-    int64_t orig;
+    int64_t orig = 0; /* set by need_int, or not used */
     if (get_real(scaling, name, "factor", 0, 1e6, &cfg->rope.factor, err) != 0 ||
         get_real(scaling, name, "low_freq_factor", 0, 1e6, &cfg->rope.low_freq_factor, err) != 0 ||
         get_real(scaling, name, "high_freq_factor", 0, 1e6, &cfg->rope.high_freq_factor, err) != 0 ||

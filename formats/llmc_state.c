@@ -244,7 +244,7 @@ int mps_llmc_state_open(const char *const *paths, int n, const mps_config *cfg, 
         struct stat st;
         f->fd = open(f->path, O_RDONLY | O_CLOEXEC);
         if (f->fd < 0 || fstat(f->fd, &st) != 0) {
-            mps_fail(err, errno == ENOENT ? MPS_EUSAGE : MPS_EIO, "%s: cannot open: %s", f->path, strerror(errno));
+            mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s", f->path, strerror(errno));
             goto out;
         }
         if (!S_ISREG(st.st_mode)) {

@@ -146,10 +146,15 @@ int mps_manifest_write(const char *path, const mps_manifest *m, mps_err *err)
     json_object_set_new(root, "state", state);
     json_t *source = json_pack("{s:s, s:s}", "format", m->source_format, "dtype", mps_dtype_name(m->source_dtype));
     if (m->hf_config_json) {
+        /* the parsed object for readers that want its fields; the text itself, which export
+         * writes back byte for byte (a JSON round trip turns 0.1 into 0.10000000000000001) */
         json_error_t jerr;
         json_t *hf = json_loads(m->hf_config_json, 0, &jerr);
         if (hf)
             json_object_set_new(source, "hf_config", hf);
+        json_t *text = json_string(m->hf_config_json);
+        if (text)
+            json_object_set_new(source, "hf_config_text", text);
     }
     json_object_set_new(root, "source", source);
     json_t *files = json_array();
@@ -266,7 +271,7 @@ static int get_real(json_t *o, const char *key, double lo, double hi, double *ou
  * refused by name. */
 static int parse_model(json_t *model, const char *path, mps_config *c, mps_err *err)
 {
-    int64_t nl, ne, nh, np, vv, pv;
+    int64_t nl = 0, ne = 0, nh = 0, np = 0, vv = 0, pv = 0; /* set by get_int or unused: GCC 13 -O3 cannot see it */
     memset(c, 0, sizeof *c);
     if (!json_is_object(model) || get_int(model, "n_layer", 1, 1 << 20, &nl, path, err) ||
         get_int(model, "n_embd", 1, 1 << 24, &ne, path, err) || get_int(model, "n_head", 1, 1 << 24, &nh, path, err) ||
@@ -381,7 +386,7 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     if (!root)
         return mps_fail(err, MPS_ECORRUPT, "%s: invalid JSON at line %d: %s", path, jerr.line, jerr.text);
     int rc = -1;
-    int64_t v;
+    int64_t v = 0; /* get_int sets it or fails; GCC 12/13 at -O3 cannot see that */
     int *ranks = NULL;
     json_t *fmt = json_object_get(root, "format");
     if (!json_is_string(fmt) || strcmp(json_string_value(fmt), "mpshard") != 0) {
@@ -413,7 +418,7 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     if (check_tensor_list(json_object_get(root, "tensors"), path, &m->cfg, err) != 0)
         goto out;
     json_t *lay = json_object_get(root, "layout");
-    int64_t dp, pp, tp, zero;
+    int64_t dp = 0, pp = 0, tp = 0, zero = 0;
     if (!json_is_object(lay)) {
         mps_fail(err, MPS_ECORRUPT, "%s: 'layout' missing or not an object", path);
         goto out;
@@ -466,7 +471,7 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
         m->dtype[k] = (mps_dtype)d;
     }
     json_t *storage = json_object_get(root, "storage");
-    int64_t level;
+    int64_t level = 0;
     if (!json_is_object(storage)) {
         mps_fail(err, MPS_ECORRUPT, "%s: 'storage' missing or not an object", path);
         goto out;
@@ -503,9 +508,19 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
         copy_text(m->source_format, sizeof m->source_format, sf);
         int d = json_is_string(sd) ? mps_dtype_from_name(json_string_value(sd)) : 0;
         m->source_dtype = d < 0 ? MPS_DTYPE_F32 : (mps_dtype)d;
-        json_t *hf = json_object_get(source, "hf_config");
-        if (hf)
+        json_t *hf = json_object_get(source, "hf_config"), *hf_text = json_object_get(source, "hf_config_text");
+        if (hf_text && !json_is_string(hf_text)) {
+            mps_fail(err, MPS_ECORRUPT, "%s: source.hf_config_text is not a string", path);
+            goto out;
+        }
+        if (hf_text) /* the original bytes */
+            m->hf_config_json = strdup(json_string_value(hf_text));
+        else if (hf) /* manifests written before hf_config_text: the object, re-serialised */
             m->hf_config_json = json_dumps(hf, JSON_INDENT(2));
+        if ((hf_text || hf) && !m->hf_config_json) {
+            mps_fail(err, MPS_ENOMEM, "%s: out of memory", path);
+            goto out;
+        }
     }
     json_t *files = json_object_get(root, "files");
     if (!json_is_array(files) || json_array_size(files) > (size_t)mps_layout_world(&m->layout)) {

@@ -230,7 +230,8 @@ int mps_model_file_open(const char *path, const mps_model_file_opts *opts, mps_m
      * (not a regular file), and reads of a regular file ignore the flag */
     f->fd = open(f->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (f->fd < 0) {
-        mps_fail(err, MPS_EIO, "%s: cannot open: %s", f->path, strerror(errno));
+        /* a missing input is invalid input (exit 3), as a missing checkpoint is */
+        mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s", f->path, strerror(errno));
         goto fail;
     }
     if (fstat(f->fd, &st) != 0) {

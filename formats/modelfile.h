@@ -84,5 +84,9 @@ int mps_synth_write(const char *dir, const mps_config *cfg, mps_file_format form
  * an index, as transformers' save_pretrained(max_shard_size=...) does. */
 int mps_synth_write_sharded(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
                             uint64_t seed, int64_t max_shard_bytes, mps_err *err);
+/* The same, adding the bytes written to progress (progress.h; NULL: none) after setting its total. */
+struct mps_progress;
+int mps_synth_write_progress(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
+                             uint64_t seed, int64_t max_shard_bytes, struct mps_progress *progress, mps_err *err);
 
 #endif

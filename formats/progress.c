@@ -9,6 +9,7 @@
 
 struct mps_progress {
     char label[64];
+    char what[96];
     _Atomic int64_t done;
     _Atomic int64_t total;
     _Atomic int64_t last_print_ns;
@@ -41,8 +42,8 @@ static void print_line(mps_progress *p, int final)
     double done = (double)atomic_load(&p->done), total = (double)atomic_load(&p->total);
     double rate = secs > 0 ? done / secs : 0;
     double left = rate > 0 && total > done ? (total - done) / rate : 0;
-    fprintf(stderr, "\r%s: %.2f / %.2f GB  %.0f MB/s  %s %.0fs   %s", p->label, done / 1e9, total / 1e9, rate / 1e6,
-            final ? "took" : "left", final ? secs : left, final ? "\n" : "");
+    fprintf(stderr, "\r%s: %.2f / %.2f GB%s%s  %.0f MB/s  %s %.0fs   %s", p->label, done / 1e9, total / 1e9,
+            p->what[0] ? " " : "", p->what, rate / 1e6, final ? "took" : "left", final ? secs : left, final ? "\n" : "");
     fflush(stderr);
 }
 
@@ -62,6 +63,12 @@ void mps_progress_set_total(mps_progress *p, int64_t total_bytes)
 {
     if (p)
         atomic_store(&p->total, total_bytes);
+}
+
+void mps_progress_set_what(mps_progress *p, const char *what)
+{
+    if (p)
+        snprintf(p->what, sizeof p->what, "%s", what ? what : "");
 }
 
 void mps_progress_done(mps_progress *p)

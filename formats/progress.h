@@ -7,5 +7,7 @@ typedef struct mps_progress mps_progress;
 mps_progress *mps_progress_new(const char *label, int64_t total_bytes, int enabled);
 void mps_progress_add(mps_progress *p, int64_t bytes); /* thread-safe */
 void mps_progress_set_total(mps_progress *p, int64_t total_bytes);
+/* What the total counts, printed after it ("9.29 GB of state written (param, adam_m, adam_v)"); copied. */
+void mps_progress_set_what(mps_progress *p, const char *what);
 void mps_progress_done(mps_progress *p); /* final line, frees */
 #endif

@@ -225,7 +225,8 @@ static int read_small_file(const char *path, int64_t cap, const char *missing_hi
     if (fd < 0) {
         if (errno == ENOENT && missing_hint)
             return mps_fail(err, MPS_EUSAGE, "%s", missing_hint);
-        return mps_fail(err, MPS_EIO, "%s: cannot open: %s", path, strerror(errno));
+        /* a missing input is invalid input (exit 3), as a missing checkpoint is */
+        return mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s", path, strerror(errno));
     }
     int rc = -1;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {

@@ -12,6 +12,7 @@
 
 #include "arch.h"
 #include "modelfile_internal.h"
+#include "progress.h"
 
 typedef struct {
     uint64_t key;
@@ -74,6 +75,12 @@ int mps_synth_write(const char *dir, const mps_config *cfg, mps_file_format form
 int mps_synth_write_sharded(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
                             uint64_t seed, int64_t max_shard_bytes, mps_err *err)
 {
+    return mps_synth_write_progress(dir, cfg, format, dtype, seed, max_shard_bytes, NULL, err);
+}
+
+int mps_synth_write_progress(const char *dir, const mps_config *cfg, mps_file_format format, mps_dtype dtype,
+                             uint64_t seed, int64_t max_shard_bytes, struct mps_progress *progress, mps_err *err)
+{
     mps_out_file *f;
     int rc;
     if (format == MPS_FILE_SAFETENSORS)
@@ -95,6 +102,10 @@ int mps_synth_write_sharded(const char *dir, const mps_config *cfg, mps_file_for
     const mps_out_item *items;
     int nitems;
     mps_out_file_items(f, &items, &nitems);
+    int64_t total = 0;
+    for (int i = 0; i < nitems; i++)
+        total += mps_out_item_bytes(cfg, &items[i], dtype);
+    mps_progress_set_total(progress, total);
     size_t n = 0;
 #define FLUSH()                                                                                  \
     do {                                                                                         \
@@ -105,6 +116,7 @@ int mps_synth_write_sharded(const char *dir, const mps_config *cfg, mps_file_for
         } else {                                                                                 \
             rc = mps_out_file_write(f, blk, n * sizeof(float), err);                             \
         }                                                                                        \
+        mps_progress_add(progress, (int64_t)(n * mps_dtype_size(dtype)));                        \
         n = 0;                                                                                   \
         if (rc != 0)                                                                             \
             goto fail;                                                                           \

@@ -9,7 +9,7 @@ CFG="n_layer=4,n_embd=128,n_head=8,vocab=1000,n_positions=64"
 say() { printf '\n== %s\n' "$*"; }
 
 say "1. a small GPT-2 ($CFG) written as Hugging Face safetensors (deterministic values)"
-"$M" synth --config "$CFG" --format safetensors -o "$D/hf"
+"$M" synth --config "$CFG" --format safetensors -o "$D/hf" -q
 ls -l "$D/hf" | tail -n +2
 
 say "2. shard it for dp=2 x pp=2 x tp=2 with ZeRO-1 (8 ranks)"

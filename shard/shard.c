@@ -415,6 +415,13 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
         mps_fail(err, MPS_ENOMEM, "out of memory");
         goto out;
     }
+    if (o->weights_only && (o->nstate > 0 || o->synthetic_optimizer)) {
+        mps_fail(err, MPS_EUSAGE, "--weights-only stores no optimizer state: it excludes %s",
+                 o->nstate > 0 ? "--state" : "--synthetic-optimizer");
+        goto out;
+    }
+    if (o->weights_only)
+        m.kinds = 1u << MPS_KIND_PARAM;
     if (o->nstate > 0 && import_state(input, file, o, &m, &state, err) != 0)
         goto out;
     if (mps_stage_begin(o->out_dir, o->force, &st, err) != 0)

@@ -16,6 +16,7 @@ typedef struct {
     int threads;               /* 0: all cores */
     int readers;               /* threads reading the input file, 1..8; 0: default (2) */
     int force, quiet;
+    int weights_only;          /* store param only: no Adam moments (a trainer starts them at zero) */
     int synthetic_optimizer;   /* tests/benchmarks: non-zero deterministic Adam moments */
     uint64_t synthetic_seed;
     /* llm.c optimizer state: the N files state_%08d_%05d.bin of the model file's checkpoint (any

@@ -36,8 +36,8 @@ struct mps_tokens {
 static int check_file(const char *path, int T, int64_t *ntok, int *width, mps_err *err)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return mps_fail(err, MPS_EIO, "%s: %s", path, strerror(errno));
+    if (fd < 0) /* a missing input is invalid input (exit 3), as a missing checkpoint is */
+        return mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: %s", path, strerror(errno));
     struct stat st;
     int32_t h[256];
     int rc = 0;

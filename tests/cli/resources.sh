@@ -126,7 +126,7 @@ fails_io "reshard --force, size limit" "rank-0000[0-9].h5" lim "$MPSHARD" reshar
 expect 0 "$MPSHARD" compare "$T/old" "$T/ref"
 [ ! -e "$T/old.partial" ] && [ ! -e "$T/old.lock" ] && ok || bad "replace under a size limit left staging or lock"
 cp -r "$T/refex" "$T/oldex"
-fails_io "export over a model, size limit" "model.safetensors.tmp" lim "$MPSHARD" export "$T/ref" --format safetensors -o "$T/oldex" -q
+fails_io "export over a model, size limit" "model.safetensors.tmp" lim "$MPSHARD" export "$T/ref" --format safetensors -o "$T/oldex" -q --force
 cmp -s "$T/oldex/model.safetensors" "$T/refex/model.safetensors" && ok || bad "export under a size limit damaged the old model"
 no_tmp "$T/oldex" "export over a model, size limit"
 # and the same commands complete once the limit is lifted

@@ -60,7 +60,7 @@ crash_entry_export() {
   local a=$(($1 % 2))
   local srcs=("$X/shard-0" "$X/src2")
   KIND=file OUT="$X/out-export" FILE=model.safetensors NEW="$X/export-$a" OLD="$X/export-$((1 - a))"
-  CMD=("$MPSHARD" export "${srcs[a]}" --format safetensors -o "$OUT" -q)
+  CMD=("$MPSHARD" export "${srcs[a]}" --format safetensors -o "$OUT" -q --force)
 }
 
 # ---- checks ----

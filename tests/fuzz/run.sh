@@ -61,7 +61,7 @@ fi
 
 # configure once, then build only the fuzz targets (not the rest of the project)
 if [ ! -f "$build/CMakeCache.txt" ]; then
-  if ! CC=$cc cmake -S "$repo" -B "$build" -DCMAKE_C_COMPILER="$cc" -DMPS_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  if ! CC=$cc cmake -S "$repo" -B "$build" -DCMAKE_C_COMPILER="$cc" -DMPS_FUZZ=ON -DMPS_WERROR=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
        >"$probe/cmake.log" 2>&1; then
     echo "fuzz: cmake configure failed:" >&2; tail -20 "$probe/cmake.log" >&2
     rm -rf "$build"

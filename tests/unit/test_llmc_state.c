@@ -129,6 +129,7 @@ static long write_state(const mps_config *c, const variant *v, int r, const char
 
 static char *read_all(const char *path, long *n)
 {
+    *n = -1; /* also when the file cannot be opened */
     FILE *fp = fopen(path, "rb");
     if (!fp)
         return NULL;
