@@ -13,6 +13,7 @@ int cmd_verify(int argc, char **argv);
 int cmd_synth(int argc, char **argv);
 int cmd_compare(int argc, char **argv);
 int cmd_reshard(int argc, char **argv);
+int cmd_split(int argc, char **argv);
 int cmd_load(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_tokens(int argc, char **argv);

@@ -16,6 +16,7 @@ static const char *const usage_text =
     "commands:\n"
     "  shard INPUT --layout L -o DIR   full model file (safetensors, llm.c .bin) -> shards for layout L\n"
     "  reshard SRC --layout L -o DST   shards of one layout -> another (weights and optimizer state)\n"
+    "  split SRC --gpus N -o DST       reshard for N GPUs into the layout the planner finds fastest\n"
     "  export DIR --format F -o OUT    shards (any layout) -> one full model file (safetensors, llmc)\n"
     "  verify DIR                      check completeness and every checksum\n"
     "  load DIR --layout L --rank R    read what rank R of layout L holds (the resume path; timing)\n"
@@ -85,7 +86,7 @@ int main(int argc, char **argv)
     }
     static const struct { const char *name; int (*fn)(int, char **); } cmds[] = {
         { "shard", cmd_shard }, { "export", cmd_export }, { "verify", cmd_verify },
-        { "synth", cmd_synth }, { "compare", cmd_compare }, { "reshard", cmd_reshard },
+        { "synth", cmd_synth }, { "compare", cmd_compare }, { "reshard", cmd_reshard }, { "split", cmd_split },
         { "load", cmd_load },
         { "inspect", cmd_inspect }, { "init", cmd_init }, { "tokens", cmd_tokens }, { "train", cmd_train }, { "eval", cmd_eval },
     };
