@@ -80,7 +80,8 @@ int mps_svg_write_plan(const char *path, const mps_plan *plan, const mps_svg_opt
     double peak = (double)mps_plan_peak(plan, &peak_rank) / unit;
     const mps_plan_opts *po = mps_plan_options(plan);
     char subtitle[256];
-    snprintf(subtitle, sizeof subtitle, "%s precision, micro-batch %lld x %lld tokens, recompute %s; peak %.2f %s on rank %d",
+    snprintf(subtitle, sizeof subtitle,
+             "%s precision, micro-batch %lld x %lld tokens, recompute %s; peak %.2f %s on rank %d",
              mps_precision_name(po->precision), (long long)po->micro_batch, (long long)po->seq,
              mps_recompute_name(po->recompute), peak, unit_name, peak_rank);
     /* wide enough for the legend and for the two lines of text above the chart (a few ranks make a
