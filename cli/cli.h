@@ -13,6 +13,7 @@ int cmd_verify(int argc, char **argv);
 int cmd_synth(int argc, char **argv);
 int cmd_compare(int argc, char **argv);
 int cmd_reshard(int argc, char **argv);
+int cmd_split(int argc, char **argv);
 int cmd_load(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_tokens(int argc, char **argv);
@@ -22,8 +23,6 @@ int cmd_ls(int argc, char **argv);
 int cmd_extract(int argc, char **argv);
 int cmd_models(int argc, char **argv);
 
-/* "80GiB" -> bytes. Decimal (kB, MB, GB, TB) and binary (KiB .. TiB; K, M, G, T alone) units. */
-int mps_parse_size(const char *text, int64_t *out);
 
 /* Under mpirun: initialises MPI and fills procs (returns 1); otherwise returns 0; -1 on error. */
 int cli_procs_init(int *argc, char ***argv, mps_procs *procs);

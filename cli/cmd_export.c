@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "units.h"
 #include "export.h"
 
 static const char *const help =
@@ -64,7 +65,7 @@ int cmd_export(int argc, char **argv)
                 return cli_usage("export", "--dtype '%s': expected f32, bf16 or f16", optarg);
             break;
         case 'S':
-            if (mps_parse_size(optarg, &o.max_shard_bytes) != 0)
+            if (cli_parse_size(optarg, &o.max_shard_bytes) != 0)
                 return cli_usage("export", "--max-shard-size '%s': expected a size such as 5GB or 200MiB", optarg);
             break;
         case 'm': if (cli_int("export", "--memory-mb", optarg, 1, 1 << 20, &v)) return MPS_EUSAGE; o.memory_budget = v << 20; break;

@@ -12,6 +12,7 @@
 #include "cli.h"
 #include "inspect/plan.h"
 #include "inspect/svg.h"
+#include "units.h"
 
 static const char *const help =
     "usage: mpshard inspect DIR [options]\n"
@@ -23,7 +24,7 @@ static const char *const help =
     "group), an activation estimate and the total; the rank with the peak; the bytes each rank sends\n"
     "per optimizer step. From checkpoint DIR (its model and layout; bytes on disk per file and the\n"
     "compression ratio too), or planned from a model and a layout. --suggest lists the layouts of N\n"
-    "GPUs whose every rank fits M bytes, best (fewest bytes sent per rank and step) first.\n"
+    "GPUs whose every rank fits M bytes, best (shortest estimated step time) first.\n"
     "\n"
     "  --model NAME        a named model (GPT-2, Llama, Mistral, Qwen2 shapes): `mpshard models` lists them\n"
     "  --config K=V,..     n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]; Llama family:\n"
@@ -40,11 +41,12 @@ static const char *const help =
     "  --no-overlap        plan train --no-overlap (or --comm mpi): ZeRO-2/3 reduce-scatter after the\n"
     "                      whole backward and hold the stage's full gradients until then\n"
     "  --gpu-mem M         GPU memory, e.g. 80GiB or 40GB (K, M, G, T alone mean KiB .. TiB):\n"
-    "                      ranks over it are marked\n"
+    "                      ranks over it are marked, and the command exits 1 if any is\n"
+    "                      (--suggest: if no layout fits)\n"
     "  --gpus N --suggest  list the layouts of N GPUs whose every rank fits --gpu-mem\n"
     "  --top K             list at most K layouts (default: all that fit)\n"
-    "  --sort KEY          order of --suggest: comm (default: bytes sent per rank and step), peak\n"
-    "                      (memory) or bubble (pipeline idle fraction)\n"
+    "  --sort KEY          order of --suggest: time (default: estimated step time), comm (bytes sent\n"
+    "                      per rank and step), peak (memory) or bubble (pipeline idle fraction)\n"
     "  --tensors           per-tensor breakdown for one rank; for DIR also bytes stored per tensor\n"
     "  --rank R            the rank of --tensors (default: the rank with the peak)\n"
     "  --check             DIR: sum, per rank and kind, the elements its datasets hold and compare with\n"
@@ -57,11 +59,14 @@ static const char *const help =
     "\n"
     "Activations: Korthikanti et al. 2022, per layer s*b*h/t*(34 + 5*a*s/h) bytes with tensor and\n"
     "sequence parallelism (selective: s*b*h/t*34, full: 2*s*b*h/t); a 1F1B pipeline stage i holds\n"
-    "min(pp - i, micro-batches) micro-batches of its layers. See docs/inspect.md.\n";
+    "min(pp - i, micro-batches) micro-batches of its layers.\n"
+    "Step time: 6 * params * tokens / (GPUs * 989 TFLOP/s * 0.4), stretched by the 1F1B bubble\n"
+    "(pp-1)/(m+pp-1), plus the bytes the busiest rank sends over NVLink (450 GB/s) or, for groups\n"
+    "spanning nodes of 8 GPUs, InfiniBand (50 GB/s), both at 80%. See docs/inspect.md.\n";
 
 
 typedef struct {
-    const char *dir, *model, *config, *layout, *svg;
+    const char *dir, *model, *config, *layout, *svg, *gpu_mem_text;
     mps_plan_opts po;
     int seq_set;
     int64_t gpu_mem, gpus, top, rank, repeat;
@@ -69,24 +74,7 @@ typedef struct {
     mps_suggest_order sort;
 } inspect_args;
 
-/* Human-readable bytes in the chosen family of units. */
-static const char *fmt_bytes(char *buf, size_t size, int64_t bytes, int binary)
-{
-    static const char *const dec[] = { "B", "kB", "MB", "GB", "TB", "PB" };
-    static const char *const bin[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB" };
-    double base = binary ? 1024.0 : 1000.0, v = (double)bytes;
-    int u = 0;
-    while (fabs(v) >= base && u < 5) {
-        v /= base;
-        u++;
-    }
-    if (u == 0)
-        snprintf(buf, size, "%lld B", (long long)bytes);
-    else
-        snprintf(buf, size, "%.2f %s", v, binary ? bin[u] : dec[u]);
-    return buf;
-}
-#define FMT(b) fmt_bytes((char[32]){ 0 }, 32, (b), a->binary)
+#define FMT(b) cli_fmt_bytes((char[32]){ 0 }, 32, (b), a->binary)
 
 static const char *kind_column[MPS_KIND_COUNT] = { "params", "master", "adam_m", "adam_v", "grads" };
 /* Table order: what a rank holds for the forward/backward pass, then the optimizer state. */
@@ -149,7 +137,28 @@ static void print_training(const mps_plan *plan)
            no_overlap_note(o->no_overlap));
 }
 
-/* The per-rank table, the peak, the budget and the communication line. */
+#define SECS(t) cli_fmt_seconds((char[32]){ 0 }, 32, (t))
+
+static const char *link_name(int ib) { return ib ? "IB" : "NVLink"; }
+
+/* The step-time estimate in one line (inspect/estimate.h). */
+static void print_estimate(const mps_step_estimate *e)
+{
+    printf("step time  %s estimated: compute %s + bubble %s + communication %s (rank %d: DP %s over %s, "
+           "TP %s over %s, PP %s over %s)\n",
+           SECS(e->step_s), SECS(e->compute_s), SECS(e->bubble_s), SECS(e->comm_s), e->comm_rank, SECS(e->dp_s),
+           link_name(e->dp_ib), SECS(e->tp_s), link_name(e->tp_ib), SECS(e->pp_s), link_name(e->pp_ib));
+}
+
+static json_t *estimate_json(const mps_step_estimate *e)
+{
+    return json_pack("{s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:i, s:b, s:b, s:b}", "step_s", e->step_s, "compute_s",
+                     e->compute_s, "bubble_s", e->bubble_s, "comm_s", e->comm_s, "dp_s", e->dp_s, "tp_s", e->tp_s,
+                     "pp_s", e->pp_s, "comm_rank", e->comm_rank, "dp_ib", e->dp_ib, "tp_ib", e->tp_ib, "pp_ib",
+                     e->pp_ib);
+}
+
+/* The per-rank table, the peak, the budget, the communication and step-time lines. */
 static void print_ranks(const inspect_args *a, const mps_plan *plan)
 {
     int world = mps_plan_world(plan);
@@ -171,8 +180,8 @@ static void print_ranks(const inspect_args *a, const mps_plan *plan)
     printf("\npeak       rank %d: %s\n", peak_rank, FMT(peak));
     if (a->gpu_mem) {
         int over = mps_plan_over_budget(plan, a->gpu_mem);
-        printf("budget     %s (%s) per GPU: ", fmt_bytes((char[32]){ 0 }, 32, a->gpu_mem, 0),
-               fmt_bytes((char[32]){ 0 }, 32, a->gpu_mem, 1));
+        printf("budget     %s (%s) per GPU: ", cli_fmt_bytes((char[32]){ 0 }, 32, a->gpu_mem, 0),
+               cli_fmt_bytes((char[32]){ 0 }, 32, a->gpu_mem, 1));
         if (over)
             printf("%d of %d ranks are over it\n", over, world);
         else
@@ -183,6 +192,9 @@ static void print_ranks(const inspect_args *a, const mps_plan *plan)
     mps_plan_comm_max(plan, &c, &comm_rank);
     printf("comm/step  rank %d sends the most: DP %s, TP %s, PP %s, total %s; pipeline bubble %.0f%%\n", comm_rank,
            FMT(c.dp), FMT(c.tp), FMT(c.pp), FMT(c.total), 100 * mps_plan_bubble(plan));
+    mps_step_estimate e;
+    mps_estimate_step(plan, NULL, &e);
+    print_estimate(&e);
 }
 
 static json_t *ranks_json(const inspect_args *a, const mps_plan *plan)
@@ -228,6 +240,9 @@ static json_t *plan_json(const inspect_args *a, const mps_plan *plan)
     json_object_set_new(j, "ranks", ranks_json(a, plan));
     json_object_set_new(j, "peak", json_pack("{s:i, s:I}", "rank", peak_rank, "bytes", (json_int_t)peak));
     json_object_set_new(j, "comm", comm_json(&c, comm_rank));
+    mps_step_estimate e;
+    mps_estimate_step(plan, NULL, &e);
+    json_object_set_new(j, "estimate", estimate_json(&e));
     if (a->gpu_mem) {
         json_object_set_new(j, "gpu_mem", json_integer(a->gpu_mem));
         json_object_set_new(j, "over_budget", json_integer(mps_plan_over_budget(plan, a->gpu_mem)));
@@ -299,7 +314,10 @@ static int run_svg(const inspect_args *a, const mps_plan *plan, const char *labe
     char layout[4096], title[4600];
     mps_layout_format(mps_plan_layout(plan), layout, sizeof layout);
     snprintf(title, sizeof title, "%s, %s: memory per GPU", label, layout);
+    char budget[64];
     mps_svg_opts so = { .title = title, .gpu_mem = a->gpu_mem, .binary_units = a->binary };
+    if (a->gpu_mem_text)
+        so.gpu_mem_label = cli_size_label(budget, sizeof budget, a->gpu_mem_text);
     return mps_svg_write_plan(a->svg, plan, &so, err);
 }
 
@@ -340,11 +358,12 @@ static int run_time(const inspect_args *a, const mps_config *cfg, const mps_layo
     char layout[4096];
     mps_layout_format(L, layout, sizeof layout);
     printf("planned %d ranks (%s) in %.2f ms (fastest of %lld runs); peak %s\n", mps_layout_world(L), layout, best,
-           (long long)a->repeat, fmt_bytes((char[32]){ 0 }, 32, peak, a->binary));
+           (long long)a->repeat, cli_fmt_bytes((char[32]){ 0 }, 32, peak, a->binary));
     return 0;
 }
 
-static int run_suggest(const inspect_args *a, const mps_config *cfg, mps_err *err)
+/* *fit: how many layouts fit --gpu-mem. */
+static int run_suggest(const inspect_args *a, const mps_config *cfg, int *fit, mps_err *err)
 {
     mps_suggestion *list;
     int n, considered;
@@ -364,6 +383,7 @@ static int run_suggest(const inspect_args *a, const mps_config *cfg, mps_err *er
                                                  s->layout.zero, "peak", (json_int_t)s->peak, "peak_rank", s->peak_rank,
                                                  "comm", comm_json(&s->comm, s->comm_rank), "microbatches",
                                                  (json_int_t)s->microbatches, "bubble", s->bubble));
+            json_object_set_new(json_array_get(arr, (size_t)i), "estimate", estimate_json(&s->est));
         }
         json_t *j = json_pack("{s:o, s:I, s:I, s:s, s:I, s:I, s:s, s:I, s:i, s:i, s:o}", "model", model_json(cfg), "gpus",
                               (json_int_t)a->gpus, "gpu_mem", (json_int_t)a->gpu_mem, "precision",
@@ -378,13 +398,13 @@ static int run_suggest(const inspect_args *a, const mps_config *cfg, mps_err *er
                mps_precision_name(a->po.precision), (long long)a->po.micro_batch, (long long)a->po.seq,
                mps_recompute_name(a->po.recompute), (long long)global,
                no_overlap_note(a->po.no_overlap));
-        static const char *const order[] = { "fewest bytes sent per rank and step", "lowest peak memory",
-                                             "smallest pipeline bubble" };
+        static const char *const order[] = { "shortest estimated step time", "fewest bytes sent per rank and step",
+                                             "lowest peak memory", "smallest pipeline bubble" };
         printf("layouts of %lld GPUs with every rank within %s: %d of %d fit%s%s\n", (long long)a->gpus, FMT(a->gpu_mem),
                n, considered, n ? "; first: " : "", n ? order[a->sort] : "");
         if (n)
-            printf("\n%4s  %-24s %11s %6s %11s %11s %11s %11s %7s\n", "#", "layout", "peak", "rank", "DP/step",
-                   "TP/step", "PP/step", "comm total", "bubble");
+            printf("\n%4s  %-24s %11s %6s %11s %11s %11s %11s %7s %10s\n", "#", "layout", "peak", "rank", "DP/step",
+                   "TP/step", "PP/step", "comm total", "bubble", "step time");
         for (int i = 0; i < shown; i++) {
             const mps_suggestion *s = &list[i];
             char layout[4096];
@@ -392,13 +412,18 @@ static int run_suggest(const inspect_args *a, const mps_config *cfg, mps_err *er
             char *stages = strstr(layout, ",stages="); /* even stages: the default, not worth a column */
             if (stages && !s->layout.explicit_stages)
                 *stages = '\0';
-            printf("%4d  %-24s %11s %6d %11s %11s %11s %11s %6.0f%%\n", i + 1, layout, FMT(s->peak), s->peak_rank,
-                   FMT(s->comm.dp), FMT(s->comm.tp), FMT(s->comm.pp), FMT(s->comm.total), 100 * s->bubble);
+            printf("%4d  %-24s %11s %6d %11s %11s %11s %11s %6.0f%% %10s\n", i + 1, layout, FMT(s->peak), s->peak_rank,
+                   FMT(s->comm.dp), FMT(s->comm.tp), FMT(s->comm.pp), FMT(s->comm.total), 100 * s->bubble,
+                   SECS(s->est.step_s));
         }
         if (shown < n)
             printf("(%d more; --top 0 lists all)\n", n - shown);
+        if (n)
+            printf("step time: estimated (docs/inspect.md): 6 x params x tokens at 40%% of 989 TFLOP/s per GPU, the "
+                   "pipeline bubble, bytes sent over NVLink 450 GB/s or InfiniBand 50 GB/s at 80%%\n");
     }
     free(list);
+    *fit = n;
     return 0;
 }
 
@@ -563,14 +588,15 @@ static int parse_args(int argc, char **argv, inspect_args *a)
         case 's': if (cli_int("inspect", "--seq", optarg, 1, 1 << 24, &a->po.seq)) return MPS_EUSAGE; a->seq_set = 1; break;
         case 'G': if (cli_int("inspect", "--global-batch", optarg, 1, (int64_t)1 << 40, &a->po.global_batch)) return MPS_EUSAGE; break;
         case 'm':
-            if (mps_parse_size(optarg, &a->gpu_mem) != 0)
+            if (cli_parse_size(optarg, &a->gpu_mem) != 0)
                 return cli_usage("inspect", "--gpu-mem '%s': expected a size such as 80GiB or 40GB", optarg);
+            a->gpu_mem_text = optarg;
             break;
         case 'g': if (cli_int("inspect", "--gpus", optarg, 1, 1 << 24, &a->gpus)) return MPS_EUSAGE; break;
         case 'S': a->suggest = 1; break;
         case 'o':
             if ((v = mps_suggest_order_from_name(optarg)) < 0)
-                return cli_usage("inspect", "--sort '%s': expected comm, peak or bubble", optarg);
+                return cli_usage("inspect", "--sort '%s': expected time, comm, peak or bubble", optarg);
             a->sort = (mps_suggest_order)v;
             break;
         case 'k': if (cli_int("inspect", "--top", optarg, 0, 1 << 30, &a->top)) return MPS_EUSAGE; break;
@@ -650,9 +676,13 @@ int cmd_inspect(int argc, char **argv)
     if (!a.seq_set)
         a.po.seq = cfg.n_positions;
     if (a.suggest) {
-        if (run_suggest(&a, &cfg, &err) != 0)
+        int fit = 0;
+        if (run_suggest(&a, &cfg, &fit, &err) != 0)
             return cli_fail("inspect", &err);
-        return 0;
+        if (fit == 0) /* a verdict scripts can test, as for one layout over --gpu-mem */
+            fprintf(stderr, "mpshard inspect: no layout of %lld GPUs fits --gpu-mem %s\n", (long long)a.gpus,
+                    a.gpu_mem_text);
+        return fit ? 0 : MPS_EFAIL;
     }
     if (!a.dir && mps_layout_parse(a.layout, &cfg, &L, &err) != 0)
         return cli_fail("inspect", &err);
@@ -695,6 +725,7 @@ int cmd_inspect(int argc, char **argv)
     }
     if (a.svg && run_svg(&a, plan, have_manifest ? a.dir : (a.model ? a.model : a.config), &err) != 0)
         goto fail;
+    int over = a.gpu_mem ? mps_plan_over_budget(plan, a.gpu_mem) : 0;
     if (j) {
         emit_json(j);
         j = NULL;
@@ -704,7 +735,14 @@ int cmd_inspect(int argc, char **argv)
         mps_manifest_free(&m);
     if (status)
         return cli_fail("inspect", &err);
-    return mismatches ? MPS_ECORRUPT : 0;
+    if (mismatches)
+        return MPS_ECORRUPT;
+    if (over) { /* the table says which; this line and the exit code are for scripts */
+        fprintf(stderr, "mpshard inspect: %d of %d ranks are over --gpu-mem %s\n", over, mps_layout_world(&L),
+                a.gpu_mem_text);
+        return MPS_EFAIL;
+    }
+    return 0;
 fail:
     json_decref(j);
     mps_plan_free(plan);

@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "units.h"
 #include "modelfile.h"
 #include "output.h"
 #include "progress.h"
@@ -53,7 +54,7 @@ int cmd_synth(int argc, char **argv)
                 return cli_usage("synth", "--dtype '%s': expected f32, bf16 or f16", optarg);
             break;
         case 'S':
-            if (mps_parse_size(optarg, &max_shard) != 0)
+            if (cli_parse_size(optarg, &max_shard) != 0)
                 return cli_usage("synth", "--max-shard-size '%s': expected a size such as 5GB or 200MiB", optarg);
             break;
         case 's': if (cli_int("synth", "--seed", optarg, 0, INT64_MAX, &seed)) return MPS_EUSAGE; break;

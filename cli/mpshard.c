@@ -1,7 +1,6 @@
 /* mpshard: the command-line front end. Only this layer prints and exits. */
 #include <getopt.h>
 #include <hdf5.h>
-#include <math.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -19,6 +18,7 @@ static const char *const usage_text =
     "commands:\n"
     "  shard INPUT --layout L -o DIR   full model (HF directory, safetensors, llm.c .bin) -> shards for layout L\n"
     "  reshard SRC --layout L -o DST   shards of one layout -> another (weights and optimizer state)\n"
+    "  split SRC --gpus N -o DST       reshard for N GPUs into the layout the planner finds fastest\n"
     "  export DIR --format F -o OUT    shards (any layout) -> one full model file (safetensors, llmc)\n"
     "  verify DIR                      check completeness and every checksum\n"
     "  load DIR --layout L --rank R    read what rank R of layout L holds (the resume path; timing)\n"
@@ -118,28 +118,6 @@ int cli_int(const char *cmd, const char *opt, const char *value, int64_t lo, int
     return 0;
 }
 
-int mps_parse_size(const char *text, int64_t *out)
-{
-    char *end;
-    double v = strtod(text, &end);
-    if (end == text || !(v > 0))
-        return -1;
-    static const struct { const char *suffix; double scale; } units[] = {
-        { "B", 1 }, { "kB", 1e3 }, { "KB", 1e3 }, { "MB", 1e6 }, { "GB", 1e9 }, { "TB", 1e12 },
-        { "KiB", 1024.0 }, { "MiB", 1048576.0 }, { "GiB", 1073741824.0 }, { "TiB", 1099511627776.0 },
-        { "K", 1024.0 }, { "M", 1048576.0 }, { "G", 1073741824.0 }, { "T", 1099511627776.0 },
-    };
-    for (size_t i = 0; i < sizeof units / sizeof units[0]; i++)
-        if (strcmp(end, units[i].suffix) == 0) {
-            double bytes = v * units[i].scale;
-            if (bytes >= 9.0e18)
-                return -1;
-            *out = (int64_t)llround(bytes);
-            return 0;
-        }
-    return -1;
-}
-
 int main(int argc, char **argv)
 {
     /* HDF5's exit handler closes what is still open; after a failed write (disk full) a file whose
@@ -165,7 +143,7 @@ int main(int argc, char **argv)
     }
     static const struct { const char *name; int (*fn)(int, char **); } cmds[] = {
         { "shard", cmd_shard }, { "export", cmd_export }, { "verify", cmd_verify },
-        { "synth", cmd_synth }, { "compare", cmd_compare }, { "reshard", cmd_reshard },
+        { "synth", cmd_synth }, { "compare", cmd_compare }, { "reshard", cmd_reshard }, { "split", cmd_split },
         { "load", cmd_load },
         { "inspect", cmd_inspect }, { "init", cmd_init }, { "tokens", cmd_tokens }, { "train", cmd_train }, { "eval", cmd_eval },
         { "ls", cmd_ls }, { "extract", cmd_extract },

@@ -475,15 +475,18 @@ static int order_key(const mps_suggestion *a, const mps_suggestion *b, mps_sugge
     switch (by) {
     case MPS_SUGGEST_BY_PEAK: return cmp_i64(a->peak, b->peak);
     case MPS_SUGGEST_BY_BUBBLE: return cmp_f64(a->bubble, b->bubble);
-    default: return cmp_i64(a->comm.total, b->comm.total);
+    case MPS_SUGGEST_BY_COMM: return cmp_i64(a->comm.total, b->comm.total);
+    default: return cmp_f64(a->est.step_s, b->est.step_s);
     }
 }
 
 static int compare_suggestions(const mps_suggestion *a, const mps_suggestion *b, mps_suggest_order first)
 {
+    static const mps_suggest_order ties[] = { MPS_SUGGEST_BY_TIME, MPS_SUGGEST_BY_PEAK, MPS_SUGGEST_BY_COMM,
+                                              MPS_SUGGEST_BY_BUBBLE };
     int c = order_key(a, b, first);
-    for (int k = MPS_SUGGEST_BY_COMM; c == 0 && k <= MPS_SUGGEST_BY_BUBBLE; k++)
-        c = order_key(a, b, (mps_suggest_order)k);
+    for (int k = 0; c == 0 && k < 4; k++)
+        c = order_key(a, b, ties[k]);
     /* a total order, so that the listing does not depend on qsort */
     const int ka[4] = { a->layout.tp, a->layout.pp, a->layout.dp, a->layout.zero };
     const int kb[4] = { b->layout.tp, b->layout.pp, b->layout.dp, b->layout.zero };
@@ -492,14 +495,15 @@ static int compare_suggestions(const mps_suggestion *a, const mps_suggestion *b,
     return c;
 }
 
+static int by_time(const void *a, const void *b) { return compare_suggestions(a, b, MPS_SUGGEST_BY_TIME); }
 static int by_comm(const void *a, const void *b) { return compare_suggestions(a, b, MPS_SUGGEST_BY_COMM); }
 static int by_peak(const void *a, const void *b) { return compare_suggestions(a, b, MPS_SUGGEST_BY_PEAK); }
 static int by_bubble(const void *a, const void *b) { return compare_suggestions(a, b, MPS_SUGGEST_BY_BUBBLE); }
 
 int mps_suggest_order_from_name(const char *name)
 {
-    static const char *const names[] = { "comm", "peak", "bubble" };
-    for (int i = 0; i < 3; i++)
+    static const char *const names[] = { "time", "comm", "peak", "bubble" };
+    for (int i = 0; i < 4; i++)
         if (strcmp(name, names[i]) == 0)
             return i;
     return -1;
@@ -509,7 +513,10 @@ void mps_suggest_sort(mps_suggestion *list, int count, mps_suggest_order by)
 {
     if (count > 1)
         qsort(list, (size_t)count, sizeof *list,
-              by == MPS_SUGGEST_BY_PEAK ? by_peak : by == MPS_SUGGEST_BY_BUBBLE ? by_bubble : by_comm);
+              by == MPS_SUGGEST_BY_PEAK     ? by_peak
+              : by == MPS_SUGGEST_BY_BUBBLE ? by_bubble
+              : by == MPS_SUGGEST_BY_COMM   ? by_comm
+                                            : by_time);
 }
 
 int mps_plan_suggest(const mps_config *cfg, int gpus, int64_t gpu_mem, const mps_plan_opts *o, mps_suggestion **out,
@@ -552,6 +559,7 @@ int mps_plan_suggest(const mps_config *cfg, int gpus, int64_t gpu_mem, const mps
                 mps_plan_comm_max(plan, &sg.comm, &sg.comm_rank);
                 sg.microbatches = mps_plan_microbatches(plan);
                 sg.bubble = mps_plan_bubble(plan);
+                mps_estimate_step(plan, NULL, &sg.est);
                 mps_plan_free(plan);
                 if (sg.peak > gpu_mem)
                     continue;
@@ -567,7 +575,7 @@ int mps_plan_suggest(const mps_config *cfg, int gpus, int64_t gpu_mem, const mps
             }
         }
     }
-    mps_suggest_sort(list, n, MPS_SUGGEST_BY_COMM);
+    mps_suggest_sort(list, n, MPS_SUGGEST_BY_TIME);
     *out = list;
     *count = n;
     return 0;

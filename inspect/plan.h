@@ -14,6 +14,7 @@
 #include "ckpt.h"
 #include "err.h"
 #include "geometry.h"
+#include "inspect/estimate.h"
 #include "layout.h"
 #include "model.h"
 
@@ -120,18 +121,26 @@ typedef struct {
     int comm_rank;
     int64_t microbatches;
     double bubble;
+    mps_step_estimate est; /* mps_estimate_step with the default constants */
 } mps_suggestion;
 
 /* Every dp x pp x tp = gpus (tp dividing n_head, pp <= n_layer) with zero 0..3 (only 0 when dp = 1),
  * planned with o (global_batch 0 means gpus * micro_batch, the same for every candidate). Returns the
- * candidates whose every rank fits gpu_mem bytes, best first: least communication per rank and step,
- * then lowest peak. *considered counts all candidates. Free *out with free(). */
+ * candidates whose every rank fits gpu_mem bytes, best first: the shortest estimated step time
+ * (inspect/estimate.h), then lowest peak. *considered counts all candidates. Free *out with free(). */
 int mps_plan_suggest(const mps_config *cfg, int gpus, int64_t gpu_mem, const mps_plan_opts *o, mps_suggestion **out,
                      int *count, int *considered, mps_err *err);
 
-typedef enum { MPS_SUGGEST_BY_COMM = 0, MPS_SUGGEST_BY_PEAK, MPS_SUGGEST_BY_BUBBLE } mps_suggest_order;
-int mps_suggest_order_from_name(const char *name); /* "comm", "peak", "bubble"; -1 if unknown */
-/* Re-sorts a suggestion list: by the key, then the other two in the order comm, peak, bubble. */
+/* The layouts `mpshard split` chooses from (inspect/estimate.c): every candidate of mps_plan_suggest
+ * for `gpus` ranks at ZeRO stage `zero` (kept where dp = 1, where it changes nothing), fitting or
+ * not, in mps_plan_suggest's order; *chosen is the first whose every rank fits gpu_mem bytes, -1 if
+ * none does. Free *out with free(). */
+int mps_split_candidates(const mps_config *cfg, int gpus, int zero, int64_t gpu_mem, const mps_plan_opts *o,
+                         mps_suggestion **out, int *count, int *chosen, mps_err *err);
+
+typedef enum { MPS_SUGGEST_BY_TIME = 0, MPS_SUGGEST_BY_COMM, MPS_SUGGEST_BY_PEAK, MPS_SUGGEST_BY_BUBBLE } mps_suggest_order;
+int mps_suggest_order_from_name(const char *name); /* "time", "comm", "peak", "bubble"; -1 if unknown */
+/* Re-sorts a suggestion list: by the key, then the others in the order time, peak, comm, bubble. */
 void mps_suggest_sort(mps_suggestion *list, int count, mps_suggest_order by);
 
 /* ---- what a checkpoint really holds ---- */

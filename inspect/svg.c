@@ -63,11 +63,35 @@ int mps_svg_write_plan(const char *path, const mps_plan *plan, const mps_svg_opt
     if (bar_step < 1) bar_step = 1;
     const double left = 90, top = 70, plot_h = 380, legend_w = 230;
     const double plot_w = bar_step * world;
-    const double width = left + plot_w + 30 + legend_w, height = top + plot_h + 80;
+    /* the budget's label goes right of the plot, on the line's level, so that no bar can hide it;
+     * the legend moves right by its width (about 7.5 px per character at 13 px) */
+    char budget_label[96] = "";
+    if (o->gpu_mem > 0) {
+        if (o->gpu_mem_label)
+            snprintf(budget_label, sizeof budget_label, "GPU memory %s", o->gpu_mem_label);
+        else
+            snprintf(budget_label, sizeof budget_label, "GPU memory %.3g %s", (double)o->gpu_mem / unit, unit_name);
+    }
+    const double label_w = budget_label[0] ? 12 + 7.5 * (double)strlen(budget_label) : 0;
+    const double legend_x = left + plot_w + label_w + 30;
     const double bar_w = bar_step > 3 ? bar_step * 0.8 : bar_step;
 
     int peak_rank;
     double peak = (double)mps_plan_peak(plan, &peak_rank) / unit;
+    const mps_plan_opts *po = mps_plan_options(plan);
+    char subtitle[256];
+    snprintf(subtitle, sizeof subtitle,
+             "%s precision, micro-batch %lld x %lld tokens, recompute %s; peak %.2f %s on rank %d",
+             mps_precision_name(po->precision), (long long)po->micro_batch, (long long)po->seq,
+             mps_recompute_name(po->recompute), peak, unit_name, peak_rank);
+    /* wide enough for the legend and for the two lines of text above the chart (a few ranks make a
+     * narrow plot): about 10 px per character of the 16 px bold title, 7.5 of the rest */
+    const char *title = o->title ? o->title : "memory per rank";
+    double width = legend_x + legend_w, height = top + plot_h + 80;
+    if (width < left + 10 * (double)strlen(title) + 20)
+        width = left + 10 * (double)strlen(title) + 20;
+    if (width < left + 7.5 * (double)strlen(subtitle) + 20)
+        width = left + 7.5 * (double)strlen(subtitle) + 20;
     double budget = (double)o->gpu_mem / unit;
     double y_top = (budget > peak ? budget : peak) * 1.08;
     if (y_top <= 0)
@@ -84,13 +108,9 @@ int mps_svg_write_plan(const char *path, const mps_plan *plan, const mps_svg_opt
             width, height, width, height);
     fprintf(f, "<rect x=\"0\" y=\"0\" width=\"%.0f\" height=\"%.0f\" fill=\"white\"/>\n", width, height);
     fprintf(f, "<text x=\"%.0f\" y=\"26\" font-size=\"16\" font-weight=\"bold\">", left);
-    put_text(f, o->title ? o->title : "memory per rank");
+    put_text(f, title);
     fprintf(f, "</text>\n");
-    const mps_plan_opts *po = mps_plan_options(plan);
-    fprintf(f, "<text x=\"%.0f\" y=\"46\" fill=\"#444\">%s precision, micro-batch %lld x %lld tokens, recompute %s; "
-               "peak %.2f %s on rank %d</text>\n",
-            left, mps_precision_name(po->precision), (long long)po->micro_batch, (long long)po->seq,
-            mps_recompute_name(po->recompute), peak, unit_name, peak_rank);
+    fprintf(f, "<text x=\"%.0f\" y=\"46\" fill=\"#444\">%s</text>\n", left, subtitle);
 
     /* y axis: grid lines and labels */
     for (double v = 0; v <= y_top + step / 2; v += step) {
@@ -134,19 +154,21 @@ int mps_svg_write_plan(const char *path, const mps_plan *plan, const mps_svg_opt
     fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#333\"/>\n", left, top + plot_h,
             left + plot_w, top + plot_h);
     fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#333\"/>\n", left, top, left, top + plot_h);
+    /* centred under the plot, unless the plot is narrower than the text (about 400 px) */
     fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">rank (%d ranks; rank = (pp_rank*dp + dp_rank)*tp + tp_rank)</text>\n",
-            left + plot_w / 2, top + plot_h + 48, world);
+            plot_w > 420 ? left + plot_w / 2 : left + 210, top + plot_h + 48, world);
 
     if (o->gpu_mem > 0) {
         double y = top + plot_h - budget / y_top * plot_h;
         fprintf(f, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#d62728\" stroke-width=\"2\" "
-                   "stroke-dasharray=\"8 4\"/>\n", left, y, left + plot_w, y);
-        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\" fill=\"#d62728\">GPU memory %.3g %s</text>\n",
-                left + plot_w, y - 6, budget, unit_name);
+                   "stroke-dasharray=\"8 4\"/>\n", left, y, left + plot_w + 6, y);
+        fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"start\" fill=\"#d62728\">", left + plot_w + 12, y + 4);
+        put_text(f, budget_label);
+        fprintf(f, "</text>\n");
     }
 
     /* legend */
-    double lx = left + plot_w + 30;
+    double lx = legend_x;
     fprintf(f, "<text x=\"%.1f\" y=\"%.1f\" font-weight=\"bold\">legend</text>\n", lx, top + 4);
     for (int s = NSEG - 1, row = 0; s >= 0; s--, row++) { /* top to bottom as stacked */
         double y = top + 20 + row * 24;

@@ -11,6 +11,7 @@
 typedef struct {
     const char *title;  /* first line above the chart (model and layout, say) */
     int64_t gpu_mem;    /* bytes; 0: no budget line */
+    const char *gpu_mem_label; /* the budget as the user gave it ("80 GiB"); NULL: gpu_mem in the axis unit */
     int binary_units;   /* 1: GiB axis, 0: GB */
 } mps_svg_opts;
 

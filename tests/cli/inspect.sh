@@ -111,7 +111,8 @@ for rec in none full; do
     [ "$(jq '.over_budget' "$T/out")" = 0 ] && ok || bad "$l: suggested but $(jq '.over_budget' "$T/out") ranks over"
   done
   listed=$(jq '[.layouts[] | select(.dp == 8 and .pp == 4 and .tp == 2 and .zero == 2)] | length' "$T/sg.json")
-  expect 0 I --model gpt3-175b --layout dp=8,pp=4,tp=2,zero=2 --precision mixed --recompute $rec --gpu-mem 80GiB --json
+  # over the budget either way (unit test: 89.5 GB at full recompute): exit 1, the table still printed
+  expect 1 I --model gpt3-175b --layout dp=8,pp=4,tp=2,zero=2 --precision mixed --recompute $rec --gpu-mem 80GiB --json
   over=$(jq '.over_budget' "$T/out")
   fits=$([ "$over" = 0 ] && echo 1 || echo 0)
   [ "$listed" = "$fits" ] && ok || bad "recompute $rec: dp=8,pp=4,tp=2,zero=2 listed=$listed but $over ranks over"
@@ -122,15 +123,18 @@ for rec in none full; do
   fi
   [ "$rec" = full ] && [ "$listed" = 1 ] && ok
   [ "$rec" = none ] && [ "$listed" = 0 ] && ok
-  # best first: communication never decreases down the list
-  jq -e '[.layouts[].comm.total] as $c | [range(1; $c | length) | $c[. - 1] <= $c[.]] | all' "$T/sg.json" >/dev/null && ok || bad "not sorted"
+  # best first: the estimated step time never decreases down the list (it was the bytes sent,
+  # which put pipelines with large bubbles first)
+  jq -e '[.layouts[].estimate.step_s] as $c | [range(1; $c | length) | $c[. - 1] <= $c[.]] | all' "$T/sg.json" >/dev/null && ok || bad "not sorted"
 done
-expect 0 I --model gpt3-175b --layout dp=8,pp=4,tp=2,zero=2 --precision mixed --gpu-mem 80GiB
+expect 1 I --model gpt3-175b --layout dp=8,pp=4,tp=2,zero=2 --precision mixed --gpu-mem 80GiB
+expect_err "^mpshard inspect: 64 of 64 ranks are over --gpu-mem 80GiB$"
 grep -q "OVER" "$T/out" && grep -q "64 of 64 ranks are over it" "$T/out" && ok || bad "table does not mark ranks over budget"
 
 # --- SVG, --time ---
 expect 0 I --model gpt2 --layout dp=2,pp=2,tp=3,zero=1 --precision mixed --gpu-mem 4GiB --svg "$T/chart.svg"
 grep -q "<svg" "$T/chart.svg" && grep -q "legend" "$T/chart.svg" && grep -q "memory per GPU (GB)" "$T/chart.svg" && ok || bad "svg"
+grep -q ">GPU memory 4 GiB</text>" "$T/chart.svg" && ok || bad "svg: the budget is not labelled as given"
 [ "$(grep -c "<title>rank " "$T/chart.svg")" = 12 ] && ok || bad "svg has not 12 bars"
 expect 0 I --model gpt3-175b --layout dp=16,pp=8,tp=8,zero=1 --time --repeat 3
 ms=$(sed -n 's/.* in \([0-9.]*\) ms .*/\1/p' "$T/out")

@@ -342,7 +342,7 @@ static void test_transient(void)
 }
 
 /* --suggest for gpt3-175b on 64 GPUs of 80 GiB: only layouts whose every rank fits, the same
- * verdict as the plain plan for dp=8,pp=4,tp=2,zero=2, best first. */
+ * verdict as the plain plan for dp=8,pp=4,tp=2,zero=2, fastest (estimated) first. */
 static void test_suggest(void)
 {
     mps_config big;
@@ -373,8 +373,8 @@ static void test_suggest(void)
             mps_plan_free(p);
             const mps_layout *l = &list[i].layout;
             lesson_listed |= l->dp == 8 && l->pp == 4 && l->tp == 2 && l->zero == 2;
-            if (i > 0)
-                sorted &= list[i - 1].comm.total <= list[i].comm.total;
+            if (i > 0) /* fastest first by the step-time estimate (no longer the fewest bytes sent) */
+                sorted &= list[i - 1].est.step_s <= list[i].est.step_s;
         }
         CHECK(every_fits && sorted);
         mps_layout L = layout_of(&big, "dp=8,pp=4,tp=2,zero=2");
@@ -433,6 +433,44 @@ static void test_time_1024(void)
     CHECK_MSG(best < 100, "%.1f ms", best);
 }
 
+/* Where the text element that reads `label` starts (about 7.5 px per character at 13 px; -1 if
+ * there is none), and the right edge of the bars. */
+static double svg_text_x(const char *svg, const char *label)
+{
+    char needle[128];
+    snprintf(needle, sizeof needle, ">%s</text>", label);
+    const char *hit = strstr(svg, needle);
+    if (!hit)
+        return -1;
+    const char *start = hit;
+    while (start > svg && strncmp(start, "<text ", 6) != 0)
+        start--;
+    double x = -1;
+    if (sscanf(start, "<text x=\"%lf\"", &x) != 1)
+        return -1;
+    const char *anchor = strstr(start, "text-anchor=\"");
+    double width = 7.5 * (double)strlen(label);
+    if (anchor && anchor < hit && strncmp(anchor + 13, "end", 3) == 0)
+        return x - width;
+    if (anchor && anchor < hit && strncmp(anchor + 13, "middle", 6) == 0)
+        return x - width / 2;
+    return x;
+}
+
+static double svg_bars_right(const char *svg)
+{
+    double right = 0;
+    for (const char *g = svg; (g = strstr(g, "<g><title>rank ")); g++) {
+        const char *end = strstr(g, "</g>");
+        for (const char *r = g; (r = strstr(r, "<rect ")) && r < end; r++) {
+            double x, y, w;
+            if (sscanf(r, "<rect x=\"%lf\" y=\"%lf\" width=\"%lf\"", &x, &y, &w) == 3 && x + w > right)
+                right = x + w;
+        }
+    }
+    return right;
+}
+
 static void test_svg(const char *dir)
 {
     mps_layout L = layout_of(&small, "dp=2,pp=3,tp=2,zero=2");
@@ -466,6 +504,20 @@ static void test_svg(const char *dir)
     for (const char *s = text; (s = strstr(s, "<rect")); s++)
         rects++;
     CHECK(rects == 1 + 12 * 7 + 7); /* background, 7 segments per bar (mixed: master; ZeRO-2: transient), legend */
+    /* the budget line says what was given (80 GiB, not the 85.9 GB of the GB axis), and its label
+     * sits right of every bar and left of the legend, whatever the bars' height */
+    so.gpu_mem = (int64_t)80 << 30;
+    so.gpu_mem_label = "80 GiB";
+    CHECK(mps_svg_write_plan(path, p, &so, &err) == 0);
+    f = fopen(path, "r");
+    n = f ? fread(text, 1, sizeof text - 1, f) : 0;
+    text[n] = '\0';
+    if (f)
+        fclose(f);
+    double label_x = svg_text_x(text, "GPU memory 80 GiB"), legend_x = svg_text_x(text, "legend");
+    CHECK_MSG(label_x > svg_bars_right(text) && legend_x > label_x + 7.5 * strlen("GPU memory 80 GiB"),
+              "budget label at x %.1f, bars end at %.1f, legend at %.1f", label_x, svg_bars_right(text), legend_x);
+    CHECK(!strstr(text, "85.9"));
     so.gpu_mem = 0;
     snprintf(path, sizeof path, "%s/no-such-dir/chart.svg", dir);
     mps_err_clear(&err);
