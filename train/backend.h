@@ -114,10 +114,11 @@ typedef struct mps_backend {
     /* The Llama block's primitives (train/block_llama.c); a backend that leaves them NULL trains
      * GPT-2 only (the engine refuses other models there). Operand buffers as above.
      * RMSNorm: out (N, C) = w * x / sqrt(mean(x^2) + eps), fp32 statistics, rstd (N) kept;
-     * bwd: dinp (N, C) += the input gradient, dw (C) +=; dout an operand buffer. */
+     * bwd: dinp (N, C) += the input gradient, dw (C) +=; dout fp32 (the norm's output feeds
+     * several products, and TP parts: its gradient is their sum, kept in fp32). */
     void (*rmsnorm_fwd)(void *ctx, void *out_act, float *rstd, const float *inp, const float *w, int64_t N, int C,
                         float eps);
-    void (*rmsnorm_bwd)(void *ctx, float *dinp, float *dw, const void *dout_act, const float *inp, const float *w,
+    void (*rmsnorm_bwd)(void *ctx, float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                         const float *rstd, int64_t N, int C);
     /* Rotary embeddings in place over nheads heads of hd at the start of each row (stride ld) of
      * an operand buffer (B, T, ld); cs (2, T, hd/2): cosines, then sines (the engine's table). The

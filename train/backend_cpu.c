@@ -133,7 +133,7 @@ static void rms_fwd(void *c, void *out, float *rstd, const float *inp, const flo
     (void)c;
     op_rmsnorm_fwd(out, rstd, inp, w, N, C, eps);
 }
-static void rms_bwd(void *c, float *dinp, float *dw, const void *dout, const float *inp, const float *w,
+static void rms_bwd(void *c, float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                     const float *rstd, int64_t N, int C)
 {
     (void)c;

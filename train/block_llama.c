@@ -80,12 +80,18 @@ static int row_parallel_fwd(mps_engine *e, float *out, const float *resid, const
     return 0;
 }
 
-/* q, k, v in the qkv activation, one after the other */
-static float *q_of(const mps_engine *e, void *qkv) { (void)e; return qkv; }
-static float *k_of(const mps_engine *e, void *qkv) { return (float *)qkv + (int64_t)e->N * e->Cl; }
-static float *v_of(const mps_engine *e, void *qkv)
+/* element i of an operand buffer (backend.h: act_bytes per element, bf16 on CUDA) */
+static void *act_at(const mps_engine *e, void *buf, int64_t i)
 {
-    return (float *)qkv + (int64_t)e->N * (e->Cl + e->KVl * e->hs);
+    return (char *)buf + i * e->be->act_bytes;
+}
+
+/* q, k, v in the qkv activation, one after the other */
+static void *q_of(const mps_engine *e, void *qkv) { (void)e; return qkv; }
+static void *k_of(const mps_engine *e, void *qkv) { return act_at(e, qkv, (int64_t)e->N * e->Cl); }
+static void *v_of(const mps_engine *e, void *qkv)
+{
+    return act_at(e, qkv, (int64_t)e->N * (e->Cl + e->KVl * e->hs));
 }
 
 static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, float *x_out, mps_err *err)
@@ -97,7 +103,7 @@ static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, 
     const int64_t N = e->N;
     const int C = e->C, Cl = e->Cl, Kl = e->KVl * e->hs, F = e->F;
     const float eps = (float)mps_cfg_norm_eps(&e->cfg);
-    float *q = q_of(e, a->qkv), *k = k_of(e, a->qkv), *v = v_of(e, a->qkv);
+    void *q = q_of(e, a->qkv), *k = k_of(e, a->qkv), *v = v_of(e, a->qkv);
     be->rmsnorm_fwd(be->ctx, a->ln1, a->ln1_rstd, a->x_in, w[R_LN1W], N, C, eps);
     be->matmul_fwd_act(be->ctx, q, a->ln1, w[R_QW], w[R_QB], N, C, Cl);
     be->matmul_fwd_act(be->ctx, k, a->ln1, w[R_KW], w[R_KB], N, C, Kl);
@@ -107,7 +113,7 @@ static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, 
     be->gqa_fwd(be->ctx, a->atty, a->lse, q, k, v, e->B, e->T, e->Hl, e->KVl, e->hs);
     int rc = row_parallel_fwd(e, a->x2, a->x_in, a->atty, w[R_OW], Cl, err);
     if (rc == 0) {
-        float *gate = a->fch, *up = (float *)a->fch + N * F;
+        void *gate = a->fch, *up = act_at(e, a->fch, N * F);
         be->rmsnorm_fwd(be->ctx, a->ln2, a->ln2_rstd, a->x2, w[R_LN2W], N, C, eps);
         be->matmul_fwd_act(be->ctx, gate, a->ln2, w[R_GATEW], NULL, N, C, F);
         be->matmul_fwd_act(be->ctx, up, a->ln2, w[R_UPW], NULL, N, C, F);
@@ -140,28 +146,30 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
     float *dpart = e->scratch_a + N * (F > e->qkv_w ? F : e->qkv_w); /* (N, C) */
     float *dln = e->scratch_b;                                       /* (N, C) */
     /* MLP: dx is the output's gradient; the residual passes it on, the norm's backward adds */
-    float *dh = dbig;
+    /* the norms' input gradients (dln, dpart) are sums of several products' and of the TP group's:
+     * fp32, summed before the norm's backward reads them */
+    void *dh = dbig; /* operand buffer */
     be->matmul_bwd(be->ctx, dh, 1, g[R_DOWNW], 0, NULL, dx, 0, a->gel, w[R_DOWNW], N, F, C);
-    float *gate = a->fch, *up = (float *)a->fch + N * F;
+    void *gate = a->fch, *up = act_at(e, a->fch, N * F);
     be->swiglu_bwd(be->ctx, gate, up, dh, gate, up, N * F); /* dgate, dup in place */
-    be->matmul_bwd(be->ctx, dln, 1, g[R_GATEW], 0, NULL, gate, 1, a->ln2, w[R_GATEW], N, C, F);
-    be->matmul_bwd(be->ctx, dpart, 1, g[R_UPW], 0, NULL, up, 1, a->ln2, w[R_UPW], N, C, F);
+    be->matmul_bwd(be->ctx, dln, 0, g[R_GATEW], 0, NULL, gate, 1, a->ln2, w[R_GATEW], N, C, F);
+    be->matmul_bwd(be->ctx, dpart, 0, g[R_UPW], 0, NULL, up, 1, a->ln2, w[R_UPW], N, C, F);
     be->accumulate(be->ctx, dln, dpart, N * C);
     int rc = mps_tp_sum(e, dln, N * C, err); /* n2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
         be->rmsnorm_bwd(be->ctx, dx, g[R_LN2W], dln, a->x2, w[R_LN2W], a->ln2_rstd, N, C);
         /* attention: dx is now x2's gradient */
-        float *datty = dpart; /* (N, Cl), Cl <= C */
+        void *datty = dpart; /* (N, Cl) operand buffer, Cl <= C */
         be->matmul_bwd(be->ctx, datty, 1, g[R_OW], 0, NULL, dx, 0, a->atty, w[R_OW], N, Cl, C);
-        float *dq = dbig, *dk = dbig + N * Cl, *dv = dk + N * Kl;
-        float *q = q_of(e, a->qkv), *k = k_of(e, a->qkv), *v = v_of(e, a->qkv);
+        void *dq = dbig, *dk = act_at(e, dbig, N * Cl), *dv = act_at(e, dk, N * Kl); /* operand buffers */
+        void *q = q_of(e, a->qkv), *k = k_of(e, a->qkv), *v = v_of(e, a->qkv);
         be->gqa_bwd(be->ctx, dq, dk, dv, datty, q, k, v, a->atty, a->lse, e->B, e->T, e->Hl, e->KVl, e->hs);
         be->rope_bwd(be->ctx, dq, e->rope_cs, e->B, e->T, e->Hl, e->hs, Cl);
         be->rope_bwd(be->ctx, dk, e->rope_cs, e->B, e->T, e->KVl, e->hs, Kl);
-        be->matmul_bwd(be->ctx, dln, 1, g[R_QW], 0, g[R_QB], dq, 1, a->ln1, w[R_QW], N, C, Cl);
-        be->matmul_bwd(be->ctx, dpart, 1, g[R_KW], 0, g[R_KB], dk, 1, a->ln1, w[R_KW], N, C, Kl);
+        be->matmul_bwd(be->ctx, dln, 0, g[R_QW], 0, g[R_QB], dq, 1, a->ln1, w[R_QW], N, C, Cl);
+        be->matmul_bwd(be->ctx, dpart, 0, g[R_KW], 0, g[R_KB], dk, 1, a->ln1, w[R_KW], N, C, Kl);
         be->accumulate(be->ctx, dln, dpart, N * C);
-        be->matmul_bwd(be->ctx, dpart, 1, g[R_VW], 0, g[R_VB], dv, 1, a->ln1, w[R_VW], N, C, Kl);
+        be->matmul_bwd(be->ctx, dpart, 0, g[R_VW], 0, g[R_VB], dv, 1, a->ln1, w[R_VW], N, C, Kl);
         be->accumulate(be->ctx, dln, dpart, N * C);
         rc = mps_tp_sum(e, dln, N * C, err);
     }

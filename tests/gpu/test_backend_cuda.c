@@ -15,8 +15,11 @@
  * timings at GPT-2 124M sizes (informational; MPS_TEST_BENCH=0
  * skips them).
  *
+ * The Llama block's entries (groups rmsnorm, rope, swiglu, gqa) likewise, grouped-query attention
+ * with H = 8 query heads over KV = 2 and 8 kv heads, head sizes 64 and 128.
+ *
  * The tests come in groups (memory, embed, layernorm, matmul, attention, attention_bf16,
- * elementwise, xent, optim, gemm_tune, bench), each run in a child process with fresh backends, so that a
+ * elementwise, xent, optim, gemm_tune, rmsnorm, rope, swiglu, gqa, bench), each run in a child process with fresh backends, so that a
  * kernel fault or hang shows as that group's failure and the other groups still report.
  * `test_backend_cuda <group>` runs one group in-process (e.g. under compute-sanitizer).
  * Every line starts with "ok" or "FAIL"; bench lines are informational.
@@ -748,6 +751,136 @@ static void test_attention(mps_backend *be, const char *tag, int B, int T, int H
     in_free(&qkv);
     in_free(&dout);
     gpu = saved;
+}
+
+/* ---------------------------------------------------------------- the Llama block */
+
+/* adds an operand-buffer output that the call updates in place: it starts from init (rounded to
+ * what the buffer holds) on both sides */
+static float *o_add_act_from(oset *s, const char *name, int64_t n, const float *init)
+{
+    float *c = o_add_act(s, name, n);
+    obuf *b = &s->o[s->no - 1];
+    memcpy(b->init, init, sizeof(float) * (size_t)n);
+    round_act(b->init, n);
+    memcpy(c, b->init, sizeof(float) * (size_t)n);
+    return c;
+}
+
+static void test_rmsnorm(int64_t N, int C)
+{
+    char op[80];
+    tin inp = in_rand(N * C, 2.0f), w = in_rand(C, 1.0f), dout = in_rand(N * C, 1.0f);
+    for (int64_t i = 0; i < N * C; i++) /* rows of different scales: rstd matters */
+        inp.h[i] *= (float)(1 + i / C % 5);
+    gpu.from_host(gpu.ctx, inp.d, inp.h, sizeof(float) * (size_t)(N * C));
+    oset s = {.op = op};
+    snprintf(op, sizeof op, "rmsnorm_fwd N%lld C%d", (long long)N, C);
+    float *out = o_add_act(&s, "out", N * C), *rstd = o_add(&s, "rstd", N, NULL);
+    cpu.rmsnorm_fwd(cpu.ctx, out, rstd, inp.h, w.h, N, C, 1e-5f);
+    GPU_TWICE(s, gpu.rmsnorm_fwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), inp.d, w.d, N, C, 1e-5f));
+    tin r = in_copy(rstd, N); /* the backward takes the CPU's statistics */
+    o_done(&s, TOL_EW);
+    snprintf(op, sizeof op, "rmsnorm_bwd N%lld C%d", (long long)N, C);
+    float *i0 = hrand(N * C, 1.0f), *i1 = hrand(C, 1.0f); /* += outputs: random start */
+    float *dinp = o_add(&s, "dinp", N * C, i0), *dw = o_add(&s, "dw", C, i1);
+    cpu.rmsnorm_bwd(cpu.ctx, dinp, dw, dout.h, inp.h, w.h, r.h, N, C);
+    GPU_TWICE(s, gpu.rmsnorm_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout.d, inp.d, w.d, r.d, N, C));
+    o_done(&s, N > 1000 || C > 1000 ? TOL_RED : TOL_EW); /* long sums: dw over rows, the row dot over C */
+    free(i0);
+    free(i1);
+    in_free(&r);
+    in_free(&inp);
+    in_free(&w);
+    in_free(&dout);
+}
+
+/* nheads heads of hd at the start of rows of ld (the elements past them must stay as they are) */
+static void test_rope(int B, int T, int nheads, int hd, int64_t ld)
+{
+    char op[96];
+    const int half = hd / 2;
+    const int64_t n = (int64_t)B * T * ld, ncs = (int64_t)T * half;
+    float *cs = xmalloc(sizeof(float) * (size_t)(2 * ncs));
+    for (int t = 0; t < T; t++) /* the engine's table: t * theta^(-2i/hd) */
+        for (int i = 0; i < half; i++) {
+            double a = t * pow(10000.0, -2.0 * i / hd);
+            cs[(int64_t)t * half + i] = (float)cos(a);
+            cs[ncs + (int64_t)t * half + i] = (float)sin(a);
+        }
+    tin tab = in_copy(cs, 2 * ncs);
+    float *x0 = hrand(n, 2.0f);
+    for (int dir = 0; dir < 2; dir++) {
+        oset s = {.op = op};
+        snprintf(op, sizeof op, "rope_%s B%d T%d heads%d hd%d ld%lld", dir ? "bwd" : "fwd", B, T, nheads, hd,
+                 (long long)ld);
+        float *x = o_add_act_from(&s, "x", n, x0);
+        if (dir)
+            cpu.rope_bwd(cpu.ctx, x, tab.h, B, T, nheads, hd, ld);
+        else
+            cpu.rope_fwd(cpu.ctx, x, tab.h, B, T, nheads, hd, ld);
+        if (dir)
+            GPU_TWICE(s, gpu.rope_bwd(gpu.ctx, o_dev(&s, 0), tab.d, B, T, nheads, hd, ld));
+        else
+            GPU_TWICE(s, gpu.rope_fwd(gpu.ctx, o_dev(&s, 0), tab.d, B, T, nheads, hd, ld));
+        o_done(&s, TOL_ACT);
+    }
+    free(x0);
+    free(cs);
+    in_free(&tab);
+}
+
+static void test_swiglu(int64_t n)
+{
+    char op[64];
+    tin gate = in_rand_act(n, 4.0f), up = in_rand_act(n, 2.0f), dout = in_rand_act(n, 1.0f);
+    oset s = {.op = op};
+    snprintf(op, sizeof op, "swiglu_fwd n%lld", (long long)n);
+    float *out = o_add_act(&s, "out", n);
+    cpu.swiglu_fwd(cpu.ctx, out, gate.h, up.h, n);
+    GPU_TWICE(s, gpu.swiglu_fwd(gpu.ctx, o_dev(&s, 0), gate.d, up.d, n));
+    o_done(&s, TOL_ACT);
+    /* into other buffers, then in place over gate and up as the engine calls it */
+    snprintf(op, sizeof op, "swiglu_bwd n%lld", (long long)n);
+    float *dg = o_add_act(&s, "dgate", n), *du = o_add_act(&s, "dup", n);
+    cpu.swiglu_bwd(cpu.ctx, dg, du, dout.h, gate.h, up.h, n);
+    GPU_TWICE(s, gpu.swiglu_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout.d, gate.d, up.d, n));
+    o_done(&s, TOL_ACT);
+    snprintf(op, sizeof op, "swiglu_bwd in place n%lld", (long long)n);
+    float *g = o_add_act_from(&s, "dgate", n, gate.h), *u = o_add_act_from(&s, "dup", n, up.h);
+    cpu.swiglu_bwd(cpu.ctx, g, u, dout.h, g, u, n);
+    GPU_TWICE(s, gpu.swiglu_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout.d, o_dev(&s, 0), o_dev(&s, 1), n));
+    o_done(&s, TOL_ACT);
+    in_free(&gate);
+    in_free(&up);
+    in_free(&dout);
+}
+
+static void test_gqa(int B, int T, int H, int KV, int hd)
+{
+    char op[96];
+    const int64_t nq = (int64_t)B * T * H * hd, nk = (int64_t)B * T * KV * hd, nlse = (int64_t)B * H * T;
+    tin q = in_rand_act(nq, 1.5f), k = in_rand_act(nk, 1.5f), v = in_rand_act(nk, 1.0f);
+    tin dout = in_rand_act(nq, 1.0f);
+    oset s = {.op = op};
+    snprintf(op, sizeof op, "gqa_fwd B%d T%d H%d KV%d hd%d", B, T, H, KV, hd);
+    float *out = o_add_act(&s, "out", nq), *lse = o_add(&s, "lse", nlse, NULL);
+    cpu.gqa_fwd(cpu.ctx, out, lse, q.h, k.h, v.h, B, T, H, KV, hd);
+    GPU_TWICE(s, gpu.gqa_fwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), q.d, k.d, v.d, B, T, H, KV, hd));
+    tin o = in_copy_act(out, nq), l = in_copy(lse, nlse); /* the backward takes the CPU's forward */
+    o_done(&s, TOL_ATTN);
+    snprintf(op, sizeof op, "gqa_bwd B%d T%d H%d KV%d hd%d", B, T, H, KV, hd);
+    float *dq = o_add_act(&s, "dq", nq), *dk = o_add_act(&s, "dk", nk), *dv = o_add_act(&s, "dv", nk);
+    cpu.gqa_bwd(cpu.ctx, dq, dk, dv, dout.h, q.h, k.h, v.h, o.h, l.h, B, T, H, KV, hd);
+    GPU_TWICE(s, gpu.gqa_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), o_dev(&s, 2), dout.d, q.d, k.d, v.d, o.d, l.d, B, T,
+                             H, KV, hd));
+    o_done(&s, TOL_ACT);
+    in_free(&o);
+    in_free(&l);
+    in_free(&q);
+    in_free(&k);
+    in_free(&v);
+    in_free(&dout);
 }
 
 /* ---------------------------------------------------------------- element-wise */
@@ -1494,6 +1627,40 @@ static void g_optim(void)
     test_sumsq(7, 0);
     test_sumsq_many();
 }
+static void g_rmsnorm(void)
+{
+    test_rmsnorm(37, 48);
+    test_rmsnorm(37, 33);
+    test_rmsnorm(5000, 100); /* many chunks of the dw sums */
+    test_rmsnorm(300, 2048);
+}
+static void g_rope(void)
+{
+    test_rope(2, 17, 3, 16, 48);        /* q-shaped: the heads fill the row */
+    test_rope(2, 70, 2, 64, 3 * 128);   /* heads at the start of wider rows */
+    test_rope(1, 129, 8, 128, 8 * 128);
+    test_rope(3, 5, 1, 6, 10);
+}
+static void g_swiglu(void)
+{
+    test_swiglu(10007);
+    test_swiglu(3);
+    test_swiglu(300000);
+}
+/* H = 8 over KV = 2 (groups of 4) and KV = 8 (plain multi-head), head sizes 64 and 128, T below,
+ * at and past a key tile (64) and not a multiple of it; a few odd shapes (groups of 3, head sizes
+ * of 48 and 32, T = 1) */
+static void g_gqa(void)
+{
+    static const struct {
+        int B, T, H, KV, hd;
+    } c[] = {
+        {2, 70, 8, 2, 64}, {1, 130, 8, 8, 64}, {2, 100, 8, 2, 128}, {1, 129, 8, 8, 128}, {1, 64, 8, 2, 64},
+        {1, 300, 8, 2, 128}, {2, 33, 6, 2, 48}, {1, 200, 4, 1, 32}, {1, 1, 8, 2, 64}, {1, 5, 2, 2, 128},
+    };
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++)
+        test_gqa(c[i].B, c[i].T, c[i].H, c[i].KV, c[i].hd);
+}
 static void g_bench(void)
 {
     const char *b = getenv("MPS_TEST_BENCH");
@@ -1507,7 +1674,8 @@ static const struct {
 } groups[] = {
     {"memory", g_memory}, {"embed", g_embed}, {"layernorm", g_layernorm}, {"matmul", g_matmul},
     {"attention", g_attention}, {"attention_bf16", g_attention_bf16}, {"elementwise", g_elementwise},
-    {"xent", g_xent}, {"optim", g_optim}, {"gemm_tune", g_gemm_tune}, {"bench", g_bench},
+    {"xent", g_xent}, {"optim", g_optim}, {"gemm_tune", g_gemm_tune}, {"rmsnorm", g_rmsnorm}, {"rope", g_rope},
+    {"swiglu", g_swiglu}, {"gqa", g_gqa}, {"bench", g_bench},
 };
 #define NGROUPS ((int)(sizeof groups / sizeof groups[0]))
 

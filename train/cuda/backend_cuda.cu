@@ -1,7 +1,7 @@
 /* The CUDA backend: device memory from a stream-ordered pool, one stream for every copy and
  * kernel, errors kept in the context until sync reports them (the table's functions return
  * nothing), and the table itself. The kernels are in kernels_*.cu, gemm.cu, attention.cu,
- * attention_tc.cu and attention_fast.cu. */
+ * attention_tc.cu, attention_fast.cu and attention_gqa.cu. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -334,6 +334,14 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     b.matmul_fwd_act = cu_matmul_fwd_act;
     b.matmul_gelu_fwd = cu_matmul_gelu_fwd;
     b.matmul_dgelu_bwd = cu_matmul_dgelu_bwd;
+    b.rmsnorm_fwd = cu_rmsnorm_fwd;
+    b.rmsnorm_bwd = cu_rmsnorm_bwd;
+    b.rope_fwd = cu_rope_fwd;
+    b.rope_bwd = cu_rope_bwd;
+    b.swiglu_fwd = cu_swiglu_fwd;
+    b.swiglu_bwd = cu_swiglu_bwd;
+    b.gqa_fwd = cu_gqa_fwd;
+    b.gqa_bwd = cu_gqa_bwd;
     b.residual_bias = cu_residual_bias;
     b.bias_grad = cu_bias_grad;
     b.add = cu_add;

@@ -209,6 +209,19 @@ void cu_attention_fwd(void *ctx, void *out, float *lse, const void *qkv, int B, 
 void cu_attention_bwd(void *ctx, void *dqkv, const void *dout, const void *qkv, const void *out, const float *lse,
                       int B, int T, int H, int hs, float *dbias);
 
+/* ---- kernels_llama.cu and attention_gqa.cu: the Llama block's entries (backend.h) */
+void cu_rmsnorm_fwd(void *ctx, void *out, float *rstd, const float *inp, const float *w, int64_t N, int C, float eps);
+void cu_rmsnorm_bwd(void *ctx, float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                    const float *rstd, int64_t N, int C);
+void cu_rope_fwd(void *ctx, void *x, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
+void cu_rope_bwd(void *ctx, void *dx, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
+void cu_swiglu_fwd(void *ctx, void *out, const void *gate, const void *up, int64_t n);
+void cu_swiglu_bwd(void *ctx, void *dgate, void *dup, const void *dout, const void *gate, const void *up, int64_t n);
+void cu_gqa_fwd(void *ctx, void *out, float *lse, const void *q, const void *k, const void *v, int B, int T, int H,
+                int KV, int hd);
+void cu_gqa_bwd(void *ctx, void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
+                const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd);
+
 /* ---- attention_fast.cu: head size 64 on tensor cores; 0 when they took the call (errors are
  * recorded), -1 when the shape or alignment does not apply (the caller runs another path).
  * Dv: (B, H, T) scratch that the backward fills with the rows dout . out. out and dqkv are
