@@ -19,6 +19,9 @@ for what in "$@"; do
     reshard) bash bench/reshard_bench.sh /tmp/rbench 2>&1 | tee "$OUT/reshard_bench.txt" ;;
     gpuunit) MPS_TEST_BENCH=1 build/test_backend_cuda 2>&1 | tee "$OUT/gpuunit.txt" | grep -vE "^ *ok" | tail -60 ;;
     gputrain) MPSHARD=build/mpshard bash tests/gpu/train_gpu.sh /tmp/gputest 2>&1 | tee "$OUT/gputrain.txt" | tail -40 ;;
+    gpullama) (build/test_backend_cuda rmsnorm && build/test_backend_cuda rope && build/test_backend_cuda swiglu && \
+        build/test_backend_cuda gqa) 2>&1 | tee "$OUT/gpuunit_llama.txt" | grep -vE "^ *ok" | tail -30
+      SECTIONS=llama MPSHARD=build/mpshard bash tests/gpu/train_gpu.sh /tmp/gputest 2>&1 | tee "$OUT/gputrain_llama.txt" | tail -40 ;;
     trainbench) MPSHARD=build/mpshard SHARED="${SHARED:-../shared}/bench" bash bench/train_bench.sh /tmp/tbench 2>&1 \
       | tee "$OUT/trainbench.txt" | tail -20 ;;
     multibench) MPSHARD=build/mpshard bash bench/train_bench_multi.sh /tmp/mbench 2>&1 | tee "$OUT/multibench.txt" | tail -20 ;;
