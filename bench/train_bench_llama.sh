@@ -13,7 +13,7 @@ NAMES=${*:-llama-125m}
 STEPS=${STEPS:-30}
 mkdir -p "$W"
 nvidia-smi --query-gpu=name --format=csv,noheader
-"$M" tokens --count 8000000 --vocab 32000 -o "$W/tok.bin" --force -q || exit 1
+"$M" tokens --count 8000000 --vocab 32000 -o "$W/tok.bin" --force >/dev/null || exit 1
 declare -A B=( [llama-125m]=32 [tinyllama-1.1b]=8 [llama-1b-hs128]=8 ) T=( [llama-125m]=1024 [tinyllama-1.1b]=2048 [llama-1b-hs128]=2048 )
 for name in $NAMES; do
   rm -rf "$W/$name" "$W/run-$name"
