@@ -13,6 +13,7 @@
 #include "ckpt.h"
 #include "ckpt_internal.h"
 #include "h5util.h"
+#include "safe_open.h"
 
 struct mps_read_scratch {
     const void *cached_piece; /* the chunk now in `chunk`: consecutive gathers often need it again */
@@ -78,12 +79,18 @@ int mps_ckpt_resolve(const char *dir, char *out, size_t size, mps_err *err)
     if (access(path, F_OK) == 0)
         return 0;
     snprintf(path, sizeof path, "%s/latest", dir);
-    FILE *f = fopen(path, "r");
-    if (!f)
+    mps_err oerr;
+    mps_err_clear(&oerr);
+    int fd = mps_open_input(path, MPS_ECORRUPT, NULL, &oerr); /* a FIFO must not block: refused */
+    if (fd < 0 && (errno == ENOENT || errno == ENOTDIR))
         return 0; /* not a run directory either: the caller's open names the missing manifest */
+    if (fd < 0)
+        return mps_fail(err, oerr.code, "%s", oerr.msg);
     char name[256] = "";
-    int ok = fgets(name, sizeof name, f) != NULL;
-    fclose(f);
+    ssize_t got = read(fd, name, sizeof name - 1);
+    close(fd);
+    int ok = got > 0;
+    name[ok ? got : 0] = '\0';
     name[strcspn(name, "\n")] = '\0';
     if (!ok || !name[0] || strchr(name, '/') || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
         return mps_fail(err, MPS_ECORRUPT, "%s: expected the name of a checkpoint directory beside it", path);

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "ckpt.h"
+#include "safe_open.h"
 
 #define CHECKSUM_KEY "\"manifest_xxh3\": \""
 #define MAX_MANIFEST_BYTES (64 << 20)
@@ -201,15 +202,15 @@ static int cmp_int(const void *a, const void *b)
 
 static int read_file_text(const char *path, char **out, size_t *len, mps_err *err)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block: refused below */
-    if (fd < 0)
-        return mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s%s", path, strerror(errno),
-                        errno == ENOENT ? " (not a committed mpshard checkpoint)" : "");
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > MAX_MANIFEST_BYTES) {
+    mps_err oerr;
+    mps_err_clear(&oerr);
+    int fd = mps_open_input(path, MPS_ECORRUPT, &st, &oerr); /* a FIFO must not block: refused */
+    if (fd < 0)
+        return mps_fail(err, oerr.code, "%s%s", oerr.msg, errno == ENOENT ? " (not a committed mpshard checkpoint)" : "");
+    if (st.st_size > MAX_MANIFEST_BYTES) {
         close(fd);
-        return mps_fail(err, MPS_ECORRUPT, "%s: not a regular file, unreadable or larger than %d bytes", path,
-                        MAX_MANIFEST_BYTES);
+        return mps_fail(err, MPS_ECORRUPT, "%s: larger than %d bytes", path, MAX_MANIFEST_BYTES);
     }
     char *buf = malloc((size_t)st.st_size + 1);
     if (!buf) {

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "modelfile_internal.h"
+#include "safe_open.h"
 
 #define READ_CHUNK ((size_t)1 << 22)  /* bytes per read of an untransposed tensor */
 #define OUT_BUF ((size_t)1 << 22)     /* write buffer of an output file */
@@ -161,10 +162,12 @@ int mps_write_file_atomic(const char *path, const void *data, size_t n, mps_err 
         return mps_fail(err, MPS_ENOMEM, "%s: out of memory", path);
     }
     int rc = -1;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        mps_fail(err, MPS_EIO, "%s: cannot create: %s", tmp, strerror(errno));
+    int fd = mps_open_tmp_output(tmp, err);
+    if (fd < 0)
         goto out;
+    if (ftruncate(fd, 0) != 0) {
+        mps_fail(err, MPS_EIO, "%s: cannot truncate: %s", tmp, strerror(errno));
+        goto fail;
     }
     if (write_all(fd, tmp, data, n, err) != 0)
         goto fail;
@@ -223,7 +226,8 @@ int mps_model_file_open(const char *path, const mps_model_file_opts *opts, mps_m
      * (not a regular file), and reads of a regular file ignore the flag */
     f->fd = open(f->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (f->fd < 0) {
-        mps_fail(err, MPS_EIO, "%s: cannot open: %s", f->path, strerror(errno));
+        mps_fail(err, errno == ENOENT || errno == ENOTDIR ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s", f->path,
+                 strerror(errno));
         goto fail;
     }
     if (fstat(f->fd, &st) != 0) {
@@ -528,9 +532,8 @@ int mps_out_file_begin(const char *dir, const char *name, mps_dtype dtype, mps_o
      * one's data. It is truncated only once locked; if the file we locked was renamed by a
      * finishing writer meanwhile, we try again with a fresh one. */
     for (int attempt = 0; attempt < 100 && f->fd < 0; attempt++) {
-        int fd = open(f->tmp_path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+        int fd = mps_open_tmp_output(f->tmp_path, err);
         if (fd < 0) {
-            mps_fail(err, MPS_EIO, "%s: cannot create: %s", f->tmp_path, strerror(errno));
             out_free(f);
             return -1;
         }

@@ -196,11 +196,12 @@ static int load_config(const char *input, const mps_model_file_opts *opts, mps_m
         if (errno == ENOENT && opts->config_path == NULL)
             mps_fail(err, MPS_EUSAGE, "%s: config.json not found beside it; pass --config FILE", input);
         else
-            mps_fail(err, MPS_EIO, "%s: cannot open: %s", cpath, strerror(errno));
+            mps_fail(err, errno == ENOENT || errno == ENOTDIR ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s", cpath,
+                     strerror(errno));
         goto out;
     }
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        mps_fail(err, MPS_EIO, "%s: not a readable regular file", cpath);
+        mps_fail(err, MPS_EUSAGE, "%s: not a readable regular file", cpath);
         goto out;
     }
     if ((int64_t)st.st_size > CONFIG_CAP) {

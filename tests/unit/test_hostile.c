@@ -16,6 +16,7 @@
 #include "ckpt.h"
 #include "h5util.h"
 #include "modelfile.h"
+#include "save_async.h"
 #include "testutil.h"
 #include "zstd_filter.h"
 
@@ -503,7 +504,19 @@ static void test_fifos(void)
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     mps_err_clear(&err);
     CHECK(mps_model_file_open(path, NULL, &f, &err) != 0);
-    expect_err(&err, MPS_EIO, "FIFO config.json", "config.json", "not a readable regular file", NULL);
+    expect_err(&err, MPS_EUSAGE, "FIFO config.json", "config.json", "not a readable regular file", NULL);
+    /* a run directory whose latest is a FIFO: its readers (and the trainer's --keep-last) refuse it */
+    snprintf(dir, sizeof dir, "%s/fiforun", tmp);
+    mkdir(dir, 0755);
+    snprintf(path, sizeof path, "%s/latest", dir);
+    CHECK(mkfifo(path, 0644) == 0);
+    char out[1200];
+    mps_err_clear(&err);
+    CHECK(mps_ckpt_resolve(dir, out, sizeof out, &err) < 0);
+    expect_err(&err, MPS_ECORRUPT, "FIFO latest", path, "not a regular file", NULL);
+    int removed = -1;
+    mps_err_clear(&err);
+    CHECK(mps_run_prune(dir, 1, &removed, &err) == 0 && removed == 0);
 }
 
 /* ---- HDF5 attributes the reader checks ---- */
