@@ -66,15 +66,19 @@ typedef struct {
     struct mps_trace *trace; /* optional (trace.h): set after mps_stage_begin, which clears it */
 } mps_stage;
 
-/* Takes the lock DIR.lock (fails if another process holds it), refuses a committed DIR unless
- * force (and any non-checkpoint, non-empty DIR), removes a stale DIR.partial, creates it. */
-int mps_stage_begin(const char *dir, int force, mps_stage *st, mps_err *err);
+/* Takes the lock DIR.lock (fails if another process holds it; refuses a DIR.lock that is not an
+ * mpshard lock), refuses a committed DIR unless force (and any non-checkpoint, non-empty DIR),
+ * removes a stale DIR.partial that the lock records as a writer's (or that is empty; anything else
+ * is refused), creates it. A DIR that is a symbolic link stands for the directory it names.
+ * inputs (NULL-terminated, or NULL): paths the command reads; one inside DIR.partial, or inside a
+ * DIR that force would replace, is refused. On failure, a lock it created is removed again. */
+int mps_stage_begin(const char *dir, int force, const char *const *inputs, mps_stage *st, mps_err *err);
 /* Lists and sizes the shard files in the staging directory into m->files, writes and fsyncs the
  * manifest, fsyncs the directory, renames it to DIR (replacing the old checkpoint), releases the lock. */
 int mps_stage_commit(mps_stage *st, mps_manifest *m, mps_err *err);
 /* Removes the staging directory and releases the lock. */
 void mps_stage_abort(mps_stage *st);
-/* The staging directory a writer of DIR uses ("DIR.partial"). */
+/* The staging directory a writer of DIR uses ("DIR.partial", beside the directory a link DIR names). */
 int mps_stage_dir_name(const char *dir, char *out, size_t size, mps_err *err);
 /* rm -r */
 int mps_remove_tree(const char *path);

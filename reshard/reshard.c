@@ -83,8 +83,10 @@ int mps_reshard(const char *src_dir, const mps_reshard_opts *o, mps_err *err)
         goto out;
     /* the staging directory: process 0 creates it, every process writes its share of the files */
     int ok = 1;
-    if (me == 0)
-        ok = mps_stage_begin(o->out_dir, o->force, &st, err) == 0;
+    if (me == 0) {
+        const char *inputs[] = { src_dir, mps_ckpt_dir(c), NULL };
+        ok = mps_stage_begin(o->out_dir, o->force, inputs, &st, err) == 0;
+    }
     staged = me == 0 && ok;
     if (procs && !procs->all_ok(procs->ctx, ok)) {
         if (ok)

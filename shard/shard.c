@@ -417,7 +417,21 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
     }
     if (o->nstate > 0 && import_state(input, file, o, &m, &state, err) != 0)
         goto out;
-    if (mps_stage_begin(o->out_dir, o->force, &st, err) != 0)
+    /* what this command reads must not be in the staging directory it may remove */
+    const char **inputs = calloc((size_t)o->nstate + 3, sizeof *inputs);
+    if (!inputs) {
+        mps_fail(err, MPS_ENOMEM, "out of memory");
+        goto out;
+    }
+    int ni = 0;
+    inputs[ni++] = input;
+    if (o->file.config_path)
+        inputs[ni++] = o->file.config_path;
+    for (int i = 0; i < o->nstate; i++)
+        inputs[ni++] = o->state_paths[i];
+    int staged = mps_stage_begin(o->out_dir, o->force, inputs, &st, err);
+    free(inputs);
+    if (staged != 0)
         goto out;
     st.trace = o->trace;
     mps_trace_event(o->trace, MPS_EV_STAGE_BEGUN);

@@ -158,7 +158,7 @@ static int stage_begin(mps_saver *s, int64_t step, uint64_t rng_seed, int64_t da
         ok = 0;
     }
     if (ok && s->rank == 0) {
-        ss->staged = mps_stage_begin(dir, 1, &ss->st, &local) == 0;
+        ss->staged = mps_stage_begin(dir, 1, NULL, &ss->st, &local) == 0;
         ok = ss->staged;
     }
     if (!agree(s, ok, &local, err)) {
