@@ -317,6 +317,26 @@ static int boxes_equal(const int64_t *a, const int64_t *b, int n)
     return 1;
 }
 
+/* name (absolute, its parent already checked) is a hard link in f to an object of the given type:
+ * a soft or external link (which HDF5 would follow, to another object or into any file) is refused
+ * before anything resolves it. */
+static int h5_plain_link(hid_t f, const char *name, H5O_type_t type, const char *path, mps_err *err)
+{
+    H5L_info_t li;
+    H5O_info_t oi;
+    const char *what = type == H5O_TYPE_GROUP ? "group" : "dataset";
+    if (H5Lexists(f, name, H5P_DEFAULT) <= 0 || H5Lget_info(f, name, &li, H5P_DEFAULT) < 0)
+        return mps_fail(err, MPS_ECORRUPT, "%s: %s %s is missing", path, what, name);
+    if (li.type != H5L_TYPE_HARD)
+        return mps_fail(err, MPS_ECORRUPT, "%s: %s %s is %s: refused (a shard file holds its data itself)", path,
+                        what, name, li.type == H5L_TYPE_SOFT       ? "a soft link"
+                                    : li.type == H5L_TYPE_EXTERNAL ? "an external link"
+                                                                   : "a user-defined link");
+    if (H5Oget_info_by_name2(f, name, &oi, H5O_INFO_BASIC, H5P_DEFAULT) < 0 || oi.type != type)
+        return mps_fail(err, MPS_ECORRUPT, "%s: %s is not a %s", path, name, what);
+    return 0;
+}
+
 /* Opens and checks the stored piece (caller holds the lock). */
 static int open_piece(mps_ckpt *c, mps_kind kind, int tensor, int id, stored_piece *sp, mps_err *err)
 {
@@ -332,24 +352,44 @@ static int open_piece(mps_ckpt *c, mps_kind kind, int tensor, int id, stored_pie
         return -1;
     char group[32];
     snprintf(group, sizeof group, "/%s", mps_kind_name(kind));
-    if (H5Lexists(f, group, H5P_DEFAULT) <= 0 || H5Lexists(f, dname, H5P_DEFAULT) <= 0)
-        return mps_fail(err, MPS_ECORRUPT, "%s: dataset %s is missing", path, dname);
+    if (h5_plain_link(f, group, H5O_TYPE_GROUP, path, err) != 0 || h5_plain_link(f, dname, H5O_TYPE_DATASET, path, err) != 0)
+        return -1;
     hid_t d = H5Dopen2(f, dname, H5P_DEFAULT);
     if (d < 0)
         return mps_fail(err, MPS_ECORRUPT, "%s: cannot open dataset %s", path, dname);
     sp->dset = d;
+    /* the data must be in this file: no external storage, no virtual dataset (whose mappings name
+     * other files), checked before anything that could resolve them */
+    hid_t dcpl = H5Dget_create_plist(d);
+    H5D_layout_t layout = dcpl < 0 ? H5D_LAYOUT_ERROR : H5Pget_layout(dcpl);
+    int external = dcpl < 0 ? -1 : H5Pget_external_count(dcpl);
+    if (layout == H5D_VIRTUAL || external != 0) {
+        if (dcpl >= 0)
+            H5Pclose(dcpl);
+        return mps_fail(err, MPS_ECORRUPT, "%s: dataset %s keeps its data in other files (%s): refused", path, dname,
+                        layout == H5D_VIRTUAL ? "a virtual dataset" : "external storage");
+    }
+    /* bound to its tensor: a dataset of another tensor or kind (a swapped or hard-linked one of the
+     * same shape) would pass every other check */
+    char text[MPS_NAME_MAX + 16];
+    if (mps_h5_read_attr_str(d, "tensor", text, sizeof text) != 0 || strcmp(text, spec.name) != 0 ||
+        mps_h5_read_attr_str(d, "kind", text, sizeof text) != 0 || strcmp(text, mps_kind_name(kind)) != 0) {
+        H5Pclose(dcpl);
+        return mps_fail(err, MPS_ECORRUPT, "%s: dataset %s is not the %s of tensor %s (its tensor or kind attribute "
+                        "differs)", path, dname, mps_kind_name(kind), spec.name);
+    }
     const mps_piece *p = &sp->piece;
     int whole = p->flat_begin == 0 && p->flat_end == mps_box_numel(&p->box);
     int ndim = whole ? p->box.ndim : 1;
     int64_t want_dims[MPS_MAX_DIMS], dims[MPS_MAX_DIMS], chunk[MPS_MAX_DIMS], attr[MPS_MAX_DIMS], range[2];
     for (int i = 0; i < ndim; i++)
         want_dims[i] = whole ? p->box.cnt[i] : p->flat_end - p->flat_begin;
-    hid_t type = H5Dget_type(d), space = H5Dget_space(d), dcpl = H5Dget_create_plist(d);
+    hid_t type = H5Dget_type(d), space = H5Dget_space(d);
     int ok = H5Tequal(type, H5T_IEEE_F32LE) > 0 && H5Sget_simple_extent_ndims(space) == ndim;
     hsize_t hdims[MPS_MAX_DIMS], hchunk[MPS_MAX_DIMS];
     if (ok) {
         H5Sget_simple_extent_dims(space, hdims, NULL);
-        ok = H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_chunk(dcpl, ndim, hchunk) == ndim;
+        ok = layout == H5D_CHUNKED && H5Pget_chunk(dcpl, ndim, hchunk) == ndim;
         for (int i = 0; ok && i < ndim; i++) {
             dims[i] = (int64_t)hdims[i];
             chunk[i] = (int64_t)hchunk[i];
