@@ -409,6 +409,11 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         rc = 0;
         goto out;
     }
+    if ((a->steps - step) > (MPS_MAX_DATA_POSITION - position) / a->o.global_batch) {
+        mps_fail(err, MPS_EUSAGE, "--steps %lld: from data position %lld the run would pass the largest a checkpoint "
+                 "records (2^62 sequences)", (long long)a->steps, (long long)position);
+        goto out;
+    }
     if (mps_saver_new(e, a->out, !a->save_sync, &sv, err) != 0)
         goto out;
     /* a run that will save in the background pins its snapshot before the first step, not in the

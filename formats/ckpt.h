@@ -14,6 +14,9 @@
 #define MPS_MANIFEST_NAME "manifest.json"
 #define MPS_DEFAULT_CHUNK_BYTES ((int64_t)1 << 20)
 #define MPS_DEFAULT_ZSTD_LEVEL 1
+/* The largest state.data_position (sequences consumed) a manifest may record: far beyond any run,
+ * and far enough below INT64_MAX that a trainer's steps cannot overflow it */
+#define MPS_MAX_DATA_POSITION ((int64_t)1 << 62)
 
 typedef struct {
     int rank;

@@ -99,6 +99,36 @@ int mps_ckpt_resolve(const char *dir, char *out, size_t size, mps_err *err)
     return 1;
 }
 
+/* zstd decodes a block of at most 128 KiB from at least 4 stored bytes (a 3-byte header and one
+ * byte repeated): no stored chunk decodes to more than this many times its size */
+#define MAX_DECODE_RATIO 32768.0
+
+/* The state the manifest describes must fit in the files it lists: readers size allocations from
+ * the model (a rank's whole state for load and train), so a forged model (padded_vocab=2^31 over
+ * a small model's files) is refused here, before anything is allocated for it. A file counts
+ * with the smaller of its recorded and its actual size (a recorded size cannot make room). */
+static int check_capacity(const mps_ckpt *c, const char *manifest, mps_err *err)
+{
+    const mps_manifest *m = &c->m;
+    int nkinds = 0;
+    for (int k = 0; k < MPS_KIND_COUNT; k++)
+        nkinds += (m->kinds >> k) & 1;
+    double need = (double)mps_param_count(&m->cfg) * (double)sizeof(float) * nkinds, stored = 0;
+    for (int i = 0; i < m->nfiles; i++) {
+        char path[4400];
+        struct stat st;
+        snprintf(path, sizeof path, "%s/%s", c->dir, m->files[i].name);
+        int64_t bytes = stat(path, &st) == 0 && S_ISREG(st.st_mode) ? (int64_t)st.st_size : 0;
+        stored += (double)(bytes < m->files[i].bytes ? bytes : m->files[i].bytes);
+    }
+    if (need > stored * MAX_DECODE_RATIO)
+        return mps_fail(err, MPS_ECORRUPT, "%s: its model (%lld parameters, padded_vocab=%lld) needs %.3g GB of state, "
+                        "more than its %d files of %.3g MB can hold: the manifest does not describe these files",
+                        manifest, (long long)mps_param_count(&m->cfg), (long long)m->cfg.padded_vocab, need / 1e9,
+                        m->nfiles, stored / 1e6);
+    return 0;
+}
+
 int mps_ckpt_open(const char *dir, mps_ckpt **out, mps_err *err)
 {
     if (mps_h5_init(err) != 0)
@@ -139,6 +169,12 @@ int mps_ckpt_open(const char *dir, mps_ckpt **out, mps_err *err)
                 return -1;
             }
         }
+    if (check_capacity(c, path, err) != 0) {
+        mps_manifest_free(&c->m);
+        pthread_mutex_destroy(&c->lock);
+        free(c);
+        return -1;
+    }
     c->world = world;
     c->files = malloc(sizeof *c->files * (size_t)world);
     c->fds = malloc(sizeof *c->fds * (size_t)world);

@@ -370,7 +370,7 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
         goto out;
     }
     if (get_int(state, "step", 0, INT64_MAX, &m->step, path, err) ||
-        get_int(state, "data_position", 0, INT64_MAX, &m->data_position, path, err))
+        get_int(state, "data_position", 0, MPS_MAX_DATA_POSITION, &m->data_position, path, err))
         goto out;
     json_t *seed = json_object_get(state, "rng_seed");
     if (seed) { /* a string of decimal digits (a JSON number loses 64-bit precision) */
