@@ -64,7 +64,10 @@ int cmd_reshard(int argc, char **argv)
     mps_err_clear(&err);
     int rc = mps_reshard(argv[optind], &o, &err);
     cli_procs_finish(multi);
-    if (rc != 0)
-        return cli_fail("reshard", &err);
-    return 0;
+    if (rc == 0)
+        return 0;
+    /* every process has the same error (the lowest failing one's): one line, the same exit code */
+    if (multi && procs.rank != 0)
+        return err.code ? err.code : MPS_EFAIL;
+    return cli_fail("reshard", &err);
 }
