@@ -60,12 +60,16 @@ int cmd_reshard(int argc, char **argv)
     if (multi < 0)
         return MPS_EFAIL;
     o.procs = multi ? &procs : NULL;
+    cli_stop_on_signals();
+    o.stop = &cli_stop_signal;
     mps_err err;
     mps_err_clear(&err);
     int rc = mps_reshard(argv[optind], &o, &err);
     cli_procs_finish(multi);
     if (rc == 0)
         return 0;
+    if (cli_stop_signal)
+        return multi && procs.rank != 0 ? 128 + cli_stop_signal : cli_stopped("reshard", o.out_dir);
     /* every process has the same error (the lowest failing one's): one line, the same exit code */
     if (multi && procs.rank != 0)
         return err.code ? err.code : MPS_EFAIL;

@@ -2,6 +2,7 @@
 #ifndef MPS_CKPT_H
 #define MPS_CKPT_H
 
+#include <signal.h>
 #include <stdint.h>
 
 #include "chunk.h"
@@ -105,6 +106,9 @@ typedef struct {
     const char *label;  /* progress label */
     struct mps_progress *progress; /* optional shared progress meter */
     struct mps_trace *trace;       /* optional phase timeline (trace.h); NULL: no clock is read */
+    /* optional: once *stop is non-zero (a signal handler sets it) every chunk still to write fails,
+     * so that the caller removes its staging and returns */
+    const volatile sig_atomic_t *stop;
 } mps_write_opts;
 
 /* Writes the shard files of `ranks` (all ranks when ranks == NULL) into dir for the layout and kinds

@@ -119,7 +119,7 @@ int mps_reshard(const char *src_dir, const mps_reshard_opts *o, mps_err *err)
     mps_source src;
     ok = ok && mps_ckpt_source_init(&cs, c, threads, &src, err) == 0;
     if (ok && nranks > 0) {
-        mps_write_opts wo = { .threads = threads, .quiet = o->quiet || me != 0, .label = "reshard" };
+        mps_write_opts wo = { .threads = threads, .quiet = o->quiet || me != 0, .label = "reshard", .stop = o->stop };
         ok = mps_write_shards(stage_dir, &m, ranks, nranks, &src, &wo, err) == 0;
     }
     free(ranks);

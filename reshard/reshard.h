@@ -25,6 +25,7 @@ typedef struct {
     int threads;            /* 0: all cores (limited by the memory budget) */
     int force, quiet;
     const mps_procs *procs; /* NULL: one process writes every file */
+    const volatile sig_atomic_t *stop; /* set (by a signal handler): fail soon, removing the staging */
 } mps_reshard_opts;
 
 /* Under several processes every one returns the same result: on a failure, the error of the

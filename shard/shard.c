@@ -440,7 +440,8 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
                        .tr = o->trace,
                        .want_readers = o->readers > 0 ? (o->readers < MAX_READERS ? o->readers : MAX_READERS) : READERS };
     mps_source src = { &fs, begin_tensor, end_tensor, gather };
-    mps_write_opts wo = { .threads = o->threads, .quiet = o->quiet, .label = "shard", .trace = o->trace };
+    mps_write_opts wo = { .threads = o->threads, .quiet = o->quiet, .label = "shard", .trace = o->trace,
+                         .stop = o->stop };
     int wrc = source_start(&fs, err) == 0 ? mps_write_shards(st.stage_dir, &m, NULL, 0, &src, &wo, err) : -1;
     mps_trace_event(o->trace, MPS_EV_WRITER_DONE);
     source_stop(&fs);
