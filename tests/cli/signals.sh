@@ -116,6 +116,15 @@ if hold "$T/c.partial" "$MPSHARD" shard "$M" --layout dp=2,tp=2 -o "$T/c" -q --t
   stopped_by TERM 143 "$T/c" shard
   [ ! -e "$T/c" ] && [ ! -e "$T/c.partial" ] && [ ! -e "$T/c.lock" ] && ok || bad "shard left $(ls -d "$T"/c*)"
 fi
+# a second signal ends it at once, as a kill: its staging is left, and the rerun completes
+if hold "$T/c.partial" "$MPSHARD" shard "$M" --layout dp=2,tp=2 -o "$T/c" -q --threads 1; then
+  kill -INT $pid; kill -TERM $pid; kill -CONT $pid; wait $pid; rc=$?
+  [ "$rc" = 130 ] || [ "$rc" = 143 ] && ! grep -q "stopped by" "$T/err" && ok \
+    || bad "shard with two signals: exit $rc: $(cat "$T/err")"
+  expect 0 "$MPSHARD" shard "$M" --layout dp=2,tp=2 -o "$T/c" -q
+  expect 0 "$MPSHARD" verify "$T/c" -q
+  [ ! -e "$T/c.partial" ] && [ ! -e "$T/c.lock" ] && ok || bad "the rerun left staging"
+fi
 cp -r "$T/ref" "$T/old"
 if hold "$T/old.partial" "$MPSHARD" reshard "$T/ref" --layout tp=4 -o "$T/old" -q --threads 1 --force; then
   stopped_by INT 130 "$T/old" reshard
