@@ -2,6 +2,7 @@
 #ifndef MPS_CLI_H
 #define MPS_CLI_H
 
+#include <signal.h>
 #include <stdint.h>
 
 #include "err.h"
@@ -40,6 +41,17 @@ int cli_procs_failed(int primary, int *all_failed);
 /* 1 when err only says that another process failed ("... on another rank"): not primary. */
 int cli_error_is_secondary(const mps_err *err);
 int cmd_inspect(int argc, char **argv);
+
+/* The signal (SIGINT or SIGTERM) that asked this process to stop, 0 until one came. Set by the
+ * handler of cli_stop_on_signals (a handler can do no more than set a flag), read where stopping
+ * is safe: the one piece of global state of the front end. */
+extern volatile sig_atomic_t cli_stop_signal;
+/* Installs that handler. After the first signal both go back to their default action, so that a
+ * second one ends the process at once (as a kill would: only its staging can be left). */
+void cli_stop_on_signals(void);
+const char *cli_signal_name(int sig);
+/* A writer stopped by the signal: prints one line ("OUT not written") and returns 128 + the signal. */
+int cli_stopped(const char *cmd, const char *out);
 
 /* Prints "mpshard CMD: message" and returns the error's exit code. */
 int cli_fail(const char *cmd, const mps_err *err);

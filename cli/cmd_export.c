@@ -91,7 +91,9 @@ int cmd_export(int argc, char **argv)
         return cli_usage("export", "--zero and --master-weights go with --processes N");
     mps_err err;
     mps_err_clear(&err);
+    cli_stop_on_signals();
+    o.stop = &cli_stop_signal;
     if (mps_export(argv[optind], &o, &err) != 0)
-        return cli_fail("export", &err);
+        return cli_stop_signal ? cli_stopped("export", o.out_dir) : cli_fail("export", &err);
     return 0;
 }

@@ -61,19 +61,19 @@ int cmd_reshard(int argc, char **argv)
     if (multi < 0)
         return MPS_EFAIL;
     o.procs = multi ? &procs : NULL;
+    cli_stop_on_signals();
+    o.stop = &cli_stop_signal;
     mps_err err;
     mps_err_clear(&err);
     int rc = mps_reshard(argv[optind], &o, &err);
-    if (rc != 0) {
-        /* once per job: processes agree on failures; the first with an error of its own prints it */
-        int all_failed = 1, code = err.code ? err.code : MPS_EFAIL;
-        if (!multi || cli_procs_failed(!cli_error_is_secondary(&err), &all_failed))
-            cli_fail("reshard", &err);
-        if (multi && !all_failed)
-            cli_comm_abort(code);
-        cli_procs_finish(multi);
-        return code;
-    }
     cli_procs_finish(multi);
-    return 0;
+    if (rc == 0)
+        return 0;
+    if (cli_stop_signal)
+        return multi && procs.rank != 0 ? 128 + cli_stop_signal : cli_stopped("reshard", o.out_dir);
+    /* every process has the same error (the lowest failing one's, agreed in mps_reshard): one line,
+     * printed once, and the same exit code everywhere */
+    if (multi && procs.rank != 0)
+        return err.code ? err.code : MPS_EFAIL;
+    return cli_fail("reshard", &err);
 }

@@ -69,7 +69,11 @@ static const char *const help =
     "  --comm-staged      stage collectives through host memory as for GPU buffers over MPI (tests)\n"
     "  --comm-deferred    the same, with the collectives the trainer starts under the backward run\n"
     "                     only when it waits for them, their inputs checked for changes (tests)\n"
-    "  -q, --quiet        no per-step lines\n";
+    "  -q, --quiet        no per-step lines\n"
+    "\n"
+    "SIGTERM or SIGINT (to any rank): every rank stops at the next step boundary, the steps since the\n"
+    "last save are saved and committed, and the run exits 0; --ckpt RUNDIR resumes it. A second\n"
+    "signal ends it at once (the last committed save stays RUNDIR's latest).\n";
 
 static const char *const eval_help =
     "usage: [mpirun -np WORLD] mpshard eval --ckpt DIR --data TOKENS.bin [options]\n"
@@ -248,8 +252,8 @@ static int resolve_ckpt(const char *dir, char *out, size_t size, mps_err *err)
 }
 
 /* Saves RUNDIR/step-%08d with the run's schedule in the manifest (mps_saver_save). */
-static int save(mps_saver *sv, const train_args *a, int64_t step, uint64_t seed, int64_t position, double *stall_s,
-                mps_err *err)
+static int save(mps_saver *sv, const train_args *a, int64_t step, uint64_t seed, int64_t position, int direct,
+                double *stall_s, mps_err *err)
 {
     char state[1024];
     snprintf(state, sizeof state,
@@ -260,7 +264,7 @@ static int save(mps_saver *sv, const train_args *a, int64_t step, uint64_t seed,
              a->o.grad_clip, a->o.beta1, a->o.beta2, a->o.eps, a->o.global_batch, a->o.micro_batch, a->o.seq,
              a->o.schedule == MPS_SCHED_GPIPE ? "gpipe" : "1f1b");
     /* the last save has no training left to overlap: written directly, without a snapshot */
-    return mps_saver_save(sv, step, seed, position, state, step == a->steps, stall_s, err);
+    return mps_saver_save(sv, step, seed, position, state, direct || step == a->steps, stall_s, err);
 }
 
 /* One stderr line per committed save: how long training stalled for it and, in the background,
@@ -416,6 +420,11 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         rc = 0;
         goto out;
     }
+    if ((a->steps - step) > (MPS_MAX_DATA_POSITION - position) / a->o.global_batch) {
+        mps_fail(err, MPS_EUSAGE, "--steps %lld: from data position %lld the run would pass the largest a checkpoint "
+                 "records (2^62 sequences)", (long long)a->steps, (long long)position);
+        goto out;
+    }
     if (mps_saver_new(e, a->out, !a->save_sync, &sv, err) != 0)
         goto out;
     /* a run that will save in the background pins its snapshot before the first step, not in the
@@ -437,7 +446,19 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         goto out;
     }
     rc = val ? evaluate(e, val, a, comm->rank, ckdir, step, log, err) : 0;
+    int64_t first_step = step, saved_step = -1;
+    int stopped = 0;
     while (step < a->steps && rc == 0) {
+        /* SIGTERM or SIGINT on any rank: every rank stops at this step boundary, and the steps
+         * trained since the last save are saved (a pending background save committed first) */
+        if (!comm->all_ok(comm->ctx, cli_stop_signal == 0)) {
+            double stall;
+            if (step > first_step && saved_step != step)
+                rc = save(sv, a, step, seed, position, 1, &stall, err);
+            report_saves(sv, a, comm->rank);
+            stopped = 1;
+            break;
+        }
         double ts = now_s();
         mps_step_stats st;
         if ((rc = mps_engine_step(e, data, position, step, &st, err)) != 0)
@@ -454,8 +475,10 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
         rc = mps_saver_poll(sv, 0, err);
         int eval_now = val && ((a->val_every && step % a->val_every == 0) || step == a->steps);
         double stall = -1;
-        if (rc == 0 && ((a->save_every && step % a->save_every == 0) || step == a->steps))
-            rc = save(sv, a, step, seed, position, &stall, err);
+        if (rc == 0 && ((a->save_every && step % a->save_every == 0) || step == a->steps)) {
+            rc = save(sv, a, step, seed, position, 0, &stall, err);
+            saved_step = step;
+        }
         report_saves(sv, a, comm->rank);
         if (log) {
             char extra[64] = "";
@@ -475,6 +498,15 @@ static int train(train_args *a, const mps_layout *layout, mps_comm *comm, const 
     report_saves(sv, a, comm->rank);
     if (log)
         fclose(log);
+    if (rc == 0 && stopped && comm->rank == 0) { /* (printed even with -q: the run did not reach --steps) */
+        char by[64];
+        snprintf(by, sizeof by, "%s", cli_stop_signal ? cli_signal_name(cli_stop_signal) : "a signal to another rank");
+        if (step > first_step)
+            fprintf(stderr, "train: stopped by %s at step %lld of %lld: %s/step-%08lld saved and committed (resume "
+                    "with --ckpt %s)\n", by, (long long)step, (long long)a->steps, a->out, (long long)step, a->out);
+        else
+            fprintf(stderr, "train: stopped by %s before the first step: nothing to save\n", by);
+    }
 out:
     mps_saver_free(sv); /* on an error exit: stops and joins a pending writer, removes its staging */
     mps_tokens_close(data);
@@ -547,6 +579,8 @@ static int train_or_eval(int argc, char **argv, int eval_only)
     if (multi < 0)
         return MPS_EFAIL;
     double t_start = now_s();
+    if (!eval_only) /* after MPI_Init: ours, whatever MPI installs */
+        cli_stop_on_signals();
     train_args a;
     int prc = parse_args(argc, argv, &a, eval_only);
     a.t_start = t_start;

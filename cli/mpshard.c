@@ -36,7 +36,8 @@ static const char *const usage_text =
     "Layouts: --layout dp=2,pp=2,tp=2,zero=1 (any order; missing keys mean 1, zero 0;\n"
     "stages=5:7 gives the number of layers per pipeline stage).\n"
     "Run 'mpshard COMMAND --help' for the options of a command.\n"
-    "Exit codes: 0 ok, 1 failure, 2 usage, 3 corrupt input, 4 I/O error, 5 out of memory, 6 unsupported.\n";
+    "Exit codes: 0 ok, 1 failure, 2 usage, 3 corrupt or missing input, 4 I/O error, 5 out of memory,\n"
+    "6 unsupported, 128+N stopped by signal N (130 SIGINT, 143 SIGTERM).\n";
 
 /* One write per line: under mpirun the processes' stderr is merged, and a line written in pieces
  * interleaves with the others' ("mpshard train: mpshard train: ..."). */

@@ -33,6 +33,20 @@ static int mpi_bcast(void *ctx, void *buf, int bytes)
     (void)ctx;
     return MPI_Bcast(buf, bytes, MPI_BYTE, 0, MPI_COMM_WORLD) == MPI_SUCCESS ? 0 : -1;
 }
+
+static int mpi_agree(void *ctx, int ok, void *buf, int bytes)
+{
+    (void)ctx;
+    int rank, size;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    int mine = ok ? size : rank, first = size;
+    MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (first == size)
+        return 1;
+    MPI_Bcast(buf, bytes, MPI_BYTE, first, MPI_COMM_WORLD);
+    return 0;
+}
 #endif
 
 int cli_procs_init(int *argc, char ***argv, mps_procs *out)
@@ -53,7 +67,7 @@ int cli_procs_init(int *argc, char ***argv, mps_procs *out)
     MPI_Comm_size(MPI_COMM_WORLD, &n);
     if (MPI_Comm_dup(MPI_COMM_WORLD, &failure_comm) != MPI_SUCCESS)
         failure_comm = MPI_COMM_NULL;
-    *out = (mps_procs){ rank, n, mpi_barrier, mpi_all_ok, mpi_bcast, NULL };
+    *out = (mps_procs){ rank, n, mpi_barrier, mpi_all_ok, mpi_bcast, mpi_agree, NULL };
     return 1;
 #else
     (void)argc; (void)argv; (void)out;

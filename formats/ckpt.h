@@ -2,6 +2,7 @@
 #ifndef MPS_CKPT_H
 #define MPS_CKPT_H
 
+#include <signal.h>
 #include <stdint.h>
 
 #include "chunk.h"
@@ -14,6 +15,9 @@
 #define MPS_MANIFEST_NAME "manifest.json"
 #define MPS_DEFAULT_CHUNK_BYTES ((int64_t)1 << 20)
 #define MPS_DEFAULT_ZSTD_LEVEL 1
+/* The largest state.data_position (sequences consumed) a manifest may record: far beyond any run,
+ * and far enough below INT64_MAX that a trainer's steps cannot overflow it */
+#define MPS_MAX_DATA_POSITION ((int64_t)1 << 62)
 
 typedef struct {
     int rank;
@@ -66,15 +70,19 @@ typedef struct {
     struct mps_trace *trace; /* optional (trace.h): set after mps_stage_begin, which clears it */
 } mps_stage;
 
-/* Takes the lock DIR.lock (fails if another process holds it), refuses a committed DIR unless
- * force (and any non-checkpoint, non-empty DIR), removes a stale DIR.partial, creates it. */
-int mps_stage_begin(const char *dir, int force, mps_stage *st, mps_err *err);
+/* Takes the lock DIR.lock (fails if another process holds it; refuses a DIR.lock that is not an
+ * mpshard lock), refuses a committed DIR unless force (and any non-checkpoint, non-empty DIR),
+ * removes a stale DIR.partial that the lock records as a writer's (or that is empty; anything else
+ * is refused), creates it. A DIR that is a symbolic link stands for the directory it names.
+ * inputs (NULL-terminated, or NULL): paths the command reads; one inside DIR.partial, or inside a
+ * DIR that force would replace, is refused. On failure, a lock it created is removed again. */
+int mps_stage_begin(const char *dir, int force, const char *const *inputs, mps_stage *st, mps_err *err);
 /* Lists and sizes the shard files in the staging directory into m->files, writes and fsyncs the
  * manifest, fsyncs the directory, renames it to DIR (replacing the old checkpoint), releases the lock. */
 int mps_stage_commit(mps_stage *st, mps_manifest *m, mps_err *err);
 /* Removes the staging directory and releases the lock. */
 void mps_stage_abort(mps_stage *st);
-/* The staging directory a writer of DIR uses ("DIR.partial"). */
+/* The staging directory a writer of DIR uses ("DIR.partial", beside the directory a link DIR names). */
 int mps_stage_dir_name(const char *dir, char *out, size_t size, mps_err *err);
 /* rm -r */
 int mps_remove_tree(const char *path);
@@ -98,6 +106,9 @@ typedef struct {
     const char *label;  /* progress label */
     struct mps_progress *progress; /* optional shared progress meter */
     struct mps_trace *trace;       /* optional phase timeline (trace.h); NULL: no clock is read */
+    /* optional: once *stop is non-zero (a signal handler sets it) every chunk still to write fails,
+     * so that the caller removes its staging and returns */
+    const volatile sig_atomic_t *stop;
 } mps_write_opts;
 
 /* Writes the shard files of `ranks` (all ranks when ranks == NULL) into dir for the layout and kinds

@@ -13,6 +13,7 @@
 #include "ckpt.h"
 #include "ckpt_internal.h"
 #include "h5util.h"
+#include "safe_open.h"
 
 struct mps_read_scratch {
     const void *cached_piece; /* the chunk now in `chunk`: consecutive gathers often need it again */
@@ -78,18 +79,54 @@ int mps_ckpt_resolve(const char *dir, char *out, size_t size, mps_err *err)
     if (access(path, F_OK) == 0)
         return 0;
     snprintf(path, sizeof path, "%s/latest", dir);
-    FILE *f = fopen(path, "r");
-    if (!f)
+    mps_err oerr;
+    mps_err_clear(&oerr);
+    int fd = mps_open_input(path, MPS_ECORRUPT, NULL, &oerr); /* a FIFO must not block: refused */
+    if (fd < 0 && (errno == ENOENT || errno == ENOTDIR))
         return 0; /* not a run directory either: the caller's open names the missing manifest */
+    if (fd < 0)
+        return mps_fail(err, oerr.code, "%s", oerr.msg);
     char name[256] = "";
-    int ok = fgets(name, sizeof name, f) != NULL;
-    fclose(f);
+    ssize_t got = read(fd, name, sizeof name - 1);
+    close(fd);
+    int ok = got > 0;
+    name[ok ? got : 0] = '\0';
     name[strcspn(name, "\n")] = '\0';
     if (!ok || !name[0] || strchr(name, '/') || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
         return mps_fail(err, MPS_ECORRUPT, "%s: expected the name of a checkpoint directory beside it", path);
     if ((size_t)snprintf(out, size, "%s/%s", dir, name) >= size)
         return mps_fail(err, MPS_EUSAGE, "%s/%s: path too long", dir, name);
     return 1;
+}
+
+/* zstd decodes a block of at most 128 KiB from at least 4 stored bytes (a 3-byte header and one
+ * byte repeated): no stored chunk decodes to more than this many times its size */
+#define MAX_DECODE_RATIO 32768.0
+
+/* The state the manifest describes must fit in the files it lists: readers size allocations from
+ * the model (a rank's whole state for load and train), so a forged model (padded_vocab=2^31 over
+ * a small model's files) is refused here, before anything is allocated for it. A file counts
+ * with the smaller of its recorded and its actual size (a recorded size cannot make room). */
+static int check_capacity(const mps_ckpt *c, const char *manifest, mps_err *err)
+{
+    const mps_manifest *m = &c->m;
+    int nkinds = 0;
+    for (int k = 0; k < MPS_KIND_COUNT; k++)
+        nkinds += (m->kinds >> k) & 1;
+    double need = (double)mps_param_count(&m->cfg) * (double)sizeof(float) * nkinds, stored = 0;
+    for (int i = 0; i < m->nfiles; i++) {
+        char path[4400];
+        struct stat st;
+        snprintf(path, sizeof path, "%s/%s", c->dir, m->files[i].name);
+        int64_t bytes = stat(path, &st) == 0 && S_ISREG(st.st_mode) ? (int64_t)st.st_size : 0;
+        stored += (double)(bytes < m->files[i].bytes ? bytes : m->files[i].bytes);
+    }
+    if (need > stored * MAX_DECODE_RATIO)
+        return mps_fail(err, MPS_ECORRUPT, "%s: its model (%lld parameters, padded_vocab=%lld) needs %.3g GB of state, "
+                        "more than its %d files of %.3g MB can hold: the manifest does not describe these files",
+                        manifest, (long long)mps_param_count(&m->cfg), (long long)m->cfg.padded_vocab, need / 1e9,
+                        m->nfiles, stored / 1e6);
+    return 0;
 }
 
 int mps_ckpt_open(const char *dir, mps_ckpt **out, mps_err *err)
@@ -132,6 +169,12 @@ int mps_ckpt_open(const char *dir, mps_ckpt **out, mps_err *err)
                 return -1;
             }
         }
+    if (check_capacity(c, path, err) != 0) {
+        mps_manifest_free(&c->m);
+        pthread_mutex_destroy(&c->lock);
+        free(c);
+        return -1;
+    }
     c->world = world;
     c->files = malloc(sizeof *c->files * (size_t)world);
     c->fds = malloc(sizeof *c->fds * (size_t)world);
@@ -310,6 +353,26 @@ static int boxes_equal(const int64_t *a, const int64_t *b, int n)
     return 1;
 }
 
+/* name (absolute, its parent already checked) is a hard link in f to an object of the given type:
+ * a soft or external link (which HDF5 would follow, to another object or into any file) is refused
+ * before anything resolves it. */
+static int h5_plain_link(hid_t f, const char *name, H5O_type_t type, const char *path, mps_err *err)
+{
+    H5L_info_t li;
+    H5O_info_t oi;
+    const char *what = type == H5O_TYPE_GROUP ? "group" : "dataset";
+    if (H5Lexists(f, name, H5P_DEFAULT) <= 0 || H5Lget_info(f, name, &li, H5P_DEFAULT) < 0)
+        return mps_fail(err, MPS_ECORRUPT, "%s: %s %s is missing", path, what, name);
+    if (li.type != H5L_TYPE_HARD)
+        return mps_fail(err, MPS_ECORRUPT, "%s: %s %s is %s: refused (a shard file holds its data itself)", path,
+                        what, name, li.type == H5L_TYPE_SOFT       ? "a soft link"
+                                    : li.type == H5L_TYPE_EXTERNAL ? "an external link"
+                                                                   : "a user-defined link");
+    if (H5Oget_info_by_name2(f, name, &oi, H5O_INFO_BASIC, H5P_DEFAULT) < 0 || oi.type != type)
+        return mps_fail(err, MPS_ECORRUPT, "%s: %s is not a %s", path, name, what);
+    return 0;
+}
+
 /* Opens and checks the stored piece (caller holds the lock). */
 static int open_piece(mps_ckpt *c, mps_kind kind, int tensor, int id, stored_piece *sp, mps_err *err)
 {
@@ -325,24 +388,44 @@ static int open_piece(mps_ckpt *c, mps_kind kind, int tensor, int id, stored_pie
         return -1;
     char group[32];
     snprintf(group, sizeof group, "/%s", mps_kind_name(kind));
-    if (H5Lexists(f, group, H5P_DEFAULT) <= 0 || H5Lexists(f, dname, H5P_DEFAULT) <= 0)
-        return mps_fail(err, MPS_ECORRUPT, "%s: dataset %s is missing", path, dname);
+    if (h5_plain_link(f, group, H5O_TYPE_GROUP, path, err) != 0 || h5_plain_link(f, dname, H5O_TYPE_DATASET, path, err) != 0)
+        return -1;
     hid_t d = H5Dopen2(f, dname, H5P_DEFAULT);
     if (d < 0)
         return mps_fail(err, MPS_ECORRUPT, "%s: cannot open dataset %s", path, dname);
     sp->dset = d;
+    /* the data must be in this file: no external storage, no virtual dataset (whose mappings name
+     * other files), checked before anything that could resolve them */
+    hid_t dcpl = H5Dget_create_plist(d);
+    H5D_layout_t layout = dcpl < 0 ? H5D_LAYOUT_ERROR : H5Pget_layout(dcpl);
+    int external = dcpl < 0 ? -1 : H5Pget_external_count(dcpl);
+    if (layout == H5D_VIRTUAL || external != 0) {
+        if (dcpl >= 0)
+            H5Pclose(dcpl);
+        return mps_fail(err, MPS_ECORRUPT, "%s: dataset %s keeps its data in other files (%s): refused", path, dname,
+                        layout == H5D_VIRTUAL ? "a virtual dataset" : "external storage");
+    }
+    /* bound to its tensor: a dataset of another tensor or kind (a swapped or hard-linked one of the
+     * same shape) would pass every other check */
+    char text[MPS_NAME_MAX + 16];
+    if (mps_h5_read_attr_str(d, "tensor", text, sizeof text) != 0 || strcmp(text, spec.name) != 0 ||
+        mps_h5_read_attr_str(d, "kind", text, sizeof text) != 0 || strcmp(text, mps_kind_name(kind)) != 0) {
+        H5Pclose(dcpl);
+        return mps_fail(err, MPS_ECORRUPT, "%s: dataset %s is not the %s of tensor %s (its tensor or kind attribute "
+                        "differs)", path, dname, mps_kind_name(kind), spec.name);
+    }
     const mps_piece *p = &sp->piece;
     int whole = p->flat_begin == 0 && p->flat_end == mps_box_numel(&p->box);
     int ndim = whole ? p->box.ndim : 1;
     int64_t want_dims[MPS_MAX_DIMS], dims[MPS_MAX_DIMS], chunk[MPS_MAX_DIMS], attr[MPS_MAX_DIMS], range[2];
     for (int i = 0; i < ndim; i++)
         want_dims[i] = whole ? p->box.cnt[i] : p->flat_end - p->flat_begin;
-    hid_t type = H5Dget_type(d), space = H5Dget_space(d), dcpl = H5Dget_create_plist(d);
+    hid_t type = H5Dget_type(d), space = H5Dget_space(d);
     int ok = H5Tequal(type, H5T_IEEE_F32LE) > 0 && H5Sget_simple_extent_ndims(space) == ndim;
     hsize_t hdims[MPS_MAX_DIMS], hchunk[MPS_MAX_DIMS];
     if (ok) {
         H5Sget_simple_extent_dims(space, hdims, NULL);
-        ok = H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_chunk(dcpl, ndim, hchunk) == ndim;
+        ok = layout == H5D_CHUNKED && H5Pget_chunk(dcpl, ndim, hchunk) == ndim;
         for (int i = 0; ok && i < ndim; i++) {
             dims[i] = (int64_t)hdims[i];
             chunk[i] = (int64_t)hchunk[i];

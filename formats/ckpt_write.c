@@ -259,6 +259,7 @@ struct writer {
     mps_trace *tr;              /* phase timeline, or NULL (then no clock is read) */
     mps_trace_worker *tw;       /* its per-worker records, or NULL */
     mps_trace_file *tf;         /* its per-file records, or NULL */
+    const volatile sig_atomic_t *stop; /* mps_write_opts.stop */
 };
 
 #define FLUSH_BYTES ((int64_t)64 << 20)
@@ -356,6 +357,8 @@ static int write_one_chunk(writer *w, out_dataset *d, int64_t chunk, int worker,
     worker_scratch *s = &w->scratch[worker];
     mps_trace_worker *tw = w->tw ? &w->tw[worker] : NULL;
     int64_t ta = tw ? mps_now_ns() : 0, tb = 0;
+    if (w->stop && *w->stop)
+        return mps_fail(err, MPS_EFAIL, "%s: stopped by a signal before it was written", w->paths[d->file]);
     int64_t begin, end, offset[MPS_MAX_DIMS];
     mps_chunk_range(&d->grid, chunk, &begin, &end, offset);
     int64_t n = end - begin;
@@ -706,6 +709,7 @@ int mps_write_shards(const char *dir, const mps_manifest *m, const int *ranks, i
     w.nfiles = nranks;
     w.nthreads = opts->threads > 0 ? opts->threads : mps_cpu_count();
     w.tr = opts->trace;
+    w.stop = opts->stop;
     if (w.tr && mps_trace_setup_writer(w.tr, w.nthreads, nranks) == 0) {
         w.tw = w.tr->workers;
         w.tf = w.tr->files;

@@ -20,6 +20,7 @@ typedef struct {
     mps_kind kind;
     int tensor;
     const mps_box *box;
+    const volatile sig_atomic_t *stop; /* mps_export_opts.stop: checked before each band */
 } band;
 
 typedef struct {
@@ -38,6 +39,8 @@ static int gather_part(void *arg, int worker, mps_err *err)
 static int gather_range(mps_pool *pool, band *b, int64_t fb, int64_t fe, float *dst, gather_job *jobs, int njobs,
                         mps_err *err)
 {
+    if (b->stop && *b->stop)
+        return mps_fail(err, MPS_EFAIL, "stopped by a signal");
     int64_t n = fe - fb, parts = n / 16384 < njobs ? n / 16384 : njobs;
     if (parts < 1)
         parts = 1;
@@ -146,7 +149,7 @@ static int write_states(mps_ckpt *c, const state_plan *p, const mps_export_opts 
                 mps_tensor_spec_get(cfg, order[i], &spec);
                 mps_box box;
                 mps_box_whole(&spec, &box);
-                band b = { c, scratch, p->kinds[k], order[i], &box };
+                band b = { c, scratch, p->kinds[k], order[i], &box, o->stop };
                 int64_t S = mps_tensor_numel(&spec), fb = 0, fe = S;
                 if (o->zero) { /* rank r's ZeRO-1 slice of every layer's tensor */
                     fb = r * (S / p->processes);
@@ -260,7 +263,7 @@ int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err)
         mps_tensor_spec_get(cfg, it->tensor, &spec);
         mps_box box;
         mps_box_whole(&spec, &box);
-        band b = { c, scratch, MPS_KIND_PARAM, it->tensor, &box };
+        band b = { c, scratch, MPS_KIND_PARAM, it->tensor, &box, o->stop };
         if (!it->transpose) {
             /* rows [0, it->rows) of dim 0, in bands of whole rows */
             int64_t row_elems = mps_tensor_numel(&spec) / spec.shape[0];

@@ -23,6 +23,7 @@ typedef struct {
     int processes;
     int zero;                 /* 1: each state file holds its rank's ZeRO-1 slice; 0: whole m, v */
     int master_weights;       /* 1: the files carry fp32 master weights (llm.c -w 1, its default) */
+    const volatile sig_atomic_t *stop; /* set (by a signal handler): fail soon, removing the temporary file */
 } mps_export_opts;
 
 int mps_export(const char *ckpt_dir, const mps_export_opts *o, mps_err *err);

@@ -15,6 +15,7 @@
 
 #include "ckpt.h"
 #include "modelfile_internal.h"
+#include "safe_open.h"
 
 /* llm.c gpt2_init_common: model->rng_state = 13371337 + process_rank */
 #define LLMC_RNG_INIT 13371337u
@@ -242,15 +243,8 @@ int mps_llmc_state_open(const char *const *paths, int n, const mps_config *cfg, 
             goto out;
         }
         struct stat st;
-        f->fd = open(f->path, O_RDONLY | O_CLOEXEC);
-        if (f->fd < 0 || fstat(f->fd, &st) != 0) {
-            mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s", f->path, strerror(errno));
+        if ((f->fd = mps_open_input(f->path, MPS_EUSAGE, &st, err)) < 0) /* a FIFO must not block: refused */
             goto out;
-        }
-        if (!S_ISREG(st.st_mode)) {
-            mps_fail(err, MPS_EUSAGE, "%s: not a regular file", f->path);
-            goto out;
-        }
         f->size = st.st_size;
         if (read_header(f, n, err) != 0)
             goto out;

@@ -12,6 +12,7 @@
 
 #include "arch.h"
 #include "ckpt.h"
+#include "safe_open.h"
 
 #define CHECKSUM_KEY "\"manifest_xxh3\": \""
 #define MAX_MANIFEST_BYTES (64 << 20)
@@ -231,15 +232,15 @@ static int cmp_int(const void *a, const void *b)
 
 static int read_file_text(const char *path, char **out, size_t *len, mps_err *err)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block: refused below */
-    if (fd < 0)
-        return mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s%s", path, strerror(errno),
-                        errno == ENOENT ? " (not a committed mpshard checkpoint)" : "");
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > MAX_MANIFEST_BYTES) {
+    mps_err oerr;
+    mps_err_clear(&oerr);
+    int fd = mps_open_input(path, MPS_ECORRUPT, &st, &oerr); /* a FIFO must not block: refused */
+    if (fd < 0)
+        return mps_fail(err, oerr.code, "%s%s", oerr.msg, errno == ENOENT ? " (not a committed mpshard checkpoint)" : "");
+    if (st.st_size > MAX_MANIFEST_BYTES) {
         close(fd);
-        return mps_fail(err, MPS_ECORRUPT, "%s: not a regular file, unreadable or larger than %d bytes", path,
-                        MAX_MANIFEST_BYTES);
+        return mps_fail(err, MPS_ECORRUPT, "%s: larger than %d bytes", path, MAX_MANIFEST_BYTES);
     }
     char *buf = malloc((size_t)st.st_size + 1);
     if (!buf) {
@@ -486,7 +487,7 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
         goto out;
     }
     if (get_int(state, "step", 0, INT64_MAX, &m->step, path, err) ||
-        get_int(state, "data_position", 0, INT64_MAX, &m->data_position, path, err))
+        get_int(state, "data_position", 0, MPS_MAX_DATA_POSITION, &m->data_position, path, err))
         goto out;
     json_t *seed = json_object_get(state, "rng_seed");
     if (seed) { /* a string of decimal digits (a JSON number loses 64-bit precision) */

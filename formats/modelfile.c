@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "modelfile_internal.h"
+#include "safe_open.h"
 
 #define READ_CHUNK ((size_t)1 << 22)  /* bytes per read of an untransposed tensor */
 #define OUT_BUF ((size_t)1 << 22)     /* write buffer of an output file */
@@ -161,10 +162,12 @@ int mps_write_file_atomic(const char *path, const void *data, size_t n, mps_err 
         return mps_fail(err, MPS_ENOMEM, "%s: out of memory", path);
     }
     int rc = -1;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        mps_fail(err, MPS_EIO, "%s: cannot create: %s", tmp, strerror(errno));
+    int fd = mps_open_tmp_output(tmp, err);
+    if (fd < 0)
         goto out;
+    if (ftruncate(fd, 0) != 0) {
+        mps_fail(err, MPS_EIO, "%s: cannot truncate: %s", tmp, strerror(errno));
+        goto fail;
     }
     if (write_all(fd, tmp, data, n, err) != 0)
         goto fail;
@@ -231,7 +234,8 @@ int mps_model_file_open(const char *path, const mps_model_file_opts *opts, mps_m
     f->fd = open(f->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (f->fd < 0) {
         /* a missing input is invalid input (exit 3), as a missing checkpoint is */
-        mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s", f->path, strerror(errno));
+        mps_fail(err, errno == ENOENT || errno == ENOTDIR ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s", f->path,
+                 strerror(errno));
         goto fail;
     }
     if (fstat(f->fd, &st) != 0) {
@@ -544,9 +548,9 @@ static void out_free(mps_out_file *f)
 static int open_locked_tmp(out_part *p, mps_err *err)
 {
     for (int attempt = 0; attempt < 100 && p->fd < 0; attempt++) {
-        int fd = open(p->tmp_path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+        int fd = mps_open_tmp_output(p->tmp_path, err);
         if (fd < 0)
-            return mps_fail(err, MPS_EIO, "%s: cannot create: %s", p->tmp_path, strerror(errno));
+            return -1;
         if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
             close(fd);
             return mps_fail(err, MPS_EIO, "%s: another mpshard process is writing this file (%s is locked)", p->path,

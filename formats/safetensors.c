@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "modelfile_internal.h"
+#include "safe_open.h"
 
 #define HEADER_CAP ((uint64_t)100 << 20) /* largest JSON header accepted */
 #define CONFIG_CAP ((int64_t)16 << 20)   /* largest config.json accepted */
@@ -220,18 +221,17 @@ static int read_small_file(const char *path, int64_t cap, const char *missing_hi
                            mps_err *err)
 {
     *text = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     struct stat st;
+    mps_err open_err = { 0 };
+    int fd = mps_open_input(path, MPS_EUSAGE, &st, &open_err);
     if (fd < 0) {
         if (errno == ENOENT && missing_hint)
             return mps_fail(err, MPS_EUSAGE, "%s", missing_hint);
-        /* a missing input is invalid input (exit 3), as a missing checkpoint is */
-        return mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open: %s", path, strerror(errno));
+        *err = open_err;
+        return -1;
     }
     int rc = -1;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        mps_fail(err, MPS_EIO, "%s: not a readable regular file", path);
-    } else if ((int64_t)st.st_size > cap) {
+    if ((int64_t)st.st_size > cap) {
         mps_fail(err, MPS_ECORRUPT, "%s: %lld bytes is too large for this file", path, (long long)st.st_size);
     } else if ((*text = malloc((size_t)st.st_size + 1)) == NULL) {
         mps_fail(err, MPS_ENOMEM, "%s: out of memory", path);
@@ -341,13 +341,8 @@ static int open_index(mps_model_file *f, json_t **map_out, json_t **root_out, mp
         if ((p->path = sibling(f->path, name)) == NULL)
             return mps_fail(err, MPS_ENOMEM, "%s: out of memory", f->path);
         f->nparts++;
-        struct stat st;
-        p->fd = open(p->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-        if (p->fd < 0)
-            return mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: cannot open %s, which the index "
-                            "names: %s", f->path, p->path, strerror(errno));
-        if (fstat(p->fd, &st) != 0 || !S_ISREG(st.st_mode))
-            return mps_fail(err, MPS_EUSAGE, "%s: not a regular file", p->path);
+        if ((p->fd = mps_open_input(p->path, MPS_EUSAGE, NULL, err)) < 0)
+            return mps_wrap(err, "%s names it", f->path);
     }
     return 0;
 }

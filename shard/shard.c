@@ -424,7 +424,21 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
         m.kinds = 1u << MPS_KIND_PARAM;
     if (o->nstate > 0 && import_state(input, file, o, &m, &state, err) != 0)
         goto out;
-    if (mps_stage_begin(o->out_dir, o->force, &st, err) != 0)
+    /* what this command reads must not be in the staging directory it may remove */
+    const char **inputs = calloc((size_t)o->nstate + 3, sizeof *inputs);
+    if (!inputs) {
+        mps_fail(err, MPS_ENOMEM, "out of memory");
+        goto out;
+    }
+    int ni = 0;
+    inputs[ni++] = input;
+    if (o->file.config_path)
+        inputs[ni++] = o->file.config_path;
+    for (int i = 0; i < o->nstate; i++)
+        inputs[ni++] = o->state_paths[i];
+    int staged = mps_stage_begin(o->out_dir, o->force, inputs, &st, err);
+    free(inputs);
+    if (staged != 0)
         goto out;
     st.trace = o->trace;
     mps_trace_event(o->trace, MPS_EV_STAGE_BEGUN);
@@ -433,7 +447,8 @@ int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err)
                        .tr = o->trace,
                        .want_readers = o->readers > 0 ? (o->readers < MAX_READERS ? o->readers : MAX_READERS) : READERS };
     mps_source src = { &fs, begin_tensor, end_tensor, gather };
-    mps_write_opts wo = { .threads = o->threads, .quiet = o->quiet, .label = "shard", .trace = o->trace };
+    mps_write_opts wo = { .threads = o->threads, .quiet = o->quiet, .label = "shard", .trace = o->trace,
+                         .stop = o->stop };
     int wrc = source_start(&fs, err) == 0 ? mps_write_shards(st.stage_dir, &m, NULL, 0, &src, &wo, err) : -1;
     mps_trace_event(o->trace, MPS_EV_WRITER_DONE);
     source_stop(&fs);

@@ -25,6 +25,7 @@ typedef struct {
     const char *const *state_paths;
     int nstate;
     struct mps_trace *trace;   /* optional phase timeline (trace.h, MPS_TRACE=1); NULL: none */
+    const volatile sig_atomic_t *stop; /* set (by a signal handler): fail soon, removing the staging */
 } mps_shard_opts;
 
 int mps_shard(const char *input, const mps_shard_opts *o, mps_err *err);

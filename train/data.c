@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "data.h"
+#include "safe_open.h"
 
 #define TOKENS_MAGIC 20240520
 #define TOKENS_HEADER_BYTES 1024
@@ -35,15 +36,13 @@ struct mps_tokens {
  * token (llm.c's version 1: uint16; version 2, for vocabularies above 65536: uint32). */
 static int check_file(const char *path, int T, int64_t *ntok, int *width, mps_err *err)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) /* a missing input is invalid input (exit 3), as a missing checkpoint is */
-        return mps_fail(err, errno == ENOENT ? MPS_ECORRUPT : MPS_EIO, "%s: %s", path, strerror(errno));
     struct stat st;
+    int fd = mps_open_input(path, MPS_EUSAGE, &st, err); /* a FIFO must not block: refused */
+    if (fd < 0)
+        return -1;
     int32_t h[256];
     int rc = 0;
-    if (fstat(fd, &st) != 0)
-        rc = mps_fail(err, MPS_EIO, "%s: %s", path, strerror(errno));
-    else if (st.st_size < TOKENS_HEADER_BYTES || pread(fd, h, sizeof h, 0) != (ssize_t)sizeof h)
+    if (st.st_size < TOKENS_HEADER_BYTES || pread(fd, h, sizeof h, 0) != (ssize_t)sizeof h)
         rc = mps_fail(err, MPS_ECORRUPT, "%s: shorter than the 1024-byte header of an llm.c token file", path);
     else if (h[0] != TOKENS_MAGIC)
         rc = mps_fail(err, MPS_ECORRUPT, "%s: bad magic %d (an llm.c token file starts with %d)", path, h[0],
@@ -162,7 +161,9 @@ int mps_tokens_read(const mps_tokens *d, int64_t seq, int32_t *inputs, int32_t *
     if (m->open_file != lo) {
         if (m->fd >= 0)
             close(m->fd);
-        m->fd = open(f->path, O_RDONLY | O_CLOEXEC);
+        mps_err oerr;
+        mps_err_clear(&oerr);
+        m->fd = mps_open_input(f->path, MPS_EUSAGE, NULL, &oerr); /* (replaced by a FIFO since it was checked) */
         m->open_file = m->fd >= 0 ? lo : -1;
     }
     ssize_t got = m->fd >= 0 ? pread(m->fd, raw, bytes, off) : -1;
@@ -209,9 +210,16 @@ int mps_tokens_write_synthetic(const char *path, int64_t n, int64_t vocab, uint6
     const int width = vocab > 65535 ? 4 : 2;
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f)
-        return mps_fail(err, MPS_EIO, "%s: %s", tmp, strerror(errno));
+    int fd = mps_open_tmp_output(tmp, err);
+    if (fd < 0)
+        return -1;
+    FILE *f = ftruncate(fd, 0) == 0 ? fdopen(fd, "wb") : NULL;
+    if (!f) {
+        int e = errno;
+        close(fd);
+        unlink(tmp);
+        return mps_fail(err, MPS_EIO, "%s: %s", tmp, strerror(e));
+    }
     int32_t h[256] = { TOKENS_MAGIC, width == 4 ? 2 : 1, (int32_t)n };
     int ok = fwrite(h, sizeof h, 1, f) == 1;
     /* A learnable stream: short "words" (runs of consecutive ids from a random start) separated by

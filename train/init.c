@@ -89,7 +89,7 @@ int mps_init_write(const char *dir, const mps_config *cfg, const mps_layout *L, 
     m.rng_seed = seed;
     snprintf(m.source_format, sizeof m.source_format, "init");
     mps_stage st;
-    if (mps_stage_begin(dir, force, &st, err) != 0) {
+    if (mps_stage_begin(dir, force, NULL, &st, err) != 0) {
         mps_manifest_free(&m);
         return -1;
     }

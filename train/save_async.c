@@ -21,6 +21,7 @@
 
 #include "engine_internal.h"
 #include "init.h"
+#include "safe_open.h"
 #include "save_async.h"
 
 /* One checkpoint being saved: its manifest and, on rank 0, the staging directory and lock. */
@@ -109,12 +110,12 @@ static int write_latest(const char *rundir, const char *name, mps_err *err)
     char tmp[4200], final[4200];
     snprintf(tmp, sizeof tmp, "%s/latest.tmp", rundir);
     snprintf(final, sizeof final, "%s/latest", rundir);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int fd = mps_open_tmp_output(tmp, err);
     if (fd < 0)
-        return mps_fail(err, MPS_EIO, "%s: %s", tmp, strerror(errno));
+        return -1;
     char line[300];
     int n = snprintf(line, sizeof line, "%s\n", name);
-    int ok = write(fd, line, (size_t)n) == n && fsync(fd) == 0;
+    int ok = ftruncate(fd, 0) == 0 && write(fd, line, (size_t)n) == n && fsync(fd) == 0;
     ok &= close(fd) == 0;
     if (!ok || rename(tmp, final) != 0) {
         unlink(tmp);
@@ -157,7 +158,7 @@ static int stage_begin(mps_saver *s, int64_t step, uint64_t rng_seed, int64_t da
         ok = 0;
     }
     if (ok && s->rank == 0) {
-        ss->staged = mps_stage_begin(dir, 1, &ss->st, &local) == 0;
+        ss->staged = mps_stage_begin(dir, 1, NULL, &ss->st, &local) == 0;
         ok = ss->staged;
     }
     if (!agree(s, ok, &local, err)) {

@@ -48,7 +48,7 @@ expect 2 "$MPSHARD" reshard "$T/a" --layout tp=4 -o "$T/q";      expect_err "tp=
 [ ! -e "$T/q" ] && [ ! -e "$T/q.partial" ] && ok || bad "failed reshard left output"
 # a corrupt source is refused with its file and tensor, nothing committed
 cp -r "$T/a" "$T/bad"
-f=$(ls -S "$T"/bad/rank-*.h5 | head -1); sz=$(stat -c %s "$f")
+f=$(ls -S "$T"/bad/rank-*.h5 | head -1); sz=$(stat -c %s "$f"); badf=$(basename "$f")
 printf '\xff\xff\xff\xff' | dd of="$f" bs=1 seek=$((sz * 2 / 3)) conv=notrunc 2>/dev/null
 "$MPSHARD" reshard "$T/bad" --layout dp=1 -o "$T/q" -q 2>"$T/err"; rc=$?
 [ "$rc" = 3 ] && ok || bad "corrupt source: exit $rc: $(cat "$T/err")"
@@ -71,6 +71,18 @@ if command -v mpirun >/dev/null; then
     h5ls -r "$T/mp/$f" | sort >"$T/l1"; h5ls -r "$T/sp/$f" | sort >"$T/l2"
     cmp -s "$T/l1" "$T/l2" || bad "$f lists different datasets"
   done; ok
+  # a corrupt source under mpirun: every process ends with the failing one's exit code (3), and one
+  # line names the damaged file, whichever process mpirun hears from first
+  for np in 2 3; do
+    ASAN_OPTIONS="${ASAN_OPTIONS:-}:detect_leaks=0" \
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none \
+      mpirun --oversubscribe -np $np "$MPSHARD" reshard "$T/bad" --layout dp=1 -o "$T/q" -q --threads 1 >"$T/out" 2>"$T/err"
+    rc=$?
+    [ "$rc" = 3 ] && ok || bad "mpirun -np $np reshard of a corrupt source: exit $rc: $(grep mpshard "$T/err")"
+    [ "$(grep -c '^mpshard reshard: ' "$T/err")" = 1 ] && grep -q "^mpshard reshard: .*$badf" "$T/err" \
+      && ok || bad "mpirun -np $np reshard of a corrupt source: messages: $(grep mpshard "$T/err")"
+    [ ! -e "$T/q" ] && [ ! -e "$T/q.partial" ] && [ ! -e "$T/q.lock" ] && ok || bad "mpirun reshard left output"
+  done
 else
   bad "mpirun not installed"
 fi

@@ -15,7 +15,7 @@ if(MPS_FUZZ)
   # The readers and what they need (not the trainer, shard or reshard): an explicit list, so that
   # a file being edited elsewhere in formats/ does not break the fuzz build.
   set(_mps_fuzz_src arch.c chunk.c ckpt_read.c ckpt_write.c err.c geometry.c h5util.c layout.c llmc.c manifest.c model.c
-      hf_config.c modelfile.c pool.c progress.c safetensors.c synth.c trace.c verify.c zstd_filter.c)
+      hf_config.c modelfile.c pool.c progress.c safe_open.c safetensors.c synth.c trace.c verify.c zstd_filter.c)
   list(TRANSFORM _mps_fuzz_src PREPEND ${CMAKE_SOURCE_DIR}/formats/)
   add_library(mpsfuzz STATIC ${_mps_fuzz_src})
   target_compile_options(mpsfuzz PRIVATE ${_mps_fuzz_flags})

@@ -2,11 +2,19 @@
  * makes itself (HDF5's own parser is fuzz_h5file's business): the root attributes (format,
  * format_version, checkpoint_id, rank), each dataset's box attributes and chunk_xxh3, its type,
  * shape, chunk shape and filter pipeline, and the stored chunk bytes (any bytes, any filter
- * mask, chunks of another dataset). Whatever verify accepts must read back exactly as written.
+ * mask, chunks of another dataset), and datasets that are not what they seem: soft and external
+ * links in place of a dataset or its group, another dataset hard-linked in its place, data kept in
+ * other files (external storage, a virtual dataset). Those point at the FIFO "fifo" beside the
+ * shard files: a reader that follows them blocks (a timeout is a finding). Whatever verify accepts
+ * must read back exactly as written.
  *
  * Input: byte 0 picks the layout of a valid checkpoint (h5_base.h); then up to 24 edits, each an
  * opcode byte and its arguments, applied to the shard files through the HDF5 API. Bytes read
- * past the end are 0, so a short input makes few, mild edits. */
+ * past the end are 0, so a short input makes few, mild edits. A link or storage edit ends the
+ * script: the harness itself must not follow what it made.
+ *
+ * MPS_FUZZ_WRITE_H5FILE=PATH: runs one input and writes the edited rank-00000.h5 to PATH (seeds of
+ * fuzz_h5file, whose base file is this target's first layout's). */
 #include "h5_base.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
@@ -87,6 +95,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     atexit(cleanup);
     snprintf(dir, sizeof dir, "%s/ckpt", scratch);
     FUZZ_ASSERT(mkdir(dir, 0755) == 0, "mkdir %s", dir);
+    h5_make_fifo(dir);
     for (int l = 0; l < NLAYOUTS; l++) {
         h5_base_build(&bases[l], layouts[l], scratch);
         /* the datasets of every rank file */
@@ -322,6 +331,53 @@ static void copy_chunk(hid_t f, const char *from, const char *to, reader *r)
         H5Dclose(b);
 }
 
+/* Replaces the dataset (or its kind's group) by a link: external (to the FIFO), soft or hard (to
+ * another dataset of the file, `to`). */
+static void make_link(hid_t f, const char *path, const char *to, reader *r)
+{
+    unsigned variant = u8(r) % 4;
+    char name[64];
+    snprintf(name, sizeof name, "%s", path);
+    char *slash = strrchr(name, '/');
+    if (variant == 1 && slash && slash != name)
+        *slash = '\0'; /* the group /param, /adam_m */
+    if (H5Ldelete(f, name, H5P_DEFAULT) < 0)
+        return;
+    if (variant <= 1)
+        H5Lcreate_external(H5_FIFO, variant ? name : "/x", f, name, H5P_DEFAULT, H5P_DEFAULT);
+    else if (variant == 2)
+        H5Lcreate_soft(to, f, name, H5P_DEFAULT, H5P_DEFAULT);
+    else
+        H5Lcreate_hard(f, to, f, name, H5P_DEFAULT, H5P_DEFAULT);
+}
+
+/* Replaces a dataset by one of the same type, shape and attributes whose data is in the FIFO:
+ * external storage or a virtual dataset. */
+static void store_elsewhere(hid_t f, const char *path, reader *r)
+{
+    hid_t old = H5Dopen2(f, path, H5P_DEFAULT);
+    if (old < 0)
+        return;
+    hid_t space = H5Dget_space(old), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    if (u8(r) & 1)
+        H5Pset_external(dcpl, H5_FIFO, 0, H5F_UNLIMITED);
+    else
+        H5Pset_virtual(dcpl, space, H5_FIFO, "/x", space);
+    char tmp[80];
+    snprintf(tmp, sizeof tmp, "%s.old", path);
+    if (H5Lmove(f, path, f, tmp, H5P_DEFAULT, H5P_DEFAULT) >= 0) {
+        hid_t d = H5Dcreate2(f, path, H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+        if (d >= 0) {
+            copy_attrs(old, d);
+            H5Dclose(d);
+        }
+        H5Ldelete(f, tmp, H5P_DEFAULT);
+    }
+    H5Pclose(dcpl);
+    H5Sclose(space);
+    H5Dclose(old);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     reader rd = { data, size };
@@ -341,7 +397,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     static const char *const root_attrs[] = { "format", "format_version", "checkpoint_id", "rank" };
     static const char *const dset_attrs[] = { "box_offset", "box_count", "flat_range", "chunk_xxh3" };
     for (int op = 0; op < 24 && rd.n > 0; op++) {
-        unsigned code = u8(&rd) % 6;
+        unsigned code = u8(&rd) % 8;
         const dset_ref *ds = &dsets[l][u8(&rd) % (unsigned)ndsets[l]];
         hid_t f = files[ds->rank];
         switch (code) {
@@ -376,11 +432,31 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 copy_chunk(f, ds->path, to->path, &rd);
             break;
         }
+        case 6: /* (the last edit: later ones would follow the link) */
+            make_link(f, ds->path, dsets[l][u8(&rd) % (unsigned)ndsets[l]].path, &rd);
+            rd.n = 0;
+            break;
+        case 7:
+            store_elsewhere(f, ds->path, &rd);
+            rd.n = 0;
+            break;
         }
     }
     for (int r = 0; r < b->world; r++)
         if (files[r] >= 0)
             FUZZ_ASSERT(H5Fclose(files[r]) >= 0, "close rank %d", r);
+    const char *write_to = getenv("MPS_FUZZ_WRITE_H5FILE");
+    if (write_to) {
+        char path[400];
+        unsigned char *bytes;
+        size_t n;
+        h5_rank_path(dir, 0, path, sizeof path);
+        h5_read_file(path, &bytes, &n);
+        h5_write_file(write_to, bytes, n);
+        free(bytes);
+        cleanup();
+        _exit(0); /* (libFuzzer takes exit() inside an input for a finding) */
+    }
     h5_write_manifest(b, dir);
     h5_check(b, dir);
     return 0;

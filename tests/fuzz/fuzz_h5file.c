@@ -39,6 +39,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     }
     snprintf(dir, sizeof dir, "%s/ckpt", scratch);
     FUZZ_ASSERT(mkdir(dir, 0755) == 0, "mkdir %s", dir);
+    h5_make_fifo(dir); /* what the link and storage seeds point at */
     h5_rank_path(dir, 0, h5path, sizeof h5path);
     return 0;
 }

@@ -17,6 +17,10 @@
 
 static const mps_config h5_cfg = { .n_layer = 1, .n_embd = 8, .n_head = 2, .n_positions = 4, .vocab = 8, .padded_vocab = 16 };
 #define H5_ID "0123456789abcdef0123456789abcdef"
+/* A FIFO beside the shard files: the target of the link and storage seeds (an external link's
+ * relative file name is looked up beside the file that holds it). A reader that opened it would
+ * block until libFuzzer's -timeout. */
+#define H5_FIFO "fifo"
 #define H5_MAX_WORLD 4
 
 typedef struct {
@@ -77,6 +81,13 @@ static void h5_scratch_dir(char *dir, size_t size, const char *name)
         base = stat("/dev/shm", &st) == 0 && access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
     snprintf(dir, size, "%s/%s.XXXXXX", base, name);
     FUZZ_ASSERT(mkdtemp(dir) != NULL, "mkdtemp %s", dir);
+}
+
+static void h5_make_fifo(const char *dir)
+{
+    char path[400];
+    snprintf(path, sizeof path, "%s/" H5_FIFO, dir);
+    FUZZ_ASSERT(mkfifo(path, 0644) == 0, "mkfifo %s", path);
 }
 
 static void h5_rank_path(const char *dir, int rank, char *buf, size_t size)

@@ -133,4 +133,18 @@ printf '\x01\x01\x03\x00\x01\x01\x05' >"$C/h5attr/box_offset"
 printf '\x01\x02\x03\x02\x00\x00\x10\x00%s' "0123456789abcdef" >"$C/h5attr/chunk_bytes"
 printf '\x02\x05\x07\x03\x00\x01\x02\x00\x03\x00\x01' >"$C/h5attr/recreate"
 printf '\x00\x05\x03\x07\x00\x01' >"$C/h5attr/copy_chunk"
+# datasets that are not what they seem (layout dp=1; dataset indices in the harness's order, HDF5's
+# native one: /param/h.0.ln1w 8, wte 9, wpe 10, h.0.ln1b 15): op 6 a link (dataset, target, variant:
+# 0 external link to the FIFO, 1 the group an external link, 2 soft, 3 hard link to the target),
+# op 7 the data in the FIFO (dataset, variant: odd external storage, even virtual)
+printf '\x00\x06\x09\x00\x00' >"$C/h5attr/external_link"
+printf '\x00\x06\x09\x00\x01' >"$C/h5attr/external_group"
+printf '\x00\x06\x08\x0f\x02' >"$C/h5attr/soft_link"
+printf '\x00\x06\x08\x0f\x03' >"$C/h5attr/swapped_dataset"
+printf '\x00\x07\x0a\x01' >"$C/h5attr/external_storage"
+printf '\x00\x07\x0a\x00' >"$C/h5attr/virtual_dataset"
+# the same shard files as whole-file seeds of fuzz_h5file
+for s in external_link external_group soft_link swapped_dataset external_storage virtual_dataset; do
+  MPS_FUZZ_WRITE_H5FILE="$C/h5file/$s" "$MPS_FUZZ_BUILD/fuzz_h5attr" "$C/h5attr/$s" >/dev/null 2>&1
+done
 find "$C" -type f | wc -l

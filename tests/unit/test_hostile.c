@@ -16,6 +16,7 @@
 #include "ckpt.h"
 #include "h5util.h"
 #include "modelfile.h"
+#include "save_async.h"
 #include "testutil.h"
 #include "zstd_filter.h"
 
@@ -311,6 +312,18 @@ static void e_chunk(json_t *r) { json_object_set_new(json_object_get(r, "storage
 static void e_id(json_t *r) { json_object_set_new(r, "checkpoint_id", json_string("../../../../etc/passwd0123456789")); }
 static void e_seed(json_t *r) { json_object_set_new(json_object_get(r, "state"), "rng_seed", json_string("12abc")); }
 static void e_stages(json_t *r) { json_array_set_new(at(r, "layout", "stage_layers"), 0, json_integer(1000)); }
+/* a data position a few steps short of INT64_MAX: a trainer adding its batches would overflow */
+static void e_position(json_t *r) { json_object_set_new(json_object_get(r, "state"), "data_position", json_integer(INT64_MAX - 5)); }
+/* a padded vocabulary of 2^31 rows (inside the accepted range) over a small model's files */
+static void e_padded_vocab(json_t *r) { json_object_set_new(json_object_get(r, "model"), "padded_vocab", json_integer((json_int_t)1 << 31)); }
+/* ... and files said to be a TiB each */
+static void e_padded_vocab_big_files(json_t *r)
+{
+    e_padded_vocab(r);
+    json_t *files = json_object_get(r, "files");
+    for (size_t i = 0; i < json_array_size(files); i++)
+        json_object_set_new(json_array_get(files, i), "bytes", json_integer((json_int_t)1 << 40));
+}
 
 static void test_manifest(void)
 {
@@ -340,6 +353,7 @@ static void test_manifest(void)
         { e_no_files, "'files'" },           { e_layers, "n_layer" },          { e_world, "world size" },
         { e_chunk, "'chunk_bytes'" },        { e_id, "checkpoint_id" },        { e_seed, "rng_seed" },
         { e_stages, "stage_layers[0]" },   { e_file_number, "files[0] is not an object" },
+        { e_position, "'data_position'=9223372036854775802 out of range" },
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         edit_manifest(src, dst, cases[c].edit);
@@ -368,6 +382,49 @@ static void test_manifest(void)
     char args[1200];
     snprintf(args, sizeof args, "verify '%s'", dir);
     expect_cli(args, 3, "'layout' missing");
+}
+
+/* ---- a forged manifest over real files: a data position that would overflow, a model larger
+ * than its files can hold (a whole rank's state is allocated from it by load and train) ---- */
+
+static void test_forged_model(void)
+{
+    if (!cli)
+        return;
+    char ck[1100], good[1100], mpath[1200], tok[1100], args[4000];
+    snprintf(good, sizeof good, "%s/fm_good", tmp);
+    snprintf(ck, sizeof ck, "%s/fm", tmp);
+    snprintf(mpath, sizeof mpath, "%s/manifest.json", ck);
+    snprintf(tok, sizeof tok, "%s/fm_tok.bin", tmp);
+    snprintf(args, sizeof args, "init --config n_layer=1,n_embd=64,n_head=2,vocab=256,n_positions=16 --layout dp=1 -q "
+             "-o '%s' && '%s' tokens --count 5000 --vocab 256 -o '%s'", good, cli, tok);
+    CHECK(run_cli(args) == 0);
+    static const struct { void (*edit)(json_t *); const char *cmd, *needle; } cases[] = {
+        { e_position, "train --ckpt '%s' --layout dp=1 --data '%s' --steps 4 --global-batch 2 --micro-batch 2 --seq 8 -q "
+                      "--out '%s/fm_run'", "'data_position'" },
+        { e_padded_vocab, "load '%s' --layout dp=1", "more than its 1 files" },
+        { e_padded_vocab_big_files, "load '%s' --layout dp=1", "more than its 1 files" },
+        { e_padded_vocab, "train --ckpt '%s' --layout dp=1 --data '%s' --steps 1 --global-batch 2 --micro-batch 2 --seq 8 -q "
+                          "--out '%s/fm_run'", "more than its 1 files" },
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        snprintf(args, sizeof args, "rm -rf '%s' && cp -r '%s' '%s'", ck, good, ck);
+        CHECK(system(args) == 0);
+        char src[1300];
+        snprintf(src, sizeof src, "%s/manifest.json", good);
+        edit_manifest(src, mpath, cases[c].edit);
+        if (c > 0) { /* the library refuses it at open, before anything is sized by the model */
+            mps_ckpt *c0 = NULL;
+            mps_err err;
+            mps_err_clear(&err);
+            if (mps_ckpt_open(ck, &c0, &err) == 0)
+                mps_ckpt_close(c0);
+            expect_err(&err, MPS_ECORRUPT, cases[c].needle, mpath, "padded_vocab=2147483648", cases[c].needle, NULL);
+        }
+        char cmd[4000];
+        snprintf(cmd, sizeof cmd, cases[c].cmd, ck, tok, tmp);
+        expect_cli(cmd, 3, cases[c].needle);
+    }
 }
 
 /* ---- layout and config strings ---- */
@@ -503,7 +560,19 @@ static void test_fifos(void)
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     mps_err_clear(&err);
     CHECK(mps_model_file_open(path, NULL, &f, &err) != 0);
-    expect_err(&err, MPS_EIO, "FIFO config.json", "config.json", "not a readable regular file", NULL);
+    expect_err(&err, MPS_EUSAGE, "FIFO config.json", "config.json", "not a readable regular file", NULL);
+    /* a run directory whose latest is a FIFO: its readers (and the trainer's --keep-last) refuse it */
+    snprintf(dir, sizeof dir, "%s/fiforun", tmp);
+    mkdir(dir, 0755);
+    snprintf(path, sizeof path, "%s/latest", dir);
+    CHECK(mkfifo(path, 0644) == 0);
+    char out[1200];
+    mps_err_clear(&err);
+    CHECK(mps_ckpt_resolve(dir, out, sizeof out, &err) < 0);
+    expect_err(&err, MPS_ECORRUPT, "FIFO latest", path, "not a regular file", NULL);
+    int removed = -1;
+    mps_err_clear(&err);
+    CHECK(mps_run_prune(dir, 1, &removed, &err) == 0 && removed == 0);
 }
 
 /* ---- HDF5 attributes the reader checks ---- */
@@ -567,6 +636,7 @@ int main(void)
     test_safetensors();
     test_llmc();
     test_manifest();
+    test_forged_model();
     test_strings();
     test_chunks();
     test_fifos();
