@@ -57,9 +57,10 @@ static const char *const help =
     "  --time              plan --repeat times (default 5) and print the fastest planning time\n"
     "  --repeat N          runs for --time\n"
     "\n"
-    "Activations: Korthikanti et al. 2022, per layer s*b*h/t*(34 + 5*a*s/h) bytes with tensor and\n"
-    "sequence parallelism (selective: s*b*h/t*34, full: 2*s*b*h/t); a 1F1B pipeline stage i holds\n"
-    "min(pp - i, micro-batches) micro-batches of its layers.\n"
+    "Activations: Korthikanti et al. 2022 with tensor parallelism and no sequence parallelism (as\n"
+    "the trainer runs): GPT-2 per layer s*b*h*(10 + 24/t) + 5*a*s^2*b/t bytes, the Llama block its\n"
+    "own terms (docs/inspect.md); selective drops the s^2 term, full keeps 2*s*b*h; a 1F1B pipeline\n"
+    "stage i holds min(pp - i, micro-batches) micro-batches of its layers.\n"
     "Step time: 6 * params * tokens / (GPUs * 989 TFLOP/s * 0.4), stretched by the 1F1B bubble\n"
     "(pp-1)/(m+pp-1), plus the bytes the busiest rank sends over NVLink (450 GB/s) or, for groups\n"
     "spanning nodes of 8 GPUs, InfiniBand (50 GB/s), both at 80%. See docs/inspect.md.\n";
