@@ -25,7 +25,7 @@ expect 3 "$MPSHARD" compare "$T/a.bin" "$T/b.bin"; expect_err "a.bin: cannot ope
 expect 0 "$MPSHARD" init --config "n_layer=2,n_embd=32,n_head=2,vocab=100,n_positions=16" --layout dp=1 -o "$T/init" -q
 TR=(--steps 2 --seq 8 --micro-batch 2 --out "$T/run")
 expect 3 "$MPSHARD" train --ckpt "$T/init" --layout dp=1 --data "$T/none.bin" "${TR[@]}"
-expect_line "mpshard train: $T/none.bin: No such file or directory"
+expect_line "mpshard train: $T/none.bin: cannot open: No such file or directory"
 
 # under mpirun: once per job
 if command -v mpirun >/dev/null; then
@@ -43,7 +43,7 @@ if command -v mpirun >/dev/null; then
   once "unknown option" "mpshard train: unknown option '--bogus' (see mpshard train --help)"
   # an error every process meets while training starts: one line, exit code 3, the job ends cleanly
   mpirun -np 4 "$MPSHARD" train --ckpt "$T/init" --layout dp=4 --data "$T/none.bin" "${TR[@]}" >"$T/out" 2>"$T/err"; rc=$?
-  once "missing data" "mpshard train: $T/none.bin: No such file or directory"
+  once "missing data" "mpshard train: $T/none.bin: cannot open: No such file or directory"
   [ "$rc" = 3 ] && ok || bad "mpirun train, missing data: exit $rc"
   grep -q MPI_ABORT "$T/err" && bad "a failure of every process aborted the job" || ok
   # reshard into an existing checkpoint: process 0 fails, the others only learn that it did
