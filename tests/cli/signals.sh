@@ -134,7 +134,7 @@ if hold "$T/old.partial" "$MPSHARD" reshard "$T/ref" --layout tp=4 -o "$T/old" -
 fi
 expect 0 "$MPSHARD" export "$T/ref" --format safetensors -o "$T/e" -q
 cp "$T/e/model.safetensors" "$T/prev.safetensors"
-if hold "$T/e/model.safetensors.tmp" "$MPSHARD" export "$T/ref" --format safetensors -o "$T/e" -q --threads 1 \
+if hold "$T/e/model.safetensors.tmp" "$MPSHARD" export "$T/ref" --format safetensors -o "$T/e" -q --force --threads 1 \
    --memory-mb 1; then
   stopped_by TERM 143 "$T/e" export
   [ ! -e "$T/e/model.safetensors.tmp" ] && cmp -s "$T/e/model.safetensors" "$T/prev.safetensors" && ok \

@@ -69,9 +69,9 @@ expect 2 "$MPSHARD" export ck --format safetensors -o ex2 -q
 expect_err "ex2/config.json.tmp is a symbolic link"
 [ -L ex2/config.json.tmp ] && [ ! -e ex2/model.safetensors ] && [ ! -e ex2/model.safetensors.tmp ] && ok \
   || bad "export with a linked config.json.tmp: $(ls ex2)"
-# a final file that is a symbolic link is replaced by the new file, never written through
+# a final file that is a symbolic link is replaced by the new file (--force: it exists), never written through
 mkdir ex4 && ln -s ../victim ex4/model.safetensors
-expect 0 "$MPSHARD" export ck --format safetensors -o ex4 -q
+expect 0 "$MPSHARD" export ck --format safetensors -o ex4 -q --force
 [ -f ex4/model.safetensors ] && [ ! -L ex4/model.safetensors ] && ok || bad "ex4/model.safetensors is still a link"
 expect 0 "$MPSHARD" compare m/model.safetensors ex4/model.safetensors
 mkdir sy && ln -s ../victim sy/config.json.tmp
