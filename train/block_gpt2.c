@@ -38,25 +38,6 @@ static void layer_release(mps_engine *e, int layer)
         mps_weights_release(e, mps_layer_tensor(layer, s));
 }
 
-/* A row-parallel output projection and the residual around it: out (N, C) = resid + inp (N, K) @
- * w^T + bias. Alone, the residual and the bias ride in the product's epilogue; under TP the
- * partial products are summed over the group first and the bias is added once, after. */
-static int row_parallel_fwd(mps_engine *e, float *out, const float *resid, const void *inp, const float *w,
-                            const float *bias, int K, mps_err *err)
-{
-    const int64_t N = e->N;
-    const int C = e->C;
-    if (e->L.tp == 1) {
-        e->be->matmul_fwd(e->be->ctx, out, inp, w, bias, resid, N, K, C);
-        return 0;
-    }
-    float *proj = e->scratch_a; /* (N, C) partial sums */
-    e->be->matmul_fwd(e->be->ctx, proj, inp, w, NULL, NULL, N, K, C);
-    if (mps_tp_sum(e, proj, N * C, err) != 0)
-        return -1;
-    e->be->residual_bias(e->be->ctx, out, resid, proj, bias, N, C);
-    return 0;
-}
 
 static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, float *x_out, mps_err *err)
 {
@@ -68,11 +49,11 @@ static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, 
     e->be->layernorm_fwd(e->be->ctx, a->ln1, a->ln1_mean, a->ln1_rstd, a->x_in, w.ln1w, w.ln1b, N, C);
     e->be->matmul_fwd_act(e->be->ctx, a->qkv, a->ln1, w.qkvw, w.qkvb, N, C, 3 * Cl);
     e->be->attention_fwd(e->be->ctx, a->atty, a->lse, a->qkv, e->B, e->T, e->Hl, e->hs);
-    int rc = row_parallel_fwd(e, a->x2, a->x_in, a->atty, w.attprojw, w.attprojb, Cl, err);
+    int rc = mps_row_parallel_fwd(e, a->x2, a->x_in, a->atty, w.attprojw, w.attprojb, Cl, err);
     if (rc == 0) {
         e->be->layernorm_fwd(e->be->ctx, a->ln2, a->ln2_mean, a->ln2_rstd, a->x2, w.ln2w, w.ln2b, N, C);
         e->be->matmul_gelu_fwd(e->be->ctx, a->gel, a->fch, a->ln2, w.fcw, w.fcb, N, C, F);
-        rc = row_parallel_fwd(e, x_out, a->x2, a->gel, w.fcprojw, w.fcprojb, F, err);
+        rc = mps_row_parallel_fwd(e, x_out, a->x2, a->gel, w.fcprojw, w.fcprojb, F, err);
     }
     layer_release(e, layer);
     return rc;

@@ -61,24 +61,6 @@ static void layer_release(mps_engine *e, int layer)
         mps_weights_release(e, tensors[i]);
 }
 
-/* out (N, C) = resid + inp (N, K) @ w^T: the row-parallel product, summed over TP before the
- * residual is added (alone: in the product's epilogue, the same order). */
-static int row_parallel_fwd(mps_engine *e, float *out, const float *resid, const void *inp, const float *w, int K,
-                            mps_err *err)
-{
-    const int64_t N = e->N;
-    const int C = e->C;
-    if (e->L.tp == 1) {
-        e->be->matmul_fwd(e->be->ctx, out, inp, w, NULL, resid, N, K, C);
-        return 0;
-    }
-    float *proj = e->scratch_a; /* (N, C) partial sums */
-    e->be->matmul_fwd(e->be->ctx, proj, inp, w, NULL, NULL, N, K, C);
-    if (mps_tp_sum(e, proj, N * C, err) != 0)
-        return -1;
-    e->be->add(e->be->ctx, out, resid, proj, N * C);
-    return 0;
-}
 
 /* element i of an operand buffer (backend.h: act_bytes per element, bf16 on CUDA) */
 static void *act_at(const mps_engine *e, void *buf, int64_t i)
@@ -111,14 +93,14 @@ static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, 
     be->rope_fwd(be->ctx, q, e->rope_cs, e->B, e->T, e->Hl, e->hs, Cl);
     be->rope_fwd(be->ctx, k, e->rope_cs, e->B, e->T, e->KVl, e->hs, Kl);
     be->gqa_fwd(be->ctx, a->atty, a->lse, q, k, v, e->B, e->T, e->Hl, e->KVl, e->hs);
-    int rc = row_parallel_fwd(e, a->x2, a->x_in, a->atty, w[R_OW], Cl, err);
+    int rc = mps_row_parallel_fwd(e, a->x2, a->x_in, a->atty, w[R_OW], NULL, Cl, err);
     if (rc == 0) {
         void *gate = a->fch, *up = act_at(e, a->fch, N * F);
         be->rmsnorm_fwd(be->ctx, a->ln2, a->ln2_rstd, a->x2, w[R_LN2W], N, C, eps);
         be->matmul_fwd_act(be->ctx, gate, a->ln2, w[R_GATEW], NULL, N, C, F);
         be->matmul_fwd_act(be->ctx, up, a->ln2, w[R_UPW], NULL, N, C, F);
         be->swiglu_fwd(be->ctx, a->gel, gate, up, N * F);
-        rc = row_parallel_fwd(e, x_out, a->x2, a->gel, w[R_DOWNW], F, err);
+        rc = mps_row_parallel_fwd(e, x_out, a->x2, a->gel, w[R_DOWNW], NULL, F, err);
     }
     layer_release(e, layer);
     return rc;

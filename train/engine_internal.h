@@ -206,4 +206,8 @@ int mps_weights_acquire_many(mps_engine *e, const int *tensors, int count, float
  * it (for the compute stream) and returns its use counts. One at a time; a no-op otherwise. */
 int mps_weights_prefetch(mps_engine *e, const int *tensors, int count, mps_err *err);
 
+/* out (N, C) = resid + inp (N, K) @ w^T (+ bias): a row-parallel projection, summed over TP (model.c). */
+int mps_row_parallel_fwd(mps_engine *e, float *out, const float *resid, const void *inp, const float *w,
+                         const float *bias, int K, mps_err *err);
+
 #endif

@@ -47,3 +47,27 @@ int mps_model_backward(mps_engine *e, mps_mb_slot *s, mps_err *err)
         return -1;
     return mps_grads_start_rest(e, err);
 }
+
+/* A row-parallel output projection and the residual around it: out (N, C) = resid + inp (N, K) @
+ * w^T + bias. Alone, the residual and the bias ride in the product's epilogue; under TP the
+ * partial products are summed over the group first and the bias (if any: GPT-2's) is added once,
+ * after. Both families' blocks call it. */
+int mps_row_parallel_fwd(mps_engine *e, float *out, const float *resid, const void *inp, const float *w,
+                            const float *bias, int K, mps_err *err)
+{
+    const int64_t N = e->N;
+    const int C = e->C;
+    if (e->L.tp == 1) {
+        e->be->matmul_fwd(e->be->ctx, out, inp, w, bias, resid, N, K, C);
+        return 0;
+    }
+    float *proj = e->scratch_a; /* (N, C) partial sums */
+    e->be->matmul_fwd(e->be->ctx, proj, inp, w, NULL, NULL, N, K, C);
+    if (mps_tp_sum(e, proj, N * C, err) != 0)
+        return -1;
+    if (bias)
+        e->be->residual_bias(e->be->ctx, out, resid, proj, bias, N, C);
+    else
+        e->be->add(e->be->ctx, out, resid, proj, N * C);
+    return 0;
+}
