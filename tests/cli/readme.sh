@@ -9,6 +9,7 @@ command -v mpirun >/dev/null || { bad "mpirun not installed"; finish; exit 1; }
 BIN="$T/bin"; mkdir -p "$BIN" "$T/work"
 ln -s "$(cd "$(dirname "$MPSHARD")" && pwd)/$(basename "$MPSHARD")" "$BIN/mpshard"
 export PATH="$BIN:$PATH"
+export ASAN_OPTIONS="${ASAN_OPTIONS:-}:detect_leaks=0" # the examples run mpirun: OpenMPI's components leak by design
 
 # block-N.sh per ```sh fence; block-N.line: the README line it starts on
 awk -v dir="$T" '
