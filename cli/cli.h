@@ -50,8 +50,9 @@ extern volatile sig_atomic_t cli_stop_signal;
  * second one ends the process at once (as a kill would: only its staging can be left). */
 void cli_stop_on_signals(void);
 const char *cli_signal_name(int sig);
-/* A writer stopped by the signal: prints one line ("OUT not written") and returns 128 + the signal. */
-int cli_stopped(const char *cmd, const char *out);
+/* A writer's failure: cli_fail's line and code, or for one stopped by a signal (MPS_ESTOPPED + N,
+ * its stop flag set by the handler) one line saying OUT was not written, and that code. */
+int cli_fail_or_stopped(const char *cmd, const char *out, const mps_err *err);
 
 /* Prints "mpshard CMD: message" and returns the error's exit code. */
 int cli_fail(const char *cmd, const mps_err *err);

@@ -94,6 +94,6 @@ int cmd_export(int argc, char **argv)
     cli_stop_on_signals();
     o.stop = &cli_stop_signal;
     if (mps_export(argv[optind], &o, &err) != 0)
-        return cli_stop_signal ? cli_stopped("export", o.out_dir) : cli_fail("export", &err);
+        return cli_fail_or_stopped("export", o.out_dir, &err);
     return 0;
 }

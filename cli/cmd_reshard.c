@@ -66,14 +66,13 @@ int cmd_reshard(int argc, char **argv)
     mps_err err;
     mps_err_clear(&err);
     int rc = mps_reshard(argv[optind], &o, &err);
+    /* every process has the same error (the lowest failing one's): one line, the same exit code.
+     * Printed before MPI_Finalize: once another process has exited with it, mpirun stops (SIGTERM,
+     * then SIGKILL) the processes that are still running. */
+    if (rc != 0 && multi && procs.rank != 0)
+        rc = err.code ? err.code : MPS_EFAIL;
+    else if (rc != 0)
+        rc = cli_fail_or_stopped("reshard", o.out_dir, &err);
     cli_procs_finish(multi);
-    if (rc == 0)
-        return 0;
-    if (cli_stop_signal)
-        return multi && procs.rank != 0 ? 128 + cli_stop_signal : cli_stopped("reshard", o.out_dir);
-    /* every process has the same error (the lowest failing one's, agreed in mps_reshard): one line,
-     * printed once, and the same exit code everywhere */
-    if (multi && procs.rank != 0)
-        return err.code ? err.code : MPS_EFAIL;
-    return cli_fail("reshard", &err);
+    return rc;
 }

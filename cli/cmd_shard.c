@@ -174,8 +174,7 @@ int cmd_shard(int argc, char **argv)
         o.trace = mps_trace_enabled_by_env() ? mps_trace_new() : NULL; /* out of memory: no trace */
         cli_stop_on_signals();
         o.stop = &cli_stop_signal;
-        rc = mps_shard(input, &o, &err) == 0 ? 0 : cli_stop_signal ? cli_stopped("shard", o.out_dir)
-                                                                  : cli_fail("shard", &err);
+        rc = mps_shard(input, &o, &err) == 0 ? 0 : cli_fail_or_stopped("shard", o.out_dir, &err);
         mps_trace_print(o.trace, stderr);
         const char *tensors = getenv("MPS_TRACE_TENSORS");
         if (o.trace && tensors && tensors[0] && mps_trace_write_tensors(o.trace, tensors) != 0)

@@ -46,9 +46,11 @@ const char *cli_signal_name(int sig)
     return sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "a signal";
 }
 
-int cli_stopped(const char *cmd, const char *out)
+int cli_fail_or_stopped(const char *cmd, const char *out, const mps_err *err)
 {
+    if (err->code <= MPS_ESTOPPED)
+        return cli_fail(cmd, err);
     fprintf(stderr, "mpshard %s: stopped by %s: %s not written (its temporary files are removed)\n", cmd,
-            cli_signal_name(cli_stop_signal), out);
-    return 128 + cli_stop_signal;
+            cli_signal_name(err->code - MPS_ESTOPPED), out);
+    return err->code;
 }

@@ -106,8 +106,9 @@ typedef struct {
     const char *label;  /* progress label */
     struct mps_progress *progress; /* optional shared progress meter */
     struct mps_trace *trace;       /* optional phase timeline (trace.h); NULL: no clock is read */
-    /* optional: once *stop is non-zero (a signal handler sets it) every chunk still to write fails,
-     * so that the caller removes its staging and returns */
+    /* optional: once *stop is non-zero (a signal handler sets it to the signal's number) every
+     * chunk still to write fails with MPS_ESTOPPED + *stop, so that the caller removes its staging
+     * and returns */
     const volatile sig_atomic_t *stop;
 } mps_write_opts;
 

@@ -272,8 +272,18 @@ static hid_t open_checked(const mps_manifest *m, const char *path, int rank, int
                  (long long)st.st_size, (long long)bytes);
         goto fail;
     }
-    if ((f = mps_h5_open_file(path, err)) < 0)
+    mps_err herr;
+    mps_err_clear(&herr);
+    if ((f = mps_h5_open_file(path, &herr)) < 0) {
+        /* HDF5 opens by name: a writer's --force exchange between our open and HDF5's can leave
+         * the name to another file, or to none (a layout with fewer ranks) */
+        if (stat(path, &now) != 0 || now.st_ino != st.st_ino || now.st_dev != st.st_dev)
+            mps_fail(err, MPS_ECORRUPT, "%s: replaced while being opened (another process rewrote the checkpoint)",
+                     path);
+        else
+            mps_fail(err, herr.code, "%s", herr.msg);
         goto fail;
+    }
     char text[64];
     int64_t rank_attr = -1, version = -1;
     if (mps_h5_read_attr_str(f, "format", text, sizeof text) != 0 || strcmp(text, "mpshard") != 0 ||

@@ -357,8 +357,9 @@ static int write_one_chunk(writer *w, out_dataset *d, int64_t chunk, int worker,
     worker_scratch *s = &w->scratch[worker];
     mps_trace_worker *tw = w->tw ? &w->tw[worker] : NULL;
     int64_t ta = tw ? mps_now_ns() : 0, tb = 0;
-    if (w->stop && *w->stop)
-        return mps_fail(err, MPS_EFAIL, "%s: stopped by a signal before it was written", w->paths[d->file]);
+    int stop = w->stop ? *w->stop : 0;
+    if (stop)
+        return mps_fail(err, MPS_ESTOPPED + stop, "%s: stopped by a signal before it was written", w->paths[d->file]);
     int64_t begin, end, offset[MPS_MAX_DIMS];
     mps_chunk_range(&d->grid, chunk, &begin, &end, offset);
     int64_t n = end - begin;

@@ -11,7 +11,10 @@ enum {
     MPS_ECORRUPT = 3,  /* input file or checkpoint is corrupt, truncated or inconsistent */
     MPS_EIO = 4,       /* the operating system refused a read, write, rename, ... */
     MPS_ENOMEM = 5,    /* an allocation failed */
-    MPS_EUNSUPPORTED = 6 /* valid input this build or model does not implement */
+    MPS_EUNSUPPORTED = 6, /* valid input this build or model does not implement */
+    /* stopped at the caller's request: a writer whose stop flag holds signal N (a handler set it)
+     * fails with MPS_ESTOPPED + N, the exit code of a process stopped by that signal */
+    MPS_ESTOPPED = 128
 };
 
 typedef struct {

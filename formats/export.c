@@ -39,8 +39,9 @@ static int gather_part(void *arg, int worker, mps_err *err)
 static int gather_range(mps_pool *pool, band *b, int64_t fb, int64_t fe, float *dst, gather_job *jobs, int njobs,
                         mps_err *err)
 {
-    if (b->stop && *b->stop)
-        return mps_fail(err, MPS_EFAIL, "stopped by a signal");
+    int stop = b->stop ? *b->stop : 0;
+    if (stop)
+        return mps_fail(err, MPS_ESTOPPED + stop, "stopped by a signal");
     int64_t n = fe - fb, parts = n / 16384 < njobs ? n / 16384 : njobs;
     if (parts < 1)
         parts = 1;
