@@ -398,6 +398,8 @@ void cu_gqa_fwd(void *ctx, void *out, float *lse, const void *q, const void *k, 
         return;
     act_t *o = (act_t *)out;
     const act_t *qa = (const act_t *)q, *ka = (const act_t *)k, *va = (const act_t *)v;
+    if (c->wgmma && cu_gqa_fwd_wgmma(c, o, lse, qa, ka, va, B, T, H, KV, hd) == 0)
+        return;
     switch ((hd + 31) / 32) {
     case 1: gqa_fwd_nj<1>(c, o, lse, qa, ka, va, B, s); break;
     case 2: gqa_fwd_nj<2>(c, o, lse, qa, ka, va, B, s); break;
@@ -417,6 +419,9 @@ void cu_gqa_bwd(void *ctx, void *dq, void *dk, void *dv, const void *dout, const
     const int64_t rows = (int64_t)B * T * H;
     float *D = (float *)cu_scratch(c, SCR_ATTN, (size_t)rows * sizeof(float));
     if (!D)
+        return;
+    if (c->wgmma && cu_gqa_bwd_wgmma(c, (act_t *)dq, (act_t *)dk, (act_t *)dv, g, qa, ka, va, (const act_t *)out, lse,
+                                     D, B, T, H, KV, hd) == 0)
         return;
     k_gqa_rowdot<<<cu_grid(c, rows * 32, 256), 256, 0, c->stream>>>(D, g, (const act_t *)out, rows, T, H, hd);
     if (cu_launched(c, "gqa_bwd: rows") != 0)

@@ -46,16 +46,39 @@
 
 namespace {
 
-constexpr int HD = 64;        /* head size: a row is 128 bytes, one swizzle atom wide */
+constexpr int CW = 64;        /* columns of a tile chunk: a row of 64 bf16 is 128 bytes, one swizzle atom wide */
 constexpr int ROWS = 64;      /* rows owned by a CTA (wgmma's m64) */
 constexpr int TILE = 64;      /* rows of a streamed tile */
 constexpr int NTHREADS = 128; /* one warpgroup */
-constexpr uint32_t TILE_B = TILE * HD * 2; /* bytes of a 64-row tile: 8192 */
+constexpr uint32_t CHUNK_B = TILE * CW * 2; /* bytes of a 64 x 64 chunk: 8192 */
 
-/* dynamic shared memory (bytes), with 1024 of slack to align the tiles */
-constexpr size_t SM_FWD = 1024 + 5 * TILE_B;               /* Q; K, V double-buffered */
-constexpr size_t SM_DQ = 1024 + 6 * TILE_B + 4 * ROWS;     /* Q, dO; K, V double-buffered; D */
-constexpr size_t SM_DKV = 1024 + 6 * TILE_B + 6 * 4 * TILE; /* K, V; Q, dO double-buffered; lse, D x 2, staging */
+/* Head size HD = 64 or 128: a tile of 64 rows is HD / 64 chunks of 64 columns, each a swizzled
+ * 64 x 64 block of its own (chunk c of a tile at + c CHUNK_B), so that every product is still
+ * m64n64k16 over chunks: Q K^T sums over the chunks of the head dimension, P V gives one
+ * accumulator per chunk. */
+template <int HD> struct Geo {
+    static constexpr int NC = HD / CW;
+    static constexpr uint32_t TB = NC * CHUNK_B; /* bytes of a 64-row tile */
+    /* dynamic shared memory (bytes), with 1024 of slack to align the tiles */
+    static constexpr size_t FWD = 1024 + 5 * TB;               /* Q; K, V double-buffered */
+    static constexpr size_t DQ = 1024 + 6 * TB + 4 * ROWS;     /* Q, dO; K, V double-buffered; D */
+    static constexpr size_t DKV = 1024 + 6 * TB + 6 * 4 * TILE; /* K, V; Q, dO double-buffered; lse, D x 2, staging */
+    /* CTAs per SM: the register budgets of the launch bounds (head size 64, measured: see above);
+     * at 128 the shared memory allows two */
+    static constexpr int FWD_CTAS = HD == 64 ? 5 : 2, DQ_CTAS = HD == 64 ? 4 : 2, DKV_CTAS = HD == 64 ? 3 : 2;
+};
+
+/* Where the operands lie: row t of batch b, head h of q at q + (b T + t) ldq + h HD, of k and v
+ * (kv head h / group) at + (b T + t) ldkv + (h / group) HD; dq, dk, dv (backward) as q, k, v; out
+ * and dout (B, T, H HD). GPT-2's fused qkv (B, T, 3 C) is q = qkv, k = qkv + C, v = qkv + 2 C,
+ * ldq = ldkv = 3 C, group 1. */
+struct WgArgs {
+    const bf16 *q, *k, *v;
+    bf16 *dq, *dk, *dv;
+    int64_t ldq, ldkv;
+    int T, H, group;
+    float scale, sl2; /* 1 / sqrt(HD); scale log2 e (scores in log2 units) */
+};
 
 /* whether this translation unit's device code has the wgmma kernels (sm_90a) */
 __global__ void k_wg_probe(int *has) { *has = MPS_WGMMA; }
@@ -73,10 +96,11 @@ __device__ __forceinline__ void fence_async() { asm volatile("fence.proxy.async.
 /* byte offset of 16-byte chunk c of row r in a swizzled tile */
 __device__ __forceinline__ uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
 
-/* Rows t0 .. t0 + R - 1 of one head's part (base: its row 0, row stride ld elements) by cp.async
- * into the swizzled tile at shared address dst: thread x copies chunk x % 8 of rows x / 8 + 16 i;
- * rows at or past T are zero-filled (nothing read). The caller commits, waits, fences. */
-template <int R>
+/* Rows t0 .. t0 + R - 1 of one head's part (base: its row 0, row stride ld elements), NC chunks
+ * of 64 columns, by cp.async into the swizzled tile at shared address dst: thread x copies 16-byte
+ * chunk x % 8 of rows x / 8 + 16 i of each; rows at or past T are zero-filled (nothing read). The
+ * caller commits, waits, fences. */
+template <int R, int NC>
 __device__ __forceinline__ void tile_load(uint32_t dst, const bf16 *base, int64_t ld, int t0, int T)
 {
     const int c = threadIdx.x & 7, r0 = threadIdx.x >> 3;
@@ -85,24 +109,30 @@ __device__ __forceinline__ void tile_load(uint32_t dst, const bf16 *base, int64_
     const bf16 *src = base + (int64_t)(t0 + r0) * ld + 8 * c;
     if (t0 + R <= T) { /* all rows real: no checks */
 #pragma unroll
-        for (int i = 0; i < R / 16; i++)
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d0 + 2048 * i), "l"(src + 16 * i * ld)
-                         : "memory");
+        for (int ch = 0; ch < NC; ch++)
+#pragma unroll
+            for (int i = 0; i < R / 16; i++)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d0 + ch * CHUNK_B + 2048 * i),
+                             "l"(src + CW * ch + 16 * i * ld)
+                             : "memory");
         return;
     }
 #pragma unroll
-    for (int i = 0; i < R / 16; i++) {
-        const bool real = t0 + r0 + 16 * i < T;
-        cp_async16(d0 + 2048 * i, real ? src + 16 * i * ld : base, real);
-    }
+    for (int ch = 0; ch < NC; ch++)
+#pragma unroll
+        for (int i = 0; i < R / 16; i++) {
+            const bool real = t0 + r0 + 16 * i < T;
+            cp_async16(d0 + ch * CHUNK_B + 2048 * i, real ? src + CW * ch + 16 * i * ld : base, real);
+        }
 }
 
 /* the next K and V tiles (rows k0 ..) into the buffers not in use (buf ^ 1), one commit group */
+template <int NC>
 __device__ __forceinline__ void kv_prefetch(uint32_t Ks, uint32_t Vs, int buf, const bf16 *kb, const bf16 *vb,
                                             int64_t ld, int k0, int T)
 {
-    tile_load<TILE>(Ks + (buf ^ 1) * TILE_B, kb, ld, k0, T);
-    tile_load<TILE>(Vs + (buf ^ 1) * TILE_B, vb, ld, k0, T);
+    tile_load<TILE, NC>(Ks + (buf ^ 1) * NC * CHUNK_B, kb, ld, k0, T);
+    tile_load<TILE, NC>(Vs + (buf ^ 1) * NC * CHUNK_B, vb, ld, k0, T);
     cp_async_commit();
 }
 /* the end of a tile's iteration: the prefetched tile (if any) is in shared memory and visible to
@@ -127,7 +157,7 @@ __device__ __forceinline__ void tile_arrived(bool more)
  * ~100 fewer instructions a tile in the dK/dV kernel). */
 __device__ __forceinline__ uint32_t dlo(uint32_t addr) { return ((addr & 0x3FFFF) >> 4) | ((1024u >> 4) << 16); }
 constexpr uint32_t DESC_HI = (1024u >> 4) | (1u << 30);
-constexpr uint32_t DK_STEP = 32 >> 4, DM_STEP = 2048 >> 4;
+constexpr uint32_t DK_STEP = 32 >> 4, DM_STEP = 2048 >> 4, DC_STEP = CHUNK_B >> 4; /* DC: next chunk */
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -190,6 +220,16 @@ __device__ __forceinline__ void wg_ss64(float (&d)[32], uint32_t a, uint32_t b)
 #pragma unroll
     for (int kk = 1; kk < 4; kk++)
         wg_ss(d, a + DK_STEP * kk, b + DK_STEP * kk);
+}
+/* d = A . B over a head dimension of NC chunks (k = 64 NC): both operands K-major tiles of NC chunks */
+template <int NC> __device__ __forceinline__ void wg_ss_hd(float (&d)[32], uint32_t a, uint32_t b)
+{
+    wg_ss64(d, a, b);
+#pragma unroll
+    for (int ch = 1; ch < NC; ch++)
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            wg_ss(d, a + DC_STEP * ch + DK_STEP * kk, b + DC_STEP * ch + DK_STEP * kk);
 }
 /* d += A . B with A from registers (this thread's k16 fragment, mma.sync's A layout) and B
  * MN-major in shared memory (B's rows in memory) */
@@ -276,13 +316,13 @@ __device__ __forceinline__ void cta_colsum(const float (&a)[32], int r0, int g, 
     if (g == 0)
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            red[w * HD + 8 * i + 2 * tg] = cs[2 * i];
-            red[w * HD + 8 * i + 2 * tg + 1] = cs[2 * i + 1];
+            red[w * CW + 8 * i + 2 * tg] = cs[2 * i];
+            red[w * CW + 8 * i + 2 * tg + 1] = cs[2 * i + 1];
         }
     __syncthreads();
-    if (threadIdx.x < HD)
-        dst[threadIdx.x] = scale * (((red[threadIdx.x] + red[HD + threadIdx.x]) + red[2 * HD + threadIdx.x]) +
-                                    red[3 * HD + threadIdx.x]);
+    if (threadIdx.x < CW)
+        dst[threadIdx.x] = scale * (((red[threadIdx.x] + red[CW + threadIdx.x]) + red[2 * CW + threadIdx.x]) +
+                                    red[3 * CW + threadIdx.x]);
 }
 
 #endif /* MPS_WGMMA */
@@ -292,40 +332,47 @@ __device__ __forceinline__ void cta_colsum(const float (&a)[32], int r0, int g, 
 /* grid (B * H, query blocks of 64), the blocks with the most keys first over all heads. Scores in
  * log2 units (s * scale * log2 e: exp is one ex2). Thread rows r0 + g and r0 + g + 8, r0 = q0 +
  * 16 w. */
-__global__ void __launch_bounds__(NTHREADS, 5)
-    k_wg_fwd(bf16 *out, float *lse, const bf16 *qkv, int T, int H, float sl2)
+template <int HD>
+__global__ void __launch_bounds__(NTHREADS, Geo<HD>::FWD_CTAS) k_wg_fwd(bf16 *out, float *lse, const WgArgs a)
 {
 #if MPS_WGMMA
+    constexpr int NC = Geo<HD>::NC;
+    constexpr uint32_t TB = Geo<HD>::TB;
     extern __shared__ __align__(16) unsigned char wg_smem[];
     const uint32_t base = (smem_addr(wg_smem) + 1023u) & ~1023u;
-    const uint32_t Qs = base, Ks = base + TILE_B, Vs = base + 3 * TILE_B; /* K, V: [2] tiles each */
+    const uint32_t Qs = base, Ks = base + TB, Vs = base + 3 * TB; /* K, V: [2] tiles each */
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
-    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    const int T = a.T, H = a.H, bh = blockIdx.x, b = bh / H, h = bh % H, kvh = h / a.group;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ROWS;
-    const int64_t Cl = (int64_t)H * HD, ld = 3 * Cl;
-    const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * HD, *kb = qb + Cl, *vb = qb + 2 * Cl;
+    const int64_t Cl = (int64_t)H * HD;
+    const bf16 *qb = a.q + (int64_t)b * T * a.ldq + (int64_t)h * HD;
+    const bf16 *kb = a.k + (int64_t)b * T * a.ldkv + (int64_t)kvh * HD;
+    const bf16 *vb = a.v + (int64_t)b * T * a.ldkv + (int64_t)kvh * HD;
     const int nkt = (min(q0 + ROWS, T) + TILE - 1) / TILE;
     const int r0 = q0 + 16 * w;
+    const float sl2 = a.sl2;
 
-    tile_load<ROWS>(Qs, qb, ld, q0, T);
-    tile_load<TILE>(Ks, kb, ld, 0, T);
-    tile_load<TILE>(Vs, vb, ld, 0, T);
+    tile_load<ROWS, NC>(Qs, qb, a.ldq, q0, T);
+    tile_load<TILE, NC>(Ks, kb, a.ldkv, 0, T);
+    tile_load<TILE, NC>(Vs, vb, a.ldkv, 0, T);
     cp_async_commit();
     cp_async_wait_all();
     fence_async();
     __syncthreads();
 
-    float o[32], m0 = -INFINITY, m1 = -INFINITY, ls0 = 0.0f, ls1 = 0.0f;
-    zero32(o);
+    float o[NC][32], m0 = -INFINITY, m1 = -INFINITY, ls0 = 0.0f, ls1 = 0.0f;
+#pragma unroll
+    for (int ch = 0; ch < NC; ch++)
+        zero32(o[ch]);
     for (int j = 0; j < nkt; j++) {
         const int buf = j & 1, k0 = j * TILE;
         const bool more = j + 1 < nkt;
-        const uint32_t K = Ks + buf * TILE_B, V = Vs + buf * TILE_B;
+        const uint32_t K = Ks + buf * TB, V = Vs + buf * TB;
         if (more)
-            kv_prefetch(Ks, Vs, buf, kb, vb, ld, k0 + TILE, T);
+            kv_prefetch<NC>(Ks, Vs, buf, kb, vb, a.ldkv, k0 + TILE, T);
         float s[32];
         wg_fence();
-        wg_ss64(s, dlo(Qs), dlo(K)); /* S = Q K^T */
+        wg_ss_hd<NC>(s, dlo(Qs), dlo(K)); /* S = Q K^T */
         wg_commit();
         wg_wait<0>();
         reg_fence(s);
@@ -357,20 +404,26 @@ __global__ void __launch_bounds__(NTHREADS, 5)
         to_afrag(pf, s);
         if (__any_sync(0xffffffffu, a0 != 1.0f || a1 != 1.0f)) { /* (once the maxima settle, rarely) */
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                o[4 * i] *= a0;
-                o[4 * i + 1] *= a0;
-                o[4 * i + 2] *= a1;
-                o[4 * i + 3] *= a1;
-            }
+            for (int ch = 0; ch < NC; ch++)
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    o[ch][4 * i] *= a0;
+                    o[ch][4 * i + 1] *= a0;
+                    o[ch][4 * i + 2] *= a1;
+                    o[ch][4 * i + 3] *= a1;
+                }
         }
         wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-            wg_rs(o, pf[kk], dlo(V) + DM_STEP * kk); /* O += P V */
+        for (int ch = 0; ch < NC; ch++)
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wg_rs(o[ch], pf[kk], dlo(V) + DC_STEP * ch + DM_STEP * kk); /* O += P V */
         wg_commit();
         wg_wait<0>(); /* (before the next iteration's loads overwrite this buffer) */
-        reg_fence(o);
+#pragma unroll
+        for (int ch = 0; ch < NC; ch++)
+            reg_fence(o[ch]);
         tile_arrived(more);
     }
 
@@ -380,7 +433,10 @@ __global__ void __launch_bounds__(NTHREADS, 5)
         const int t = r0 + g + 8 * hf;
         if (t >= T)
             continue;
-        store_half_row(out + ((int64_t)b * T + t) * Cl + (int64_t)h * HD + 2 * tg, o, hf, inv);
+        bf16 *row = out + ((int64_t)b * T + t) * Cl + (int64_t)h * HD + 2 * tg;
+#pragma unroll
+        for (int ch = 0; ch < NC; ch++)
+            store_half_row(row + CW * ch, o[ch], hf, inv);
         if (tg == 0)
             lse[(int64_t)bh * T + t] = ((hf ? m1 : m0) + log2f(sum)) * LN2;
     }
@@ -390,8 +446,9 @@ __global__ void __launch_bounds__(NTHREADS, 5)
 /* --------------------------------------------------------------- backward: dQ */
 
 /* D = dout . out of 64 rows per block (grid as k_wg_dq's, in row order), a half-warp per row (4
- * elements a lane, a fixed butterfly): written to Dv (B, H, T) before k_wg_dq and k_wg_dkv, which
- * then run side by side */
+ * elements a lane per 64 columns, a fixed butterfly): written to Dv (B, H, T) before k_wg_dq and
+ * k_wg_dkv, which then run side by side */
+template <int HD>
 __global__ void __launch_bounds__(NTHREADS) k_wg_D(float *Dv, const bf16 *dout, const bf16 *out, int T, int H)
 {
 #if MPS_WGMMA
@@ -404,7 +461,9 @@ __global__ void __launch_bounds__(NTHREADS) k_wg_D(float *Dv, const bf16 *dout, 
         const int r = (threadIdx.x >> 4) + 8 * i, t = q0 + r, c4 = threadIdx.x & 15;
         float d = 0.0f;
         if (t < T)
-            d = dot4(ld4g(gb + (int64_t)t * Cl + 4 * c4), ld4g(ob + (int64_t)t * Cl + 4 * c4));
+#pragma unroll
+            for (int ch = 0; ch < HD / CW; ch++)
+                d += dot4(ld4g(gb + (int64_t)t * Cl + CW * ch + 4 * c4), ld4g(ob + (int64_t)t * Cl + CW * ch + 4 * c4));
         d = half_warp_sum(d);
         if (c4 == 0 && t < T)
             Dv[(int64_t)bh * T + t] = d;
@@ -414,29 +473,34 @@ __global__ void __launch_bounds__(NTHREADS) k_wg_D(float *Dv, const bf16 *dout, 
 
 /* grid (B * H, query blocks of 64), the longest first. D of the block's rows from Dv (k_wg_D); then
  * per key tile: S = Q K^T, dP = dO V^T, P = exp(S - lse), dS = P (dP - D), dQ += dS K; at the end
- * dq = scale dQ, and with colpart the block's column sums of dq. */
-__global__ void __launch_bounds__(NTHREADS, 4)
-    k_wg_dq(bf16 *dqkv, const float *Dv, const bf16 *dout, const bf16 *qkv, const float *lse, int T, int H,
-            float scale, float sl2, float *colpart)
+ * dq = scale dQ, and with colpart (head size 64 only) the block's column sums of dq. */
+template <int HD>
+__global__ void __launch_bounds__(NTHREADS, Geo<HD>::DQ_CTAS)
+    k_wg_dq(const WgArgs a, const float *Dv, const bf16 *dout, const float *lse, float *colpart)
 {
 #if MPS_WGMMA
+    constexpr int NC = Geo<HD>::NC;
+    constexpr uint32_t TB = Geo<HD>::TB;
     extern __shared__ __align__(16) unsigned char wg_smem[];
     const uint32_t base = (smem_addr(wg_smem) + 1023u) & ~1023u;
-    const uint32_t Qs = base, Gs = base + TILE_B, Ks = base + 2 * TILE_B, Vs = base + 4 * TILE_B;
-    float *Dsm = reinterpret_cast<float *>(wg_smem + (base - smem_addr(wg_smem)) + 6 * TILE_B); /* [64] */
+    const uint32_t Qs = base, Gs = base + TB, Ks = base + 2 * TB, Vs = base + 4 * TB;
+    float *Dsm = reinterpret_cast<float *>(wg_smem + (base - smem_addr(wg_smem)) + 6 * TB); /* [64] */
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
-    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    const int T = a.T, H = a.H, bh = blockIdx.x, b = bh / H, h = bh % H, kvh = h / a.group;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * ROWS;
-    const int64_t Cl = (int64_t)H * HD, ld = 3 * Cl;
-    const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * HD, *kb = qb + Cl, *vb = qb + 2 * Cl;
+    const int64_t Cl = (int64_t)H * HD;
+    const bf16 *qb = a.q + (int64_t)b * T * a.ldq + (int64_t)h * HD;
+    const bf16 *kb = a.k + (int64_t)b * T * a.ldkv + (int64_t)kvh * HD;
+    const bf16 *vb = a.v + (int64_t)b * T * a.ldkv + (int64_t)kvh * HD;
     const bf16 *gb = dout + (int64_t)b * T * Cl + (int64_t)h * HD;
     const int nkt = (min(q0 + ROWS, T) + TILE - 1) / TILE;
     const int r0 = q0 + 16 * w;
+    const float sl2 = a.sl2;
 
-    tile_load<ROWS>(Qs, qb, ld, q0, T);
-    tile_load<ROWS>(Gs, gb, Cl, q0, T);
-    tile_load<TILE>(Ks, kb, ld, 0, T);
-    tile_load<TILE>(Vs, vb, ld, 0, T);
+    tile_load<ROWS, NC>(Qs, qb, a.ldq, q0, T);
+    tile_load<ROWS, NC>(Gs, gb, Cl, q0, T);
+    tile_load<TILE, NC>(Ks, kb, a.ldkv, 0, T);
+    tile_load<TILE, NC>(Vs, vb, a.ldkv, 0, T);
     cp_async_commit();
     if (threadIdx.x < ROWS)
         Dsm[threadIdx.x] = q0 + (int)threadIdx.x < T ? Dv[(int64_t)bh * T + q0 + threadIdx.x] : 0.0f;
@@ -453,19 +517,21 @@ __global__ void __launch_bounds__(NTHREADS, 4)
     Dr[0] = Dsm[16 * w + g];
     Dr[1] = Dsm[16 * w + g + 8];
 
-    float dq[32];
-    zero32(dq);
+    float dq[NC][32];
+#pragma unroll
+    for (int ch = 0; ch < NC; ch++)
+        zero32(dq[ch]);
     for (int j = 0; j < nkt; j++) {
         const int buf = j & 1, k0 = j * TILE;
         const bool more = j + 1 < nkt;
-        const uint32_t K = Ks + buf * TILE_B, V = Vs + buf * TILE_B;
+        const uint32_t K = Ks + buf * TB, V = Vs + buf * TB;
         if (more)
-            kv_prefetch(Ks, Vs, buf, kb, vb, ld, k0 + TILE, T);
+            kv_prefetch<NC>(Ks, Vs, buf, kb, vb, a.ldkv, k0 + TILE, T);
         float s[32], dp[32];
         wg_fence();
-        wg_ss64(s, dlo(Qs), dlo(K)); /* S = Q K^T */
+        wg_ss_hd<NC>(s, dlo(Qs), dlo(K)); /* S = Q K^T */
         wg_commit();
-        wg_ss64(dp, dlo(Gs), dlo(V)); /* dP = dO V^T */
+        wg_ss_hd<NC>(dp, dlo(Gs), dlo(V)); /* dP = dO V^T */
         wg_commit();
         wg_wait<1>(); /* S; P's exponentials while dP is computed */
         reg_fence(s);
@@ -482,11 +548,15 @@ __global__ void __launch_bounds__(NTHREADS, 4)
         to_afrag(dsf, s);
         wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-            wg_rs(dq, dsf[kk], dlo(K) + DM_STEP * kk); /* dQ += dS K */
+        for (int ch = 0; ch < NC; ch++)
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wg_rs(dq[ch], dsf[kk], dlo(K) + DC_STEP * ch + DM_STEP * kk); /* dQ += dS K */
         wg_commit();
         wg_wait<0>();
-        reg_fence(dq);
+#pragma unroll
+        for (int ch = 0; ch < NC; ch++)
+            reg_fence(dq[ch]);
         tile_arrived(more);
     }
 
@@ -495,81 +565,98 @@ __global__ void __launch_bounds__(NTHREADS, 4)
         const int t = r0 + g + 8 * hf;
         if (t >= T)
             continue;
-        store_half_row(dqkv + ((int64_t)b * T + t) * ld + (int64_t)h * HD + 2 * tg, dq, hf, scale);
+        bf16 *row = a.dq + ((int64_t)b * T + t) * a.ldq + (int64_t)h * HD + 2 * tg;
+#pragma unroll
+        for (int ch = 0; ch < NC; ch++)
+            store_half_row(row + CW * ch, dq[ch], hf, a.scale);
     }
-    if (colpart) { /* the Q tile's buffer is free: every warp is past the last tile (tile_arrived) */
+    if (NC == 1 && colpart) { /* the Q tile's buffer is free: every warp is past the last tile (tile_arrived) */
         float *red = reinterpret_cast<float *>(wg_smem + (base - smem_addr(wg_smem)));
-        cta_colsum(dq, r0, g, tg, w, T, scale, red,
-                   colpart + ((int64_t)b * gridDim.y + q0 / ROWS) * ld + (int64_t)h * HD);
+        cta_colsum(dq[0], r0, g, tg, w, T, a.scale, red,
+                   colpart + ((int64_t)b * gridDim.y + q0 / ROWS) * a.ldq + (int64_t)h * HD);
     }
 #endif
 }
 
 /* --------------------------------------------------------------- backward: dK, dV */
 
-/* grid (B * H, key blocks of 64), the blocks with the most queries (the first) first. The
- * accumulators are transposed (keys x queries): per query tile S^T = K Q^T, dP^T = V dO^T, P^T =
- * exp(S^T - lse), dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q; at the end dk = scale dK, dv =
- * dV. Thread rows (keys) r0 + g (+ 8), r0 = k0 + 16 w; the lse (log2 units; +inf past T, which
- * makes P^T zero there) and D of each query tile are staged in shared memory with its rows. */
-__global__ void __launch_bounds__(NTHREADS, 3)
-    k_wg_dkv(bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const float *lse, const float *Dv, int T, int H,
-             float scale, float sl2, float *colpart)
+/* grid (B * KV, key blocks of 64), the blocks with the most queries (the first) first. For each
+ * query head of the kv head's group in turn (so that K and V are read once per group, and the sum
+ * over the group's heads needs no atomics), per query tile: S^T = K Q^T, dP^T = V dO^T, P^T =
+ * exp(S^T - lse), dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q; at the end dk = scale dK, dv
+ * = dV. The accumulators are transposed (keys x queries). Thread rows (keys) r0 + g (+ 8), r0 = k0
+ * + 16 w; the lse (log2 units; +inf past T, which makes P^T zero there) and D of each query tile
+ * are staged in shared memory with its rows. */
+template <int HD>
+__global__ void __launch_bounds__(NTHREADS, Geo<HD>::DKV_CTAS)
+    k_wg_dkv(const WgArgs a, const bf16 *dout, const float *lse, const float *Dv, float *colpart)
 {
 #if MPS_WGMMA
+    constexpr int NC = Geo<HD>::NC;
+    constexpr uint32_t TB = Geo<HD>::TB;
     extern __shared__ __align__(16) unsigned char wg_smem[];
     const uint32_t base = (smem_addr(wg_smem) + 1023u) & ~1023u;
-    const uint32_t Ks = base, Vs = base + TILE_B, Qs = base + 2 * TILE_B, Gs = base + 4 * TILE_B;
-    float *Ls = reinterpret_cast<float *>(wg_smem + (base - smem_addr(wg_smem)) + 6 * TILE_B); /* [2][64] */
-    float *Ds = Ls + 2 * TILE;                                                                  /* [2][64] */
+    const uint32_t Ks = base, Vs = base + TB, Qs = base + 2 * TB, Gs = base + 4 * TB;
+    float *Ls = reinterpret_cast<float *>(wg_smem + (base - smem_addr(wg_smem)) + 6 * TB); /* [2][64] */
+    float *Ds = Ls + 2 * TILE;                                                              /* [2][64] */
     float *Sl = Ds + 2 * TILE, *Sd = Sl + TILE; /* staging of the next tile's lse, D */
     const int l = threadIdx.x & 31, w = threadIdx.x >> 5, g = l >> 2, tg = l & 3;
-    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    const int T = a.T, H = a.H, KV = H / a.group, b = blockIdx.x / KV, kvh = blockIdx.x % KV;
     const int k0 = blockIdx.y * ROWS;
-    const int64_t Cl = (int64_t)H * HD, ld = 3 * Cl;
-    const bf16 *qb = qkv + (int64_t)b * T * ld + (int64_t)h * HD, *kb = qb + Cl, *vb = qb + 2 * Cl;
-    const bf16 *gb = dout + (int64_t)b * T * Cl + (int64_t)h * HD;
-    const float *lb = lse + (int64_t)bh * T, *db = Dv + (int64_t)bh * T;
-    const int jq0 = k0 / TILE, nqt = (T + TILE - 1) / TILE;
+    const int64_t Cl = (int64_t)H * HD;
+    const bf16 *kb = a.k + (int64_t)b * T * a.ldkv + (int64_t)kvh * HD;
+    const bf16 *vb = a.v + (int64_t)b * T * a.ldkv + (int64_t)kvh * HD;
+    const int jq0 = k0 / TILE, nq = (T + TILE - 1) / TILE - jq0, nit = a.group * nq;
     const int r0 = k0 + 16 * w;
+    const float sl2 = a.sl2;
+    /* iteration it: query head h0 + it / nq, query tile jq0 + it % nq */
+    const int h0 = kvh * a.group;
+#define QB(h) (a.q + (int64_t)b * T * a.ldq + (int64_t)(h) * HD)
+#define GB(h) (dout + (int64_t)b * T * Cl + (int64_t)(h) * HD)
+#define LB(h) (lse + ((int64_t)b * H + (h)) * T)
+#define DB(h) (Dv + ((int64_t)b * H + (h)) * T)
 
-    tile_load<ROWS>(Ks, kb, ld, k0, T);
-    tile_load<ROWS>(Vs, vb, ld, k0, T);
-    tile_load<TILE>(Qs, qb, ld, jq0 * TILE, T);
-    tile_load<TILE>(Gs, gb, Cl, jq0 * TILE, T);
+    tile_load<ROWS, NC>(Ks, kb, a.ldkv, k0, T);
+    tile_load<ROWS, NC>(Vs, vb, a.ldkv, k0, T);
+    tile_load<TILE, NC>(Qs, QB(h0), a.ldq, jq0 * TILE, T);
+    tile_load<TILE, NC>(Gs, GB(h0), Cl, jq0 * TILE, T);
     cp_async_commit();
     if (threadIdx.x < TILE) {
         const int t = jq0 * TILE + threadIdx.x;
-        Ls[threadIdx.x] = t < T ? lb[t] * LOG2E : INFINITY;
-        Ds[threadIdx.x] = t < T ? db[t] : 0.0f;
+        Ls[threadIdx.x] = t < T ? LB(h0)[t] * LOG2E : INFINITY;
+        Ds[threadIdx.x] = t < T ? DB(h0)[t] : 0.0f;
     }
     cp_async_wait_all();
     fence_async();
     __syncthreads();
 
-    float dk[32], dv[32];
-    zero32(dk);
-    zero32(dv);
-    for (int jq = jq0; jq < nqt; jq++) {
-        const int buf = (jq - jq0) & 1, qt0 = jq * TILE;
-        const bool more = jq + 1 < nqt;
-        const uint32_t Q = Qs + buf * TILE_B, G = Gs + buf * TILE_B;
+    float dk[NC][32], dv[NC][32];
+#pragma unroll
+    for (int ch = 0; ch < NC; ch++) {
+        zero32(dk[ch]);
+        zero32(dv[ch]);
+    }
+    for (int it = 0; it < nit; it++) {
+        const int buf = it & 1, qt0 = (jq0 + it % nq) * TILE;
+        const bool more = it + 1 < nit;
+        const uint32_t Q = Qs + buf * TB, G = Gs + buf * TB;
         const float *L = Ls + buf * TILE, *Dq = Ds + buf * TILE;
+        const int hn = h0 + (it + 1) / nq, tn0 = (jq0 + (it + 1) % nq) * TILE; /* the next iteration's */
         if (more) {
-            tile_load<TILE>(Qs + (buf ^ 1) * TILE_B, qb, ld, qt0 + TILE, T);
-            tile_load<TILE>(Gs + (buf ^ 1) * TILE_B, gb, Cl, qt0 + TILE, T);
-            const int t = qt0 + TILE + threadIdx.x;
+            tile_load<TILE, NC>(Qs + (buf ^ 1) * TB, QB(hn), a.ldq, tn0, T);
+            tile_load<TILE, NC>(Gs + (buf ^ 1) * TB, GB(hn), Cl, tn0, T);
+            const int t = tn0 + threadIdx.x;
             if (threadIdx.x < TILE && t < T) {
-                cp_async4(Sl + threadIdx.x, lb + t);
-                cp_async4(Sd + threadIdx.x, db + t);
+                cp_async4(Sl + threadIdx.x, LB(hn) + t);
+                cp_async4(Sd + threadIdx.x, DB(hn) + t);
             }
             cp_async_commit();
         }
         float s[32], dp[32];
         wg_fence();
-        wg_ss64(s, dlo(Ks), dlo(Q)); /* S^T = K Q^T */
+        wg_ss_hd<NC>(s, dlo(Ks), dlo(Q)); /* S^T = K Q^T */
         wg_commit();
-        wg_ss64(dp, dlo(Vs), dlo(G)); /* dP^T = V dO^T */
+        wg_ss_hd<NC>(dp, dlo(Vs), dlo(G)); /* dP^T = V dO^T */
         wg_commit();
         wg_wait<1>(); /* S^T; P^T's exponentials while dP^T is computed */
         reg_fence(s);
@@ -595,18 +682,25 @@ __global__ void __launch_bounds__(NTHREADS, 3)
         to_afrag(dsf, dp);
         wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-            wg_rs(dv, pf[kk], dlo(G) + DM_STEP * kk); /* dV += P^T dO */
+        for (int ch = 0; ch < NC; ch++)
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-            wg_rs(dk, dsf[kk], dlo(Q) + DM_STEP * kk); /* dK += dS^T Q */
+            for (int kk = 0; kk < 4; kk++)
+                wg_rs(dv[ch], pf[kk], dlo(G) + DC_STEP * ch + DM_STEP * kk); /* dV += P^T dO */
+#pragma unroll
+        for (int ch = 0; ch < NC; ch++)
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++)
+                wg_rs(dk[ch], dsf[kk], dlo(Q) + DC_STEP * ch + DM_STEP * kk); /* dK += dS^T Q */
         wg_commit();
         wg_wait<0>();
-        reg_fence(dk);
-        reg_fence(dv);
+#pragma unroll
+        for (int ch = 0; ch < NC; ch++) {
+            reg_fence(dk[ch]);
+            reg_fence(dv[ch]);
+        }
         if (more) {
             cp_async_wait_all();
-            const int t = qt0 + TILE + threadIdx.x;
+            const int t = tn0 + threadIdx.x;
             if (threadIdx.x < TILE) {
                 Ls[(buf ^ 1) * TILE + threadIdx.x] = t < T ? Sl[threadIdx.x] * LOG2E : INFINITY;
                 Ds[(buf ^ 1) * TILE + threadIdx.x] = t < T ? Sd[threadIdx.x] : 0.0f;
@@ -615,23 +709,117 @@ __global__ void __launch_bounds__(NTHREADS, 3)
         }
         __syncthreads();
     }
+#undef QB
+#undef GB
+#undef LB
+#undef DB
 
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
         const int key = r0 + g + 8 * hf;
         if (key >= T)
             continue;
-        bf16 *row = dqkv + ((int64_t)b * T + key) * ld + (int64_t)h * HD + Cl + 2 * tg;
-        store_half_row(row, dk, hf, scale);
-        store_half_row(row + Cl, dv, hf, 1.0f);
+        const int64_t at = ((int64_t)b * T + key) * a.ldkv + (int64_t)kvh * HD + 2 * tg;
+#pragma unroll
+        for (int ch = 0; ch < NC; ch++) {
+            store_half_row(a.dk + at + CW * ch, dk[ch], hf, a.scale);
+            store_half_row(a.dv + at + CW * ch, dv[ch], hf, 1.0f);
+        }
     }
-    if (colpart) { /* the K and V tiles' buffers are free: every warp is past the loop's barrier */
+    if (NC == 1 && colpart) { /* the K and V tiles' buffers are free: every warp is past the loop's barrier */
         float *red = reinterpret_cast<float *>(wg_smem + (base - smem_addr(wg_smem)));
-        float *part = colpart + ((int64_t)b * gridDim.y + blockIdx.y) * ld + (int64_t)h * HD + Cl;
-        cta_colsum(dk, r0, g, tg, w, T, scale, red, part);
-        cta_colsum(dv, r0, g, tg, w, T, 1.0f, red + 4 * HD, part + Cl);
+        float *part = colpart + ((int64_t)b * gridDim.y + blockIdx.y) * a.ldq + Cl + (int64_t)kvh * HD;
+        cta_colsum(dk[0], r0, g, tg, w, T, a.scale, red, part);
+        cta_colsum(dv[0], r0, g, tg, w, T, 1.0f, red + 4 * CW, part + Cl);
     }
 #endif
+}
+
+/* ---------------------------------------------------------------- host side */
+
+template <int HD> int wg_fwd(mps_cuda *c, act_t *out, float *lse, const WgArgs &a, int B, const char *what)
+{
+    const int nb = (a.T + ROWS - 1) / ROWS;
+    if (nb > 65535)
+        return -1;
+    if (att_smem(c, (const void *)k_wg_fwd<HD>, Geo<HD>::FWD, what) != 0)
+        return 0;
+    k_wg_fwd<HD><<<dim3((unsigned)(B * a.H), (unsigned)nb), NTHREADS, Geo<HD>::FWD, c->stream>>>(out, lse, a);
+    cu_launched(c, what);
+    return 0;
+}
+
+/* D first (k_wg_D), then the dK/dV kernel on the side stream beside the dQ kernel, so that each
+ * fills the other's tail (their blocks run from the longest to the shortest) */
+template <int HD>
+int wg_bwd(mps_cuda *c, const WgArgs &a, const act_t *dout, const act_t *out, const float *lse, float *Dv, int B,
+           float *colpart)
+{
+    const int nb = (a.T + ROWS - 1) / ROWS;
+    if (nb > 65535)
+        return -1;
+    if (att_smem(c, (const void *)k_wg_dq<HD>, Geo<HD>::DQ, "attention_bwd (wgmma dq)") != 0 ||
+        att_smem(c, (const void *)k_wg_dkv<HD>, Geo<HD>::DKV, "attention_bwd (wgmma dk, dv)") != 0)
+        return 0;
+    const dim3 grid((unsigned)(B * a.H), (unsigned)nb), grid_kv((unsigned)(B * (a.H / a.group)), (unsigned)nb);
+    k_wg_D<HD><<<grid, NTHREADS, 0, c->stream>>>(Dv, dout, out, a.T, a.H);
+    if (cu_launched(c, "attention_bwd (wgmma D)") != 0 ||
+        cu_check(c, cudaEventRecord(c->ev_fork, c->stream), "attention_bwd (fork)") != 0 ||
+        cu_check(c, cudaStreamWaitEvent(c->side, c->ev_fork, 0), "attention_bwd (fork)") != 0)
+        return 0;
+    k_wg_dkv<HD><<<grid_kv, NTHREADS, Geo<HD>::DKV, c->side>>>(a, dout, lse, Dv, colpart);
+    if (cu_launched(c, "attention_bwd (wgmma dk, dv)") == 0) {
+        k_wg_dq<HD><<<grid, NTHREADS, Geo<HD>::DQ, c->stream>>>(a, Dv, dout, lse, colpart);
+        cu_launched(c, "attention_bwd (wgmma dq)");
+    }
+    /* the join (also after a failed launch: nothing may stay queued on the side stream unseen) */
+    if (cu_check(c, cudaEventRecord(c->ev_join, c->side), "attention_bwd (join)") == 0)
+        cu_check(c, cudaStreamWaitEvent(c->stream, c->ev_join, 0), "attention_bwd (join)");
+    return 0;
+}
+
+/* GPT-2's fused qkv (B, T, 3 H 64) as WgArgs; dqkv may be NULL (forward) */
+WgArgs gpt2_args(act_t *dqkv, const act_t *qkv, int T, int H)
+{
+    const int64_t Cl = (int64_t)H * 64;
+    WgArgs a;
+    a.q = qkv;
+    a.k = qkv + Cl;
+    a.v = qkv + 2 * Cl;
+    a.dq = dqkv;
+    a.dk = dqkv ? dqkv + Cl : NULL;
+    a.dv = dqkv ? dqkv + 2 * Cl : NULL;
+    a.ldq = a.ldkv = 3 * Cl;
+    a.T = T;
+    a.H = H;
+    a.group = 1;
+    a.scale = 1.0f / sqrtf(64.0f);
+    a.sl2 = a.scale * 1.4426950408889634f;
+    return a;
+}
+
+/* Llama-family q (B, T, H hd), k and v (B, T, KV hd) as WgArgs; NULL when the wgmma kernels do
+ * not take them (head size other than 64 and 128, or an operand not 16-byte aligned) */
+bool gqa_args(WgArgs *a, act_t *dq, act_t *dk, act_t *dv, const act_t *q, const act_t *k, const act_t *v, int T,
+              int H, int KV, int hd)
+{
+    const uintptr_t mis = (uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)dq | (uintptr_t)dk | (uintptr_t)dv;
+    if ((hd != 64 && hd != 128) || KV <= 0 || H % KV != 0 || (mis & 15) != 0)
+        return false;
+    a->q = q;
+    a->k = k;
+    a->v = v;
+    a->dq = dq;
+    a->dk = dk;
+    a->dv = dv;
+    a->ldq = (int64_t)H * hd;
+    a->ldkv = (int64_t)KV * hd;
+    a->T = T;
+    a->H = H;
+    a->group = H / KV;
+    a->scale = 1.0f / sqrtf((float)hd);
+    a->sl2 = a->scale * 1.4426950408889634f;
+    return true;
 }
 
 } // namespace
@@ -662,34 +850,29 @@ int cu_wgmma_available(mps_cuda *c)
 
 int cu_attention_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H)
 {
-    return att_launch_fwd(c, k_wg_fwd, SM_FWD, NTHREADS, ROWS, "attention_fwd (wgmma)", out, lse, qkv, B, T, H);
+    return wg_fwd<64>(c, out, lse, gpt2_args(NULL, qkv, T, H), B, "attention_fwd (wgmma)");
 }
 
-/* D first (k_wg_D), then the dK/dV kernel on the side stream beside the dQ kernel, so that each
- * fills the other's tail (their blocks run from the longest to the shortest) */
 int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
                            const float *lse, float *Dv, int B, int T, int H, float *colpart)
 {
-    const int nb = (T + ROWS - 1) / ROWS;
-    if (nb > 65535)
+    return wg_bwd<64>(c, gpt2_args(dqkv, qkv, T, H), dout, out, lse, Dv, B, colpart);
+}
+
+int cu_gqa_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *q, const act_t *k, const act_t *v, int B, int T,
+                     int H, int KV, int hd)
+{
+    WgArgs a;
+    if (((uintptr_t)out & 15) != 0 || !gqa_args(&a, NULL, NULL, NULL, q, k, v, T, H, KV, hd))
         return -1;
-    const float scale = 1.0f / sqrtf(64.0f), sl2 = scale * 1.4426950408889634f;
-    const dim3 grid((unsigned)(B * H), (unsigned)nb);
-    if (att_smem(c, (const void *)k_wg_dq, SM_DQ, "attention_bwd (wgmma dq)") != 0 ||
-        att_smem(c, (const void *)k_wg_dkv, SM_DKV, "attention_bwd (wgmma dk, dv)") != 0)
-        return 0;
-    k_wg_D<<<grid, NTHREADS, 0, c->stream>>>(Dv, dout, out, T, H);
-    if (cu_launched(c, "attention_bwd (wgmma D)") != 0 ||
-        cu_check(c, cudaEventRecord(c->ev_fork, c->stream), "attention_bwd (fork)") != 0 ||
-        cu_check(c, cudaStreamWaitEvent(c->side, c->ev_fork, 0), "attention_bwd (fork)") != 0)
-        return 0;
-    k_wg_dkv<<<grid, NTHREADS, SM_DKV, c->side>>>(dqkv, dout, qkv, lse, Dv, T, H, scale, sl2, colpart);
-    if (cu_launched(c, "attention_bwd (wgmma dk, dv)") == 0) {
-        k_wg_dq<<<grid, NTHREADS, SM_DQ, c->stream>>>(dqkv, Dv, dout, qkv, lse, T, H, scale, sl2, colpart);
-        cu_launched(c, "attention_bwd (wgmma dq)");
-    }
-    /* the join (also after a failed launch: nothing may stay queued on the side stream unseen) */
-    if (cu_check(c, cudaEventRecord(c->ev_join, c->side), "attention_bwd (join)") == 0)
-        cu_check(c, cudaStreamWaitEvent(c->stream, c->ev_join, 0), "attention_bwd (join)");
-    return 0;
+    return hd == 64 ? wg_fwd<64>(c, out, lse, a, B, "gqa_fwd (wgmma)") : wg_fwd<128>(c, out, lse, a, B, "gqa_fwd (wgmma)");
+}
+
+int cu_gqa_bwd_wgmma(mps_cuda *c, act_t *dq, act_t *dk, act_t *dv, const act_t *dout, const act_t *q, const act_t *k,
+                     const act_t *v, const act_t *out, const float *lse, float *Dv, int B, int T, int H, int KV, int hd)
+{
+    WgArgs a;
+    if ((((uintptr_t)out | (uintptr_t)dout) & 15) != 0 || !gqa_args(&a, dq, dk, dv, q, k, v, T, H, KV, hd))
+        return -1;
+    return hd == 64 ? wg_bwd<64>(c, a, dout, out, lse, Dv, B, NULL) : wg_bwd<128>(c, a, dout, out, lse, Dv, B, NULL);
 }

@@ -211,8 +211,8 @@ void cu_attention_bwd(void *ctx, void *dqkv, const void *dout, const void *qkv, 
 
 /* ---- kernels_llama.cu and attention_gqa.cu: the Llama block's entries (backend.h) */
 void cu_rmsnorm_fwd(void *ctx, void *out, float *rstd, const float *inp, const float *w, int64_t N, int C, float eps);
-void cu_rmsnorm_bwd(void *ctx, float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                    const float *rstd, int64_t N, int C);
+void cu_rmsnorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dw, const float *dout, const float *inp,
+                    const float *w, const float *rstd, int64_t N, int C);
 void cu_rope_fwd(void *ctx, void *x, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
 void cu_rope_bwd(void *ctx, void *dx, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
 void cu_swiglu_fwd(void *ctx, void *out, const void *gate, const void *up, int64_t n);
@@ -240,5 +240,11 @@ int cu_wgmma_available(mps_cuda *c);
 int cu_attention_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *qkv, int B, int T, int H);
 int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const act_t *qkv, const act_t *out,
                            const float *lse, float *Dv, int B, int T, int H, float *colpart);
+/* the Llama family's grouped-query attention (cu_gqa_fwd / cu_gqa_bwd's contract) with the same
+ * kernels, for head sizes 64 and 128; -1 when they do not take the shape (the caller falls back) */
+int cu_gqa_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *q, const act_t *k, const act_t *v, int B, int T,
+                     int H, int KV, int hd);
+int cu_gqa_bwd_wgmma(mps_cuda *c, act_t *dq, act_t *dk, act_t *dv, const act_t *dout, const act_t *q, const act_t *k,
+                     const act_t *v, const act_t *out, const float *lse, float *Dv, int B, int T, int H, int KV, int hd);
 
 #endif
