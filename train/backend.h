@@ -32,6 +32,9 @@ typedef struct {
     float grad_scale; /* the clipping factor */
 } mps_adamw_step;
 
+/* matmul_bwd's dinp modes */
+enum { MPS_DINP_F32 = 0, MPS_DINP_ACT = 1, MPS_DINP_ADD = 2 };
+
 typedef struct mps_backend {
     const char *name; /* "cpu", "cuda" */
     void *ctx;
@@ -87,10 +90,12 @@ typedef struct mps_backend {
     /* out (N, OC) = inp @ w^T + bias (bias may be NULL) as an operand buffer: the head's logits, qkv */
     void (*matmul_fwd_act)(void *ctx, void *out_act, const void *inp_act, const float *w, const float *bias,
                            int64_t N, int C, int OC);
-    /* dinp (N, C) = dout @ w is OVERWRITTEN (no caller accumulates into it: a zero pass and a read
-     * of the old values saved), an operand buffer when dinp_act (the attention output's gradient,
-     * which only the attention backward reads; a layernorm output's, which only the layernorm
-     * backward reads), else fp32; dw (OC, C) += dout^T inp, or = when dw_set (the step's first
+    /* dinp (N, C) = dout @ w is OVERWRITTEN (a zero pass and a read of the old values saved), an
+     * operand buffer when dinp_act is MPS_DINP_ACT (the attention output's gradient, which only the
+     * attention backward reads; a layernorm output's, which only the layernorm backward reads),
+     * fp32 when MPS_DINP_F32; with MPS_DINP_ADD fp32 dinp += dout @ w (the sum of several products'
+     * input gradients, e.g. q, k and v of one norm's output, in the product's epilogue instead of
+     * an extra pass; the product is formed first, then added, as an accumulate pass would); dw (OC, C) += dout^T inp, or = when dw_set (the step's first
      * product into a gradient that AdamW left unzeroed: no zeroing pass, no read of zeros); dbias
      * (OC) +=. dout is an operand buffer when dout_act, else fp32. */
     void (*matmul_bwd)(void *ctx, void *dinp, int dinp_act, float *dw, int dw_set, float *dbias, const void *dout,
@@ -115,11 +120,13 @@ typedef struct mps_backend {
      * GPT-2 only (the engine refuses other models there). Operand buffers as above.
      * RMSNorm: out (N, C) = w * x / sqrt(mean(x^2) + eps), fp32 statistics, rstd (N) kept;
      * bwd: dinp (N, C) += the input gradient, dw (C) +=; dout fp32 (the norm's output feeds
-     * several products, and TP parts: its gradient is their sum, kept in fp32). */
+     * several products, and TP parts: its gradient is their sum, kept in fp32); dinp_act (an
+     * operand buffer, overwritten; may be NULL) = the updated dinp, for the products that read
+     * the residual gradient next (as layernorm_bwd's). */
     void (*rmsnorm_fwd)(void *ctx, void *out_act, float *rstd, const float *inp, const float *w, int64_t N, int C,
                         float eps);
-    void (*rmsnorm_bwd)(void *ctx, float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                        const float *rstd, int64_t N, int C);
+    void (*rmsnorm_bwd)(void *ctx, float *dinp, void *dinp_act, float *dw, const float *dout, const float *inp,
+                        const float *w, const float *rstd, int64_t N, int C);
     /* Rotary embeddings in place over nheads heads of hd at the start of each row (stride ld) of
      * an operand buffer (B, T, ld); cs (2, T, hd/2): cosines, then sines (the engine's table). The
      * backward turns a gradient back. */

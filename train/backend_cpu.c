@@ -81,12 +81,26 @@ static void mm_fwd_act(void *c, void *out, const void *inp, const float *w, cons
 static void mm_bwd(void *c, void *dinp, int dinp_act, float *dw, int dw_set, float *dbias, const void *dout,
                    int dout_act, const void *inp, const float *w, int64_t N, int C, int OC)
 {
-    (void)c; (void)dinp_act; (void)dout_act; /* operand buffers are fp32 here */
-    if (dinp) /* overwritten: the op accumulates */
+    (void)c; (void)dout_act; /* operand buffers are fp32 here */
+    /* MPS_DINP_ADD: the product formed on its own, then added (the bits of a separate accumulate
+     * pass); in place (the op accumulates) only when no scratch could be had */
+    float *sum_into = NULL;
+    if (dinp && dinp_act == MPS_DINP_ADD) {
+        float *part = calloc((size_t)(N * C), sizeof(float));
+        if (part) {
+            sum_into = dinp;
+            dinp = part;
+        }
+    } else if (dinp) { /* overwritten: the op accumulates */
         memset(dinp, 0, sizeof(float) * (size_t)(N * C));
+    }
     if (dw && dw_set)
         memset(dw, 0, sizeof(float) * (size_t)OC * (size_t)C);
     op_matmul_bwd(dinp, dw, dbias, dout, inp, w, N, C, OC);
+    if (sum_into) {
+        op_accumulate(sum_into, dinp, N * C);
+        free(dinp);
+    }
 }
 static void att_fwd(void *c, void *out, float *lse, const void *qkv, int B, int T, int H, int hs)
 {
@@ -133,11 +147,13 @@ static void rms_fwd(void *c, void *out, float *rstd, const float *inp, const flo
     (void)c;
     op_rmsnorm_fwd(out, rstd, inp, w, N, C, eps);
 }
-static void rms_bwd(void *c, float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                    const float *rstd, int64_t N, int C)
+static void rms_bwd(void *c, float *dinp, void *dinp_act, float *dw, const float *dout, const float *inp,
+                    const float *w, const float *rstd, int64_t N, int C)
 {
     (void)c;
     op_rmsnorm_bwd(dinp, dw, dout, inp, w, rstd, N, C);
+    if (dinp && dinp_act) /* operand buffers are fp32 here */
+        memcpy(dinp_act, dinp, sizeof(float) * (size_t)(N * C));
 }
 static void rope_fwd(void *c, void *x, const float *cs, int B, int T, int nh, int hd, int64_t ld)
 {

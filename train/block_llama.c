@@ -125,39 +125,41 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
     const int C = e->C, Cl = e->Cl, Kl = e->KVl * e->hs, F = e->F;
     float *dx = s->dx;
     float *dbig = e->scratch_a;                                      /* (N, max(F, qkv_w)) */
-    float *dpart = e->scratch_a + N * (F > e->qkv_w ? F : e->qkv_w); /* (N, C) */
+    void *datty = e->scratch_a + N * (F > e->qkv_w ? F : e->qkv_w);  /* (N, Cl) operand buffer, Cl <= C */
     float *dln = e->scratch_b;                                       /* (N, C) */
     /* MLP: dx is the output's gradient; the residual passes it on, the norm's backward adds */
-    /* the norms' input gradients (dln, dpart) are sums of several products' and of the TP group's:
-     * fp32, summed before the norm's backward reads them */
+    /* the norms' input gradients (dln) are sums of several products' (each added in its product's
+     * epilogue: MPS_DINP_ADD) and of the TP group's: fp32, summed before the norm's backward reads them */
+    /* the residual gradient as the products read it: its operand copy when the norm backward that
+     * wrote dx left one (s->dx_ready; not when dx came from the next stage) */
+    const int dres_act = s->dx_ready != MPS_DX_NONE;
+    const void *dres = dres_act ? s->dx_act : (const void *)dx;
     void *dh = dbig; /* operand buffer */
-    be->matmul_bwd(be->ctx, dh, 1, g[R_DOWNW], 0, NULL, dx, 0, a->gel, w[R_DOWNW], N, F, C);
+    be->matmul_bwd(be->ctx, dh, 1, g[R_DOWNW], 0, NULL, dres, dres_act, a->gel, w[R_DOWNW], N, F, C);
     void *gate = a->fch, *up = act_at(e, a->fch, N * F);
     be->swiglu_bwd(be->ctx, gate, up, dh, gate, up, N * F); /* dgate, dup in place */
-    be->matmul_bwd(be->ctx, dln, 0, g[R_GATEW], 0, NULL, gate, 1, a->ln2, w[R_GATEW], N, C, F);
-    be->matmul_bwd(be->ctx, dpart, 0, g[R_UPW], 0, NULL, up, 1, a->ln2, w[R_UPW], N, C, F);
-    be->accumulate(be->ctx, dln, dpart, N * C);
+    be->matmul_bwd(be->ctx, dln, MPS_DINP_F32, g[R_GATEW], 0, NULL, gate, 1, a->ln2, w[R_GATEW], N, C, F);
+    be->matmul_bwd(be->ctx, dln, MPS_DINP_ADD, g[R_UPW], 0, NULL, up, 1, a->ln2, w[R_UPW], N, C, F);
     int rc = mps_tp_sum(e, dln, N * C, err); /* n2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
-        be->rmsnorm_bwd(be->ctx, dx, g[R_LN2W], dln, a->x2, w[R_LN2W], a->ln2_rstd, N, C);
+        be->rmsnorm_bwd(be->ctx, dx, s->dx_act, g[R_LN2W], dln, a->x2, w[R_LN2W], a->ln2_rstd, N, C);
         /* attention: dx is now x2's gradient */
-        void *datty = dpart; /* (N, Cl) operand buffer, Cl <= C */
-        be->matmul_bwd(be->ctx, datty, 1, g[R_OW], 0, NULL, dx, 0, a->atty, w[R_OW], N, Cl, C);
+        be->matmul_bwd(be->ctx, datty, 1, g[R_OW], 0, NULL, s->dx_act, 1, a->atty, w[R_OW], N, Cl, C);
         void *dq = dbig, *dk = act_at(e, dbig, N * Cl), *dv = act_at(e, dk, N * Kl); /* operand buffers */
         void *q = q_of(e, a->qkv), *k = k_of(e, a->qkv), *v = v_of(e, a->qkv);
         be->gqa_bwd(be->ctx, dq, dk, dv, datty, q, k, v, a->atty, a->lse, e->B, e->T, e->Hl, e->KVl, e->hs);
         be->rope_bwd(be->ctx, dq, e->rope_cs, e->B, e->T, e->Hl, e->hs, Cl);
         be->rope_bwd(be->ctx, dk, e->rope_cs, e->B, e->T, e->KVl, e->hs, Kl);
-        be->matmul_bwd(be->ctx, dln, 0, g[R_QW], 0, g[R_QB], dq, 1, a->ln1, w[R_QW], N, C, Cl);
-        be->matmul_bwd(be->ctx, dpart, 0, g[R_KW], 0, g[R_KB], dk, 1, a->ln1, w[R_KW], N, C, Kl);
-        be->accumulate(be->ctx, dln, dpart, N * C);
-        be->matmul_bwd(be->ctx, dpart, 0, g[R_VW], 0, g[R_VB], dv, 1, a->ln1, w[R_VW], N, C, Kl);
-        be->accumulate(be->ctx, dln, dpart, N * C);
+        be->matmul_bwd(be->ctx, dln, MPS_DINP_F32, g[R_QW], 0, g[R_QB], dq, 1, a->ln1, w[R_QW], N, C, Cl);
+        be->matmul_bwd(be->ctx, dln, MPS_DINP_ADD, g[R_KW], 0, g[R_KB], dk, 1, a->ln1, w[R_KW], N, C, Kl);
+        be->matmul_bwd(be->ctx, dln, MPS_DINP_ADD, g[R_VW], 0, g[R_VB], dv, 1, a->ln1, w[R_VW], N, C, Kl);
         rc = mps_tp_sum(e, dln, N * C, err);
     }
+    /* below the stage's first layer dx goes to the embedding or to the previous stage: no products */
+    const int below = layer > e->first_layer;
     if (rc == 0)
-        be->rmsnorm_bwd(be->ctx, dx, g[R_LN1W], dln, a->x_in, w[R_LN1W], a->ln1_rstd, N, C);
-    s->dx_ready = MPS_DX_NONE;
+        be->rmsnorm_bwd(be->ctx, dx, below ? s->dx_act : NULL, g[R_LN1W], dln, a->x_in, w[R_LN1W], a->ln1_rstd, N, C);
+    s->dx_ready = below ? MPS_DX_ADDED : MPS_DX_NONE;
     layer_release(e, layer);
     return rc;
 }
@@ -211,10 +213,17 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     float *gmax = e->scratch_b + 5 * N;
     float *dxf = e->scratch_b + 6 * N; /* (N, C) */
     const float scale = 1.0f / ((float)e->o.global_batch * (float)e->T);
+    /* the vocab whole on this rank (and a backward to come): the statistics are final, and dlogits
+     * comes from the same pass over the logits, in place */
+    const int stats_bwd = e->L.tp == 1 && !e->evaluating;
     if (rc == 0) {
         be->rmsnorm_fwd(be->ctx, xf, rstd, x, lnfw, N, C, (float)mps_cfg_norm_eps(&e->cfg));
         be->matmul_fwd_act(be->ctx, e->logits, xf, head, NULL, N, C, (int)e->Vl);
-        be->xent_stats(be->ctx, rowmax, sumexp, tlogit, e->logits, s->targets, N, e->Vl, e->v0, e->cfg.vocab);
+        if (stats_bwd)
+            be->xent_stats_bwd(be->ctx, rowmax, sumexp, tlogit, e->logits, s->targets, scale, N, e->Vl, e->v0,
+                               e->cfg.vocab);
+        else
+            be->xent_stats(be->ctx, rowmax, sumexp, tlogit, e->logits, s->targets, N, e->Vl, e->v0, e->cfg.vocab);
         if (e->L.tp == 1) {
             gmax = rowmax;
         } else {
@@ -229,14 +238,16 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     if (rc == 0 && e->me.tp == 0)
         e->loss_sum += be->xent_loss_sum(be->ctx, gmax, sumexp, tlogit, N);
     if (rc == 0 && !e->evaluating) {
-        be->xent_bwd(be->ctx, e->logits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0, e->cfg.vocab);
+        if (!stats_bwd) /* in place */
+            be->xent_bwd(be->ctx, e->logits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
+                         e->cfg.vocab);
         be->matmul_bwd(be->ctx, dxf, 0, ghead, 0, NULL, e->logits, 1, xf, head, N, C, (int)e->Vl);
         rc = mps_tp_sum(e, dxf, N * C, err);
     }
     if (rc == 0 && !e->evaluating) {
         buf_zero(e, s->dx, N * C);
-        be->rmsnorm_bwd(be->ctx, s->dx, glnfw, dxf, x, lnfw, rstd, N, C);
-        s->dx_ready = MPS_DX_NONE;
+        be->rmsnorm_bwd(be->ctx, s->dx, s->dx_act, glnfw, dxf, x, lnfw, rstd, N, C);
+        s->dx_ready = MPS_DX_ADDED; /* (the Llama block reads only the operand copy, no column sums) */
     }
     mps_weights_release(e, lnfw_t);
     mps_weights_release(e, head_t);

@@ -30,7 +30,8 @@ typedef struct {
 
 /* mps_mb_slot.dx_ready: dx alone (received from the next stage: the products round it, bias_grad
  * sums it); dx_act matches dx and dx_colsum holds its column sums (after the head); dx_act matches
- * dx and its column sums are already in the bias gradient they belong to (inside the stage). */
+ * dx and its column sums are already in the bias gradient they belong to (inside the stage). The
+ * Llama block has no biases: for it any state but MPS_DX_NONE says that dx_act matches dx. */
 enum { MPS_DX_NONE = 0, MPS_DX_SUMS = 1, MPS_DX_ADDED = 2 };
 
 /* Activations one micro-batch keeps for its backward pass, per layer of the stage. */

@@ -784,8 +784,9 @@ static void test_rmsnorm(int64_t N, int C)
     snprintf(op, sizeof op, "rmsnorm_bwd N%lld C%d", (long long)N, C);
     float *i0 = hrand(N * C, 1.0f), *i1 = hrand(C, 1.0f); /* += outputs: random start */
     float *dinp = o_add(&s, "dinp", N * C, i0), *dw = o_add(&s, "dw", C, i1);
-    cpu.rmsnorm_bwd(cpu.ctx, dinp, dw, dout.h, inp.h, w.h, r.h, N, C);
-    GPU_TWICE(s, gpu.rmsnorm_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout.d, inp.d, w.d, r.d, N, C));
+    float *dact = o_add_act(&s, "dinp_act", N * C);
+    cpu.rmsnorm_bwd(cpu.ctx, dinp, dact, dw, dout.h, inp.h, w.h, r.h, N, C);
+    GPU_TWICE(s, gpu.rmsnorm_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 2), o_dev(&s, 1), dout.d, inp.d, w.d, r.d, N, C));
     o_done(&s, N > 1000 || C > 1000 ? TOL_RED : TOL_EW); /* long sums: dw over rows, the row dot over C */
     free(i0);
     free(i1);
@@ -1314,6 +1315,20 @@ static void bench(mps_backend *bf16)
     BENCH(&gpu, "attention_fwd (default: wgmma on sm_90)", att, 20, gpu.attention_fwd(gpu.ctx, x, lse, qkv, B, T, H, hs));
     BENCH(&gpu, "attention_bwd (default: wgmma on sm_90)", 2.5 * att, 20,
           gpu.attention_bwd(gpu.ctx, dqkv, y, qkv, x, lse, B, T, H, hs, bias));
+    /* the Llama block's grouped-query attention at llama-125m's shape (H 12 over KV 4, head size
+     * 64; B = 8 of its 32) and at llama-1b-hs128's (H 16 over KV 4, head size 128, T 2048, B = 2
+     * of its 8); q, k, v one after the other in qkv, their gradients in dqkv */
+    for (int k = 0; k < 2; k++) {
+        const int gB = k ? 2 : B, gT = k ? 2048 : T, gH = k ? 16 : H, gKV = 4, ghd = k ? 128 : 64;
+        const int64_t nq = (int64_t)gB * gT * gH * ghd, nk = (int64_t)gB * gT * gKV * ghd;
+        char *q = (char *)qkv, *kk = q + nq * gpu.act_bytes, *v = kk + nk * gpu.act_bytes;
+        char *dq = (char *)dqkv, *dk = dq + nq * gpu.act_bytes, *dv = dk + nk * gpu.act_bytes;
+        const double gatt = 4.0 * gB * gH * (double)gT * gT / 2 * ghd;
+        BENCH(&gpu, k ? "gqa_fwd B2 T2048 H16 KV4 hd128" : "gqa_fwd B8 T1024 H12 KV4 hd64", gatt, 20,
+              gpu.gqa_fwd(gpu.ctx, x, lse, q, kk, v, gB, gT, gH, gKV, ghd));
+        BENCH(&gpu, k ? "gqa_bwd B2 T2048 H16 KV4 hd128" : "gqa_bwd B8 T1024 H12 KV4 hd64", 2.5 * gatt, 20,
+              gpu.gqa_bwd(gpu.ctx, dq, dk, dv, y, q, kk, v, x, lse, gB, gT, gH, gKV, ghd));
+    }
     /* for comparison: the mma.sync kernels of attention_fast.cu and the fp32 kernels */
     for (int k = 0; k < 2; k++) {
         mps_backend other;
@@ -1657,9 +1672,24 @@ static void g_gqa(void)
     } c[] = {
         {2, 70, 8, 2, 64}, {1, 130, 8, 8, 64}, {2, 100, 8, 2, 128}, {1, 129, 8, 8, 128}, {1, 64, 8, 2, 64},
         {1, 300, 8, 2, 128}, {2, 33, 6, 2, 48}, {1, 200, 4, 1, 32}, {1, 1, 8, 2, 64}, {1, 5, 2, 2, 128},
+        {2, 200, 16, 2, 64}, {1, 260, 8, 1, 128}, {1, 129, 4, 4, 128},
     };
     for (size_t i = 0; i < sizeof c / sizeof c[0]; i++)
         test_gqa(c[i].B, c[i].T, c[i].H, c[i].KV, c[i].hd);
+    /* head sizes 64 and 128 take the wgmma kernels on H100 / H200: the fp32 kernels (other cards)
+     * once more for them, selected by MPS_CUDA_ATTENTION=fp32 */
+    mps_backend fp32, saved = gpu;
+    mps_err err;
+    if (cuda_backend_attention("fp32", &fp32, &err) != 0) {
+        printf("not ok - a CUDA backend with MPS_CUDA_ATTENTION=fp32: %s\n", err.msg);
+        failures++;
+        return;
+    }
+    gpu = fp32;
+    test_gqa(2, 100, 8, 2, 128);
+    test_gqa(1, 130, 8, 2, 64);
+    gpu = saved;
+    fp32.destroy(fp32.ctx);
 }
 static void g_bench(void)
 {

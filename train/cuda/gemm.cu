@@ -348,8 +348,9 @@ void cu_matmul_bwd(void *ctx, void *dinp, int dinp_act, float *dw, int dw_set, f
         const __nv_bfloat16 *wb = param_bf16(c, SCR_BF_B, w, (int64_t)OC * C, "matmul_bwd (w to bf16)");
         if (!wb)
             return;
-        if (!dinp_act) {
-            gemm(c, "matmul_bwd (dinp)", 0, 0, C, (int)N, OC, wb, C, gb, OC, 0.0f, NULL, (float *)dinp, C, NULL);
+        if (dinp_act != MPS_DINP_ACT) { /* fp32: overwritten, or added to (beta 1) */
+            gemm(c, "matmul_bwd (dinp)", 0, 0, C, (int)N, OC, wb, C, gb, OC, dinp_act == MPS_DINP_ADD ? 1.0f : 0.0f,
+                 NULL, (float *)dinp, C, NULL);
         } else {
             /* a bf16 D wants a leading dimension that is a multiple of 8 */
             const int r = C % 8 == 0 ? gemm_bf16(c, "matmul_bwd (dinp, bf16)", MPS_EPI_PLAIN, 0, 0, C, (int)N, OC, wb,

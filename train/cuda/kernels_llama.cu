@@ -34,70 +34,7 @@ void cu_rmsnorm_fwd(void *ctx, void *out, float *rstd, const float *inp, const f
     cu_launched(c, "rmsnorm_fwd");
 }
 
-/* dinp += w dy r - (sum_j w_j dy_j x_j) r^3 / C * x, one warp per row */
-__global__ void k_rms_bwd_dx(float *dinp, const float *dout, const float *inp, const float *w, const float *rstd,
-                             int64_t N, int C)
-{
-    const int lane = threadIdx.x & 31;
-    const int64_t nw = ((int64_t)gridDim.x * blockDim.x) >> 5;
-    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < N; r += nw) {
-        const float *x = inp + r * C, *dy = dout + r * C;
-        const float rs = rstd[r];
-        float dot = 0.0f;
-        for (int j = lane; j < C; j += 32)
-            dot += w[j] * dy[j] * x[j];
-        const float k = warp_reduce(dot, SumOp()) * rs * rs * rs / (float)C;
-        float *dx = dinp + r * C;
-        for (int j = lane; j < C; j += 32)
-            dx[j] += w[j] * dy[j] * rs - k * x[j];
-    }
-}
-
-#define RMS_CHUNK 64 /* rows per partial sum of dw */
-
-/* part[chunk][j] = sum over the chunk's rows i (in order) of dy_ij x_ij r_i */
-__global__ void k_rms_bwd_dw(float *part, const float *dout, const float *inp, const float *rstd, int64_t N, int C)
-{
-    const int j = blockIdx.y * blockDim.x + threadIdx.x;
-    if (j >= C)
-        return;
-    const int64_t i0 = (int64_t)blockIdx.x * RMS_CHUNK;
-    const int64_t i1 = i0 + RMS_CHUNK < N ? i0 + RMS_CHUNK : N;
-    float s = 0.0f;
-    for (int64_t i = i0; i < i1; i++)
-        s += dout[i * C + j] * inp[i * C + j] * rstd[i];
-    part[(int64_t)blockIdx.x * C + j] = s;
-}
-
-void cu_rmsnorm_bwd(void *ctx, float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                    const float *rstd, int64_t N, int C)
-{
-    mps_cuda *c = (mps_cuda *)ctx;
-    if (N <= 0 || C <= 0)
-        return;
-    if (dinp) {
-        k_rms_bwd_dx<<<cu_grid(c, N * 32, 256), 256, 0, c->stream>>>(dinp, dout, inp, w, rstd, N, C);
-        if (cu_launched(c, "rmsnorm_bwd") != 0)
-            return;
-    }
-    if (dw) {
-        const int64_t nch = (N + RMS_CHUNK - 1) / RMS_CHUNK;
-        if (nch > 65535) { /* the grid's x: 4M rows; the engine's micro-batches are far below */
-            cu_fail(c, "rmsnorm_bwd: %lld rows is more than this kernel takes", (long long)N);
-            return;
-        }
-        float *part = (float *)cu_scratch(c, SCR_PART, (size_t)nch * C * sizeof(float));
-        if (!part)
-            return;
-        dim3 grid((unsigned)nch, (unsigned)((C + 255) / 256));
-        k_rms_bwd_dw<<<grid, 256, 0, c->stream>>>(part, dout, inp, rstd, N, C);
-        if (cu_launched(c, "rmsnorm_bwd: dw") != 0)
-            return;
-        const int acc = 1;
-        const float *src = part;
-        cu_colsums(c, 1, &dw, &src, &acc, nch, C, "rmsnorm_bwd: dw sums");
-    }
-}
+/* the backward: kernels_norm.cu (the layernorm backward's kernels without the mean) */
 
 /* ---------------------------------------------------------------- rotary embeddings */
 
@@ -144,25 +81,51 @@ void cu_rope_bwd(void *ctx, void *dx, const float *cs, int B, int T, int nheads,
 
 /* ---------------------------------------------------------------- SwiGLU */
 
-__global__ void k_swiglu_fwd(act_t *out, const act_t *gate, const act_t *up, int64_t n)
+__device__ __forceinline__ float silu_up(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+/* (d silu(g) u / dg, d / du) * d */
+__device__ __forceinline__ void swiglu_grads(float g, float u, float d, float &dg, float &du)
+{
+    const float sig = 1.0f / (1.0f + expf(-g));
+    dg = d * u * sig * (1.0f + g * (1.0f - sig));
+    du = d * (g * sig);
+}
+
+/* V: elements per thread and access, 4 (8-byte accesses) when n and the buffers allow, else 1 */
+template <int V> __global__ void k_swiglu_fwd(act_t *out, const act_t *gate, const act_t *up, int64_t n)
 {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float g = __bfloat162float(gate[i]);
-        out[i] = __float2bfloat16_rn(g / (1.0f + expf(-g)) * __bfloat162float(up[i]));
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n / V; i += stride) {
+        if (V == 4) {
+            const float4 g = ld4_act(gate, i), u = ld4_act(up, i);
+            st4_act(out, i, silu_up(g.x, u.x), silu_up(g.y, u.y), silu_up(g.z, u.z), silu_up(g.w, u.w));
+        } else {
+            out[i] = __float2bfloat16_rn(silu_up(__bfloat162float(gate[i]), __bfloat162float(up[i])));
+        }
     }
 }
 
 /* dgate, dup may be gate and up: each element is read before it is written, by one thread */
+template <int V>
 __global__ void k_swiglu_bwd(act_t *dgate, act_t *dup, const act_t *dout, const act_t *gate, const act_t *up,
                              int64_t n)
 {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        const float g = __bfloat162float(gate[i]), u = __bfloat162float(up[i]), d = __bfloat162float(dout[i]);
-        const float sig = 1.0f / (1.0f + expf(-g));
-        dgate[i] = __float2bfloat16_rn(d * u * sig * (1.0f + g * (1.0f - sig)));
-        dup[i] = __float2bfloat16_rn(d * (g * sig));
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n / V; i += stride) {
+        if (V == 4) {
+            const float4 g = ld4_act(gate, i), u = ld4_act(up, i), d = ld4_act(dout, i);
+            float4 dg, du;
+            swiglu_grads(g.x, u.x, d.x, dg.x, du.x);
+            swiglu_grads(g.y, u.y, d.y, dg.y, du.y);
+            swiglu_grads(g.z, u.z, d.z, dg.z, du.z);
+            swiglu_grads(g.w, u.w, d.w, dg.w, du.w);
+            st4_act(dgate, i, dg.x, dg.y, dg.z, dg.w);
+            st4_act(dup, i, du.x, du.y, du.z, du.w);
+        } else {
+            float dg, du;
+            swiglu_grads(__bfloat162float(gate[i]), __bfloat162float(up[i]), __bfloat162float(dout[i]), dg, du);
+            dgate[i] = __float2bfloat16_rn(dg);
+            dup[i] = __float2bfloat16_rn(du);
+        }
     }
 }
 
@@ -171,8 +134,12 @@ void cu_swiglu_fwd(void *ctx, void *out, const void *gate, const void *up, int64
     mps_cuda *c = (mps_cuda *)ctx;
     if (n <= 0)
         return;
-    k_swiglu_fwd<<<cu_grid(c, n, EW_THREADS), EW_THREADS, 0, c->stream>>>((act_t *)out, (const act_t *)gate,
-                                                                           (const act_t *)up, n);
+    if (n % 4 == 0 && aligned8(out) && aligned8(gate) && aligned8(up))
+        k_swiglu_fwd<4><<<cu_grid(c, n / 4, EW_THREADS), EW_THREADS, 0, c->stream>>>(
+            (act_t *)out, (const act_t *)gate, (const act_t *)up, n);
+    else
+        k_swiglu_fwd<1><<<cu_grid(c, n, EW_THREADS), EW_THREADS, 0, c->stream>>>((act_t *)out, (const act_t *)gate,
+                                                                                  (const act_t *)up, n);
     cu_launched(c, "swiglu_fwd");
 }
 
@@ -181,7 +148,11 @@ void cu_swiglu_bwd(void *ctx, void *dgate, void *dup, const void *dout, const vo
     mps_cuda *c = (mps_cuda *)ctx;
     if (n <= 0)
         return;
-    k_swiglu_bwd<<<cu_grid(c, n, EW_THREADS), EW_THREADS, 0, c->stream>>>(
-        (act_t *)dgate, (act_t *)dup, (const act_t *)dout, (const act_t *)gate, (const act_t *)up, n);
+    if (n % 4 == 0 && aligned8(dgate) && aligned8(dup) && aligned8(dout) && aligned8(gate) && aligned8(up))
+        k_swiglu_bwd<4><<<cu_grid(c, n / 4, EW_THREADS), EW_THREADS, 0, c->stream>>>(
+            (act_t *)dgate, (act_t *)dup, (const act_t *)dout, (const act_t *)gate, (const act_t *)up, n);
+    else
+        k_swiglu_bwd<1><<<cu_grid(c, n, EW_THREADS), EW_THREADS, 0, c->stream>>>(
+            (act_t *)dgate, (act_t *)dup, (const act_t *)dout, (const act_t *)gate, (const act_t *)up, n);
     cu_launched(c, "swiglu_bwd");
 }

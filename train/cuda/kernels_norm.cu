@@ -126,7 +126,8 @@ __device__ __forceinline__ void ln_block_sums(const LnBwdOut &o, const float *sh
                 sb += sh[(int64_t)(LNB_WARPS + k) * C + j];
             }
             o.pdw[(int64_t)blockIdx.x * C + j] = sw;
-            o.pdb[(int64_t)blockIdx.x * C + j] = sb;
+            if (o.pdb)
+                o.pdb[(int64_t)blockIdx.x * C + j] = sb;
         }
         if (o.pdx) {
             float sx = 0.0f;
@@ -139,8 +140,9 @@ __device__ __forceinline__ void ln_block_sums(const LnBwdOut &o, const float *sh
 
 /* Block = 4 warps over 32 rows, a warp per row. dinp (N, C) += rstd * (g - mean(g) - xhat *
  * mean(g * xhat)), g = dout * w; the partial sums of LnBwdOut summed per warp in shared memory,
- * then over the warps in order. */
-template <class DT> /* dout: fp32, or an operand buffer */
+ * then over the warps in order. RMS: RMSNorm's backward, the same without the mean (xhat = x rstd,
+ * no mean(g) term; no pdb). */
+template <class DT, bool RMS> /* dout: fp32, or an operand buffer */
 __global__ void k_ln_bwd(LnBwdOut o, const DT *dout, const float *inp, const float *w, const float *mean,
                          const float *rstd, int64_t N, int C)
 {
@@ -158,7 +160,7 @@ __global__ void k_ln_bwd(LnBwdOut o, const DT *dout, const float *inp, const flo
         const int64_t r = r0 + k;
         const float *x = inp + r * C;  // (C)
         const DT *g = dout + r * C;    // (C)
-        const float m = mean[r], rs = rstd[r];
+        const float m = RMS ? 0.0f : mean[r], rs = rstd[r];
         if (o.dinp) {
             float sg = 0.0f, sgx = 0.0f;
             for (int j = lane; j < C; j += 32) {
@@ -166,7 +168,7 @@ __global__ void k_ln_bwd(LnBwdOut o, const DT *dout, const float *inp, const flo
                 sg += gw;
                 sgx += gw * ((x[j] - m) * rs);
             }
-            const float mg = warp_reduce(sg, SumOp()) / C, mgx = warp_reduce(sgx, SumOp()) / C;
+            const float mg = RMS ? 0.0f : warp_reduce(sg, SumOp()) / C, mgx = warp_reduce(sgx, SumOp()) / C;
             float *dx = o.dinp + r * C;
             for (int j = lane; j < C; j += 32) {
                 const float xh = (x[j] - m) * rs;
@@ -199,7 +201,7 @@ __global__ void k_ln_bwd(LnBwdOut o, const DT *dout, const float *inp, const flo
 __device__ __forceinline__ float4 ld4_any(const float *p, int64_t i4) { return ld4(p, i4); }
 __device__ __forceinline__ float4 ld4_any(const act_t *p, int64_t i4) { return ld4_act(p, i4); }
 
-template <int K, class DT>
+template <int K, class DT, bool RMS>
 __global__ void __launch_bounds__(LNB_WARPS * 32)
     k_ln_bwd4(LnBwdOut o, const DT *dout, const float *inp, const float *w, const float *mean, const float *rstd,
               int64_t N, int C)
@@ -221,7 +223,7 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
     const int64_t r0 = (int64_t)blockIdx.x * LNB_ROWS;
     for (int k = wid; k < LNB_ROWS && r0 + k < N; k += LNB_WARPS) {
         const int64_t r = r0 + k;
-        const float m = mean[r], rs = rstd[r];
+        const float m = RMS ? 0.0f : mean[r], rs = rstd[r];
         float4 xh[K], gv[K], dv[K];
 #pragma unroll
         for (int i = 0; i < K; i++) {
@@ -241,7 +243,7 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
             sgx += a * xh[i].x + b * xh[i].y + c * xh[i].z + d * xh[i].w;
         }
         if (o.dinp) {
-            const float mg = warp_reduce(sg, SumOp()) / C, mgx = warp_reduce(sgx, SumOp()) / C;
+            const float mg = RMS ? 0.0f : warp_reduce(sg, SumOp()) / C, mgx = warp_reduce(sgx, SumOp()) / C;
 #pragma unroll
             for (int i = 0; i < K; i++) {
                 const int j = lane + 32 * i;
@@ -291,7 +293,7 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
 
 /* launches k_ln_bwd4<K> for the smallest K that holds C (up to C = 1024), or returns 0 (the scalar
  * kernel runs) */
-template <class DT, class... A>
+template <class DT, bool RMS, class... A>
 static int ln_bwd_vec(mps_cuda *c, unsigned nblk, size_t smem, int C, A... args)
 {
     if (C % 4 != 0)
@@ -301,10 +303,10 @@ static int ln_bwd_vec(mps_cuda *c, unsigned nblk, size_t smem, int C, A... args)
 #define LNB_CASE(KK)                                                                                        \
     case KK:                                                                                                \
         if (smem > 48 * 1024 &&                                                                             \
-            cu_check(c, cudaFuncSetAttribute(k_ln_bwd4<KK, DT>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
+            cu_check(c, cudaFuncSetAttribute(k_ln_bwd4<KK, DT, RMS>, cudaFuncAttributeMaxDynamicSharedMemorySize, \
                                              (int)smem), "layernorm_bwd") != 0)                             \
             return 1;                                                                                       \
-        k_ln_bwd4<KK, DT><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(args...);                             \
+        k_ln_bwd4<KK, DT, RMS><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(args...);                        \
         return 1;
         LNB_CASE(1) LNB_CASE(2) LNB_CASE(3) LNB_CASE(4) LNB_CASE(5) LNB_CASE(6) LNB_CASE(7) LNB_CASE(8)
 #undef LNB_CASE
@@ -313,16 +315,16 @@ static int ln_bwd_vec(mps_cuda *c, unsigned nblk, size_t smem, int C, A... args)
     }
 }
 
-template <class DT>
+template <class DT, bool RMS = false>
 static void ln_bwd_launch(mps_cuda *c, const LnBwdOut &o, unsigned nblk, size_t smem, int vec, const DT *dout,
                           const float *inp, const float *w, const float *mean, const float *rstd, int64_t N, int C)
 {
     if (smem > 48 * 1024 &&
-        cu_check(c, cudaFuncSetAttribute(k_ln_bwd<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+        cu_check(c, cudaFuncSetAttribute(k_ln_bwd<DT, RMS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                  "layernorm_bwd") != 0)
         return;
-    if (!(vec && ln_bwd_vec<DT>(c, nblk, smem, C, o, dout, inp, w, mean, rstd, N, C)))
-        k_ln_bwd<DT><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(o, dout, inp, w, mean, rstd, N, C);
+    if (!(vec && ln_bwd_vec<DT, RMS>(c, nblk, smem, C, o, dout, inp, w, mean, rstd, N, C)))
+        k_ln_bwd<DT, RMS><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(o, dout, inp, w, mean, rstd, N, C);
 }
 
 void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db,
@@ -359,9 +361,9 @@ void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum
     const int vec = cu_aligned16(dinp) && (dout_act ? aligned8(dout) : cu_aligned16(dout)) && cu_aligned16(inp) &&
                     cu_aligned16(w) && (!dinp_act || aligned8(dinp_act));
     if (dout_act)
-        ln_bwd_launch(c, o, (unsigned)nblk, smem, vec, (const act_t *)dout, inp, w, mean, rstd, N, C);
+        ln_bwd_launch<act_t>(c, o, (unsigned)nblk, smem, vec, (const act_t *)dout, inp, w, mean, rstd, N, C);
     else
-        ln_bwd_launch(c, o, (unsigned)nblk, smem, vec, (const float *)dout, inp, w, mean, rstd, N, C);
+        ln_bwd_launch<float>(c, o, (unsigned)nblk, smem, vec, (const float *)dout, inp, w, mean, rstd, N, C);
     if (cu_launched(c, "layernorm_bwd") != 0)
         return;
     /* the blocks' partials summed over the blocks: one launch for dw, db and dinp's column sums */
@@ -377,3 +379,39 @@ void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum
     cu_colsums(c, n, dst, src, acc, nblk, C, "layernorm_bwd (column sums)");
 }
 
+
+/* RMSNorm's backward (the Llama block): the kernels above without the mean, dinp += and dinp_act
+ * (the updated dinp as an operand buffer) in one pass, dw from the blocks' partial sums */
+void cu_rmsnorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dw, const float *dout, const float *inp,
+                    const float *w, const float *rstd, int64_t N, int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (!dinp)
+        dinp_act = NULL;
+    if (N <= 0 || C <= 0 || (!dinp && !dw))
+        return;
+    const int64_t nblk = (N + LNB_ROWS - 1) / LNB_ROWS;
+    if (nblk > INT32_MAX) {
+        cu_fail(c, "rmsnorm_bwd: N = %lld too large", (long long)N);
+        return;
+    }
+    LnBwdOut o = {dinp, (act_t *)dinp_act, NULL, NULL, NULL};
+    size_t smem = 0;
+    if (dw) {
+        if (!(o.pdw = (float *)cu_scratch(c, SCR_PART, (size_t)nblk * C * sizeof(float))))
+            return;
+        smem = (size_t)3 * LNB_WARPS * C * sizeof(float);
+        if ((int64_t)smem > c->smem_optin) {
+            cu_fail(c, "rmsnorm_bwd: C = %d needs %zu bytes of shared memory", C, smem);
+            return;
+        }
+    }
+    const int vec = cu_aligned16(dinp) && cu_aligned16(dout) && cu_aligned16(inp) && cu_aligned16(w) &&
+                    (!dinp_act || aligned8(dinp_act));
+    ln_bwd_launch<float, true>(c, o, (unsigned)nblk, smem, vec, dout, inp, w, NULL, rstd, N, C);
+    if (cu_launched(c, "rmsnorm_bwd") != 0 || !dw)
+        return;
+    const float *src = o.pdw;
+    const int acc = 1;
+    cu_colsums(c, 1, &dw, &src, &acc, nblk, C, "rmsnorm_bwd (dw sums)");
+}
