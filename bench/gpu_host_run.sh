@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: build on the GPU host (deps/ carried: scripts/fetch-host-deps.sh), run the
 # suite, then the benches. Output goes to $OUT when set; MPS_CUDA=OFF builds without the CUDA
-# backend (for runs that train nothing on the GPU). usage: bench/gpu_host_run.sh [tests|shard|llamashard|hf|reshard|gpuunit|gputrain|trainbench|multibench|profile]...
+# backend (for runs that train nothing on the GPU). usage: bench/gpu_host_run.sh [tests|shard|llamashard|hf|reshard|gpuunit|gputrain|gpullama|trainbench|multibench|profile|llamaprofile|plan|release]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
@@ -26,5 +26,12 @@ for what in "$@"; do
       | tee "$OUT/trainbench.txt" | tail -20 ;;
     multibench) MPSHARD=build/mpshard bash bench/train_bench_multi.sh /tmp/mbench 2>&1 | tee "$OUT/multibench.txt" | tail -20 ;;
     profile) bash bench/train_profile.sh /tmp/prof 2>&1 | tee "$OUT/profile.txt" | tail -45 ;;
+    llamaprofile) MODEL=llama-125m bash bench/train_profile.sh /tmp/lprof 2>&1 | tee "$OUT/llama_profile.txt" | tail -45 ;;
+    plan) bash bench/plan_vs_measured.sh /tmp/plan 2>&1 | tee "$OUT/plan_vs_measured.txt" ;;
+    # a Release build (users' flags: no -Werror) of these sources in a fresh build directory, GCC of this host
+    release) gcc --version | head -1
+      (cmake -S . -B /tmp/relbuild -DCMAKE_BUILD_TYPE=Release && cmake --build /tmp/relbuild -j "$(nproc)") \
+        >"$OUT/release.log" 2>&1 && echo "Release build: ok ($(grep -c warning "$OUT/release.log") warnings)" \
+        || { echo "Release build: FAILED"; grep -E "error|warning" "$OUT/release.log" | head; } ;;
   esac
 done

@@ -2,14 +2,14 @@
 # Bench: the planner's per-rank peak (`mpshard inspect --precision mixed --recompute selective`: the
 # CUDA trainer's flash-style attention stores no scores) against the device memory a real training
 # run uses at its peak, sampled by nvidia-smi every 50 ms (minus what the GPU held before the run).
-# usage: bench/plan_vs_measured.sh [WORKDIR]   env: MPSHARD, SPECS ("model B" pairs; T = 1024)
+# usage: bench/plan_vs_measured.sh [WORKDIR]   env: MPSHARD, SPECS ("model B" pairs; T = 1024; token ids < 32000)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 M=${MPSHARD:-$here/../build/mpshard}
 W=${1:-/tmp/plan-bench}
-SPECS=${SPECS:-"gpt2 16|gpt2-medium 16"}
+SPECS=${SPECS:-"gpt2 16|gpt2-medium 16|llama-125m 16|tinyllama-1.1b 4"}
 mkdir -p "$W"
-"$M" tokens --count 4000000 --vocab 50257 -o "$W/tok.bin" --force >/dev/null || exit 1
+"$M" tokens --count 4000000 --vocab 32000 -o "$W/tok.bin" --force >/dev/null || exit 1
 used() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1; }
 IFS='|' read -ra specs <<<"$SPECS"
 for spec in "${specs[@]}"; do

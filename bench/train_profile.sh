@@ -3,14 +3,14 @@
 # GPT-2 124M (B=32, T=1024) on one GPU; kernels are summed by name, largest first, with the step
 # time from the trainer's log beside them. Not a bench of record: ncu serialises kernels, so the
 # sum is the busy time without overlap or launch gaps.
-# usage: bench/train_profile.sh WORKDIR   env: MPSHARD, MODEL (gpt2), B (32)
+# usage: bench/train_profile.sh WORKDIR   env: MPSHARD, MODEL (gpt2), B (32), T (1024)
 set -uo pipefail
 W=${1:-/tmp/prof}; rm -rf "$W"; mkdir -p "$W"
-M=${MPSHARD:-build/mpshard}; MODEL=${MODEL:-gpt2}; B=${B:-32}
-"$M" tokens --count 400000 --vocab 50257 -o "$W/tok.bin" || exit 1
+M=${MPSHARD:-build/mpshard}; MODEL=${MODEL:-gpt2}; B=${B:-32}; T=${T:-1024}
+"$M" tokens --count 400000 --vocab 32000 -o "$W/tok.bin" || exit 1
 "$M" init --model "$MODEL" --layout dp=1 -o "$W/ck" -q || exit 1
 run() { "$M" train --ckpt "$W/ck" --layout dp=1 --data "$W/tok.bin" --steps "$1" --global-batch "$B" --micro-batch "$B" \
-  --seq 1024 --backend cuda --out "$W/run" --log "$2" -q; }
+  --seq "$T" --backend cuda --out "$W/run" --log "$2" -q; }
 MPS_CUDA_VERBOSE=1 run 6 "$W/plain.jsonl" 2>"$W/plain.err" || { tail -5 "$W/plain.err"; exit 1; }
 echo "GEMM plans (MPS_CUDA_VERBOSE=1):"; grep "gemm plan" "$W/plain.err" | sort -u
 echo "tokens/s without the profiler:"; sed -E 's/.*"tokens_per_s": ([0-9.]+).*/\1/' "$W/plain.jsonl" | tr '\n' ' '; echo
@@ -18,7 +18,7 @@ echo "tokens/s without the profiler:"; sed -E 's/.*"tokens_per_s": ([0-9.]+).*/\
 # profile everything of a 3-step run and keep the last third of the launches (steps are identical)
 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
   "$M" train --ckpt "$W/ck" --layout dp=1 --data "$W/tok.bin" --steps 3 --global-batch "$B" --micro-batch "$B" \
-  --seq 1024 --backend cuda --out "$W/run2" -q >"$W/ncu.csv" 2>"$W/ncu.err" || { tail -5 "$W/ncu.err"; exit 1; }
+  --seq "$T" --backend cuda --out "$W/run2" -q >"$W/ncu.csv" 2>"$W/ncu.err" || { tail -5 "$W/ncu.err"; exit 1; }
 python3 - "$W/ncu.csv" <<'PY'
 import csv, sys, collections
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
