@@ -12,6 +12,8 @@
 # env: MPSHARD (the binary), SHARED (the directory of torch_llama.py; TORCH=0: no PyTorch run),
 #      STEPS (timed steps after the 5 warm-up ones; default 30, as torch_llama.py), BACKEND (cuda),
 #      BATCH and SEQ (override each name's), PEAK_TFLOPS (the MFU's peak, default 989),
+#      MICRO_BATCH (default: the batch, one micro-batch a step) and TRAIN_OPTS (e.g. --recompute):
+#      for a shape whose activations do not fit the GPU at torch_llama.py's batch,
 #      RESUME (the model of the resume and save part, a NAME; default tinyllama-1.1b; empty: none),
 #      RESUME_LAYOUT (the layout its shards are written under; default dp=4,zero=3),
 #      SAVE_EVERY (default 10: background saves 10 and 20 steps into the run), DROP_CACHES=0
@@ -48,10 +50,14 @@ done
 run_train() {
   local tag=$1 ck=$2 steps=$3 b t; b=$(batch "$4"); t=$(seq_len "$4"); shift 4
   rm -rf "$W/run-$tag" "$W/$tag.jsonl"
-  "$M" train --ckpt "$ck" --layout dp=1 --data "$W/tok.bin" --steps "$steps" --global-batch "$b" --micro-batch "$b" \
-    --seq "$t" --backend "$BACKEND" --out "$W/run-$tag" --log "$W/$tag.jsonl" "$@" 2>"$W/$tag.err" >/dev/null \
+  # shellcheck disable=SC2086 # TRAIN_OPTS: options, split
+  "$M" train --ckpt "$ck" --layout dp=1 --data "$W/tok.bin" --steps "$steps" --global-batch "$b" \
+    --micro-batch "${MICRO_BATCH:-$b}" --seq "$t" --backend "$BACKEND" --out "$W/run-$tag" --log "$W/$tag.jsonl" \
+    ${TRAIN_OPTS:-} "$@" 2>"$W/$tag.err" >/dev/null \
     || { echo "$tag: mpshard train failed: $(run_error "$W/$tag.err")"; return 1; }
 }
+# the run's options beside the torch script's (none by default)
+opts_note() { echo "${MICRO_BATCH:+ in micro-batches of $MICRO_BATCH}${TRAIN_OPTS:+ $TRAIN_OPTS}"; }
 for spec in $NAMES; do
   name=$(spec_label "$spec") s=$(spec_shape "$spec") b=$(batch "$spec") t=$(seq_len "$spec")
   rm -rf "$W/${name:?}"
@@ -66,8 +72,8 @@ for spec in $NAMES; do
     echo "(PyTorch not run: TORCH=0 or no $SHARED/torch_llama.py)"; : >"$W/torch-$name.txt"
   fi
   theirs=$(torch_tps "$W/torch-$name.txt") tp=$(torch_params "$W/torch-$name.txt")
-  printf 'mpshard %s B=%s T=%s: %s tok/s (tokens of steps 6-%s over their wall time); PyTorch (same run) %s tok/s; ratio %s (target >= 1.1x)\n' \
-    "$name" "$b" "$t" "$(fmt0 "$ours")" "$N" "$(fmt0 "${theirs:-?}")" "$(ratio "$ours" "$theirs")"
+  printf 'mpshard %s B=%s T=%s%s: %s tok/s (tokens of steps 6-%s over their wall time); PyTorch (same run) %s tok/s; ratio %s (target >= 1.1x)\n' \
+    "$name" "$b" "$t" "$(opts_note)" "$(fmt0 "$ours")" "$N" "$(fmt0 "${theirs:-?}")" "$(ratio "$ours" "$theirs")"
   echo "MFU $name (6 n + 12 L C T flops per token, n = $(params_m "$s"); torch_llama.py: params ${tp:-?}; of $PEAK_TFLOPS TFLOP/s): mpshard $(mfu "$s" "$t" "$ours"), PyTorch $(mfu "$s" "$t" "${theirs:-?}")"
 done
 [ -n "$RESUME" ] || exit 0
@@ -81,13 +87,13 @@ rm -rf "$W/resume-init"
 dropped=$(drop_caches)
 run_train resume "$W/resume-init" 1 "$RESUME"
 grep -E "loaded in" "$W/resume.err"
-echo "time to first step ($name, shards of $RESUME_LAYOUT -> dp=1, $dropped): $(first_step_s "$W/resume.jsonl") s"
+echo "time to first step ($name$(opts_note), shards of $RESUME_LAYOUT -> dp=1, $dropped): $(first_step_s "$W/resume.jsonl") s"
 rm -rf "$W/resume-init"
 # The training stall of each background save: the run resumed at step 1 saves at SAVE_EVERY and
 # 2 SAVE_EVERY in the background (the stall: the copy into the host snapshot, plus any wait for
 # the previous save's write), then its last step directly. --keep-last 1: two checkpoints on disk.
 run_train save "$W/run-resume" $((2 * SAVE_EVERY + 1)) "$RESUME" --save-every "$SAVE_EVERY" --keep-last 1
-save_report "$name" "$W/save.jsonl" "$W/save.err"
+save_report "$name$(opts_note)" "$W/save.jsonl" "$W/save.err"
 awk -v a="$SAVE_EVERY" -v b=$((2 * SAVE_EVERY)) '/"loss"/ { e = $0; sub(/.*"elapsed_s": /, "", e); sub(/[,}].*/, "", e)
     s = $0; sub(/^\{"step": /, "", s); sub(/,.*/, "", s); t[s + 0] = e }
   END { if ((a in t) && (b in t)) printf "(from the end of step %d to the end of step %d: %.2f s, the first stall included; a write that takes longer makes the next save wait)\n", a, b, t[b] - t[a] }' "$W/save.jsonl"
