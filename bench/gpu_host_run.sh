@@ -1,7 +1,11 @@
 #!/bin/bash
 # One device call: build on the GPU host (deps/ carried: scripts/fetch-host-deps.sh), run the
 # suite, then the benches. Output goes to $OUT when set; MPS_CUDA=OFF builds without the CUDA
-# backend (for runs that train nothing on the GPU). usage: bench/gpu_host_run.sh [tests|shard|llamashard|hf|reshard|gpuunit|gputrain|gpullama|trainbench|multibench|profile|llamaprofile|plan|release]...
+# backend (for runs that train nothing on the GPU).
+# usage: bench/gpu_host_run.sh [tests|shard|llamashard|hf|reshard|gpuunit|gputrain|gpullama|trainbench|llamabench|multibench|profile|llamaprofile|plan|release]...
+# llamabench: bench/train_bench_llama.sh on LLAMA_NAMES (default its three, torch_llama.py's), then
+# tinyllama's resume and save part (to split it over two calls: RESUME= leaves that part out,
+# LLAMA_NAMES=none runs it alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
@@ -23,7 +27,9 @@ for what in "$@"; do
         build/test_backend_cuda gqa) 2>&1 | tee "$OUT/gpuunit_llama.txt" | grep -vE "^ *ok" | tail -30
       SECTIONS=llama MPSHARD=build/mpshard bash tests/gpu/train_gpu.sh /tmp/gputest 2>&1 | tee "$OUT/gputrain_llama.txt" | tail -40 ;;
     trainbench) MPSHARD=build/mpshard SHARED="${SHARED:-../shared}/bench" bash bench/train_bench.sh /tmp/tbench 2>&1 \
-      | tee "$OUT/trainbench.txt" | tail -20 ;;
+      | tee "$OUT/trainbench.txt" | tail -25 ;;
+    llamabench) MPSHARD=build/mpshard SHARED="${SHARED:-../shared}/bench" bash bench/train_bench_llama.sh /tmp/tbench-llama \
+      ${LLAMA_NAMES:-} 2>&1 | tee "$OUT/llamabench.txt" | tail -30 ;;
     multibench) MPSHARD=build/mpshard bash bench/train_bench_multi.sh /tmp/mbench 2>&1 | tee "$OUT/multibench.txt" | tail -20 ;;
     profile) bash bench/train_profile.sh /tmp/prof 2>&1 | tee "$OUT/profile.txt" | tail -45 ;;
     llamaprofile) MODEL=llama-125m bash bench/train_profile.sh /tmp/lprof 2>&1 | tee "$OUT/llama_profile.txt" | tail -45 ;;
