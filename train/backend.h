@@ -137,12 +137,14 @@ typedef struct mps_backend {
     void (*swiglu_bwd)(void *ctx, void *dgate_act, void *dup_act, const void *dout_act, const void *gate_act,
                        const void *up_act, int64_t n);
     /* Causal grouped-query attention: q, out (B, T, H hd), k, v (B, T, KV hd), query head h on kv
-     * head h / (H / KV); lse (B, H, T). bwd: dq, dk, dv overwritten. */
+     * head h / (H / KV); lse (B, H, T). bwd: dq, dk, dv overwritten; with rope_cs (rope_fwd's table,
+     * may be NULL) dq and dk come out turned back as rope_bwd would (a GPU does it as it stores
+     * them, instead of another pass). */
     void (*gqa_fwd)(void *ctx, void *out_act, float *lse, const void *q_act, const void *k_act, const void *v_act,
                     int B, int T, int H, int KV, int hd);
     void (*gqa_bwd)(void *ctx, void *dq_act, void *dk_act, void *dv_act, const void *dout_act, const void *q_act,
                     const void *k_act, const void *v_act, const void *out_act, const float *lse, int B, int T, int H,
-                    int KV, int hd);
+                    int KV, int hd, const float *rope_cs);
     void (*residual_bias)(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
     /* db (C) += column sums of dout (N, C) */
     void (*bias_grad)(void *ctx, float *db, const float *dout, int64_t N, int C);

@@ -182,7 +182,8 @@ static void gqa_fwd(void *c, void *out, float *lse, const void *q, const void *k
     op_gqa_fwd(out, lse, q, k, v, B, T, H, KV, hd);
 }
 static void gqa_bwd(void *c, void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
-                    const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd)
+                    const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd,
+                    const float *rope_cs)
 {
     (void)c;
     /* the op accumulates; the table overwrites */
@@ -190,6 +191,10 @@ static void gqa_bwd(void *c, void *dq, void *dk, void *dv, const void *dout, con
     memset(dk, 0, sizeof(float) * (size_t)B * T * KV * hd);
     memset(dv, 0, sizeof(float) * (size_t)B * T * KV * hd);
     op_gqa_bwd(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, KV, hd);
+    if (rope_cs) {
+        op_rope_bwd(dq, rope_cs, B, T, H, hd, (int64_t)H * hd);
+        op_rope_bwd(dk, rope_cs, B, T, KV, hd, (int64_t)KV * hd);
+    }
 }
 
 static void residual_bias(void *c, float *out, const float *a, const float *b, const float *bias, int64_t N, int C)

@@ -147,9 +147,9 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
         be->matmul_bwd(be->ctx, datty, 1, g[R_OW], 0, NULL, s->dx_act, 1, a->atty, w[R_OW], N, Cl, C);
         void *dq = dbig, *dk = act_at(e, dbig, N * Cl), *dv = act_at(e, dk, N * Kl); /* operand buffers */
         void *q = q_of(e, a->qkv), *k = k_of(e, a->qkv), *v = v_of(e, a->qkv);
-        be->gqa_bwd(be->ctx, dq, dk, dv, datty, q, k, v, a->atty, a->lse, e->B, e->T, e->Hl, e->KVl, e->hs);
-        be->rope_bwd(be->ctx, dq, e->rope_cs, e->B, e->T, e->Hl, e->hs, Cl);
-        be->rope_bwd(be->ctx, dk, e->rope_cs, e->B, e->T, e->KVl, e->hs, Kl);
+        /* dq and dk come out turned back by the rotary embeddings (rope_bwd's work, fused) */
+        be->gqa_bwd(be->ctx, dq, dk, dv, datty, q, k, v, a->atty, a->lse, e->B, e->T, e->Hl, e->KVl, e->hs,
+                    e->rope_cs);
         be->matmul_bwd(be->ctx, dln, MPS_DINP_F32, g[R_QW], 0, g[R_QB], dq, 1, a->ln1, w[R_QW], N, C, Cl);
         be->matmul_bwd(be->ctx, dln, MPS_DINP_ADD, g[R_KW], 0, g[R_KB], dk, 1, a->ln1, w[R_KW], N, C, Kl);
         be->matmul_bwd(be->ctx, dln, MPS_DINP_ADD, g[R_VW], 0, g[R_VB], dv, 1, a->ln1, w[R_VW], N, C, Kl);

@@ -857,9 +857,10 @@ static void test_swiglu(int64_t n)
     in_free(&dout);
 }
 
-static void test_gqa(int B, int T, int H, int KV, int hd)
+/* rope: the backward turns dq and dk back by a rotary table (rope_fwd's, theta 10000) */
+static void test_gqa_rope(int B, int T, int H, int KV, int hd, int rope)
 {
-    char op[96];
+    char op[128];
     const int64_t nq = (int64_t)B * T * H * hd, nk = (int64_t)B * T * KV * hd, nlse = (int64_t)B * H * T;
     tin q = in_rand_act(nq, 1.5f), k = in_rand_act(nk, 1.5f), v = in_rand_act(nk, 1.0f);
     tin dout = in_rand_act(nq, 1.0f);
@@ -870,12 +871,23 @@ static void test_gqa(int B, int T, int H, int KV, int hd)
     GPU_TWICE(s, gpu.gqa_fwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), q.d, k.d, v.d, B, T, H, KV, hd));
     tin o = in_copy_act(out, nq), l = in_copy(lse, nlse); /* the backward takes the CPU's forward */
     o_done(&s, TOL_ATTN);
-    snprintf(op, sizeof op, "gqa_bwd B%d T%d H%d KV%d hd%d", B, T, H, KV, hd);
+    snprintf(op, sizeof op, "gqa_bwd B%d T%d H%d KV%d hd%d%s", B, T, H, KV, hd, rope ? " +rope_bwd" : "");
+    const int half = hd / 2;
+    float *cs = xmalloc(sizeof(float) * (size_t)(2 * T * half));
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < half; i++) {
+            const double ang = t * pow(10000.0, -2.0 * i / hd);
+            cs[t * half + i] = (float)cos(ang);
+            cs[(T + t) * half + i] = (float)sin(ang);
+        }
+    tin cst = in_copy(cs, 2 * T * half);
+    free(cs);
     float *dq = o_add_act(&s, "dq", nq), *dk = o_add_act(&s, "dk", nk), *dv = o_add_act(&s, "dv", nk);
-    cpu.gqa_bwd(cpu.ctx, dq, dk, dv, dout.h, q.h, k.h, v.h, o.h, l.h, B, T, H, KV, hd);
+    cpu.gqa_bwd(cpu.ctx, dq, dk, dv, dout.h, q.h, k.h, v.h, o.h, l.h, B, T, H, KV, hd, rope ? cst.h : NULL);
     GPU_TWICE(s, gpu.gqa_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), o_dev(&s, 2), dout.d, q.d, k.d, v.d, o.d, l.d, B, T,
-                             H, KV, hd));
+                             H, KV, hd, rope ? cst.d : NULL));
     o_done(&s, TOL_ACT);
+    in_free(&cst);
     in_free(&o);
     in_free(&l);
     in_free(&q);
@@ -883,6 +895,7 @@ static void test_gqa(int B, int T, int H, int KV, int hd)
     in_free(&v);
     in_free(&dout);
 }
+static void test_gqa(int B, int T, int H, int KV, int hd) { test_gqa_rope(B, T, H, KV, hd, 0); }
 
 /* ---------------------------------------------------------------- element-wise */
 
@@ -1327,7 +1340,7 @@ static void bench(mps_backend *bf16)
         BENCH(&gpu, k ? "gqa_fwd B2 T2048 H16 KV4 hd128" : "gqa_fwd B8 T1024 H12 KV4 hd64", gatt, 20,
               gpu.gqa_fwd(gpu.ctx, x, lse, q, kk, v, gB, gT, gH, gKV, ghd));
         BENCH(&gpu, k ? "gqa_bwd B2 T2048 H16 KV4 hd128" : "gqa_bwd B8 T1024 H12 KV4 hd64", 2.5 * gatt, 20,
-              gpu.gqa_bwd(gpu.ctx, dq, dk, dv, y, q, kk, v, x, lse, gB, gT, gH, gKV, ghd));
+              gpu.gqa_bwd(gpu.ctx, dq, dk, dv, y, q, kk, v, x, lse, gB, gT, gH, gKV, ghd, NULL));
     }
     /* for comparison: the mma.sync kernels of attention_fast.cu and the fp32 kernels */
     for (int k = 0; k < 2; k++) {
@@ -1676,6 +1689,10 @@ static void g_gqa(void)
     };
     for (size_t i = 0; i < sizeof c / sizeof c[0]; i++)
         test_gqa(c[i].B, c[i].T, c[i].H, c[i].KV, c[i].hd);
+    /* the backward with the rotary embeddings' backward fused (wgmma: at the stores) */
+    test_gqa_rope(2, 100, 8, 2, 64, 1);
+    test_gqa_rope(1, 130, 8, 2, 128, 1);
+    test_gqa_rope(1, 70, 6, 2, 48, 1);
     /* head sizes 64 and 128 take the wgmma kernels on H100 / H200: the fp32 kernels (other cards)
      * once more for them, selected by MPS_CUDA_ATTENTION=fp32 */
     mps_backend fp32, saved = gpu;
@@ -1687,7 +1704,7 @@ static void g_gqa(void)
     }
     gpu = fp32;
     test_gqa(2, 100, 8, 2, 128);
-    test_gqa(1, 130, 8, 2, 64);
+    test_gqa_rope(1, 130, 8, 2, 64, 1);
     gpu = saved;
     fp32.destroy(fp32.ctx);
 }

@@ -409,7 +409,8 @@ void cu_gqa_fwd(void *ctx, void *out, float *lse, const void *q, const void *k, 
 }
 
 void cu_gqa_bwd(void *ctx, void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
-                const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd)
+                const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd,
+                const float *rope_cs)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     GqaShape s;
@@ -421,7 +422,7 @@ void cu_gqa_bwd(void *ctx, void *dq, void *dk, void *dv, const void *dout, const
     if (!D)
         return;
     if (c->wgmma && cu_gqa_bwd_wgmma(c, (act_t *)dq, (act_t *)dk, (act_t *)dv, g, qa, ka, va, (const act_t *)out, lse,
-                                     D, B, T, H, KV, hd) == 0)
+                                     D, B, T, H, KV, hd, rope_cs) == 0)
         return;
     k_gqa_rowdot<<<cu_grid(c, rows * 32, 256), 256, 0, c->stream>>>(D, g, (const act_t *)out, rows, T, H, hd);
     if (cu_launched(c, "gqa_bwd: rows") != 0)
@@ -437,5 +438,9 @@ void cu_gqa_bwd(void *ctx, void *dq, void *dk, void *dv, const void *dout, const
         return;
     dim3 grid((unsigned)((T + GQA_KT - 1) / GQA_KT), (unsigned)KV, (unsigned)B);
     k_gqa_bwd_dkdv<<<grid, GQA_KT, smem, c->stream>>>((act_t *)dk, (act_t *)dv, g, qa, ka, va, lse, D, s);
-    cu_launched(c, "gqa_bwd: dk, dv");
+    if (cu_launched(c, "gqa_bwd: dk, dv") != 0 || !rope_cs)
+        return;
+    /* these kernels leave the rotary embeddings' backward to a pass of its own */
+    cu_rope_bwd(ctx, dq, rope_cs, B, T, H, hd, (int64_t)H * hd);
+    cu_rope_bwd(ctx, dk, rope_cs, B, T, KV, hd, (int64_t)KV * hd);
 }

@@ -78,6 +78,9 @@ struct WgArgs {
     int64_t ldq, ldkv;
     int T, H, group;
     float scale, sl2; /* 1 / sqrt(HD); scale log2 e (scores in log2 units) */
+    /* (2, T, HD / 2) rotary cosines and sines, or NULL: the backward turns dq and dk back by them
+     * as it stores them (the Llama block's rope_bwd, without a pass of its own) */
+    const float *rope_cs;
 };
 
 /* whether this translation unit's device code has the wgmma kernels (sm_90a) */
@@ -325,6 +328,28 @@ __device__ __forceinline__ void cta_colsum(const float (&a)[32], int r0, int g, 
                                     red[3 * CW + threadIdx.x]);
 }
 
+/* Rotary embeddings turned back on this thread's half hf (row pos) of an accumulator of NC
+ * chunks before it is stored: column j < HD / 2 pairs with j + HD / 2, and both lie in this
+ * thread's registers (HD 64: register groups i and i + 4 of the chunk; HD 128: the same register
+ * of chunks 0 and 1). (a, b) -> (a cos + b sin, b cos - a sin), as rope_bwd. */
+template <int HD>
+__device__ __forceinline__ void rope_back(float (&acc)[HD / CW][32], int hf, int pos, int tg, const float *cs, int T)
+{
+    constexpr int half = HD / 2;
+    const float *cosr = cs + (int64_t)pos * half, *sinr = cs + ((int64_t)T + pos) * half;
+#pragma unroll
+    for (int i = 0; i < (HD == 64 ? 4 : 8); i++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int j = 8 * i + 2 * tg + e;
+            float &a = acc[0][4 * i + 2 * hf + e];
+            float &b = HD == 64 ? acc[0][4 * (i + 4) + 2 * hf + e] : acc[HD / CW - 1][4 * i + 2 * hf + e];
+            const float c = cosr[j], s = sinr[j], a0 = a, b0 = b;
+            a = a0 * c + b0 * s;
+            b = b0 * c - a0 * s;
+        }
+}
+
 #endif /* MPS_WGMMA */
 
 /* --------------------------------------------------------------- forward */
@@ -565,6 +590,8 @@ __global__ void __launch_bounds__(NTHREADS, Geo<HD>::DQ_CTAS)
         const int t = r0 + g + 8 * hf;
         if (t >= T)
             continue;
+        if (a.rope_cs)
+            rope_back<HD>(dq, hf, t, tg, a.rope_cs, T);
         bf16 *row = a.dq + ((int64_t)b * T + t) * a.ldq + (int64_t)h * HD + 2 * tg;
 #pragma unroll
         for (int ch = 0; ch < NC; ch++)
@@ -719,6 +746,8 @@ __global__ void __launch_bounds__(NTHREADS, Geo<HD>::DKV_CTAS)
         const int key = r0 + g + 8 * hf;
         if (key >= T)
             continue;
+        if (a.rope_cs)
+            rope_back<HD>(dk, hf, key, tg, a.rope_cs, T);
         const int64_t at = ((int64_t)b * T + key) * a.ldkv + (int64_t)kvh * HD + 2 * tg;
 #pragma unroll
         for (int ch = 0; ch < NC; ch++) {
@@ -795,6 +824,7 @@ WgArgs gpt2_args(act_t *dqkv, const act_t *qkv, int T, int H)
     a.group = 1;
     a.scale = 1.0f / sqrtf(64.0f);
     a.sl2 = a.scale * 1.4426950408889634f;
+    a.rope_cs = NULL;
     return a;
 }
 
@@ -819,6 +849,7 @@ bool gqa_args(WgArgs *a, act_t *dq, act_t *dk, act_t *dv, const act_t *q, const 
     a->group = H / KV;
     a->scale = 1.0f / sqrtf((float)hd);
     a->sl2 = a->scale * 1.4426950408889634f;
+    a->rope_cs = NULL;
     return true;
 }
 
@@ -869,10 +900,12 @@ int cu_gqa_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *q, const 
 }
 
 int cu_gqa_bwd_wgmma(mps_cuda *c, act_t *dq, act_t *dk, act_t *dv, const act_t *dout, const act_t *q, const act_t *k,
-                     const act_t *v, const act_t *out, const float *lse, float *Dv, int B, int T, int H, int KV, int hd)
+                     const act_t *v, const act_t *out, const float *lse, float *Dv, int B, int T, int H, int KV, int hd,
+                     const float *rope_cs)
 {
     WgArgs a;
     if ((((uintptr_t)out | (uintptr_t)dout) & 15) != 0 || !gqa_args(&a, dq, dk, dv, q, k, v, T, H, KV, hd))
         return -1;
+    a.rope_cs = rope_cs;
     return hd == 64 ? wg_bwd<64>(c, a, dout, out, lse, Dv, B, NULL) : wg_bwd<128>(c, a, dout, out, lse, Dv, B, NULL);
 }

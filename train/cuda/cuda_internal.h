@@ -220,7 +220,8 @@ void cu_swiglu_bwd(void *ctx, void *dgate, void *dup, const void *dout, const vo
 void cu_gqa_fwd(void *ctx, void *out, float *lse, const void *q, const void *k, const void *v, int B, int T, int H,
                 int KV, int hd);
 void cu_gqa_bwd(void *ctx, void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
-                const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd);
+                const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd,
+                const float *rope_cs);
 
 /* ---- attention_fast.cu: head size 64 on tensor cores; 0 when they took the call (errors are
  * recorded), -1 when the shape or alignment does not apply (the caller runs another path).
@@ -245,6 +246,7 @@ int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const ac
 int cu_gqa_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *q, const act_t *k, const act_t *v, int B, int T,
                      int H, int KV, int hd);
 int cu_gqa_bwd_wgmma(mps_cuda *c, act_t *dq, act_t *dk, act_t *dv, const act_t *dout, const act_t *q, const act_t *k,
-                     const act_t *v, const act_t *out, const float *lse, float *Dv, int B, int T, int H, int KV, int hd);
+                     const act_t *v, const act_t *out, const float *lse, float *Dv, int B, int T, int H, int KV, int hd,
+                     const float *rope_cs);
 
 #endif
