@@ -251,6 +251,15 @@ int mps_hf_config_parse(json_t *root, const char *name, mps_config *cfg, mps_err
 static const char *const hf_architectures[MPS_FAMILY_COUNT] = { "GPT2LMHeadModel", "LlamaForCausalLM",
                                                                "MistralForCausalLM", "Qwen2ForCausalLM" };
 
+json_t *mps_rope_scaling_json(const mps_config *cfg, const char *type_key)
+{
+    if (cfg->rope.type != MPS_ROPE_LLAMA3)
+        return json_null();
+    return json_pack("{s:s, s:f, s:f, s:f, s:i}", type_key, "llama3", "factor", cfg->rope.factor, "low_freq_factor",
+                     cfg->rope.low_freq_factor, "high_freq_factor", cfg->rope.high_freq_factor,
+                     "original_max_position_embeddings", cfg->rope.original_max_positions);
+}
+
 static void set_llama_fields(json_t *o, const mps_config *cfg, mps_dtype dtype)
 {
     json_object_set_new(o, "hidden_size", json_integer(cfg->n_embd));
@@ -263,13 +272,7 @@ static void set_llama_fields(json_t *o, const mps_config *cfg, mps_dtype dtype)
     json_object_set_new(o, "max_position_embeddings", json_integer(cfg->n_positions));
     json_object_set_new(o, "rms_norm_eps", json_real(cfg->norm_eps));
     json_object_set_new(o, "rope_theta", json_real(cfg->rope_theta));
-    if (cfg->rope.type == MPS_ROPE_LLAMA3)
-        json_object_set_new(o, "rope_scaling", json_pack("{s:s, s:f, s:f, s:f, s:i}", "rope_type", "llama3", "factor",
-                            cfg->rope.factor, "low_freq_factor", cfg->rope.low_freq_factor, "high_freq_factor",
-                            cfg->rope.high_freq_factor, "original_max_position_embeddings",
-                            cfg->rope.original_max_positions));
-    else
-        json_object_set_new(o, "rope_scaling", json_null());
+    json_object_set_new(o, "rope_scaling", mps_rope_scaling_json(cfg, "rope_type"));
     json_object_set_new(o, "hidden_act", json_string("silu"));
     json_object_set_new(o, "tie_word_embeddings", json_boolean(!cfg->untied));
     json_object_set_new(o, "initializer_range", json_real(0.02));

@@ -14,6 +14,20 @@
 #define LLMC_MAGIC 20240326
 #define LLMC_HEADER_BYTES 1024
 
+/* Records tensor t of f's config as the next one in the packed parameters: at *off, which it moves
+ * past the tensor, named `key` in messages (its canonical name if NULL). */
+static void place_next(mps_model_file *f, int t, const char *key, int64_t *off)
+{
+    mps_tensor_spec spec;
+    mps_tensor_spec_get(&f->cfg, t, &spec);
+    mps_src *s = &f->src[t];
+    snprintf(s->key, sizeof s->key, "%s", key ? key : spec.name);
+    s->offset = *off;
+    s->dtype = f->dtype == MPS_DTYPE_BF16 ? MPS_SRC_BF16 : MPS_SRC_F32;
+    s->numel = mps_tensor_numel(&spec);
+    *off += s->numel * (int64_t)mps_dtype_size(f->dtype);
+}
+
 int mps_llmc_open(mps_model_file *f, const mps_model_file_opts *opts, mps_err *err)
 {
     const char *path = f->path;
@@ -72,37 +86,17 @@ int mps_llmc_open(mps_model_file *f, const mps_model_file_opts *opts, mps_err *e
     if (f->src == NULL)
         return mps_fail(err, MPS_ENOMEM, "%s: out of memory", path);
     int64_t off = LLMC_HEADER_BYTES;
-    mps_tensor_spec spec;
-    for (int t = 0; t < 2; t++) { /* wte, wpe */
-        mps_tensor_spec_get(cfg, t, &spec);
-        mps_src *s = &f->src[t];
-        snprintf(s->key, sizeof s->key, "%s", spec.name);
-        s->offset = off;
-        s->dtype = dtype == MPS_DTYPE_BF16 ? MPS_SRC_BF16 : MPS_SRC_F32;
-        s->numel = mps_tensor_numel(&spec);
-        off += s->numel * (int64_t)es;
-    }
+    for (int t = 0; t < 2; t++) /* wte, wpe */
+        place_next(f, t, NULL, &off);
     for (int slot = 0; slot < MPS_TENSORS_PER_LAYER; slot++) {
         for (int l = 0; l < L; l++) {
-            int t = mps_layer_tensor(l, slot);
-            mps_tensor_spec_get(cfg, t, &spec);
-            mps_src *s = &f->src[t];
-            snprintf(s->key, sizeof s->key, "%s[%d]", mps_layer_slot_names[slot], l);
-            s->offset = off;
-            s->dtype = dtype == MPS_DTYPE_BF16 ? MPS_SRC_BF16 : MPS_SRC_F32;
-            s->numel = mps_tensor_numel(&spec);
-            off += s->numel * (int64_t)es;
+            char key[sizeof f->src[0].key];
+            snprintf(key, sizeof key, "%s[%d]", mps_layer_slot_names[slot], l);
+            place_next(f, mps_layer_tensor(l, slot), key, &off);
         }
     }
-    for (int t = mps_tensor_lnfw(cfg); t <= mps_tensor_lnfb(cfg); t++) {
-        mps_tensor_spec_get(cfg, t, &spec);
-        mps_src *s = &f->src[t];
-        snprintf(s->key, sizeof s->key, "%s", spec.name);
-        s->offset = off;
-        s->dtype = dtype == MPS_DTYPE_BF16 ? MPS_SRC_BF16 : MPS_SRC_F32;
-        s->numel = mps_tensor_numel(&spec);
-        off += s->numel * (int64_t)es;
-    }
+    for (int t = mps_tensor_lnfw(cfg); t <= mps_tensor_lnfb(cfg); t++)
+        place_next(f, t, NULL, &off);
     if (off != implied) /* the closed form above and the walk must agree */
         return mps_fail(err, MPS_EFAIL, "%s: internal: tensor table ends at %lld, expected %lld", path, (long long)off,
                         (long long)implied);

@@ -12,6 +12,7 @@
 
 #include "arch.h"
 #include "ckpt.h"
+#include "modelfile_internal.h" /* mps_rope_scaling_json */
 #include "safe_open.h"
 
 #define CHECKSUM_KEY "\"manifest_xxh3\": \""
@@ -97,13 +98,7 @@ static json_t *model_json(const mps_config *c)
     json_object_set_new(o, "qkv_bias", json_boolean(c->qkv_bias));
     json_object_set_new(o, "norm_eps", json_real(c->norm_eps));
     json_object_set_new(o, "rope_theta", json_real(c->rope_theta));
-    if (c->rope.type == MPS_ROPE_LLAMA3)
-        json_object_set_new(o, "rope_scaling", json_pack("{s:s, s:f, s:f, s:f, s:i}", "type", "llama3", "factor",
-                            c->rope.factor, "low_freq_factor", c->rope.low_freq_factor, "high_freq_factor",
-                            c->rope.high_freq_factor, "original_max_position_embeddings",
-                            c->rope.original_max_positions));
-    else
-        json_object_set_new(o, "rope_scaling", json_null());
+    json_object_set_new(o, "rope_scaling", mps_rope_scaling_json(c, "type"));
     return o;
 }
 

@@ -57,6 +57,9 @@ struct mps_model_file {
 int mps_hf_config_parse(json_t *root, const char *name, mps_config *cfg, mps_err *err);
 char *mps_hf_config_generate(const mps_config *cfg, mps_dtype dtype);
 int mps_hf_config_check(const char *text, const mps_config *cfg, mps_err *err);
+/* The rope_scaling object of a config (null without scaling), its type under `type_key`: config.json
+ * says "rope_type", the manifest "type" (FORMAT.md). */
+json_t *mps_rope_scaling_json(const mps_config *cfg, const char *type_key);
 
 /* parts[] of a model whose one file (f->path, f->fd) holds every tensor. */
 int mps_model_file_single_part(mps_model_file *f, mps_err *err);

@@ -1,53 +1,28 @@
 /* The Llama block's gradients (RMSNorm, RoPE with Llama 3 scaling, grouped-query attention,
  * SwiGLU, q/k/v biases, untied and tied heads) in the whole CPU model against central finite
  * differences of the loss computed by the same engine, every tensor kind of the block checked. */
-#include <math.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
-#include "engine_internal.h"
 #include "init.h"
 #include "testutil.h"
-
-static double loss_at(mps_engine *e, const mps_tokens *d)
-{
-    double loss, norm;
-    mps_err err;
-    mps_err_clear(&err);
-    CHECK(mps_engine_grads(e, d, 0, &loss, &norm, &err) == 0);
-    return loss;
-}
-
-static void zero_grads(mps_engine *e)
-{
-    for (int u = 0; u < e->ntensors; u++)
-        memset(e->t[u].g, 0, (size_t)e->t[u].box_n * sizeof(float));
-}
+#include "train_fixture.h"
 
 /* Checks every tensor of the model described by `text`; returns the tensor kinds checked (names
  * without their layer, as "qw", joined). */
 static void check_model(const char *text, const char *dir, char *kinds, size_t kinds_size)
 {
     mps_config cfg;
-    mps_layout L;
     mps_err err;
     mps_err_clear(&err);
+    kinds[0] = 0;
     CHECK(mps_config_parse(text, &cfg, &err) == 0);
-    CHECK(mps_layout_parse("dp=1", &cfg, &L, &err) == 0);
-    char path[1100];
-    snprintf(path, sizeof path, "%s/tokens.bin", dir);
-    CHECK(mps_tokens_write_synthetic(path, 200, cfg.vocab, 7, &err) == 0);
-    mps_tokens *data;
-    CHECK(mps_tokens_open(path, 5, cfg.vocab, &data, &err) == 0);
-    mps_comm comm;
-    mps_comm_self(&comm);
-    mps_backend be;
-    mps_backend_cpu(&be);
-    mps_train_opts o = { .micro_batch = 2, .seq = 5, .global_batch = 4, .lr = 1e-3f, .lr_min = 1e-3f,
-                         .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f };
-    mps_engine *e;
-    CHECK_MSG(mps_engine_new(&cfg, &L, &comm, &be, &o, &e, &err) == 0, "%s", err.msg);
+    train_fixture fx;
+    if (train_fixture_open(&fx, &cfg, dir) != 0) {
+        train_fixture_close(&fx);
+        return;
+    }
+    mps_engine *e = fx.e;
     /* the initialisation scaled up, and norms and biases moved off 1 and 0, so that every path
      * carries a visible gradient */
     for (int t = 0; t < e->ntensors; t++) {
@@ -60,15 +35,9 @@ static void check_model(const char *text, const char *dir, char *kinds, size_t k
             p->w[i] = p->spec.shape[0] == cfg.padded_vocab && i / cfg.n_embd >= cfg.vocab ? 0.0f : v;
         }
     }
-    double loss, norm;
-    CHECK(mps_engine_grads(e, data, 0, &loss, &norm, &err) == 0);
-    float **grads = calloc((size_t)e->ntensors, sizeof *grads);
-    for (int t = 0; t < e->ntensors; t++) {
-        grads[t] = malloc((size_t)e->t[t].box_n * sizeof(float));
-        memcpy(grads[t], e->t[t].g, (size_t)e->t[t].box_n * sizeof(float));
-    }
+    double loss = train_fixture_loss(&fx);
+    float **grads = train_fixture_copy_grads(&fx);
     int checked = 0, failed = 0;
-    kinds[0] = 0;
     for (int t = 0; t < e->ntensors; t++) {
         mps_tparam *p = &e->t[t];
         const char *kind = p->spec.layer >= 0 ? strchr(p->spec.name + 2, '.') + 1 : p->spec.name;
@@ -76,26 +45,7 @@ static void check_model(const char *text, const char *dir, char *kinds, size_t k
             strcat(kinds, " ");
             strcat(kinds, kind);
         }
-        int64_t step = p->box_n / 12 + 1;
-        for (int64_t i = t % 3; i < p->box_n; i += step) {
-            float keep = p->w[i];
-            float h = 2e-3f * (fabsf(keep) > 1 ? fabsf(keep) : 1);
-            zero_grads(e);
-            p->w[i] = keep + h;
-            double lp = loss_at(e, data);
-            zero_grads(e);
-            p->w[i] = keep - h;
-            double lm = loss_at(e, data);
-            p->w[i] = keep;
-            double numeric = (lp - lm) / (2.0 * (double)h), analytic = grads[t][i];
-            double tol = 2e-3 + 2e-2 * fabs(numeric);
-            checked++;
-            if (fabs(analytic - numeric) > tol) {
-                failed++;
-                fprintf(stderr, "%s[%lld]: analytic %.6g numeric %.6g\n", p->spec.name, (long long)i, analytic,
-                        numeric);
-            }
-        }
+        train_fixture_check_tensor(&fx, t, grads, &checked, &failed);
         /* padded vocab rows take no part: their gradient is exactly zero */
         if (p->spec.shape[0] == cfg.padded_vocab)
             for (int64_t i = cfg.vocab * cfg.n_embd; i < p->box_n; i++)
@@ -105,12 +55,8 @@ static void check_model(const char *text, const char *dir, char *kinds, size_t k
            checked, failed, loss, kinds);
     CHECK(checked > 200);
     CHECK(failed == 0);
-    for (int t = 0; t < e->ntensors; t++)
-        free(grads[t]);
-    free(grads);
-    mps_engine_free(e);
-    mps_tokens_close(data);
-    remove(path);
+    train_fixture_free_grads(&fx, grads);
+    train_fixture_close(&fx);
 }
 
 int main(void)
