@@ -1427,7 +1427,8 @@ static void g_layernorm(void)
     test_layernorm(37, 48, 0, 1);
     test_layernorm(37, 33, 1, 0);
     test_layernorm(9000, 100, 1, 1); /* 282 row blocks of partial sums */
-    test_layernorm(5, 1600, 1, 1);   /* GPT-2 XL width */
+    test_layernorm(5, 1600, 1, 1);   /* GPT-2 XL width: the two-pass kernel */
+    test_layernorm(70, 2052, 0, 1);  /* two-pass, a row not a multiple of 128 floats */
 }
 static void g_matmul(void)
 {
@@ -1660,7 +1661,9 @@ static void g_rmsnorm(void)
     test_rmsnorm(37, 48);
     test_rmsnorm(37, 33);
     test_rmsnorm(5000, 100); /* many chunks of the dw sums */
-    test_rmsnorm(300, 2048);
+    test_rmsnorm(300, 2048); /* past 1024: the two-pass kernel */
+    test_rmsnorm(70, 1028);
+    test_rmsnorm(40, 8192);  /* Llama 70B's width: 128 KiB of shared memory */
 }
 static void g_rope(void)
 {

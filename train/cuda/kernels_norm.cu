@@ -291,6 +291,107 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
     ln_block_sums(o, sh, C);
 }
 
+/* The same for rows too wide for registers (C % 4 == 0, C > 1024: Llama's 2048 to 8192): two
+ * passes over the row with 16-byte accesses, the first for the two row sums, the second (its
+ * loads mostly L2 hits) for dinp; the column sums in the warp's rows of shared memory, only
+ * those wanted: [dw][db unless RMS][dx][LNB_WARPS][C], each lane touching its own float4s, so the
+ * warps meet only at the end. The sums over rows run in the order of k_ln_bwd's. */
+template <class DT, bool RMS>
+__global__ void __launch_bounds__(LNB_WARPS * 32)
+    k_ln_bwd_wide(LnBwdOut o, const DT *dout, const float *inp, const float *w, const float *mean,
+                  const float *rstd, int64_t N, int C)
+{
+    extern __shared__ float4 ln_sm4[];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, C4 = C >> 2;
+    const int pw = o.pdw != NULL, px = o.pdx != NULL, nw = pw ? (RMS ? 1 : 2) : 0;
+    float4 *aw = ln_sm4 + (int64_t)wid * C4, *ab = ln_sm4 + (int64_t)(LNB_WARPS + wid) * C4;
+    float4 *ax = ln_sm4 + (int64_t)(nw * LNB_WARPS + wid) * C4;
+    const float4 z = make_float4(0, 0, 0, 0);
+    for (int q = lane; q < C4; q += 32) {
+        if (pw) {
+            aw[q] = z;
+            if (!RMS)
+                ab[q] = z;
+        }
+        if (px)
+            ax[q] = z;
+    }
+    const int64_t r0 = (int64_t)blockIdx.x * LNB_ROWS;
+    for (int k = wid; k < LNB_ROWS && r0 + k < N; k += LNB_WARPS) {
+        const int64_t r = r0 + k;
+        const float *x = inp + r * C; // (C)
+        const DT *g = dout + r * C;   // (C)
+        const float m = RMS ? 0.0f : mean[r], rs = rstd[r];
+        float mg = 0.0f, mgx = 0.0f;
+        if (o.dinp) {
+            float sg = 0.0f, sgx = 0.0f;
+            for (int q = lane; q < C4; q += 32) {
+                const float4 xv = ld4(x, q), gv = ld4_any(g, q), wv = ld4(w, q);
+                const float a = gv.x * wv.x, b = gv.y * wv.y, c = gv.z * wv.z, d = gv.w * wv.w;
+                sg += a + b + c + d;
+                sgx += a * ((xv.x - m) * rs) + b * ((xv.y - m) * rs) + c * ((xv.z - m) * rs) + d * ((xv.w - m) * rs);
+            }
+            mg = RMS ? 0.0f : warp_reduce(sg, SumOp()) / C;
+            mgx = warp_reduce(sgx, SumOp()) / C;
+        }
+        for (int q = lane; q < C4; q += 32) {
+            const float4 xv = ld4(x, q), gv = ld4_any(g, q);
+            const float4 xh = make_float4((xv.x - m) * rs, (xv.y - m) * rs, (xv.z - m) * rs, (xv.w - m) * rs);
+            if (o.dinp) {
+                const float4 wv = ld4(w, q);
+                float4 dx = ld4(o.dinp + r * C, q);
+                dx.x += rs * (gv.x * wv.x - mg - xh.x * mgx);
+                dx.y += rs * (gv.y * wv.y - mg - xh.y * mgx);
+                dx.z += rs * (gv.z * wv.z - mg - xh.z * mgx);
+                dx.w += rs * (gv.w * wv.w - mg - xh.w * mgx);
+                st4(o.dinp + r * C, q, dx);
+                if (o.dact)
+                    st4_act(o.dact + r * C, q, dx.x, dx.y, dx.z, dx.w);
+                if (px) {
+                    const float4 t = ax[q];
+                    ax[q] = make_float4(t.x + dx.x, t.y + dx.y, t.z + dx.z, t.w + dx.w);
+                }
+            }
+            if (pw) {
+                const float4 t = aw[q];
+                aw[q] = make_float4(t.x + gv.x * xh.x, t.y + gv.y * xh.y, t.z + gv.z * xh.z, t.w + gv.w * xh.w);
+                if (!RMS) {
+                    const float4 u = ab[q];
+                    ab[q] = make_float4(u.x + gv.x, u.y + gv.y, u.z + gv.z, u.w + gv.w);
+                }
+            }
+        }
+    }
+    if (!pw && !px)
+        return;
+    __syncthreads();
+    for (int q = threadIdx.x; q < C4; q += blockDim.x) {
+        const int64_t at = (int64_t)blockIdx.x * C4 + q;
+        float4 sw = z, sb = z, sx = z;
+        for (int k = 0; k < LNB_WARPS; k++) { /* in warp order, as ln_block_sums */
+            if (pw) {
+                const float4 a = ln_sm4[(int64_t)k * C4 + q];
+                sw = make_float4(sw.x + a.x, sw.y + a.y, sw.z + a.z, sw.w + a.w);
+                if (!RMS) {
+                    const float4 b = ln_sm4[(int64_t)(LNB_WARPS + k) * C4 + q];
+                    sb = make_float4(sb.x + b.x, sb.y + b.y, sb.z + b.z, sb.w + b.w);
+                }
+            }
+            if (px) {
+                const float4 c = ln_sm4[(int64_t)(nw * LNB_WARPS + k) * C4 + q];
+                sx = make_float4(sx.x + c.x, sx.y + c.y, sx.z + c.z, sx.w + c.w);
+            }
+        }
+        if (pw) {
+            reinterpret_cast<float4 *>(o.pdw)[at] = sw;
+            if (!RMS && o.pdb)
+                reinterpret_cast<float4 *>(o.pdb)[at] = sb;
+        }
+        if (px)
+            reinterpret_cast<float4 *>(o.pdx)[at] = sx;
+    }
+}
+
 /* launches k_ln_bwd4<K> for the smallest K that holds C (up to C = 1024), or returns 0 (the scalar
  * kernel runs) */
 template <class DT, bool RMS, class... A>
@@ -315,16 +416,34 @@ static int ln_bwd_vec(mps_cuda *c, unsigned nblk, size_t smem, int C, A... args)
     }
 }
 
+/* Launches the backward for (N, C): the two-pass kernel past ln_bwd_vec's widest rows, else the
+ * register one, else the scalar one; each with the shared memory it needs for the wanted column
+ * sums (the wide kernel only those; the others [3][LNB_WARPS][C] floats). Returns -1 (reported)
+ * when that is more than the device has. */
 template <class DT, bool RMS = false>
-static void ln_bwd_launch(mps_cuda *c, const LnBwdOut &o, unsigned nblk, size_t smem, int vec, const DT *dout,
-                          const float *inp, const float *w, const float *mean, const float *rstd, int64_t N, int C)
+static int ln_bwd_launch(mps_cuda *c, const char *what, const LnBwdOut &o, unsigned nblk, int vec, const DT *dout,
+                         const float *inp, const float *w, const float *mean, const float *rstd, int64_t N, int C)
 {
+    const int wide = vec && C % 4 == 0 && C > 32 * 4 * 8;
+    const int nsums = wide ? (o.pdw ? (RMS ? 1 : 2) : 0) + (o.pdx ? 1 : 0) : (o.pdw || o.pdx ? 3 : 0);
+    const size_t smem = (size_t)nsums * LNB_WARPS * C * sizeof(float);
+    if ((int64_t)smem > c->smem_optin)
+        return cu_fail(c, "%s: C = %d needs %zu bytes of shared memory", what, C, smem), -1;
+    if (wide) {
+        if (smem > 48 * 1024 &&
+            cu_check(c, cudaFuncSetAttribute(k_ln_bwd_wide<DT, RMS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)smem), what) != 0)
+            return -1;
+        k_ln_bwd_wide<DT, RMS><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(o, dout, inp, w, mean, rstd, N, C);
+        return 0;
+    }
     if (smem > 48 * 1024 &&
         cu_check(c, cudaFuncSetAttribute(k_ln_bwd<DT, RMS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
-                 "layernorm_bwd") != 0)
-        return;
+                 what) != 0)
+        return -1;
     if (!(vec && ln_bwd_vec<DT, RMS>(c, nblk, smem, C, o, dout, inp, w, mean, rstd, N, C)))
         k_ln_bwd<DT, RMS><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(o, dout, inp, w, mean, rstd, N, C);
+    return 0;
 }
 
 void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum, float *dw, float *db,
@@ -338,33 +457,25 @@ void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum
         return;
     const int64_t nblk = (N + LNB_ROWS - 1) / LNB_ROWS;
     LnBwdOut o = {dinp, (act_t *)dinp_act, NULL, NULL, NULL};
-    size_t smem = 0;
-    if (dw || db || dinp_colsum) {
-        if (dw || db) {
-            o.pdw = (float *)cu_scratch(c, SCR_PART, (size_t)nblk * C * sizeof(float));
-            o.pdb = (float *)cu_scratch(c, SCR_PART2, (size_t)nblk * C * sizeof(float));
-            if (!o.pdw || !o.pdb)
-                return;
-        }
-        if (dinp_colsum && !(o.pdx = (float *)cu_scratch(c, SCR_PART3, (size_t)nblk * C * sizeof(float))))
+    if (dw || db) {
+        o.pdw = (float *)cu_scratch(c, SCR_PART, (size_t)nblk * C * sizeof(float));
+        o.pdb = (float *)cu_scratch(c, SCR_PART2, (size_t)nblk * C * sizeof(float));
+        if (!o.pdw || !o.pdb)
             return;
-        smem = (size_t)3 * LNB_WARPS * C * sizeof(float);
-        if ((int64_t)smem > c->smem_optin) {
-            cu_fail(c, "layernorm_bwd: C = %d needs %zu bytes of shared memory", C, smem);
-            return;
-        }
     }
+    if (dinp_colsum && !(o.pdx = (float *)cu_scratch(c, SCR_PART3, (size_t)nblk * C * sizeof(float))))
+        return;
     if (nblk > INT32_MAX) {
         cu_fail(c, "layernorm_bwd: N = %lld too large", (long long)N);
         return;
     }
     const int vec = cu_aligned16(dinp) && (dout_act ? aligned8(dout) : cu_aligned16(dout)) && cu_aligned16(inp) &&
                     cu_aligned16(w) && (!dinp_act || aligned8(dinp_act));
-    if (dout_act)
-        ln_bwd_launch<act_t>(c, o, (unsigned)nblk, smem, vec, (const act_t *)dout, inp, w, mean, rstd, N, C);
-    else
-        ln_bwd_launch<float>(c, o, (unsigned)nblk, smem, vec, (const float *)dout, inp, w, mean, rstd, N, C);
-    if (cu_launched(c, "layernorm_bwd") != 0)
+    const int rc = dout_act ? ln_bwd_launch<act_t>(c, "layernorm_bwd", o, (unsigned)nblk, vec, (const act_t *)dout,
+                                                   inp, w, mean, rstd, N, C)
+                            : ln_bwd_launch<float>(c, "layernorm_bwd", o, (unsigned)nblk, vec, (const float *)dout,
+                                                   inp, w, mean, rstd, N, C);
+    if (rc != 0 || cu_launched(c, "layernorm_bwd") != 0)
         return;
     /* the blocks' partials summed over the blocks: one launch for dw, db and dinp's column sums */
     float *dst[3];
@@ -396,20 +507,12 @@ void cu_rmsnorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dw, const flo
         return;
     }
     LnBwdOut o = {dinp, (act_t *)dinp_act, NULL, NULL, NULL};
-    size_t smem = 0;
-    if (dw) {
-        if (!(o.pdw = (float *)cu_scratch(c, SCR_PART, (size_t)nblk * C * sizeof(float))))
-            return;
-        smem = (size_t)3 * LNB_WARPS * C * sizeof(float);
-        if ((int64_t)smem > c->smem_optin) {
-            cu_fail(c, "rmsnorm_bwd: C = %d needs %zu bytes of shared memory", C, smem);
-            return;
-        }
-    }
+    if (dw && !(o.pdw = (float *)cu_scratch(c, SCR_PART, (size_t)nblk * C * sizeof(float))))
+        return;
     const int vec = cu_aligned16(dinp) && cu_aligned16(dout) && cu_aligned16(inp) && cu_aligned16(w) &&
                     (!dinp_act || aligned8(dinp_act));
-    ln_bwd_launch<float, true>(c, o, (unsigned)nblk, smem, vec, dout, inp, w, NULL, rstd, N, C);
-    if (cu_launched(c, "rmsnorm_bwd") != 0 || !dw)
+    if (ln_bwd_launch<float, true>(c, "rmsnorm_bwd", o, (unsigned)nblk, vec, dout, inp, w, NULL, rstd, N, C) != 0 ||
+        cu_launched(c, "rmsnorm_bwd") != 0 || !dw)
         return;
     const float *src = o.pdw;
     const int acc = 1;
