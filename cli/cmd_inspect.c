@@ -32,10 +32,11 @@ static const char *const help =
     "                   norm_eps=..,rope_theta=..[,rope_llama3=factor:low:high:original_positions]\n"
     "  --layout L          dp=..,pp=..,tp=..,zero=0..3[,stages=a:b:..]\n"
     "  --precision P       fp32 (default: 4 B weights + 4 B gradients + 8 B Adam per parameter) or\n"
-    "                      mixed (2 B bf16 weights + 2 B bf16 gradients + 12 B fp32 master, m, v)\n"
+    "                      mixed (the CUDA trainer: 2 B bf16 weights + 4 B fp32 gradients + 12 B fp32\n"
+    "                      master, m, v; bf16 activations; 0.6 GB for the CUDA runtime)\n"
     "  --micro-batch B     sequences per micro-batch (default 1)\n"
     "  --seq T             tokens per sequence (default: the model's n_positions)\n"
-    "  --recompute R       none (default), selective or full activation recomputation\n"
+    "  --recompute R       none (default), selective (the same: no scores are stored) or full\n"
     "  --global-batch G    sequences per optimizer step, for the communication volume\n"
     "                      (default: GPUs x micro-batch)\n"
     "  --no-overlap        plan train --no-overlap (or --comm mpi): ZeRO-2/3 reduce-scatter after the\n"
@@ -57,10 +58,10 @@ static const char *const help =
     "  --time              plan --repeat times (default 5) and print the fastest planning time\n"
     "  --repeat N          runs for --time\n"
     "\n"
-    "Activations: Korthikanti et al. 2022 with tensor parallelism and no sequence parallelism (as\n"
-    "the trainer runs): GPT-2 per layer s*b*h*(10 + 24/t) + 5*a*s^2*b/t bytes, the Llama block its\n"
-    "own terms (docs/inspect.md); selective drops the s^2 term, full keeps 2*s*b*h; a 1F1B pipeline\n"
-    "stage i holds min(pp - i, micro-batches) micro-batches of its layers.\n"
+    "Activations: the buffers mpshard's trainer keeps per layer and micro-batch (tensor parallelism\n"
+    "without sequence parallelism, flash-style attention: no scores) and its working buffers\n"
+    "(docs/inspect.md); full recomputation keeps each layer's fp32 input; a 1F1B pipeline stage i\n"
+    "holds min(pp - i, micro-batches) micro-batches of its layers.\n"
     "Step time: 6 * params * tokens / (GPUs * 989 TFLOP/s * 0.4), stretched by the 1F1B bubble\n"
     "(pp-1)/(m+pp-1), plus the bytes the busiest rank sends over NVLink (450 GB/s) or, for groups\n"
     "spanning nodes of 8 GPUs, InfiniBand (50 GB/s), both at 80%. See docs/inspect.md.\n";
@@ -178,7 +179,11 @@ static void print_ranks(const inspect_args *a, const mps_plan *plan)
     }
     int peak_rank;
     int64_t peak = mps_plan_peak(plan, &peak_rank);
-    printf("\npeak       rank %d: %s\n", peak_rank, FMT(peak));
+    mps_rank_usage first;
+    mps_plan_rank(plan, 0, &first);
+    if (first.runtime)
+        printf("\nruntime    %s per GPU in each total: the CUDA context and cuBLASLt's workspace\n", FMT(first.runtime));
+    printf("%speak       rank %d: %s\n", first.runtime ? "" : "\n", peak_rank, FMT(peak));
     if (a->gpu_mem) {
         int over = mps_plan_over_budget(plan, a->gpu_mem);
         printf("budget     %s (%s) per GPU: ", cli_fmt_bytes((char[32]){ 0 }, 32, a->gpu_mem, 0),
@@ -204,12 +209,13 @@ static json_t *ranks_json(const inspect_args *a, const mps_plan *plan)
     for (int r = 0; r < mps_plan_world(plan); r++) {
         mps_rank_usage u;
         mps_plan_rank(plan, r, &u);
-        json_t *o = json_pack("{s:i, s:i, s:i, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "rank", r, "pp", u.at.pp,
+        json_t *o = json_pack("{s:i, s:i, s:i, s:i, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}", "rank", r, "pp", u.at.pp,
                               "dp", u.at.dp, "tp", u.at.tp, "params", (json_int_t)u.bytes[MPS_KIND_PARAM], "grads",
                               (json_int_t)u.bytes[MPS_KIND_GRAD], "master", (json_int_t)u.bytes[MPS_KIND_MASTER],
                               "adam_m", (json_int_t)u.bytes[MPS_KIND_ADAM_M], "adam_v",
                               (json_int_t)u.bytes[MPS_KIND_ADAM_V], "activations", (json_int_t)u.activations,
-                              "transient", (json_int_t)u.transient, "total", (json_int_t)u.total);
+                              "transient", (json_int_t)u.transient, "runtime", (json_int_t)u.runtime, "total",
+                              (json_int_t)u.total);
         if (a->gpu_mem)
             json_object_set_new(o, "over_budget", json_boolean(u.total > a->gpu_mem));
         json_array_append_new(list, o);

@@ -206,23 +206,40 @@ void mps_hf_tensor(const mps_config *cfg, int index, char *key, size_t keylen, i
     shape[1] = r->hf_transpose ? rows : cols;
 }
 
-/* Activation memory of one layer in 16-bit activations, after Korthikanti et al. 2022 ("Reducing
- * Activation Recomputation in Large Transformer Models", section 4), for tensor parallelism
- * WITHOUT sequence parallelism, which mpshard's trainer does not implement: the norms' inputs and
- * outputs are replicated on every TP rank, the rest is split. GPT-2: sbh(10 + 24/t) + 5as^2b/t
- * (Korthikanti's equation 2 with t). The Llama block: two RMSNorm inputs and outputs (8sbh, no
- * dropout masks), q, k, v after RoPE (2sbh/t + 4sb*kvd/t), the attention output (2sbh/t), gate, up
- * and silu(gate)*up (6sbF/t), and scores and softmax 4as^2b/t. Selective recompute (or flash
- * attention) drops the s^2 term; full recompute keeps the layer input, 2sbh. */
-long double mps_arch_layer_activation_bytes(const mps_config *cfg, int64_t seq, int64_t micro_batch, int tp,
-                                            int recompute)
+void mps_arch_block_widths(const mps_config *cfg, int tp, mps_block_widths *w)
 {
-    long double s = (long double)seq, b = (long double)micro_batch, h = cfg->n_embd, a = cfg->n_head, t = tp;
+    const int64_t hs = mps_cfg_head_dim(cfg), heads = cfg->n_head / tp, kv = mps_cfg_kv_heads(cfg) / tp;
+    w->heads = heads;
+    w->attn = heads * hs;
+    w->ffn = mps_cfg_ffn(cfg) / tp;
+    if (cfg->arch == MPS_ARCH_GPT2) {
+        w->qkv = 3 * w->attn;
+        w->fc = w->ffn;
+        w->wide = cfg->n_embd > w->ffn ? cfg->n_embd : w->ffn;
+        if (w->qkv > w->wide)
+            w->wide = w->qkv;
+    } else { /* q, then k and v of the kv heads; gate, then up; the backward's widest gradient and an (N, C) sum */
+        w->qkv = (heads + 2 * kv) * hs;
+        w->fc = 2 * w->ffn;
+        w->wide = (w->ffn > w->qkv ? w->ffn : w->qkv) + cfg->n_embd;
+    }
+}
+
+/* What mpshard's trainer keeps per layer and micro-batch (train/engine.c alloc_acts), per token:
+ * in fp32 the layer input and the residual after attention (2C), the two norms' statistics (4)
+ * and the attention's row log-sum-exp per local head; in the activation dtype the two norm
+ * outputs (2C, whole on every TP rank: no sequence parallelism), q|k|v, the attention output, the
+ * MLP's first product(s) and its activation. No attention scores: the attention is flash-style,
+ * so selective recomputation changes nothing. Full recomputation keeps the fp32 input alone. */
+long double mps_arch_layer_activation_bytes(const mps_config *cfg, int64_t seq, int64_t micro_batch, int tp,
+                                            int recompute, int act_bytes)
+{
+    const long double tokens = (long double)seq * (long double)micro_batch, c = cfg->n_embd;
     if (recompute == 2)
-        return 2.0L * s * b * h;
-    long double scores = recompute == 1 ? 0.0L : 1.0L;
-    if (cfg->arch == MPS_ARCH_GPT2)
-        return s * b * h * (10.0L + 24.0L / t) + scores * 5.0L * a * s * s * b / t;
-    long double kvd = (long double)mps_cfg_kv_heads(cfg) * mps_cfg_head_dim(cfg), f = (long double)mps_cfg_ffn(cfg);
-    return s * b * (8.0L * h + (4.0L * h + 4.0L * kvd + 6.0L * f) / t) + scores * 4.0L * a * s * s * b / t;
+        return tokens * 4.0L * c;
+    mps_block_widths w;
+    mps_arch_block_widths(cfg, tp, &w);
+    const long double fp32 = 4.0L * (2.0L * c + 4.0L + (long double)w.heads);
+    const long double act = (long double)act_bytes * (2.0L * c + (long double)(w.qkv + w.attn + w.fc + w.ffn));
+    return tokens * (fp32 + act);
 }

@@ -76,10 +76,21 @@ const mps_tensor_rule *mps_tensor_rule_of(const mps_config *cfg, int index, int 
 void mps_hf_tensor(const mps_config *cfg, int index, char *key, size_t keylen, int *ndim, int64_t shape[2],
                    int *transpose);
 
-/* The block's memory model: activation bytes one layer keeps for its backward, per micro-batch of
- * micro_batch sequences of seq tokens, under tensor parallelism tp; recompute 0 none, 1 selective
- * (no attention scores), 2 full (inspect/plan.h). */
+/* The columns of the trainer's (tokens, .) buffers of one block on one TP rank (train/engine.c;
+ * the planner counts the same): local heads, q|k|v (GPT-2 3 x attn; Llama the q heads and both
+ * kv heads' k and v), the attention output (heads x head size), the MLP's hidden width, its first
+ * product (GPT-2 fc; Llama gate|up, twice the hidden width), and the scratch width the block's
+ * backward needs. tp must divide the heads, kv heads and hidden width (mps_layout_validate). */
+typedef struct {
+    int64_t heads, qkv, attn, ffn, fc, wide;
+} mps_block_widths;
+void mps_arch_block_widths(const mps_config *cfg, int tp, mps_block_widths *w);
+
+/* The trainer's memory per layer: activation bytes one layer keeps for its backward, per
+ * micro-batch of micro_batch sequences of seq tokens, under tensor parallelism tp, with 16-bit
+ * (act_bytes 2, the CUDA trainer) or fp32 (4, the CPU trainer) operand buffers; recompute 0 none,
+ * 1 selective (the same: the trainer stores no attention scores), 2 full (inspect/plan.h). */
 long double mps_arch_layer_activation_bytes(const mps_config *cfg, int64_t seq, int64_t micro_batch, int tp,
-                                            int recompute);
+                                            int recompute, int act_bytes);
 
 #endif

@@ -46,11 +46,9 @@ int mps_kind_bytes(mps_precision p, mps_kind kind)
 {
     if (p == MPS_PRECISION_FP32)
         return kind == MPS_KIND_MASTER ? 0 : 4; /* the weights are the master copy */
-    switch (kind) {
-    case MPS_KIND_PARAM:
-    case MPS_KIND_GRAD: return 2; /* bf16 */
-    default: return 4;            /* fp32 master, m, v */
-    }
+    /* bf16 weights for the products; gradients accumulated in fp32 (mpshard's trainer, and
+     * Megatron-LM's default: 18 bytes a parameter before ZeRO, not the ZeRO paper's 16) */
+    return kind == MPS_KIND_PARAM ? 2 : 4;
 }
 
 /* Bytes of the activations a TP/PP collective moves per element: the training dtype. */
@@ -64,9 +62,31 @@ static int64_t microbatches_for(const mps_layout *L, const mps_plan_opts *o)
     return m > 0 ? m : 1;
 }
 
-static long double layer_activation_bytes(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o)
+static long double layer_activation_bytes(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o,
+                                          int recompute)
 {
-    return mps_arch_layer_activation_bytes(cfg, o->seq, o->micro_batch, L->tp, (int)o->recompute);
+    return mps_arch_layer_activation_bytes(cfg, o->seq, o->micro_batch, L->tp, recompute,
+                                           activation_elem_bytes(o->precision));
+}
+
+/* The trainer's buffers beside the layers' (train/engine.c), per stage: per micro-batch in flight
+ * its output, gradient (fp32) and the gradient as an operand, token ids and targets; two scratch
+ * buffers of the block's widest backward product and (tokens, C + 8) floats; the pipeline's send
+ * buffers, a fp32 (tokens, C) per micro-batch of the step to each neighbouring stage; under full
+ * recomputation one layer's whole activations and its output, where the backward recomputes. */
+static long double stage_buffer_bytes(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o, int stage,
+                                      int64_t in_flight, int64_t microbatches)
+{
+    const long double tokens = (long double)o->micro_batch * (long double)o->seq, c = cfg->n_embd;
+    mps_block_widths w;
+    mps_arch_block_widths(cfg, L->tp, &w);
+    long double total = (long double)in_flight * tokens * ((8.0L + activation_elem_bytes(o->precision)) * c + 8.0L);
+    total += tokens * 4.0L * ((long double)w.wide + c + 8.0L);
+    const int neighbours = (stage > 0) + (stage < L->pp - 1);
+    total += (long double)neighbours * (long double)microbatches * tokens * 4.0L * c;
+    if (o->recompute == MPS_RECOMPUTE_FULL)
+        total += layer_activation_bytes(cfg, L, o, MPS_RECOMPUTE_NONE) + tokens * 4.0L * c;
+    return total;
 }
 
 static int64_t activation_bytes_m(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o, int stage,
@@ -78,7 +98,9 @@ static int64_t activation_bytes_m(const mps_config *cfg, const mps_layout *L, co
     if (in_flight > microbatches)
         in_flight = microbatches;
     int64_t layers = L->stage_first[stage + 1] - L->stage_first[stage];
-    long double total = layer_activation_bytes(cfg, L, o) * (long double)layers * (long double)in_flight;
+    long double total = layer_activation_bytes(cfg, L, o, (int)o->recompute) * (long double)layers *
+                        (long double)in_flight;
+    total += stage_buffer_bytes(cfg, L, o, stage, in_flight, microbatches);
     if (stage == L->pp - 1) {
         /* the head's logits (b, s, Vp/t) in the training dtype, one micro-batch's at a time (the
          * last stage runs the head's backward right after its forward, in place over them): for
@@ -333,7 +355,8 @@ double mps_plan_bubble(const mps_plan *p)
 
 static void fill_bytes(mps_precision precision, mps_rank_usage *u)
 {
-    u->total = u->activations + u->transient;
+    u->runtime = precision == MPS_PRECISION_MIXED ? MPS_PLAN_CUDA_RUNTIME_BYTES : 0;
+    u->total = u->activations + u->transient + u->runtime;
     for (int k = 0; k < MPS_KIND_COUNT; k++) {
         u->bytes[k] = u->elems[k] * mps_kind_bytes(precision, (mps_kind)k);
         u->total += u->bytes[k];

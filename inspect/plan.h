@@ -20,7 +20,7 @@
 
 typedef enum {
     MPS_PRECISION_FP32 = 0, /* 4 B weights + 4 B gradients + 8 B Adam state per parameter, no master copy */
-    MPS_PRECISION_MIXED     /* 2 B bf16 weights + 2 B bf16 gradients + 12 B fp32 master, m, v (ZeRO paper) */
+    MPS_PRECISION_MIXED     /* 2 B bf16 weights + 4 B fp32 gradients + 12 B fp32 master, m, v (Megatron-LM) */
 } mps_precision;
 
 typedef enum { MPS_RECOMPUTE_NONE = 0, MPS_RECOMPUTE_SELECTIVE, MPS_RECOMPUTE_FULL } mps_recompute;
@@ -54,8 +54,14 @@ typedef struct {
     int64_t bytes[MPS_KIND_COUNT]; /* elems * mps_kind_bytes */
     int64_t activations;           /* bytes, mps_activation_bytes of the rank's stage */
     int64_t transient;             /* bytes, mps_transient_bytes of the rank's stage and TP rank */
-    int64_t total;                 /* all kinds + activations + transient */
+    int64_t runtime;               /* bytes, MPS_PLAN_CUDA_RUNTIME_BYTES with mixed precision, else 0 */
+    int64_t total;                 /* all kinds + activations + transient + runtime */
 } mps_rank_usage;
+
+/* What the CUDA trainer's GPU holds before it allocates anything: the CUDA context with its
+ * kernels and cuBLASLt's handle and 32 MiB workspace. 561 MiB (588 MB) measured on an H200 with
+ * CUDA 13 (bench/RESULTS.md), rounded up. Planned with --precision mixed (the CUDA trainer). */
+#define MPS_PLAN_CUDA_RUNTIME_BYTES ((int64_t)600 * 1000 * 1000)
 
 /* Bytes one rank sends per optimizer step (ring collectives; it receives about as much). */
 typedef struct {

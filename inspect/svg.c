@@ -16,6 +16,7 @@ static const struct { int kind; const char *label, *color; } segments[] = {
     { MPS_KIND_ADAM_V, "Adam v", "#edc948" },
     { -1, "activations", "#b07aa1" },
     { -2, "ZeRO transient", "#9c755f" },
+    { -3, "CUDA runtime", "#bab0ac" },
 };
 #define NSEG ((int)(sizeof segments / sizeof segments[0]))
 
@@ -130,7 +131,7 @@ int mps_svg_write_plan(const char *path, const mps_plan *plan, const mps_svg_opt
                 (double)u.total / unit, unit_name);
         for (int s = 0; s < NSEG; s++) {
             int k = segments[s].kind;
-            double v = (double)(k >= 0 ? u.bytes[k] : k == -1 ? u.activations : u.transient) / unit;
+            double v = (double)(k >= 0 ? u.bytes[k] : k == -1 ? u.activations : k == -2 ? u.transient : u.runtime) / unit;
             if (v <= 0)
                 continue;
             double y1 = top + plot_h - (base + v) / y_top * plot_h, h = v / y_top * plot_h;

@@ -191,18 +191,18 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
                        : mps_layer_tensor(e->first_layer, MPS_SLOT_FCW), &p);
     e->F = (int)p.box.cnt[0];
     e->KVl = mps_cfg_kv_heads(cfg) / L->tp;
-    e->qkv_w = llama ? (e->Hl + 2 * e->KVl) * e->hs : 3 * e->Cl;
-    e->fch_w = llama ? 2 * e->F : e->F; /* Llama: gate, then up */
+    mps_block_widths bw; /* the buffers' widths, as the planner counts them */
+    mps_arch_block_widths(cfg, L->tp, &bw);
+    e->qkv_w = (int)bw.qkv;
+    e->fch_w = (int)bw.fc; /* Llama: gate, then up */
     /* the vocab rows of the embedding, or on a last stage of its own of the untied head (split alike) */
     mps_geometry(cfg, L, e->rank, MPS_KIND_PARAM,
                  mps_cfg_tied(cfg) || e->is_first ? MPS_TENSOR_WTE : mps_tensor_find(cfg, "lm_head"), &p);
     e->v0 = p.box.off[0];
     e->Vl = p.box.cnt[0];
-    int64_t wide = e->C > e->F ? e->C : e->F;
-    if (3 * e->Cl > wide)
-        wide = 3 * e->Cl;
-    if (llama) /* the backward's (N, max(F, qkv)) gradient and an (N, C) partial sum */
-        wide = (e->F > e->qkv_w ? e->F : e->qkv_w) + e->C;
+    const int64_t wide = bw.wide;
+    if (bw.ffn != e->F || bw.attn != e->Cl)
+        return mps_fail(err, MPS_EFAIL, "rank %d: the block's widths disagree with the geometry", e->rank);
     if (llama && mps_rope_table(e, err) != 0)
         return -1;
     e->scratch_a = buf_new(e, (int64_t)e->N * wide);
