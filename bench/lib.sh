@@ -60,7 +60,7 @@ mfu() {
 # to the end of step N (the log's elapsed_s), as torch_*.py time 30 steps after 5 warm-up steps:
 # never a median of per-step figures. "?" when the log has fewer than 6 steps.
 log_tps() {
-  awk -v tok="$2" '/"loss"/ { n++; e = $0; sub(/.*"elapsed_s": /, "", e); sub(/[,}].*/, "", e); t[n] = e }
+  awk -v tok="$2" '/"loss"/ { n++; e = $0; sub(/.*"elapsed_s": /, "", e); sub(/[,}].*/, "", e); t[n] = e + 0 }
     END { if (n < 6 || t[n] <= t[5]) print "?"; else printf "%.1f\n", tok * (n - 5) / (t[n] - t[5]) }' "$1"
 }
 

@@ -19,6 +19,14 @@ same() { if [ "$1" = "$2" ]; then ok; else bad "$3: got '$1', wanted '$2'"; fi; 
   echo '{"step": 8, "loss": 7.2, "lr": 0.0003, "grad_norm": 1, "tokens_per_s": 5.0, "elapsed_s": 12.000, "save_stall_s": 3.125}'
 } >"$T/run.jsonl"
 same "$(log_tps "$T/run.jsonl" 1000)" 2000.0 "tokens over the wall time of steps 6..8"
+# elapsed times compared as numbers, not strings: step 5 at 9.5 s, step 7 at 10.5 s (a run whose
+# clock passes 10 s between the two read "?" when "10.5" sorted before "9.5")
+{
+  for i in 1 2 3 4 5; do echo "{\"step\": $i, \"loss\": 7.5, \"elapsed_s\": $((i + 4)).500}"; done
+  echo '{"step": 6, "loss": 7.4, "elapsed_s": 10.000}'
+  echo '{"step": 7, "loss": 7.3, "elapsed_s": 10.500, "save_stall_s": 14.027}'
+} >"$T/ten.jsonl"
+same "$(log_tps "$T/ten.jsonl" 1000)" 2000.0 "a clock passing 10 s"
 head -5 "$T/run.jsonl" >"$T/short.jsonl"
 same "$(log_tps "$T/short.jsonl" 1000)" "?" "a log of 5 steps"
 same "$(first_step_s "$T/run.jsonl")" 6.500 "time to the first step"
