@@ -1,8 +1,8 @@
 /* inspect: what each rank holds in GPU memory while training under a layout.
  *
  * The planner asks mps_geometry() (formats/geometry.h) which elements of every canonical tensor a
- * rank holds per state kind, turns elements into bytes for a precision (fp32 or mixed), adds an
- * activation estimate (Korthikanti et al. 2022) and the communication volume of one optimizer step,
+ * rank holds per state kind, turns elements into bytes for a precision (fp32 or mixed), adds the
+ * trainer's activation and working buffers and the communication volume of one optimizer step,
  * and lists the layouts that fit a number of GPUs. The checkpoint scanner sums what the datasets of
  * a checkpoint really hold per rank, so that the two can be compared (mpshard inspect --check).
  * Library code: errors come back through mps_err, nothing exits, no global mutable state. */
@@ -71,11 +71,14 @@ typedef struct {
     int64_t total;
 } mps_comm;
 
-/* Activation bytes held by one rank of pipeline stage `stage` at the peak of a 1F1B schedule:
- * layers_of_stage * min(pp - stage, micro-batches per step) * bytes_per_layer, where bytes_per_layer
- * is s*b*h/t*(34 + 5*a*s/h) (no recompute), s*b*h/t*34 (selective) or 2*s*b*h/t (full), t = tp
- * (sequence parallelism assumed with TP); the last stage adds one micro-batch's logits, s*b*Vp/t
- * elements of the training dtype (Vp/t rounded up). Returns -1 if the figure does not fit in int64. */
+/* Activation bytes held by one rank of pipeline stage `stage` at the peak of a 1F1B schedule, as
+ * mpshard's trainer allocates them: layers_of_stage * min(pp - stage, micro-batches per step) *
+ * mps_arch_layer_activation_bytes (the layer's fp32 input, residual, statistics and log-sum-exp and
+ * its operand buffers in the training dtype; full recompute: the fp32 input alone, plus one layer
+ * recomputed whole), plus the stage's working buffers (per micro-batch in flight its output and
+ * gradient; two scratch buffers; a fp32 send buffer per micro-batch of the step to each neighbouring
+ * stage); the last stage adds one micro-batch's logits, s*b*Vp/t elements of the training dtype
+ * (Vp/t rounded up). Returns -1 if the figure does not fit in int64. */
 int64_t mps_activation_bytes(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o, int stage);
 
 /* ZeRO's working set beyond the sharded state, as mpshard's trainer keeps it (dp > 1; else 0):
