@@ -193,7 +193,7 @@ static void print_ranks(const inspect_args *a, const mps_plan *plan)
         else
             printf("every rank fits\n");
     }
-    mps_comm c;
+    mps_comm_volume c;
     int comm_rank;
     mps_plan_comm_max(plan, &c, &comm_rank);
     printf("comm/step  rank %d sends the most: DP %s, TP %s, PP %s, total %s; pipeline bubble %.0f%%\n", comm_rank,
@@ -223,7 +223,7 @@ static json_t *ranks_json(const inspect_args *a, const mps_plan *plan)
     return list;
 }
 
-static json_t *comm_json(const mps_comm *c, int rank)
+static json_t *comm_json(const mps_comm_volume *c, int rank)
 {
     return json_pack("{s:i, s:I, s:I, s:I, s:I}", "rank", rank, "dp", (json_int_t)c->dp, "tp", (json_int_t)c->tp, "pp",
                      (json_int_t)c->pp, "total", (json_int_t)c->total);
@@ -236,7 +236,7 @@ static json_t *plan_json(const inspect_args *a, const mps_plan *plan)
     mps_layout_format(mps_plan_layout(plan), layout, sizeof layout);
     int peak_rank, comm_rank;
     int64_t peak = mps_plan_peak(plan, &peak_rank);
-    mps_comm c;
+    mps_comm_volume c;
     mps_plan_comm_max(plan, &c, &comm_rank);
     json_t *j = json_pack("{s:o, s:s, s:i, s:s, s:I, s:I, s:s, s:I, s:I, s:f}", "model", model_json(mps_plan_config(plan)),
                           "layout", layout, "world", mps_plan_world(plan), "precision", mps_precision_name(o->precision),
@@ -355,7 +355,7 @@ static int run_time(const inspect_args *a, const mps_config *cfg, const mps_layo
         if (mps_plan_build(cfg, L, &a->po, &plan, err) != 0)
             return -1;
         peak = mps_plan_peak(plan, NULL);
-        mps_comm c;
+        mps_comm_volume c;
         mps_plan_comm_max(plan, &c, NULL);
         mps_plan_free(plan);
         double ms = now_ms() - t0;

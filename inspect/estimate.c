@@ -71,7 +71,7 @@ void mps_estimate_step(const mps_plan *p, const mps_estimate_consts *k, mps_step
     for (int s = 0; s < L->pp; s++)
         for (int x = 0; x < L->tp; x++) {
             const int r = mps_layout_rank(L, s, 0, x);
-            mps_comm c;
+            mps_comm_volume c;
             mps_plan_comm(p, r, &c);
             const double dp = (double)c.dp / bw_dp, tp = (double)c.tp / bw_tp, pp = (double)c.pp / bw_pp;
             if (dp + tp + pp > e->comm_s) {

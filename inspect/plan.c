@@ -404,7 +404,7 @@ int mps_plan_over_budget(const mps_plan *p, int64_t budget)
     return n;
 }
 
-void mps_plan_comm(const mps_plan *p, int rank, mps_comm *c)
+void mps_plan_comm(const mps_plan *p, int rank, mps_comm_volume *c)
 {
     memset(c, 0, sizeof *c);
     const mps_layout *L = &p->L;
@@ -443,7 +443,7 @@ void mps_plan_comm(const mps_plan *p, int rank, mps_comm *c)
     c->total = c->dp + c->tp + c->pp;
 }
 
-void mps_plan_comm_max(const mps_plan *p, mps_comm *out, int *rank)
+void mps_plan_comm_max(const mps_plan *p, mps_comm_volume *out, int *rank)
 {
     /* every rank of a (stage, TP rank) sends the same, so one DP index per pair is enough */
     int best_rank = 0;
@@ -451,7 +451,7 @@ void mps_plan_comm_max(const mps_plan *p, mps_comm *out, int *rank)
     out->total = -1;
     for (int s = 0; s < p->L.pp; s++)
         for (int x = 0; x < p->L.tp; x++) {
-            mps_comm c;
+            mps_comm_volume c;
             int r = mps_layout_rank(&p->L, s, 0, x);
             mps_plan_comm(p, r, &c);
             if (c.total > out->total) {

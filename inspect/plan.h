@@ -69,7 +69,7 @@ typedef struct {
     int64_t tp;    /* the all-reduces (or all-gather + reduce-scatter pairs) of the TP group */
     int64_t pp;    /* activations and their gradients to the neighbouring stages, tied-head gradient */
     int64_t total;
-} mps_comm;
+} mps_comm_volume;
 
 /* Activation bytes held by one rank of pipeline stage `stage` at the peak of a 1F1B schedule, as
  * mpshard's trainer allocates them: layers_of_stage * min(pp - stage, micro-batches per step) *
@@ -109,8 +109,8 @@ int64_t mps_plan_microbatches(const mps_plan *p); /* per pipeline per step: ceil
 double mps_plan_bubble(const mps_plan *p);        /* 1F1B idle fraction (pp-1) / (m+pp-1) */
 void mps_plan_rank(const mps_plan *p, int rank, mps_rank_usage *out);
 int64_t mps_plan_peak(const mps_plan *p, int *rank); /* the largest total, and its lowest rank */
-void mps_plan_comm(const mps_plan *p, int rank, mps_comm *out);
-void mps_plan_comm_max(const mps_plan *p, mps_comm *out, int *rank); /* the rank that sends most */
+void mps_plan_comm(const mps_plan *p, int rank, mps_comm_volume *out);
+void mps_plan_comm_max(const mps_plan *p, mps_comm_volume *out, int *rank); /* the rank that sends most */
 /* Number of ranks whose total exceeds budget bytes. */
 int mps_plan_over_budget(const mps_plan *p, int64_t budget);
 
@@ -126,7 +126,7 @@ typedef struct {
     mps_layout layout;
     int64_t peak;      /* the largest per-rank total */
     int peak_rank;
-    mps_comm comm;     /* of the rank that sends most */
+    mps_comm_volume comm;     /* of the rank that sends most */
     int comm_rank;
     int64_t microbatches;
     double bubble;

@@ -59,7 +59,7 @@ static int64_t pp_bytes(const mps_config *cfg, const char *layout, const mps_pla
     mps_err_clear(&err);
     if (mps_layout_parse(layout, cfg, &L, &err) != 0 || mps_plan_build(cfg, &L, o, &p, &err) != 0)
         return -1;
-    mps_comm c;
+    mps_comm_volume c;
     mps_plan_comm(p, rank, &c);
     mps_plan_free(p);
     return c.pp;

@@ -283,7 +283,7 @@ static void test_activations_and_comm(void)
         snprintf(text, sizeof text, "dp=4,zero=%d", zero);
         L = layout_of(&gpt2, text);
         mps_plan *p = plan_of(&gpt2, &L, &o);
-        mps_comm c;
+        mps_comm_volume c;
         mps_plan_comm(p, 0, &c);
         dp_bytes[zero] = c.dp;
         CHECK(c.tp == 0 && c.pp == 0 && c.total == c.dp);
@@ -294,7 +294,7 @@ static void test_activations_and_comm(void)
     CHECK(llabs(dp_bytes[3] - dp_bytes[0] * 3 / 2) <= 2);
     L = layout_of(&gpt2, "dp=1");
     mps_plan *p = plan_of(&gpt2, &L, &o);
-    mps_comm c;
+    mps_comm_volume c;
     mps_plan_comm(p, 0, &c);
     CHECK(c.total == 0);
     mps_plan_free(p);
@@ -442,7 +442,7 @@ static void test_time_1024(void)
         double t0 = now_ms();
         mps_plan *p = plan_of(&big, &L, &o);
         mps_plan_peak(p, NULL);
-        mps_comm c;
+        mps_comm_volume c;
         mps_plan_comm_max(p, &c, NULL);
         mps_plan_free(p);
         double ms = now_ms() - t0;

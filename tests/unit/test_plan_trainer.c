@@ -1,0 +1,120 @@
+/* The memory planner against the trainer it plans: the engine is built on the CPU backend with an
+ * allocator that counts every byte the engine asks of the backend (what becomes device memory on
+ * the CUDA backend), one step's gradients are computed, and the peak of the live bytes is compared
+ * with `mps_plan_rank`'s fp32 total for the same model, layout and batch shape. The plan must
+ * agree to within the few buffers it leaves out on purpose: per micro-batch slot the (C) column
+ * sums of the residual gradient, and the Llama block's rotary table (T x head size floats). */
+#include "testutil.h"
+#include "train_fixture.h"
+
+#include "arch.h"
+#include "inspect/plan.h"
+
+/* Live and peak bytes of the backend's allocations; each block carries its size in a header. */
+typedef struct {
+    int64_t live, peak;
+} alloc_count;
+
+#define HDR 16 /* keeps the blocks 16-byte aligned, as calloc's */
+
+static void *count_alloc(void *ctx, size_t bytes)
+{
+    alloc_count *c = (alloc_count *)ctx;
+    char *p = calloc(1, HDR + (bytes ? bytes : 1));
+    if (!p)
+        return NULL;
+    memcpy(p, &bytes, sizeof bytes);
+    c->live += (int64_t)bytes;
+    if (c->live > c->peak)
+        c->peak = c->live;
+    return p + HDR;
+}
+
+static void count_release(void *ctx, void *p)
+{
+    if (!p)
+        return;
+    alloc_count *c = (alloc_count *)ctx;
+    size_t bytes;
+    memcpy(&bytes, (char *)p - HDR, sizeof bytes);
+    c->live -= (int64_t)bytes;
+    free((char *)p - HDR);
+}
+
+/* One engine on the counting CPU backend; the peak after one step's gradients against the plan. */
+static void check_shape(const char *config, int micro_batch, int seq, int global_batch, int recompute,
+                        const char *dir)
+{
+    mps_err err;
+    mps_err_clear(&err);
+    mps_config cfg;
+    CHECK(mps_config_parse(config, &cfg, &err) == 0);
+    mps_layout L;
+    CHECK(mps_layout_parse("dp=1", &cfg, &L, &err) == 0);
+    char path[1100];
+    snprintf(path, sizeof path, "%s/plan-tokens.bin", dir);
+    CHECK(mps_tokens_write_synthetic(path, 4000, cfg.vocab, 11, &err) == 0);
+    mps_tokens *data = NULL;
+    CHECK(mps_tokens_open(path, seq, cfg.vocab, &data, &err) == 0);
+    mps_comm comm;
+    mps_comm_self(&comm);
+    mps_backend be;
+    mps_backend_cpu(&be);
+    alloc_count count = { 0, 0 };
+    be.ctx = &count; /* the CPU backend's operations do not use their context */
+    be.alloc = count_alloc;
+    be.release = count_release;
+    mps_train_opts o = { .micro_batch = micro_batch, .seq = seq, .global_batch = global_batch, .lr = 1e-3f,
+                         .lr_min = 1e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .recompute = recompute };
+    mps_engine *e = NULL;
+    int rc = data ? mps_engine_new(&cfg, &L, &comm, &be, &o, &e, &err) : -1;
+    CHECK_MSG(rc == 0, "%s: %s", config, err.msg);
+    if (rc == 0) {
+        double loss, norm;
+        CHECK(mps_engine_grads(e, data, 0, &loss, &norm, &err) == 0);
+        mps_plan_opts po;
+        mps_plan_opts_default(&cfg, &po);
+        po.micro_batch = micro_batch;
+        po.seq = seq;
+        po.global_batch = global_batch;
+        po.recompute = recompute ? MPS_RECOMPUTE_FULL : MPS_RECOMPUTE_NONE;
+        mps_plan *plan = NULL;
+        CHECK(mps_plan_build(&cfg, &L, &po, &plan, &err) == 0);
+        if (plan) {
+            mps_rank_usage u;
+            mps_plan_rank(plan, 0, &u);
+            const int64_t slots = 1; /* pp = 1: one micro-batch in flight */
+            const int64_t rope = cfg.arch == MPS_ARCH_LLAMA ? (int64_t)seq * mps_cfg_head_dim(&cfg) * 4 : 0;
+            const int64_t left_out = slots * cfg.n_embd * 4 + rope;
+            CHECK_MSG(count.peak == u.total + left_out,
+                      "%s, b %d s %d G %d recompute %d: the engine's peak %lld bytes, the plan %lld + %lld left out",
+                      config, micro_batch, seq, global_batch, recompute, (long long)count.peak, (long long)u.total,
+                      (long long)left_out);
+            printf("%s, b=%d s=%d G=%d%s: engine peak %lld bytes, plan %lld (+%lld not planned)\n", config, micro_batch,
+                   seq, global_batch, recompute ? " recompute" : "", (long long)count.peak, (long long)u.total,
+                   (long long)left_out);
+            mps_plan_free(plan);
+        }
+        mps_engine_free(e);
+        CHECK_MSG(count.live == 0, "%lld bytes not released", (long long)count.live);
+    }
+    if (data)
+        mps_tokens_close(data);
+    remove(path);
+}
+
+int main(void)
+{
+    const char *dir = test_tmpdir("plan_trainer");
+    if (!dir)
+        return 1;
+    static const char *gpt2 = "n_layer=3,n_embd=48,n_head=4,vocab=300,n_positions=32";
+    static const char *llama =
+        "arch=llama,n_layer=2,n_embd=64,n_head=8,n_kv_head=2,ffn=176,vocab=250,n_positions=32,tied=0";
+    check_shape(gpt2, 2, 16, 4, 0, dir);
+    check_shape(gpt2, 3, 32, 6, 1, dir);
+    check_shape(llama, 2, 16, 4, 0, dir);
+    check_shape(llama, 1, 32, 3, 1, dir);
+    rmdir(dir);
+    TEST_DONE();
+}
