@@ -132,7 +132,7 @@ static void print_training(const mps_plan *plan)
     printf("training   %s (%s), micro-batch %lld x %lld tokens, recompute %s, global batch %lld sequences "
            "(%lld micro-batch%s per pipeline per step)%s\n",
            mps_precision_name(o->precision),
-           o->precision == MPS_PRECISION_MIXED ? "bf16 weights and gradients, fp32 master, m, v"
+           o->precision == MPS_PRECISION_MIXED ? "bf16 weights; fp32 gradients, master, m, v"
                                                : "fp32 weights, gradients, m, v; no master copy",
            (long long)o->micro_batch, (long long)o->seq, mps_recompute_name(o->recompute), (long long)o->global_batch,
            (long long)mps_plan_microbatches(plan), mps_plan_microbatches(plan) == 1 ? "" : "es",
