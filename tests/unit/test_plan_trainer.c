@@ -3,7 +3,10 @@
  * the CUDA backend), one step's gradients are computed, and the peak of the live bytes is compared
  * with `mps_plan_rank`'s fp32 total for the same model, layout and batch shape. The plan must
  * agree to within the few buffers it leaves out on purpose: per micro-batch slot the (C) column
- * sums of the residual gradient, and the Llama block's rotary table (T x head size floats). */
+ * sums of the residual gradient, and the Llama block's rotary table (T x head size floats).
+ * Layouts of several ranks (tp, pp) are checked rank by rank on engines built but not stepped
+ * (building one does not communicate): what they allocate plus their gradients, which the first
+ * backward allocates (whole TP boxes at ZeRO-0), against each rank's plan. */
 #include "testutil.h"
 #include "train_fixture.h"
 
@@ -103,6 +106,61 @@ static void check_shape(const char *config, int micro_batch, int seq, int global
     remove(path);
 }
 
+/* Every rank of `layout` (dp = 1, ZeRO-0): the engine's buffers once built, plus its gradients. */
+static void check_layout(const char *config, const char *layout, int micro_batch, int seq, int global_batch)
+{
+    mps_err err;
+    mps_err_clear(&err);
+    mps_config cfg;
+    CHECK(mps_config_parse(config, &cfg, &err) == 0);
+    mps_layout L;
+    CHECK(mps_layout_parse(layout, &cfg, &L, &err) == 0);
+    mps_plan_opts po;
+    mps_plan_opts_default(&cfg, &po);
+    po.micro_batch = micro_batch;
+    po.seq = seq;
+    po.global_batch = global_batch;
+    mps_plan *plan = NULL;
+    CHECK(mps_plan_build(&cfg, &L, &po, &plan, &err) == 0);
+    const int world = mps_layout_world(&L);
+    for (int r = 0; plan && r < world; r++) {
+        mps_comm comm;
+        mps_comm_self(&comm);
+        comm.rank = r;
+        comm.size = world;
+        mps_backend be;
+        mps_backend_cpu(&be);
+        alloc_count count = { 0, 0 };
+        be.ctx = &count;
+        be.alloc = count_alloc;
+        be.release = count_release;
+        mps_train_opts o = { .micro_batch = micro_batch, .seq = seq, .global_batch = global_batch, .lr = 1e-3f,
+                             .lr_min = 1e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f };
+        mps_engine *e = NULL;
+        int rc = mps_engine_new(&cfg, &L, &comm, &be, &o, &e, &err);
+        CHECK_MSG(rc == 0, "%s %s rank %d: %s", config, layout, r, err.msg);
+        if (rc != 0)
+            break;
+        int64_t grads = 0;
+        for (int t = 0; t < e->ntensors; t++)
+            if (e->t[t].held)
+                grads += e->t[t].box_n * 4;
+        mps_rank_usage u;
+        mps_plan_rank(plan, r, &u);
+        const int64_t rope = cfg.arch == MPS_ARCH_LLAMA ? (int64_t)seq * mps_cfg_head_dim(&cfg) * 4 : 0;
+        const int64_t left_out = (int64_t)e->nslots * cfg.n_embd * 4 + rope;
+        CHECK_MSG(count.live + grads == u.total + left_out,
+                  "%s %s rank %d (stage %d, tp %d): the engine's %lld + %lld bytes of gradients, the plan %lld + %lld",
+                  config, layout, r, u.at.pp, u.at.tp, (long long)count.live, (long long)grads, (long long)u.total,
+                  (long long)left_out);
+        mps_engine_free(e);
+        CHECK(count.live == 0);
+    }
+    printf("%s %s, b=%d s=%d G=%d: every rank's buffers and gradients are its plan\n", config, layout,
+           micro_batch, seq, global_batch);
+    mps_plan_free(plan);
+}
+
 int main(void)
 {
     const char *dir = test_tmpdir("plan_trainer");
@@ -115,6 +173,11 @@ int main(void)
     check_shape(gpt2, 3, 32, 6, 1, dir);
     check_shape(llama, 2, 16, 4, 0, dir);
     check_shape(llama, 1, 32, 3, 1, dir);
+    /* the pipeline's slots (pp - stage in flight) and send buffers (one per micro-batch of the step to
+     * each neighbour), TP's split widths, the logits on the last stage, the tied wte there */
+    check_layout(gpt2, "pp=2,tp=2", 2, 16, 8);
+    check_layout(gpt2, "pp=3", 1, 32, 5);
+    check_layout(llama, "pp=2,tp=2", 2, 16, 6);
     rmdir(dir);
     TEST_DONE();
 }
