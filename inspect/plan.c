@@ -353,8 +353,12 @@ double mps_plan_bubble(const mps_plan *p)
     return (double)(p->L.pp - 1) / (double)(p->microbatches + p->L.pp - 1);
 }
 
-static void fill_bytes(mps_precision precision, mps_rank_usage *u)
+/* Bytes from elements; ZeRO-1's reduce-scatter output joins the transients: the trainer sums the
+ * full gradients into a buffer of the rank's shard (the Adam state's flat range), fp32 */
+static void fill_bytes(const mps_layout *L, mps_precision precision, mps_rank_usage *u)
 {
+    if (L->zero == 1 && L->dp > 1)
+        u->transient += u->elems[MPS_KIND_ADAM_M] * mps_kind_bytes(precision, MPS_KIND_GRAD);
     u->runtime = precision == MPS_PRECISION_MIXED ? MPS_PLAN_CUDA_RUNTIME_BYTES : 0;
     u->total = u->activations + u->transient + u->runtime;
     for (int k = 0; k < MPS_KIND_COUNT; k++) {
@@ -373,7 +377,7 @@ void mps_plan_rank(const mps_plan *p, int rank, mps_rank_usage *u)
         u->elems[k] = p->sharded[k] ? p->sharded_elems[rank] : p->unsharded_elems[slot];
     u->activations = p->activations[u->at.pp];
     u->transient = p->transient[slot];
-    fill_bytes(p->o.precision, u);
+    fill_bytes(&p->L, p->o.precision, u);
 }
 
 int64_t mps_plan_peak(const mps_plan *p, int *rank)
@@ -486,7 +490,7 @@ void mps_plan_rank_direct(const mps_config *cfg, const mps_layout *L, const mps_
     }
     u->activations = mps_activation_bytes(cfg, L, o, u->at.pp);
     u->transient = mps_transient_bytes(cfg, L, o, u->at.pp, u->at.tp);
-    fill_bytes(o->precision, u);
+    fill_bytes(L, o->precision, u);
 }
 
 /* ---- suggest ---- */

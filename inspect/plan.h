@@ -53,7 +53,8 @@ typedef struct {
     int64_t elems[MPS_KIND_COUNT]; /* elements held per kind, from mps_geometry */
     int64_t bytes[MPS_KIND_COUNT]; /* elems * mps_kind_bytes */
     int64_t activations;           /* bytes, mps_activation_bytes of the rank's stage */
-    int64_t transient;             /* bytes, mps_transient_bytes of the rank's stage and TP rank */
+    int64_t transient;             /* bytes, mps_transient_bytes of the rank's stage and TP rank; ZeRO-1: and the
+                                    * rank's shard of the gradients, the reduce-scatter's output */
     int64_t runtime;               /* bytes, MPS_PLAN_CUDA_RUNTIME_BYTES with mixed precision, else 0 */
     int64_t total;                 /* all kinds + activations + transient + runtime */
 } mps_rank_usage;

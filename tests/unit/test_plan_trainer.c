@@ -4,9 +4,10 @@
  * with `mps_plan_rank`'s fp32 total for the same model, layout and batch shape. The plan must
  * agree to within the few buffers it leaves out on purpose: per micro-batch slot the (C) column
  * sums of the residual gradient, and the Llama block's rotary table (T x head size floats).
- * Layouts of several ranks (tp, pp) are checked rank by rank on engines built but not stepped
- * (building one does not communicate): what they allocate plus their gradients, which the first
- * backward allocates (whole TP boxes at ZeRO-0), against each rank's plan. */
+ * Layouts of several ranks (dp, tp, pp) are checked rank by rank on engines built but not stepped
+ * (building one does not communicate): what they allocate plus the gradients the first backward
+ * allocates (whole TP boxes at ZeRO-0 and 1), against each rank's plan; at ZeRO-2 and 3 the
+ * plan's transients are what the step adds (per layer), so the built engine must hold the rest. */
 #include "testutil.h"
 #include "train_fixture.h"
 
@@ -106,7 +107,8 @@ static void check_shape(const char *config, int micro_batch, int seq, int global
     remove(path);
 }
 
-/* Every rank of `layout` (dp = 1, ZeRO-0): the engine's buffers once built, plus its gradients. */
+/* Every rank of `layout`: the engine's buffers once built, plus its gradients (ZeRO-0, 1), or
+ * without the step's transients (ZeRO-2, 3). */
 static void check_layout(const char *config, const char *layout, int micro_batch, int seq, int global_batch)
 {
     mps_err err;
@@ -142,11 +144,13 @@ static void check_layout(const char *config, const char *layout, int micro_batch
         if (rc != 0)
             break;
         int64_t grads = 0;
-        for (int t = 0; t < e->ntensors; t++)
+        for (int t = 0; L.zero <= 1 && t < e->ntensors; t++)
             if (e->t[t].held)
                 grads += e->t[t].box_n * 4;
         mps_rank_usage u;
         mps_plan_rank(plan, r, &u);
+        if (L.zero >= 2)
+            u.total -= u.transient;
         const int64_t rope = cfg.arch == MPS_ARCH_LLAMA ? (int64_t)seq * mps_cfg_head_dim(&cfg) * 4 : 0;
         const int64_t left_out = (int64_t)e->nslots * cfg.n_embd * 4 + rope;
         CHECK_MSG(count.live + grads == u.total + left_out,
@@ -178,6 +182,11 @@ int main(void)
     check_layout(gpt2, "pp=2,tp=2", 2, 16, 8);
     check_layout(gpt2, "pp=3", 1, 32, 5);
     check_layout(llama, "pp=2,tp=2", 2, 16, 6);
+    /* ZeRO over dp = 2 (the shards are uneven: 1 element off per tensor, the plan counts each rank's) */
+    check_layout(gpt2, "dp=2,zero=1", 2, 16, 8);
+    check_layout(gpt2, "dp=2,pp=2,zero=2", 1, 16, 4);
+    check_layout(llama, "dp=2,tp=2,zero=3", 2, 16, 8);
+    check_layout(llama, "dp=3,zero=1", 1, 16, 6);
     rmdir(dir);
     TEST_DONE();
 }
