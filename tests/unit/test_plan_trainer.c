@@ -45,6 +45,40 @@ static void count_release(void *ctx, void *p)
     free((char *)p - HDR);
 }
 
+/* The CPU backend with its allocations counted in *count (its operations ignore their context). */
+static void counting_cpu_backend(mps_backend *be, alloc_count *count)
+{
+    mps_backend_cpu(be);
+    *count = (alloc_count){ 0, 0 };
+    be->ctx = count;
+    be->alloc = count_alloc;
+    be->release = count_release;
+}
+
+static mps_train_opts train_opts(int micro_batch, int seq, int global_batch, int recompute)
+{
+    return (mps_train_opts){ .micro_batch = micro_batch, .seq = seq, .global_batch = global_batch, .lr = 1e-3f,
+                             .lr_min = 1e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .recompute = recompute };
+}
+
+static mps_plan_opts plan_opts(const mps_config *cfg, int micro_batch, int seq, int global_batch, int recompute)
+{
+    mps_plan_opts po;
+    mps_plan_opts_default(cfg, &po);
+    po.micro_batch = micro_batch;
+    po.seq = seq;
+    po.global_batch = global_batch;
+    po.recompute = recompute ? MPS_RECOMPUTE_FULL : MPS_RECOMPUTE_NONE;
+    return po;
+}
+
+/* What the plan leaves out: a (C) column sum per micro-batch slot, the rotary table (T x head size). */
+static int64_t not_planned(const mps_config *cfg, int nslots, int seq)
+{
+    const int64_t rope = cfg->arch == MPS_ARCH_LLAMA ? (int64_t)seq * mps_cfg_head_dim(cfg) * 4 : 0;
+    return (int64_t)nslots * cfg->n_embd * 4 + rope;
+}
+
 /* One engine on the counting CPU backend; the peak after one step's gradients against the plan. */
 static void check_shape(const char *config, int micro_batch, int seq, int global_batch, int recompute,
                         const char *dir)
@@ -63,33 +97,22 @@ static void check_shape(const char *config, int micro_batch, int seq, int global
     mps_comm comm;
     mps_comm_self(&comm);
     mps_backend be;
-    mps_backend_cpu(&be);
-    alloc_count count = { 0, 0 };
-    be.ctx = &count; /* the CPU backend's operations do not use their context */
-    be.alloc = count_alloc;
-    be.release = count_release;
-    mps_train_opts o = { .micro_batch = micro_batch, .seq = seq, .global_batch = global_batch, .lr = 1e-3f,
-                         .lr_min = 1e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .recompute = recompute };
+    alloc_count count;
+    counting_cpu_backend(&be, &count);
+    mps_train_opts o = train_opts(micro_batch, seq, global_batch, recompute);
     mps_engine *e = NULL;
     int rc = data ? mps_engine_new(&cfg, &L, &comm, &be, &o, &e, &err) : -1;
     CHECK_MSG(rc == 0, "%s: %s", config, err.msg);
     if (rc == 0) {
         double loss, norm;
         CHECK(mps_engine_grads(e, data, 0, &loss, &norm, &err) == 0);
-        mps_plan_opts po;
-        mps_plan_opts_default(&cfg, &po);
-        po.micro_batch = micro_batch;
-        po.seq = seq;
-        po.global_batch = global_batch;
-        po.recompute = recompute ? MPS_RECOMPUTE_FULL : MPS_RECOMPUTE_NONE;
+        mps_plan_opts po = plan_opts(&cfg, micro_batch, seq, global_batch, recompute);
         mps_plan *plan = NULL;
         CHECK(mps_plan_build(&cfg, &L, &po, &plan, &err) == 0);
         if (plan) {
             mps_rank_usage u;
             mps_plan_rank(plan, 0, &u);
-            const int64_t slots = 1; /* pp = 1: one micro-batch in flight */
-            const int64_t rope = cfg.arch == MPS_ARCH_LLAMA ? (int64_t)seq * mps_cfg_head_dim(&cfg) * 4 : 0;
-            const int64_t left_out = slots * cfg.n_embd * 4 + rope;
+            const int64_t left_out = not_planned(&cfg, 1, seq); /* pp = 1: one micro-batch in flight */
             CHECK_MSG(count.peak == u.total + left_out,
                       "%s, b %d s %d G %d recompute %d: the engine's peak %lld bytes, the plan %lld + %lld left out",
                       config, micro_batch, seq, global_batch, recompute, (long long)count.peak, (long long)u.total,
@@ -117,11 +140,7 @@ static void check_layout(const char *config, const char *layout, int micro_batch
     CHECK(mps_config_parse(config, &cfg, &err) == 0);
     mps_layout L;
     CHECK(mps_layout_parse(layout, &cfg, &L, &err) == 0);
-    mps_plan_opts po;
-    mps_plan_opts_default(&cfg, &po);
-    po.micro_batch = micro_batch;
-    po.seq = seq;
-    po.global_batch = global_batch;
+    mps_plan_opts po = plan_opts(&cfg, micro_batch, seq, global_batch, 0);
     mps_plan *plan = NULL;
     CHECK(mps_plan_build(&cfg, &L, &po, &plan, &err) == 0);
     const int world = mps_layout_world(&L);
@@ -131,13 +150,9 @@ static void check_layout(const char *config, const char *layout, int micro_batch
         comm.rank = r;
         comm.size = world;
         mps_backend be;
-        mps_backend_cpu(&be);
-        alloc_count count = { 0, 0 };
-        be.ctx = &count;
-        be.alloc = count_alloc;
-        be.release = count_release;
-        mps_train_opts o = { .micro_batch = micro_batch, .seq = seq, .global_batch = global_batch, .lr = 1e-3f,
-                             .lr_min = 1e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f };
+        alloc_count count;
+        counting_cpu_backend(&be, &count);
+        mps_train_opts o = train_opts(micro_batch, seq, global_batch, 0);
         mps_engine *e = NULL;
         int rc = mps_engine_new(&cfg, &L, &comm, &be, &o, &e, &err);
         CHECK_MSG(rc == 0, "%s %s rank %d: %s", config, layout, r, err.msg);
@@ -151,8 +166,7 @@ static void check_layout(const char *config, const char *layout, int micro_batch
         mps_plan_rank(plan, r, &u);
         if (L.zero >= 2)
             u.total -= u.transient;
-        const int64_t rope = cfg.arch == MPS_ARCH_LLAMA ? (int64_t)seq * mps_cfg_head_dim(&cfg) * 4 : 0;
-        const int64_t left_out = (int64_t)e->nslots * cfg.n_embd * 4 + rope;
+        const int64_t left_out = not_planned(&cfg, e->nslots, seq);
         CHECK_MSG(count.live + grads == u.total + left_out,
                   "%s %s rank %d (stage %d, tp %d): the engine's %lld + %lld bytes of gradients, the plan %lld + %lld",
                   config, layout, r, u.at.pp, u.at.tp, (long long)count.live, (long long)grads, (long long)u.total,
