@@ -14,8 +14,7 @@ run() { "$M" train --ckpt "$W/ck" --layout dp=1 --data "$W/tok.bin" --steps "$1"
 MPS_CUDA_VERBOSE=1 run 6 "$W/plain.jsonl" 2>"$W/plain.err" || { tail -5 "$W/plain.err"; exit 1; }
 echo "GEMM plans (MPS_CUDA_VERBOSE=1):"; grep "gemm plan" "$W/plain.err" | sort -u
 echo "tokens/s without the profiler:"; sed -E 's/.*"tokens_per_s": ([0-9.]+).*/\1/' "$W/plain.jsonl" | tr '\n' ' '; echo
-# count the launches of one step: steps 1 and 2 under ncu with nothing collected would cost as much; instead
-# profile everything of a 3-step run and keep the last third of the launches (steps are identical)
+# profile everything of a 3-step run and keep the third step's launches (from its embedding forward on)
 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
   "$M" train --ckpt "$W/ck" --layout dp=1 --data "$W/tok.bin" --steps 3 --global-batch "$B" --micro-batch "$B" \
   --seq "$T" --backend cuda --out "$W/run2" -q >"$W/ncu.csv" 2>"$W/ncu.err" || { tail -5 "$W/ncu.err"; exit 1; }
@@ -26,7 +25,9 @@ hdr = rows[0]; rows = rows[1:]
 ki, mi, vi, ii = hdr.index("Kernel Name"), hdr.index("Metric Name"), hdr.index("Metric Value"), hdr.index("ID")
 launches = [(int(r[ii]), r[ki], float(r[vi].replace(",", ""))) for r in rows if r[mi] == "gpu__time_duration.sum"]
 launches.sort()
-last = launches[2 * len(launches) // 3:]  # the third step
+# the third step: from its first kernel (the embedding's forward) on; without one, the last third
+starts = [i for i, (_, k, _) in enumerate(launches) if k.startswith("k_embed_fwd")]
+last = launches[starts[-1]:] if len(starts) >= 3 else launches[2 * len(launches) // 3:]
 tot = collections.defaultdict(float); cnt = collections.Counter()
 for _, k, ns in last:
     key = k.split("(")[0][:90]; tot[key] += ns; cnt[key] += 1

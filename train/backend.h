@@ -32,6 +32,9 @@ typedef struct {
     float grad_scale; /* the clipping factor */
 } mps_adamw_step;
 
+/* the most parts of one stacked product (matmul_parts_fwd_act) */
+#define MPS_MAX_PARTS 4
+
 /* matmul_bwd's dinp modes */
 enum { MPS_DINP_F32 = 0, MPS_DINP_ACT = 1, MPS_DINP_ADD = 2 };
 
@@ -132,19 +135,35 @@ typedef struct mps_backend {
      * backward turns a gradient back. */
     void (*rope_fwd)(void *ctx, void *x_act, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
     void (*rope_bwd)(void *ctx, void *dx_act, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
-    /* out (n) = silu(gate) * up; bwd: dgate, dup (overwritten; they may be gate and up) */
-    void (*swiglu_fwd)(void *ctx, void *out_act, const void *gate_act, const void *up_act, int64_t n);
+    /* out (N, F) = silu(gate) * up, gate and up (N, F) in rows of stride ld (the columns of one
+     * stacked product: gate|up, ld 2 F); bwd: dgate, dup (overwritten, rows of stride ld; they
+     * may be gate and up), dout (N, F) */
+    void (*swiglu_fwd)(void *ctx, void *out_act, const void *gate_act, const void *up_act, int64_t N, int F,
+                       int64_t ld);
     void (*swiglu_bwd)(void *ctx, void *dgate_act, void *dup_act, const void *dout_act, const void *gate_act,
-                       const void *up_act, int64_t n);
-    /* Causal grouped-query attention: q, out (B, T, H hd), k, v (B, T, KV hd), query head h on kv
-     * head h / (H / KV); lse (B, H, T). bwd: dq, dk, dv overwritten; with rope_cs (rope_fwd's table,
-     * may be NULL) dq and dk come out turned back as rope_bwd would (a GPU does it as it stores
-     * them, instead of another pass). */
+                       const void *up_act, int64_t N, int F, int64_t ld);
+    /* Causal grouped-query attention: q (B, T, H hd) in rows of stride ldq, k, v (B, T, KV hd) in
+     * rows of stride ldkv (q|k|v the columns of one stacked product: ldq = ldkv = (H + 2 KV) hd),
+     * out (B, T, H hd) dense; query head h on kv head h / (H / KV); lse (B, H, T). bwd: dq (as q),
+     * dk, dv (as k, v) overwritten; with rope_cs (rope_fwd's table, may be NULL) dq and dk come out
+     * turned back as rope_bwd would (a GPU does it as it stores them, instead of another pass). */
     void (*gqa_fwd)(void *ctx, void *out_act, float *lse, const void *q_act, const void *k_act, const void *v_act,
-                    int B, int T, int H, int KV, int hd);
+                    int B, int T, int H, int KV, int hd, int64_t ldq, int64_t ldkv);
     void (*gqa_bwd)(void *ctx, void *dq_act, void *dk_act, void *dv_act, const void *dout_act, const void *q_act,
                     const void *k_act, const void *v_act, const void *out_act, const float *lse, int B, int T, int H,
-                    int KV, int hd, const float *rope_cs);
+                    int KV, int hd, int64_t ldq, int64_t ldkv, const float *rope_cs);
+    /* Products of one input with several weights stacked along their outputs (q|k|v, gate|up),
+     * so that a GPU runs one product over the stacked weight instead of one per part: part i is
+     * w[i] (oc[i], C) with bias[i] (oc[i], may be NULL), at columns [o_i, o_i + oc[i]) of out, o_i
+     * the sum of oc[<i]; W = the sum of all oc. fwd: out (N, W, an operand buffer) = inp @ [w_0;
+     * w_1; ...]^T + [bias_0 | bias_1 | ...]. bwd: dinp (N, C, fp32) = dout @ [w_0; w_1; ...],
+     * OVERWRITTEN (the sum of the parts' input gradients, in one product); dw[i] (oc[i], C) +=
+     * dout_i^T inp; dbias[i] (oc[i]) += the column sums of dout_i (each dw[i], dbias[i] may be
+     * NULL); dout (N, W) an operand buffer. At most MPS_MAX_PARTS parts. */
+    void (*matmul_parts_fwd_act)(void *ctx, void *out_act, const void *inp_act, const float *const *w,
+                                 const float *const *bias, const int *oc, int nparts, int64_t N, int C);
+    void (*matmul_parts_bwd)(void *ctx, float *dinp, float *const *dw, float *const *dbias, const void *dout_act,
+                             const void *inp_act, const float *const *w, const int *oc, int nparts, int64_t N, int C);
     void (*residual_bias)(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
     /* db (C) += column sums of dout (N, C) */
     void (*bias_grad)(void *ctx, float *db, const float *dout, int64_t N, int C);

@@ -165,36 +165,67 @@ static void rope_bwd(void *c, void *dx, const float *cs, int B, int T, int nh, i
     (void)c;
     op_rope_bwd(dx, cs, B, T, nh, hd, ld);
 }
-static void swiglu_fwd(void *c, void *out, const void *gate, const void *up, int64_t n)
+static void swiglu_fwd(void *c, void *out, const void *gate, const void *up, int64_t N, int F, int64_t ld)
 {
     (void)c;
-    op_swiglu_fwd(out, gate, up, n);
+    op_swiglu_fwd(out, gate, up, N, F, ld);
 }
-static void swiglu_bwd(void *c, void *dgate, void *dup, const void *dout, const void *gate, const void *up, int64_t n)
+static void swiglu_bwd(void *c, void *dgate, void *dup, const void *dout, const void *gate, const void *up, int64_t N,
+                       int F, int64_t ld)
 {
     (void)c;
-    op_swiglu_bwd(dgate, dup, dout, gate, up, n);
+    op_swiglu_bwd(dgate, dup, dout, gate, up, N, F, ld);
 }
 static void gqa_fwd(void *c, void *out, float *lse, const void *q, const void *k, const void *v, int B, int T, int H,
-                    int KV, int hd)
+                    int KV, int hd, int64_t ldq, int64_t ldkv)
 {
     (void)c;
-    op_gqa_fwd(out, lse, q, k, v, B, T, H, KV, hd);
+    op_gqa_fwd(out, lse, q, k, v, B, T, H, KV, hd, ldq, ldkv);
+}
+/* rows (B T) of width hd * nheads at x, stride ld, set to 0 */
+static void zero_rows(float *x, int64_t rows, int64_t width, int64_t ld)
+{
+    for (int64_t r = 0; r < rows; r++)
+        memset(x + r * ld, 0, sizeof(float) * (size_t)width);
 }
 static void gqa_bwd(void *c, void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
-                    const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd,
-                    const float *rope_cs)
+                    const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd, int64_t ldq,
+                    int64_t ldkv, const float *rope_cs)
 {
     (void)c;
     /* the op accumulates; the table overwrites */
-    memset(dq, 0, sizeof(float) * (size_t)B * T * H * hd);
-    memset(dk, 0, sizeof(float) * (size_t)B * T * KV * hd);
-    memset(dv, 0, sizeof(float) * (size_t)B * T * KV * hd);
-    op_gqa_bwd(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, KV, hd);
+    const int64_t rows = (int64_t)B * T;
+    zero_rows(dq, rows, (int64_t)H * hd, ldq);
+    zero_rows(dk, rows, (int64_t)KV * hd, ldkv);
+    zero_rows(dv, rows, (int64_t)KV * hd, ldkv);
+    op_gqa_bwd(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, KV, hd, ldq, ldkv);
     if (rope_cs) {
-        op_rope_bwd(dq, rope_cs, B, T, H, hd, (int64_t)H * hd);
-        op_rope_bwd(dk, rope_cs, B, T, KV, hd, (int64_t)KV * hd);
+        op_rope_bwd(dq, rope_cs, B, T, H, hd, ldq);
+        op_rope_bwd(dk, rope_cs, B, T, KV, hd, ldkv);
     }
+}
+/* the stacked products part by part, each into its columns */
+static void mm_parts_fwd_act(void *c, void *out, const void *inp, const float *const *w, const float *const *bias,
+                             const int *oc, int nparts, int64_t N, int C)
+{
+    (void)c;
+    int64_t W = 0, o = 0;
+    for (int i = 0; i < nparts; i++)
+        W += oc[i];
+    for (int i = 0; i < nparts; o += oc[i], i++)
+        op_matmul_fwd_ld((float *)out + o, W, inp, w[i], bias[i], N, C, oc[i]);
+}
+static void mm_parts_bwd(void *c, float *dinp, float *const *dw, float *const *dbias, const void *dout,
+                         const void *inp, const float *const *w, const int *oc, int nparts, int64_t N, int C)
+{
+    (void)c;
+    int64_t W = 0, o = 0;
+    for (int i = 0; i < nparts; i++)
+        W += oc[i];
+    if (dinp) /* overwritten: the parts' products add up in it in part order */
+        memset(dinp, 0, sizeof(float) * (size_t)(N * C));
+    for (int i = 0; i < nparts; o += oc[i], i++)
+        op_matmul_bwd_ld(dinp, dw[i], dbias[i], (const float *)dout + o, W, inp, w[i], N, C, oc[i]);
 }
 
 static void residual_bias(void *c, float *out, const float *a, const float *b, const float *bias, int64_t N, int C)
@@ -282,6 +313,7 @@ void mps_backend_cpu(mps_backend *out)
         .matmul_dgelu_bwd = mm_dgelu_bwd,
         .rmsnorm_fwd = rms_fwd, .rmsnorm_bwd = rms_bwd, .rope_fwd = rope_fwd, .rope_bwd = rope_bwd,
         .swiglu_fwd = swiglu_fwd, .swiglu_bwd = swiglu_bwd, .gqa_fwd = gqa_fwd, .gqa_bwd = gqa_bwd,
+        .matmul_parts_fwd_act = mm_parts_fwd_act, .matmul_parts_bwd = mm_parts_bwd,
         .residual_bias = residual_bias, .bias_grad = bias_grad, .add = add, .accumulate = accumulate,
         .xent_stats = xent_stats, .xent_rescale = xent_rescale, .act_bytes = sizeof(float),
         .xent_bwd = xent_bwd, .xent_stats_bwd = xent_stats_bwd, .xent_loss_sum = xent_loss_sum,

@@ -68,12 +68,23 @@ static void *act_at(const mps_engine *e, void *buf, int64_t i)
     return (char *)buf + i * e->be->act_bytes;
 }
 
-/* q, k, v in the qkv activation, one after the other */
+/* q, k, v in the qkv activation (N, qkv_w): the columns of one stacked product, rows of stride
+ * qkv_w = Cl + 2 Kl */
 static void *q_of(const mps_engine *e, void *qkv) { (void)e; return qkv; }
-static void *k_of(const mps_engine *e, void *qkv) { return act_at(e, qkv, (int64_t)e->N * e->Cl); }
-static void *v_of(const mps_engine *e, void *qkv)
+static void *k_of(const mps_engine *e, void *qkv) { return act_at(e, qkv, e->Cl); }
+static void *v_of(const mps_engine *e, void *qkv) { return act_at(e, qkv, e->Cl + (int64_t)e->KVl * e->hs); }
+
+/* the stacked products' parts: q|k|v (with the optional biases) and gate|up */
+typedef struct {
+    const float *w[3], *b[3];
+    int oc[3];
+} qkv_parts;
+
+static qkv_parts qkv_of(const mps_engine *e, float *const w[R_COUNT])
 {
-    return act_at(e, qkv, (int64_t)e->N * (e->Cl + e->KVl * e->hs));
+    const int Kl = e->KVl * e->hs;
+    qkv_parts p = { { w[R_QW], w[R_KW], w[R_VW] }, { w[R_QB], w[R_KB], w[R_VB] }, { e->Cl, Kl, Kl } };
+    return p;
 }
 
 static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, float *x_out, mps_err *err)
@@ -83,23 +94,24 @@ static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, 
         return -1;
     const mps_backend *be = e->be;
     const int64_t N = e->N;
-    const int C = e->C, Cl = e->Cl, Kl = e->KVl * e->hs, F = e->F;
+    const int C = e->C, Cl = e->Cl, F = e->F;
     const float eps = (float)mps_cfg_norm_eps(&e->cfg);
     void *q = q_of(e, a->qkv), *k = k_of(e, a->qkv), *v = v_of(e, a->qkv);
+    const int64_t ld = e->qkv_w; /* Cl + 2 Kl */
+    const qkv_parts qp = qkv_of(e, w);
     be->rmsnorm_fwd(be->ctx, a->ln1, a->ln1_rstd, a->x_in, w[R_LN1W], N, C, eps);
-    be->matmul_fwd_act(be->ctx, q, a->ln1, w[R_QW], w[R_QB], N, C, Cl);
-    be->matmul_fwd_act(be->ctx, k, a->ln1, w[R_KW], w[R_KB], N, C, Kl);
-    be->matmul_fwd_act(be->ctx, v, a->ln1, w[R_VW], w[R_VB], N, C, Kl);
-    be->rope_fwd(be->ctx, q, e->rope_cs, e->B, e->T, e->Hl, e->hs, Cl);
-    be->rope_fwd(be->ctx, k, e->rope_cs, e->B, e->T, e->KVl, e->hs, Kl);
-    be->gqa_fwd(be->ctx, a->atty, a->lse, q, k, v, e->B, e->T, e->Hl, e->KVl, e->hs);
+    be->matmul_parts_fwd_act(be->ctx, a->qkv, a->ln1, qp.w, qp.b, qp.oc, 3, N, C);
+    be->rope_fwd(be->ctx, q, e->rope_cs, e->B, e->T, e->Hl, e->hs, ld);
+    be->rope_fwd(be->ctx, k, e->rope_cs, e->B, e->T, e->KVl, e->hs, ld);
+    be->gqa_fwd(be->ctx, a->atty, a->lse, q, k, v, e->B, e->T, e->Hl, e->KVl, e->hs, ld, ld);
     int rc = mps_row_parallel_fwd(e, a->x2, a->x_in, a->atty, w[R_OW], NULL, Cl, err);
     if (rc == 0) {
-        void *gate = a->fch, *up = act_at(e, a->fch, N * F);
+        /* gate|up: (N, 2 F), the columns of one stacked product */
+        const float *gu_w[2] = { w[R_GATEW], w[R_UPW] }, *gu_b[2] = { NULL, NULL };
+        const int gu_oc[2] = { F, F };
         be->rmsnorm_fwd(be->ctx, a->ln2, a->ln2_rstd, a->x2, w[R_LN2W], N, C, eps);
-        be->matmul_fwd_act(be->ctx, gate, a->ln2, w[R_GATEW], NULL, N, C, F);
-        be->matmul_fwd_act(be->ctx, up, a->ln2, w[R_UPW], NULL, N, C, F);
-        be->swiglu_fwd(be->ctx, a->gel, gate, up, N * F);
+        be->matmul_parts_fwd_act(be->ctx, a->fch, a->ln2, gu_w, gu_b, gu_oc, 2, N, C);
+        be->swiglu_fwd(be->ctx, a->gel, a->fch, act_at(e, a->fch, F), N, F, 2 * (int64_t)F);
         rc = mps_row_parallel_fwd(e, x_out, a->x2, a->gel, w[R_DOWNW], NULL, F, err);
     }
     layer_release(e, layer);
@@ -122,37 +134,43 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
     }
     const mps_backend *be = e->be;
     const int64_t N = e->N;
-    const int C = e->C, Cl = e->Cl, Kl = e->KVl * e->hs, F = e->F;
+    const int C = e->C, Cl = e->Cl, F = e->F;
     float *dx = s->dx;
     float *dbig = e->scratch_a;                                      /* (N, max(F, qkv_w)) */
     void *datty = e->scratch_a + N * (F > e->qkv_w ? F : e->qkv_w);  /* (N, Cl) operand buffer, Cl <= C */
     float *dln = e->scratch_b;                                       /* (N, C) */
     /* MLP: dx is the output's gradient; the residual passes it on, the norm's backward adds */
-    /* the norms' input gradients (dln) are sums of several products' (each added in its product's
-     * epilogue: MPS_DINP_ADD) and of the TP group's: fp32, summed before the norm's backward reads them */
+    /* the norms' input gradients (dln) are sums of several products' (one stacked product: gate|up,
+     * q|k|v) and of the TP group's: fp32, summed before the norm's backward reads them */
     /* the residual gradient as the products read it: its operand copy when the norm backward that
      * wrote dx left one (s->dx_ready; not when dx came from the next stage) */
     const int dres_act = s->dx_ready != MPS_DX_NONE;
     const void *dres = dres_act ? s->dx_act : (const void *)dx;
     void *dh = dbig; /* operand buffer */
     be->matmul_bwd(be->ctx, dh, 1, g[R_DOWNW], 0, NULL, dres, dres_act, a->gel, w[R_DOWNW], N, F, C);
-    void *gate = a->fch, *up = act_at(e, a->fch, N * F);
-    be->swiglu_bwd(be->ctx, gate, up, dh, gate, up, N * F); /* dgate, dup in place */
-    be->matmul_bwd(be->ctx, dln, MPS_DINP_F32, g[R_GATEW], 0, NULL, gate, 1, a->ln2, w[R_GATEW], N, C, F);
-    be->matmul_bwd(be->ctx, dln, MPS_DINP_ADD, g[R_UPW], 0, NULL, up, 1, a->ln2, w[R_UPW], N, C, F);
+    void *gate = a->fch, *up = act_at(e, a->fch, F); /* (N, 2 F): gate|up */
+    be->swiglu_bwd(be->ctx, gate, up, dh, gate, up, N, F, 2 * (int64_t)F); /* dgate, dup in place */
+    {
+        const float *gu_w[2] = { w[R_GATEW], w[R_UPW] };
+        float *gu_g[2] = { g[R_GATEW], g[R_UPW] }, *gu_b[2] = { NULL, NULL };
+        const int gu_oc[2] = { F, F };
+        be->matmul_parts_bwd(be->ctx, dln, gu_g, gu_b, a->fch, a->ln2, gu_w, gu_oc, 2, N, C);
+    }
     int rc = mps_tp_sum(e, dln, N * C, err); /* n2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
         be->rmsnorm_bwd(be->ctx, dx, s->dx_act, g[R_LN2W], dln, a->x2, w[R_LN2W], a->ln2_rstd, N, C);
         /* attention: dx is now x2's gradient */
         be->matmul_bwd(be->ctx, datty, 1, g[R_OW], 0, NULL, s->dx_act, 1, a->atty, w[R_OW], N, Cl, C);
-        void *dq = dbig, *dk = act_at(e, dbig, N * Cl), *dv = act_at(e, dk, N * Kl); /* operand buffers */
+        /* dq|dk|dv (N, qkv_w) laid out as q|k|v, operand buffer */
+        const int64_t ld = e->qkv_w;
+        void *dq = q_of(e, dbig), *dk = k_of(e, dbig), *dv = v_of(e, dbig);
         void *q = q_of(e, a->qkv), *k = k_of(e, a->qkv), *v = v_of(e, a->qkv);
         /* dq and dk come out turned back by the rotary embeddings (rope_bwd's work, fused) */
-        be->gqa_bwd(be->ctx, dq, dk, dv, datty, q, k, v, a->atty, a->lse, e->B, e->T, e->Hl, e->KVl, e->hs,
+        be->gqa_bwd(be->ctx, dq, dk, dv, datty, q, k, v, a->atty, a->lse, e->B, e->T, e->Hl, e->KVl, e->hs, ld, ld,
                     e->rope_cs);
-        be->matmul_bwd(be->ctx, dln, MPS_DINP_F32, g[R_QW], 0, g[R_QB], dq, 1, a->ln1, w[R_QW], N, C, Cl);
-        be->matmul_bwd(be->ctx, dln, MPS_DINP_ADD, g[R_KW], 0, g[R_KB], dk, 1, a->ln1, w[R_KW], N, C, Kl);
-        be->matmul_bwd(be->ctx, dln, MPS_DINP_ADD, g[R_VW], 0, g[R_VB], dv, 1, a->ln1, w[R_VW], N, C, Kl);
+        const qkv_parts qp = qkv_of(e, w);
+        float *qkv_g[3] = { g[R_QW], g[R_KW], g[R_VW] }, *qkv_gb[3] = { g[R_QB], g[R_KB], g[R_VB] };
+        be->matmul_parts_bwd(be->ctx, dln, qkv_g, qkv_gb, dbig, a->ln1, qp.w, qp.oc, 3, N, C);
         rc = mps_tp_sum(e, dln, N * C, err);
     }
     /* below the stage's first layer dx goes to the embedding or to the previous stage: no products */

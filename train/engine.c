@@ -116,7 +116,8 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
 {
     *out = NULL;
     if (cfg->arch == MPS_ARCH_LLAMA && (!be->rmsnorm_fwd || !be->rmsnorm_bwd || !be->rope_fwd || !be->rope_bwd ||
-                                        !be->swiglu_fwd || !be->swiglu_bwd || !be->gqa_fwd || !be->gqa_bwd))
+                                        !be->swiglu_fwd || !be->swiglu_bwd || !be->gqa_fwd || !be->gqa_bwd ||
+                                        !be->matmul_parts_fwd_act || !be->matmul_parts_bwd))
         return mps_fail(err, MPS_EUNSUPPORTED, "--backend %s trains GPT-2 models only; this checkpoint holds a %s model "
                         "(llama architecture): train it with --backend cpu", be->name, mps_family_name(cfg->family));
     if (cfg->arch == MPS_ARCH_LLAMA && (mps_cfg_kv_heads(cfg) % L->tp != 0 || mps_cfg_head_dim(cfg) % 2 != 0))

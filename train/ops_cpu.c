@@ -248,10 +248,16 @@ static void mm_acc(float *c, int64_t ldc, const float *a, int64_t sam, int64_t s
 
 void op_matmul_fwd(float *out, const float *inp, const float *w, const float *bias, int64_t N, int C, int OC)
 {
+    op_matmul_fwd_ld(out, OC, inp, w, bias, N, C, OC);
+}
+
+void op_matmul_fwd_ld(float *out, int64_t ldo, const float *inp, const float *w, const float *bias, int64_t N, int C,
+                      int OC)
+{
     /* out starts as the bias (or 0) and accumulates inp @ w^T */
 #pragma omp parallel for schedule(static) if (N * OC >= OPS_PAR_MIN)
     for (int64_t n = 0; n < N; n++) {
-        float *o = out + n * OC;
+        float *o = out + n * ldo;
         if (bias)
             memcpy(o, bias, sizeof(float) * (size_t)OC);
         else
@@ -264,7 +270,7 @@ void op_matmul_fwd(float *out, const float *inp, const float *w, const float *bi
 #pragma omp parallel for schedule(static) if ((int64_t)C * OC >= OPS_PAR_MIN)
         for (int i = 0; i < C; i++)
             for (int o = 0; o < OC; o++) wt[(int64_t)i * OC + o] = w[(int64_t)o * C + i];
-        mm_acc(out, OC, inp, C, 1, wt, OC, N, C, OC);
+        mm_acc(out, ldo, inp, C, 1, wt, OC, N, C, OC);
         free(wt);
         return;
     }
@@ -273,26 +279,32 @@ void op_matmul_fwd(float *out, const float *inp, const float *w, const float *bi
     for (int64_t n = 0; n < N; n++)
         for (int o = 0; o < OC; o++) {
             const float *x = inp + n * C, *wr = w + (int64_t)o * C;
-            float acc = out[n * OC + o];
+            float acc = out[n * ldo + o];
             for (int i = 0; i < C; i++) acc += x[i] * wr[i];
-            out[n * OC + o] = acc;
+            out[n * ldo + o] = acc;
         }
 }
 
 void op_matmul_bwd(float *dinp, float *dw, float *dbias, const float *dout, const float *inp, const float *w,
                    int64_t N, int C, int OC)
 {
+    op_matmul_bwd_ld(dinp, dw, dbias, dout, OC, inp, w, N, C, OC);
+}
+
+void op_matmul_bwd_ld(float *dinp, float *dw, float *dbias, const float *dout, int64_t ldd, const float *inp,
+                      const float *w, int64_t N, int C, int OC)
+{
     /* dinp (N, C) += dout (N, OC) @ w (OC, C): tasks over N */
-    if (dinp) mm_acc(dinp, C, dout, OC, 1, w, C, N, OC, C);
+    if (dinp) mm_acc(dinp, C, dout, ldd, 1, w, C, N, OC, C);
     /* dw (OC, C) += dout^T (OC, N) @ inp (N, C): tasks over OC, each sums its rows over N in order */
-    if (dw) mm_acc(dw, C, dout, 1, OC, inp, C, OC, N, C);
+    if (dw) mm_acc(dw, C, dout, 1, ldd, inp, C, OC, N, C);
     if (dbias) {
         int64_t nblk = (OC + OPS_COL_BLOCK - 1) / OPS_COL_BLOCK;
 #pragma omp parallel for schedule(static) if (N * OC >= OPS_PAR_MIN)
         for (int64_t cb = 0; cb < nblk; cb++) {
             int64_t o0 = cb * OPS_COL_BLOCK, o1 = min64(OC, o0 + OPS_COL_BLOCK);
             for (int64_t n = 0; n < N; n++)
-                for (int64_t o = o0; o < o1; o++) dbias[o] += dout[n * OC + o];
+                for (int64_t o = o0; o < o1; o++) dbias[o] += dout[n * ldd + o];
         }
     }
 }

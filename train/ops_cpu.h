@@ -26,9 +26,15 @@ void op_layernorm_bwd(float *dinp, float *dw, float *db, const float *dout, cons
 /* out (N, OC) = inp (N, C) @ w^T + bias, w (OC, C) as PyTorch nn.Linear / the canonical (out, in)
  * tensors; bias (OC) may be NULL. */
 void op_matmul_fwd(float *out, const float *inp, const float *w, const float *bias, int64_t N, int C, int OC);
+/* the same into rows of stride ldo (columns of a wider output) */
+void op_matmul_fwd_ld(float *out, int64_t ldo, const float *inp, const float *w, const float *bias, int64_t N, int C,
+                      int OC);
 /* dinp (N, C) += dout @ w; dw (OC, C) += dout^T @ inp; dbias (OC) += column sums of dout. */
 void op_matmul_bwd(float *dinp, float *dw, float *dbias, const float *dout, const float *inp, const float *w,
                    int64_t N, int C, int OC);
+/* the same with dout in rows of stride ldd (columns of a wider gradient) */
+void op_matmul_bwd_ld(float *dinp, float *dw, float *dbias, const float *dout, int64_t ldd, const float *inp,
+                      const float *w, int64_t N, int C, int OC);
 
 /* Causal self-attention over H local heads of size hs (Cl = H * hs).
  * qkv (B, T, 3 * Cl): each row is [q (Cl) | k (Cl) | v (Cl)], head h at h * hs in each part.
@@ -48,16 +54,19 @@ void op_rmsnorm_bwd(float *dinp, float *dw, const float *dout, const float *inp,
  * cs (2, T, hd/2) holds the cosines, then the sines. bwd turns a gradient back, in place. */
 void op_rope_fwd(float *x, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
 void op_rope_bwd(float *dx, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
-/* SwiGLU: out = silu(gate) * up; bwd OVERWRITES dgate and dup (which may alias gate and up). */
-void op_swiglu_fwd(float *out, const float *gate, const float *up, int64_t n);
-void op_swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n);
-/* Causal grouped-query attention: q, out (B, T, H hd), k, v (B, T, KV hd); query head h reads kv
- * head h / (H / KV), with no copy of k, v per query head. lse (B, H, T) as op_attention_fwd.
- * bwd ADDS into dq, dk, dv. */
+/* SwiGLU: out (N, F) = silu(gate) * up, gate and up (N, F) in rows of stride ld; bwd OVERWRITES
+ * dgate and dup (rows of stride ld; they may alias gate and up), dout (N, F). */
+void op_swiglu_fwd(float *out, const float *gate, const float *up, int64_t N, int F, int64_t ld);
+void op_swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t N, int F,
+                   int64_t ld);
+/* Causal grouped-query attention: q (B, T, H hd) in rows of stride ldq, k, v (B, T, KV hd) in
+ * rows of stride ldkv, out (B, T, H hd) dense; query head h reads kv head h / (H / KV), with no
+ * copy of k, v per query head. lse (B, H, T) as op_attention_fwd. bwd ADDS into dq (as q), dk,
+ * dv (as k, v). */
 void op_gqa_fwd(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T, int H, int KV,
-                int hd);
+                int hd, int64_t ldq, int64_t ldkv);
 void op_gqa_bwd(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k, const float *v,
-                const float *out, const float *lse, int B, int T, int H, int KV, int hd);
+                const float *out, const float *lse, int B, int T, int H, int KV, int hd, int64_t ldq, int64_t ldkv);
 
 /* GELU, tanh approximation (GPT-2's gelu_new). */
 void op_gelu_fwd(float *out, const float *inp, int64_t n);

@@ -82,25 +82,29 @@ void op_rope_bwd(float *dx, const float *cs, int B, int T, int nheads, int hd, i
     rope_apply(dx, cs, B, T, nheads, hd, ld, -1.0f);
 }
 
-void op_swiglu_fwd(float *out, const float *gate, const float *up, int64_t n)
+void op_swiglu_fwd(float *out, const float *gate, const float *up, int64_t N, int F, int64_t ld)
 {
-#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
-    for (int64_t i = 0; i < n; i++) {
-        const float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
-    }
+#pragma omp parallel for schedule(static) if (N * F >= PAR_MIN)
+    for (int64_t r = 0; r < N; r++)
+        for (int j = 0; j < F; j++) {
+            const float g = gate[r * ld + j];
+            out[r * F + j] = g / (1.0f + expf(-g)) * up[r * ld + j];
+        }
 }
 
-void op_swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t n)
+void op_swiglu_bwd(float *dgate, float *dup, const float *dout, const float *gate, const float *up, int64_t N, int F,
+                   int64_t ld)
 {
-#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
-    for (int64_t i = 0; i < n; i++) {
-        const float g = gate[i], u = up[i], d = dout[i];
-        const float sig = 1.0f / (1.0f + expf(-g));
-        const float silu = g * sig;
-        dgate[i] = d * u * sig * (1.0f + g * (1.0f - sig));
-        dup[i] = d * silu;
-    }
+#pragma omp parallel for schedule(static) if (N * F >= PAR_MIN)
+    for (int64_t r = 0; r < N; r++)
+        for (int j = 0; j < F; j++) {
+            const int64_t i = r * ld + j;
+            const float g = gate[i], u = up[i], d = dout[r * F + j];
+            const float sig = 1.0f / (1.0f + expf(-g));
+            const float silu = g * sig;
+            dgate[i] = d * u * sig * (1.0f + g * (1.0f - sig));
+            dup[i] = d * silu;
+        }
 }
 
 static inline float dotf(const float *a, const float *b, int n)
@@ -118,9 +122,9 @@ static inline void axpyf(float *y, float alpha, const float *x, int n)
 }
 
 void op_gqa_fwd(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T, int H, int KV,
-                int hd)
+                int hd, int64_t ldq, int64_t ldk)
 {
-    const int64_t ldq = (int64_t)H * hd, ldk = (int64_t)KV * hd;
+    const int64_t ldo = (int64_t)H * hd;
     const int group = H / KV;
     const float scale = 1.0f / sqrtf((float)hd);
 #pragma omp parallel for collapse(2) schedule(static) if ((int64_t)B * H * T * T * hd >= PAR_MIN)
@@ -129,7 +133,7 @@ void op_gqa_fwd(float *out, float *lse, const float *q, const float *k, const fl
             const int kvh = h / group;
             for (int t = 0; t < T; t++) {
                 const float *qr = q + ((int64_t)b * T + t) * ldq + (int64_t)h * hd;
-                float *o = out + ((int64_t)b * T + t) * ldq + (int64_t)h * hd;
+                float *o = out + ((int64_t)b * T + t) * ldo + (int64_t)h * hd;
                 memset(o, 0, sizeof(float) * (size_t)hd);
                 float m = -INFINITY, l = 0.0f; /* online softmax, as op_attention_fwd */
                 for (int s = 0; s <= t; s++) {
@@ -155,9 +159,9 @@ void op_gqa_fwd(float *out, float *lse, const float *q, const float *k, const fl
 
 /* Tasks are (batch, kv head): a task owns its kv head's dk, dv and its query heads' dq. */
 void op_gqa_bwd(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k, const float *v,
-                const float *out, const float *lse, int B, int T, int H, int KV, int hd)
+                const float *out, const float *lse, int B, int T, int H, int KV, int hd, int64_t ldq, int64_t ldk)
 {
-    const int64_t ldq = (int64_t)H * hd, ldk = (int64_t)KV * hd;
+    const int64_t ldo = (int64_t)H * hd;
     const int group = H / KV;
     const float scale = 1.0f / sqrtf((float)hd);
 #pragma omp parallel for collapse(2) schedule(static) if ((int64_t)B * H * T * T * hd >= PAR_MIN)
@@ -166,8 +170,9 @@ void op_gqa_bwd(float *dq, float *dk, float *dv, const float *dout, const float 
             for (int h = kvh * group; h < (kvh + 1) * group; h++)
                 for (int t = 0; t < T; t++) {
                     const int64_t qrow = ((int64_t)b * T + t) * ldq + (int64_t)h * hd;
-                    const float *qr = q + qrow, *go = dout + qrow;
-                    const float D = dotf(go, out + qrow, hd);
+                    const int64_t orow = ((int64_t)b * T + t) * ldo + (int64_t)h * hd;
+                    const float *qr = q + qrow, *go = dout + orow;
+                    const float D = dotf(go, out + orow, hd);
                     const float l = lse[((int64_t)b * H + h) * T + t];
                     for (int s = 0; s <= t; s++) {
                         const int64_t krow = ((int64_t)b * T + s) * ldk + (int64_t)kvh * hd;

@@ -642,6 +642,101 @@ static void test_matmul(int64_t N, int C, int OC, int bias, int off_out, int off
     in_free(&dout_act);
 }
 
+/* The stacked products (q|k|v, gate|up): nparts weights of oc[i] rows, with biases or not. copies:
+ * an AdamW step first, so that the GPU holds bf16 copies of the weights, made apart and joined by
+ * the first product; a second step then updates them where they were joined. */
+static void test_matmul_parts(int64_t N, int C, int nparts, const int *oc, int bias, int copies)
+{
+    char op[112];
+    int64_t W = 0;
+    tin w[MPS_MAX_PARTS], b[MPS_MAX_PARTS], gr[MPS_MAX_PARTS];
+    const float *wh[MPS_MAX_PARTS], *wd[MPS_MAX_PARTS], *bh[MPS_MAX_PARTS], *bd[MPS_MAX_PARTS];
+    for (int i = 0; i < nparts; i++) {
+        W += oc[i];
+        w[i] = in_rand((int64_t)oc[i] * C, 1.0f);
+        b[i] = in_rand(oc[i], 1.0f);
+        gr[i] = in_rand((int64_t)oc[i] * C, 1.0f);
+        wh[i] = w[i].h, wd[i] = w[i].d;
+        bh[i] = bias ? b[i].h : NULL, bd[i] = bias ? b[i].d : NULL;
+    }
+    tin inp = in_rand_act(N * C, 1.0f), dout = in_rand_act(N * W, 1.0f);
+    for (int round = 0; round < (copies ? 2 : 1); round++) {
+        if (copies) { /* the same step on both sides; the GPU's copies are read_by_products */
+            const mps_adamw_step st = {0.05f, 0.9f, 0.95f, 1e-8f, round + 1, 1.0f};
+            for (int i = 0; i < nparts; i++) {
+                const int64_t n = (int64_t)oc[i] * C;
+                float *hm = xmalloc(sizeof(float) * (size_t)n), *hv = xmalloc(sizeof(float) * (size_t)n);
+                memset(hm, 0, sizeof(float) * (size_t)n);
+                memset(hv, 0, sizeof(float) * (size_t)n);
+                float *m = dputf(hm, n), *v = dputf(hv, n), *gh = hdup(gr[i].h, n), *gd = dputf(gr[i].h, n);
+                mps_adamw_job jc = {w[i].h, gh, hm, hv, n, 0.1f, 1, 0}, jg = {w[i].d, gd, m, v, n, 0.1f, 1, 0};
+                cpu.adamw_many(cpu.ctx, &jc, 1, &st);
+                gpu.adamw_many(gpu.ctx, &jg, 1, &st);
+                sync_ok("matmul_parts: adamw");
+                free(hm);
+                free(hv);
+                free(gh);
+                dfree(m);
+                dfree(v);
+                dfree(gd);
+            }
+        }
+        const char *how = copies ? (round ? " copies, 2nd step" : " copies") : "";
+        oset s = {.op = op};
+        snprintf(op, sizeof op, "matmul_parts_fwd_act N%lld C%d W%lld (%d parts)%s%s", (long long)N, C, (long long)W,
+                 nparts, bias ? " bias" : "", how);
+        float *out = o_add_act(&s, "out", N * W);
+        cpu.matmul_parts_fwd_act(cpu.ctx, out, inp.h, wh, bh, oc, nparts, N, C);
+        GPU_TWICE(s, gpu.matmul_parts_fwd_act(gpu.ctx, o_dev(&s, 0), inp.d, wd, bd, oc, nparts, N, C));
+        o_done(&s, TOL_GEMM);
+        /* dinp overwritten, dw += */
+        snprintf(op, sizeof op, "matmul_parts_bwd N%lld C%d W%lld (%d parts)%s", (long long)N, C, (long long)W, nparts,
+                 how);
+        float *i0 = hrand(N * C, 1.0f);
+        float *dinp = o_add(&s, "dinp", N * C, i0);
+        float *dwh[MPS_MAX_PARTS], *none[MPS_MAX_PARTS] = {NULL};
+        for (int i = 0; i < nparts; i++) {
+            float *init = hrand((int64_t)oc[i] * C, 1.0f);
+            dwh[i] = o_add(&s, "dw", (int64_t)oc[i] * C, init);
+            free(init);
+        }
+        cpu.matmul_parts_bwd(cpu.ctx, dinp, dwh, none, dout.h, inp.h, wh, oc, nparts, N, C);
+        GPU_TWICE(s, {
+            float *dwd[MPS_MAX_PARTS];
+            for (int i = 0; i < nparts; i++)
+                dwd[i] = o_dev(&s, 1 + i);
+            gpu.matmul_parts_bwd(gpu.ctx, o_dev(&s, 0), dwd, none, dout.d, inp.d, wd, oc, nparts, N, C);
+        });
+        o_done(&s, TOL_GEMM);
+        free(i0);
+        if (bias) { /* the bias gradients alone: fp32 column sums */
+            snprintf(op, sizeof op, "matmul_parts_bwd N%lld C%d W%lld (%d parts) dbias", (long long)N, C, (long long)W,
+                     nparts);
+            float *dbh[MPS_MAX_PARTS];
+            for (int i = 0; i < nparts; i++) {
+                float *init = hrand(oc[i], 1.0f);
+                dbh[i] = o_add(&s, "dbias", oc[i], init);
+                free(init);
+            }
+            cpu.matmul_parts_bwd(cpu.ctx, NULL, none, dbh, dout.h, inp.h, wh, oc, nparts, N, C);
+            GPU_TWICE(s, {
+                float *dbd[MPS_MAX_PARTS];
+                for (int i = 0; i < nparts; i++)
+                    dbd[i] = o_dev(&s, i);
+                gpu.matmul_parts_bwd(gpu.ctx, NULL, none, dbd, dout.d, inp.d, wd, oc, nparts, N, C);
+            });
+            o_done(&s, N > 1000 ? TOL_RED : TOL_EW);
+        }
+    }
+    for (int i = 0; i < nparts; i++) {
+        in_free(&w[i]);
+        in_free(&b[i]);
+        in_free(&gr[i]);
+    }
+    in_free(&inp);
+    in_free(&dout);
+}
+
 /* the MLP's fused entries: pre = inp @ w^T + bias, out = gelu(pre); dpre = (dout @ w2) gelu'(pre),
  * dbias += column sums of dpre (OC % 8 == 0 takes cuBLASLt's GELU epilogues, else the steps) */
 static void test_matmul_gelu(int64_t N, int C, int OC)
@@ -831,47 +926,78 @@ static void test_rope(int B, int T, int nheads, int hd, int64_t ld)
     in_free(&tab);
 }
 
-static void test_swiglu(int64_t n)
+/* element i of an operand buffer on the GPU */
+static void *act_at(void *d, int64_t i) { return (char *)d + i * gpu.act_bytes; }
+
+/* stacked: gate and up the columns of one (N, 2 F) buffer (the stacked gate|up product), rows of
+ * stride 2 F; else two (N, F) buffers */
+static void test_swiglu(int64_t N, int F, int stacked)
 {
-    char op[64];
-    tin gate = in_rand_act(n, 4.0f), up = in_rand_act(n, 2.0f), dout = in_rand_act(n, 1.0f);
+    char op[80];
+    const int64_t n = N * F, ld = stacked ? 2 * (int64_t)F : F;
+    tin gu = in_rand_act(stacked ? 2 * n : n, 4.0f), upb = in_rand_act(stacked ? 1 : n, 2.0f);
+    tin dout = in_rand_act(n, 1.0f);
+    const float *gh = gu.h, *uh = stacked ? gu.h + F : upb.h;
+    const void *gd = gu.d, *ud = stacked ? act_at(gu.d, F) : upb.d;
+    const char *how = stacked ? " stacked" : "";
     oset s = {.op = op};
-    snprintf(op, sizeof op, "swiglu_fwd n%lld", (long long)n);
+    snprintf(op, sizeof op, "swiglu_fwd N%lld F%d%s", (long long)N, F, how);
     float *out = o_add_act(&s, "out", n);
-    cpu.swiglu_fwd(cpu.ctx, out, gate.h, up.h, n);
-    GPU_TWICE(s, gpu.swiglu_fwd(gpu.ctx, o_dev(&s, 0), gate.d, up.d, n));
+    cpu.swiglu_fwd(cpu.ctx, out, gh, uh, N, F, ld);
+    GPU_TWICE(s, gpu.swiglu_fwd(gpu.ctx, o_dev(&s, 0), gd, ud, N, F, ld));
     o_done(&s, TOL_ACT);
-    /* into other buffers, then in place over gate and up as the engine calls it */
-    snprintf(op, sizeof op, "swiglu_bwd n%lld", (long long)n);
-    float *dg = o_add_act(&s, "dgate", n), *du = o_add_act(&s, "dup", n);
-    cpu.swiglu_bwd(cpu.ctx, dg, du, dout.h, gate.h, up.h, n);
-    GPU_TWICE(s, gpu.swiglu_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout.d, gate.d, up.d, n));
-    o_done(&s, TOL_ACT);
-    snprintf(op, sizeof op, "swiglu_bwd in place n%lld", (long long)n);
-    float *g = o_add_act_from(&s, "dgate", n, gate.h), *u = o_add_act_from(&s, "dup", n, up.h);
-    cpu.swiglu_bwd(cpu.ctx, g, u, dout.h, g, u, n);
-    GPU_TWICE(s, gpu.swiglu_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout.d, o_dev(&s, 0), o_dev(&s, 1), n));
-    o_done(&s, TOL_ACT);
-    in_free(&gate);
-    in_free(&up);
+    if (!stacked) { /* into other buffers */
+        snprintf(op, sizeof op, "swiglu_bwd N%lld F%d", (long long)N, F);
+        float *dg = o_add_act(&s, "dgate", n), *du = o_add_act(&s, "dup", n);
+        cpu.swiglu_bwd(cpu.ctx, dg, du, dout.h, gh, uh, N, F, ld);
+        GPU_TWICE(s, gpu.swiglu_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout.d, gd, ud, N, F, ld));
+        o_done(&s, TOL_ACT);
+        snprintf(op, sizeof op, "swiglu_bwd in place N%lld F%d", (long long)N, F);
+        float *g = o_add_act_from(&s, "dgate", n, gh), *u = o_add_act_from(&s, "dup", n, uh);
+        cpu.swiglu_bwd(cpu.ctx, g, u, dout.h, g, u, N, F, ld);
+        GPU_TWICE(s, gpu.swiglu_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), dout.d, o_dev(&s, 0), o_dev(&s, 1), N, F,
+                                    ld));
+        o_done(&s, TOL_ACT);
+    } else { /* in place over the stacked buffer, as the engine calls it */
+        snprintf(op, sizeof op, "swiglu_bwd in place N%lld F%d stacked", (long long)N, F);
+        float *x = o_add_act_from(&s, "dgate|dup", 2 * n, gu.h);
+        cpu.swiglu_bwd(cpu.ctx, x, x + F, dout.h, x, x + F, N, F, ld);
+        GPU_TWICE(s, gpu.swiglu_bwd(gpu.ctx, o_dev(&s, 0), act_at(o_dev(&s, 0), F), dout.d, o_dev(&s, 0),
+                                    act_at(o_dev(&s, 0), F), N, F, ld));
+        o_done(&s, TOL_ACT);
+    }
+    in_free(&gu);
+    in_free(&upb);
     in_free(&dout);
 }
 
-/* rope: the backward turns dq and dk back by a rotary table (rope_fwd's, theta 10000) */
-static void test_gqa_rope(int B, int T, int H, int KV, int hd, int rope)
+/* rope: the backward turns dq and dk back by a rotary table (rope_fwd's, theta 10000). stacked:
+ * q|k|v the columns of one (B T, (H + 2 KV) hd) buffer (the stacked product's), and so
+ * dq|dk|dv; else q, k, v each a buffer of its own */
+static void test_gqa_rope(int B, int T, int H, int KV, int hd, int rope, int stacked)
 {
     char op[128];
-    const int64_t nq = (int64_t)B * T * H * hd, nk = (int64_t)B * T * KV * hd, nlse = (int64_t)B * H * T;
-    tin q = in_rand_act(nq, 1.5f), k = in_rand_act(nk, 1.5f), v = in_rand_act(nk, 1.0f);
+    const int64_t rows = (int64_t)B * T, nq = rows * H * hd, nk = rows * KV * hd, nlse = (int64_t)B * H * T;
+    const int64_t W = (int64_t)(H + 2 * KV) * hd, ldq = stacked ? W : (int64_t)H * hd, ldkv = stacked ? W : (int64_t)KV * hd;
+    /* the (B T, W) buffer, or q, k, v one after the other: offsets of k and v, in elements */
+    const int64_t ko = stacked ? (int64_t)H * hd : nq, vo = stacked ? (int64_t)(H + KV) * hd : nq + nk;
+    const int64_t nall = stacked ? rows * W : nq + 2 * nk;
+    tin qkv = in_rand_act(nall, 1.5f);
+    for (int64_t i = vo; !stacked && i < nall; i++) /* v of a smaller scale, as before */
+        qkv.h[i] *= 1.0f / 1.5f;
+    if (!stacked) /* the scaled v on the GPU too */
+        act_put(qkv.d, qkv.h, nall);
     tin dout = in_rand_act(nq, 1.0f);
+    const char *how = stacked ? " stacked" : "";
     oset s = {.op = op};
-    snprintf(op, sizeof op, "gqa_fwd B%d T%d H%d KV%d hd%d", B, T, H, KV, hd);
+    snprintf(op, sizeof op, "gqa_fwd B%d T%d H%d KV%d hd%d%s", B, T, H, KV, hd, how);
     float *out = o_add_act(&s, "out", nq), *lse = o_add(&s, "lse", nlse, NULL);
-    cpu.gqa_fwd(cpu.ctx, out, lse, q.h, k.h, v.h, B, T, H, KV, hd);
-    GPU_TWICE(s, gpu.gqa_fwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), q.d, k.d, v.d, B, T, H, KV, hd));
+    cpu.gqa_fwd(cpu.ctx, out, lse, qkv.h, qkv.h + ko, qkv.h + vo, B, T, H, KV, hd, ldq, ldkv);
+    GPU_TWICE(s, gpu.gqa_fwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), qkv.d, act_at(qkv.d, ko), act_at(qkv.d, vo), B, T, H,
+                             KV, hd, ldq, ldkv));
     tin o = in_copy_act(out, nq), l = in_copy(lse, nlse); /* the backward takes the CPU's forward */
     o_done(&s, TOL_ATTN);
-    snprintf(op, sizeof op, "gqa_bwd B%d T%d H%d KV%d hd%d%s", B, T, H, KV, hd, rope ? " +rope_bwd" : "");
+    snprintf(op, sizeof op, "gqa_bwd B%d T%d H%d KV%d hd%d%s%s", B, T, H, KV, hd, how, rope ? " +rope_bwd" : "");
     const int half = hd / 2;
     float *cs = xmalloc(sizeof(float) * (size_t)(2 * T * half));
     for (int t = 0; t < T; t++)
@@ -882,20 +1008,20 @@ static void test_gqa_rope(int B, int T, int H, int KV, int hd, int rope)
         }
     tin cst = in_copy(cs, 2 * T * half);
     free(cs);
-    float *dq = o_add_act(&s, "dq", nq), *dk = o_add_act(&s, "dk", nk), *dv = o_add_act(&s, "dv", nk);
-    cpu.gqa_bwd(cpu.ctx, dq, dk, dv, dout.h, q.h, k.h, v.h, o.h, l.h, B, T, H, KV, hd, rope ? cst.h : NULL);
-    GPU_TWICE(s, gpu.gqa_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), o_dev(&s, 2), dout.d, q.d, k.d, v.d, o.d, l.d, B, T,
-                             H, KV, hd, rope ? cst.d : NULL));
+    float *dqkv = o_add_act(&s, stacked ? "dq|dk|dv" : "dq, dk, dv", nall);
+    cpu.gqa_bwd(cpu.ctx, dqkv, dqkv + ko, dqkv + vo, dout.h, qkv.h, qkv.h + ko, qkv.h + vo, o.h, l.h, B, T, H, KV, hd,
+                ldq, ldkv, rope ? cst.h : NULL);
+    GPU_TWICE(s, gpu.gqa_bwd(gpu.ctx, o_dev(&s, 0), act_at(o_dev(&s, 0), ko), act_at(o_dev(&s, 0), vo), dout.d, qkv.d,
+                             act_at(qkv.d, ko), act_at(qkv.d, vo), o.d, l.d, B, T, H, KV, hd, ldq, ldkv,
+                             rope ? cst.d : NULL));
     o_done(&s, TOL_ACT);
     in_free(&cst);
     in_free(&o);
     in_free(&l);
-    in_free(&q);
-    in_free(&k);
-    in_free(&v);
+    in_free(&qkv);
     in_free(&dout);
 }
-static void test_gqa(int B, int T, int H, int KV, int hd) { test_gqa_rope(B, T, H, KV, hd, 0); }
+static void test_gqa(int B, int T, int H, int KV, int hd) { test_gqa_rope(B, T, H, KV, hd, 0, 0); }
 
 /* ---------------------------------------------------------------- element-wise */
 
@@ -1330,17 +1456,18 @@ static void bench(mps_backend *bf16)
           gpu.attention_bwd(gpu.ctx, dqkv, y, qkv, x, lse, B, T, H, hs, bias));
     /* the Llama block's grouped-query attention at llama-125m's shape (H 12 over KV 4, head size
      * 64; B = 8 of its 32) and at llama-1b-hs128's (H 16 over KV 4, head size 128, T 2048, B = 2
-     * of its 8); q, k, v one after the other in qkv, their gradients in dqkv */
+     * of its 8) */
     for (int k = 0; k < 2; k++) {
         const int gB = k ? 2 : B, gT = k ? 2048 : T, gH = k ? 16 : H, gKV = 4, ghd = k ? 128 : 64;
-        const int64_t nq = (int64_t)gB * gT * gH * ghd, nk = (int64_t)gB * gT * gKV * ghd;
-        char *q = (char *)qkv, *kk = q + nq * gpu.act_bytes, *v = kk + nk * gpu.act_bytes;
-        char *dq = (char *)dqkv, *dk = dq + nq * gpu.act_bytes, *dv = dk + nk * gpu.act_bytes;
+        /* q|k|v the columns of one buffer, as the engine's stacked product leaves them */
+        const int64_t ld = (int64_t)(gH + 2 * gKV) * ghd;
+        char *q = (char *)qkv, *kk = q + (int64_t)gH * ghd * gpu.act_bytes, *v = kk + (int64_t)gKV * ghd * gpu.act_bytes;
+        char *dq = (char *)dqkv, *dk = dq + (int64_t)gH * ghd * gpu.act_bytes, *dv = dk + (int64_t)gKV * ghd * gpu.act_bytes;
         const double gatt = 4.0 * gB * gH * (double)gT * gT / 2 * ghd;
         BENCH(&gpu, k ? "gqa_fwd B2 T2048 H16 KV4 hd128" : "gqa_fwd B8 T1024 H12 KV4 hd64", gatt, 20,
-              gpu.gqa_fwd(gpu.ctx, x, lse, q, kk, v, gB, gT, gH, gKV, ghd));
+              gpu.gqa_fwd(gpu.ctx, x, lse, q, kk, v, gB, gT, gH, gKV, ghd, ld, ld));
         BENCH(&gpu, k ? "gqa_bwd B2 T2048 H16 KV4 hd128" : "gqa_bwd B8 T1024 H12 KV4 hd64", 2.5 * gatt, 20,
-              gpu.gqa_bwd(gpu.ctx, dq, dk, dv, y, q, kk, v, x, lse, gB, gT, gH, gKV, ghd, NULL));
+              gpu.gqa_bwd(gpu.ctx, dq, dk, dv, y, q, kk, v, x, lse, gB, gT, gH, gKV, ghd, ld, ld, NULL));
     }
     /* for comparison: the mma.sync kernels of attention_fast.cu and the fp32 kernels */
     for (int k = 0; k < 2; k++) {
@@ -1440,6 +1567,11 @@ static void g_matmul(void)
     test_matmul_gelu(300, 64, 256);     /* cuBLASLt epilogues */
     test_matmul_gelu(37, 48, 100);      /* OC % 8 != 0: the steps */
     test_matmul_gelu(4096, 128, 512);
+    static const int qkv[3] = {128, 32, 32}, odd[3] = {40, 13, 13}, gu[2] = {96, 96};
+    test_matmul_parts(300, 64, 3, qkv, 1, 0);  /* q|k|v with biases (Qwen2) */
+    test_matmul_parts(300, 64, 3, qkv, 0, 1);  /* ... without, from AdamW's copies */
+    test_matmul_parts(37, 48, 3, odd, 1, 0);   /* 66 columns: part by part */
+    test_matmul_parts(2000, 64, 2, gu, 0, 1);  /* gate|up, long k for dw */
 }
 /* ---------------------------------------------------------------- GEMM tuning cache */
 
@@ -1674,9 +1806,12 @@ static void g_rope(void)
 }
 static void g_swiglu(void)
 {
-    test_swiglu(10007);
-    test_swiglu(3);
-    test_swiglu(300000);
+    test_swiglu(1, 10007, 0);
+    test_swiglu(1, 3, 0);
+    test_swiglu(100, 3000, 0);
+    test_swiglu(37, 100, 1);  /* the stacked gate|up buffer: 8-byte accesses */
+    test_swiglu(37, 101, 1);  /* ... and element by element */
+    test_swiglu(64, 5632, 1); /* tinyllama's width */
 }
 /* H = 8 over KV = 2 (groups of 4) and KV = 8 (plain multi-head), head sizes 64 and 128, T below,
  * at and past a key tile (64) and not a multiple of it; a few odd shapes (groups of 3, head sizes
@@ -1693,9 +1828,14 @@ static void g_gqa(void)
     for (size_t i = 0; i < sizeof c / sizeof c[0]; i++)
         test_gqa(c[i].B, c[i].T, c[i].H, c[i].KV, c[i].hd);
     /* the backward with the rotary embeddings' backward fused (wgmma: at the stores) */
-    test_gqa_rope(2, 100, 8, 2, 64, 1);
-    test_gqa_rope(1, 130, 8, 2, 128, 1);
-    test_gqa_rope(1, 70, 6, 2, 48, 1);
+    test_gqa_rope(2, 100, 8, 2, 64, 1, 0);
+    test_gqa_rope(1, 130, 8, 2, 128, 1, 0);
+    test_gqa_rope(1, 70, 6, 2, 48, 1, 0);
+    /* q|k|v in one stacked buffer, as the engine lays them out */
+    test_gqa_rope(2, 100, 8, 2, 64, 1, 1);
+    test_gqa_rope(1, 130, 8, 2, 128, 1, 1);
+    test_gqa_rope(1, 70, 6, 2, 48, 1, 1);
+    test_gqa_rope(1, 65, 4, 4, 64, 0, 1);
     /* head sizes 64 and 128 take the wgmma kernels on H100 / H200: the fp32 kernels (other cards)
      * once more for them, selected by MPS_CUDA_ATTENTION=fp32 */
     mps_backend fp32, saved = gpu;
@@ -1707,7 +1847,8 @@ static void g_gqa(void)
     }
     gpu = fp32;
     test_gqa(2, 100, 8, 2, 128);
-    test_gqa_rope(1, 130, 8, 2, 64, 1);
+    test_gqa_rope(1, 130, 8, 2, 64, 1, 0);
+    test_gqa_rope(1, 130, 8, 2, 64, 1, 1);
     gpu = saved;
     fp32.destroy(fp32.ctx);
 }

@@ -23,6 +23,7 @@
 struct GqaShape {
     int T, H, KV, hd, group;
     float scale;
+    int64_t ldq, ldkv; /* row strides of q and dq; of k, v, dk and dv (out and dout: H hd) */
 };
 
 /* K and V rows [kt0, kt0 + GQA_KT) of kv head kvh as fp32 rows of stride hd + 1 (odd for every
@@ -31,7 +32,7 @@ __device__ __forceinline__ void gqa_load_kv(float *Ks, float *Vs, const act_t *k
                                             int b, int kvh, int kt0)
 {
     const int hp = s.hd + 1;
-    const int64_t ldk = (int64_t)s.KV * s.hd;
+    const int64_t ldk = s.ldkv;
     for (int idx = threadIdx.x; idx < GQA_KT * s.hd; idx += blockDim.x) {
         const int r = idx / s.hd, d = idx - r * s.hd, key = kt0 + r;
         float kv = 0.0f, vv = 0.0f;
@@ -45,11 +46,10 @@ __device__ __forceinline__ void gqa_load_kv(float *Ks, float *Vs, const act_t *k
     }
 }
 
-/* rows (flattened index fr = t * group + hh) of q-shaped x as fp32 (GQA_ROWS, hd) */
-__device__ __forceinline__ void gqa_load_rows(float *dst, const act_t *x, const GqaShape &s, int b, int kvh, int r0,
-                                              int nrows, int count)
+/* rows (flattened index fr = t * group + hh) of q-shaped x (rows of stride ldq) as fp32 (GQA_ROWS, hd) */
+__device__ __forceinline__ void gqa_load_rows(float *dst, const act_t *x, int64_t ldq, const GqaShape &s, int b,
+                                              int kvh, int r0, int nrows, int count)
 {
-    const int64_t ldq = (int64_t)s.H * s.hd;
     for (int idx = threadIdx.x; idx < count * s.hd; idx += blockDim.x) {
         const int r = idx / s.hd, d = idx - r * s.hd, fr = r0 + r;
         float val = 0.0f;
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(GQA_WARPS * 32) k_gqa_fwd(act_t *out, float *l
     float *Qs = sm, *Ks = Qs + GQA_ROWS * hd, *Vs = Ks + GQA_KT * hp;
     const int b = blockIdx.z, kvh = blockIdx.y, nrows = s.T * s.group, r0 = blockIdx.x * GQA_ROWS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    gqa_load_rows(Qs, q, s, b, kvh, r0, nrows, GQA_ROWS);
+    gqa_load_rows(Qs, q, s.ldq, s, b, kvh, r0, nrows, GQA_ROWS);
     float m[GQA_RW], l[GQA_RW], o[GQA_RW][NJ];
 #pragma unroll
     for (int i = 0; i < GQA_RW; i++) {
@@ -195,8 +195,8 @@ __global__ void __launch_bounds__(GQA_WARPS * 32) k_gqa_bwd_dq(act_t *dq, const 
     float *Qs = sm, *Gs = Qs + GQA_ROWS * hd, *Ks = Gs + GQA_ROWS * hd, *Vs = Ks + GQA_KT * hp;
     const int b = blockIdx.z, kvh = blockIdx.y, nrows = s.T * s.group, r0 = blockIdx.x * GQA_ROWS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    gqa_load_rows(Qs, q, s, b, kvh, r0, nrows, GQA_ROWS);
-    gqa_load_rows(Gs, dout, s, b, kvh, r0, nrows, GQA_ROWS);
+    gqa_load_rows(Qs, q, s.ldq, s, b, kvh, r0, nrows, GQA_ROWS);
+    gqa_load_rows(Gs, dout, (int64_t)s.H * hd, s, b, kvh, r0, nrows, GQA_ROWS);
     float acc[GQA_RW][NJ], rl[GQA_RW], rd[GQA_RW];
 #pragma unroll
     for (int i = 0; i < GQA_RW; i++) {
@@ -244,7 +244,7 @@ __global__ void __launch_bounds__(GQA_WARPS * 32) k_gqa_bwd_dq(act_t *dq, const 
             }
         }
     }
-    const int64_t ldq = (int64_t)s.H * hd;
+    const int64_t ldq = s.ldq;
 #pragma unroll
     for (int i = 0; i < GQA_RW; i++) {
         const int fr = r0 + warp * GQA_RW + i;
@@ -283,8 +283,8 @@ __global__ void __launch_bounds__(GQA_KT) k_gqa_bwd_dkdv(act_t *dk, act_t *dv, c
     float *dkr = dKs + kk * hp, *dvr = dVs + kk * hp;
     for (int c0 = kt0 * s.group; c0 < nrows; c0 += GQA_QR) {
         __syncthreads(); /* the previous rows' readers are done (and K, V are loaded) */
-        gqa_load_rows(Qs, q, s, b, kvh, c0, nrows, GQA_QR);
-        gqa_load_rows(Gs, dout, s, b, kvh, c0, nrows, GQA_QR);
+        gqa_load_rows(Qs, q, s.ldq, s, b, kvh, c0, nrows, GQA_QR);
+        gqa_load_rows(Gs, dout, (int64_t)s.H * hd, s, b, kvh, c0, nrows, GQA_QR);
         if (threadIdx.x < GQA_QR) {
             const int fr = c0 + threadIdx.x;
             float lv = 0.0f, dv0 = 0.0f;
@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(GQA_KT) k_gqa_bwd_dkdv(act_t *dk, act_t *dv, c
         }
     }
     __syncthreads();
-    const int64_t ldk = (int64_t)s.KV * hd;
+    const int64_t ldk = s.ldkv;
     for (int idx = threadIdx.x; idx < GQA_KT * hd; idx += blockDim.x) {
         const int r = idx / hd, d = idx - r * hd;
         if (kt0 + r >= s.T)
@@ -334,8 +334,14 @@ static size_t dkdv_smem(int hd)
 }
 
 /* the shape checks of both directions; 0 when the kernels take it (else an error is recorded) */
-static int gqa_shape(mps_cuda *c, GqaShape *s, int B, int T, int H, int KV, int hd, const char *what)
+static int gqa_shape(mps_cuda *c, GqaShape *s, int B, int T, int H, int KV, int hd, int64_t ldq, int64_t ldkv,
+                     const char *what)
 {
+    if (ldq < (int64_t)H * hd || ldkv < (int64_t)KV * hd) {
+        cu_fail(c, "%s: row strides %lld and %lld under the heads' widths %lld and %lld", what, (long long)ldq,
+                (long long)ldkv, (long long)H * hd, (long long)KV * hd);
+        return -1;
+    }
     if (KV <= 0 || H % KV != 0 || hd <= 0 || hd > GQA_MAX_HD || B > 65535 || KV > 65535) {
         cu_fail(c, "%s: %d query heads over %d kv heads of size %d: the CUDA kernels take head sizes up to %d and "
                 "whole query groups", what, H, KV, hd, GQA_MAX_HD);
@@ -352,6 +358,8 @@ static int gqa_shape(mps_cuda *c, GqaShape *s, int B, int T, int H, int KV, int 
     s->hd = hd;
     s->group = H / KV;
     s->scale = 1.0f / sqrtf((float)hd);
+    s->ldq = ldq;
+    s->ldkv = ldkv;
     return 0;
 }
 
@@ -390,15 +398,15 @@ static void gqa_dq_nj(mps_cuda *c, act_t *dq, const act_t *dout, const act_t *q,
 }
 
 void cu_gqa_fwd(void *ctx, void *out, float *lse, const void *q, const void *k, const void *v, int B, int T, int H,
-                int KV, int hd)
+                int KV, int hd, int64_t ldq, int64_t ldkv)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     GqaShape s;
-    if (B <= 0 || T <= 0 || H <= 0 || gqa_shape(c, &s, B, T, H, KV, hd, "gqa_fwd") != 0)
+    if (B <= 0 || T <= 0 || H <= 0 || gqa_shape(c, &s, B, T, H, KV, hd, ldq, ldkv, "gqa_fwd") != 0)
         return;
     act_t *o = (act_t *)out;
     const act_t *qa = (const act_t *)q, *ka = (const act_t *)k, *va = (const act_t *)v;
-    if (c->wgmma && cu_gqa_fwd_wgmma(c, o, lse, qa, ka, va, B, T, H, KV, hd) == 0)
+    if (c->wgmma && cu_gqa_fwd_wgmma(c, o, lse, qa, ka, va, B, T, H, KV, hd, ldq, ldkv) == 0)
         return;
     switch ((hd + 31) / 32) {
     case 1: gqa_fwd_nj<1>(c, o, lse, qa, ka, va, B, s); break;
@@ -409,12 +417,12 @@ void cu_gqa_fwd(void *ctx, void *out, float *lse, const void *q, const void *k, 
 }
 
 void cu_gqa_bwd(void *ctx, void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
-                const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd,
-                const float *rope_cs)
+                const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd, int64_t ldq,
+                int64_t ldkv, const float *rope_cs)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     GqaShape s;
-    if (B <= 0 || T <= 0 || H <= 0 || gqa_shape(c, &s, B, T, H, KV, hd, "gqa_bwd") != 0)
+    if (B <= 0 || T <= 0 || H <= 0 || gqa_shape(c, &s, B, T, H, KV, hd, ldq, ldkv, "gqa_bwd") != 0)
         return;
     const act_t *g = (const act_t *)dout, *qa = (const act_t *)q, *ka = (const act_t *)k, *va = (const act_t *)v;
     const int64_t rows = (int64_t)B * T * H;
@@ -422,7 +430,7 @@ void cu_gqa_bwd(void *ctx, void *dq, void *dk, void *dv, const void *dout, const
     if (!D)
         return;
     if (c->wgmma && cu_gqa_bwd_wgmma(c, (act_t *)dq, (act_t *)dk, (act_t *)dv, g, qa, ka, va, (const act_t *)out, lse,
-                                     D, B, T, H, KV, hd, rope_cs) == 0)
+                                     D, B, T, H, KV, hd, ldq, ldkv, rope_cs) == 0)
         return;
     k_gqa_rowdot<<<cu_grid(c, rows * 32, 256), 256, 0, c->stream>>>(D, g, (const act_t *)out, rows, T, H, hd);
     if (cu_launched(c, "gqa_bwd: rows") != 0)
@@ -441,6 +449,6 @@ void cu_gqa_bwd(void *ctx, void *dq, void *dk, void *dv, const void *dout, const
     if (cu_launched(c, "gqa_bwd: dk, dv") != 0 || !rope_cs)
         return;
     /* these kernels leave the rotary embeddings' backward to a pass of its own */
-    cu_rope_bwd(ctx, dq, rope_cs, B, T, H, hd, (int64_t)H * hd);
-    cu_rope_bwd(ctx, dk, rope_cs, B, T, KV, hd, (int64_t)KV * hd);
+    cu_rope_bwd(ctx, dq, rope_cs, B, T, H, hd, ldq);
+    cu_rope_bwd(ctx, dk, rope_cs, B, T, KV, hd, ldkv);
 }

@@ -831,10 +831,11 @@ WgArgs gpt2_args(act_t *dqkv, const act_t *qkv, int T, int H)
 /* Llama-family q (B, T, H hd), k and v (B, T, KV hd) as WgArgs; NULL when the wgmma kernels do
  * not take them (head size other than 64 and 128, or an operand not 16-byte aligned) */
 bool gqa_args(WgArgs *a, act_t *dq, act_t *dk, act_t *dv, const act_t *q, const act_t *k, const act_t *v, int T,
-              int H, int KV, int hd)
+              int H, int KV, int hd, int64_t ldq, int64_t ldkv)
 {
     const uintptr_t mis = (uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)dq | (uintptr_t)dk | (uintptr_t)dv;
-    if ((hd != 64 && hd != 128) || KV <= 0 || H % KV != 0 || (mis & 15) != 0)
+    /* 16-byte rows: the tiles load and store 16-byte chunks */
+    if ((hd != 64 && hd != 128) || KV <= 0 || H % KV != 0 || (mis & 15) != 0 || ldq % 8 != 0 || ldkv % 8 != 0)
         return false;
     a->q = q;
     a->k = k;
@@ -842,8 +843,8 @@ bool gqa_args(WgArgs *a, act_t *dq, act_t *dk, act_t *dv, const act_t *q, const 
     a->dq = dq;
     a->dk = dk;
     a->dv = dv;
-    a->ldq = (int64_t)H * hd;
-    a->ldkv = (int64_t)KV * hd;
+    a->ldq = ldq;
+    a->ldkv = ldkv;
     a->T = T;
     a->H = H;
     a->group = H / KV;
@@ -891,20 +892,21 @@ int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const ac
 }
 
 int cu_gqa_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *q, const act_t *k, const act_t *v, int B, int T,
-                     int H, int KV, int hd)
+                     int H, int KV, int hd, int64_t ldq, int64_t ldkv)
 {
     WgArgs a;
-    if (((uintptr_t)out & 15) != 0 || !gqa_args(&a, NULL, NULL, NULL, q, k, v, T, H, KV, hd))
+    if (((uintptr_t)out & 15) != 0 || !gqa_args(&a, NULL, NULL, NULL, q, k, v, T, H, KV, hd, ldq, ldkv))
         return -1;
     return hd == 64 ? wg_fwd<64>(c, out, lse, a, B, "gqa_fwd (wgmma)") : wg_fwd<128>(c, out, lse, a, B, "gqa_fwd (wgmma)");
 }
 
 int cu_gqa_bwd_wgmma(mps_cuda *c, act_t *dq, act_t *dk, act_t *dv, const act_t *dout, const act_t *q, const act_t *k,
                      const act_t *v, const act_t *out, const float *lse, float *Dv, int B, int T, int H, int KV, int hd,
-                     const float *rope_cs)
+                     int64_t ldq, int64_t ldkv, const float *rope_cs)
 {
     WgArgs a;
-    if ((((uintptr_t)out | (uintptr_t)dout) & 15) != 0 || !gqa_args(&a, dq, dk, dv, q, k, v, T, H, KV, hd))
+    if ((((uintptr_t)out | (uintptr_t)dout) & 15) != 0 ||
+        !gqa_args(&a, dq, dk, dv, q, k, v, T, H, KV, hd, ldq, ldkv))
         return -1;
     a.rope_cs = rope_cs;
     return hd == 64 ? wg_bwd<64>(c, a, dout, out, lse, Dv, B, NULL) : wg_bwd<128>(c, a, dout, out, lse, Dv, B, NULL);

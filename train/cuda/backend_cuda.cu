@@ -332,6 +332,8 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     b.attention_fwd = cu_attention_fwd;
     b.attention_bwd = cu_attention_bwd;
     b.matmul_fwd_act = cu_matmul_fwd_act;
+    b.matmul_parts_fwd_act = cu_matmul_parts_fwd_act;
+    b.matmul_parts_bwd = cu_matmul_parts_bwd;
     b.matmul_gelu_fwd = cu_matmul_gelu_fwd;
     b.matmul_dgelu_bwd = cu_matmul_dgelu_bwd;
     b.rmsnorm_fwd = cu_rmsnorm_fwd;

@@ -44,6 +44,8 @@ enum {
     SCR_BGRAD,  /* fp32 bias gradient written by the DGELU epilogue, added to dbias after */
     SCR_SUMSQ,  /* double chunk sums of sumsq_many */
     SCR_TUNE,   /* D of the accumulating GEMM candidates being timed (gemm_tune.cu) */
+    SCR_STACK_BIAS, /* fp32 stacked bias of a stacked product, or the column sums of its gradient */
+    SCR_PART_OUT, /* bf16 (N, oc) of one part, where a stacked product runs part by part */
     SCR_COUNT
 };
 
@@ -59,6 +61,9 @@ typedef struct {
     int64_t n;
     act_t *bf;
     int valid;
+    /* bf is an allocation of its own (freed with the record); 0 when it lies in another record's,
+     * where cu_wcopy_stacked moved the parts of one stacked product */
+    int owner;
 } mps_wcopy;
 
 /* A cached cuBLASLt plan: descriptors and the heuristic's algorithm for one GEMM shape. */
@@ -164,6 +169,9 @@ void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_ad
 double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int count);
 /* the valid bf16 copy of the first n elements of parameter w, or NULL */
 const act_t *cu_wcopy_find(mps_cuda *c, const float *w, int64_t n);
+/* the valid bf16 copies of parameters w[i] (oc[i] x C each) side by side: the stacked weight
+ * (sum oc, C) of one product, or NULL (a part without a valid copy, or no memory to join them) */
+const act_t *cu_wcopy_stacked(mps_cuda *c, const float *const *w, const int *oc, int nparts, int C);
 /* marks the copies of parameters that overlap [p, p + bytes) stale; all of them when bytes is 0 */
 void cu_wcopy_invalidate(mps_cuda *c, const void *p, size_t bytes);
 void cu_wcopy_free(mps_cuda *c);
@@ -188,6 +196,10 @@ void cu_matmul_bwd(void *ctx, void *dinp, int dinp_act, float *dw, int dw_set, f
                    int dout_act, const void *inp, const float *w, int64_t N, int C, int OC);
 void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, const float *bias, int64_t N, int C,
                        int OC);
+void cu_matmul_parts_fwd_act(void *ctx, void *out, const void *inp, const float *const *w, const float *const *bias,
+                             const int *oc, int nparts, int64_t N, int C);
+void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, float *const *dbias, const void *dout,
+                         const void *inp, const float *const *w, const int *oc, int nparts, int64_t N, int C);
 /* out (N, C) bf16 += bias (C) */
 void cu_add_bias_act(mps_cuda *c, act_t *out, const float *bias, int64_t N, int C);
 void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const float *w, const float *bias, int64_t N,
@@ -215,13 +227,14 @@ void cu_rmsnorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dw, const flo
                     const float *w, const float *rstd, int64_t N, int C);
 void cu_rope_fwd(void *ctx, void *x, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
 void cu_rope_bwd(void *ctx, void *dx, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
-void cu_swiglu_fwd(void *ctx, void *out, const void *gate, const void *up, int64_t n);
-void cu_swiglu_bwd(void *ctx, void *dgate, void *dup, const void *dout, const void *gate, const void *up, int64_t n);
+void cu_swiglu_fwd(void *ctx, void *out, const void *gate, const void *up, int64_t N, int F, int64_t ld);
+void cu_swiglu_bwd(void *ctx, void *dgate, void *dup, const void *dout, const void *gate, const void *up, int64_t N,
+                   int F, int64_t ld);
 void cu_gqa_fwd(void *ctx, void *out, float *lse, const void *q, const void *k, const void *v, int B, int T, int H,
-                int KV, int hd);
+                int KV, int hd, int64_t ldq, int64_t ldkv);
 void cu_gqa_bwd(void *ctx, void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
-                const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd,
-                const float *rope_cs);
+                const void *v, const void *out, const float *lse, int B, int T, int H, int KV, int hd, int64_t ldq,
+                int64_t ldkv, const float *rope_cs);
 
 /* ---- attention_fast.cu: head size 64 on tensor cores; 0 when they took the call (errors are
  * recorded), -1 when the shape or alignment does not apply (the caller runs another path).
@@ -244,9 +257,9 @@ int cu_attention_bwd_wgmma(mps_cuda *c, act_t *dqkv, const act_t *dout, const ac
 /* the Llama family's grouped-query attention (cu_gqa_fwd / cu_gqa_bwd's contract) with the same
  * kernels, for head sizes 64 and 128; -1 when they do not take the shape (the caller falls back) */
 int cu_gqa_fwd_wgmma(mps_cuda *c, act_t *out, float *lse, const act_t *q, const act_t *k, const act_t *v, int B, int T,
-                     int H, int KV, int hd);
+                     int H, int KV, int hd, int64_t ldq, int64_t ldkv);
 int cu_gqa_bwd_wgmma(mps_cuda *c, act_t *dq, act_t *dk, act_t *dv, const act_t *dout, const act_t *q, const act_t *k,
                      const act_t *v, const act_t *out, const float *lse, float *Dv, int B, int T, int H, int KV, int hd,
-                     const float *rope_cs);
+                     int64_t ldq, int64_t ldkv, const float *rope_cs);
 
 #endif

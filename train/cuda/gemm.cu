@@ -415,6 +415,152 @@ void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, co
         cu_to_act(c, (act_t *)out, x, N * OC, "matmul_fwd_act (to operand)");
 }
 
+/* ---------------------------------------------------------------- stacked products */
+
+/* the stacked weight (sum oc, C) of parts w[i] (oc[i], C) in bf16: the AdamW copies where they
+ * lie side by side (cu_wcopy_stacked), else each part rounded into its rows of a scratch slot */
+static const act_t *stacked_bf16(mps_cuda *c, const float *const *w, const int *oc, int nparts, int64_t W, int C,
+                                 const char *what)
+{
+    const act_t *h = cu_wcopy_stacked(c, w, oc, nparts, C);
+    if (h)
+        return h;
+    act_t *dst = (act_t *)cu_scratch(c, SCR_BF_B, (size_t)W * C * sizeof(act_t));
+    if (!dst)
+        return NULL;
+    int64_t off = 0;
+    for (int i = 0; i < nparts; off += (int64_t)oc[i] * C, i++) {
+        const int64_t n = (int64_t)oc[i] * C;
+        const int vec = cu_aligned16(w[i]) && off % 2 == 0; /* pairs of bf16 stores */
+        k_to_bf16<<<cu_grid(c, vec ? n / 4 + 1 : n, 256), 256, 0, c->stream>>>(dst + off, w[i], n, vec);
+        if (cu_launched(c, what) != 0)
+            return NULL;
+    }
+    return dst;
+}
+
+/* the parts' biases side by side (W) in fp32 scratch, zeros for a part without one */
+static const float *stacked_bias(mps_cuda *c, const float *const *bias, const int *oc, int nparts, int64_t W,
+                                 const char *what)
+{
+    float *b = (float *)cu_scratch(c, SCR_STACK_BIAS, (size_t)W * sizeof(float));
+    int64_t off = 0;
+    for (int i = 0; b && i < nparts; off += oc[i], i++) {
+        const size_t bytes = (size_t)oc[i] * sizeof(float);
+        const cudaError_t e = bias[i] ? cudaMemcpyAsync(b + off, bias[i], bytes, cudaMemcpyDeviceToDevice, c->stream)
+                                      : cudaMemsetAsync(b + off, 0, bytes, c->stream);
+        if (cu_check(c, e, what) != 0)
+            return NULL;
+    }
+    return b;
+}
+
+static int64_t parts_width(const int *oc, int nparts)
+{
+    int64_t W = 0;
+    for (int i = 0; i < nparts; i++)
+        W += oc[i];
+    return W;
+}
+
+/* out (N, W) = inp @ [w_0; w_1; ...]^T + the stacked bias: one product over the stacked weight (as
+ * cu_matmul_fwd_act: the bias in the epilogue on its bf16 copy, else a kernel after), or, where
+ * cuBLASLt takes no bf16 output of this width, each part into scratch and then into its columns */
+void cu_matmul_parts_fwd_act(void *ctx, void *out, const void *inp, const float *const *w, const float *const *bias,
+                             const int *oc, int nparts, int64_t N, int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    const char *what = "matmul_parts_fwd_act";
+    const int64_t W = parts_width(oc, nparts);
+    if (N <= 0 || W <= 0)
+        return;
+    if (nparts > MPS_MAX_PARTS || W > INT_MAX) {
+        cu_fail(c, "%s: %d parts of %lld columns in all", what, nparts, (long long)W);
+        return;
+    }
+    if (!dims_ok(c, what, N, C, (int)W))
+        return;
+    int biased = 0;
+    for (int i = 0; i < nparts; i++)
+        biased |= bias[i] != NULL;
+    if (C > 0 && W % 8 == 0) {
+        const act_t *wb = stacked_bf16(c, w, oc, nparts, W, C, what);
+        const float *bs = wb && biased ? stacked_bias(c, bias, oc, nparts, W, what) : NULL;
+        const act_t *bb = bs ? to_bf16(c, SCR_BIAS16, bs, W, what) : NULL;
+        if (!wb || (biased && !bb))
+            return;
+        const act_t *a = (const act_t *)inp;
+        int r = bb ? gemm_bf16(c, what, MPS_EPI_PLAIN, 1, 0, (int)W, (int)N, C, wb, C, a, C, (act_t *)out, (int)W, bb,
+                               NULL, 0, 1)
+                   : 0;
+        if (r == 0) {
+            r = gemm_bf16(c, what, MPS_EPI_PLAIN, 1, 0, (int)W, (int)N, C, wb, C, a, C, (act_t *)out, (int)W, NULL,
+                          NULL, 0);
+            if (r == 1 && bs)
+                cu_add_bias_act(c, (act_t *)out, bs, N, (int)W);
+        }
+        if (r != 0)
+            return;
+    }
+    int64_t off = 0;
+    for (int i = 0; i < nparts; off += oc[i], i++) {
+        act_t *part = (act_t *)cu_scratch(c, SCR_PART_OUT, (size_t)N * oc[i] * sizeof(act_t)); // (N, oc)
+        if (!part)
+            return;
+        cu_matmul_fwd_act(ctx, part, inp, w[i], bias[i], N, C, oc[i]);
+        if (cu_check(c, cudaMemcpy2DAsync((act_t *)out + off, (size_t)W * sizeof(act_t), part,
+                                          (size_t)oc[i] * sizeof(act_t), (size_t)oc[i] * sizeof(act_t), (size_t)N,
+                                          cudaMemcpyDeviceToDevice, c->stream),
+                     what) != 0)
+            return;
+    }
+}
+
+/* dinp = dout @ [w_0; w_1; ...] in one product over the stacked weight (K = W: the parts' input
+ * gradients summed inside it, no read-modify-write of dinp per part); each dw[i] from its columns
+ * of dout (a row stride of W); the bias gradients from one column sum of dout */
+void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, float *const *dbias, const void *dout,
+                         const void *inp, const float *const *w, const int *oc, int nparts, int64_t N, int C)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    const char *what = "matmul_parts_bwd";
+    const int64_t W = parts_width(oc, nparts);
+    if (N <= 0 || W <= 0 || C <= 0)
+        return;
+    if (nparts > MPS_MAX_PARTS || W > INT_MAX) {
+        cu_fail(c, "%s: %d parts of %lld columns in all", what, nparts, (long long)W);
+        return;
+    }
+    if (!dims_ok(c, what, N, C, (int)W))
+        return;
+    const act_t *g = (const act_t *)dout;
+    int biased = 0;
+    for (int i = 0; i < nparts; i++)
+        biased |= dbias[i] != NULL;
+    if (biased) {
+        float *cs = (float *)cu_scratch(c, SCR_STACK_BIAS, (size_t)W * sizeof(float)); // (W)
+        if (!cs || cu_check(c, cudaMemsetAsync(cs, 0, (size_t)W * sizeof(float), c->stream), what) != 0)
+            return;
+        cu_colsum_acc_act(c, cs, g, N, (int)W, "matmul_parts_bwd (dbias)");
+        int64_t off = 0;
+        for (int i = 0; i < nparts; off += oc[i], i++)
+            if (dbias[i])
+                cu_accumulate(ctx, dbias[i], cs + off, oc[i]);
+    }
+    if (dinp) {
+        const act_t *wb = stacked_bf16(c, w, oc, nparts, W, C, what);
+        if (!wb)
+            return;
+        gemm(c, "matmul_parts_bwd (dinp)", 0, 0, C, (int)N, (int)W, wb, C, g, (int)W, 0.0f, NULL, dinp, C, NULL);
+    }
+    const act_t *ib = (const act_t *)inp;
+    int64_t off = 0;
+    for (int i = 0; i < nparts; off += oc[i], i++)
+        if (dw[i])
+            gemm(c, "matmul_parts_bwd (dw)", 0, 1, C, oc[i], (int)N, ib, C, g + off, (int)W, 1.0f, NULL, dw[i], C,
+                 NULL);
+}
+
 /* pre (N, OC) = inp @ w^T + bias, out = gelu(pre), the first way that cuBLASLt offers: (1) one
  * product with the GELU_AUX_BIAS epilogue (out is D, pre the aux output); (2) the product written
  * as bf16 pre with the bias epilogue, then a kernel writes out = gelu(pre); (2b) the same without

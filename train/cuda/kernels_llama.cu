@@ -132,16 +132,26 @@ __device__ __forceinline__ void swiglu_grads(float g, float u, float d, float &d
     du = d * (g * sig);
 }
 
-/* V: elements per thread and access, 4 (8-byte accesses) when n and the buffers allow, else 1 */
-template <int V> __global__ void k_swiglu_fwd(act_t *out, const act_t *gate, const act_t *up, int64_t n)
+/* Rows of F: out (N, F) dense, gate / up / dgate / dup in rows of stride ld (the stacked gate|up
+ * product's columns). Element e of out (row e / F, column e % F) is at row * ld + column of the
+ * strided ones. V: elements per thread and access, 4 (8-byte accesses) when F, ld and the buffers
+ * allow, else 1. */
+__device__ __forceinline__ int64_t row_of(int64_t e, int64_t n, int F)
+{
+    return n <= (int64_t)UINT32_MAX ? (int64_t)((uint32_t)e / (uint32_t)F) : e / F; /* 32-bit division where it fits */
+}
+
+template <int V>
+__global__ void k_swiglu_fwd(act_t *out, const act_t *gate, const act_t *up, int64_t n, int F, int64_t ld)
 {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n / V; i += stride) {
+        const int64_t e = i * V, r = row_of(e, n, F), at = r * ld + (e - r * F);
         if (V == 4) {
-            const float4 g = ld4_act(gate, i), u = ld4_act(up, i);
+            const float4 g = ld4_act(gate, at / 4), u = ld4_act(up, at / 4);
             st4_act(out, i, silu_up(g.x, u.x), silu_up(g.y, u.y), silu_up(g.z, u.z), silu_up(g.w, u.w));
         } else {
-            out[i] = __float2bfloat16_rn(silu_up(__bfloat162float(gate[i]), __bfloat162float(up[i])));
+            out[e] = __float2bfloat16_rn(silu_up(__bfloat162float(gate[at]), __bfloat162float(up[at])));
         }
     }
 }
@@ -149,52 +159,57 @@ template <int V> __global__ void k_swiglu_fwd(act_t *out, const act_t *gate, con
 /* dgate, dup may be gate and up: each element is read before it is written, by one thread */
 template <int V>
 __global__ void k_swiglu_bwd(act_t *dgate, act_t *dup, const act_t *dout, const act_t *gate, const act_t *up,
-                             int64_t n)
+                             int64_t n, int F, int64_t ld)
 {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n / V; i += stride) {
+        const int64_t e = i * V, r = row_of(e, n, F), at = r * ld + (e - r * F);
         if (V == 4) {
-            const float4 g = ld4_act(gate, i), u = ld4_act(up, i), d = ld4_act(dout, i);
+            const float4 g = ld4_act(gate, at / 4), u = ld4_act(up, at / 4), d = ld4_act(dout, i);
             float4 dg, du;
             swiglu_grads(g.x, u.x, d.x, dg.x, du.x);
             swiglu_grads(g.y, u.y, d.y, dg.y, du.y);
             swiglu_grads(g.z, u.z, d.z, dg.z, du.z);
             swiglu_grads(g.w, u.w, d.w, dg.w, du.w);
-            st4_act(dgate, i, dg.x, dg.y, dg.z, dg.w);
-            st4_act(dup, i, du.x, du.y, du.z, du.w);
+            st4_act(dgate, at / 4, dg.x, dg.y, dg.z, dg.w);
+            st4_act(dup, at / 4, du.x, du.y, du.z, du.w);
         } else {
             float dg, du;
-            swiglu_grads(__bfloat162float(gate[i]), __bfloat162float(up[i]), __bfloat162float(dout[i]), dg, du);
-            dgate[i] = __float2bfloat16_rn(dg);
-            dup[i] = __float2bfloat16_rn(du);
+            swiglu_grads(__bfloat162float(gate[at]), __bfloat162float(up[at]), __bfloat162float(dout[e]), dg, du);
+            dgate[at] = __float2bfloat16_rn(dg);
+            dup[at] = __float2bfloat16_rn(du);
         }
     }
 }
 
-void cu_swiglu_fwd(void *ctx, void *out, const void *gate, const void *up, int64_t n)
+void cu_swiglu_fwd(void *ctx, void *out, const void *gate, const void *up, int64_t N, int F, int64_t ld)
 {
     mps_cuda *c = (mps_cuda *)ctx;
+    const int64_t n = N * F;
     if (n <= 0)
         return;
-    if (n % 4 == 0 && aligned8(out) && aligned8(gate) && aligned8(up))
+    if (F % 4 == 0 && ld % 4 == 0 && aligned8(out) && aligned8(gate) && aligned8(up))
         k_swiglu_fwd<4><<<cu_grid(c, n / 4, EW_THREADS), EW_THREADS, 0, c->stream>>>(
-            (act_t *)out, (const act_t *)gate, (const act_t *)up, n);
+            (act_t *)out, (const act_t *)gate, (const act_t *)up, n, F, ld);
     else
         k_swiglu_fwd<1><<<cu_grid(c, n, EW_THREADS), EW_THREADS, 0, c->stream>>>((act_t *)out, (const act_t *)gate,
-                                                                                  (const act_t *)up, n);
+                                                                                  (const act_t *)up, n, F, ld);
     cu_launched(c, "swiglu_fwd");
 }
 
-void cu_swiglu_bwd(void *ctx, void *dgate, void *dup, const void *dout, const void *gate, const void *up, int64_t n)
+void cu_swiglu_bwd(void *ctx, void *dgate, void *dup, const void *dout, const void *gate, const void *up, int64_t N,
+                   int F, int64_t ld)
 {
     mps_cuda *c = (mps_cuda *)ctx;
+    const int64_t n = N * F;
     if (n <= 0)
         return;
-    if (n % 4 == 0 && aligned8(dgate) && aligned8(dup) && aligned8(dout) && aligned8(gate) && aligned8(up))
+    if (F % 4 == 0 && ld % 4 == 0 && aligned8(dgate) && aligned8(dup) && aligned8(dout) && aligned8(gate) &&
+        aligned8(up))
         k_swiglu_bwd<4><<<cu_grid(c, n / 4, EW_THREADS), EW_THREADS, 0, c->stream>>>(
-            (act_t *)dgate, (act_t *)dup, (const act_t *)dout, (const act_t *)gate, (const act_t *)up, n);
+            (act_t *)dgate, (act_t *)dup, (const act_t *)dout, (const act_t *)gate, (const act_t *)up, n, F, ld);
     else
         k_swiglu_bwd<1><<<cu_grid(c, n, EW_THREADS), EW_THREADS, 0, c->stream>>>(
-            (act_t *)dgate, (act_t *)dup, (const act_t *)dout, (const act_t *)gate, (const act_t *)up, n);
+            (act_t *)dgate, (act_t *)dup, (const act_t *)dout, (const act_t *)gate, (const act_t *)up, n, F, ld);
     cu_launched(c, "swiglu_bwd");
 }

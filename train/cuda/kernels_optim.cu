@@ -95,7 +95,8 @@ void cu_wcopy_invalidate(mps_cuda *c, const void *p, size_t bytes)
 void cu_wcopy_free(mps_cuda *c)
 {
     for (int i = 0; i < c->nwcopies; i++)
-        (void)cudaFreeAsync(c->wcopies[i].bf, c->stream);
+        if (c->wcopies[i].owner)
+            (void)cudaFreeAsync(c->wcopies[i].bf, c->stream);
     free(c->wcopies);
     c->wcopies = NULL;
     c->nwcopies = c->cap_wcopies = 0;
@@ -122,8 +123,57 @@ static mps_wcopy *wcopy_for(mps_cuda *c, const float *p, int64_t n)
         return NULL;
     }
     mps_wcopy *w = &c->wcopies[c->nwcopies++];
-    w->p = p, w->n = n, w->bf = bf, w->valid = 0;
+    w->p = p, w->n = n, w->bf = bf, w->valid = 0, w->owner = 1;
     return w;
+}
+
+/* The parts' copies are made one by one by AdamW (wherever the pool puts them); the first time a
+ * stacked product finds them all valid but apart, they move into one allocation, in part order,
+ * and the records point there from then on (AdamW updates them in place), so that every later
+ * product reads one (sum oc, C) matrix. */
+const act_t *cu_wcopy_stacked(mps_cuda *c, const float *const *w, const int *oc, int nparts, int C)
+{
+    mps_wcopy *rec[MPS_MAX_PARTS];
+    if (nparts < 1 || nparts > MPS_MAX_PARTS)
+        return NULL;
+    int apart = 0;
+    int64_t total = 0;
+    for (int i = 0; i < nparts; i++) {
+        const int64_t n = (int64_t)oc[i] * C;
+        rec[i] = NULL;
+        for (int j = 0; j < c->nwcopies && !rec[i]; j++)
+            if (c->wcopies[j].p == w[i] && c->wcopies[j].n == n && c->wcopies[j].valid)
+                rec[i] = &c->wcopies[j];
+        if (!rec[i])
+            return NULL;
+        if (i > 0 && rec[i]->bf != rec[i - 1]->bf + (int64_t)oc[i - 1] * C)
+            apart = 1;
+        total += n;
+    }
+    if (!apart)
+        return rec[0]->bf;
+    act_t *bf = NULL;
+    if (cudaMallocFromPoolAsync((void **)&bf, (size_t)total * sizeof(act_t), c->pool, c->stream) != cudaSuccess) {
+        (void)cudaGetLastError(); /* no room: the caller rounds the weights itself */
+        return NULL;
+    }
+    int64_t off = 0;
+    for (int i = 0; i < nparts; i++) {
+        const int64_t n = (int64_t)oc[i] * C;
+        if (cu_check(c, cudaMemcpyAsync(bf + off, rec[i]->bf, (size_t)n * sizeof(act_t), cudaMemcpyDeviceToDevice,
+                                        c->stream), "stacked weight copies") != 0)
+            return NULL;
+        off += n;
+    }
+    off = 0;
+    for (int i = 0; i < nparts; i++) { /* the old places are freed behind the copies, in stream order */
+        if (rec[i]->owner)
+            (void)cudaFreeAsync(rec[i]->bf, c->stream);
+        rec[i]->bf = bf + off;
+        rec[i]->owner = i == 0;
+        off += (int64_t)oc[i] * C;
+    }
+    return bf;
 }
 
 void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_adamw_step *st)
