@@ -158,12 +158,13 @@ typedef struct mps_backend {
      * the sum of oc[<i]; W = the sum of all oc. fwd: out (N, W, an operand buffer) = inp @ [w_0;
      * w_1; ...]^T + [bias_0 | bias_1 | ...]. bwd: dinp (N, C, fp32) = dout @ [w_0; w_1; ...],
      * OVERWRITTEN (the sum of the parts' input gradients, in one product); dw[i] (oc[i], C) +=
-     * dout_i^T inp; dbias[i] (oc[i]) += the column sums of dout_i (each dw[i], dbias[i] may be
+     * dout_i^T inp, or = when dw_set (as matmul_bwd's); dbias[i] (oc[i]) += the column sums of dout_i (each dw[i], dbias[i] may be
      * NULL); dout (N, W) an operand buffer. At most MPS_MAX_PARTS parts. */
     void (*matmul_parts_fwd_act)(void *ctx, void *out_act, const void *inp_act, const float *const *w,
                                  const float *const *bias, const int *oc, int nparts, int64_t N, int C);
-    void (*matmul_parts_bwd)(void *ctx, float *dinp, float *const *dw, float *const *dbias, const void *dout_act,
-                             const void *inp_act, const float *const *w, const int *oc, int nparts, int64_t N, int C);
+    void (*matmul_parts_bwd)(void *ctx, float *dinp, float *const *dw, int dw_set, float *const *dbias,
+                             const void *dout_act, const void *inp_act, const float *const *w, const int *oc, int nparts,
+                             int64_t N, int C);
     void (*residual_bias)(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
     /* db (C) += column sums of dout (N, C) */
     void (*bias_grad)(void *ctx, float *db, const float *dout, int64_t N, int C);

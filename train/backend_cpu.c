@@ -215,7 +215,7 @@ static void mm_parts_fwd_act(void *c, void *out, const void *inp, const float *c
     for (int i = 0; i < nparts; o += oc[i], i++)
         op_matmul_fwd_ld((float *)out + o, W, inp, w[i], bias[i], N, C, oc[i]);
 }
-static void mm_parts_bwd(void *c, float *dinp, float *const *dw, float *const *dbias, const void *dout,
+static void mm_parts_bwd(void *c, float *dinp, float *const *dw, int dw_set, float *const *dbias, const void *dout,
                          const void *inp, const float *const *w, const int *oc, int nparts, int64_t N, int C)
 {
     (void)c;
@@ -224,8 +224,11 @@ static void mm_parts_bwd(void *c, float *dinp, float *const *dw, float *const *d
         W += oc[i];
     if (dinp) /* overwritten: the parts' products add up in it in part order */
         memset(dinp, 0, sizeof(float) * (size_t)(N * C));
-    for (int i = 0; i < nparts; o += oc[i], i++)
+    for (int i = 0; i < nparts; o += oc[i], i++) {
+        if (dw[i] && dw_set)
+            memset(dw[i], 0, sizeof(float) * (size_t)oc[i] * (size_t)C);
         op_matmul_bwd_ld(dinp, dw[i], dbias[i], (const float *)dout + o, W, inp, w[i], N, C, oc[i]);
+    }
 }
 
 static void residual_bias(void *c, float *out, const float *a, const float *b, const float *bias, int64_t N, int C)

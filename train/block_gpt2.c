@@ -240,6 +240,18 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     return rc;
 }
 
+/* the four matmul weights and, on the last stage, wte (the head's product in the first
+ * micro-batch comes before the embedding's backward) */
+static int grad_overwritten(const mps_engine *e, int t)
+{
+    if (t == MPS_TENSOR_WTE)
+        return e->is_last;
+    if (t < mps_layer_tensor(0, 0))
+        return 0;
+    const int slot = (t - mps_layer_tensor(0, 0)) % MPS_TENSORS_PER_LAYER;
+    return slot == MPS_SLOT_QKVW || slot == MPS_SLOT_ATTPROJW || slot == MPS_SLOT_FCW || slot == MPS_SLOT_FCPROJW;
+}
+
 const mps_block mps_block_gpt2 = {
-    embed_forward, embed_backward, layer_forward, layer_backward, head_forward_backward,
+    embed_forward, embed_backward, layer_forward, layer_backward, head_forward_backward, grad_overwritten,
 };

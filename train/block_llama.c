@@ -4,8 +4,8 @@
  * column-parallel, down row-parallel; the embedding and the head (untied lm_head, or wte when
  * tied) vocab-parallel. Layer: x2 = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))) with n1 =
  * rmsnorm(x); out = x2 + down(silu(gate(n2)) * up(n2)) with n2 = rmsnorm(x2). No biases but the
- * optional q, k, v ones. Every product's weight gradient accumulates (no dw_set: AdamW zeroes
- * these gradients). */
+ * optional q, k, v ones. The products' weight gradients are written by the step's first backward
+ * (e->dw_set) and added to after; the norms', biases' and the embedding's accumulate from zero. */
 #include <string.h>
 
 #include "arch.h"
@@ -147,20 +147,20 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
     const int dres_act = s->dx_ready != MPS_DX_NONE;
     const void *dres = dres_act ? s->dx_act : (const void *)dx;
     void *dh = dbig; /* operand buffer */
-    be->matmul_bwd(be->ctx, dh, 1, g[R_DOWNW], 0, NULL, dres, dres_act, a->gel, w[R_DOWNW], N, F, C);
+    be->matmul_bwd(be->ctx, dh, 1, g[R_DOWNW], e->dw_set, NULL, dres, dres_act, a->gel, w[R_DOWNW], N, F, C);
     void *gate = a->fch, *up = act_at(e, a->fch, F); /* (N, 2 F): gate|up */
     be->swiglu_bwd(be->ctx, gate, up, dh, gate, up, N, F, 2 * (int64_t)F); /* dgate, dup in place */
     {
         const float *gu_w[2] = { w[R_GATEW], w[R_UPW] };
         float *gu_g[2] = { g[R_GATEW], g[R_UPW] }, *gu_b[2] = { NULL, NULL };
         const int gu_oc[2] = { F, F };
-        be->matmul_parts_bwd(be->ctx, dln, gu_g, gu_b, a->fch, a->ln2, gu_w, gu_oc, 2, N, C);
+        be->matmul_parts_bwd(be->ctx, dln, gu_g, e->dw_set, gu_b, a->fch, a->ln2, gu_w, gu_oc, 2, N, C);
     }
     int rc = mps_tp_sum(e, dln, N * C, err); /* n2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
         be->rmsnorm_bwd(be->ctx, dx, s->dx_act, g[R_LN2W], dln, a->x2, w[R_LN2W], a->ln2_rstd, N, C);
         /* attention: dx is now x2's gradient */
-        be->matmul_bwd(be->ctx, datty, 1, g[R_OW], 0, NULL, s->dx_act, 1, a->atty, w[R_OW], N, Cl, C);
+        be->matmul_bwd(be->ctx, datty, 1, g[R_OW], e->dw_set, NULL, s->dx_act, 1, a->atty, w[R_OW], N, Cl, C);
         /* dq|dk|dv (N, qkv_w) laid out as q|k|v, operand buffer */
         const int64_t ld = e->qkv_w;
         void *dq = q_of(e, dbig), *dk = k_of(e, dbig), *dv = v_of(e, dbig);
@@ -170,7 +170,7 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
                     e->rope_cs);
         const qkv_parts qp = qkv_of(e, w);
         float *qkv_g[3] = { g[R_QW], g[R_KW], g[R_VW] }, *qkv_gb[3] = { g[R_QB], g[R_KB], g[R_VB] };
-        be->matmul_parts_bwd(be->ctx, dln, qkv_g, qkv_gb, dbig, a->ln1, qp.w, qp.oc, 3, N, C);
+        be->matmul_parts_bwd(be->ctx, dln, qkv_g, e->dw_set, qkv_gb, dbig, a->ln1, qp.w, qp.oc, 3, N, C);
         rc = mps_tp_sum(e, dln, N * C, err);
     }
     /* below the stage's first layer dx goes to the embedding or to the previous stage: no products */
@@ -259,7 +259,7 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
         if (!stats_bwd) /* in place */
             be->xent_bwd(be->ctx, e->logits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
                          e->cfg.vocab);
-        be->matmul_bwd(be->ctx, dxf, 0, ghead, 0, NULL, e->logits, 1, xf, head, N, C, (int)e->Vl);
+        be->matmul_bwd(be->ctx, dxf, 0, ghead, e->dw_set, NULL, e->logits, 1, xf, head, N, C, (int)e->Vl);
         rc = mps_tp_sum(e, dxf, N * C, err);
     }
     if (rc == 0 && !e->evaluating) {
@@ -272,6 +272,21 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     return rc;
 }
 
+/* the products' weights (q, k, v, o, gate, up, down) and, on the last stage, the head's (lm_head,
+ * or a tied wte, whose head product in the first micro-batch comes before its embedding's
+ * backward) */
+static int grad_overwritten(const mps_engine *e, int t)
+{
+    if (t == mps_tensor_find(&e->cfg, "lm_head") || (mps_cfg_tied(&e->cfg) && t == MPS_TENSOR_WTE))
+        return e->is_last;
+    static const int written[] = { R_QW, R_KW, R_VW, R_OW, R_GATEW, R_UPW, R_DOWNW };
+    for (int layer = 0; layer < e->cfg.n_layer; layer++)
+        for (size_t i = 0; i < sizeof written / sizeof written[0]; i++)
+            if (rule_tensor(e, layer, written[i]) == t)
+                return 1;
+    return 0;
+}
+
 const mps_block mps_block_llama = {
-    embed_forward, embed_backward, layer_forward, layer_backward, head_forward_backward,
+    embed_forward, embed_backward, layer_forward, layer_backward, head_forward_backward, grad_overwritten,
 };

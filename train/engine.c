@@ -655,17 +655,9 @@ float mps_engine_lr(const mps_train_opts *o, int64_t step)
 }
 
 /* the four matmul weights of a layer: their gradients come from one product each per backward */
-static int is_matmul_weight(const mps_engine *e, int t)
-{
-    if (e->cfg.arch != MPS_ARCH_GPT2 || t < mps_layer_tensor(0, 0))
-        return 0;
-    const int slot = (t - mps_layer_tensor(0, 0)) % MPS_TENSORS_PER_LAYER;
-    return slot == MPS_SLOT_QKVW || slot == MPS_SLOT_ATTPROJW || slot == MPS_SLOT_FCW || slot == MPS_SLOT_FCPROJW;
-}
-
 /* AdamW over every held tensor in one backend call (which zeroes the gradients but, at ZeRO-0,
- * those of the matmul weights and of the last stage's wte: the next step's first product into each
- * overwrites it, for wte the head's, which comes before the embedding's backward), then at
+ * those the block's products write: the next step's first product into each overwrites it, for
+ * a tied wte the head's, which comes before the embedding's backward), then at
  * ZeRO-1/2 the updated partitions are gathered back into each replica's full copy. */
 static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scale, mps_err *err)
 {
@@ -684,8 +676,7 @@ static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scal
             .m = p->m, .v = p->v, .n = on,
             .weight_decay = p->decay ? e->o.weight_decay : 0.0f,
             .read_by_products = e->L.zero < 3 && on == p->box_n, /* the whole box, where the products read it */
-            .keep_grad = e->L.zero == 0 && (is_matmul_weight(e, t) ||
-                                                (e->cfg.arch == MPS_ARCH_GPT2 && t == MPS_TENSOR_WTE && e->is_last)),
+            .keep_grad = e->L.zero == 0 && e->block->grad_overwritten(e, t),
         };
     }
     const mps_adamw_step st = {.lr = lr, .beta1 = e->o.beta1, .beta2 = e->o.beta2, .eps = e->o.eps, .t = step + 1,

@@ -74,6 +74,9 @@ typedef struct {
     int (*layer_fwd)(mps_engine *e, int layer, int next, mps_layer_acts *a, float *x_out, mps_err *err);
     int (*layer_bwd)(mps_engine *e, int layer, int next, mps_layer_acts *a, mps_mb_slot *s, mps_err *err);
     int (*head)(mps_engine *e, mps_mb_slot *s, const float *x, mps_err *err);
+    /* whether tensor t's gradient is written (not added to) by the step's first backward when
+     * e->dw_set (its products' matmul_bwd dw_set): AdamW then leaves it unzeroed (keep_grad) */
+    int (*grad_overwritten)(const mps_engine *e, int t);
 } mps_block;
 extern const mps_block mps_block_gpt2, mps_block_llama;
 
@@ -114,8 +117,9 @@ struct mps_engine {
      * or reduce-scatter has started this step, and ZeRO >= 1's reduce-scatter temporaries */
     int overlap_dp, last_backward;
     /* ZeRO-0 (ZeRO >= 1 reduces the full gradients into others and zeroes them): AdamW leaves the
-     * four matmul weights' gradients unzeroed (keep_grad), and the last stage's wte's, and the
-     * step's first backward (the first micro-batch's head product for wte) overwrites them
+     * gradients the block's products write unzeroed (keep_grad: block->grad_overwritten, the
+     * matmul weights' and the head's), and the step's first backward (the first micro-batch's
+     * head product for the head) overwrites them
      * (matmul_bwd's dw_set): set by forward_mb for the head and by backward_mb for the layers, in
      * the first micro-batch only */
     int dw_set;

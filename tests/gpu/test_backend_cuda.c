@@ -689,23 +689,24 @@ static void test_matmul_parts(int64_t N, int C, int nparts, const int *oc, int b
         cpu.matmul_parts_fwd_act(cpu.ctx, out, inp.h, wh, bh, oc, nparts, N, C);
         GPU_TWICE(s, gpu.matmul_parts_fwd_act(gpu.ctx, o_dev(&s, 0), inp.d, wd, bd, oc, nparts, N, C));
         o_done(&s, TOL_GEMM);
-        /* dinp overwritten, dw += */
-        snprintf(op, sizeof op, "matmul_parts_bwd N%lld C%d W%lld (%d parts)%s", (long long)N, C, (long long)W, nparts,
-                 how);
+        /* dinp overwritten, dw += (in the second round dw_set: dw overwritten, large initial values
+         * so that an accumulation would show) */
+        snprintf(op, sizeof op, "matmul_parts_bwd N%lld C%d W%lld (%d parts)%s%s", (long long)N, C, (long long)W, nparts,
+                 how, round ? " dw=" : "");
         float *i0 = hrand(N * C, 1.0f);
         float *dinp = o_add(&s, "dinp", N * C, i0);
         float *dwh[MPS_MAX_PARTS], *none[MPS_MAX_PARTS] = {NULL};
         for (int i = 0; i < nparts; i++) {
-            float *init = hrand((int64_t)oc[i] * C, 1.0f);
+            float *init = hrand((int64_t)oc[i] * C, round ? 64.0f : 1.0f);
             dwh[i] = o_add(&s, "dw", (int64_t)oc[i] * C, init);
             free(init);
         }
-        cpu.matmul_parts_bwd(cpu.ctx, dinp, dwh, none, dout.h, inp.h, wh, oc, nparts, N, C);
+        cpu.matmul_parts_bwd(cpu.ctx, dinp, dwh, round, none, dout.h, inp.h, wh, oc, nparts, N, C);
         GPU_TWICE(s, {
             float *dwd[MPS_MAX_PARTS];
             for (int i = 0; i < nparts; i++)
                 dwd[i] = o_dev(&s, 1 + i);
-            gpu.matmul_parts_bwd(gpu.ctx, o_dev(&s, 0), dwd, none, dout.d, inp.d, wd, oc, nparts, N, C);
+            gpu.matmul_parts_bwd(gpu.ctx, o_dev(&s, 0), dwd, round, none, dout.d, inp.d, wd, oc, nparts, N, C);
         });
         o_done(&s, TOL_GEMM);
         free(i0);
@@ -718,12 +719,12 @@ static void test_matmul_parts(int64_t N, int C, int nparts, const int *oc, int b
                 dbh[i] = o_add(&s, "dbias", oc[i], init);
                 free(init);
             }
-            cpu.matmul_parts_bwd(cpu.ctx, NULL, none, dbh, dout.h, inp.h, wh, oc, nparts, N, C);
+            cpu.matmul_parts_bwd(cpu.ctx, NULL, none, 0, dbh, dout.h, inp.h, wh, oc, nparts, N, C);
             GPU_TWICE(s, {
                 float *dbd[MPS_MAX_PARTS];
                 for (int i = 0; i < nparts; i++)
                     dbd[i] = o_dev(&s, i);
-                gpu.matmul_parts_bwd(gpu.ctx, NULL, none, dbd, dout.d, inp.d, wd, oc, nparts, N, C);
+                gpu.matmul_parts_bwd(gpu.ctx, NULL, none, 0, dbd, dout.d, inp.d, wd, oc, nparts, N, C);
             });
             o_done(&s, N > 1000 ? TOL_RED : TOL_EW);
         }

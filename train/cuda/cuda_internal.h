@@ -198,7 +198,7 @@ void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, co
                        int OC);
 void cu_matmul_parts_fwd_act(void *ctx, void *out, const void *inp, const float *const *w, const float *const *bias,
                              const int *oc, int nparts, int64_t N, int C);
-void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, float *const *dbias, const void *dout,
+void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, int dw_set, float *const *dbias, const void *dout,
                          const void *inp, const float *const *w, const int *oc, int nparts, int64_t N, int C);
 /* out (N, C) bf16 += bias (C) */
 void cu_add_bias_act(mps_cuda *c, act_t *out, const float *bias, int64_t N, int C);

@@ -519,7 +519,7 @@ void cu_matmul_parts_fwd_act(void *ctx, void *out, const void *inp, const float 
 /* dinp = dout @ [w_0; w_1; ...] in one product over the stacked weight (K = W: the parts' input
  * gradients summed inside it, no read-modify-write of dinp per part); each dw[i] from its columns
  * of dout (a row stride of W); the bias gradients from one column sum of dout */
-void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, float *const *dbias, const void *dout,
+void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, int dw_set, float *const *dbias, const void *dout,
                          const void *inp, const float *const *w, const int *oc, int nparts, int64_t N, int C)
 {
     mps_cuda *c = (mps_cuda *)ctx;
@@ -557,8 +557,8 @@ void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, float *const 
     int64_t off = 0;
     for (int i = 0; i < nparts; off += oc[i], i++)
         if (dw[i])
-            gemm(c, "matmul_parts_bwd (dw)", 0, 1, C, oc[i], (int)N, ib, C, g + off, (int)W, 1.0f, NULL, dw[i], C,
-                 NULL);
+            gemm(c, "matmul_parts_bwd (dw)", 0, 1, C, oc[i], (int)N, ib, C, g + off, (int)W, dw_set ? 0.0f : 1.0f,
+                 NULL, dw[i], C, NULL);
 }
 
 /* pre (N, OC) = inp @ w^T + bias, out = gelu(pre), the first way that cuBLASLt offers: (1) one

@@ -103,6 +103,7 @@ void cu_layernorm_fwd(void *ctx, void *out, float *mean, float *rstd, const floa
 
 #define LNB_WARPS 4
 #define LNB_ROWS 32 /* rows per block: one partial sum of dw, db (and of dinp's columns) per 32 rows */
+#define LNB_U 4     /* float4s per lane in flight at a time in the two-pass kernel's row loops */
 
 /* The LN backward's outputs beyond dinp. Partial sums [blockIdx] (C each) of the block's rows:
  * pdw of dout * xhat, pdb of dout (the gradients of w and b), pdx of the updated dinp (the column
@@ -323,41 +324,74 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
         const DT *g = dout + r * C;   // (C)
         const float m = RMS ? 0.0f : mean[r], rs = rstd[r];
         float mg = 0.0f, mgx = 0.0f;
+        /* LNB_U float4s per lane loaded before any is used (the stores below may alias the inputs
+         * as far as the compiler knows, so it would not hoist the next loads itself): more
+         * bytes in flight per warp. The per-lane sums keep ascending q. */
         if (o.dinp) {
             float sg = 0.0f, sgx = 0.0f;
-            for (int q = lane; q < C4; q += 32) {
-                const float4 xv = ld4(x, q), gv = ld4_any(g, q), wv = ld4(w, q);
-                const float a = gv.x * wv.x, b = gv.y * wv.y, c = gv.z * wv.z, d = gv.w * wv.w;
-                sg += a + b + c + d;
-                sgx += a * ((xv.x - m) * rs) + b * ((xv.y - m) * rs) + c * ((xv.z - m) * rs) + d * ((xv.w - m) * rs);
+            for (int q0 = lane; q0 < C4; q0 += 32 * LNB_U) {
+                float4 xv[LNB_U], gv[LNB_U], wv[LNB_U];
+#pragma unroll
+                for (int u = 0; u < LNB_U; u++) {
+                    const int q = q0 + 32 * u;
+                    if (q < C4)
+                        xv[u] = ld4(x, q), gv[u] = ld4_any(g, q), wv[u] = ld4(w, q);
+                }
+#pragma unroll
+                for (int u = 0; u < LNB_U; u++) {
+                    if (q0 + 32 * u >= C4)
+                        break;
+                    const float a = gv[u].x * wv[u].x, b = gv[u].y * wv[u].y, c = gv[u].z * wv[u].z,
+                                d = gv[u].w * wv[u].w;
+                    sg += a + b + c + d;
+                    sgx += a * ((xv[u].x - m) * rs) + b * ((xv[u].y - m) * rs) + c * ((xv[u].z - m) * rs) +
+                           d * ((xv[u].w - m) * rs);
+                }
             }
             mg = RMS ? 0.0f : warp_reduce(sg, SumOp()) / C;
             mgx = warp_reduce(sgx, SumOp()) / C;
         }
-        for (int q = lane; q < C4; q += 32) {
-            const float4 xv = ld4(x, q), gv = ld4_any(g, q);
-            const float4 xh = make_float4((xv.x - m) * rs, (xv.y - m) * rs, (xv.z - m) * rs, (xv.w - m) * rs);
-            if (o.dinp) {
-                const float4 wv = ld4(w, q);
-                float4 dx = ld4(o.dinp + r * C, q);
-                dx.x += rs * (gv.x * wv.x - mg - xh.x * mgx);
-                dx.y += rs * (gv.y * wv.y - mg - xh.y * mgx);
-                dx.z += rs * (gv.z * wv.z - mg - xh.z * mgx);
-                dx.w += rs * (gv.w * wv.w - mg - xh.w * mgx);
-                st4(o.dinp + r * C, q, dx);
-                if (o.dact)
-                    st4_act(o.dact + r * C, q, dx.x, dx.y, dx.z, dx.w);
-                if (px) {
-                    const float4 t = ax[q];
-                    ax[q] = make_float4(t.x + dx.x, t.y + dx.y, t.z + dx.z, t.w + dx.w);
+        for (int q0 = lane; q0 < C4; q0 += 32 * LNB_U) {
+            float4 xv[LNB_U], gv[LNB_U], dv[LNB_U];
+#pragma unroll
+            for (int u = 0; u < LNB_U; u++) {
+                const int q = q0 + 32 * u;
+                if (q < C4) {
+                    xv[u] = ld4(x, q), gv[u] = ld4_any(g, q);
+                    if (o.dinp)
+                        dv[u] = ld4(o.dinp + r * C, q);
                 }
             }
-            if (pw) {
-                const float4 t = aw[q];
-                aw[q] = make_float4(t.x + gv.x * xh.x, t.y + gv.y * xh.y, t.z + gv.z * xh.z, t.w + gv.w * xh.w);
-                if (!RMS) {
-                    const float4 u = ab[q];
-                    ab[q] = make_float4(u.x + gv.x, u.y + gv.y, u.z + gv.z, u.w + gv.w);
+#pragma unroll
+            for (int u = 0; u < LNB_U; u++) {
+                const int q = q0 + 32 * u;
+                if (q >= C4)
+                    break;
+                const float4 xh = make_float4((xv[u].x - m) * rs, (xv[u].y - m) * rs, (xv[u].z - m) * rs,
+                                              (xv[u].w - m) * rs);
+                const float4 gq = gv[u];
+                if (o.dinp) {
+                    const float4 wv = ld4(w, q);
+                    float4 dx = dv[u];
+                    dx.x += rs * (gq.x * wv.x - mg - xh.x * mgx);
+                    dx.y += rs * (gq.y * wv.y - mg - xh.y * mgx);
+                    dx.z += rs * (gq.z * wv.z - mg - xh.z * mgx);
+                    dx.w += rs * (gq.w * wv.w - mg - xh.w * mgx);
+                    st4(o.dinp + r * C, q, dx);
+                    if (o.dact)
+                        st4_act(o.dact + r * C, q, dx.x, dx.y, dx.z, dx.w);
+                    if (px) {
+                        const float4 t = ax[q];
+                        ax[q] = make_float4(t.x + dx.x, t.y + dx.y, t.z + dx.z, t.w + dx.w);
+                    }
+                }
+                if (pw) {
+                    const float4 t = aw[q];
+                    aw[q] = make_float4(t.x + gq.x * xh.x, t.y + gq.y * xh.y, t.z + gq.z * xh.z, t.w + gq.w * xh.w);
+                    if (!RMS) {
+                        const float4 v = ab[q];
+                        ab[q] = make_float4(v.x + gq.x, v.y + gq.y, v.z + gq.z, v.w + gq.w);
+                    }
                 }
             }
         }
