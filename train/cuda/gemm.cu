@@ -463,6 +463,25 @@ static int64_t parts_width(const int *oc, int nparts)
     return W;
 }
 
+/* 1 when nparts parts of W columns in all fit the entries (else an error is recorded) */
+static int parts_ok(mps_cuda *c, const char *what, int nparts, int64_t W, int64_t N, int C)
+{
+    if (nparts > MPS_MAX_PARTS || W > INT_MAX) {
+        cu_fail(c, "%s: %d parts of %lld columns in all", what, nparts, (long long)W);
+        return 0;
+    }
+    return dims_ok(c, what, N, C, (int)W);
+}
+
+/* whether any of the n pointers is set (the parts' biases or bias gradients) */
+static int any_set(const void *const *p, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (p[i])
+            return 1;
+    return 0;
+}
+
 /* out (N, W) = inp @ [w_0; w_1; ...]^T + the stacked bias: one product over the stacked weight (as
  * cu_matmul_fwd_act: the bias in the epilogue on its bf16 copy, else a kernel after), or, where
  * cuBLASLt takes no bf16 output of this width, each part into scratch and then into its columns */
@@ -472,17 +491,9 @@ void cu_matmul_parts_fwd_act(void *ctx, void *out, const void *inp, const float 
     mps_cuda *c = (mps_cuda *)ctx;
     const char *what = "matmul_parts_fwd_act";
     const int64_t W = parts_width(oc, nparts);
-    if (N <= 0 || W <= 0)
+    if (N <= 0 || W <= 0 || !parts_ok(c, what, nparts, W, N, C))
         return;
-    if (nparts > MPS_MAX_PARTS || W > INT_MAX) {
-        cu_fail(c, "%s: %d parts of %lld columns in all", what, nparts, (long long)W);
-        return;
-    }
-    if (!dims_ok(c, what, N, C, (int)W))
-        return;
-    int biased = 0;
-    for (int i = 0; i < nparts; i++)
-        biased |= bias[i] != NULL;
+    const int biased = any_set((const void *const *)bias, nparts);
     if (C > 0 && W % 8 == 0) {
         const act_t *wb = stacked_bf16(c, w, oc, nparts, W, C, what);
         const float *bs = wb && biased ? stacked_bias(c, bias, oc, nparts, W, what) : NULL;
@@ -525,18 +536,10 @@ void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, int dw_set, f
     mps_cuda *c = (mps_cuda *)ctx;
     const char *what = "matmul_parts_bwd";
     const int64_t W = parts_width(oc, nparts);
-    if (N <= 0 || W <= 0 || C <= 0)
-        return;
-    if (nparts > MPS_MAX_PARTS || W > INT_MAX) {
-        cu_fail(c, "%s: %d parts of %lld columns in all", what, nparts, (long long)W);
-        return;
-    }
-    if (!dims_ok(c, what, N, C, (int)W))
+    if (N <= 0 || W <= 0 || C <= 0 || !parts_ok(c, what, nparts, W, N, C))
         return;
     const act_t *g = (const act_t *)dout;
-    int biased = 0;
-    for (int i = 0; i < nparts; i++)
-        biased |= dbias[i] != NULL;
+    const int biased = any_set((const void *const *)dbias, nparts);
     if (biased) {
         float *cs = (float *)cu_scratch(c, SCR_STACK_BIAS, (size_t)W * sizeof(float)); // (W)
         if (!cs || cu_check(c, cudaMemsetAsync(cs, 0, (size_t)W * sizeof(float), c->stream), what) != 0)
