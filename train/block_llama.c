@@ -74,17 +74,38 @@ static void *q_of(const mps_engine *e, void *qkv) { (void)e; return qkv; }
 static void *k_of(const mps_engine *e, void *qkv) { return act_at(e, qkv, e->Cl); }
 static void *v_of(const mps_engine *e, void *qkv) { return act_at(e, qkv, e->Cl + (int64_t)e->KVl * e->hs); }
 
-/* the stacked products' parts: q|k|v (with the optional biases) and gate|up */
+/* A stacked product's parts, from p: the layer's weights, or their gradients, by rule. */
 typedef struct {
-    const float *w[3], *b[3];
-    int oc[3];
-} qkv_parts;
+    float *w[3], *b[3]; /* the parts' weights and biases (NULL: none) */
+    int oc[3], n;       /* their output widths, the number of parts */
+} stacked_parts;
 
-static qkv_parts qkv_of(const mps_engine *e, float *const w[R_COUNT])
+enum { QKV, GATE_UP };
+
+/* q|k|v (with the optional biases) or gate|up */
+static stacked_parts parts_of(const mps_engine *e, int which, float *const p[R_COUNT])
 {
     const int Kl = e->KVl * e->hs;
-    qkv_parts p = { { w[R_QW], w[R_KW], w[R_VW] }, { w[R_QB], w[R_KB], w[R_VB] }, { e->Cl, Kl, Kl } };
-    return p;
+    if (which == QKV)
+        return (stacked_parts){ { p[R_QW], p[R_KW], p[R_VW] }, { p[R_QB], p[R_KB], p[R_VB] }, { e->Cl, Kl, Kl }, 3 };
+    return (stacked_parts){ { p[R_GATEW], p[R_UPW] }, { NULL, NULL }, { e->F, e->F }, 2 };
+}
+
+/* the parts' weights (or biases) as the products read them */
+static const float *const *reads(float *const *p) { return (const float *const *)p; }
+
+static void parts_fwd(mps_engine *e, int which, float *const w[R_COUNT], void *out, const void *inp)
+{
+    const stacked_parts s = parts_of(e, which, w);
+    e->be->matmul_parts_fwd_act(e->be->ctx, out, inp, reads(s.w), reads(s.b), s.oc, s.n, e->N, e->C);
+}
+
+/* dinp = the input gradient; the parts' weight (and bias) gradients in g */
+static void parts_bwd(mps_engine *e, int which, float *const w[R_COUNT], float *const g[R_COUNT], float *dinp,
+                      const void *dout, const void *inp)
+{
+    const stacked_parts sw = parts_of(e, which, w), sg = parts_of(e, which, g);
+    e->be->matmul_parts_bwd(e->be->ctx, dinp, sg.w, e->dw_set, sg.b, dout, inp, reads(sw.w), sw.oc, sw.n, e->N, e->C);
 }
 
 static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, float *x_out, mps_err *err)
@@ -98,19 +119,16 @@ static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, 
     const float eps = (float)mps_cfg_norm_eps(&e->cfg);
     void *q = q_of(e, a->qkv), *k = k_of(e, a->qkv), *v = v_of(e, a->qkv);
     const int64_t ld = e->qkv_w; /* Cl + 2 Kl */
-    const qkv_parts qp = qkv_of(e, w);
     be->rmsnorm_fwd(be->ctx, a->ln1, a->ln1_rstd, a->x_in, w[R_LN1W], N, C, eps);
-    be->matmul_parts_fwd_act(be->ctx, a->qkv, a->ln1, qp.w, qp.b, qp.oc, 3, N, C);
+    parts_fwd(e, QKV, w, a->qkv, a->ln1);
     be->rope_fwd(be->ctx, q, e->rope_cs, e->B, e->T, e->Hl, e->hs, ld);
     be->rope_fwd(be->ctx, k, e->rope_cs, e->B, e->T, e->KVl, e->hs, ld);
     be->gqa_fwd(be->ctx, a->atty, a->lse, q, k, v, e->B, e->T, e->Hl, e->KVl, e->hs, ld, ld);
     int rc = mps_row_parallel_fwd(e, a->x2, a->x_in, a->atty, w[R_OW], NULL, Cl, err);
     if (rc == 0) {
         /* gate|up: (N, 2 F), the columns of one stacked product */
-        const float *gu_w[2] = { w[R_GATEW], w[R_UPW] }, *gu_b[2] = { NULL, NULL };
-        const int gu_oc[2] = { F, F };
         be->rmsnorm_fwd(be->ctx, a->ln2, a->ln2_rstd, a->x2, w[R_LN2W], N, C, eps);
-        be->matmul_parts_fwd_act(be->ctx, a->fch, a->ln2, gu_w, gu_b, gu_oc, 2, N, C);
+        parts_fwd(e, GATE_UP, w, a->fch, a->ln2);
         be->swiglu_fwd(be->ctx, a->gel, a->fch, act_at(e, a->fch, F), N, F, 2 * (int64_t)F);
         rc = mps_row_parallel_fwd(e, x_out, a->x2, a->gel, w[R_DOWNW], NULL, F, err);
     }
@@ -150,12 +168,7 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
     be->matmul_bwd(be->ctx, dh, 1, g[R_DOWNW], e->dw_set, NULL, dres, dres_act, a->gel, w[R_DOWNW], N, F, C);
     void *gate = a->fch, *up = act_at(e, a->fch, F); /* (N, 2 F): gate|up */
     be->swiglu_bwd(be->ctx, gate, up, dh, gate, up, N, F, 2 * (int64_t)F); /* dgate, dup in place */
-    {
-        const float *gu_w[2] = { w[R_GATEW], w[R_UPW] };
-        float *gu_g[2] = { g[R_GATEW], g[R_UPW] }, *gu_b[2] = { NULL, NULL };
-        const int gu_oc[2] = { F, F };
-        be->matmul_parts_bwd(be->ctx, dln, gu_g, e->dw_set, gu_b, a->fch, a->ln2, gu_w, gu_oc, 2, N, C);
-    }
+    parts_bwd(e, GATE_UP, w, g, dln, a->fch, a->ln2);
     int rc = mps_tp_sum(e, dln, N * C, err); /* n2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
         be->rmsnorm_bwd(be->ctx, dx, s->dx_act, g[R_LN2W], dln, a->x2, w[R_LN2W], a->ln2_rstd, N, C);
@@ -168,9 +181,7 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
         /* dq and dk come out turned back by the rotary embeddings (rope_bwd's work, fused) */
         be->gqa_bwd(be->ctx, dq, dk, dv, datty, q, k, v, a->atty, a->lse, e->B, e->T, e->Hl, e->KVl, e->hs, ld, ld,
                     e->rope_cs);
-        const qkv_parts qp = qkv_of(e, w);
-        float *qkv_g[3] = { g[R_QW], g[R_KW], g[R_VW] }, *qkv_gb[3] = { g[R_QB], g[R_KB], g[R_VB] };
-        be->matmul_parts_bwd(be->ctx, dln, qkv_g, e->dw_set, qkv_gb, dbig, a->ln1, qp.w, qp.oc, 3, N, C);
+        parts_bwd(e, QKV, w, g, dln, dbig, a->ln1);
         rc = mps_tp_sum(e, dln, N * C, err);
     }
     /* below the stage's first layer dx goes to the embedding or to the previous stage: no products */
@@ -279,12 +290,12 @@ static int grad_overwritten(const mps_engine *e, int t)
 {
     if (t == mps_tensor_find(&e->cfg, "lm_head") || (mps_cfg_tied(&e->cfg) && t == MPS_TENSOR_WTE))
         return e->is_last;
-    static const int written[] = { R_QW, R_KW, R_VW, R_OW, R_GATEW, R_UPW, R_DOWNW };
-    for (int layer = 0; layer < e->cfg.n_layer; layer++)
-        for (size_t i = 0; i < sizeof written / sizeof written[0]; i++)
-            if (rule_tensor(e, layer, written[i]) == t)
-                return 1;
-    return 0;
+    int layer;
+    const mps_tensor_rule *rule = mps_tensor_rule_of(&e->cfg, t, &layer);
+    if (layer < 0)
+        return 0;
+    const int r = (int)(rule - mps_arch_llama.rules) - mps_arch_llama.n_embed;
+    return r == R_QW || r == R_KW || r == R_VW || r == R_OW || r == R_GATEW || r == R_UPW || r == R_DOWNW;
 }
 
 const mps_block mps_block_llama = {
