@@ -44,15 +44,20 @@ __global__ void k_to_bf16(__nv_bfloat16 *dst, const float *src, int64_t n, int v
         dst[i] = __float2bfloat16_rn(src[i]);
 }
 
+/* dst (n) = src rounded to bf16: 16-byte loads where src allows them (and dst the pairs of bf16
+ * stores that go with them); 0, or -1 with the error recorded */
+static int round_bf16(mps_cuda *c, __nv_bfloat16 *dst, const float *src, int64_t n, const char *what)
+{
+    const int vec = cu_aligned16(src) && ((uintptr_t)dst & 3) == 0;
+    k_to_bf16<<<cu_grid(c, vec ? n / 4 + 1 : n, 256), 256, 0, c->stream>>>(dst, src, n, vec);
+    return cu_launched(c, what);
+}
+
 /* bf16 copy of src (n) in a scratch slot (256-byte aligned) */
 static const __nv_bfloat16 *to_bf16(mps_cuda *c, int slot, const float *src, int64_t n, const char *what)
 {
     __nv_bfloat16 *dst = (__nv_bfloat16 *)cu_scratch(c, slot, (size_t)n * sizeof(__nv_bfloat16));
-    if (!dst)
-        return NULL;
-    const int vec = cu_aligned16(src);
-    k_to_bf16<<<cu_grid(c, vec ? n / 4 + 1 : n, 256), 256, 0, c->stream>>>(dst, src, n, vec);
-    return cu_launched(c, what) == 0 ? dst : NULL;
+    return dst && round_bf16(c, dst, src, n, what) == 0 ? dst : NULL;
 }
 
 /* the bf16 form of a parameter (a weight or a bias): the copy AdamW keeps of it when there is a
@@ -429,13 +434,9 @@ static const act_t *stacked_bf16(mps_cuda *c, const float *const *w, const int *
     if (!dst)
         return NULL;
     int64_t off = 0;
-    for (int i = 0; i < nparts; off += (int64_t)oc[i] * C, i++) {
-        const int64_t n = (int64_t)oc[i] * C;
-        const int vec = cu_aligned16(w[i]) && off % 2 == 0; /* pairs of bf16 stores */
-        k_to_bf16<<<cu_grid(c, vec ? n / 4 + 1 : n, 256), 256, 0, c->stream>>>(dst + off, w[i], n, vec);
-        if (cu_launched(c, what) != 0)
+    for (int i = 0; i < nparts; off += (int64_t)oc[i] * C, i++)
+        if (round_bf16(c, dst + off, w[i], (int64_t)oc[i] * C, what) != 0)
             return NULL;
-    }
     return dst;
 }
 

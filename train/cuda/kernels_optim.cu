@@ -102,13 +102,22 @@ void cu_wcopy_free(mps_cuda *c)
     c->nwcopies = c->cap_wcopies = 0;
 }
 
-/* the copy of an AdamW job's parameter (made on first use; NULL when there is no memory for it:
- * the products then round the weights themselves, as before) */
-static mps_wcopy *wcopy_for(mps_cuda *c, const float *p, int64_t n)
+/* the record of the copy of exactly (p, n), valid or not, or NULL */
+static mps_wcopy *wcopy_record(mps_cuda *c, const float *p, int64_t n)
 {
     for (int i = 0; i < c->nwcopies; i++)
         if (c->wcopies[i].p == p && c->wcopies[i].n == n)
             return &c->wcopies[i];
+    return NULL;
+}
+
+/* the copy of an AdamW job's parameter (made on first use; NULL when there is no memory for it:
+ * the products then round the weights themselves, as before) */
+static mps_wcopy *wcopy_for(mps_cuda *c, const float *p, int64_t n)
+{
+    mps_wcopy *found = wcopy_record(c, p, n);
+    if (found)
+        return found;
     if (c->nwcopies == c->cap_wcopies) {
         int cap = c->cap_wcopies ? 2 * c->cap_wcopies : 256;
         mps_wcopy *w = (mps_wcopy *)realloc(c->wcopies, sizeof *w * (size_t)cap);
@@ -140,11 +149,8 @@ const act_t *cu_wcopy_stacked(mps_cuda *c, const float *const *w, const int *oc,
     int64_t total = 0;
     for (int i = 0; i < nparts; i++) {
         const int64_t n = (int64_t)oc[i] * C;
-        rec[i] = NULL;
-        for (int j = 0; j < c->nwcopies && !rec[i]; j++)
-            if (c->wcopies[j].p == w[i] && c->wcopies[j].n == n && c->wcopies[j].valid)
-                rec[i] = &c->wcopies[j];
-        if (!rec[i])
+        rec[i] = wcopy_record(c, w[i], n);
+        if (!rec[i] || !rec[i]->valid)
             return NULL;
         if (i > 0 && rec[i]->bf != rec[i - 1]->bf + (int64_t)oc[i - 1] * C)
             apart = 1;
