@@ -400,12 +400,13 @@ static int open_piece(mps_ckpt *c, mps_kind kind, int tensor, int id, stored_pie
     snprintf(group, sizeof group, "/%s", mps_kind_name(kind));
     if (h5_plain_link(f, group, H5O_TYPE_GROUP, path, err) != 0 || h5_plain_link(f, dname, H5O_TYPE_DATASET, path, err) != 0)
         return -1;
-    hid_t d = H5Dopen2(f, dname, H5P_DEFAULT);
-    if (d < 0)
-        return mps_fail(err, MPS_ECORRUPT, "%s: cannot open dataset %s", path, dname);
-    sp->dset = d;
     /* the data must be in this file: no external storage, no virtual dataset (whose mappings name
-     * other files), checked before anything that could resolve them */
+     * other files). mps_h5_open_dataset refuses both from the object header's bytes, before HDF5
+     * decodes the layout (which can hang libhdf5); HDF5's own view is checked again below. */
+    hid_t d = mps_h5_open_dataset(f, dname, path, err);
+    if (d < 0)
+        return -1;
+    sp->dset = d;
     hid_t dcpl = H5Dget_create_plist(d);
     H5D_layout_t layout = dcpl < 0 ? H5D_LAYOUT_ERROR : H5Pget_layout(dcpl);
     int external = dcpl < 0 ? -1 : H5Pget_external_count(dcpl);

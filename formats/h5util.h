@@ -12,6 +12,11 @@ int mps_h5_init(mps_err *err);
  * or a file-access list that chooses a driver; it is copied, not changed). */
 hid_t mps_h5_create_file(const char *path, hid_t base_fapl, mps_err *err);
 hid_t mps_h5_open_file(const char *path, mps_err *err);
+/* Opens dataset `name` of a file opened by mps_h5_open_file, after checking from the file's bytes
+ * that HDF5 will not decode anything outside the dataset's object header to open it: a virtual
+ * dataset or one with external storage is refused (its data is in other files, and decoding its
+ * layout can hang libhdf5: h5util.c). Fails with one line naming `path` and the dataset. */
+hid_t mps_h5_open_dataset(hid_t loc, const char *name, const char *path, mps_err *err);
 int mps_h5_attr_str(hid_t obj, const char *name, const char *value);
 int mps_h5_attr_i64(hid_t obj, const char *name, const int64_t *values, int n);
 int mps_h5_attr_u64(hid_t obj, const char *name, const uint64_t *values, int64_t n);

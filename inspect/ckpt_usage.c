@@ -50,11 +50,11 @@ static herr_t visit_dataset(hid_t group, const char *name, const H5L_info_t *inf
         mps_fail(x->err, MPS_ECORRUPT, "%s: /%s/%s is not a tensor of this model", x->path, kname, name);
         return -1;
     }
-    hid_t d = H5Dopen2(group, name, H5P_DEFAULT);
-    if (d < 0) {
-        mps_fail(x->err, MPS_ECORRUPT, "%s: cannot open dataset /%s/%s", x->path, kname, name);
+    char dname[MPS_NAME_MAX + 16];
+    snprintf(dname, sizeof dname, "/%s/%s", kname, name);
+    hid_t d = mps_h5_open_dataset(group, dname, x->path, x->err);
+    if (d < 0)
         return -1;
-    }
     mps_tensor_spec spec;
     mps_tensor_spec_get(cfg, t, &spec);
     stored_dataset ds = { .kind = x->kind, .tensor = t };
