@@ -363,26 +363,6 @@ static int boxes_equal(const int64_t *a, const int64_t *b, int n)
     return 1;
 }
 
-/* name (absolute, its parent already checked) is a hard link in f to an object of the given type:
- * a soft or external link (which HDF5 would follow, to another object or into any file) is refused
- * before anything resolves it. */
-static int h5_plain_link(hid_t f, const char *name, H5O_type_t type, const char *path, mps_err *err)
-{
-    H5L_info_t li;
-    H5O_info_t oi;
-    const char *what = type == H5O_TYPE_GROUP ? "group" : "dataset";
-    if (H5Lexists(f, name, H5P_DEFAULT) <= 0 || H5Lget_info(f, name, &li, H5P_DEFAULT) < 0)
-        return mps_fail(err, MPS_ECORRUPT, "%s: %s %s is missing", path, what, name);
-    if (li.type != H5L_TYPE_HARD)
-        return mps_fail(err, MPS_ECORRUPT, "%s: %s %s is %s: refused (a shard file holds its data itself)", path,
-                        what, name, li.type == H5L_TYPE_SOFT       ? "a soft link"
-                                    : li.type == H5L_TYPE_EXTERNAL ? "an external link"
-                                                                   : "a user-defined link");
-    if (H5Oget_info_by_name2(f, name, &oi, H5O_INFO_BASIC, H5P_DEFAULT) < 0 || oi.type != type)
-        return mps_fail(err, MPS_ECORRUPT, "%s: %s is not a %s", path, name, what);
-    return 0;
-}
-
 /* Opens and checks the stored piece (caller holds the lock). */
 static int open_piece(mps_ckpt *c, mps_kind kind, int tensor, int id, stored_piece *sp, mps_err *err)
 {
@@ -398,11 +378,12 @@ static int open_piece(mps_ckpt *c, mps_kind kind, int tensor, int id, stored_pie
         return -1;
     char group[32];
     snprintf(group, sizeof group, "/%s", mps_kind_name(kind));
-    if (h5_plain_link(f, group, H5O_TYPE_GROUP, path, err) != 0 || h5_plain_link(f, dname, H5O_TYPE_DATASET, path, err) != 0)
+    if (mps_h5_hard_link(f, group, H5O_TYPE_GROUP, NULL, path, err) != 0)
         return -1;
-    /* the data must be in this file: no external storage, no virtual dataset (whose mappings name
-     * other files). mps_h5_open_dataset refuses both from the object header's bytes, before HDF5
-     * decodes the layout (which can hang libhdf5); HDF5's own view is checked again below. */
+    /* the dataset a hard link too, and its data in this file: no external storage, no virtual
+     * dataset (whose mappings name other files). mps_h5_open_dataset refuses both from the object
+     * header's bytes, before HDF5 decodes the layout (which can hang libhdf5); HDF5's own view is
+     * checked again below. */
     hid_t d = mps_h5_open_dataset(f, dname, path, err);
     if (d < 0)
         return -1;
@@ -418,12 +399,9 @@ static int open_piece(mps_ckpt *c, mps_kind kind, int tensor, int id, stored_pie
     }
     /* bound to its tensor: a dataset of another tensor or kind (a swapped or hard-linked one of the
      * same shape) would pass every other check */
-    char text[MPS_NAME_MAX + 16];
-    if (mps_h5_read_attr_str(d, "tensor", text, sizeof text) != 0 || strcmp(text, spec.name) != 0 ||
-        mps_h5_read_attr_str(d, "kind", text, sizeof text) != 0 || strcmp(text, mps_kind_name(kind)) != 0) {
+    if (mps_h5_check_tensor(d, dname, spec.name, mps_kind_name(kind), path, err) != 0) {
         H5Pclose(dcpl);
-        return mps_fail(err, MPS_ECORRUPT, "%s: dataset %s is not the %s of tensor %s (its tensor or kind attribute "
-                        "differs)", path, dname, mps_kind_name(kind), spec.name);
+        return -1;
     }
     const mps_piece *p = &sp->piece;
     int whole = p->flat_begin == 0 && p->flat_end == mps_box_numel(&p->box);

@@ -218,11 +218,44 @@ static int oh_file(hid_t loc, oh_walk *w)
     return ok ? 0 : -1;
 }
 
+/* Neither H5Lexists nor H5Lget_info resolves the last link of name, so a soft or external link
+ * (which HDF5 would follow, to another object or into any file: a FIFO blocks the open) is refused
+ * before anything resolves it; the links above it are the caller's (mps_h5_hard_link on each). */
+int mps_h5_hard_link(hid_t loc, const char *name, H5O_type_t type, H5O_info_t *info, const char *path, mps_err *err)
+{
+    H5L_info_t li;
+    H5O_info_t oi;
+    const char *what = type == H5O_TYPE_GROUP ? "group" : "dataset";
+    if (H5Lexists(loc, name, H5P_DEFAULT) <= 0 || H5Lget_info(loc, name, &li, H5P_DEFAULT) < 0)
+        return mps_fail(err, MPS_ECORRUPT, "%s: %s %s is missing", path, what, name);
+    if (li.type != H5L_TYPE_HARD)
+        return mps_fail(err, MPS_ECORRUPT, "%s: %s %s is %s: refused (a shard file holds its data itself)", path,
+                        what, name, li.type == H5L_TYPE_SOFT       ? "a soft link"
+                                    : li.type == H5L_TYPE_EXTERNAL ? "an external link"
+                                                                   : "a user-defined link");
+    if (H5Oget_info_by_name2(loc, name, &oi, H5O_INFO_BASIC, H5P_DEFAULT) < 0 || oi.type != type)
+        return mps_fail(err, MPS_ECORRUPT, "%s: %s is not a %s", path, name, what);
+    if (info)
+        *info = oi;
+    return 0;
+}
+
+int mps_h5_check_tensor(hid_t d, const char *name, const char *tensor, const char *kind, const char *path,
+                        mps_err *err)
+{
+    char text[128]; /* over any tensor or kind name (MPS_NAME_MAX): a longer attribute fails to read */
+    if (mps_h5_read_attr_str(d, "tensor", text, sizeof text) != 0 || strcmp(text, tensor) != 0 ||
+        mps_h5_read_attr_str(d, "kind", text, sizeof text) != 0 || strcmp(text, kind) != 0)
+        return mps_fail(err, MPS_ECORRUPT, "%s: dataset %s is not the %s of tensor %s (its tensor or kind attribute "
+                        "differs)", path, name, kind, tensor);
+    return 0;
+}
+
 hid_t mps_h5_open_dataset(hid_t loc, const char *name, const char *path, mps_err *err)
 {
     H5O_info_t oi;
-    if (H5Oget_info_by_name2(loc, name, &oi, H5O_INFO_BASIC, H5P_DEFAULT) < 0 || oi.type != H5O_TYPE_DATASET)
-        return mps_fail(err, MPS_ECORRUPT, "%s: cannot open dataset %s", path, name);
+    if (mps_h5_hard_link(loc, name, H5O_TYPE_DATASET, &oi, path, err) != 0)
+        return -1;
     oh_walk *w = calloc(1, sizeof *w); /* 4 KiB of chunk list: not on a worker's stack */
     if (!w)
         return mps_fail(err, MPS_ENOMEM, "out of memory");

@@ -50,19 +50,22 @@ static herr_t visit_dataset(hid_t group, const char *name, const H5L_info_t *inf
         mps_fail(x->err, MPS_ECORRUPT, "%s: /%s/%s is not a tensor of this model", x->path, kname, name);
         return -1;
     }
+    /* its group was checked by the caller: the dataset's own link must be a hard link too, like
+     * the readers' (mps_h5_open_dataset), and its attributes bind it to this tensor and kind */
     char dname[MPS_NAME_MAX + 16];
     snprintf(dname, sizeof dname, "/%s/%s", kname, name);
     hid_t d = mps_h5_open_dataset(group, dname, x->path, x->err);
     if (d < 0)
         return -1;
+    if (mps_h5_check_tensor(d, dname, name, kname, x->path, x->err) != 0) {
+        H5Dclose(d);
+        return -1;
+    }
     mps_tensor_spec spec;
     mps_tensor_spec_get(cfg, t, &spec);
     stored_dataset ds = { .kind = x->kind, .tensor = t };
     int64_t range[2] = { 0, 0 };
-    char text[MPS_NAME_MAX + 8];
-    int ok = mps_h5_read_attr_str(d, "tensor", text, sizeof text) == 0 && strcmp(text, name) == 0 &&
-             mps_h5_read_attr_str(d, "kind", text, sizeof text) == 0 && strcmp(text, kname) == 0 &&
-             mps_h5_read_attr_i64(d, "box_offset", ds.off, spec.ndim) == 0 &&
+    int ok = mps_h5_read_attr_i64(d, "box_offset", ds.off, spec.ndim) == 0 &&
              mps_h5_read_attr_i64(d, "box_count", ds.cnt, spec.ndim) == 0 &&
              mps_h5_read_attr_i64(d, "flat_range", range, 2) == 0;
     int64_t box_numel = 1;
@@ -82,8 +85,8 @@ static herr_t visit_dataset(hid_t group, const char *name, const H5L_info_t *inf
     }
     H5Dclose(d);
     if (!ok) {
-        mps_fail(x->err, MPS_ECORRUPT, "%s: dataset /%s/%s: attributes tensor, kind, box_offset, box_count or flat_range "
-                 "missing or inconsistent with its shape", x->path, kname, name);
+        mps_fail(x->err, MPS_ECORRUPT, "%s: dataset %s: attributes box_offset, box_count or flat_range missing or "
+                 "inconsistent with its shape", x->path, dname);
         return -1;
     }
     ds.flat_begin = range[0];
@@ -188,6 +191,12 @@ int mps_ckpt_usage_scan(const char *dir, const mps_manifest *m, mps_ckpt_usage *
             snprintf(group, sizeof group, "/%s", mps_kind_name((mps_kind)k));
             if (H5Lexists(f, group, H5P_DEFAULT) <= 0)
                 continue; /* a rank that owns nothing of this kind */
+            /* opened only through a hard link: H5Gopen2 would follow an external one into any
+             * file (a FIFO there blocks it forever) and a soft one to another group */
+            if (mps_h5_hard_link(f, group, H5O_TYPE_GROUP, NULL, path, err) != 0) {
+                H5Fclose(f);
+                goto fail;
+            }
             hid_t g = H5Gopen2(f, group, H5P_DEFAULT);
             x.kind = k;
             hsize_t idx = 0;
