@@ -35,6 +35,15 @@ typedef struct {
 /* the most parts of one stacked product (matmul_parts_fwd_act) */
 #define MPS_MAX_PARTS 4
 
+/* W, the stacked product's width: the sum of its parts' output widths oc */
+static inline int64_t mps_parts_width(const int *oc, int nparts)
+{
+    int64_t W = 0;
+    for (int i = 0; i < nparts; i++)
+        W += oc[i];
+    return W;
+}
+
 /* matmul_bwd's dinp modes */
 enum { MPS_DINP_F32 = 0, MPS_DINP_ACT = 1, MPS_DINP_ADD = 2 };
 
@@ -158,8 +167,9 @@ typedef struct mps_backend {
      * the sum of oc[<i]; W = the sum of all oc. fwd: out (N, W, an operand buffer) = inp @ [w_0;
      * w_1; ...]^T + [bias_0 | bias_1 | ...]. bwd: dinp (N, C, fp32) = dout @ [w_0; w_1; ...],
      * OVERWRITTEN (the sum of the parts' input gradients, in one product); dw[i] (oc[i], C) +=
-     * dout_i^T inp, or = when dw_set (as matmul_bwd's); dbias[i] (oc[i]) += the column sums of dout_i (each dw[i], dbias[i] may be
-     * NULL); dout (N, W) an operand buffer. At most MPS_MAX_PARTS parts. */
+     * dout_i^T inp, or = when dw_set (as matmul_bwd's); dbias[i] (oc[i]) += the column sums of
+     * dout_i (each dw[i], dbias[i] may be NULL); dout (N, W) an operand buffer. At most
+     * MPS_MAX_PARTS parts. */
     void (*matmul_parts_fwd_act)(void *ctx, void *out_act, const void *inp_act, const float *const *w,
                                  const float *const *bias, const int *oc, int nparts, int64_t N, int C);
     void (*matmul_parts_bwd)(void *ctx, float *dinp, float *const *dw, int dw_set, float *const *dbias,

@@ -209,9 +209,8 @@ static void mm_parts_fwd_act(void *c, void *out, const void *inp, const float *c
                              const int *oc, int nparts, int64_t N, int C)
 {
     (void)c;
-    int64_t W = 0, o = 0;
-    for (int i = 0; i < nparts; i++)
-        W += oc[i];
+    const int64_t W = mps_parts_width(oc, nparts);
+    int64_t o = 0;
     for (int i = 0; i < nparts; o += oc[i], i++)
         op_matmul_fwd_ld((float *)out + o, W, inp, w[i], bias[i], N, C, oc[i]);
 }
@@ -219,9 +218,8 @@ static void mm_parts_bwd(void *c, float *dinp, float *const *dw, int dw_set, flo
                          const void *inp, const float *const *w, const int *oc, int nparts, int64_t N, int C)
 {
     (void)c;
-    int64_t W = 0, o = 0;
-    for (int i = 0; i < nparts; i++)
-        W += oc[i];
+    const int64_t W = mps_parts_width(oc, nparts);
+    int64_t o = 0;
     if (dinp) /* overwritten: the parts' products add up in it in part order */
         memset(dinp, 0, sizeof(float) * (size_t)(N * C));
     for (int i = 0; i < nparts; o += oc[i], i++) {

@@ -654,7 +654,6 @@ float mps_engine_lr(const mps_train_opts *o, int64_t step)
     return (float)(o->lr_min + 0.5 * (1.0 + cos(M_PI * progress)) * (o->lr - o->lr_min));
 }
 
-/* the four matmul weights of a layer: their gradients come from one product each per backward */
 /* AdamW over every held tensor in one backend call (which zeroes the gradients but, at ZeRO-0,
  * those the block's products write: the next step's first product into each overwrites it, for
  * a tied wte the head's, which comes before the embedding's backward), then at

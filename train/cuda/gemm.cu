@@ -388,6 +388,22 @@ static const float *product_fp32(mps_cuda *c, const void *inp, const float *w, c
     return x;
 }
 
+/* out (N, OC) bf16 = inp @ wb^T + bias through cuBLASLt: with the bias epilogue on bb, the bias's
+ * bf16 copy (cuBLASLt takes no fp32 bias with a bf16 D on an H100), else the product and then a
+ * kernel that adds the fp32 bias (bias and bb both NULL: no bias). As lt_matmul: 1 when it ran, 0
+ * when cuBLASLt offers neither (the caller takes another way), -1 on an error. */
+static int bf16_product_biased(mps_cuda *c, const char *what, act_t *out, const act_t *inp, const act_t *wb,
+                               const act_t *bb, const float *bias, int64_t N, int C, int OC)
+{
+    int r = bb ? gemm_bf16(c, what, MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, inp, C, out, OC, bb, NULL, 0, 1) : 0;
+    if (r == 0) {
+        r = gemm_bf16(c, what, MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, inp, C, out, OC, NULL, NULL, 0);
+        if (r == 1 && bias)
+            cu_add_bias_act(c, out, bias, N, OC);
+    }
+    return r;
+}
+
 /* out (N, OC) = inp @ w^T + bias as bf16 (the head's logits, qkv), the first way cuBLASLt offers:
  * a bf16 product with the bias epilogue on a bf16 copy of the bias (cuBLASLt takes no fp32 bias
  * with a bf16 D on an H100); the bf16 product, then a kernel adds the bias; the product into fp32
@@ -403,16 +419,7 @@ void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, co
         const __nv_bfloat16 *bb = bias && wb ? param_bf16(c, SCR_BIAS16, bias, OC, "matmul_fwd_act (bias to bf16)") : NULL;
         if (!wb || (bias && !bb))
             return;
-        int r = bias ? gemm_bf16(c, "matmul_fwd_act", MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, (const act_t *)inp, C,
-                                 (act_t *)out, OC, bb, NULL, 0, 1)
-                     : 0;
-        if (r == 0) {
-            r = gemm_bf16(c, "matmul_fwd_act", MPS_EPI_PLAIN, 1, 0, OC, (int)N, C, wb, C, (const act_t *)inp, C,
-                          (act_t *)out, OC, NULL, NULL, 0);
-            if (r == 1 && bias)
-                cu_add_bias_act(c, (act_t *)out, bias, N, OC);
-        }
-        if (r != 0)
+        if (bf16_product_biased(c, "matmul_fwd_act", (act_t *)out, (const act_t *)inp, wb, bb, bias, N, C, OC) != 0)
             return;
     }
     const float *x = product_fp32(c, inp, w, bias, N, C, OC);
@@ -456,14 +463,6 @@ static const float *stacked_bias(mps_cuda *c, const float *const *bias, const in
     return b;
 }
 
-static int64_t parts_width(const int *oc, int nparts)
-{
-    int64_t W = 0;
-    for (int i = 0; i < nparts; i++)
-        W += oc[i];
-    return W;
-}
-
 /* 1 when nparts parts of W columns in all fit the entries (else an error is recorded) */
 static int parts_ok(mps_cuda *c, const char *what, int nparts, int64_t W, int64_t N, int C)
 {
@@ -491,7 +490,7 @@ void cu_matmul_parts_fwd_act(void *ctx, void *out, const void *inp, const float 
 {
     mps_cuda *c = (mps_cuda *)ctx;
     const char *what = "matmul_parts_fwd_act";
-    const int64_t W = parts_width(oc, nparts);
+    const int64_t W = mps_parts_width(oc, nparts);
     if (N <= 0 || W <= 0 || !parts_ok(c, what, nparts, W, N, C))
         return;
     const int biased = any_set((const void *const *)bias, nparts);
@@ -501,17 +500,7 @@ void cu_matmul_parts_fwd_act(void *ctx, void *out, const void *inp, const float 
         const act_t *bb = bs ? to_bf16(c, SCR_BIAS16, bs, W, what) : NULL;
         if (!wb || (biased && !bb))
             return;
-        const act_t *a = (const act_t *)inp;
-        int r = bb ? gemm_bf16(c, what, MPS_EPI_PLAIN, 1, 0, (int)W, (int)N, C, wb, C, a, C, (act_t *)out, (int)W, bb,
-                               NULL, 0, 1)
-                   : 0;
-        if (r == 0) {
-            r = gemm_bf16(c, what, MPS_EPI_PLAIN, 1, 0, (int)W, (int)N, C, wb, C, a, C, (act_t *)out, (int)W, NULL,
-                          NULL, 0);
-            if (r == 1 && bs)
-                cu_add_bias_act(c, (act_t *)out, bs, N, (int)W);
-        }
-        if (r != 0)
+        if (bf16_product_biased(c, what, (act_t *)out, (const act_t *)inp, wb, bb, bs, N, C, (int)W) != 0)
             return;
     }
     int64_t off = 0;
@@ -536,7 +525,7 @@ void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, int dw_set, f
 {
     mps_cuda *c = (mps_cuda *)ctx;
     const char *what = "matmul_parts_bwd";
-    const int64_t W = parts_width(oc, nparts);
+    const int64_t W = mps_parts_width(oc, nparts);
     if (N <= 0 || W <= 0 || C <= 0 || !parts_ok(c, what, nparts, W, N, C))
         return;
     const act_t *g = (const act_t *)dout;
