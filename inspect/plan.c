@@ -70,7 +70,8 @@ static long double layer_activation_bytes(const mps_config *cfg, const mps_layou
 }
 
 /* The trainer's buffers beside the layers' (train/engine.c), per stage: per micro-batch in flight
- * its output, gradient (fp32) and the gradient as an operand, token ids and targets; two scratch
+ * its output, gradient (fp32) and the gradient as an operand; the step's token ids and targets
+ * (every micro-batch's, moved in one copy) and the loss's double; two scratch
  * buffers of the block's widest backward product and (tokens, C + 8) floats; the pipeline's send
  * buffers, a fp32 (tokens, C) per micro-batch of the step to each neighbouring stage; under full
  * recomputation one layer's whole activations and its output, where the backward recomputes. */
@@ -80,7 +81,8 @@ static long double stage_buffer_bytes(const mps_config *cfg, const mps_layout *L
     const long double tokens = (long double)o->micro_batch * (long double)o->seq, c = cfg->n_embd;
     mps_block_widths w;
     mps_arch_block_widths(cfg, L->tp, &w);
-    long double total = (long double)in_flight * tokens * ((8.0L + activation_elem_bytes(o->precision)) * c + 8.0L);
+    long double total = (long double)in_flight * tokens * (8.0L + activation_elem_bytes(o->precision)) * c;
+    total += (long double)microbatches * tokens * 8.0L + 8.0L;
     total += tokens * 4.0L * ((long double)w.wide + c + 8.0L);
     const int neighbours = (stage > 0) + (stage < L->pp - 1);
     total += (long double)neighbours * (long double)microbatches * tokens * 4.0L * c;

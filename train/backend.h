@@ -197,8 +197,11 @@ typedef struct mps_backend {
      * same results, and a GPU reads the logits once instead of twice */
     void (*xent_stats_bwd)(void *ctx, float *rowmax, float *sumexp, float *tlogit, void *logits_act,
                            const int32_t *targets, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
-    /* host result: sum over rows of log(sumexp) + gmax - tlogit */
-    double (*xent_loss_sum)(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
+    /* *acc (a buffer of one double) = (first ? 0 : *acc) + the sum over rows of log(sumexp) + gmax
+     * - tlogit, in double, in stream order: the caller reads acc with to_host after a sync, once
+     * per step instead of waiting for the device at every micro-batch's head */
+    void (*xent_loss_add)(void *ctx, double *acc, int first, const float *gmax, const float *sumexp,
+                          const float *tlogit, int64_t N);
     /* AdamW over count tensors at once (one launch on a GPU instead of one per tensor) on grad *
      * step->grad_scale (the clipping factor, applied in the same pass); every grad is zeroed
      * afterwards, ready for the next step's accumulation, but those of keep_grad jobs, whose

@@ -272,13 +272,14 @@ static void xent_stats_bwd(void *c, float *rowmax, float *sumexp, float *tlogit,
     xent_stats(c, rowmax, sumexp, tlogit, logits, targets, N, Vl, v0, V);
     xent_bwd(c, logits, logits, targets, rowmax, sumexp, s, N, Vl, v0, V);
 }
-static double xent_loss_sum(void *c, const float *gmax, const float *sumexp, const float *tlogit, int64_t N)
+static void xent_loss_add(void *c, double *acc, int first, const float *gmax, const float *sumexp,
+                          const float *tlogit, int64_t N)
 {
     (void)c;
     double sum = 0;
     for (int64_t i = 0; i < N; i++)
         sum += (double)logf(sumexp[i]) + gmax[i] - tlogit[i];
-    return sum;
+    *acc = (first ? 0.0 : *acc) + sum;
 }
 static void adamw_many(void *c, const mps_adamw_job *jobs, int count, const mps_adamw_step *st)
 {
@@ -317,7 +318,7 @@ void mps_backend_cpu(mps_backend *out)
         .matmul_parts_fwd_act = mm_parts_fwd_act, .matmul_parts_bwd = mm_parts_bwd,
         .residual_bias = residual_bias, .bias_grad = bias_grad, .add = add, .accumulate = accumulate,
         .xent_stats = xent_stats, .xent_rescale = xent_rescale, .act_bytes = sizeof(float),
-        .xent_bwd = xent_bwd, .xent_stats_bwd = xent_stats_bwd, .xent_loss_sum = xent_loss_sum,
+        .xent_bwd = xent_bwd, .xent_stats_bwd = xent_stats_bwd, .xent_loss_add = xent_loss_add,
         .adamw_many = adamw_many, .sumsq_many = sumsq_many,
         .destroy = cpu_destroy,
     };

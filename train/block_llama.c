@@ -264,8 +264,10 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     }
     if (rc == 0) /* sumexp and tlogit lie next to each other */
         rc = mps_tp_sum(e, sumexp, 2 * N, err);
-    if (rc == 0 && e->me.tp == 0)
-        e->loss_sum += be->xent_loss_sum(be->ctx, gmax, sumexp, tlogit, N);
+    if (rc == 0 && e->me.tp == 0) { /* added on the device: read once per step */
+        be->xent_loss_add(be->ctx, e->loss_acc, e->loss_first, gmax, sumexp, tlogit, N);
+        e->loss_first = 0;
+    }
     if (rc == 0 && !e->evaluating) {
         if (!stats_bwd) /* in place */
             be->xent_bwd(be->ctx, e->logits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,

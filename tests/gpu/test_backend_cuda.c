@@ -1167,17 +1167,28 @@ static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
     const double fused_tols[4] = {0.0, TOL_RED, 0.0, TOL_RED};
     o_done_each(&s, 0, fused_tols);
 
-    XOP("xent_loss_sum");
-    double lc = cpu.xent_loss_sum(cpu.ctx, gmax.h, gsum.h, tlog.h, N);
-    double lg1 = gpu.xent_loss_sum(gpu.ctx, gmax.d, gsum.d, tlog.d, N);
-    double lg2 = gpu.xent_loss_sum(gpu.ctx, gmax.d, gsum.d, tlog.d, N);
+    /* the step's accumulator: first = 1 overwrites whatever it held (NaN here), first = 0 adds */
+    XOP("xent_loss_add");
+    double lc = NAN, lc2, lg1, lg2, lg3, nan = NAN;
+    cpu.xent_loss_add(cpu.ctx, &lc, 1, gmax.h, gsum.h, tlog.h, N);
+    lc2 = lc;
+    cpu.xent_loss_add(cpu.ctx, &lc2, 0, gmax.h, gsum.h, tlog.h, N);
+    double *acc = dalloc(sizeof(double));
+    gpu.from_host(gpu.ctx, acc, &nan, sizeof nan);
+    gpu.xent_loss_add(gpu.ctx, acc, 1, gmax.d, gsum.d, tlog.d, N);
+    gpu.to_host(gpu.ctx, &lg1, acc, sizeof lg1);
+    gpu.xent_loss_add(gpu.ctx, acc, 0, gmax.d, gsum.d, tlog.d, N);
+    gpu.to_host(gpu.ctx, &lg2, acc, sizeof lg2);
+    gpu.xent_loss_add(gpu.ctx, acc, 1, gmax.d, gsum.d, tlog.d, N);
+    gpu.to_host(gpu.ctx, &lg3, acc, sizeof lg3);
     sync_ok(op);
-    double rel = fabs(lg1 - lc) / fmax(fabs(lc), 1e-30);
-    int ok = rel <= 1e-6 && memcmp(&lg1, &lg2, sizeof lg1) == 0;
+    dfree(acc);
+    double rel = fabs(lg1 - lc) / fmax(fabs(lc), 1e-30), rel2 = fabs(lg2 - lc2) / fmax(fabs(lc2), 1e-30);
+    int ok = rel <= 1e-6 && rel2 <= 1e-6 && lg2 == lg1 + lg1 && memcmp(&lg1, &lg3, sizeof lg1) == 0;
     checks++;
     failures += !ok;
-    printf("%-5s %-34s gpu %.12g cpu %.12g rel %.3e (tol 1e-06)%s\n", ok ? "ok" : "FAIL", op, lg1, lc, rel,
-           memcmp(&lg1, &lg2, sizeof lg1) ? " NOT DETERMINISTIC" : "");
+    printf("%-5s %-34s gpu %.12g cpu %.12g rel %.3e, twice %.12g (cpu %.12g) (tol 1e-06)%s\n", ok ? "ok" : "FAIL", op,
+           lg1, lc, rel, lg2, lc2, memcmp(&lg1, &lg3, sizeof lg1) ? " NOT DETERMINISTIC" : "");
 #undef XOP
     in_free(&logits);
     in_free(&gmax);

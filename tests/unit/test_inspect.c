@@ -203,7 +203,8 @@ static void test_lesson_7b(void)
               (u.bytes[MPS_KIND_ADAM_M] + u.bytes[MPS_KIND_ADAM_V]) / 1e9);
     CHECK(u.bytes[MPS_KIND_MASTER] == 0);
     const double layers = 32.0 * 1024 * (4 * (2 * 4096 + 4 + 32) + 4 * 14 * 4096), logits = 1024.0 * 128000 * 4;
-    const double buffers = 1024.0 * (12 * 4096 + 8) + 1024.0 * 4 * (4 * 4096 + 4096 + 8); /* slot; scratch */
+    /* slot; the step's ids and targets and the loss; scratch */
+    const double buffers = 1024.0 * 12 * 4096 + (1024.0 * 8 + 8) + 1024.0 * 4 * (4 * 4096 + 4096 + 8);
     CHECK_MSG(u.activations == (int64_t)llround(layers + logits + buffers) && gb1(u.activations) == 9.3,
               "activations %.3f GB", u.activations / 1e9); /* b=1, s=1024 */
     mps_plan_free(p);
@@ -254,10 +255,11 @@ static void test_activations_and_comm(void)
     const double none4 = sb * (fp32_part + 4 * (2 * h + 12 * h / t)), none2 = sb * (fp32_part + 2 * (2 * h + 12 * h / t));
     const double full = sb * 4 * h;
     /* working buffers, stage 0 with m = 32 micro-batches, 2 in flight: per slot x_out, dx (fp32) and dx
-     * in the dtype, ids and targets; scratch (N, max(h, 4h/t, 3h/t)) and (N, h + 8) floats; one fp32
-     * send buffer (N, h) per micro-batch of the step to the next stage (stage 1: to the previous) */
-    const double scratch = sb * 4 * (4 * h / t + h + 8), send = 32 * sb * 4 * h;
-    const double slot4 = sb * (12 * h + 8), slot2 = sb * (10 * h + 8);
+     * in the dtype; the ids and targets of the step's 32 micro-batches and the loss's double;
+     * scratch (N, max(h, 4h/t, 3h/t)) and (N, h + 8) floats; one fp32 send buffer (N, h) per
+     * micro-batch of the step to the next stage (stage 1: to the previous) */
+    const double scratch = sb * 4 * (4 * h / t + h + 8) + 32 * sb * 8 + 8, send = 32 * sb * 4 * h;
+    const double slot4 = sb * 12 * h, slot2 = sb * 10 * h;
     /* stage 0 holds 2 micro-batches of its 6 layers, stage 1 one and a micro-batch's logits: fp32,
      * (b, s, 50304 / 2) */
     const double logits = b * s * (50304 / 2) * 4;
@@ -271,8 +273,9 @@ static void test_activations_and_comm(void)
     o.recompute = MPS_RECOMPUTE_FULL; /* and one layer recomputed whole, with its output */
     const double work = none4 + sb * 4 * h;
     CHECK(mps_activation_bytes(&gpt2, &L, &o, 0) == (int64_t)llround(2 * 6 * full + 2 * slot4 + scratch + send + work));
-    o.global_batch = 2; /* one micro-batch per step: nothing else in flight, one send buffer */
-    CHECK(mps_activation_bytes(&gpt2, &L, &o, 0) == (int64_t)llround(6 * full + slot4 + scratch + send / 32 + work));
+    o.global_batch = 2; /* one micro-batch per step: nothing else in flight, one send buffer, its ids */
+    CHECK(mps_activation_bytes(&gpt2, &L, &o, 0) ==
+          (int64_t)llround(6 * full + slot4 + scratch - 31 * sb * 8 + send / 32 + work));
 
     /* communication: DP all-reduce of the whole model for dp=4, ZeRO 0 in fp32 = 2 * 3/4 * N * 4 bytes;
      * ZeRO 1 and 2 the same (reduce-scatter + all-gather), ZeRO 3 1.5 times (ZeRO paper) */
@@ -615,9 +618,9 @@ static void test_llama_zero(void)
     mps_layout L = layout_of(&cfg, "pp=2,tp=2");
     const double s = 4096, h = 4096, F = 11008, qkv = (16 + 2 * 16) * 128.0;
     const double layer = s * (4 * (2 * h + 4 + 16) + 2 * (2 * h + qkv + h / 2 + 3 * F / 2));
-    /* one slot (x_out, dx fp32, dx bf16, ids), scratch (N, max(F/t, qkv) + h) and (N, h + 8) floats,
-     * one send buffer to the other stage */
-    const double buffers = s * (10 * h + 8) + s * 4 * (qkv + h) + s * 4 * (h + 8) + s * 4 * h;
+    /* one slot (x_out, dx fp32, dx bf16), the step's ids and the loss, scratch (N, max(F/t, qkv) + h)
+     * and (N, h + 8) floats, one send buffer to the other stage */
+    const double buffers = s * 10 * h + (s * 8 + 8) + s * 4 * (qkv + h) + s * 4 * (h + 8) + s * 4 * h;
     const double logits = s * (32000 / 2) * 2; /* bf16 logits of the half vocabulary */
     CHECK(mps_activation_bytes(&cfg, &L, &o, 0) == (int64_t)llround(16 * layer + buffers));
     CHECK(mps_activation_bytes(&cfg, &L, &o, 1) == (int64_t)llround(16 * layer + buffers + logits));

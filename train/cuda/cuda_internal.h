@@ -164,7 +164,8 @@ void cu_xent_bwd(void *ctx, void *dlogits, const void *logits, const int32_t *ta
                  const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
 void cu_xent_stats_bwd(void *ctx, float *rowmax, float *sumexp, float *tlogit, void *logits, const int32_t *targets,
                        float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
-double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
+void cu_xent_loss_add(void *ctx, double *acc, int first, const float *gmax, const float *sumexp, const float *tlogit,
+                      int64_t N);
 void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_adamw_step *step);
 double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int count);
 /* the valid bf16 copy of the first n elements of parameter w, or NULL */
