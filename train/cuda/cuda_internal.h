@@ -199,8 +199,9 @@ void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, co
                        int OC);
 void cu_matmul_parts_fwd_act(void *ctx, void *out, const void *inp, const float *const *w, const float *const *bias,
                              const int *oc, int nparts, int64_t N, int C);
-void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, int dw_set, float *const *dbias, const void *dout,
-                         const void *inp, const float *const *w, const int *oc, int nparts, int64_t N, int C);
+void cu_matmul_parts_bwd(void *ctx, void *dinp, int dinp_act, float *const *dw, int dw_set, float *const *dbias,
+                         const void *dout, const void *inp, const float *const *w, const int *oc, int nparts, int64_t N,
+                         int C);
 /* out (N, C) bf16 += bias (C) */
 void cu_add_bias_act(mps_cuda *c, act_t *out, const float *bias, int64_t N, int C);
 void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const float *w, const float *bias, int64_t N,
@@ -224,8 +225,8 @@ void cu_attention_bwd(void *ctx, void *dqkv, const void *dout, const void *qkv, 
 
 /* ---- kernels_llama.cu and attention_gqa.cu: the Llama block's entries (backend.h) */
 void cu_rmsnorm_fwd(void *ctx, void *out, float *rstd, const float *inp, const float *w, int64_t N, int C, float eps);
-void cu_rmsnorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dw, const float *dout, const float *inp,
-                    const float *w, const float *rstd, int64_t N, int C);
+void cu_rmsnorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dw, const void *dout, int dout_act,
+                    const float *inp, const float *w, const float *rstd, int64_t N, int C);
 void cu_rope_fwd(void *ctx, void *x, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
 void cu_rope_bwd(void *ctx, void *dx, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
 void cu_swiglu_fwd(void *ctx, void *out, const void *gate, const void *up, int64_t N, int F, int64_t ld);
