@@ -251,7 +251,8 @@ void mps_ckpt_file_path(const mps_ckpt *c, int rank, char *buf, size_t size)
  * format, the checkpoint id and the rank it records. bytes < 0: the manifest does not list it.
  * Chunk bytes are read through *fd (pread), the index through the HDF5 handle: both must be the
  * same file, also when a writer replaces the checkpoint meanwhile (--force), so the file is opened
- * first and its inode checked again once HDF5 has it. fd == NULL: the descriptor is closed. */
+ * first and HDF5 opens that descriptor's file (mps_h5_open_fd); a name that no longer points to it
+ * once its attributes are checked is reported as replaced. fd == NULL: the descriptor is closed. */
 static hid_t open_checked(const mps_manifest *m, const char *path, int rank, int64_t bytes, int *fd_out, mps_err *err)
 {
     if (bytes < 0)
@@ -274,14 +275,8 @@ static hid_t open_checked(const mps_manifest *m, const char *path, int rank, int
     }
     mps_err herr;
     mps_err_clear(&herr);
-    if ((f = mps_h5_open_file(path, &herr)) < 0) {
-        /* HDF5 opens by name: a writer's --force exchange between our open and HDF5's can leave
-         * the name to another file, or to none (a layout with fewer ranks) */
-        if (stat(path, &now) != 0 || now.st_ino != st.st_ino || now.st_dev != st.st_dev)
-            mps_fail(err, MPS_ECORRUPT, "%s: replaced while being opened (another process rewrote the checkpoint)",
-                     path);
-        else
-            mps_fail(err, herr.code, "%s", herr.msg);
+    if ((f = mps_h5_open_fd(fd, path, &herr)) < 0) {
+        mps_fail(err, herr.code, "%s", herr.msg);
         goto fail;
     }
     char text[64];

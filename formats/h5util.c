@@ -1,5 +1,8 @@
 #include "h5util.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -26,26 +29,62 @@ hid_t mps_h5_create_file(const char *path, hid_t base_fapl, mps_err *err)
     return f;
 }
 
-hid_t mps_h5_open_file(const char *path, mps_err *err)
+/* HDF5 opens files by name, without O_NONBLOCK: a FIFO put in place of the file between the
+ * caller's checks and HDF5's open would block that open forever, and another file put there would
+ * be read instead. So HDF5 is given this process's /proc/self/fd entry of the descriptor the caller
+ * already checked: opening it opens that same file, whatever the name now points to. (HDF5 then
+ * resolves the entry to a path for its external links; once the file's name has been replaced that
+ * fails, and the open is reported as a replacement.) Where there is no /proc (not mounted, or it
+ * shows another file), the name itself is used, once it still names the descriptor's file: the
+ * window left is between that check and HDF5's open. */
+static int same_file(const char *name, const struct stat *st)
 {
-    /* HDF5 opens without O_NONBLOCK: a FIFO in place of a shard would block it forever */
+    struct stat now;
+    return stat(name, &now) == 0 && now.st_ino == st->st_ino && now.st_dev == st->st_dev;
+}
+
+hid_t mps_h5_open_fd(int fd, const char *path, mps_err *err)
+{
     struct stat st;
-    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         mps_fail(err, MPS_ECORRUPT, "%s: not a regular file", path);
         return -1;
     }
-    htri_t is = H5Fis_hdf5(path);
-    if (is <= 0) {
-        mps_fail(err, MPS_ECORRUPT, "%s: missing, unreadable or not an HDF5 file", path);
+    char via[64];
+    snprintf(via, sizeof via, "/proc/self/fd/%d", fd);
+    const char *name = same_file(via, &st) ? via : path;
+    hid_t f = -1;
+    int is_hdf5 = 0;
+    if (name == via || same_file(path, &st)) {
+        if ((is_hdf5 = H5Fis_hdf5(name) > 0)) {
+            /* sec2 named (HDF5's default): mps_h5_open_dataset reads object headers through its descriptor */
+            hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+            f = fapl >= 0 && H5Pset_fapl_sec2(fapl) >= 0 ? H5Fopen(name, H5F_ACC_RDONLY, fapl) : -1;
+            if (fapl >= 0)
+                H5Pclose(fapl);
+            if (f >= 0)
+                return f;
+        }
+    }
+    if (!same_file(path, &st))
+        mps_fail(err, MPS_ECORRUPT, "%s: replaced while being opened (another process rewrote the checkpoint)", path);
+    else if (!is_hdf5)
+        mps_fail(err, MPS_ECORRUPT, "%s: unreadable or not an HDF5 file", path);
+    else
+        mps_fail(err, MPS_ECORRUPT, "%s: cannot open HDF5 file (damaged?)", path);
+    return -1;
+}
+
+hid_t mps_h5_open_file(const char *path, mps_err *err)
+{
+    /* O_NONBLOCK: a FIFO at path must not block this open either */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        mps_fail(err, MPS_ECORRUPT, "%s: %s", path, errno == ENOENT ? "missing" : strerror(errno));
         return -1;
     }
-    /* sec2 named (HDF5's default): mps_h5_open_dataset reads object headers through its descriptor */
-    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
-    hid_t f = fapl >= 0 && H5Pset_fapl_sec2(fapl) >= 0 ? H5Fopen(path, H5F_ACC_RDONLY, fapl) : -1;
-    if (fapl >= 0)
-        H5Pclose(fapl);
-    if (f < 0)
-        mps_fail(err, MPS_ECORRUPT, "%s: cannot open HDF5 file (damaged?)", path);
+    hid_t f = mps_h5_open_fd(fd, path, err);
+    close(fd); /* (HDF5 has its own descriptor) */
     return f;
 }
 

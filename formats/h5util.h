@@ -11,7 +11,12 @@ int mps_h5_init(mps_err *err);
 /* Creates path (it must not exist) with the project's settings on top of base_fapl (H5P_DEFAULT,
  * or a file-access list that chooses a driver; it is copied, not changed). */
 hid_t mps_h5_create_file(const char *path, hid_t base_fapl, mps_err *err);
+/* Opens path read-only with the project's settings; a FIFO or another non-regular file there is
+ * refused without blocking. */
 hid_t mps_h5_open_file(const char *path, mps_err *err);
+/* The same for the file a caller already opened as fd (path: its name, for messages): HDF5 opens
+ * that very file even if path has been replaced since (h5util.c). fd stays the caller's. */
+hid_t mps_h5_open_fd(int fd, const char *path, mps_err *err);
 /* Checks that the last link of `name` (relative to loc) is a hard link to an object of `type`
  * (H5O_TYPE_GROUP or H5O_TYPE_DATASET), without resolving a soft, external or user-defined link:
  * those are refused by name ("PATH: dataset NAME is an external link: refused (...)"). The links

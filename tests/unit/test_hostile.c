@@ -5,6 +5,7 @@
  * checks (exit codes 3 corrupt / 2 usage) run when $MPSHARD is set. Cases already covered by
  * test_modelfile (truncated data, overlapping offsets, wrong shapes) and cli/errors.sh are not
  * repeated here. */
+#include <fcntl.h>
 #include <hdf5.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -579,6 +580,37 @@ static void test_fifos(void)
     int removed = -1;
     mps_err_clear(&err);
     CHECK(mps_run_prune(dir, 1, &removed, &err) == 0 && removed == 0);
+
+    /* an HDF5 file (a shard) that is a FIFO: refused by name. One opened by descriptor goes to
+     * HDF5 as that descriptor's file: read while the name stays, and a FIFO renamed over the name
+     * after the reader opened it is reported as a replacement, never opened (a blocked open) */
+    snprintf(path, sizeof path, "%s/rank-00000.h5", dir);
+    CHECK(mkfifo(path, 0644) == 0);
+    mps_err_clear(&err);
+    CHECK(mps_h5_open_file(path, &err) < 0);
+    expect_err(&err, MPS_ECORRUPT, "FIFO shard", path, "not a regular file", NULL);
+    CHECK(unlink(path) == 0);
+    mps_err_clear(&err);
+    hid_t h = mps_h5_create_file(path, H5P_DEFAULT, &err);
+    CHECK(h >= 0 && mps_h5_attr_str(h, "format", "mpshard") == 0);
+    if (h >= 0)
+        H5Fclose(h);
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    CHECK(fd >= 0);
+    mps_err_clear(&err);
+    h = fd >= 0 ? mps_h5_open_fd(fd, path, &err) : -1;
+    char text[16] = "";
+    CHECK_MSG(h >= 0 && mps_h5_read_attr_str(h, "format", text, sizeof text) == 0 && strcmp(text, "mpshard") == 0,
+              "open by descriptor: %s", err.msg);
+    if (h >= 0)
+        H5Fclose(h);
+    snprintf(out, sizeof out, "%s/fifo.h5", dir);
+    CHECK(mkfifo(out, 0644) == 0 && rename(out, path) == 0);
+    mps_err_clear(&err);
+    CHECK(fd >= 0 && mps_h5_open_fd(fd, path, &err) < 0);
+    expect_err(&err, MPS_ECORRUPT, "FIFO renamed over an open shard", path, "replaced while being opened", NULL);
+    if (fd >= 0)
+        close(fd);
 }
 
 /* ---- HDF5 attributes the reader checks ---- */
