@@ -8,6 +8,7 @@
 
 #include "arch.h"
 #include "engine_internal.h"
+#include "pipeline.h"
 
 static void *zalloc(int64_t n, size_t size)
 {
@@ -209,8 +210,9 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     int inflight = L->pp - e->me.pp;
     e->nslots = o->schedule == MPS_SCHED_GPIPE || inflight > e->accum ? e->accum : inflight;
     e->slots = calloc((size_t)e->nslots, sizeof *e->slots);
-    e->send_x = calloc((size_t)e->accum, sizeof(float *));
-    e->send_dx = calloc((size_t)e->accum, sizeof(float *));
+    e->nsend = mps_pipe_send_buffers(e->accum);
+    e->send_x = calloc((size_t)e->nsend, sizeof(float *));
+    e->send_dx = calloc((size_t)e->nsend, sizeof(float *));
     e->step_inputs = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
     e->step_targets = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
     e->step_inputs_dev = e->be->alloc(e->be->ctx, (size_t)e->accum * (size_t)e->N * sizeof(int32_t));
@@ -224,7 +226,7 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
             return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
     if (o->recompute && (alloc_acts(e, &e->work, 0) != 0 || (e->work_out = buf_new(e, (int64_t)e->N * e->C)) == NULL))
         return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
-    for (int i = 0; i < e->accum; i++) {
+    for (int i = 0; i < e->nsend; i++) {
         if (!e->is_last && (e->send_x[i] = buf_new(e, (int64_t)e->N * e->C)) == NULL)
             return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for pipeline buffers", e->rank);
         if (!e->is_first && (e->send_dx[i] = buf_new(e, (int64_t)e->N * e->C)) == NULL)
@@ -263,7 +265,7 @@ void mps_engine_free(mps_engine *e)
     free(e->slots);
     free_acts(e, &e->work);
     buf_free(e, e->work_out);
-    for (int i = 0; e->send_x && i < e->accum; i++) {
+    for (int i = 0; e->send_x && i < e->nsend; i++) {
         buf_free(e, e->send_x[i]);
         buf_free(e, e->send_dx[i]);
     }
@@ -560,8 +562,11 @@ static int forward_mb(mps_engine *e, int mb, mps_err *err)
     if (mps_model_forward(e, s, err) != 0)
         return -1;
     if (!e->is_last) {
-        buf_copy(e, e->send_x[mb], s->x_out, n);
-        return e->comm->send(e->comm->ctx, stage_rank(e, e->me.pp + 1), e->send_x[mb], n, TAG_FWD(mb), err);
+        float *out = e->send_x[mb % e->nsend];
+        if (e->comm->send_wait(e->comm->ctx, out, err) != 0)
+            return -1;
+        buf_copy(e, out, s->x_out, n);
+        return e->comm->send(e->comm->ctx, stage_rank(e, e->me.pp + 1), out, n, TAG_FWD(mb), err);
     }
     return 0;
 }
@@ -580,8 +585,11 @@ static int backward_mb(mps_engine *e, int mb, mps_err *err)
     if (mps_model_backward(e, s, err) != 0)
         return -1;
     if (!e->is_first) {
-        buf_copy(e, e->send_dx[mb], s->dx, n);
-        if (e->comm->send(e->comm->ctx, stage_rank(e, e->me.pp - 1), e->send_dx[mb], n, TAG_BWD(mb), err) != 0)
+        float *out = e->send_dx[mb % e->nsend];
+        if (e->comm->send_wait(e->comm->ctx, out, err) != 0)
+            return -1;
+        buf_copy(e, out, s->dx, n);
+        if (e->comm->send(e->comm->ctx, stage_rank(e, e->me.pp - 1), out, n, TAG_BWD(mb), err) != 0)
             return -1;
     }
     if (e->L.zero >= 2 && e->L.dp > 1)

@@ -107,7 +107,9 @@ struct mps_engine {
      * to work_out (N, C) */
     mps_layer_acts work;
     float *work_out;
-    float **send_x, **send_dx; /* per micro-batch send buffers, valid until the step's flush */
+    float **send_x, **send_dx; /* the pipeline's send buffers, a ring of nsend (mps_pipe_send_buffers):
+                                * micro-batch mb's in [mb % nsend], written after send_wait */
+    int nsend;
     float *scratch_a;        /* (N, max(C, F, 3Cl)) fp32 temporaries, or operand buffers of that size */
     float *scratch_b;        /* (N, C + 8) fp32 temporaries */
     void *logits;            /* (N, Vl) operand buffer, last stage; dlogits in place in the backward */
