@@ -11,7 +11,8 @@
 
 typedef struct {
     MPI_Comm group[MPS_GROUP_COUNT];
-    MPI_Request *pending; /* sends not yet flushed */
+    MPI_Request *pending; /* sends not yet waited for */
+    const float **sent;   /* the buffer of each */
     int npending, cap;
     int *icounts, *idispls; /* scratch for the v-collectives */
     int gmax;
@@ -115,13 +116,36 @@ static int p2p_send(void *c, int peer, const float *buf, int64_t n, int tag, mps
     if (x->npending == x->cap) {
         int cap = x->cap ? 2 * x->cap : 16;
         MPI_Request *p = realloc(x->pending, (size_t)cap * sizeof *p);
-        if (!p)
+        if (p)
+            x->pending = p;
+        const float **b = p ? realloc(x->sent, (size_t)cap * sizeof *b) : NULL;
+        if (!b)
             return mps_fail(err, MPS_ENOMEM, "out of memory for MPI requests");
-        x->pending = p;
+        x->sent = b;
         x->cap = cap;
     }
+    x->sent[x->npending] = buf;
     return mpi_check(MPI_Isend(buf, (int)n, MPI_FLOAT, peer, tag, MPI_COMM_WORLD, &x->pending[x->npending++]),
                      "send", err);
+}
+
+/* waits for the sends from buf; the others stay pending, in their order */
+static int p2p_send_wait(void *c, const float *buf, mps_err *err)
+{
+    mpi_ctx *x = c;
+    int rc = MPI_SUCCESS, kept = 0;
+    for (int i = 0; i < x->npending; i++) {
+        if (x->sent[i] == buf) {
+            int r = MPI_Wait(&x->pending[i], MPI_STATUS_IGNORE);
+            if (rc == MPI_SUCCESS)
+                rc = r;
+            continue;
+        }
+        x->pending[kept] = x->pending[i];
+        x->sent[kept++] = x->sent[i];
+    }
+    x->npending = kept;
+    return mpi_check(rc, "wait for a send", err);
 }
 
 static int p2p_recv(void *c, int peer, float *buf, int64_t n, int tag, mps_err *err)
@@ -188,7 +212,7 @@ int cli_comm_mpi_new(const mps_layout *L, mps_comm *out, mps_err *err)
     }
     *out = (mps_comm){ .ctx = x, .rank = rank, .size = size, .allreduce_sum = ar_sum, .allreduce_max = ar_max,
                        .allreduce_sum_f64 = ar_sum64, .reduce_scatter = reduce_scatter, .allgather = allgather,
-                       .send = p2p_send, .recv = p2p_recv, .flush = flush, .barrier = barrier,
+                       .send = p2p_send, .send_wait = p2p_send_wait, .recv = p2p_recv, .flush = flush, .barrier = barrier,
                        .bcast_bytes = bcast_bytes, .all_ok = all_ok };
     return 0;
 }
@@ -201,6 +225,7 @@ void cli_comm_mpi_free(mps_comm *c)
     MPI_Comm_free(&x->group[MPS_GROUP_DP]);
     MPI_Comm_free(&x->group[MPS_GROUP_TP]);
     free(x->pending);
+    free(x->sent);
     free(x->icounts);
     free(x->idispls);
     free(x);

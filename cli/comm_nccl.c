@@ -33,6 +33,9 @@
 #include "pipeline.h"
 
 enum { CHANNELS = MPS_PIPE_CHANNELS }; /* train/pipeline.h */
+/* buffers whose latest send send_wait can wait for alone: the engine sends from two per direction
+ * (a ring, mps_pipe_send_buffers) and the tied head's copy; more fall back to every channel */
+enum { SENT_MAX = 8 };
 
 typedef struct {
     mps_comm host;          /* staged MPI: f64, bcast, barrier, all_ok */
@@ -47,6 +50,13 @@ typedef struct {
     mps_layout L;           /* for the pipeline stage of a peer */
     cudaEvent_t ev_compute, ev_started, ev_p2p;
     int nstarted;           /* group calls started since the last finish_started */
+    /* since the last flush: per buffer sent from, an event after its latest send on its channel */
+    struct {
+        const float *buf;
+        int channel;
+        cudaEvent_t ev;
+    } sent[SENT_MAX];
+    int nsent, sent_unknown; /* sent_unknown: a send that has no entry (then send_wait waits for all) */
 } nccl_ctx;
 
 static int nccl_check(ncclResult_t r, const char *what, mps_err *err)
@@ -226,9 +236,39 @@ static int p2p_send(void *c, int peer, const float *b, int64_t n, int tag, mps_e
     int ch = mps_pipe_channel(&x->L, x->gme[MPS_GROUP_WORLD], peer);
     if (n <= 0)
         return 0;
-    if (after_compute(x, x->p2p_stream[ch], err) != 0)
+    if (after_compute(x, x->p2p_stream[ch], err) != 0 ||
+        nccl_check(ncclSend(b, (size_t)n, ncclFloat, peer, x->p2p[ch], x->p2p_stream[ch]), "send", err) != 0)
         return -1;
-    return nccl_check(ncclSend(b, (size_t)n, ncclFloat, peer, x->p2p[ch], x->p2p_stream[ch]), "send", err);
+    int i = 0;
+    while (i < x->nsent && x->sent[i].buf != b)
+        i++;
+    if (i == SENT_MAX || (i < x->nsent && x->sent[i].channel != ch)) {
+        x->sent_unknown = 1;
+        return 0;
+    }
+    if (!x->sent[i].ev && cuda_check(cudaEventCreateWithFlags(&x->sent[i].ev, cudaEventDisableTiming), "event", err) != 0)
+        return -1;
+    if (i == x->nsent)
+        x->nsent++;
+    x->sent[i].buf = b;
+    x->sent[i].channel = ch;
+    return cuda_check(cudaEventRecord(x->sent[i].ev, x->p2p_stream[ch]), "event record", err);
+}
+/* the compute stream's later work waits for the latest send from b (and so for the ones before
+ * it on that channel), the host does not */
+static int p2p_send_wait(void *c, const float *b, mps_err *err)
+{
+    nccl_ctx *x = c;
+    if (x->sent_unknown) { /* (a send with no entry, maybe from b) */
+        for (int ch = 0; ch < CHANNELS; ch++)
+            if (compute_after(x, x->p2p_stream[ch], x->ev_p2p, err) != 0)
+                return -1;
+        return 0;
+    }
+    for (int i = 0; i < x->nsent; i++)
+        if (x->sent[i].buf == b)
+            return cuda_check(cudaStreamWaitEvent(x->compute, x->sent[i].ev, 0), "stream wait", err);
+    return 0;
 }
 static int p2p_recv(void *c, int peer, float *b, int64_t n, int tag, mps_err *err)
 {
@@ -283,6 +323,8 @@ static int flush(void *c, mps_err *err)
     for (int ch = 0; ch < CHANNELS; ch++)
         if (compute_after(x, x->p2p_stream[ch], x->ev_p2p, err) != 0)
             return -1;
+    x->nsent = 0; /* (the events stay, for the next step's sends) */
+    x->sent_unknown = 0;
     return x->host.flush(x->host.ctx, err);
 }
 static int barrier(void *c, mps_err *err)
@@ -361,7 +403,7 @@ int cli_comm_nccl_new(const mps_layout *L, const mps_comm *mpi, const mps_backen
                        .allreduce_sum_many = ar_sum_many,
                        .reduce_scatter_many = rs_many, .allgather_many = ag_many, .can_start = 1,
                        .finish_started = finish_started, .allreduce_max = ar_max, .allreduce_sum_f64 = ar64, .reduce_scatter = reduce_scatter,
-                       .allgather = allgather, .send = p2p_send, .recv = p2p_recv, .flush = flush,
+                       .allgather = allgather, .send = p2p_send, .send_wait = p2p_send_wait, .recv = p2p_recv, .flush = flush,
                        .barrier = barrier, .bcast_bytes = bcast, .all_ok = all_ok };
     return 0;
 }
@@ -386,6 +428,9 @@ void cli_comm_nccl_free(mps_comm *c)
     for (size_t i = 0; i < sizeof events / sizeof events[0]; i++)
         if (events[i])
             cudaEventDestroy(events[i]);
+    for (int i = 0; i < SENT_MAX; i++)
+        if (x->sent[i].ev)
+            cudaEventDestroy(x->sent[i].ev);
     mps_comm_staged_free(&x->host);
     free(x);
     c->ctx = NULL;

@@ -3,6 +3,7 @@
 #include "inspect/plan.h"
 
 #include "arch.h"
+#include "pipeline.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -70,9 +71,10 @@ static long double layer_activation_bytes(const mps_config *cfg, const mps_layou
 }
 
 /* The trainer's buffers beside the layers' (train/engine.c), per stage: per micro-batch in flight
- * its output, gradient (fp32) and the gradient as an operand, token ids and targets; two scratch
+ * its output, gradient (fp32) and the gradient as an operand; the step's token ids and targets
+ * (every micro-batch's, moved in one copy) and the loss's double; two scratch
  * buffers of the block's widest backward product and (tokens, C + 8) floats; the pipeline's send
- * buffers, a fp32 (tokens, C) per micro-batch of the step to each neighbouring stage; under full
+ * buffers to each neighbouring stage, a ring of fp32 (tokens, C) (train/pipeline.h); under full
  * recomputation one layer's whole activations and its output, where the backward recomputes. */
 static long double stage_buffer_bytes(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o, int stage,
                                       int64_t in_flight, int64_t microbatches)
@@ -80,10 +82,12 @@ static long double stage_buffer_bytes(const mps_config *cfg, const mps_layout *L
     const long double tokens = (long double)o->micro_batch * (long double)o->seq, c = cfg->n_embd;
     mps_block_widths w;
     mps_arch_block_widths(cfg, L->tp, &w);
-    long double total = (long double)in_flight * tokens * ((8.0L + activation_elem_bytes(o->precision)) * c + 8.0L);
+    long double total = (long double)in_flight * tokens * (8.0L + activation_elem_bytes(o->precision)) * c;
+    total += (long double)microbatches * tokens * 8.0L + 8.0L;
     total += tokens * 4.0L * ((long double)w.wide + c + 8.0L);
     const int neighbours = (stage > 0) + (stage < L->pp - 1);
-    total += (long double)neighbours * (long double)microbatches * tokens * 4.0L * c;
+    const int64_t ring = mps_pipe_send_buffers(microbatches > (1 << 30) ? 1 << 30 : (int)microbatches);
+    total += (long double)neighbours * (long double)ring * tokens * 4.0L * c;
     if (o->recompute == MPS_RECOMPUTE_FULL)
         total += layer_activation_bytes(cfg, L, o, MPS_RECOMPUTE_NONE) + tokens * 4.0L * c;
     return total;

@@ -77,8 +77,8 @@ typedef struct {
  * mps_arch_layer_activation_bytes (the layer's fp32 input, residual, statistics and log-sum-exp and
  * its operand buffers in the training dtype; full recompute: the fp32 input alone, plus one layer
  * recomputed whole), plus the stage's working buffers (per micro-batch in flight its output and
- * gradient; two scratch buffers; a fp32 send buffer per micro-batch of the step to each neighbouring
- * stage); the last stage adds one micro-batch's logits, s*b*Vp/t elements of the training dtype
+ * gradient; two scratch buffers; a ring of fp32 send buffers to each neighbouring stage,
+ * train/pipeline.h); the last stage adds one micro-batch's logits, s*b*Vp/t elements of the training dtype
  * (Vp/t rounded up). Returns -1 if the figure does not fit in int64. */
 int64_t mps_activation_bytes(const mps_config *cfg, const mps_layout *L, const mps_plan_opts *o, int stage);
 

@@ -131,14 +131,14 @@ typedef struct mps_backend {
     /* The Llama block's primitives (train/block_llama.c); a backend that leaves them NULL trains
      * GPT-2 only (the engine refuses other models there). Operand buffers as above.
      * RMSNorm: out (N, C) = w * x / sqrt(mean(x^2) + eps), fp32 statistics, rstd (N) kept;
-     * bwd: dinp (N, C) += the input gradient, dw (C) +=; dout fp32 (the norm's output feeds
-     * several products, and TP parts: its gradient is their sum, kept in fp32); dinp_act (an
-     * operand buffer, overwritten; may be NULL) = the updated dinp, for the products that read
-     * the residual gradient next (as layernorm_bwd's). */
+     * bwd: dinp (N, C) += the input gradient, dw (C) +=; dout an operand buffer when dout_act
+     * (the stacked product's input gradient, when no TP sum lies between), else fp32 (the sum
+     * over the TP group); dinp_act (an operand buffer, overwritten; may be NULL) = the updated
+     * dinp, for the products that read the residual gradient next (as layernorm_bwd's). */
     void (*rmsnorm_fwd)(void *ctx, void *out_act, float *rstd, const float *inp, const float *w, int64_t N, int C,
                         float eps);
-    void (*rmsnorm_bwd)(void *ctx, float *dinp, void *dinp_act, float *dw, const float *dout, const float *inp,
-                        const float *w, const float *rstd, int64_t N, int C);
+    void (*rmsnorm_bwd)(void *ctx, float *dinp, void *dinp_act, float *dw, const void *dout, int dout_act,
+                        const float *inp, const float *w, const float *rstd, int64_t N, int C);
     /* Rotary embeddings in place over nheads heads of hd at the start of each row (stride ld) of
      * an operand buffer (B, T, ld); cs (2, T, hd/2): cosines, then sines (the engine's table). The
      * backward turns a gradient back. */
@@ -165,14 +165,15 @@ typedef struct mps_backend {
      * so that a GPU runs one product over the stacked weight instead of one per part: part i is
      * w[i] (oc[i], C) with bias[i] (oc[i], may be NULL), at columns [o_i, o_i + oc[i]) of out, o_i
      * the sum of oc[<i]; W = the sum of all oc. fwd: out (N, W, an operand buffer) = inp @ [w_0;
-     * w_1; ...]^T + [bias_0 | bias_1 | ...]. bwd: dinp (N, C, fp32) = dout @ [w_0; w_1; ...],
-     * OVERWRITTEN (the sum of the parts' input gradients, in one product); dw[i] (oc[i], C) +=
+     * w_1; ...]^T + [bias_0 | bias_1 | ...]. bwd: dinp (N, C) = dout @ [w_0; w_1; ...],
+     * OVERWRITTEN (the sum of the parts' input gradients, in one product), fp32 or, when
+     * dinp_act is MPS_DINP_ACT, an operand buffer (MPS_DINP_ADD is not taken); dw[i] (oc[i], C) +=
      * dout_i^T inp, or = when dw_set (as matmul_bwd's); dbias[i] (oc[i]) += the column sums of
      * dout_i (each dw[i], dbias[i] may be NULL); dout (N, W) an operand buffer. At most
      * MPS_MAX_PARTS parts. */
     void (*matmul_parts_fwd_act)(void *ctx, void *out_act, const void *inp_act, const float *const *w,
                                  const float *const *bias, const int *oc, int nparts, int64_t N, int C);
-    void (*matmul_parts_bwd)(void *ctx, float *dinp, float *const *dw, int dw_set, float *const *dbias,
+    void (*matmul_parts_bwd)(void *ctx, void *dinp, int dinp_act, float *const *dw, int dw_set, float *const *dbias,
                              const void *dout_act, const void *inp_act, const float *const *w, const int *oc, int nparts,
                              int64_t N, int C);
     void (*residual_bias)(void *ctx, float *out, const float *a, const float *b, const float *bias, int64_t N, int C);
@@ -197,8 +198,11 @@ typedef struct mps_backend {
      * same results, and a GPU reads the logits once instead of twice */
     void (*xent_stats_bwd)(void *ctx, float *rowmax, float *sumexp, float *tlogit, void *logits_act,
                            const int32_t *targets, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
-    /* host result: sum over rows of log(sumexp) + gmax - tlogit */
-    double (*xent_loss_sum)(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
+    /* *acc (a buffer of one double) = (first ? 0 : *acc) + the sum over rows of log(sumexp) + gmax
+     * - tlogit, in double, in stream order: the caller reads acc with to_host after a sync, once
+     * per step instead of waiting for the device at every micro-batch's head */
+    void (*xent_loss_add)(void *ctx, double *acc, int first, const float *gmax, const float *sumexp,
+                          const float *tlogit, int64_t N);
     /* AdamW over count tensors at once (one launch on a GPU instead of one per tensor) on grad *
      * step->grad_scale (the clipping factor, applied in the same pass); every grad is zeroed
      * afterwards, ready for the next step's accumulation, but those of keep_grad jobs, whose

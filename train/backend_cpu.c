@@ -147,10 +147,10 @@ static void rms_fwd(void *c, void *out, float *rstd, const float *inp, const flo
     (void)c;
     op_rmsnorm_fwd(out, rstd, inp, w, N, C, eps);
 }
-static void rms_bwd(void *c, float *dinp, void *dinp_act, float *dw, const float *dout, const float *inp,
+static void rms_bwd(void *c, float *dinp, void *dinp_act, float *dw, const void *dout, int dout_act, const float *inp,
                     const float *w, const float *rstd, int64_t N, int C)
 {
-    (void)c;
+    (void)c; (void)dout_act; /* operand buffers are fp32 here */
     op_rmsnorm_bwd(dinp, dw, dout, inp, w, rstd, N, C);
     if (dinp && dinp_act) /* operand buffers are fp32 here */
         memcpy(dinp_act, dinp, sizeof(float) * (size_t)(N * C));
@@ -214,10 +214,12 @@ static void mm_parts_fwd_act(void *c, void *out, const void *inp, const float *c
     for (int i = 0; i < nparts; o += oc[i], i++)
         op_matmul_fwd_ld((float *)out + o, W, inp, w[i], bias[i], N, C, oc[i]);
 }
-static void mm_parts_bwd(void *c, float *dinp, float *const *dw, int dw_set, float *const *dbias, const void *dout,
-                         const void *inp, const float *const *w, const int *oc, int nparts, int64_t N, int C)
+static void mm_parts_bwd(void *c, void *dinp_buf, int dinp_act, float *const *dw, int dw_set, float *const *dbias,
+                         const void *dout, const void *inp, const float *const *w, const int *oc, int nparts, int64_t N,
+                         int C)
 {
-    (void)c;
+    (void)c; (void)dinp_act; /* operand buffers are fp32 here */
+    float *dinp = dinp_buf;
     const int64_t W = mps_parts_width(oc, nparts);
     int64_t o = 0;
     if (dinp) /* overwritten: the parts' products add up in it in part order */
@@ -272,13 +274,14 @@ static void xent_stats_bwd(void *c, float *rowmax, float *sumexp, float *tlogit,
     xent_stats(c, rowmax, sumexp, tlogit, logits, targets, N, Vl, v0, V);
     xent_bwd(c, logits, logits, targets, rowmax, sumexp, s, N, Vl, v0, V);
 }
-static double xent_loss_sum(void *c, const float *gmax, const float *sumexp, const float *tlogit, int64_t N)
+static void xent_loss_add(void *c, double *acc, int first, const float *gmax, const float *sumexp,
+                          const float *tlogit, int64_t N)
 {
     (void)c;
     double sum = 0;
     for (int64_t i = 0; i < N; i++)
         sum += (double)logf(sumexp[i]) + gmax[i] - tlogit[i];
-    return sum;
+    *acc = (first ? 0.0 : *acc) + sum;
 }
 static void adamw_many(void *c, const mps_adamw_job *jobs, int count, const mps_adamw_step *st)
 {
@@ -317,7 +320,7 @@ void mps_backend_cpu(mps_backend *out)
         .matmul_parts_fwd_act = mm_parts_fwd_act, .matmul_parts_bwd = mm_parts_bwd,
         .residual_bias = residual_bias, .bias_grad = bias_grad, .add = add, .accumulate = accumulate,
         .xent_stats = xent_stats, .xent_rescale = xent_rescale, .act_bytes = sizeof(float),
-        .xent_bwd = xent_bwd, .xent_stats_bwd = xent_stats_bwd, .xent_loss_sum = xent_loss_sum,
+        .xent_bwd = xent_bwd, .xent_stats_bwd = xent_stats_bwd, .xent_loss_add = xent_loss_add,
         .adamw_many = adamw_many, .sumsq_many = sumsq_many,
         .destroy = cpu_destroy,
     };

@@ -213,8 +213,10 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     }
     if (rc == 0) /* one reduction for both: sumexp and tlogit lie next to each other */
         rc = mps_tp_sum(e, sumexp, 2 * N, err);
-    if (rc == 0 && e->me.tp == 0)
-        e->loss_sum += e->be->xent_loss_sum(e->be->ctx, gmax, sumexp, tlogit, N);
+    if (rc == 0 && e->me.tp == 0) { /* added on the device: read once per step */
+        e->be->xent_loss_add(e->be->ctx, e->loss_acc, e->loss_first, gmax, sumexp, tlogit, N);
+        e->loss_first = 0;
+    }
     if (rc == 0 && !e->evaluating) {
         if (!stats_bwd) /* in place */
             e->be->xent_bwd(e->be->ctx, dlogits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,

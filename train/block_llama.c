@@ -100,12 +100,14 @@ static void parts_fwd(mps_engine *e, int which, float *const w[R_COUNT], void *o
     e->be->matmul_parts_fwd_act(e->be->ctx, out, inp, reads(s.w), reads(s.b), s.oc, s.n, e->N, e->C);
 }
 
-/* dinp = the input gradient; the parts' weight (and bias) gradients in g */
-static void parts_bwd(mps_engine *e, int which, float *const w[R_COUNT], float *const g[R_COUNT], float *dinp,
-                      const void *dout, const void *inp)
+/* dinp = the input gradient (an operand buffer when dinp_act); the parts' weight (and bias)
+ * gradients in g */
+static void parts_bwd(mps_engine *e, int which, float *const w[R_COUNT], float *const g[R_COUNT], void *dinp,
+                      int dinp_act, const void *dout, const void *inp)
 {
     const stacked_parts sw = parts_of(e, which, w), sg = parts_of(e, which, g);
-    e->be->matmul_parts_bwd(e->be->ctx, dinp, sg.w, e->dw_set, sg.b, dout, inp, reads(sw.w), sw.oc, sw.n, e->N, e->C);
+    e->be->matmul_parts_bwd(e->be->ctx, dinp, dinp_act ? MPS_DINP_ACT : MPS_DINP_F32, sg.w, e->dw_set, sg.b, dout, inp,
+                            reads(sw.w), sw.oc, sw.n, e->N, e->C);
 }
 
 static int layer_forward(mps_engine *e, int layer, int next, mps_layer_acts *a, float *x_out, mps_err *err)
@@ -159,19 +161,22 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
     float *dln = e->scratch_b;                                       /* (N, C) */
     /* MLP: dx is the output's gradient; the residual passes it on, the norm's backward adds */
     /* the norms' input gradients (dln) are sums of several products' (one stacked product: gate|up,
-     * q|k|v) and of the TP group's: fp32, summed before the norm's backward reads them */
+     * q|k|v, which sums them inside) and of the TP group's: fp32 under TP, summed before the norm's
+     * backward reads them, else the product's operand buffer */
     /* the residual gradient as the products read it: its operand copy when the norm backward that
      * wrote dx left one (s->dx_ready; not when dx came from the next stage) */
     const int dres_act = s->dx_ready != MPS_DX_NONE;
     const void *dres = dres_act ? s->dx_act : (const void *)dx;
+    /* the norms' input gradients as operand buffers when no TP sum lies between (it sums fp32) */
+    const int dln_act = e->L.tp == 1;
     void *dh = dbig; /* operand buffer */
     be->matmul_bwd(be->ctx, dh, 1, g[R_DOWNW], e->dw_set, NULL, dres, dres_act, a->gel, w[R_DOWNW], N, F, C);
     void *gate = a->fch, *up = act_at(e, a->fch, F); /* (N, 2 F): gate|up */
     be->swiglu_bwd(be->ctx, gate, up, dh, gate, up, N, F, 2 * (int64_t)F); /* dgate, dup in place */
-    parts_bwd(e, GATE_UP, w, g, dln, a->fch, a->ln2);
+    parts_bwd(e, GATE_UP, w, g, dln, dln_act, a->fch, a->ln2);
     int rc = mps_tp_sum(e, dln, N * C, err); /* n2 feeds every TP part: its gradient is the sum */
     if (rc == 0) {
-        be->rmsnorm_bwd(be->ctx, dx, s->dx_act, g[R_LN2W], dln, a->x2, w[R_LN2W], a->ln2_rstd, N, C);
+        be->rmsnorm_bwd(be->ctx, dx, s->dx_act, g[R_LN2W], dln, dln_act, a->x2, w[R_LN2W], a->ln2_rstd, N, C);
         /* attention: dx is now x2's gradient */
         be->matmul_bwd(be->ctx, datty, 1, g[R_OW], e->dw_set, NULL, s->dx_act, 1, a->atty, w[R_OW], N, Cl, C);
         /* dq|dk|dv (N, qkv_w) laid out as q|k|v, operand buffer */
@@ -181,13 +186,14 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
         /* dq and dk come out turned back by the rotary embeddings (rope_bwd's work, fused) */
         be->gqa_bwd(be->ctx, dq, dk, dv, datty, q, k, v, a->atty, a->lse, e->B, e->T, e->Hl, e->KVl, e->hs, ld, ld,
                     e->rope_cs);
-        parts_bwd(e, QKV, w, g, dln, dbig, a->ln1);
+        parts_bwd(e, QKV, w, g, dln, dln_act, dbig, a->ln1);
         rc = mps_tp_sum(e, dln, N * C, err);
     }
     /* below the stage's first layer dx goes to the embedding or to the previous stage: no products */
     const int below = layer > e->first_layer;
     if (rc == 0)
-        be->rmsnorm_bwd(be->ctx, dx, below ? s->dx_act : NULL, g[R_LN1W], dln, a->x_in, w[R_LN1W], a->ln1_rstd, N, C);
+        be->rmsnorm_bwd(be->ctx, dx, below ? s->dx_act : NULL, g[R_LN1W], dln, dln_act, a->x_in, w[R_LN1W], a->ln1_rstd,
+                        N, C);
     s->dx_ready = below ? MPS_DX_ADDED : MPS_DX_NONE;
     layer_release(e, layer);
     return rc;
@@ -264,8 +270,10 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     }
     if (rc == 0) /* sumexp and tlogit lie next to each other */
         rc = mps_tp_sum(e, sumexp, 2 * N, err);
-    if (rc == 0 && e->me.tp == 0)
-        e->loss_sum += be->xent_loss_sum(be->ctx, gmax, sumexp, tlogit, N);
+    if (rc == 0 && e->me.tp == 0) { /* added on the device: read once per step */
+        be->xent_loss_add(be->ctx, e->loss_acc, e->loss_first, gmax, sumexp, tlogit, N);
+        e->loss_first = 0;
+    }
     if (rc == 0 && !e->evaluating) {
         if (!stats_bwd) /* in place */
             be->xent_bwd(be->ctx, e->logits, e->logits, s->targets, gmax, sumexp, scale, N, e->Vl, e->v0,
@@ -275,7 +283,7 @@ static int head_forward_backward(mps_engine *e, mps_mb_slot *s, const float *x, 
     }
     if (rc == 0 && !e->evaluating) {
         buf_zero(e, s->dx, N * C);
-        be->rmsnorm_bwd(be->ctx, s->dx, s->dx_act, glnfw, dxf, x, lnfw, rstd, N, C);
+        be->rmsnorm_bwd(be->ctx, s->dx, s->dx_act, glnfw, dxf, 0, x, lnfw, rstd, N, C);
         s->dx_ready = MPS_DX_ADDED; /* (the Llama block reads only the operand copy, no column sums) */
     }
     mps_weights_release(e, lnfw_t);

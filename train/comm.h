@@ -45,11 +45,15 @@ typedef struct mps_comm {
     int (*allgather)(void *ctx, mps_group g, const float *in, float *out, const int64_t *counts,
                      const int64_t *displs, mps_err *err);
     /* Point to point between WORLD ranks. send does not block: buf must stay valid and unchanged
-     * until flush() returns. recv returns when the message has arrived, or (NCCL) once the
-     * backend's work issued after it is queued behind its arrival. Between two ranks, the messages
-     * of each direction are received in the order they were sent (NCCL matches them by order, not
-     * tag). */
+     * until send_wait(buf) or flush() returns. recv returns when the message has arrived, or
+     * (NCCL) once the backend's work issued after it is queued behind its arrival. Between two
+     * ranks, the messages of each direction are received in the order they were sent (NCCL
+     * matches them by order, not tag). send_wait: the sends issued from buf are done with it, so
+     * that the backend's work issued after the call may write buf again (MPI: the host waits for
+     * them; NCCL: only the backend's stream does); sends from other buffers may still be under
+     * way. flush: every send is done. */
     int (*send)(void *ctx, int peer, const float *buf, int64_t n, int tag, mps_err *err);
+    int (*send_wait)(void *ctx, const float *buf, mps_err *err);
     int (*recv)(void *ctx, int peer, float *buf, int64_t n, int tag, mps_err *err);
     int (*flush)(void *ctx, mps_err *err);
     int (*barrier)(void *ctx, mps_err *err);

@@ -42,6 +42,12 @@ static int self_send(void *ctx, int peer, const float *buf, int64_t n, int tag, 
     return self_p2p(ctx, peer, (float *)buf, n, tag, err);
 }
 
+static int self_send_wait(void *ctx, const float *buf, mps_err *err)
+{
+    (void)ctx; (void)buf; (void)err;
+    return 0;
+}
+
 static int self_flush(void *ctx, mps_err *err)
 {
     (void)ctx; (void)err;
@@ -64,7 +70,7 @@ void mps_comm_self(mps_comm *out)
 {
     *out = (mps_comm){ .ctx = NULL, .rank = 0, .size = 1, .allreduce_sum = self_noop, .allreduce_max = self_noop,
                        .allreduce_sum_f64 = self_noop_f64, .reduce_scatter = self_copy, .allgather = self_gather,
-                       .send = self_send, .recv = self_p2p, .flush = self_flush, .barrier = self_flush,
+                       .send = self_send, .send_wait = self_send_wait, .recv = self_p2p, .flush = self_flush, .barrier = self_flush,
                        .bcast_bytes = self_bcast,
                        .all_ok = self_all_ok };
 }

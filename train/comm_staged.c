@@ -14,9 +14,14 @@ typedef struct {
     const mps_backend *be;
     float *host[2];    /* scratch for in and out */
     size_t cap[2];     /* bytes */
-    /* sends stay pending until flush: each keeps its own host copy */
-    float **pending;
+    /* sends stay pending until send_wait or flush: each keeps its own host copy */
+    struct staged_send {
+        float *host;      /* what the inner backend sends */
+        const float *src; /* the caller's (device) buffer */
+        int64_t n;
+    } *pending;
     int npending, pcap;
+    int check_sends;      /* deferred mode: send_wait and flush check that src did not change */
 } staged;
 
 static float *scratch(staged *s, int which, int64_t n, mps_err *err)
@@ -245,7 +250,7 @@ static int send(void *c, int peer, const float *buf, int64_t n, int tag, mps_err
     staged *s = c;
     if (s->npending == s->pcap) {
         int cap = s->pcap ? 2 * s->pcap : 16;
-        float **p = realloc(s->pending, (size_t)cap * sizeof *p);
+        struct staged_send *p = realloc(s->pending, (size_t)cap * sizeof *p);
         if (!p)
             return mps_fail(err, MPS_ENOMEM, "out of host memory for sends");
         s->pending = p;
@@ -259,8 +264,48 @@ static int send(void *c, int peer, const float *buf, int64_t n, int tag, mps_err
         return -1;
     }
     s->be->to_host(s->be->ctx, h, buf, (size_t)n * sizeof(float));
-    s->pending[s->npending++] = h;
+    s->pending[s->npending++] = (struct staged_send){ h, buf, n };
     return s->inner.send(s->inner.ctx, peer, h, n, tag, err);
+}
+
+/* The inner send of pending[i] done; in deferred mode its source checked unchanged (a caller that
+ * wrote it before send_wait or flush, which NCCL would have sent half-written, fails here). */
+static int send_done(staged *s, int i, mps_err *err)
+{
+    struct staged_send *p = &s->pending[i];
+    int rc = s->inner.send_wait(s->inner.ctx, p->host, err);
+    if (rc == 0 && s->check_sends) {
+        float *now = malloc((size_t)(p->n > 0 ? p->n : 1) * sizeof(float));
+        if (!now || s->be->sync(s->be->ctx, err) != 0)
+            rc = now ? -1 : mps_fail(err, MPS_ENOMEM, "out of host memory");
+        if (rc == 0) {
+            s->be->to_host(s->be->ctx, now, p->src, (size_t)p->n * sizeof(float));
+            if (memcmp(now, p->host, (size_t)p->n * sizeof(float)) != 0)
+                rc = mps_fail(err, MPS_EFAIL, "rank %d: the buffer of a send (%lld elements) was written before the "
+                              "send was waited for", s->inner.rank, (long long)p->n);
+        }
+        free(now);
+    }
+    free(p->host);
+    p->host = NULL;
+    return rc;
+}
+
+static int send_wait(void *c, const float *buf, mps_err *err)
+{
+    staged *s = c;
+    int rc = 0, kept = 0;
+    for (int i = 0; i < s->npending; i++) {
+        if (s->pending[i].src == buf) {
+            int r = send_done(s, i, err);
+            if (rc == 0)
+                rc = r;
+            continue;
+        }
+        s->pending[kept++] = s->pending[i];
+    }
+    s->npending = kept;
+    return rc;
 }
 
 static int recv(void *c, int peer, float *buf, int64_t n, int tag, mps_err *err)
@@ -276,11 +321,15 @@ static int recv(void *c, int peer, float *buf, int64_t n, int tag, mps_err *err)
 static int flush(void *c, mps_err *err)
 {
     staged *s = c;
-    int rc = s->inner.flush(s->inner.ctx, err);
-    for (int i = 0; i < s->npending; i++)
-        free(s->pending[i]);
+    int rc = 0;
+    for (int i = 0; i < s->npending; i++) {
+        int r = send_done(s, i, err);
+        if (rc == 0)
+            rc = r;
+    }
     s->npending = 0;
-    return rc;
+    int r = s->inner.flush(s->inner.ctx, err);
+    return rc != 0 ? rc : r;
 }
 
 static int barrier(void *c, mps_err *err)
@@ -315,9 +364,10 @@ int mps_comm_staged_new(const mps_comm *inner, const mps_backend *be, const int 
     }
     *out = (mps_comm){ .ctx = x, .rank = inner->rank, .size = inner->size, .allreduce_sum = ar_sum,
                        .allreduce_max = ar_max, .allreduce_sum_f64 = ar_sum64, .reduce_scatter = rs_g,
-                       .allgather = ag_g, .send = send, .recv = recv, .flush = flush, .barrier = barrier,
+                       .allgather = ag_g, .send = send, .send_wait = send_wait, .recv = recv, .flush = flush, .barrier = barrier,
                        .bcast_bytes = bcast, .all_ok = all_ok };
     if (deferred) {
+        x->s.check_sends = 1;
         out->allreduce_sum_many = ar_many;
         out->reduce_scatter_many = rs_many;
         out->allgather_many = ag_many;
@@ -336,7 +386,7 @@ void mps_comm_staged_free(mps_comm *c)
         free(x->ops[i].snapshot);
     free(x->ops);
     for (int i = 0; i < x->s.npending; i++)
-        free(x->s.pending[i]);
+        free(x->s.pending[i].host);
     free(x->s.pending);
     free(x->s.host[0]);
     free(x->s.host[1]);

@@ -8,6 +8,7 @@
 
 #include "arch.h"
 #include "engine_internal.h"
+#include "pipeline.h"
 
 static void *zalloc(int64_t n, size_t size)
 {
@@ -82,14 +83,12 @@ static void free_acts(mps_engine *e, mps_layer_acts *a)
 static int alloc_slot(mps_engine *e, mps_mb_slot *s)
 {
     int64_t N = e->N, C = e->C;
-    s->inputs = e->be->alloc(e->be->ctx, (size_t)N * sizeof(int32_t));
-    s->targets = e->be->alloc(e->be->ctx, (size_t)N * sizeof(int32_t));
     s->layers = zalloc(e->nlayers, sizeof *s->layers);
     s->x_out = buf_new(e, N * C);
     s->dx = buf_new(e, N * C);
     s->dx_act = act_new(e, N * C);
     s->dx_colsum = buf_new(e, C);
-    if (!s->inputs || !s->targets || !s->layers || !s->x_out || !s->dx || !s->dx_act || !s->dx_colsum)
+    if (!s->layers || !s->x_out || !s->dx || !s->dx_act || !s->dx_colsum)
         return -1;
     for (int l = 0; l < e->nlayers; l++)
         if (alloc_acts(e, &s->layers[l], e->o.recompute) != 0)
@@ -103,8 +102,6 @@ static void free_slot(mps_engine *e, mps_mb_slot *s)
         for (int l = 0; l < e->nlayers; l++)
             free_acts(e, &s->layers[l]);
     free(s->layers);
-    buf_free(e, s->inputs);
-    buf_free(e, s->targets);
     buf_free(e, s->x_out);
     buf_free(e, s->dx);
     buf_free(e, s->dx_act);
@@ -213,11 +210,15 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     int inflight = L->pp - e->me.pp;
     e->nslots = o->schedule == MPS_SCHED_GPIPE || inflight > e->accum ? e->accum : inflight;
     e->slots = calloc((size_t)e->nslots, sizeof *e->slots);
-    e->send_x = calloc((size_t)e->accum, sizeof(float *));
-    e->send_dx = calloc((size_t)e->accum, sizeof(float *));
+    e->nsend = mps_pipe_send_buffers(e->accum);
+    e->send_x = calloc((size_t)e->nsend, sizeof(float *));
+    e->send_dx = calloc((size_t)e->nsend, sizeof(float *));
     e->step_inputs = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
     e->step_targets = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
-    if (!e->step_inputs || !e->step_targets || !e->scratch_a || !e->scratch_b || (e->is_last && !e->logits) ||
+    e->step_inputs_dev = e->be->alloc(e->be->ctx, (size_t)e->accum * (size_t)e->N * sizeof(int32_t));
+    e->step_targets_dev = e->be->alloc(e->be->ctx, (size_t)e->accum * (size_t)e->N * sizeof(int32_t));
+    e->loss_acc = e->be->alloc(e->be->ctx, sizeof(double));
+    if (!e->step_inputs || !e->step_targets || !e->step_inputs_dev || !e->step_targets_dev || !e->loss_acc || !e->scratch_a || !e->scratch_b || (e->is_last && !e->logits) ||
         !e->slots || !e->send_x || !e->send_dx)
         return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
     for (int i = 0; i < e->nslots; i++)
@@ -225,7 +226,7 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
             return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
     if (o->recompute && (alloc_acts(e, &e->work, 0) != 0 || (e->work_out = buf_new(e, (int64_t)e->N * e->C)) == NULL))
         return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
-    for (int i = 0; i < e->accum; i++) {
+    for (int i = 0; i < e->nsend; i++) {
         if (!e->is_last && (e->send_x[i] = buf_new(e, (int64_t)e->N * e->C)) == NULL)
             return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for pipeline buffers", e->rank);
         if (!e->is_first && (e->send_dx[i] = buf_new(e, (int64_t)e->N * e->C)) == NULL)
@@ -264,7 +265,7 @@ void mps_engine_free(mps_engine *e)
     free(e->slots);
     free_acts(e, &e->work);
     buf_free(e, e->work_out);
-    for (int i = 0; e->send_x && i < e->accum; i++) {
+    for (int i = 0; e->send_x && i < e->nsend; i++) {
         buf_free(e, e->send_x[i]);
         buf_free(e, e->send_dx[i]);
     }
@@ -276,6 +277,9 @@ void mps_engine_free(mps_engine *e)
     buf_free(e, e->rope_cs);
     free(e->step_inputs);
     free(e->step_targets);
+    buf_free(e, e->step_inputs_dev);
+    buf_free(e, e->step_targets_dev);
+    buf_free(e, e->loss_acc);
     free(e);
 }
 
@@ -515,13 +519,29 @@ static int read_step_tokens(mps_engine *e, const mps_tokens *data, int64_t first
                              err) == 0;
     if (!e->comm->all_ok(e->comm->ctx, ok))
         return ok ? mps_fail(err, MPS_ECORRUPT, "reading %s tokens failed on another rank", what) : -1;
-    return 0;
+    /* the step's tokens to the backend in one copy each (stream-ordered after the previous
+     * step's readers), then the step's one wait for them */
+    size_t bytes = (size_t)per_replica * (size_t)e->T * sizeof(int32_t);
+    e->be->from_host(e->be->ctx, e->step_inputs_dev, e->step_inputs, bytes);
+    e->be->from_host(e->be->ctx, e->step_targets_dev, e->step_targets, bytes);
+    e->loss_first = 1;
+    return e->be->sync(e->be->ctx, err);
 }
 
-static int load_batch(mps_engine *e, mps_mb_slot *s, int mb, mps_err *err)
+/* the micro-batch's rows of the step's tokens (no copy, no wait) */
+static void load_batch(mps_engine *e, mps_mb_slot *s, int mb)
 {
-    e->be->from_host(e->be->ctx, s->inputs, e->step_inputs + (int64_t)mb * e->N, (size_t)e->N * sizeof(int32_t));
-    e->be->from_host(e->be->ctx, s->targets, e->step_targets + (int64_t)mb * e->N, (size_t)e->N * sizeof(int32_t));
+    s->inputs = e->step_inputs_dev + (int64_t)mb * e->N;
+    s->targets = e->step_targets_dev + (int64_t)mb * e->N;
+}
+
+/* this step's summed token losses so far (a wait for the device; 0 where no head ran) */
+static int read_loss_sum(mps_engine *e, double *sum, mps_err *err)
+{
+    *sum = 0;
+    if (!e->is_last || e->loss_first)
+        return 0;
+    e->be->to_host(e->be->ctx, sum, e->loss_acc, sizeof *sum);
     return e->be->sync(e->be->ctx, err);
 }
 
@@ -533,8 +553,7 @@ static int stage_rank(const mps_engine *e, int stage)
 static int forward_mb(mps_engine *e, int mb, mps_err *err)
 {
     mps_mb_slot *s = &e->slots[mb % e->nslots];
-    if (load_batch(e, s, mb, err) != 0)
-        return -1;
+    load_batch(e, s, mb);
     e->dw_set = e->L.zero == 0 && mb == 0; /* the head's product, the step's first into wte's gradient */
     int64_t n = (int64_t)e->N * e->C;
     if (!e->is_first && e->comm->recv(e->comm->ctx, stage_rank(e, e->me.pp - 1), s->layers[0].x_in, n, TAG_FWD(mb),
@@ -543,8 +562,11 @@ static int forward_mb(mps_engine *e, int mb, mps_err *err)
     if (mps_model_forward(e, s, err) != 0)
         return -1;
     if (!e->is_last) {
-        buf_copy(e, e->send_x[mb], s->x_out, n);
-        return e->comm->send(e->comm->ctx, stage_rank(e, e->me.pp + 1), e->send_x[mb], n, TAG_FWD(mb), err);
+        float *out = e->send_x[mb % e->nsend];
+        if (e->comm->send_wait(e->comm->ctx, out, err) != 0)
+            return -1;
+        buf_copy(e, out, s->x_out, n);
+        return e->comm->send(e->comm->ctx, stage_rank(e, e->me.pp + 1), out, n, TAG_FWD(mb), err);
     }
     return 0;
 }
@@ -563,8 +585,11 @@ static int backward_mb(mps_engine *e, int mb, mps_err *err)
     if (mps_model_backward(e, s, err) != 0)
         return -1;
     if (!e->is_first) {
-        buf_copy(e, e->send_dx[mb], s->dx, n);
-        if (e->comm->send(e->comm->ctx, stage_rank(e, e->me.pp - 1), e->send_dx[mb], n, TAG_BWD(mb), err) != 0)
+        float *out = e->send_dx[mb % e->nsend];
+        if (e->comm->send_wait(e->comm->ctx, out, err) != 0)
+            return -1;
+        buf_copy(e, out, s->dx, n);
+        if (e->comm->send(e->comm->ctx, stage_rank(e, e->me.pp - 1), out, n, TAG_BWD(mb), err) != 0)
             return -1;
     }
     if (e->L.zero >= 2 && e->L.dp > 1)
@@ -690,7 +715,6 @@ static int optimizer_step(mps_engine *e, int64_t step, float lr, float clip_scal
 int mps_engine_grads(mps_engine *e, const mps_tokens *data, int64_t first_seq, double *loss, double *norm,
                      mps_err *err)
 {
-    e->loss_sum = 0;
     if (read_step_tokens(e, data, first_seq, "the step's", err) != 0)
         return -1;
     int rc = run_schedule(e, err);
@@ -700,7 +724,9 @@ int mps_engine_grads(mps_engine *e, const mps_tokens *data, int64_t first_seq, d
         rc = mps_reduce_grads(e, err);
     if (rc == 0)
         rc = grad_norm(e, norm, err);
-    double sum = e->is_last ? e->loss_sum : 0;
+    double sum = 0;
+    if (rc == 0)
+        rc = read_loss_sum(e, &sum, err);
     if (rc == 0)
         rc = e->comm->allreduce_sum_f64(e->comm->ctx, MPS_GROUP_WORLD, &sum, 1, err);
     *loss = sum / ((double)e->o.global_batch * e->T);
@@ -714,7 +740,6 @@ int mps_engine_eval(mps_engine *e, const mps_tokens *data, int64_t first_seq, in
     int rc = 0;
     e->evaluating = 1;
     for (int b = 0; b < batches && rc == 0; b++) {
-        e->loss_sum = 0;
         if ((rc = read_step_tokens(e, data, first_seq + (int64_t)b * e->o.global_batch, "the evaluation's",
                                        err)) != 0)
             break;
@@ -724,7 +749,10 @@ int mps_engine_eval(mps_engine *e, const mps_tokens *data, int64_t first_seq, in
             rc = forward_mb(e, mb, err);
         if (rc == 0)
             rc = e->comm->flush(e->comm->ctx, err);
-        sum += e->is_last ? e->loss_sum : 0;
+        double batch_sum = 0;
+        if (rc == 0)
+            rc = read_loss_sum(e, &batch_sum, err);
+        sum += batch_sum;
     }
     e->evaluating = 0;
     if (rc == 0)

@@ -50,7 +50,7 @@ typedef struct {
 } mps_layer_acts;
 
 typedef struct {
-    int32_t *inputs, *targets; /* (N) */
+    int32_t *inputs, *targets; /* (N): the micro-batch's rows of the step's device copy */
     mps_layer_acts *layers;    /* one per layer of the stage */
     float *x_out;              /* (N, C) stage output (sent to the next stage) */
     float *dx;                 /* (N, C) gradient flowing backward through the stage */
@@ -107,11 +107,17 @@ struct mps_engine {
      * to work_out (N, C) */
     mps_layer_acts work;
     float *work_out;
-    float **send_x, **send_dx; /* per micro-batch send buffers, valid until the step's flush */
+    float **send_x, **send_dx; /* the pipeline's send buffers, a ring of nsend (mps_pipe_send_buffers):
+                                * micro-batch mb's in [mb % nsend], written after send_wait */
+    int nsend;
     float *scratch_a;        /* (N, max(C, F, 3Cl)) fp32 temporaries, or operand buffers of that size */
     float *scratch_b;        /* (N, C + 8) fp32 temporaries */
     void *logits;            /* (N, Vl) operand buffer, last stage; dlogits in place in the backward */
-    double loss_sum;         /* this step's summed token losses (last stage, TP part 0) */
+    /* this step's summed token losses (last stage, TP part 0): each micro-batch's head adds its
+     * sum to loss_acc (a backend buffer of one double, in stream order: no wait for the device per
+     * micro-batch), loss_first says whether it is the step's first, and the step reads it once */
+    double *loss_acc;
+    int loss_first;
     /* gradient reduction under the backward (engine_grads.c): on (ZeRO-0/1 with a comm backend
      * that can start collectives), in the step's last backward pass, per tensor whether its sum
      * or reduce-scatter has started this step, and ZeRO >= 1's reduce-scatter temporaries */
@@ -130,6 +136,9 @@ struct mps_engine {
     /* ZeRO-3: the tensors whose gather mps_weights_prefetch started (the next layer's) */
     int prefetch[MPS_TENSORS_PER_LAYER], prefetch_n;
     int32_t *step_inputs, *step_targets; /* (accum, N): this replica's tokens of the step */
+    /* (accum, N): their backend copy, moved in one copy per step (not one, and a wait for the
+     * device, per micro-batch); the slots point into it */
+    int32_t *step_inputs_dev, *step_targets_dev;
 };
 
 /* The catalogue over the architecture table: layer l's first tensor, the count per layer, and

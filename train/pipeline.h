@@ -23,4 +23,16 @@ int mps_pipe_channel(const mps_layout *L, int sender, int receiver);
  * peers[MPS_PIPE_MAX_PEERS]; returns how many (0 without a pipeline). */
 int mps_pipe_peers(const mps_layout *L, int rank, int *peers);
 
+/* The send buffers a stage keeps for each direction: a ring over the step's micro-batches, a
+ * buffer written again only once the send from it is done (comm.h send_wait), so that they do not
+ * grow with the micro-batches of a step. Two: under 1F1B, by the time a stage writes micro-batch
+ * k's activations, the next stage has sent back a gradient that it computed after taking
+ * micro-batch k - 2 (and the stage before likewise for gradients), so the wait costs nothing in
+ * the steady state; elsewhere the receiver takes that message before it needs anything of this
+ * stage's later work, so the wait only paces the sender (tests/unit/test_pipeline.c simulates it). */
+static inline int mps_pipe_send_buffers(int microbatches)
+{
+    return microbatches < 2 ? microbatches : 2;
+}
+
 #endif

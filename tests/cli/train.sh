@@ -51,9 +51,11 @@ done
 # weight prefetch, with each started collective run only where the engine waits for it and its
 # input checked for changes meanwhile (--comm-deferred): the very same losses as with every
 # collective done when called (--comm-staged), and a clean run (a write to a buffer in flight
-# fails the run; a read before the wait shows in the losses)
+# fails the run; a read before the wait shows in the losses); likewise the pipeline's ring of
+# send buffers over a step's 4 micro-batches (a buffer written again before its send was waited
+# for fails the run)
 for spec in "2 dp=2" "2 dp=2,zero=1" "2 dp=2,zero=2" "2 dp=2,zero=3" "4 dp=2,pp=2" \
-            "4 dp=2,pp=2,zero=2 --schedule gpipe" "4 dp=2,tp=2,zero=3 --recompute"; do
+            "4 dp=2,pp=2,zero=2 --schedule gpipe" "4 dp=2,tp=2,zero=3 --recompute" "2 pp=2" "2 pp=2 --schedule gpipe"; do
   set -- $spec; np=$1; lay=$2; shift 2
   rm -rf "$T/df" "$T/st" "$T/df.jsonl" "$T/st.jsonl"
   train "$np" --ckpt "$T/init" --layout "$lay" --steps 6 --out "$T/df" --log "$T/df.jsonl" --comm-deferred "$@" && ok \

@@ -689,27 +689,32 @@ static void test_matmul_parts(int64_t N, int C, int nparts, const int *oc, int b
         cpu.matmul_parts_fwd_act(cpu.ctx, out, inp.h, wh, bh, oc, nparts, N, C);
         GPU_TWICE(s, gpu.matmul_parts_fwd_act(gpu.ctx, o_dev(&s, 0), inp.d, wd, bd, oc, nparts, N, C));
         o_done(&s, TOL_GEMM);
-        /* dinp overwritten, dw += (in the second round dw_set: dw overwritten, large initial values
-         * so that an accumulation would show) */
-        snprintf(op, sizeof op, "matmul_parts_bwd N%lld C%d W%lld (%d parts)%s%s", (long long)N, C, (long long)W, nparts,
-                 how, round ? " dw=" : "");
-        float *i0 = hrand(N * C, 1.0f);
-        float *dinp = o_add(&s, "dinp", N * C, i0);
-        float *dwh[MPS_MAX_PARTS], *none[MPS_MAX_PARTS] = {NULL};
-        for (int i = 0; i < nparts; i++) {
-            float *init = hrand((int64_t)oc[i] * C, round ? 64.0f : 1.0f);
-            dwh[i] = o_add(&s, "dw", (int64_t)oc[i] * C, init);
-            free(init);
+        /* dinp overwritten, fp32 or an operand buffer; dw += (in the second round dw_set: dw
+         * overwritten, large initial values so that an accumulation would show) */
+        float *none[MPS_MAX_PARTS] = {NULL};
+        for (int da = 0; da < 2; da++) {
+            snprintf(op, sizeof op, "matmul_parts_bwd N%lld C%d W%lld (%d parts)%s%s%s", (long long)N, C, (long long)W,
+                     nparts, how, round ? " dw=" : "", da ? " dinp act" : "");
+            float *i0 = hrand(N * C, 1.0f);
+            float *dinp = da ? o_add_act(&s, "dinp", N * C) : o_add(&s, "dinp", N * C, i0);
+            float *dwh[MPS_MAX_PARTS];
+            for (int i = 0; i < nparts; i++) {
+                float *init = hrand((int64_t)oc[i] * C, round ? 64.0f : 1.0f);
+                dwh[i] = o_add(&s, "dw", (int64_t)oc[i] * C, init);
+                free(init);
+            }
+            const int mode = da ? MPS_DINP_ACT : MPS_DINP_F32;
+            cpu.matmul_parts_bwd(cpu.ctx, dinp, mode, dwh, round, none, dout.h, inp.h, wh, oc, nparts, N, C);
+            GPU_TWICE(s, {
+                float *dwd[MPS_MAX_PARTS];
+                for (int i = 0; i < nparts; i++)
+                    dwd[i] = o_dev(&s, 1 + i);
+                gpu.matmul_parts_bwd(gpu.ctx, o_dev(&s, 0), mode, dwd, round, none, dout.d, inp.d, wd, oc, nparts, N,
+                                     C);
+            });
+            o_done(&s, TOL_GEMM);
+            free(i0);
         }
-        cpu.matmul_parts_bwd(cpu.ctx, dinp, dwh, round, none, dout.h, inp.h, wh, oc, nparts, N, C);
-        GPU_TWICE(s, {
-            float *dwd[MPS_MAX_PARTS];
-            for (int i = 0; i < nparts; i++)
-                dwd[i] = o_dev(&s, 1 + i);
-            gpu.matmul_parts_bwd(gpu.ctx, o_dev(&s, 0), dwd, round, none, dout.d, inp.d, wd, oc, nparts, N, C);
-        });
-        o_done(&s, TOL_GEMM);
-        free(i0);
         if (bias) { /* the bias gradients alone: fp32 column sums */
             snprintf(op, sizeof op, "matmul_parts_bwd N%lld C%d W%lld (%d parts) dbias", (long long)N, C, (long long)W,
                      nparts);
@@ -719,12 +724,12 @@ static void test_matmul_parts(int64_t N, int C, int nparts, const int *oc, int b
                 dbh[i] = o_add(&s, "dbias", oc[i], init);
                 free(init);
             }
-            cpu.matmul_parts_bwd(cpu.ctx, NULL, none, 0, dbh, dout.h, inp.h, wh, oc, nparts, N, C);
+            cpu.matmul_parts_bwd(cpu.ctx, NULL, 0, none, 0, dbh, dout.h, inp.h, wh, oc, nparts, N, C);
             GPU_TWICE(s, {
                 float *dbd[MPS_MAX_PARTS];
                 for (int i = 0; i < nparts; i++)
                     dbd[i] = o_dev(&s, i);
-                gpu.matmul_parts_bwd(gpu.ctx, NULL, none, 0, dbd, dout.d, inp.d, wd, oc, nparts, N, C);
+                gpu.matmul_parts_bwd(gpu.ctx, NULL, 0, none, 0, dbd, dout.d, inp.d, wd, oc, nparts, N, C);
             });
             o_done(&s, N > 1000 ? TOL_RED : TOL_EW);
         }
@@ -867,6 +872,7 @@ static void test_rmsnorm(int64_t N, int C)
 {
     char op[80];
     tin inp = in_rand(N * C, 2.0f), w = in_rand(C, 1.0f), dout = in_rand(N * C, 1.0f);
+    tin dout_act = in_rand_act(N * C, 1.0f);
     for (int64_t i = 0; i < N * C; i++) /* rows of different scales: rstd matters */
         inp.h[i] *= (float)(1 + i / C % 5);
     gpu.from_host(gpu.ctx, inp.d, inp.h, sizeof(float) * (size_t)(N * C));
@@ -877,13 +883,18 @@ static void test_rmsnorm(int64_t N, int C)
     GPU_TWICE(s, gpu.rmsnorm_fwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 1), inp.d, w.d, N, C, 1e-5f));
     tin r = in_copy(rstd, N); /* the backward takes the CPU's statistics */
     o_done(&s, TOL_EW);
-    snprintf(op, sizeof op, "rmsnorm_bwd N%lld C%d", (long long)N, C);
     float *i0 = hrand(N * C, 1.0f), *i1 = hrand(C, 1.0f); /* += outputs: random start */
-    float *dinp = o_add(&s, "dinp", N * C, i0), *dw = o_add(&s, "dw", C, i1);
-    float *dact = o_add_act(&s, "dinp_act", N * C);
-    cpu.rmsnorm_bwd(cpu.ctx, dinp, dact, dw, dout.h, inp.h, w.h, r.h, N, C);
-    GPU_TWICE(s, gpu.rmsnorm_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 2), o_dev(&s, 1), dout.d, inp.d, w.d, r.d, N, C));
-    o_done(&s, N > 1000 || C > 1000 ? TOL_RED : TOL_EW); /* long sums: dw over rows, the row dot over C */
+    for (int da = 0; da < 2; da++) { /* dout fp32 (a TP sum), or the product's operand buffer */
+        const tin *g = da ? &dout_act : &dout;
+        snprintf(op, sizeof op, "rmsnorm_bwd N%lld C%d%s", (long long)N, C, da ? " dout act" : "");
+        float *dinp = o_add(&s, "dinp", N * C, i0), *dw = o_add(&s, "dw", C, i1);
+        float *dact = o_add_act(&s, "dinp_act", N * C);
+        cpu.rmsnorm_bwd(cpu.ctx, dinp, dact, dw, g->h, da, inp.h, w.h, r.h, N, C);
+        GPU_TWICE(s, gpu.rmsnorm_bwd(gpu.ctx, o_dev(&s, 0), o_dev(&s, 2), o_dev(&s, 1), g->d, da, inp.d, w.d, r.d, N,
+                                     C));
+        o_done(&s, N > 1000 || C > 1000 ? TOL_RED : TOL_EW); /* long sums: dw over rows, the row dot over C */
+    }
+    in_free(&dout_act);
     free(i0);
     free(i1);
     in_free(&r);
@@ -1167,17 +1178,28 @@ static void test_xent(int64_t N, int64_t Vl, int64_t v0, int64_t V)
     const double fused_tols[4] = {0.0, TOL_RED, 0.0, TOL_RED};
     o_done_each(&s, 0, fused_tols);
 
-    XOP("xent_loss_sum");
-    double lc = cpu.xent_loss_sum(cpu.ctx, gmax.h, gsum.h, tlog.h, N);
-    double lg1 = gpu.xent_loss_sum(gpu.ctx, gmax.d, gsum.d, tlog.d, N);
-    double lg2 = gpu.xent_loss_sum(gpu.ctx, gmax.d, gsum.d, tlog.d, N);
+    /* the step's accumulator: first = 1 overwrites whatever it held (NaN here), first = 0 adds */
+    XOP("xent_loss_add");
+    double lc = NAN, lc2, lg1, lg2, lg3, nan = NAN;
+    cpu.xent_loss_add(cpu.ctx, &lc, 1, gmax.h, gsum.h, tlog.h, N);
+    lc2 = lc;
+    cpu.xent_loss_add(cpu.ctx, &lc2, 0, gmax.h, gsum.h, tlog.h, N);
+    double *acc = dalloc(sizeof(double));
+    gpu.from_host(gpu.ctx, acc, &nan, sizeof nan);
+    gpu.xent_loss_add(gpu.ctx, acc, 1, gmax.d, gsum.d, tlog.d, N);
+    gpu.to_host(gpu.ctx, &lg1, acc, sizeof lg1);
+    gpu.xent_loss_add(gpu.ctx, acc, 0, gmax.d, gsum.d, tlog.d, N);
+    gpu.to_host(gpu.ctx, &lg2, acc, sizeof lg2);
+    gpu.xent_loss_add(gpu.ctx, acc, 1, gmax.d, gsum.d, tlog.d, N);
+    gpu.to_host(gpu.ctx, &lg3, acc, sizeof lg3);
     sync_ok(op);
-    double rel = fabs(lg1 - lc) / fmax(fabs(lc), 1e-30);
-    int ok = rel <= 1e-6 && memcmp(&lg1, &lg2, sizeof lg1) == 0;
+    dfree(acc);
+    double rel = fabs(lg1 - lc) / fmax(fabs(lc), 1e-30), rel2 = fabs(lg2 - lc2) / fmax(fabs(lc2), 1e-30);
+    int ok = rel <= 1e-6 && rel2 <= 1e-6 && lg2 == lg1 + lg1 && memcmp(&lg1, &lg3, sizeof lg1) == 0;
     checks++;
     failures += !ok;
-    printf("%-5s %-34s gpu %.12g cpu %.12g rel %.3e (tol 1e-06)%s\n", ok ? "ok" : "FAIL", op, lg1, lc, rel,
-           memcmp(&lg1, &lg2, sizeof lg1) ? " NOT DETERMINISTIC" : "");
+    printf("%-5s %-34s gpu %.12g cpu %.12g rel %.3e, twice %.12g (cpu %.12g) (tol 1e-06)%s\n", ok ? "ok" : "FAIL", op,
+           lg1, lc, rel, lg2, lc2, memcmp(&lg1, &lg3, sizeof lg1) ? " NOT DETERMINISTIC" : "");
 #undef XOP
     in_free(&logits);
     in_free(&gmax);

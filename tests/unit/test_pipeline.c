@@ -2,20 +2,24 @@
  * messages on a backend whose sends block their queue until the peer receives (NCCL: one stream
  * per channel, cli/comm_nccl.c). The simulation replays one rank program per stage, in the order
  * engine.c issues them (forward_mb, backward_mb, run_schedule under 1F1B and GPipe, the tied
- * head's exchange, the step's norm), for two steps, and checks that every message is delivered.
+ * head's exchange, the step's norm), for two steps, and checks that every message is delivered:
+ * also with the waits for the ring of send buffers (train/pipeline.h mps_pipe_send_buffers), as
+ * NCCL makes them (the compute stream waits) and as MPI does (the host waits).
  * It shows it can fail on the two deadlocks met on the way: one stream for all messages (1F1B on
  * 2 stages), and NCCL's connection at a pair's first message, a host handshake, without the
  * connections made at start (the tied head's exchange from 3 stages on: 4 GPUs hung so). */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "layout.h"
 #include "pipeline.h"
 #include "testutil.h"
 
-enum { OP_SYNC, OP_COMPUTE, OP_SEND, OP_RECV, OP_FLUSH, OP_BARRIER };
+enum { OP_SYNC, OP_COMPUTE, OP_SEND, OP_RECV, OP_FLUSH, OP_BARRIER, OP_SEND_WAIT };
 typedef struct {
     int kind, peer, tag, channel;
+    int waits; /* OP_SEND_WAIT: the send it waits for (the last from its buffer), or -1 */
     int compute_mark; /* compute items issued before it (a send or receive starts after them) */
     int done;
 } op_t;
@@ -30,6 +34,7 @@ typedef struct {
     int chan_head[MPS_PIPE_CHANNELS];
     int *chan_queue[MPS_PIPE_CHANNELS];
     int chan_len[MPS_PIPE_CHANNELS];
+    int last_send[2][2]; /* [forward?][ring buffer]: the op index of its last send, or -1 */
 } rank_t;
 
 typedef int (*channel_fn)(const mps_layout *L, int sender, int receiver);
@@ -46,7 +51,7 @@ static void emit(rank_t *r, int kind, int peer, int tag)
         r->cap = r->cap ? 2 * r->cap : 64;
         r->ops = realloc(r->ops, sizeof *r->ops * (size_t)r->cap);
     }
-    r->ops[r->nops++] = (op_t){ kind, peer, tag, -1, 0, 0 };
+    r->ops[r->nops++] = (op_t){ kind, peer, tag, -1, -1, 0, 0 };
 }
 
 /* engine.c's order for one step of stage s (the tags only tell messages apart) */
@@ -75,22 +80,23 @@ static void program(rank_t *r, const mps_layout *L, int rank, int M, int gpipe, 
         for (; bwd < M; bwd++)
             order[n][0] = 0, order[n++][1] = bwd;
     }
-    int base = step * 1000;
+    int base = step * 1000, ring = mps_pipe_send_buffers(M);
     for (int i = 0; i < n; i++) {
-        int mb = order[i][1];
-        if (order[i][0]) { /* forward_mb: the batch's upload waits for the device */
+        int mb = order[i][1], fwd = order[i][0], to = fwd ? next : prev;
+        if (fwd) { /* forward_mb: the batch's upload waits for the device */
             emit(r, OP_SYNC, -1, 0);
             if (!first)
                 emit(r, OP_RECV, prev, base + 2 * mb);
+        } else if (!last)
+            emit(r, OP_RECV, next, base + 2 * mb + 1);
+        emit(r, OP_COMPUTE, -1, 0);
+        if (to >= 0) { /* the buffer mb % ring: wait for its last send, copy into it, send */
+            int *last_send = &r->last_send[fwd][mb % ring];
+            emit(r, OP_SEND_WAIT, -1, 0);
+            r->ops[r->nops - 1].waits = *last_send;
             emit(r, OP_COMPUTE, -1, 0);
-            if (!last)
-                emit(r, OP_SEND, next, base + 2 * mb);
-        } else {
-            if (!last)
-                emit(r, OP_RECV, next, base + 2 * mb + 1);
-            emit(r, OP_COMPUTE, -1, 0);
-            if (!first)
-                emit(r, OP_SEND, prev, base + 2 * mb + 1);
+            *last_send = r->nops;
+            emit(r, OP_SEND, to, base + 2 * mb + !fwd);
         }
     }
     if (L->pp > 1 && (first || last)) { /* the tied head: send, receive, flush */
@@ -123,14 +129,16 @@ static int reciprocal(const rank_t *rk, int me, const op_t *o)
 /* Runs every rank's program; returns 1 when every op completed, 0 on a deadlock. connect_lazily:
  * a pair's first message on a channel waits on the host for the peer's host to reach the other
  * end (NCCL without the connections made at start). */
-static int simulate(const mps_layout *L, int M, int gpipe, channel_fn channel, int connect_lazily)
+static int simulate(const mps_layout *L, int M, int gpipe, channel_fn channel, int connect_lazily, int host_waits)
 {
     int world = mps_layout_world(L), ok = 1;
     unsigned char *connected = calloc((size_t)world * world * MPS_PIPE_CHANNELS, 1); /* [sender][receiver][ch] */
     rank_t *rk = calloc((size_t)world, sizeof *rk);
-    for (int i = 0; i < world; i++)
+    for (int i = 0; i < world; i++) {
+        memset(rk[i].last_send, -1, sizeof rk[i].last_send);
         for (int step = 0; step < 2; step++)
             program(&rk[i], L, i, M, gpipe, step);
+    }
     for (int i = 0; i < world; i++)
         for (int ch = 0; ch < MPS_PIPE_CHANNELS; ch++)
             rk[i].chan_queue[ch] = malloc(sizeof(int) * (size_t)rk[i].nops);
@@ -144,6 +152,8 @@ static int simulate(const mps_layout *L, int M, int gpipe, channel_fn channel, i
                 op_t *o = &r->ops[r->host];
                 if (o->kind == OP_SYNC && r->compute_done < r->compute_issued)
                     break;
+                if (o->kind == OP_SEND_WAIT && host_waits && o->waits >= 0 && !r->ops[o->waits].done)
+                    break; /* MPI: the host waits for the send */
                 if (o->kind == OP_BARRIER) {
                     if (r->compute_done == r->compute_issued)
                         at_barrier++;
@@ -160,6 +170,8 @@ static int simulate(const mps_layout *L, int M, int gpipe, channel_fn channel, i
                 o->compute_mark = r->compute_issued;
                 if (o->kind == OP_COMPUTE)
                     push_compute(r, -1);
+                if (o->kind == OP_SEND_WAIT && !host_waits && o->waits >= 0)
+                    push_compute(r, o->waits); /* NCCL: the compute stream waits for the send */
                 if (o->kind == OP_SEND || o->kind == OP_RECV) {
                     o->channel = o->kind == OP_SEND ? channel(L, i, o->peer) : channel(L, o->peer, i);
                     r->chan_queue[o->channel][r->chan_len[o->channel]++] = r->host;
@@ -265,21 +277,23 @@ int main(void)
                 for (int M = 1; M <= 9; M += 4)
                     for (int gpipe = 0; gpipe < 2; gpipe++) {
                         const char *sched = gpipe ? "gpipe" : "1f1b";
-                        CHECK_MSG(simulate(&L, M, gpipe, mps_pipe_channel, 0), "deadlock: pp=%d dp=%d tp=%d M=%d %s",
-                                  pp, L.dp, L.tp, M, sched);
+                        for (int host_waits = 0; host_waits < 2; host_waits++)
+                            CHECK_MSG(simulate(&L, M, gpipe, mps_pipe_channel, 0, host_waits),
+                                      "deadlock: pp=%d dp=%d tp=%d M=%d %s, %s", pp, L.dp, L.tp, M, sched,
+                                      host_waits ? "host waits for sends" : "stream waits for sends");
                         /* the simulation finds the deadlocks it is there for: one stream for every
                          * message under 1F1B (stage s sends forward then receives backward, s + 1
                          * the reverse) ... */
                         if (pp >= 2 && M >= 2 && !gpipe)
-                            CHECK_MSG(!simulate(&L, M, gpipe, one_channel, 0),
+                            CHECK_MSG(!simulate(&L, M, gpipe, one_channel, 0, 0),
                                       "pp=%d M=%d 1f1b: no deadlock found on one channel", pp, M);
                         /* ... and, from 3 stages on, the tied head's first exchange (both ends send
                          * first) when NCCL connects the pair then, with a host handshake */
                         if (pp >= 3)
-                            CHECK_MSG(!simulate(&L, M, gpipe, mps_pipe_channel, 1),
+                            CHECK_MSG(!simulate(&L, M, gpipe, mps_pipe_channel, 1, 0),
                                       "pp=%d M=%d %s: no deadlock found connecting lazily", pp, M, sched);
                         else
-                            CHECK(simulate(&L, M, gpipe, mps_pipe_channel, 1) == 1);
+                            CHECK(simulate(&L, M, gpipe, mps_pipe_channel, 1, 0) == 1);
                     }
             }
     TEST_DONE();

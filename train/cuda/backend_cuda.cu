@@ -353,7 +353,7 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     b.xent_rescale = cu_xent_rescale;
     b.xent_bwd = cu_xent_bwd;
     b.xent_stats_bwd = cu_xent_stats_bwd;
-    b.xent_loss_sum = cu_xent_loss_sum;
+    b.xent_loss_add = cu_xent_loss_add;
     b.adamw_many = cu_adamw_many;
     b.sumsq_many = cu_sumsq_many;
     b.destroy = cuda_destroy;

@@ -164,7 +164,8 @@ void cu_xent_bwd(void *ctx, void *dlogits, const void *logits, const int32_t *ta
                  const float *gsumexp, float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
 void cu_xent_stats_bwd(void *ctx, float *rowmax, float *sumexp, float *tlogit, void *logits, const int32_t *targets,
                        float scale, int64_t N, int64_t Vl, int64_t v0, int64_t V);
-double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N);
+void cu_xent_loss_add(void *ctx, double *acc, int first, const float *gmax, const float *sumexp, const float *tlogit,
+                      int64_t N);
 void cu_adamw_many(void *ctx, const mps_adamw_job *jobs, int count, const mps_adamw_step *step);
 double cu_sumsq_many(void *ctx, const float *const *xs, const int64_t *ns, int count);
 /* the valid bf16 copy of the first n elements of parameter w, or NULL */
@@ -198,8 +199,9 @@ void cu_matmul_fwd_act(void *ctx, void *out, const void *inp, const float *w, co
                        int OC);
 void cu_matmul_parts_fwd_act(void *ctx, void *out, const void *inp, const float *const *w, const float *const *bias,
                              const int *oc, int nparts, int64_t N, int C);
-void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, int dw_set, float *const *dbias, const void *dout,
-                         const void *inp, const float *const *w, const int *oc, int nparts, int64_t N, int C);
+void cu_matmul_parts_bwd(void *ctx, void *dinp, int dinp_act, float *const *dw, int dw_set, float *const *dbias,
+                         const void *dout, const void *inp, const float *const *w, const int *oc, int nparts, int64_t N,
+                         int C);
 /* out (N, C) bf16 += bias (C) */
 void cu_add_bias_act(mps_cuda *c, act_t *out, const float *bias, int64_t N, int C);
 void cu_matmul_gelu_fwd(void *ctx, void *out, void *pre, const void *inp, const float *w, const float *bias, int64_t N,
@@ -223,8 +225,8 @@ void cu_attention_bwd(void *ctx, void *dqkv, const void *dout, const void *qkv, 
 
 /* ---- kernels_llama.cu and attention_gqa.cu: the Llama block's entries (backend.h) */
 void cu_rmsnorm_fwd(void *ctx, void *out, float *rstd, const float *inp, const float *w, int64_t N, int C, float eps);
-void cu_rmsnorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dw, const float *dout, const float *inp,
-                    const float *w, const float *rstd, int64_t N, int C);
+void cu_rmsnorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dw, const void *dout, int dout_act,
+                    const float *inp, const float *w, const float *rstd, int64_t N, int C);
 void cu_rope_fwd(void *ctx, void *x, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
 void cu_rope_bwd(void *ctx, void *dx, const float *cs, int B, int T, int nheads, int hd, int64_t ld);
 void cu_swiglu_fwd(void *ctx, void *out, const void *gate, const void *up, int64_t N, int F, int64_t ld);

@@ -520,8 +520,9 @@ void cu_matmul_parts_fwd_act(void *ctx, void *out, const void *inp, const float 
 /* dinp = dout @ [w_0; w_1; ...] in one product over the stacked weight (K = W: the parts' input
  * gradients summed inside it, no read-modify-write of dinp per part); each dw[i] from its columns
  * of dout (a row stride of W); the bias gradients from one column sum of dout */
-void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, int dw_set, float *const *dbias, const void *dout,
-                         const void *inp, const float *const *w, const int *oc, int nparts, int64_t N, int C)
+void cu_matmul_parts_bwd(void *ctx, void *dinp, int dinp_act, float *const *dw, int dw_set, float *const *dbias,
+                         const void *dout, const void *inp, const float *const *w, const int *oc, int nparts, int64_t N,
+                         int C)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     const char *what = "matmul_parts_bwd";
@@ -544,7 +545,22 @@ void cu_matmul_parts_bwd(void *ctx, float *dinp, float *const *dw, int dw_set, f
         const act_t *wb = stacked_bf16(c, w, oc, nparts, W, C, what);
         if (!wb)
             return;
-        gemm(c, "matmul_parts_bwd (dinp)", 0, 0, C, (int)N, (int)W, wb, C, g, (int)W, 0.0f, NULL, dinp, C, NULL);
+        /* an operand dinp straight from the product (a bf16 D wants ldd % 8 == 0), else through fp32 */
+        const int r = dinp_act == MPS_DINP_ACT && C % 8 == 0
+                          ? gemm_bf16(c, "matmul_parts_bwd (dinp, bf16)", MPS_EPI_PLAIN, 0, 0, C, (int)N, (int)W, wb, C,
+                                      g, (int)W, (act_t *)dinp, C, NULL, NULL, 0)
+                          : 0;
+        if (r < 0)
+            return;
+        if (r == 0) {
+            float *x = dinp_act == MPS_DINP_ACT ? (float *)cu_scratch(c, SCR_MLP, (size_t)N * C * sizeof(float))
+                                                : (float *)dinp; // (N, C)
+            if (!x)
+                return;
+            gemm(c, "matmul_parts_bwd (dinp)", 0, 0, C, (int)N, (int)W, wb, C, g, (int)W, 0.0f, NULL, x, C, NULL);
+            if (dinp_act == MPS_DINP_ACT && cu_to_act(c, (act_t *)dinp, x, N * C, "matmul_parts_bwd (dinp to operand)"))
+                return;
+        }
     }
     const act_t *ib = (const act_t *)inp;
     int64_t off = 0;

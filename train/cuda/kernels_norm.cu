@@ -527,8 +527,8 @@ void cu_layernorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dinp_colsum
 
 /* RMSNorm's backward (the Llama block): the kernels above without the mean, dinp += and dinp_act
  * (the updated dinp as an operand buffer) in one pass, dw from the blocks' partial sums */
-void cu_rmsnorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dw, const float *dout, const float *inp,
-                    const float *w, const float *rstd, int64_t N, int C)
+void cu_rmsnorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dw, const void *dout, int dout_act,
+                    const float *inp, const float *w, const float *rstd, int64_t N, int C)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (!dinp)
@@ -543,10 +543,13 @@ void cu_rmsnorm_bwd(void *ctx, float *dinp, void *dinp_act, float *dw, const flo
     LnBwdOut o = {dinp, (act_t *)dinp_act, NULL, NULL, NULL};
     if (dw && !(o.pdw = (float *)cu_scratch(c, SCR_PART, (size_t)nblk * C * sizeof(float))))
         return;
-    const int vec = cu_aligned16(dinp) && cu_aligned16(dout) && cu_aligned16(inp) && cu_aligned16(w) &&
-                    (!dinp_act || aligned8(dinp_act));
-    if (ln_bwd_launch<float, true>(c, "rmsnorm_bwd", o, (unsigned)nblk, vec, dout, inp, w, NULL, rstd, N, C) != 0 ||
-        cu_launched(c, "rmsnorm_bwd") != 0 || !dw)
+    const int vec = cu_aligned16(dinp) && (dout_act ? aligned8(dout) : cu_aligned16(dout)) && cu_aligned16(inp) &&
+                    cu_aligned16(w) && (!dinp_act || aligned8(dinp_act));
+    const int rc = dout_act ? ln_bwd_launch<act_t, true>(c, "rmsnorm_bwd", o, (unsigned)nblk, vec, (const act_t *)dout,
+                                                        inp, w, NULL, rstd, N, C)
+                            : ln_bwd_launch<float, true>(c, "rmsnorm_bwd", o, (unsigned)nblk, vec, (const float *)dout,
+                                                        inp, w, NULL, rstd, N, C);
+    if (rc != 0 || cu_launched(c, "rmsnorm_bwd") != 0 || !dw)
         return;
     const float *src = o.pdw;
     const int acc = 1;

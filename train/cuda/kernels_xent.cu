@@ -313,27 +313,25 @@ void cu_xent_stats_bwd(void *ctx, float *rowmax, float *sumexp, float *tlogit, v
     cu_launched(c, "xent_stats_bwd");
 }
 
-/* ---------------------------------------------------------------- host results */
+/* ---------------------------------------------------------------- the loss */
 
-/* one block of 1024: out = sum of log(sumexp) + gmax - tlogit, in double, fixed tree */
-__global__ void k_loss_sum(double *out, const float *gmax, const float *sumexp, const float *tlogit, int64_t N)
+/* one block of 1024: *acc = (first ? 0 : *acc) + the sum of log(sumexp) + gmax - tlogit, in
+ * double, fixed tree */
+__global__ void k_loss_add(double *acc, int first, const float *gmax, const float *sumexp, const float *tlogit,
+                           int64_t N)
 {
     double s = 0.0;
     for (int64_t i = threadIdx.x; i < N; i += blockDim.x)
         s += (double)logf(sumexp[i]) + (double)gmax[i] - (double)tlogit[i];
     s = block_reduce(s, SumOp(), 0.0);
     if (threadIdx.x == 0)
-        *out = s;
+        *acc = (first ? 0.0 : *acc) + s;
 }
 
-double cu_xent_loss_sum(void *ctx, const float *gmax, const float *sumexp, const float *tlogit, int64_t N)
+void cu_xent_loss_add(void *ctx, double *acc, int first, const float *gmax, const float *sumexp, const float *tlogit,
+                      int64_t N)
 {
     mps_cuda *c = (mps_cuda *)ctx;
-    if (N <= 0)
-        return 0.0;
-    pthread_mutex_lock(&c->res_mu);
-    k_loss_sum<<<1, 1024, 0, c->stream>>>(c->dres + SQ_MAX_BLOCKS, gmax, sumexp, tlogit, N);
-    double r = fetch_result(c, "xent_loss_sum");
-    pthread_mutex_unlock(&c->res_mu);
-    return r;
+    k_loss_add<<<1, 1024, 0, c->stream>>>(acc, first, gmax, sumexp, tlogit, N > 0 ? N : 0);
+    cu_launched(c, "xent_loss_add");
 }
