@@ -2,7 +2,7 @@
 # One device call: build on the GPU host (deps/ carried: scripts/fetch-host-deps.sh), run the
 # suite, then the benches. Output goes to $OUT when set; MPS_CUDA=OFF builds without the CUDA
 # backend (for runs that train nothing on the GPU).
-# usage: bench/gpu_host_run.sh [tests|shard|llamashard|hf|reshard|gpuunit|gputrain|gpullama|trainbench|llamabench|multibench|profile|llamaprofile|plan|release]...
+# usage: bench/gpu_host_run.sh [tests|shard|llamashard|hf|reshard|gpuunit|gputrain|gpullama|trainbench|llamabench|multibench|profile|llamaprofile|plan|timeline|release]...
 # llamabench: bench/train_bench_llama.sh on LLAMA_NAMES (default its three, torch_llama.py's), then
 # tinyllama's resume and save part (to split it over two calls: RESUME= leaves that part out,
 # LLAMA_NAMES=none runs it alone).
@@ -34,6 +34,11 @@ for what in "$@"; do
     profile) bash bench/train_profile.sh /tmp/prof 2>&1 | tee "$OUT/profile.txt" | tail -45 ;;
     llamaprofile) MODEL=llama-125m bash bench/train_profile.sh /tmp/lprof 2>&1 | tee "$OUT/llama_profile.txt" | tail -45 ;;
     plan) bash bench/plan_vs_measured.sh /tmp/plan 2>&1 | tee "$OUT/plan_vs_measured.txt" ;;
+    # CUPTI timelines of mpshard train and the PyTorch baseline at the card's own clock
+    timeline) for name in ${TIMELINE_NAMES:-tinyllama-1.1b gpt2}; do
+        MPSHARD=build/mpshard SHARED="${SHARED:-../shared}/bench" bash bench/train_timeline.sh "/tmp/timeline-$name" \
+          "$name" 2>&1 | tee "$OUT/timeline-$name.txt" | head -60
+      done ;;
     # a Release build (users' flags: no -Werror) of these sources in a fresh build directory, GCC of this host
     release) gcc --version | head -1
       (cmake -S . -B /tmp/relbuild -DCMAKE_BUILD_TYPE=Release && cmake --build /tmp/relbuild -j "$(nproc)") \
