@@ -41,6 +41,8 @@ static const char *const help =
     "                      (default: GPUs x micro-batch)\n"
     "  --no-overlap        plan train --no-overlap (or --comm mpi): ZeRO-2/3 reduce-scatter after the\n"
     "                      whole backward and hold the stage's full gradients until then\n"
+    "  --schedule S        1f1b (default) or gpipe, as train's: GPipe holds the activations of every\n"
+    "                      micro-batch of the step, 1F1B those of pp - stage of them\n"
     "  --gpu-mem M         GPU memory, e.g. 80GiB or 40GB (K, M, G, T alone mean KiB .. TiB):\n"
     "                      ranks over it are marked, and the command exits 1 if any is\n"
     "                      (--suggest: if no layout fits)\n"
@@ -120,23 +122,33 @@ static void print_model(const mps_config *cfg)
            (long long)cfg->padded_vocab, cfg->n_positions, count);
 }
 
-/* the training line's note under --no-overlap */
+/* the training line's notes under --no-overlap and --schedule gpipe */
 static const char *no_overlap_note(int no_overlap)
 {
     return no_overlap ? ", gradients reduced after the backward (--no-overlap)" : "";
+}
+
+static const char *schedule_note(int gpipe)
+{
+    return gpipe ? ", GPipe schedule (every micro-batch of the step in flight)" : "";
+}
+
+static const char *schedule_name(int gpipe)
+{
+    return gpipe ? "gpipe" : "1f1b";
 }
 
 static void print_training(const mps_plan *plan)
 {
     const mps_plan_opts *o = mps_plan_options(plan);
     printf("training   %s (%s), micro-batch %lld x %lld tokens, recompute %s, global batch %lld sequences "
-           "(%lld micro-batch%s per pipeline per step)%s\n",
+           "(%lld micro-batch%s per pipeline per step)%s%s\n",
            mps_precision_name(o->precision),
            o->precision == MPS_PRECISION_MIXED ? "bf16 weights; fp32 gradients, master, m, v"
                                                : "fp32 weights, gradients, m, v; no master copy",
            (long long)o->micro_batch, (long long)o->seq, mps_recompute_name(o->recompute), (long long)o->global_batch,
            (long long)mps_plan_microbatches(plan), mps_plan_microbatches(plan) == 1 ? "" : "es",
-           no_overlap_note(o->no_overlap));
+           no_overlap_note(o->no_overlap), schedule_note(o->gpipe));
 }
 
 #define SECS(t) cli_fmt_seconds((char[32]){ 0 }, 32, (t))
@@ -244,6 +256,7 @@ static json_t *plan_json(const inspect_args *a, const mps_plan *plan)
                           mps_recompute_name(o->recompute), "global_batch", (json_int_t)o->global_batch, "microbatches",
                           (json_int_t)mps_plan_microbatches(plan), "bubble", mps_plan_bubble(plan));
     json_object_set_new(j, "no_overlap", json_boolean(o->no_overlap));
+    json_object_set_new(j, "schedule", json_string(schedule_name(o->gpipe)));
     json_object_set_new(j, "ranks", ranks_json(a, plan));
     json_object_set_new(j, "peak", json_pack("{s:i, s:I}", "rank", peak_rank, "bytes", (json_int_t)peak));
     json_object_set_new(j, "comm", comm_json(&c, comm_rank));
@@ -398,13 +411,14 @@ static int run_suggest(const inspect_args *a, const mps_config *cfg, int *fit, m
                               (json_int_t)a->po.seq, "recompute", mps_recompute_name(a->po.recompute), "global_batch",
                               (json_int_t)global, "considered", considered, "fit", n, "layouts", arr);
         json_object_set_new(j, "no_overlap", json_boolean(a->po.no_overlap));
+        json_object_set_new(j, "schedule", json_string(schedule_name(a->po.gpipe)));
         emit_json(j);
     } else {
         print_model(cfg);
-        printf("training   %s, micro-batch %lld x %lld tokens, recompute %s, global batch %lld sequences%s\n",
+        printf("training   %s, micro-batch %lld x %lld tokens, recompute %s, global batch %lld sequences%s%s\n",
                mps_precision_name(a->po.precision), (long long)a->po.micro_batch, (long long)a->po.seq,
                mps_recompute_name(a->po.recompute), (long long)global,
-               no_overlap_note(a->po.no_overlap));
+               no_overlap_note(a->po.no_overlap), schedule_note(a->po.gpipe));
         static const char *const order[] = { "shortest estimated step time", "fewest bytes sent per rank and step",
                                              "lowest peak memory", "smallest pipeline bubble" };
         printf("layouts of %lld GPUs with every rank within %s: %d of %d fit%s%s\n", (long long)a->gpus, FMT(a->gpu_mem),
@@ -568,6 +582,7 @@ static int parse_args(int argc, char **argv, inspect_args *a)
         { "units", required_argument, 0, 'u' }, { "json", no_argument, 0, 'j' },
         { "time", no_argument, 0, 't' }, { "repeat", required_argument, 0, 'n' },
         { "sort", required_argument, 0, 'o' }, { "no-overlap", no_argument, 0, 'O' },
+        { "schedule", required_argument, 0, 'P' },
         { "help", no_argument, 0, 'h' }, { 0, 0, 0, 0 },
     };
     memset(a, 0, sizeof *a);
@@ -618,6 +633,11 @@ static int parse_args(int argc, char **argv, inspect_args *a)
             break;
         case 'j': a->json = 1; break;
         case 'O': a->po.no_overlap = 1; break;
+        case 'P':
+            if (strcmp(optarg, "1f1b") != 0 && strcmp(optarg, "gpipe") != 0)
+                return cli_usage("inspect", "--schedule '%s': expected 1f1b or gpipe", optarg);
+            a->po.gpipe = strcmp(optarg, "gpipe") == 0;
+            break;
         case 't': a->time = 1; break;
         case 'n': if (cli_int("inspect", "--repeat", optarg, 1, 1000, &a->repeat)) return MPS_EUSAGE; break;
         case 'h': fputs(help, stdout); return -1;

@@ -97,9 +97,10 @@ static int64_t activation_bytes_m(const mps_config *cfg, const mps_layout *L, co
                                   int64_t microbatches)
 {
     /* 1F1B: stage i has pp - i micro-batches in flight at its peak (fewer if the step has fewer);
-     * the first stage thus holds pp * L/pp = L layers' worth. */
+     * the first stage thus holds pp * L/pp = L layers' worth. GPipe: all of the step's, on every
+     * stage (train/engine.c gives it a slot per micro-batch). */
     int64_t in_flight = L->pp - stage;
-    if (in_flight > microbatches)
+    if (in_flight > microbatches || o->gpipe)
         in_flight = microbatches;
     int64_t layers = L->stage_first[stage + 1] - L->stage_first[stage];
     long double total = layer_activation_bytes(cfg, L, o, (int)o->recompute) * (long double)layers *

@@ -38,6 +38,8 @@ typedef struct {
     int64_t global_batch;  /* sequences per optimizer step; 0: world * micro_batch */
     int no_overlap;        /* the trainer's --no-overlap (or --comm mpi): ZeRO-2/3 reduce-scatter after
                             * the whole backward, so the stage's full gradients exist at once */
+    int gpipe;             /* the trainer's --schedule gpipe: every micro-batch of the step in flight
+                            * (all forwards, then all backwards) instead of 1F1B's pp - stage */
 } mps_plan_opts;
 
 /* fp32, micro-batch 1, seq = the model's n_positions, no recompute, default global batch. */
@@ -72,7 +74,8 @@ typedef struct {
     int64_t total;
 } mps_comm_volume;
 
-/* Activation bytes held by one rank of pipeline stage `stage` at the peak of a 1F1B schedule, as
+/* Activation bytes held by one rank of pipeline stage `stage` at the peak of a 1F1B schedule (or
+ * GPipe's, o->gpipe: every micro-batch of the step in flight, also without a pipeline), as
  * mpshard's trainer allocates them: layers_of_stage * min(pp - stage, micro-batches per step) *
  * mps_arch_layer_activation_bytes (the layer's fp32 input, residual, statistics and log-sum-exp and
  * its operand buffers in the training dtype; full recompute: the fp32 input alone, plus one layer

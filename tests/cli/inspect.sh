@@ -49,6 +49,17 @@ expect 0 I --config "$C7" --layout dp=8,zero=3 --seq 1024 --no-overlap --json
 check near "$(jq '.ranks[5].transient / 1e9' "$T/out")" 31.04
 expect 0 I --config "$C7" --layout dp=8,zero=1 --seq 1024 --no-overlap --json
 check near "$(jq '.ranks[5].transient / 1e9' "$T/out")" 3.50
+# --schedule gpipe (train --schedule gpipe): every stage holds all 16 micro-batches of the step, where
+# 1F1B's last stage holds one (the plan is the trainer's allocation: tests/unit/test_plan_trainer.c)
+expect 0 I --model llama-2-7b --layout pp=4 --precision mixed --global-batch 16 --json
+onef1b=$(jq '.ranks[3].activations' "$T/out")
+[ "$(jq -r '.schedule' "$T/out")" = 1f1b ] && ok || bad "schedule in the JSON: $(jq -r '.schedule' "$T/out")"
+expect 0 I --model llama-2-7b --layout pp=4 --precision mixed --global-batch 16 --schedule gpipe --json
+[ "$(jq -r '.schedule' "$T/out")" = gpipe ] && ok || bad "--schedule gpipe missing from the JSON"
+jq -e --argjson a "$onef1b" '(.ranks[3].activations > 10 * $a) and
+  ([.ranks[].activations] | (max - min) < 0.01 * max)' "$T/out" >/dev/null && ok \
+  || bad "gpipe activations: $(jq -c '[.ranks[].activations]' "$T/out") (1F1B's last stage $onef1b)"
+expect 2 I --model gpt2 --layout pp=2 --schedule interleaved; expect_err "--schedule 'interleaved': expected 1f1b or gpipe"
 
 # --- checkpoints: what the datasets hold per rank equals the plan; the files table equals stat ---
 expect 0 "$MPSHARD" synth --config "$SMALL" --format safetensors -o "$T/m"

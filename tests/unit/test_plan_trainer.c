@@ -132,7 +132,8 @@ static void check_shape(const char *config, int micro_batch, int seq, int global
 
 /* Every rank of `layout`: the engine's buffers once built, plus its gradients (ZeRO-0, 1), or
  * without the step's transients (ZeRO-2, 3). */
-static void check_layout(const char *config, const char *layout, int micro_batch, int seq, int global_batch)
+static void check_layout_schedule(const char *config, const char *layout, int micro_batch, int seq, int global_batch,
+                                  int gpipe)
 {
     mps_err err;
     mps_err_clear(&err);
@@ -141,6 +142,7 @@ static void check_layout(const char *config, const char *layout, int micro_batch
     mps_layout L;
     CHECK(mps_layout_parse(layout, &cfg, &L, &err) == 0);
     mps_plan_opts po = plan_opts(&cfg, micro_batch, seq, global_batch, 0);
+    po.gpipe = gpipe;
     mps_plan *plan = NULL;
     CHECK(mps_plan_build(&cfg, &L, &po, &plan, &err) == 0);
     const int world = mps_layout_world(&L);
@@ -153,6 +155,7 @@ static void check_layout(const char *config, const char *layout, int micro_batch
         alloc_count count;
         counting_cpu_backend(&be, &count);
         mps_train_opts o = train_opts(micro_batch, seq, global_batch, 0);
+        o.schedule = gpipe ? MPS_SCHED_GPIPE : MPS_SCHED_1F1B;
         mps_engine *e = NULL;
         int rc = mps_engine_new(&cfg, &L, &comm, &be, &o, &e, &err);
         CHECK_MSG(rc == 0, "%s %s rank %d: %s", config, layout, r, err.msg);
@@ -174,9 +177,14 @@ static void check_layout(const char *config, const char *layout, int micro_batch
         mps_engine_free(e);
         CHECK(count.live == 0);
     }
-    printf("%s %s, b=%d s=%d G=%d: every rank's buffers and gradients are its plan\n", config, layout,
-           micro_batch, seq, global_batch);
+    printf("%s %s, b=%d s=%d G=%d%s: every rank's buffers and gradients are its plan\n", config, layout,
+           micro_batch, seq, global_batch, gpipe ? " gpipe" : "");
     mps_plan_free(plan);
+}
+
+static void check_layout(const char *config, const char *layout, int micro_batch, int seq, int global_batch)
+{
+    check_layout_schedule(config, layout, micro_batch, seq, global_batch, 0);
 }
 
 int main(void)
@@ -191,10 +199,13 @@ int main(void)
     check_shape(gpt2, 3, 32, 6, 1, dir);
     check_shape(llama, 2, 16, 4, 0, dir);
     check_shape(llama, 1, 32, 3, 1, dir);
-    /* the pipeline's slots (pp - stage in flight) and send buffers (one per micro-batch of the step to
-     * each neighbour), TP's split widths, the logits on the last stage, the tied wte there */
+    /* the pipeline's slots (pp - stage in flight; GPipe: every micro-batch of the step, also without
+     * a pipeline) and send buffers (a ring of two to each neighbour), TP's split widths, the logits on
+     * the last stage, the tied wte there */
     check_layout(gpt2, "pp=2,tp=2", 2, 16, 8);
     check_layout(gpt2, "pp=3", 1, 32, 5);
+    check_layout_schedule(gpt2, "pp=3", 1, 32, 5, 1);
+    check_layout_schedule(llama, "dp=1", 1, 32, 3, 1);
     check_layout(llama, "pp=2,tp=2", 2, 16, 6);
     /* ZeRO over dp = 2 (the shards are uneven: 1 element off per tensor, the plan counts each rank's) */
     check_layout(gpt2, "dp=2,zero=1", 2, 16, 8);
