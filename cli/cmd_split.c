@@ -32,6 +32,7 @@ static const char *const help =
     "  --precision P     fp32 (default) or mixed, as `mpshard inspect`\n"
     "  --recompute R     none (default), selective or full, as `mpshard inspect`\n"
     "  --no-overlap      plan `train --no-overlap` (ZeRO-2/3 hold the stage's full gradients)\n"
+    "  --schedule S      1f1b (default) or gpipe, as `mpshard train` will run\n"
     "  --zero Z          ZeRO stage of DST, 0..3 (default: SRC's)\n"
     "  --layout L        write layout L (dp x pp x tp = N) instead of the planner's choice\n"
     "  --dry-run         print the choice and stop: nothing is written\n"
@@ -59,6 +60,7 @@ static int parse_args(int argc, char **argv, split_args *a)
         { "seq", required_argument, 0, 's' }, { "global-batch", required_argument, 0, 'G' },
         { "precision", required_argument, 0, 'p' }, { "recompute", required_argument, 0, 'R' },
         { "no-overlap", no_argument, 0, 'O' }, { "zero", required_argument, 0, 'z' },
+        { "schedule", required_argument, 0, 'P' },
         { "layout", required_argument, 0, 'L' }, { "dry-run", no_argument, 0, 'n' },
         { "top", required_argument, 0, 'k' }, { "memory-mb", required_argument, 0, 'M' },
         { "threads", required_argument, 0, 't' }, { "force", no_argument, 0, 'F' },
@@ -92,6 +94,11 @@ static int parse_args(int argc, char **argv, split_args *a)
             a->po.recompute = (mps_recompute)v;
             break;
         case 'O': a->po.no_overlap = 1; break;
+        case 'P':
+            if (strcmp(optarg, "1f1b") != 0 && strcmp(optarg, "gpipe") != 0)
+                return cli_usage("split", "--schedule '%s': expected 1f1b or gpipe", optarg);
+            a->po.gpipe = strcmp(optarg, "gpipe") == 0;
+            break;
         case 'z': if (cli_int("split", "--zero", optarg, 0, 3, &n)) return MPS_EUSAGE; a->zero = (int)n; break;
         case 'L': a->layout = optarg; break;
         case 'n': a->dry_run = 1; break;
@@ -214,10 +221,10 @@ static int choose(split_args *a, const mps_manifest *m, int print, mps_layout *c
     }
     if (print) {
         printf("split      %s: %s (%d ranks) -> %lld GPUs of %s; %s, micro-batch %lld x %lld tokens, recompute %s, "
-               "global batch %lld\n",
+               "global batch %lld%s\n",
                a->src, layout_text(text, sizeof text, &m->layout), mps_layout_world(&m->layout), (long long)a->gpus,
                budget, mps_precision_name(po.precision), (long long)po.micro_batch, (long long)po.seq,
-               mps_recompute_name(po.recompute), (long long)po.global_batch);
+               mps_recompute_name(po.recompute), (long long)po.global_batch, po.gpipe ? ", GPipe schedule" : "");
         print_header();
         if (a->layout) {
             print_layout("given", &own, own.peak > a->gpu_mem ? "  over --gpu-mem" : "");

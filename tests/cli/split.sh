@@ -28,6 +28,17 @@ nothing_at "$T/a" && [ "$(ls "$T")" = "$(printf 'err\nm\nout\nsrc')" ] && ok || 
 expect 0 S "$T/src" --gpus 4 --dry-run --top 1   # -o is not needed to look
 [ "$(grep -c '^runner-up' "$T/out")" = 1 ] && ok || bad "--top 1"
 
+# --- --schedule gpipe plans what train --schedule gpipe holds: all 32 micro-batches a replica runs in
+# a step of 64 sequences (6.51 -> 32.47 MB for dp=2,pp=2), so 10 MB that 1F1B fits is refused ---
+expect 0 S "$T/src" --gpus 4 --dry-run --global-batch 64 --gpu-mem 10MB
+grep -q "^chosen     dp=2,pp=2,tp=1,zero=1  *6.51 MB" "$T/out" && ok || bad "1f1b: $(grep chosen "$T/out")"
+expect 1 S "$T/src" --gpus 4 --dry-run --global-batch 64 --gpu-mem 10MB --schedule gpipe
+expect_err "no layout of 4 GPUs at ZeRO-1 fits --gpu-mem 10 MB"
+expect 0 S "$T/src" --gpus 4 --dry-run --global-batch 64 --schedule gpipe
+grep -q "global batch 64, GPipe schedule" "$T/out" && grep -q "^chosen     dp=2,pp=2,tp=1,zero=1  *32.47 MB" "$T/out" && ok \
+  || bad "gpipe: $(head -3 "$T/out")"
+expect 2 S "$T/src" --gpus 4 --dry-run --schedule 1F1B; expect_err "--schedule '1F1B': expected 1f1b or gpipe"
+
 # --- the split equals reshard into the same layout, bit for bit ---
 expect 0 S "$T/src" --gpus 4 -o "$T/a" -q
 [ "$(layout_of "$T/a")" = dp=1,pp=2,tp=2,zero=1 ] && ok || bad "split wrote $(layout_of "$T/a")"
