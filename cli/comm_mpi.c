@@ -212,7 +212,8 @@ int cli_comm_mpi_new(const mps_layout *L, mps_comm *out, mps_err *err)
     }
     *out = (mps_comm){ .ctx = x, .rank = rank, .size = size, .allreduce_sum = ar_sum, .allreduce_max = ar_max,
                        .allreduce_sum_f64 = ar_sum64, .reduce_scatter = reduce_scatter, .allgather = allgather,
-                       .send = p2p_send, .send_wait = p2p_send_wait, .recv = p2p_recv, .flush = flush, .barrier = barrier,
+                       .send = p2p_send, .send_wait = p2p_send_wait, .recv = p2p_recv, .flush = flush,
+                       .barrier = barrier,
                        .bcast_bytes = bcast_bytes, .all_ok = all_ok };
     return 0;
 }

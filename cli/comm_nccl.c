@@ -246,7 +246,8 @@ static int p2p_send(void *c, int peer, const float *b, int64_t n, int tag, mps_e
         x->sent_unknown = 1;
         return 0;
     }
-    if (!x->sent[i].ev && cuda_check(cudaEventCreateWithFlags(&x->sent[i].ev, cudaEventDisableTiming), "event", err) != 0)
+    if (!x->sent[i].ev &&
+        cuda_check(cudaEventCreateWithFlags(&x->sent[i].ev, cudaEventDisableTiming), "event", err) != 0)
         return -1;
     if (i == x->nsent)
         x->nsent++;
@@ -403,7 +404,8 @@ int cli_comm_nccl_new(const mps_layout *L, const mps_comm *mpi, const mps_backen
                        .allreduce_sum_many = ar_sum_many,
                        .reduce_scatter_many = rs_many, .allgather_many = ag_many, .can_start = 1,
                        .finish_started = finish_started, .allreduce_max = ar_max, .allreduce_sum_f64 = ar64, .reduce_scatter = reduce_scatter,
-                       .allgather = allgather, .send = p2p_send, .send_wait = p2p_send_wait, .recv = p2p_recv, .flush = flush,
+                       .allgather = allgather, .send = p2p_send, .send_wait = p2p_send_wait, .recv = p2p_recv,
+                       .flush = flush,
                        .barrier = barrier, .bcast_bytes = bcast, .all_ok = all_ok };
     return 0;
 }

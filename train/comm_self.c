@@ -70,7 +70,8 @@ void mps_comm_self(mps_comm *out)
 {
     *out = (mps_comm){ .ctx = NULL, .rank = 0, .size = 1, .allreduce_sum = self_noop, .allreduce_max = self_noop,
                        .allreduce_sum_f64 = self_noop_f64, .reduce_scatter = self_copy, .allgather = self_gather,
-                       .send = self_send, .send_wait = self_send_wait, .recv = self_p2p, .flush = self_flush, .barrier = self_flush,
+                       .send = self_send, .send_wait = self_send_wait, .recv = self_p2p, .flush = self_flush,
+                       .barrier = self_flush,
                        .bcast_bytes = self_bcast,
                        .all_ok = self_all_ok };
 }

@@ -364,7 +364,8 @@ int mps_comm_staged_new(const mps_comm *inner, const mps_backend *be, const int 
     }
     *out = (mps_comm){ .ctx = x, .rank = inner->rank, .size = inner->size, .allreduce_sum = ar_sum,
                        .allreduce_max = ar_max, .allreduce_sum_f64 = ar_sum64, .reduce_scatter = rs_g,
-                       .allgather = ag_g, .send = send, .send_wait = send_wait, .recv = recv, .flush = flush, .barrier = barrier,
+                       .allgather = ag_g, .send = send, .send_wait = send_wait, .recv = recv, .flush = flush,
+                       .barrier = barrier,
                        .bcast_bytes = bcast, .all_ok = all_ok };
     if (deferred) {
         x->s.check_sends = 1;

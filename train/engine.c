@@ -218,8 +218,8 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     e->step_inputs_dev = e->be->alloc(e->be->ctx, (size_t)e->accum * (size_t)e->N * sizeof(int32_t));
     e->step_targets_dev = e->be->alloc(e->be->ctx, (size_t)e->accum * (size_t)e->N * sizeof(int32_t));
     e->loss_acc = e->be->alloc(e->be->ctx, sizeof(double));
-    if (!e->step_inputs || !e->step_targets || !e->step_inputs_dev || !e->step_targets_dev || !e->loss_acc || !e->scratch_a || !e->scratch_b || (e->is_last && !e->logits) ||
-        !e->slots || !e->send_x || !e->send_dx)
+    if (!e->step_inputs || !e->step_targets || !e->step_inputs_dev || !e->step_targets_dev || !e->loss_acc ||
+        !e->scratch_a || !e->scratch_b || (e->is_last && !e->logits) || !e->slots || !e->send_x || !e->send_dx)
         return mps_fail(err, MPS_ENOMEM, "rank %d: out of memory for activations", e->rank);
     for (int i = 0; i < e->nslots; i++)
         if (alloc_slot(e, &e->slots[i]) != 0)

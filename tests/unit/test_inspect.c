@@ -413,7 +413,8 @@ static void test_suggest(void)
          * (101.9 GiB) */
         CHECK(!fits);
         if (rec == MPS_RECOMPUTE_FULL)
-            CHECK(mps_plan_peak(p, NULL) > budget + ((int64_t)21 << 30) && mps_plan_peak(p, NULL) < budget + ((int64_t)22 << 30));
+            CHECK(mps_plan_peak(p, NULL) > budget + ((int64_t)21 << 30) &&
+                  mps_plan_peak(p, NULL) < budget + ((int64_t)22 << 30));
         printf("gpt3-175b on 64 x 80 GiB, recompute %s: %d of %d layouts fit; dp=8,pp=4,tp=2,zero=2 peak %.2f GB\n",
                mps_recompute_name(o.recompute), n, considered, mps_plan_peak(p, NULL) / 1e9);
         mps_plan_free(p);
