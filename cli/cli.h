@@ -66,5 +66,8 @@ struct option;
 int cli_bad_option(const char *cmd, const char *optstring, const struct option *opts, int argc, char **argv);
 /* Parses a positive integer option value; returns -1 on error (after printing). */
 int cli_int(const char *cmd, const char *opt, const char *value, int64_t lo, int64_t hi, int64_t *out);
+/* Parses --schedule (train's, and what inspect and split plan for): *gpipe = 1 for gpipe, 0 for
+ * 1f1b; returns -1 on anything else (after printing). */
+int cli_schedule(const char *cmd, const char *value, int *gpipe);
 
 #endif

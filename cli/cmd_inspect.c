@@ -633,11 +633,7 @@ static int parse_args(int argc, char **argv, inspect_args *a)
             break;
         case 'j': a->json = 1; break;
         case 'O': a->po.no_overlap = 1; break;
-        case 'P':
-            if (strcmp(optarg, "1f1b") != 0 && strcmp(optarg, "gpipe") != 0)
-                return cli_usage("inspect", "--schedule '%s': expected 1f1b or gpipe", optarg);
-            a->po.gpipe = strcmp(optarg, "gpipe") == 0;
-            break;
+        case 'P': if (cli_schedule("inspect", optarg, &a->po.gpipe)) return MPS_EUSAGE; break;
         case 't': a->time = 1; break;
         case 'n': if (cli_int("inspect", "--repeat", optarg, 1, 1000, &a->repeat)) return MPS_EUSAGE; break;
         case 'h': fputs(help, stdout); return -1;

@@ -94,11 +94,7 @@ static int parse_args(int argc, char **argv, split_args *a)
             a->po.recompute = (mps_recompute)v;
             break;
         case 'O': a->po.no_overlap = 1; break;
-        case 'P':
-            if (strcmp(optarg, "1f1b") != 0 && strcmp(optarg, "gpipe") != 0)
-                return cli_usage("split", "--schedule '%s': expected 1f1b or gpipe", optarg);
-            a->po.gpipe = strcmp(optarg, "gpipe") == 0;
-            break;
+        case 'P': if (cli_schedule("split", optarg, &a->po.gpipe)) return MPS_EUSAGE; break;
         case 'z': if (cli_int("split", "--zero", optarg, 0, 3, &n)) return MPS_EUSAGE; a->zero = (int)n; break;
         case 'L': a->layout = optarg; break;
         case 'n': a->dry_run = 1; break;

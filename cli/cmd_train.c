@@ -166,11 +166,12 @@ static int parse_args(int argc, char **argv, train_args *a, int eval_only)
         case 'D': if (cli_int(a->cmd, "--decay-steps", optarg, 0, 99999999, &a->o.decay_steps)) return -1; a->decay_set = 1; break;
         case 'W': if (parse_float(a->cmd, "--weight-decay", optarg, 0, 10, &a->o.weight_decay)) return -1; break;
         case 'c': if (parse_float(a->cmd, "--grad-clip", optarg, 0, 1e9, &a->o.grad_clip)) return -1; break;
-        case 'S':
-            if (strcmp(optarg, "1f1b") == 0) a->o.schedule = MPS_SCHED_1F1B;
-            else if (strcmp(optarg, "gpipe") == 0) a->o.schedule = MPS_SCHED_GPIPE;
-            else { cli_usage(a->cmd, "--schedule '%s': expected 1f1b or gpipe", optarg); return -1; }
+        case 'S': {
+            int gpipe;
+            if (cli_schedule(a->cmd, optarg, &gpipe)) return -1;
+            a->o.schedule = gpipe ? MPS_SCHED_GPIPE : MPS_SCHED_1F1B;
             break;
+        }
         case 'k': if (cli_int(a->cmd, "--save-every", optarg, 0, 99999999, &a->save_every)) return -1; break;
         case 'o': a->out = optarg; break;
         case 'L': a->log = optarg; break;

@@ -119,6 +119,16 @@ int cli_int(const char *cmd, const char *opt, const char *value, int64_t lo, int
     return 0;
 }
 
+int cli_schedule(const char *cmd, const char *value, int *gpipe)
+{
+    if (strcmp(value, "1f1b") != 0 && strcmp(value, "gpipe") != 0) {
+        cli_usage(cmd, "--schedule '%s': expected 1f1b or gpipe", value);
+        return -1;
+    }
+    *gpipe = strcmp(value, "gpipe") == 0;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     /* HDF5's exit handler closes what is still open; after a failed write (disk full) a file whose

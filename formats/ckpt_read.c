@@ -273,12 +273,8 @@ static hid_t open_checked(const mps_manifest *m, const char *path, int rank, int
                  (long long)st.st_size, (long long)bytes);
         goto fail;
     }
-    mps_err herr;
-    mps_err_clear(&herr);
-    if ((f = mps_h5_open_fd(fd, path, &herr)) < 0) {
-        mps_fail(err, herr.code, "%s", herr.msg);
+    if ((f = mps_h5_open_fd(fd, path, err)) < 0)
         goto fail;
-    }
     char text[64];
     int64_t rank_attr = -1, version = -1;
     if (mps_h5_read_attr_str(f, "format", text, sizeof text) != 0 || strcmp(text, "mpshard") != 0 ||

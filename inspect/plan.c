@@ -86,7 +86,7 @@ static long double stage_buffer_bytes(const mps_config *cfg, const mps_layout *L
     total += (long double)microbatches * tokens * 8.0L + 8.0L;
     total += tokens * 4.0L * ((long double)w.wide + c + 8.0L);
     const int neighbours = (stage > 0) + (stage < L->pp - 1);
-    const int64_t ring = mps_pipe_send_buffers(microbatches > (1 << 30) ? 1 << 30 : (int)microbatches);
+    const int ring = mps_pipe_send_buffers(microbatches);
     total += (long double)neighbours * (long double)ring * tokens * 4.0L * c;
     if (o->recompute == MPS_RECOMPUTE_FULL)
         total += layer_activation_bytes(cfg, L, o, MPS_RECOMPUTE_NONE) + tokens * 4.0L * c;

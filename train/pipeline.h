@@ -30,9 +30,9 @@ int mps_pipe_peers(const mps_layout *L, int rank, int *peers);
  * micro-batch k - 2 (and the stage before likewise for gradients), so the wait costs nothing in
  * the steady state; elsewhere the receiver takes that message before it needs anything of this
  * stage's later work, so the wait only paces the sender (tests/unit/test_pipeline.c simulates it). */
-static inline int mps_pipe_send_buffers(int microbatches)
+static inline int mps_pipe_send_buffers(int64_t microbatches)
 {
-    return microbatches < 2 ? microbatches : 2;
+    return microbatches < 2 ? (int)microbatches : 2;
 }
 
 #endif
