@@ -142,6 +142,7 @@ struct mps_engine {
      * be reading them (no wait for the device since it was queued); the next read waits first. */
     int32_t *step_inputs_dev, *step_targets_dev;
     int tokens_queued;
+    int tokens_pinned; /* step_inputs and step_targets are the backend's host memory (alloc_host) */
 };
 
 /* The catalogue over the architecture table: layer l's first tensor, the count per layer, and
