@@ -58,6 +58,9 @@ typedef struct mps_backend {
     void (*copy)(void *ctx, void *dst, const void *src, size_t bytes);      /* buffer -> buffer */
     void (*to_host)(void *ctx, void *host, const void *src, size_t bytes);  /* buffer -> host */
     void (*from_host)(void *ctx, void *dst, const void *host, size_t bytes); /* host -> buffer */
+    /* host -> buffer, queued after the work before it without a wait: the host memory must stay
+     * as it is until the next sync (CPU: copied at once) */
+    void (*from_host_queued)(void *ctx, void *dst, const void *host, size_t bytes);
     /* host memory that to_host / from_host move fastest (CUDA: pinned), NOT zeroed, or NULL */
     void *(*alloc_host)(void *ctx, size_t bytes);
     void (*release_host)(void *ctx, void *p);

@@ -309,7 +309,8 @@ void mps_backend_cpu(mps_backend *out)
     *out = (mps_backend){
         .name = "cpu", .ctx = NULL, .device_memory = 0, .alloc = cpu_alloc, .release = cpu_release,
         .alloc_host = cpu_alloc, .release_host = cpu_release,
-        .zero = cpu_zero, .copy = cpu_copy, .to_host = cpu_copy, .from_host = cpu_copy, .sync = cpu_sync,
+        .zero = cpu_zero, .copy = cpu_copy, .to_host = cpu_copy, .from_host = cpu_copy,
+        .from_host_queued = cpu_copy, .sync = cpu_sync,
         .embed_fwd = embed_fwd, .embed_bwd = embed_bwd, .pos_fwd = pos_fwd, .pos_bwd = pos_bwd,
         .layernorm_fwd = ln_fwd, .layernorm_bwd = ln_bwd, .matmul_fwd = mm_fwd, .matmul_bwd = mm_bwd,
         .matmul_fwd_act = mm_fwd_act,

@@ -213,8 +213,12 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     e->nsend = mps_pipe_send_buffers(e->accum);
     e->send_x = calloc((size_t)e->nsend, sizeof(float *));
     e->send_dx = calloc((size_t)e->nsend, sizeof(float *));
-    e->step_inputs = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
-    e->step_targets = zalloc((int64_t)e->accum * e->N, sizeof(int32_t));
+    /* the backend's host memory where it has one (CUDA: pinned, so that the queued copy does not
+     * wait for the device to stage it) */
+    const size_t tok_bytes = (size_t)e->accum * (size_t)e->N * sizeof(int32_t);
+    e->tokens_pinned = e->be->alloc_host != NULL;
+    e->step_inputs = e->tokens_pinned ? e->be->alloc_host(e->be->ctx, tok_bytes) : zalloc((int64_t)e->accum * e->N, 4);
+    e->step_targets = e->tokens_pinned ? e->be->alloc_host(e->be->ctx, tok_bytes) : zalloc((int64_t)e->accum * e->N, 4);
     e->step_inputs_dev = e->be->alloc(e->be->ctx, (size_t)e->accum * (size_t)e->N * sizeof(int32_t));
     e->step_targets_dev = e->be->alloc(e->be->ctx, (size_t)e->accum * (size_t)e->N * sizeof(int32_t));
     e->loss_acc = e->be->alloc(e->be->ctx, sizeof(double));
@@ -275,8 +279,15 @@ void mps_engine_free(mps_engine *e)
     buf_free(e, e->scratch_b);
     buf_free(e, e->logits);
     buf_free(e, e->rope_cs);
-    free(e->step_inputs);
-    free(e->step_targets);
+    if (e->tokens_pinned) {
+        if (e->step_inputs)
+            e->be->release_host(e->be->ctx, e->step_inputs);
+        if (e->step_targets)
+            e->be->release_host(e->be->ctx, e->step_targets);
+    } else {
+        free(e->step_inputs);
+        free(e->step_targets);
+    }
     buf_free(e, e->step_inputs_dev);
     buf_free(e, e->step_targets_dev);
     buf_free(e, e->loss_acc);
@@ -513,19 +524,23 @@ static int read_step_tokens(mps_engine *e, const mps_tokens *data, int64_t first
 {
     int per_replica = e->o.global_batch / e->L.dp;
     int64_t first = first_seq + (int64_t)e->me.dp * per_replica;
+    if (e->tokens_queued && e->be->sync(e->be->ctx, err) != 0) /* the last copy has read them */
+        return -1;
+    e->tokens_queued = 0;
     int ok = 1;
     for (int i = 0; i < per_replica && ok; i++)
         ok = mps_tokens_read(data, first + i, e->step_inputs + (int64_t)i * e->T, e->step_targets + (int64_t)i * e->T,
                              err) == 0;
     if (!e->comm->all_ok(e->comm->ctx, ok))
         return ok ? mps_fail(err, MPS_ECORRUPT, "reading %s tokens failed on another rank", what) : -1;
-    /* the step's tokens to the backend in one copy each (stream-ordered after the previous
-     * step's readers), then the step's one wait for them */
+    /* the step's tokens to the backend in one copy each, queued after the previous step's
+     * readers (its optimizer may still be running: no wait here) */
     size_t bytes = (size_t)per_replica * (size_t)e->T * sizeof(int32_t);
-    e->be->from_host(e->be->ctx, e->step_inputs_dev, e->step_inputs, bytes);
-    e->be->from_host(e->be->ctx, e->step_targets_dev, e->step_targets, bytes);
+    e->be->from_host_queued(e->be->ctx, e->step_inputs_dev, e->step_inputs, bytes);
+    e->be->from_host_queued(e->be->ctx, e->step_targets_dev, e->step_targets, bytes);
+    e->tokens_queued = 1;
     e->loss_first = 1;
-    return e->be->sync(e->be->ctx, err);
+    return 0;
 }
 
 /* the micro-batch's rows of the step's tokens (no copy, no wait) */
@@ -724,6 +739,8 @@ int mps_engine_grads(mps_engine *e, const mps_tokens *data, int64_t first_seq, d
         rc = mps_reduce_grads(e, err);
     if (rc == 0)
         rc = grad_norm(e, norm, err);
+    if (rc == 0 && (rc = e->be->sync(e->be->ctx, err)) == 0) /* (the norm's fetch has waited already) */
+        e->tokens_queued = 0;
     double sum = 0;
     if (rc == 0)
         rc = read_loss_sum(e, &sum, err);
@@ -778,7 +795,9 @@ int mps_engine_step(mps_engine *e, const mps_tokens *data, int64_t first_seq, in
     float clip = 1.0f;
     if (e->o.grad_clip > 0 && norm > e->o.grad_clip)
         clip = (float)(e->o.grad_clip / (norm + 1e-6));
-    if (optimizer_step(e, step, lr, clip, err) != 0 || e->be->sync(e->be->ctx, err) != 0)
+    /* no wait for the update: the next step's tokens and forward queue behind it, and what reads
+     * the weights on the host (saves) waits for the device itself */
+    if (optimizer_step(e, step, lr, clip, err) != 0)
         return -1;
     stats->loss = loss;
     stats->grad_norm = norm;

@@ -1433,6 +1433,20 @@ static int cuda_backend_attention(const char *mode, mps_backend *be, mps_err *er
             printf("bench %-44s %8.3f ms\n", label, ms_);                                                  \
     } while (0)
 
+/* the same for a memory-bound kernel: its rate against the bytes it must move (the card's HBM
+ * peak: 3.35 TB/s on H100 SXM, 4.8 on H200) */
+#define BENCH_BYTES(be, label, bytes, reps, call)                                                         \
+    do {                                                                                                   \
+        call;                                                                                              \
+        sync_be(be, label);                                                                                \
+        double t0_ = now();                                                                                \
+        for (int r_ = 0; r_ < (reps); r_++)                                                                \
+            call;                                                                                          \
+        sync_be(be, label);                                                                                \
+        double ms_ = (now() - t0_) * 1e3 / (reps);                                                         \
+        printf("bench %-44s %8.3f ms  %6.2f TB/s\n", label, ms_, (bytes) / (ms_ * 1e-3) / 1e12);           \
+    } while (0)
+
 /* one GPT-2 124M layer's pieces at B=8, T=1024 (the engine's micro-batch of the benchmark is B=32:
  * multiply by 4), and the head at V=50304 */
 static void bench(mps_backend *bf16)
@@ -1512,6 +1526,26 @@ static void bench(mps_backend *bf16)
     }
     BENCH(&gpu, "layernorm_fwd (N, 768)", 0, 10, gpu.layernorm_fwd(gpu.ctx, y, mean, rstd, x, w, bias, N, C));
     BENCH(&gpu, "layernorm_bwd (N, 768)", 0, 10, gpu.layernorm_bwd(gpu.ctx, y, NULL, NULL, dw, bias, x, 0, qkv, w, mean, rstd, N, C));
+    {
+        /* RMSNorm at tinyllama-1.1b's step (N = 8 x 2048 rows of C = 2048; 44 of each per step),
+         * against the bytes each must move: forward x (fp32) in, out (bf16) out; backward x and dout
+         * (bf16) in, dinp (fp32) in and out, its bf16 copy out */
+        const int64_t rn = 16384;
+        const int rc = 2048;
+        float *rx = logits, *rdx = logits + rn * rc;
+        char *rout = (char *)(logits + 2 * rn * rc), *rdout = (char *)(logits + 3 * rn * rc);
+        char *rdact = (char *)(logits + 4 * rn * rc);
+        float *hx = hrand(rn * rc, 1.0f);
+        gpu.from_host(gpu.ctx, rx, hx, sizeof(float) * (size_t)(rn * rc));
+        gpu.from_host(gpu.ctx, rdx, hx, sizeof(float) * (size_t)(rn * rc));
+        act_put(rdout, hx, rn * rc);
+        free(hx);
+        const double fwd_bytes = (double)rn * rc * (4 + 2), bwd_bytes = (double)rn * rc * (4 + 2 + 4 + 4 + 2);
+        BENCH_BYTES(&gpu, "rmsnorm_fwd (16384, 2048)", fwd_bytes, 20,
+                    gpu.rmsnorm_fwd(gpu.ctx, rout, lse, rx, w, rn, rc, 1e-5f));
+        BENCH_BYTES(&gpu, "rmsnorm_bwd (16384, 2048) dout act, +dact, +dw", bwd_bytes, 20,
+                    gpu.rmsnorm_bwd(gpu.ctx, rdx, rdact, dw, rdout, 1, rx, w, lse, rn, rc));
+    }
     BENCH(&gpu, "residual_bias (N, 768)", 0, 10, gpu.residual_bias(gpu.ctx, y, x, qkv, bias, N, C));
     BENCH(&gpu, "bias_grad (N, 3072)", 0, 10, gpu.bias_grad(gpu.ctx, bias, x, N, F));
     {
@@ -1816,9 +1850,11 @@ static void g_rmsnorm(void)
     test_rmsnorm(37, 48);
     test_rmsnorm(37, 33);
     test_rmsnorm(5000, 100); /* many chunks of the dw sums */
-    test_rmsnorm(300, 2048); /* past 1024: the two-pass kernel */
-    test_rmsnorm(70, 1028);
-    test_rmsnorm(40, 8192);  /* Llama 70B's width: 128 KiB of shared memory */
+    test_rmsnorm(300, 2048); /* past 1024: rows in registers (k_rms_fwd_reg<16>, k_rms_bwd_reg) */
+    test_rmsnorm(70, 1028);  /* the same with most lanes' last float4s past the row */
+    test_rmsnorm(50, 1500);
+    test_rmsnorm(33, 4096);  /* Llama 7B's width: k_rms_fwd_reg<32>, the two-pass backward */
+    test_rmsnorm(40, 8192);  /* Llama 70B's width: the loops of k_rms_fwd; 128 KiB of shared memory */
 }
 static void g_rope(void)
 {

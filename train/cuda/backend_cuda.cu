@@ -143,6 +143,15 @@ static void cuda_from_host(void *ctx, void *dst, const void *host, size_t bytes)
         cu_check(c, cudaStreamSynchronize(c->stream), "from_host: synchronize");
 }
 
+static void cuda_from_host_queued(void *ctx, void *dst, const void *host, size_t bytes)
+{
+    mps_cuda *c = (mps_cuda *)ctx;
+    if (!bytes || use_device(c, "from_host") != 0)
+        return;
+    cu_wcopy_invalidate(c, dst, bytes);
+    cu_check(c, cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, c->stream), "from_host");
+}
+
 static void *cuda_alloc_host(void *ctx, size_t bytes)
 {
     mps_cuda *c = (mps_cuda *)ctx;
@@ -317,6 +326,7 @@ extern "C" int mps_backend_cuda(mps_backend *out, mps_err *err)
     b.copy = cuda_copy;
     b.to_host = cuda_to_host;
     b.from_host = cuda_from_host;
+    b.from_host_queued = cuda_from_host_queued;
     b.alloc_host = cuda_alloc_host;
     b.release_host = cuda_release_host;
     b.sync = cuda_sync;

@@ -41,13 +41,57 @@ __global__ void k_rms_fwd(act_t *out, float *rstd, const float *inp, const float
     }
 }
 
+/* The same for rows of up to 128 K floats (C % 4 == 0, aligned): a lane's float4s j = lane + 32 i
+ * (i < K) held in registers, all loaded before the first is used, so the row crosses the memory
+ * bus once and a warp has K x 512 bytes in flight (k_rms_fwd reads it twice, the second time from
+ * L2, a float4 or so per lane at a time). The sum runs in k_rms_fwd's order: the same bits. */
+template <int K>
+__global__ void __launch_bounds__(256) k_rms_fwd_reg(act_t *out, float *rstd, const float *inp, const float *w,
+                                                     int64_t N, int C, float eps)
+{
+    const int lane = threadIdx.x & 31, C4 = C >> 2;
+    const int64_t nw = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < N; r += nw) {
+        float4 v[K];
+#pragma unroll
+        for (int i = 0; i < K; i++)
+            v[i] = lane + 32 * i < C4 ? ld4(inp + r * C, lane + 32 * i) : make_float4(0, 0, 0, 0);
+        float ss = 0.0f;
+#pragma unroll
+        for (int i = 0; i < K; i++)
+            if (lane + 32 * i < C4)
+                ss += v[i].x * v[i].x + v[i].y * v[i].y + v[i].z * v[i].z + v[i].w * v[i].w;
+        const float rs = 1.0f / sqrtf(warp_reduce(ss, SumOp()) / (float)C + eps);
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const int q = lane + 32 * i;
+            if (q < C4) {
+                const float4 g = ld4(w, q);
+                st4_act(out + r * C, q, g.x * (v[i].x * rs), g.y * (v[i].y * rs), g.z * (v[i].z * rs),
+                        g.w * (v[i].w * rs));
+            }
+        }
+        if (lane == 0 && rstd)
+            rstd[r] = rs;
+    }
+}
+
 void cu_rmsnorm_fwd(void *ctx, void *out, float *rstd, const float *inp, const float *w, int64_t N, int C, float eps)
 {
     mps_cuda *c = (mps_cuda *)ctx;
     if (N <= 0 || C <= 0)
         return;
     const int vec = C % 4 == 0 && cu_aligned16(inp) && cu_aligned16(w) && aligned8(out);
-    k_rms_fwd<<<cu_grid(c, N * 32, 256), 256, 0, c->stream>>>((act_t *)out, rstd, inp, w, N, C, eps, vec);
+    const unsigned grid = cu_grid(c, N * 32, 256);
+    const int k = (C / 4 + 31) / 32; /* float4s per lane */
+    if (vec && k <= 8)
+        k_rms_fwd_reg<8><<<grid, 256, 0, c->stream>>>((act_t *)out, rstd, inp, w, N, C, eps);
+    else if (vec && k <= 16) /* Llama 1B's 2048 */
+        k_rms_fwd_reg<16><<<grid, 256, 0, c->stream>>>((act_t *)out, rstd, inp, w, N, C, eps);
+    else if (vec && k <= 32) /* Llama 2 7B's 4096 */
+        k_rms_fwd_reg<32><<<grid, 256, 0, c->stream>>>((act_t *)out, rstd, inp, w, N, C, eps);
+    else
+        k_rms_fwd<<<grid, 256, 0, c->stream>>>((act_t *)out, rstd, inp, w, N, C, eps, vec);
     cu_launched(c, "rmsnorm_fwd");
 }
 

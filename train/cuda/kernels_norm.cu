@@ -426,6 +426,118 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
     }
 }
 
+/* RMSNorm's backward for 1024 < C <= 2048 (Llama 1B's width; C % 4 == 0, aligned): a lane keeps
+ * its float4s j = lane + 32 i (i < K) of the row's x and dout in registers, all loaded before the
+ * first is used, so they cross the memory bus once (k_ln_bwd_wide reads them twice, the second
+ * time from L2, LNB_U float4s per lane at a time); the old dinp follows in groups of LNB_U. dw's
+ * sums: the warp's row of shared memory, then over the warps in order, as k_ln_bwd_wide. */
+/* four consecutive values of a row as loaded (fp32: 16 bytes; operand buffer: 8 bytes of bf16,
+ * widened when used, so that a row of dout takes half the registers) */
+template <class DT> struct Raw4;
+template <> struct Raw4<float> {
+    float4 v;
+    __device__ __forceinline__ void load(const float *p, int64_t i4) { v = ld4(p, i4); }
+    __device__ __forceinline__ float4 get() const { return v; }
+};
+template <> struct Raw4<act_t> {
+    uint2 v;
+    __device__ __forceinline__ void load(const act_t *p, int64_t i4) { v = reinterpret_cast<const uint2 *>(p)[i4]; }
+    __device__ __forceinline__ float4 get() const
+    {
+        const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v.x));
+        const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v.y));
+        return make_float4(lo.x, lo.y, hi.x, hi.y);
+    }
+};
+
+template <int K, class DT>
+__global__ void __launch_bounds__(LNB_WARPS * 32)
+    k_rms_bwd_reg(LnBwdOut o, const DT *dout, const float *inp, const float *w, const float *rstd, int64_t N, int C)
+{
+    extern __shared__ float4 ln_sm4[];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, C4 = C >> 2;
+    const int pw = o.pdw != NULL;
+    float4 *aw = ln_sm4 + (int64_t)wid * C4; /* this warp's dw sums */
+    const float4 z = make_float4(0, 0, 0, 0);
+    if (pw)
+        for (int q = lane; q < C4; q += 32)
+            aw[q] = z;
+    const int64_t r0 = (int64_t)blockIdx.x * LNB_ROWS;
+    for (int k = wid; k < LNB_ROWS && r0 + k < N; k += LNB_WARPS) {
+        const int64_t r = r0 + k;
+        const float rs = rstd[r];
+        float4 xh[K]; /* x * rstd, (C) */
+        Raw4<DT> graw[K]; /* dout, (C) */
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const int q = lane + 32 * i;
+            xh[i] = z;
+            if (q < C4) {
+                xh[i] = ld4(inp + r * C, q);
+                graw[i].load(dout + r * C, q);
+            }
+        }
+        float sgx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < K; i++) {
+            const int q = lane + 32 * i;
+            xh[i] = make_float4(xh[i].x * rs, xh[i].y * rs, xh[i].z * rs, xh[i].w * rs);
+            if (q < C4) {
+                const float4 wv = ld4(w, q), g = graw[i].get();
+                sgx += g.x * wv.x * xh[i].x + g.y * wv.y * xh[i].y + g.z * wv.z * xh[i].z + g.w * wv.w * xh[i].w;
+            }
+        }
+        if (o.dinp) {
+            const float mgx = warp_reduce(sgx, SumOp()) / C;
+            float *dxr = o.dinp + r * C; // (C)
+#pragma unroll
+            for (int i0 = 0; i0 < K; i0 += LNB_U) {
+                float4 dv[LNB_U];
+#pragma unroll
+                for (int u = 0; u < LNB_U; u++)
+                    if (i0 + u < K && lane + 32 * (i0 + u) < C4)
+                        dv[u] = ld4(dxr, lane + 32 * (i0 + u));
+#pragma unroll
+                for (int u = 0; u < LNB_U; u++) {
+                    const int i = i0 + u, q = lane + 32 * i;
+                    if (i < K && q < C4) {
+                        const float4 wv = ld4(w, q), g = graw[i].get();
+                        float4 dx = dv[u];
+                        dx.x += rs * (g.x * wv.x - xh[i].x * mgx);
+                        dx.y += rs * (g.y * wv.y - xh[i].y * mgx);
+                        dx.z += rs * (g.z * wv.z - xh[i].z * mgx);
+                        dx.w += rs * (g.w * wv.w - xh[i].w * mgx);
+                        st4(dxr, q, dx);
+                        if (o.dact)
+                            st4_act(o.dact + r * C, q, dx.x, dx.y, dx.z, dx.w);
+                    }
+                }
+            }
+        }
+        if (pw)
+#pragma unroll
+            for (int i = 0; i < K; i++) {
+                const int q = lane + 32 * i;
+                if (q < C4) {
+                    const float4 t = aw[q], g = graw[i].get();
+                    aw[q] = make_float4(t.x + g.x * xh[i].x, t.y + g.y * xh[i].y, t.z + g.z * xh[i].z,
+                                        t.w + g.w * xh[i].w);
+                }
+            }
+    }
+    if (!pw)
+        return;
+    __syncthreads();
+    for (int q = threadIdx.x; q < C4; q += blockDim.x) {
+        float4 sw = z;
+        for (int k = 0; k < LNB_WARPS; k++) { /* in warp order */
+            const float4 a = ln_sm4[(int64_t)k * C4 + q];
+            sw = make_float4(sw.x + a.x, sw.y + a.y, sw.z + a.z, sw.w + a.w);
+        }
+        reinterpret_cast<float4 *>(o.pdw)[(int64_t)blockIdx.x * C4 + q] = sw;
+    }
+}
+
 /* launches k_ln_bwd4<K> for the smallest K that holds C (up to C = 1024), or returns 0 (the scalar
  * kernel runs) */
 template <class DT, bool RMS, class... A>
@@ -463,6 +575,14 @@ static int ln_bwd_launch(mps_cuda *c, const char *what, const LnBwdOut &o, unsig
     const size_t smem = (size_t)nsums * LNB_WARPS * C * sizeof(float);
     if ((int64_t)smem > c->smem_optin)
         return cu_fail(c, "%s: C = %d needs %zu bytes of shared memory", what, C, smem), -1;
+    if (RMS && wide && C <= 32 * 4 * 16 && !o.pdx) { /* rows held in registers: k_rms_bwd_reg */
+        if (smem > 48 * 1024 &&
+            cu_check(c, cudaFuncSetAttribute(k_rms_bwd_reg<16, DT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)smem), what) != 0)
+            return -1;
+        k_rms_bwd_reg<16, DT><<<nblk, LNB_WARPS * 32, smem, c->stream>>>(o, dout, inp, w, rstd, N, C);
+        return 0;
+    }
     if (wide) {
         if (smem > 48 * 1024 &&
             cu_check(c, cudaFuncSetAttribute(k_ln_bwd_wide<DT, RMS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
