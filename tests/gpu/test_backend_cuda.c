@@ -1418,7 +1418,8 @@ static int cuda_backend_attention(const char *mode, mps_backend *be, mps_err *er
     return rc;
 }
 
-#define BENCH(be, label, flops, reps, call)                                                                \
+/* ms_out = the mean time of `reps` calls after one untimed call */
+#define BENCH_MS(be, label, reps, call, ms_out)                                                            \
     do {                                                                                                   \
         call;                                                                                              \
         sync_be(be, label);                                                                                \
@@ -1426,7 +1427,13 @@ static int cuda_backend_attention(const char *mode, mps_backend *be, mps_err *er
         for (int r_ = 0; r_ < (reps); r_++)                                                                \
             call;                                                                                          \
         sync_be(be, label);                                                                                \
-        double ms_ = (now() - t0_) * 1e3 / (reps);                                                         \
+        (ms_out) = (now() - t0_) * 1e3 / (reps);                                                           \
+    } while (0)
+
+#define BENCH(be, label, flops, reps, call)                                                                \
+    do {                                                                                                   \
+        double ms_;                                                                                        \
+        BENCH_MS(be, label, reps, call, ms_);                                                              \
         if ((flops) > 0)                                                                                   \
             printf("bench %-44s %8.3f ms  %6.1f TFLOP/s\n", label, ms_, (flops) / (ms_ * 1e-3) / 1e12);      \
         else                                                                                               \
@@ -1437,13 +1444,8 @@ static int cuda_backend_attention(const char *mode, mps_backend *be, mps_err *er
  * peak: 3.35 TB/s on H100 SXM, 4.8 on H200) */
 #define BENCH_BYTES(be, label, bytes, reps, call)                                                         \
     do {                                                                                                   \
-        call;                                                                                              \
-        sync_be(be, label);                                                                                \
-        double t0_ = now();                                                                                \
-        for (int r_ = 0; r_ < (reps); r_++)                                                                \
-            call;                                                                                          \
-        sync_be(be, label);                                                                                \
-        double ms_ = (now() - t0_) * 1e3 / (reps);                                                         \
+        double ms_;                                                                                        \
+        BENCH_MS(be, label, reps, call, ms_);                                                              \
         printf("bench %-44s %8.3f ms  %6.2f TB/s\n", label, ms_, (bytes) / (ms_ * 1e-3) / 1e12);           \
     } while (0)
 
