@@ -49,7 +49,9 @@ void mps_engine_free(mps_engine *e);
 int mps_engine_load(mps_engine *e, mps_ckpt *c, int threads, mps_err *err);
 /* The learning rate of the update that takes the step counter from step to step + 1. */
 float mps_engine_lr(const mps_train_opts *o, int64_t step);
-/* One optimizer step over sequences [first_seq, first_seq + G) of the token stream. */
+/* One optimizer step over sequences [first_seq, first_seq + G) of the token stream. Returns with
+ * the update queued on the backend (the host has waited for the gradient norm, not for AdamW):
+ * read state through the backend's to_host, or sync first. */
 int mps_engine_step(mps_engine *e, const mps_tokens *data, int64_t first_seq, int64_t step, mps_step_stats *stats,
                     mps_err *err);
 /* The mean cross-entropy of the current weights over `batches` global batches of sequences
