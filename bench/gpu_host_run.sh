@@ -2,7 +2,9 @@
 # One device call: build on the GPU host (deps/ carried: scripts/fetch-host-deps.sh), run the
 # suite, then the benches. Output goes to $OUT when set; MPS_CUDA=OFF builds without the CUDA
 # backend (for runs that train nothing on the GPU).
-# usage: bench/gpu_host_run.sh [tests|shard|llamashard|hf|reshard|gpuunit|gputrain|gpullama|trainbench|llamabench|multibench|profile|llamaprofile|plan|timeline|release]...
+# usage: bench/gpu_host_run.sh [tests|shard|llamashard|hf|reshard|gpuunit|gputrain|gpullama|trainbench|llamabench|multibench|profile|llamaprofile|plan|timeline|ab|release]...
+# ab: bench/train_ab.sh of this tree against the sources in .mainsrc (carried: `git archive main |
+# tar -x -C .mainsrc` here, the directory git-ignored locally), built here first; AB_MODELS, AB_ROUNDS.
 # llamabench: bench/train_bench_llama.sh on LLAMA_NAMES (default its three, torch_llama.py's), then
 # tinyllama's resume and save part (to split it over two calls: RESUME= leaves that part out,
 # LLAMA_NAMES=none runs it alone).
@@ -39,6 +41,14 @@ for what in "$@"; do
         MPSHARD=build/mpshard SHARED="${SHARED:-../shared}/bench" bash bench/train_timeline.sh "/tmp/timeline-$name" \
           "$name" 2>&1 | tee "$OUT/timeline-$name.txt" | head -60
       done ;;
+    ab) if [ -f .mainsrc/CMakeLists.txt ]; then
+        ln -sfn "$PWD/deps" .mainsrc/deps
+        (cd .mainsrc && cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMPS_CUDA="${MPS_CUDA:-ON}" \
+          >"$OUT/cmake-main.log" 2>&1 && cmake --build build -j "$(nproc)" --target mpshard >"$OUT/build-main.log" 2>&1) \
+          || { echo "ab: the build of .mainsrc failed"; continue; }
+        OUT=$OUT MODELS=${AB_MODELS:-gpt2:32 gpt2-medium:16} ROUNDS=${AB_ROUNDS:-2} bash bench/train_ab.sh \
+          main=.mainsrc/build/mpshard tree=build/mpshard 2>&1 | tee "$OUT/ab.txt"
+      else echo "ab: no .mainsrc (carry a git archive of main there)"; fi ;;
     # a Release build (users' flags: no -Werror) of these sources in a fresh build directory, GCC of this host
     release) gcc --version | head -1
       (cmake -S . -B /tmp/relbuild -DCMAKE_BUILD_TYPE=Release && cmake --build /tmp/relbuild -j "$(nproc)") \
