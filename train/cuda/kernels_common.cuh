@@ -99,12 +99,16 @@ __device__ __forceinline__ void st4_act(act_t *p, int64_t i4, float a, float b, 
     u.y = *reinterpret_cast<uint32_t *>(&hi);
     reinterpret_cast<uint2 *>(p)[i4] = u;
 }
-__device__ __forceinline__ float4 ld4_act(const act_t *p, int64_t i4)
+/* four bf16 as loaded (8 bytes), widened */
+__device__ __forceinline__ float4 bf16x4_to_float4(uint2 u)
 {
-    const uint2 u = reinterpret_cast<const uint2 *>(p)[i4];
     const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.x));
     const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&u.y));
     return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+__device__ __forceinline__ float4 ld4_act(const act_t *p, int64_t i4)
+{
+    return bf16x4_to_float4(reinterpret_cast<const uint2 *>(p)[i4]);
 }
 /* a value or two of an fp32 or a bf16 operand buffer, as floats */
 __device__ __forceinline__ float2 to_f2(const float *p) { return make_float2(p[0], p[1]); }

@@ -292,6 +292,42 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
     ln_block_sums(o, sh, C);
 }
 
+/* The two-pass and register kernels' end: the block's partial sums of the wanted columns, the
+ * warps' rows of shared memory ([dw][db unless RMS][dx][LNB_WARPS][C / 4] float4s) added in warp
+ * order, as ln_block_sums. After a __syncthreads(). */
+template <bool RMS>
+__device__ __forceinline__ void wide_block_sums(const LnBwdOut &o, int C4, int pw, int px)
+{
+    extern __shared__ float4 ln_sm4[];
+    const int nw = pw ? (RMS ? 1 : 2) : 0;
+    const float4 z = make_float4(0, 0, 0, 0);
+    for (int q = threadIdx.x; q < C4; q += blockDim.x) {
+        const int64_t at = (int64_t)blockIdx.x * C4 + q;
+        float4 sw = z, sb = z, sx = z;
+        for (int k = 0; k < LNB_WARPS; k++) { /* in warp order, as ln_block_sums */
+            if (pw) {
+                const float4 a = ln_sm4[(int64_t)k * C4 + q];
+                sw = make_float4(sw.x + a.x, sw.y + a.y, sw.z + a.z, sw.w + a.w);
+                if (!RMS) {
+                    const float4 b = ln_sm4[(int64_t)(LNB_WARPS + k) * C4 + q];
+                    sb = make_float4(sb.x + b.x, sb.y + b.y, sb.z + b.z, sb.w + b.w);
+                }
+            }
+            if (px) {
+                const float4 c = ln_sm4[(int64_t)(nw * LNB_WARPS + k) * C4 + q];
+                sx = make_float4(sx.x + c.x, sx.y + c.y, sx.z + c.z, sx.w + c.w);
+            }
+        }
+        if (pw) {
+            reinterpret_cast<float4 *>(o.pdw)[at] = sw;
+            if (!RMS && o.pdb)
+                reinterpret_cast<float4 *>(o.pdb)[at] = sb;
+        }
+        if (px)
+            reinterpret_cast<float4 *>(o.pdx)[at] = sx;
+    }
+}
+
 /* The same for rows too wide for registers (C % 4 == 0, C > 1024: Llama's 2048 to 8192): two
  * passes over the row with 16-byte accesses, the first for the two row sums, the second (its
  * loads mostly L2 hits) for dinp; the column sums in the warp's rows of shared memory, only
@@ -399,38 +435,9 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
     if (!pw && !px)
         return;
     __syncthreads();
-    for (int q = threadIdx.x; q < C4; q += blockDim.x) {
-        const int64_t at = (int64_t)blockIdx.x * C4 + q;
-        float4 sw = z, sb = z, sx = z;
-        for (int k = 0; k < LNB_WARPS; k++) { /* in warp order, as ln_block_sums */
-            if (pw) {
-                const float4 a = ln_sm4[(int64_t)k * C4 + q];
-                sw = make_float4(sw.x + a.x, sw.y + a.y, sw.z + a.z, sw.w + a.w);
-                if (!RMS) {
-                    const float4 b = ln_sm4[(int64_t)(LNB_WARPS + k) * C4 + q];
-                    sb = make_float4(sb.x + b.x, sb.y + b.y, sb.z + b.z, sb.w + b.w);
-                }
-            }
-            if (px) {
-                const float4 c = ln_sm4[(int64_t)(nw * LNB_WARPS + k) * C4 + q];
-                sx = make_float4(sx.x + c.x, sx.y + c.y, sx.z + c.z, sx.w + c.w);
-            }
-        }
-        if (pw) {
-            reinterpret_cast<float4 *>(o.pdw)[at] = sw;
-            if (!RMS && o.pdb)
-                reinterpret_cast<float4 *>(o.pdb)[at] = sb;
-        }
-        if (px)
-            reinterpret_cast<float4 *>(o.pdx)[at] = sx;
-    }
+    wide_block_sums<RMS>(o, C4, pw, px);
 }
 
-/* RMSNorm's backward for 1024 < C <= 2048 (Llama 1B's width; C % 4 == 0, aligned): a lane keeps
- * its float4s j = lane + 32 i (i < K) of the row's x and dout in registers, all loaded before the
- * first is used, so they cross the memory bus once (k_ln_bwd_wide reads them twice, the second
- * time from L2, LNB_U float4s per lane at a time); the old dinp follows in groups of LNB_U. dw's
- * sums: the warp's row of shared memory, then over the warps in order, as k_ln_bwd_wide. */
 /* four consecutive values of a row as loaded (fp32: 16 bytes; operand buffer: 8 bytes of bf16,
  * widened when used, so that a row of dout takes half the registers) */
 template <class DT> struct Raw4;
@@ -442,14 +449,14 @@ template <> struct Raw4<float> {
 template <> struct Raw4<act_t> {
     uint2 v;
     __device__ __forceinline__ void load(const act_t *p, int64_t i4) { v = reinterpret_cast<const uint2 *>(p)[i4]; }
-    __device__ __forceinline__ float4 get() const
-    {
-        const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v.x));
-        const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&v.y));
-        return make_float4(lo.x, lo.y, hi.x, hi.y);
-    }
+    __device__ __forceinline__ float4 get() const { return bf16x4_to_float4(v); }
 };
 
+/* RMSNorm's backward for 1024 < C <= 2048 (Llama 1B's width; C % 4 == 0, aligned): a lane keeps
+ * its float4s j = lane + 32 i (i < K) of the row's x and dout in registers, all loaded before the
+ * first is used, so they cross the memory bus once (k_ln_bwd_wide reads them twice, the second
+ * time from L2, LNB_U float4s per lane at a time); the old dinp follows in groups of LNB_U. dw's
+ * sums: the warp's row of shared memory, then over the warps in order, as k_ln_bwd_wide. */
 template <int K, class DT>
 __global__ void __launch_bounds__(LNB_WARPS * 32)
     k_rms_bwd_reg(LnBwdOut o, const DT *dout, const float *inp, const float *w, const float *rstd, int64_t N, int C)
@@ -528,14 +535,7 @@ __global__ void __launch_bounds__(LNB_WARPS * 32)
     if (!pw)
         return;
     __syncthreads();
-    for (int q = threadIdx.x; q < C4; q += blockDim.x) {
-        float4 sw = z;
-        for (int k = 0; k < LNB_WARPS; k++) { /* in warp order */
-            const float4 a = ln_sm4[(int64_t)k * C4 + q];
-            sw = make_float4(sw.x + a.x, sw.y + a.y, sw.z + a.z, sw.w + a.w);
-        }
-        reinterpret_cast<float4 *>(o.pdw)[(int64_t)blockIdx.x * C4 + q] = sw;
-    }
+    wide_block_sums<true>(o, C4, pw, 0);
 }
 
 /* launches k_ln_bwd4<K> for the smallest K that holds C (up to C = 1024), or returns 0 (the scalar
