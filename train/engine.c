@@ -213,14 +213,13 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     e->nsend = mps_pipe_send_buffers(e->accum);
     e->send_x = calloc((size_t)e->nsend, sizeof(float *));
     e->send_dx = calloc((size_t)e->nsend, sizeof(float *));
-    /* the backend's host memory where it has one (CUDA: pinned, so that the queued copy does not
-     * wait for the device to stage it) */
+    /* the backend's host memory (CUDA: pinned, so that the queued copy does not wait for the
+     * device to stage it) */
     const size_t tok_bytes = (size_t)e->accum * (size_t)e->N * sizeof(int32_t);
-    e->tokens_pinned = e->be->alloc_host != NULL;
-    e->step_inputs = e->tokens_pinned ? e->be->alloc_host(e->be->ctx, tok_bytes) : zalloc((int64_t)e->accum * e->N, 4);
-    e->step_targets = e->tokens_pinned ? e->be->alloc_host(e->be->ctx, tok_bytes) : zalloc((int64_t)e->accum * e->N, 4);
-    e->step_inputs_dev = e->be->alloc(e->be->ctx, (size_t)e->accum * (size_t)e->N * sizeof(int32_t));
-    e->step_targets_dev = e->be->alloc(e->be->ctx, (size_t)e->accum * (size_t)e->N * sizeof(int32_t));
+    e->step_inputs = e->be->alloc_host(e->be->ctx, tok_bytes);
+    e->step_targets = e->be->alloc_host(e->be->ctx, tok_bytes);
+    e->step_inputs_dev = e->be->alloc(e->be->ctx, tok_bytes);
+    e->step_targets_dev = e->be->alloc(e->be->ctx, tok_bytes);
     e->loss_acc = e->be->alloc(e->be->ctx, sizeof(double));
     if (!e->step_inputs || !e->step_targets || !e->step_inputs_dev || !e->step_targets_dev || !e->loss_acc ||
         !e->scratch_a || !e->scratch_b || (e->is_last && !e->logits) || !e->slots || !e->send_x || !e->send_dx)
@@ -279,15 +278,8 @@ void mps_engine_free(mps_engine *e)
     buf_free(e, e->scratch_b);
     buf_free(e, e->logits);
     buf_free(e, e->rope_cs);
-    if (e->tokens_pinned) {
-        if (e->step_inputs)
-            e->be->release_host(e->be->ctx, e->step_inputs);
-        if (e->step_targets)
-            e->be->release_host(e->be->ctx, e->step_targets);
-    } else {
-        free(e->step_inputs);
-        free(e->step_targets);
-    }
+    e->be->release_host(e->be->ctx, e->step_inputs);
+    e->be->release_host(e->be->ctx, e->step_targets);
     buf_free(e, e->step_inputs_dev);
     buf_free(e, e->step_targets_dev);
     buf_free(e, e->loss_acc);

@@ -135,14 +135,13 @@ struct mps_engine {
     float **scatter_tmp;
     /* ZeRO-3: the tensors whose gather mps_weights_prefetch started (the next layer's) */
     int prefetch[MPS_TENSORS_PER_LAYER], prefetch_n;
-    int32_t *step_inputs, *step_targets; /* (accum, N): this replica's tokens of the step */
+    int32_t *step_inputs, *step_targets; /* (accum, N): this replica's tokens of the step (alloc_host) */
     /* (accum, N): their backend copy, moved in one queued copy per step (not one, and a wait for
      * the device, per micro-batch; no wait at the step's start: the previous step's optimizer may
      * still be running); the slots point into it. tokens_queued: a copy from step_inputs may still
      * be reading them (no wait for the device since it was queued); the next read waits first. */
     int32_t *step_inputs_dev, *step_targets_dev;
     int tokens_queued;
-    int tokens_pinned; /* step_inputs and step_targets are the backend's host memory (alloc_host) */
 };
 
 /* The catalogue over the architecture table: layer l's first tensor, the count per layer, and

@@ -132,24 +132,26 @@ static void cuda_to_host(void *ctx, void *host, const void *src, size_t bytes)
         cu_check(c, cudaStreamSynchronize(c->stream), "to_host: synchronize");
 }
 
+/* 0 once the copy is queued behind the stream's work */
+static int queue_from_host(mps_cuda *c, void *dst, const void *host, size_t bytes)
+{
+    if (!bytes || use_device(c, "from_host") != 0)
+        return -1;
+    cu_wcopy_invalidate(c, dst, bytes);
+    return cu_check(c, cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, c->stream), "from_host");
+}
+
 static void cuda_from_host(void *ctx, void *dst, const void *host, size_t bytes)
 {
     mps_cuda *c = (mps_cuda *)ctx;
-    if (!bytes || use_device(c, "from_host") != 0)
-        return;
-    cu_wcopy_invalidate(c, dst, bytes);
     /* the synchronisation makes the host buffer free for reuse even if it is pinned memory */
-    if (cu_check(c, cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, c->stream), "from_host") == 0)
+    if (queue_from_host(c, dst, host, bytes) == 0)
         cu_check(c, cudaStreamSynchronize(c->stream), "from_host: synchronize");
 }
 
 static void cuda_from_host_queued(void *ctx, void *dst, const void *host, size_t bytes)
 {
-    mps_cuda *c = (mps_cuda *)ctx;
-    if (!bytes || use_device(c, "from_host") != 0)
-        return;
-    cu_wcopy_invalidate(c, dst, bytes);
-    cu_check(c, cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, c->stream), "from_host");
+    queue_from_host((mps_cuda *)ctx, dst, host, bytes);
 }
 
 static void *cuda_alloc_host(void *ctx, size_t bytes)
