@@ -8,13 +8,13 @@
 #      BACKEND (cuda), W (work directory, default /tmp/train_ab), OUT (where the logs are copied,
 #      e.g. the device machine's $OUT; default W)
 set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/lib.sh" # log_tps, fmt0
 [ $# -ge 1 ] || { echo "usage: bench/train_ab.sh LABEL=BINARY..." >&2; exit 2; }
 W=${W:-/tmp/train_ab}; rm -rf "$W"; mkdir -p "$W"
 ROUNDS=${ROUNDS:-2} MODELS=${MODELS:-"gpt2:32 gpt2-medium:16"} T=${SEQ:-1024} BACKEND=${BACKEND:-cuda}
 first=${1#*=}
 "$first" tokens --count 4000000 --vocab 50257 -o "$W/tok.bin" >/dev/null || exit 1
-wall_tps() { awk -v bt="$1" '/"loss"/ { n++; e[n] = $0; sub(/.*"elapsed_s": /, "", e[n]); sub(/[,}].*/, "", e[n]) }
-  END { if (n > 5) printf "%.0f", bt * (n - 5) / (e[n] - e[5]) }' "$2"; }
 median_tps() { awk '/"loss"/ { n++; if (n > 5) { t = $0; sub(/.*"tokens_per_s": /, "", t); sub(/[,}].*/, "", t); print t } }' "$1" |
   sort -n | awk '{ v[NR] = $1 } END { if (NR) printf "%.0f", v[int(NR / 2) + 1] }'; }
 # the steps' own times (ms, from tokens_per_s): mean, fastest, slowest; their sum against the wall
@@ -34,7 +34,7 @@ for mb in $MODELS; do
       "$bin" train --ckpt "$W/ck-$l-$m" --layout dp=1 --data "$W/tok.bin" --steps 35 --global-batch "$B" \
         --micro-batch "$B" --seq "$T" --backend "$BACKEND" --out "$W/run" --log "$log" -q >/dev/null 2>"$W/err" ||
         { echo "$m $l: train failed: $(tail -1 "$W/err")"; continue; }
-      echo "$m B=$B $l round $r: $(wall_tps $((B * T)) "$log") tok/s (wall time of steps 6-35), median step $(median_tps "$log") tok/s; $(step_ms $((B * T)) "$log")"
+      echo "$m B=$B $l round $r: $(fmt0 "$(log_tps "$log" $((B * T)))") tok/s (wall time of steps 6-35), median step $(median_tps "$log") tok/s; $(step_ms $((B * T)) "$log")"
       cp "$log" "${OUT:-$W}/" 2>/dev/null
     done
   done
