@@ -11,9 +11,10 @@
 static const char *const init_help =
     "usage: mpshard init (--model NAME | --config K=V,..) --layout L -o DIR [options]\n"
     "\n"
-    "Writes a fresh training state for layout L: GPT-2 initialisation (weights N(0, 0.02), residual\n"
-    "projections N(0, 0.02/sqrt(2 n_layer)), zero biases, unit layernorm weights), zero Adam moments,\n"
-    "step 0. The values are a pure function of the seed: every layout gets the same model.\n"
+    "Writes a fresh training state for layout L: transformers' initialisation (matrices and embeddings\n"
+    "N(0, 0.02), GPT-2's residual projections N(0, 0.02/sqrt(2 n_layer)), zero biases, unit norm\n"
+    "weights), zero Adam moments, step 0. The values are a pure function of the seed: every layout\n"
+    "gets the same model.\n"
     "\n"
     "  --model NAME     a named model (GPT-2, Llama, Mistral, Qwen2 shapes): `mpshard models` lists them\n"
     "  --config K=V,..  n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]; Llama family:\n"

@@ -11,8 +11,8 @@
 static const char *const help =
     "usage: mpshard shard INPUT --layout L -o DIR [options]\n"
     "\n"
-    "Shards a full GPT-2 checkpoint (Hugging Face safetensors with config.json beside it, or an\n"
-    "llm.c model .bin) into HDF5 shard files for layout L. Weights are stored in f32 (bf16 inputs\n"
+    "Shards a full checkpoint of a GPT-2 or Llama-family model (Hugging Face safetensors with\n"
+    "config.json beside it, or an llm.c model .bin) into HDF5 shard files for layout L. Weights are stored in f32 (bf16 inputs\n"
     "are widened exactly) with a fresh optimizer state (Adam moments zero, step 0), or with the\n"
     "optimizer state of llm.c's state files (--state).\n"
     "\n"

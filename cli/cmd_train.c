@@ -25,8 +25,9 @@
 static const char *const help =
     "usage: [mpirun -np WORLD] mpshard train --ckpt DIR --layout L --data TOKENS.bin --steps N --out RUNDIR [options]\n"
     "\n"
-    "Trains GPT-2 from the checkpoint DIR (any layout: each rank reads only the pieces it needs; DIR may\n"
-    "also be a run directory, whose 'latest' names the checkpoint) until the step counter reaches N.\n"
+    "Trains a GPT-2 or Llama-family model from the checkpoint DIR (any layout: each rank reads only\n"
+    "the pieces it needs; DIR may also be a run directory, whose 'latest' names the checkpoint)\n"
+    "until the step counter reaches N.\n"
     "WORLD must equal dp*pp*tp; without mpirun the run is one process (WORLD 1). TOKENS.bin is an\n"
     "llm.c token file, or a quoted glob pattern ('fineweb_train_*.bin') for a set of them, read as one\n"
     "stream in name order (a sequence never crosses from one file into the next).\n"
