@@ -30,12 +30,13 @@ static const char *const help =
     "  --config K=V,..     n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]; Llama family:\n"
     "                   arch=llama[,family=llama|mistral|qwen2],n_kv_head=..,ffn=..,tied=0|1,qkv_bias=0|1,\n"
     "                   norm_eps=..,rope_theta=..[,rope_llama3=factor:low:high:original_positions]\n"
+    "                   [,sliding_window=N (family=mistral: attention to the N latest positions)]\n"
     "  --layout L          dp=..,pp=..,tp=..,zero=0..3[,stages=a:b:..]\n"
     "  --precision P       fp32 (default: 4 B weights + 4 B gradients + 8 B Adam per parameter) or\n"
     "                      mixed (the CUDA trainer: 2 B bf16 weights + 4 B fp32 gradients + 12 B fp32\n"
     "                      master, m, v; bf16 activations; 0.6 GB for the CUDA runtime)\n"
     "  --micro-batch B     sequences per micro-batch (default 1)\n"
-    "  --seq T             tokens per sequence (default: the model's n_positions)\n"
+    "  --seq T             tokens per sequence (default: the model's n_positions, or its sliding window)\n"
     "  --recompute R       none (default), selective (the same: no scores are stored) or full\n"
     "  --global-batch G    sequences per optimizer step, for the communication volume\n"
     "                      (default: GPUs x micro-batch)\n"
@@ -117,9 +118,12 @@ static void print_model(const mps_config *cfg)
         snprintf(count, sizeof count, "%.2f M", (double)params / 1e6);
     else
         snprintf(count, sizeof count, "%lld", (long long)params);
-    printf("model      %s%s%d layers, n_embd %d, %d heads, vocab %lld (padded %lld), %d positions: %s parameters\n",
+    char window[48] = "";
+    if (cfg->sliding_window)
+        snprintf(window, sizeof window, " (sliding window %d)", cfg->sliding_window);
+    printf("model      %s%s%d layers, n_embd %d, %d heads, vocab %lld (padded %lld), %d positions%s: %s parameters\n",
            name ? name : "", name ? ": " : "", cfg->n_layer, cfg->n_embd, cfg->n_head, (long long)cfg->vocab,
-           (long long)cfg->padded_vocab, cfg->n_positions, count);
+           (long long)cfg->padded_vocab, cfg->n_positions, window, count);
 }
 
 /* the training line's notes under --no-overlap and --schedule gpipe */
@@ -697,7 +701,7 @@ int cmd_inspect(int argc, char **argv)
         return cli_fail("inspect", &err);
     }
     if (!a.seq_set)
-        a.po.seq = cfg.n_positions;
+        a.po.seq = mps_cfg_max_seq(&cfg);
     if (a.suggest) {
         int fit = 0;
         if (run_suggest(&a, &cfg, &fit, &err) != 0)

@@ -41,9 +41,12 @@ int cmd_models(int argc, char **argv)
         }
         /* parameters without the vocabulary padding: what the model's card states */
         double params = (double)mps_param_count(&c) - (double)(c.padded_vocab - c.vocab) * c.n_embd * (c.untied ? 2 : 1);
-        printf("%-16s %-8s %6d %6d %5d %4d %7lld %7lld %6d %.2fB\n", mps_preset_name(i), mps_family_name(c.family),
+        char window[48] = "";
+        if (c.sliding_window)
+            snprintf(window, sizeof window, "  (sliding window %d)", c.sliding_window);
+        printf("%-16s %-8s %6d %6d %5d %4d %7lld %7lld %6d %.2fB%s\n", mps_preset_name(i), mps_family_name(c.family),
                c.n_layer, c.n_embd, c.n_head, mps_cfg_kv_heads(&c), (long long)mps_cfg_ffn(&c), (long long)c.vocab,
-               c.n_positions, params / 1e9);
+               c.n_positions, params / 1e9, window);
     }
     return 0;
 }

@@ -27,7 +27,7 @@ static const char *const help =
     "  --gpu-mem M       memory per GPU, e.g. 80GiB or 40GB (default 80GB: an 80 GB card less the room\n"
     "                    the plan does not count; the GPU of this machine is not probed)\n"
     "  --micro-batch B   sequences per micro-batch the layout must hold (default 1)\n"
-    "  --seq T           tokens per sequence (default: the model's n_positions)\n"
+    "  --seq T           tokens per sequence (default: the model's n_positions, or its sliding window)\n"
     "  --global-batch G  sequences per optimizer step (default N x micro-batch)\n"
     "  --precision P     fp32 (default) or mixed, as `mpshard inspect`\n"
     "  --recompute R     none (default), selective or full, as `mpshard inspect`\n"
@@ -169,7 +169,7 @@ static int choose(split_args *a, const mps_manifest *m, int print, mps_layout *c
     const mps_config *cfg = &m->cfg;
     mps_plan_opts po = a->po;
     if (!a->seq_set)
-        po.seq = cfg->n_positions;
+        po.seq = mps_cfg_max_seq(cfg);
     mps_layout given;
     if (a->layout) {
         if (mps_layout_parse(a->layout, cfg, &given, err) != 0)

@@ -18,6 +18,7 @@ static const char *const help =
     "  --config K=V,..  n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]; Llama family:\n"
     "                   arch=llama[,family=llama|mistral|qwen2],n_kv_head=..,ffn=..,tied=0|1,qkv_bias=0|1,\n"
     "                   norm_eps=..,rope_theta=..[,rope_llama3=factor:low:high:original_positions]\n"
+    "                   [,sliding_window=N (family=mistral: attention to the N latest positions)]\n"
     "  --format F       safetensors or llmc (required)\n"
     "  --dtype D        f32 (default), bf16 or f16\n"
     "  --max-shard-size S  safetensors: several files and an index above this size (e.g. 500MB)\n"

@@ -11,7 +11,7 @@
 #include "layout.h"
 #include "model.h"
 
-#define MPS_FORMAT_VERSION 2 /* the newest this mpshard reads and writes (FORMAT.md) */
+#define MPS_FORMAT_VERSION 3 /* the newest this mpshard reads and writes (FORMAT.md) */
 #define MPS_MANIFEST_NAME "manifest.json"
 #define MPS_DEFAULT_CHUNK_BYTES ((int64_t)1 << 20)
 #define MPS_DEFAULT_ZSTD_LEVEL 1

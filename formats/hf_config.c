@@ -202,19 +202,22 @@ static int llama_parse(json_t *root, const char *name, mps_family family, mps_co
             return refuse(err, name, moe[i], x, "mixture-of-experts models are not implemented");
     if ((x = json_object_get(root, "quantization_config")) != NULL && !json_is_null(x))
         return refuse(err, name, "quantization_config", x, "quantized weights");
-    /* sliding-window attention: Mistral's sliding_window, Qwen2's behind use_sliding_window */
+    /* Sliding-window attention. Mistral's (4096 in Mistral 7B v0.1, and MistralConfig's default
+     * when the key is missing) is kept in the model config: below max_position_embeddings the
+     * trainer takes sequences up to the window only, where full causal attention is the same
+     * thing. Qwen2's, behind use_sliding_window, applies to the layers from max_window_layers on:
+     * refused unless it never binds. */
     x = json_object_get(root, "sliding_window");
-    int uses_window = family == MPS_FAMILY_QWEN2 ? is_true(root, "use_sliding_window") : family == MPS_FAMILY_MISTRAL;
-    if (uses_window && x == NULL && family == MPS_FAMILY_MISTRAL) {
-        json_t *fallback = json_integer(4096);
-        refuse(err, name, "sliding_window", fallback, "MistralConfig's default when the key is missing; only full "
-               "causal attention: null or at least max_position_embeddings");
-        json_decref(fallback);
-        return -1;
+    if (family == MPS_FAMILY_MISTRAL) {
+        if (x != NULL && !json_is_null(x) && !(json_is_integer(x) && json_integer_value(x) >= 1))
+            return refuse(err, name, "sliding_window", x, "null or a positive number of positions");
+        const int64_t w = x == NULL ? 4096 : json_is_null(x) ? 0 : json_integer_value(x);
+        cfg->sliding_window = w < npos ? (int)w : 0;
+    } else if (family == MPS_FAMILY_QWEN2 && is_true(root, "use_sliding_window") && x && !json_is_null(x) &&
+               !(json_is_integer(x) && json_integer_value(x) >= npos)) {
+        return refuse(err, name, "sliding_window", x, "Qwen2's sliding window on some layers: only full causal "
+                      "attention, null or at least max_position_embeddings");
     }
-    if (uses_window && x && !json_is_null(x) && !(json_is_integer(x) && json_integer_value(x) >= npos))
-        return refuse(err, name, "sliding_window", x, "only full causal attention: null or at least "
-                      "max_position_embeddings");
     return 0;
 }
 
@@ -284,7 +287,7 @@ static void set_llama_fields(json_t *o, const mps_config *cfg, mps_dtype dtype)
         json_object_set_new(o, "attention_bias", json_false());
         json_object_set_new(o, "mlp_bias", json_false());
     } else {
-        json_object_set_new(o, "sliding_window", json_null());
+        json_object_set_new(o, "sliding_window", cfg->sliding_window ? json_integer(cfg->sliding_window) : json_null());
     }
     if (cfg->family == MPS_FAMILY_QWEN2)
         json_object_set_new(o, "use_sliding_window", json_false());

@@ -40,9 +40,10 @@ void mps_checkpoint_id_new(char out[33])
 void mps_manifest_init(mps_manifest *m, const mps_config *cfg, const mps_layout *L)
 {
     memset(m, 0, sizeof *m);
-    /* version 2 adds the Llama family; a GPT-2 checkpoint stays version 1, readable by older
-     * mpshard releases */
-    m->format_version = cfg->arch == MPS_ARCH_GPT2 ? 1 : MPS_FORMAT_VERSION;
+    /* the oldest version that describes the model, so that older mpshard releases read what they
+     * can: version 2 adds the Llama family (a GPT-2 checkpoint stays version 1), version 3
+     * model.sliding_window (a release that ignored it would train past the window) */
+    m->format_version = cfg->arch == MPS_ARCH_GPT2 ? 1 : cfg->sliding_window ? 3 : 2;
     mps_checkpoint_id_new(m->checkpoint_id);
     m->cfg = *cfg;
     m->layout = *L;
@@ -99,6 +100,8 @@ static json_t *model_json(const mps_config *c)
     json_object_set_new(o, "norm_eps", json_real(c->norm_eps));
     json_object_set_new(o, "rope_theta", json_real(c->rope_theta));
     json_object_set_new(o, "rope_scaling", mps_rope_scaling_json(c, "type"));
+    if (c->sliding_window)
+        json_object_set_new(o, "sliding_window", json_integer(c->sliding_window));
     return o;
 }
 
@@ -320,6 +323,11 @@ static int parse_model(json_t *model, const char *path, mps_config *c, mps_err *
             return -1;
         c->rope.original_max_positions = (int)orig;
     }
+    int64_t window = 0;
+    if (json_object_get(model, "sliding_window") != NULL &&
+        get_int(model, "sliding_window", 1, 1 << 24, &window, path, err) != 0)
+        return -1;
+    c->sliding_window = (int)window;
     return 0;
 }
 
@@ -406,6 +414,11 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     copy_text(m->created_by, sizeof m->created_by, json_object_get(root, "created_by"));
     if (parse_model(json_object_get(root, "model"), path, &m->cfg, err) != 0)
         goto out;
+    if (m->cfg.sliding_window && m->format_version < 3) { /* (a writer of version 2 knew no window) */
+        mps_fail(err, MPS_ECORRUPT, "%s: model.sliding_window in a manifest of format version %d (it needs 3)", path,
+                 m->format_version);
+        goto out;
+    }
     if (mps_config_validate(&m->cfg, err) != 0) {
         mps_wrap(err, "%s", path);
         err->code = MPS_ECORRUPT;

@@ -89,9 +89,9 @@ int mps_config_validate(const mps_config *c, mps_err *err)
         /* GPT-2's block has none of these: a value here is a config meant for another model */
         if ((c->n_kv_head && c->n_kv_head != c->n_head) || (c->ffn && c->ffn != 4 * (int64_t)c->n_embd) ||
             c->untied || c->qkv_bias || c->rope_theta != 0 || c->rope.type != MPS_ROPE_DEFAULT ||
-            (c->norm_eps != 0 && c->norm_eps != 1e-5))
+            (c->norm_eps != 0 && c->norm_eps != 1e-5) || c->sliding_window != 0)
             return mps_fail(err, MPS_EUSAGE, "model: arch=gpt2 takes no n_kv_head, ffn, tied, qkv_bias, norm_eps, "
-                            "rope_theta or rope scaling (give arch=llama)");
+                            "rope_theta, rope scaling or sliding_window (give arch=llama)");
         return 0;
     }
     if (c->n_kv_head < 1 || c->n_head % c->n_kv_head != 0)
@@ -104,6 +104,16 @@ int mps_config_validate(const mps_config *c, mps_err *err)
         return mps_fail(err, MPS_EUSAGE, "model: norm_eps=%g must be in (0, 1)", c->norm_eps);
     if (!(c->rope_theta >= 1 && c->rope_theta < 1e12))
         return mps_fail(err, MPS_EUSAGE, "model: rope_theta=%g must be in [1, 1e12)", c->rope_theta);
+    /* Mistral's: what export writes back as MistralConfig's sliding_window (LlamaConfig has none;
+     * Qwen2's applies to some layers only). A window of n_positions or more never binds: such a
+     * model is written without one, so that each model has one config. */
+    if (c->sliding_window != 0 && c->family != MPS_FAMILY_MISTRAL)
+        return mps_fail(err, MPS_EUSAGE, "model: sliding_window is Mistral's (family=mistral), not %s's",
+                        mps_family_name(c->family));
+    if (c->sliding_window < 0 || (c->sliding_window != 0 && c->sliding_window >= c->n_positions))
+        return mps_fail(err, MPS_EUSAGE, "model: sliding_window=%d must be below n_positions=%d (a window of "
+                        "n_positions or more is full causal attention: leave it out)", c->sliding_window,
+                        c->n_positions);
     if (c->rope.type == MPS_ROPE_LLAMA3) {
         if (!(c->rope.factor >= 1 && c->rope.factor < 1e6) || !(c->rope.low_freq_factor > 0) ||
             !(c->rope.high_freq_factor > c->rope.low_freq_factor) || c->rope.high_freq_factor > 1e6 ||
@@ -124,28 +134,31 @@ typedef struct {
     int untied, qkv_bias;
     double norm_eps, rope_theta;
     int llama3_rope; /* Llama 3.1's scaling: factor 8, low 1, high 4, original 8192 */
+    int sliding_window;
 } preset;
-/* The published configs (config.json of each model on the Hugging Face hub), and the shapes the
+/* The published configs (config.json of each model on the Hugging Face hub; mistral-7b is v0.3,
+ * mistral-7b-v0.1 the first release, with its 4096-token sliding window), and the shapes the
  * benchmarks train (llama-125m, llama-1b-hs128: ../shared/bench/torch_llama.py). */
 static const preset presets[] = {
-    { "gpt2", MPS_FAMILY_GPT2, 12, 768, 12, 0, 1024, 0, 50257, 0, 0, 0, 0, 0 },
-    { "gpt2-medium", MPS_FAMILY_GPT2, 24, 1024, 16, 0, 1024, 0, 50257, 0, 0, 0, 0, 0 },
-    { "gpt2-large", MPS_FAMILY_GPT2, 36, 1280, 20, 0, 1024, 0, 50257, 0, 0, 0, 0, 0 },
-    { "gpt2-xl", MPS_FAMILY_GPT2, 48, 1600, 25, 0, 1024, 0, 50257, 0, 0, 0, 0, 0 },
-    { "gpt-7b", MPS_FAMILY_GPT2, 32, 4096, 32, 0, 2048, 0, 50257, 0, 0, 0, 0, 0 },
-    { "gpt3-175b", MPS_FAMILY_GPT2, 96, 12288, 96, 0, 2048, 0, 50257, 0, 0, 0, 0, 0 },
-    { "llama-2-7b", MPS_FAMILY_LLAMA, 32, 4096, 32, 32, 4096, 11008, 32000, 1, 0, 1e-5, 10000, 0 },
-    { "llama-2-70b", MPS_FAMILY_LLAMA, 80, 8192, 64, 8, 4096, 28672, 32000, 1, 0, 1e-5, 10000, 0 },
-    { "llama-3-8b", MPS_FAMILY_LLAMA, 32, 4096, 32, 8, 8192, 14336, 128256, 1, 0, 1e-5, 500000, 0 },
-    { "llama-3-70b", MPS_FAMILY_LLAMA, 80, 8192, 64, 8, 8192, 28672, 128256, 1, 0, 1e-5, 500000, 0 },
-    { "llama-3.1-8b", MPS_FAMILY_LLAMA, 32, 4096, 32, 8, 131072, 14336, 128256, 1, 0, 1e-5, 500000, 1 },
-    { "mistral-7b", MPS_FAMILY_MISTRAL, 32, 4096, 32, 8, 32768, 14336, 32768, 1, 0, 1e-5, 1000000, 0 },
-    { "qwen2.5-0.5b", MPS_FAMILY_QWEN2, 24, 896, 14, 2, 32768, 4864, 151936, 0, 1, 1e-6, 1000000, 0 },
-    { "qwen2.5-7b", MPS_FAMILY_QWEN2, 28, 3584, 28, 4, 32768, 18944, 152064, 1, 1, 1e-6, 1000000, 0 },
-    { "tinyllama-1.1b", MPS_FAMILY_LLAMA, 22, 2048, 32, 4, 2048, 5632, 32000, 1, 0, 1e-5, 10000, 0 },
-    { "smollm2-135m", MPS_FAMILY_LLAMA, 30, 576, 9, 3, 8192, 1536, 49152, 0, 0, 1e-5, 100000, 0 },
-    { "llama-125m", MPS_FAMILY_LLAMA, 12, 768, 12, 4, 1024, 2048, 32000, 1, 0, 1e-5, 10000, 0 },
-    { "llama-1b-hs128", MPS_FAMILY_LLAMA, 16, 2048, 16, 4, 2048, 5632, 32000, 1, 0, 1e-5, 10000, 0 },
+    { "gpt2", MPS_FAMILY_GPT2, 12, 768, 12, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0 },
+    { "gpt2-medium", MPS_FAMILY_GPT2, 24, 1024, 16, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0 },
+    { "gpt2-large", MPS_FAMILY_GPT2, 36, 1280, 20, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0 },
+    { "gpt2-xl", MPS_FAMILY_GPT2, 48, 1600, 25, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0 },
+    { "gpt-7b", MPS_FAMILY_GPT2, 32, 4096, 32, 0, 2048, 0, 50257, 0, 0, 0, 0, 0, 0 },
+    { "gpt3-175b", MPS_FAMILY_GPT2, 96, 12288, 96, 0, 2048, 0, 50257, 0, 0, 0, 0, 0, 0 },
+    { "llama-2-7b", MPS_FAMILY_LLAMA, 32, 4096, 32, 32, 4096, 11008, 32000, 1, 0, 1e-5, 10000, 0, 0 },
+    { "llama-2-70b", MPS_FAMILY_LLAMA, 80, 8192, 64, 8, 4096, 28672, 32000, 1, 0, 1e-5, 10000, 0, 0 },
+    { "llama-3-8b", MPS_FAMILY_LLAMA, 32, 4096, 32, 8, 8192, 14336, 128256, 1, 0, 1e-5, 500000, 0, 0 },
+    { "llama-3-70b", MPS_FAMILY_LLAMA, 80, 8192, 64, 8, 8192, 28672, 128256, 1, 0, 1e-5, 500000, 0, 0 },
+    { "llama-3.1-8b", MPS_FAMILY_LLAMA, 32, 4096, 32, 8, 131072, 14336, 128256, 1, 0, 1e-5, 500000, 1, 0 },
+    { "mistral-7b", MPS_FAMILY_MISTRAL, 32, 4096, 32, 8, 32768, 14336, 32768, 1, 0, 1e-5, 1000000, 0, 0 },
+    { "mistral-7b-v0.1", MPS_FAMILY_MISTRAL, 32, 4096, 32, 8, 32768, 14336, 32000, 1, 0, 1e-5, 10000, 0, 4096 },
+    { "qwen2.5-0.5b", MPS_FAMILY_QWEN2, 24, 896, 14, 2, 32768, 4864, 151936, 0, 1, 1e-6, 1000000, 0, 0 },
+    { "qwen2.5-7b", MPS_FAMILY_QWEN2, 28, 3584, 28, 4, 32768, 18944, 152064, 1, 1, 1e-6, 1000000, 0, 0 },
+    { "tinyllama-1.1b", MPS_FAMILY_LLAMA, 22, 2048, 32, 4, 2048, 5632, 32000, 1, 0, 1e-5, 10000, 0, 0 },
+    { "smollm2-135m", MPS_FAMILY_LLAMA, 30, 576, 9, 3, 8192, 1536, 49152, 0, 0, 1e-5, 100000, 0, 0 },
+    { "llama-125m", MPS_FAMILY_LLAMA, 12, 768, 12, 4, 1024, 2048, 32000, 1, 0, 1e-5, 10000, 0, 0 },
+    { "llama-1b-hs128", MPS_FAMILY_LLAMA, 16, 2048, 16, 4, 2048, 5632, 32000, 1, 0, 1e-5, 10000, 0, 0 },
 };
 #define NPRESETS (sizeof presets / sizeof presets[0])
 
@@ -181,6 +194,7 @@ int mps_config_preset(const char *name, mps_config *out, mps_err *err)
             out->qkv_bias = p->qkv_bias;
             out->norm_eps = p->norm_eps;
             out->rope_theta = p->rope_theta;
+            out->sliding_window = p->sliding_window;
             if (p->llama3_rope) {
                 out->rope.type = MPS_ROPE_LLAMA3;
                 out->rope.factor = 8;
@@ -220,13 +234,13 @@ static int parse_f64(const char *s, double *out)
 
 /* --config keys. Integer keys hold at most `max`; 'r' keys are reals; 's' keys are names. */
 enum { K_N_LAYER, K_N_EMBD, K_N_HEAD, K_VOCAB, K_N_POSITIONS, K_PADDED_VOCAB, K_ARCH, K_FAMILY, K_N_KV_HEAD, K_FFN,
-       K_TIED, K_QKV_BIAS, K_NORM_EPS, K_ROPE_THETA, K_ROPE_LLAMA3, K_COUNT };
+       K_TIED, K_QKV_BIAS, K_NORM_EPS, K_ROPE_THETA, K_ROPE_LLAMA3, K_SLIDING_WINDOW, K_COUNT };
 static const struct { const char *name; char type; int64_t max; } config_keys[K_COUNT] = {
     { "n_layer", 'i', INT32_MAX }, { "n_embd", 'i', INT32_MAX }, { "n_head", 'i', INT32_MAX },
     { "vocab", 'i', MAX_VOCAB }, { "n_positions", 'i', INT32_MAX }, { "padded_vocab", 'i', MAX_VOCAB },
     { "arch", 's', 0 }, { "family", 's', 0 }, { "n_kv_head", 'i', INT32_MAX }, { "ffn", 'i', (int64_t)1 << 40 },
     { "tied", 'i', 1 }, { "qkv_bias", 'i', 1 }, { "norm_eps", 'r', 0 }, { "rope_theta", 'r', 0 },
-    { "rope_llama3", 's', 0 },
+    { "rope_llama3", 's', 0 }, { "sliding_window", 'i', INT32_MAX },
 };
 
 int mps_config_parse(const char *text, mps_config *out, mps_err *err)
@@ -252,7 +266,8 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
         if (k < 0)
             return mps_fail(err, MPS_EUSAGE,
                             "--config: unknown key '%s' (known: n_layer, n_embd, n_head, vocab, padded_vocab, "
-                            "n_positions, arch, family, n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta, rope_llama3)", tok);
+                            "n_positions, arch, family, n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta, rope_llama3, "
+                            "sliding_window)", tok);
         if (seen[k]++)
             return mps_fail(err, MPS_EUSAGE, "--config: key '%s' given twice", tok);
         const char *val = eq + 1;
@@ -299,6 +314,7 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
         out->qkv_bias = seen[K_QKV_BIAS] ? (int)ivals[K_QKV_BIAS] : out->family == MPS_FAMILY_QWEN2;
         out->norm_eps = seen[K_NORM_EPS] ? rvals[K_NORM_EPS] : 1e-5;
         out->rope_theta = seen[K_ROPE_THETA] ? rvals[K_ROPE_THETA] : 10000.0;
+        out->sliding_window = (int)ivals[K_SLIDING_WINDOW];
         if (seen[K_ROPE_LLAMA3]) { /* factor:low_freq_factor:high_freq_factor:original_max_positions */
             char tail;
             out->rope.type = MPS_ROPE_LLAMA3;
@@ -316,6 +332,7 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
         out->rope_theta = seen[K_ROPE_THETA] ? rvals[K_ROPE_THETA] : 0;
         if (seen[K_ROPE_LLAMA3])
             out->rope.type = MPS_ROPE_LLAMA3; /* refused by validate */
+        out->sliding_window = (int)ivals[K_SLIDING_WINDOW]; /* (likewise) */
     }
     if (mps_config_validate(out, err) != 0)
         return mps_wrap(err, "--config %s", text);
@@ -332,8 +349,10 @@ void mps_config_format(const mps_config *c, char *buf, size_t size)
                   "norm_eps=%.17g,rope_theta=%.17g", mps_arch_name(c->arch), mps_family_name(c->family), c->n_kv_head,
                   (long long)c->ffn, !c->untied, c->qkv_bias, c->norm_eps, c->rope_theta);
     if (c->rope.type == MPS_ROPE_LLAMA3 && n > 0 && (size_t)n < size)
-        snprintf(buf + n, size - (size_t)n, ",rope_llama3=%.17g:%.17g:%.17g:%d", c->rope.factor, c->rope.low_freq_factor,
-                 c->rope.high_freq_factor, c->rope.original_max_positions);
+        n += snprintf(buf + n, size - (size_t)n, ",rope_llama3=%.17g:%.17g:%.17g:%d", c->rope.factor,
+                      c->rope.low_freq_factor, c->rope.high_freq_factor, c->rope.original_max_positions);
+    if (c->sliding_window != 0 && n > 0 && (size_t)n < size)
+        snprintf(buf + n, size - (size_t)n, ",sliding_window=%d", c->sliding_window);
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ typedef struct {
     int qkv_bias;     /* Llama family: q, k, v projections have biases (Qwen2); GPT-2 always has them */
     double norm_eps;  /* 0: 1e-5 */
     double rope_theta; /* Llama family; 0: 10000 */
+    /* Mistral's sliding-window attention (Mistral 7B v0.1: 4096): a query attends to at most the
+     * last sliding_window positions. 0: none (full causal), and always 0 unless it is below
+     * n_positions. The trainer runs full causal attention, which is the same thing for sequences
+     * of at most sliding_window tokens, and refuses longer ones. */
+    int sliding_window;
     struct {
         mps_rope_type type;          /* MPS_ROPE_LLAMA3: Llama 3's frequency scaling */
         double factor, low_freq_factor, high_freq_factor;
@@ -48,6 +53,8 @@ static inline int mps_cfg_head_dim(const mps_config *c) { return c->n_embd / c->
 static inline int mps_cfg_tied(const mps_config *c) { return c->arch == MPS_ARCH_GPT2 || !c->untied; }
 static inline double mps_cfg_norm_eps(const mps_config *c) { return c->norm_eps > 0 ? c->norm_eps : 1e-5; }
 static inline double mps_cfg_rope_theta(const mps_config *c) { return c->rope_theta > 0 ? c->rope_theta : 10000.0; }
+/* the longest sequence the trainer takes: the context, or a sliding window below it */
+static inline int mps_cfg_max_seq(const mps_config *c) { return c->sliding_window ? c->sliding_window : c->n_positions; }
 
 const char *mps_family_name(mps_family f);   /* "gpt2", "llama", "mistral", "qwen2" */
 int mps_family_from_name(const char *name);  /* -1 if unknown */
@@ -106,8 +113,9 @@ const char *mps_preset_name(int i);
 /* The preset names joined by ", " (for help texts and errors); 512 bytes hold them. */
 void mps_preset_list(char *buf, size_t size);
 /* Parses "n_layer=12,n_embd=768,n_head=12,vocab=50257,n_positions=1024[,padded_vocab=50304]", with
- * arch=llama also family, n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta and
- * rope_llama3=factor:low_freq_factor:high_freq_factor:original_max_positions. */
+ * arch=llama also family, n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta,
+ * rope_llama3=factor:low_freq_factor:high_freq_factor:original_max_positions and (family=mistral)
+ * sliding_window. */
 int mps_config_parse(const char *text, mps_config *out, mps_err *err);
 /* The --config string that parses back to cfg exactly (512 bytes hold any). */
 void mps_config_format(const mps_config *cfg, char *buf, size_t size);

@@ -128,6 +128,12 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
         return mps_fail(err, MPS_EUSAGE, "--micro-batch, --seq and --global-batch must be positive");
     if (o->seq > cfg->n_positions)
         return mps_fail(err, MPS_EUSAGE, "--seq %d exceeds the model's n_positions %d", o->seq, cfg->n_positions);
+    /* the attention here is full causal: the model's sliding window is the same thing only for
+     * sequences it covers (model.h) */
+    if (o->seq > mps_cfg_max_seq(cfg))
+        return mps_fail(err, MPS_EUNSUPPORTED, "--seq %d exceeds the model's sliding_window %d (the trainer's "
+                        "attention is full causal, which is the model's only for sequences up to the window)",
+                        o->seq, cfg->sliding_window);
     if (o->global_batch % (o->micro_batch * L->dp) != 0)
         return mps_fail(err, MPS_EUSAGE, "--global-batch %d must be a multiple of --micro-batch %d x dp %d",
                         o->global_batch, o->micro_batch, L->dp);

@@ -56,6 +56,29 @@ roundtrip llama "$LLAMA" "$CHAIN_LLAMA" f32
 roundtrip qwen2 "$QWEN2" "$CHAIN_QWEN2" f32 --max-shard-size 20KB
 roundtrip qwen2 "$QWEN2" "$CHAIN_QWEN2" bf16
 roundtrip mistral "$MISTRAL" "$CHAIN_MISTRAL" f16 --max-shard-size 8KB
+# Mistral 7B v0.1's sliding window (here 8 of 16 positions): kept through every layout, written
+# back to config.json, and the checkpoint is format version 3 (older readers refuse it)
+roundtrip mistral-window "$MISTRAL,sliding_window=8" "$CHAIN_MISTRAL" bf16
+expect 0 "$MPSHARD" synth --config "$MISTRAL,sliding_window=8" --format safetensors -o "$T/sw"
+grep -qE '"sliding_window": 8,?$' "$T/sw/config.json" && ok || bad "synth config.json lacks the window"
+expect 0 "$MPSHARD" shard "$T/sw" --layout tp=2 -o "$T/ck-sw" -q
+expect 0 "$MPSHARD" reshard "$T/ck-sw" --layout pp=3 -o "$T/ck-sw2" -q
+grep -q '"format_version": 3' "$T/ck-sw2/manifest.json" && grep -q '"sliding_window": 8' "$T/ck-sw2/manifest.json" \
+  && ok || bad "windowed manifest: $(grep -E 'format_version|sliding_window' "$T/ck-sw2/manifest.json" | tr -d '\n')"
+# a window of the whole context or more never binds: the model has none (format version 2)
+sed -i 's/"sliding_window": 8/"sliding_window": 16/' "$T/sw/config.json"
+rm -rf "$T/ck-sw"; expect 0 "$MPSHARD" shard "$T/sw" --layout tp=2 -o "$T/ck-sw" -q
+# (the manifest's model section; source.hf_config keeps the original's member)
+grep -q '"format_version": 2' "$T/ck-sw/manifest.json" && ! sed -n '/"model": {/,/}/p' "$T/ck-sw/manifest.json" | grep -q sliding_window \
+  && ok || bad "a window of n_positions was kept"
+expect 0 "$MPSHARD" export "$T/ck-sw" --format safetensors -o "$T/sw-ex" -q
+cmp -s "$T/sw/config.json" "$T/sw-ex/config.json" && ok || bad "config.json with sliding_window 16 not kept"
+rm -rf "$T/sw" "$T/ck-sw" "$T/ck-sw2" "$T/sw-ex"
+# the planner's default sequence is the longest the trainer takes: v0.1's window, not its context
+expect 0 "$MPSHARD" inspect --model mistral-7b-v0.1 --layout tp=8 --json
+grep -q '"seq": 4096,' "$T/out" && ok || bad "inspect mistral-7b-v0.1: $(grep -o '"seq": [0-9]*' "$T/out")"
+expect 0 "$MPSHARD" inspect --model mistral-7b --layout tp=8 --json
+grep -q '"seq": 32768,' "$T/out" && ok || bad "inspect mistral-7b: $(grep -o '"seq": [0-9]*' "$T/out")"
 roundtrip mistral "$MISTRAL" "$CHAIN_MISTRAL" bf16
 
 # the index itself as input, and a single .safetensors file with config.json beside it
@@ -90,7 +113,7 @@ refuse() { # EXIT PATTERN SED-EXPRESSION: config.json edited by sed must be refu
   expect "$want" "$MPSHARD" shard "$T/bad" --layout dp=1 -o "$T/x" -q
   expect_err "$pattern"
 }
-refuse 6 'sliding_window=8 is not supported' 's/"sliding_window": null/"sliding_window": 8/'
+refuse 6 'sliding_window="8" is not supported \(null or a positive number' 's/"sliding_window": null/"sliding_window": "8"/'
 refuse 6 'rope_scaling=.*linear.* is not supported \(only default and llama3 RoPE\)' 's/"rope_scaling": null/"rope_scaling": {"rope_type": "linear", "factor": 2.0}/'
 refuse 6 'rope_scaling=.*yarn.* is not supported' 's/"rope_scaling": null/"rope_scaling": {"type": "yarn", "factor": 4.0}/'
 refuse 6 'hidden_act="gelu" is not supported' 's/"hidden_act": "silu"/"hidden_act": "gelu"/'

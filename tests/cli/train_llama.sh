@@ -65,6 +65,17 @@ expect 0 "$MPSHARD" verify "$T/r6/step-00000006" -q
 expect 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout tp=4 --steps 1 --out "$T/x"
 expect_err "tp=4 must divide the model's 2 key/value heads"
 [ ! -e "$T/x" ] && ok || bad "a refused run left $T/x"
+# Mistral 7B v0.1's sliding window: the trainer's full causal attention is the model's up to the
+# window (16 of 32 positions here): --seq 16 trains, --seq 32 is refused by name
+MISTRAL_SW="arch=llama,family=mistral,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=48,vocab=250,n_positions=32,sliding_window=16"
+rm -rf "$T/init-sw"
+expect 0 "$MPSHARD" init --config "$MISTRAL_SW" --layout dp=1 -o "$T/init-sw" -q
+rm -rf "$T/sw" "$T/sw.jsonl"
+train 2 --ckpt "$T/init-sw" --layout dp=2 --steps 2 --out "$T/sw" --log "$T/sw.jsonl" && ok || bad "mistral window: $(cat "$T/err")"
+[ "$(wc -l < "$T/sw.jsonl")" = 2 ] && ok || bad "mistral window: no 2 steps logged"
+expect 6 "$MPSHARD" train --data "$T/tok.bin" --global-batch 4 --micro-batch 2 --seq 32 -q --ckpt "$T/init-sw" --layout dp=1 --steps 1 --out "$T/x"
+expect_err "--seq 32 exceeds the model's sliding_window 16 \(the trainer's attention is full causal"
+[ ! -e "$T/x" ] && ok || bad "a refused run left $T/x"
 # a token id beyond the model's vocabulary: the file and the offset named
 expect 0 "$MPSHARD" tokens --count 2000 --vocab 300 -o "$T/big.bin"
 expect 3 "$MPSHARD" train --data "$T/big.bin" --global-batch 8 --micro-batch 2 --seq 16 -q --ckpt "$T/init" --layout dp=1 --steps 1 --out "$T/x"
