@@ -324,11 +324,14 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
                                 svals[K_ROPE_LLAMA3]);
         }
     } else {
-        out->n_kv_head = seen[K_N_KV_HEAD] ? (int)ivals[K_N_KV_HEAD] : 0;
-        out->ffn = seen[K_FFN] ? ivals[K_FFN] : 0;
+        /* GPT-2's own values (n_kv_head = n_head, ffn = 4 n_embd, norm_eps 1e-5) are stored as
+         * the zeros they are implied by, so that each model has one config (mps_config_format
+         * prints GPT-2 as its six numbers); any other value is refused by validate */
+        out->n_kv_head = seen[K_N_KV_HEAD] && ivals[K_N_KV_HEAD] != out->n_head ? (int)ivals[K_N_KV_HEAD] : 0;
+        out->ffn = seen[K_FFN] && ivals[K_FFN] != 4 * (int64_t)out->n_embd ? ivals[K_FFN] : 0;
         out->untied = seen[K_TIED] && !ivals[K_TIED];
         out->qkv_bias = seen[K_QKV_BIAS] ? (int)ivals[K_QKV_BIAS] : 0;
-        out->norm_eps = seen[K_NORM_EPS] ? rvals[K_NORM_EPS] : 0;
+        out->norm_eps = seen[K_NORM_EPS] && rvals[K_NORM_EPS] != 1e-5 ? rvals[K_NORM_EPS] : 0;
         out->rope_theta = seen[K_ROPE_THETA] ? rvals[K_ROPE_THETA] : 0;
         if (seen[K_ROPE_LLAMA3])
             out->rope.type = MPS_ROPE_LLAMA3; /* refused by validate */

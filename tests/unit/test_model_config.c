@@ -1,0 +1,211 @@
+/* Model configs: Mistral's sliding window (model.h sliding_window) from config.json, in --config
+ * strings, in the manifest (format version 3) and back into config.json, and the configs that
+ * must be refused; one config per model (GPT-2's implied values given explicitly). */
+#include "ckpt.h"
+#include "modelfile_internal.h"
+#include "testutil.h"
+
+/* a Mistral config.json with the given sliding_window member ("" for none) and context length */
+static json_t *mistral_json(const char *window_member, int npos)
+{
+    char text[1024];
+    snprintf(text, sizeof text,
+             "{\"model_type\": \"mistral\", \"hidden_size\": 32, \"intermediate_size\": 48, \"num_hidden_layers\": 2,"
+             " \"num_attention_heads\": 4, \"num_key_value_heads\": 2, \"vocab_size\": 100,"
+             " \"max_position_embeddings\": %d, \"rms_norm_eps\": 1e-05, \"rope_theta\": 10000.0%s%s}",
+             npos, window_member[0] ? ", " : "", window_member);
+    json_error_t jerr;
+    return json_loads(text, 0, &jerr);
+}
+
+/* the window parsed from a Mistral config.json, or -1 (with err) when it is refused */
+static int parsed_window(const char *window_member, int npos, mps_err *err)
+{
+    json_t *root = mistral_json(window_member, npos);
+    CHECK(root != NULL);
+    mps_config c;
+    mps_err_clear(err);
+    int rc = root ? mps_hf_config_parse(root, "config.json", &c, err) : -1;
+    json_decref(root);
+    return rc == 0 ? c.sliding_window : -1;
+}
+
+static void test_hf_parse(void)
+{
+    mps_err err;
+    /* Mistral 7B v0.1: 4096 below 32768 positions */
+    CHECK(parsed_window("\"sliding_window\": 4096", 32768, &err) == 4096);
+    /* v0.2, v0.3: null; a window of the context or more never binds */
+    CHECK(parsed_window("\"sliding_window\": null", 32768, &err) == 0);
+    CHECK(parsed_window("\"sliding_window\": 32768", 32768, &err) == 0);
+    CHECK(parsed_window("\"sliding_window\": 100000", 32768, &err) == 0);
+    /* missing: MistralConfig's default, 4096 */
+    CHECK(parsed_window("", 32768, &err) == 4096);
+    CHECK(parsed_window("", 4096, &err) == 0);
+    /* not a positive count of positions */
+    static const char *const bad[] = { "\"sliding_window\": 0", "\"sliding_window\": -5",
+                                       "\"sliding_window\": \"4096\"", "\"sliding_window\": 4096.5" };
+    for (int i = 0; i < 4; i++) {
+        CHECK_MSG(parsed_window(bad[i], 32768, &err) == -1 && err.code == MPS_EUNSUPPORTED &&
+                      strstr(err.msg, "config.json: sliding_window=") != NULL,
+                  "%s: %s", bad[i], err.msg);
+    }
+    /* Qwen2's window (on the layers from max_window_layers on) is refused where it binds */
+    const char *qwen = "{\"model_type\": \"qwen2\", \"hidden_size\": 32, \"intermediate_size\": 48, "
+                       "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"num_key_value_heads\": 2, "
+                       "\"vocab_size\": 100, \"max_position_embeddings\": 64, \"use_sliding_window\": %s, "
+                       "\"sliding_window\": %d}";
+    for (int use = 0; use < 2; use++)
+        for (int w = 32; w <= 64; w += 32) {
+            char text[512];
+            snprintf(text, sizeof text, qwen, use ? "true" : "false", w);
+            json_error_t jerr;
+            json_t *root = json_loads(text, 0, &jerr);
+            mps_config c;
+            mps_err_clear(&err);
+            int rc = mps_hf_config_parse(root, "config.json", &c, &err);
+            int refused = use && w < 64;
+            CHECK_MSG(refused ? rc != 0 && strstr(err.msg, "sliding_window=32 is not supported") != NULL
+                              : rc == 0 && c.sliding_window == 0,
+                      "qwen2 use %d window %d: rc %d %s", use, w, rc, err.msg);
+            json_decref(root);
+        }
+}
+
+static void test_config_strings(void)
+{
+    mps_err err;
+    mps_config c, back;
+    mps_err_clear(&err);
+    const char *text = "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,family=mistral,"
+                       "n_kv_head=2,ffn=48,sliding_window=16";
+    CHECK_MSG(mps_config_parse(text, &c, &err) == 0, "%s", err.msg);
+    CHECK(c.sliding_window == 16);
+    char buf[512];
+    mps_config_format(&c, buf, sizeof buf);
+    CHECK_MSG(strstr(buf, ",sliding_window=16") != NULL, "%s", buf);
+    CHECK_MSG(mps_config_parse(buf, &back, &err) == 0 && memcmp(&back, &c, sizeof c) == 0, "%s: %s", buf, err.msg);
+    /* without a window the string has no key */
+    c.sliding_window = 0;
+    mps_config_format(&c, buf, sizeof buf);
+    CHECK(strstr(buf, "sliding_window") == NULL);
+    static const struct {
+        const char *text, *msg;
+    } bad[] = {
+        { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,family=mistral,sliding_window=64",
+          "sliding_window=64 must be below n_positions=64" },
+        { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,sliding_window=16",
+          "sliding_window is Mistral's (family=mistral), not llama's" },
+        { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,sliding_window=16",
+          "arch=gpt2 takes no n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta, rope scaling or sliding_window" },
+        { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,family=mistral,sliding_window=-1",
+          "sliding_window='-1' is not a valid number" },
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        mps_err_clear(&err);
+        CHECK_MSG(mps_config_parse(bad[i].text, &c, &err) != 0 && err.code == MPS_EUSAGE &&
+                      strstr(err.msg, bad[i].msg) != NULL,
+                  "%s: %s", bad[i].text, err.msg);
+    }
+    CHECK(mps_config_preset("mistral-7b-v0.1", &c, &err) == 0 && c.sliding_window == 4096 && c.vocab == 32000 &&
+          c.rope_theta == 10000 && c.family == MPS_FAMILY_MISTRAL);
+    CHECK(mps_config_preset("mistral-7b", &c, &err) == 0 && c.sliding_window == 0);
+}
+
+/* config.json as export writes it for a checkpoint without an original one */
+static void test_hf_generate(void)
+{
+    mps_config c;
+    mps_err err;
+    mps_err_clear(&err);
+    CHECK(mps_config_preset("mistral-7b-v0.1", &c, &err) == 0);
+    for (int w = 0; w < 2; w++) {
+        c.sliding_window = w ? 4096 : 0;
+        char *text = mps_hf_config_generate(&c, MPS_DTYPE_BF16);
+        CHECK(text && strstr(text, w ? "\"sliding_window\": 4096" : "\"sliding_window\": null") != NULL);
+        json_error_t jerr;
+        json_t *root = text ? json_loads(text, 0, &jerr) : NULL;
+        mps_config back;
+        CHECK_MSG(root && mps_hf_config_parse(root, "config.json", &back, &err) == 0, "%s", err.msg);
+        CHECK(root && back.sliding_window == c.sliding_window);
+        json_decref(root);
+        free(text);
+    }
+}
+
+/* the oldest format version that describes the model; the window read back; a version 2
+ * manifest with a window refused (no writer of version 2 wrote one) */
+static void test_manifest(void)
+{
+    const char *dir = test_tmpdir("sliding_window");
+    CHECK(dir != NULL);
+    char path[1200];
+    snprintf(path, sizeof path, "%s/manifest.json", dir);
+    static const struct {
+        const char *config;
+        int version, window;
+    } cases[] = {
+        { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64", 1, 0 },
+        { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,family=mistral", 2, 0 },
+        { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,family=mistral,sliding_window=16", 3, 16 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        mps_config c;
+        mps_layout L;
+        mps_err err;
+        mps_err_clear(&err);
+        CHECK(mps_config_parse(cases[i].config, &c, &err) == 0 && mps_layout_parse("dp=1", &c, &L, &err) == 0);
+        mps_manifest m, r;
+        mps_manifest_init(&m, &c, &L);
+        CHECK(m.format_version == cases[i].version);
+        remove(path);
+        CHECK_MSG(mps_manifest_write(path, &m, &err) == 0, "%s", err.msg);
+        CHECK_MSG(mps_manifest_read(path, &r, &err) == 0, "%s", err.msg);
+        CHECK(r.format_version == cases[i].version && r.cfg.sliding_window == cases[i].window);
+        mps_manifest_free(&r);
+        if (cases[i].window) {
+            m.format_version = 2;
+            remove(path);
+            CHECK(mps_manifest_write(path, &m, &err) == 0);
+            mps_err_clear(&err);
+            CHECK_MSG(mps_manifest_read(path, &r, &err) != 0 && err.code == MPS_ECORRUPT &&
+                          strstr(err.msg, "model.sliding_window in a manifest of format version 2") != NULL,
+                      "%s", err.msg);
+        }
+        mps_manifest_free(&m);
+    }
+}
+
+/* GPT-2 given its own n_kv_head, ffn and norm_eps is the GPT-2 without them (mps_config_format
+ * prints GPT-2 as six numbers: the string must parse back to the same config) */
+static void test_gpt2_one_config(void)
+{
+    mps_config plain, given, back;
+    mps_err err;
+    mps_err_clear(&err);
+    CHECK(mps_config_parse("n_layer=6,n_embd=12,n_head=4,vocab=100,n_positions=64", &plain, &err) == 0);
+    CHECK_MSG(mps_config_parse("n_layer=6,n_embd=12,n_head=4,vocab=100,n_positions=64,ffn=48,n_kv_head=4,"
+                               "norm_eps=1e-5,tied=1,qkv_bias=0", &given, &err) == 0, "%s", err.msg);
+    CHECK(memcmp(&plain, &given, sizeof plain) == 0);
+    char buf[512];
+    mps_config_format(&given, buf, sizeof buf);
+    CHECK(mps_config_parse(buf, &back, &err) == 0 && memcmp(&back, &given, sizeof back) == 0);
+    static const char *const other[] = { "ffn=50", "n_kv_head=2", "norm_eps=1e-6", "tied=0", "qkv_bias=1" };
+    for (int i = 0; i < 5; i++) {
+        char text[128];
+        snprintf(text, sizeof text, "n_layer=6,n_embd=12,n_head=4,vocab=100,n_positions=64,%s", other[i]);
+        mps_err_clear(&err);
+        CHECK_MSG(mps_config_parse(text, &given, &err) != 0 && strstr(err.msg, "arch=gpt2 takes no") != NULL, "%s: %s",
+                  text, err.msg);
+    }
+}
+
+int main(void)
+{
+    test_gpt2_one_config();
+    test_hf_parse();
+    test_config_strings();
+    test_hf_generate();
+    test_manifest();
+    TEST_DONE();
+}
