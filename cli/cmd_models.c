@@ -25,7 +25,7 @@ int cmd_models(int argc, char **argv)
         as_config = 1;
     }
     if (!as_config)
-        printf("%-16s %-8s %6s %6s %5s %4s %7s %7s %6s %s\n", "model", "family", "layers", "embd", "heads", "kv",
+        printf("%-17s %-8s %6s %6s %5s %4s %7s %7s %7s %s\n", "model", "family", "layers", "embd", "heads", "kv",
                "ffn", "vocab", "ctx", "params");
     for (int i = 0; mps_preset_name(i); i++) {
         mps_config c;
@@ -41,12 +41,14 @@ int cmd_models(int argc, char **argv)
         }
         /* parameters without the vocabulary padding: what the model's card states */
         double params = (double)mps_param_count(&c) - (double)(c.padded_vocab - c.vocab) * c.n_embd * (c.untied ? 2 : 1);
-        char window[48] = "";
+        char window[48] = "", head[32] = "";
         if (c.sliding_window)
             snprintf(window, sizeof window, "  (sliding window %d)", c.sliding_window);
-        printf("%-16s %-8s %6d %6d %5d %4d %7lld %7lld %6d %.2fB%s\n", mps_preset_name(i), mps_family_name(c.family),
+        if (c.head_dim)
+            snprintf(head, sizeof head, "  (head_dim %d)", c.head_dim);
+        printf("%-17s %-8s %6d %6d %5d %4d %7lld %7lld %7d %.2fB%s%s\n", mps_preset_name(i), mps_family_name(c.family),
                c.n_layer, c.n_embd, c.n_head, mps_cfg_kv_heads(&c), (long long)mps_cfg_ffn(&c), (long long)c.vocab,
-               c.n_positions, params / 1e9, window);
+               c.n_positions, params / 1e9, window, head);
     }
     return 0;
 }

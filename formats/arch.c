@@ -218,10 +218,12 @@ void mps_arch_block_widths(const mps_config *cfg, int tp, mps_block_widths *w)
         w->wide = cfg->n_embd > w->ffn ? cfg->n_embd : w->ffn;
         if (w->qkv > w->wide)
             w->wide = w->qkv;
-    } else { /* q, then k and v of the kv heads; gate, then up; the backward's widest gradient and an (N, C) sum */
+    } else { /* q, then k and v of the kv heads; gate, then up; the backward's widest gradient, then an
+              * (N, C) sum or the attention output's gradient (N, attn: wider than C where the
+              * model's head_dim makes it so) */
         w->qkv = (heads + 2 * kv) * hs;
         w->fc = 2 * w->ffn;
-        w->wide = (w->ffn > w->qkv ? w->ffn : w->qkv) + cfg->n_embd;
+        w->wide = (w->ffn > w->qkv ? w->ffn : w->qkv) + (cfg->n_embd > w->attn ? cfg->n_embd : w->attn);
     }
 }
 

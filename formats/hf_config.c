@@ -193,9 +193,18 @@ static int llama_parse(json_t *root, const char *name, mps_family family, mps_co
                       "o_proj has no bias in this model");
     if (is_true(root, "mlp_bias"))
         return refuse(err, name, "mlp_bias", json_object_get(root, "mlp_bias"), "the MLP has no biases");
-    if ((x = json_object_get(root, "head_dim")) != NULL && !json_is_null(x) &&
-        !(json_is_integer(x) && nh > 0 && ne % nh == 0 && json_integer_value(x) == ne / nh))
-        return refuse(err, name, "head_dim", x, "the head size must be hidden_size / num_attention_heads");
+    /* a head size other than hidden_size / num_attention_heads (Mistral NeMo, Mistral Small 3:
+     * q is num_attention_heads x head_dim wide, o_proj takes that back to hidden_size) */
+    if ((x = json_object_get(root, "head_dim")) != NULL && !json_is_null(x)) {
+        if (!json_is_integer(x) || json_integer_value(x) < 1 || json_integer_value(x) > (1 << 16))
+            return refuse(err, name, "head_dim", x, "a head size of 1 to 65536");
+        const int64_t hd = json_integer_value(x);
+        if (!(ne % nh == 0 && hd == ne / nh)) {
+            if (family == MPS_FAMILY_QWEN2)
+                return refuse(err, name, "head_dim", x, "Qwen2's head size is hidden_size / num_attention_heads");
+            cfg->head_dim = (int)hd;
+        }
+    }
     static const char *const moe[] = { "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok" };
     for (int i = 0; i < 4; i++)
         if ((x = json_object_get(root, moe[i])) != NULL && json_is_integer(x) && json_integer_value(x) > 0)

@@ -42,8 +42,9 @@ void mps_manifest_init(mps_manifest *m, const mps_config *cfg, const mps_layout 
     memset(m, 0, sizeof *m);
     /* the oldest version that describes the model, so that older mpshard releases read what they
      * can: version 2 adds the Llama family (a GPT-2 checkpoint stays version 1), version 3
-     * model.sliding_window (a release that ignored it would train past the window) */
-    m->format_version = cfg->arch == MPS_ARCH_GPT2 ? 1 : cfg->sliding_window ? 3 : 2;
+     * model.sliding_window (a release that ignored it would train past the window) and
+     * model.head_dim */
+    m->format_version = cfg->arch == MPS_ARCH_GPT2 ? 1 : cfg->sliding_window || cfg->head_dim ? 3 : 2;
     mps_checkpoint_id_new(m->checkpoint_id);
     m->cfg = *cfg;
     m->layout = *L;
@@ -102,6 +103,8 @@ static json_t *model_json(const mps_config *c)
     json_object_set_new(o, "rope_scaling", mps_rope_scaling_json(c, "type"));
     if (c->sliding_window)
         json_object_set_new(o, "sliding_window", json_integer(c->sliding_window));
+    if (c->head_dim)
+        json_object_set_new(o, "head_dim", json_integer(c->head_dim));
     return o;
 }
 
@@ -328,6 +331,10 @@ static int parse_model(json_t *model, const char *path, mps_config *c, mps_err *
         get_int(model, "sliding_window", 1, 1 << 24, &window, path, err) != 0)
         return -1;
     c->sliding_window = (int)window;
+    int64_t head_dim = 0;
+    if (json_object_get(model, "head_dim") != NULL && get_int(model, "head_dim", 1, 1 << 16, &head_dim, path, err) != 0)
+        return -1;
+    c->head_dim = (int)head_dim;
     return 0;
 }
 
@@ -414,9 +421,9 @@ int mps_manifest_read(const char *path, mps_manifest *m, mps_err *err)
     copy_text(m->created_by, sizeof m->created_by, json_object_get(root, "created_by"));
     if (parse_model(json_object_get(root, "model"), path, &m->cfg, err) != 0)
         goto out;
-    if (m->cfg.sliding_window && m->format_version < 3) { /* (a writer of version 2 knew no window) */
-        mps_fail(err, MPS_ECORRUPT, "%s: model.sliding_window in a manifest of format version %d (it needs 3)", path,
-                 m->format_version);
+    if ((m->cfg.sliding_window || m->cfg.head_dim) && m->format_version < 3) { /* (unknown to version 2) */
+        mps_fail(err, MPS_ECORRUPT, "%s: model.%s in a manifest of format version %d (it needs 3)", path,
+                 m->cfg.sliding_window ? "sliding_window" : "head_dim", m->format_version);
         goto out;
     }
     if (mps_config_validate(&m->cfg, err) != 0) {

@@ -76,8 +76,9 @@ int mps_config_validate(const mps_config *c, mps_err *err)
         return mps_fail(err, MPS_EUSAGE, "model: n_layer=%d out of range 1..%d", c->n_layer, MAX_LAYERS);
     if (c->n_embd < 1 || c->n_embd > MAX_EMBD)
         return mps_fail(err, MPS_EUSAGE, "model: n_embd=%d out of range 1..%d", c->n_embd, MAX_EMBD);
-    if (c->n_head < 1 || c->n_embd % c->n_head != 0)
-        return mps_fail(err, MPS_EUSAGE, "model: n_head=%d must be >= 1 and divide n_embd=%d", c->n_head, c->n_embd);
+    if (c->n_head < 1 || (c->head_dim == 0 && c->n_embd % c->n_head != 0))
+        return mps_fail(err, MPS_EUSAGE, "model: n_head=%d must be >= 1 and divide n_embd=%d (or give head_dim)",
+                        c->n_head, c->n_embd);
     if (c->n_positions < 1 || c->n_positions > (1 << 24))
         return mps_fail(err, MPS_EUSAGE, "model: n_positions=%d out of range 1..%d", c->n_positions, 1 << 24);
     if (c->vocab < 1 || c->vocab > MAX_VOCAB)
@@ -89,9 +90,9 @@ int mps_config_validate(const mps_config *c, mps_err *err)
         /* GPT-2's block has none of these: a value here is a config meant for another model */
         if ((c->n_kv_head && c->n_kv_head != c->n_head) || (c->ffn && c->ffn != 4 * (int64_t)c->n_embd) ||
             c->untied || c->qkv_bias || c->rope_theta != 0 || c->rope.type != MPS_ROPE_DEFAULT ||
-            (c->norm_eps != 0 && c->norm_eps != 1e-5) || c->sliding_window != 0)
+            (c->norm_eps != 0 && c->norm_eps != 1e-5) || c->sliding_window != 0 || c->head_dim != 0)
             return mps_fail(err, MPS_EUSAGE, "model: arch=gpt2 takes no n_kv_head, ffn, tied, qkv_bias, norm_eps, "
-                            "rope_theta, rope scaling or sliding_window (give arch=llama)");
+                            "rope_theta, rope scaling, sliding_window or head_dim (give arch=llama)");
         return 0;
     }
     if (c->n_kv_head < 1 || c->n_head % c->n_kv_head != 0)
@@ -104,6 +105,19 @@ int mps_config_validate(const mps_config *c, mps_err *err)
         return mps_fail(err, MPS_EUSAGE, "model: norm_eps=%g must be in (0, 1)", c->norm_eps);
     if (!(c->rope_theta >= 1 && c->rope_theta < 1e12))
         return mps_fail(err, MPS_EUSAGE, "model: rope_theta=%g must be in [1, 1e12)", c->rope_theta);
+    /* LlamaConfig's and MistralConfig's head_dim (Qwen2Config has none); a head size of
+     * n_embd / n_head is written as none, so that each model has one config; even, for RoPE */
+    if (c->head_dim != 0) {
+        if (c->family == MPS_FAMILY_QWEN2)
+            return mps_fail(err, MPS_EUSAGE, "model: head_dim is Llama's and Mistral's, not qwen2's (its head size "
+                            "is n_embd / n_head)");
+        if (c->head_dim < 2 || c->head_dim > (1 << 16) || c->head_dim % 2 != 0 ||
+            (int64_t)c->head_dim * c->n_head > MAX_EMBD)
+            return mps_fail(err, MPS_EUSAGE, "model: head_dim=%d must be even, 2..65536, with n_head x head_dim at "
+                            "most %d", c->head_dim, MAX_EMBD);
+        if (c->n_embd % c->n_head == 0 && c->head_dim == c->n_embd / c->n_head)
+            return mps_fail(err, MPS_EUSAGE, "model: head_dim=%d is n_embd / n_head: leave it out", c->head_dim);
+    }
     /* Mistral's: what export writes back as MistralConfig's sliding_window (LlamaConfig has none;
      * Qwen2's applies to some layers only). A window of n_positions or more never binds: such a
      * model is written without one, so that each model has one config. */
@@ -135,30 +149,34 @@ typedef struct {
     double norm_eps, rope_theta;
     int llama3_rope; /* Llama 3.1's scaling: factor 8, low 1, high 4, original 8192 */
     int sliding_window;
+    int head_dim; /* 0: n_embd / n_head */
 } preset;
 /* The published configs (config.json of each model on the Hugging Face hub; mistral-7b is v0.3,
- * mistral-7b-v0.1 the first release, with its 4096-token sliding window), and the shapes the
+ * mistral-7b-v0.1 the first release, with its 4096-token sliding window; Mistral NeMo (2407) and
+ * Mistral Small 3 (2501) have 32 heads of 128 in a 5120-wide model), and the shapes the
  * benchmarks train (llama-125m, llama-1b-hs128: ../shared/bench/torch_llama.py). */
 static const preset presets[] = {
-    { "gpt2", MPS_FAMILY_GPT2, 12, 768, 12, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0 },
-    { "gpt2-medium", MPS_FAMILY_GPT2, 24, 1024, 16, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0 },
-    { "gpt2-large", MPS_FAMILY_GPT2, 36, 1280, 20, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0 },
-    { "gpt2-xl", MPS_FAMILY_GPT2, 48, 1600, 25, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0 },
-    { "gpt-7b", MPS_FAMILY_GPT2, 32, 4096, 32, 0, 2048, 0, 50257, 0, 0, 0, 0, 0, 0 },
-    { "gpt3-175b", MPS_FAMILY_GPT2, 96, 12288, 96, 0, 2048, 0, 50257, 0, 0, 0, 0, 0, 0 },
-    { "llama-2-7b", MPS_FAMILY_LLAMA, 32, 4096, 32, 32, 4096, 11008, 32000, 1, 0, 1e-5, 10000, 0, 0 },
-    { "llama-2-70b", MPS_FAMILY_LLAMA, 80, 8192, 64, 8, 4096, 28672, 32000, 1, 0, 1e-5, 10000, 0, 0 },
-    { "llama-3-8b", MPS_FAMILY_LLAMA, 32, 4096, 32, 8, 8192, 14336, 128256, 1, 0, 1e-5, 500000, 0, 0 },
-    { "llama-3-70b", MPS_FAMILY_LLAMA, 80, 8192, 64, 8, 8192, 28672, 128256, 1, 0, 1e-5, 500000, 0, 0 },
-    { "llama-3.1-8b", MPS_FAMILY_LLAMA, 32, 4096, 32, 8, 131072, 14336, 128256, 1, 0, 1e-5, 500000, 1, 0 },
-    { "mistral-7b", MPS_FAMILY_MISTRAL, 32, 4096, 32, 8, 32768, 14336, 32768, 1, 0, 1e-5, 1000000, 0, 0 },
-    { "mistral-7b-v0.1", MPS_FAMILY_MISTRAL, 32, 4096, 32, 8, 32768, 14336, 32000, 1, 0, 1e-5, 10000, 0, 4096 },
-    { "qwen2.5-0.5b", MPS_FAMILY_QWEN2, 24, 896, 14, 2, 32768, 4864, 151936, 0, 1, 1e-6, 1000000, 0, 0 },
-    { "qwen2.5-7b", MPS_FAMILY_QWEN2, 28, 3584, 28, 4, 32768, 18944, 152064, 1, 1, 1e-6, 1000000, 0, 0 },
-    { "tinyllama-1.1b", MPS_FAMILY_LLAMA, 22, 2048, 32, 4, 2048, 5632, 32000, 1, 0, 1e-5, 10000, 0, 0 },
-    { "smollm2-135m", MPS_FAMILY_LLAMA, 30, 576, 9, 3, 8192, 1536, 49152, 0, 0, 1e-5, 100000, 0, 0 },
-    { "llama-125m", MPS_FAMILY_LLAMA, 12, 768, 12, 4, 1024, 2048, 32000, 1, 0, 1e-5, 10000, 0, 0 },
-    { "llama-1b-hs128", MPS_FAMILY_LLAMA, 16, 2048, 16, 4, 2048, 5632, 32000, 1, 0, 1e-5, 10000, 0, 0 },
+    { "gpt2", MPS_FAMILY_GPT2, 12, 768, 12, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0, 0 },
+    { "gpt2-medium", MPS_FAMILY_GPT2, 24, 1024, 16, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0, 0 },
+    { "gpt2-large", MPS_FAMILY_GPT2, 36, 1280, 20, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0, 0 },
+    { "gpt2-xl", MPS_FAMILY_GPT2, 48, 1600, 25, 0, 1024, 0, 50257, 0, 0, 0, 0, 0, 0, 0 },
+    { "gpt-7b", MPS_FAMILY_GPT2, 32, 4096, 32, 0, 2048, 0, 50257, 0, 0, 0, 0, 0, 0, 0 },
+    { "gpt3-175b", MPS_FAMILY_GPT2, 96, 12288, 96, 0, 2048, 0, 50257, 0, 0, 0, 0, 0, 0, 0 },
+    { "llama-2-7b", MPS_FAMILY_LLAMA, 32, 4096, 32, 32, 4096, 11008, 32000, 1, 0, 1e-5, 10000, 0, 0, 0 },
+    { "llama-2-70b", MPS_FAMILY_LLAMA, 80, 8192, 64, 8, 4096, 28672, 32000, 1, 0, 1e-5, 10000, 0, 0, 0 },
+    { "llama-3-8b", MPS_FAMILY_LLAMA, 32, 4096, 32, 8, 8192, 14336, 128256, 1, 0, 1e-5, 500000, 0, 0, 0 },
+    { "llama-3-70b", MPS_FAMILY_LLAMA, 80, 8192, 64, 8, 8192, 28672, 128256, 1, 0, 1e-5, 500000, 0, 0, 0 },
+    { "llama-3.1-8b", MPS_FAMILY_LLAMA, 32, 4096, 32, 8, 131072, 14336, 128256, 1, 0, 1e-5, 500000, 1, 0, 0 },
+    { "mistral-7b", MPS_FAMILY_MISTRAL, 32, 4096, 32, 8, 32768, 14336, 32768, 1, 0, 1e-5, 1000000, 0, 0, 0 },
+    { "mistral-7b-v0.1", MPS_FAMILY_MISTRAL, 32, 4096, 32, 8, 32768, 14336, 32000, 1, 0, 1e-5, 10000, 0, 4096, 0 },
+    { "mistral-nemo-12b", MPS_FAMILY_MISTRAL, 40, 5120, 32, 8, 1024000, 14336, 131072, 1, 0, 1e-5, 1000000, 0, 0, 128 },
+    { "mistral-small-24b", MPS_FAMILY_MISTRAL, 40, 5120, 32, 8, 32768, 32768, 131072, 1, 0, 1e-5, 100000000, 0, 0, 128 },
+    { "qwen2.5-0.5b", MPS_FAMILY_QWEN2, 24, 896, 14, 2, 32768, 4864, 151936, 0, 1, 1e-6, 1000000, 0, 0, 0 },
+    { "qwen2.5-7b", MPS_FAMILY_QWEN2, 28, 3584, 28, 4, 32768, 18944, 152064, 1, 1, 1e-6, 1000000, 0, 0, 0 },
+    { "tinyllama-1.1b", MPS_FAMILY_LLAMA, 22, 2048, 32, 4, 2048, 5632, 32000, 1, 0, 1e-5, 10000, 0, 0, 0 },
+    { "smollm2-135m", MPS_FAMILY_LLAMA, 30, 576, 9, 3, 8192, 1536, 49152, 0, 0, 1e-5, 100000, 0, 0, 0 },
+    { "llama-125m", MPS_FAMILY_LLAMA, 12, 768, 12, 4, 1024, 2048, 32000, 1, 0, 1e-5, 10000, 0, 0, 0 },
+    { "llama-1b-hs128", MPS_FAMILY_LLAMA, 16, 2048, 16, 4, 2048, 5632, 32000, 1, 0, 1e-5, 10000, 0, 0, 0 },
 };
 #define NPRESETS (sizeof presets / sizeof presets[0])
 
@@ -195,6 +213,7 @@ int mps_config_preset(const char *name, mps_config *out, mps_err *err)
             out->norm_eps = p->norm_eps;
             out->rope_theta = p->rope_theta;
             out->sliding_window = p->sliding_window;
+            out->head_dim = p->head_dim;
             if (p->llama3_rope) {
                 out->rope.type = MPS_ROPE_LLAMA3;
                 out->rope.factor = 8;
@@ -234,13 +253,13 @@ static int parse_f64(const char *s, double *out)
 
 /* --config keys. Integer keys hold at most `max`; 'r' keys are reals; 's' keys are names. */
 enum { K_N_LAYER, K_N_EMBD, K_N_HEAD, K_VOCAB, K_N_POSITIONS, K_PADDED_VOCAB, K_ARCH, K_FAMILY, K_N_KV_HEAD, K_FFN,
-       K_TIED, K_QKV_BIAS, K_NORM_EPS, K_ROPE_THETA, K_ROPE_LLAMA3, K_SLIDING_WINDOW, K_COUNT };
+       K_TIED, K_QKV_BIAS, K_NORM_EPS, K_ROPE_THETA, K_ROPE_LLAMA3, K_SLIDING_WINDOW, K_HEAD_DIM, K_COUNT };
 static const struct { const char *name; char type; int64_t max; } config_keys[K_COUNT] = {
     { "n_layer", 'i', INT32_MAX }, { "n_embd", 'i', INT32_MAX }, { "n_head", 'i', INT32_MAX },
     { "vocab", 'i', MAX_VOCAB }, { "n_positions", 'i', INT32_MAX }, { "padded_vocab", 'i', MAX_VOCAB },
     { "arch", 's', 0 }, { "family", 's', 0 }, { "n_kv_head", 'i', INT32_MAX }, { "ffn", 'i', (int64_t)1 << 40 },
     { "tied", 'i', 1 }, { "qkv_bias", 'i', 1 }, { "norm_eps", 'r', 0 }, { "rope_theta", 'r', 0 },
-    { "rope_llama3", 's', 0 }, { "sliding_window", 'i', INT32_MAX },
+    { "rope_llama3", 's', 0 }, { "sliding_window", 'i', INT32_MAX }, { "head_dim", 'i', INT32_MAX },
 };
 
 int mps_config_parse(const char *text, mps_config *out, mps_err *err)
@@ -267,7 +286,7 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
             return mps_fail(err, MPS_EUSAGE,
                             "--config: unknown key '%s' (known: n_layer, n_embd, n_head, vocab, padded_vocab, "
                             "n_positions, arch, family, n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta, rope_llama3, "
-                            "sliding_window)", tok);
+                            "sliding_window, head_dim)", tok);
         if (seen[k]++)
             return mps_fail(err, MPS_EUSAGE, "--config: key '%s' given twice", tok);
         const char *val = eq + 1;
@@ -306,6 +325,10 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
                             svals[K_FAMILY]);
         out->family = (mps_family)f;
     }
+    /* a head size of n_embd / n_head is the default: stored as none (one config per model) */
+    const int64_t hd = ivals[K_HEAD_DIM];
+    out->head_dim = seen[K_HEAD_DIM] && !(out->n_head > 0 && out->n_embd % out->n_head == 0 &&
+                                          hd == out->n_embd / out->n_head) ? (int)hd : 0;
     if (out->arch == MPS_ARCH_LLAMA) {
         /* the Llama defaults of transformers' LlamaConfig where a key is missing */
         out->n_kv_head = seen[K_N_KV_HEAD] ? (int)ivals[K_N_KV_HEAD] : out->n_head;
@@ -355,7 +378,9 @@ void mps_config_format(const mps_config *c, char *buf, size_t size)
         n += snprintf(buf + n, size - (size_t)n, ",rope_llama3=%.17g:%.17g:%.17g:%d", c->rope.factor,
                       c->rope.low_freq_factor, c->rope.high_freq_factor, c->rope.original_max_positions);
     if (c->sliding_window != 0 && n > 0 && (size_t)n < size)
-        snprintf(buf + n, size - (size_t)n, ",sliding_window=%d", c->sliding_window);
+        n += snprintf(buf + n, size - (size_t)n, ",sliding_window=%d", c->sliding_window);
+    if (c->head_dim != 0 && n > 0 && (size_t)n < size)
+        snprintf(buf + n, size - (size_t)n, ",head_dim=%d", c->head_dim);
 }
 
 /* ---------------------------------------------------------------------------------------------

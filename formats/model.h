@@ -21,7 +21,7 @@ typedef enum { MPS_ROPE_DEFAULT = 0, MPS_ROPE_LLAMA3 } mps_rope_type;
 typedef struct {
     int n_layer;
     int n_embd;       /* C */
-    int n_head;       /* NH; C % NH == 0 */
+    int n_head;       /* NH; C % NH == 0 unless head_dim is given */
     int n_positions;  /* maxT: rows of wpe (GPT-2), the context length (Llama) */
     int64_t vocab;        /* V: real vocabulary of the tokenizer */
     int64_t padded_vocab; /* Vp >= V: rows of wte (and of an untied head); rows V..Vp-1 are padding */
@@ -40,6 +40,10 @@ typedef struct {
      * n_positions. The trainer runs full causal attention, which is the same thing for sequences
      * of at most sliding_window tokens, and refuses longer ones. */
     int sliding_window;
+    /* Llama family: the head size where it is not n_embd / n_head (Mistral NeMo and Mistral Small
+     * 3: 128 over 32 heads of a 5120-wide model, so q is 4096 wide); 0: n_embd / n_head, and
+     * always 0 when it equals that */
+    int head_dim;
     struct {
         mps_rope_type type;          /* MPS_ROPE_LLAMA3: Llama 3's frequency scaling */
         double factor, low_freq_factor, high_freq_factor;
@@ -49,7 +53,7 @@ typedef struct {
 
 static inline int mps_cfg_kv_heads(const mps_config *c) { return c->n_kv_head ? c->n_kv_head : c->n_head; }
 static inline int64_t mps_cfg_ffn(const mps_config *c) { return c->ffn ? c->ffn : 4 * (int64_t)c->n_embd; }
-static inline int mps_cfg_head_dim(const mps_config *c) { return c->n_embd / c->n_head; }
+static inline int mps_cfg_head_dim(const mps_config *c) { return c->head_dim ? c->head_dim : c->n_embd / c->n_head; }
 static inline int mps_cfg_tied(const mps_config *c) { return c->arch == MPS_ARCH_GPT2 || !c->untied; }
 static inline double mps_cfg_norm_eps(const mps_config *c) { return c->norm_eps > 0 ? c->norm_eps : 1e-5; }
 static inline double mps_cfg_rope_theta(const mps_config *c) { return c->rope_theta > 0 ? c->rope_theta : 10000.0; }
@@ -114,8 +118,8 @@ const char *mps_preset_name(int i);
 void mps_preset_list(char *buf, size_t size);
 /* Parses "n_layer=12,n_embd=768,n_head=12,vocab=50257,n_positions=1024[,padded_vocab=50304]", with
  * arch=llama also family, n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta,
- * rope_llama3=factor:low_freq_factor:high_freq_factor:original_max_positions and (family=mistral)
- * sliding_window. */
+ * rope_llama3=factor:low_freq_factor:high_freq_factor:original_max_positions, head_dim and
+ * (family=mistral) sliding_window. */
 int mps_config_parse(const char *text, mps_config *out, mps_err *err);
 /* The --config string that parses back to cfg exactly (512 bytes hold any). */
 void mps_config_format(const mps_config *cfg, char *buf, size_t size);

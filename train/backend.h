@@ -51,6 +51,9 @@ typedef struct mps_backend {
     const char *name; /* "cpu", "cuda" */
     void *ctx;
     int device_memory; /* 1: buffers are not host memory (collectives over MPI must stage them) */
+    /* 1: the Llama block's kernels are checked (tests) for head sizes with n_head x head size !=
+     * n_embd (model.h head_dim); 0: the engine refuses such models */
+    int any_head_dim;
     /* memory: alloc returns zeroed memory or NULL */
     void *(*alloc)(void *ctx, size_t bytes);
     void (*release)(void *ctx, void *p);

@@ -307,7 +307,7 @@ static double sumsq_many(void *c, const float *const *xs, const int64_t *ns, int
 void mps_backend_cpu(mps_backend *out)
 {
     *out = (mps_backend){
-        .name = "cpu", .ctx = NULL, .device_memory = 0, .alloc = cpu_alloc, .release = cpu_release,
+        .name = "cpu", .ctx = NULL, .device_memory = 0, .any_head_dim = 1, .alloc = cpu_alloc, .release = cpu_release,
         .alloc_host = cpu_alloc, .release_host = cpu_release,
         .zero = cpu_zero, .copy = cpu_copy, .to_host = cpu_copy, .from_host = cpu_copy,
         .from_host_queued = cpu_copy, .sync = cpu_sync,

@@ -157,7 +157,7 @@ static int layer_backward(mps_engine *e, int layer, int next, mps_layer_acts *a,
     const int C = e->C, Cl = e->Cl, F = e->F;
     float *dx = s->dx;
     float *dbig = e->scratch_a;                                      /* (N, max(F, qkv_w)) */
-    void *datty = e->scratch_a + N * (F > e->qkv_w ? F : e->qkv_w);  /* (N, Cl) operand buffer, Cl <= C */
+    void *datty = e->scratch_a + N * (F > e->qkv_w ? F : e->qkv_w);  /* (N, Cl) operand buffer */
     float *dln = e->scratch_b;                                       /* (N, C) */
     /* MLP: dx is the output's gradient; the residual passes it on, the norm's backward adds */
     /* the norms' input gradients (dln) are sums of several products' (one stacked product: gate|up,

@@ -117,6 +117,10 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
                                         !be->matmul_parts_fwd_act || !be->matmul_parts_bwd))
         return mps_fail(err, MPS_EUNSUPPORTED, "--backend %s trains GPT-2 models only; this checkpoint holds a %s model "
                         "(llama architecture): train it with --backend cpu", be->name, mps_family_name(cfg->family));
+    if (cfg->head_dim && !be->any_head_dim)
+        return mps_fail(err, MPS_EUNSUPPORTED, "--backend %s: the model's head_dim %d over %d heads is not n_embd %d: "
+                        "this backend's kernels are not verified for that yet (train it with --backend cpu)", be->name,
+                        cfg->head_dim, cfg->n_head, cfg->n_embd);
     if (cfg->arch == MPS_ARCH_LLAMA && (mps_cfg_kv_heads(cfg) % L->tp != 0 || mps_cfg_head_dim(cfg) % 2 != 0))
         return mps_fail(err, MPS_EUSAGE, "--layout tp=%d must divide the model's %d key/value heads (and the head size "
                         "%d must be even for the rotary embeddings)", L->tp, mps_cfg_kv_heads(cfg),
@@ -158,7 +162,7 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
     e->T = o->seq;
     e->N = e->B * e->T;
     e->C = cfg->n_embd;
-    e->hs = cfg->n_embd / cfg->n_head;
+    e->hs = mps_cfg_head_dim(cfg);
     e->Hl = cfg->n_head / L->tp;
     e->Cl = e->Hl * e->hs;
     e->accum = o->global_batch / (o->micro_batch * L->dp);

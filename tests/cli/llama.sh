@@ -74,6 +74,17 @@ grep -q '"format_version": 2' "$T/ck-sw/manifest.json" && ! sed -n '/"model": {/
 expect 0 "$MPSHARD" export "$T/ck-sw" --format safetensors -o "$T/sw-ex" -q
 cmp -s "$T/sw/config.json" "$T/sw-ex/config.json" && ok || bad "config.json with sliding_window 16 not kept"
 rm -rf "$T/sw" "$T/ck-sw" "$T/ck-sw2" "$T/sw-ex"
+# Mistral NeMo's head size: 4 heads of 16 (q 64 wide) in a 32-wide model, through tp=2 (its kv
+# heads split) and back; format version 3
+roundtrip mistral-head-dim "$MISTRAL,head_dim=16" "$CHAIN_MISTRAL" bf16
+expect 0 "$MPSHARD" synth --config "$MISTRAL,head_dim=16" --format safetensors -o "$T/hd"
+grep -q '"head_dim": 16,' "$T/hd/config.json" && ok || bad "synth config.json lacks head_dim 16"
+expect 0 "$MPSHARD" shard "$T/hd" --layout tp=2,pp=3 -o "$T/ck-hd" -q
+grep -q '"format_version": 3' "$T/ck-hd/manifest.json" && grep -q '"head_dim": 16' "$T/ck-hd/manifest.json" \
+  && ok || bad "head_dim manifest: $(grep -E 'format_version|head_dim' "$T/ck-hd/manifest.json" | tr -d '\n')"
+expect 0 "$MPSHARD" ls "$T/ck-hd" --tensor h.0.qw
+grep -q "rank-00001.h5  /param/h.0.qw   \[2:4, 0:16, 0:32\]" "$T/out" && ok || bad "h.0.qw boxes: $(cat "$T/out")"
+rm -rf "$T/hd" "$T/ck-hd"
 # the planner's default sequence is the longest the trainer takes: v0.1's window, not its context
 expect 0 "$MPSHARD" inspect --model mistral-7b-v0.1 --layout tp=8 --json
 grep -q '"seq": 4096,' "$T/out" && ok || bad "inspect mistral-7b-v0.1: $(grep -o '"seq": [0-9]*' "$T/out")"
@@ -119,7 +130,9 @@ refuse 6 'rope_scaling=.*yarn.* is not supported' 's/"rope_scaling": null/"rope_
 refuse 6 'hidden_act="gelu" is not supported' 's/"hidden_act": "silu"/"hidden_act": "gelu"/'
 refuse 6 'attention_bias=true is not supported \(o_proj has no bias' 's/"use_cache": true/"use_cache": true, "attention_bias": true/'
 refuse 6 'mlp_bias=true is not supported' 's/"use_cache": true/"use_cache": true, "mlp_bias": true/'
-refuse 6 'head_dim=16 is not supported' 's/"head_dim": 8/"head_dim": 16/'
+# a head_dim the tensors do not have: the tensor and both shapes named
+refuse 3 "q_proj.weight': shape \(32, 32\) but config.json implies \(64, 32\)" 's/"head_dim": 8/"head_dim": 16/'
+refuse 6 'head_dim=16 is not supported \(Qwen2' 's/"model_type": "mistral"/"model_type": "qwen2"/; s/"head_dim": 8/"head_dim": 16/'
 refuse 6 'num_local_experts=8 is not supported \(mixture-of-experts' 's/"use_cache": true/"use_cache": true, "num_local_experts": 8/'
 refuse 6 'quantization_config=.* is not supported' 's/"use_cache": true/"use_cache": true, "quantization_config": {"quant_method": "gptq"}/'
 refuse 6 'model_type="gemma" is not supported' 's/"model_type": "mistral"/"model_type": "gemma"/'

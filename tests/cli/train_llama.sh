@@ -65,6 +65,21 @@ expect 0 "$MPSHARD" verify "$T/r6/step-00000006" -q
 expect 2 "$MPSHARD" train $TR --ckpt "$T/init" --layout tp=4 --steps 1 --out "$T/x"
 expect_err "tp=4 must divide the model's 2 key/value heads"
 [ ! -e "$T/x" ] && ok || bad "a refused run left $T/x"
+# Mistral NeMo's head size: 4 heads of 16 (q and the attention output 64 wide) in a 32-wide model
+# over 2 kv heads: the losses of dp=1 under tp (the heads split), pp and ZeRO-3, and they fall
+NEMO="arch=llama,family=mistral,n_layer=3,n_embd=32,n_head=4,n_kv_head=2,head_dim=16,ffn=48,vocab=250,n_positions=32,tied=0"
+rm -rf "$T/init-hd" "$T/hd" "$T/hd.jsonl"
+expect 0 "$MPSHARD" init --config "$NEMO" --layout dp=1 -o "$T/init-hd" -q
+train 1 --ckpt "$T/init-hd" --layout dp=1 --steps 6 --out "$T/hd" --log "$T/hd.jsonl" && ok || bad "head_dim dp=1: $(cat "$T/err")"
+awk -F'"loss": ' 'NR == 1 { split($2, a, ","); first = a[1] } NR == 6 { split($2, a, ","); last = a[1] }
+  END { exit !(NR == 6 && first > 5.4 && first < 5.7 && last < first - 0.2) }' "$T/hd.jsonl" && ok \
+  || bad "head_dim: loss did not fall: $(losses "$T/hd.jsonl" | tr '\n' ' ')"
+for spec in "2 tp=2" "2 pp=2" "2 dp=2,zero=3" "4 dp=2,tp=2,zero=1"; do
+  set -- $spec; rm -rf "$T/hd2" "$T/hd2.jsonl"
+  train "$1" --ckpt "$T/init-hd" --layout "$2" --steps 6 --out "$T/hd2" --log "$T/hd2.jsonl" && ok \
+    || bad "head_dim $2: $(tail -3 "$T/err")"
+  same_losses "$T/hd2.jsonl" "$T/hd.jsonl"
+done
 # Mistral 7B v0.1's sliding window: the trainer's full causal attention is the model's up to the
 # window (16 of 32 positions here): --seq 16 trains, --seq 32 is refused by name
 MISTRAL_SW="arch=llama,family=mistral,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=48,vocab=250,n_positions=32,sliding_window=16"

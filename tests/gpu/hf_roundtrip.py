@@ -3,7 +3,8 @@
 export and load back in transformers with identical weights and identical logits.
 
 One model per family (Llama with GQA and an untied head, Qwen2 with q/k/v biases and a tied head,
-Mistral, with and without a sliding window), in bf16 and f32, one saved with a small max_shard_size so that it has an index. Needs
+Mistral, with and without a sliding window, and with a head size other than hidden / heads), in
+bf16 and f32, one saved with a small max_shard_size so that it has an index. Needs
 torch and transformers (the GPU host has both); runs on the GPU when there is one.
 usage: tests/gpu/hf_roundtrip.py MPSHARD WORKDIR
 """
@@ -37,6 +38,9 @@ cases = [
     # Mistral 7B v0.1's form: a window (16) below the context, which the 64-token logits below cross
     ("mistral-window", MistralConfig(**common, num_key_value_heads=2, vocab_size=1000, sliding_window=16),
      torch.bfloat16, None, ["tp=2,pp=2", "dp=2,zero=1"]),
+    # Mistral NeMo's form: 8 heads of 32 (q 256 wide) in a 128-wide model
+    ("mistral-head-dim", MistralConfig(**common, num_key_value_heads=4, vocab_size=1000, head_dim=32,
+                                       sliding_window=None), torch.float32, None, ["tp=2,pp=2", "dp=2,tp=4,zero=1"]),
 ]
 
 

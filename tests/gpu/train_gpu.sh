@@ -185,11 +185,20 @@ fi # SECTIONS
 # saved on the GPU, resharded and resumed on the CPU continues the CPU's curve, and the other way.
 LLAMA="arch=llama,n_layer=3,n_embd=512,n_head=8,n_kv_head=2,ffn=1024,vocab=1000,n_positions=128,tied=0,rope_theta=500000,rope_llama3=8:1:4:64"
 QWEN2="arch=llama,family=qwen2,n_layer=3,n_embd=512,n_head=4,n_kv_head=2,ffn=768,vocab=1000,n_positions=128,tied=1,qkv_bias=1,rope_theta=1000000,norm_eps=1e-6"
+# Mistral NeMo's form: 4 heads of 128 (q and the attention output 512 wide) in a 384-wide model.
+# The CUDA backend refuses it by name until this check has passed on the GPU host; here it runs
+# with MPS_CUDA_ANY_HEAD_DIM=1 (train/cuda/backend_cuda.cu)
+NEMO="arch=llama,family=mistral,n_layer=3,n_embd=384,n_head=4,n_kv_head=2,head_dim=128,ffn=1024,vocab=1000,n_positions=128,tied=0"
 # (the CPU backend's attention is slow at these widths: 8 sequences of 100 per step, T not a
 # multiple of the kernels' 64-key tiles)
 TR="--data $T/tok.bin --global-batch 8 --micro-batch 4 --seq 100 --lr 1e-3 --lr-min 1e-4 --decay-steps 8 -q"
-for model in llama qwen2; do
-  cfg=$LLAMA; [ $model = qwen2 ] && cfg=$QWEN2
+"$M" init --config "$NEMO" --layout dp=1 -o "$T/nemo-init" -q --seed 5 || bad "nemo init"
+"$M" train $TR --ckpt "$T/nemo-init" --layout dp=1 --steps 1 --out "$T/nemo-x" --backend cuda >"$T/out" 2>&1 \
+  && bad "nemo: the CUDA backend trained head_dim 128 x 4 heads != n_embd 384 without MPS_CUDA_ANY_HEAD_DIM=1" \
+  || { grep -q "head_dim 128 over 4 heads is not n_embd 384" "$T/out" && ok || bad "nemo refusal: $(tail -2 "$T/out")"; }
+for model in llama qwen2 nemo; do
+  cfg=$LLAMA; [ $model = qwen2 ] && cfg=$QWEN2; [ $model = nemo ] && cfg=$NEMO
+  if [ $model = nemo ]; then export MPS_CUDA_ANY_HEAD_DIM=1; fi
   L="$T/$model"; mkdir -p "$L"
   "$M" init --config "$cfg" --layout dp=1 -o "$L/init" -q --seed 5 || bad "$model init"
   run 1 --ckpt "$L/init" --layout dp=1 --steps 4 --out "$L/cpu" --log "$L/cpu.jsonl" --backend cpu

@@ -2,7 +2,8 @@
  * (config.json + model.safetensors, as `mpshard synth` writes them; `shard` imports it) equals a
  * float64 forward pass written here from the Hugging Face definitions, independent of the
  * project's kernels: RMSNorm, rotate-half RoPE with Llama 3's scaling, grouped-query attention,
- * SwiGLU, q/k/v biases, untied or tied head. The weights are scaled up in the file first so that
+ * SwiGLU, q/k/v biases, untied or tied head, a head size other than n_embd / n_head (Mistral
+ * NeMo's form: q wider than the model). The weights are scaled up in the file first so that
  * attention and the MLP move the loss well beyond the tolerance. */
 #include <math.h>
 #include <stdio.h>
@@ -20,6 +21,7 @@ typedef struct {
     const char *text;
     int L, C, H, KV, F, V, untied, bias;
     double eps, theta, factor, lo, hi, orig; /* orig 0: no Llama 3 scaling */
+    int hd;                                  /* head size; 0: C / H */
 } ref_model;
 
 typedef struct {
@@ -137,7 +139,7 @@ static double reference_loss(const ref_model *m, const char *model_path, const c
 {
     st_file f;
     CHECK(st_load(model_path, &f) == 0);
-    const int C = m->C, H = m->H, KV = m->KV, F = m->F, V = m->V, hd = C / H, group = H / KV;
+    const int C = m->C, H = m->H, KV = m->KV, F = m->F, V = m->V, hd = m->hd ? m->hd : C / H, group = H / KV;
     double *E = get(&f, "model.embed_tokens.weight", 0, (long)V * C);
     double *head = m->untied ? get(&f, "lm_head.weight", 0, (long)V * C) : E;
     double *normf = get(&f, "model.norm.weight", 0, C);
@@ -340,12 +342,18 @@ int main(void)
      * (head size 16, theta 5e5: wavelengths 6.3 < 8, 32 between 8 and 64, the rest above 64) */
     const ref_model llama = { "arch=llama,n_layer=2,n_embd=64,n_head=4,n_kv_head=2,ffn=48,vocab=250,n_positions=32,"
                               "tied=0,rope_theta=500000,norm_eps=1e-5,rope_llama3=8:1:8:64",
-                              2, 64, 4, 2, 48, 250, 1, 0, 1e-5, 500000, 8, 1, 8, 64 };
+                              2, 64, 4, 2, 48, 250, 1, 0, 1e-5, 500000, 8, 1, 8, 64, 0 };
     check(&llama, dir, tokens, "llama");
     /* Qwen2: one kv head for all four query heads, q/k/v biases, tied head */
     const ref_model qwen = { "arch=llama,family=qwen2,n_layer=2,n_embd=32,n_head=4,n_kv_head=1,ffn=40,vocab=250,"
                              "n_positions=32,tied=1,qkv_bias=1,rope_theta=1000000,norm_eps=1e-6",
-                             2, 32, 4, 1, 40, 250, 0, 1, 1e-6, 1000000, 0, 0, 0, 0 };
+                             2, 32, 4, 1, 40, 250, 0, 1, 1e-6, 1000000, 0, 0, 0, 0, 0 };
     check(&qwen, dir, tokens, "qwen2");
+    /* Mistral NeMo's form: 4 heads of 12 (q and the attention output 48 wide) in a 32-wide model,
+     * over 2 kv heads */
+    const ref_model nemo = { "arch=llama,family=mistral,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=40,vocab=250,"
+                             "n_positions=32,tied=0,rope_theta=1000000,norm_eps=1e-5,head_dim=12",
+                             2, 32, 4, 2, 40, 250, 1, 0, 1e-5, 1000000, 0, 0, 0, 0, 12 };
+    check(&nemo, dir, tokens, "mistral-head-dim");
     TEST_DONE();
 }

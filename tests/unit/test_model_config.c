@@ -1,6 +1,7 @@
-/* Model configs: Mistral's sliding window (model.h sliding_window) from config.json, in --config
- * strings, in the manifest (format version 3) and back into config.json, and the configs that
- * must be refused; one config per model (GPT-2's implied values given explicitly). */
+/* Model configs: Mistral's sliding window and a head size other than n_embd / n_head (model.h
+ * sliding_window, head_dim) from config.json, in --config strings, in the manifest (format
+ * version 3) and back into config.json, and the configs that must be refused; one config per
+ * model (GPT-2's implied values given explicitly). */
 #include "ckpt.h"
 #include "modelfile_internal.h"
 #include "testutil.h"
@@ -97,7 +98,7 @@ static void test_config_strings(void)
         { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,sliding_window=16",
           "sliding_window is Mistral's (family=mistral), not llama's" },
         { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,sliding_window=16",
-          "arch=gpt2 takes no n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta, rope scaling or sliding_window" },
+          "arch=gpt2 takes no n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta, rope scaling, sliding_window or head_dim" },
         { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,family=mistral,sliding_window=-1",
           "sliding_window='-1' is not a valid number" },
     };
@@ -148,6 +149,7 @@ static void test_manifest(void)
         { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64", 1, 0 },
         { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,family=mistral", 2, 0 },
         { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,family=mistral,sliding_window=16", 3, 16 },
+        { "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,family=mistral,head_dim=12", 3, 0 },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         mps_config c;
@@ -161,15 +163,16 @@ static void test_manifest(void)
         remove(path);
         CHECK_MSG(mps_manifest_write(path, &m, &err) == 0, "%s", err.msg);
         CHECK_MSG(mps_manifest_read(path, &r, &err) == 0, "%s", err.msg);
-        CHECK(r.format_version == cases[i].version && r.cfg.sliding_window == cases[i].window);
+        CHECK(r.format_version == cases[i].version && memcmp(&r.cfg, &c, sizeof c) == 0);
         mps_manifest_free(&r);
-        if (cases[i].window) {
+        if (cases[i].version == 3) {
             m.format_version = 2;
             remove(path);
             CHECK(mps_manifest_write(path, &m, &err) == 0);
             mps_err_clear(&err);
             CHECK_MSG(mps_manifest_read(path, &r, &err) != 0 && err.code == MPS_ECORRUPT &&
-                          strstr(err.msg, "model.sliding_window in a manifest of format version 2") != NULL,
+                          strstr(err.msg, cases[i].window ? "model.sliding_window in a manifest of format version 2"
+                                                          : "model.head_dim in a manifest of format version 2") != NULL,
                       "%s", err.msg);
         }
         mps_manifest_free(&m);
@@ -200,8 +203,83 @@ static void test_gpt2_one_config(void)
     }
 }
 
+/* the config parsed from a config.json text, or -1 (with err) when it is refused */
+static int parse_hf(const char *text, mps_config *c, mps_err *err)
+{
+    json_error_t jerr;
+    json_t *root = json_loads(text, 0, &jerr);
+    CHECK_MSG(root != NULL, "%s", text);
+    mps_err_clear(err);
+    int rc = root ? mps_hf_config_parse(root, "config.json", c, err) : -1;
+    json_decref(root);
+    return rc;
+}
+
+static void test_head_dim(void)
+{
+    mps_config c, back;
+    mps_err err;
+    const char *hf = "{\"model_type\": \"%s\", \"hidden_size\": %d, \"intermediate_size\": 48, "
+                     "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"num_key_value_heads\": 2, "
+                     "\"vocab_size\": 100, \"max_position_embeddings\": 64, \"sliding_window\": null, "
+                     "\"head_dim\": %s}";
+    char text[512];
+    /* Mistral NeMo's form: 4 heads of 12 in a 32-wide model */
+    snprintf(text, sizeof text, hf, "mistral", 32, "12");
+    CHECK_MSG(parse_hf(text, &c, &err) == 0 && c.head_dim == 12 && mps_cfg_head_dim(&c) == 12, "%s", err.msg);
+    /* hidden_size / num_attention_heads, or null: none */
+    snprintf(text, sizeof text, hf, "llama", 32, "8");
+    CHECK(parse_hf(text, &c, &err) == 0 && c.head_dim == 0 && mps_cfg_head_dim(&c) == 8);
+    snprintf(text, sizeof text, hf, "llama", 32, "null");
+    CHECK(parse_hf(text, &c, &err) == 0 && c.head_dim == 0);
+    /* a width the heads do not divide, with head_dim given */
+    snprintf(text, sizeof text, hf, "llama", 30, "16");
+    CHECK_MSG(parse_hf(text, &c, &err) == 0 && c.head_dim == 16, "%s", err.msg);
+    static const struct {
+        const char *family, *value, *msg;
+    } bad[] = {
+        { "qwen2", "12", "head_dim=12 is not supported (Qwen2's head size is hidden_size / num_attention_heads)" },
+        { "llama", "11", "head_dim=11 must be even" },
+        { "llama", "0", "head_dim=0 is not supported (a head size of 1 to 65536)" },
+        { "mistral", "\"12\"", "head_dim=\"12\" is not supported" },
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        snprintf(text, sizeof text, hf, bad[i].family, 32, bad[i].value);
+        CHECK_MSG(parse_hf(text, &c, &err) != 0 && strstr(err.msg, bad[i].msg) != NULL, "%s: %s", text, err.msg);
+    }
+    /* --config: the string round trip, the default stored as none, the refusals */
+    const char *base = "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,family=mistral,n_kv_head=2,"
+                       "ffn=48";
+    char cfgtext[512], buf[512];
+    snprintf(cfgtext, sizeof cfgtext, "%s,head_dim=12", base);
+    CHECK_MSG(mps_config_parse(cfgtext, &c, &err) == 0 && c.head_dim == 12, "%s", err.msg);
+    mps_config_format(&c, buf, sizeof buf);
+    CHECK_MSG(strstr(buf, ",head_dim=12") && mps_config_parse(buf, &back, &err) == 0 &&
+                  memcmp(&back, &c, sizeof c) == 0, "%s", buf);
+    snprintf(cfgtext, sizeof cfgtext, "%s,head_dim=8", base);
+    CHECK(mps_config_parse(cfgtext, &c, &err) == 0 && c.head_dim == 0);
+    mps_err_clear(&err);
+    CHECK(mps_config_parse("n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,head_dim=12", &c, &err) != 0 &&
+          strstr(err.msg, "arch=gpt2 takes no") != NULL);
+    /* config.json as export writes it, and back */
+    CHECK(mps_config_preset("mistral-nemo-12b", &c, &err) == 0 && c.head_dim == 128 && c.n_embd == 5120);
+    char *gen = mps_hf_config_generate(&c, MPS_DTYPE_BF16);
+    CHECK(gen && strstr(gen, "\"head_dim\": 128") != NULL);
+    CHECK_MSG(gen && parse_hf(gen, &back, &err) == 0 && back.head_dim == 128 && back.n_embd == 5120, "%s", err.msg);
+    free(gen);
+    /* the tensors: q (H, hd, C), o (C, H, hd) */
+    mps_tensor_spec s;
+    mps_tensor_spec_get(&c, mps_tensor_find(&c, "h.0.qw"), &s);
+    CHECK(s.ndim == 3 && s.shape[0] == 32 && s.shape[1] == 128 && s.shape[2] == 5120);
+    mps_tensor_spec_get(&c, mps_tensor_find(&c, "h.0.ow"), &s);
+    CHECK(s.ndim == 3 && s.shape[0] == 5120 && s.shape[1] == 32 && s.shape[2] == 128);
+    mps_tensor_spec_get(&c, mps_tensor_find(&c, "h.0.kw"), &s);
+    CHECK(s.ndim == 3 && s.shape[0] == 8 && s.shape[1] == 128 && s.shape[2] == 5120);
+}
+
 int main(void)
 {
+    test_head_dim();
     test_gpt2_one_config();
     test_hf_parse();
     test_config_strings();

@@ -1,5 +1,5 @@
 /* The Llama block's gradients (RMSNorm, RoPE with Llama 3 scaling, grouped-query attention,
- * SwiGLU, q/k/v biases, untied and tied heads) in the whole CPU model against central finite
+ * SwiGLU, q/k/v biases, untied and tied heads, a head size other than n_embd / n_head) in the whole CPU model against central finite
  * differences of the loss computed by the same engine, every tensor kind of the block checked. */
 #include <stdio.h>
 #include <string.h>
@@ -82,5 +82,10 @@ int main(void)
                 "tied=1,qkv_bias=1,norm_eps=1e-6",
                 dir, kinds, sizeof kinds);
     CHECK_MSG(strcmp(kinds, " wte ln1w qw qb kw kb vw vb ow ln2w gatew upw downw lnfw") == 0, "%s", kinds);
+    /* Mistral NeMo's form: the heads (4 of 6) wider together than the model (16) */
+    check_model("arch=llama,family=mistral,n_layer=2,n_embd=16,n_head=4,n_kv_head=2,ffn=24,vocab=11,n_positions=8,"
+                "tied=0,head_dim=6",
+                dir, kinds, sizeof kinds);
+    CHECK_MSG(strcmp(kinds, " wte ln1w qw kw vw ow ln2w gatew upw downw lnfw lm_head") == 0, "%s", kinds);
     TEST_DONE();
 }
