@@ -29,7 +29,7 @@ static const char *const help =
     "  --model NAME        a named model (GPT-2, Llama, Mistral, Qwen2 shapes): `mpshard models` lists them\n"
     "  --config K=V,..     n_layer=..,n_embd=..,n_head=..,vocab=..,n_positions=..[,padded_vocab=..]; Llama family:\n"
     "                   arch=llama[,family=llama|mistral|qwen2],n_kv_head=..,ffn=..,tied=0|1,qkv_bias=0|1,\n"
-    "                   norm_eps=..,rope_theta=..[,rope_llama3=factor:low:high:original_positions]\n"
+    "                   norm_eps=..,rope_theta=..[,rope_llama3=factor:low:high:original_positions | rope_linear=factor]\n"
     "                   [,sliding_window=N (family=mistral: attention to the N latest positions)]\n"
     "  --layout L          dp=..,pp=..,tp=..,zero=0..3[,stages=a:b:..]\n"
     "  --precision P       fp32 (default: 4 B weights + 4 B gradients + 8 B Adam per parameter) or\n"

@@ -317,12 +317,15 @@ int mps_layer_tensor_named(const mps_config *cfg, int layer, const char *name)
     return mps_tensor_find(cfg, full);
 }
 
-/* The inverse frequencies of the rotary embeddings as transformers computes them: theta^(-2i/hd),
- * and with Llama 3's scaling (its _compute_llama3_parameters) the long wavelengths divided by the
- * factor, the medium ones blended smoothly. */
+/* The inverse frequencies of the rotary embeddings as transformers computes them: theta^(-2i/hd);
+ * with linear scaling all of them divided by the factor; with Llama 3's scaling (its
+ * _compute_llama3_parameters) the long wavelengths divided by the factor, the medium ones blended
+ * smoothly. */
 static double rope_inv_freq(const mps_config *cfg, int i, int hd)
 {
     double f = 1.0 / pow(mps_cfg_rope_theta(cfg), 2.0 * i / hd);
+    if (cfg->rope.type == MPS_ROPE_LINEAR)
+        return f / cfg->rope.factor;
     if (cfg->rope.type != MPS_ROPE_LLAMA3)
         return f;
     const double factor = cfg->rope.factor, lo = cfg->rope.low_freq_factor, hi = cfg->rope.high_freq_factor;

@@ -56,6 +56,8 @@ roundtrip llama "$LLAMA" "$CHAIN_LLAMA" f32
 roundtrip qwen2 "$QWEN2" "$CHAIN_QWEN2" f32 --max-shard-size 20KB
 roundtrip qwen2 "$QWEN2" "$CHAIN_QWEN2" bf16
 roundtrip mistral "$MISTRAL" "$CHAIN_MISTRAL" f16 --max-shard-size 8KB
+# linear RoPE scaling (LongChat's form): kept in the manifest, config.json written back as it was
+roundtrip llama-rope-linear "$LLAMA,rope_linear=4" "$CHAIN_MISTRAL" f32
 # Mistral 7B v0.1's sliding window (here 8 of 16 positions): kept through every layout, written
 # back to config.json, and the checkpoint is format version 3 (older readers refuse it)
 roundtrip mistral-window "$MISTRAL,sliding_window=8" "$CHAIN_MISTRAL" bf16
@@ -125,7 +127,7 @@ refuse() { # EXIT PATTERN SED-EXPRESSION: config.json edited by sed must be refu
   expect_err "$pattern"
 }
 refuse 6 'sliding_window="8" is not supported \(null or a positive number' 's/"sliding_window": null/"sliding_window": "8"/'
-refuse 6 'rope_scaling=.*linear.* is not supported \(only default and llama3 RoPE\)' 's/"rope_scaling": null/"rope_scaling": {"rope_type": "linear", "factor": 2.0}/'
+refuse 6 'rope_scaling=.*dynamic.* is not supported \(only default, linear and llama3 RoPE\)' 's/"rope_scaling": null/"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}/'
 refuse 6 'rope_scaling=.*yarn.* is not supported' 's/"rope_scaling": null/"rope_scaling": {"type": "yarn", "factor": 4.0}/'
 refuse 6 'hidden_act="gelu" is not supported' 's/"hidden_act": "silu"/"hidden_act": "gelu"/'
 refuse 6 'attention_bias=true is not supported \(o_proj has no bias' 's/"use_cache": true/"use_cache": true, "attention_bias": true/'

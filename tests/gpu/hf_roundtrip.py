@@ -2,10 +2,11 @@
 """Models made by transformers, saved with save_pretrained, go through mpshard shard -> reshard ->
 export and load back in transformers with identical weights and identical logits.
 
-One model per family (Llama with GQA and an untied head, Qwen2 with q/k/v biases and a tied head,
-Mistral, with and without a sliding window, and with a head size other than hidden / heads), in
-bf16 and f32, one saved with a small max_shard_size so that it has an index. Needs
-torch and transformers (the GPU host has both); runs on the GPU when there is one.
+Models of each family (Llama with GQA and an untied head, with Llama 3's and linear RoPE scaling;
+Qwen2 with q/k/v biases and a tied head; Mistral, with and without a sliding window, and with a
+head size other than hidden / heads), in bf16 and f32, one saved with a small max_shard_size so
+that it has an index. Needs torch and transformers (the GPU host has both); runs on the GPU when
+there is one.
 usage: tests/gpu/hf_roundtrip.py MPSHARD WORKDIR
 """
 import os
@@ -30,6 +31,9 @@ cases = [
                                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
      torch.float32, None, ["tp=2,pp=2", "dp=2,tp=2,zero=3"]),
+    ("llama-rope-linear", LlamaConfig(**common, num_key_value_heads=4, vocab_size=1000, tie_word_embeddings=False,
+                                      rope_scaling={"rope_type": "linear", "factor": 4.0}),
+     torch.bfloat16, None, ["tp=4", "pp=2,dp=2,zero=1"]),
     ("qwen2-bias-tied", Qwen2Config(**common, num_key_value_heads=2, vocab_size=1003, tie_word_embeddings=True,
                                     use_sliding_window=False), torch.bfloat16, None,
      ["tp=2,pp=5", "dp=2,zero=1"]),

@@ -1,10 +1,10 @@
 /* The first-step loss of a Llama-family model imported from a transformers-style directory
  * (config.json + model.safetensors, as `mpshard synth` writes them; `shard` imports it) equals a
  * float64 forward pass written here from the Hugging Face definitions, independent of the
- * project's kernels: RMSNorm, rotate-half RoPE with Llama 3's scaling, grouped-query attention,
- * SwiGLU, q/k/v biases, untied or tied head, a head size other than n_embd / n_head (Mistral
- * NeMo's form: q wider than the model). The weights are scaled up in the file first so that
- * attention and the MLP move the loss well beyond the tolerance. */
+ * project's kernels: RMSNorm, rotate-half RoPE with Llama 3's and linear scaling, grouped-query
+ * attention, SwiGLU, q/k/v biases, untied or tied head, a head size other than n_embd / n_head
+ * (Mistral NeMo's form: q wider than the model). The weights are scaled up in the file first so
+ * that attention and the MLP move the loss well beyond the tolerance. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +22,7 @@ typedef struct {
     int L, C, H, KV, F, V, untied, bias;
     double eps, theta, factor, lo, hi, orig; /* orig 0: no Llama 3 scaling */
     int hd;                                  /* head size; 0: C / H */
+    double linear;                           /* linear RoPE scaling's factor; 0: none */
 } ref_model;
 
 typedef struct {
@@ -111,6 +112,8 @@ static void rmsnorm(double *y, const double *x, const double *w, int C, double e
 static double inv_freq(const ref_model *m, int i, int hd)
 {
     double f = pow(m->theta, -(2.0 * i) / hd);
+    if (m->linear != 0) /* _compute_linear_scaling_rope_parameters: inv_freq /= factor */
+        return f / m->linear;
     if (m->orig == 0)
         return f;
     double wl = 2 * M_PI / f, low_wl = m->orig / m->lo, high_wl = m->orig / m->hi;
@@ -342,18 +345,23 @@ int main(void)
      * (head size 16, theta 5e5: wavelengths 6.3 < 8, 32 between 8 and 64, the rest above 64) */
     const ref_model llama = { "arch=llama,n_layer=2,n_embd=64,n_head=4,n_kv_head=2,ffn=48,vocab=250,n_positions=32,"
                               "tied=0,rope_theta=500000,norm_eps=1e-5,rope_llama3=8:1:8:64",
-                              2, 64, 4, 2, 48, 250, 1, 0, 1e-5, 500000, 8, 1, 8, 64, 0 };
+                              2, 64, 4, 2, 48, 250, 1, 0, 1e-5, 500000, 8, 1, 8, 64, 0, 0 };
     check(&llama, dir, tokens, "llama");
     /* Qwen2: one kv head for all four query heads, q/k/v biases, tied head */
     const ref_model qwen = { "arch=llama,family=qwen2,n_layer=2,n_embd=32,n_head=4,n_kv_head=1,ffn=40,vocab=250,"
                              "n_positions=32,tied=1,qkv_bias=1,rope_theta=1000000,norm_eps=1e-6",
-                             2, 32, 4, 1, 40, 250, 0, 1, 1e-6, 1000000, 0, 0, 0, 0, 0 };
+                             2, 32, 4, 1, 40, 250, 0, 1, 1e-6, 1000000, 0, 0, 0, 0, 0, 0 };
     check(&qwen, dir, tokens, "qwen2");
     /* Mistral NeMo's form: 4 heads of 12 (q and the attention output 48 wide) in a 32-wide model,
      * over 2 kv heads */
     const ref_model nemo = { "arch=llama,family=mistral,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=40,vocab=250,"
                              "n_positions=32,tied=0,rope_theta=1000000,norm_eps=1e-5,head_dim=12",
-                             2, 32, 4, 2, 40, 250, 1, 0, 1e-5, 1000000, 0, 0, 0, 0, 12 };
+                             2, 32, 4, 2, 40, 250, 1, 0, 1e-5, 1000000, 0, 0, 0, 0, 12, 0 };
     check(&nemo, dir, tokens, "mistral-head-dim");
+    /* linear RoPE scaling (LongChat's form), factor 4 */
+    const ref_model linear = { "arch=llama,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=40,vocab=250,n_positions=32,"
+                               "tied=0,rope_theta=10000,norm_eps=1e-5,rope_linear=4",
+                               2, 32, 4, 2, 40, 250, 1, 0, 1e-5, 10000, 0, 0, 0, 0, 0, 4 };
+    check(&linear, dir, tokens, "llama-rope-linear");
     TEST_DONE();
 }
