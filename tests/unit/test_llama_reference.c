@@ -341,27 +341,34 @@ int main(void)
     mps_err err;
     mps_err_clear(&err);
     CHECK(mps_tokens_write_synthetic(tokens, 2000, 250, 5, &err) == 0);
-    /* Llama 3: GQA, untied head, the rope scaling with one frequency in each of its three bands
-     * (head size 16, theta 5e5: wavelengths 6.3 < 8, 32 between 8 and 64, the rest above 64) */
-    const ref_model llama = { "arch=llama,n_layer=2,n_embd=64,n_head=4,n_kv_head=2,ffn=48,vocab=250,n_positions=32,"
-                              "tied=0,rope_theta=500000,norm_eps=1e-5,rope_llama3=8:1:8:64",
-                              2, 64, 4, 2, 48, 250, 1, 0, 1e-5, 500000, 8, 1, 8, 64, 0, 0 };
-    check(&llama, dir, tokens, "llama");
-    /* Qwen2: one kv head for all four query heads, q/k/v biases, tied head */
-    const ref_model qwen = { "arch=llama,family=qwen2,n_layer=2,n_embd=32,n_head=4,n_kv_head=1,ffn=40,vocab=250,"
-                             "n_positions=32,tied=1,qkv_bias=1,rope_theta=1000000,norm_eps=1e-6",
-                             2, 32, 4, 1, 40, 250, 0, 1, 1e-6, 1000000, 0, 0, 0, 0, 0, 0 };
-    check(&qwen, dir, tokens, "qwen2");
-    /* Mistral NeMo's form: 4 heads of 12 (q and the attention output 48 wide) in a 32-wide model,
-     * over 2 kv heads */
-    const ref_model nemo = { "arch=llama,family=mistral,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=40,vocab=250,"
-                             "n_positions=32,tied=0,rope_theta=1000000,norm_eps=1e-5,head_dim=12",
-                             2, 32, 4, 2, 40, 250, 1, 0, 1e-5, 1000000, 0, 0, 0, 0, 12, 0 };
-    check(&nemo, dir, tokens, "mistral-head-dim");
-    /* linear RoPE scaling (LongChat's form), factor 4 */
-    const ref_model linear = { "arch=llama,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=40,vocab=250,n_positions=32,"
-                               "tied=0,rope_theta=10000,norm_eps=1e-5,rope_linear=4",
-                               2, 32, 4, 2, 40, 250, 1, 0, 1e-5, 10000, 0, 0, 0, 0, 0, 4 };
-    check(&linear, dir, tokens, "llama-rope-linear");
+    static const struct {
+        const char *name;
+        ref_model m;
+    } cases[] = {
+        /* Llama 3: GQA, untied head, the rope scaling with one frequency in each of its three bands
+         * (head size 16, theta 5e5: wavelengths 6.3 < 8, 32 between 8 and 64, the rest above 64) */
+        { "llama",
+          { "arch=llama,n_layer=2,n_embd=64,n_head=4,n_kv_head=2,ffn=48,vocab=250,n_positions=32,tied=0,"
+            "rope_theta=500000,norm_eps=1e-5,rope_llama3=8:1:8:64",
+            2, 64, 4, 2, 48, 250, 1, 0, 1e-5, 500000, 8, 1, 8, 64, 0, 0 } },
+        /* Qwen2: one kv head for all four query heads, q/k/v biases, tied head */
+        { "qwen2",
+          { "arch=llama,family=qwen2,n_layer=2,n_embd=32,n_head=4,n_kv_head=1,ffn=40,vocab=250,n_positions=32,"
+            "tied=1,qkv_bias=1,rope_theta=1000000,norm_eps=1e-6",
+            2, 32, 4, 1, 40, 250, 0, 1, 1e-6, 1000000, 0, 0, 0, 0, 0, 0 } },
+        /* Mistral NeMo's form: 4 heads of 12 (q and the attention output 48 wide) in a 32-wide
+         * model, over 2 kv heads */
+        { "mistral-head-dim",
+          { "arch=llama,family=mistral,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=40,vocab=250,n_positions=32,"
+            "tied=0,rope_theta=1000000,norm_eps=1e-5,head_dim=12",
+            2, 32, 4, 2, 40, 250, 1, 0, 1e-5, 1000000, 0, 0, 0, 0, 12, 0 } },
+        /* linear RoPE scaling (LongChat's form), factor 4 */
+        { "llama-rope-linear",
+          { "arch=llama,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=40,vocab=250,n_positions=32,tied=0,"
+            "rope_theta=10000,norm_eps=1e-5,rope_linear=4",
+            2, 32, 4, 2, 40, 250, 1, 0, 1e-5, 10000, 0, 0, 0, 0, 0, 4 } },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        check(&cases[i].m, dir, tokens, cases[i].name);
     TEST_DONE();
 }
