@@ -120,8 +120,9 @@ static int gpt2_parse(json_t *root, const char *name, mps_config *cfg, mps_err *
 }
 
 /* RoPE: transformers 4.x writes rope_theta and rope_scaling, 5.x one rope_parameters object
- * (rope_type, rope_theta and the scaling's fields). Llama 3's and linear scaling are implemented;
- * others (dynamic, yarn, longrope) are refused by name. */
+ * (rope_type, rope_theta and the scaling's fields). Llama 3's, linear and dynamic scaling are
+ * implemented; yarn and longrope, whose formulas differ between transformers releases, are
+ * refused by name. */
 static int rope_parse(json_t *root, const char *name, mps_config *cfg, mps_err *err)
 {
     json_t *params = json_object_get(root, "rope_parameters");
@@ -142,14 +143,17 @@ static int rope_parse(json_t *root, const char *name, mps_config *cfg, mps_err *
     const char *t = json_is_string(type) ? json_string_value(type) : NULL;
     if (t == NULL || strcmp(t, "default") == 0)
         return 0;
-    if (strcmp(t, "linear") == 0) { /* transformers' _compute_linear_scaling_rope_parameters: inv_freq / factor */
-        cfg->rope.type = MPS_ROPE_LINEAR;
+    /* transformers' _compute_linear_scaling_rope_parameters (inv_freq / factor) and
+     * _compute_dynamic_ntk_parameters (a larger base only for sequences past max_position_embeddings) */
+    const int linear = strcmp(t, "linear") == 0;
+    if (linear || strcmp(t, "dynamic") == 0) {
+        cfg->rope.type = linear ? MPS_ROPE_LINEAR : MPS_ROPE_DYNAMIC;
         if (get_real(scaling, name, "factor", 0, 1e6, &cfg->rope.factor, err) != 0 || !(cfg->rope.factor > 0))
-            return mps_fail(err, MPS_ECORRUPT, "%s: %s of type linear needs a positive factor", name, field);
+            return mps_fail(err, MPS_ECORRUPT, "%s: %s of type %s needs a positive factor", name, field, t);
         return 0;
     }
     if (strcmp(t, "llama3") != 0)
-        return refuse(err, name, field, type, "only default, linear and llama3 RoPE");
+        return refuse(err, name, field, type, "only default, linear, dynamic and llama3 RoPE");
     cfg->rope.type = MPS_ROPE_LLAMA3;
     int64_t orig = 0; /* set by need_int, or not used */
     if (get_real(scaling, name, "factor", 0, 1e6, &cfg->rope.factor, err) != 0 ||
@@ -271,8 +275,9 @@ static const char *const hf_architectures[MPS_FAMILY_COUNT] = { "GPT2LMHeadModel
 
 json_t *mps_rope_scaling_json(const mps_config *cfg, const char *type_key)
 {
-    if (cfg->rope.type == MPS_ROPE_LINEAR)
-        return json_pack("{s:s, s:f}", type_key, "linear", "factor", cfg->rope.factor);
+    if (cfg->rope.type == MPS_ROPE_LINEAR || cfg->rope.type == MPS_ROPE_DYNAMIC)
+        return json_pack("{s:s, s:f}", type_key, cfg->rope.type == MPS_ROPE_LINEAR ? "linear" : "dynamic", "factor",
+                         cfg->rope.factor);
     if (cfg->rope.type != MPS_ROPE_LLAMA3)
         return json_null();
     return json_pack("{s:s, s:f, s:f, s:f, s:i}", type_key, "llama3", "factor", cfg->rope.factor, "low_freq_factor",

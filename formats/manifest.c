@@ -317,13 +317,13 @@ static int parse_model(json_t *model, const char *path, mps_config *c, mps_err *
     if (rs && !json_is_null(rs)) {
         json_t *type = json_object_get(rs, "type");
         const char *tn = json_is_object(rs) && json_is_string(type) ? json_string_value(type) : "";
-        if (strcmp(tn, "linear") == 0) {
-            c->rope.type = MPS_ROPE_LINEAR;
+        if (strcmp(tn, "linear") == 0 || strcmp(tn, "dynamic") == 0) {
+            c->rope.type = tn[0] == 'l' ? MPS_ROPE_LINEAR : MPS_ROPE_DYNAMIC;
             return get_real(rs, "factor", 0, 1e6, &c->rope.factor, path, err);
         }
         if (strcmp(tn, "llama3") != 0)
-            return mps_fail(err, MPS_EUNSUPPORTED, "%s: model.rope_scaling: only types llama3 and linear are known",
-                            path);
+            return mps_fail(err, MPS_EUNSUPPORTED, "%s: model.rope_scaling: only types llama3, linear and dynamic are "
+                            "known", path);
         c->rope.type = MPS_ROPE_LLAMA3;
         if (get_real(rs, "factor", 1, 1e6, &c->rope.factor, path, err) ||
             get_real(rs, "low_freq_factor", 0, 1e6, &c->rope.low_freq_factor, path, err) ||

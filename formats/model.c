@@ -134,11 +134,12 @@ int mps_config_validate(const mps_config *c, mps_err *err)
             c->rope.original_max_positions < 1 || c->rope.original_max_positions > (1 << 24))
             return mps_fail(err, MPS_EUSAGE, "model: llama3 rope scaling needs factor >= 1, 0 < low_freq_factor < "
                             "high_freq_factor and original_max_position_embeddings >= 1");
-    } else if (c->rope.type == MPS_ROPE_LINEAR) {
-        /* (one config per model: the fields linear scaling does not have are zero) */
+    } else if (c->rope.type == MPS_ROPE_LINEAR || c->rope.type == MPS_ROPE_DYNAMIC) {
+        /* (one config per model: the fields these scalings do not have are zero) */
         if (!(c->rope.factor > 0 && c->rope.factor < 1e6) || c->rope.low_freq_factor != 0 ||
             c->rope.high_freq_factor != 0 || c->rope.original_max_positions != 0)
-            return mps_fail(err, MPS_EUSAGE, "model: linear rope scaling needs 0 < factor < 1e6 (and no other field)");
+            return mps_fail(err, MPS_EUSAGE, "model: %s rope scaling needs 0 < factor < 1e6 (and no other field)",
+                            c->rope.type == MPS_ROPE_LINEAR ? "linear" : "dynamic");
     } else if (c->rope.type != MPS_ROPE_DEFAULT) {
         return mps_fail(err, MPS_EUSAGE, "model: unknown rope scaling type %d", (int)c->rope.type);
     }
@@ -259,14 +260,14 @@ static int parse_f64(const char *s, double *out)
 /* --config keys. Integer keys hold at most `max`; 'r' keys are reals; 's' keys are names. */
 enum { K_N_LAYER, K_N_EMBD, K_N_HEAD, K_VOCAB, K_N_POSITIONS, K_PADDED_VOCAB, K_ARCH, K_FAMILY, K_N_KV_HEAD, K_FFN,
        K_TIED, K_QKV_BIAS, K_NORM_EPS, K_ROPE_THETA, K_ROPE_LLAMA3, K_SLIDING_WINDOW, K_HEAD_DIM, K_ROPE_LINEAR,
-       K_COUNT };
+       K_ROPE_DYNAMIC, K_COUNT };
 static const struct { const char *name; char type; int64_t max; } config_keys[K_COUNT] = {
     { "n_layer", 'i', INT32_MAX }, { "n_embd", 'i', INT32_MAX }, { "n_head", 'i', INT32_MAX },
     { "vocab", 'i', MAX_VOCAB }, { "n_positions", 'i', INT32_MAX }, { "padded_vocab", 'i', MAX_VOCAB },
     { "arch", 's', 0 }, { "family", 's', 0 }, { "n_kv_head", 'i', INT32_MAX }, { "ffn", 'i', (int64_t)1 << 40 },
     { "tied", 'i', 1 }, { "qkv_bias", 'i', 1 }, { "norm_eps", 'r', 0 }, { "rope_theta", 'r', 0 },
     { "rope_llama3", 's', 0 }, { "sliding_window", 'i', INT32_MAX }, { "head_dim", 'i', INT32_MAX },
-    { "rope_linear", 'r', 0 },
+    { "rope_linear", 'r', 0 }, { "rope_dynamic", 'r', 0 },
 };
 
 int mps_config_parse(const char *text, mps_config *out, mps_err *err)
@@ -293,7 +294,7 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
             return mps_fail(err, MPS_EUSAGE,
                             "--config: unknown key '%s' (known: n_layer, n_embd, n_head, vocab, padded_vocab, "
                             "n_positions, arch, family, n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta, rope_llama3, "
-                            "rope_linear, sliding_window, head_dim)", tok);
+                            "rope_linear, rope_dynamic, sliding_window, head_dim)", tok);
         if (seen[k]++)
             return mps_fail(err, MPS_EUSAGE, "--config: key '%s' given twice", tok);
         const char *val = eq + 1;
@@ -336,8 +337,9 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
     const int64_t hd = ivals[K_HEAD_DIM];
     out->head_dim = seen[K_HEAD_DIM] && !(out->n_head > 0 && out->n_embd % out->n_head == 0 &&
                                           hd == out->n_embd / out->n_head) ? (int)hd : 0;
-    if (seen[K_ROPE_LLAMA3] && seen[K_ROPE_LINEAR])
-        return mps_fail(err, MPS_EUSAGE, "--config: rope_llama3 and rope_linear are two RoPE scalings: give one");
+    if (seen[K_ROPE_LLAMA3] + seen[K_ROPE_LINEAR] + seen[K_ROPE_DYNAMIC] > 1)
+        return mps_fail(err, MPS_EUSAGE, "--config: rope_llama3, rope_linear and rope_dynamic are RoPE scalings: give "
+                        "one");
     if (out->arch == MPS_ARCH_LLAMA) {
         /* the Llama defaults of transformers' LlamaConfig where a key is missing */
         out->n_kv_head = seen[K_N_KV_HEAD] ? (int)ivals[K_N_KV_HEAD] : out->n_head;
@@ -355,9 +357,9 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
                 return mps_fail(err, MPS_EUSAGE, "--config: rope_llama3='%s' is not factor:low:high:original_positions",
                                 svals[K_ROPE_LLAMA3]);
         }
-        if (seen[K_ROPE_LINEAR]) {
-            out->rope.type = MPS_ROPE_LINEAR;
-            out->rope.factor = rvals[K_ROPE_LINEAR];
+        if (seen[K_ROPE_LINEAR] || seen[K_ROPE_DYNAMIC]) {
+            out->rope.type = seen[K_ROPE_LINEAR] ? MPS_ROPE_LINEAR : MPS_ROPE_DYNAMIC;
+            out->rope.factor = rvals[seen[K_ROPE_LINEAR] ? K_ROPE_LINEAR : K_ROPE_DYNAMIC];
         }
     } else {
         /* GPT-2's own values (n_kv_head = n_head, ffn = 4 n_embd, norm_eps 1e-5) are stored as
@@ -369,7 +371,7 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
         out->qkv_bias = seen[K_QKV_BIAS] ? (int)ivals[K_QKV_BIAS] : 0;
         out->norm_eps = seen[K_NORM_EPS] && rvals[K_NORM_EPS] != 1e-5 ? rvals[K_NORM_EPS] : 0;
         out->rope_theta = seen[K_ROPE_THETA] ? rvals[K_ROPE_THETA] : 0;
-        if (seen[K_ROPE_LLAMA3] || seen[K_ROPE_LINEAR])
+        if (seen[K_ROPE_LLAMA3] || seen[K_ROPE_LINEAR] || seen[K_ROPE_DYNAMIC])
             out->rope.type = MPS_ROPE_LLAMA3; /* refused by validate */
         out->sliding_window = (int)ivals[K_SLIDING_WINDOW]; /* (likewise) */
     }
@@ -390,8 +392,9 @@ void mps_config_format(const mps_config *c, char *buf, size_t size)
     if (c->rope.type == MPS_ROPE_LLAMA3 && n > 0 && (size_t)n < size)
         n += snprintf(buf + n, size - (size_t)n, ",rope_llama3=%.17g:%.17g:%.17g:%d", c->rope.factor,
                       c->rope.low_freq_factor, c->rope.high_freq_factor, c->rope.original_max_positions);
-    if (c->rope.type == MPS_ROPE_LINEAR && n > 0 && (size_t)n < size)
-        n += snprintf(buf + n, size - (size_t)n, ",rope_linear=%.17g", c->rope.factor);
+    if ((c->rope.type == MPS_ROPE_LINEAR || c->rope.type == MPS_ROPE_DYNAMIC) && n > 0 && (size_t)n < size)
+        n += snprintf(buf + n, size - (size_t)n, ",rope_%s=%.17g", c->rope.type == MPS_ROPE_LINEAR ? "linear" : "dynamic",
+                      c->rope.factor);
     if (c->sliding_window != 0 && n > 0 && (size_t)n < size)
         n += snprintf(buf + n, size - (size_t)n, ",sliding_window=%d", c->sliding_window);
     if (c->head_dim != 0 && n > 0 && (size_t)n < size)

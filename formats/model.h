@@ -16,7 +16,7 @@
 typedef enum { MPS_ARCH_GPT2 = 0, MPS_ARCH_LLAMA = 1, MPS_ARCH_COUNT } mps_arch_id;
 /* The Hugging Face family a checkpoint came from (its model_type): what export writes back. */
 typedef enum { MPS_FAMILY_GPT2 = 0, MPS_FAMILY_LLAMA, MPS_FAMILY_MISTRAL, MPS_FAMILY_QWEN2, MPS_FAMILY_COUNT } mps_family;
-typedef enum { MPS_ROPE_DEFAULT = 0, MPS_ROPE_LLAMA3, MPS_ROPE_LINEAR } mps_rope_type;
+typedef enum { MPS_ROPE_DEFAULT = 0, MPS_ROPE_LLAMA3, MPS_ROPE_LINEAR, MPS_ROPE_DYNAMIC } mps_rope_type;
 
 typedef struct {
     int n_layer;
@@ -46,7 +46,9 @@ typedef struct {
     int head_dim;
     struct {
         /* MPS_ROPE_LLAMA3: Llama 3's frequency scaling (all four fields); MPS_ROPE_LINEAR: every
-         * frequency divided by factor (positions interpolated: LongChat, LLaMA-2-7B-32K) */
+         * frequency divided by factor (positions interpolated: LongChat, LLaMA-2-7B-32K);
+         * MPS_ROPE_DYNAMIC: dynamic NTK scaling by factor, which changes the frequencies only for
+         * sequences longer than n_positions (at inference): the default ones in training */
         mps_rope_type type;
         double factor, low_freq_factor, high_freq_factor;
         int original_max_positions;
@@ -120,8 +122,8 @@ const char *mps_preset_name(int i);
 void mps_preset_list(char *buf, size_t size);
 /* Parses "n_layer=12,n_embd=768,n_head=12,vocab=50257,n_positions=1024[,padded_vocab=50304]", with
  * arch=llama also family, n_kv_head, ffn, tied, qkv_bias, norm_eps, rope_theta,
- * rope_llama3=factor:low_freq_factor:high_freq_factor:original_max_positions or
- * rope_linear=factor, head_dim and (family=mistral) sliding_window. */
+ * rope_llama3=factor:low_freq_factor:high_freq_factor:original_max_positions,
+ * rope_linear=factor or rope_dynamic=factor, head_dim and (family=mistral) sliding_window. */
 int mps_config_parse(const char *text, mps_config *out, mps_err *err);
 /* The --config string that parses back to cfg exactly (512 bytes hold any). */
 void mps_config_format(const mps_config *cfg, char *buf, size_t size);

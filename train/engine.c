@@ -317,10 +317,11 @@ int mps_layer_tensor_named(const mps_config *cfg, int layer, const char *name)
     return mps_tensor_find(cfg, full);
 }
 
-/* The inverse frequencies of the rotary embeddings as transformers computes them: theta^(-2i/hd);
- * with linear scaling all of them divided by the factor; with Llama 3's scaling (its
- * _compute_llama3_parameters) the long wavelengths divided by the factor, the medium ones blended
- * smoothly. */
+/* The inverse frequencies of the rotary embeddings as transformers computes them: theta^(-2i/hd)
+ * (also with dynamic NTK scaling, which changes them only for sequences past n_positions, never
+ * trained here: mps_engine_new refuses --seq above it); with linear scaling all of them divided by
+ * the factor; with Llama 3's scaling (its _compute_llama3_parameters) the long wavelengths divided
+ * by the factor, the medium ones blended smoothly. */
 static double rope_inv_freq(const mps_config *cfg, int i, int hd)
 {
     double f = 1.0 / pow(mps_cfg_rope_theta(cfg), 2.0 * i / hd);

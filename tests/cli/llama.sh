@@ -127,7 +127,7 @@ refuse() { # EXIT PATTERN SED-EXPRESSION: config.json edited by sed must be refu
   expect_err "$pattern"
 }
 refuse 6 'sliding_window="8" is not supported \(null or a positive number' 's/"sliding_window": null/"sliding_window": "8"/'
-refuse 6 'rope_scaling=.*dynamic.* is not supported \(only default, linear and llama3 RoPE\)' 's/"rope_scaling": null/"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}/'
+refuse 6 'rope_scaling=.*longrope.* is not supported \(only default, linear, dynamic and llama3 RoPE\)' 's/"rope_scaling": null/"rope_scaling": {"rope_type": "longrope", "factor": 2.0}/'
 refuse 6 'rope_scaling=.*yarn.* is not supported' 's/"rope_scaling": null/"rope_scaling": {"type": "yarn", "factor": 4.0}/'
 refuse 6 'hidden_act="gelu" is not supported' 's/"hidden_act": "silu"/"hidden_act": "gelu"/'
 refuse 6 'attention_bias=true is not supported \(o_proj has no bias' 's/"use_cache": true/"use_cache": true, "attention_bias": true/'

@@ -1,10 +1,10 @@
 /* The first-step loss of a Llama-family model imported from a transformers-style directory
  * (config.json + model.safetensors, as `mpshard synth` writes them; `shard` imports it) equals a
  * float64 forward pass written here from the Hugging Face definitions, independent of the
- * project's kernels: RMSNorm, rotate-half RoPE with Llama 3's and linear scaling, grouped-query
- * attention, SwiGLU, q/k/v biases, untied or tied head, a head size other than n_embd / n_head
- * (Mistral NeMo's form: q wider than the model). The weights are scaled up in the file first so
- * that attention and the MLP move the loss well beyond the tolerance. */
+ * project's kernels: RMSNorm, rotate-half RoPE with Llama 3's, linear and dynamic scaling,
+ * grouped-query attention, SwiGLU, q/k/v biases, untied or tied head, a head size other than
+ * n_embd / n_head (Mistral NeMo's form: q wider than the model). The weights are scaled up in the
+ * file first so that attention and the MLP move the loss well beyond the tolerance. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -367,6 +367,11 @@ int main(void)
           { "arch=llama,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=40,vocab=250,n_positions=32,tied=0,"
             "rope_theta=10000,norm_eps=1e-5,rope_linear=4",
             2, 32, 4, 2, 40, 250, 1, 0, 1e-5, 10000, 0, 0, 0, 0, 0, 4 } },
+        /* dynamic NTK scaling changes the frequencies only past n_positions: the reference has none */
+        { "llama-rope-dynamic",
+          { "arch=llama,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=40,vocab=250,n_positions=32,tied=0,"
+            "rope_theta=10000,norm_eps=1e-5,rope_dynamic=4",
+            2, 32, 4, 2, 40, 250, 1, 0, 1e-5, 10000, 0, 0, 0, 0, 0, 0 } },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         check(&cases[i].m, dir, tokens, cases[i].name);

@@ -1,7 +1,7 @@
-/* Model configs: Mistral's sliding window, a head size other than n_embd / n_head and linear RoPE
- * scaling (model.h sliding_window, head_dim, rope) from config.json, in --config strings, in the
- * manifest and back into config.json, and the configs that must be refused; one config per model
- * (GPT-2's implied values given explicitly). */
+/* Model configs: Mistral's sliding window, a head size other than n_embd / n_head, linear and
+ * dynamic RoPE scaling (model.h sliding_window, head_dim, rope) from config.json, in --config
+ * strings, in the manifest and back into config.json, and the configs that must be refused; one
+ * config per model (GPT-2's implied values given explicitly). */
 #include "ckpt.h"
 #include "modelfile_internal.h"
 #include "testutil.h"
@@ -277,7 +277,8 @@ static void test_head_dim(void)
     CHECK(s.ndim == 3 && s.shape[0] == 8 && s.shape[1] == 128 && s.shape[2] == 5120);
 }
 
-static void test_rope_linear(void)
+/* linear and dynamic RoPE scaling: a factor each (dynamic changes nothing below n_positions) */
+static void test_rope_scaling(const char *type, mps_rope_type want)
 {
     mps_config c, back;
     mps_err err;
@@ -285,28 +286,31 @@ static void test_rope_linear(void)
                      "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"num_key_value_heads\": 2, "
                      "\"vocab_size\": 100, \"max_position_embeddings\": 64, %s}";
     static const char *const forms[] = {
-        "\"rope_theta\": 10000.0, \"rope_scaling\": {\"rope_type\": \"linear\", \"factor\": 4.0}", /* 4.x */
-        "\"rope_scaling\": {\"type\": \"linear\", \"factor\": 4}",                                 /* older 4.x */
-        "\"rope_parameters\": {\"rope_type\": \"linear\", \"rope_theta\": 10000.0, \"factor\": 4.0}", /* 5.x */
+        "\"rope_theta\": 10000.0, \"rope_scaling\": {\"rope_type\": \"%s\", \"factor\": 4.0}", /* 4.x */
+        "\"rope_scaling\": {\"type\": \"%s\", \"factor\": 4}",                                 /* older 4.x */
+        "\"rope_parameters\": {\"rope_type\": \"%s\", \"rope_theta\": 10000.0, \"factor\": 4.0}", /* 5.x */
     };
-    char text[512];
+    char form[256], text[512];
     for (int i = 0; i < 3; i++) {
-        snprintf(text, sizeof text, hf, forms[i]);
-        CHECK_MSG(parse_hf(text, &c, &err) == 0 && c.rope.type == MPS_ROPE_LINEAR && c.rope.factor == 4 &&
-                      c.rope_theta == 10000, "%s: %s", forms[i], err.msg);
+        snprintf(form, sizeof form, forms[i], type);
+        snprintf(text, sizeof text, hf, form);
+        CHECK_MSG(parse_hf(text, &c, &err) == 0 && c.rope.type == want && c.rope.factor == 4 && c.rope_theta == 10000,
+                  "%s: %s", form, err.msg);
     }
     /* config.json as export writes it, the --config string and the manifest give it back (the
      * padded vocabulary is the model file's: config.json has none) */
     char *gen = mps_hf_config_generate(&c, MPS_DTYPE_F32);
-    CHECK(gen && strstr(gen, "\"rope_type\": \"linear\"") && strstr(gen, "\"factor\": 4.0"));
+    snprintf(form, sizeof form, "\"rope_type\": \"%s\"", type);
+    CHECK(gen && strstr(gen, form) && strstr(gen, "\"factor\": 4.0"));
     CHECK(gen && parse_hf(gen, &back, &err) == 0 && memcmp(&back, &c, sizeof c) == 0);
-    c.padded_vocab = mps_default_padded_vocab(c.vocab);
     free(gen);
+    c.padded_vocab = mps_default_padded_vocab(c.vocab);
     char buf[512];
     mps_config_format(&c, buf, sizeof buf);
-    CHECK_MSG(strstr(buf, ",rope_linear=4") && mps_config_parse(buf, &back, &err) == 0 &&
-                  memcmp(&back, &c, sizeof c) == 0, "%s: %s", buf, err.msg);
-    const char *dir = test_tmpdir("rope_linear");
+    snprintf(form, sizeof form, ",rope_%s=4", type);
+    CHECK_MSG(strstr(buf, form) && mps_config_parse(buf, &back, &err) == 0 && memcmp(&back, &c, sizeof c) == 0,
+              "%s: %s", buf, err.msg);
+    const char *dir = test_tmpdir("rope_scaling");
     char path[1200];
     snprintf(path, sizeof path, "%s/manifest.json", dir);
     mps_layout L;
@@ -314,34 +318,53 @@ static void test_rope_linear(void)
     mps_manifest m, r;
     mps_manifest_init(&m, &c, &L);
     CHECK(m.format_version == 2); /* (older readers refuse the unknown scaling type by name) */
+    remove(path);
     CHECK_MSG(mps_manifest_write(path, &m, &err) == 0 && mps_manifest_read(path, &r, &err) == 0, "%s", err.msg);
     CHECK(memcmp(&r.cfg, &c, sizeof c) == 0);
     mps_manifest_free(&r);
     mps_manifest_free(&m);
-    /* refusals: no factor, a factor of 0, another scaling, both scalings in one --config */
-    static const struct {
-        const char *form, *msg;
-    } bad[] = {
-        { "\"rope_scaling\": {\"rope_type\": \"linear\"}", "rope_scaling of type linear needs a positive factor" },
-        { "\"rope_scaling\": {\"rope_type\": \"linear\", \"factor\": 0}", "factor=0: expected a number in (0," },
-        { "\"rope_scaling\": {\"rope_type\": \"dynamic\", \"factor\": 2.0}",
-          "rope_scaling=\"dynamic\" is not supported (only default, linear and llama3 RoPE)" },
-    };
-    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        snprintf(text, sizeof text, hf, bad[i].form);
-        CHECK_MSG(parse_hf(text, &c, &err) != 0 && strstr(err.msg, bad[i].msg) != NULL, "%s: %s", bad[i].form, err.msg);
+    /* refusals: no factor, a factor of 0 */
+    snprintf(form, sizeof form, "\"rope_scaling\": {\"rope_type\": \"%s\"}", type);
+    snprintf(text, sizeof text, hf, form);
+    char msg[128];
+    snprintf(msg, sizeof msg, "rope_scaling of type %s needs a positive factor", type);
+    CHECK_MSG(parse_hf(text, &c, &err) != 0 && strstr(err.msg, msg) != NULL, "%s: %s", form, err.msg);
+    snprintf(form, sizeof form, "\"rope_scaling\": {\"rope_type\": \"%s\", \"factor\": 0}", type);
+    snprintf(text, sizeof text, hf, form);
+    CHECK_MSG(parse_hf(text, &c, &err) != 0 && strstr(err.msg, "factor=0: expected a number in (0,") != NULL, "%s: %s",
+              form, err.msg);
+    snprintf(text, sizeof text, "n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,rope_%s=0", type);
+    snprintf(msg, sizeof msg, "%s rope scaling needs 0 < factor", type);
+    mps_err_clear(&err);
+    CHECK_MSG(mps_config_parse(text, &c, &err) != 0 && strstr(err.msg, msg) != NULL, "%s: %s", text, err.msg);
+}
+
+/* the scalings transformers' releases compute differently are refused by name; one scaling at a time */
+static void test_rope_refused(void)
+{
+    mps_config c;
+    mps_err err;
+    const char *hf = "{\"model_type\": \"llama\", \"hidden_size\": 32, \"intermediate_size\": 48, "
+                     "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"vocab_size\": 100, "
+                     "\"max_position_embeddings\": 64, \"rope_scaling\": {\"rope_type\": \"%s\", \"factor\": 4.0}}";
+    static const char *const types[] = { "yarn", "longrope", "su" };
+    for (int i = 0; i < 3; i++) {
+        char text[512], msg[128];
+        snprintf(text, sizeof text, hf, types[i]);
+        snprintf(msg, sizeof msg, "rope_scaling=\"%s\" is not supported (only default, linear, dynamic and llama3 RoPE)",
+                 types[i]);
+        CHECK_MSG(parse_hf(text, &c, &err) != 0 && strstr(err.msg, msg) != NULL, "%s: %s", types[i], err.msg);
     }
     mps_err_clear(&err);
     CHECK(mps_config_parse("n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,rope_linear=2,"
-                           "rope_llama3=8:1:4:64", &c, &err) != 0 && strstr(err.msg, "two RoPE scalings") != NULL);
-    mps_err_clear(&err);
-    CHECK(mps_config_parse("n_layer=2,n_embd=32,n_head=4,vocab=100,n_positions=64,arch=llama,rope_linear=0", &c,
-                           &err) != 0 && strstr(err.msg, "linear rope scaling needs 0 < factor") != NULL);
+                           "rope_dynamic=2", &c, &err) != 0 && strstr(err.msg, "are RoPE scalings: give one") != NULL);
 }
 
 int main(void)
 {
-    test_rope_linear();
+    test_rope_scaling("linear", MPS_ROPE_LINEAR);
+    test_rope_scaling("dynamic", MPS_ROPE_DYNAMIC);
+    test_rope_refused();
     test_head_dim();
     test_gpt2_one_config();
     test_hf_parse();
