@@ -118,9 +118,10 @@ int mps_engine_new(const mps_config *cfg, const mps_layout *L, mps_comm *comm, c
         return mps_fail(err, MPS_EUNSUPPORTED, "--backend %s trains GPT-2 models only; this checkpoint holds a %s model "
                         "(llama architecture): train it with --backend cpu", be->name, mps_family_name(cfg->family));
     if (cfg->head_dim && !be->any_head_dim)
-        return mps_fail(err, MPS_EUNSUPPORTED, "--backend %s: the model's head_dim %d over %d heads is not n_embd %d: "
-                        "this backend's kernels are not verified for that yet (train it with --backend cpu)", be->name,
-                        cfg->head_dim, cfg->n_head, cfg->n_embd);
+        return mps_fail(err, MPS_EUNSUPPORTED, "--backend %s: the model's %d heads of head_dim %d are %lld wide, not "
+                        "n_embd %d, and this backend's kernels are not validated for that (train with --backend cpu; "
+                        "MPS_CUDA_ANY_HEAD_DIM=1 runs it anyway)", be->name, cfg->n_head, cfg->head_dim,
+                        (long long)cfg->n_head * cfg->head_dim, cfg->n_embd);
     if (cfg->arch == MPS_ARCH_LLAMA && (mps_cfg_kv_heads(cfg) % L->tp != 0 || mps_cfg_head_dim(cfg) % 2 != 0))
         return mps_fail(err, MPS_EUSAGE, "--layout tp=%d must divide the model's %d key/value heads (and the head size "
                         "%d must be even for the rotary embeddings)", L->tp, mps_cfg_kv_heads(cfg),

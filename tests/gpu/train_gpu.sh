@@ -195,7 +195,7 @@ TR="--data $T/tok.bin --global-batch 8 --micro-batch 4 --seq 100 --lr 1e-3 --lr-
 "$M" init --config "$NEMO" --layout dp=1 -o "$T/nemo-init" -q --seed 5 || bad "nemo init"
 "$M" train $TR --ckpt "$T/nemo-init" --layout dp=1 --steps 1 --out "$T/nemo-x" --backend cuda >"$T/out" 2>&1 \
   && bad "nemo: the CUDA backend trained head_dim 128 x 4 heads != n_embd 384 without MPS_CUDA_ANY_HEAD_DIM=1" \
-  || { grep -q "head_dim 128 over 4 heads is not n_embd 384" "$T/out" && ok || bad "nemo refusal: $(tail -2 "$T/out")"; }
+  || { grep -q "4 heads of head_dim 128 are 512 wide, not n_embd 384" "$T/out" && ok || bad "nemo refusal: $(tail -2 "$T/out")"; }
 for model in llama qwen2 nemo; do
   cfg=$LLAMA; [ $model = qwen2 ] && cfg=$QWEN2; [ $model = nemo ] && cfg=$NEMO
   if [ $model = nemo ]; then export MPS_CUDA_ANY_HEAD_DIM=1; fi

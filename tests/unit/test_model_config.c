@@ -3,6 +3,7 @@
  * strings, in the manifest and back into config.json, and the configs that must be refused; one
  * config per model (GPT-2's implied values given explicitly). */
 #include "ckpt.h"
+#include "engine.h"
 #include "modelfile_internal.h"
 #include "testutil.h"
 
@@ -360,8 +361,38 @@ static void test_rope_refused(void)
                            "rope_dynamic=2", &c, &err) != 0 && strstr(err.msg, "are RoPE scalings: give one") != NULL);
 }
 
+/* a backend whose kernels are not validated for heads x head_dim != n_embd (CUDA's, by default)
+ * is refused such a model by name; the CPU backend takes it */
+static void test_head_dim_backend(void)
+{
+    mps_config c;
+    mps_layout L;
+    mps_err err;
+    mps_err_clear(&err);
+    CHECK(mps_config_parse("arch=llama,family=mistral,n_layer=2,n_embd=32,n_head=4,n_kv_head=2,ffn=48,vocab=100,"
+                           "n_positions=16,tied=0,head_dim=12", &c, &err) == 0);
+    CHECK(mps_layout_parse("dp=1", &c, &L, &err) == 0);
+    mps_comm comm;
+    mps_comm_self(&comm);
+    mps_backend be;
+    mps_backend_cpu(&be);
+    mps_train_opts o = { .micro_batch = 1, .seq = 8, .global_batch = 1, .lr = 1e-3f, .lr_min = 1e-3f,
+                         .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f };
+    mps_engine *e = NULL;
+    CHECK_MSG(mps_engine_new(&c, &L, &comm, &be, &o, &e, &err) == 0, "%s", err.msg);
+    mps_engine_free(e);
+    be.any_head_dim = 0;
+    e = NULL;
+    mps_err_clear(&err);
+    CHECK_MSG(mps_engine_new(&c, &L, &comm, &be, &o, &e, &err) != 0 && err.code == MPS_EUNSUPPORTED &&
+                  strstr(err.msg, "--backend cpu: the model's 4 heads of head_dim 12 are 48 wide, not n_embd 32") != NULL,
+              "%s", err.msg);
+    mps_engine_free(e);
+}
+
 int main(void)
 {
+    test_head_dim_backend();
     test_rope_scaling("linear", MPS_ROPE_LINEAR);
     test_rope_scaling("dynamic", MPS_ROPE_DYNAMIC);
     test_rope_refused();
