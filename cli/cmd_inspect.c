@@ -119,13 +119,10 @@ static void print_model(const mps_config *cfg)
         snprintf(count, sizeof count, "%.2f M", (double)params / 1e6);
     else
         snprintf(count, sizeof count, "%lld", (long long)params);
-    char window[40] = "", head[32] = "", extra[80] = "";
-    if (cfg->sliding_window)
-        snprintf(window, sizeof window, "sliding window %d", cfg->sliding_window);
-    if (cfg->head_dim)
-        snprintf(head, sizeof head, "head_dim %d", cfg->head_dim);
-    if (window[0] || head[0])
-        snprintf(extra, sizeof extra, " (%s%s%s)", window, window[0] && head[0] ? ", " : "", head);
+    char notes[64], extra[72] = "";
+    mps_config_notes(cfg, notes, sizeof notes);
+    if (notes[0])
+        snprintf(extra, sizeof extra, " (%s)", notes);
     printf("model      %s%s%d layers, n_embd %d, %d heads, vocab %lld (padded %lld), %d positions%s: %s parameters\n",
            name ? name : "", name ? ": " : "", cfg->n_layer, cfg->n_embd, cfg->n_head, (long long)cfg->vocab,
            (long long)cfg->padded_vocab, cfg->n_positions, extra, count);

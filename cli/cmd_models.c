@@ -41,14 +41,11 @@ int cmd_models(int argc, char **argv)
         }
         /* parameters without the vocabulary padding: what the model's card states */
         double params = (double)mps_param_count(&c) - (double)(c.padded_vocab - c.vocab) * c.n_embd * (c.untied ? 2 : 1);
-        char window[48] = "", head[32] = "";
-        if (c.sliding_window)
-            snprintf(window, sizeof window, "  (sliding window %d)", c.sliding_window);
-        if (c.head_dim)
-            snprintf(head, sizeof head, "  (head_dim %d)", c.head_dim);
-        printf("%-17s %-8s %6d %6d %5d %4d %7lld %7lld %7d %.2fB%s%s\n", mps_preset_name(i), mps_family_name(c.family),
+        char notes[64];
+        mps_config_notes(&c, notes, sizeof notes);
+        printf("%-17s %-8s %6d %6d %5d %4d %7lld %7lld %7d %.2fB%s%s%s\n", mps_preset_name(i), mps_family_name(c.family),
                c.n_layer, c.n_embd, c.n_head, mps_cfg_kv_heads(&c), (long long)mps_cfg_ffn(&c), (long long)c.vocab,
-               c.n_positions, params / 1e9, window, head);
+               c.n_positions, params / 1e9, notes[0] ? "  (" : "", notes, notes[0] ? ")" : "");
     }
     return 0;
 }

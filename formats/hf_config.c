@@ -145,9 +145,9 @@ static int rope_parse(json_t *root, const char *name, mps_config *cfg, mps_err *
         return 0;
     /* transformers' _compute_linear_scaling_rope_parameters (inv_freq / factor) and
      * _compute_dynamic_ntk_parameters (a larger base only for sequences past max_position_embeddings) */
-    const int linear = strcmp(t, "linear") == 0;
-    if (linear || strcmp(t, "dynamic") == 0) {
-        cfg->rope.type = linear ? MPS_ROPE_LINEAR : MPS_ROPE_DYNAMIC;
+    const int rt = mps_rope_type_from_name(t);
+    if (rt == MPS_ROPE_LINEAR || rt == MPS_ROPE_DYNAMIC) {
+        cfg->rope.type = (mps_rope_type)rt;
         if (get_real(scaling, name, "factor", 0, 1e6, &cfg->rope.factor, err) != 0 || !(cfg->rope.factor > 0))
             return mps_fail(err, MPS_ECORRUPT, "%s: %s of type %s needs a positive factor", name, field, t);
         return 0;
@@ -208,12 +208,9 @@ static int llama_parse(json_t *root, const char *name, mps_family family, mps_co
     if ((x = json_object_get(root, "head_dim")) != NULL && !json_is_null(x)) {
         if (!json_is_integer(x) || json_integer_value(x) < 1 || json_integer_value(x) > (1 << 16))
             return refuse(err, name, "head_dim", x, "a head size of 1 to 65536");
-        const int64_t hd = json_integer_value(x);
-        if (!(ne % nh == 0 && hd == ne / nh)) {
-            if (family == MPS_FAMILY_QWEN2)
-                return refuse(err, name, "head_dim", x, "Qwen2's head size is hidden_size / num_attention_heads");
-            cfg->head_dim = (int)hd;
-        }
+        if ((cfg->head_dim = mps_head_dim_stored((int)ne, (int)nh, json_integer_value(x))) != 0 &&
+            family == MPS_FAMILY_QWEN2)
+            return refuse(err, name, "head_dim", x, "Qwen2's head size is hidden_size / num_attention_heads");
     }
     static const char *const moe[] = { "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok" };
     for (int i = 0; i < 4; i++)
@@ -276,8 +273,7 @@ static const char *const hf_architectures[MPS_FAMILY_COUNT] = { "GPT2LMHeadModel
 json_t *mps_rope_scaling_json(const mps_config *cfg, const char *type_key)
 {
     if (cfg->rope.type == MPS_ROPE_LINEAR || cfg->rope.type == MPS_ROPE_DYNAMIC)
-        return json_pack("{s:s, s:f}", type_key, cfg->rope.type == MPS_ROPE_LINEAR ? "linear" : "dynamic", "factor",
-                         cfg->rope.factor);
+        return json_pack("{s:s, s:f}", type_key, mps_rope_type_name(cfg->rope.type), "factor", cfg->rope.factor);
     if (cfg->rope.type != MPS_ROPE_LLAMA3)
         return json_null();
     return json_pack("{s:s, s:f, s:f, s:f, s:i}", type_key, "llama3", "factor", cfg->rope.factor, "low_freq_factor",

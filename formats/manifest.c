@@ -316,12 +316,12 @@ static int parse_model(json_t *model, const char *path, mps_config *c, mps_err *
     c->qkv_bias = json_is_true(bias);
     if (rs && !json_is_null(rs)) {
         json_t *type = json_object_get(rs, "type");
-        const char *tn = json_is_object(rs) && json_is_string(type) ? json_string_value(type) : "";
-        if (strcmp(tn, "linear") == 0 || strcmp(tn, "dynamic") == 0) {
-            c->rope.type = tn[0] == 'l' ? MPS_ROPE_LINEAR : MPS_ROPE_DYNAMIC;
+        const int rt = json_is_object(rs) && json_is_string(type) ? mps_rope_type_from_name(json_string_value(type)) : -1;
+        if (rt == MPS_ROPE_LINEAR || rt == MPS_ROPE_DYNAMIC) {
+            c->rope.type = (mps_rope_type)rt;
             return get_real(rs, "factor", 0, 1e6, &c->rope.factor, path, err);
         }
-        if (strcmp(tn, "llama3") != 0)
+        if (rt != MPS_ROPE_LLAMA3)
             return mps_fail(err, MPS_EUNSUPPORTED, "%s: model.rope_scaling: only types llama3, linear and dynamic are "
                             "known", path);
         c->rope.type = MPS_ROPE_LLAMA3;

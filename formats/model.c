@@ -13,6 +13,15 @@ const char *const mps_layer_slot_names[MPS_TENSORS_PER_LAYER] = {
     "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb"
 };
 
+/* the index of name in a table of n names, or -1 */
+static int name_index(const char *const *names, int n, const char *name)
+{
+    for (int i = 0; i < n; i++)
+        if (strcmp(name, names[i]) == 0)
+            return i;
+    return -1;
+}
+
 static const char *const kind_names[MPS_KIND_COUNT] = { "param", "master", "adam_m", "adam_v", "grad" };
 
 const char *mps_kind_name(mps_kind kind)
@@ -20,13 +29,7 @@ const char *mps_kind_name(mps_kind kind)
     return (kind >= 0 && kind < MPS_KIND_COUNT) ? kind_names[kind] : "?";
 }
 
-int mps_kind_from_name(const char *name)
-{
-    for (int k = 0; k < MPS_KIND_COUNT; k++)
-        if (strcmp(name, kind_names[k]) == 0)
-            return k;
-    return -1;
-}
+int mps_kind_from_name(const char *name) { return name_index(kind_names, MPS_KIND_COUNT, name); }
 
 const char *mps_dtype_name(mps_dtype dtype)
 {
@@ -50,12 +53,22 @@ static const char *const family_names[MPS_FAMILY_COUNT] = { "gpt2", "llama", "mi
 
 const char *mps_family_name(mps_family f) { return f >= 0 && f < MPS_FAMILY_COUNT ? family_names[f] : "?"; }
 
-int mps_family_from_name(const char *name)
+int mps_family_from_name(const char *name) { return name_index(family_names, MPS_FAMILY_COUNT, name); }
+
+static const char *const rope_names[MPS_ROPE_COUNT] = { "default", "llama3", "linear", "dynamic" };
+
+const char *mps_rope_type_name(mps_rope_type t) { return t >= 0 && t < MPS_ROPE_COUNT ? rope_names[t] : "?"; }
+
+int mps_rope_type_from_name(const char *name) { return name_index(rope_names, MPS_ROPE_COUNT, name); }
+
+void mps_config_notes(const mps_config *c, char *buf, size_t size)
 {
-    for (int i = 0; i < MPS_FAMILY_COUNT; i++)
-        if (strcmp(name, family_names[i]) == 0)
-            return i;
-    return -1;
+    int n = 0;
+    buf[0] = '\0';
+    if (c->sliding_window)
+        n = snprintf(buf, size, "sliding window %d", c->sliding_window);
+    if (c->head_dim && n >= 0 && (size_t)n < size)
+        snprintf(buf + n, size - (size_t)n, "%shead_dim %d", n ? ", " : "", c->head_dim);
 }
 
 int64_t mps_default_padded_vocab(int64_t vocab) { return (vocab + 127) / 128 * 128; }
@@ -115,7 +128,7 @@ int mps_config_validate(const mps_config *c, mps_err *err)
             (int64_t)c->head_dim * c->n_head > MAX_EMBD)
             return mps_fail(err, MPS_EUSAGE, "model: head_dim=%d must be even, 2..65536, with n_head x head_dim at "
                             "most %d", c->head_dim, MAX_EMBD);
-        if (c->n_embd % c->n_head == 0 && c->head_dim == c->n_embd / c->n_head)
+        if (mps_head_dim_stored(c->n_embd, c->n_head, c->head_dim) == 0)
             return mps_fail(err, MPS_EUSAGE, "model: head_dim=%d is n_embd / n_head: leave it out", c->head_dim);
     }
     /* Mistral's: what export writes back as MistralConfig's sliding_window (LlamaConfig has none;
@@ -139,7 +152,7 @@ int mps_config_validate(const mps_config *c, mps_err *err)
         if (!(c->rope.factor > 0 && c->rope.factor < 1e6) || c->rope.low_freq_factor != 0 ||
             c->rope.high_freq_factor != 0 || c->rope.original_max_positions != 0)
             return mps_fail(err, MPS_EUSAGE, "model: %s rope scaling needs 0 < factor < 1e6 (and no other field)",
-                            c->rope.type == MPS_ROPE_LINEAR ? "linear" : "dynamic");
+                            mps_rope_type_name(c->rope.type));
     } else if (c->rope.type != MPS_ROPE_DEFAULT) {
         return mps_fail(err, MPS_EUSAGE, "model: unknown rope scaling type %d", (int)c->rope.type);
     }
@@ -333,10 +346,7 @@ int mps_config_parse(const char *text, mps_config *out, mps_err *err)
                             svals[K_FAMILY]);
         out->family = (mps_family)f;
     }
-    /* a head size of n_embd / n_head is the default: stored as none (one config per model) */
-    const int64_t hd = ivals[K_HEAD_DIM];
-    out->head_dim = seen[K_HEAD_DIM] && !(out->n_head > 0 && out->n_embd % out->n_head == 0 &&
-                                          hd == out->n_embd / out->n_head) ? (int)hd : 0;
+    out->head_dim = seen[K_HEAD_DIM] ? mps_head_dim_stored(out->n_embd, out->n_head, ivals[K_HEAD_DIM]) : 0;
     if (seen[K_ROPE_LLAMA3] + seen[K_ROPE_LINEAR] + seen[K_ROPE_DYNAMIC] > 1)
         return mps_fail(err, MPS_EUSAGE, "--config: rope_llama3, rope_linear and rope_dynamic are RoPE scalings: give "
                         "one");
@@ -393,8 +403,7 @@ void mps_config_format(const mps_config *c, char *buf, size_t size)
         n += snprintf(buf + n, size - (size_t)n, ",rope_llama3=%.17g:%.17g:%.17g:%d", c->rope.factor,
                       c->rope.low_freq_factor, c->rope.high_freq_factor, c->rope.original_max_positions);
     if ((c->rope.type == MPS_ROPE_LINEAR || c->rope.type == MPS_ROPE_DYNAMIC) && n > 0 && (size_t)n < size)
-        n += snprintf(buf + n, size - (size_t)n, ",rope_%s=%.17g", c->rope.type == MPS_ROPE_LINEAR ? "linear" : "dynamic",
-                      c->rope.factor);
+        n += snprintf(buf + n, size - (size_t)n, ",rope_%s=%.17g", mps_rope_type_name(c->rope.type), c->rope.factor);
     if (c->sliding_window != 0 && n > 0 && (size_t)n < size)
         n += snprintf(buf + n, size - (size_t)n, ",sliding_window=%d", c->sliding_window);
     if (c->head_dim != 0 && n > 0 && (size_t)n < size)

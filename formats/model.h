@@ -16,7 +16,7 @@
 typedef enum { MPS_ARCH_GPT2 = 0, MPS_ARCH_LLAMA = 1, MPS_ARCH_COUNT } mps_arch_id;
 /* The Hugging Face family a checkpoint came from (its model_type): what export writes back. */
 typedef enum { MPS_FAMILY_GPT2 = 0, MPS_FAMILY_LLAMA, MPS_FAMILY_MISTRAL, MPS_FAMILY_QWEN2, MPS_FAMILY_COUNT } mps_family;
-typedef enum { MPS_ROPE_DEFAULT = 0, MPS_ROPE_LLAMA3, MPS_ROPE_LINEAR, MPS_ROPE_DYNAMIC } mps_rope_type;
+typedef enum { MPS_ROPE_DEFAULT = 0, MPS_ROPE_LLAMA3, MPS_ROPE_LINEAR, MPS_ROPE_DYNAMIC, MPS_ROPE_COUNT } mps_rope_type;
 
 typedef struct {
     int n_layer;
@@ -63,9 +63,21 @@ static inline double mps_cfg_norm_eps(const mps_config *c) { return c->norm_eps 
 static inline double mps_cfg_rope_theta(const mps_config *c) { return c->rope_theta > 0 ? c->rope_theta : 10000.0; }
 /* the longest sequence the trainer takes: the context, or a sliding window below it */
 static inline int mps_cfg_max_seq(const mps_config *c) { return c->sliding_window ? c->sliding_window : c->n_positions; }
+/* a head size hd given for a model, as mps_config.head_dim stores it: 0 where it is
+ * n_embd / n_head (one config per model) */
+static inline int mps_head_dim_stored(int n_embd, int n_head, int64_t hd)
+{
+    return n_head > 0 && n_embd % n_head == 0 && hd == n_embd / n_head ? 0 : (int)hd;
+}
 
 const char *mps_family_name(mps_family f);   /* "gpt2", "llama", "mistral", "qwen2" */
 int mps_family_from_name(const char *name);  /* -1 if unknown */
+/* transformers' rope_type names: "default", "llama3", "linear", "dynamic" */
+const char *mps_rope_type_name(mps_rope_type t);
+int mps_rope_type_from_name(const char *name); /* -1 if unknown */
+/* What a config has beyond the table's columns, for a listing: "sliding window W", "head_dim D",
+ * joined by ", "; "" when neither */
+void mps_config_notes(const mps_config *cfg, char *buf, size_t size);
 
 /* Where a tensor lives in the pipeline. */
 typedef enum {
